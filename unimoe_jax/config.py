@@ -1,0 +1,182 @@
+"""Model configuration: frozen, gin-configurable dataclasses that hold every size.
+
+A config is plain data. Modules read it; nothing mutates it. Gin binds the fields, e.g.
+
+    DecoderConfig.num_layers = 2
+    MoEConfig.num_experts = 4
+
+and `gin/models/*.gin` name the sizes used by the project. The same sizes are available from
+Python as `SIZES['tiny']`, `SIZES['llama-7b']`, ...
+"""
+
+import dataclasses
+from typing import Optional, Sequence, Tuple, Union
+
+import gin
+import jax.numpy as jnp
+
+DISPATCH_MODES = ('dense', 'capacity', 'dropless')
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """Low-rank adapters (Hu et al., 2021), as the official Uni-MoE stage 3 sets them with PEFT.
+
+  `targets` chooses where adapters go: any of 'query', 'key', 'value', 'out' (attention),
+  'mlp' (dense FFN matrices) and 'experts' (every expert's matrices, one adapter per expert).
+  """
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.05
+  targets: Tuple[str, ...] = ('query', 'key', 'value', 'out', 'mlp', 'experts')
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def __post_init__(self):
+    if self.rank <= 0:
+      raise ValueError(f'LoRAConfig.rank must be positive, got {self.rank}')
+    unknown = set(self.targets) - {'query', 'key', 'value', 'out', 'mlp', 'experts'}
+    if unknown:
+      raise ValueError(f'LoRAConfig.targets has unknown entries {sorted(unknown)}')
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """A sparse mixture-of-experts FFN (the official `model/moe/moe.py` rule, plus GShard options).
+
+  Attributes:
+    num_experts: experts per MoE layer.
+    num_experts_per_tok: top-k.
+    layers: which decoder layers get an MoE FFN: 'all', 'every_other' (1, 3, 5, ...,
+      as in GShard/Switch), or an explicit sequence of layer indices.
+    dispatch: 'dense' (reference: every expert on every token), 'capacity' (GShard one-hot
+      dispatch with a capacity factor; overflow tokens dropped) or 'dropless' (sort by expert
+      and a grouped matmul).
+    capacity_factor: capacity per expert = ceil(capacity_factor * group_size * k / num_experts).
+    min_capacity: lower bound for the capacity above.
+    group_size: tokens per routing group for 'capacity'; 0 means one group per sequence.
+    router_jitter: multiplicative uniform noise on the router input in training
+      (Mixtral's `router_jitter_noise`); 0 disables it.
+    load_balance_loss_coef: weight of the Switch load-balancing loss in the training loss.
+    router_z_loss_coef: weight of the ST-MoE router z-loss.
+  """
+  num_experts: int = 4
+  num_experts_per_tok: int = 2
+  layers: Union[str, Tuple[int, ...]] = 'all'
+  dispatch: str = 'dropless'
+  capacity_factor: float = 1.25
+  min_capacity: int = 4
+  group_size: int = 0
+  router_jitter: float = 0.0
+  load_balance_loss_coef: float = 0.0
+  router_z_loss_coef: float = 0.0
+
+  def __post_init__(self):
+    if self.dispatch not in DISPATCH_MODES:
+      raise ValueError(f'MoEConfig.dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}')
+    if not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise ValueError(f'MoEConfig.num_experts_per_tok={self.num_experts_per_tok} must be in '
+                       f'[1, num_experts={self.num_experts}]')
+    if isinstance(self.layers, str) and self.layers not in ('all', 'every_other'):
+      raise ValueError(f"MoEConfig.layers must be 'all', 'every_other' or a list of layer "
+                       f'indices, got {self.layers!r}')
+    if not isinstance(self.layers, str):
+      object.__setattr__(self, 'layers', tuple(int(i) for i in self.layers))
+
+  def is_moe_layer(self, index: int, num_layers: int) -> bool:
+    if self.layers == 'all':
+      return True
+    if self.layers == 'every_other':
+      return index % 2 == 1
+    bad = [i for i in self.layers if not 0 <= i < num_layers]
+    if bad:
+      raise ValueError(f'MoEConfig.layers has indices {bad} outside [0, {num_layers})')
+    return index in self.layers
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """A LLaMA-style decoder. Any subset of its layers can have an MoE FFN (`moe`).
+
+  Attributes:
+    vocab_size, embed_dim, num_layers, num_heads: the usual sizes.
+    num_kv_heads: key/value heads for grouped-query attention (= num_heads for MHA).
+    head_dim: per-head size; 0 means embed_dim // num_heads.
+    mlp_dim: SwiGLU hidden size (of the dense FFN and of each expert).
+    rope_theta: rotary base frequency.
+    rms_norm_eps: RMSNorm epsilon.
+    dtype: compute dtype of activations and matmuls ('float32' or 'bfloat16'). Parameters are
+      stored in `param_dtype`; RMSNorm statistics, softmaxes, the router and the logits are
+      computed in float32 whatever `dtype` is.
+    remat: 'none', 'full' (recompute each layer in the backward pass) or 'dots_saveable'.
+    moe: None for a dense decoder.
+    lora: None for no adapters.
+  """
+  vocab_size: int = 32000
+  embed_dim: int = 4096
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 0
+  mlp_dim: int = 11008
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  dtype: str = 'bfloat16'
+  param_dtype: str = 'float32'
+  remat: str = 'none'
+  moe: Optional[MoEConfig] = None
+  lora: Optional[LoRAConfig] = None
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'DecoderConfig.num_heads={self.num_heads} is not a multiple of '
+                       f'num_kv_heads={self.num_kv_heads}')
+    if not self.head_dim:
+      if self.embed_dim % self.num_heads:
+        raise ValueError(f'DecoderConfig.embed_dim={self.embed_dim} is not divisible by '
+                         f'num_heads={self.num_heads}; set head_dim explicitly')
+      object.__setattr__(self, 'head_dim', self.embed_dim // self.num_heads)
+    if self.remat not in ('none', 'full', 'dots_saveable'):
+      raise ValueError(f"DecoderConfig.remat must be 'none', 'full' or 'dots_saveable', "
+                       f'got {self.remat!r}')
+    for field in ('dtype', 'param_dtype'):
+      jnp.dtype(getattr(self, field))  # Fails early, naming the bad dtype string.
+    if self.moe is not None:
+      for i in range(self.num_layers):
+        self.moe.is_moe_layer(i, self.num_layers)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def moe_layer_indices(self) -> Sequence[int]:
+    if self.moe is None:
+      return ()
+    return tuple(i for i in range(self.num_layers) if self.moe.is_moe_layer(i, self.num_layers))
+
+
+# Named sizes. LLaMA-7B is the language model of Uni-MoE v1 (through LLaVA / Vicuna).
+SIZES = {
+    'tiny': DecoderConfig(
+        vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128,
+        dtype='float32'),
+    'llama-7b': DecoderConfig(
+        vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+        mlp_dim=11008, rope_theta=10000.0, rms_norm_eps=1e-6),
+}
+
+
+def named(size: str, **overrides) -> DecoderConfig:
+  """`SIZES[size]` with fields replaced, e.g. `named('tiny', moe=MoEConfig())`."""
+  if size not in SIZES:
+    raise KeyError(f'Unknown model size {size!r}; known sizes: {sorted(SIZES)}')
+  return dataclasses.replace(SIZES[size], **overrides)

@@ -1,0 +1,1 @@
+"""Checkpoint conversion (numpy state dicts in, our parameter trees out)."""

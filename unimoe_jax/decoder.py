@@ -1,0 +1,145 @@
+"""The LLaMA decoder; any subset of its layers has a sparse MoE FFN instead of the dense one.
+
+Parameter tree (t5x/flaxformer names, so that conversion maps read like a table):
+
+    token_embedder/embedding                [vocab, embed]
+    layers_{i}/pre_attention_norm/scale     [embed]
+    layers_{i}/attention/{query,key,value,out}/kernel
+    layers_{i}/pre_mlp_norm/scale           [embed]
+    layers_{i}/mlp/{wi_0,wi_1,wo}/kernel    dense layers
+    layers_{i}/moe/router                   [embed, expert]     MoE layers
+    layers_{i}/moe/{wi_0,wi_1,wo}/kernel    [expert, in, out]
+    decoder_norm/scale                      [embed]
+    logits_dense/kernel                     [embed, vocab]      untied output head
+"""
+
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unimoe_jax import partitioning
+from unimoe_jax.config import DecoderConfig
+from unimoe_jax.layers.attention import Attention, causal_segment_mask
+from unimoe_jax.layers.lora import LoRADense, lora_targets
+from unimoe_jax.layers.mlp import SwiGLU
+from unimoe_jax.layers.norm import RMSNorm
+from unimoe_jax.moe.layer import MoEFeedForward
+
+_ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: `x + attn(norm(x))`, then `x + ffn(norm(x))` (dense or MoE)."""
+  config: DecoderConfig
+  use_moe: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+               padding_mask: Optional[jax.Array], deterministic: bool
+               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    cfg = self.config
+    dtype, pdtype = cfg.compute_dtype, cfg.weight_dtype
+    h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='pre_attention_norm')(x)
+    h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.lora,
+                  dtype, pdtype, name='attention')(h, positions, mask, deterministic)
+    x = partitioning.with_sharding_constraint(x + h, _ACTIVATION_AXES)
+    h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='pre_mlp_norm')(x)
+    if self.use_moe:
+      h, aux = MoEFeedForward(cfg.moe, cfg.mlp_dim, lora_targets(cfg.lora, 'experts'), dtype,
+                              pdtype, name='moe')(h, padding_mask, deterministic)
+    else:
+      h = SwiGLU(cfg.mlp_dim, lora_targets(cfg.lora, 'mlp'), dtype, pdtype,
+                 name='mlp')(h, deterministic)
+      aux = {}
+    x = partitioning.with_sharding_constraint(x + h, _ACTIVATION_AXES)
+    return x, aux
+
+
+def _remat(layer_cls, policy: str):
+  if policy == 'none':
+    return layer_cls
+  checkpoint_policy = {
+      'full': None,
+      'dots_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[policy]
+  # deterministic (argument 5, counting self) decides Python control flow: keep it static.
+  return nn.remat(layer_cls, policy=checkpoint_policy, static_argnums=(5,))
+
+
+def combine_aux(per_layer: Dict[int, Dict[str, jax.Array]]) -> Dict[str, jax.Array]:
+  """Sums losses over MoE layers, averages statistics, and keeps per-layer expert loads."""
+  if not per_layer:
+    return {}
+  out = {}
+  n = len(per_layer)
+  for key in ('aux_loss', 'load_balance_loss', 'router_z_loss'):
+    out[key] = sum(a[key] for a in per_layer.values())
+  for key in ('drop_fraction', 'router_entropy'):
+    out[key] = sum(a[key] for a in per_layer.values()) / n
+  out['expert_fraction'] = jnp.stack([a['expert_fraction'] for a in per_layer.values()])
+  return out
+
+
+class Decoder(nn.Module):
+  """Tokens (or precomputed embeddings) -> float32 logits and MoE aux outputs."""
+  config: DecoderConfig
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = nn.Embed(
+        cfg.vocab_size, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                    ('vocab', 'embed')))
+    moe_layers = set(cfg.moe_layer_indices())
+    layer_cls = _remat(DecoderLayer, cfg.remat)
+    self.layers = [layer_cls(cfg, use_moe=i in moe_layers, name=f'layers_{i}')
+                   for i in range(cfg.num_layers)]
+    self.decoder_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype)
+    self.logits_dense = LoRADense((cfg.embed_dim,), (cfg.vocab_size,), ('embed', 'vocab'),
+                                  dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """tokens `[batch, length]` int -> `[batch, length, embed]` in the compute dtype."""
+    return self.token_embedder(tokens)
+
+  def __call__(self, tokens: Optional[jax.Array] = None, *,
+               embeddings: Optional[jax.Array] = None,
+               segment_ids: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None,
+               deterministic: bool = True) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """Runs the decoder.
+
+    Args:
+      tokens: `[batch, length]` int32 ids, or None when `embeddings` is given (the multimodal
+        model splices media soft tokens into the embeddings first).
+      embeddings: `[batch, length, embed]`.
+      segment_ids: `[batch, length]` packed-segment ids (0 = padding), t5x's
+        `decoder_segment_ids`. None: one sequence per row, no padding mask.
+      positions: `[batch, length]` t5x's `decoder_positions`; default `arange(length)`.
+      deterministic: False in training (dropout, router jitter).
+    Returns:
+      logits `[batch, length, vocab]` float32, and the MoE aux dict (`combine_aux`).
+    """
+    if embeddings is None:
+      if tokens is None:
+        raise ValueError('Decoder needs tokens or embeddings')
+      embeddings = self.embed(tokens)
+    x = embeddings.astype(self.config.compute_dtype)
+    b, l, _ = x.shape
+    x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    mask = causal_segment_mask(l, segment_ids)
+    padding_mask = None if segment_ids is None else (segment_ids > 0)
+    per_layer = {}
+    for i, layer in enumerate(self.layers):
+      x, aux = layer(x, positions, mask, padding_mask, deterministic)
+      if aux:
+        per_layer[i] = aux
+    x = self.decoder_norm(x)
+    logits = self.logits_dense(x).astype(jnp.float32)
+    logits = partitioning.with_sharding_constraint(
+        logits, ('activation_batch', 'activation_length', 'activation_vocab'))
+    return logits, combine_aux(per_layer)

@@ -1,0 +1,1 @@
+"""Primitives shared by the decoder, the encoders and the connectors."""

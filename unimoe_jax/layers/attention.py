@@ -1,0 +1,90 @@
+"""Multi-head / grouped-query self-attention with rotary positions and packed-segment masks."""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unimoe_jax import partitioning
+from unimoe_jax.config import LoRAConfig
+from unimoe_jax.layers.lora import LoRADense, lora_targets
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Applies RoPE in the 'rotate half' layout used by LLaMA checkpoints on Hugging Face.
+
+  Args:
+    x: `[batch, length, heads, head_dim]`.
+    positions: `[batch, length]` integer positions (restart at 0 for each packed segment).
+    theta: the base frequency.
+  Returns:
+    `[batch, length, heads, head_dim]` in x's dtype. Angles are computed in float32.
+  """
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, head_dim/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  first, second = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return x * cos + rotated * sin
+
+
+def causal_segment_mask(length: int, segment_ids: Optional[jax.Array]) -> jax.Array:
+  """Boolean `[batch or 1, 1, length, length]` mask: causal, and within one packed segment.
+
+  Tokens of different segments never see each other. Padding (segment 0) only sees padding,
+  which keeps every row of the softmax non-empty (no NaNs) while nothing reads those rows.
+  """
+  causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None, None]
+  if segment_ids is None:
+    return causal
+  same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  return causal & same
+
+
+class Attention(nn.Module):
+  """Self-attention. x: `[batch, length, embed]` -> `[batch, length, embed]`.
+
+  `num_kv_heads < num_heads` gives grouped-query attention; query heads share key/value heads
+  in contiguous groups, as in LLaMA-2/Mistral checkpoints.
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  lora: Optional[LoRAConfig] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+               deterministic: bool = True) -> jax.Array:
+    """positions: `[batch, length]`; mask: boolean, broadcastable to `[batch, 1, q, k]`."""
+    embed = x.shape[-1]
+
+    def proj(name, in_shape, out_shape, axes):
+      return LoRADense(in_shape, out_shape, axes, lora=lora_targets(self.lora, name),
+                       dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    q = proj('query', (embed,), (self.num_heads, self.head_dim),
+             ('embed', 'heads', 'head_dim'))(x, deterministic)
+    k = proj('key', (embed,), (self.num_kv_heads, self.head_dim),
+             ('embed', 'kv_heads', 'head_dim'))(x, deterministic)
+    v = proj('value', (embed,), (self.num_kv_heads, self.head_dim),
+             ('embed', 'kv_heads', 'head_dim'))(x, deterministic)
+    q = rotary_embedding(q, positions, self.rope_theta)
+    k = rotary_embedding(k, positions, self.rope_theta)
+    q = partitioning.with_sharding_constraint(
+        q, ('activation_batch', 'activation_length', 'activation_heads', None))
+    k = partitioning.with_sharding_constraint(
+        k, ('activation_batch', 'activation_length', 'activation_kv_heads', None))
+    v = partitioning.with_sharding_constraint(
+        v, ('activation_batch', 'activation_length', 'activation_kv_heads', None))
+    # Logits and softmax run in float32 inside dot_product_attention for bf16 inputs too.
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    out = partitioning.with_sharding_constraint(
+        out, ('activation_batch', 'activation_length', 'activation_heads', None))
+    return proj('out', (self.num_heads, self.head_dim), (embed,),
+                ('heads', 'head_dim', 'embed'))(out, deterministic)

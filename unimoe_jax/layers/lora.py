@@ -1,0 +1,115 @@
+"""Linear projections that can carry low-rank adapters, and merging adapters into weights.
+
+A projection's kernel has shape `in_shape + out_shape` (e.g. `[embed, heads, head_dim]` for a
+query projection). With an adapter it also has
+
+    lora_a  in_shape + [rank]          (random init, as PEFT's kaiming-uniform)
+    lora_b  [rank] + out_shape         (zero init, so a new adapter changes nothing)
+
+and computes `x·kernel + (alpha / rank) · dropout(x)·lora_a·lora_b`.
+
+Expert weights are stacked with a leading expert axis: kernel `[expert, in, out]`, lora_a
+`[expert, in, rank]`, lora_b `[expert, rank, out]` (one adapter per expert). Those are created
+by `moe/layer.py`; `merge_lora` handles both layouts.
+"""
+
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimoe_jax.config import LoRAConfig
+
+Initializer = Callable[..., jax.Array]
+
+
+def lora_a_init(fan_in_dims: int) -> Initializer:
+  """PEFT initialises A like torch's Linear (kaiming-uniform, a=sqrt(5)): U(-1/sqrt(fan_in), ..)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    fan_in = int(np.prod(shape[:fan_in_dims]))
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def default_kernel_init(fan_in_dims: int) -> Initializer:
+  """LLaMA's initializer_range=0.02 normal init, whatever the kernel's shape."""
+  del fan_in_dims
+  return nn.initializers.normal(stddev=0.02)
+
+
+class LoRADense(nn.Module):
+  """`y = x·W` over the last `len(in_shape)` axes of x, with an optional LoRA adapter.
+
+  Attributes:
+    in_shape: the contracted trailing shape of x, e.g. `(embed,)` or `(heads, head_dim)`.
+    out_shape: the output feature shape, e.g. `(heads, head_dim)`.
+    kernel_axes: logical names of `in_shape + out_shape`.
+    lora: adapter config, or None for a plain projection.
+    dtype: compute dtype; the kernel is cast to it (params stay `param_dtype`).
+  """
+  in_shape: Tuple[int, ...]
+  out_shape: Tuple[int, ...]
+  kernel_axes: Tuple[str, ...]
+  lora: Optional[LoRAConfig] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Optional[Initializer] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """x: `[..., *in_shape]` -> `[..., *out_shape]`."""
+    n_in = len(self.in_shape)
+    if tuple(x.shape[-n_in:]) != tuple(self.in_shape):
+      raise ValueError(f'{self.name}: input trailing shape {x.shape[-n_in:]} != {self.in_shape}')
+    init = self.kernel_init or default_kernel_init(n_in)
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes),
+                        self.in_shape + self.out_shape, self.param_dtype)
+    x = x.astype(self.dtype)
+    y = jnp.tensordot(x, kernel.astype(self.dtype), axes=n_in)
+    if self.lora is not None:
+      in_axes, out_axes = self.kernel_axes[:n_in], self.kernel_axes[n_in:]
+      a = self.param('lora_a', nn.with_logical_partitioning(lora_a_init(n_in),
+                                                            in_axes + ('lora_rank',)),
+                     self.in_shape + (self.lora.rank,), self.param_dtype)
+      b = self.param('lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                            ('lora_rank',) + out_axes),
+                     (self.lora.rank,) + self.out_shape, self.param_dtype)
+      h = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
+      h = jnp.tensordot(h, a.astype(self.dtype), axes=n_in)
+      y = y + self.lora.scale * jnp.tensordot(h, b.astype(self.dtype), axes=1)
+    return y
+
+
+def merge_lora(params: Any, scale: float) -> Any:
+  """Returns `params` with every adapter folded into its kernel and the adapter removed.
+
+  `scale` is `LoRAConfig.scale` (alpha / rank). Plain kernels get `tensordot(a, b)`; stacked
+  expert kernels `[expert, in, out]` get a per-expert product. The result is applied with a
+  config whose `lora` is None.
+  """
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  for name, value in params.items():
+    out[name] = merge_lora(value, scale) if isinstance(value, dict) else value
+  if 'lora_a' in out and 'lora_b' in out and 'kernel' in out:
+    a, b, kernel = out.pop('lora_a'), out.pop('lora_b'), out['kernel']
+    if kernel.ndim == a.ndim + b.ndim - 2:
+      delta = jnp.tensordot(a, b, axes=1)
+    elif kernel.ndim == 3 and a.ndim == 3 and b.ndim == 3:  # [expert, in, out]
+      delta = jnp.einsum('eir,ero->eio', a, b)
+    else:
+      raise ValueError(f'merge_lora: cannot combine lora_a {a.shape} and lora_b {b.shape} into '
+                       f'kernel {kernel.shape}')
+    out['kernel'] = (kernel + scale * delta.astype(jnp.float32)).astype(kernel.dtype)
+  return out
+
+
+def lora_targets(lora: Optional[LoRAConfig], target: str) -> Optional[LoRAConfig]:
+  """The adapter config for one kind of projection, or None when `target` is not adapted."""
+  return lora if lora is not None and target in lora.targets else None

@@ -1,0 +1,1 @@
+"""Sparse mixture-of-experts: routing, dispatch paths, and the MoE FFN module."""

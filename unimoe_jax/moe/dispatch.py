@@ -1,0 +1,176 @@
+"""Three ways to run the selected experts on the tokens, behind one signature.
+
+    y, kept = dispatch(mode, x, weights, indices, experts, ...)
+
+  x        `[batch, length, embed]` token activations (compute dtype)
+  weights  `[batch, length, k]` float32 routing weights (sum to 1 per token)
+  indices  `[batch, length, k]` int32 selected experts
+  experts  {'wi_0'|'wi_1'|'wo': {'kernel': [E, in, out], optional 'lora_a', 'lora_b'}}
+  y        `[batch, length, embed]`: sum over kept choices of weight × expert(x)
+  kept     `[batch, length, k]` bool: which (token, choice) assignments were computed
+
+Modes:
+  dense     every expert on every token (E× the work); the reference for tests.
+  capacity  GShard/Switch one-hot dispatch into `[expert, group, capacity, embed]` buffers;
+            assignments beyond an expert's capacity are dropped (that choice adds nothing, the
+            token still has the residual path). Experts shard on the `expert` mesh axis and XLA
+            moves tokens with all-to-alls.
+  dropless  sort the (token, choice) rows by expert and run a grouped matmul
+            (`jax.lax.ragged_dot`); nothing is dropped.
+
+All three share `expert_ffn`, so they differ only in how rows reach the expert matrices.
+"""
+
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from unimoe_jax import partitioning
+
+Matmul = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def expert_ffn(experts: Dict[str, Dict[str, jax.Array]], x: jax.Array, matmul: Matmul,
+               lora_scale: float = 0.0,
+               dropout: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
+  """SwiGLU of each expert on its rows: `wo(silu(wi_0 x) * wi_1 x)` (+ per-expert LoRA).
+
+  `matmul(rows, w)` multiplies rows by a stacked `[E, in, out]` weight; it decides which
+  expert each row meets (a batched einsum, or a grouped matmul over sorted rows).
+  """
+
+  def proj(name, h):
+    p = experts[name]
+    y = matmul(h, p['kernel'])
+    if 'lora_a' in p:
+      hd = dropout(h) if dropout is not None else h
+      y = y + lora_scale * matmul(matmul(hd, p['lora_a']), p['lora_b'])
+    return y
+
+  h = jax.nn.silu(proj('wi_0', x)) * proj('wi_1', x)
+  return proj('wo', h)
+
+
+def _batched_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x `[E, n, in]` × w `[E, in, out]` -> `[E, n, out]`."""
+  return jnp.einsum('eni,eio->eno', x, w)
+
+
+def dense(x, weights, indices, experts, *, lora_scale=0.0, dropout=None):
+  """Every expert on every token, combined with the routing weights."""
+  b, l, d = x.shape
+  num_experts = experts['wi_0']['kernel'].shape[0]
+  xt = x.reshape(b * l, d)
+  ye = expert_ffn(experts, jnp.broadcast_to(xt, (num_experts,) + xt.shape), _batched_matmul,
+                  lora_scale, dropout)  # [E, T, D]
+  combine = jnp.einsum('tke,tk->te', jax.nn.one_hot(indices.reshape(b * l, -1), num_experts),
+                       weights.reshape(b * l, -1))
+  y = jnp.einsum('te,etd->td', combine.astype(ye.dtype), ye)
+  return y.reshape(b, l, d), jnp.ones(indices.shape, jnp.bool_)
+
+
+def expert_capacity(group_size: int, k: int, num_experts: int, capacity_factor: float,
+                    min_capacity: int) -> int:
+  """Buffer rows per expert and group: ceil(capacity_factor * group_size * k / E), bounded."""
+  cap = int(math.ceil(capacity_factor * group_size * k / num_experts))
+  return max(min(max(cap, min_capacity), group_size * k), 1)
+
+
+def capacity_positions(indices: jax.Array, num_experts: int) -> jax.Array:
+  """Each assignment's slot in its expert's buffer, within a routing group.
+
+  Priority is choice-major (GShard): every token's first choice is placed before any token's
+  second choice; within a choice, earlier tokens first.
+
+  Args:
+    indices: `[G, S, k]` selected experts per group.
+  Returns:
+    `[G, S, k]` int32 positions (0-based) in the chosen expert's buffer.
+  """
+  g, s, k = indices.shape
+  one_hot = jax.nn.one_hot(indices, num_experts, dtype=jnp.int32)  # [G, S, k, E]
+  choice_major = one_hot.transpose(0, 2, 1, 3).reshape(g, k * s, num_experts)
+  slots = jnp.cumsum(choice_major, axis=1) - 1
+  slots = jnp.sum(slots * choice_major, axis=-1).reshape(g, k, s).transpose(0, 2, 1)
+  return slots
+
+
+def capacity(x, weights, indices, experts, *, capacity_factor=1.25, min_capacity=4,
+             group_size=0, lora_scale=0.0, dropout=None):
+  """GShard-style dispatch with a capacity per expert and routing group.
+
+  Groups are `group_size` consecutive tokens of the flattened batch (0: one per sequence), so
+  they shard with the batch; the capacity is per group.
+  """
+  b, l, d = x.shape
+  k = indices.shape[-1]
+  num_experts = experts['wi_0']['kernel'].shape[0]
+  s = group_size or l
+  if (b * l) % s:
+    raise ValueError(f'MoEConfig.group_size={group_size} does not divide the {b * l} tokens '
+                     f'of a [{b}, {l}] batch')
+  g = b * l // s
+  cap = expert_capacity(s, k, num_experts, capacity_factor, min_capacity)
+  xg, wg, ig = x.reshape(g, s, d), weights.reshape(g, s, k), indices.reshape(g, s, k)
+  slots = capacity_positions(ig, num_experts)
+  kept = slots < cap
+  expert_hot = jax.nn.one_hot(ig, num_experts, dtype=x.dtype) * kept[..., None].astype(x.dtype)
+  slot_hot = jax.nn.one_hot(slots, cap, dtype=x.dtype)  # Out-of-range slots give all zeros.
+  dispatch_mask = jnp.einsum('gske,gskc->gsec', expert_hot, slot_hot)
+  combine = jnp.einsum('gske,gskc,gsk->gsec', expert_hot, slot_hot, wg.astype(x.dtype))
+
+  xe = jnp.einsum('gsec,gsd->egcd', dispatch_mask, xg)
+  xe = partitioning.with_sharding_constraint(
+      xe, ('activation_exp', 'activation_group', 'activation_capacity', 'activation_embed'))
+  ye = expert_ffn(experts, xe.reshape(num_experts, g * cap, d), _batched_matmul, lora_scale,
+                  dropout).reshape(num_experts, g, cap, d)
+  ye = partitioning.with_sharding_constraint(
+      ye, ('activation_exp', 'activation_group', 'activation_capacity', 'activation_embed'))
+  y = jnp.einsum('gsec,egcd->gsd', combine, ye)
+  return y.reshape(b, l, d), kept.reshape(b, l, k)
+
+
+def ragged_matmul(group_sizes: jax.Array) -> Matmul:
+  """A grouped matmul over rows sorted by group: rows of group e meet `w[e]`."""
+
+  def matmul(x, w):
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+  return matmul
+
+
+def dropless(x, weights, indices, experts, *, lora_scale=0.0, dropout=None):
+  """Sort (token, choice) rows by expert, grouped matmul, weight, scatter-add back."""
+  b, l, d = x.shape
+  k = indices.shape[-1]
+  num_experts = experts['wi_0']['kernel'].shape[0]
+  xt = x.reshape(b * l, d)
+  flat_experts = indices.reshape(-1)
+  order = jnp.argsort(flat_experts, stable=True)
+  token_of_row = order // k
+  group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
+  rows = xt[token_of_row]
+  out_rows = expert_ffn(experts, rows, ragged_matmul(group_sizes), lora_scale, dropout)
+  out_rows = out_rows * weights.reshape(-1)[order][:, None].astype(out_rows.dtype)
+  y = jnp.zeros_like(xt).at[token_of_row].add(out_rows)
+  return y.reshape(b, l, d), jnp.ones(indices.shape, jnp.bool_)
+
+
+def dispatch(mode: str, x: jax.Array, weights: jax.Array, indices: jax.Array,
+             experts: Dict[str, Any], **options) -> Tuple[jax.Array, jax.Array]:
+  """Runs `mode` ('dense' | 'capacity' | 'dropless'); see the module docstring for shapes.
+
+  `options`: lora_scale, dropout, and for 'capacity' capacity_factor, min_capacity,
+  group_size.
+  """
+  if mode == 'dense':
+    return dense(x, weights, indices, experts, lora_scale=options.get('lora_scale', 0.0),
+                 dropout=options.get('dropout'))
+  if mode == 'dropless':
+    return dropless(x, weights, indices, experts, lora_scale=options.get('lora_scale', 0.0),
+                    dropout=options.get('dropout'))
+  if mode == 'capacity':
+    return capacity(x, weights, indices, experts, **options)
+  raise ValueError(f"Unknown MoE dispatch mode {mode!r}; use 'dense', 'capacity' or 'dropless'")

@@ -1,0 +1,115 @@
+"""The sparse MoE feed-forward block: router + stacked SwiGLU experts + a dispatch path."""
+
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unimoe_jax import partitioning
+from unimoe_jax.config import LoRAConfig, MoEConfig
+from unimoe_jax.layers.lora import default_kernel_init, lora_a_init
+from unimoe_jax.moe import dispatch as dispatch_lib
+from unimoe_jax.moe import routing
+
+
+class ExpertWeights(nn.Module):
+  """One stacked expert matrix `[expert, in, out]` and, optionally, per-expert adapters.
+
+  Returns the arrays (cast to `dtype`) instead of applying them: the dispatch path decides
+  which rows meet which expert.
+  """
+  num_experts: int
+  in_dim: int
+  out_dim: int
+  axes: Tuple[str, str]
+  lora: Optional[LoRAConfig] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> Dict[str, jax.Array]:
+    e, i, o = self.num_experts, self.in_dim, self.out_dim
+    in_axis, out_axis = self.axes
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        default_kernel_init(1), ('expert', in_axis, out_axis)), (e, i, o), self.param_dtype)
+    out = {'kernel': kernel.astype(self.dtype)}
+    if self.lora is not None:
+      a = self.param('lora_a', nn.with_logical_partitioning(
+          lora_a_init(2), ('expert', in_axis, 'lora_rank')), (e, i, self.lora.rank),
+                     self.param_dtype)
+      b = self.param('lora_b', nn.with_logical_partitioning(
+          nn.initializers.zeros, ('expert', 'lora_rank', out_axis)), (e, self.lora.rank, o),
+                     self.param_dtype)
+      out['lora_a'], out['lora_b'] = a.astype(self.dtype), b.astype(self.dtype)
+    return out
+
+
+class MoEFeedForward(nn.Module):
+  """x: `[batch, length, embed]` -> (`[batch, length, embed]`, aux).
+
+  aux holds float32 scalars `load_balance_loss`, `router_z_loss`, `drop_fraction`,
+  `router_entropy`, `aux_loss` (the two losses times their gin coefficients) and the vector
+  `expert_fraction` `[expert]`.
+  """
+  config: MoEConfig
+  mlp_dim: int
+  lora: Optional[LoRAConfig] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, padding_mask: Optional[jax.Array] = None,
+               deterministic: bool = True) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """padding_mask: optional `[batch, length]`, 1 for real tokens (router statistics only)."""
+    cfg = self.config
+    b, l, d = x.shape
+    router_kernel = self.param('router', nn.with_logical_partitioning(
+        default_kernel_init(1), ('embed', 'expert_router')), (d, cfg.num_experts),
+                               self.param_dtype)
+    router_in = x.astype(jnp.float32)
+    if cfg.router_jitter > 0 and not deterministic:
+      # Switch-style jitter: noise on the router input only; the experts see the clean x.
+      noise = jax.random.uniform(self.make_rng('dropout'), router_in.shape, jnp.float32,
+                                 1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
+      router_in = router_in * noise
+    logits = jnp.einsum('bld,de->ble', router_in, router_kernel.astype(jnp.float32))
+    logits = partitioning.with_sharding_constraint(
+        logits, ('activation_batch', 'activation_length', None))
+    weights, indices = routing.top_k_routing(logits.reshape(b * l, -1), cfg.num_experts_per_tok)
+
+    lora = self.lora
+    experts = {
+        name: ExpertWeights(cfg.num_experts, i, o, axes, lora=lora, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=name)()
+        for name, i, o, axes in (('wi_0', d, self.mlp_dim, ('embed', 'mlp')),
+                                 ('wi_1', d, self.mlp_dim, ('embed', 'mlp')),
+                                 ('wo', self.mlp_dim, d, ('mlp', 'embed')))
+    }
+    options = {}
+    if lora is not None:
+      options['lora_scale'] = lora.scale
+      if lora.dropout > 0 and not deterministic:
+        rate = lora.dropout
+        rng = self.make_rng('dropout')
+
+        def dropout(h):
+          keep = jax.random.bernoulli(rng, 1.0 - rate, h.shape)
+          return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
+
+        options['dropout'] = dropout
+    if cfg.dispatch == 'capacity':
+      options.update(capacity_factor=cfg.capacity_factor, min_capacity=cfg.min_capacity,
+                     group_size=cfg.group_size)
+    k = cfg.num_experts_per_tok
+    y, kept = dispatch_lib.dispatch(cfg.dispatch, x.astype(self.dtype),
+                                    weights.reshape(b, l, k), indices.reshape(b, l, k),
+                                    experts, **options)
+    y = partitioning.with_sharding_constraint(
+        y, ('activation_batch', 'activation_length', 'activation_embed'))
+
+    mask = None if padding_mask is None else padding_mask.reshape(b * l)
+    aux = routing.router_aux(logits.reshape(b * l, -1), indices, kept.reshape(b * l, k), mask)
+    aux['aux_loss'] = (cfg.load_balance_loss_coef * aux['load_balance_loss'] +
+                       cfg.router_z_loss_coef * aux['router_z_loss'])
+    return y.astype(self.dtype), aux

@@ -1,0 +1,137 @@
+"""The one place that knows about the device mesh.
+
+Every parameter and key activation in the model carries *logical* axis names ('embed', 'mlp',
+'expert', 'activation_batch', ...). This module maps them to the three mesh axes
+
+    data    data parallelism (batch)
+    expert  expert parallelism (the leading axis of stacked expert weights)
+    model   tensor parallelism (heads, mlp, vocab)
+
+and builds the mesh. Nothing else in the code base names a mesh axis.
+
+Outside the expert layers the batch is split over `data` *and* `expert` (as in GShard and
+MaxText): devices on the expert axis would otherwise repeat the attention work. Inside the
+capacity-based MoE layer, dispatched tokens `[expert, groups, capacity, embed]` put experts on
+`expert` and groups on `data`, so XLA moves tokens with an all-to-all.
+"""
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'expert', 'model')
+
+# (logical axis, mesh axis or axes or None). Order matters only where one logical array has two
+# names that map to the same mesh axis: flax then keeps the first and replicates the second.
+LOGICAL_AXIS_RULES: Tuple[Tuple[str, Any], ...] = (
+    # Activations.
+    ('activation_batch', ('data', 'expert')),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_heads', 'model'),
+    ('activation_kv_heads', 'model'),
+    ('activation_mlp', 'model'),
+    ('activation_vocab', 'model'),
+    ('activation_exp', 'expert'),       # The expert axis of dispatched tokens.
+    ('activation_group', 'data'),       # Routing groups once experts hold the `expert` axis.
+    ('activation_capacity', None),
+    # Parameters.
+    ('vocab', 'model'),
+    ('embed', None),
+    ('mlp', 'model'),
+    ('heads', 'model'),
+    ('kv_heads', 'model'),
+    ('head_dim', None),
+    ('expert', 'expert'),
+    ('expert_router', None),  # The router's output axis is tiny: replicate it.
+    ('lora_rank', None),
+    ('norm', None),
+)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh shape; -1 on one axis takes the devices left over (like t5x's `model_parallel_submesh`).
+
+  With the default every device is on `data`.
+  """
+  data: int = -1
+  expert: int = 1
+  model: int = 1
+
+  def shape(self, num_devices: int) -> Tuple[int, int, int]:
+    dims = [self.data, self.expert, self.model]
+    if dims.count(-1) > 1:
+      raise ValueError(f'MeshConfig: at most one axis may be -1, got {dims}')
+    known = int(np.prod([d for d in dims if d != -1]))
+    if any(d == 0 or d < -1 for d in dims) or num_devices % known:
+      raise ValueError(f'MeshConfig(data={self.data}, expert={self.expert}, model={self.model}) '
+                       f'does not divide the {num_devices} available devices')
+    dims = [num_devices // known if d == -1 else d for d in dims]
+    if int(np.prod(dims)) != num_devices:
+      raise ValueError(f'MeshConfig(data={self.data}, expert={self.expert}, model={self.model}) '
+                       f'uses {int(np.prod(dims))} devices but {num_devices} are available')
+    return tuple(dims)
+
+
+def make_mesh(config: Optional[MeshConfig] = None,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """Builds the ('data', 'expert', 'model') mesh over `devices` (default: all devices)."""
+  config = config or MeshConfig()
+  devices = list(jax.devices() if devices is None else devices)
+  shape = config.shape(len(devices))
+  try:
+    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+  except (AssertionError, NotImplementedError, ValueError):
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def logical_to_mesh_spec(logical_axes: Sequence[Optional[str]],
+                         rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+  return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[Optional[str]],
+                     rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_mesh_spec(logical_axes, rules))
+
+
+def params_shardings(mesh: Mesh, abstract_variables, rules=LOGICAL_AXIS_RULES):
+  """NamedShardings for a (boxed) variable tree, e.g. from `jax.eval_shape(model.init, ...)`."""
+  logical_specs = nn.get_partition_spec(abstract_variables)
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=LOGICAL_AXIS_RULES):
+  """Runs `init_fn(*args)` under jit so that each variable is created on its own shards.
+
+  `init_fn` returns a flax variable tree whose leaves may be `nn.LogicallyPartitioned` boxes.
+  Returns `(variables, shardings)` with the boxes removed; no variable is ever materialised
+  whole on one device.
+  """
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = params_shardings(mesh, abstract, rules)
+
+  def unboxed_init(*a):
+    return nn.meta.unbox(init_fn(*a))
+
+  with mesh, nn.logical_axis_rules(rules):
+    variables = jax.jit(unboxed_init, out_shardings=shardings)(*args)
+  return variables, shardings
+
+
+def with_sharding_constraint(x, logical_axes: Sequence[Optional[str]]):
+  """Constrains an activation by logical axes; a no-op outside a mesh / rules context."""
+  return nn.with_logical_constraint(x, tuple(logical_axes))
+
+
+def axis_rules_context(rules=LOGICAL_AXIS_RULES):
+  """Context manager that activates the logical axis rules for `with_sharding_constraint`."""
+  return nn.logical_axis_rules(rules)
