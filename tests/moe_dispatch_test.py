@@ -145,3 +145,19 @@ def test_router_jitter_only_in_training():
 def test_unknown_dispatch_mode_is_named():
   with pytest.raises(ValueError, match="dispatch must be one of.*'sparse'"):
     MoEConfig(dispatch='sparse')
+
+
+def test_padding_takes_no_capacity():
+  x = _x(1, 8)
+  params = _init(x)
+  mask = jnp.array([[1, 1, 1, 1, 0, 0, 0, 0]])
+  # Padding first in the row would take slots before the real tokens if it were counted.
+  x_pad_first = jnp.concatenate([x[:, 4:], x[:, :4]], axis=1)
+  # Capacity 2 for both the 8-token row and the 4-token reference (min_capacity wins).
+  layer = _layer('capacity', capacity_factor=0.25, min_capacity=2)
+  y, aux = layer.apply({'params': params}, x_pad_first, mask[:, ::-1])
+  y_ref, aux_ref = layer.apply({'params': params}, x[:, :4])
+  np.testing.assert_allclose(y[:, 4:], y_ref, atol=1e-6)
+  np.testing.assert_array_equal(y[:, :4], 0.0)
+  np.testing.assert_allclose(aux['drop_fraction'], aux_ref['drop_fraction'], atol=1e-7)
+  assert float(aux_ref['drop_fraction']) > 0  # Capacity binds, so slot order matters.

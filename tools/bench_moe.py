@@ -22,9 +22,13 @@ counted): forward = 2 * tokens * k * 3 * embed * mlp; forward + backward = 3x fo
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
+
+# On a GPU, JAX would otherwise grab 75% of the memory up front and starve the torch columns.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 import flax.linen as nn
 import jax
@@ -33,6 +37,7 @@ import numpy as np
 
 from unimoe_jax.config import MoEConfig
 from unimoe_jax.layers.mlp import SwiGLU
+from unimoe_jax.moe.dispatch import expert_capacity
 from unimoe_jax.moe.layer import MoEFeedForward
 
 try:
@@ -46,7 +51,7 @@ PRESETS = {
     'default': [(2048, 512, 1408, 4, 2), (512, 256, 704, 8, 2)],
     'mixtral': [(16384, 4096, 14336, 8, 2), (64, 4096, 14336, 8, 2)],
 }
-ALL_PATHS = ('ffn', 'dense', 'capacity', 'dropless', 'torch_mixtral', 'torch_ffn')
+ALL_PATHS = ('ffn', 'dense', 'capacity', 'dropless', 'torch_mixtral', 'torch_ffn')  # Row order.
 
 
 def parse_shapes(spec):
@@ -71,11 +76,11 @@ def median_ms(step, iters, warmup):
     t0 = time.perf_counter()
     step()
     times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+  return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
 def bench_jax(module, x, ct, iters, warmup):
-  """Returns (ms, temp MiB or None, drop fraction or None) of a jitted fwd+bwd step."""
+  """Returns ((median ms, min ms), temp MiB or None, drop fraction) of a jitted fwd+bwd step."""
   params = nn.meta.unbox(module.init(jax.random.PRNGKey(0), x))['params']
 
   def loss_fn(p, xx):
@@ -94,7 +99,7 @@ def bench_jax(module, x, ct, iters, warmup):
 
 
 def bench_torch(block, x_np, ct_np, dtype, device, iters, warmup):
-  """Returns ms of `loss = sum(block(x) * ct); loss.backward()` on `device`."""
+  """Returns (median ms, min ms) of `loss = sum(block(x) * ct); loss.backward()` on `device`."""
   block = block.to(device=device, dtype=dtype).train()
   x = torch.from_numpy(x_np).to(device=device, dtype=dtype).requires_grad_(True)
   ct = torch.from_numpy(ct_np).to(device=device, dtype=dtype)
@@ -128,8 +133,7 @@ class TorchSwiGLU(torch.nn.Module if torch is not None else object):
 def torch_mixtral(d, f, e, k, experts_impl):
   cfg = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=e,
                       num_experts_per_tok=k, router_jitter_noise=0.0)
-  if experts_impl != 'eager':
-    cfg._experts_implementation = experts_impl  # pylint: disable=protected-access
+  cfg._experts_implementation = experts_impl  # pylint: disable=protected-access
   block = MixtralSparseMoeBlock(cfg)
   with torch.no_grad():
     for p in block.parameters():  # transformers 5 creates them with torch.empty.
@@ -146,14 +150,16 @@ def torch_ffn(d, f):
 
 
 def run_shape(shape, args, dtype):
-  """Benchmarks every selected path of one shape; returns {name: (ms, temp MiB, note)}."""
+  """Benchmarks the selected paths of one shape; returns {name: ((ms, min ms), MiB, note)}.
+
+  torch runs first and empties its cache, so on a GPU it is not starved by JAX's allocator.
+  """
   t, d, f, e, k = shape
   if t % args.batch:
     raise ValueError(f'--batch {args.batch} does not divide {t} tokens')
   rng = np.random.default_rng(0)
   x_np = rng.standard_normal((args.batch, t // args.batch, d), dtype=np.float32)
   ct_np = rng.standard_normal(x_np.shape, dtype=np.float32)
-  x, ct = jnp.asarray(x_np, dtype), jnp.asarray(ct_np, jnp.float32)
   results = {}
 
   def attempt(name, fn):
@@ -161,10 +167,28 @@ def run_shape(shape, args, dtype):
       results[name] = fn()
     except Exception as err:  # pylint: disable=broad-except  (e.g. out of memory)
       results[name] = (None, None, f'error: {type(err).__name__}: {str(err)[:80]}')
-      if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    print(f'  .. {shape} {name}: {results[name][0]}', file=sys.stderr, flush=True)
+    if torch is not None and torch.cuda.is_available():
+      torch.cuda.empty_cache()
+    ms = results[name][0]
+    print(f'  [{"x".join(map(str, shape))} {name}: '
+          f'{"failed" if ms is None else f"{ms[0]:.1f} ms"}]', file=sys.stderr, flush=True)
 
+  torch_paths = [p for p in ('torch_mixtral', 'torch_ffn') if p in args.paths]
+  if torch is None:
+    for p in torch_paths:
+      results[p] = (None, None, 'n/a (torch/transformers not installed)')
+  else:
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    tdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[args.dtype]
+    timer = lambda block: bench_torch(block, x_np, ct_np, tdtype, device, args.iters,
+                                      args.warmup)
+    if 'torch_mixtral' in torch_paths:
+      attempt('torch_mixtral', lambda: (timer(torch_mixtral(d, f, e, k, args.torch_experts)),
+                                        None, f'experts_implementation={args.torch_experts}'))
+    if 'torch_ffn' in torch_paths:
+      attempt('torch_ffn', lambda: (timer(torch_ffn(d, k * f)), None, ''))
+
+  x, ct = jnp.asarray(x_np, dtype), jnp.asarray(ct_np, jnp.float32)
   if 'ffn' in args.paths:
     module = SwiGLU(mlp_dim=k * f, dtype=dtype, param_dtype=jnp.float32)
     attempt('ffn', lambda: bench_jax(module, x, ct, args.iters, args.warmup)[:2] + ('',))
@@ -177,35 +201,23 @@ def run_shape(shape, args, dtype):
 
     def run(module=module, mode=mode):
       ms, temp, drop = bench_jax(module, x, ct, args.iters, args.warmup)
-      note = f'cf={args.capacity_factor:g} dropped={drop:.1%}' if mode == 'capacity' else ''
+      note = ''
       if mode == 'dense':
-        note = f'computes all {e} experts ({e / k:g}x work)'
+        note = f'computes all {e} experts ({e / k:g}x the useful work)'
+      elif mode == 'capacity':
+        cap = expert_capacity(t // args.batch, k, e, cfg.capacity_factor, cfg.min_capacity)
+        note = f'cf={cfg.capacity_factor:g}, C={cap} rows/expert/seq, dropped {drop:.1%}'
       return ms, temp, note
 
     attempt(mode, run)
-
-  torch_paths = [p for p in ('torch_mixtral', 'torch_ffn') if p in args.paths]
-  if torch is None:
-    for p in torch_paths:
-      results[p] = (None, None, 'n/a (torch/transformers not installed)')
-  else:
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    tdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[args.dtype]
-    if 'torch_mixtral' in torch_paths:
-      attempt('torch_mixtral', lambda: (bench_torch(
-          torch_mixtral(d, f, e, k, args.torch_experts), x_np, ct_np, tdtype, device,
-          args.iters, args.warmup), None, f'experts_implementation={args.torch_experts}'))
-    if 'torch_ffn' in torch_paths:
-      attempt('torch_ffn', lambda: (bench_torch(torch_ffn(d, k * f), x_np, ct_np, tdtype,
-                                                device, args.iters, args.warmup), None, ''))
   return results
 
 
 LABELS = {'ffn': 'jax:ffn(k*F)', 'dense': 'jax:moe dense', 'capacity': 'jax:moe capacity',
           'dropless': 'jax:moe dropless', 'torch_mixtral': 'torch:mixtral',
           'torch_ffn': 'torch:ffn(k*F)'}
-COLS = (('shape T x D x F x E x k', 30), ('implementation', 17), ('ms', 10), ('TFLOP/s', 8),
-        ('vs jax ffn', 10), ('vs torch', 9), ('temp MiB', 9), ('note', 0))
+COLS = (('shape TxDxFxExk', 21), ('implementation', 16), ('ms', 9), ('min ms', 9),
+        ('TFLOP/s', 7), ('vs jax ffn', 10), ('vs torch', 8), ('temp MiB', 8), ('note', 0))
 
 
 def fmt_row(cells):
@@ -216,15 +228,16 @@ def fmt_row(cells):
 def print_rows(shape, results):
   t, d, f, e, k = shape
   flops = 3 * 2 * t * k * 3 * d * f
-  base = results.get('ffn', (None,))[0]
-  ref = results.get('torch_mixtral', (None,))[0]
+  median = lambda name: (results.get(name, (None,))[0] or (None,))[0]
+  base, ref = median('ffn'), median('torch_mixtral')
   for name in ALL_PATHS:
     if name not in results:
       continue
-    ms, temp, note = results[name]
-    na = 'n/a'
+    times, temp, note = results[name]
+    ms, na = median(name), 'n/a'
     cells = ['x'.join(map(str, shape)), LABELS[name],
              na if ms is None else f'{ms:.2f}',
+             na if ms is None else f'{times[1]:.2f}',
              na if ms is None else f'{flops / (ms * 1e-3) / 1e12:.3f}',
              na if ms is None or base is None else f'{base / ms:.2f}x',
              na if ms is None or ref is None else f'{ref / ms:.2f}x',
@@ -265,7 +278,8 @@ def main():
         f'batch {args.batch} | median of {args.iters} iters after {args.warmup} warmup')
   print('Useful FLOPs = 3 (fwd+bwd) x 2 x tokens x k x 3 x embed x mlp (routed experts only; '
         'router/dispatch not counted). vs jax ffn = ffn_ms / ms; vs torch = torch_mixtral_ms / '
-        'ms (>1: faster). temp MiB = compiled temp_size_in_bytes.')
+        'ms (>1: faster). temp MiB = memory_analysis().temp_size_in_bytes of the compiled '
+        'JAX fwd+bwd.')
   header = fmt_row([c for c, _ in COLS])
   print(header)
   print('-' * len(header))

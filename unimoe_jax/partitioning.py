@@ -15,6 +15,7 @@ capacity-based MoE layer, dispatched tokens `[expert, groups, capacity, embed]` 
 `expert` and groups on `data`, so XLA moves tokens with an all-to-all.
 """
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -22,6 +23,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'expert', 'model')
@@ -87,7 +89,7 @@ def make_mesh(config: Optional[MeshConfig] = None,
   devices = list(jax.devices() if devices is None else devices)
   shape = config.shape(len(devices))
   try:
-    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+    device_array = mesh_utils.create_device_mesh(shape, devices)
   except (AssertionError, NotImplementedError, ValueError):
     device_array = np.asarray(devices).reshape(shape)
   return Mesh(device_array, MESH_AXES)
@@ -122,7 +124,7 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=LOGICAL_A
   def unboxed_init(*a):
     return nn.meta.unbox(init_fn(*a))
 
-  with mesh, nn.logical_axis_rules(rules):
+  with mesh_context(mesh, rules):
     variables = jax.jit(unboxed_init, out_shardings=shardings)(*args)
   return variables, shardings
 
@@ -132,6 +134,12 @@ def with_sharding_constraint(x, logical_axes: Sequence[Optional[str]]):
   return nn.with_logical_constraint(x, tuple(logical_axes))
 
 
-def axis_rules_context(rules=LOGICAL_AXIS_RULES):
-  """Context manager that activates the logical axis rules for `with_sharding_constraint`."""
-  return nn.logical_axis_rules(rules)
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """Makes `mesh` current and activates the logical axis rules, for tracing and running.
+
+  Uses `jax.set_mesh` where this jax has it (the `with mesh:` form is deprecated there).
+  """
+  mesh_cm = jax.set_mesh(mesh) if hasattr(jax, 'set_mesh') else mesh
+  with mesh_cm, nn.logical_axis_rules(rules):
+    yield mesh

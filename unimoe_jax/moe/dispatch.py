@@ -78,7 +78,8 @@ def expert_capacity(group_size: int, k: int, num_experts: int, capacity_factor: 
   return max(min(max(cap, min_capacity), group_size * k), 1)
 
 
-def capacity_positions(indices: jax.Array, num_experts: int) -> jax.Array:
+def capacity_positions(indices: jax.Array, num_experts: int,
+                       token_mask: Optional[jax.Array] = None) -> jax.Array:
   """Each assignment's slot in its expert's buffer, within a routing group.
 
   Priority is choice-major (GShard): every token's first choice is placed before any token's
@@ -86,23 +87,30 @@ def capacity_positions(indices: jax.Array, num_experts: int) -> jax.Array:
 
   Args:
     indices: `[G, S, k]` selected experts per group.
+    token_mask: optional `[G, S]`; tokens with 0 (padding) take no slot.
   Returns:
-    `[G, S, k]` int32 positions (0-based) in the chosen expert's buffer.
+    `[G, S, k]` int32 positions (0-based) in the chosen expert's buffer; masked tokens get
+    a position past any capacity.
   """
   g, s, k = indices.shape
   one_hot = jax.nn.one_hot(indices, num_experts, dtype=jnp.int32)  # [G, S, k, E]
+  if token_mask is not None:
+    one_hot = one_hot * token_mask.astype(jnp.int32)[:, :, None, None]
   choice_major = one_hot.transpose(0, 2, 1, 3).reshape(g, k * s, num_experts)
   slots = jnp.cumsum(choice_major, axis=1) - 1
   slots = jnp.sum(slots * choice_major, axis=-1).reshape(g, k, s).transpose(0, 2, 1)
+  if token_mask is not None:
+    slots = jnp.where(token_mask[:, :, None] > 0, slots, s * k)
   return slots
 
 
 def capacity(x, weights, indices, experts, *, capacity_factor=1.25, min_capacity=4,
-             group_size=0, lora_scale=0.0, dropout=None):
+             group_size=0, token_mask=None, lora_scale=0.0, dropout=None):
   """GShard-style dispatch with a capacity per expert and routing group.
 
   Groups are `group_size` consecutive tokens of the flattened batch (0: one per sequence), so
-  they shard with the batch; the capacity is per group.
+  they shard with the batch; the capacity is per group. `token_mask` `[batch, length]` (1 for
+  real tokens) keeps padding out of the buffers: padding is never computed.
   """
   b, l, d = x.shape
   k = indices.shape[-1]
@@ -114,7 +122,8 @@ def capacity(x, weights, indices, experts, *, capacity_factor=1.25, min_capacity
   g = b * l // s
   cap = expert_capacity(s, k, num_experts, capacity_factor, min_capacity)
   xg, wg, ig = x.reshape(g, s, d), weights.reshape(g, s, k), indices.reshape(g, s, k)
-  slots = capacity_positions(ig, num_experts)
+  mask = None if token_mask is None else token_mask.reshape(g, s)
+  slots = capacity_positions(ig, num_experts, mask)
   kept = slots < cap
   expert_hot = jax.nn.one_hot(ig, num_experts, dtype=x.dtype) * kept[..., None].astype(x.dtype)
   slot_hot = jax.nn.one_hot(slots, cap, dtype=x.dtype)  # Out-of-range slots give all zeros.
@@ -163,7 +172,7 @@ def dispatch(mode: str, x: jax.Array, weights: jax.Array, indices: jax.Array,
   """Runs `mode` ('dense' | 'capacity' | 'dropless'); see the module docstring for shapes.
 
   `options`: lora_scale, dropout, and for 'capacity' capacity_factor, min_capacity,
-  group_size.
+  group_size, token_mask.
   """
   if mode == 'dense':
     return dense(x, weights, indices, experts, lora_scale=options.get('lora_scale', 0.0),

@@ -61,7 +61,8 @@ class MoEFeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, padding_mask: Optional[jax.Array] = None,
                deterministic: bool = True) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    """padding_mask: optional `[batch, length]`, 1 for real tokens (router statistics only)."""
+    """padding_mask: optional `[batch, length]`, 1 for real tokens. Padding takes no part in
+    the router statistics and losses, and no expert capacity ('capacity' dispatch)."""
     cfg = self.config
     b, l, d = x.shape
     router_kernel = self.param('router', nn.with_logical_partitioning(
@@ -100,7 +101,7 @@ class MoEFeedForward(nn.Module):
         options['dropout'] = dropout
     if cfg.dispatch == 'capacity':
       options.update(capacity_factor=cfg.capacity_factor, min_capacity=cfg.min_capacity,
-                     group_size=cfg.group_size)
+                     group_size=cfg.group_size, token_mask=padding_mask)
     k = cfg.num_experts_per_tok
     y, kept = dispatch_lib.dispatch(cfg.dispatch, x.astype(self.dtype),
                                     weights.reshape(b, l, k), indices.reshape(b, l, k),

@@ -1,0 +1,72 @@
+"""Configs: named sizes, validation errors, and the gin files (from the checkout)."""
+
+import dataclasses
+
+import gin
+import pytest
+
+import unimoe_jax
+from unimoe_jax import config as config_lib
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+  gin.clear_config()
+  for path in unimoe_jax.gin_search_paths():
+    gin.add_config_file_search_path(path)
+  yield
+  gin.clear_config()
+
+
+def _parse(*files, bindings=()):
+  gin.parse_config_files_and_bindings(list(files), list(bindings))
+  return gin.query_parameter('%DECODER_CONFIG').scoped_configurable_fn()
+
+
+@pytest.mark.parametrize('gin_file,size', [('models/tiny.gin', 'tiny'),
+                                           ('models/llama_7b.gin', 'llama-7b')])
+def test_gin_sizes_equal_python_sizes(gin_file, size):
+  assert _parse(gin_file) == config_lib.SIZES[size]
+
+
+def test_gin_files_compose():
+  cfg = _parse('models/llama_7b.gin', 'models/moe_8e_top2.gin', 'models/lora.gin',
+               bindings=['config.MoEConfig.dispatch = "capacity"'])
+  assert cfg.embed_dim == 4096 and cfg.head_dim == 128
+  assert cfg.moe == config_lib.MoEConfig(num_experts=8, num_experts_per_tok=2,
+                                         dispatch='capacity', load_balance_loss_coef=0.01)
+  assert cfg.lora.rank == 8 and cfg.lora.scale == 2.0
+  assert cfg.moe_layer_indices() == tuple(range(32))
+
+
+def test_gin_typo_names_the_binding():
+  with pytest.raises(ValueError, match='embed_dimm'):
+    _parse('models/tiny.gin', bindings=['config.DecoderConfig.embed_dimm = 3'])
+
+
+def test_gin_search_path_finds_the_model_files():
+  paths = unimoe_jax.gin_search_paths()
+  assert paths and all(p.endswith('gin') for p in paths)
+
+
+def test_moe_layer_selection():
+  every_other = config_lib.named('tiny', num_layers=4,
+                                 moe=config_lib.MoEConfig(layers='every_other'))
+  assert every_other.moe_layer_indices() == (1, 3)
+  listed = config_lib.named('tiny', num_layers=4, moe=config_lib.MoEConfig(layers=[0, 2]))
+  assert listed.moe_layer_indices() == (0, 2)
+  with pytest.raises(ValueError, match=r'layers has indices \[7\] outside \[0, 4\)'):
+    config_lib.named('tiny', num_layers=4, moe=config_lib.MoEConfig(layers=[7]))
+
+
+def test_validation_names_the_field():
+  with pytest.raises(ValueError, match='num_kv_heads=3'):
+    config_lib.named('tiny', num_kv_heads=3)
+  with pytest.raises(ValueError, match='num_experts_per_tok=5'):
+    config_lib.MoEConfig(num_experts=4, num_experts_per_tok=5)
+  with pytest.raises(TypeError):
+    config_lib.named('tiny', dtype='bfloat17')
+  with pytest.raises(KeyError, match='llama-70b'):
+    config_lib.named('llama-70b')
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config_lib.SIZES['tiny'].num_layers = 3
