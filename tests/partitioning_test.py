@@ -49,6 +49,7 @@ def test_mesh_config_errors_name_the_shape():
   assert dict(mesh.shape) == {'data': 2, 'expert': 4, 'model': 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dispatch', ['capacity', 'dropless'])
 def test_sharded_train_step_equals_single_device(dispatch):
   assert jax.device_count() == 8, 'conftest.py should give 8 host devices'

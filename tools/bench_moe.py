@@ -3,22 +3,22 @@
 For each shape (tokens, embed, mlp, experts, top_k) it times one jitted training step of a
 scalar loss sum(y * cotangent), with gradients w.r.t. the input and every parameter, for
 
-  jax:dense / jax:capacity / jax:dropless   `unimoe_jax.moe.layer.MoEFeedForward` per dispatch
-                                            mode (capacity with --capacity-factor, 2.0 default)
-  jax:ffn(k*F)       a dense `unimoe_jax.layers.mlp.SwiGLU` of hidden k*F: the same active FLOPs
-  torch:mixtral      `transformers` MixtralSparseMoeBlock (reference), same device and dtype
-  torch:ffn(k*F)     a plain PyTorch SwiGLU of hidden k*F
+  jax:moe dense|capacity|dropless  `unimoe_jax.moe.layer.MoEFeedForward`, one row per dispatch
+                   mode (--paths dense,capacity,dropless; capacity uses --capacity-factor 2.0)
+  jax:ffn(k*F)     dense `unimoe_jax.layers.mlp.SwiGLU` of hidden k*F: same active FLOPs (ffn)
+  torch:mixtral    transformers' MixtralSparseMoeBlock, same process/device/dtype (torch_mixtral)
+  torch:ffn(k*F)   a plain PyTorch SwiGLU of hidden k*F (torch_ffn)
 
-and prints the median time, useful TFLOP/s, throughput relative to the JAX dense FFN and to the
-torch Mixtral block, and the temporary memory of each compiled JAX program.
-
-Useful FLOPs count only the experts a token is routed to (router and dispatch overhead are not
-counted): forward = 2 * tokens * k * 3 * embed * mlp; forward + backward = 3x forward.
+and prints median/min ms, useful TFLOP/s, throughput vs the JAX dense FFN and vs the torch
+Mixtral block, and each compiled JAX program's temp memory. Useful FLOPs count only the routed
+experts: forward = 2 * tokens * k * 3 * embed * mlp; forward + backward = 3x forward.
 
   CPU (defaults, ~2-4 min on 2 cores):  python tools/bench_moe.py
   GPU: JAX uses the GPU when jax[cuda] is installed, torch uses cuda when available:
         python tools/bench_moe.py --shapes mixtral --dtype bfloat16 --iters 20 --warmup 3
   Subsets: --paths dense,dropless,ffn,torch_mixtral   --shapes 2048x512x1408x4x2,64x4096x14336x8x2
+On a GPU, XLA_PYTHON_CLIENT_PREALLOCATE defaults to false here and torch runs first per shape.
+Times are wall clock: on a shared CPU other load inflates them (torch's OpenMP most of all).
 """
 
 import argparse
@@ -40,12 +40,15 @@ from unimoe_jax.layers.mlp import SwiGLU
 from unimoe_jax.moe.dispatch import expert_capacity
 from unimoe_jax.moe.layer import MoEFeedForward
 
-try:
+try:  # torch and transformers are optional.
   import torch
+except ImportError:
+  torch = None
+try:
   from transformers import MixtralConfig
   from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-except ImportError:  # torch / transformers are optional.
-  torch = None
+except ImportError:
+  MixtralSparseMoeBlock = None
 
 PRESETS = {
     'default': [(2048, 512, 1408, 4, 2), (512, 256, 704, 8, 2)],
@@ -69,13 +72,12 @@ def parse_shapes(spec):
 
 
 def median_ms(step, iters, warmup):
-  for _ in range(warmup):
-    step()
   times = []
-  for _ in range(iters):
+  for i in range(warmup + iters):
     t0 = time.perf_counter()
     step()
-    times.append(time.perf_counter() - t0)
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
   return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
@@ -83,19 +85,18 @@ def bench_jax(module, x, ct, iters, warmup):
   """Returns ((median ms, min ms), temp MiB or None, drop fraction) of a jitted fwd+bwd step."""
   params = nn.meta.unbox(module.init(jax.random.PRNGKey(0), x))['params']
 
-  def loss_fn(p, xx):
+  def loss_fn(p, xx, cot):
     out = module.apply({'params': p}, xx)
     y, aux = out if isinstance(out, tuple) else (out, {})
-    return jnp.sum(y.astype(jnp.float32) * ct), aux.get('drop_fraction', jnp.float32(0))
+    return jnp.sum(y.astype(jnp.float32) * cot), aux.get('drop_fraction', jnp.float32(0))
 
-  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-  compiled = jax.jit(grad_fn).lower(params, x).compile()
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)  # d/d(params, x).
+  compiled = jax.jit(grad_fn).lower(params, x, ct).compile()
   mem = compiled.memory_analysis()
   temp = getattr(mem, 'temp_size_in_bytes', None) if mem is not None else None
-  temp_mib = None if temp is None else temp / 2**20
-  (_, drop), _ = jax.block_until_ready(compiled(params, x))
-  ms = median_ms(lambda: jax.block_until_ready(compiled(params, x)), iters, warmup)
-  return ms, temp_mib, float(drop)
+  (_, drop), _ = jax.block_until_ready(compiled(params, x, ct))
+  ms = median_ms(lambda: jax.block_until_ready(compiled(params, x, ct)), iters, warmup)
+  return ms, None if temp is None else temp / 2**20, float(drop)
 
 
 def bench_torch(block, x_np, ct_np, dtype, device, iters, warmup):
@@ -106,8 +107,7 @@ def bench_torch(block, x_np, ct_np, dtype, device, iters, warmup):
   sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
   def step():
-    x.grad = None
-    for p in block.parameters():
+    for p in (x, *block.parameters()):
       p.grad = None
     out = block(x)
     y = out[0] if isinstance(out, tuple) else out
@@ -122,31 +122,25 @@ class TorchSwiGLU(torch.nn.Module if torch is not None else object):
 
   def __init__(self, d, f):
     super().__init__()
-    self.wi_0 = torch.nn.Linear(d, f, bias=False)
-    self.wi_1 = torch.nn.Linear(d, f, bias=False)
+    self.wi_0, self.wi_1 = (torch.nn.Linear(d, f, bias=False) for _ in range(2))
     self.wo = torch.nn.Linear(f, d, bias=False)
 
   def forward(self, x):
     return self.wo(torch.nn.functional.silu(self.wi_0(x)) * self.wi_1(x))
 
 
+def normal_init(block):
+  with torch.no_grad():
+    for p in block.parameters():  # transformers 5 creates Mixtral's with torch.empty.
+      p.normal_(0.0, 0.02)
+  return block
+
+
 def torch_mixtral(d, f, e, k, experts_impl):
   cfg = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=e,
                       num_experts_per_tok=k, router_jitter_noise=0.0)
   cfg._experts_implementation = experts_impl  # pylint: disable=protected-access
-  block = MixtralSparseMoeBlock(cfg)
-  with torch.no_grad():
-    for p in block.parameters():  # transformers 5 creates them with torch.empty.
-      p.normal_(0.0, 0.02)
-  return block
-
-
-def torch_ffn(d, f):
-  block = TorchSwiGLU(d, f)
-  with torch.no_grad():
-    for p in block.parameters():
-      p.normal_(0.0, 0.02)
-  return block
+  return normal_init(MixtralSparseMoeBlock(cfg))
 
 
 def run_shape(shape, args, dtype):
@@ -169,24 +163,24 @@ def run_shape(shape, args, dtype):
       results[name] = (None, None, f'error: {type(err).__name__}: {str(err)[:80]}')
     if torch is not None and torch.cuda.is_available():
       torch.cuda.empty_cache()
-    ms = results[name][0]
-    print(f'  [{"x".join(map(str, shape))} {name}: '
-          f'{"failed" if ms is None else f"{ms[0]:.1f} ms"}]', file=sys.stderr, flush=True)
+    print(f'  [{shape} {name} done]', file=sys.stderr, flush=True)
 
-  torch_paths = [p for p in ('torch_mixtral', 'torch_ffn') if p in args.paths]
-  if torch is None:
-    for p in torch_paths:
-      results[p] = (None, None, 'n/a (torch/transformers not installed)')
-  else:
+  if torch is not None:
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     tdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[args.dtype]
     timer = lambda block: bench_torch(block, x_np, ct_np, tdtype, device, args.iters,
                                       args.warmup)
-    if 'torch_mixtral' in torch_paths:
+  if 'torch_mixtral' in args.paths:
+    if torch is None or MixtralSparseMoeBlock is None:
+      results['torch_mixtral'] = (None, None, 'n/a (torch/transformers not installed)')
+    else:
       attempt('torch_mixtral', lambda: (timer(torch_mixtral(d, f, e, k, args.torch_experts)),
                                         None, f'experts_implementation={args.torch_experts}'))
-    if 'torch_ffn' in torch_paths:
-      attempt('torch_ffn', lambda: (timer(torch_ffn(d, k * f)), None, ''))
+  if 'torch_ffn' in args.paths:
+    if torch is None:
+      results['torch_ffn'] = (None, None, 'n/a (torch not installed)')
+    else:
+      attempt('torch_ffn', lambda: (timer(normal_init(TorchSwiGLU(d, k * f))), None, ''))
 
   x, ct = jnp.asarray(x_np, dtype), jnp.asarray(ct_np, jnp.float32)
   if 'ffn' in args.paths:
@@ -201,10 +195,8 @@ def run_shape(shape, args, dtype):
 
     def run(module=module, mode=mode):
       ms, temp, drop = bench_jax(module, x, ct, args.iters, args.warmup)
-      note = ''
-      if mode == 'dense':
-        note = f'computes all {e} experts ({e / k:g}x the useful work)'
-      elif mode == 'capacity':
+      note = f'computes all {e} experts ({e / k:g}x the useful work)' if mode == 'dense' else ''
+      if mode == 'capacity':
         cap = expert_capacity(t // args.batch, k, e, cfg.capacity_factor, cfg.min_capacity)
         note = f'cf={cfg.capacity_factor:g}, C={cap} rows/expert/seq, dropped {drop:.1%}'
       return ms, temp, note
@@ -234,24 +226,23 @@ def print_rows(shape, results):
     if name not in results:
       continue
     times, temp, note = results[name]
-    ms, na = median(name), 'n/a'
-    cells = ['x'.join(map(str, shape)), LABELS[name],
-             na if ms is None else f'{ms:.2f}',
-             na if ms is None else f'{times[1]:.2f}',
-             na if ms is None else f'{flops / (ms * 1e-3) / 1e12:.3f}',
-             na if ms is None or base is None else f'{base / ms:.2f}x',
-             na if ms is None or ref is None else f'{ref / ms:.2f}x',
-             '-' if temp is None else f'{temp:.1f}', note]
+    ms = median(name)
+    cells = ['x'.join(map(str, shape)), LABELS[name]] + ['n/a'] * 5
+    if ms is not None:
+      cells[2:5] = [f'{ms:.2f}', f'{times[1]:.2f}', f'{flops / (ms * 1e-3) / 1e12:.3f}']
+      cells[5] = 'n/a' if base is None else f'{base / ms:.2f}x'
+      cells[6] = 'n/a' if ref is None else f'{ref / ms:.2f}x'
+    cells += ['-' if temp is None else f'{temp:.1f}', note]
     print(fmt_row(cells), flush=True)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--shapes', default='default',
-                      help="'default', 'mixtral', or comma-separated TxDxFxExK, e.g. 2048x512x1408x4x2")
+                      help="'default', 'mixtral', or comma-separated TxDxFxExK (e.g. 64x32x48x8x2)")
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-  parser.add_argument('--iters', type=int, default=5)
-  parser.add_argument('--warmup', type=int, default=1)
+  parser.add_argument('--iters', type=int, default=10)
+  parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--paths', default=','.join(ALL_PATHS),
                       help=f'comma-separated subset of {",".join(ALL_PATHS)}')
   parser.add_argument('--capacity-factor', type=float, default=2.0)
@@ -275,7 +266,8 @@ def main():
     tdev = f'cpu ({torch.get_num_threads()} threads), torch {torch.__version__}'
   print(f'MoE FFN fwd+bwd benchmark | jax {jax.__version__} on {dev.platform} '
         f'({dev.device_kind}) | torch on {tdev} | dtype {args.dtype} (jax params float32) | '
-        f'batch {args.batch} | median of {args.iters} iters after {args.warmup} warmup')
+        f'batch {args.batch} | median of {args.iters} iters after {args.warmup} warmup | '
+        f'load avg {os.getloadavg()[0]:.2f}')
   print('Useful FLOPs = 3 (fwd+bwd) x 2 x tokens x k x 3 x embed x mlp (routed experts only; '
         'router/dispatch not counted). vs jax ffn = ffn_ms / ms; vs torch = torch_mixtral_ms / '
         'ms (>1: faster). temp MiB = memory_analysis().temp_size_in_bytes of the compiled '
