@@ -42,6 +42,18 @@ def default_kernel_init(fan_in_dims: int) -> Initializer:
   return nn.initializers.normal(stddev=0.02)
 
 
+def _matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+  """Contracts x's last `n_in` axes with kernel's first `n_in` axes as one 2-D GEMM.
+
+  Flattening to `[rows, in] @ [in, out]` matters on XLA:CPU, where a rank-3 dot measured
+  ~20% slower than the same work as a rank-2 dot (tools/bench_moe.py, dense FFN row).
+  """
+  lead, in_shape, out_shape = x.shape[:-n_in], kernel.shape[:n_in], kernel.shape[n_in:]
+  in_size, out_size = int(np.prod(in_shape)), int(np.prod(out_shape))
+  y = x.reshape(-1, in_size) @ kernel.reshape(in_size, out_size)
+  return y.reshape(lead + out_shape)
+
+
 class LoRADense(nn.Module):
   """`y = x·W` over the last `len(in_shape)` axes of x, with an optional LoRA adapter.
 
@@ -70,7 +82,7 @@ class LoRADense(nn.Module):
     kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes),
                         self.in_shape + self.out_shape, self.param_dtype)
     x = x.astype(self.dtype)
-    y = jnp.tensordot(x, kernel.astype(self.dtype), axes=n_in)
+    y = _matmul(x, kernel.astype(self.dtype), n_in)
     if self.lora is not None:
       in_axes, out_axes = self.kernel_axes[:n_in], self.kernel_axes[n_in:]
       a = self.param('lora_a', nn.with_logical_partitioning(lora_a_init(n_in),
@@ -80,8 +92,8 @@ class LoRADense(nn.Module):
                                                             ('lora_rank',) + out_axes),
                      (self.lora.rank,) + self.out_shape, self.param_dtype)
       h = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
-      h = jnp.tensordot(h, a.astype(self.dtype), axes=n_in)
-      y = y + self.lora.scale * jnp.tensordot(h, b.astype(self.dtype), axes=1)
+      h = _matmul(h, a.astype(self.dtype), n_in)
+      y = y + self.lora.scale * _matmul(h, b.astype(self.dtype), 1)
     return y
 
 
