@@ -63,6 +63,9 @@ class MoEConfig:
       (Mixtral's `router_jitter_noise`); 0 disables it.
     load_balance_loss_coef: weight of the Switch load-balancing loss in the training loss.
     router_z_loss_coef: weight of the ST-MoE router z-loss.
+    gmm_backend: grouped matmul of the 'dropless' path: 'auto' (by platform: megablox on
+      TPU, the tiled pure-JAX one elsewhere), 'ragged_dot', 'tiled', 'megablox' or 'mgpu'.
+    gmm_tile: row tile of the 'tiled' backend.
   """
   num_experts: int = 4
   num_experts_per_tok: int = 2
@@ -74,8 +77,14 @@ class MoEConfig:
   router_jitter: float = 0.0
   load_balance_loss_coef: float = 0.0
   router_z_loss_coef: float = 0.0
+  gmm_backend: str = 'auto'
+  gmm_tile: int = 128
 
   def __post_init__(self):
+    backends = ('auto', 'ragged_dot', 'tiled', 'megablox', 'mgpu')
+    if self.gmm_backend not in backends:
+      raise ValueError(f'MoEConfig.gmm_backend must be one of {backends}, '
+                       f'got {self.gmm_backend!r}')
     if self.dispatch not in DISPATCH_MODES:
       raise ValueError(f'MoEConfig.dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}')
     if not 1 <= self.num_experts_per_tok <= self.num_experts:

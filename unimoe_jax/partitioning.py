@@ -143,3 +143,41 @@ def mesh_context(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
   mesh_cm = jax.set_mesh(mesh) if hasattr(jax, 'set_mesh') else mesh
   with mesh_cm, nn.logical_axis_rules(rules):
     yield mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallelAxes:
+  """Mesh axes that the expert-parallel MoE path maps over (see moe/expert_parallel.py)."""
+  mesh: Any
+  batch: Tuple[str, ...]   # Mesh axes of the token batch.
+  expert: str              # Mesh axis of the expert dimension of expert weights.
+  model: Optional[str]     # Mesh axis of the expert `mlp` dimension, if it is split.
+
+
+def expert_parallel_axes() -> Optional[ExpertParallelAxes]:
+  """The active mesh's axes for expert parallelism, or None when experts are not split.
+
+  Reads the mesh set by `mesh_context` (or `jax.set_mesh`) and the active logical axis rules,
+  so the MoE layer never names a mesh axis itself.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None
+  rules = nn.get_logical_axis_rules()
+  if not rules:
+    return None
+
+  def axes_of(name):
+    spec = nn.logical_to_mesh_axes((name,), rules)[0]
+    if spec is None:
+      return ()
+    return tuple(spec) if isinstance(spec, (tuple, list)) else (spec,)
+
+  sizes = dict(mesh.shape)
+  expert = axes_of('expert')
+  if len(expert) != 1 or sizes.get(expert[0], 1) == 1:
+    return None
+  model = axes_of('mlp')
+  model = model[0] if len(model) == 1 and sizes.get(model[0], 1) > 1 else None
+  return ExpertParallelAxes(mesh=mesh, batch=axes_of('activation_batch'), expert=expert[0],
+                            model=model)

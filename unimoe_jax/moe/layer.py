@@ -10,6 +10,8 @@ from unimoe_jax import partitioning
 from unimoe_jax.config import LoRAConfig, MoEConfig
 from unimoe_jax.layers.lora import default_kernel_init, lora_a_init
 from unimoe_jax.moe import dispatch as dispatch_lib
+from unimoe_jax.moe import expert_parallel
+from unimoe_jax.moe import grouped_matmul as gmm_lib
 from unimoe_jax.moe import routing
 
 
@@ -99,13 +101,20 @@ class MoEFeedForward(nn.Module):
           return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
 
         options['dropout'] = dropout
+    if cfg.dispatch == 'dropless':
+      backend = cfg.gmm_backend
+      options.update(backend=gmm_lib.default_backend() if backend == 'auto' else backend,
+                     tile=cfg.gmm_tile)
     if cfg.dispatch == 'capacity':
       options.update(capacity_factor=cfg.capacity_factor, min_capacity=cfg.min_capacity,
                      group_size=cfg.group_size, token_mask=padding_mask)
     k = cfg.num_experts_per_tok
-    y, kept = dispatch_lib.dispatch(cfg.dispatch, x.astype(self.dtype),
-                                    weights.reshape(b, l, k), indices.reshape(b, l, k),
-                                    experts, **options)
+    args = (x.astype(self.dtype), weights.reshape(b, l, k), indices.reshape(b, l, k), experts)
+    ep_axes = partitioning.expert_parallel_axes() if cfg.dispatch == 'dropless' else None
+    if ep_axes is not None:
+      y, kept = expert_parallel.dropless(*args, axes=ep_axes, **options)
+    else:
+      y, kept = dispatch_lib.dispatch(cfg.dispatch, *args, **options)
     y = partitioning.with_sharding_constraint(
         y, ('activation_batch', 'activation_length', 'activation_embed'))
 

@@ -1,0 +1,82 @@
+"""Dropless MoE with experts sharded over a mesh axis: the weights never leave their shard.
+
+Under `jax.shard_map`, each device on the `expert` axis
+
+  1. all-gathers the tokens (and their routing) of its expert-axis peers,
+  2. sorts all of them by expert and runs the grouped matmuls for *its own* experts only
+     (`gmm(..., group_offset=shard * local_experts)`; other rows stay zero, uncomputed),
+  3. un-sorts, weights and sums its partial outputs, and
+  4. reduce-scatters them back, so each device ends with the full output of its own tokens.
+
+Why all-gather + reduce-scatter rather than `jax.lax.ragged_all_to_all`: the collectives are
+dense, static-shaped and supported on every backend (CPU included, where the tests run), and
+their transposes are each other, so the backward pass needs nothing hand-written. Each device
+moves `(n - 1) / n` of its expert-axis peers' tokens, which a ragged all-to-all would cut to
+the routed ones; that trade only pays once the expert axis is large.
+
+If the expert `mlp` dimension is also split (tensor parallelism on `model`), the partial
+outputs are summed over `model` before un-sorting.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from unimoe_jax.moe import dispatch as dispatch_lib
+from unimoe_jax.moe import grouped_matmul as gmm_lib
+from unimoe_jax.partitioning import ExpertParallelAxes
+
+
+def _expert_specs(experts, axes: ExpertParallelAxes):
+  """PartitionSpecs matching the logical axes that `moe/layer.py` gives expert weights."""
+  e, m = axes.expert, axes.model
+  specs = {
+      'wi_0': {'kernel': P(e, None, m), 'lora_a': P(e, None, None), 'lora_b': P(e, None, m)},
+      'wi_1': {'kernel': P(e, None, m), 'lora_a': P(e, None, None), 'lora_b': P(e, None, m)},
+      'wo': {'kernel': P(e, m, None), 'lora_a': P(e, m, None), 'lora_b': P(e, None, None)},
+  }
+  return {name: {leaf: specs[name][leaf] for leaf in params} for name, params in experts.items()}
+
+
+def dropless(x, weights, indices, experts, *, axes: ExpertParallelAxes, backend='tiled',
+             tile=128, lora_scale=0.0, dropout=None):
+  """Same contract as `dispatch.dropless` (shapes in `dispatch.py`), expert-parallel."""
+  num_experts = experts['wi_0']['kernel'].shape[0]
+  shards = dict(axes.mesh.shape)[axes.expert]
+  if num_experts % shards:
+    raise ValueError(f'MoEConfig.num_experts={num_experts} is not divisible by the '
+                     f'{shards} devices of mesh axis {axes.expert!r}')
+  local = num_experts // shards
+  tokens_split = axes.expert in axes.batch
+  batch_spec = P(axes.batch or None, None, None)
+
+  def body(x, weights, indices, experts):
+    if tokens_split:  # Bring in the peers' tokens; weights stay put.
+      x, weights, indices = (jax.lax.all_gather(a, axes.expert, axis=0, tiled=True)
+                             for a in (x, weights, indices))
+    b, l, d = x.shape
+    k = indices.shape[-1]
+    order, inverse, group_sizes = dispatch_lib.sort_by_expert(indices, num_experts)
+    rows = dispatch_lib.gather_token_rows(x.reshape(b * l, d), order, inverse, k)
+    offset = jax.lax.axis_index(axes.expert) * local
+
+    def matmul(h, w):
+      return gmm_lib.gmm(h, w, group_sizes, backend=backend, tile=tile, group_offset=offset)
+
+    out_rows = dispatch_lib.expert_ffn(experts, rows, matmul, lora_scale, dropout)
+    if axes.model is not None:
+      out_rows = jax.lax.psum(out_rows, axes.model)
+    per_choice = dispatch_lib.permute_rows(out_rows, inverse, order).reshape(b * l, k, d)
+    y = jnp.einsum('tkd,tk->td', per_choice,
+                   weights.reshape(b * l, k).astype(per_choice.dtype)).reshape(b, l, d)
+    if tokens_split:
+      return jax.lax.psum_scatter(y, axes.expert, scatter_dimension=0, tiled=True)
+    return jax.lax.psum(y, axes.expert)
+
+  y = jax.shard_map(body, mesh=axes.mesh,
+                    in_specs=(batch_spec, batch_spec, batch_spec, _expert_specs(experts, axes)),
+                    out_specs=batch_spec,
+                    # The grouped-matmul loops carry zero-initialised buffers that become
+                    # device-varying; vma typing would reject those loop carries.
+                    check_vma=False)(x, weights, indices, experts)
+  return y, jnp.ones(indices.shape, jnp.bool_)

@@ -1,0 +1,280 @@
+"""Grouped matrix multiply: rows sorted by group, each group meets its own weight matrix.
+
+    gmm(x [m, k], w [groups, k, n], group_sizes [G]) -> [m, n]
+    out[r] = x[r] @ w[g(r) - group_offset]    for rows of the groups this shard holds
+    out[r] = 0                                for every other row
+
+`group_sizes` counts rows of all G groups (sum <= m; rows past the sum belong to no group).
+`w` holds groups `[group_offset, group_offset + w.shape[0])`; with experts sharded over a mesh
+axis each shard passes its own slice of experts and its offset, and computes only their rows.
+
+Backends (all with forward and backward, checked against 'ragged_dot' in tests):
+  ragged_dot  `jax.lax.ragged_dot` with JAX autodiff. The reference. XLA:CPU computes every
+              group for every row (about G times a dense matmul), so it is slow there.
+  tiled       pure JAX, written here because XLA:CPU has no grouped-matmul kernel. Each group's
+              row range is cut into a few power-of-two chunks of `tile` rows (binary
+              decomposition of its length), so nearly all work runs as large dense GEMMs; rows
+              of a neighbouring group inside a boundary chunk are masked. The backward pass is
+              hand-written: `gmm` with the weights transposed for dx and a transposed grouped
+              matmul (tgmm) for dw, as megablox does.
+  megablox    `jax.experimental.pallas.ops.tpu.megablox.gmm` (TPU; `interpret=True` on CPU).
+  mgpu        `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` with
+              `transposed_ragged_dot_mgpu` for dw (Mosaic GPU, Hopper only).
+"""
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ('ragged_dot', 'tiled', 'megablox', 'mgpu')
+
+
+def default_backend(platform: Optional[str] = None) -> str:
+  """The backend for a platform: megablox on TPU, the tiled one elsewhere.
+
+  On GPUs the Mosaic kernel needs a Hopper GPU and shapes that fit its blocks, so it is opt-in
+  (`MoEConfig.gmm_backend = 'mgpu'`) until it has been measured on one.
+  """
+  platform = platform or jax.default_backend()
+  return 'megablox' if platform == 'tpu' else 'tiled'
+
+
+def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, backend: str = 'tiled',
+        group_offset=0, transpose_rhs: bool = False, tile: int = 128,
+        interpret: bool = False) -> jax.Array:
+  """Grouped matmul; see the module docstring. `transpose_rhs`: w is `[groups, n, k]`."""
+  group_sizes = group_sizes.astype(jnp.int32)
+  group_offset = jnp.asarray(group_offset, jnp.int32)
+  if backend == 'ragged_dot':
+    return _ragged_dot_gmm(x, w, group_sizes, group_offset, transpose_rhs)
+  if backend == 'tiled':
+    return _tiled_gmm(x, w, group_sizes, group_offset, transpose_rhs, tile)
+  if backend == 'megablox':
+    return _megablox_gmm(x, w, group_sizes, group_offset, transpose_rhs, interpret)
+  if backend == 'mgpu':
+    return _mgpu_gmm(x, w, group_sizes, group_offset, transpose_rhs)
+  raise ValueError(f'Unknown grouped-matmul backend {backend!r}; choose one of {BACKENDS}')
+
+
+# ----------------------------------------------------------------------------- ragged_dot
+
+
+def _ragged_dot_gmm(x, w, group_sizes, group_offset, transpose_rhs):
+  if transpose_rhs:
+    w = jnp.swapaxes(w, 1, 2)
+  local = w.shape[0]
+  if local == group_sizes.shape[0]:
+    return jax.lax.ragged_dot(x, w, group_sizes)
+  # A shard of the groups: rows before the shard meet a zero matrix, rows after it fall
+  # past the end of group_sizes (ragged_dot leaves them zero).
+  sizes = jax.lax.dynamic_slice_in_dim(group_sizes, group_offset, local)
+  before = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < group_offset, group_sizes, 0))
+  w = jnp.concatenate([jnp.zeros((1,) + w.shape[1:], w.dtype), w])
+  return jax.lax.ragged_dot(x, w, jnp.concatenate([before[None], sizes]))
+
+
+# ----------------------------------------------------------------------------- tiled
+
+
+def _group_bounds(group_sizes):
+  ends = jnp.cumsum(group_sizes)
+  return ends - group_sizes, ends
+
+
+def _chunk_sizes(rows: int, tile: int):
+  """Power-of-two multiples of `tile` up to the padded row count, largest first."""
+  sizes, c = [], tile
+  while c <= rows:
+    sizes.append(c)
+    c *= 2
+  return sizes[::-1]
+
+
+def _round_up(v, m):
+  return (v + m - 1) // m * m
+
+
+def _for_each_chunk(start, end, tile, rows, fn, carry):
+  """Calls `carry = fn(pos, size, carry)` over chunks covering [start, end) (tile-aligned).
+
+  The covered range is [floor(start / tile) * tile, that + round_up(end - that, tile)),
+  split by the binary digits of its length: at most log2(rows / tile) + 1 chunks, each a
+  static size, so each runs as one dense GEMM.
+  """
+  aligned = start // tile * tile
+  length = jnp.where(end > start, _round_up(end - aligned, tile), 0)
+  pos = aligned
+  for size in _chunk_sizes(rows, tile):
+    take = (length & size) != 0
+    carry = jax.lax.cond(take, lambda c, p=pos, s=size: fn(p, s, c), lambda c: c, carry)
+    pos = pos + jnp.where(take, size, 0)
+  return carry
+
+
+def _row_mask(pos, size, start, end):
+  r = pos + jnp.arange(size)
+  return ((r >= start) & (r < end))[:, None]
+
+
+def _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile):
+  """out[r] = x[r] @ w[g(r)] (or w[g(r)].T) for the local groups; zeros elsewhere."""
+  m = x.shape[0]
+  rows = _round_up(m, tile)
+  xp = jnp.pad(x, ((0, rows - m), (0, 0)))
+  n = w.shape[1] if transpose_rhs else w.shape[2]
+  starts, ends = _group_bounds(group_sizes)
+  dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+
+  def group(e, out):
+    we = w[e]
+    start, end = starts[group_offset + e], ends[group_offset + e]
+
+    def chunk(pos, size, out):
+      y = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(xp, pos, size), we, dims,
+                              preferred_element_type=jnp.float32).astype(out.dtype)
+      cur = jax.lax.dynamic_slice_in_dim(out, pos, size)
+      y = cur + jnp.where(_row_mask(pos, size, start, end), y, 0)
+      return jax.lax.dynamic_update_slice_in_dim(out, y, pos, 0)
+
+    return _for_each_chunk(start, end, tile, rows, chunk, out)
+
+  out = jax.lax.fori_loop(0, w.shape[0], group, jnp.zeros((rows, n), x.dtype))
+  return out[:m]
+
+
+def _tiled_tgmm(x, dy, group_sizes, group_offset, num_local, tile):
+  """dw[e] = x_e^T @ dy_e over the rows of local group e: `[num_local, k, n]`, float32 sums."""
+  m = x.shape[0]
+  rows = _round_up(m, tile)
+  xp = jnp.pad(x, ((0, rows - m), (0, 0)))
+  dyp = jnp.pad(dy, ((0, rows - m), (0, 0)))
+  starts, ends = _group_bounds(group_sizes)
+
+  def group(e, dw):
+    start, end = starts[group_offset + e], ends[group_offset + e]
+
+    def chunk(pos, size, acc):
+      xs = jax.lax.dynamic_slice_in_dim(xp, pos, size)
+      xs = jnp.where(_row_mask(pos, size, start, end), xs, 0)
+      return acc + jax.lax.dot_general(xs, jax.lax.dynamic_slice_in_dim(dyp, pos, size),
+                                       (((0,), (0,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
+
+    acc = _for_each_chunk(start, end, tile, rows, chunk,
+                          jnp.zeros((x.shape[1], dy.shape[1]), jnp.float32))
+    return jax.lax.dynamic_update_index_in_dim(dw, acc, e, 0)
+
+  return jax.lax.fori_loop(0, num_local, group,
+                           jnp.zeros((num_local, x.shape[1], dy.shape[1]), jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _tiled_gmm(x, w, group_sizes, group_offset, transpose_rhs, tile):
+  return _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile)
+
+
+def _tiled_gmm_fwd(x, w, group_sizes, group_offset, transpose_rhs, tile):
+  out = _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile)
+  return out, (x, w, group_sizes, group_offset)
+
+
+def _tiled_gmm_bwd(transpose_rhs, tile, residuals, dy):
+  x, w, group_sizes, group_offset = residuals
+  dx = _tiled_forward(dy, w, group_sizes, group_offset, not transpose_rhs, tile)
+  if transpose_rhs:  # w[e] is [n, k]: dw[e] = dy_e^T x_e.
+    dw = _tiled_tgmm(dy, x, group_sizes, group_offset, w.shape[0], tile)
+  else:
+    dw = _tiled_tgmm(x, dy, group_sizes, group_offset, w.shape[0], tile)
+  return dx.astype(x.dtype), dw.astype(w.dtype), None, None
+
+
+_tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
+
+
+# ----------------------------------------------------------------------------- megablox
+
+
+@jax.custom_vjp
+def _keep_rows_grad(x, lo, hi):
+  """Identity whose backward zeroes cotangent rows outside [lo, hi)."""
+  del lo, hi
+  return x
+
+
+def _keep_rows_grad_fwd(x, lo, hi):
+  return x, (lo, hi)
+
+
+def _keep_rows_grad_bwd(residuals, g):
+  lo, hi = residuals
+  r = jnp.arange(g.shape[0])[:, None]
+  return jnp.where((r >= lo) & (r < hi), g, 0), None, None
+
+
+_keep_rows_grad.defvjp(_keep_rows_grad_fwd, _keep_rows_grad_bwd)
+
+
+def _megablox_gmm(x, w, group_sizes, group_offset, transpose_rhs, interpret):
+  from jax.experimental.pallas.ops.tpu.megablox import ops as megablox  # pylint: disable=g-import-not-at-top
+  m, k = x.shape
+  n = w.shape[1] if transpose_rhs else w.shape[2]
+  tiling = (min(128, _round_up(m, 8)), min(128, k), min(128, n))
+  sharded = w.shape[0] != group_sizes.shape[0]
+  # megablox leaves rows outside this shard's groups (and past sum(group_sizes)) unwritten,
+  # in the output and in its dx: zero both.
+  starts, ends = _group_bounds(group_sizes)
+  lo, hi = starts[group_offset], ends[group_offset + w.shape[0] - 1]
+  out = megablox.gmm(_keep_rows_grad(x, lo, hi), w, group_sizes, x.dtype, tiling,
+                     group_offset if sharded else None, None, transpose_rhs, interpret)
+  r = jnp.arange(m)[:, None]
+  return jnp.where((r >= lo) & (r < hi), out, 0)
+
+
+# ----------------------------------------------------------------------------- mgpu
+
+
+def _mgpu_blocks(m, k, n):
+  return dict(block_m=64, block_n=min(128, n), block_k=min(64, k), max_concurrent_steps=4,
+              grid_block_n=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _mgpu_core(x, w, group_sizes, transpose_rhs):
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu  # pylint: disable=g-import-not-at-top
+  n = w.shape[1] if transpose_rhs else w.shape[2]
+  return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, transpose_rhs=transpose_rhs,
+                                    **_mgpu_blocks(x.shape[0], x.shape[1], n))
+
+
+def _mgpu_core_fwd(x, w, group_sizes, transpose_rhs):
+  return _mgpu_core(x, w, group_sizes, transpose_rhs), (x, w, group_sizes)
+
+
+def _mgpu_core_bwd(transpose_rhs, residuals, dy):
+  from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu  # pylint: disable=g-import-not-at-top
+  x, w, group_sizes = residuals
+  dx = _mgpu_core(dy, w, group_sizes, not transpose_rhs)
+  a, b = (dy, x) if transpose_rhs else (x, dy)
+  dw = transposed_ragged_dot_mgpu.transposed_ragged_dot(
+      a, b, group_sizes=group_sizes, **_mgpu_blocks(a.shape[0], a.shape[1], b.shape[1]))
+  return dx, dw.astype(w.dtype), None
+
+
+_mgpu_core.defvjp(_mgpu_core_fwd, _mgpu_core_bwd)
+
+
+def _mgpu_gmm(x, w, group_sizes, group_offset, transpose_rhs):
+  local = w.shape[0]
+  if local != group_sizes.shape[0]:
+    # Shard of the groups: a leading zero group soaks up the rows before the shard.
+    sizes = jax.lax.dynamic_slice_in_dim(group_sizes, group_offset, local)
+    before = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < group_offset,
+                               group_sizes, 0))
+    w = jnp.concatenate([jnp.zeros((1,) + w.shape[1:], w.dtype), w])
+    out = _mgpu_core(x, w, jnp.concatenate([before[None], sizes]), transpose_rhs)
+    # Rows past this shard's groups are not written by the kernel: zero them.
+    r = jnp.arange(x.shape[0])[:, None]
+    return jnp.where(r < before + jnp.sum(sizes), out, 0)
+  return _mgpu_core(x, w, group_sizes, transpose_rhs)
