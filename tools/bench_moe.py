@@ -1,44 +1,129 @@
 """Benchmark of the MoE feed-forward layer: forward + backward time per dispatch path.
 
 For each shape (tokens, embed, mlp, experts, top_k) it times one jitted training step of a
-scalar loss sum(y * cotangent), with gradients w.r.t. the input and every parameter, for
+scalar loss sum(y * cotangent), with gradients w.r.t. the input and every parameter. Rows
+(and their --paths names; `dropless` selects all four dropless/* rows):
 
-  jax:moe dense|capacity|dropless  `unimoe_jax.moe.layer.MoEFeedForward`, one row per dispatch
-                   mode (--paths dense,capacity,dropless; capacity uses --capacity-factor 2.0)
-  jax:ffn(k*F)     dense `unimoe_jax.layers.mlp.SwiGLU` of hidden k*F: same active FLOPs (ffn)
-  torch:mixtral    transformers' MixtralSparseMoeBlock, same process/device/dtype (torch_mixtral)
-  torch:ffn(k*F)   a plain PyTorch SwiGLU of hidden k*F (torch_ffn)
+  jax:ffn(k*F)              dense `layers.mlp.SwiGLU` of hidden k*F, same active FLOPs (ffn)
+  jax:moe dense|capacity    `moe.layer.MoEFeedForward` per dispatch mode (dense, capacity;
+                            capacity uses --capacity-factor 2.0)
+  jax:moe dropless/B        dispatch='dropless' with grouped-matmul backend B: ragged_dot,
+                            tiled (--gmm-tile rows), megablox (TPU only), mgpu (Hopper only)
+  jax:moe dropless EP DxE   the dropless layer (gmm_backend='auto') with experts sharded on a
+                            data=D x expert=E mesh, run under shard_map (ep; --ep-mesh DxE,
+                            default 2x4, 'none' drops it); x is reshaped to [D*E, T/(D*E), embed]
+  torch:mixtral             transformers' MixtralSparseMoeBlock, same device/dtype (torch_mixtral)
+  torch:ffn(k*F)            a plain PyTorch SwiGLU of hidden k*F (torch_ffn)
 
-and prints median/min ms, useful TFLOP/s, throughput vs the JAX dense FFN and vs the torch
-Mixtral block, and each compiled JAX program's temp memory. Useful FLOPs count only the routed
-experts: forward = 2 * tokens * k * 3 * embed * mlp; forward + backward = 3x forward.
+It prints median/min ms, useful TFLOP/s, throughput vs the JAX dense FFN and vs the torch
+Mixtral block, and each compiled JAX program's temp memory (per device for the EP row);
+--json PATH also writes the rows as a JSON list. Useful FLOPs count only the routed experts:
+forward = 2 * tokens * k * 3 * embed * mlp; forward + backward = 3x forward.
 
-  CPU (defaults, ~2-4 min on 2 cores):  python tools/bench_moe.py
-  GPU: JAX uses the GPU when jax[cuda] is installed, torch uses cuda when available:
-        python tools/bench_moe.py --shapes mixtral --dtype bfloat16 --iters 20 --warmup 3
-  Subsets: --paths dense,dropless,ffn,torch_mixtral   --shapes 2048x512x1408x4x2,64x4096x14336x8x2
-On a GPU, XLA_PYTHON_CLIENT_PREALLOCATE defaults to false here and torch runs first per shape.
+  python tools/bench_moe.py   # CPU defaults: several minutes on 2 cores.
+  python tools/bench_moe.py --paths ffn,dropless/tiled,ep --shapes 2048x512x1408x4x2,64x32x48x8x2
+  python tools/bench_moe.py --shapes mixtral --dtype bfloat16 --iters 20 --warmup 3  # GPU
+JAX uses the GPU when jax[cuda] is installed and torch uses cuda when available; there
+XLA_PYTHON_CLIENT_PREALLOCATE defaults to false and torch runs first per shape.
+
+The EP row needs D*E devices. Unless XLA_FLAGS already has it, the script adds
+--xla_force_host_platform_device_count=D*E before importing jax (it only touches the host
+platform, so it is harmless on GPU/TPU). On CPU these fake devices share the same cores, so
+the EP row measures the overhead of the sharded program (collectives, per-shard sorting), not
+a speed-up; the other rows run on the first device as usual.
 Times are wall clock: on a shared CPU other load inflates them (torch's OpenMP most of all).
 """
 
 import argparse
+import contextlib
+import json
 import os
 import statistics
 import sys
 import time
 
+PRESETS = {
+    'default': [(2048, 512, 1408, 4, 2), (512, 256, 704, 8, 2)],
+    'mixtral': [(16384, 4096, 14336, 8, 2), (64, 4096, 14336, 8, 2)],
+}
+BACKENDS = ('ragged_dot', 'tiled', 'megablox', 'mgpu')  # As in moe/grouped_matmul.py.
+DROPLESS = tuple(f'dropless/{b}' for b in BACKENDS)
+ALL_PATHS = ('ffn', 'dense', 'capacity') + DROPLESS + ('ep', 'torch_mixtral', 'torch_ffn')
+HOPPER = ('H100', 'H200', 'H800')
+LABELS = {'ffn': 'jax:ffn(k*F)', 'dense': 'jax:moe dense', 'capacity': 'jax:moe capacity',
+          **{p: f'jax:moe {p}' for p in DROPLESS}, 'ep': 'jax:moe dropless EP {}x{}',
+          'torch_mixtral': 'torch:mixtral', 'torch_ffn': 'torch:ffn(k*F)'}
+
+
+def mesh_spec(spec):
+  """'DATAxEXPERT' -> (data, expert); 'none' -> None."""
+  if spec.lower() == 'none':
+    return None
+  dims = tuple(int(v) for v in spec.lower().split('x'))
+  if len(dims) != 2 or min(dims) < 1:
+    raise ValueError(spec)
+  return dims
+
+
+def parse_args(argv=None):
+  """Parses the command line; needs no jax, so it runs before jax is imported."""
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--shapes', default='default',
+                      help="'default', 'mixtral', or comma-separated TxDxFxExK (e.g. 64x32x48x8x2)")
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--iters', type=int, default=10)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--paths', default='ffn,dense,capacity,dropless,ep,torch_mixtral,torch_ffn',
+                      help=f'comma-separated subset of dropless,{",".join(ALL_PATHS)}')
+  parser.add_argument('--capacity-factor', type=float, default=2.0)
+  parser.add_argument('--gmm-tile', type=int, default=None,
+                      help="row tile of the 'tiled' backend (default: MoEConfig.gmm_tile)")
+  parser.add_argument('--ep-mesh', type=mesh_spec, default='2x4',
+                      help="DATAxEXPERT mesh of the expert-parallel row, or 'none'")
+  parser.add_argument('--batch', type=int, default=1, help='rows; length = tokens / batch')
+  parser.add_argument('--torch-experts', default='eager',
+                      help="transformers experts_implementation: eager, batched_mm, grouped_mm")
+  parser.add_argument('--json', metavar='PATH', help='also write the rows there as JSON')
+  args = parser.parse_args(argv)
+  names = [p.strip() for p in args.paths.split(',') if p.strip()]
+  paths = {q for p in names for q in (DROPLESS if p == 'dropless' else (p,))}
+  if paths - set(ALL_PATHS):
+    parser.error(f'unknown --paths {sorted(paths - set(ALL_PATHS))}; choose from dropless,'
+                 f'{",".join(ALL_PATHS)}')
+  if args.ep_mesh is None:  # --ep-mesh none
+    paths.discard('ep')
+  args.paths = [p for p in ALL_PATHS if p in paths]
+  return args
+
+
+def force_host_devices(args):
+  """Gives XLA's host platform data*expert devices for the EP row; call before importing jax."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if 'ep' in args.paths and 'xla_force_host_platform_device_count' not in flags:
+    n = args.ep_mesh[0] * args.ep_mesh[1]
+    os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={n}'.strip()
+
+
+if __name__ == '__main__':  # jax reads XLA_FLAGS once, when it is imported below.
+  ARGS = parse_args()
+  force_host_devices(ARGS)
+
 # On a GPU, JAX would otherwise grab 75% of the memory up front and starve the torch columns.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
+# pylint: disable=wrong-import-position
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unimoe_jax import partitioning
 from unimoe_jax.config import MoEConfig
 from unimoe_jax.layers.mlp import SwiGLU
+from unimoe_jax.moe import grouped_matmul as gmm_lib
 from unimoe_jax.moe.dispatch import expert_capacity
 from unimoe_jax.moe.layer import MoEFeedForward
+# pylint: enable=wrong-import-position
 
 try:  # torch and transformers are optional.
   import torch
@@ -49,12 +134,6 @@ try:
   from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 except ImportError:
   MixtralSparseMoeBlock = None
-
-PRESETS = {
-    'default': [(2048, 512, 1408, 4, 2), (512, 256, 704, 8, 2)],
-    'mixtral': [(16384, 4096, 14336, 8, 2), (64, 4096, 14336, 8, 2)],
-}
-ALL_PATHS = ('ffn', 'dense', 'capacity', 'dropless', 'torch_mixtral', 'torch_ffn')  # Row order.
 
 
 def parse_shapes(spec):
@@ -81,9 +160,22 @@ def median_ms(step, iters, warmup):
   return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
-def bench_jax(module, x, ct, iters, warmup):
-  """Returns ((median ms, min ms), temp MiB or None, drop fraction) of a jitted fwd+bwd step."""
-  params = nn.meta.unbox(module.init(jax.random.PRNGKey(0), x))['params']
+def bench_jax(module, x, ct, iters, warmup, mesh=None):
+  """Returns ((median ms, min ms), temp MiB or None, drop fraction) of a jitted fwd+bwd step.
+
+  With `mesh`: sharded params, x and ct split on the batch, traced and run in the mesh context
+  (where the dropless MoE layer takes its expert-parallel shard_map path).
+  """
+  if mesh is None:
+    params = nn.meta.unbox(module.init(jax.random.PRNGKey(0), x))['params']
+    context = contextlib.nullcontext()
+  else:
+    variables, _ = partitioning.init_sharded(lambda key: module.init(key, x), mesh,
+                                             jax.random.PRNGKey(0))
+    params = variables['params']
+    batch = partitioning.logical_sharding(mesh, ('activation_batch',))
+    x, ct = jax.device_put(x, batch), jax.device_put(ct, batch)
+    context = partitioning.mesh_context(mesh)
 
   def loss_fn(p, xx, cot):
     out = module.apply({'params': p}, xx)
@@ -91,11 +183,12 @@ def bench_jax(module, x, ct, iters, warmup):
     return jnp.sum(y.astype(jnp.float32) * cot), aux.get('drop_fraction', jnp.float32(0))
 
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)  # d/d(params, x).
-  compiled = jax.jit(grad_fn).lower(params, x, ct).compile()
-  mem = compiled.memory_analysis()
-  temp = getattr(mem, 'temp_size_in_bytes', None) if mem is not None else None
-  (_, drop), _ = jax.block_until_ready(compiled(params, x, ct))
-  ms = median_ms(lambda: jax.block_until_ready(compiled(params, x, ct)), iters, warmup)
+  with context:
+    compiled = jax.jit(grad_fn).lower(params, x, ct).compile()
+    mem = compiled.memory_analysis()
+    temp = getattr(mem, 'temp_size_in_bytes', None) if mem is not None else None
+    (_, drop), _ = jax.block_until_ready(compiled(params, x, ct))
+    ms = median_ms(lambda: jax.block_until_ready(compiled(params, x, ct)), iters, warmup)
   return ms, None if temp is None else temp / 2**20, float(drop)
 
 
@@ -154,62 +247,96 @@ def run_shape(shape, args, dtype):
   rng = np.random.default_rng(0)
   x_np = rng.standard_normal((args.batch, t // args.batch, d), dtype=np.float32)
   ct_np = rng.standard_normal(x_np.shape, dtype=np.float32)
-  results = {}
-
-  def attempt(name, fn):
-    try:
-      results[name] = fn()
-    except Exception as err:  # pylint: disable=broad-except  (e.g. out of memory)
-      results[name] = (None, None, f'error: {type(err).__name__}: {str(err)[:80]}')
-    if torch is not None and torch.cuda.is_available():
-      torch.cuda.empty_cache()
-    print(f'  [{shape} {name} done]', file=sys.stderr, flush=True)
+  jobs = {}  # name -> callable returning ((ms, min ms), temp MiB, note), or an 'n/a' string.
 
   if torch is not None:
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     tdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[args.dtype]
     timer = lambda block: bench_torch(block, x_np, ct_np, tdtype, device, args.iters,
                                       args.warmup)
-  if 'torch_mixtral' in args.paths:
-    if torch is None or MixtralSparseMoeBlock is None:
-      results['torch_mixtral'] = (None, None, 'n/a (torch/transformers not installed)')
-    else:
-      attempt('torch_mixtral', lambda: (timer(torch_mixtral(d, f, e, k, args.torch_experts)),
-                                        None, f'experts_implementation={args.torch_experts}'))
-  if 'torch_ffn' in args.paths:
-    if torch is None:
-      results['torch_ffn'] = (None, None, 'n/a (torch not installed)')
-    else:
-      attempt('torch_ffn', lambda: (timer(normal_init(TorchSwiGLU(d, k * f))), None, ''))
+  jobs['torch_mixtral'] = (
+      'n/a (torch/transformers not installed)' if torch is None or MixtralSparseMoeBlock is None
+      else lambda: (timer(torch_mixtral(d, f, e, k, args.torch_experts)), None,
+                    f'experts_implementation={args.torch_experts}'))
+  jobs['torch_ffn'] = ('n/a (torch not installed)' if torch is None else
+                       lambda: (timer(normal_init(TorchSwiGLU(d, k * f))), None, ''))
 
   x, ct = jnp.asarray(x_np, dtype), jnp.asarray(ct_np, jnp.float32)
-  if 'ffn' in args.paths:
-    module = SwiGLU(mlp_dim=k * f, dtype=dtype, param_dtype=jnp.float32)
-    attempt('ffn', lambda: bench_jax(module, x, ct, args.iters, args.warmup)[:2] + ('',))
-  for mode in ('dense', 'capacity', 'dropless'):
-    if mode not in args.paths:
+  moe = lambda mode, backend='auto': MoEFeedForward(
+      config=MoEConfig(num_experts=e, num_experts_per_tok=k, dispatch=mode,
+                       capacity_factor=args.capacity_factor, gmm_backend=backend,
+                       gmm_tile=args.gmm_tile),
+      mlp_dim=f, dtype=dtype, param_dtype=jnp.float32)
+  timed = lambda module, note: lambda: bench_jax(module, x, ct, args.iters,
+                                                 args.warmup)[:2] + (note,)
+  jobs['ffn'] = timed(SwiGLU(mlp_dim=k * f, dtype=dtype, param_dtype=jnp.float32), '')
+  jobs['dense'] = timed(moe('dense'), f'computes all {e} experts ({e / k:g}x the useful work)')
+
+  def run_capacity(module=moe('capacity')):
+    ms, temp, drop = bench_jax(module, x, ct, args.iters, args.warmup)
+    cf = module.config.capacity_factor
+    cap = expert_capacity(t // args.batch, k, e, cf, module.config.min_capacity)
+    return ms, temp, f'cf={cf:g}, C={cap} rows/expert/seq, dropped {drop:.1%}'
+
+  jobs['capacity'] = run_capacity
+  dev = jax.devices()[0]
+  hopper = dev.platform == 'gpu' and any(h in dev.device_kind for h in HOPPER)
+  why = {'megablox': None if dev.platform == 'tpu' else 'n/a (TPU only)',  # No interpret mode.
+         'mgpu': None if hopper else 'n/a (Hopper GPU only)'}
+  for backend, name in zip(BACKENDS, DROPLESS):
+    jobs[name] = why.get(backend) or timed(
+        moe('dropless', backend), f'tile={args.gmm_tile}' if backend == 'tiled' else '')
+
+  data, expert = args.ep_mesh or (1, 1)
+  n = data * expert
+  note = (f'backend auto={gmm_lib.default_backend()}, x [{n},{t // n},{d}], {e // expert} '
+          'experts/shard, temp per device')
+  note += '; CPU: fake devices share the cores' if dev.platform == 'cpu' else ''
+
+  def run_ep():
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(data=data, expert=expert),
+                                  jax.devices()[:n])
+    xe, cte = x.reshape(n, t // n, d), ct.reshape(n, t // n, d)
+    return bench_jax(moe('dropless'), xe, cte, args.iters, args.warmup, mesh=mesh)[:2] + (note,)
+
+  jobs['ep'] = (f'n/a (needs {n} devices, {len(jax.devices())} available)'
+                if n > len(jax.devices()) else
+                f'n/a ({e} experts or {t} tokens not divisible by the mesh)'
+                if e % expert or t % n else run_ep)
+
+  results = {}
+  for name, job in jobs.items():
+    if name not in args.paths:
       continue
-    cfg = MoEConfig(num_experts=e, num_experts_per_tok=k, dispatch=mode,
-                    capacity_factor=args.capacity_factor)
-    module = MoEFeedForward(config=cfg, mlp_dim=f, dtype=dtype, param_dtype=jnp.float32)
-
-    def run(module=module, mode=mode):
-      ms, temp, drop = bench_jax(module, x, ct, args.iters, args.warmup)
-      note = f'computes all {e} experts ({e / k:g}x the useful work)' if mode == 'dense' else ''
-      if mode == 'capacity':
-        cap = expert_capacity(t // args.batch, k, e, cfg.capacity_factor, cfg.min_capacity)
-        note = f'cf={cfg.capacity_factor:g}, C={cap} rows/expert/seq, dropped {drop:.1%}'
-      return ms, temp, note
-
-    attempt(mode, run)
+    try:
+      results[name] = (None, None, job) if isinstance(job, str) else job()
+    except Exception as err:  # pylint: disable=broad-except  (e.g. out of memory)
+      results[name] = (None, None, f'error: {type(err).__name__}: {str(err)[:80]}')
+    if torch is not None and torch.cuda.is_available():
+      torch.cuda.empty_cache()
+    print(f'  [{shape} {name} done]', file=sys.stderr, flush=True)
   return results
 
 
-LABELS = {'ffn': 'jax:ffn(k*F)', 'dense': 'jax:moe dense', 'capacity': 'jax:moe capacity',
-          'dropless': 'jax:moe dropless', 'torch_mixtral': 'torch:mixtral',
-          'torch_ffn': 'torch:ffn(k*F)'}
-COLS = (('shape TxDxFxExk', 21), ('implementation', 16), ('ms', 9), ('min ms', 9),
+COLS = (('shape TxDxFxExk', 21), ('implementation', 27), ('ms', 9), ('min ms', 9),
         ('TFLOP/s', 7), ('vs jax ffn', 10), ('vs torch', 8), ('temp MiB', 8), ('note', 0))
+
+
+def make_rows(shape, results, args):
+  """One dict per benchmarked path, in row order; None where a number is not available."""
+  t, d, f, e, k = shape
+  gflop = 3 * 2 * t * k * 3 * d * f / 1e9
+  ratio = lambda a, b: None if a is None or b is None else a / b
+  median = lambda name: (results.get(name, (None,))[0] or (None,))[0]
+  rows = []
+  for name in (n for n in ALL_PATHS if n in results):
+    times, temp, note = results[name]
+    ms, min_ms = times or (None, None)
+    label = LABELS[name].format(*args.ep_mesh or ())  # The EP row names its mesh.
+    rows.append(dict(shape='x'.join(map(str, shape)), implementation=label, median_ms=ms,
+                     min_ms=min_ms, tflops=ratio(gflop, ms), vs_jax_ffn=ratio(median('ffn'), ms),
+                     vs_torch=ratio(median('torch_mixtral'), ms), temp_mib=temp, note=note))
+  return rows
 
 
 def fmt_row(cells):
@@ -217,46 +344,20 @@ def fmt_row(cells):
                   for i, ((_, w), c) in enumerate(zip(COLS, cells))).rstrip()
 
 
-def print_rows(shape, results):
-  t, d, f, e, k = shape
-  flops = 3 * 2 * t * k * 3 * d * f
-  median = lambda name: (results.get(name, (None,))[0] or (None,))[0]
-  base, ref = median('ffn'), median('torch_mixtral')
-  for name in ALL_PATHS:
-    if name not in results:
-      continue
-    times, temp, note = results[name]
-    ms = median(name)
-    cells = ['x'.join(map(str, shape)), LABELS[name]] + ['n/a'] * 5
-    if ms is not None:
-      cells[2:5] = [f'{ms:.2f}', f'{times[1]:.2f}', f'{flops / (ms * 1e-3) / 1e12:.3f}']
-      cells[5] = 'n/a' if base is None else f'{base / ms:.2f}x'
-      cells[6] = 'n/a' if ref is None else f'{ref / ms:.2f}x'
-    cells += ['-' if temp is None else f'{temp:.1f}', note]
-    print(fmt_row(cells), flush=True)
+def print_row(row):
+  num = lambda key, spec, unit='', none='n/a': (none if row[key] is None else
+                                                 format(row[key], spec) + unit)
+  print(fmt_row([row['shape'], row['implementation'], num('median_ms', '.2f'),
+                 num('min_ms', '.2f'), num('tflops', '.3f'), num('vs_jax_ffn', '.2f', 'x'),
+                 num('vs_torch', '.2f', 'x'), num('temp_mib', '.1f', none='-'), row['note']]))
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--shapes', default='default',
-                      help="'default', 'mixtral', or comma-separated TxDxFxExK (e.g. 64x32x48x8x2)")
-  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-  parser.add_argument('--iters', type=int, default=10)
-  parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--paths', default=','.join(ALL_PATHS),
-                      help=f'comma-separated subset of {",".join(ALL_PATHS)}')
-  parser.add_argument('--capacity-factor', type=float, default=2.0)
-  parser.add_argument('--batch', type=int, default=1, help='rows; length = tokens / batch')
-  parser.add_argument('--torch-experts', default='eager',
-                      help="transformers experts_implementation: eager, batched_mm, grouped_mm")
-  args = parser.parse_args()
-  args.paths = [p.strip() for p in args.paths.split(',') if p.strip()]
-  unknown = set(args.paths) - set(ALL_PATHS)
-  if unknown:
-    parser.error(f'unknown --paths {sorted(unknown)}; choose from {ALL_PATHS}')
+def main(args):
+  sys.stdout.reconfigure(line_buffering=True)  # Rows show up as they finish, even when piped.
   dtype = jnp.dtype(args.dtype)
   shapes = parse_shapes(args.shapes)
-
+  if args.gmm_tile is None:
+    args.gmm_tile = MoEConfig.gmm_tile
   dev = jax.devices()[0]
   if torch is None:
     tdev = 'n/a (torch not installed)'
@@ -265,8 +366,9 @@ def main():
   else:
     tdev = f'cpu ({torch.get_num_threads()} threads), torch {torch.__version__}'
   print(f'MoE FFN fwd+bwd benchmark | jax {jax.__version__} on {dev.platform} '
-        f'({dev.device_kind}) | torch on {tdev} | dtype {args.dtype} (jax params float32) | '
-        f'batch {args.batch} | median of {args.iters} iters after {args.warmup} warmup | '
+        f'({dev.device_kind}, {len(jax.devices())} devices) | torch on {tdev} | dtype '
+        f'{args.dtype} (jax params float32) | batch {args.batch} | gmm tile {args.gmm_tile} | '
+        f'median of {args.iters} iters after {args.warmup} warmup | '
         f'load avg {os.getloadavg()[0]:.2f}')
   print('Useful FLOPs = 3 (fwd+bwd) x 2 x tokens x k x 3 x embed x mlp (routed experts only; '
         'router/dispatch not counted). vs jax ffn = ffn_ms / ms; vs torch = torch_mixtral_ms / '
@@ -275,9 +377,17 @@ def main():
   header = fmt_row([c for c, _ in COLS])
   print(header)
   print('-' * len(header))
+  all_rows = []
   for shape in shapes:
-    print_rows(shape, run_shape(shape, args, dtype))
+    rows = make_rows(shape, run_shape(shape, args, dtype), args)
+    for row in rows:
+      print_row(row)
+      row.update(device=f'{dev.platform} ({dev.device_kind})', dtype=args.dtype)
+    all_rows += rows
+    if args.json:  # Rewritten after each shape, so a crash keeps the finished ones.
+      with open(args.json, 'w') as fp:
+        json.dump(all_rows, fp, indent=1)
 
 
 if __name__ == '__main__':
-  main()
+  main(ARGS)

@@ -150,76 +150,120 @@ def capacity(x, weights, indices, experts, *, capacity_factor=1.25, min_capacity
 
 
 @jax.custom_vjp
-def gather_token_rows(x, order, inverse, k):
-  """`x[order // k]`: token rows in expert-sorted (token, choice) order, `[T * k, embed]`.
+def gather_token_rows(x, src, dest, k):
+  """Token rows in the expert-sorted layout: row r holds token `src[r] // k`.
 
-  The backward pass is a gather too (each token sums its k rows, found through the inverse
-  permutation) instead of the scatter-add autodiff would emit.
+  `src[r] == T * k` marks a padding row (zeros). The backward pass is a gather too: token t
+  sums the gradients of its k rows, found through `dest` (no scatter-add).
   """
-  del inverse
-  return x[order // k]
+  del dest
+  x_ext = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
+  return x_ext[jnp.minimum(src // k, x.shape[0])]
 
 
-def gather_token_rows_fwd(x, order, inverse, k):
-  return gather_token_rows(x, order, inverse, k), (inverse, k, x.shape[0])
+def _gather_token_rows_fwd(x, src, dest, k):
+  return gather_token_rows(x, src, dest, k), (dest, k, x.shape[0])
 
 
-def gather_token_rows_bwd(residuals, g):
-  inverse, k, t = residuals
-  return g[inverse].reshape(t, k, -1).sum(axis=1), None, None, None
+def _gather_token_rows_bwd(residuals, g):
+  dest, k, t = residuals
+  return g[dest].reshape(t, k, -1).sum(axis=1), None, None, None
 
 
-gather_token_rows.defvjp(gather_token_rows_fwd, gather_token_rows_bwd)
+gather_token_rows.defvjp(_gather_token_rows_fwd, _gather_token_rows_bwd)
 
 
 @jax.custom_vjp
-def permute_rows(x, perm, inverse):
-  """`x[perm]` for a permutation `perm`; its backward is the gather `g[inverse]`."""
-  del inverse
-  return x[perm]
+def gather_assignment_rows(rows, dest, src):
+  """`rows[dest]`: back from the sorted layout to (token, choice) order, `[T * k, embed]`.
 
-
-def permute_rows_fwd(x, perm, inverse):
-  return x[perm], (inverse,)
-
-
-def permute_rows_bwd(residuals, g):
-  (inverse,) = residuals
-  return g[inverse], None, None
-
-
-permute_rows.defvjp(permute_rows_fwd, permute_rows_bwd)
-
-
-def sort_by_expert(indices: jax.Array, num_experts: int):
-  """Expert-sorted order of the flattened (token, choice) assignments.
-
-  Returns (order, inverse, group_sizes): `order[i]` is the flat assignment at sorted row i,
-  `inverse` its inverse permutation, `group_sizes` `[E]` rows per expert.
+  Its backward is the gather `g[src]` (zeros for padding rows), not a scatter.
   """
-  flat = indices.reshape(-1)
+  del src
+  return rows[dest]
+
+
+def _gather_assignment_rows_fwd(rows, dest, src):
+  return rows[dest], (src,)
+
+
+def _gather_assignment_rows_bwd(residuals, g):
+  (src,) = residuals
+  g_ext = jnp.concatenate([g, jnp.zeros((1, g.shape[1]), g.dtype)])
+  return g_ext[src], None, None
+
+
+gather_assignment_rows.defvjp(_gather_assignment_rows_fwd, _gather_assignment_rows_bwd)
+
+
+def sort_by_expert(indices: jax.Array, num_experts: int, align: int = 1):
+  """The expert-sorted row layout of the flattened (token, choice) assignments.
+
+  Each expert's rows start at a multiple of `align` (padding rows in between), so a tiled
+  grouped matmul meets no tile shared by two experts.
+
+  Args:
+    indices: `[..., k]` selected experts; A = its size.
+  Returns:
+    src `[P]` int32: the assignment at each row, or A for a padding row;
+    dest `[A]` int32: the row of each assignment;
+    group_sizes `[E]` int32: rows per expert, padding included (multiples of `align`).
+    P = round_up(A + E * (align - 1), align), a static bound.
+  """
+  flat = indices.reshape(-1).astype(jnp.int32)
+  a = flat.shape[0]
   order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  inverse = jnp.argsort(order).astype(jnp.int32)
-  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return order, inverse, group_sizes
+  counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  if align == 1:
+    return order, jnp.argsort(order).astype(jnp.int32), counts
+  padded = (counts + align - 1) // align * align
+  padded_starts = jnp.cumsum(padded) - padded
+  starts = jnp.cumsum(counts) - counts
+  expert_of_sorted = flat[order]
+  row_of_sorted = (padded_starts[expert_of_sorted] + jnp.arange(a, dtype=jnp.int32) -
+                   starts[expert_of_sorted])
+  p = (a + num_experts * (align - 1) + align - 1) // align * align
+  src = jnp.full((p,), a, jnp.int32).at[row_of_sorted].set(order)
+  dest = jnp.zeros((a,), jnp.int32).at[order].set(row_of_sorted)
+  return src, dest, padded
+
+
+def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled', tile=128,
+                    group_offset=0, lora_scale=0.0, dropout=None, reduce_rows=None):
+  """The dropless MoE on flat tokens: x `[T, embed]`, weights/indices `[T, k]` -> `[T, embed]`.
+
+  Sorts (token, choice) rows by expert, runs the experts as grouped matmuls, un-sorts, and
+  sums over the k choices weighted by the routing weights (applied after the down
+  projection). Tokens move by gathers only. `experts` may hold a shard of the experts
+  starting at `group_offset` out of `num_experts`; rows of other experts then contribute
+  zeros. `reduce_rows`
+  (e.g. a psum over a tensor-parallel axis) runs on the expert outputs before un-sorting.
+  """
+  t, d = x.shape
+  k = indices.shape[-1]
+  align = tile if backend == 'tiled' else 1
+  src, dest, group_sizes = sort_by_expert(indices, num_experts, align)
+  rows = gather_token_rows(x, src, dest, k)
+
+  def matmul(h, w):
+    return gmm_lib.gmm(h, w, group_sizes, backend=backend, tile=tile, group_offset=group_offset)
+
+  out_rows = expert_ffn(experts, rows, matmul, lora_scale, dropout)
+  if reduce_rows is not None:
+    out_rows = reduce_rows(out_rows)
+  per_choice = gather_assignment_rows(out_rows, dest, src).reshape(t, k, d)
+  return jnp.einsum('tkd,tk->td', per_choice, weights.astype(per_choice.dtype))
 
 
 def dropless(x, weights, indices, experts, *, backend='tiled', tile=128, lora_scale=0.0,
              dropout=None):
-  """Sort (token, choice) rows by expert, grouped matmuls, un-sort, weight and sum over k.
-
-  Tokens move by gathers only (`argsort` + inverse permutation), never by one-hot matrices;
-  the routing weights are applied after the down projection.
-  """
+  """Dropless dispatch on one device (see `dropless_tokens`); nothing is dropped."""
   b, l, d = x.shape
   k = indices.shape[-1]
-  num_experts = experts['wi_0']['kernel'].shape[0]
-  order, inverse, group_sizes = sort_by_expert(indices, num_experts)
-  rows = gather_token_rows(x.reshape(b * l, d), order, inverse, k)
-  matmul = functools.partial(gmm_lib.gmm, group_sizes=group_sizes, backend=backend, tile=tile)
-  out_rows = expert_ffn(experts, rows, lambda h, w: matmul(h, w), lora_scale, dropout)
-  per_choice = permute_rows(out_rows, inverse, order).reshape(b * l, k, d)
-  y = jnp.einsum('tkd,tk->td', per_choice, weights.reshape(b * l, k).astype(per_choice.dtype))
+  y = dropless_tokens(x.reshape(b * l, d), weights.reshape(b * l, k),
+                      indices.reshape(b * l, k), experts,
+                      num_experts=experts['wi_0']['kernel'].shape[0], backend=backend,
+                      tile=tile, lora_scale=lora_scale, dropout=dropout)
   return y.reshape(b, l, d), jnp.ones(indices.shape, jnp.bool_)
 
 

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from unimoe_jax.moe import dispatch as dispatch_lib
-from unimoe_jax.moe import grouped_matmul as gmm_lib
 from unimoe_jax.partitioning import ExpertParallelAxes
 
 
@@ -56,19 +55,14 @@ def dropless(x, weights, indices, experts, *, axes: ExpertParallelAxes, backend=
                              for a in (x, weights, indices))
     b, l, d = x.shape
     k = indices.shape[-1]
-    order, inverse, group_sizes = dispatch_lib.sort_by_expert(indices, num_experts)
-    rows = dispatch_lib.gather_token_rows(x.reshape(b * l, d), order, inverse, k)
-    offset = jax.lax.axis_index(axes.expert) * local
-
-    def matmul(h, w):
-      return gmm_lib.gmm(h, w, group_sizes, backend=backend, tile=tile, group_offset=offset)
-
-    out_rows = dispatch_lib.expert_ffn(experts, rows, matmul, lora_scale, dropout)
+    reduce_rows = None
     if axes.model is not None:
-      out_rows = jax.lax.psum(out_rows, axes.model)
-    per_choice = dispatch_lib.permute_rows(out_rows, inverse, order).reshape(b * l, k, d)
-    y = jnp.einsum('tkd,tk->td', per_choice,
-                   weights.reshape(b * l, k).astype(per_choice.dtype)).reshape(b, l, d)
+      reduce_rows = lambda rows: jax.lax.psum(rows, axes.model)
+    y = dispatch_lib.dropless_tokens(
+        x.reshape(b * l, d), weights.reshape(b * l, k), indices.reshape(b * l, k), experts,
+        num_experts=num_experts, backend=backend, tile=tile,
+        group_offset=jax.lax.axis_index(axes.expert) * local, lora_scale=lora_scale,
+        dropout=dropout, reduce_rows=reduce_rows).reshape(b, l, d)
     if tokens_split:
       return jax.lax.psum_scatter(y, axes.expert, scatter_dimension=0, tiled=True)
     return jax.lax.psum(y, axes.expert)
