@@ -161,3 +161,36 @@ def test_padding_takes_no_capacity():
   np.testing.assert_array_equal(y[:, :4], 0.0)
   np.testing.assert_allclose(aux['drop_fraction'], aux_ref['drop_fraction'], atol=1e-7)
   assert float(aux_ref['drop_fraction']) > 0  # Capacity binds, so slot order matters.
+
+
+def _temp_mib(module, x):
+  """Temp memory of the compiled vjp with a given cotangent, as tools/bench_moe.py measures."""
+  params = nn.meta.unbox(module.init(jax.random.PRNGKey(0), x))['params']
+
+  def loss(p, x, ct):
+    out = module.apply({'params': p}, x)
+    return jnp.sum((out[0] if isinstance(out, tuple) else out) * ct)
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x, x).compile()
+  return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+@pytest.mark.parametrize('shape', [(2048, 512, 1408, 4, 2), (512, 256, 704, 8, 2)])
+def test_dropless_temp_memory_within_1_5x_dense_ffn(shape):
+  """No experts-times-sized intermediates: compiled fwd+bwd temp memory vs a dense SwiGLU of
+  the same active FLOPs (hidden k * mlp). Compile only; nothing is timed."""
+  from unimoe_jax.layers.mlp import SwiGLU  # pylint: disable=g-import-not-at-top
+  t, d, f, e, k = shape
+  x = jnp.zeros((1, t, d), jnp.float32)
+  dense_mib = _temp_mib(SwiGLU(k * f), x)
+  moe = MoEFeedForward(MoEConfig(num_experts=e, num_experts_per_tok=k, dispatch='dropless',
+                                 gmm_backend='tiled'), mlp_dim=f)
+  moe_mib = _temp_mib(moe, x)
+  assert moe_mib <= 1.5 * dense_mib, (moe_mib, dense_mib)
+
+
+def test_choose_tile_scales_with_group_size():
+  from unimoe_jax.moe.grouped_matmul import choose_tile  # pylint: disable=g-import-not-at-top
+  assert choose_tile(4096, 4) == 128
+  assert choose_tile(1024, 8) == 32
+  assert choose_tile(16, 4) == 16

@@ -65,7 +65,8 @@ class MoEConfig:
     router_z_loss_coef: weight of the ST-MoE router z-loss.
     gmm_backend: grouped matmul of the 'dropless' path: 'auto' (by platform: megablox on
       TPU, the tiled pure-JAX one elsewhere), 'ragged_dot', 'tiled', 'megablox' or 'mgpu'.
-    gmm_tile: row tile of the 'tiled' backend.
+    gmm_tile: row tile of the 'tiled' backend; 0 picks it from the shape
+      (`grouped_matmul.choose_tile`: 128 rows for large groups, down to 16 for small ones).
   """
   num_experts: int = 4
   num_experts_per_tok: int = 2
@@ -78,7 +79,7 @@ class MoEConfig:
   load_balance_loss_coef: float = 0.0
   router_z_loss_coef: float = 0.0
   gmm_backend: str = 'auto'
-  gmm_tile: int = 128
+  gmm_tile: int = 0
 
   def __post_init__(self):
     backends = ('auto', 'ragged_dot', 'tiled', 'megablox', 'mgpu')

@@ -51,13 +51,9 @@ def expert_ffn(experts: Dict[str, Dict[str, jax.Array]], x: jax.Array, matmul: M
       y = y + lora_scale * matmul(matmul(hd, p['lora_a']), p['lora_b'])
     return y
 
-  if 'lora_a' in experts['wi_0'] or 'lora_a' in experts['wi_1']:
-    gate, up = proj('wi_0', x), proj('wi_1', x)
-  else:
-    # One matmul for gate and up: half the grouped-matmul calls (and their fixed costs) in the
-    # forward and the backward pass, at the price of a [E, in, 2 * mlp] weight copy per step.
-    w = jnp.concatenate([experts['wi_0']['kernel'], experts['wi_1']['kernel']], axis=-1)
-    gate, up = jnp.split(matmul(x, w), 2, axis=-1)
+  # Gate and up stay two matmuls: fusing them through a concatenated [E, in, 2 * mlp] weight
+  # ran ~5% faster on XLA:CPU but the split copies added ~1/3 to the temporary memory.
+  gate, up = proj('wi_0', x), proj('wi_1', x)
   return proj('wo', jax.nn.silu(gate) * up)
 
 
@@ -228,7 +224,7 @@ def sort_by_expert(indices: jax.Array, num_experts: int, align: int = 1):
   return src, dest, padded
 
 
-def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled', tile=128,
+def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled', tile=0,
                     group_offset=0, lora_scale=0.0, dropout=None, reduce_rows=None):
   """The dropless MoE on flat tokens: x `[T, embed]`, weights/indices `[T, k]` -> `[T, embed]`.
 
@@ -238,9 +234,11 @@ def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled
   starting at `group_offset` out of `num_experts`; rows of other experts then contribute
   zeros. `reduce_rows`
   (e.g. a psum over a tensor-parallel axis) runs on the expert outputs before un-sorting.
+  `tile` 0 picks the tiled backend's row tile from the shape (`grouped_matmul.choose_tile`).
   """
   t, d = x.shape
   k = indices.shape[-1]
+  tile = tile or gmm_lib.choose_tile(indices.size, num_experts)
   align = tile if backend == 'tiled' else 1
   src, dest, group_sizes = sort_by_expert(indices, num_experts, align)
   rows = gather_token_rows(x, src, dest, k)
@@ -255,7 +253,7 @@ def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled
   return jnp.einsum('tkd,tk->td', per_choice, weights.astype(per_choice.dtype))
 
 
-def dropless(x, weights, indices, experts, *, backend='tiled', tile=128, lora_scale=0.0,
+def dropless(x, weights, indices, experts, *, backend='tiled', tile=0, lora_scale=0.0,
              dropout=None):
   """Dropless dispatch on one device (see `dropless_tokens`); nothing is dropped."""
   b, l, d = x.shape

@@ -38,7 +38,7 @@ def _expert_specs(experts, axes: ExpertParallelAxes):
 
 
 def dropless(x, weights, indices, experts, *, axes: ExpertParallelAxes, backend='tiled',
-             tile=128, lora_scale=0.0, dropout=None):
+             tile=0, lora_scale=0.0, dropout=None):
   """Same contract as `dispatch.dropless` (shapes in `dispatch.py`), expert-parallel."""
   num_experts = experts['wi_0']['kernel'].shape[0]
   shards = dict(axes.mesh.shape)[axes.expert]

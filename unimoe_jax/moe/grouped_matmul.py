@@ -41,6 +41,20 @@ def default_backend(platform: Optional[str] = None) -> str:
   return 'megablox' if platform == 'tpu' else 'tiled'
 
 
+def choose_tile(rows: int, groups: int, smallest: int = 16, largest: int = 128) -> int:
+  """Row tile for the tiled backend: about a quarter of an average group, a power of two.
+
+  Each group is padded to a multiple of the tile, wasting half a tile per group on average,
+  so small groups (few tokens, many experts) need small tiles; large tiles keep the GEMMs
+  efficient once groups are big.
+  """
+  target = max(rows // (4 * groups), 1)
+  tile = smallest
+  while tile * 2 <= min(target, largest):
+    tile *= 2
+  return tile
+
+
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, backend: str = 'tiled',
         group_offset=0, transpose_rhs: bool = False, tile: int = 128,
         interpret: bool = False) -> jax.Array:
