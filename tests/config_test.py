@@ -70,3 +70,32 @@ def test_validation_names_the_field():
     config_lib.named('llama-70b')
   with pytest.raises(dataclasses.FrozenInstanceError):
     config_lib.SIZES['tiny'].num_layers = 3
+
+
+@pytest.mark.slow
+def test_installed_package_finds_gin_files_and_tasks(tmp_path):
+  """Builds the wheel (offline, no build isolation), installs it to a directory and parses a
+  model gin file from there, outside the checkout."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  wheels, target = tmp_path / 'wheels', tmp_path / 'site'
+  pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check', '-q']
+  subprocess.run(pip + ['wheel', '--no-deps', '--no-build-isolation', '-w', str(wheels), repo],
+                 check=True, cwd=tmp_path)
+  wheel = next(wheels.glob('*.whl'))
+  subprocess.run(pip + ['install', '--no-deps', '--target', str(target), str(wheel)],
+                 check=True, cwd=tmp_path)
+  script = (
+      'import gin, unimoe_jax, unimoe_jax.tasks\n'
+      'assert unimoe_jax.__file__.startswith(%r), unimoe_jax.__file__\n'
+      'paths = unimoe_jax.gin_search_paths()\n'
+      '[gin.add_config_file_search_path(p) for p in paths]\n'
+      "gin.parse_config_files_and_bindings(['models/tiny.gin', 'models/moe_4e_top2.gin'], [])\n"
+      "cfg = gin.query_parameter('%%DECODER_CONFIG').scoped_configurable_fn()\n"
+      'print(paths, cfg.moe.num_experts)\n') % str(target)
+  out = subprocess.run([sys.executable, '-c', script], check=True, cwd=tmp_path,
+                       capture_output=True, text=True,
+                       env={**os.environ, 'PYTHONPATH': str(target)}).stdout
+  assert out.strip().endswith(' 4') and 'gin_files' in out, out

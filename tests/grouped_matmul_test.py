@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from unimoe_jax.moe import grouped_matmul as gmm_lib

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimoe_jax.config import LoRAConfig, MoEConfig
+from unimoe_jax.config import MoEConfig
 from unimoe_jax.moe import dispatch as dispatch_lib
 from unimoe_jax.moe.layer import MoEFeedForward
 

@@ -1,6 +1,5 @@
 """Sharding: a train step on an 8-device (data=2, expert=4) mesh equals the 1-device result."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

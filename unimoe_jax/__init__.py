@@ -1,25 +1,23 @@
 """unimoe-jax: Uni-MoE (unified multimodal LLM with mixture of experts) in JAX/Flax."""
 
-import importlib.resources
 import os
 
 __version__ = '0.1.0'
 
 
 def gin_search_paths():
-  """Directories holding the project's gin files, checkout first, installed package second.
+  """Directories holding the project's gin files: the checkout's `gin/`, else the installed copy.
 
   Pass them to `gin.add_config_file_search_path` (the training binaries do) so that
-  `include 'models/tiny.gin'` works both from a checkout and from an installed package.
+  `include 'models/tiny.gin'` works both from a checkout and from an installed package, where
+  setup.cfg puts `gin/` at `unimoe_jax/gin_files/`.
   """
+  here = os.path.dirname(os.path.abspath(__file__))
+  root = os.path.dirname(here)
   paths = []
-  checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'gin')
-  if os.path.isdir(checkout):
-    paths.append(checkout)
-  try:
-    installed = str(importlib.resources.files('unimoe_jax.gin_files'))
-    if os.path.isdir(installed) and installed not in paths:
-      paths.append(installed)
-  except ModuleNotFoundError:
-    pass
+  if os.path.isfile(os.path.join(root, 'setup.cfg')) and os.path.isdir(os.path.join(root, 'gin')):
+    paths.append(os.path.join(root, 'gin'))
+  installed = os.path.join(here, 'gin_files')
+  if os.path.isdir(installed):
+    paths.append(installed)
   return paths

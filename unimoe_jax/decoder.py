@@ -13,7 +13,7 @@ Parameter tree (t5x/flaxformer names, so that conversion maps read like a table)
     logits_dense/kernel                     [embed, vocab]      untied output head
 """
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax

@@ -13,7 +13,7 @@ Expert weights are stacked with a leading expert axis: kernel `[expert, in, out]
 by `moe/layer.py`; `merge_lora` handles both layouts.
 """
 
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax

@@ -21,7 +21,6 @@ Modes:
 All three share `expert_ffn`, so they differ only in how rows reach the expert matrices.
 """
 
-import functools
 import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
