@@ -39,10 +39,10 @@ def _case(sizes, transpose_rhs, local=None, dtype=jnp.float32):
   return x, w, jnp.array(sizes, jnp.int32), ct
 
 
-def _value_and_grads(backend, x, w, sizes, ct, transpose_rhs, offset=0):
+def _value_and_grads(backend, x, w, sizes, ct, transpose_rhs, offset=0, aligned=False):
   def loss(x, w):
     y = gmm_lib.gmm(x, w, sizes, backend=backend, transpose_rhs=transpose_rhs,
-                    group_offset=offset, tile=16, interpret=True)
+                    group_offset=offset, tile=16, aligned=aligned, interpret=True)
     return jnp.sum(y.astype(jnp.float32) * ct), y
   (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
   return y, dx, dw
@@ -80,6 +80,15 @@ def test_shard_of_groups_computes_only_its_rows(backend, offset):
   start, end = sum(sizes[:offset]), sum(sizes[:offset + 2])
   assert float(jnp.abs(got[0][:start]).max(initial=0)) == 0
   assert float(jnp.abs(got[0][end:]).max(initial=0)) == 0
+
+
+@pytest.mark.parametrize('transpose_rhs', [False, True])
+def test_tiled_aligned_layout(transpose_rhs):
+  """Groups on tile boundaries (as sort_by_expert lays them out): no masking needed."""
+  x, w, sizes, ct = _case([32, 0, 48, 16, 0], transpose_rhs)
+  ref = _value_and_grads('ragged_dot', x, w, sizes, ct, transpose_rhs)
+  got = _value_and_grads('tiled', x, w, sizes, ct, transpose_rhs, aligned=True)
+  _assert_close(got, ref, 'tiled/aligned')
 
 
 def test_unknown_backend_is_named():

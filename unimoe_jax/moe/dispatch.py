@@ -243,7 +243,8 @@ def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled
   rows = gather_token_rows(x, src, dest, k)
 
   def matmul(h, w):
-    return gmm_lib.gmm(h, w, group_sizes, backend=backend, tile=tile, group_offset=group_offset)
+    return gmm_lib.gmm(h, w, group_sizes, backend=backend, tile=tile, group_offset=group_offset,
+                       aligned=align > 1)
 
   out_rows = expert_ffn(experts, rows, matmul, lora_scale, dropout)
   if reduce_rows is not None:

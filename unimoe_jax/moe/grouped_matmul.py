@@ -57,14 +57,19 @@ def choose_tile(rows: int, groups: int, smallest: int = 16, largest: int = 128) 
 
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, backend: str = 'tiled',
         group_offset=0, transpose_rhs: bool = False, tile: int = 128,
-        interpret: bool = False) -> jax.Array:
-  """Grouped matmul; see the module docstring. `transpose_rhs`: w is `[groups, n, k]`."""
+        aligned: bool = False, interpret: bool = False) -> jax.Array:
+  """Grouped matmul; see the module docstring. `transpose_rhs`: w is `[groups, n, k]`.
+
+  `aligned` promises that every group starts at a multiple of `tile` and holds a multiple of
+  `tile` rows (as `dispatch.sort_by_expert(..., align=tile)` lays them out); the tiled
+  backend then writes its chunks without masking or accumulating.
+  """
   group_sizes = group_sizes.astype(jnp.int32)
   group_offset = jnp.asarray(group_offset, jnp.int32)
   if backend == 'ragged_dot':
     return _ragged_dot_gmm(x, w, group_sizes, group_offset, transpose_rhs)
   if backend == 'tiled':
-    return _tiled_gmm(x, w, group_sizes, group_offset, transpose_rhs, tile)
+    return _tiled_gmm(x, w, group_sizes, group_offset, transpose_rhs, tile, aligned)
   if backend == 'megablox':
     return _megablox_gmm(x, w, group_sizes, group_offset, transpose_rhs, interpret)
   if backend == 'mgpu':
@@ -117,9 +122,9 @@ def _for_each_chunk(start, end, tile, rows, fn, carry):
   split by the binary digits of its length: at most log2(rows / tile) + 1 chunks, each a
   static size, so each runs as one dense GEMM.
   """
-  aligned = start // tile * tile
-  length = jnp.where(end > start, _round_up(end - aligned, tile), 0)
-  pos = aligned
+  first = start // tile * tile
+  length = jnp.where(end > start, _round_up(end - first, tile), 0)
+  pos = first
   for size in _chunk_sizes(rows, tile):
     take = (length & size) != 0
     carry = jax.lax.cond(take, lambda c, p=pos, s=size: fn(p, s, c), lambda c: c, carry)
@@ -132,7 +137,7 @@ def _row_mask(pos, size, start, end):
   return ((r >= start) & (r < end))[:, None]
 
 
-def _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile):
+def _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile, aligned=False):
   """out[r] = x[r] @ w[g(r)] (or w[g(r)].T) for the local groups; zeros elsewhere."""
   m = x.shape[0]
   rows = _round_up(m, tile)
@@ -148,8 +153,9 @@ def _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile):
     def chunk(pos, size, out):
       y = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(xp, pos, size), we, dims,
                               preferred_element_type=jnp.float32).astype(out.dtype)
-      cur = jax.lax.dynamic_slice_in_dim(out, pos, size)
-      y = cur + jnp.where(_row_mask(pos, size, start, end), y, 0)
+      if not aligned:  # A chunk may share its first or last tile with a neighbour group.
+        cur = jax.lax.dynamic_slice_in_dim(out, pos, size)
+        y = cur + jnp.where(_row_mask(pos, size, start, end), y, 0)
       return jax.lax.dynamic_update_slice_in_dim(out, y, pos, 0)
 
     return _for_each_chunk(start, end, tile, rows, chunk, out)
@@ -158,7 +164,7 @@ def _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile):
   return out[:m]
 
 
-def _tiled_tgmm(x, dy, group_sizes, group_offset, num_local, tile):
+def _tiled_tgmm(x, dy, group_sizes, group_offset, num_local, tile, aligned=False):
   """dw[e] = x_e^T @ dy_e over the rows of local group e: `[num_local, k, n]`, float32 sums."""
   m = x.shape[0]
   rows = _round_up(m, tile)
@@ -171,7 +177,8 @@ def _tiled_tgmm(x, dy, group_sizes, group_offset, num_local, tile):
 
     def chunk(pos, size, acc):
       xs = jax.lax.dynamic_slice_in_dim(xp, pos, size)
-      xs = jnp.where(_row_mask(pos, size, start, end), xs, 0)
+      if not aligned:
+        xs = jnp.where(_row_mask(pos, size, start, end), xs, 0)
       return acc + jax.lax.dot_general(xs, jax.lax.dynamic_slice_in_dim(dyp, pos, size),
                                        (((0,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
@@ -184,23 +191,23 @@ def _tiled_tgmm(x, dy, group_sizes, group_offset, num_local, tile):
                            jnp.zeros((num_local, x.shape[1], dy.shape[1]), jnp.float32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _tiled_gmm(x, w, group_sizes, group_offset, transpose_rhs, tile):
-  return _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _tiled_gmm(x, w, group_sizes, group_offset, transpose_rhs, tile, aligned):
+  return _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile, aligned)
 
 
-def _tiled_gmm_fwd(x, w, group_sizes, group_offset, transpose_rhs, tile):
-  out = _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile)
+def _tiled_gmm_fwd(x, w, group_sizes, group_offset, transpose_rhs, tile, aligned):
+  out = _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile, aligned)
   return out, (x, w, group_sizes, group_offset)
 
 
-def _tiled_gmm_bwd(transpose_rhs, tile, residuals, dy):
+def _tiled_gmm_bwd(transpose_rhs, tile, aligned, residuals, dy):
   x, w, group_sizes, group_offset = residuals
-  dx = _tiled_forward(dy, w, group_sizes, group_offset, not transpose_rhs, tile)
+  dx = _tiled_forward(dy, w, group_sizes, group_offset, not transpose_rhs, tile, aligned)
   if transpose_rhs:  # w[e] is [n, k]: dw[e] = dy_e^T x_e.
-    dw = _tiled_tgmm(dy, x, group_sizes, group_offset, w.shape[0], tile)
+    dw = _tiled_tgmm(dy, x, group_sizes, group_offset, w.shape[0], tile, aligned)
   else:
-    dw = _tiled_tgmm(x, dy, group_sizes, group_offset, w.shape[0], tile)
+    dw = _tiled_tgmm(x, dy, group_sizes, group_offset, w.shape[0], tile, aligned)
   return dx.astype(x.dtype), dw.astype(w.dtype), None, None
 
 
