@@ -35,18 +35,19 @@ Matmul = Callable[[jax.Array, jax.Array], jax.Array]
 
 def expert_ffn(experts: Dict[str, Dict[str, jax.Array]], x: jax.Array, matmul: Matmul,
                lora_scale: float = 0.0,
-               dropout: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
+               dropout: Optional[Callable[[jax.Array, str], jax.Array]] = None) -> jax.Array:
   """SwiGLU of each expert on its rows: `wo(silu(wi_0 x) * wi_1 x)` (+ per-expert LoRA).
 
   `matmul(rows, w)` multiplies rows by a stacked `[E, in, out]` weight; it decides which
   expert each row meets (a batched einsum, or a grouped matmul over sorted rows).
+  `dropout(h, name)` drops the LoRA input of projection `name` (training only).
   """
 
   def proj(name, h):
     p = experts[name]
     y = matmul(h, p['kernel'])
     if 'lora_a' in p:
-      hd = dropout(h) if dropout is not None else h
+      hd = dropout(h, name) if dropout is not None else h
       y = y + lora_scale * matmul(matmul(hd, p['lora_a']), p['lora_b'])
     return y
 

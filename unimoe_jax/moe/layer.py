@@ -96,8 +96,10 @@ class MoEFeedForward(nn.Module):
         rate = lora.dropout
         rng = self.make_rng('dropout')
 
-        def dropout(h):
-          keep = jax.random.bernoulli(rng, 1.0 - rate, h.shape)
+        def dropout(h, name):
+          # One independent mask per projection, as PEFT's per-layer dropout modules give.
+          key = jax.random.fold_in(rng, ('wi_0', 'wi_1', 'wo').index(name))
+          keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
           return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
 
         options['dropout'] = dropout
