@@ -66,7 +66,7 @@ def test_backend_equals_ragged_dot(backend, case, transpose_rhs):
   assert float(jnp.abs(ref[0]).max()) > 0 or case == 'all_empty'
 
 
-@pytest.mark.parametrize('backend', _backends())
+@pytest.mark.parametrize('backend', ['ragged_dot'] + _backends())
 @pytest.mark.parametrize('offset', [0, 2])
 def test_shard_of_groups_computes_only_its_rows(backend, offset):
   """`group_offset`: a shard holding groups [offset, offset + 2) of 5."""

@@ -232,8 +232,8 @@ def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled
   sums over the k choices weighted by the routing weights (applied after the down
   projection). Tokens move by gathers only. `experts` may hold a shard of the experts
   starting at `group_offset` out of `num_experts`; rows of other experts then contribute
-  zeros. `reduce_rows`
-  (e.g. a psum over a tensor-parallel axis) runs on the expert outputs before un-sorting.
+  zeros. `reduce_rows` (e.g. a psum over a tensor-parallel axis) runs on the expert outputs
+  before un-sorting.
   `tile` 0 picks the tiled backend's row tile from the shape (`grouped_matmul.choose_tile`).
   """
   t, d = x.shape

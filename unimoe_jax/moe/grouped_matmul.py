@@ -80,18 +80,33 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, backend: str = 't
 # ----------------------------------------------------------------------------- ragged_dot
 
 
+def _shard_rows(group_sizes, group_offset, local):
+  """[lo, hi): the rows of groups [group_offset, group_offset + local)."""
+  starts, ends = _group_bounds(group_sizes)
+  return starts[group_offset], ends[group_offset + local - 1]
+
+
+def _rows_in(out, lo, hi):
+  r = jnp.arange(out.shape[0])[:, None]
+  return jnp.where((r >= lo) & (r < hi), out, 0)
+
+
+def _prepend_zero_group(w, group_sizes, group_offset):
+  """For kernels without a group offset: a leading zero matrix soaks up the rows before the
+  shard, and rows after it fall past the end of the returned group sizes."""
+  local = w.shape[0]
+  sizes = jax.lax.dynamic_slice_in_dim(group_sizes, group_offset, local)
+  before, _ = _shard_rows(group_sizes, group_offset, local)
+  w = jnp.concatenate([jnp.zeros((1,) + w.shape[1:], w.dtype), w])
+  return w, jnp.concatenate([before[None], sizes])
+
+
 def _ragged_dot_gmm(x, w, group_sizes, group_offset, transpose_rhs):
   if transpose_rhs:
     w = jnp.swapaxes(w, 1, 2)
-  local = w.shape[0]
-  if local == group_sizes.shape[0]:
-    return jax.lax.ragged_dot(x, w, group_sizes)
-  # A shard of the groups: rows before the shard meet a zero matrix, rows after it fall
-  # past the end of group_sizes (ragged_dot leaves them zero).
-  sizes = jax.lax.dynamic_slice_in_dim(group_sizes, group_offset, local)
-  before = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < group_offset, group_sizes, 0))
-  w = jnp.concatenate([jnp.zeros((1,) + w.shape[1:], w.dtype), w])
-  return jax.lax.ragged_dot(x, w, jnp.concatenate([before[None], sizes]))
+  if w.shape[0] != group_sizes.shape[0]:  # ragged_dot leaves rows past the sizes zero.
+    w, group_sizes = _prepend_zero_group(w, group_sizes, group_offset)
+  return jax.lax.ragged_dot(x, w, group_sizes)
 
 
 # ----------------------------------------------------------------------------- tiled
@@ -245,12 +260,10 @@ def _megablox_gmm(x, w, group_sizes, group_offset, transpose_rhs, interpret):
   sharded = w.shape[0] != group_sizes.shape[0]
   # megablox leaves rows outside this shard's groups (and past sum(group_sizes)) unwritten,
   # in the output and in its dx: zero both.
-  starts, ends = _group_bounds(group_sizes)
-  lo, hi = starts[group_offset], ends[group_offset + w.shape[0] - 1]
+  lo, hi = _shard_rows(group_sizes, group_offset, w.shape[0])
   out = megablox.gmm(_keep_rows_grad(x, lo, hi), w, group_sizes, x.dtype, tiling,
                      group_offset if sharded else None, None, transpose_rhs, interpret)
-  r = jnp.arange(m)[:, None]
-  return jnp.where((r >= lo) & (r < hi), out, 0)
+  return _rows_in(out, lo, hi)
 
 
 # ----------------------------------------------------------------------------- mgpu
@@ -287,15 +300,9 @@ _mgpu_core.defvjp(_mgpu_core_fwd, _mgpu_core_bwd)
 
 
 def _mgpu_gmm(x, w, group_sizes, group_offset, transpose_rhs):
-  local = w.shape[0]
-  if local != group_sizes.shape[0]:
-    # Shard of the groups: a leading zero group soaks up the rows before the shard.
-    sizes = jax.lax.dynamic_slice_in_dim(group_sizes, group_offset, local)
-    before = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < group_offset,
-                               group_sizes, 0))
-    w = jnp.concatenate([jnp.zeros((1,) + w.shape[1:], w.dtype), w])
-    out = _mgpu_core(x, w, jnp.concatenate([before[None], sizes]), transpose_rhs)
-    # Rows past this shard's groups are not written by the kernel: zero them.
-    r = jnp.arange(x.shape[0])[:, None]
-    return jnp.where(r < before + jnp.sum(sizes), out, 0)
-  return _mgpu_core(x, w, group_sizes, transpose_rhs)
+  # Like megablox, zero the rows the kernel does not write (outside this shard's groups), in
+  # the output and in dx.
+  lo, hi = _shard_rows(group_sizes, group_offset, w.shape[0])
+  if w.shape[0] != group_sizes.shape[0]:
+    w, group_sizes = _prepend_zero_group(w, group_sizes, group_offset)
+  return _rows_in(_mgpu_core(_keep_rows_grad(x, lo, hi), w, group_sizes, transpose_rhs), lo, hi)
