@@ -1,0 +1,1 @@
+"""Trainable connectors from encoder features to the LLM embedding space."""

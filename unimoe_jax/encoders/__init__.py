@@ -1,0 +1,1 @@
+"""Frozen modality encoders: CLIP ViT (images, video frames), Whisper (speech), BEATs (audio)."""
