@@ -12,6 +12,7 @@ from typing import Any, Dict, Mapping
 import numpy as np
 
 from unimoe_jax.config import DecoderConfig, MoEConfig
+from unimoe_jax.convert.common import TensorReader, linear_kernel
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides) -> DecoderConfig:
@@ -39,37 +40,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> DecoderConfig:
   return DecoderConfig(**fields)
 
 
-class _Reader:
-  """Pops tensors by name so that leftovers can be reported as unexpected."""
-
-  def __init__(self, state_dict: Mapping[str, np.ndarray]):
-    self._sd = dict(state_dict)
-    self.missing = []
-
-  def pop(self, name: str, shape=None) -> np.ndarray:
-    if name not in self._sd:
-      self.missing.append(name)
-      return np.zeros(shape or (0,), np.float32)
-    value = np.asarray(self._sd.pop(name), dtype=np.float32)
-    if shape is not None and tuple(value.shape) != tuple(shape):
-      raise ValueError(f'{name}: expected shape {tuple(shape)}, got {tuple(value.shape)}')
-    return value
-
-  def has(self, name: str) -> bool:
-    return name in self._sd
-
-  def finish(self):
-    unexpected = sorted(k for k in self._sd if not k.endswith('rotary_emb.inv_freq'))
-    if self.missing or unexpected:
-      raise ValueError(f'state dict does not match the model: missing {self.missing}, '
-                       f'unexpected {unexpected}')
-
-
-def _linear(w: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(w.T)
-
-
-def _mixtral_experts(r: _Reader, prefix: str, cfg: DecoderConfig) -> Dict[str, np.ndarray]:
+def _mixtral_experts(r: TensorReader, prefix: str, cfg: DecoderConfig) -> Dict[str, np.ndarray]:
   """Experts in either layout: transformers>=5 fused `experts.gate_up_proj` / `down_proj`,
   or the original per-expert `experts.{e}.w1/w2/w3`."""
   e, d, f = cfg.moe.num_experts, cfg.embed_dim, cfg.mlp_dim
@@ -90,12 +61,12 @@ def decoder_params_from_hf(state_dict: Mapping[str, np.ndarray],
 
   Raises ValueError naming every missing or unexpected tensor, or a tensor of the wrong shape.
   """
-  r = _Reader(state_dict)
+  r = TensorReader(state_dict, ignore_suffixes=('rotary_emb.inv_freq',))
   d, h, kv, hd, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
   params: Dict[str, Any] = {
       'token_embedder': {'embedding': r.pop('model.embed_tokens.weight', (cfg.vocab_size, d))},
       'decoder_norm': {'scale': r.pop('model.norm.weight', (d,))},
-      'logits_dense': {'kernel': _linear(r.pop('lm_head.weight', (cfg.vocab_size, d)))},
+      'logits_dense': {'kernel': linear_kernel(r.pop('lm_head.weight', (cfg.vocab_size, d)))},
   }
   moe_layers = set(cfg.moe_layer_indices())
   for i in range(cfg.num_layers):
@@ -104,27 +75,27 @@ def decoder_params_from_hf(state_dict: Mapping[str, np.ndarray],
         'pre_attention_norm': {'scale': r.pop(f'{p}.input_layernorm.weight', (d,))},
         'pre_mlp_norm': {'scale': r.pop(f'{p}.post_attention_layernorm.weight', (d,))},
         'attention': {
-            'query': {'kernel': _linear(r.pop(f'{p}.self_attn.q_proj.weight',
+            'query': {'kernel': linear_kernel(r.pop(f'{p}.self_attn.q_proj.weight',
                                               (h * hd, d))).reshape(d, h, hd)},
-            'key': {'kernel': _linear(r.pop(f'{p}.self_attn.k_proj.weight',
+            'key': {'kernel': linear_kernel(r.pop(f'{p}.self_attn.k_proj.weight',
                                             (kv * hd, d))).reshape(d, kv, hd)},
-            'value': {'kernel': _linear(r.pop(f'{p}.self_attn.v_proj.weight',
+            'value': {'kernel': linear_kernel(r.pop(f'{p}.self_attn.v_proj.weight',
                                               (kv * hd, d))).reshape(d, kv, hd)},
-            'out': {'kernel': _linear(r.pop(f'{p}.self_attn.o_proj.weight',
+            'out': {'kernel': linear_kernel(r.pop(f'{p}.self_attn.o_proj.weight',
                                             (d, h * hd))).reshape(h, hd, d)},
         },
     }
     if i in moe_layers:
       # transformers>=5 names the block `mlp`; older Mixtral checkpoints `block_sparse_moe`.
       prefix = f'{p}.mlp' if r.has(f'{p}.mlp.gate.weight') else f'{p}.block_sparse_moe'
-      router = _linear(r.pop(f'{prefix}.gate.weight', (cfg.moe.num_experts, d)))
+      router = linear_kernel(r.pop(f'{prefix}.gate.weight', (cfg.moe.num_experts, d)))
       experts = _mixtral_experts(r, prefix, cfg)
       layer['moe'] = {'router': router, **{k: {'kernel': v} for k, v in experts.items()}}
     else:
       layer['mlp'] = {
-          'wi_0': {'kernel': _linear(r.pop(f'{p}.mlp.gate_proj.weight', (f, d)))},
-          'wi_1': {'kernel': _linear(r.pop(f'{p}.mlp.up_proj.weight', (f, d)))},
-          'wo': {'kernel': _linear(r.pop(f'{p}.mlp.down_proj.weight', (d, f)))},
+          'wi_0': {'kernel': linear_kernel(r.pop(f'{p}.mlp.gate_proj.weight', (f, d)))},
+          'wi_1': {'kernel': linear_kernel(r.pop(f'{p}.mlp.up_proj.weight', (f, d)))},
+          'wo': {'kernel': linear_kernel(r.pop(f'{p}.mlp.down_proj.weight', (d, f)))},
       }
     params[f'layers_{i}'] = layer
   r.finish()
