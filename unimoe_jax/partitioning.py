@@ -53,6 +53,7 @@ LOGICAL_AXIS_RULES: Tuple[Tuple[str, Any], ...] = (
     ('expert_router', None),  # The router's output axis is tiny: replicate it.
     ('lora_rank', None),
     ('norm', None),
+    ('query_tokens', None),   # Learned query tokens of the Q-Former: few rows, replicated.
 )
 
 
