@@ -1,0 +1,126 @@
+"""Hugging Face CLIP vision / LLaVA projector state dicts -> our parameters (numpy, no torch).
+
+Names handled:
+  `{prefix}embeddings.patch_embedding.weight`  Conv2d `[width, 3, p, p]` -> kernel `[p, p, 3, width]`
+  `{prefix}embeddings.class_embedding`, `{prefix}embeddings.position_embedding.weight`
+  `{prefix}pre_layrnorm.*` (sic, HF's spelling) -> `pre_layernorm`
+  `{prefix}encoder.layers.{i}.{self_attn.{q,k,v,out}_proj, layer_norm1/2, mlp.fc1/fc2}.*`
+
+Prefixes: 'vision_model.' (an original `CLIPVisionModel` / `CLIPModel` checkpoint file),
+'model.vision_tower.vision_tower.vision_model.' (inside a LLaVA / Uni-MoE checkpoint), or ''
+(`CLIPVisionModel.state_dict()` in transformers >= 5, which dropped the `vision_model.` level).
+"""
+
+import re
+from typing import Any, Dict, Mapping
+
+import numpy as np
+
+from unimoe_jax.connectors.projector import linear_names, projector_depth
+from unimoe_jax.convert.common import TensorReader, linear_kernel
+from unimoe_jax.encoders.clip import CLIPVisionConfig
+
+_LAYER = re.compile(r'^encoder\.layers\.(\d+)\.')
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides) -> CLIPVisionConfig:
+  """A CLIPVisionConfig from a HF `CLIPVisionConfig.to_dict()` (or a `CLIPConfig` dict, whose
+  `vision_config` is used). LLaVA's choices come in as overrides, e.g.
+  `config_from_hf(d, select_layer=llava['mm_vision_select_layer'])`."""
+  hf = hf.get('vision_config', hf)
+  if hf.get('num_channels', 3) != 3:
+    raise ValueError(f"config_from_hf: num_channels={hf['num_channels']}; only RGB is supported")
+  fields = dict(
+      image_size=hf['image_size'], patch_size=hf['patch_size'], width=hf['hidden_size'],
+      num_layers=hf['num_hidden_layers'], num_heads=hf['num_attention_heads'],
+      mlp_dim=hf['intermediate_size'], layer_norm_eps=hf.get('layer_norm_eps', 1e-5),
+      act=hf.get('hidden_act', 'quick_gelu'))
+  fields.update(overrides)
+  return CLIPVisionConfig(**fields)
+
+
+def _is_ignored(name: str, cfg: CLIPVisionConfig) -> bool:
+  """Tensors the tower does not use: post_layernorm (LLaVA reads a hidden state before it),
+  the position_ids buffer, and encoder layers after the selected hidden state."""
+  if name.startswith('post_layernorm.') or name == 'embeddings.position_ids':
+    return True
+  match = _LAYER.match(name)
+  return bool(match) and cfg.num_used_layers <= int(match.group(1)) < cfg.num_layers
+
+
+def params_from_hf(state_dict: Mapping[str, np.ndarray], config: CLIPVisionConfig,
+                   prefix: str = 'vision_model.') -> Dict[str, Any]:
+  """Converts a HF CLIP vision state dict into `CLIPVisionTower` params.
+
+  Only tensors whose name starts with `prefix` are read, so a whole LLaVA state dict can be
+  passed. Among them `post_layernorm.*`, `embeddings.position_ids` and the encoder layers after
+  the selected one (`encoder.layers.{i}` for i >= config.num_used_layers, e.g. layer 23 of
+  ViT-L/14 with select_layer=-2) are accepted and dropped: the tower never computes them.
+  Raises ValueError naming every missing or unexpected tensor, or one of the wrong shape.
+  """
+  cfg = config
+  r = TensorReader({k: v for k, v in state_dict.items()
+                    if k.startswith(prefix) and not _is_ignored(k[len(prefix):], cfg)})
+  d, h, hd, f, p = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.patch_size
+
+  def norm(name):
+    return {'scale': r.pop(f'{prefix}{name}.weight', (d,)),
+            'bias': r.pop(f'{prefix}{name}.bias', (d,))}
+
+  def dense(name, n_in, n_out, in_shape, out_shape):
+    return {'kernel': linear_kernel(r.pop(f'{prefix}{name}.weight', (n_out, n_in))).reshape(
+                in_shape + out_shape),
+            'bias': r.pop(f'{prefix}{name}.bias', (n_out,)).reshape(out_shape)}
+
+  conv = r.pop(f'{prefix}embeddings.patch_embedding.weight', (d, 3, p, p))
+  params: Dict[str, Any] = {
+      'patch_embedding': {'kernel': np.ascontiguousarray(conv.transpose(2, 3, 1, 0))},
+      'class_embedding': r.pop(f'{prefix}embeddings.class_embedding', (d,)),
+      'position_embedding': r.pop(f'{prefix}embeddings.position_embedding.weight',
+                                  (cfg.num_positions, d)),
+      'pre_layernorm': norm('pre_layrnorm'),
+  }
+  for i in range(cfg.num_used_layers):
+    q = f'encoder.layers.{i}'
+    params[f'layers_{i}'] = {
+        'layer_norm1': norm(f'{q}.layer_norm1'),
+        'layer_norm2': norm(f'{q}.layer_norm2'),
+        'attention': {
+            'query': dense(f'{q}.self_attn.q_proj', d, d, (d,), (h, hd)),
+            'key': dense(f'{q}.self_attn.k_proj', d, d, (d,), (h, hd)),
+            'value': dense(f'{q}.self_attn.v_proj', d, d, (d,), (h, hd)),
+            'out': dense(f'{q}.self_attn.out_proj', d, d, (h, hd), (d,)),
+        },
+        'mlp': {'fc1': dense(f'{q}.mlp.fc1', d, f, (d,), (f,)),
+                'fc2': dense(f'{q}.mlp.fc2', f, d, (f,), (d,))},
+    }
+  r.finish()
+  return params
+
+
+def projector_params_from_hf(state_dict: Mapping[str, np.ndarray], kind: str,
+                             prefix: str = 'model.mm_projector.') -> Dict[str, Any]:
+  """Converts LLaVA's `mm_projector` (a Linear, or an nn.Sequential of Linear/GELU) into
+  `Projector(kind, ...)` params. Sizes are read from the tensors and checked to chain
+  (the first Linear is `[out, in]`, every later one `[out, out]`). Only names starting with
+  `prefix` are read; raises ValueError naming missing, unexpected or wrong-shaped tensors."""
+  depth = projector_depth(kind)
+  r = TensorReader({k: v for k, v in state_dict.items() if k.startswith(prefix)})
+  sources = [f'{prefix}'] if kind == 'linear' else [f'{prefix}{2 * i}.' for i in range(depth)]
+  params: Dict[str, Any] = {}
+  in_dim = None
+  for source, name in zip(sources, linear_names(kind)):
+    weight_name = f'{source}weight'
+    if not r.has(weight_name):
+      r.pop(weight_name)  # Recorded as missing; finish() reports it with the rest.
+      continue
+    weight = np.asarray(state_dict[weight_name])
+    if weight.ndim != 2:
+      raise ValueError(f'{weight_name}: expected a 2-D Linear weight, got shape {weight.shape}')
+    # Every Linear after the first maps out_dim -> out_dim.
+    expected = tuple(weight.shape) if in_dim is None else (in_dim, in_dim)
+    params[name] = {'kernel': linear_kernel(r.pop(weight_name, expected)),
+                    'bias': r.pop(f'{source}bias', (expected[0],))}
+    in_dim = expected[0]
+  r.finish()
+  return params
