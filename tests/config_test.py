@@ -99,3 +99,43 @@ def test_installed_package_finds_gin_files_and_tasks(tmp_path):
                        capture_output=True, text=True,
                        env={**os.environ, 'PYTHONPATH': str(target)}).stdout
   assert out.strip().endswith(' 4') and 'gin_files' in out, out
+
+
+def _parse_model(*files, bindings=()):
+  gin.parse_config_files_and_bindings(list(files), list(bindings))
+  return gin.query_parameter('%MODEL_CONFIG').scoped_configurable_fn()
+
+
+def test_multimodal_gin_equals_the_named_official_sizes():
+  from unimoe_jax.connectors.qformer import QFORMER_SIZES
+  from unimoe_jax.connectors.whisper_aligner import ALIGNER_SIZES
+  from unimoe_jax.encoders.beats import BEATS_SIZES
+  from unimoe_jax.encoders.clip import CLIP_SIZES
+  from unimoe_jax.encoders.whisper import WHISPER_SIZES
+  cfg = _parse_model('models/llama_7b.gin', 'models/moe_4e_top2.gin', 'models/multimodal.gin')
+  assert cfg.decoder.moe.num_experts == 4 and cfg.decoder.embed_dim == 4096
+  assert cfg.vision == CLIP_SIZES['vit-l-14-336']
+  assert cfg.speech_encoder == WHISPER_SIZES['whisper-small']
+  assert cfg.speech_aligner == ALIGNER_SIZES['whisper-small']
+  assert cfg.audio_encoder == BEATS_SIZES['iter3']
+  assert cfg.audio_qformer == QFORMER_SIZES['uni-moe-audio']
+  assert cfg.num_soft_tokens('image') == 576  # (336 / 14)^2 patches, class token dropped.
+  assert cfg.modalities == ('image', 'video', 'speech', 'audio')
+
+
+def test_multimodal_tiny_gin_builds_the_tiny_towers():
+  from unimoe_jax.connectors.qformer import QFORMER_SIZES
+  from unimoe_jax.encoders.beats import BEATS_SIZES
+  from unimoe_jax.encoders.clip import CLIP_SIZES
+  cfg = _parse_model('models/tiny.gin', 'models/multimodal_tiny.gin')
+  assert cfg.decoder == config_lib.SIZES['tiny']
+  assert cfg.vision == CLIP_SIZES['tiny']
+  assert cfg.audio_encoder == BEATS_SIZES['tiny']
+  assert cfg.audio_qformer == dataclasses.replace(QFORMER_SIZES['tiny'], num_layers=2,
+                                                  encoder_hidden_size=32)
+
+
+def test_multimodal_gin_typo_names_the_binding():
+  with pytest.raises(ValueError, match='num_query_tokenz'):
+    _parse_model('models/tiny.gin', 'models/multimodal_tiny.gin',
+                 bindings=['whisper_aligner.WhisperAlignerConfig.num_query_tokenz = 3'])
