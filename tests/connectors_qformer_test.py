@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.hf_reference import state_dict_numpy, torch_and_transformers
+from hf_reference import state_dict_numpy, torch_and_transformers
 from unimoe_jax.connectors.qformer import QFORMER_SIZES, QFormer, QFormerConfig
 from unimoe_jax.convert import qformer as convert_qformer
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.hf_reference import state_dict_numpy, torch_and_transformers
+from hf_reference import state_dict_numpy, torch_and_transformers
 from unimoe_jax.connectors.whisper_aligner import WhisperAligner, WhisperAlignerConfig
 from unimoe_jax.convert import whisper as convert
 from unimoe_jax.encoders.whisper import WhisperEncoder, WhisperEncoderConfig, sinusoids
