@@ -1,0 +1,507 @@
+"""The official Uni-MoE manifest as a tf.data / seqio source of tokenised, masked examples + media.
+
+A manifest is a JSON list (official) or JSON lines of records
+
+    {"id": ..., "conversations": [{"from": "human", "value": "<image>\\nWhat ..."},
+                                  {"from": "gpt", "value": "..."}],
+     "image": "coco/1.jpg",                      # optional, one file (a list is accepted too)
+     "video": ["f0.jpg", ..., "f7.jpg"],          # optional: frame files (official) or one file
+     "voice": ["a.wav", ...],                     # optional, official: "<audio>" in the text
+     "speech": "s.wav" | [...], "audio": ...}     # ours: "<speech>" / "<audio>" in the text
+
+Media paths are relative to `ManifestConfig.media_root` (default: the manifest's folder; absolute
+paths stay as they are). `voice` items are speech (Whisper) or audio (BEATs) as
+`voice_modality` says; as speech, the text's "<audio>" placeholders are read as "<speech>".
+
+The k-th placeholder of a modality belongs to the k-th file of that modality; a record must
+hold exactly as many placeholders as files (official Uni-MoE silently ignores extra files and
+crashes on missing ones). A file of audio longer than 30 s becomes up to `audio_max_chunks`
+items of 30 s (official: speech unbounded, audio 20) whose soft tokens all stand at its one
+placeholder; with the default 1 only the first 30 s are used.
+
+Bad examples (missing or undecodable media, malformed conversation, placeholder/media count
+mismatch, bad JSON) raise `BadExampleError` naming manifest, line (JSONL) or record (JSON list,
+1-based) and the reason, or with `on_bad_example='skip'` are dropped, logged and counted in
+`BAD_EXAMPLES` by reason.
+"""
+
+import collections
+import dataclasses
+import json
+import os
+import threading
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from absl import logging
+import gin
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from unimoe_jax.data import conversation as conversation_lib
+from unimoe_jax.data import vocabulary as vocabulary_lib
+from unimoe_jax.media import audio as audio_lib
+from unimoe_jax.media import image as image_lib
+from unimoe_jax.media import video as video_lib
+from unimoe_jax.media.errors import MediaError
+
+MODALITIES = ('image', 'video', 'speech', 'audio')
+PLACEHOLDERS = {'image': '<image>', 'video': '<video>', 'speech': '<speech>', 'audio': '<audio>'}
+WHISPER_FRAMES = 3000  # 30 s of Whisper log-mel
+BEATS_BINS = 128
+SAMPLE_RATE = 16000
+# Official chunking of long audio: speech cuts 480001-sample pieces (Whisper then keeps 480000),
+# audio 480000.
+CHUNK_SAMPLES = {'speech': 480001, 'audio': 480000}
+BEATS_MIN_SAMPLES = 400  # one 25 ms Kaldi window
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ManifestConfig:
+  """Where a manifest is and how its examples become features.
+
+  Attributes:
+    path: the manifest (JSON list or JSONL) of split 'train' when `splits` is not given.
+    splits: split name -> manifest path (a dict is accepted and stored as sorted pairs).
+    media_root: folder relative media paths start from; '' means the manifest's folder.
+    vocab_path: LLaMA `tokenizer.model` for `vocabulary.get_vocabulary`.
+    modalities: the `<m>_features` every example carries (items may be 0).
+    voice_modality: 'speech' or 'audio': what the official `voice` files are.
+    image_size / image_mode: CLIP input side and 'crop' (official default, CLIP processor) or
+      'pad' (LLaVA expand-to-square, `image_aspect_ratio='pad'`); video frames use the same.
+    video_frames: frames per video item (picked uniformly from the listed frames or the file).
+    n_mels: Whisper mel bins (80; 128 for large-v3).
+    audio_frames: BEATs filterbank frames per audio item, zero padded or trimmed, with
+      `audio_feature_mask` True on real frames (2998 = one 30 s chunk).
+    audio_max_chunks: 30 s chunks kept per speech/audio file.
+    image_soft_tokens ... audio_soft_tokens: placeholder ids per item (UniMoEConfig's
+      num_soft_tokens: CLIP-336 patches 576; aligner / Q-Former queries 50).
+    on_bad_example: 'raise' or 'skip'.
+  """
+  path: str = ''
+  splits: Optional[Any] = None
+  media_root: str = ''
+  vocab_path: str = ''
+  modalities: Tuple[str, ...] = MODALITIES
+  voice_modality: str = 'speech'
+  image_size: int = 336
+  image_mode: str = 'crop'
+  video_frames: int = 8
+  n_mels: int = 80
+  audio_frames: int = 2998
+  audio_max_chunks: int = 1
+  image_soft_tokens: int = 576
+  video_soft_tokens: int = 576
+  speech_soft_tokens: int = 50
+  audio_soft_tokens: int = 50
+  on_bad_example: str = 'raise'
+
+  def __post_init__(self):
+    if isinstance(self.splits, Mapping):
+      object.__setattr__(self, 'splits', tuple(sorted(self.splits.items())))
+    if not self.path and not self.splits:
+      raise ValueError('ManifestConfig.path or ManifestConfig.splits must name a manifest')
+    unknown = [m for m in self.modalities if m not in MODALITIES]
+    if unknown or len(set(self.modalities)) != len(self.modalities):
+      raise ValueError(f'ManifestConfig.modalities must be distinct entries of {MODALITIES}, '
+                       f'got {self.modalities}')
+    object.__setattr__(self, 'modalities', tuple(self.modalities))
+    if self.voice_modality not in ('speech', 'audio'):
+      raise ValueError(f"ManifestConfig.voice_modality must be 'speech' or 'audio', got "
+                       f'{self.voice_modality!r}')
+    if self.image_mode not in image_lib.PREPROCESS_MODES:
+      raise ValueError(f'ManifestConfig.image_mode must be one of {image_lib.PREPROCESS_MODES}, '
+                       f'got {self.image_mode!r}')
+    if self.on_bad_example not in ('raise', 'skip'):
+      raise ValueError(f"ManifestConfig.on_bad_example must be 'raise' or 'skip', got "
+                       f'{self.on_bad_example!r}')
+    for name in ('image_size', 'video_frames', 'n_mels', 'audio_frames', 'audio_max_chunks',
+                 'image_soft_tokens', 'video_soft_tokens', 'speech_soft_tokens',
+                 'audio_soft_tokens'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'ManifestConfig.{name} must be positive, got {getattr(self, name)}')
+
+  def split_paths(self) -> Dict[str, str]:
+    return dict(self.splits) if self.splits else {'train': self.path}
+
+  def num_soft_tokens(self, modality: str) -> int:
+    return getattr(self, f'{modality}_soft_tokens')
+
+  def item_shape(self, modality: str) -> Tuple[int, ...]:
+    size = self.image_size
+    return {'image': (size, size, 3), 'video': (self.video_frames, size, size, 3),
+            'speech': (WHISPER_FRAMES, self.n_mels), 'audio': (self.audio_frames, BEATS_BINS)
+            }[modality]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad examples.
+
+
+class BadExampleError(ValueError):
+  """A manifest record that cannot become an example. `reason` is the counter key."""
+
+  def __init__(self, location: str, reason: str, detail: str):
+    self.location = location
+    self.reason = reason
+    self.detail = detail
+    super().__init__(f'bad example at {location}: {reason}: {detail}')
+
+
+class BadExampleCounter:
+  """Thread-safe counts of dropped examples by reason (tf.data maps run in several threads)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._counts = collections.Counter()
+
+  def add(self, reason: str, count: int = 1) -> int:
+    """Adds `count` to `reason`; returns the new total over all reasons."""
+    with self._lock:
+      self._counts[reason] += count
+      return sum(self._counts.values())
+
+  def counts(self) -> Dict[str, int]:
+    with self._lock:
+      return dict(self._counts)
+
+  @property
+  def total(self) -> int:
+    with self._lock:
+      return sum(self._counts.values())
+
+  def reset(self) -> None:
+    with self._lock:
+      self._counts.clear()
+
+
+BAD_EXAMPLES = BadExampleCounter()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading.
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestEntry:
+  """One record as read: `raw` is a JSON line (parsed lazily, so one bad line is one bad
+  example) or an already parsed record of a JSON list."""
+  path: str
+  number: int  # 1-based line (JSONL) or record (JSON list)
+  is_jsonl: bool
+  raw: Any
+
+  @property
+  def location(self) -> str:
+    return f'{self.path} {"line" if self.is_jsonl else "record"} {self.number}'
+
+
+def read_manifest(path: str) -> List[ManifestEntry]:
+  """All entries of a manifest; a JSON list if the file starts with '[', else JSON lines
+  (blank lines skipped; line numbers count them)."""
+  with tf.io.gfile.GFile(path, 'r') as f:
+    text = f.read()
+  if text.lstrip().startswith('['):
+    try:
+      records = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'manifest {path} is not valid JSON: {e}') from None
+    return [ManifestEntry(path, i + 1, False, r) for i, r in enumerate(records)]
+  return [ManifestEntry(path, i + 1, True, line) for i, line in enumerate(text.splitlines())
+          if line.strip()]
+
+
+def _as_list(value) -> List:
+  return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _files_by_modality(record: Mapping[str, Any], config: ManifestConfig):
+  """modality -> list of files (a video item is a list of frame files or one file)."""
+  files = {m: [] for m in MODALITIES}
+  if 'image' in record:
+    files['image'] = _as_list(record['image'])
+  if 'video' in record:
+    files['video'] = [record['video']]
+  for key in ('speech', 'audio'):
+    if key in record:
+      files[key] = _as_list(record[key])
+  if 'voice' in record:
+    target = config.voice_modality
+    clash = ('speech', 'audio') if target == 'speech' else ('audio',)
+    if any(key in record for key in clash):
+      raise ValueError(f'"voice" (read as {target}) together with '
+                       f'{[k for k in clash if k in record]} makes "<audio>" ambiguous')
+    files[target] = _as_list(record['voice'])
+  for m, items in files.items():
+    for item in items:
+      frames = item if m == 'video' and isinstance(item, list) else [item]
+      if not frames or not all(isinstance(f, str) and f for f in frames):
+        raise ValueError(f'{m} entry must be a non-empty path string'
+                         f'{" or list of frame paths" if m == "video" else ""}, got {item!r:.80}')
+  return files
+
+
+# ----------------------------------------------------------------------------------------------
+# Media.
+
+
+def _audio_chunks(path: str, modality: str, config: ManifestConfig) -> List[np.ndarray]:
+  wave = audio_lib.load_audio(path, SAMPLE_RATE)
+  step = CHUNK_SAMPLES[modality]
+  chunks = [wave[start:start + step] for start in range(0, len(wave), step)]
+  return chunks[:config.audio_max_chunks]
+
+
+def _speech_items(path: str, config: ManifestConfig) -> List[np.ndarray]:
+  return [audio_lib.whisper_log_mel(chunk, config.n_mels)
+          for chunk in _audio_chunks(path, 'speech', config)]
+
+
+def _audio_items(path: str, config: ManifestConfig) -> List[Tuple[np.ndarray, np.ndarray]]:
+  items = []
+  for chunk in _audio_chunks(path, 'audio', config):
+    if chunk.size < BEATS_MIN_SAMPLES:  # official pads with the last sample too
+      chunk = np.pad(chunk, (0, BEATS_MIN_SAMPLES - chunk.size), mode='edge')
+    fbank = audio_lib.beats_fbank(chunk)[:config.audio_frames]
+    mask = np.zeros(config.audio_frames, bool)
+    mask[:len(fbank)] = True
+    fbank = np.pad(fbank, ((0, config.audio_frames - len(fbank)), (0, 0)))
+    items.append((fbank, mask))
+  return items
+
+
+def _load_items(modality: str, item, resolve, config: ManifestConfig):
+  """Feature arrays of one file (several for long audio) and, for audio, their frame masks."""
+  if modality == 'image':
+    return [image_lib.preprocess_image(image_lib.load_image(resolve(item)), config.image_size,
+                                       config.image_mode)], None
+  if modality == 'video':
+    if isinstance(item, list):
+      frames = video_lib.load_frame_list([resolve(f) for f in item], config.video_frames)
+    else:
+      frames = video_lib.load_video_frames(resolve(item), config.video_frames)
+    return [video_lib.preprocess_video(frames, config.image_size, config.image_mode)], None
+  if modality == 'speech':
+    return _speech_items(resolve(item), config), None
+  pairs = _audio_items(resolve(item), config)
+  return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+# ----------------------------------------------------------------------------------------------
+# One example.
+
+
+def load_example(record: Any, line_no: int, config: ManifestConfig,
+                 vocabulary: Optional[vocabulary_lib.MultimodalVocabulary] = None,
+                 manifest_path: Optional[str] = None) -> Dict[str, np.ndarray]:
+  """One manifest record -> the example features of /tmp/data_spec.md.
+
+  Args:
+    record: the parsed record, or a JSON line (str) to parse.
+    line_no: its 1-based line (JSONL) or record number, for error messages.
+    config: the manifest config.
+    vocabulary: defaults to `get_vocabulary(config.vocab_path)`.
+    manifest_path: for messages and the default media root; defaults to the config's path.
+
+  Returns:
+    {'targets': [n] int32, 'loss_weights': [n] float32, '<m>_features': [items, *item_shape]
+    float32 for every m in config.modalities, 'audio_feature_mask': [items, audio_frames] bool
+    when audio is one of them}.
+
+  Raises:
+    BadExampleError: naming the manifest, line and reason.
+  """
+  manifest_path = manifest_path or config.path
+  location = f'{manifest_path} line {line_no}'
+  return _load_example(record, location, manifest_path, config,
+                       vocabulary or _vocabulary(config.vocab_path))
+
+
+def _load_example(record, location: str, manifest_path: str, config: ManifestConfig,
+                  vocabulary) -> Dict[str, np.ndarray]:
+  def bad(reason, detail):
+    return BadExampleError(location, reason, detail)
+
+  if isinstance(record, (str, bytes)):
+    try:
+      record = json.loads(record)
+    except json.JSONDecodeError as e:
+      raise bad('bad_json', str(e)) from None
+  if not isinstance(record, Mapping) or 'conversations' not in record:
+    raise bad('malformed_record', 'a record must be an object with "conversations"')
+  try:
+    files = _files_by_modality(record, config)
+    conversations = [dict(turn) if isinstance(turn, Mapping) else turn
+                     for turn in _as_list(record['conversations'])]
+    if 'voice' in record and config.voice_modality == 'speech':
+      for turn in conversations:
+        if isinstance(turn, dict) and isinstance(turn.get('value'), str):
+          turn['value'] = turn['value'].replace(PLACEHOLDERS['audio'], PLACEHOLDERS['speech'])
+    conversation_lib.validate(conversations)
+  except ValueError as e:
+    raise bad('malformed_conversation', str(e)) from None
+
+  for m in MODALITIES:
+    count = sum(turn['value'].count(PLACEHOLDERS[m]) for turn in conversations if turn['value'])
+    if count != len(files[m]):
+      raise bad('placeholder_mismatch', f'{count} {PLACEHOLDERS[m]} placeholders in the text but '
+                f'{len(files[m])} {m} files')
+    if count and m not in config.modalities:
+      raise bad('modality_not_enabled', f'record has {count} {m} items but the config '
+                f'has modalities {config.modalities}')
+
+  media_root = config.media_root or os.path.dirname(manifest_path)
+  resolve = lambda p: os.path.join(media_root, p)  # noqa: E731 (absolute p wins)
+  features, chunks_per_file = {}, {}
+  audio_masks = []
+  for m in config.modalities:
+    items, chunks_per_file[m] = [], []
+    for item in files[m]:
+      try:
+        arrays, masks = _load_items(m, item, resolve, config)
+      except MediaError as e:
+        reason = 'missing_file' if e.reason == 'no such file' else 'media_error'
+        raise bad(reason, str(e)) from None
+      except ValueError as e:  # e.g. frames of different sizes, too little audio
+        raise bad('media_error', f'{m} {item!r:.200}: {e}') from None
+      items += arrays
+      chunks_per_file[m].append(len(arrays))
+      if masks is not None:
+        audio_masks += masks
+    features[f'{m}_features'] = (np.stack(items).astype(np.float32) if items else
+                                 np.zeros((0,) + config.item_shape(m), np.float32))
+  if 'audio' in config.modalities:
+    features['audio_feature_mask'] = (np.stack(audio_masks) if audio_masks else
+                                      np.zeros((0, config.audio_frames), bool))
+
+  num_soft_tokens = {PLACEHOLDERS[m]: [c * config.num_soft_tokens(m) for c in chunks_per_file[m]]
+                     for m in config.modalities}
+  try:
+    targets, loss_weights = conversation_lib.tokenize_conversation(
+        conversations, vocabulary, num_soft_tokens)
+  except ValueError as e:
+    raise bad('malformed_conversation', str(e)) from None
+  return {'targets': targets, 'loss_weights': loss_weights, **features}
+
+
+_VOCAB_LOCK = threading.Lock()
+_VOCABS: Dict[str, vocabulary_lib.MultimodalVocabulary] = {}
+
+
+def _vocabulary(path: str) -> vocabulary_lib.MultimodalVocabulary:
+  if not path:
+    raise ValueError('ManifestConfig.vocab_path is empty and no vocabulary was given')
+  with _VOCAB_LOCK:
+    if path not in _VOCABS:
+      _VOCABS[path] = vocabulary_lib.get_vocabulary(path)
+    return _VOCABS[path]
+
+
+# ----------------------------------------------------------------------------------------------
+# tf.data.
+
+
+def feature_specs(config: ManifestConfig) -> Dict[str, tf.TensorSpec]:
+  """The static output signature of `manifest_dataset` for `config`."""
+  specs = {'targets': tf.TensorSpec([None], tf.int32),
+           'loss_weights': tf.TensorSpec([None], tf.float32)}
+  for m in config.modalities:
+    specs[f'{m}_features'] = tf.TensorSpec((None,) + config.item_shape(m), tf.float32)
+  if 'audio' in config.modalities:
+    specs['audio_feature_mask'] = tf.TensorSpec([None, config.audio_frames], tf.bool)
+  return specs
+
+
+def _empty_example(specs: Mapping[str, tf.TensorSpec]) -> Dict[str, np.ndarray]:
+  return {k: np.zeros([0 if d is None else d for d in s.shape], s.dtype.as_numpy_dtype)
+          for k, s in specs.items()}
+
+
+def manifest_dataset(config: ManifestConfig,
+                     split_shard: Optional[seqio.ShardInfo] = None,
+                     manifest_path: Optional[str] = None,
+                     shuffle: bool = False,
+                     seed: Optional[int] = None,
+                     vocabulary: Optional[vocabulary_lib.MultimodalVocabulary] = None
+                     ) -> tf.data.Dataset:
+  """Examples of one manifest (default: `config.path`) as a tf.data.Dataset of `feature_specs`.
+
+  Records enter as their indices (sharded by `split_shard`, shuffled when asked), and are
+  loaded in parallel by `tf.numpy_function` in a deterministic map, so the order is the
+  manifest order. Bad examples raise (the tf error carries the `BadExampleError` message) or,
+  with on_bad_example='skip', are logged, counted in `BAD_EXAMPLES` and filtered out.
+  """
+  manifest_path = manifest_path or config.path
+  entries = read_manifest(manifest_path)
+  vocabulary = vocabulary or _vocabulary(config.vocab_path)
+  specs = feature_specs(config)
+  keys = list(specs)
+  skip = config.on_bad_example == 'skip'
+
+  def load(index):
+    entry = entries[int(index)]
+    try:
+      example = _load_example(entry.raw, entry.location, manifest_path, config, vocabulary)
+      valid = True
+    except BadExampleError as e:
+      if not skip:
+        raise
+      total = BAD_EXAMPLES.add(e.reason)
+      logging.warning('skipping %s (%d bad examples so far)', e, total)
+      example, valid = _empty_example(specs), False
+    return [example[k] for k in keys] + [np.bool_(valid)]
+
+  def load_tf(index):
+    outputs = tf.numpy_function(load, [index], [specs[k].dtype for k in keys] + [tf.bool],
+                                stateful=False)
+    for output, key in zip(outputs, keys):
+      output.set_shape(specs[key].shape)
+    outputs[-1].set_shape([])
+    return dict(zip(keys, outputs[:-1])), outputs[-1]
+
+  ds = tf.data.Dataset.range(len(entries))
+  if split_shard is not None and split_shard.num_shards > 1:
+    ds = ds.shard(split_shard.num_shards, split_shard.index)
+  if shuffle:
+    ds = ds.shuffle(max(len(entries), 1), seed=seed, reshuffle_each_iteration=True)
+  ds = ds.map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if skip:
+    ds = ds.filter(lambda example, valid: valid)
+  return ds.map(lambda example, valid: example)
+
+
+class ManifestDataSource(seqio.FunctionDataSource):
+  """A FunctionDataSource whose dataset_fn also takes the shard (seqio's own refuses shards)."""
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def get_dataset(self, split: str = 'train', shuffle: bool = True, seed: Optional[int] = None,
+                  shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None,
+                  use_cached: bool = False, num_epochs: Optional[int] = 1) -> tf.data.Dataset:
+    del sequence_length, use_cached, num_epochs
+    return self._dataset_fn(split=split, shuffle_files=shuffle, seed=seed,
+                            shard_info=shard_info)
+
+
+def seqio_source(config: ManifestConfig,
+                 vocabulary: Optional[vocabulary_lib.MultimodalVocabulary] = None
+                 ) -> ManifestDataSource:
+  """A seqio data source with one split per `config.split_paths()` entry."""
+  paths = config.split_paths()
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None,
+                 shard_info: Optional[seqio.ShardInfo] = None) -> tf.data.Dataset:
+    if split not in paths:
+      raise ValueError(f'unknown split {split!r}; the manifest config has {sorted(paths)}')
+    return manifest_dataset(config, shard_info, manifest_path=paths[split],
+                            shuffle=shuffle_files, seed=seed, vocabulary=vocabulary)
+
+  return ManifestDataSource(dataset_fn, splits=tuple(paths))
+
+
+__all__ = ['BAD_EXAMPLES', 'BadExampleCounter', 'BadExampleError', 'ManifestConfig',
+           'ManifestDataSource', 'feature_specs', 'load_example', 'manifest_dataset',
+           'read_manifest', 'seqio_source']
