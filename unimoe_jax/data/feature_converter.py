@@ -1,0 +1,336 @@
+"""Decoder-only feature converter for multimodal examples, with greedy in-order packing.
+
+Input examples (after a task's preprocessors, docs: data path contract):
+
+    targets              int32   [length]           BOS + tokens, placeholders expanded
+    loss_weights         float32 [length]           1.0 on answer tokens
+    <m>_features         float32 [items, *item_shape] for each declared modality m
+    audio_feature_mask   bool    [items, frames]    optional; True on real frames
+
+Output rows (t5x decoder-only keys plus media, every shape static):
+
+    decoder_target_tokens  int32   [L]
+    decoder_input_tokens   int32   [L]   targets shifted right within each segment, 0 at starts
+    decoder_loss_weights   float32 [L]   0 on padding
+    decoder_segment_ids    int32   [L]   packing only: 1, 2, ... per example; 0 = padding
+    decoder_positions      int32   [L]   packing only: restart at 0 per example
+    <m>_features           float32 [max_items_m, *item_shape]  items of the row's examples in order
+    <m>_mask               bool    [max_items_m]               True on real items
+    audio_feature_mask     bool    [max_items_audio, frames]   when 'audio' is declared
+
+Packing is greedy and in input order: an example joins the current row when its tokens and
+every modality's items still fit, otherwise the row is emitted and a new one starts. Examples
+are never split and never lose items, so the model's splice rule ("j-th placeholder of m in
+a row <- j-th soft token of the row's m items") stays aligned. An example that cannot fit in
+an empty row is dropped, logged and counted (`dropped_examples`, `OVERSIZE_DROPS`), never cut.
+
+Implementation: pure tf.data (graph mode), lazy and streaming. A `Dataset.scan` carries the
+row being filled (unpadded tensors plus segment count) and emits it when the next example
+does not fit; a sentinel element appended after the input flushes the last row; a `filter`
+keeps the emitted rows; a `map` pads them. The row state is re-concatenated per example,
+which copies at most one row's media per example: small next to decoding that media.
+"""
+
+import threading
+from typing import Dict, Mapping, Optional, Sequence
+
+from absl import logging
+import gin
+import seqio
+from seqio import utils as seqio_utils
+from seqio.feature_converters import _check_exact_match
+import tensorflow as tf
+
+FeatureSpec = seqio.FeatureConverter.FeatureSpec
+
+# Rank of one item per modality (the model's batch format): image [S, S, 3];
+# video [frames, S, S, 3]; speech (Whisper log-mel) [frames, n_mels]; audio (BEATs) [frames, 128].
+ITEM_RANK = {'image': 3, 'video': 4, 'speech': 2, 'audio': 2}
+
+_SENTINEL = '_end_of_input'
+_NUM_SEGMENTS = '_num_segments'
+
+
+class DropCounter:
+  """Thread-safe count of examples dropped because they cannot fit in one row."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._count = 0
+
+  @property
+  def count(self) -> int:
+    with self._lock:
+      return self._count
+
+  def add(self) -> int:
+    with self._lock:
+      self._count += 1
+      return self._count
+
+  def reset(self) -> None:
+    with self._lock:
+      self._count = 0
+
+
+# All converters of the process together (for the trainer's logs); each converter also has
+# its own `dropped_examples`.
+OVERSIZE_DROPS = DropCounter()
+
+
+@gin.configurable
+class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
+  """seqio feature converter: multimodal decoder-only examples -> packed or padded rows.
+
+  task_feature_lengths: {'targets': L, '<m>_features': max_items_m for each declared m}.
+
+  Differences from seqio's FeatureConverter.__call__ (overridden, same five validations):
+  - Media features have rank > 1 (leading items axis). seqio refuses rank > 1 model features
+    when packing because its packers concatenate 1-D features only; this converter packs
+    media along the items axis itself, so that refusal is skipped. Their TASK_FEATURES /
+    MODEL_FEATURES are declared with their true rank (ITEM_RANK + 1) and sequence_dim 0, so
+    seqio's dtype, rank and exact output-length checks still apply to them.
+  - Input lengths are not asserted: an example longer than L tokens or with more than
+    max_items_m items is dropped and counted (contract: never cut; one bad example must not
+    kill a long run). Output lengths are checked exactly when `apply_length_check`.
+  `use_custom_packing_ops` is accepted so seqio-style gin configs work; it changes nothing
+  (seqio's custom op only packs 1-D features).
+  """
+
+  TASK_FEATURES = {'targets': FeatureSpec(dtype=tf.int32)}
+  MODEL_FEATURES = {
+      'decoder_target_tokens': FeatureSpec(dtype=tf.int32),
+      'decoder_input_tokens': FeatureSpec(dtype=tf.int32),
+      'decoder_loss_weights': FeatureSpec(dtype=tf.float32),
+  }
+  PACKING_FEATURE_DTYPES = {
+      'decoder_segment_ids': tf.int32,
+      'decoder_positions': tf.int32,
+  }
+
+  def __init__(self,
+               pack: bool = True,
+               use_custom_packing_ops: bool = False,
+               apply_length_check: bool = True,
+               bos_id: int = 0,
+               modalities: Sequence[str] = ()):
+    modalities = tuple(modalities)
+    unknown = [m for m in modalities if m not in ITEM_RANK]
+    if unknown:
+      raise ValueError(f'modalities: unknown {unknown}; expected a subset of {tuple(ITEM_RANK)}')
+    if len(set(modalities)) != len(modalities):
+      raise ValueError(f'modalities: duplicates in {modalities}')
+    self._modalities = modalities
+    task_features = dict(type(self).TASK_FEATURES)
+    model_features = dict(type(self).MODEL_FEATURES)
+    for m in modalities:
+      rank = ITEM_RANK[m] + 1
+      task_features[f'{m}_features'] = FeatureSpec(dtype=tf.float32, rank=rank)
+      model_features[f'{m}_features'] = FeatureSpec(dtype=tf.float32, rank=rank)
+      model_features[f'{m}_mask'] = FeatureSpec(dtype=tf.bool)
+    if 'audio' in modalities:
+      model_features['audio_feature_mask'] = FeatureSpec(dtype=tf.bool, rank=2)
+    self.TASK_FEATURES = task_features
+    self.MODEL_FEATURES = model_features
+    self.dropped_examples = DropCounter()
+    super().__init__(pack=pack, use_custom_packing_ops=use_custom_packing_ops,
+                     apply_length_check=apply_length_check, bos_id=bos_id)
+
+  @property
+  def modalities(self) -> Sequence[str]:
+    return self._modalities
+
+  def __call__(self, ds: tf.data.Dataset,
+               task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    _check_exact_match(list(self.TASK_FEATURES), list(task_feature_lengths),
+                       'TASK_FEATURES', 'task_feature_lengths')
+    # dtype and rank only (no expected lengths): over-long examples are dropped, not fatal.
+    ds = self._validate_dataset(ds, self.TASK_FEATURES, expected_lengths={}, strict=False,
+                                error_label='input_validation')
+    ds = self._convert_features(ds, task_feature_lengths)
+    expected = dict(self.MODEL_FEATURES)
+    if self.pack:
+      expected.update({k: FeatureSpec(dtype=v) for k, v in self.PACKING_FEATURE_DTYPES.items()})
+    model_feature_lengths = self.get_model_feature_lengths(task_feature_lengths)
+    _check_exact_match(list(expected), list(model_feature_lengths),
+                       'model_feature_names', 'model_feature_lengths')
+    ds = self._validate_dataset(ds, expected, model_feature_lengths, strict=True,
+                                error_label='output_validation')
+    _check_exact_match(list(expected), list(ds.element_spec),
+                       'model_feature_names', 'output_dataset')
+    return ds
+
+  def get_model_feature_lengths(
+      self, task_feature_lengths: Mapping[str, int]) -> Dict[str, int]:
+    missing = [k for k in self.TASK_FEATURES if k not in task_feature_lengths]
+    if missing:
+      raise ValueError(f'task_feature_lengths is missing {missing}')
+    length = task_feature_lengths['targets']
+    lengths = {'decoder_target_tokens': length, 'decoder_input_tokens': length,
+               'decoder_loss_weights': length}
+    if self.pack:
+      lengths['decoder_segment_ids'] = length
+      lengths['decoder_positions'] = length
+    for m in self._modalities:
+      items = task_feature_lengths[f'{m}_features']
+      lengths[f'{m}_features'] = items
+      lengths[f'{m}_mask'] = items
+    if 'audio' in self._modalities:
+      lengths['audio_feature_mask'] = task_feature_lengths['audio_features']
+    return lengths
+
+  # ---------------------------------------------------------------------------------------
+
+  def _convert_features(self, ds: tf.data.Dataset,
+                        task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    spec = ds.element_spec
+    item_shapes = self._item_shapes(spec)
+    length = int(task_feature_lengths['targets'])
+    max_items = {m: int(task_feature_lengths[f'{m}_features']) for m in self._modalities}
+    ds = ds.map(lambda ex: self._select_features(ex, spec),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.filter(lambda ex: self._fits_alone_or_record_drop(ex, length, max_items))
+    if self.pack:
+      ds = self._pack_rows(ds, item_shapes, length, max_items)
+    return ds.map(lambda row: self._pad_row(row, item_shapes, length, max_items),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+  def _item_shapes(self, spec) -> Dict[str, tf.TensorShape]:
+    """Static per-item shapes from the element_spec; validates the non-task inputs."""
+    if 'loss_weights' not in spec:
+      raise ValueError("input dataset has no 'loss_weights' (float32 [length]) feature")
+    if spec['loss_weights'].dtype != tf.float32 or spec['loss_weights'].shape.rank != 1:
+      raise ValueError(f"'loss_weights' must be float32 [length], got {spec['loss_weights']}")
+    shapes = {}
+    for m in self._modalities:
+      shape = spec[f'{m}_features'].shape[1:]
+      if not shape.is_fully_defined():
+        raise ValueError(f"'{m}_features' item shape {shape} is not static; pad items to a "
+                         'fixed shape before the feature converter (rows need static shapes)')
+      shapes[m] = shape
+    if 'audio_feature_mask' in spec:
+      mask = spec['audio_feature_mask']
+      if 'audio' not in self._modalities:
+        raise ValueError("input has 'audio_feature_mask' but 'audio' is not in modalities")
+      if mask.dtype != tf.bool or mask.shape.rank != 2 or mask.shape[1] != shapes['audio'][0]:
+        raise ValueError(f"'audio_feature_mask' must be bool [items, {shapes['audio'][0]}], "
+                         f'got {mask}')
+    return shapes
+
+  def _select_features(self, ex, spec) -> Dict[str, tf.Tensor]:
+    """Keeps the features the converter uses; an absent audio mask means every frame is real."""
+    targets = ex['targets']
+    weights = ex['loss_weights']
+    tf.debugging.assert_equal(tf.shape(weights), tf.shape(targets),
+                              message="'loss_weights' and 'targets' differ in length")
+    out = {'targets': targets, 'loss_weights': weights}
+    for m in self._modalities:
+      out[f'{m}_features'] = ex[f'{m}_features']
+    if 'audio' in self._modalities:
+      if 'audio_feature_mask' in spec:
+        mask = ex['audio_feature_mask']
+        tf.debugging.assert_equal(tf.shape(mask)[0], tf.shape(ex['audio_features'])[0],
+                                  message="'audio_feature_mask' and 'audio_features' items")
+      else:
+        mask = tf.ones(tf.shape(ex['audio_features'])[:2], tf.bool)
+      out['audio_feature_mask'] = mask
+    return out
+
+  def _fits_alone_or_record_drop(self, ex, length: int, max_items: Mapping[str, int]):
+    num_tokens = tf.shape(ex['targets'])[0]
+    num_items = [tf.shape(ex[f'{m}_features'])[0] for m in self._modalities]
+    fits = num_tokens <= length
+    for m, n in zip(self._modalities, num_items):
+      fits &= n <= max_items[m]
+
+    def record(tokens, *items):
+      mine = self.dropped_examples.add()
+      total = OVERSIZE_DROPS.add()
+      sizes = ', '.join(f'{m} items {int(n)}/{max_items[m]}'
+                        for m, n in zip(self._modalities, items))
+      logging.warning('MultimodalDecoderFeatureConverter: dropped an example that cannot fit '
+                      'in one row (tokens %d/%d%s). Dropped so far: %d by this converter, %d '
+                      'in all.', int(tokens), length, ', ' + sizes if sizes else '', mine, total)
+      return False
+
+    def drop():
+      keep = tf.py_function(record, [num_tokens] + num_items, Tout=tf.bool)
+      keep.set_shape([])
+      return keep
+
+    return tf.cond(fits, lambda: tf.constant(True), drop)
+
+  def _empty_row(self, item_shapes) -> Dict[str, tf.Tensor]:
+    row = {'targets': tf.zeros([0], tf.int32), 'loss_weights': tf.zeros([0], tf.float32),
+           'segment_ids': tf.zeros([0], tf.int32), 'positions': tf.zeros([0], tf.int32),
+           _NUM_SEGMENTS: tf.constant(0, tf.int32)}
+    for m in self._modalities:
+      row[f'{m}_features'] = tf.zeros([0] + item_shapes[m].as_list(), tf.float32)
+    if 'audio' in self._modalities:
+      row['audio_feature_mask'] = tf.zeros([0, item_shapes['audio'][0]], tf.bool)
+    return row
+
+  def _append(self, row, ex) -> Dict[str, tf.Tensor]:
+    """`row` with example `ex` appended as the next segment."""
+    n = tf.shape(ex['targets'])[0]
+    segment = row[_NUM_SEGMENTS] + 1
+    out = {'segment_ids': tf.concat([row['segment_ids'], tf.fill([n], segment)], 0),
+           'positions': tf.concat([row['positions'], tf.range(n, dtype=tf.int32)], 0),
+           _NUM_SEGMENTS: segment}
+    for key in ex:
+      out[key] = tf.concat([row[key], ex[key]], 0)
+    return out
+
+  def _pack_rows(self, ds, item_shapes, length: int, max_items: Mapping[str, int]):
+    empty = self._empty_row(item_shapes)
+    example_keys = [k for k in empty if k not in ('segment_ids', 'positions', _NUM_SEGMENTS)]
+    sentinel = {k: empty[k] for k in example_keys}
+    sentinel[_SENTINEL] = tf.constant(True)
+    ds = ds.map(lambda ex: dict(ex, **{_SENTINEL: tf.constant(False)}))
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(sentinel))
+
+    def step(row, element):
+      ex = {k: element[k] for k in example_keys}
+      fits = tf.logical_not(element[_SENTINEL])
+      fits &= tf.shape(row['targets'])[0] + tf.shape(ex['targets'])[0] <= length
+      for m in self._modalities:
+        key = f'{m}_features'
+        fits &= tf.shape(row[key])[0] + tf.shape(ex[key])[0] <= max_items[m]
+      emit = tf.logical_and(tf.logical_not(fits), row[_NUM_SEGMENTS] > 0)
+      prefix = tf.cond(fits, lambda: row, lambda: empty)
+      return self._append(prefix, ex), (emit, row)
+
+    ds = ds.scan(empty, step)
+    ds = ds.filter(lambda emit, row: emit)
+    return ds.map(lambda emit, row: row)
+
+  def _pad_row(self, row, item_shapes, length: int,
+               max_items: Mapping[str, int]) -> Dict[str, tf.Tensor]:
+    def pad(x, size):
+      paddings = [[0, size - tf.shape(x)[0]]] + [[0, 0]] * (x.shape.rank - 1)
+      return tf.ensure_shape(tf.pad(x, paddings), [size] + x.shape.as_list()[1:])
+
+    targets = pad(row['targets'], length)
+    out = {'decoder_target_tokens': targets,
+           'decoder_loss_weights': pad(row['loss_weights'], length)}
+    if self.pack:
+      segment_ids = pad(row['segment_ids'], length)
+      out['decoder_segment_ids'] = segment_ids
+      out['decoder_positions'] = pad(row['positions'], length)
+      out['decoder_input_tokens'] = seqio_utils.make_autoregressive_inputs(
+          targets, sequence_id=segment_ids, bos_id=self.bos_id)
+    else:
+      out['decoder_input_tokens'] = seqio_utils.make_autoregressive_inputs(
+          targets, bos_id=self.bos_id)
+    for m in self._modalities:
+      features = row[f'{m}_features']
+      out[f'{m}_features'] = pad(features, max_items[m])
+      out[f'{m}_mask'] = tf.range(max_items[m]) < tf.shape(features)[0]
+    if 'audio' in self._modalities:
+      out['audio_feature_mask'] = pad(row['audio_feature_mask'], max_items['audio'])
+    return out
+
+
+def num_dropped(converter: Optional[MultimodalDecoderFeatureConverter] = None) -> int:
+  """Examples dropped for not fitting in a row: by `converter`, or by all converters."""
+  return (OVERSIZE_DROPS if converter is None else converter.dropped_examples).count
