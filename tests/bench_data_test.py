@@ -1,0 +1,72 @@
+"""tools/bench_data.py runs end to end with --quick (a smoke test: nothing is compared for speed).
+
+Most of its time is importing transformers/torch, writing the inputs and starting the Pool workers.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip('transformers')
+pytest.importorskip('av')
+pytest.importorskip('soundfile')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+EXPECTED_ROWS = [  # (case, implementation prefix, has a transformers reference)
+    ('image jpeg crop', 'transformers CLIPImageProcessor', True),
+    ('image jpeg crop', 'unimoe_jax preprocess_image(crop)', True),
+    ('image jpeg pad', 'transformers CLIPImageProcessor', True),
+    ('image jpeg pad', 'unimoe_jax preprocess_image(pad)', True),
+    ('image png crop', 'transformers CLIPImageProcessor', True),
+    ('image png crop', 'unimoe_jax preprocess_image(crop)', True),
+    ('image jpeg crop', 'unimoe_jax Pool x2 (arrays returned)', True),
+    ('image jpeg crop', 'unimoe_jax Pool x2 (arrays kept in workers)', True),
+    ('speech (whisper)', 'transformers WhisperFeatureExtractor', True),
+    ('speech (whisper)', 'unimoe_jax whisper_log_mel', True),
+    ('audio (beats)', 'unimoe_jax beats_fbank', False),
+    ('video', 'load_video_frames + transformers CLIPImageProcessor', True),
+    ('video', 'unimoe_jax load_video_frames + preprocess_video', True),
+]
+
+
+@pytest.mark.slow  # 13-22 s on the 2-core machine, depending on other load
+def test_bench_data_quick_prints_every_row(tmp_path):
+  out = tmp_path / 'rows.json'
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'tools', 'bench_data.py'), '--quick', '--iters', '2',
+       '--workers', '2', '--json', str(out)],
+      check=True, cwd=tmp_path, env=env, capture_output=True, text=True)
+  table = result.stdout[result.stdout.index('modality'):].splitlines()
+  assert len(table) == 2 + len(EXPECTED_ROWS), result.stdout
+  for line, (case, implementation, has_reference) in zip(table[2:], EXPECTED_ROWS):
+    assert line.startswith(case) and implementation in line, (line, case, implementation)
+    # The last column: 'N.NNx' with a positive ratio, or '-' where there is no reference.
+    last = line.split()[-1]
+    if has_reference:
+      assert re.fullmatch(r'\d+\.\d\dx', last), line
+      assert float(last[:-1]) > 0, line
+    else:
+      assert last == '-', line
+    numbers = [float(v) for v in line[len(case):].split()[-4:-1] if v != '-']
+    assert numbers and all(v > 0 for v in numbers), line
+
+  rows = json.loads(out.read_text())['rows']
+  assert [(r['case'], r['implementation']) for r in rows] == [
+      (line[:18].strip(), line[19:73].strip()) for line in table[2:]]
+  for row in rows:
+    assert row['examples_per_s'] > 0 and row['ms_per_example'] > 0, row
+    assert row['examples_per_s'] == pytest.approx(1e3 / row['ms_per_example'])
+    if row['reference']:
+      assert row['vs_transformers'] == 1.0, row
+    elif row['case'] == 'audio (beats)':
+      assert row['vs_transformers'] is None, row
+    else:
+      reference = next(r for r in rows if r['reference'] and r['case'] == row['case'])
+      assert row['vs_transformers'] == pytest.approx(
+          row['examples_per_s'] / reference['examples_per_s'])
