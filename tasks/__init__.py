@@ -1,5 +1,9 @@
 """The seqio task and mixture registry, installed as `unimoe_jax.tasks`.
 
-Point t5x's `MIXTURE_OR_TASK_MODULE` at `unimoe_jax.tasks`. Tasks are registered by the data
-issue; importing this module must stay free of side effects beyond registration.
+Point t5x's `MIXTURE_OR_TASK_MODULE` at `unimoe_jax.tasks`. Importing it registers:
+  - `sample.py`: tasks and mixtures for every stage and evaluation over the embedded sample
+    data (tools/make_sample_data.py);
+Registration reads no file: data folders and tokenizers are resolved when a dataset is built.
 """
+
+from unimoe_jax.tasks import sample  # pylint: disable=unused-import

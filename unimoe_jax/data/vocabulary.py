@@ -14,6 +14,7 @@ trainer sets `pad_token = unk_token`), so decoding drops id 0 instead of renderi
 """
 
 import re
+import threading
 from typing import Dict, Mapping, Optional, Sequence
 
 import gin
@@ -221,6 +222,75 @@ def get_vocabulary(path: str,
       '<speech>': -202, '<audio>': -203}, the ids UniMoEConfig uses.
   """
   return MultimodalVocabulary(seqio.SentencePieceVocabulary(path), placeholder_ids)
+
+
+class LazyVocabulary(seqio.Vocabulary):
+  """A vocabulary built on first use by `factory()` (e.g. from a path gin binds later).
+
+  seqio tasks are registered when `MIXTURE_OR_TASK_MODULE` is imported, often before gin has
+  bound the tokenizer path (or before the sample data exists); this defers reading the file
+  until a dataset or a decode needs it. Everything delegates to the built vocabulary.
+  """
+
+  def __init__(self, factory, name: str = 'lazy'):
+    self._factory = factory
+    self._name = name
+    self._built = None
+    self._lock = threading.Lock()
+    super().__init__(extra_ids=0)
+
+  @property
+  def vocabulary(self) -> 'MultimodalVocabulary':
+    with self._lock:
+      if self._built is None:
+        self._built = self._factory()
+      return self._built
+
+  def __getattr__(self, name):
+    if name.startswith('_'):
+      raise AttributeError(name)
+    return getattr(self.vocabulary, name)
+
+  @property
+  def eos_id(self):
+    return self.vocabulary.eos_id
+
+  @property
+  def unk_id(self):
+    return self.vocabulary.unk_id
+
+  @property
+  def pad_id(self):
+    return self.vocabulary.pad_id
+
+  @property
+  def _base_vocab_size(self):
+    return self.vocabulary.vocab_size
+
+  @property
+  def vocab_size(self):
+    return self.vocabulary.vocab_size
+
+  def _encode(self, s):
+    return self.vocabulary.encode(s)
+
+  def _decode(self, ids):
+    return self.vocabulary.decode(ids)
+
+  def _encode_tf(self, s):
+    return self.vocabulary.encode_tf(s)
+
+  def _decode_tf(self, ids):
+    return self.vocabulary.decode_tf(ids)
+
+  def __eq__(self, other):
+    return self is other
+
+  def __hash__(self):
+    return id(self)
+
+  def __str__(self):
+    return f'LazyVocabulary({self._name})'
 
 
 def placeholder_counts(ids, vocabulary: MultimodalVocabulary) -> Dict[str, int]:

@@ -1,0 +1,100 @@
+"""seqio tasks and mixtures over the embedded sample data (tools/make_sample_data.py).
+
+    python tools/make_sample_data.py --output DIR
+    --gin.unimoe_jax.tasks.sample.sample_data_dir.path="'DIR'"   (or UNIMOE_SAMPLE_DATA=DIR)
+
+| name                                   | stage / use  | manifests (train, validation)    |
+|----------------------------------------|--------------|----------------------------------|
+| unimoe_sample_align_{image,speech,audio} | 1           | align_<m>.json                   |
+| unimoe_sample_stage1 (mixture)         | 1 alignment  | the three above                  |
+| unimoe_sample_instruct_{image,video,speech,audio} | 2, 3 | instruct_<m>.json         |
+| unimoe_sample_stage2_{m} (mixture)     | 2: one run per modality | unimoe_sample_instruct_<m> |
+| unimoe_sample_stage3 (mixture)         | 3 LoRA + MoE | the four instruct tasks          |
+| unimoe_sample_eval_{m}_mc              | eval         | eval_<m>_mc.json, accuracy of the letter |
+| unimoe_sample_eval_{m}_open            | eval         | eval_<m>_open.json, exact match (speech: WER) |
+| unimoe_sample_eval (mixture)           | eval         | all eval tasks                   |
+
+Chance levels are in DIR/sample_data_info.json and docs/sample_data.md. The feature sizes
+below match gin/models/multimodal_tiny.gin (tests/tasks_test.py checks it): 32 px images
+(16 CLIP patches), 8 video frames, Whisper 80 x 3000 log-mel, 128 BEATs fbank frames, 8
+aligner / Q-Former queries. The official `voice` field is speech for the speech manifests and
+audio for the audio ones.
+"""
+
+import os
+
+import gin
+
+from unimoe_jax.data import manifest as manifest_lib
+from unimoe_jax.data import metrics
+from unimoe_jax.data import vocabulary as vocabulary_lib
+
+from unimoe_jax.tasks import common
+
+SPLITS = ('train', 'validation')
+# Per-item soft tokens of the tiny towers (gin/models/multimodal_tiny.gin).
+SOFT_TOKENS = dict(image_soft_tokens=16, video_soft_tokens=16, speech_soft_tokens=8,
+                   audio_soft_tokens=8)
+SETTINGS = dict(image_size=32, image_mode='crop', video_frames=8, n_mels=80, audio_frames=128,
+                **SOFT_TOKENS)
+
+
+@gin.configurable
+def sample_data_dir(path: str = '') -> str:
+  """The folder tools/make_sample_data.py wrote (gin `path`, else $UNIMOE_SAMPLE_DATA)."""
+  path = path or os.environ.get('UNIMOE_SAMPLE_DATA', '')
+  if not path:
+    raise ValueError('the sample-data tasks need the folder tools/make_sample_data.py wrote: '
+                     'bind sample_data_dir.path in gin or set UNIMOE_SAMPLE_DATA')
+  if not os.path.isfile(os.path.join(path, 'sample_data_info.json')):
+    raise ValueError(f'{path} is not a sample-data folder (no sample_data_info.json); run '
+                     f'python tools/make_sample_data.py --output {path}')
+  return path
+
+
+VOCABULARY = vocabulary_lib.LazyVocabulary(
+    lambda: vocabulary_lib.get_vocabulary(os.path.join(sample_data_dir(), 'tokenizer.model')),
+    name='sample_data_dir()/tokenizer.model')
+
+
+def _config_factory(manifest: str, voice: str):
+  def make_config():
+    root = sample_data_dir()
+    return manifest_lib.ManifestConfig(
+        splits={s: os.path.join(root, s, f'{manifest}.json') for s in SPLITS},
+        media_root=root, vocab_path=os.path.join(root, 'tokenizer.model'),
+        voice_modality=voice, **SETTINGS)
+  return make_config
+
+
+def _task(name: str, manifest: str, voice: str = 'speech', metric_fns=()):
+  source = common.lazy_manifest_source(_config_factory(manifest, voice),
+                                       {s: s for s in SPLITS}, VOCABULARY)
+  common.register_task(name, source, VOCABULARY, metric_fns)
+  return name
+
+
+def _voice(modality: str) -> str:
+  return 'audio' if modality == 'audio' else 'speech'
+
+
+def register():
+  stage1 = [_task(f'unimoe_sample_align_{m}', f'align_{m}', _voice(m))
+            for m in ('image', 'speech', 'audio')]
+  common.register_mixture('unimoe_sample_stage1', stage1)
+  instruct = [_task(f'unimoe_sample_instruct_{m}', f'instruct_{m}', _voice(m))
+              for m in ('image', 'video', 'speech', 'audio')]
+  for m, task in zip(('image', 'video', 'speech', 'audio'), instruct):
+    common.register_mixture(f'unimoe_sample_stage2_{m}', [task])  # One run per modality.
+  common.register_mixture('unimoe_sample_stage3', instruct)
+  evals = []
+  for m in ('image', 'video', 'speech', 'audio'):
+    evals.append(_task(f'unimoe_sample_eval_{m}_mc', f'eval_{m}_mc', _voice(m),
+                       [metrics.multiple_choice_accuracy]))
+    open_metric = metrics.word_error_rate if m == 'speech' else metrics.exact_match
+    evals.append(_task(f'unimoe_sample_eval_{m}_open', f'eval_{m}_open', _voice(m),
+                       [open_metric]))
+  common.register_mixture('unimoe_sample_eval', evals)
+
+
+register()
