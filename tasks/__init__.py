@@ -6,4 +6,6 @@ Point t5x's `MIXTURE_OR_TASK_MODULE` at `unimoe_jax.tasks`. Importing it registe
 Registration reads no file: data folders and tokenizers are resolved when a dataset is built.
 """
 
-from unimoe_jax.tasks import sample  # pylint: disable=unused-import
+from unimoe_jax.tasks import sample
+
+__all__ = ["sample"]

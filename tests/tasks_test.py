@@ -3,7 +3,6 @@ shapes through the multimodal feature converter; bad media are reported as confi
 
 import importlib.util
 import json
-import os
 import pathlib
 
 import gin
