@@ -132,3 +132,25 @@ def test_bad_media_skipped_and_counted_when_configured(tmp_path, monkeypatch):
     assert len(examples) == 8 - 1  # The one bad example is gone, the rest are there.
   counts = manifest_lib.BAD_EXAMPLES.counts()
   assert sum(counts.values()) == 2, counts
+
+
+def test_manifest_task_reads_its_gin_scope(sample_dir):
+  gin.parse_config([
+      f"unimoe_jax.tasks.common.vocabulary_path.path = '{sample_dir / 'tokenizer.model'}'",
+      f"stage3/unimoe_jax.data.manifest.ManifestConfig.splits = "
+      f"{{'train': '{sample_dir / 'train' / 'instruct_image.json'}'}}",
+      f"stage3/unimoe_jax.data.manifest.ManifestConfig.media_root = '{sample_dir}'",
+      'stage3/unimoe_jax.data.manifest.ManifestConfig.image_size = 32',
+      'stage3/unimoe_jax.data.manifest.ManifestConfig.modalities = ("image",)',
+      'stage3/unimoe_jax.data.manifest.ManifestConfig.image_soft_tokens = 16',
+  ])
+  task = seqio.get_mixture_or_task('unimoe_manifest_stage3')
+  example = next(task.get_dataset(None, split='train', shuffle=False).as_numpy_iterator())
+  assert example['image_features'].shape == (1, 32, 32, 3)
+  assert (example['targets'] == -200).sum() == 16
+
+
+def test_manifest_task_without_gin_names_the_binding():
+  task = seqio.get_mixture_or_task('unimoe_manifest_stage1')
+  with pytest.raises(ValueError, match='stage1/ManifestConfig.splits'):
+    task.get_dataset(None, split='train', shuffle=False)
