@@ -89,17 +89,32 @@ def register_mixture(name: str, tasks, default_rate=1.0) -> seqio.Mixture:
   return seqio.MixtureRegistry.add(name, tasks, default_rate=default_rate)
 
 
+@gin.configurable
+def precomputed_splits(splits: Optional[Mapping[str, str]] = None
+                       ) -> Optional[Mapping[str, str]]:
+  """Split -> tools/precompute_features.py output directory, bound in a task's gin scope
+  (e.g. `stage3/precomputed_splits.splits = {'train': '/data/stage3_features'}`): the task
+  then reads precomputed features instead of decoding media."""
+  return splits
+
+
 def lazy_manifest_source(make_config, splits: Mapping[str, str],
-                         vocabulary: vocabulary_lib.LazyVocabulary) -> seqio.DataSource:
+                         vocabulary: vocabulary_lib.LazyVocabulary,
+                         make_precomputed=None) -> seqio.DataSource:
   """A manifest source whose `ManifestConfig` is built when a dataset is asked for.
 
-  `make_config()` returns the config (e.g. reading gin or the sample-data folder);
-  `splits` maps split name -> manifest file name, resolved by `make_config().split_paths()`
-  when the config has `splits`, else relative to it.
+  `make_config()` returns the config (e.g. reading gin or the sample-data folder); its
+  `split_paths()` name the manifests. `make_precomputed()` may return split -> directory of
+  precomputed features (`tools/precompute_features.py`); those splits are read from there.
   """
 
   def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None,
                  shard_info: Optional[seqio.ShardInfo] = None) -> tf.data.Dataset:
+    precomputed = make_precomputed() if make_precomputed is not None else None
+    if precomputed and split in precomputed:
+      from unimoe_jax.data import precomputed as precomputed_lib  # pylint: disable=g-import-not-at-top
+      return precomputed_lib.precomputed_dataset(precomputed[split], shard_info,
+                                                 shuffle=shuffle_files, seed=seed)
     config = make_config()
     paths = config.split_paths()
     if split not in paths:

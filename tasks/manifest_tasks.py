@@ -21,6 +21,10 @@ run's data the way t5x users expect:
 | unimoe_manifest_eval_asr      | eval_asr/      | word error rate                 |
 | unimoe_manifest_eval_caption  | eval_caption/  | BLEU, CIDEr                     |
 
+Features precomputed offline (`tools/precompute_features.py`, media decoded once by a pool of
+processes) are read instead of the manifest with
+`stage3/common.precomputed_splits.splits = {'train': '/data/stage3_features'}`.
+
 A mixture of several manifests: register more tasks with `common.register_task` and
 `common.lazy_manifest_source` (see sample.py) in a module of your own.
 """
@@ -58,12 +62,19 @@ def _scoped_config(scope: str):
   return make_config
 
 
+def _scoped_precomputed(scope: str):
+  def make_precomputed():
+    with gin.config_scope(scope):
+      return common.precomputed_splits()
+  return make_precomputed
+
+
 def register():
   for scope, metric_fns in TASKS.items():
     # Splits are known only once gin is parsed; seqio asks the source for them lazily.
     source = common.lazy_manifest_source(_scoped_config(scope), {'train': 'train',
                                                                  'validation': 'validation'},
-                                         VOCABULARY)
+                                         VOCABULARY, _scoped_precomputed(scope))
     common.register_task(f'unimoe_manifest_{scope}', source, VOCABULARY, metric_fns)
 
 

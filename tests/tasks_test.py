@@ -154,3 +154,24 @@ def test_manifest_task_without_gin_names_the_binding():
   task = seqio.get_mixture_or_task('unimoe_manifest_stage1')
   with pytest.raises(ValueError, match='stage1/ManifestConfig.splits'):
     task.get_dataset(None, split='train', shuffle=False)
+
+
+def test_manifest_task_reads_precomputed_features_when_bound(sample_dir, tmp_path):
+  spec = importlib.util.spec_from_file_location('precompute_features',
+                                                ROOT / 'tools' / 'precompute_features.py')
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  manifest = sample_dir / 'train' / 'instruct_image.json'
+  tool.main(['--manifest', str(manifest), '--vocab', str(sample_dir / 'tokenizer.model'),
+             '--output', str(tmp_path / 'features'), '--media_root', str(sample_dir),
+             '--workers', '0', '--num_shards', '2', '--image_size', '32',
+             '--modalities', 'image', '--image_soft_tokens', '16'])
+  gin.parse_config([
+      f"unimoe_jax.tasks.common.vocabulary_path.path = '{sample_dir / 'tokenizer.model'}'",
+      f"stage2/unimoe_jax.tasks.common.precomputed_splits.splits = "
+      f"{{'train': '{tmp_path / 'features'}'}}",
+  ])
+  task = seqio.get_mixture_or_task('unimoe_manifest_stage2')
+  got = list(task.get_dataset(None, split='train', shuffle=False).as_numpy_iterator())
+  assert len(got) == len(json.loads(manifest.read_text()))
+  assert got[0]['image_features'].shape == (1, 32, 32, 3)
