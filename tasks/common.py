@@ -27,19 +27,7 @@ def vocabulary_path(path: str = gin.REQUIRED) -> str:
 
 def output_features(vocabulary: seqio.Vocabulary, modalities: Sequence[str] = MODALITIES
                     ) -> Dict[str, seqio.Feature]:
-  """'targets' through the vocabulary (no EOS added: answers already end with `</s>`), media
-  features passed through as float32 arrays of their item rank + 1."""
-  passthrough = seqio.PassThroughVocabulary(1)
-  features = {'targets': seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
-              'loss_weights': seqio.Feature(passthrough, add_eos=False, dtype=tf.float32)}
-  for m in modalities:
-    features[f'{m}_features'] = seqio.Feature(
-        passthrough, add_eos=False, required=False, dtype=tf.float32,
-        rank=feature_converter.ITEM_RANK[m] + 1)
-  if 'audio' in modalities:
-    features['audio_feature_mask'] = seqio.Feature(passthrough, add_eos=False, required=False,
-                                                   dtype=tf.bool, rank=2)
-  return features
+  return feature_converter.output_features(vocabulary, modalities)
 
 
 def last_answer(targets: np.ndarray, loss_weights: np.ndarray, vocabulary) -> str:

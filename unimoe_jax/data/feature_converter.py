@@ -334,3 +334,22 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
 def num_dropped(converter: Optional[MultimodalDecoderFeatureConverter] = None) -> int:
   """Examples dropped for not fitting in a row: by `converter`, or by all converters."""
   return (OVERSIZE_DROPS if converter is None else converter.dropped_examples).count
+
+
+def output_features(vocabulary, modalities: Sequence[str]) -> Dict[str, seqio.Feature]:
+  """seqio output features of a task whose examples this converter takes.
+
+  'targets' go through `vocabulary` without an added EOS (each answer already ends with
+  `</s>`); 'loss_weights', '<m>_features' and 'audio_feature_mask' pass through. Declaring
+  them all matters beyond validation: a seqio Mixture keeps only its tasks' output features.
+  """
+  passthrough = seqio.PassThroughVocabulary(1)
+  features = {'targets': seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
+              'loss_weights': seqio.Feature(passthrough, add_eos=False, dtype=tf.float32)}
+  for m in modalities:
+    features[f'{m}_features'] = seqio.Feature(passthrough, add_eos=False, required=False,
+                                              dtype=tf.float32, rank=ITEM_RANK[m] + 1)
+  if 'audio' in modalities:
+    features['audio_feature_mask'] = seqio.Feature(passthrough, add_eos=False, required=False,
+                                                   dtype=tf.bool, rank=2)
+  return features
