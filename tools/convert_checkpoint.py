@@ -1,0 +1,184 @@
+r"""Converts a Hugging Face or official Uni-MoE checkpoint directory into a unimoe_jax checkpoint.
+
+    python tools/convert_checkpoint.py --source hf --input /ckpt/vicuna-7b --output /out/vicuna
+    python tools/convert_checkpoint.py --source unimoe --input /ckpt/uni-moe-lora \
+        --base /ckpt/llava-base --merge_lora --output /out/unimoe
+
+--source hf: LlamaForCausalLM / Vicuna / MixtralForCausalLM (`save_pretrained` layout:
+config.json + safetensors or .bin, sharded or not).
+--source unimoe: the official Uni-MoE layout (LLaMA base + MoE experts + PEFT LoRA +
+`mm_projector`): the weights of --input (and of --base, read first, when the adapters were
+saved apart from the base model, as the official LoRA runs do) plus any of
+non_lora_trainables.bin, adapter_model.{safetensors,bin}, mm_projector.bin, mlp_gates.bin in
+--input. LoRA adapters are folded into the weights with --merge_lora and kept as adapters
+(DecoderConfig.lora from adapter_config.json) otherwise.
+
+The output (see unimoe_jax/checkpoint.py) is written only after the whole conversion succeeded;
+a mismatch raises a ValueError naming the tensor and leaves no output directory. A JSON summary
+(tensor and parameter counts, peak RSS) is printed at the end.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import flax.linen as nn
+from unimoe_jax import checkpoint
+from unimoe_jax.config import DecoderConfig
+from unimoe_jax.convert import hf
+from unimoe_jax.convert import io as ckpt_io
+from unimoe_jax.convert import official
+from unimoe_jax.decoder import Decoder
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+# Files the official training scripts write beside (or instead of) the model weights, in the
+# order the official loader applies them (later ones override earlier ones).
+OFFICIAL_EXTRA_FILES = ('non_lora_trainables.bin', 'adapter_model.safetensors',
+                        'adapter_model.bin', 'mm_projector.bin', 'mlp_gates.bin')
+
+
+def _gin_value(value: Any) -> str:
+  if isinstance(value, tuple):
+    return '(' + ', '.join(_gin_value(v) for v in value) + (',)' if len(value) == 1 else ')')
+  return repr(value)
+
+
+def _gin_block(name: str, cfg: Any, nested: Dict[str, str]) -> List[str]:
+  lines = [f'{name}:']
+  for field in dataclasses.fields(cfg):
+    if field.name in nested:
+      lines.append(f'  {field.name} = {nested[field.name]}')
+    else:
+      lines.append(f'  {field.name} = {_gin_value(getattr(cfg, field.name))}')
+  return lines
+
+
+def gin_config_text(cfg: DecoderConfig, source: str, extra_lines: Sequence[str] = ()) -> str:
+  """A gin file binding `DECODER_CONFIG` to `cfg` (and its MoE / LoRA configs)."""
+  lines = [f'# Converted by tools/convert_checkpoint.py --source {source}.',
+           'from unimoe_jax import config', '', 'DECODER_CONFIG = @config.DecoderConfig()', '']
+  nested = {'moe': '@config.MoEConfig()' if cfg.moe else 'None',
+            'lora': '@config.LoRAConfig()' if cfg.lora else 'None'}
+  lines += _gin_block('config.DecoderConfig', cfg, nested)
+  if cfg.moe:
+    lines += [''] + _gin_block('config.MoEConfig', cfg.moe, {})
+  if cfg.lora:
+    lines += [''] + _gin_block('config.LoRAConfig', cfg.lora, {})
+  lines += list(extra_lines)
+  return '\n'.join(lines) + '\n'
+
+
+def check_against_model(params: Dict[str, Any], cfg: DecoderConfig):
+  """Raises ValueError naming every leaf whose path or shape differs from `Decoder(cfg).init`."""
+  def init():
+    tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)
+    return Decoder(cfg).init(jax.random.PRNGKey(0), tokens)
+  expected = nn.meta.unbox(jax.eval_shape(init)['params'])
+  flat_expected = {jax.tree_util.keystr(k): tuple(v.shape)
+                   for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  flat_got = {jax.tree_util.keystr(k): tuple(v.shape)
+              for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  missing = sorted(set(flat_expected) - set(flat_got))
+  extra = sorted(set(flat_got) - set(flat_expected))
+  shapes = sorted(f'{k}: {flat_got[k]} != {flat_expected[k]}'
+                  for k in set(flat_got) & set(flat_expected) if flat_got[k] != flat_expected[k])
+  if missing or extra or shapes:
+    raise ValueError(f'converted decoder params do not match the model: missing {missing}, '
+                     f'unexpected {extra}, wrong shapes {shapes}')
+
+
+def _official_state_dict(input_dir: str, base_dir: Optional[str]) -> ckpt_io.LazyStateDict:
+  parts = []
+  if base_dir:
+    parts.append(ckpt_io.open_state_dict(base_dir))
+  try:
+    parts.append(ckpt_io.open_state_dict(input_dir))
+  except FileNotFoundError:
+    if not base_dir:
+      raise
+  for name in OFFICIAL_EXTRA_FILES:
+    path = os.path.join(input_dir, name)
+    if os.path.exists(path):
+      parts.append(ckpt_io.open_files([path]))
+  merged = ckpt_io.LazyStateDict()
+  for part in parts:
+    merged = merged.merge(part.renamed(official.normalize_name))
+  return merged
+
+
+def convert(source: str, input_dir: str, merge_lora: bool = False, base_dir: Optional[str] = None,
+            dtype: str = 'bfloat16', param_dtype: str = 'float32'):
+  """(params tree, DecoderConfig, number of source tensors, source parameter count)."""
+  dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+  if source == 'hf':
+    hf_config = ckpt_io.read_config(input_dir)
+    if hf_config.get('model_type') not in (None, 'llama', 'mistral', 'mixtral'):
+      raise ValueError(f'--source hf converts LLaMA / Vicuna / Mixtral language models; '
+                       f'{input_dir} has model_type {hf_config.get("model_type")!r}')
+    state_dict = ckpt_io.open_state_dict(input_dir)
+    cfg = hf.config_from_hf(hf_config, **dtypes)
+    params = {'decoder': hf.decoder_params_from_hf(state_dict, cfg)}
+  elif source == 'unimoe':
+    hf_config = ckpt_io.read_config(input_dir)
+    adapter_config = ckpt_io.read_json_if_present(os.path.join(input_dir, 'adapter_config.json'))
+    state_dict = _official_state_dict(input_dir, base_dir)
+    cfg = official.config_from_official(hf_config, adapter_config, keep_lora=not merge_lora,
+                                        **dtypes)
+    if cfg.lora is not None and not any(k.endswith('.lora_A.weight') for k in state_dict):
+      cfg = dataclasses.replace(cfg, lora=None)  # adapter_config.json without adapters.
+    params = official.params_from_official(state_dict, cfg, hf_config, adapter_config,
+                                           merge_lora=merge_lora)
+  else:
+    raise ValueError(f"--source must be 'hf' or 'unimoe', got {source!r}")
+  check_against_model(params['decoder'], cfg)
+  count, size = ckpt_io.total_bytes(state_dict)
+  return params, cfg, count, size
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--source', choices=('hf', 'unimoe'), required=True)
+  parser.add_argument('--input', required=True, help='checkpoint directory to read')
+  parser.add_argument('--output', required=True, help='new directory to write')
+  parser.add_argument('--base', default=None,
+                      help='unimoe: base model directory the LoRA run started from')
+  parser.add_argument('--merge_lora', action='store_true',
+                      help='fold LoRA adapters into the weights instead of keeping them')
+  parser.add_argument('--dtype', default='bfloat16', help='DecoderConfig.dtype to write')
+  parser.add_argument('--param_dtype', default='float32', help='DecoderConfig.param_dtype')
+  args = parser.parse_args(argv)
+  if os.path.exists(args.output):
+    raise FileExistsError(f'--output {args.output} already exists')
+  params, cfg, count, size = convert(args.source, args.input, args.merge_lora, args.base,
+                                     args.dtype, args.param_dtype)
+  extra_lines = []
+  if 'vision_projector' in params:
+    kind = ckpt_io.read_config(args.input).get('mm_projector_type', 'linear')
+    extra_lines = ['', '# The checkpoint also holds the vision projector of this kind:',
+                   '# model.UniMoEConfig.vision_projector = ' + repr(kind)]
+  files = {}
+  for directory in (args.input, args.base):
+    tokenizer = directory and os.path.join(directory, checkpoint.TOKENIZER_FILE)
+    if tokenizer and os.path.exists(tokenizer) and not files:
+      files[checkpoint.TOKENIZER_FILE] = tokenizer
+  checkpoint.save(args.output, params, gin_config_text(cfg, args.source, extra_lines), files)
+  summary = {'output': os.path.abspath(args.output), 'source': args.source,
+             'source_tensors': count, 'source_parameters': size,
+             'converted_parameters': int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
+             'moe': cfg.moe is not None, 'lora_kept': cfg.lora is not None,
+             'tokenizer_copied': bool(files),
+             'peak_rss_mib': round(ckpt_io.peak_rss_bytes() / 2**20, 1)}
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
