@@ -32,10 +32,17 @@ def _decoder_config(decoder: DecoderConfig = gin.REQUIRED) -> DecoderConfig:
 
 
 def decoder_config_from_gin(gin_text: str) -> DecoderConfig:
-  """The `DECODER_CONFIG` a checkpoint's config.gin binds (gin's global config is replaced)."""
+  """The `DECODER_CONFIG` a checkpoint's config.gin binds.
+
+  Gin's global config is used and cleared afterwards: bindings such as `LoRAConfig` must not
+  leak into configs built later in the same process.
+  """
   gin.clear_config()
-  gin.parse_config(gin_text + '\nunimoe_score_decoder_config.decoder = %DECODER_CONFIG\n')
-  return _decoder_config()  # pylint: disable=no-value-for-parameter
+  try:
+    gin.parse_config(gin_text + '\nunimoe_score_decoder_config.decoder = %DECODER_CONFIG\n')
+    return _decoder_config()  # pylint: disable=no-value-for-parameter
+  finally:
+    gin.clear_config()
 
 
 def token_logprobs(params: Dict[str, Any], cfg: DecoderConfig, tokens: Sequence[int]
