@@ -13,7 +13,7 @@ Parameter tree (t5x/flaxformer names, so that conversion maps read like a table)
     logits_dense/kernel                     [embed, vocab]      untied output head
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -36,14 +36,17 @@ class DecoderLayer(nn.Module):
   use_moe: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-               padding_mask: Optional[jax.Array], deterministic: bool
+  def __call__(self, x: jax.Array, positions: Optional[jax.Array], mask: Optional[jax.Array],
+               padding_mask: Optional[jax.Array], deterministic: bool, decode: bool = False,
+               prefill: bool = False, prefill_lengths: Optional[jax.Array] = None,
+               max_decode_length: Optional[int] = None
                ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     cfg = self.config
     dtype, pdtype = cfg.compute_dtype, cfg.weight_dtype
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='pre_attention_norm')(x)
     h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.lora,
-                  dtype, pdtype, name='attention')(h, positions, mask, deterministic)
+                  dtype, pdtype, name='attention')(h, positions, mask, deterministic, decode, prefill,
+                                                prefill_lengths, max_decode_length)
     x = partitioning.with_sharding_constraint(x + h, _ACTIVATION_AXES)
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='pre_mlp_norm')(x)
     if self.use_moe:
@@ -64,8 +67,9 @@ def _remat(layer_cls, policy: str):
       'full': None,
       'dots_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   }[policy]
-  # deterministic (argument 5, counting self) decides Python control flow: keep it static.
-  return nn.remat(layer_cls, policy=checkpoint_policy, static_argnums=(5,))
+  # deterministic, decode, prefill and max_decode_length (arguments 5, 6, 7 and 9, counting
+  # self) decide Python control flow and shapes: keep them static.
+  return nn.remat(layer_cls, policy=checkpoint_policy, static_argnums=(5, 6, 7, 9))
 
 
 def combine_aux(per_layer: Dict[int, Dict[str, jax.Array]]) -> Dict[str, jax.Array]:
@@ -108,8 +112,23 @@ class Decoder(nn.Module):
                embeddings: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None,
-               deterministic: bool = True) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+               deterministic: bool = True,
+               decode: bool = False,
+               prefill: bool = False,
+               prefill_lengths: Optional[jax.Array] = None,
+               max_decode_length: Optional[int] = None
+               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Runs the decoder.
+
+    Incremental decoding (flax collection 'cache', see `Attention` and `init_cache`) has two
+    phases. `prefill=True` runs a whole prompt `[batch, prompt_len]` (tokens or embeddings,
+    right-padded; rows may differ in length) like the plain call and writes its keys/values
+    at cache positions `[0, prompt_len)`; `prefill_lengths` `[batch]` sets each row's next
+    cache position (default `prompt_len`; t5x's decoder-only models pass the prompt length
+    minus one and feed the last prompt token as the first step). Then `decode=True` runs one
+    token per row (`[batch, 1]`) at the row's cache position, its rotary position and causal
+    mask coming from the cache; `positions` and `segment_ids` must then be None. Call with
+    `mutable=['cache']`.
 
     Args:
       tokens: `[batch, length]` int32 ids, or None when `embeddings` is given (the multimodal
@@ -119,6 +138,10 @@ class Decoder(nn.Module):
         `decoder_segment_ids`. None: one sequence per row, no padding mask.
       positions: `[batch, length]` t5x's `decoder_positions`; default `arange(length)`.
       deterministic: False in training (dropout, router jitter).
+      decode: one cached step; `tokens` / `embeddings` of length 1.
+      prefill: write the prompt into the cache.
+      prefill_lengths: `[batch]` int32, prefill only.
+      max_decode_length: cache length when the cache is created (inside `init`).
     Returns:
       logits `[batch, length, vocab]` float32, and the MoE aux dict (`combine_aux`).
     """
@@ -129,13 +152,25 @@ class Decoder(nn.Module):
     x = embeddings.astype(self.config.compute_dtype)
     b, l, _ = x.shape
     x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    mask = causal_segment_mask(l, segment_ids)
-    padding_mask = None if segment_ids is None else (segment_ids > 0)
+    if decode and prefill:
+      raise ValueError('Decoder: decode and prefill are exclusive phases')
+    if decode:
+      if positions is not None or segment_ids is not None:
+        raise ValueError('Decoder: decode takes positions from the cache; pass no positions '
+                         'or segment_ids')
+      mask = padding_mask = None
+    else:
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+      mask = causal_segment_mask(l, segment_ids)
+      padding_mask = None if segment_ids is None else (segment_ids > 0)
+      if prefill and prefill_lengths is not None and segment_ids is None:
+        # Right padding of short prompts takes no part in router statistics or capacity.
+        padding_mask = jnp.arange(l)[None, :] < prefill_lengths[:, None]
     per_layer = {}
     for i, layer in enumerate(self.layers):
-      x, aux = layer(x, positions, mask, padding_mask, deterministic)
+      x, aux = layer(x, positions, mask, padding_mask, deterministic, decode, prefill,
+                     prefill_lengths, max_decode_length)
       if aux:
         per_layer[i] = aux
     x = self.decoder_norm(x)
@@ -143,3 +178,18 @@ class Decoder(nn.Module):
     logits = partitioning.with_sharding_constraint(
         logits, ('activation_batch', 'activation_length', 'activation_vocab'))
     return logits, combine_aux(per_layer)
+
+  @nn.nowrap
+  def init_cache(self, batch: int, max_length: int) -> Dict[str, Any]:
+    """A zero cache for `batch` rows of up to `max_length` positions (no parameters built).
+
+    Returns the 'cache' collection (`{'layers_i': {'attention': {cached_key, cached_value,
+    cache_index}}}`, leaves boxed with their logical axes); pass it as
+    `apply({'params': p, 'cache': cache}, ..., prefill=True, mutable=['cache'])`.
+    """
+    def make():
+      tokens = jnp.zeros((batch, 1), jnp.int32)
+      return self.init(jax.random.PRNGKey(0), tokens, prefill=True,
+                       max_decode_length=max_length)['cache']
+    shapes = jax.eval_shape(make)
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

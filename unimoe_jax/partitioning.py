@@ -54,6 +54,11 @@ LOGICAL_AXIS_RULES: Tuple[Tuple[str, Any], ...] = (
     ('lora_rank', None),
     ('norm', None),
     ('query_tokens', None),   # Learned query tokens of the Q-Former: few rows, replicated.
+    # The decoding KV cache (layers/attention.py).
+    ('cache_batch', ('data', 'expert')),
+    ('cache_length', None),
+    ('cache_kv_heads', 'model'),
+    ('cache_head_dim', None),
 )
 
 
