@@ -56,6 +56,28 @@ CHUNK_SAMPLES = {'speech': 480001, 'audio': 480000}
 BEATS_MIN_SAMPLES = 400  # one 25 ms Kaldi window
 
 
+def validate_feature_settings(settings, name: str, extra_positive=()) -> None:
+  """Checks the fields every feature-settings config shares (ManifestConfig, TfdsSettings):
+  modalities, image_mode, on_bad_example and the positive sizes; errors name `name.field`.
+  Normalises `modalities` to a tuple."""
+  unknown = [m for m in settings.modalities if m not in MODALITIES]
+  if unknown or len(set(settings.modalities)) != len(settings.modalities):
+    raise ValueError(f'{name}.modalities must be distinct entries of {MODALITIES}, '
+                     f'got {settings.modalities}')
+  object.__setattr__(settings, 'modalities', tuple(settings.modalities))
+  if settings.image_mode not in image_lib.PREPROCESS_MODES:
+    raise ValueError(f'{name}.image_mode must be one of {image_lib.PREPROCESS_MODES}, '
+                     f'got {settings.image_mode!r}')
+  if settings.on_bad_example not in ('raise', 'skip'):
+    raise ValueError(f"{name}.on_bad_example must be 'raise' or 'skip', got "
+                     f'{settings.on_bad_example!r}')
+  for field in ('image_size', 'video_frames', 'n_mels', 'audio_frames', *extra_positive,
+                'image_soft_tokens', 'video_soft_tokens', 'speech_soft_tokens',
+                'audio_soft_tokens'):
+    if getattr(settings, field) < 1:
+      raise ValueError(f'{name}.{field} must be positive, got {getattr(settings, field)}')
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ManifestConfig:
@@ -102,25 +124,10 @@ class ManifestConfig:
       object.__setattr__(self, 'splits', tuple(sorted(self.splits.items())))
     if not self.path and not self.splits:
       raise ValueError('ManifestConfig.path or ManifestConfig.splits must name a manifest')
-    unknown = [m for m in self.modalities if m not in MODALITIES]
-    if unknown or len(set(self.modalities)) != len(self.modalities):
-      raise ValueError(f'ManifestConfig.modalities must be distinct entries of {MODALITIES}, '
-                       f'got {self.modalities}')
-    object.__setattr__(self, 'modalities', tuple(self.modalities))
+    validate_feature_settings(self, 'ManifestConfig', extra_positive=('audio_max_chunks',))
     if self.voice_modality not in ('speech', 'audio'):
       raise ValueError(f"ManifestConfig.voice_modality must be 'speech' or 'audio', got "
                        f'{self.voice_modality!r}')
-    if self.image_mode not in image_lib.PREPROCESS_MODES:
-      raise ValueError(f'ManifestConfig.image_mode must be one of {image_lib.PREPROCESS_MODES}, '
-                       f'got {self.image_mode!r}')
-    if self.on_bad_example not in ('raise', 'skip'):
-      raise ValueError(f"ManifestConfig.on_bad_example must be 'raise' or 'skip', got "
-                       f'{self.on_bad_example!r}')
-    for name in ('image_size', 'video_frames', 'n_mels', 'audio_frames', 'audio_max_chunks',
-                 'image_soft_tokens', 'video_soft_tokens', 'speech_soft_tokens',
-                 'audio_soft_tokens'):
-      if getattr(self, name) < 1:
-        raise ValueError(f'ManifestConfig.{name} must be positive, got {getattr(self, name)}')
 
   def split_paths(self) -> Dict[str, str]:
     return dict(self.splits) if self.splits else {'train': self.path}

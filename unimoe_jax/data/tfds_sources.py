@@ -111,21 +111,7 @@ class TfdsSettings:
   on_bad_example: str = 'raise'
 
   def __post_init__(self):
-    object.__setattr__(self, 'modalities', tuple(self.modalities))
-    unknown = [m for m in self.modalities if m not in manifest_lib.MODALITIES]
-    if unknown or len(set(self.modalities)) != len(self.modalities):
-      raise ValueError(f'TfdsSettings.modalities must be distinct entries of '
-                       f'{manifest_lib.MODALITIES}, got {self.modalities}')
-    if self.image_mode not in image_lib.PREPROCESS_MODES:
-      raise ValueError(f'TfdsSettings.image_mode must be one of {image_lib.PREPROCESS_MODES}, '
-                       f'got {self.image_mode!r}')
-    if self.on_bad_example not in ('raise', 'skip'):
-      raise ValueError(f"TfdsSettings.on_bad_example must be 'raise' or 'skip', got "
-                       f'{self.on_bad_example!r}')
-    for name in ('image_size', 'video_frames', 'n_mels', 'audio_frames', 'image_soft_tokens',
-                 'video_soft_tokens', 'speech_soft_tokens', 'audio_soft_tokens'):
-      if getattr(self, name) < 1:
-        raise ValueError(f'TfdsSettings.{name} must be positive, got {getattr(self, name)}')
+    manifest_lib.validate_feature_settings(self, 'TfdsSettings')
 
   num_soft_tokens = manifest_lib.ManifestConfig.num_soft_tokens
   item_shape = manifest_lib.ManifestConfig.item_shape
