@@ -202,6 +202,3 @@ def test_official_renamed_tensor_fails_and_writes_nothing(tmp_path, tokenizer_pa
   assert not [p for p in os.listdir(tmp_path) if p.startswith('.out')]
 
 
-def test_media_flags_are_refused(tmp_path):
-  with pytest.raises(NotImplementedError, match='--image'):
-    score.main(['--checkpoint', str(tmp_path), '--text', 'x', '--image', 'a.png'])

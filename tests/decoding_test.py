@@ -256,3 +256,107 @@ def test_decode_rejects_positions():
   with pytest.raises(ValueError, match='positions'):
     model.apply({'params': params, 'cache': cache}, jnp.zeros((1, 1), jnp.int32), decode=True,
                 positions=jnp.zeros((1, 1), jnp.int32), mutable=['cache'])
+
+
+# ---------------------------------------------------------------------------------------------
+# The multimodal model: generate() over a UniMoE with an image tower.
+
+MM_STEPS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_unimoe():
+  from unimoe_jax.config import DecoderConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.encoders.clip import CLIPVisionConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.model import UniMoE, UniMoEConfig  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  cfg = UniMoEConfig(
+      decoder=DecoderConfig(vocab_size=97, embed_dim=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, mlp_dim=96, dtype='float32'),
+      vision=CLIPVisionConfig(image_size=32, patch_size=8, width=32, num_layers=2, num_heads=4,
+                              mlp_dim=64, select_layer=-2))
+  model = UniMoE(cfg)
+  batch = _mm_batch(cfg, [[5, 6], [7]], np.random.RandomState(0))
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), batch)['params'])
+  # Larger random weights than the init's, so that logits (and greedy choices) are far apart.
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  rng = np.random.RandomState(2)
+  leaves = [jnp.asarray(0.15 * rng.randn(*x.shape), x.dtype) for x in leaves]
+  return model, jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def _mm_batch(cfg, texts_after, rng, steps=MM_STEPS):
+  """Rows of BOS, 3 text ids, the image's placeholders, then `texts_after`; one image each."""
+  n = cfg.num_soft_tokens('image')
+  prompts = [[1, 11, 12, 13] + [cfg.image_token_id] * n + list(t) for t in texts_after]
+  length = max(map(len, prompts)) + steps
+  tokens = np.zeros((len(prompts), length), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  size = cfg.vision.image_size
+  return {'decoder_input_tokens': jnp.asarray(tokens),
+          'image_features': jnp.asarray(rng.randn(len(prompts), 1, size, size, 3), jnp.float32),
+          'image_mask': jnp.ones((len(prompts), 1), bool),
+          'prompt_lengths': jnp.asarray([len(p) for p in prompts], jnp.int32)}
+
+
+def _mm_generate(model, params, batch, rng=None, **kwargs):
+  lengths = batch['prompt_lengths']
+  batch = {k: v for k, v in batch.items() if k != 'prompt_lengths'}
+  return _jitted_generate(model, tuple(sorted(kwargs.items())))(params, batch, lengths, rng)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_generate(model, kwargs):
+  return jax.jit(lambda p, b, n, rng: decoding.generate(model, p, b, n, rng=rng, **dict(kwargs)))
+
+
+def test_generate_multimodal_greedy_equals_argmax_loop_without_cache():
+  model, params = _tiny_unimoe()
+  batch = _mm_batch(model.config, [[21, 22], [23]], np.random.RandomState(5))
+  seqs, scores = _mm_generate(model, params, batch, max_decode_steps=MM_STEPS, eos_id=NO_EOS)
+  forward = jax.jit(lambda p, b: model.apply({'params': p}, b)[0])
+  media = {k: v for k, v in batch.items() if k.startswith('image_')}
+  expected = np.array(batch['decoder_input_tokens'])
+  lengths = np.asarray(batch['prompt_lengths'])
+  log_probs = np.zeros(len(lengths))
+  for step in range(MM_STEPS):
+    logits = forward(params, {'decoder_input_tokens': jnp.asarray(expected), **media})
+    for row, n in enumerate(lengths):
+      row_logits = logits[row, n + step - 1]
+      expected[row, n + step] = int(jnp.argmax(row_logits))
+      log_probs[row] += float(jax.nn.log_softmax(row_logits)[expected[row, n + step]])
+  np.testing.assert_array_equal(np.asarray(seqs), expected)
+  np.testing.assert_allclose(np.asarray(scores), log_probs, atol=1e-4, rtol=1e-5)
+  # Non-trivial continuations: not one token repeated.
+  assert len(set(expected[0, lengths[0]:].tolist())) > 1
+  # The image matters: another image changes the logits at the prompt's last position and
+  # the first generated tokens of at least one row.
+  other = dict(batch, image_features=batch['image_features'][::-1])
+  other_logits = forward(params, {'decoder_input_tokens': batch['decoder_input_tokens'],
+                                  'image_features': other['image_features'],
+                                  'image_mask': batch['image_mask']})
+  first = forward(params, {'decoder_input_tokens': batch['decoder_input_tokens'], **media})
+  rows = np.arange(len(lengths))
+  diff = np.abs(np.asarray(first[rows, lengths - 1] - other_logits[rows, lengths - 1])).max()
+  assert diff > 1e-2, diff
+  other_seqs, _ = _mm_generate(model, params, other, max_decode_steps=MM_STEPS, eos_id=NO_EOS)
+  assert not np.array_equal(np.asarray(other_seqs), np.asarray(seqs))
+
+
+@pytest.mark.slow
+def test_generate_multimodal_beam_and_sample():
+  model, params = _tiny_unimoe()
+  batch = _mm_batch(model.config, [[21, 22], [23]], np.random.RandomState(5), steps=4)
+  greedy, _ = _mm_generate(model, params, batch, max_decode_steps=4, eos_id=NO_EOS)
+  beam1, _ = _mm_generate(model, params, batch, max_decode_steps=4, eos_id=NO_EOS,
+                          method='beam', num_beams=1)
+  np.testing.assert_array_equal(np.asarray(beam1), np.asarray(greedy))
+  top1, _ = _mm_generate(model, params, batch, max_decode_steps=4, eos_id=NO_EOS,
+                         method='sample', top_k=1, temperature=2.0, rng=jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
+  beam4, scores = _mm_generate(model, params, batch, max_decode_steps=4, eos_id=NO_EOS,
+                               method='beam', num_beams=4)
+  assert beam4.shape == greedy.shape and scores.shape == (2,)
+  with pytest.raises(ValueError, match='rng'):
+    _mm_generate(model, params, batch, max_decode_steps=4, eos_id=NO_EOS, method='sample')

@@ -5,7 +5,8 @@ r"""Converts a Hugging Face or official Uni-MoE checkpoint directory into a unim
         --base /ckpt/llava-base --merge_lora --output /out/unimoe
 
 --source hf: LlamaForCausalLM / Vicuna / MixtralForCausalLM (`save_pretrained` layout:
-config.json + safetensors or .bin, sharded or not).
+config.json + safetensors or .bin, sharded or not), or LlavaForConditionalGeneration
+(model_type 'llava': CLIP tower + projector + LLaMA; config.gin then binds MODEL_CONFIG too).
 --source unimoe: the official Uni-MoE layout (LLaMA base + MoE experts + PEFT LoRA +
 `mm_projector`): the weights of --input (and of --base, read first, when the adapters were
 saved apart from the base model, as the official LoRA runs do) plus any of
@@ -35,8 +36,10 @@ from unimoe_jax import checkpoint
 from unimoe_jax.config import DecoderConfig
 from unimoe_jax.convert import hf
 from unimoe_jax.convert import io as ckpt_io
+from unimoe_jax.convert import llava
 from unimoe_jax.convert import official
 from unimoe_jax.decoder import Decoder
+from unimoe_jax.model import UniMoE, UniMoEConfig
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Files the official training scripts write beside (or instead of) the model weights, in the
@@ -95,6 +98,29 @@ def check_against_model(params: Dict[str, Any], cfg: DecoderConfig):
                      f'unexpected {extra}, wrong shapes {shapes}')
 
 
+def check_model_against_model(params: Dict[str, Any], model_cfg: UniMoEConfig):
+  """Like `check_against_model`, for the whole `UniMoE(model_cfg)` tree."""
+  def init():
+    batch = {'decoder_input_tokens': jax.numpy.zeros((1, 1), jax.numpy.int32)}
+    if model_cfg.vision is not None:
+      size = model_cfg.vision.image_size
+      batch['image_features'] = jax.numpy.zeros((1, 1, size, size, 3))
+      batch['image_mask'] = jax.numpy.ones((1, 1), bool)
+    return UniMoE(model_cfg).init(jax.random.PRNGKey(0), batch)
+  expected = nn.meta.unbox(jax.eval_shape(init)['params'])
+  flat_expected = {jax.tree_util.keystr(k): tuple(v.shape)
+                   for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  flat_got = {jax.tree_util.keystr(k): tuple(v.shape)
+              for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  missing = sorted(set(flat_expected) - set(flat_got))
+  extra = sorted(set(flat_got) - set(flat_expected))
+  shapes = sorted(f'{k}: {flat_got[k]} != {flat_expected[k]}'
+                  for k in set(flat_got) & set(flat_expected) if flat_got[k] != flat_expected[k])
+  if missing or extra or shapes:
+    raise ValueError(f'converted params do not match the model: missing {missing}, '
+                     f'unexpected {extra}, wrong shapes {shapes}')
+
+
 def _official_state_dict(input_dir: str, base_dir: Optional[str]) -> ckpt_io.LazyStateDict:
   parts = []
   if base_dir:
@@ -114,9 +140,24 @@ def _official_state_dict(input_dir: str, base_dir: Optional[str]) -> ckpt_io.Laz
   return merged
 
 
+def convert_llava(input_dir: str, dtype: str = 'bfloat16', param_dtype: str = 'float32'):
+  """(params tree, UniMoEConfig, number of source tensors, source parameter count) of a HF
+  LlavaForConditionalGeneration directory."""
+  hf_config = ckpt_io.read_config(input_dir)
+  state_dict = ckpt_io.open_state_dict(input_dir)
+  model_cfg = llava.config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+  params = llava.params_from_hf(state_dict, model_cfg)
+  check_model_against_model(params, model_cfg)
+  count, size = ckpt_io.total_bytes(state_dict)
+  return params, model_cfg, count, size
+
+
 def convert(source: str, input_dir: str, merge_lora: bool = False, base_dir: Optional[str] = None,
             dtype: str = 'bfloat16', param_dtype: str = 'float32'):
-  """(params tree, DecoderConfig, number of source tensors, source parameter count)."""
+  """(params tree, DecoderConfig, number of source tensors, source parameter count).
+
+  Language models only; `convert_llava` converts LLaVA (`main` picks it by model_type).
+  """
   dtypes = dict(dtype=dtype, param_dtype=param_dtype)
   if source == 'hf':
     hf_config = ckpt_io.read_config(input_dir)
@@ -157,10 +198,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   if os.path.exists(args.output):
     raise FileExistsError(f'--output {args.output} already exists')
-  params, cfg, count, size = convert(args.source, args.input, args.merge_lora, args.base,
-                                     args.dtype, args.param_dtype)
+  model_cfg = None
+  if (args.source == 'hf' and
+      ckpt_io.read_config(args.input).get('model_type') == 'llava'):
+    params, model_cfg, count, size = convert_llava(args.input, args.dtype, args.param_dtype)
+    cfg = model_cfg.decoder
+  else:
+    params, cfg, count, size = convert(args.source, args.input, args.merge_lora, args.base,
+                                       args.dtype, args.param_dtype)
   extra_lines = []
-  if 'vision_projector' in params:
+  if 'vision_projector' in params and model_cfg is None:
     kind = ckpt_io.read_config(args.input).get('mm_projector_type', 'linear')
     extra_lines = ['', '# The checkpoint also holds the vision projector of this kind:',
                    '# model.UniMoEConfig.vision_projector = ' + repr(kind)]
@@ -169,11 +216,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tokenizer = directory and os.path.join(directory, checkpoint.TOKENIZER_FILE)
     if tokenizer and os.path.exists(tokenizer) and not files:
       files[checkpoint.TOKENIZER_FILE] = tokenizer
-  checkpoint.save(args.output, params, gin_config_text(cfg, args.source, extra_lines), files)
+  gin_text = (llava.model_gin_text(model_cfg, args.source) if model_cfg is not None
+              else gin_config_text(cfg, args.source, extra_lines))
+  checkpoint.save(args.output, params, gin_text, files)
   summary = {'output': os.path.abspath(args.output), 'source': args.source,
              'source_tensors': count, 'source_parameters': size,
              'converted_parameters': int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
              'moe': cfg.moe is not None, 'lora_kept': cfg.lora is not None,
+             'modalities': list(model_cfg.modalities) if model_cfg else [],
              'tokenizer_copied': bool(files),
              'peak_rss_mib': round(ckpt_io.peak_rss_bytes() / 2**20, 1)}
   print(json.dumps(summary))

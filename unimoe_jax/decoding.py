@@ -32,6 +32,9 @@ from typing import Any, Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from unimoe_jax.decoder import Decoder
+from unimoe_jax.model import UniMoE
+
 NEG_INF = -1.0e10
 TokensToLogits = Callable[[jax.Array, Any, jax.Array], Tuple[jax.Array, Any]]
 
@@ -259,3 +262,78 @@ def prefill_cache(decoder, params, prompt: Optional[jax.Array], prompt_lengths: 
   _, variables = decoder.apply({'params': params, 'cache': cache}, prompt, embeddings=embeddings,
                                prefill=True, prefill_lengths=initial_index, mutable=['cache'])
   return variables['cache'], initial_index
+
+
+# ----------------------------------------------------------------------------------------------
+# The multimodal model: media soft tokens spliced into the prompt, then the decoder's cache.
+
+GENERATE_METHODS = ('greedy', 'sample', 'beam')
+
+
+def prefill_multimodal(model, params, batch, prompt_lengths: jax.Array, max_length: int
+                       ) -> Tuple[Any, jax.Array]:
+  """Embeds a multimodal prompt (media spliced in) and prefills the decoder's cache with it.
+
+  Args:
+    model: a `UniMoE` (unimoe_jax.model).
+    params: its unboxed params (`{'decoder': ..., 'vision_tower': ..., ...}`).
+    batch: the project's batch format: `decoder_input_tokens` `[batch, length]` holds each
+      row's prompt (placeholders expanded to `num_soft_tokens(m)` ids) right-padded, plus
+      `<m>_features` / `<m>_mask` of its media.
+    prompt_lengths: `[batch]` int, >= 1. The last prompt token of each row is fed as the first
+      decoding step through the token embedding, so it must be a text token, not a
+      placeholder (a Vicuna prompt ends with "ASSISTANT:").
+    max_length: the cache length, >= length (the decode buffer's length).
+  Returns:
+    the decoder cache and `initial_index` `[batch]` (= prompt_lengths - 1).
+  """
+  length = batch['decoder_input_tokens'].shape[1]
+  if max_length < length:
+    raise ValueError(f'prefill_multimodal: max_length={max_length} is shorter than the '
+                     f'prompt buffer ({length})')
+  embeddings = model.apply({'params': params}, batch, method=UniMoE.embed)
+  return prefill_cache(Decoder(model.config.decoder), params['decoder'], None, prompt_lengths,
+                       max_length, embeddings=embeddings)
+
+
+def generate(model, params, batch, prompt_lengths: jax.Array, *, max_decode_steps: int,
+             eos_id: int, pad_id: int = 0, method: str = 'greedy', temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, num_beams: int = 4, alpha: float = 0.6,
+             rng: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+  """Decodes continuations of multimodal prompts with a `UniMoE`.
+
+  `batch['decoder_input_tokens']` `[batch, length]` is the decode buffer: each row's prompt
+  (see `prefill_multimodal`) at its start, room for the new tokens after it; at most
+  `max_decode_steps` tokens (and never past `length`) are produced per row. Every argument
+  but `params`, `batch`, `prompt_lengths` and `rng` is static, so
+  `jax.jit(functools.partial(generate, model, **static))` compiles once per batch shape.
+
+  Args:
+    method: 'greedy'; 'sample' (temperature, then top_k > 0 and top_p < 1 truncation; needs
+      `rng`); 'beam' (num_beams, brevity penalty alpha).
+  Returns:
+    sequences `[batch, length]` int32 (prompt, generated tokens up to and including EOS, then
+    `pad_id`) and scores `[batch]` float32: the summed log-probabilities of the generated
+    tokens (greedy / sample), or the best beam's length-normalised score (beam).
+  """
+  if method not in GENERATE_METHODS:
+    raise ValueError(f'generate: method must be one of {GENERATE_METHODS}, got {method!r}')
+  inputs = jnp.asarray(batch['decoder_input_tokens'], jnp.int32)
+  cache, initial_index = prefill_multimodal(model, params, batch, prompt_lengths,
+                                            inputs.shape[1])
+  tokens_to_logits = decoder_tokens_to_logits(Decoder(model.config.decoder),
+                                              params['decoder'])
+  common = dict(initial_index=initial_index, max_decode_steps=max_decode_steps, pad_id=pad_id)
+  if method == 'beam':
+    seqs, scores = beam_search(inputs, cache, tokens_to_logits, eos_id, num_beams=num_beams,
+                               alpha=alpha, **common)
+    return seqs[:, -1], scores[:, -1]
+  if method == 'greedy':
+    return greedy_decode(inputs, cache, tokens_to_logits, eos_id, **common)
+  if temperature <= 0:
+    raise ValueError(f"generate: method='sample' needs temperature > 0, got {temperature}")
+  if rng is None:
+    raise ValueError("generate: method='sample' needs rng")
+  return temperature_sample(inputs, cache, tokens_to_logits, eos_id, decode_rng=rng,
+                            temperature=temperature, topk=top_k,
+                            topp=top_p if top_p < 1.0 else 0.0, **common)

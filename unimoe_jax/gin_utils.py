@@ -1,0 +1,99 @@
+"""t5x-style command lines for gin: `--gin_file` (repeatable), `--gin.NAME=VALUE`,
+`--gin_bindings`, `--gin_search_paths`, with errors before any compute.
+
+Gin already rejects an unknown configurable or parameter (`--gin.train.train_step=5`). A
+misspelt *macro* (`--gin.TRAIN_STEP=5`) would silently define a new macro that nothing reads;
+`parse` rejects that too, naming the closest macro the configuration does use.
+"""
+
+import ast
+import difflib
+import importlib
+import re
+from typing import Iterable, List, Sequence, Tuple
+
+import gin
+from gin import config as gin_config
+
+import unimoe_jax
+
+_GIN_FLAG = re.compile(r'^--gin\.([^=]+)=(.*)$', re.DOTALL)
+
+
+def split_gin_args(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+  """(other args, gin bindings): `--gin.NAME=VALUE` becomes the binding `NAME = VALUE`."""
+  rest, bindings = [], []
+  for arg in argv:
+    match = _GIN_FLAG.match(arg)
+    if match:
+      bindings.append(f'{match.group(1)} = {match.group(2)}')
+    else:
+      rest.append(arg)
+  return rest, bindings
+
+
+def _referenced_macros(value, found):
+  if isinstance(value, gin_config.ConfigurableReference):
+    if value.scoped_selector.endswith('/gin.macro'):
+      found.add(value.scoped_selector.rsplit('/', 1)[0])
+    return
+  if isinstance(value, dict):
+    for v in value.values():
+      _referenced_macros(v, found)
+  elif isinstance(value, (list, tuple, set)):
+    for v in value:
+      _referenced_macros(v, found)
+
+
+def referenced_macros() -> set:
+  found = set()
+  for params in gin_config._CONFIG.values():  # pylint: disable=protected-access
+    _referenced_macros(params, found)
+  return found
+
+
+def defined_macros() -> set:
+  return {scope for (scope, selector) in gin_config._CONFIG  # pylint: disable=protected-access
+          if selector == 'gin.macro'}
+
+
+def task_modules(bindings: Sequence[str], default: Sequence[str] = ('unimoe_jax.tasks',)
+                 ) -> List[str]:
+  """Modules that register tasks: the default plus any `MIXTURE_OR_TASK_MODULE` binding."""
+  modules = list(default)
+  for binding in bindings:
+    name, _, value = binding.partition('=')
+    if name.strip() == 'MIXTURE_OR_TASK_MODULE':
+      try:
+        value = ast.literal_eval(value.strip())
+      except (ValueError, SyntaxError) as e:
+        raise ValueError(f'MIXTURE_OR_TASK_MODULE must be a quoted module name, got '
+                         f'{value.strip()}') from e
+      modules.extend([value] if isinstance(value, str) else list(value))
+  return modules
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str],
+          search_paths: Iterable[str] = (), import_modules: Sequence[str] = ()) -> None:
+  """Parses files then bindings (in order), like t5x; finalizes the config.
+
+  `import_modules` (e.g. `task_modules(bindings)`) are imported first, so that their
+  configurables (a task's data folder, ...) can be bound. Raises gin's own error for unknown
+  names, and ValueError for a binding of a macro that no configuration references.
+  """
+  for module in import_modules:
+    importlib.import_module(module)
+  for path in list(search_paths) + unimoe_jax.gin_search_paths():
+    gin.add_config_file_search_path(path)
+  gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+  used = referenced_macros()
+  defined = defined_macros()
+  for binding in bindings:
+    name = binding.split('=', 1)[0].strip()
+    if '.' in name or '/' in name or not name.isidentifier():
+      continue
+    if name not in used:
+      close = difflib.get_close_matches(name, sorted(used | defined), n=3)
+      hint = f'; did you mean {" or ".join(close)}?' if close else ''
+      raise ValueError(f'gin binding {name} = ... sets a macro that no configuration uses{hint}')
+  gin.finalize()

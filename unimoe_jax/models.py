@@ -1,0 +1,302 @@
+"""`UniMoEModel`: the t5x model interface over `model.UniMoE`.
+
+t5x's train / eval / infer binaries (and `unimoe_jax.train`, which drives the same methods)
+call, with t5x's signatures and batch keys:
+
+    get_initial_variables(rng, input_shapes, input_types=None) -> {'params': ...}
+    loss_fn(params, batch, dropout_rng) -> (loss, metrics)
+    eval_fn(params, batch) -> (loss, metrics)
+    predict_batch(params, batch, rng=None) -> decodes [batch, length]
+    predict_batch_with_aux(params, batch, rng=None, *, return_all_decodes=False,
+                           num_decodes=1, prompt_with_targets=False) -> (decodes, aux)
+    score_batch(params, batch, return_intermediates=False) -> [batch] log-likelihoods
+    FEATURE_CONVERTER_CLS, input_vocabulary, output_vocabulary, optimizer_def
+
+The batch is the project's one format (docs/architecture.md): `decoder_input_tokens`,
+`decoder_target_tokens`, `decoder_loss_weights`, optional `decoder_segment_ids`,
+`decoder_positions`, `decoder_causal_attention`, and `<m>_features` / `<m>_mask` per modality.
+`metrics` are `clu.metrics` objects (t5x merges them with `Metric.merge`); clu is imported
+lazily, since the core imports only jax, flax, optax, numpy and gin at module level.
+
+Prediction takes each row's prompt from `decoder_causal_attention` when the feature converter
+provides it (t5x: 1 on the prompt and on the first target input position) and otherwise from
+the loss weights: the prompt is every target token before the row's first loss-weighted
+token (BOS, the rendered conversation, the answer's "ASSISTANT:" prefix). Decodes hold only
+the generated tokens, as t5x's decoder-only model returns them.
+"""
+
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimoe_jax import decoding
+from unimoe_jax.model import MODALITIES, UniMoE, UniMoEConfig
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+LOSS_NORMALIZERS = ('NUM_REAL_TARGET_TOKENS', 'NUM_TOTAL_TARGET_TOKENS', 'SUM')
+
+
+def _default_dtype(key: str):
+  if key.endswith('_mask'):
+    return np.bool_
+  if key.endswith('_features') or key == 'decoder_loss_weights':
+    return np.float32
+  return np.int32
+
+
+def cross_entropy(logits: Array, targets: Array, z_loss: float = 0.0,
+                  label_smoothing: float = 0.0) -> Tuple[Array, Array]:
+  """Per-token (cross-entropy + z-loss, z-loss), float32 `[batch, length]`.
+
+  z_loss adds `z_loss * log(sum(exp(logits)))**2` (PaLM / t5x). Label smoothing spreads
+  `label_smoothing` uniformly over the vocabulary; the constant entropy term is subtracted so
+  that a perfect prediction scores 0, as t5x does.
+  """
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  log_probs = logits - log_z[..., None]
+  confidence = 1.0 - label_smoothing
+  low = label_smoothing / max(vocab - 1, 1)
+  target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  loss = -confidence * target_log_prob
+  if label_smoothing > 0:
+    loss = loss - low * (jnp.sum(log_probs, axis=-1) - target_log_prob)
+    normalizer = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+    loss = loss - normalizer
+  z = z_loss * jnp.square(log_z)
+  return loss + z, z
+
+
+def prompt_lengths(batch: Batch) -> Array:
+  """`[batch]` int32: the number of prompt tokens at the start of `decoder_target_tokens`."""
+  if 'decoder_causal_attention' in batch:
+    # t5x's convention: 1 on the inputs and on the first target *input* position.
+    return jnp.maximum(jnp.sum(batch['decoder_causal_attention'], axis=-1).astype(jnp.int32) - 1,
+                       1)
+  weights = batch['decoder_loss_weights'] > 0
+  first = jnp.argmax(weights, axis=-1).astype(jnp.int32)
+  # A row with no answer token is all prompt (its real length).
+  real = jnp.sum(batch['decoder_target_tokens'] > 0, axis=-1).astype(jnp.int32)
+  return jnp.maximum(jnp.where(jnp.any(weights, axis=-1), first, real), 1)
+
+
+@gin.configurable
+class UniMoEModel:
+  """t5x's decoder-only model interface for `UniMoE` (text-only models too: no encoders).
+
+  Args:
+    config: the model (`MODEL_CONFIG` in gin).
+    vocabulary: seqio vocabulary used for inputs and outputs (placeholders included).
+    optimizer_def: what the driving binary optimises with: an optax
+      `GradientTransformation` factory for `unimoe_jax.train`, t5x's `OptaxWrapper` under t5x.
+    z_loss, label_smoothing: as t5x's `BaseTransformerModel`.
+    loss_normalizing_factor: 'NUM_REAL_TARGET_TOKENS' (default: mean over loss-weighted
+      tokens, as Hugging Face and the official code compute it), 'NUM_TOTAL_TARGET_TOKENS'
+      (t5x's tokens of the whole batch incl. padding), 'SUM', or a float to divide by.
+    decode_method, max_decode_steps, temperature, top_k, top_p, num_beams, beam_alpha: how
+      `predict_batch_with_aux` decodes (greedy by default, as the paper evaluates).
+  """
+
+  def __init__(self, config: UniMoEConfig = gin.REQUIRED, vocabulary: Any = None,
+               optimizer_def: Any = None, z_loss: float = 0.0, label_smoothing: float = 0.0,
+               loss_normalizing_factor: Union[str, float] = 'NUM_REAL_TARGET_TOKENS',
+               decode_method: str = 'greedy', max_decode_steps: Optional[int] = None,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               num_beams: int = 4, beam_alpha: float = 0.6):
+    if isinstance(loss_normalizing_factor, str) and loss_normalizing_factor not in LOSS_NORMALIZERS:
+      raise ValueError(f'UniMoEModel.loss_normalizing_factor must be one of {LOSS_NORMALIZERS} or '
+                       f'a number, got {loss_normalizing_factor!r}')
+    if decode_method not in ('greedy', 'sample', 'beam'):
+      raise ValueError(f"UniMoEModel.decode_method must be 'greedy', 'sample' or 'beam', got "
+                       f'{decode_method!r}')
+    self.config = config
+    self.module = UniMoE(config)
+    self._vocabulary = vocabulary
+    self.optimizer_def = optimizer_def
+    self.z_loss = z_loss
+    self.label_smoothing = label_smoothing
+    self.loss_normalizing_factor = loss_normalizing_factor
+    self.decode_method = decode_method
+    self.max_decode_steps = max_decode_steps
+    self.decode_kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                              num_beams=num_beams, alpha=beam_alpha)
+
+  # ---- vocabularies and features ---------------------------------------------------------
+  @property
+  def input_vocabulary(self):
+    return self._vocabulary
+
+  @property
+  def output_vocabulary(self):
+    return self._vocabulary
+
+  @property
+  def FEATURE_CONVERTER_CLS(self):  # pylint: disable=invalid-name
+    # The converter lives on the TensorFlow side (data/); only the data path asks for it.
+    from unimoe_jax.data.feature_converter import MultimodalDecoderFeatureConverter  # pylint: disable=g-import-not-at-top
+    return MultimodalDecoderFeatureConverter
+
+  # ---- initialisation ------------------------------------------------------------------
+  def dummy_batch(self, input_shapes: Mapping[str, Tuple[int, ...]],
+                  input_types: Optional[Mapping[str, Any]] = None) -> Dict[str, np.ndarray]:
+    input_types = input_types or {}
+    batch = {}
+    for key, shape in input_shapes.items():
+      dtype = input_types.get(key)
+      dtype = getattr(dtype, 'as_numpy_dtype', dtype) or _default_dtype(key)
+      batch[key] = np.ones(shape, dtype) if key.endswith('_mask') else np.zeros(shape, dtype)
+    return batch
+
+  def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, Tuple[int, ...]],
+                            input_types: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Variables (params boxed with their logical axes) for batches of `input_shapes`.
+
+    Media keys in `input_shapes` (`image_features` ...) build their encoders' variables too;
+    a model whose config has an encoder always gets its parameters (shapes of the features are
+    taken from the config when the batch does not name them).
+    """
+    batch = self.dummy_batch(self._with_media_shapes(input_shapes), input_types)
+    params_rng, dropout_rng = jax.random.split(rng)
+    return self.module.init({'params': params_rng, 'dropout': dropout_rng}, batch,
+                            deterministic=True)
+
+  def _with_media_shapes(self, input_shapes):
+    shapes = dict(input_shapes)
+    batch = shapes['decoder_input_tokens'][0]
+    for m in self.config.modalities:
+      if f'{m}_features' not in shapes:
+        shapes[f'{m}_features'] = (batch, 1) + self.item_shape(m)
+        shapes[f'{m}_mask'] = (batch, 1)
+    return shapes
+
+  def item_shape(self, modality: str) -> Tuple[int, ...]:
+    """A valid shape of one item of `<modality>_features` (no batch and items axes).
+
+    Parameter shapes do not depend on the number of video frames or audio frames, so the
+    smallest valid counts are used.
+    """
+    cfg = self.config
+    if modality == 'image':
+      return (cfg.vision.image_size, cfg.vision.image_size, 3)
+    if modality == 'video':
+      return (1, cfg.vision.image_size, cfg.vision.image_size, 3)
+    if modality == 'speech':
+      return (2 * cfg.speech_encoder.max_source_positions, cfg.speech_encoder.num_mel_bins)
+    if modality == 'audio':
+      return (2 * cfg.audio_encoder.input_patch_size, cfg.audio_encoder.num_mel_bins)
+    raise ValueError(f'unknown modality {modality!r}; expected one of {MODALITIES}')
+
+  # ---- training and evaluation ---------------------------------------------------------
+  def _compute_logits(self, params, batch: Batch, dropout_rng: Optional[Array] = None):
+    rngs = None if dropout_rng is None else {'dropout': dropout_rng}
+    return self.module.apply({'params': params}, batch, deterministic=dropout_rng is None,
+                             rngs=rngs)
+
+  def _normalizer(self, weights: Array) -> Array:
+    factor = self.loss_normalizing_factor
+    if factor == 'NUM_REAL_TARGET_TOKENS':
+      return jnp.maximum(jnp.sum(weights), 1.0)
+    if factor == 'NUM_TOTAL_TARGET_TOKENS':
+      return jnp.asarray(weights.size, jnp.float32)
+    if factor == 'SUM':
+      return jnp.asarray(1.0, jnp.float32)
+    return jnp.asarray(float(factor), jnp.float32)
+
+  def loss_fn(self, params, batch: Batch, dropout_rng: Optional[Array]):
+    """(scalar loss, metrics). The loss is the normalised cross-entropy (+ z-loss) of the
+    loss-weighted target tokens plus the MoE auxiliary loss (coefficients in MoEConfig)."""
+    from clu import metrics as clu_metrics  # pylint: disable=g-import-not-at-top
+    logits, aux = self._compute_logits(params, batch, dropout_rng)
+    targets = batch['decoder_target_tokens']
+    weights = batch.get('decoder_loss_weights')
+    weights = (targets > 0).astype(jnp.float32) if weights is None else weights.astype(jnp.float32)
+    token_loss, token_z = cross_entropy(logits, targets, self.z_loss, self.label_smoothing)
+    normalizer = self._normalizer(weights)
+    cross_ent = jnp.sum(token_loss * weights) / normalizer
+    z_loss = jnp.sum(token_z * weights) / normalizer
+    moe_loss = aux.get('aux_loss', jnp.zeros((), jnp.float32))
+    loss = cross_ent + moe_loss
+
+    num_tokens = jnp.sum(weights)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    average = clu_metrics.Average.from_model_output
+    metrics = {
+        'loss': average(loss),
+        'cross_ent_loss': average(cross_ent),
+        'z_loss': average(z_loss),
+        'accuracy': clu_metrics.Average(total=jnp.sum(correct * weights), count=num_tokens),
+        'cross_ent_loss_per_target_token': clu_metrics.Average(
+            total=jnp.sum((token_loss - token_z) * weights), count=num_tokens),
+        'num_target_tokens': clu_metrics.Average(total=num_tokens, count=jnp.ones((), jnp.int32)),
+        'num_sequences': average(jnp.sum(jnp.any(weights > 0, axis=-1)).astype(jnp.float32)),
+    }
+    for key in ('aux_loss', 'load_balance_loss', 'router_z_loss', 'drop_fraction',
+                'router_entropy'):
+      if key in aux:
+        metrics[f'moe/{key}'] = average(aux[key].astype(jnp.float32))
+    if 'expert_fraction' in aux:
+      fraction = aux['expert_fraction']  # [moe layers, experts]
+      for e in range(fraction.shape[-1]):
+        metrics[f'moe/expert_load/expert_{e}'] = average(jnp.mean(fraction[:, e]))
+    return loss, metrics
+
+  def eval_fn(self, params, batch: Batch):
+    return self.loss_fn(params, batch, dropout_rng=None)
+
+  def score_batch(self, params, batch: Batch, return_intermediates: bool = False):
+    """`[batch]` sum of log p(target) over loss-weighted tokens (t5x's sequence score)."""
+    logits, aux = self._compute_logits(params, batch)
+    targets = batch['decoder_target_tokens']
+    weights = batch.get('decoder_loss_weights')
+    weights = (targets > 0).astype(jnp.float32) if weights is None else weights
+    token_loss, _ = cross_entropy(logits, targets)
+    scores = -jnp.sum(token_loss * weights, axis=-1)
+    if return_intermediates:
+      return scores, {'logits': logits, 'aux': aux}
+    return scores
+
+  # ---- decoding ------------------------------------------------------------------------
+  def predict_batch(self, params, batch: Batch, rng: Optional[Array] = None) -> Array:
+    return self.predict_batch_with_aux(params, batch, rng=rng)[0]
+
+  def predict_batch_with_aux(self, params, batch: Batch, rng: Optional[Array] = None, *,
+                             return_all_decodes: bool = False, num_decodes: int = 1,
+                             prompt_with_targets: bool = False
+                             ) -> Tuple[Array, Dict[str, Array]]:
+    """Decodes an answer for each row's prompt with the KV cache (the paper: greedy).
+
+    Returns `decodes [batch, length]` (generated tokens only, EOS included, then 0) and
+    `{'scores': [batch]}` (log-probability of each decode; beam search: its beam score).
+    """
+    del prompt_with_targets  # The prompt is always read from the target buffer.
+    if num_decodes != 1 or return_all_decodes:
+      raise ValueError('UniMoEModel.predict_batch_with_aux returns one decode per row; '
+                       'use decode_method="beam" for several hypotheses')
+    targets = batch['decoder_target_tokens']
+    length = targets.shape[1]
+    lengths = prompt_lengths(batch)
+    keep = jnp.arange(length)[None, :] < lengths[:, None]
+    prompt_batch = dict(batch)
+    prompt_batch['decoder_input_tokens'] = jnp.where(keep, targets, 0)
+    for key in ('decoder_segment_ids', 'decoder_positions', 'decoder_causal_attention'):
+      prompt_batch.pop(key, None)
+    eos_id = getattr(self._vocabulary, 'eos_id', 1)
+    max_steps = self.max_decode_steps or length
+    sequences, scores = decoding.generate(
+        self.module, params, prompt_batch, lengths, max_decode_steps=max_steps, eos_id=eos_id,
+        method=self.decode_method, rng=rng, **self.decode_kwargs)
+    # Drop the prompt: row b's answer starts at lengths[b].
+    index = jnp.arange(length)[None, :] + lengths[:, None]
+    decodes = jnp.take_along_axis(sequences, jnp.minimum(index, length - 1), axis=1)
+    decodes = jnp.where(index < length, decodes, 0)
+    return decodes, {'scores': scores}
+
+
+def make_model(config: UniMoEConfig, vocabulary: Any = None, **kwargs) -> UniMoEModel:
+  return UniMoEModel(config, vocabulary=vocabulary, **kwargs)

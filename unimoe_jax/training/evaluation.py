@@ -1,0 +1,104 @@
+"""Evaluation with seqio's Evaluator: the model's predict / score functions over a mixture.
+
+Every process builds the same (unsharded) evaluation batches and places its own shards of them
+(`make_array_from_callback`), so the jitted predict step runs collectively on a multi-host mesh
+and its replicated outputs are read on every host; process 0 computes the metrics.
+"""
+
+import time
+from typing import Dict, Mapping, Optional
+
+from absl import logging
+import jax
+import numpy as np
+import seqio
+from jax.sharding import NamedSharding, PartitionSpec
+
+from unimoe_jax import partitioning
+from unimoe_jax.data import pipeline
+
+
+def global_batch(mesh, batch: Mapping[str, np.ndarray]) -> Dict[str, jax.Array]:
+  """A host-complete numpy batch -> global arrays split on the batch axes of the mesh."""
+  spec = partitioning.logical_to_mesh_spec(('activation_batch',))
+  out = {}
+  for key, value in batch.items():
+    sharding = NamedSharding(mesh, PartitionSpec(*spec, *([None] * (value.ndim - 1))))
+    out[key] = jax.make_array_from_callback(value.shape, sharding, lambda i, v=value: v[i])
+  return out
+
+
+class ModelEvaluator:
+  """Runs `model.predict_batch_with_aux` / `score_batch` for a seqio Evaluator."""
+
+  def __init__(self, model, mesh, params_shardings, batch_size: int):
+    self.model, self.mesh, self.batch_size = model, mesh, batch_size
+    replicated = NamedSharding(mesh, PartitionSpec())
+    with partitioning.mesh_context(mesh):
+      self._predict = jax.jit(
+          lambda params, batch: model.predict_batch_with_aux(params, batch),
+          in_shardings=(params_shardings, None), out_shardings=replicated)
+      self._score = jax.jit(model.score_batch, in_shardings=(params_shardings, None),
+                            out_shardings=replicated)
+    self.params = None
+
+  def _batches(self, ds):
+    # Enumerated datasets hold (index, features) pairs; make them one dict for batching.
+    ds = ds.map(lambda index, features: dict(features, _index=index))
+    return pipeline.batched_with_padding(ds, self.batch_size)
+
+  def predict_fn(self, ds, model_feature_shapes=None):
+    del model_feature_shapes
+    out, started, done = [], time.time(), 0
+    for batch, n in self._batches(ds):
+      index = batch.pop('_index')
+      with partitioning.mesh_context(self.mesh):
+        decodes, _ = self._predict(self.params, global_batch(self.mesh, batch))
+      decodes = np.asarray(decodes)
+      out.extend((int(index[i]), decodes[i].tolist()) for i in range(n))
+      done += n
+      logging.info('predict: %d examples, %.1f examples/s', done,
+                   done / max(time.time() - started, 1e-9))
+    return out
+
+  def score_fn(self, ds, model_feature_shapes=None):
+    del model_feature_shapes
+    out = []
+    for batch, n in self._batches(ds):
+      index = batch.pop('_index')
+      with partitioning.mesh_context(self.mesh):
+        scores = np.asarray(self._score(self.params, global_batch(self.mesh, batch)))
+      out.extend((int(index[i]), float(scores[i])) for i in range(n))
+    return out
+
+
+def make_evaluator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                   split: str = 'validation', num_examples: Optional[int] = None,
+                   log_dir: Optional[str] = None) -> seqio.Evaluator:
+  converter = pipeline.feature_converter(task_feature_lengths, pack=False)
+  loggers = (seqio.TensorBoardLoggerV1,) if log_dir else ()
+  return seqio.Evaluator(mixture_or_task_name, feature_converter=converter, eval_split=split,
+                         use_cached=False, sequence_length=dict(task_feature_lengths),
+                         num_examples=num_examples, logger_cls=loggers, log_dir=log_dir,
+                         async_compute_metrics=False)
+
+
+def evaluate(evaluator: seqio.Evaluator, model_evaluator: ModelEvaluator, params, step: int
+             ) -> Dict[str, Dict[str, float]]:
+  """{task: {metric: value}} for the params given; metrics are computed on process 0 only."""
+  model_evaluator.params = params
+  started = time.time()
+  metrics, _ = evaluator.evaluate(compute_metrics=jax.process_index() == 0, step=step,
+                                  predict_fn=model_evaluator.predict_fn,
+                                  score_fn=model_evaluator.score_fn)
+  result = metrics.result() if metrics is not None else {}
+  logging.info('evaluation at step %d took %.1f s', step, time.time() - started)
+  return {task: {k: _scalar(v) for k, v in m.items()} for task, m in (result or {}).items()}
+
+
+def _scalar(value):
+  value = getattr(value, 'value', value)
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return value

@@ -1,0 +1,232 @@
+"""The training loop that `python -m unimoe_jax.train` runs (t5x's `train` arguments, in gin).
+
+One call trains `train_steps` steps of `model` (t5x's model interface, models.py) on a seqio
+mixture, evaluates every `eval_period` steps with seqio's Evaluator, writes metrics to
+TensorBoard and the console through clu, and checkpoints to `model_dir` with orbax. It resumes
+from the latest checkpoint in `model_dir` if there is one (same params, optimizer state, step
+and data position), otherwise starts from `initial_checkpoint_path` (any subset of the params;
+the rest keep their initialisation) or from scratch.
+"""
+
+import os
+import time
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+from absl import logging
+import gin
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from unimoe_jax import partitioning
+from unimoe_jax.data import pipeline
+from unimoe_jax.training import checkpoints as checkpoints_lib
+from unimoe_jax.training import evaluation
+from unimoe_jax.training import optimizer as optimizer_lib
+from unimoe_jax.training import train_state as train_state_lib
+
+
+def _scalars(metrics) -> Dict[str, float]:
+  return {k: float(np.asarray(v.compute())) for k, v in metrics.items()}
+
+
+def _merge(a, b):
+  if a is None:
+    return b
+  return {k: a[k].merge(b[k]) for k in a}
+
+
+def _write_operative_config(model_dir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
+      f.write(gin.config_str())
+
+
+@gin.configurable(denylist=['crash_after_step'])
+def train(*,
+          model: Any = gin.REQUIRED,
+          model_dir: str = gin.REQUIRED,
+          mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+          batch_size: int = gin.REQUIRED,
+          train_steps: int = gin.REQUIRED,
+          mixture_or_task_module: Sequence[str] = ('unimoe_jax.tasks',),
+          initial_checkpoint_path: Optional[str] = None,
+          optimizer: optimizer_lib.OptimizerConfig = optimizer_lib.OptimizerConfig(),
+          trainable_patterns: Sequence[str] = ('.*',),
+          frozen_patterns: Sequence[str] = (),
+          mesh_config: Optional[partitioning.MeshConfig] = None,
+          seed: int = 0,
+          shuffle_train_examples: bool = True,
+          pack: bool = True,
+          use_cached_tasks: bool = False,
+          checkpoint_period: Optional[int] = None,
+          keep_checkpoints: Optional[int] = 3,
+          async_checkpointing: bool = True,
+          log_period: int = 10,
+          eval_period: int = 0,
+          eval_mixture_or_task_name: Optional[str] = None,
+          eval_task_feature_lengths: Optional[Mapping[str, int]] = None,
+          eval_batch_size: Optional[int] = None,
+          eval_num_examples: Optional[int] = None,
+          eval_split: str = 'validation',
+          crash_after_step: Optional[int] = None) -> Dict[str, Any]:
+  """Trains; returns `{'step', 'train': last logged metrics, 'eval': last eval metrics}`.
+
+  Args (gin macros of t5x in brackets):
+    model: t5x model interface (MODEL).
+    model_dir: checkpoints, TensorBoard events and config.gin (MODEL_DIR).
+    mixture_or_task_name / task_feature_lengths / batch_size / train_steps
+      (MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, BATCH_SIZE global, TRAIN_STEPS).
+    mixture_or_task_module: modules that register tasks (MIXTURE_OR_TASK_MODULE).
+    initial_checkpoint_path: params to start from (INITIAL_CHECKPOINT_PATH), ignored when
+      `model_dir` already has a checkpoint.
+    optimizer: AdamW settings (`OptimizerConfig`).
+    trainable_patterns / frozen_patterns: regular expressions over parameter paths; a path
+      is trained when it matches a trainable pattern and no frozen one.
+    mesh_config: mesh shape (default: every device on `data`).
+    checkpoint_period: steps between checkpoints (default `eval_period` or `train_steps`).
+    eval_period: steps between evaluations of `eval_mixture_or_task_name` (EVAL_PERIOD;
+      0: only at the end when an eval mixture is given).
+    crash_after_step: testing only: exit the process abruptly after this step (after any
+      checkpoint of that step has been written), to test resumption.
+  """
+  started = time.time()
+  pipeline.import_task_modules(
+      [mixture_or_task_module] if isinstance(mixture_or_task_module, str)
+      else mixture_or_task_module)
+  if train_steps < 0:
+    raise ValueError(f'TRAIN_STEPS must be >= 0, got {train_steps}')
+  mesh = partitioning.make_mesh(mesh_config)
+  data_parallel = mesh.shape['data'] * mesh.shape['expert']
+  if batch_size % data_parallel:
+    raise ValueError(f'BATCH_SIZE={batch_size} is not divisible by the data x expert mesh '
+                     f'axes ({data_parallel} devices hold batch rows)')
+  task = pipeline.get_mixture_or_task(mixture_or_task_name)
+  if getattr(model, '_vocabulary', 'unset') is None:
+    model._vocabulary = task.output_features['targets'].vocabulary  # pylint: disable=protected-access
+  input_shapes, input_types = pipeline.first_batch_shapes(
+      mixture_or_task_name, task_feature_lengths, batch_size, pack)
+
+  abstract = train_state_lib.abstract_params(model, input_shapes, input_types)
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  mask = optimizer_lib.trainable_mask(nn.meta.unbox(abstract), trainable_patterns,
+                                      frozen_patterns)
+  tx, schedule = optimizer_lib.make_optimizer(optimizer, max(train_steps, 1))
+  rng = jax.random.PRNGKey(seed)
+  init_rng, step_rng = jax.random.split(rng)
+
+  manager = checkpoints_lib.CheckpointManager(model_dir, keep_checkpoints, async_checkpointing)
+  latest = manager.latest_step()
+  if latest is not None:
+    abstract_state, shardings = train_state_lib.create_train_state(
+        model, tx, mask, mesh, init_rng, input_shapes, input_types, abstract_only=True)
+    logging.info('Resuming from %s step %d', manager.directory, latest)
+    state = manager.restore(latest, abstract_state)
+  else:
+    state, shardings = train_state_lib.create_train_state(
+        model, tx, mask, mesh, init_rng, input_shapes, input_types)
+    if initial_checkpoint_path:
+      loaded, _ = checkpoints_lib.read_params(initial_checkpoint_path)
+      state, missing = train_state_lib.load_params_into(state, shardings, loaded,
+                                                        initial_checkpoint_path)
+      logging.info('Restored %s; %d parameters keep their initialisation: %s',
+                   initial_checkpoint_path, len(missing), ', '.join(missing[:20]))
+  _write_operative_config(model_dir)
+  start_step = int(jax.device_get(state.step))
+  num_trainable = sum(int(np.prod(x.shape)) for x in
+                      jax.tree_util.tree_leaves(optimizer_lib.split_params(state.params, mask)[0]))
+  logging.info('%d trainable parameters of %d', num_trainable,
+               sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params)))
+
+  batch_spec = partitioning.logical_to_mesh_spec(('activation_batch',))
+  batch_shardings = {k: NamedSharding(mesh, PartitionSpec(*batch_spec, *([None] * (len(s) - 1))))
+                     for k, s in input_shapes.items()}
+  replicated = NamedSharding(mesh, PartitionSpec())
+  step_fn = train_state_lib.make_train_step(model, tx, mask, schedule,
+                                            optimizer.grad_accum_steps)
+  with partitioning.mesh_context(mesh):
+    jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_shardings, replicated),
+                       out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+  writer = _writer(model_dir)
+  evaluator = model_evaluator = None
+  if eval_mixture_or_task_name:
+    evaluator = evaluation.make_evaluator(
+        eval_mixture_or_task_name, eval_task_feature_lengths or task_feature_lengths,
+        split=eval_split, num_examples=eval_num_examples)
+    model_evaluator = evaluation.ModelEvaluator(model, mesh, shardings.params,
+                                                eval_batch_size or batch_size)
+  checkpoint_period = checkpoint_period or eval_period or train_steps
+
+  batches = pipeline.train_batches(
+      mixture_or_task_name, task_feature_lengths, batch_size, seed=seed,
+      shuffle=shuffle_train_examples, pack=pack, use_cached=use_cached_tasks,
+      skip_batches=start_step)
+  logging.info('Setup took %.1f s; training steps %d -> %d', time.time() - started, start_step,
+               train_steps)
+  last_train, last_eval, window = {}, {}, None
+  window_start, window_steps, window_tokens = time.time(), 0, 0
+  tokens_per_batch = batch_size * input_shapes['decoder_target_tokens'][1]
+  for step in range(start_step, train_steps):
+    local = next(batches)
+    batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], v)
+             for k, v in local.items()}
+    with partitioning.mesh_context(mesh):
+      state, metrics = jit_step(state, batch, step_rng)
+    window = _merge(window, metrics)
+    window_steps += 1
+    window_tokens += tokens_per_batch
+    done = step + 1
+    if done % log_period == 0 or done == train_steps:
+      last_train = _scalars(jax.device_get(window))
+      elapsed = max(time.time() - window_start, 1e-9)
+      last_train['timing/steps_per_second'] = window_steps / elapsed
+      last_train['timing/tokens_per_second'] = window_tokens / elapsed
+      remaining = (train_steps - done) * elapsed / window_steps
+      writer.write_scalars(done, last_train)
+      logging.info('step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  ETA %.0f s', done, train_steps,
+                   last_train['loss'], last_train['learning_rate'],
+                   last_train['timing/steps_per_second'], remaining)
+      window, window_start, window_steps, window_tokens = None, time.time(), 0, 0
+    if done % checkpoint_period == 0 or done == train_steps:
+      manager.save(done, state, force=True)
+    if evaluator is not None and eval_period and done % eval_period == 0 and done != train_steps:
+      last_eval = _run_eval(evaluator, model_evaluator, state, done, writer)
+    if crash_after_step is not None and done == crash_after_step:
+      manager.wait()
+      logging.warning('crash_after_step=%d: exiting abruptly (testing resumption)', done)
+      os._exit(3)  # pylint: disable=protected-access
+  if evaluator is not None:
+    last_eval = _run_eval(evaluator, model_evaluator, state, int(jax.device_get(state.step)),
+                          writer)
+  if manager.latest_step() != train_steps and train_steps > 0:
+    manager.save(train_steps, state, force=True)
+  manager.wait()
+  manager.close()
+  writer.flush()
+  return {'step': int(jax.device_get(state.step)), 'train': last_train, 'eval': last_eval,
+          'state': state}
+
+
+def _run_eval(evaluator, model_evaluator, state, step, writer):
+  results = evaluation.evaluate(evaluator, model_evaluator, state.params, step)
+  flat = {f'eval/{task}/{name}': value for task, metrics in results.items()
+          for name, value in metrics.items() if isinstance(value, (int, float))}
+  if flat:
+    writer.write_scalars(step, flat)
+  for task, metrics in results.items():
+    logging.info('eval step %d %s: %s', step, task, metrics)
+  return results
+
+
+def _writer(model_dir: str):
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    return metric_writers.create_default_writer(
+        os.path.join(model_dir, 'train'), just_logging=jax.process_index() > 0)
+  except ImportError as e:  # tensorboard missing: console only, and say so.
+    logging.warning('TensorBoard writer unavailable (%s); logging metrics to the console only', e)
+    from clu.metric_writers import logging_writer  # pylint: disable=g-import-not-at-top
+    return logging_writer.LoggingWriter()

@@ -1,0 +1,162 @@
+"""The optimizer: AdamW with warm-up and cosine decay, clipping, accumulation, freezing.
+
+Only *trainable* parameters reach the optimizer. `trainable_mask` decides which by regular
+expressions over parameter paths (`decoder/layers_0/moe/router`, ...) set in gin, and
+`split_params` cuts the params tree in two: the frozen half is never differentiated (no
+gradient buffers) and carries no optimizer state, so a stage that trains the connectors of a
+7B model keeps Adam moments for the connectors only.
+
+Paths are '/'-joined keys of the params tree without the 'params' collection name.
+"""
+
+import dataclasses
+import re
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+Params = Dict[str, Any]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW over the trainable parameters (defaults: the official stage-3 script's).
+
+  Attributes:
+    learning_rate: peak learning rate.
+    warmup_steps: linear warm-up from 0; if None, `warmup_ratio * total_steps`.
+    warmup_ratio: the official scripts' `warmup_ratio` (0.03).
+    schedule: 'cosine' (to `end_learning_rate_ratio * learning_rate` at `total_steps`) or
+      'constant' (after warm-up).
+    end_learning_rate_ratio: final fraction of the peak for the cosine schedule.
+    weight_decay: decoupled weight decay; applied only to parameters matching
+      `weight_decay_patterns` and never to norms or biases (one-dimensional leaves).
+    b1, b2, eps: Adam.
+    clip_grad_norm: global-norm clipping of the trainable gradients (0 disables).
+    grad_accum_steps: micro-batches per optimizer update (`optax.MultiSteps`); the batch is
+      split along its first axis inside one training step.
+  """
+  learning_rate: float = 4e-5
+  warmup_steps: Optional[int] = None
+  warmup_ratio: float = 0.03
+  schedule: str = 'cosine'
+  end_learning_rate_ratio: float = 0.0
+  weight_decay: float = 0.0
+  weight_decay_patterns: Tuple[str, ...] = ('.*',)
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_grad_norm: float = 1.0
+  grad_accum_steps: int = 1
+
+  def __post_init__(self):
+    if self.schedule not in ('cosine', 'constant'):
+      raise ValueError(f"OptimizerConfig.schedule must be 'cosine' or 'constant', got "
+                       f'{self.schedule!r}')
+    if self.learning_rate < 0:
+      raise ValueError(f'OptimizerConfig.learning_rate must be >= 0, got {self.learning_rate}')
+    if self.grad_accum_steps < 1:
+      raise ValueError(f'OptimizerConfig.grad_accum_steps must be >= 1, got '
+                       f'{self.grad_accum_steps}')
+
+
+def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+  """Step -> learning rate: linear warm-up, then cosine decay or constant."""
+  warmup = config.warmup_steps
+  if warmup is None:
+    warmup = int(round(config.warmup_ratio * total_steps))
+  warmup = max(0, min(warmup, total_steps))
+  peak = config.learning_rate
+  if config.schedule == 'constant':
+    after = optax.constant_schedule(peak)
+  else:
+    after = optax.cosine_decay_schedule(peak, max(1, total_steps - warmup),
+                                        alpha=config.end_learning_rate_ratio)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def path_of(key: Tuple[str, ...]) -> str:
+  return '/'.join(str(k) for k in key)
+
+
+def _matches(patterns: Sequence[str], path: str) -> bool:
+  return any(re.fullmatch(p, path) for p in patterns)
+
+
+def trainable_mask(params: Params, trainable: Sequence[str] = ('.*',),
+                   frozen: Sequence[str] = ()) -> Params:
+  """A tree of bools like `params`: True where a path matches `trainable` and not `frozen`.
+
+  Raises ValueError when a pattern matches no parameter (a typo would otherwise freeze or
+  train the wrong thing silently) or when nothing is left trainable.
+  """
+  flat = traverse_util.flatten_dict(params)
+  paths = {key: path_of(key) for key in flat}
+  for kind, patterns in (('trainable', trainable), ('frozen', frozen)):
+    for pattern in patterns:
+      try:
+        compiled = re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f'{kind} pattern {pattern!r} is not a regular expression: {e}') from e
+      if not any(compiled.fullmatch(p) for p in paths.values()):
+        raise ValueError(f'{kind} pattern {pattern!r} matches no parameter; paths look like '
+                         f'{sorted(paths.values())[:4]}')
+  mask = {key: _matches(trainable, p) and not _matches(frozen, p) for key, p in paths.items()}
+  if not any(mask.values()):
+    raise ValueError(f'no parameter is trainable (trainable={list(trainable)}, '
+                     f'frozen={list(frozen)})')
+  return traverse_util.unflatten_dict(mask)
+
+
+def split_params(params: Params, mask: Params) -> Tuple[Params, Params]:
+  """(trainable, frozen): two nested dicts holding the leaves where `mask` is True / False."""
+  flat, flat_mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(mask)
+  trainable = {k: v for k, v in flat.items() if flat_mask[k]}
+  frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
+  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge_params(trainable: Params, frozen: Params) -> Params:
+  """Inverse of `split_params`."""
+  flat = traverse_util.flatten_dict(frozen)
+  flat.update(traverse_util.flatten_dict(trainable))
+  return traverse_util.unflatten_dict(flat)
+
+
+def weight_decay_mask(params: Params, patterns: Sequence[str]) -> Params:
+  """True for leaves that take weight decay: matrices matching `patterns` (no norms, biases)."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict(
+      {k: (jnp.ndim(v) > 1 and _matches(patterns, path_of(k))) for k, v in flat.items()})
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int
+                   ) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optax transformation for the trainable params, and its learning-rate schedule.
+
+  With `grad_accum_steps > 1` the training step itself accumulates micro-batch gradients
+  (see training/step.py) and the optimizer sees one update per step; the schedule counts
+  optimizer updates, which equal training steps.
+  """
+  schedule = learning_rate_schedule(config, total_steps)
+  parts = []
+  if config.clip_grad_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.clip_grad_norm))
+  parts.append(optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps))
+  if config.weight_decay > 0:
+    patterns = config.weight_decay_patterns
+    parts.append(optax.add_decayed_weights(
+        config.weight_decay, mask=lambda p: weight_decay_mask(p, patterns)))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*parts), schedule
+
+
+def global_norm(tree) -> jax.Array:
+  return optax.global_norm(tree)

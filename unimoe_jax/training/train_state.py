@@ -1,0 +1,157 @@
+"""The train state, created directly on its shards, and the jitted training step.
+
+`TrainState` holds the full params tree but optimizer state for the trainable half only
+(training/optimizer.py). Creation runs the model's `get_initial_variables` and the optimizer's
+`init` under one `jax.jit` with `out_shardings` taken from the logical axis names on the
+parameters (the boxes `nn.with_logical_partitioning` leaves; optax moments inherit them), so no
+variable is ever materialised whole on one device.
+"""
+
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from unimoe_jax import partitioning
+from unimoe_jax.training import optimizer as optimizer_lib
+
+Params = Dict[str, Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array                  # int32 scalar: optimizer updates done (= batches consumed)
+  params: Params                   # every parameter, trainable or frozen
+  opt_state: optax.OptState        # for the trainable params only
+
+
+def abstract_params(model, input_shapes, input_types=None) -> Params:
+  """ShapeDtypeStructs of the (boxed) params tree, without allocating anything."""
+  variables = jax.eval_shape(
+      lambda: model.get_initial_variables(jax.random.PRNGKey(0), input_shapes, input_types))
+  return variables['params']
+
+
+def create_train_state(model, optimizer: optax.GradientTransformation, mask: Params,
+                       mesh, rng: jax.Array, input_shapes: Mapping[str, Tuple[int, ...]],
+                       input_types: Optional[Mapping[str, Any]] = None, *, abstract_only=False
+                       ) -> Tuple[Any, Any]:
+  """(state, shardings): a sharded `TrainState`, or with `abstract_only` its ShapeDtypeStructs.
+
+  Args:
+    model: has t5x's `get_initial_variables(rng, input_shapes, input_types)`.
+    optimizer: for the trainable half (`optimizer.make_optimizer`).
+    mask: `optimizer.trainable_mask` over the params tree.
+    mesh: from `partitioning.make_mesh`.
+  """
+  def init(rng):
+    params = model.get_initial_variables(rng, input_shapes, input_types)['params']
+    trainable, _ = optimizer_lib.split_params(params, mask)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(trainable))
+
+  abstract = jax.eval_shape(init, rng)
+  shardings = partitioning.params_shardings(mesh, abstract)
+  if abstract_only:
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        nn.meta.unbox(abstract), shardings), shardings
+  with partitioning.mesh_context(mesh):
+    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def _split_batch(batch: Mapping[str, jax.Array], parts: int) -> Dict[str, jax.Array]:
+  def split(x):
+    if x.shape[0] % parts:
+      raise ValueError(f'batch size {x.shape[0]} is not divisible by grad_accum_steps={parts}')
+    return x.reshape((parts, x.shape[0] // parts) + x.shape[1:])
+  return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, mask: Params,
+                    schedule: Callable[[jax.Array], jax.Array], grad_accum_steps: int = 1):
+  """`train_step(state, batch, rng) -> (state, metrics)`, to be jitted by the caller.
+
+  Gradients are taken with respect to the trainable params only. With `grad_accum_steps > 1`
+  the batch is split along its first axis and the micro-batch gradients are averaged (each
+  micro-batch loss is already a per-token mean) inside a `lax.scan`, so memory holds one
+  micro-batch of activations. `metrics` are t5x-style clu metrics from `model.loss_fn`, merged
+  over micro-batches, plus 'learning_rate' and 'grad_norm'.
+  """
+  from clu import metrics as clu_metrics  # pylint: disable=g-import-not-at-top
+
+  def train_step(state: TrainState, batch, rng):
+    trainable, frozen = optimizer_lib.split_params(state.params, mask)
+    step_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_of(t, micro, r):
+      return model.loss_fn(optimizer_lib.merge_params(t, frozen), micro, r)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    if grad_accum_steps == 1:
+      (_, metrics), grads = grad_fn(trainable, batch, step_rng)
+    else:
+      micro = _split_batch(batch, grad_accum_steps)
+      first = jax.tree_util.tree_map(lambda x: x[0], micro)
+      (_, metrics), grads = grad_fn(trainable, first, jax.random.fold_in(step_rng, 0))
+
+      def body(carry, inputs):
+        acc_grads, acc_metrics = carry
+        index, mb = inputs
+        (_, m), g = grad_fn(trainable, mb, jax.random.fold_in(step_rng, index))
+        acc_metrics = jax.tree_util.tree_map(
+            lambda a, b: a.merge(b), acc_metrics, m,
+            is_leaf=lambda x: isinstance(x, clu_metrics.Metric))
+        return (jax.tree_util.tree_map(jnp.add, acc_grads, g), acc_metrics), None
+
+      rest = jax.tree_util.tree_map(lambda x: x[1:], micro)
+      (grads, metrics), _ = jax.lax.scan(
+          body, (grads, metrics), (jnp.arange(1, grad_accum_steps), rest))
+      grads = jax.tree_util.tree_map(lambda g: g / grad_accum_steps, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = dict(metrics)
+    metrics['learning_rate'] = clu_metrics.Average.from_model_output(
+        jnp.asarray(schedule(state.step), jnp.float32))
+    metrics['grad_norm'] = clu_metrics.Average.from_model_output(optax.global_norm(grads))
+    new_state = state.replace(step=state.step + 1,
+                              params=optimizer_lib.merge_params(trainable, frozen),
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def load_params_into(state: TrainState, shardings: TrainState, loaded: Params,
+                     source: str) -> Tuple[TrainState, Tuple[str, ...]]:
+  """Replaces params of `state` with those in `loaded` (numpy, nested dict), placed on shards.
+
+  Parameters the checkpoint lacks keep their fresh initialisation (e.g. LoRA matrices and the
+  router when stage 3 starts from assembled experts); their paths are returned. A parameter
+  the model does not have, or one whose shape differs, is an error naming it, raised before
+  anything is replaced.
+  """
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  current = traverse_util.flatten_dict(state.params)
+  target_shardings = traverse_util.flatten_dict(shardings.params)
+  new = traverse_util.flatten_dict(loaded)
+  path = optimizer_lib.path_of
+  unexpected = sorted(path(k) for k in new if k not in current)
+  wrong = sorted(f'{path(k)}: checkpoint {tuple(np.shape(v))} vs model {current[k].shape}'
+                 for k, v in new.items() if k in current and tuple(np.shape(v)) != current[k].shape)
+  if unexpected or wrong:
+    lines = [f'checkpoint {source} does not fit the model:']
+    lines += [f'  unexpected parameter {p}' for p in unexpected]
+    lines += [f'  wrong shape {w}' for w in wrong]
+    raise ValueError('\n'.join(lines))
+  missing = tuple(sorted(path(k) for k in current if k not in new))
+  for key, value in new.items():
+    value = np.asarray(value).astype(current[key].dtype)
+    current[key] = jax.make_array_from_callback(value.shape, target_shardings[key],
+                                                lambda index, v=value: v[index])
+  return state.replace(params=traverse_util.unflatten_dict(current)), missing
