@@ -208,10 +208,10 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
         raise ValueError(f"'{m}_features' item shape {shape} is not static; pad items to a "
                          'fixed shape before the feature converter (rows need static shapes)')
       shapes[m] = shape
-    if 'audio_feature_mask' in spec:
+    # Without the audio modality the frame mask goes unused, like undeclared media features
+    # (a text-only run over multimodal tasks).
+    if 'audio_feature_mask' in spec and 'audio' in self._modalities:
       mask = spec['audio_feature_mask']
-      if 'audio' not in self._modalities:
-        raise ValueError("input has 'audio_feature_mask' but 'audio' is not in modalities")
       if mask.dtype != tf.bool or mask.shape.rank != 2 or mask.shape[1] != shapes['audio'][0]:
         raise ValueError(f"'audio_feature_mask' must be bool [items, {shapes['audio'][0]}], "
                          f'got {mask}')

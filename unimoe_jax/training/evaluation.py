@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from unimoe_jax import partitioning
 from unimoe_jax.data import pipeline
+from unimoe_jax.data.feature_converter import MultimodalDecoderFeatureConverter
 
 
 def global_batch(mesh, batch: Mapping[str, np.ndarray]) -> Dict[str, jax.Array]:
@@ -72,10 +73,20 @@ class ModelEvaluator:
     return out
 
 
+class _EvalFeatureConverter(MultimodalDecoderFeatureConverter):
+  """seqio's Evaluator passes a length for every output feature it measured (loss_weights,
+  audio_feature_mask ...); the converter takes only its task features' lengths."""
+
+  def __call__(self, ds, task_feature_lengths):
+    lengths = {k: v for k, v in task_feature_lengths.items() if k in self.TASK_FEATURES}
+    return super().__call__(ds, lengths)
+
+
 def make_evaluator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                    split: str = 'validation', num_examples: Optional[int] = None,
                    log_dir: Optional[str] = None) -> seqio.Evaluator:
-  converter = pipeline.feature_converter(task_feature_lengths, pack=False)
+  converter = _EvalFeatureConverter(pack=False,
+                                    modalities=pipeline.modalities_of(task_feature_lengths))
   loggers = (seqio.TensorBoardLoggerV1,) if log_dir else ()
   return seqio.Evaluator(mixture_or_task_name, feature_converter=converter, eval_split=split,
                          use_cached=False, sequence_length=dict(task_feature_lengths),
