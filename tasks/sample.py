@@ -10,6 +10,7 @@
 | unimoe_sample_instruct_{image,video,speech,audio} | 2, 3 | instruct_<m>.json         |
 | unimoe_sample_stage2_{m} (mixture)     | 2: one run per modality | unimoe_sample_instruct_<m> |
 | unimoe_sample_stage3 (mixture)         | 3 LoRA + MoE | the four instruct tasks          |
+| unimoe_sample_all_train (mixture)      | demo warm start (text only) | align + instruct tasks |
 | unimoe_sample_eval_{m}_mc              | eval         | eval_<m>_mc.json, accuracy of the letter |
 | unimoe_sample_eval_{m}_open            | eval         | eval_<m>_open.json, exact match (speech: WER) |
 | unimoe_sample_eval (mixture)           | eval         | all eval tasks                   |
@@ -87,6 +88,9 @@ def register():
   for m, task in zip(('image', 'video', 'speech', 'audio'), instruct):
     common.register_mixture(f'unimoe_sample_stage2_{m}', [task])  # One run per modality.
   common.register_mixture('unimoe_sample_stage3', instruct)
+  # Every training conversation (alignment and instructions): the demo's text warm start reads
+  # it without media, standing in for a pretrained LLM.
+  common.register_mixture('unimoe_sample_all_train', stage1 + instruct)
   evals = []
   for m in ('image', 'video', 'speech', 'audio'):
     evals.append(_task(f'unimoe_sample_eval_{m}_mc', f'eval_{m}_mc', _voice(m),

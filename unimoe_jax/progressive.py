@@ -39,7 +39,7 @@ MODEL_FILES = ('models/tiny.gin', 'models/multimodal_tiny.gin')
 
 # The stages as a table: name, gin files, bindings (steps and paths are added per run).
 STAGE0 = ('stage0_text', [*MODEL_FILES, 'runs/train.gin', 'demo/tiny.gin'], {
-    'MIXTURE_OR_TASK_NAME': "'unimoe_sample_stage3'",
+    'MIXTURE_OR_TASK_NAME': "'unimoe_sample_all_train'",
     'TASK_FEATURE_LENGTHS': "{'targets': 256}",   # text only: media are not fed
     'TRAINABLE_PATTERNS': "('decoder/.*',)",
     'LEARNING_RATE': '3e-3',
@@ -148,6 +148,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   work = os.path.abspath(args.workdir)
   data = make_sample_data(args.sample_data or os.path.join(work, 'sample_data'))
   os.environ['UNIMOE_SAMPLE_DATA'] = data
+  import jax  # pylint: disable=g-import-not-at-top
+  # Stages share most programs (the same model's init, the evaluation): compile them once.
+  jax.config.update('jax_compilation_cache_dir', os.path.join(work, 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
   def bind(stage, name, steps_, initial=None, **fmt):
     stage_name, files, bindings = stage
