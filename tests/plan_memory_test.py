@@ -1,0 +1,68 @@
+"""tools/plan_memory.py on a tiny MoE: the printed table and exact per-device parameter bytes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from unimoe_jax import config as config_lib
+from unimoe_jax import models
+from unimoe_jax.model import UniMoEConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _expected_param_counts():
+  """(total, on the 'expert' axis) for models/tiny.gin + models/moe_4e_top2.gin."""
+  cfg = UniMoEConfig(decoder=config_lib.named(
+      'tiny', moe=config_lib.MoEConfig(num_experts=4, num_experts_per_tok=2)))
+  shapes = {k: (2, 8) for k in ('decoder_input_tokens', 'decoder_target_tokens',
+                                'decoder_loss_weights')}
+  boxed = jax.eval_shape(lambda: models.UniMoEModel(cfg).get_initial_variables(
+      jax.random.PRNGKey(0), shapes))['params']
+  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  total = sum(int(np.prod(x.value.shape)) for x in leaves)
+  expert = sum(int(np.prod(x.value.shape)) for x in leaves if 'expert' in x.names)
+  return total, expert
+
+
+@pytest.mark.slow  # a subprocess that compiles a training step: ~20-40 s on 2 cores
+def test_tiny_moe_plan(tmp_path):
+  out = tmp_path / 'plan.json'
+  env = dict(os.environ)
+  # A wrong device count on purpose: the tool must re-execute itself with the mesh's 8.
+  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]))
+  env.pop('UNIMOE_PLAN_MEMORY_DEVICES', None)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'tools', 'plan_memory.py'),
+       '--gin_file=models/tiny.gin', '--gin_file=models/moe_4e_top2.gin', '--mesh=2,4,1',
+       '--batch_size=8', '--seq_len=32', f'--json_out={out}'],
+      env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = proc.stdout
+  for label in ('parameters', 'optimizer state', 'XLA arguments', 'XLA temporaries', 'peak'):
+    assert label in table, table
+  assert 'mesh data=2 expert=4 model=1 (8 devices)' in table
+  r = json.loads(out.read_text())
+  assert r['num_devices'] == 8 and r['mesh'] == {'data': 2, 'expert': 4, 'model': 1}
+
+  total, expert = _expected_param_counts()
+  assert expert > 0 and r['num_params'] == total
+  # model=1: only the expert axis splits parameters (4 ways); float32 = 4 bytes.
+  expected = 4 * ((total - expert) + expert // 4)
+  assert r['params_bytes'] == pytest.approx(expected, rel=1e-6)
+  assert f"{r['params_bytes']:,d}" in table
+  # Adam: mu and nu like the params, plus a few scalar counters (tolerance 64 bytes).
+  assert abs(r['opt_state_bytes'] - 2 * r['params_bytes']) <= 64
+  # XLA's own argument size: state + this device's batch rows + the rng key (<= 64 bytes).
+  known = r['params_bytes'] + r['opt_state_bytes'] + r['batch_bytes'] + 4  # + step
+  assert 0 <= r['xla_argument_bytes'] - known <= 64
+  # The state is donated: XLA aliases it into the outputs.
+  assert r['xla_alias_bytes'] >= r['params_bytes'] + r['opt_state_bytes']
+  assert r['xla_temp_bytes'] > 0
