@@ -87,13 +87,12 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str],
     gin.add_config_file_search_path(path)
   gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
   used = referenced_macros()
-  defined = defined_macros()
   for binding in bindings:
     name = binding.split('=', 1)[0].strip()
     if '.' in name or '/' in name or not name.isidentifier():
       continue
     if name not in used:
-      close = difflib.get_close_matches(name, sorted(used | defined), n=3)
+      close = difflib.get_close_matches(name, sorted(used - {name}), n=3)
       hint = f'; did you mean {" or ".join(close)}?' if close else ''
       raise ValueError(f'gin binding {name} = ... sets a macro that no configuration uses{hint}')
   gin.finalize()

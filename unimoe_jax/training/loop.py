@@ -43,7 +43,7 @@ def _write_operative_config(model_dir: str) -> None:
       f.write(gin.config_str())
 
 
-@gin.configurable(denylist=['crash_after_step'])
+@gin.configurable(denylist=['crash_after_step', 'devices'])
 def train(*,
           model: Any = gin.REQUIRED,
           model_dir: str = gin.REQUIRED,
@@ -71,7 +71,8 @@ def train(*,
           eval_batch_size: Optional[int] = None,
           eval_num_examples: Optional[int] = None,
           eval_split: str = 'validation',
-          crash_after_step: Optional[int] = None) -> Dict[str, Any]:
+          crash_after_step: Optional[int] = None,
+          devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
   """Trains; returns `{'step', 'train': last logged metrics, 'eval': last eval metrics}`.
 
   Args (gin macros of t5x in brackets):
@@ -91,6 +92,7 @@ def train(*,
       0: only at the end when an eval mixture is given).
     crash_after_step: testing only: exit the process abruptly after this step (after any
       checkpoint of that step has been written), to test resumption.
+    devices: the devices of the mesh (default: all), from Python only.
   """
   started = time.time()
   pipeline.import_task_modules(
@@ -98,7 +100,7 @@ def train(*,
       else mixture_or_task_module)
   if train_steps < 0:
     raise ValueError(f'TRAIN_STEPS must be >= 0, got {train_steps}')
-  mesh = partitioning.make_mesh(mesh_config)
+  mesh = partitioning.make_mesh(mesh_config, devices)
   data_parallel = mesh.shape['data'] * mesh.shape['expert']
   if batch_size % data_parallel:
     raise ValueError(f'BATCH_SIZE={batch_size} is not divisible by the data x expert mesh '

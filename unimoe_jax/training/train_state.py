@@ -113,6 +113,10 @@ def make_train_step(model, optimizer: optax.GradientTransformation, mask: Params
       (grads, metrics), _ = jax.lax.scan(
           body, (grads, metrics), (jnp.arange(1, grad_accum_steps), rest))
       grads = jax.tree_util.tree_map(lambda g: g / grad_accum_steps, grads)
+      for key in ('num_target_tokens', 'num_sequences'):  # Per-step counts are sums.
+        if key in metrics:
+          m = metrics[key]
+          metrics[key] = type(m)(total=m.total, count=m.count // grad_accum_steps)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics = dict(metrics)

@@ -1,0 +1,143 @@
+"""`python -m unimoe_jax.train` as a user runs it: gin flags, early errors, kill and resume.
+
+Subprocesses on the tiny model (gin/models/tiny.gin + gin/runs/train.gin) and the synthetic
+`unimoe_test_lm` task (tests/tiny_tasks.py, imported through MIXTURE_OR_TASK_MODULE).
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS_DIR)
+STEPS = 5
+
+# The same command line as `python -m unimoe_jax.train`, but calling `loop.train` with
+# `crash_after_step`, which gin refuses to bind (it is on the configurable's denylist).
+_CRASHING_TRAIN = """
+import sys
+from unimoe_jax import train
+from unimoe_jax.training import loop
+train.setup(sys.argv[2:], 'train, then exit abruptly after a step')
+loop.train(crash_after_step=int(sys.argv[1]))
+"""
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS='--xla_force_host_platform_device_count=2',
+              PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO, os.environ.get('PYTHONPATH', '')]))
+
+
+def _flags(model_dir, *extra):
+  return ['--gin_file=models/tiny.gin', '--gin_file=runs/train.gin',
+          f"--gin.MODEL_DIR='{model_dir}'",
+          "--gin.MIXTURE_OR_TASK_NAME='unimoe_test_lm'",
+          "--gin.MIXTURE_OR_TASK_MODULE='tiny_tasks'",
+          "--gin.TASK_FEATURE_LENGTHS={'targets': 64}",
+          '--gin.LEARNING_RATE=3e-3',
+          '--gin.loop.train.log_period=1',
+          '--gin.loop.train.checkpoint_period=2',
+          *extra]
+
+
+def _run(args, timeout=300, prefix=('-m', 'unimoe_jax.train')):
+  started = time.time()
+  proc = subprocess.run([sys.executable, *prefix, *args], env=_env(), cwd=REPO, timeout=timeout,
+                        capture_output=True, text=True)
+  return proc, time.time() - started
+
+
+def _steps(model_dir):
+  root = os.path.join(model_dir, 'checkpoints')
+  return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+
+
+def _params(model_dir):
+  from unimoe_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+  params, gin_text = checkpoints.read_params(model_dir)
+  assert gin_text and 'unimoe_test_lm' in gin_text
+  return {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  model_dir = str(tmp_path_factory.mktemp('cli') / 'uninterrupted')
+  proc, seconds = _run(_flags(model_dir, f'--gin.TRAIN_STEPS={STEPS}'))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return model_dir, proc.stderr, seconds
+
+
+def test_train_steps_macro_is_honoured(uninterrupted):
+  model_dir, log, _ = uninterrupted
+  assert _steps(model_dir) == [2, 4, 5]   # checkpoint_period=2, and always the last step.
+  assert f'step {STEPS}/{STEPS}' in log and f'step {STEPS + 1}/' not in log
+  assert f'finished at step {STEPS}' in log
+  with open(os.path.join(model_dir, 'config.gin')) as f:
+    operative = f.read()
+  assert f'TRAIN_STEPS = {STEPS}' in operative
+  import tiny_tasks  # pylint: disable=g-import-not-at-top
+  scalars = tiny_tasks.read_scalars(model_dir)
+  assert sorted(scalars) == list(range(1, STEPS + 1))
+  assert scalars[STEPS]['loss'] < scalars[1]['loss'] - 0.5
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--gin.TRAIN_STEP=3', 'gin binding TRAIN_STEP = ... sets a macro that no configuration '
+                           'uses; did you mean '),
+    ('--gin.loop.train.train_step=3', "Configurable 'loop.train' doesn't have a parameter named "
+                                      "'train_step'"),
+])
+def test_misspelt_binding_fails_before_any_compute(tmp_path, flag, message):
+  model_dir = str(tmp_path / 'run')
+  proc, seconds = _run(_flags(model_dir, '--gin.TRAIN_STEPS=3', flag), timeout=120)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-3000:]
+  assert not os.path.exists(model_dir)
+  assert 'Setup took' not in proc.stderr and 'step 1/' not in proc.stderr
+  print(f'{flag}: failed in {seconds:.1f} s')
+
+
+def test_misspelt_macro_hint_names_only_real_macros():
+  import gin  # pylint: disable=g-import-not-at-top
+  from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    with pytest.raises(ValueError) as error:
+      gin_utils.parse(['models/tiny.gin', 'runs/train.gin'], ['TRAIN_STEP = 3'])
+  finally:
+    gin.clear_config()
+  assert str(error.value).endswith('did you mean TRAIN_STEPS?'), str(error.value)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_params(tmp_path, uninterrupted):
+  """Exit abruptly after step 3 (checkpoint at 2, step 3 lost), rerun: same final params."""
+  reference_dir = uninterrupted[0]
+  model_dir = str(tmp_path / 'run')
+  flags = _flags(model_dir, f'--gin.TRAIN_STEPS={STEPS}')
+  proc, _ = _run(['3', *flags], prefix=('-c', _CRASHING_TRAIN))
+  assert proc.returncode == 3, proc.stderr[-4000:]
+  assert 'crash_after_step=3' in proc.stderr and 'step 3/5' in proc.stderr
+  assert _steps(model_dir) == [2]
+
+  proc, _ = _run(flags)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert 'Resuming from' in proc.stderr and 'step 2' in proc.stderr
+  assert 'Skipping 2 batches' in proc.stderr
+  assert 'step 3/5' in proc.stderr and 'step 1/5' not in proc.stderr
+  assert _steps(model_dir) == [2, 4, 5]
+  resumed, reference = _params(model_dir), _params(reference_dir)
+  assert sorted(resumed) == sorted(reference) and len(reference) == 21
+  for path, value in reference.items():
+    np.testing.assert_array_equal(resumed[path], value, err_msg=path)  # Bit-identical.
+  # The logged losses of the resumed steps match the uninterrupted run's too.
+  import tiny_tasks  # pylint: disable=g-import-not-at-top
+  ours, theirs = tiny_tasks.read_scalars(model_dir), tiny_tasks.read_scalars(reference_dir)
+  for step in (4, 5):
+    assert ours[step]['loss'] == theirs[step]['loss'], step
