@@ -79,14 +79,10 @@ def gin_config_text(cfg: DecoderConfig, source: str, extra_lines: Sequence[str] 
   return '\n'.join(lines) + '\n'
 
 
-def check_against_model(params: Dict[str, Any], cfg: DecoderConfig):
-  """Raises ValueError naming every leaf whose path or shape differs from `Decoder(cfg).init`."""
-  def init():
-    tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)
-    return Decoder(cfg).init(jax.random.PRNGKey(0), tokens)
-  expected = nn.meta.unbox(jax.eval_shape(init)['params'])
-  flat_expected = {jax.tree_util.keystr(k): tuple(v.shape)
-                   for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+def _check_shapes(params: Dict[str, Any], abstract_params, what: str) -> None:
+  """Raises ValueError naming every leaf of `params` whose path or shape differs."""
+  flat_expected = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+                   jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params))[0]}
   flat_got = {jax.tree_util.keystr(k): tuple(v.shape)
               for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   missing = sorted(set(flat_expected) - set(flat_got))
@@ -94,8 +90,16 @@ def check_against_model(params: Dict[str, Any], cfg: DecoderConfig):
   shapes = sorted(f'{k}: {flat_got[k]} != {flat_expected[k]}'
                   for k in set(flat_got) & set(flat_expected) if flat_got[k] != flat_expected[k])
   if missing or extra or shapes:
-    raise ValueError(f'converted decoder params do not match the model: missing {missing}, '
+    raise ValueError(f'{what} do not match the model: missing {missing}, '
                      f'unexpected {extra}, wrong shapes {shapes}')
+
+
+def check_against_model(params: Dict[str, Any], cfg: DecoderConfig):
+  """Raises ValueError naming every leaf whose path or shape differs from `Decoder(cfg).init`."""
+  def init():
+    tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)
+    return Decoder(cfg).init(jax.random.PRNGKey(0), tokens)
+  _check_shapes(params, jax.eval_shape(init)['params'], 'converted decoder params')
 
 
 def check_model_against_model(params: Dict[str, Any], model_cfg: UniMoEConfig):
@@ -107,18 +111,7 @@ def check_model_against_model(params: Dict[str, Any], model_cfg: UniMoEConfig):
       batch['image_features'] = jax.numpy.zeros((1, 1, size, size, 3))
       batch['image_mask'] = jax.numpy.ones((1, 1), bool)
     return UniMoE(model_cfg).init(jax.random.PRNGKey(0), batch)
-  expected = nn.meta.unbox(jax.eval_shape(init)['params'])
-  flat_expected = {jax.tree_util.keystr(k): tuple(v.shape)
-                   for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  flat_got = {jax.tree_util.keystr(k): tuple(v.shape)
-              for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  missing = sorted(set(flat_expected) - set(flat_got))
-  extra = sorted(set(flat_got) - set(flat_expected))
-  shapes = sorted(f'{k}: {flat_got[k]} != {flat_expected[k]}'
-                  for k in set(flat_got) & set(flat_expected) if flat_got[k] != flat_expected[k])
-  if missing or extra or shapes:
-    raise ValueError(f'converted params do not match the model: missing {missing}, '
-                     f'unexpected {extra}, wrong shapes {shapes}')
+  _check_shapes(params, jax.eval_shape(init)['params'], 'converted params')
 
 
 def _official_state_dict(input_dir: str, base_dir: Optional[str]) -> ckpt_io.LazyStateDict:

@@ -61,14 +61,19 @@ def restore(directory: str) -> Tuple[Dict[str, Any], str]:
   params_path = os.path.join(directory, PARAMS_DIR)
   if not os.path.isdir(params_path):
     raise FileNotFoundError(f'{directory} is not a unimoe_jax checkpoint (no {PARAMS_DIR}/)')
-  checkpointer = ocp.PyTreeCheckpointer()
-  metadata = checkpointer.metadata(params_path)
-  tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
-  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  params = checkpointer.restore(params_path, restore_args=restore_args)
+  params = restore_numpy_tree(params_path)
   with open(os.path.join(directory, GIN_FILE)) as f:
     gin_text = f.read()
   return params, gin_text
+
+
+def restore_numpy_tree(path: str) -> Dict[str, Any]:
+  """An orbax PyTree checkpoint at `path`, every array as a host numpy array."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  metadata = checkpointer.metadata(path)
+  tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return checkpointer.restore(path, restore_args=restore_args)
 
 
 def tokenizer_path(directory: str) -> Optional[str]:

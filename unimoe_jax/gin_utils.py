@@ -52,11 +52,6 @@ def referenced_macros() -> set:
   return found
 
 
-def defined_macros() -> set:
-  return {scope for (scope, selector) in gin_config._CONFIG  # pylint: disable=protected-access
-          if selector == 'gin.macro'}
-
-
 def task_modules(bindings: Sequence[str], default: Sequence[str] = ('unimoe_jax.tasks',)
                  ) -> List[str]:
   """Modules that register tasks: the default plus any `MIXTURE_OR_TASK_MODULE` binding."""

@@ -297,6 +297,3 @@ class UniMoEModel:
     decodes = jnp.where(index < length, decodes, 0)
     return decodes, {'scores': scores}
 
-
-def make_model(config: UniMoEConfig, vocabulary: Any = None, **kwargs) -> UniMoEModel:
-  return UniMoEModel(config, vocabulary=vocabulary, **kwargs)

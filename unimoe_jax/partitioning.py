@@ -111,6 +111,12 @@ def logical_sharding(mesh: Mesh, logical_axes: Sequence[Optional[str]],
   return NamedSharding(mesh, logical_to_mesh_spec(logical_axes, rules))
 
 
+def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+  """Sharding of a batch array of rank `ndim`: rows split like 'activation_batch'."""
+  spec = logical_to_mesh_spec(('activation_batch',), rules)
+  return NamedSharding(mesh, PartitionSpec(*spec, *([None] * (ndim - 1))))
+
+
 def params_shardings(mesh: Mesh, abstract_variables, rules=LOGICAL_AXIS_RULES):
   """NamedShardings for a (boxed) variable tree, e.g. from `jax.eval_shape(model.init, ...)`."""
   logical_specs = nn.get_partition_spec(abstract_variables)

@@ -17,8 +17,6 @@ process that holds them (multi-host checkpointing needs a directory all hosts ca
 import os
 from typing import Any, Dict, Optional, Tuple
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from unimoe_jax import checkpoint as model_checkpoint
@@ -62,15 +60,6 @@ class CheckpointManager:
     self._manager.close()
 
 
-def _state_params_as_numpy(state_dir: str) -> Dict[str, Any]:
-  checkpointer = ocp.PyTreeCheckpointer()
-  metadata = checkpointer.metadata(state_dir)
-  tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
-  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  restored = checkpointer.restore(state_dir, restore_args=restore_args)
-  return restored['params']
-
-
 def read_params(path: str) -> Tuple[Dict[str, Any], Optional[str]]:
   """Params (numpy) and gin text from any checkpoint a user may name as a starting point.
 
@@ -99,8 +88,9 @@ def read_params(path: str) -> Tuple[Dict[str, Any], Optional[str]]:
         f'{path} holds no checkpoint: expected params/ + config.gin (a converted or exported '
         f'checkpoint), a MODEL_DIR with {CHECKPOINTS_DIR}/<step>/{STATE_ITEM}, or a step directory')
   gin_text = None
-  for candidate in (os.path.join(step_dir, '..', '..', 'config.gin'),):
-    if os.path.exists(candidate):
-      with open(candidate) as f:
-        gin_text = f.read()
-  return _state_params_as_numpy(os.path.join(step_dir, STATE_ITEM)), gin_text
+  run_config = os.path.join(step_dir, '..', '..', 'config.gin')  # MODEL_DIR/config.gin
+  if os.path.exists(run_config):
+    with open(run_config) as f:
+      gin_text = f.read()
+  state = model_checkpoint.restore_numpy_tree(os.path.join(step_dir, STATE_ITEM))
+  return state['params'], gin_text

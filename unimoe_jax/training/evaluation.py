@@ -21,12 +21,9 @@ from unimoe_jax.data.feature_converter import MultimodalDecoderFeatureConverter
 
 def global_batch(mesh, batch: Mapping[str, np.ndarray]) -> Dict[str, jax.Array]:
   """A host-complete numpy batch -> global arrays split on the batch axes of the mesh."""
-  spec = partitioning.logical_to_mesh_spec(('activation_batch',))
-  out = {}
-  for key, value in batch.items():
-    sharding = NamedSharding(mesh, PartitionSpec(*spec, *([None] * (value.ndim - 1))))
-    out[key] = jax.make_array_from_callback(value.shape, sharding, lambda i, v=value: v[i])
-  return out
+  return {key: jax.make_array_from_callback(
+      value.shape, partitioning.batch_sharding(mesh, value.ndim), lambda i, v=value: v[i])
+          for key, value in batch.items()}
 
 
 class ModelEvaluator:

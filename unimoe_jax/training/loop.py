@@ -142,8 +142,7 @@ def train(*,
   logging.info('%d trainable parameters of %d', num_trainable,
                sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params)))
 
-  batch_spec = partitioning.logical_to_mesh_spec(('activation_batch',))
-  batch_shardings = {k: NamedSharding(mesh, PartitionSpec(*batch_spec, *([None] * (len(s) - 1))))
+  batch_shardings = {k: partitioning.batch_sharding(mesh, len(s))
                      for k, s in input_shapes.items()}
   replicated = NamedSharding(mesh, PartitionSpec())
   step_fn = train_state_lib.make_train_step(model, tx, mask, schedule,
