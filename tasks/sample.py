@@ -8,11 +8,11 @@
 | unimoe_sample_align_{image,speech,audio} | 1           | align_<m>.json                   |
 | unimoe_sample_stage1 (mixture)         | 1 alignment  | the three above                  |
 | unimoe_sample_instruct_{image,video,speech,audio} | 2, 3 | instruct_<m>.json         |
-| unimoe_sample_stage2_{m} (mixture)     | 2: one run per modality | unimoe_sample_instruct_<m> |
-| unimoe_sample_stage3 (mixture)         | 3 LoRA + MoE | the four instruct tasks          |
-| unimoe_sample_all_train (mixture)      | demo warm start (text only) | align + instruct tasks |
-| unimoe_sample_eval_{m}_mc              | eval         | eval_<m>_mc.json, accuracy of the letter |
-| unimoe_sample_eval_{m}_open            | eval         | eval_<m>_open.json, exact match (speech: WER) |
+| unimoe_sample_eval_{m}_mc              | eval (validation); train split in stages 2, 3 | eval_<m>_mc.json, accuracy of the letter |
+| unimoe_sample_eval_{m}_open            | eval (validation); train split in stages 2, 3 | eval_<m>_open.json, exact match (speech: WER) |
+| unimoe_sample_stage2_{m} (mixture)     | 2: one run per modality | instruct_<m> + eval_<m>_{mc,open} |
+| unimoe_sample_stage3 (mixture)         | 3 LoRA + MoE | the four instruct tasks + all eval-style tasks |
+| unimoe_sample_all_train (mixture)      | demo warm start (text only) | align + stage-3 tasks |
 | unimoe_sample_eval (mixture)           | eval         | all eval tasks                   |
 
 Chance levels are in DIR/sample_data_info.json and docs/sample_data.md. The feature sizes
@@ -58,13 +58,21 @@ VOCABULARY = vocabulary_lib.LazyVocabulary(
     name='sample_data_dir()/tokenizer.model')
 
 
+@gin.configurable
+def speech_window(seconds: int = manifest_lib.WHISPER_SECONDS) -> int:
+  """Seconds of Whisper window per speech item (ManifestConfig.speech_seconds): 30 as in
+  Whisper; the CPU demo (gin/demo/tiny.gin) binds 1 (its DTMF clips last under 0.7 s) together
+  with the encoder's max_source_positions."""
+  return seconds
+
+
 def _config_factory(manifest: str, voice: str):
   def make_config():
     root = sample_data_dir()
     return manifest_lib.ManifestConfig(
         splits={s: os.path.join(root, s, f'{manifest}.json') for s in SPLITS},
         media_root=root, vocab_path=os.path.join(root, 'tokenizer.model'),
-        voice_modality=voice, **SETTINGS)
+        voice_modality=voice, speech_seconds=speech_window(), **SETTINGS)
   return make_config
 
 
@@ -85,20 +93,23 @@ def register():
   common.register_mixture('unimoe_sample_stage1', stage1)
   instruct = [_task(f'unimoe_sample_instruct_{m}', f'instruct_{m}', _voice(m))
               for m in ('image', 'video', 'speech', 'audio')]
-  for m, task in zip(('image', 'video', 'speech', 'audio'), instruct):
-    common.register_mixture(f'unimoe_sample_stage2_{m}', [task])  # One run per modality.
-  common.register_mixture('unimoe_sample_stage3', instruct)
-  # Every training conversation (alignment and instructions): the demo's text warm start reads
-  # it without media, standing in for a pretrained LLM.
-  common.register_mixture('unimoe_sample_all_train', stage1 + instruct)
-  evals = []
+  evals = {}
   for m in ('image', 'video', 'speech', 'audio'):
-    evals.append(_task(f'unimoe_sample_eval_{m}_mc', f'eval_{m}_mc', _voice(m),
-                       [metrics.multiple_choice_accuracy]))
     open_metric = metrics.word_error_rate if m == 'speech' else metrics.exact_match
-    evals.append(_task(f'unimoe_sample_eval_{m}_open', f'eval_{m}_open', _voice(m),
-                       [open_metric]))
-  common.register_mixture('unimoe_sample_eval', evals)
+    evals[m] = [_task(f'unimoe_sample_eval_{m}_mc', f'eval_{m}_mc', _voice(m),
+                      [metrics.multiple_choice_accuracy]),
+                _task(f'unimoe_sample_eval_{m}_open', f'eval_{m}_open', _voice(m), [open_metric])]
+  # Instruction data of one modality: its conversations plus the train split of its
+  # benchmark-style tasks (multiple choice answered with a letter, one-word answers), as real
+  # instruction mixtures carry ScienceQA/MMBench-style data next to free-form conversations.
+  for m, task in zip(('image', 'video', 'speech', 'audio'), instruct):
+    common.register_mixture(f'unimoe_sample_stage2_{m}', [task, *evals[m]])  # One run each.
+  stage3 = instruct + [t for m in evals for t in evals[m]]
+  common.register_mixture('unimoe_sample_stage3', stage3)
+  # Every training conversation: the demo's text warm start reads it without media, standing in
+  # for a pretrained LLM.
+  common.register_mixture('unimoe_sample_all_train', stage1 + stage3)
+  common.register_mixture('unimoe_sample_eval', [t for m in evals for t in evals[m]])
 
 
 register()

@@ -48,6 +48,7 @@ from unimoe_jax.media.errors import MediaError
 MODALITIES = ('image', 'video', 'speech', 'audio')
 PLACEHOLDERS = {'image': '<image>', 'video': '<video>', 'speech': '<speech>', 'audio': '<audio>'}
 WHISPER_FRAMES = 3000  # 30 s of Whisper log-mel
+WHISPER_SECONDS = 30
 BEATS_BINS = 128
 SAMPLE_RATE = 16000
 # Official chunking of long audio: speech cuts 480001-sample pieces (Whisper then keeps 480000),
@@ -94,6 +95,9 @@ class ManifestConfig:
       'pad' (LLaVA expand-to-square, `image_aspect_ratio='pad'`); video frames use the same.
     video_frames: frames per video item (picked uniformly from the listed frames or the file).
     n_mels: Whisper mel bins (80; 128 for large-v3).
+    speech_seconds: Whisper window per speech item, 30 as in Whisper and the official code
+      (3000 log-mel frames); tiny CPU models may use a shorter window (100 frames per second,
+      the encoder's max_source_positions = 50 * speech_seconds).
     audio_frames: BEATs filterbank frames per audio item, zero padded or trimmed, with
       `audio_feature_mask` True on real frames (2998 = one 30 s chunk).
     audio_max_chunks: 30 s chunks kept per speech/audio file.
@@ -111,6 +115,7 @@ class ManifestConfig:
   image_mode: str = 'crop'
   video_frames: int = 8
   n_mels: int = 80
+  speech_seconds: int = WHISPER_SECONDS
   audio_frames: int = 2998
   audio_max_chunks: int = 1
   image_soft_tokens: int = 576
@@ -124,7 +129,7 @@ class ManifestConfig:
       object.__setattr__(self, 'splits', tuple(sorted(self.splits.items())))
     if not self.path and not self.splits:
       raise ValueError('ManifestConfig.path or ManifestConfig.splits must name a manifest')
-    validate_feature_settings(self, 'ManifestConfig', extra_positive=('audio_max_chunks',))
+    validate_feature_settings(self, 'ManifestConfig', extra_positive=('audio_max_chunks', 'speech_seconds'))
     if self.voice_modality not in ('speech', 'audio'):
       raise ValueError(f"ManifestConfig.voice_modality must be 'speech' or 'audio', got "
                        f'{self.voice_modality!r}')
@@ -138,7 +143,7 @@ class ManifestConfig:
   def item_shape(self, modality: str) -> Tuple[int, ...]:
     size = self.image_size
     return {'image': (size, size, 3), 'video': (self.video_frames, size, size, 3),
-            'speech': (WHISPER_FRAMES, self.n_mels), 'audio': (self.audio_frames, BEATS_BINS)
+            'speech': (100 * getattr(self, 'speech_seconds', WHISPER_SECONDS), self.n_mels), 'audio': (self.audio_frames, BEATS_BINS)
             }[modality]
 
 
@@ -256,12 +261,14 @@ def _files_by_modality(record: Mapping[str, Any], config: ManifestConfig):
 def _audio_chunks(path: str, modality: str, config: ManifestConfig) -> List[np.ndarray]:
   wave = audio_lib.load_audio(path, SAMPLE_RATE)
   step = CHUNK_SAMPLES[modality]
+  if modality == 'speech' and config.speech_seconds != WHISPER_SECONDS:
+    step = config.speech_seconds * SAMPLE_RATE + 1  # the official 30 s + 1 sample, scaled
   chunks = [wave[start:start + step] for start in range(0, len(wave), step)]
   return chunks[:config.audio_max_chunks]
 
 
 def _speech_items(path: str, config: ManifestConfig) -> List[np.ndarray]:
-  return [audio_lib.whisper_log_mel(chunk, config.n_mels)
+  return [audio_lib.whisper_log_mel(chunk, config.n_mels, chunk_seconds=config.speech_seconds)
           for chunk in _audio_chunks(path, 'speech', config)]
 
 
