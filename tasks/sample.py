@@ -12,7 +12,8 @@
 | unimoe_sample_eval_{m}_open            | eval (validation); train split in stages 2, 3 | eval_<m>_open.json, exact match (speech: WER) |
 | unimoe_sample_stage2_{m} (mixture)     | 2: one run per modality | instruct_<m> + eval_<m>_{mc,open} |
 | unimoe_sample_stage3 (mixture)         | 3 LoRA + MoE | the four instruct tasks + all eval-style tasks |
-| unimoe_sample_all_train (mixture)      | demo warm start (text only) | align + stage-3 tasks |
+| unimoe_sample_all_train (mixture)      | text only    | align + stage-3 tasks            |
+| unimoe_sample_text_warmup              | demo warm start | warmup_text.json: media described in words |
 | unimoe_sample_eval (mixture)           | eval         | all eval tasks                   |
 
 Chance levels are in DIR/sample_data_info.json and docs/sample_data.md. The feature sizes
@@ -109,6 +110,9 @@ def register():
   # Every training conversation: the demo's text warm start reads it without media, standing in
   # for a pretrained LLM.
   common.register_mixture('unimoe_sample_all_train', stage1 + stage3)
+  # The same conversations with each media item described in words where its placeholder was
+  # (tools/make_sample_data.py text_warmup): the demo's warm start learns to read it.
+  _task('unimoe_sample_text_warmup', 'warmup_text')
   common.register_mixture('unimoe_sample_eval', [t for m in evals for t in evals[m]])
 
 

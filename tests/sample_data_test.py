@@ -84,7 +84,8 @@ def _all_manifests(data_dir, info):
 EXPECTED_MANIFESTS = (
     ['align_image', 'align_speech', 'align_audio', 'instruct_mixed'] +
     [f'instruct_{m}' for m in ('image', 'video', 'speech', 'audio')] +
-    [f'eval_{m}_{k}' for m in ('image', 'video', 'speech', 'audio') for k in ('mc', 'open')])
+    [f'eval_{m}_{k}' for m in ('image', 'video', 'speech', 'audio') for k in ('mc', 'open')] +
+    ['warmup_text'])
 
 
 def test_manifests_follow_the_official_format(data_dir, info):
@@ -93,6 +94,8 @@ def test_manifests_follow_the_official_format(data_dir, info):
     assert sorted(info['splits'][split]['manifests']) == sorted(EXPECTED_MANIFESTS)
   placeholders = {'image': '<image>', 'video': '<video>', 'voice': '<audio>'}
   for split, name, entries in _all_manifests(data_dir, info):
+    if name == 'warmup_text':
+      continue  # text only: test_text_warmup_describes_the_media
     n = SPLIT_SIZES[split]
     assert isinstance(entries, list)
     assert info['splits'][split]['manifests'][name]['num_examples'] == len(entries)
@@ -426,3 +429,28 @@ def test_absolute_paths_option(tmp_path):
   tool.make_sample_data(str(tmp_path), num_train=2, num_validation=1, absolute_paths=True)
   entry = _manifest(str(tmp_path), 'validation', 'instruct_video')[0]
   assert all(os.path.isabs(p) and os.path.isfile(p) for p in entry['video'])
+
+
+def test_text_warmup_describes_the_media(data_dir, info):
+  """warmup_text repeats every align / instruct / eval conversation without media, its
+  placeholder replaced by the item's labels in words, the answers unchanged."""
+  for split in SPLIT_SIZES:
+    warm = {e['id']: e for e in _manifest(data_dir, split, 'warmup_text')}
+    sources = [e for name in info['splits'][split]['manifests']
+               if name not in ('warmup_text', 'instruct_mixed')
+               for e in _manifest(data_dir, split, name)]
+    assert len(warm) == len(sources)
+    for source in sources:
+      text = warm[source['id'] + '-text']
+      assert not any(f in text for f in MEDIA_FIELDS)
+      first = text['conversations'][0]['value']
+      assert first.startswith('(') and '<' not in first, first
+      labels = source['labels']
+      described = {'image': (labels.get('colour'), labels.get('shape')),
+                   'video': (labels.get('colour'), labels.get('direction')),
+                   'speech': (labels.get('transcript'),),
+                   'audio': (labels.get('sweep'), labels.get('pitch'))}[source['modality']]
+      head = first.split('\n')[0]
+      assert all(str(d) in head for d in described), (head, labels)
+      assert ([t['value'] for t in text['conversations'][1:]] ==
+              [t['value'] for t in source['conversations'][1:]])

@@ -491,6 +491,38 @@ def build_manifests(pools: Dict[str, List[Dict[str, Any]]], split: str, seed: in
   return manifests
 
 
+def media_description(modality: str, labels: Dict[str, str]) -> str:
+  """What a perfect connector would tell the LLM: 'a red circle', 'a blue cross moving left',
+  'spoken digits 2 6 3', 'a rising tone, pitch A'."""
+  if modality == 'image':
+    return image_caption(labels)
+  if modality == 'video':
+    return f"a {labels['colour']} {labels['shape']} moving {labels['direction']}"
+  if modality == 'speech':
+    return f"spoken digits {labels['transcript']}"
+  return audio_caption(labels)
+
+
+def text_warmup(manifests: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+  """The demo's stand-in for a pretrained LLM's reading skill: every align / instruct /
+  benchmark-style conversation with its media replaced by a text description of the item, in
+  the placeholder's place (no media field). A decoder warm-started on these answers questions
+  about what is written where the media goes; stage 1 then teaches connectors to write it."""
+  out = []
+  for name, entries in manifests.items():
+    if name == 'instruct_mixed':
+      continue
+    for entry in entries:
+      modality = entry['modality']
+      text = media_description(modality, entry['labels'])
+      conversations = [dict(turn) for turn in entry['conversations']]
+      conversations[0]['value'] = conversations[0]['value'].replace(
+          PLACEHOLDERS[modality], f'({text})', 1)
+      out.append({'id': f"{entry['id']}-text", 'conversations': conversations,
+                  'modality': 'text'})
+  return out
+
+
 def _num_options(modality: str, category: str) -> int:
   if category == 'transcript':
     return 4
@@ -564,6 +596,10 @@ MANIFEST_PURPOSE = {
 
 
 def _describe(name: str) -> Dict[str, Any]:
+  if name == 'warmup_text':
+    return {'purpose': 'demo warm start of the decoder (text only): every align / instruct / '
+                       'eval-style conversation, the media replaced by its description',
+            'modality': 'text', 'metric': None}
   if name == 'instruct_mixed':
     return {'purpose': 'stage 3: shuffled union of the four instruct_* manifests (each entry '
                        "carries 'modality' to tell speech from audio voice items)",
@@ -601,6 +637,7 @@ def make_sample_data(output: str, num_train: int = 512, num_validation: int = 12
   for split, n in (('train', num_train), ('validation', num_validation)):
     pools = make_media(output, split, n, seed, image_size, num_frames, sample_rate)
     manifests = build_manifests(pools, split, seed, output, absolute_paths)
+    manifests['warmup_text'] = text_warmup(manifests)
     os.makedirs(os.path.join(output, split), exist_ok=True)
     listed = {}
     for name, entries in manifests.items():

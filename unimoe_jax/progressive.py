@@ -3,8 +3,9 @@ r"""`python -m unimoe_jax.progressive`: the three Uni-MoE stages and the evaluat
 With no arguments it writes the embedded sample data (tools/make_sample_data.py) and trains the
 tiny multimodal model on a CPU, nothing downloaded:
 
-  0. warm start (demo only): the decoder learns the conversations' text as a language model
-     (media features are not fed), standing in for the pretrained LLaMA/Vicuna of a real run;
+  0. warm start (demo only): the decoder learns the conversations as text, each media item
+     described in words where its placeholder was (unimoe_sample_text_warmup), standing in for
+     the pretrained LLaMA/Vicuna of a real run, which can read such descriptions;
   1. alignment: connectors only, on captions and transcriptions (gin/stages/stage1_align.gin);
   2. modality experts: one run per modality, dense FFN only (gin/stages/stage2_expert.gin);
      tools/assemble_experts.py-equivalent: the four FFNs become the experts of 4-expert MoE layers;
@@ -32,21 +33,22 @@ from typing import Dict, List, Optional, Sequence
 from absl import logging
 
 MODALITIES = ('image', 'video', 'speech', 'audio')
-DEFAULT_STEPS = (150, 150, 100, 150)
+DEFAULT_STEPS = (800, 400, 100, 400)
 EVAL_MIXTURE = 'unimoe_sample_eval'
 
 MODEL_FILES = ('models/tiny.gin', 'models/multimodal_tiny.gin')
 
 # The stages as a table: name, gin files, bindings (steps and paths are added per run).
 STAGE0 = ('stage0_text', [*MODEL_FILES, 'runs/train.gin', 'demo/tiny.gin'], {
-    'MIXTURE_OR_TASK_NAME': "'unimoe_sample_all_train'",
+    'MIXTURE_OR_TASK_NAME': "'unimoe_sample_text_warmup'",
     'TASK_FEATURE_LENGTHS': "{'targets': 256}",   # text only: media are not fed
     'TRAINABLE_PATTERNS': "('decoder/.*',)",
     'LEARNING_RATE': '3e-3',
+    'BATCH_SIZE': '32',
 })
 STAGE1 = ('stage1_align', [*MODEL_FILES, 'stages/stage1_align.gin', 'demo/tiny.gin'], {
     'MIXTURE_OR_TASK_NAME': "'unimoe_sample_stage1'",
-    'LEARNING_RATE': '3e-3',
+    'LEARNING_RATE': '1e-2',
 })
 STAGE2 = ('stage2_{modality}', [*MODEL_FILES, 'stages/stage2_expert.gin', 'demo/tiny.gin'], {
     'EXPERT_MODALITY': "'{modality}'",
