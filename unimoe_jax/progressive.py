@@ -101,6 +101,17 @@ def run_stage(name: str, gin_files: Sequence[str], bindings: Dict[str, str],
   return result
 
 
+def per_question_constant(level: dict) -> float:
+  """Accuracy of the best constant answer for each question type: the model sees the question,
+  so answering 'one' to every count question and 'red' to every colour question is chance too."""
+  categories = level.get('per_category', {})
+  total = sum(c.get('num_examples', 0) for c in categories.values())
+  if not total:
+    return 0.0
+  return sum(c['num_examples'] * c.get('best_constant_accuracy', 0.0)
+             for c in categories.values()) / total
+
+
 def chance_table(results: Dict[str, Dict[str, float]], info: dict, split: str = 'validation'
                  ) -> List[dict]:
   """One row per evaluation task: metric, value, chance level, and whether it beats chance."""
@@ -114,7 +125,8 @@ def chance_table(results: Dict[str, Dict[str, float]], info: dict, split: str = 
                        chance=level.get('best_constant_wer', 1.0), lower_is_better=True))
     else:
       name = 'accuracy' if 'accuracy' in metrics else 'exact_match'
-      levels = [level.get('best_constant_accuracy', 0.0), level.get('uniform_guess_accuracy', 0.0)]
+      levels = [level.get('best_constant_accuracy', 0.0), level.get('uniform_guess_accuracy', 0.0),
+                per_question_constant(level)]
       rows.append(dict(task=task, metric=name, value=metrics[name] / 100.0,
                        chance=max(levels), lower_is_better=False))
   return rows
