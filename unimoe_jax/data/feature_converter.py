@@ -189,7 +189,7 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     max_items = {m: int(task_feature_lengths[f'{m}_features']) for m in self._modalities}
     ds = ds.map(lambda ex: self._select_features(ex, spec),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.filter(lambda ex: self._fits_alone_or_record_drop(ex, length, max_items))
+    ds = ds.filter(lambda ex: self.fits_alone_or_record_drop(ex, length, max_items))
     if self.pack:
       ds = self._pack_rows(ds, item_shapes, length, max_items)
     return ds.map(lambda row: self._pad_row(row, item_shapes, length, max_items),
@@ -236,7 +236,9 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
       out['audio_feature_mask'] = mask
     return out
 
-  def _fits_alone_or_record_drop(self, ex, length: int, max_items: Mapping[str, int]):
+  def fits_alone_or_record_drop(self, ex, length: int, max_items: Mapping[str, int]):
+    """tf bool: one example fits `length` tokens and `max_items` items per modality; a drop is
+    counted and logged. The converter's filter; inference uses it to skip the same examples."""
     num_tokens = tf.shape(ex['targets'])[0]
     num_items = [tf.shape(ex[f'{m}_features'])[0] for m in self._modalities]
     fits = num_tokens <= length

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 import seqio
 
+from unimoe_jax import models
 from unimoe_jax import partitioning
 from unimoe_jax.data import pipeline
 from unimoe_jax.training import checkpoints as checkpoints_lib
@@ -43,34 +44,9 @@ MODES = ('predict', 'score')
 
 
 def checkpoint_step(path: Optional[str]) -> Optional[int]:
-  """The training step of the checkpoint `read_params` reads at `path`; None for a converted
-  or exported one. Raises FileNotFoundError naming CHECKPOINT_PATH when there is none.
-
-  Resolves the same layouts as `checkpoints.read_params`, without reading any array, so that a
-  wrong path fails at once.
-  """
-  if not path:
-    raise FileNotFoundError('CHECKPOINT_PATH is not set: name a converted checkpoint, a '
-                            'MODEL_DIR or one of its step directories')
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'CHECKPOINT_PATH={path} does not exist')
-  if os.path.isdir(os.path.join(path, 'params')):
-    return None
-  name = os.path.basename(path)
-  if os.path.isdir(os.path.join(path, checkpoints_lib.STATE_ITEM)):
-    return int(name) if name.isdigit() else None
-  root = path
-  if os.path.isdir(os.path.join(path, checkpoints_lib.CHECKPOINTS_DIR)):
-    root = os.path.join(path, checkpoints_lib.CHECKPOINTS_DIR)
-  steps = [int(d) for d in os.listdir(root)
-           if d.isdigit() and os.path.isdir(os.path.join(root, d, checkpoints_lib.STATE_ITEM))]
-  if not steps:
-    raise FileNotFoundError(
-        f'CHECKPOINT_PATH={path} holds no checkpoint: expected params/ (a converted or '
-        f'exported checkpoint), a MODEL_DIR with {checkpoints_lib.CHECKPOINTS_DIR}/<step>/'
-        f'{checkpoints_lib.STATE_ITEM}, or one step directory')
-  return max(steps)
+  """The training step of the checkpoint at CHECKPOINT_PATH (None for a converted or exported
+  one); a FileNotFoundError naming CHECKPOINT_PATH when there is none. Reads no array."""
+  return checkpoints_lib.locate(path, 'CHECKPOINT_PATH')[1]
 
 
 def _step_tag(step: Optional[int]) -> str:
@@ -124,7 +100,7 @@ def restore(model, checkpoint_path: str, tasks: Sequence[seqio.Task],
       tasks[0].name, task_feature_lengths, batch_size, pack=False, split=split)
   abstract = train_state_lib.abstract_params(model, input_shapes, input_types)
   shardings = partitioning.params_shardings(mesh, abstract)
-  loaded, _ = checkpoints_lib.read_params(checkpoint_path)
+  loaded, _ = checkpoints_lib.read_params(checkpoint_path, 'CHECKPOINT_PATH')
   source = f'CHECKPOINT_PATH={checkpoint_path}'
   # load_params_into places each leaf on its shard; it needs only shapes and dtypes of the
   # current params, so the abstract tree stands in for a TrainState (no optimizer state).
@@ -195,12 +171,6 @@ def evaluate(*,
   return results
 
 
-def _prompt_length(weights: np.ndarray, targets: np.ndarray) -> int:
-  """`models.prompt_lengths` for one unpadded example: tokens before the first weighted one."""
-  on = np.nonzero(weights > 0)[0]
-  return max(int(on[0]) if on.size else len(targets), 1)
-
-
 def _decode(vocabulary, ids) -> Any:
   """Text of `ids` up to (without) the first EOS or padding; JSON-ready."""
   ids = [int(i) for i in ids]
@@ -264,7 +234,7 @@ def infer(*,
     if num_examples is not None:
       ds = ds.take(num_examples)
     # Cached: the examples are read (and their media decoded) once, for both passes.
-    fits = gate._fits_alone_or_record_drop  # pylint: disable=protected-access
+    fits = gate.fits_alone_or_record_drop
     ds = ds.filter(lambda ex, fits=fits: fits(ex, lengths['targets'], max_items)).cache()
     model_ds = pipeline.feature_converter(lengths, pack=False)(ds, lengths)
     outputs = dict(run(model_ds.enumerate()))
@@ -275,7 +245,8 @@ def infer(*,
       with open(path, 'w') as f:
         for index, ex in enumerate(ds.as_numpy_iterator()):
           targets, weights = ex['targets'], ex['loss_weights']
-          start = _prompt_length(weights, targets)
+          start = int(models.prompt_lengths({'decoder_target_tokens': targets[None],
+                                             'decoder_loss_weights': weights[None]})[0])
           line = {'inputs': _decode(vocabulary, targets[:start]),
                   'targets': _decode(vocabulary, _answer_ids(targets, weights, start))}
           if mode == 'predict':
