@@ -111,11 +111,14 @@ def place_placeholders(text: str, media: Mapping[str, Sequence[PathLike]]) -> st
 
 
 def _load_speech(path: PathLike, config) -> np.ndarray:
-  """`[2 * max_source_positions, n_mels]` Whisper log-mel of the first 30 s."""
+  """`[2 * max_source_positions, n_mels]` Whisper log-mel of the encoder's window (30 s for
+  Whisper; shorter for a tiny encoder, as the data's ManifestConfig.speech_seconds makes it)."""
   enc = config.speech_encoder
-  mel = audio_lib.whisper_log_mel(audio_lib.load_audio(path, SAMPLE_RATE)[:CHUNK_SAMPLES],
-                                  enc.num_mel_bins)
   frames = 2 * enc.max_source_positions
+  seconds = -(-frames // 100)  # 100 log-mel frames per second
+  mel = audio_lib.whisper_log_mel(
+      audio_lib.load_audio(path, SAMPLE_RATE)[:seconds * SAMPLE_RATE], enc.num_mel_bins,
+      chunk_seconds=seconds)
   return np.pad(mel[:frames], ((0, max(0, frames - len(mel))), (0, 0)))
 
 

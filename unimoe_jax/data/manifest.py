@@ -47,13 +47,12 @@ from unimoe_jax.media.errors import MediaError
 
 MODALITIES = ('image', 'video', 'speech', 'audio')
 PLACEHOLDERS = {'image': '<image>', 'video': '<video>', 'speech': '<speech>', 'audio': '<audio>'}
-WHISPER_FRAMES = 3000  # 30 s of Whisper log-mel
-WHISPER_SECONDS = 30
+WHISPER_SECONDS = 30  # Whisper's window: 3000 log-mel frames (100 per second)
 BEATS_BINS = 128
 SAMPLE_RATE = 16000
-# Official chunking of long audio: speech cuts 480001-sample pieces (Whisper then keeps 480000),
-# audio 480000.
-CHUNK_SAMPLES = {'speech': 480001, 'audio': 480000}
+# Official chunking of long audio: speech cuts 480001-sample pieces (the 30 s window + 1 sample;
+# Whisper then keeps 480000), audio 480000.
+AUDIO_CHUNK_SAMPLES = 480000
 BEATS_MIN_SAMPLES = 400  # one 25 ms Kaldi window
 
 
@@ -72,7 +71,8 @@ def validate_feature_settings(settings, name: str, extra_positive=()) -> None:
   if settings.on_bad_example not in ('raise', 'skip'):
     raise ValueError(f"{name}.on_bad_example must be 'raise' or 'skip', got "
                      f'{settings.on_bad_example!r}')
-  for field in ('image_size', 'video_frames', 'n_mels', 'audio_frames', *extra_positive,
+  for field in ('image_size', 'video_frames', 'n_mels', 'speech_seconds', 'audio_frames',
+                *extra_positive,
                 'image_soft_tokens', 'video_soft_tokens', 'speech_soft_tokens',
                 'audio_soft_tokens'):
     if getattr(settings, field) < 1:
@@ -129,7 +129,7 @@ class ManifestConfig:
       object.__setattr__(self, 'splits', tuple(sorted(self.splits.items())))
     if not self.path and not self.splits:
       raise ValueError('ManifestConfig.path or ManifestConfig.splits must name a manifest')
-    validate_feature_settings(self, 'ManifestConfig', extra_positive=('audio_max_chunks', 'speech_seconds'))
+    validate_feature_settings(self, 'ManifestConfig', extra_positive=('audio_max_chunks',))
     if self.voice_modality not in ('speech', 'audio'):
       raise ValueError(f"ManifestConfig.voice_modality must be 'speech' or 'audio', got "
                        f'{self.voice_modality!r}')
@@ -143,7 +143,7 @@ class ManifestConfig:
   def item_shape(self, modality: str) -> Tuple[int, ...]:
     size = self.image_size
     return {'image': (size, size, 3), 'video': (self.video_frames, size, size, 3),
-            'speech': (100 * getattr(self, 'speech_seconds', WHISPER_SECONDS), self.n_mels), 'audio': (self.audio_frames, BEATS_BINS)
+            'speech': (100 * self.speech_seconds, self.n_mels), 'audio': (self.audio_frames, BEATS_BINS)
             }[modality]
 
 
@@ -260,9 +260,8 @@ def _files_by_modality(record: Mapping[str, Any], config: ManifestConfig):
 
 def _audio_chunks(path: str, modality: str, config: ManifestConfig) -> List[np.ndarray]:
   wave = audio_lib.load_audio(path, SAMPLE_RATE)
-  step = CHUNK_SAMPLES[modality]
-  if modality == 'speech' and config.speech_seconds != WHISPER_SECONDS:
-    step = config.speech_seconds * SAMPLE_RATE + 1  # the official 30 s + 1 sample, scaled
+  step = (config.speech_seconds * SAMPLE_RATE + 1 if modality == 'speech'
+          else AUDIO_CHUNK_SAMPLES)
   chunks = [wave[start:start + step] for start in range(0, len(wave), step)]
   return chunks[:config.audio_max_chunks]
 

@@ -30,7 +30,7 @@ example=ex, is_target=True)` with the task example); the feature converter
 Mixture keeps only output_features + passthrough_features, so the key is ignored in training.
 
 Settings: any object with the `ManifestConfig` attributes used here (modalities, item_shape(m),
-num_soft_tokens(m), image_size, image_mode, n_mels, audio_frames, on_bad_example) -- a
+num_soft_tokens(m), image_size, image_mode, n_mels, speech_seconds, audio_frames, on_bad_example) -- a
 `ManifestConfig` works as is, or the smaller `TfdsSettings` below. Passing the ManifestConfig of
 the manifest tasks keeps the TFDS tasks' specs equal to theirs, which a Mixture needs.
 
@@ -85,7 +85,6 @@ COCO_CAPTIONS_SPLITS = {
     'val': 'val',
 }
 
-WHISPER_SAMPLES = manifest_lib.WHISPER_FRAMES * 160  # 30 s at 16 kHz
 INT16_SCALE = 1.0 / 32768.0  # soundfile's float32 reading of 16-bit PCM
 CAPTION_CHOICES = ('first', 'all')
 
@@ -103,6 +102,7 @@ class TfdsSettings:
   image_mode: str = 'crop'
   video_frames: int = 8
   n_mels: int = 80
+  speech_seconds: int = manifest_lib.WHISPER_SECONDS
   audio_frames: int = 2998
   image_soft_tokens: int = 576
   video_soft_tokens: int = 576
@@ -168,7 +168,8 @@ def _text(value) -> str:
 
 
 def _speech_item(wave: np.ndarray, settings) -> np.ndarray:
-  """int16 (or float) samples at 16 kHz -> `[1, 3000, n_mels]` float32 (first 30 s)."""
+  """int16 (or float) samples at 16 kHz -> `[1, 100 * speech_seconds, n_mels]` float32 (the
+  first window: 30 s, 3000 frames by default)."""
   wave = np.asarray(wave)
   if wave.ndim != 1 or wave.size == 0:
     raise ValueError(f'speech must be non-empty 1-D samples, got shape {wave.shape}')
@@ -176,7 +177,9 @@ def _speech_item(wave: np.ndarray, settings) -> np.ndarray:
     if wave.dtype != np.int16:
       raise ValueError(f'integer speech must be int16 PCM, got {wave.dtype}')
     wave = wave.astype(np.float32) * np.float32(INT16_SCALE)
-  return audio_lib.whisper_log_mel(wave[:WHISPER_SAMPLES], settings.n_mels)[None]
+  seconds = settings.speech_seconds
+  return audio_lib.whisper_log_mel(wave[:seconds * manifest_lib.SAMPLE_RATE], settings.n_mels,
+                                   chunk_seconds=seconds)[None]
 
 
 def _image_item(image: np.ndarray, settings) -> np.ndarray:
