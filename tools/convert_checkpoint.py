@@ -7,12 +7,23 @@ r"""Converts a Hugging Face or official Uni-MoE checkpoint directory into a unim
 --source hf: LlamaForCausalLM / Vicuna / MixtralForCausalLM (`save_pretrained` layout:
 config.json + safetensors or .bin, sharded or not), or LlavaForConditionalGeneration
 (model_type 'llava': CLIP tower + projector + LLaMA; config.gin then binds MODEL_CONFIG too).
---source unimoe: the official Uni-MoE layout (LLaMA base + MoE experts + PEFT LoRA +
-`mm_projector`): the weights of --input (and of --base, read first, when the adapters were
-saved apart from the base model, as the official LoRA runs do) plus any of
-non_lora_trainables.bin, adapter_model.{safetensors,bin}, mm_projector.bin, mlp_gates.bin in
---input. LoRA adapters are folded into the weights with --merge_lora and kept as adapters
-(DecoderConfig.lora from adapter_config.json) otherwise.
+--source unimoe: the official Uni-MoE v1 layout (`LlavaLlamaForCausalLM`: LLaMA base + MoE
+experts + PEFT LoRA, `mm_projector`, and the towers and aligners): the weights of --input (and of
+--base, read first, when the adapters were saved apart from the base model, as the official LoRA
+runs do) plus any of non_lora_trainables.bin, adapter_model.{safetensors,bin}, mm_projector.bin,
+mm_audio_aligner.bin, mlp_gates.bin in --input. LoRA adapters are folded into the weights with
+--merge_lora and kept as adapters (DecoderConfig.lora from adapter_config.json) otherwise.
+Mapped (unimoe_jax/convert/official.py, official_towers.py): the LLM -> decoder,
+model.mm_projector -> vision_projector, the CLIP tower model.vision_tower -> vision_tower; the
+speech variant's Whisper encoder model.audio_tower, Whisper-decoder aligner
+model.mm_audio_aligner.decoder + model.query_tokens and model.mm_audio_aligner.projector ->
+speech_encoder / speech_aligner / speech_projector; or the audio variant's BEATs model.audio_tower,
+Q-Former model.mm_audio_aligner.qformer + .query_tokens and .projector -> audio_encoder /
+audio_qformer / audio_projector. Tower sizes come from the towers that config.json names
+(mm_vision_tower, mm_audio_tower: a CLIP / Whisper directory's config.json, a BEATs .pt's cfg),
+found locally or given with --vision_tower / --audio_tower; a tower whose tensors the checkpoint
+lacks (the released LoRA checkpoints hold none) is read from there too. With any tower the
+written config.gin binds MODEL_CONFIG (the whole UniMoEConfig) as well as DECODER_CONFIG.
 
 The output (see unimoe_jax/checkpoint.py) is written only after the whole conversion succeeded;
 a mismatch raises a ValueError naming the tensor and leaves no output directory. A JSON summary
@@ -38,6 +49,7 @@ from unimoe_jax.convert import hf
 from unimoe_jax.convert import io as ckpt_io
 from unimoe_jax.convert import llava
 from unimoe_jax.convert import official
+from unimoe_jax.convert import official_towers
 from unimoe_jax.decoder import Decoder
 from unimoe_jax.model import UniMoE, UniMoEConfig
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -45,7 +57,8 @@ from unimoe_jax.model import UniMoE, UniMoEConfig
 # Files the official training scripts write beside (or instead of) the model weights, in the
 # order the official loader applies them (later ones override earlier ones).
 OFFICIAL_EXTRA_FILES = ('non_lora_trainables.bin', 'adapter_model.safetensors',
-                        'adapter_model.bin', 'mm_projector.bin', 'mlp_gates.bin')
+                        'adapter_model.bin', 'mm_projector.bin', 'mm_audio_aligner.bin',
+                        'mlp_gates.bin')
 
 
 def _gin_value(value: Any) -> str:
@@ -104,12 +117,21 @@ def check_against_model(params: Dict[str, Any], cfg: DecoderConfig):
 
 def check_model_against_model(params: Dict[str, Any], model_cfg: UniMoEConfig):
   """Like `check_against_model`, for the whole `UniMoE(model_cfg)` tree."""
+  items = {}
+  if model_cfg.vision is not None:
+    items['image'] = (model_cfg.vision.image_size, model_cfg.vision.image_size, 3)
+  if model_cfg.speech_encoder is not None:
+    enc = model_cfg.speech_encoder
+    items['speech'] = (2 * enc.max_source_positions, enc.num_mel_bins)
+  if model_cfg.audio_encoder is not None:
+    enc = model_cfg.audio_encoder
+    items['audio'] = (2 * enc.input_patch_size, enc.num_mel_bins)
+
   def init():
     batch = {'decoder_input_tokens': jax.numpy.zeros((1, 1), jax.numpy.int32)}
-    if model_cfg.vision is not None:
-      size = model_cfg.vision.image_size
-      batch['image_features'] = jax.numpy.zeros((1, 1, size, size, 3))
-      batch['image_mask'] = jax.numpy.ones((1, 1), bool)
+    for m, shape in items.items():
+      batch[f'{m}_features'] = jax.numpy.zeros((1, 1) + shape)
+      batch[f'{m}_mask'] = jax.numpy.ones((1, 1), bool)
     return UniMoE(model_cfg).init(jax.random.PRNGKey(0), batch)
   _check_shapes(params, jax.eval_shape(init)['params'], 'converted params')
 
@@ -145,33 +167,52 @@ def convert_llava(input_dir: str, dtype: str = 'bfloat16', param_dtype: str = 'f
   return params, model_cfg, count, size
 
 
+def convert_official(input_dir: str, merge_lora: bool = False, base_dir: Optional[str] = None,
+                     dtype: str = 'bfloat16', param_dtype: str = 'float32',
+                     vision_tower: Optional[str] = None, audio_tower: Optional[str] = None):
+  """(params tree, UniMoEConfig or None for a language model, DecoderConfig, number of source
+  tensors, source parameter count) of an official Uni-MoE directory (--source unimoe)."""
+  hf_config = ckpt_io.read_config(input_dir)
+  adapter_config = ckpt_io.read_json_if_present(os.path.join(input_dir, 'adapter_config.json'))
+  state_dict = _official_state_dict(input_dir, base_dir)
+  cfg = official.config_from_official(hf_config, adapter_config, keep_lora=not merge_lora,
+                                      dtype=dtype, param_dtype=param_dtype)
+  if cfg.lora is not None and not any(k.endswith('.lora_A.weight') for k in state_dict):
+    cfg = dataclasses.replace(cfg, lora=None)  # adapter_config.json without adapters.
+  fields, tower_tensors = official_towers.tower_configs(
+      hf_config, state_dict, vision_tower, audio_tower, search_dirs=(input_dir, base_dir))
+  model_cfg = UniMoEConfig(decoder=cfg, **fields) if fields else None
+  if tower_tensors:  # Towers the checkpoint lacks, from their own files.
+    state_dict = ckpt_io.LazyStateDict(tower_tensors).merge(state_dict)
+  params = official.params_from_official(state_dict, cfg, hf_config, adapter_config,
+                                         merge_lora=merge_lora, model_cfg=model_cfg)
+  check_against_model(params['decoder'], cfg)
+  if model_cfg is not None:
+    check_model_against_model(params, model_cfg)
+  count, size = ckpt_io.total_bytes(state_dict)
+  return params, model_cfg, cfg, count, size
+
+
 def convert(source: str, input_dir: str, merge_lora: bool = False, base_dir: Optional[str] = None,
             dtype: str = 'bfloat16', param_dtype: str = 'float32'):
   """(params tree, DecoderConfig, number of source tensors, source parameter count).
 
-  Language models only; `convert_llava` converts LLaVA (`main` picks it by model_type).
+  Language models, and the decoder config of an official checkpoint (`convert_official` also
+  returns its UniMoEConfig); `convert_llava` converts LLaVA (`main` picks it by model_type).
   """
-  dtypes = dict(dtype=dtype, param_dtype=param_dtype)
-  if source == 'hf':
-    hf_config = ckpt_io.read_config(input_dir)
-    if hf_config.get('model_type') not in (None, 'llama', 'mistral', 'mixtral'):
-      raise ValueError(f'--source hf converts LLaMA / Vicuna / Mixtral language models; '
-                       f'{input_dir} has model_type {hf_config.get("model_type")!r}')
-    state_dict = ckpt_io.open_state_dict(input_dir)
-    cfg = hf.config_from_hf(hf_config, **dtypes)
-    params = {'decoder': hf.decoder_params_from_hf(state_dict, cfg)}
-  elif source == 'unimoe':
-    hf_config = ckpt_io.read_config(input_dir)
-    adapter_config = ckpt_io.read_json_if_present(os.path.join(input_dir, 'adapter_config.json'))
-    state_dict = _official_state_dict(input_dir, base_dir)
-    cfg = official.config_from_official(hf_config, adapter_config, keep_lora=not merge_lora,
-                                        **dtypes)
-    if cfg.lora is not None and not any(k.endswith('.lora_A.weight') for k in state_dict):
-      cfg = dataclasses.replace(cfg, lora=None)  # adapter_config.json without adapters.
-    params = official.params_from_official(state_dict, cfg, hf_config, adapter_config,
-                                           merge_lora=merge_lora)
-  else:
+  if source == 'unimoe':
+    params, _, cfg, count, size = convert_official(input_dir, merge_lora, base_dir, dtype,
+                                                   param_dtype)
+    return params, cfg, count, size
+  if source != 'hf':
     raise ValueError(f"--source must be 'hf' or 'unimoe', got {source!r}")
+  hf_config = ckpt_io.read_config(input_dir)
+  if hf_config.get('model_type') not in (None, 'llama', 'mistral', 'mixtral'):
+    raise ValueError(f'--source hf converts LLaMA / Vicuna / Mixtral language models; '
+                     f'{input_dir} has model_type {hf_config.get("model_type")!r}')
+  state_dict = ckpt_io.open_state_dict(input_dir)
+  cfg = hf.config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+  params = {'decoder': hf.decoder_params_from_hf(state_dict, cfg)}
   check_against_model(params['decoder'], cfg)
   count, size = ckpt_io.total_bytes(state_dict)
   return params, cfg, count, size
@@ -184,6 +225,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--output', required=True, help='new directory to write')
   parser.add_argument('--base', default=None,
                       help='unimoe: base model directory the LoRA run started from')
+  parser.add_argument('--vision_tower', default=None,
+                      help='unimoe: CLIP tower directory (overrides config.json mm_vision_tower)')
+  parser.add_argument('--audio_tower', default=None,
+                      help='unimoe: Whisper directory or BEATs .pt (overrides mm_audio_tower)')
   parser.add_argument('--merge_lora', action='store_true',
                       help='fold LoRA adapters into the weights instead of keeping them')
   parser.add_argument('--dtype', default='bfloat16', help='DecoderConfig.dtype to write')
@@ -196,6 +241,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       ckpt_io.read_config(args.input).get('model_type') == 'llava'):
     params, model_cfg, count, size = convert_llava(args.input, args.dtype, args.param_dtype)
     cfg = model_cfg.decoder
+  elif args.source == 'unimoe':
+    params, model_cfg, cfg, count, size = convert_official(
+        args.input, args.merge_lora, args.base, args.dtype, args.param_dtype,
+        args.vision_tower, args.audio_tower)
   else:
     params, cfg, count, size = convert(args.source, args.input, args.merge_lora, args.base,
                                        args.dtype, args.param_dtype)

@@ -1,6 +1,6 @@
-"""Official Uni-MoE v1 checkpoints (Uni_MoE/*/model, PEFT LoRA) -> our decoder parameters.
+"""Official Uni-MoE v1 checkpoints (Uni_MoE/*/model, PEFT LoRA) -> our `UniMoE` parameters.
 
-Tensor names of the official code (read in Uni_MoE/Uni_MoE_speech):
+Tensor names of the official code (read in Uni_MoE/Uni_MoE_speech and Uni_MoE/Uni_MoE_audio):
 
     model.embed_tokens.weight, model.norm.weight, lm_head.weight           LLaMA base
     model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
@@ -8,8 +8,11 @@ Tensor names of the official code (read in Uni_MoE/Uni_MoE_speech):
     model.layers.{i}.mlp.{gate,up,down}_proj.weight                        dense FFN
     model.layers.{i}.mlp.gate.weight                                       MoeLayer router
     model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight            MoeLayer experts
-    model.mm_projector.{0,2}.{weight,bias}                                 LLaVA projector
-    model.mm_audio_aligner.*, model.query_tokens, model.{vision,audio}_tower.*
+    model.mm_projector.{0,2}.{weight,bias} (mlpNx_gelu) or .{weight,bias}  -> vision_projector
+    model.vision_tower.*, model.audio_tower.*, model.mm_audio_aligner.*, model.query_tokens
+        the CLIP tower, the Whisper speech encoder + Whisper-decoder aligner + its projector
+        (Uni_MoE_speech) or the BEATs audio encoder + Q-Former + its projector (Uni_MoE_audio):
+        mapped by official_towers.py (see there), configured by `official_towers.tower_configs`.
 
 PEFT wraps the model as `base_model.model.` and adds `<module>.lora_A.weight` `[rank, in]` and
 `<module>.lora_B.weight` `[out, rank]` (newer PEFT also moves the base weight to
@@ -27,12 +30,11 @@ import numpy as np
 from unimoe_jax.config import DecoderConfig, LoRAConfig, MoEConfig
 from unimoe_jax.convert import clip as clip_convert
 from unimoe_jax.convert import hf
+from unimoe_jax.convert import official_towers
 from unimoe_jax.convert.common import TensorReader
 from unimoe_jax.convert.io import LazyStateDict, LazyTensor
+from unimoe_jax.model import UniMoEConfig
 
-# Tensors of towers and aligners this converter does not map yet: their presence is an error.
-UNSUPPORTED_PREFIXES = ('model.vision_tower.', 'model.audio_tower.', 'model.mm_audio_aligner.',
-                        'model.query_tokens')
 PROJECTOR_PREFIX = 'model.mm_projector.'
 _EXPERT_TO_MIXTRAL = {'gate_proj': 'w1', 'up_proj': 'w3', 'down_proj': 'w2'}
 _LORA_SUFFIXES = ('.lora_A.weight', '.lora_B.weight')
@@ -177,22 +179,29 @@ def _to_official_names(message: str) -> str:
 def params_from_official(state_dict: LazyStateDict, cfg: DecoderConfig,
                          hf_config: Mapping[str, Any],
                          adapter_config: Optional[Mapping[str, Any]] = None,
-                         merge_lora: bool = True) -> Dict[str, Any]:
-  """The `UniMoE` params tree ('decoder' and, when present, 'vision_projector').
+                         merge_lora: bool = True,
+                         model_cfg: Optional[UniMoEConfig] = None) -> Dict[str, Any]:
+  """The `UniMoE` params tree: 'decoder', 'vision_projector' when present, and with `model_cfg`
+  the towers and connectors it builds (official_towers.py).
 
   Args:
     state_dict: names already passed through `normalize_name`.
     cfg: from `config_from_official` (its `lora` must be set iff adapters are kept).
-    hf_config: the official config.json (for `mm_projector_type`).
+    hf_config: the official config.json (for `mm_projector_type` without `model_cfg`).
     adapter_config: PEFT's adapter_config.json, needed when the state dict has adapters.
     merge_lora: fold adapters into the weights (True) or keep them as `lora_a`/`lora_b`.
+    model_cfg: the whole model (`UniMoEConfig(decoder=cfg, **tower_configs(...)[0])`); needed
+      when the state dict holds tower or aligner tensors. None converts a language model (plus
+      the projector, if any).
   Raises:
-    ValueError naming missing, unexpected or wrong-shaped tensors.
+    ValueError naming missing, unexpected or wrong-shaped tensors (by their official names).
   """
-  unsupported = sorted(k for k in state_dict if k.startswith(UNSUPPORTED_PREFIXES))
-  if unsupported:
-    raise ValueError(f'tensors of towers/aligners that this converter does not map yet: '
-                     f'{unsupported[:8]}{" ..." if len(unsupported) > 8 else ""}')
+  towers = {k: v for k, v in state_dict.items() if official_towers.is_tower_tensor(k)}
+  if towers and model_cfg is None:
+    names = sorted(towers)
+    more = ' ...' if len(names) > 8 else ''
+    raise ValueError(f'tower/aligner tensors need the model configuration (model_cfg, from '
+                     f'official_towers.tower_configs): {names[:8]}{more}')
   has_lora = bool(_lora_modules(state_dict))
   if has_lora and adapter_config is None:
     raise ValueError('the state dict has LoRA adapters but no adapter_config.json was found')
@@ -201,7 +210,7 @@ def params_from_official(state_dict: LazyStateDict, cfg: DecoderConfig,
     entries = merge_adapters(state_dict, lora_scale(adapter_config))
   projector_names = {k: v for k, v in entries.items() if k.startswith(PROJECTOR_PREFIX)}
   decoder_sd = {_to_mixtral_name(k): v for k, v in entries.items()
-                if not k.startswith(PROJECTOR_PREFIX)}
+                if not k.startswith(PROJECTOR_PREFIX) and k not in towers}
   params: Dict[str, Any] = {}
   try:
     adapters = None
@@ -221,8 +230,14 @@ def params_from_official(state_dict: LazyStateDict, cfg: DecoderConfig,
       _deep_update(params['decoder'], adapters)
   except ValueError as e:
     raise ValueError(_to_official_names(str(e))) from None
-  if projector_names:
-    kind = hf_config.get('mm_projector_type', 'linear')
+  if model_cfg is not None:
+    if projector_names and model_cfg.vision is None:
+      raise ValueError(f'the checkpoint holds the vision projector {sorted(projector_names)[:2]}'
+                       ' but no CLIP tower was found: pass the vision tower (--vision_tower)')
+    params.update(official_towers.tower_params(towers, model_cfg))
+  if projector_names or (model_cfg is not None and model_cfg.vision is not None):
+    kind = (model_cfg.vision_projector if model_cfg is not None
+            else hf_config.get('mm_projector_type', 'linear'))
     params['vision_projector'] = clip_convert.projector_params_from_hf(
         projector_names, kind, prefix=PROJECTOR_PREFIX)
   return params
