@@ -34,6 +34,7 @@ from unimoe_jax.data import vocabulary as vocabulary_lib
 from unimoe_jax.tasks import common
 
 SPLITS = ('train', 'validation')
+STAGE1_RATES = {'image': 1.0, 'speech': 2.0, 'audio': 1.0}
 # Per-item soft tokens of the tiny towers (gin/models/multimodal_tiny.gin).
 SOFT_TOKENS = dict(image_soft_tokens=16, video_soft_tokens=16, speech_soft_tokens=8,
                    audio_soft_tokens=8)
@@ -91,7 +92,10 @@ def _voice(modality: str) -> str:
 def register():
   stage1 = [_task(f'unimoe_sample_align_{m}', f'align_{m}', _voice(m))
             for m in ('image', 'speech', 'audio')]
-  common.register_mixture('unimoe_sample_stage1', stage1)
+  # Transcription is the hardest alignment (the aligner learns from scratch to read the
+  # digits in order): it gets twice the rate of the captions.
+  common.register_mixture('unimoe_sample_stage1', [
+      (task, STAGE1_RATES[m]) for m, task in zip(('image', 'speech', 'audio'), stage1)])
   instruct = [_task(f'unimoe_sample_instruct_{m}', f'instruct_{m}', _voice(m))
               for m in ('image', 'video', 'speech', 'audio')]
   evals = {}

@@ -213,6 +213,28 @@ def test_two_turn_image_conversation_tokenisation_and_masking(vocab):
   np.testing.assert_array_equal(plain_weights > 0, np.asarray(official_labels) != -100)
 
 
+@pytest.mark.parametrize('system', ['', 'Be brief.'])
+def test_system_prompt_binding_reaches_rendering_and_masking(vocab, system):
+  """gin's `system_prompt.text` (the demo binds '') changes the prompt and keeps the answer
+  masking exact; the default stays Vicuna v1's."""
+  import gin  # pylint: disable=g-import-not-at-top
+  with gin.unlock_config():
+    gin.bind_parameter('system_prompt.text', system)
+  try:
+    prompt = conv_lib.prompt_text(TWO_TURNS)
+    expected_head = system + ' USER: ' if system else 'USER: '
+    assert prompt == expected_head + TWO_TURNS_PROMPT[len(conv_lib.SYSTEM + ' USER: '):]
+    targets, weights = conv_lib.tokenize_conversation(TWO_TURNS, vocab, {'<image>': 1})
+    assert conv_lib.decode_prompt(targets, vocab) == prompt
+    assert conv_lib.decode_prompt(targets[weights > 0], vocab) == conv_lib.answer_text(TWO_TURNS)
+    official_ids, official_labels = _official_labels(prompt, vocab)
+    assert targets.tolist() == official_ids
+    np.testing.assert_array_equal(weights > 0, np.asarray(official_labels) != -100)
+  finally:
+    gin.clear_config()
+  assert conv_lib.prompt_text(TWO_TURNS) == TWO_TURNS_PROMPT
+
+
 def test_placeholders_stay_where_written(vocab):
   # Uni-MoE never calls LLaVA's preprocess_multimodal: "<image>" is not moved to the front.
   conv = [{'from': 'human', 'value': "What is in the motorcyclist's mouth?\n<image>"},

@@ -274,6 +274,7 @@ def test_videos_move_in_the_stated_direction(data_dir):
       along, across = (dx * expected_x, dy) if expected_x else (dy * expected_y, dx)
       assert np.all(along > 0) and along.sum() > 0.3 * SIZE, (paths[0], labels)
       assert np.all(np.abs(across) < 1e-9)
+      assert labels['motion'] == ('horizontal' if expected_x else 'vertical')
 
 
 def _active_runs(wave, rate=16000, frame_ms=5, threshold=0.05):
@@ -371,7 +372,7 @@ def test_classes_are_balanced(data_dir):
              for m in ('image', 'video', 'speech', 'audio')}
     for modality, factor, classes in (
         ('image', 'colour', 6), ('image', 'shape', 4), ('image', 'count', 3),
-        ('video', 'direction', 4), ('video', 'colour', 6), ('video', 'shape', 4),
+        ('video', 'motion', 2), ('video', 'colour', 6), ('video', 'shape', 4),
         ('speech', 'length', 2), ('audio', 'sweep', 2), ('audio', 'pitch', 12)):
       imbalance, num_classes = spread([labels[factor] for labels in pools[modality]])
       assert imbalance <= 1 and num_classes == classes, (split, modality, factor)
@@ -388,8 +389,10 @@ def test_classes_are_balanced(data_dir):
 
 def test_chance_baselines_are_reported(info):
   chance = info['splits']['validation']['chance']
-  assert chance['eval_video_mc']['uniform_guess_accuracy'] == 0.25
-  assert chance['eval_video_open']['best_constant_accuracy'] == 0.25
+  video_mc = chance['eval_video_mc']['per_category']
+  assert video_mc['motion']['uniform_guess_accuracy'] == 0.5
+  assert video_mc['colour']['uniform_guess_accuracy'] == 0.25
+  assert chance['eval_video_open']['per_category']['motion']['best_constant_accuracy'] == 0.5
   assert chance['eval_audio_mc']['per_category']['sweep']['uniform_guess_accuracy'] == 0.5
   assert chance['eval_audio_open']['per_category']['pitch']['num_classes'] == 12
   speech = chance['eval_speech_open']
@@ -447,7 +450,7 @@ def test_text_warmup_describes_the_media(data_dir, info):
       assert first.startswith('(') and '<' not in first, first
       labels = source['labels']
       described = {'image': (labels.get('colour'), labels.get('shape')),
-                   'video': (labels.get('colour'), labels.get('direction')),
+                   'video': (labels.get('colour'), labels.get('motion')),
                    'speech': (labels.get('transcript'),),
                    'audio': (labels.get('sweep'), labels.get('pitch'))}[source['modality']]
       head = first.split('\n')[0]

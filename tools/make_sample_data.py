@@ -8,7 +8,8 @@ Four media pools per split (one item per index, shared by every manifest of that
 
   image   coloured shapes on a dark background: colour (6), shape (4), count (1-3)
   video   8 PNG frames of one shape moving left / right / up / down (the official video format
-          is a list of frame image files)
+          is a list of frame image files); asked: its colour, shape and axis of motion
+          (horizontal / vertical), which the official frame average keeps
   speech  DTMF digit sequences (3-4 digits, 100 ms tones, 50 ms gaps) to transcribe, "3 1 4"
   audio   one linear chirp (0.5-1 s), rising or falling, through a note of octave 4 (12 classes)
 
@@ -53,6 +54,12 @@ COUNTS = (1, 2, 3)
 NUMBER_WORDS = {1: 'one', 2: 'two', 3: 'three', 4: 'four'}
 DIRECTIONS = ('left', 'right', 'up', 'down')
 DIRECTION_STEPS = {'left': (-1, 0), 'right': (1, 0), 'up': (0, -1), 'down': (0, 1)}  # (dx, dy)
+# What the questions ask about a video's motion: its axis, not its direction. Uni-MoE averages
+# the frames' tokens (see VIDEO_QUESTIONS), which keeps the trail a moving shape leaves (its
+# axis, seen in no single frame) but not the order of the frames (left and right leave the
+# same trail).
+MOTIONS = ('horizontal', 'vertical')
+MOTION_OF = {'left': 'horizontal', 'right': 'horizontal', 'up': 'vertical', 'down': 'vertical'}
 PITCH_CLASSES = ('C', 'C#', 'D', 'D#', 'E', 'F', 'F#', 'G', 'G#', 'A', 'A#', 'B')
 SWEEPS = ('rising', 'falling')
 
@@ -81,8 +88,10 @@ IMAGE_QUESTIONS = {
     'shape': 'What shape are they?',
     'count': 'How many shapes are there?',
 }
+# Uni-MoE averages the tokens of a video's frames, so the questions ask nothing that depends on
+# the frames' order (MOTIONS).
 VIDEO_QUESTIONS = {
-    'direction': 'Which direction does the shape move?',
+    'motion': 'Does the shape move horizontally or vertically?',
     'colour': 'What colour is the moving shape?',
     'shape': 'What shape is moving?',
 }
@@ -309,20 +318,22 @@ def make_media(root: str, split: str, n: int, seed: int, image_size: int = 32,
 
   colours = balanced_labels(label_rng, COLOUR_NAMES, n)
   shapes = balanced_labels(label_rng, SHAPES, n)
-  directions = balanced_labels(label_rng, DIRECTIONS, n)
+  motions = balanced_labels(label_rng, MOTIONS, n)
   pools['video'] = []
   for i in range(n):
+    item_rng = _item_rng(seed, split, 'video', i)
+    direction = [d for d in DIRECTIONS if MOTION_OF[d] == motions[i]][int(item_rng.integers(2))]
     rel_dir = os.path.join('media', split, 'video', f'{i:05d}')
     os.makedirs(os.path.join(root, rel_dir), exist_ok=True)
-    frames = render_moving_shape(_item_rng(seed, split, 'video', i), colours[i], shapes[i],
-                                 directions[i], image_size, num_frames)
+    frames = render_moving_shape(item_rng, colours[i], shapes[i], direction, image_size,
+                                 num_frames)
     paths = []
     for k, frame in enumerate(frames):
       rel = os.path.join(rel_dir, f'frame_{k:03d}.png')
       frame.save(os.path.join(root, rel))
       paths.append(rel)
     pools['video'].append({'path': paths, 'labels': {
-        'direction': directions[i], 'colour': colours[i], 'shape': shapes[i]}})
+        'direction': direction, 'motion': motions[i], 'colour': colours[i], 'shape': shapes[i]}})
 
   lengths = balanced_labels(label_rng, SPEECH_LENGTHS, n)
   media_dir('speech')
@@ -371,12 +382,12 @@ QUESTIONS = {'image': IMAGE_QUESTIONS, 'video': VIDEO_QUESTIONS, 'speech': SPEEC
 ANSWER_CLASSES = {
     ('image', 'colour'): COLOUR_NAMES, ('image', 'shape'): SHAPES,
     ('image', 'count'): tuple(NUMBER_WORDS[c] for c in COUNTS),
-    ('video', 'direction'): DIRECTIONS, ('video', 'colour'): COLOUR_NAMES,
+    ('video', 'motion'): MOTIONS, ('video', 'colour'): COLOUR_NAMES,
     ('video', 'shape'): SHAPES,
     ('speech', 'length'): ('three', 'four'), ('speech', 'first'): tuple('0123456789'),
     ('audio', 'sweep'): SWEEPS, ('audio', 'pitch'): PITCH_CLASSES,
 }
-EVAL_CATEGORIES = {'image': ('colour', 'shape', 'count'), 'video': ('direction',),
+EVAL_CATEGORIES = {'image': ('colour', 'shape', 'count'), 'video': ('motion', 'colour', 'shape'),
                    'speech': ('transcript',), 'audio': ('sweep', 'pitch')}
 
 
@@ -492,12 +503,12 @@ def build_manifests(pools: Dict[str, List[Dict[str, Any]]], split: str, seed: in
 
 
 def media_description(modality: str, labels: Dict[str, str]) -> str:
-  """What a perfect connector would tell the LLM: 'a red circle', 'a blue cross moving left',
+  """What a perfect connector would tell the LLM: 'a red circle', 'a blue cross moving horizontally',
   'spoken digits 2 6 3', 'a rising tone, pitch A'."""
   if modality == 'image':
     return image_caption(labels)
   if modality == 'video':
-    return f"a {labels['colour']} {labels['shape']} moving {labels['direction']}"
+    return f"a {labels['colour']} {labels['shape']} moving {labels['motion']}ly"
   if modality == 'speech':
     return f"spoken digits {labels['transcript']}"
   return audio_caption(labels)

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence
 from absl import logging
 
 MODALITIES = ('image', 'video', 'speech', 'audio')
-DEFAULT_STEPS = (800, 400, 100, 400)
+DEFAULT_STEPS = (1200, 1600, 100, 400)
 EVAL_MIXTURE = 'unimoe_sample_eval'
 
 MODEL_FILES = ('models/tiny.gin', 'models/multimodal_tiny.gin')
@@ -41,14 +41,14 @@ MODEL_FILES = ('models/tiny.gin', 'models/multimodal_tiny.gin')
 # The stages as a table: name, gin files, bindings (steps and paths are added per run).
 STAGE0 = ('stage0_text', [*MODEL_FILES, 'runs/train.gin', 'demo/tiny.gin'], {
     'MIXTURE_OR_TASK_NAME': "'unimoe_sample_text_warmup'",
-    'TASK_FEATURE_LENGTHS': "{'targets': 256}",   # text only: media are not fed
+    'TASK_FEATURE_LENGTHS': "{'targets': 128}",   # text only: media are not fed
     'TRAINABLE_PATTERNS': "('decoder/.*',)",
     'LEARNING_RATE': '3e-3',
     'BATCH_SIZE': '32',
 })
 STAGE1 = ('stage1_align', [*MODEL_FILES, 'stages/stage1_align.gin', 'demo/tiny.gin'], {
     'MIXTURE_OR_TASK_NAME': "'unimoe_sample_stage1'",
-    'LEARNING_RATE': '1e-2',
+    'LEARNING_RATE': '5e-3',
 })
 STAGE2 = ('stage2_{modality}', [*MODEL_FILES, 'stages/stage2_expert.gin', 'demo/tiny.gin'], {
     'EXPERT_MODALITY': "'{modality}'",
@@ -58,7 +58,7 @@ STAGE3 = ('stage3_unimoe', [*MODEL_FILES, 'stages/stage3_unimoe.gin', 'demo/tiny
     'MIXTURE_OR_TASK_NAME': "'unimoe_sample_stage3'",
     'LEARNING_RATE': '3e-3',
     'EVAL_MIXTURE_OR_TASK_NAME': f"'{EVAL_MIXTURE}'",
-    'EVAL_TASK_FEATURE_LENGTHS': "{'targets': 256, 'image_features': 1, 'video_features': 1, "
+    'EVAL_TASK_FEATURE_LENGTHS': "{'targets': 128, 'image_features': 1, 'video_features': 1, "
                                  "'speech_features': 1, 'audio_features': 1}",
     'EVAL_BATCH_SIZE': '32',
 })

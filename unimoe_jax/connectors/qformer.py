@@ -50,6 +50,8 @@ class QFormerConfig:
     num_query_tokens: learned queries, i.e. output tokens per example.
     layer_norm_eps: epsilon of every LayerNorm.
     act: FFN activation, a key of `layers.transformer.ACTIVATIONS`.
+    init_std: normal std of every kernel, and query at initialisation
+      (HF's 0.02); tiny randomly initialised configurations need more (multimodal_tiny.gin).
   """
   hidden_size: int = 768
   num_layers: int = 12
@@ -60,6 +62,7 @@ class QFormerConfig:
   num_query_tokens: int = 32
   layer_norm_eps: float = 1e-12
   act: str = 'gelu'
+  init_std: float = 0.02
 
   def __post_init__(self):
     for field in ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
@@ -109,7 +112,9 @@ class QFormerLayer(nn.Module):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: LayerNorm(cfg.layer_norm_eps, name=name, **kw)  # pylint: disable=unnecessary-lambda-assignment
-    attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.head_dim, name=name, **kw)  # pylint: disable=unnecessary-lambda-assignment
+    init = nn.initializers.normal(cfg.init_std)
+    attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.head_dim, kernel_init=init,  # pylint: disable=g-long-lambda
+                                                name=name, **kw)
 
     x = norm('self_attention_norm')(x + attention('self_attention')(x))
     x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
@@ -117,7 +122,7 @@ class QFormerLayer(nn.Module):
       h = attention('cross_attention')(x, kv=encoder_states, mask=cross_mask)
       x = norm('cross_attention_norm')(x + h)
       x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
-    h = GeluMLP(cfg.intermediate_size, cfg.act, name='mlp', **kw)(x)
+    h = GeluMLP(cfg.intermediate_size, cfg.act, kernel_init=init, name='mlp', **kw)(x)
     x = norm('mlp_norm')(x + h)
     return partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
 
@@ -148,7 +153,7 @@ class QFormer(nn.Module):
                        f'encoder_hidden_size {cfg.encoder_hidden_size}')
     query_tokens = self.param(
         'query_tokens',
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                      ('query_tokens', 'embed')),
         (cfg.num_query_tokens, cfg.hidden_size), self.param_dtype)
 

@@ -57,6 +57,8 @@ class WhisperAlignerConfig:
       every other.
     act: MLP activation (a key of layers.transformer.ACTIVATIONS).
     layer_norm_eps: LayerNorm epsilon.
+    init_std: normal std of every kernel, query and position embedding at initialisation
+      (HF's 0.02); tiny randomly initialised configurations need more (multimodal_tiny.gin).
   """
   num_query_tokens: int = 50
   d_model: int = 768
@@ -67,6 +69,7 @@ class WhisperAlignerConfig:
   causal: bool = True
   act: str = 'gelu'
   layer_norm_eps: float = 1e-5
+  init_std: float = 0.02
 
   def __post_init__(self):
     for field in ('num_query_tokens', 'd_model', 'num_layers', 'num_heads', 'ffn_dim',
@@ -111,14 +114,16 @@ class WhisperAlignerLayer(nn.Module):
                cross_mask: Optional[jax.Array]) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    init = nn.initializers.normal(cfg.init_std)
     attention = lambda name: MultiHeadAttention(  # pylint: disable=g-long-lambda
-        cfg.num_heads, cfg.head_dim, use_bias=_WHISPER_ATTN_BIAS, name=name, **kw)
+        cfg.num_heads, cfg.head_dim, use_bias=_WHISPER_ATTN_BIAS, kernel_init=init, name=name,
+        **kw)
     h = LayerNorm(cfg.layer_norm_eps, name='self_attn_norm', **kw)(x)
     x = x + attention('self_attn')(h, mask=self_mask)
     h = LayerNorm(cfg.layer_norm_eps, name='cross_attn_norm', **kw)(x)
     x = x + attention('cross_attn')(h, kv=encoder_out, mask=cross_mask)
     h = LayerNorm(cfg.layer_norm_eps, name='mlp_norm', **kw)(x)
-    x = x + GeluMLP(cfg.ffn_dim, act=cfg.act, name='mlp', **kw)(h)
+    x = x + GeluMLP(cfg.ffn_dim, act=cfg.act, kernel_init=init, name='mlp', **kw)(h)
     return partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
 
 
@@ -153,10 +158,10 @@ class WhisperAligner(nn.Module):
 
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     queries = self.param('query_tokens', nn.with_logical_partitioning(
-        nn.initializers.normal(stddev=0.02), (None, 'embed')), (n, cfg.d_model),
+        nn.initializers.normal(cfg.init_std), (None, 'embed')), (n, cfg.d_model),
                          self.param_dtype)
     positions = self.param('position_embedding', nn.with_logical_partitioning(
-        nn.initializers.normal(stddev=0.02), (None, 'embed')),
+        nn.initializers.normal(cfg.init_std), (None, 'embed')),
                            (cfg.max_target_positions, cfg.d_model), self.param_dtype)
     x = (queries + positions[:n]).astype(self.dtype)
     x = jnp.broadcast_to(x[None], (batch, n, cfg.d_model))

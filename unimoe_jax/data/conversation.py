@@ -27,6 +27,7 @@ across a space); when they are not, the conversation is refused instead of maske
 
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import gin
 import numpy as np
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -36,6 +37,22 @@ SEP = ' '
 SEP2 = '</s>'
 
 Conversation = Sequence[Mapping[str, str]]  # [{'from': 'human' | 'gpt', 'value': str}, ...]
+
+
+@gin.configurable
+def system_prompt(text: str = SYSTEM) -> str:
+  """The system message that opens every conversation: Vicuna v1's, as official Uni-MoE uses.
+
+  Training data, evaluation, `generate` and `score` all render through here, so one binding
+  changes them together. The CPU demo binds '' (gin/demo/tiny.gin): its sample answers are a
+  few tokens, and Vicuna's 102-token system message would be three quarters of every sequence.
+  """
+  return text
+
+
+def _opening() -> str:
+  system = system_prompt()
+  return system + SEP if system else ''
 
 
 def validate(conversations: Conversation) -> None:
@@ -70,7 +87,7 @@ def render(conversations: Conversation) -> List[Tuple[str, bool]]:
   `get_prompt()` string; an answer segment is the answer text + "</s>"."""
   validate(conversations)
   segments = []
-  prompt = SYSTEM + SEP
+  prompt = _opening()
   for turn in conversations:
     role, value = ROLES[turn['from']], turn['value']
     if not value:
@@ -94,7 +111,7 @@ def _rounds(conversations: Conversation):
   """(text before the answer, answer or None) per round, the official `split(sep2)` rounds."""
   validate(conversations)
   rounds = []
-  head = SYSTEM + SEP
+  head = _opening()
   for turn in conversations:
     role, value = ROLES[turn['from']], turn['value']
     if turn['from'] == 'human':

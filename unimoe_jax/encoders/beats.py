@@ -107,6 +107,9 @@ class BEATsConfig:
     layer_wise_gradient_decay_ratio: training only (scales gradients, identity forward); kept
       so that official cfgs round-trip, ignored here.
     num_mel_bins: filterbank channels of the input (not in the official cfg; always 128 there).
+    init_std: normal std of every projection kernel and the relative position table at
+      initialisation (0.02, as the official init); tiny randomly initialised configurations
+      need more (multimodal_tiny.gin). The convolutional positions keep their own init.
   """
   input_patch_size: int = 16
   embed_dim: int = 512
@@ -126,6 +129,7 @@ class BEATsConfig:
   gru_rel_pos: bool = True
   layer_wise_gradient_decay_ratio: float = 0.6
   num_mel_bins: int = 128
+  init_std: float = 0.02
 
   def __post_init__(self):
     for field in ('input_patch_size', 'embed_dim', 'encoder_layers', 'encoder_embed_dim',
@@ -278,6 +282,7 @@ class GatedRelativeAttention(nn.Module):
   gru_rel_pos: bool
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.normal(0.02)
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array],
@@ -285,6 +290,7 @@ class GatedRelativeAttention(nn.Module):
     batch, length, embed = x.shape
     h, hd = self.num_heads, self.head_dim
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw['kernel_init'] = self.kernel_init
     proj = lambda name: Dense((embed,), (h, hd), ('embed', 'heads', 'head_dim'),  # pylint: disable=g-long-lambda
                               name=name, **kw)(x)
     q, k, v = (partitioning.with_sharding_constraint(proj(n), _HEAD_AXES)
@@ -322,11 +328,12 @@ class BEATsLayer(nn.Module):
                position_bias: Optional[jax.Array]) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    init = nn.initializers.normal(cfg.init_std)
     attn = GatedRelativeAttention(cfg.encoder_attention_heads, cfg.head_dim, cfg.gru_rel_pos,
-                                  name='self_attn', **kw)
+                                  kernel_init=init, name='self_attn', **kw)
     attn_norm = LayerNorm(1e-5, name='self_attn_layer_norm', **kw)
     mlp = GeluMLP(cfg.encoder_ffn_embed_dim, act=_OFFICIAL_ACTIVATIONS[cfg.activation_fn],
-                  name='mlp', **kw)
+                  kernel_init=init, name='mlp', **kw)
     mlp_norm = LayerNorm(1e-5, name='final_layer_norm', **kw)
     if cfg.layer_norm_first:
       x = x + attn(attn_norm(x), mask, position_bias)
@@ -397,12 +404,13 @@ class BEATs(nn.Module):
     patches = fbank[:, :time_patches * p, :mel_patches * p].astype(self.dtype)
     patches = patches.reshape(batch, time_patches, p, mel_patches, p).transpose(0, 1, 3, 2, 4)
     patches = patches.reshape(batch, num_tokens, p, p)
+    init = nn.initializers.normal(cfg.init_std)
     x = Dense((p, p), (cfg.embed_dim,), (None, None, 'embed'), use_bias=cfg.conv_bias,
-              name='patch_embedding', **kw)(patches)
+              kernel_init=init, name='patch_embedding', **kw)(patches)
     x = LayerNorm(1e-5, name='layer_norm', **kw)(x)
     if cfg.embed_dim != cfg.encoder_embed_dim:
       x = Dense((cfg.embed_dim,), (cfg.encoder_embed_dim,), (None, 'embed'),
-                name='post_extract_proj', **kw)(x)
+                kernel_init=init, name='post_extract_proj', **kw)(x)
     x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
 
     if padding_mask is None:
@@ -424,7 +432,7 @@ class BEATs(nn.Module):
     position_bias = None
     if cfg.relative_position_embedding:
       table = self.param('relative_attention_bias', nn.with_logical_partitioning(
-          nn.initializers.normal(stddev=0.02), (None, 'heads')),
+          init, (None, 'heads')),
                          (cfg.num_buckets, cfg.encoder_attention_heads), self.param_dtype)
       offsets = np.arange(num_tokens)[None, :] - np.arange(num_tokens)[:, None]  # key - query
       buckets = relative_position_bucket(offsets, cfg.num_buckets, cfg.max_distance)

@@ -45,6 +45,9 @@ class CLIPVisionConfig:
     select_layer: LLaVA's `mm_vision_select_layer`, an index into the `num_layers + 1` hidden
       states (0: embeddings after pre-LN, i: output of layer i; negative counts from the end).
     select_feature: 'patch' drops the class token, 'cls_patch' keeps it in front.
+    init_std: normal std of every kernel and embedding at initialisation (HF's
+      initializer_range, 0.02); tiny randomly initialised configurations need more
+      (multimodal_tiny.gin).
   """
   image_size: int = 336
   patch_size: int = 14
@@ -56,6 +59,7 @@ class CLIPVisionConfig:
   act: str = 'quick_gelu'
   select_layer: int = -2
   select_feature: str = 'patch'
+  init_std: float = 0.02
 
   def __post_init__(self):
     for field in ('image_size', 'patch_size', 'width', 'num_layers', 'num_heads', 'mlp_dim'):
@@ -130,10 +134,12 @@ class CLIPEncoderLayer(nn.Module):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = LayerNorm(cfg.layer_norm_eps, name='layer_norm1', **kw)(x)
-    x = x + MultiHeadAttention(cfg.num_heads, cfg.head_dim, name='attention', **kw)(h)
+    init = nn.initializers.normal(cfg.init_std)
+    x = x + MultiHeadAttention(cfg.num_heads, cfg.head_dim, kernel_init=init, name='attention',
+                               **kw)(h)
     x = partitioning.with_sharding_constraint(x, _HIDDEN)
     h = LayerNorm(cfg.layer_norm_eps, name='layer_norm2', **kw)(x)
-    x = x + GeluMLP(cfg.mlp_dim, act=cfg.act, name='mlp', **kw)(h)
+    x = x + GeluMLP(cfg.mlp_dim, act=cfg.act, kernel_init=init, name='mlp', **kw)(h)
     return partitioning.with_sharding_constraint(x, _HIDDEN)
 
 
@@ -182,9 +188,10 @@ class CLIPVisionTower(nn.Module):
     patches = pixels.reshape(batch, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(batch, g * g, p, p, 3)
     x = Dense((p, p, 3), (cfg.width,), (None, None, None, 'embed'), use_bias=False,
-              dtype=self.dtype, param_dtype=self.param_dtype, name='patch_embedding')(patches)
+              dtype=self.dtype, param_dtype=self.param_dtype,
+              kernel_init=nn.initializers.normal(cfg.init_std), name='patch_embedding')(patches)
 
-    init = nn.initializers.normal(stddev=0.02)
+    init = nn.initializers.normal(cfg.init_std)
     cls = self.param('class_embedding', nn.with_logical_partitioning(init, ('embed',)),
                      (cfg.width,), self.param_dtype)
     pos = self.param('position_embedding', nn.with_logical_partitioning(init, (None, 'embed')),

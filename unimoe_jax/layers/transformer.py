@@ -22,6 +22,8 @@ import numpy as np
 from unimoe_jax import partitioning
 
 Initializer = Any
+# HF's initializer_range / init_std for these towers; each tower's config overrides it
+# (`init_std`) where a narrow width needs more (see gin/models/multimodal_tiny.gin).
 default_init = nn.initializers.normal(stddev=0.02)
 
 
@@ -100,17 +102,18 @@ class GeluMLP(nn.Module):
   act: str = 'gelu'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  kernel_init: Initializer = default_init
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
     h = Dense((d,), (self.mlp_dim,), ('embed', 'mlp'), dtype=self.dtype,
-              param_dtype=self.param_dtype, name='fc1')(x)
+              param_dtype=self.param_dtype, kernel_init=self.kernel_init, name='fc1')(x)
     h = activation(self.act)(h)
     h = partitioning.with_sharding_constraint(
         h, ('activation_batch', 'activation_length', 'activation_mlp'))
     return Dense((self.mlp_dim,), (d,), ('mlp', 'embed'), dtype=self.dtype,
-                 param_dtype=self.param_dtype, name='fc2')(h)
+                 param_dtype=self.param_dtype, kernel_init=self.kernel_init, name='fc2')(h)
 
 
 class MultiHeadAttention(nn.Module):
@@ -128,6 +131,7 @@ class MultiHeadAttention(nn.Module):
   use_bias: Sequence[bool] = (True, True, True, True)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  kernel_init: Initializer = default_init
 
   @nn.compact
   def __call__(self, x: jax.Array, kv: Optional[jax.Array] = None,
@@ -137,7 +141,8 @@ class MultiHeadAttention(nn.Module):
     h, hd = self.num_heads, self.head_dim
     qb, kb, vb, ob = self.use_bias
     dense = lambda name, i, o, axes, b: Dense(i, o, axes, use_bias=b, dtype=self.dtype,  # pylint: disable=g-long-lambda
-                                              param_dtype=self.param_dtype, name=name)
+                                              param_dtype=self.param_dtype,
+                                              kernel_init=self.kernel_init, name=name)
     q = dense('query', (embed,), (h, hd), ('embed', 'heads', 'head_dim'), qb)(x)
     k = dense('key', (kv_embed,), (h, hd), ('embed', 'heads', 'head_dim'), kb)(kv)
     v = dense('value', (kv_embed,), (h, hd), ('embed', 'heads', 'head_dim'), vb)(kv)
