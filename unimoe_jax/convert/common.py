@@ -4,7 +4,7 @@ A state dict is a mapping from the source's tensor names to numpy arrays. Torch 
 stores `[out, in]`; our kernels are `[in, out]` (`linear_kernel`).
 """
 
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -38,6 +38,23 @@ class TensorReader:
     if self.missing or unexpected:
       raise ValueError(f'state dict does not match the model: missing {self.missing}, '
                        f'unexpected {unexpected}')
+
+
+def convert_parts(steps: Sequence[Tuple[str, Callable[[], Any]]], headline: str,
+                  errors: Sequence[str] = ()) -> Dict[str, Any]:
+  """`{key: convert()}` for each `(key, convert)`, running every step even after one failed, so
+  that one ValueError ("`headline`: key: message; ...") names every mismatch; `errors` are
+  mismatches found before (reported first)."""
+  errors = list(errors)
+  params: Dict[str, Any] = {}
+  for key, convert in steps:
+    try:
+      params[key] = convert()
+    except ValueError as e:
+      errors.append(f'{key}: {e}')
+  if errors:
+    raise ValueError(f'{headline}: ' + '; '.join(errors))
+  return params
 
 
 def linear_kernel(w: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 
 from unimoe_jax.convert import clip as convert_clip
 from unimoe_jax.convert import hf as convert_hf
-from unimoe_jax.convert.common import TensorReader
+from unimoe_jax.convert.common import TensorReader, convert_parts
 from unimoe_jax.model import UniMoEConfig
 
 VISION_PREFIX = 'model.vision_tower.'
@@ -116,21 +116,14 @@ def params_from_hf(state_dict: Mapping[str, Any], config: UniMoEConfig) -> Dict[
       unexpected.append(name)
   if unexpected:
     TensorReader({n: None for n in unexpected}).finish()
-  errors = []
-  params: Dict[str, Any] = {}
-  for key, convert in (
+  params = convert_parts((
       ('vision_tower', lambda: convert_clip.params_from_hf(parts['vision'], config.vision,
                                                            prefix=VISION_PREFIX)),
       ('vision_projector', lambda: convert_clip.projector_params_from_hf(
           parts['projector'], config.vision_projector, prefix=PROJECTOR_PREFIX)),
       ('decoder', lambda: convert_hf.decoder_params_from_hf(parts['language'],
-                                                            config.decoder))):
-    try:
-      params[key] = convert()
-    except ValueError as e:
-      errors.append(f'{key}: {e}')
-  if errors:
-    raise ValueError('LLaVA state dict does not match the model: ' + '; '.join(errors))
+                                                            config.decoder))),
+      'LLaVA state dict does not match the model')
   width = params['vision_projector']['linear_0']['kernel'].shape[0]
   if width != config.vision.width:
     raise ValueError(f'{PROJECTOR_PREFIX}linear_1.weight takes {width} inputs, but the vision '

@@ -52,7 +52,7 @@ from unimoe_jax.convert import clip as convert_clip
 from unimoe_jax.convert import io as ckpt_io
 from unimoe_jax.convert import qformer as convert_qformer
 from unimoe_jax.convert import whisper as convert_whisper
-from unimoe_jax.convert.common import TensorReader
+from unimoe_jax.convert.common import TensorReader, convert_parts
 from unimoe_jax.encoders.beats import config_from_official as beats_config_from_official
 from unimoe_jax.model import UniMoEConfig
 
@@ -290,15 +290,7 @@ def tower_params(state_dict: Mapping[str, Any], config: UniMoEConfig) -> Dict[st
             sd, config.audio_qformer, prefix=QFORMER_PREFIX, query_tokens=AUDIO_QUERY_TOKENS)),
         ('audio_projector', lambda: convert_clip.projector_params_from_hf(
             sd, config.audio_projector, prefix=AUDIO_PROJECTOR_PREFIX))]
-  params: Dict[str, Any] = {}
-  for key, convert in steps:
-    try:
-      params[key] = convert()
-    except ValueError as e:
-      errors.append(f'{key}: {e}')
-  if errors:
-    raise ValueError('official tower/aligner tensors do not match the model: ' + '; '.join(errors))
-  return params
+  return convert_parts(steps, 'official tower/aligner tensors do not match the model', errors)
 
 
 def _speech_aligner(sd: Mapping[str, Any], config: UniMoEConfig) -> Dict[str, Any]:
