@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
-from unimoe_jax.layers.transformer import Dense, GeluMLP, LayerNorm, activation
+from unimoe_jax.layers.transformer import Dense, GeluMLP, LayerNorm, activation, default_init
 
 _ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 _HEAD_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
@@ -282,15 +282,14 @@ class GatedRelativeAttention(nn.Module):
   gru_rel_pos: bool
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.normal(0.02)
+  kernel_init: Any = default_init
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array],
                position_bias: Optional[jax.Array]) -> jax.Array:
     batch, length, embed = x.shape
     h, hd = self.num_heads, self.head_dim
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    kw['kernel_init'] = self.kernel_init
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
     proj = lambda name: Dense((embed,), (h, hd), ('embed', 'heads', 'head_dim'),  # pylint: disable=g-long-lambda
                               name=name, **kw)(x)
     q, k, v = (partitioning.with_sharding_constraint(proj(n), _HEAD_AXES)
