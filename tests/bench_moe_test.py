@@ -21,6 +21,7 @@ def test_bench_moe_runs_every_row_on_a_tiny_shape(tmp_path):
   rows = {r['implementation']: r for r in json.loads(out.read_text())}
   for name in ('jax:ffn(k*F)', 'jax:moe dense', 'jax:moe capacity',
                'jax:moe dropless/ragged_dot', 'jax:moe dropless/tiled',
+               'jax:moe dropless/tiled unfused',
                'jax:moe dropless EP 2x4', 'torch:mixtral'):
     assert rows[name]['median_ms'] is not None and rows[name]['median_ms'] > 0, rows[name]
     if name.startswith('jax'):

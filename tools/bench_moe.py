@@ -8,7 +8,10 @@ scalar loss sum(y * cotangent), with gradients w.r.t. the input and every parame
   jax:moe dense|capacity    `moe.layer.MoEFeedForward` per dispatch mode (dense, capacity;
                             capacity uses --capacity-factor 2.0)
   jax:moe dropless/B        dispatch='dropless' with grouped-matmul backend B: ragged_dot,
-                            tiled (--gmm-tile rows), megablox (TPU only), mgpu (Hopper only)
+                            tiled (--gmm-tile rows; the fused SwiGLU loop of
+                            moe/grouped_ffn.py), megablox (TPU only), mgpu (Hopper only)
+  jax:moe dropless/tiled unfused  the tiled backend as three grouped matmuls
+                            (MoEConfig.fuse_ffn=False, the path experts with LoRA take)
   jax:moe dropless EP DxE   the dropless layer (gmm_backend='auto') with experts sharded on a
                             data=D x expert=E mesh, run under shard_map (ep; --ep-mesh DxE,
                             default 2x4, 'none' drops it); x is reshaped to [D*E, T/(D*E), embed]
@@ -50,11 +53,13 @@ PRESETS = {
     'mixtral': [(16384, 4096, 14336, 8, 2), (64, 4096, 14336, 8, 2)],
 }
 BACKENDS = ('ragged_dot', 'tiled', 'megablox', 'mgpu')  # As in moe/grouped_matmul.py.
-DROPLESS = tuple(f'dropless/{b}' for b in BACKENDS)
+DROPLESS = tuple(f'dropless/{b}' for b in BACKENDS) + ('dropless/tiled_unfused',)
 ALL_PATHS = ('ffn', 'dense', 'capacity') + DROPLESS + ('ep', 'torch_mixtral', 'torch_ffn')
 HOPPER = ('H100', 'H200', 'H800')
 LABELS = {'ffn': 'jax:ffn(k*F)', 'dense': 'jax:moe dense', 'capacity': 'jax:moe capacity',
-          **{p: f'jax:moe {p}' for p in DROPLESS}, 'ep': 'jax:moe dropless EP {}x{}',
+          **{p: f'jax:moe {p}' for p in DROPLESS},
+          'dropless/tiled_unfused': 'jax:moe dropless/tiled unfused',
+          'ep': 'jax:moe dropless EP {}x{}',
           'torch_mixtral': 'torch:mixtral', 'torch_ffn': 'torch:ffn(k*F)'}
 
 
@@ -270,10 +275,10 @@ def run_shape(shape, args, dtype):
                        lambda: (timer(normal_init(TorchSwiGLU(d, k * f))), None, ''))
 
   x, ct = jnp.asarray(x_np, dtype), jnp.asarray(ct_np, jnp.float32)
-  moe = lambda mode, backend='auto': MoEFeedForward(
+  moe = lambda mode, backend='auto', fuse=True: MoEFeedForward(
       config=MoEConfig(num_experts=e, num_experts_per_tok=k, dispatch=mode,
                        capacity_factor=args.capacity_factor, gmm_backend=backend,
-                       gmm_tile=args.gmm_tile),
+                       gmm_tile=args.gmm_tile, fuse_ffn=fuse),
       mlp_dim=f, dtype=dtype, param_dtype=jnp.float32)
   timed = lambda module, note: lambda: bench_jax(module, x, ct, args.iters,
                                                  args.warmup)[:2] + (note,)
@@ -293,7 +298,9 @@ def run_shape(shape, args, dtype):
          'mgpu': None if hopper else 'n/a (Hopper GPU only)'}
   for backend, name in zip(BACKENDS, DROPLESS):
     jobs[name] = why.get(backend) or timed(
-        moe('dropless', backend), f'tile={args.gmm_tile}' if backend == 'tiled' else '')
+        moe('dropless', backend), f'tile={args.gmm_tile}, fused' if backend == 'tiled' else '')
+  jobs['dropless/tiled_unfused'] = timed(moe('dropless', 'tiled', fuse=False),
+                                         f'tile={args.gmm_tile}, three grouped matmuls')
 
   data, expert = args.ep_mesh or (1, 1)
   n = data * expert
@@ -344,7 +351,7 @@ def run_ep_in_child(shape, args, note):
   return (row['median_ms'], row['min_ms']), row['temp_mib'], note + ' (child process)'
 
 
-COLS = (('shape TxDxFxExk', 21), ('implementation', 27), ('ms', 9), ('min ms', 9),
+COLS = (('shape TxDxFxExk', 21), ('implementation', 30), ('ms', 9), ('min ms', 9),
         ('TFLOP/s', 7), ('vs jax ffn', 10), ('vs torch', 8), ('temp MiB', 8), ('note', 0))
 
 
@@ -378,6 +385,20 @@ def print_row(row):
                  num('vs_torch', '.2f', 'x'), num('temp_mib', '.1f', none='-'), row['note']]))
 
 
+def host_cpu():
+  """'model, N cores, avx512' from /proc/cpuinfo: XLA:CPU and torch speeds differ by ISA, so
+  tables from two hosts only compare when this matches."""
+  try:
+    with open('/proc/cpuinfo') as fp:
+      info = fp.read()
+  except OSError:
+    return 'unknown cpu'
+  model = next((line.split(':', 1)[1].strip() for line in info.splitlines()
+                if line.startswith('model name')), 'unknown cpu')
+  isa = 'avx512' if ' avx512f' in info else 'avx2' if ' avx2' in info else 'no avx2'
+  return f'{model}, {os.cpu_count()} cores, {isa}'
+
+
 def main(args):
   sys.stdout.reconfigure(line_buffering=True)  # Rows show up as they finish, even when piped.
   dtype = jnp.dtype(args.dtype)
@@ -391,7 +412,7 @@ def main(args):
     tdev = f'cuda ({torch.cuda.get_device_name(0)}), torch {torch.__version__}'
   else:
     tdev = f'cpu ({torch.get_num_threads()} threads), torch {torch.__version__}'
-  print(f'MoE FFN fwd+bwd benchmark | jax {jax.__version__} on {dev.platform} '
+  print(f'MoE FFN fwd+bwd benchmark | host {host_cpu()} | jax {jax.__version__} on {dev.platform} '
         f'({dev.device_kind}, {len(jax.devices())} devices) | torch on {tdev} | dtype '
         f'{args.dtype} (jax params float32) | batch {args.batch} | gmm tile {args.gmm_tile} | '
         f'median of {args.iters} iters after {args.warmup} warmup | '

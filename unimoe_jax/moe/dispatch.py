@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
+from unimoe_jax.moe import grouped_ffn
 from unimoe_jax.moe import grouped_matmul as gmm_lib
 
 Matmul = Callable[[jax.Array, jax.Array], jax.Array]
@@ -225,7 +226,8 @@ def sort_by_expert(indices: jax.Array, num_experts: int, align: int = 1):
 
 
 def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled', tile=0,
-                    group_offset=0, lora_scale=0.0, dropout=None, reduce_rows=None):
+                    fuse_ffn=True, group_offset=0, lora_scale=0.0, dropout=None,
+                    reduce_rows=None):
   """The dropless MoE on flat tokens: x `[T, embed]`, weights/indices `[T, k]` -> `[T, embed]`.
 
   Sorts (token, choice) rows by expert, runs the experts as grouped matmuls, un-sorts, and
@@ -235,6 +237,8 @@ def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled
   zeros. `reduce_rows` (e.g. a psum over a tensor-parallel axis) runs on the expert outputs
   before un-sorting.
   `tile` 0 picks the tiled backend's row tile from the shape (`grouped_matmul.choose_tile`).
+  `fuse_ffn`: the tiled backend runs the experts without LoRA as one fused SwiGLU loop
+  (`grouped_ffn.swiglu`) instead of three grouped matmuls.
   """
   t, d = x.shape
   k = indices.shape[-1]
@@ -247,22 +251,26 @@ def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled
     return gmm_lib.gmm(h, w, group_sizes, backend=backend, tile=tile, group_offset=group_offset,
                        aligned=align > 1)
 
-  out_rows = expert_ffn(experts, rows, matmul, lora_scale, dropout)
+  if fuse_ffn and backend == 'tiled' and all(set(p) == {'kernel'} for p in experts.values()):
+    out_rows = grouped_ffn.swiglu(rows, experts['wi_0']['kernel'], experts['wi_1']['kernel'],
+                                  experts['wo']['kernel'], group_sizes, group_offset, tile)
+  else:
+    out_rows = expert_ffn(experts, rows, matmul, lora_scale, dropout)
   if reduce_rows is not None:
     out_rows = reduce_rows(out_rows)
   per_choice = gather_assignment_rows(out_rows, dest, src).reshape(t, k, d)
   return jnp.einsum('tkd,tk->td', per_choice, weights.astype(per_choice.dtype))
 
 
-def dropless(x, weights, indices, experts, *, backend='tiled', tile=0, lora_scale=0.0,
-             dropout=None):
+def dropless(x, weights, indices, experts, *, backend='tiled', tile=0, fuse_ffn=True,
+             lora_scale=0.0, dropout=None):
   """Dropless dispatch on one device (see `dropless_tokens`); nothing is dropped."""
   b, l, d = x.shape
   k = indices.shape[-1]
   y = dropless_tokens(x.reshape(b * l, d), weights.reshape(b * l, k),
                       indices.reshape(b * l, k), experts,
                       num_experts=experts['wi_0']['kernel'].shape[0], backend=backend,
-                      tile=tile, lora_scale=lora_scale, dropout=dropout)
+                      tile=tile, fuse_ffn=fuse_ffn, lora_scale=lora_scale, dropout=dropout)
   return y.reshape(b, l, d), jnp.ones(indices.shape, jnp.bool_)
 
 
@@ -271,7 +279,8 @@ def dispatch(mode: str, x: jax.Array, weights: jax.Array, indices: jax.Array,
   """Runs `mode` ('dense' | 'capacity' | 'dropless'); see the module docstring for shapes.
 
   `options`: lora_scale, dropout; for 'capacity' capacity_factor, min_capacity, group_size,
-  token_mask; for 'dropless' backend and tile (see `grouped_matmul.py`).
+  token_mask; for 'dropless' backend, tile and fuse_ffn (see `grouped_matmul.py`,
+  `grouped_ffn.py`).
   """
   if mode == 'dense':
     return dense(x, weights, indices, experts, lora_scale=options.get('lora_scale', 0.0),

@@ -38,7 +38,7 @@ def _expert_specs(experts, axes: ExpertParallelAxes):
 
 
 def dropless(x, weights, indices, experts, *, axes: ExpertParallelAxes, backend='tiled',
-             tile=0, lora_scale=0.0, dropout=None):
+             tile=0, fuse_ffn=True, lora_scale=0.0, dropout=None):
   """Same contract as `dispatch.dropless` (shapes in `dispatch.py`), expert-parallel."""
   num_experts = experts['wi_0']['kernel'].shape[0]
   shards = dict(axes.mesh.shape)[axes.expert]
@@ -60,7 +60,7 @@ def dropless(x, weights, indices, experts, *, axes: ExpertParallelAxes, backend=
       reduce_rows = lambda rows: jax.lax.psum(rows, axes.model)
     y = dispatch_lib.dropless_tokens(
         x.reshape(b * l, d), weights.reshape(b * l, k), indices.reshape(b * l, k), experts,
-        num_experts=num_experts, backend=backend, tile=tile,
+        num_experts=num_experts, backend=backend, tile=tile, fuse_ffn=fuse_ffn,
         group_offset=jax.lax.axis_index(axes.expert) * local, lora_scale=lora_scale,
         dropout=dropout, reduce_rows=reduce_rows).reshape(b, l, d)
     if tokens_split:

@@ -82,7 +82,7 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, backend: str = 't
 
 def _shard_rows(group_sizes, group_offset, local):
   """[lo, hi): the rows of groups [group_offset, group_offset + local)."""
-  starts, ends = _group_bounds(group_sizes)
+  starts, ends = group_bounds(group_sizes)
   return starts[group_offset], ends[group_offset + local - 1]
 
 
@@ -112,7 +112,8 @@ def _ragged_dot_gmm(x, w, group_sizes, group_offset, transpose_rhs):
 # ----------------------------------------------------------------------------- tiled
 
 
-def _group_bounds(group_sizes):
+def group_bounds(group_sizes):
+  """`[G]` first rows and `[G]` ends (exclusive) of the groups."""
   ends = jnp.cumsum(group_sizes)
   return ends - group_sizes, ends
 
@@ -147,6 +148,32 @@ def _for_each_chunk(start, end, tile, rows, fn, carry):
   return carry
 
 
+def for_each_group_chunk(group_sizes, group_offset, num_local: int, tile: int, rows: int,
+                         chunk_fn, carry, group_start=None, group_done=None):
+  """The tiled loops: each local group's rows in a few static-size chunks.
+
+  For local group e (rows [start, end) of group `group_offset + e`):
+    ctx, acc = group_start(e)          per-group values (weight slices) and accumulators
+    acc, carry = chunk_fn(ctx, start, end, pos, size, acc, carry)   per chunk
+    carry = group_done(e, acc, carry)
+  `rows`: the (tile-padded) row count bounding the chunk sizes. Returns the final carry.
+  """
+  starts, ends = group_bounds(group_sizes)
+  group_start = group_start or (lambda e: ((), ()))
+
+  def group(e, carry):
+    start, end = starts[group_offset + e], ends[group_offset + e]
+    ctx, acc = group_start(e)
+
+    def chunk(pos, size, state):
+      return chunk_fn(ctx, start, end, pos, size, *state)
+
+    acc, carry = _for_each_chunk(start, end, tile, rows, chunk, (acc, carry))
+    return carry if group_done is None else group_done(e, acc, carry)
+
+  return jax.lax.fori_loop(0, num_local, group, carry)
+
+
 def _row_mask(pos, size, start, end):
   r = pos + jnp.arange(size)
   return ((r >= start) & (r < end))[:, None]
@@ -158,24 +185,18 @@ def _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile, aligned
   rows = _round_up(m, tile)
   xp = jnp.pad(x, ((0, rows - m), (0, 0)))
   n = w.shape[1] if transpose_rhs else w.shape[2]
-  starts, ends = _group_bounds(group_sizes)
   dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
-  def group(e, out):
-    we = w[e]
-    start, end = starts[group_offset + e], ends[group_offset + e]
+  def chunk(we, start, end, pos, size, acc, out):
+    y = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(xp, pos, size), we, dims,
+                            preferred_element_type=jnp.float32).astype(out.dtype)
+    if not aligned:  # A chunk may share its first or last tile with a neighbour group.
+      cur = jax.lax.dynamic_slice_in_dim(out, pos, size)
+      y = cur + jnp.where(_row_mask(pos, size, start, end), y, 0)
+    return acc, jax.lax.dynamic_update_slice_in_dim(out, y, pos, 0)
 
-    def chunk(pos, size, out):
-      y = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(xp, pos, size), we, dims,
-                              preferred_element_type=jnp.float32).astype(out.dtype)
-      if not aligned:  # A chunk may share its first or last tile with a neighbour group.
-        cur = jax.lax.dynamic_slice_in_dim(out, pos, size)
-        y = cur + jnp.where(_row_mask(pos, size, start, end), y, 0)
-      return jax.lax.dynamic_update_slice_in_dim(out, y, pos, 0)
-
-    return _for_each_chunk(start, end, tile, rows, chunk, out)
-
-  out = jax.lax.fori_loop(0, w.shape[0], group, jnp.zeros((rows, n), x.dtype))
+  out = for_each_group_chunk(group_sizes, group_offset, w.shape[0], tile, rows, chunk,
+                             jnp.zeros((rows, n), x.dtype), group_start=lambda e: (w[e], ()))
   return out[:m]
 
 
@@ -185,25 +206,22 @@ def _tiled_tgmm(x, dy, group_sizes, group_offset, num_local, tile, aligned=False
   rows = _round_up(m, tile)
   xp = jnp.pad(x, ((0, rows - m), (0, 0)))
   dyp = jnp.pad(dy, ((0, rows - m), (0, 0)))
-  starts, ends = _group_bounds(group_sizes)
+  k, n = x.shape[1], dy.shape[1]
 
-  def group(e, dw):
-    start, end = starts[group_offset + e], ends[group_offset + e]
+  def chunk(ctx, start, end, pos, size, acc, dw):
+    del ctx
+    xs = jax.lax.dynamic_slice_in_dim(xp, pos, size)
+    if not aligned:
+      xs = jnp.where(_row_mask(pos, size, start, end), xs, 0)
+    return acc + jax.lax.dot_general(xs, jax.lax.dynamic_slice_in_dim(dyp, pos, size),
+                                     (((0,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32), dw
 
-    def chunk(pos, size, acc):
-      xs = jax.lax.dynamic_slice_in_dim(xp, pos, size)
-      if not aligned:
-        xs = jnp.where(_row_mask(pos, size, start, end), xs, 0)
-      return acc + jax.lax.dot_general(xs, jax.lax.dynamic_slice_in_dim(dyp, pos, size),
-                                       (((0,), (0,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
-
-    acc = _for_each_chunk(start, end, tile, rows, chunk,
-                          jnp.zeros((x.shape[1], dy.shape[1]), jnp.float32))
-    return jax.lax.dynamic_update_index_in_dim(dw, acc, e, 0)
-
-  return jax.lax.fori_loop(0, num_local, group,
-                           jnp.zeros((num_local, x.shape[1], dy.shape[1]), jnp.float32))
+  return for_each_group_chunk(
+      group_sizes, group_offset, num_local, tile, rows, chunk,
+      jnp.zeros((num_local, k, n), jnp.float32),
+      group_start=lambda e: ((), jnp.zeros((k, n), jnp.float32)),
+      group_done=lambda e, acc, dw: jax.lax.dynamic_update_index_in_dim(dw, acc, e, 0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

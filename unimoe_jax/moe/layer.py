@@ -106,7 +106,7 @@ class MoEFeedForward(nn.Module):
     if cfg.dispatch == 'dropless':
       backend = cfg.gmm_backend
       options.update(backend=gmm_lib.default_backend() if backend == 'auto' else backend,
-                     tile=cfg.gmm_tile)
+                     tile=cfg.gmm_tile, fuse_ffn=cfg.fuse_ffn)
     if cfg.dispatch == 'capacity':
       options.update(capacity_factor=cfg.capacity_factor, min_capacity=cfg.min_capacity,
                      group_size=cfg.group_size, token_mask=padding_mask)
