@@ -12,7 +12,9 @@ Why all-gather + reduce-scatter rather than `jax.lax.ragged_all_to_all`: the col
 dense, static-shaped and supported on every backend (CPU included, where the tests run), and
 their transposes are each other, so the backward pass needs nothing hand-written. Each device
 moves `(n - 1) / n` of its expert-axis peers' tokens, which a ragged all-to-all would cut to
-the routed ones; that trade only pays once the expert axis is large.
+the routed ones; that trade only pays once the expert axis is large. And `ragged_all_to_all`
+does not run on XLA:CPU (jax 0.10.2: "HLO opcode `ragged-all-to-all` is not supported by
+XLA:CPU ThunkEmitter"), so it could not be measured against this one here.
 
 If the expert `mlp` dimension is also split (tensor parallelism on `model`), the partial
 outputs are summed over `model` before un-sorting.
