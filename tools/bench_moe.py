@@ -10,8 +10,8 @@ scalar loss sum(y * cotangent), with gradients w.r.t. the input and every parame
   jax:moe dropless/B        dispatch='dropless' with grouped-matmul backend B: ragged_dot,
                             tiled (--gmm-tile rows; the fused SwiGLU loop of
                             moe/grouped_ffn.py), megablox (TPU only), mgpu (Hopper only)
-  jax:moe dropless/tiled unfused  the tiled backend as three grouped matmuls
-                            (MoEConfig.fuse_ffn=False, the path experts with LoRA take)
+  jax:moe dropless/tiled unfused  the tiled backend as separate grouped matmuls, three per
+                            step (nine with --lora) (MoEConfig.fuse_ffn=False)
   jax:moe dropless EP DxE   the dropless layer (gmm_backend='auto') with experts sharded on a
                             data=D x expert=E mesh, run under shard_map (ep; --ep-mesh DxE,
                             default 2x4, 'none' drops it); x is reshaped to [D*E, T/(D*E), embed]
@@ -26,6 +26,7 @@ forward = 2 * tokens * k * 3 * embed * mlp; forward + backward = 3x forward.
   python tools/bench_moe.py   # CPU defaults: several minutes on 2 cores.
   python tools/bench_moe.py --paths ffn,dropless/tiled,ep --shapes 2048x512x1408x4x2,64x32x48x8x2
   python tools/bench_moe.py --shapes mixtral --dtype bfloat16 --iters 20 --warmup 3  # GPU
+  python tools/bench_moe.py --lora 8 --paths ffn,dropless/tiled,dropless/tiled_unfused  # stage 3
 JAX uses the GPU when jax[cuda] is installed and torch uses cuda when available; there
 XLA_PYTHON_CLIENT_PREALLOCATE defaults to false and torch runs first per shape.
 
@@ -89,6 +90,9 @@ def parse_args(argv=None):
   parser.add_argument('--ep-mesh', type=mesh_spec, default='2x4',
                       help="DATAxEXPERT mesh of the expert-parallel row, or 'none'")
   parser.add_argument('--batch', type=int, default=1, help='rows; length = tokens / batch')
+  parser.add_argument('--lora', type=int, default=0, metavar='RANK',
+                      help='stage-3 step: LoRA adapters of this rank (alpha 16, dropout 0.05) '
+                           'on every JAX row, base kernels frozen; torch rows are then n/a')
   parser.add_argument('--torch-experts', default='eager',
                       help="transformers experts_implementation: eager, batched_mm, grouped_mm")
   parser.add_argument('--json', metavar='PATH', help='also write the rows there as JSON')
@@ -126,12 +130,13 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 # pylint: disable=wrong-import-position
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
-from unimoe_jax.config import MoEConfig
+from unimoe_jax.config import LoRAConfig, MoEConfig
 from unimoe_jax.layers.mlp import SwiGLU
 from unimoe_jax.moe import grouped_matmul as gmm_lib
 from unimoe_jax.moe.dispatch import expert_capacity
@@ -173,11 +178,13 @@ def median_ms(step, iters, warmup):
   return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
-def bench_jax(module, x, ct, iters, warmup, mesh=None):
+def bench_jax(module, x, ct, iters, warmup, mesh=None, lora=False):
   """Returns ((median ms, min ms), temp MiB or None, drop fraction) of a jitted fwd+bwd step.
 
   With `mesh`: sharded params, x and ct split on the batch, traced and run in the mesh context
   (where the dropless MoE layer takes its expert-parallel shard_map path).
+  With `lora`: a stage-3 step: training mode (LoRA dropout on), gradients only for the
+  adapters, the router and x; the base kernels are frozen (passed, not differentiated).
   """
   if mesh is None:
     params = nn.meta.unbox(module.init(jax.random.PRNGKey(0), x))['params']
@@ -189,19 +196,26 @@ def bench_jax(module, x, ct, iters, warmup, mesh=None):
     batch = partitioning.logical_sharding(mesh, ('activation_batch',))
     x, ct = jax.device_put(x, batch), jax.device_put(ct, batch)
     context = partitioning.mesh_context(mesh)
+  flat = traverse_util.flatten_dict(params, sep='/')
+  trained = lambda path: not lora or 'lora_' in path or 'router' in path
+  train = {k: v for k, v in flat.items() if trained(k)}
+  frozen = {k: v for k, v in flat.items() if not trained(k)}
+  rngs = {'dropout': jax.random.PRNGKey(1)} if lora else None
 
-  def loss_fn(p, xx, cot):
-    out = module.apply({'params': p}, xx)
+  def loss_fn(tp, fp, xx, cot):
+    p = traverse_util.unflatten_dict({**tp, **fp}, sep='/')
+    out = module.apply({'params': p}, xx, deterministic=not lora, rngs=rngs)
     y, aux = out if isinstance(out, tuple) else (out, {})
     return jnp.sum(y.astype(jnp.float32) * cot), aux.get('drop_fraction', jnp.float32(0))
 
-  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)  # d/d(params, x).
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)  # d/d(trained, x).
   with context:
-    compiled = jax.jit(grad_fn).lower(params, x, ct).compile()
+    compiled = jax.jit(grad_fn).lower(train, frozen, x, ct).compile()
     mem = compiled.memory_analysis()
     temp = getattr(mem, 'temp_size_in_bytes', None) if mem is not None else None
-    (_, drop), _ = jax.block_until_ready(compiled(params, x, ct))
-    ms = median_ms(lambda: jax.block_until_ready(compiled(params, x, ct)), iters, warmup)
+    (_, drop), _ = jax.block_until_ready(compiled(train, frozen, x, ct))
+    ms = median_ms(lambda: jax.block_until_ready(compiled(train, frozen, x, ct)), iters,
+                   warmup)
   return ms, None if temp is None else temp / 2**20, float(drop)
 
 
@@ -267,11 +281,14 @@ def run_shape(shape, args, dtype):
     tdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[args.dtype]
     timer = lambda block: bench_torch(block, x_np, ct_np, tdtype, device, args.iters,
                                       args.warmup)
+  lora = LoRAConfig(rank=args.lora) if args.lora else None
   jobs['torch_mixtral'] = (
+      'n/a (--lora: no torch LoRA block here)' if lora else
       'n/a (torch/transformers not installed)' if torch is None or MixtralSparseMoeBlock is None
       else lambda: (timer(torch_mixtral(d, f, e, k, args.torch_experts)), None,
                     f'experts_implementation={args.torch_experts}'))
-  jobs['torch_ffn'] = ('n/a (torch not installed)' if torch is None else
+  jobs['torch_ffn'] = ('n/a (--lora: no torch LoRA block here)' if lora else
+                       'n/a (torch not installed)' if torch is None else
                        lambda: (timer(normal_init(TorchSwiGLU(d, k * f))), None, ''))
 
   x, ct = jnp.asarray(x_np, dtype), jnp.asarray(ct_np, jnp.float32)
@@ -279,14 +296,15 @@ def run_shape(shape, args, dtype):
       config=MoEConfig(num_experts=e, num_experts_per_tok=k, dispatch=mode,
                        capacity_factor=args.capacity_factor, gmm_backend=backend,
                        gmm_tile=args.gmm_tile, fuse_ffn=fuse),
-      mlp_dim=f, dtype=dtype, param_dtype=jnp.float32)
-  timed = lambda module, note: lambda: bench_jax(module, x, ct, args.iters,
-                                                 args.warmup)[:2] + (note,)
-  jobs['ffn'] = timed(SwiGLU(mlp_dim=k * f, dtype=dtype, param_dtype=jnp.float32), '')
+      mlp_dim=f, lora=lora, dtype=dtype, param_dtype=jnp.float32)
+  timed = lambda module, note: lambda: bench_jax(module, x, ct, args.iters, args.warmup,
+                                                 lora=bool(lora))[:2] + (note,)
+  jobs['ffn'] = timed(SwiGLU(mlp_dim=k * f, lora=lora, dtype=dtype, param_dtype=jnp.float32),
+                      '')
   jobs['dense'] = timed(moe('dense'), f'computes all {e} experts ({e / k:g}x the useful work)')
 
   def run_capacity(module=moe('capacity')):
-    ms, temp, drop = bench_jax(module, x, ct, args.iters, args.warmup)
+    ms, temp, drop = bench_jax(module, x, ct, args.iters, args.warmup, lora=bool(lora))
     cf = module.config.capacity_factor
     cap = expert_capacity(t // args.batch, k, e, cf, module.config.min_capacity)
     return ms, temp, f'cf={cf:g}, C={cap} rows/expert/seq, dropped {drop:.1%}'
@@ -300,7 +318,7 @@ def run_shape(shape, args, dtype):
     jobs[name] = why.get(backend) or timed(
         moe('dropless', backend), f'tile={args.gmm_tile}, fused' if backend == 'tiled' else '')
   jobs['dropless/tiled_unfused'] = timed(moe('dropless', 'tiled', fuse=False),
-                                         f'tile={args.gmm_tile}, three grouped matmuls')
+                                         f'tile={args.gmm_tile}, separate grouped matmuls')
 
   data, expert = args.ep_mesh or (1, 1)
   n = data * expert
@@ -312,7 +330,8 @@ def run_shape(shape, args, dtype):
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=data, expert=expert),
                                   jax.devices()[:n])
     xe, cte = x.reshape(n, t // n, d), ct.reshape(n, t // n, d)
-    return bench_jax(moe('dropless'), xe, cte, args.iters, args.warmup, mesh=mesh)[:2] + (note,)
+    return bench_jax(moe('dropless'), xe, cte, args.iters, args.warmup, mesh=mesh,
+                     lora=bool(lora))[:2] + (note,)
 
   jobs['ep'] = (functools.partial(run_ep_in_child, shape, args, note)
                 if n > len(jax.devices()) and dev.platform == 'cpu' and args.paths != ['ep'] else
@@ -342,7 +361,8 @@ def run_ep_in_child(shape, args, note):
     cmd = [sys.executable, os.path.abspath(__file__), '--paths', 'ep',
            '--shapes', 'x'.join(map(str, shape)), '--ep-mesh', 'x'.join(map(str, args.ep_mesh)),
            '--dtype', args.dtype, '--iters', str(args.iters), '--warmup', str(args.warmup),
-           '--batch', str(args.batch), '--gmm-tile', str(args.gmm_tile), '--json', out]
+           '--batch', str(args.batch), '--gmm-tile', str(args.gmm_tile),
+           '--lora', str(args.lora), '--json', out]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(out) as fp:
       row = json.load(fp)[0]
@@ -415,6 +435,7 @@ def main(args):
   print(f'MoE FFN fwd+bwd benchmark | host {host_cpu()} | jax {jax.__version__} on {dev.platform} '
         f'({dev.device_kind}, {len(jax.devices())} devices) | torch on {tdev} | dtype '
         f'{args.dtype} (jax params float32) | batch {args.batch} | gmm tile {args.gmm_tile} | '
+        f'{f"LoRA rank {args.lora}, base frozen, dropout on | " if args.lora else ""}'
         f'median of {args.iters} iters after {args.warmup} warmup | '
         f'load avg {os.getloadavg()[0]:.2f}')
   print('Useful FLOPs = 3 (fwd+bwd) x 2 x tokens x k x 3 x embed x mlp (routed experts only; '

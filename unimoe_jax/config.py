@@ -67,9 +67,10 @@ class MoEConfig:
       TPU, the tiled pure-JAX one elsewhere), 'ragged_dot', 'tiled', 'megablox' or 'mgpu'.
     gmm_tile: row tile of the 'tiled' backend; 0 picks it from the shape
       (`grouped_matmul.choose_tile`: 128 rows for large groups, down to 16 for small ones).
-    fuse_ffn: with the 'tiled' backend, run each expert's whole SwiGLU per chunk of rows in one
-      loop with a hand-written backward (`moe/grouped_ffn.py`; same result, fewer full-size
-      buffers). Experts with LoRA adapters always take the three separate grouped matmuls.
+    fuse_ffn: with the 'tiled' backend, run each expert's whole SwiGLU (and its LoRA
+      adapters) per chunk of rows in one loop with a hand-written backward
+      (`moe/grouped_ffn.py`; same result, fewer full-size buffers); False runs separate
+      grouped matmuls.
   """
   num_experts: int = 4
   num_experts_per_tok: int = 2

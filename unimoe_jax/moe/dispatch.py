@@ -22,7 +22,7 @@ All three share `expert_ffn`, so they differ only in how rows reach the expert m
 """
 
 import math
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +34,24 @@ from unimoe_jax.moe import grouped_matmul as gmm_lib
 Matmul = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+class LoRADropout(NamedTuple):
+  """Dropout on the LoRA input of each expert projection (training only).
+
+  One independent mask per projection, as PEFT's per-layer dropout modules give.
+  `dropout(h, name)` masks a whole `[rows, in]` input; the fused tiled loop draws its masks
+  per chunk of rows from the same key (`grouped_ffn`).
+  """
+  rate: float
+  key: jax.Array
+
+  def __call__(self, h: jax.Array, name: str) -> jax.Array:
+    key = jax.random.fold_in(self.key, ('wi_0', 'wi_1', 'wo').index(name))
+    keep = jax.random.bernoulli(key, 1.0 - self.rate, h.shape)
+    return jnp.where(keep, h / (1.0 - self.rate), 0).astype(h.dtype)
+
+
 def expert_ffn(experts: Dict[str, Dict[str, jax.Array]], x: jax.Array, matmul: Matmul,
-               lora_scale: float = 0.0,
-               dropout: Optional[Callable[[jax.Array, str], jax.Array]] = None) -> jax.Array:
+               lora_scale: float = 0.0, dropout: Optional[LoRADropout] = None) -> jax.Array:
   """SwiGLU of each expert on its rows: `wo(silu(wi_0 x) * wi_1 x)` (+ per-expert LoRA).
 
   `matmul(rows, w)` multiplies rows by a stacked `[E, in, out]` weight; it decides which
@@ -237,8 +252,8 @@ def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled
   zeros. `reduce_rows` (e.g. a psum over a tensor-parallel axis) runs on the expert outputs
   before un-sorting.
   `tile` 0 picks the tiled backend's row tile from the shape (`grouped_matmul.choose_tile`).
-  `fuse_ffn`: the tiled backend runs the experts without LoRA as one fused SwiGLU loop
-  (`grouped_ffn.swiglu`) instead of three grouped matmuls.
+  `fuse_ffn`: the tiled backend runs the experts (and their LoRA adapters) as one fused
+  SwiGLU loop (`grouped_ffn.swiglu`) instead of separate grouped matmuls.
   """
   t, d = x.shape
   k = indices.shape[-1]
@@ -251,9 +266,9 @@ def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled
     return gmm_lib.gmm(h, w, group_sizes, backend=backend, tile=tile, group_offset=group_offset,
                        aligned=align > 1)
 
-  if fuse_ffn and backend == 'tiled' and all(set(p) == {'kernel'} for p in experts.values()):
-    out_rows = grouped_ffn.swiglu(rows, experts['wi_0']['kernel'], experts['wi_1']['kernel'],
-                                  experts['wo']['kernel'], group_sizes, group_offset, tile)
+  if fuse_ffn and backend == 'tiled':
+    out_rows = grouped_ffn.swiglu(rows, experts, group_sizes, group_offset, tile, lora_scale,
+                                  dropout)
   else:
     out_rows = expert_ffn(experts, rows, matmul, lora_scale, dropout)
   if reduce_rows is not None:

@@ -1,24 +1,26 @@
 """The SwiGLU experts as one tiled loop: gate, up, silu and down of each row chunk together.
 
-    swiglu(rows [P, embed], wi_0 [E, embed, mlp], wi_1 [E, embed, mlp], wo [E, mlp, embed],
-           group_sizes [G], group_offset, tile) -> [P, embed]
-    out[r] = wo[e](silu(wi_0[e] x[r]) * wi_1[e] x[r]),  e = g(r) - group_offset
+    swiglu(rows [P, embed], experts, group_sizes [G], group_offset, tile, lora_scale, dropout)
+        -> [P, embed]
+    out[r] = down_e(silu(gate_e(x[r])) * up_e(x[r])),  e = g(r) - group_offset
+    proj_e(h) = h @ kernel[e]  (+ lora_scale * drop(h) @ lora_a[e] @ lora_b[e])
 
-Rows are in the tile-aligned expert-sorted layout of `dispatch.sort_by_expert(align=tile)`:
-every group starts at a multiple of `tile` and holds a multiple of `tile` rows. Rows outside
-the local groups (other shards' experts, trailing padding) come out zero.
+`experts` is the `{'wi_0'|'wi_1'|'wo': {'kernel', optional 'lora_a', 'lora_b'}}` dict of
+`dispatch.py` (gate, up, down), each `[E_local, in, out]`. Rows are in the tile-aligned
+expert-sorted layout of `dispatch.sort_by_expert(align=tile)`: every group starts at a
+multiple of `tile` and holds a multiple of `tile` rows. Rows outside the local groups (other
+shards' experts, trailing padding) come out zero.
 
-Why this exists beside `grouped_matmul.gmm(backend='tiled')`: the three separate grouped
-matmuls each fill an `[P, mlp]` output buffer (XLA:CPU zero-initialises every loop-carried
-buffer), and their backward passes add three more plus an extra `[P, embed]` for each input
-gradient. Here each chunk of rows runs the whole FFN while its activations are hot: the
-forward writes the `[P, embed]` output and, only when differentiated, the gate and up
-activations (the residuals); the hand-written backward writes one `[P, embed]` input
-gradient and accumulates the three weight gradients per expert (megablox's tgmm, fused).
-Same FLOPs as the unfused path, fewer full-size buffers and passes over memory.
-
-Used by `dispatch.dropless_tokens` for the tiled backend when the experts carry no LoRA;
-with LoRA it runs the unfused grouped matmuls (the adapters are extra matmuls per projection).
+Why this exists beside `grouped_matmul.gmm(backend='tiled')`: three (nine with LoRA) separate
+grouped matmuls each fill a full-size output buffer (XLA:CPU zero-initialises every
+loop-carried buffer), and their backward passes add as many again. Here each chunk of rows
+runs the whole FFN while its activations are hot: the forward writes the `[P, embed]` output
+and, only when differentiated, the gate and up activations (the residuals); the hand-written
+backward writes one `[P, embed]` input gradient and accumulates every weight gradient per
+expert in the same loop (megablox's tgmm, fused). Gradients nobody asks for (a frozen
+kernel under LoRA) are dropped by XLA's dead-code elimination. Same FLOPs as the unfused
+path; LoRA dropout masks are drawn per chunk (`LoRADropout.chunk_mask`), so they differ from
+the unfused path's draws but follow the same distribution.
 """
 
 import functools
@@ -28,22 +30,67 @@ import jax.numpy as jnp
 
 from unimoe_jax.moe import grouped_matmul as gmm_lib
 
+PROJECTIONS = ('wi_0', 'wi_1', 'wo')  # gate, up, down
+_T = ((0,), (0,))  # a^T @ b over a chunk's rows: a weight gradient.
+_TT = ((1,), (1,))  # a @ w^T: an input gradient.
+
 
 def _mm(a, b, contract=((1,), (0,))):
   return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _forward(x, wi_0, wi_1, wo, group_sizes, group_offset, tile, keep_residuals):
+def _drop(h, key, rate, name, pos):
+  """LoRA dropout of the chunk at row `pos` (the same mask in forward and backward)."""
+  if key is None or rate == 0:
+    return h
+  key = jax.random.fold_in(jax.random.fold_in(key, PROJECTIONS.index(name)), pos)
+  keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
+  return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
+
+
+def _proj(p, h, name, pos, scale, key, rate):
+  """One projection of a chunk, float32: `[size, in] -> [size, out]`."""
+  y = _mm(h, p['kernel'])
+  if 'lora_a' in p:
+    z = _mm(_drop(h, key, rate, name, pos), p['lora_a']).astype(h.dtype)
+    y = y + scale * _mm(z, p['lora_b'])
+  return y
+
+
+def _proj_bwd(p, h, g, name, pos, scale, key, rate):
+  """(dh float32 `[size, in]`, {leaf: float32 weight gradient}) of `_proj` for cotangent g."""
+  dh = _mm(g, p['kernel'], _TT)
+  grads = {'kernel': _mm(h, g, _T)}
+  if 'lora_a' in p:
+    hd = _drop(h, key, rate, name, pos)
+    z = _mm(hd, p['lora_a']).astype(h.dtype)
+    gs = (scale * g).astype(h.dtype)
+    dz = _mm(gs, p['lora_b'], _TT).astype(h.dtype)  # [size, rank]
+    grads['lora_b'] = _mm(z, gs, _T)
+    grads['lora_a'] = _mm(hd, dz, _T)
+    dh = dh + _drop(_mm(dz, p['lora_a'], _TT), key, rate, name, pos)
+  return dh, grads
+
+
+def _slice_experts(experts, e):
+  return jax.tree_util.tree_map(lambda a: a[e], experts)
+
+
+def _num_local(experts):
+  return experts['wi_0']['kernel'].shape[0]
+
+
+def _forward(x, experts, group_sizes, group_offset, key, tile, scale, rate, keep_residuals):
   m, d = x.shape
-  f = wi_0.shape[2]
+  f = experts['wi_0']['kernel'].shape[2]
   dtype = x.dtype
 
   def chunk(w, start, end, pos, size, acc, carry):
     del start, end  # Aligned layout: each chunk holds rows of one group only.
-    w0, w1, w2 = w
     xc = jax.lax.dynamic_slice_in_dim(x, pos, size)
-    gate, up = _mm(xc, w0).astype(dtype), _mm(xc, w1).astype(dtype)
-    y = _mm(jax.nn.silu(gate) * up, w2).astype(dtype)
+    proj = lambda name, h: _proj(w[name], h, name, pos, scale, key, rate).astype(dtype)
+    gate, up = proj('wi_0', xc), proj('wi_1', xc)
+    y = proj('wo', jax.nn.silu(gate) * up)
     put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, pos, 0)
     if not keep_residuals:
       return acc, (put(carry[0], y),)
@@ -53,76 +100,78 @@ def _forward(x, wi_0, wi_1, wo, group_sizes, group_offset, tile, keep_residuals)
   if keep_residuals:  # Only under differentiation: the backward pass reads gate and up.
     carry += (jnp.zeros((m, f), dtype), jnp.zeros((m, f), dtype))
   return gmm_lib.for_each_group_chunk(
-      group_sizes, group_offset, wi_0.shape[0], tile, m, chunk, carry,
-      group_start=lambda e: ((wi_0[e], wi_1[e], wo[e]), ()))
+      group_sizes, group_offset, _num_local(experts), tile, m, chunk, carry,
+      group_start=lambda e: (_slice_experts(experts, e), ()))
 
 
-def _check(x, tile):
+def _check(x, experts, tile):
   if x.shape[0] % tile:
     raise ValueError(f'grouped_ffn.swiglu needs a row count that is a multiple of the tile '
                      f'({x.shape[0]} rows, tile {tile}); lay rows out with '
                      f'dispatch.sort_by_expert(align=tile)')
+  if sorted(experts) != sorted(PROJECTIONS):
+    raise ValueError(f'grouped_ffn.swiglu needs experts {PROJECTIONS}, got {sorted(experts)}')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def swiglu(x, wi_0, wi_1, wo, group_sizes, group_offset, tile):
-  """See the module docstring. x `[P, embed]` (P a multiple of `tile`) -> `[P, embed]`."""
-  _check(x, tile)
-  return _forward(x, wi_0, wi_1, wo, group_sizes, group_offset, tile, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _swiglu(x, experts, group_sizes, group_offset, key, tile, scale, rate):
+  return _forward(x, experts, group_sizes, group_offset, key, tile, scale, rate, False)[0]
 
 
-def _swiglu_fwd(x, wi_0, wi_1, wo, group_sizes, group_offset, tile):
-  _check(x, tile)
-  out, gate, up = _forward(x, wi_0, wi_1, wo, group_sizes, group_offset, tile, True)
-  return out, (x, wi_0, wi_1, wo, group_sizes, group_offset, gate, up)
+def _swiglu_fwd(x, experts, group_sizes, group_offset, key, tile, scale, rate):
+  out, gate, up = _forward(x, experts, group_sizes, group_offset, key, tile, scale, rate, True)
+  return out, (x, experts, group_sizes, group_offset, key, gate, up)
 
 
-def _swiglu_bwd(tile, residuals, dy):
-  x, wi_0, wi_1, wo, group_sizes, group_offset, gate_all, up_all = residuals
+def _swiglu_bwd(tile, scale, rate, residuals, dy):
+  x, experts, group_sizes, group_offset, key, gate_all, up_all = residuals
   m, d = x.shape
-  f = wi_0.shape[2]
   dtype = x.dtype
   dy = dy.astype(dtype)
-  t = ((0,), (0,))  # a^T @ b over the chunk's rows: a weight gradient.
-  tt = ((1,), (1,))  # a @ w^T: an input gradient.
 
-  def chunk(w, start, end, pos, size, acc, dx):
+  def chunk(w, start, end, pos, size, acc, carry):
     del start, end
-    w0, w1, w2 = w
+    dx, dws = carry
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, pos, size)
     xc, dyc = sl(x), sl(dy)
     gate, up = sl(gate_all).astype(jnp.float32), sl(up_all).astype(jnp.float32)
     sig = jax.nn.sigmoid(gate)
     act = gate * sig  # silu(gate)
-    h = (act * up).astype(dtype)
-    dh = _mm(dyc, w2, tt)  # [size, mlp]
+    bwd = lambda name, h, g: _proj_bwd(w[name], h, g, name, pos, scale, key, rate)
+    dh, g_wo = bwd('wo', (act * up).astype(dtype), dyc)
     dup = (dh * act).astype(dtype)
     dgate = (dh * up * sig * (1 + gate * (1 - sig))).astype(dtype)  # silu' = s (1 + g (1 - s))
-    dxc = _mm(dgate, w0, tt) + _mm(dup, w1, tt)
-    dx = jax.lax.dynamic_update_slice_in_dim(dx, dxc.astype(dtype), pos, 0)
-    d0, d1, d2 = acc
-    return (d0 + _mm(xc, dgate, t), d1 + _mm(xc, dup, t), d2 + _mm(h, dyc, t)), dx
+    dx_gate, g_wi_0 = bwd('wi_0', xc, dgate)
+    dx_up, g_wi_1 = bwd('wi_1', xc, dup)
+    dx = jax.lax.dynamic_update_slice_in_dim(dx, (dx_gate + dx_up).astype(dtype), pos, 0)
+    acc = jax.tree_util.tree_map(jnp.add, acc, {'wi_0': g_wi_0, 'wi_1': g_wi_1, 'wo': g_wo})
+    return acc, (dx, dws)
 
   def group_start(e):
-    acc = (jnp.zeros((d, f), jnp.float32), jnp.zeros((d, f), jnp.float32),
-           jnp.zeros((f, d), jnp.float32))
-    return (wi_0[e], wi_1[e], wo[e]), acc
+    w = _slice_experts(experts, e)
+    return w, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), w)
 
   def group_done(e, acc, carry):
     dx, dws = carry
-    return dx, tuple(jax.lax.dynamic_update_index_in_dim(dw, a.astype(dw.dtype), e, 0)
-                     for dw, a in zip(dws, acc))
+    put = lambda dw, a: jax.lax.dynamic_update_index_in_dim(dw, a.astype(dw.dtype), e, 0)
+    return dx, jax.tree_util.tree_map(put, dws, acc)
 
-  def chunk_with_dws(w, start, end, pos, size, acc, carry):
-    dx, dws = carry
-    acc, dx = chunk(w, start, end, pos, size, acc, dx)
-    return acc, (dx, dws)
-
-  dws = tuple(jnp.zeros(w.shape, w.dtype) for w in (wi_0, wi_1, wo))
-  dx, (dw0, dw1, dwo) = gmm_lib.for_each_group_chunk(
-      group_sizes, group_offset, wi_0.shape[0], tile, m, chunk_with_dws,
+  dws = jax.tree_util.tree_map(jnp.zeros_like, experts)
+  dx, dws = gmm_lib.for_each_group_chunk(
+      group_sizes, group_offset, _num_local(experts), tile, m, chunk,
       (jnp.zeros((m, d), dtype), dws), group_start=group_start, group_done=group_done)
-  return dx, dw0, dw1, dwo, None, None
+  return dx, dws, None, None, None
 
 
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def swiglu(x, experts, group_sizes, group_offset, tile, lora_scale=0.0, dropout=None):
+  """See the module docstring. x `[P, embed]` (P a multiple of `tile`) -> `[P, embed]`.
+
+  `dropout`: a `dispatch.LoRADropout` (rate and key) for the LoRA inputs, or None.
+  """
+  _check(x, experts, tile)
+  key, rate = (None, 0.0) if dropout is None else (dropout.key, float(dropout.rate))
+  return _swiglu(x, experts, group_sizes, jnp.asarray(group_offset, jnp.int32), key, tile,
+                 float(lora_scale), rate)

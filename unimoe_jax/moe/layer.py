@@ -93,16 +93,7 @@ class MoEFeedForward(nn.Module):
     if lora is not None:
       options['lora_scale'] = lora.scale
       if lora.dropout > 0 and not deterministic:
-        rate = lora.dropout
-        rng = self.make_rng('dropout')
-
-        def dropout(h, name):
-          # One independent mask per projection, as PEFT's per-layer dropout modules give.
-          key = jax.random.fold_in(rng, ('wi_0', 'wi_1', 'wo').index(name))
-          keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
-          return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
-
-        options['dropout'] = dropout
+        options['dropout'] = dispatch_lib.LoRADropout(lora.dropout, self.make_rng('dropout'))
     if cfg.dispatch == 'dropless':
       backend = cfg.gmm_backend
       options.update(backend=gmm_lib.default_backend() if backend == 'auto' else backend,
