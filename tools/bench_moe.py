@@ -91,8 +91,10 @@ def parse_args(argv=None):
                       help="DATAxEXPERT mesh of the expert-parallel row, or 'none'")
   parser.add_argument('--batch', type=int, default=1, help='rows; length = tokens / batch')
   parser.add_argument('--lora', type=int, default=0, metavar='RANK',
-                      help='stage-3 step: LoRA adapters of this rank (alpha 16, dropout 0.05) '
-                           'on every JAX row, base kernels frozen; torch rows are then n/a')
+                      help='stage-3 step: LoRA adapters of this rank (alpha 16) on every JAX '
+                           'row, base kernels frozen; torch rows are then n/a')
+  parser.add_argument('--lora-dropout', type=float, default=0.05,
+                      help='LoRA dropout rate with --lora (the official 0.05)')
   parser.add_argument('--torch-experts', default='eager',
                       help="transformers experts_implementation: eager, batched_mm, grouped_mm")
   parser.add_argument('--json', metavar='PATH', help='also write the rows there as JSON')
@@ -281,7 +283,7 @@ def run_shape(shape, args, dtype):
     tdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[args.dtype]
     timer = lambda block: bench_torch(block, x_np, ct_np, tdtype, device, args.iters,
                                       args.warmup)
-  lora = LoRAConfig(rank=args.lora) if args.lora else None
+  lora = LoRAConfig(rank=args.lora, dropout=args.lora_dropout) if args.lora else None
   jobs['torch_mixtral'] = (
       'n/a (--lora: no torch LoRA block here)' if lora else
       'n/a (torch/transformers not installed)' if torch is None or MixtralSparseMoeBlock is None
@@ -362,7 +364,7 @@ def run_ep_in_child(shape, args, note):
            '--shapes', 'x'.join(map(str, shape)), '--ep-mesh', 'x'.join(map(str, args.ep_mesh)),
            '--dtype', args.dtype, '--iters', str(args.iters), '--warmup', str(args.warmup),
            '--batch', str(args.batch), '--gmm-tile', str(args.gmm_tile),
-           '--lora', str(args.lora), '--json', out]
+           '--lora', str(args.lora), '--lora-dropout', str(args.lora_dropout), '--json', out]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(out) as fp:
       row = json.load(fp)[0]
@@ -435,7 +437,8 @@ def main(args):
   print(f'MoE FFN fwd+bwd benchmark | host {host_cpu()} | jax {jax.__version__} on {dev.platform} '
         f'({dev.device_kind}, {len(jax.devices())} devices) | torch on {tdev} | dtype '
         f'{args.dtype} (jax params float32) | batch {args.batch} | gmm tile {args.gmm_tile} | '
-        f'{f"LoRA rank {args.lora}, base frozen, dropout on | " if args.lora else ""}'
+        + (f'LoRA rank {args.lora}, dropout {args.lora_dropout:g}, base frozen | '
+           if args.lora else '') +
         f'median of {args.iters} iters after {args.warmup} warmup | '
         f'load avg {os.getloadavg()[0]:.2f}')
   print('Useful FLOPs = 3 (fwd+bwd) x 2 x tokens x k x 3 x embed x mlp (routed experts only; '
