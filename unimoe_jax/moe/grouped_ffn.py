@@ -101,7 +101,7 @@ def _forward(x, experts, group_sizes, group_offset, key, tile, scale, rate, keep
     carry += (jnp.zeros((m, f), dtype), jnp.zeros((m, f), dtype))
   return gmm_lib.for_each_group_chunk(
       group_sizes, group_offset, _num_local(experts), tile, m, chunk, carry,
-      group_start=lambda e: (_slice_experts(experts, e), ()))
+      group_start=lambda e: (_slice_experts(experts, e), ()))[0]
 
 
 def _check(x, experts, tile):
@@ -129,9 +129,8 @@ def _swiglu_bwd(tile, scale, rate, residuals, dy):
   dtype = x.dtype
   dy = dy.astype(dtype)
 
-  def chunk(w, start, end, pos, size, acc, carry):
+  def chunk(w, start, end, pos, size, acc, dx):
     del start, end
-    dx, dws = carry
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, pos, size)
     xc, dyc = sl(x), sl(dy)
     gate, up = sl(gate_all).astype(jnp.float32), sl(up_all).astype(jnp.float32)
@@ -145,21 +144,20 @@ def _swiglu_bwd(tile, scale, rate, residuals, dy):
     dx_up, g_wi_1 = bwd('wi_1', xc, dup)
     dx = jax.lax.dynamic_update_slice_in_dim(dx, (dx_gate + dx_up).astype(dtype), pos, 0)
     acc = jax.tree_util.tree_map(jnp.add, acc, {'wi_0': g_wi_0, 'wi_1': g_wi_1, 'wo': g_wo})
-    return acc, (dx, dws)
+    return acc, dx
 
   def group_start(e):
     w = _slice_experts(experts, e)
     return w, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), w)
 
-  def group_done(e, acc, carry):
-    dx, dws = carry
+  def group_done(e, acc, dws):
     put = lambda dw, a: jax.lax.dynamic_update_index_in_dim(dw, a.astype(dw.dtype), e, 0)
-    return dx, jax.tree_util.tree_map(put, dws, acc)
+    return jax.tree_util.tree_map(put, dws, acc)
 
-  dws = jax.tree_util.tree_map(jnp.zeros_like, experts)
   dx, dws = gmm_lib.for_each_group_chunk(
-      group_sizes, group_offset, _num_local(experts), tile, m, chunk,
-      (jnp.zeros((m, d), dtype), dws), group_start=group_start, group_done=group_done)
+      group_sizes, group_offset, _num_local(experts), tile, m, chunk, jnp.zeros((m, d), dtype),
+      group_start=group_start, group_done=group_done,
+      results=jax.tree_util.tree_map(jnp.zeros_like, experts))
   return dx, dws, None, None, None
 
 

@@ -149,29 +149,33 @@ def _for_each_chunk(start, end, tile, rows, fn, carry):
 
 
 def for_each_group_chunk(group_sizes, group_offset, num_local: int, tile: int, rows: int,
-                         chunk_fn, carry, group_start=None, group_done=None):
+                         chunk_fn, carry, group_start=None, group_done=None, results=None):
   """The tiled loops: each local group's rows in a few static-size chunks.
 
   For local group e (rows [start, end) of group `group_offset + e`):
     ctx, acc = group_start(e)          per-group values (weight slices) and accumulators
     acc, carry = chunk_fn(ctx, start, end, pos, size, acc, carry)   per chunk
-    carry = group_done(e, acc, carry)
-  `rows`: the (tile-padded) row count bounding the chunk sizes. Returns the final carry.
+    results = group_done(e, acc, results)
+  `carry` (row-sized buffers) flows through every chunk; `results` (per-group outputs such as
+  weight gradients) only through `group_done`, which keeps them out of the chunks'
+  conditionals. `rows`: the (tile-padded) row count bounding the chunk sizes.
+  Returns (carry, results).
   """
   starts, ends = group_bounds(group_sizes)
   group_start = group_start or (lambda e: ((), ()))
 
-  def group(e, carry):
+  def group(e, state):
+    carry, results = state
     start, end = starts[group_offset + e], ends[group_offset + e]
     ctx, acc = group_start(e)
 
-    def chunk(pos, size, state):
-      return chunk_fn(ctx, start, end, pos, size, *state)
+    def chunk(pos, size, inner):
+      return chunk_fn(ctx, start, end, pos, size, *inner)
 
     acc, carry = _for_each_chunk(start, end, tile, rows, chunk, (acc, carry))
-    return carry if group_done is None else group_done(e, acc, carry)
+    return carry, results if group_done is None else group_done(e, acc, results)
 
-  return jax.lax.fori_loop(0, num_local, group, carry)
+  return jax.lax.fori_loop(0, num_local, group, (carry, results))
 
 
 def _row_mask(pos, size, start, end):
@@ -195,8 +199,8 @@ def _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile, aligned
       y = cur + jnp.where(_row_mask(pos, size, start, end), y, 0)
     return acc, jax.lax.dynamic_update_slice_in_dim(out, y, pos, 0)
 
-  out = for_each_group_chunk(group_sizes, group_offset, w.shape[0], tile, rows, chunk,
-                             jnp.zeros((rows, n), x.dtype), group_start=lambda e: (w[e], ()))
+  out, _ = for_each_group_chunk(group_sizes, group_offset, w.shape[0], tile, rows, chunk,
+                                jnp.zeros((rows, n), x.dtype), group_start=lambda e: (w[e], ()))
   return out[:m]
 
 
@@ -208,20 +212,21 @@ def _tiled_tgmm(x, dy, group_sizes, group_offset, num_local, tile, aligned=False
   dyp = jnp.pad(dy, ((0, rows - m), (0, 0)))
   k, n = x.shape[1], dy.shape[1]
 
-  def chunk(ctx, start, end, pos, size, acc, dw):
+  def chunk(ctx, start, end, pos, size, acc, carry):
     del ctx
     xs = jax.lax.dynamic_slice_in_dim(xp, pos, size)
     if not aligned:
       xs = jnp.where(_row_mask(pos, size, start, end), xs, 0)
     return acc + jax.lax.dot_general(xs, jax.lax.dynamic_slice_in_dim(dyp, pos, size),
                                      (((0,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32), dw
+                                     preferred_element_type=jnp.float32), carry
 
-  return for_each_group_chunk(
-      group_sizes, group_offset, num_local, tile, rows, chunk,
-      jnp.zeros((num_local, k, n), jnp.float32),
+  _, dw = for_each_group_chunk(
+      group_sizes, group_offset, num_local, tile, rows, chunk, (),
       group_start=lambda e: ((), jnp.zeros((k, n), jnp.float32)),
-      group_done=lambda e, acc, dw: jax.lax.dynamic_update_index_in_dim(dw, acc, e, 0))
+      group_done=lambda e, acc, dw: jax.lax.dynamic_update_index_in_dim(dw, acc, e, 0),
+      results=jnp.zeros((num_local, k, n), jnp.float32))
+  return dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
