@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unimoe_jax.layers.lora import LoRADropout
 from unimoe_jax.moe import dispatch as dispatch_lib
 from unimoe_jax.moe import grouped_ffn
 from unimoe_jax.moe import grouped_matmul as gmm_lib
@@ -118,7 +119,7 @@ def test_lora_dropout_backward_matches_its_forward():
   derivative equals a central finite difference of the (same-key) forward."""
   sizes = jnp.array(GROUP_SIZES['random'], jnp.int32)
   x, experts, ct = _params(5, lora=True)
-  drop = dispatch_lib.LoRADropout(0.5, jax.random.PRNGKey(7))
+  drop = LoRADropout(0.5, jax.random.PRNGKey(7))
   loss = jax.jit(lambda x, e: jnp.sum(_fused(x, e, sizes, 0, drop) * ct))
   no_drop = float(jnp.sum(_fused(x, experts, sizes, 0) * ct))
   assert abs(float(loss(x, experts)) - no_drop) > 1e-3 * abs(no_drop)  # Dropout acts.

@@ -13,7 +13,7 @@ Expert weights are stacked with a leading expert axis: kernel `[expert, in, out]
 by `moe/layer.py`; `merge_lora` handles both layouts.
 """
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,26 @@ import numpy as np
 from unimoe_jax.config import LoRAConfig
 
 Initializer = Callable[..., jax.Array]
+EXPERT_PROJECTIONS = ('wi_0', 'wi_1', 'wo')  # An expert's gate, up and down matrices.
+
+
+class LoRADropout(NamedTuple):
+  """Dropout on the LoRA input of each expert projection (training only).
+
+  One independent mask per projection, as PEFT's per-layer dropout modules give.
+  `dropout(h, name)` masks a whole `[rows, in]` input; `salt` (the fused expert loop passes
+  the chunk's first row) draws an independent mask for each part of the rows, so a loop can
+  redraw the same mask in its backward pass.
+  """
+  rate: float
+  key: jax.Array
+
+  def __call__(self, h: jax.Array, name: str, salt=None) -> jax.Array:
+    key = jax.random.fold_in(self.key, EXPERT_PROJECTIONS.index(name))
+    if salt is not None:
+      key = jax.random.fold_in(key, salt)
+    keep = jax.random.bernoulli(key, 1.0 - self.rate, h.shape)
+    return jnp.where(keep, h / (1.0 - self.rate), 0).astype(h.dtype)
 
 
 def lora_a_init(fan_in_dims: int) -> Initializer:

@@ -22,32 +22,17 @@ All three share `expert_ffn`, so they differ only in how rows reach the expert m
 """
 
 import math
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
+from unimoe_jax.layers.lora import LoRADropout
 from unimoe_jax.moe import grouped_ffn
 from unimoe_jax.moe import grouped_matmul as gmm_lib
 
 Matmul = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-class LoRADropout(NamedTuple):
-  """Dropout on the LoRA input of each expert projection (training only).
-
-  One independent mask per projection, as PEFT's per-layer dropout modules give.
-  `dropout(h, name)` masks a whole `[rows, in]` input; the fused tiled loop draws its masks
-  per chunk of rows from the same key (`grouped_ffn`).
-  """
-  rate: float
-  key: jax.Array
-
-  def __call__(self, h: jax.Array, name: str) -> jax.Array:
-    key = jax.random.fold_in(self.key, ('wi_0', 'wi_1', 'wo').index(name))
-    keep = jax.random.bernoulli(key, 1.0 - self.rate, h.shape)
-    return jnp.where(keep, h / (1.0 - self.rate), 0).astype(h.dtype)
 
 
 def expert_ffn(experts: Dict[str, Dict[str, jax.Array]], x: jax.Array, matmul: Matmul,

@@ -19,8 +19,8 @@ and, only when differentiated, the gate and up activations (the residuals); the 
 backward writes one `[P, embed]` input gradient and accumulates every weight gradient per
 expert in the same loop (megablox's tgmm, fused). Gradients nobody asks for (a frozen
 kernel under LoRA) are dropped by XLA's dead-code elimination. Same FLOPs as the unfused
-path; LoRA dropout masks are drawn per chunk (`LoRADropout.chunk_mask`), so they differ from
-the unfused path's draws but follow the same distribution.
+path; LoRA dropout masks are drawn per chunk (`LoRADropout(..., salt=chunk start)`), so they
+differ from the unfused path's draws but follow the same distribution.
 """
 
 import functools
@@ -28,9 +28,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from unimoe_jax.layers.lora import EXPERT_PROJECTIONS, LoRADropout
 from unimoe_jax.moe import grouped_matmul as gmm_lib
 
-PROJECTIONS = ('wi_0', 'wi_1', 'wo')  # gate, up, down
 _T = ((0,), (0,))  # a^T @ b over a chunk's rows: a weight gradient.
 _TT = ((1,), (1,))  # a @ w^T: an input gradient.
 
@@ -43,9 +43,7 @@ def _drop(h, key, rate, name, pos):
   """LoRA dropout of the chunk at row `pos` (the same mask in forward and backward)."""
   if key is None or rate == 0:
     return h
-  key = jax.random.fold_in(jax.random.fold_in(key, PROJECTIONS.index(name)), pos)
-  keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
-  return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
+  return LoRADropout(rate, key)(h, name, salt=pos)
 
 
 def _proj(p, h, name, pos, scale, key, rate):
@@ -109,8 +107,9 @@ def _check(x, experts, tile):
     raise ValueError(f'grouped_ffn.swiglu needs a row count that is a multiple of the tile '
                      f'({x.shape[0]} rows, tile {tile}); lay rows out with '
                      f'dispatch.sort_by_expert(align=tile)')
-  if sorted(experts) != sorted(PROJECTIONS):
-    raise ValueError(f'grouped_ffn.swiglu needs experts {PROJECTIONS}, got {sorted(experts)}')
+  if sorted(experts) != sorted(EXPERT_PROJECTIONS):
+    raise ValueError(f'grouped_ffn.swiglu needs experts {EXPERT_PROJECTIONS}, '
+                     f'got {sorted(experts)}')
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -167,7 +166,7 @@ _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 def swiglu(x, experts, group_sizes, group_offset, tile, lora_scale=0.0, dropout=None):
   """See the module docstring. x `[P, embed]` (P a multiple of `tile`) -> `[P, embed]`.
 
-  `dropout`: a `dispatch.LoRADropout` (rate and key) for the LoRA inputs, or None.
+  `dropout`: a `layers.lora.LoRADropout` (rate and key) for the LoRA inputs, or None.
   """
   _check(x, experts, tile)
   key, rate = (None, 0.0) if dropout is None else (dropout.key, float(dropout.rate))

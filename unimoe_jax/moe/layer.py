@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from unimoe_jax import partitioning
 from unimoe_jax.config import LoRAConfig, MoEConfig
-from unimoe_jax.layers.lora import default_kernel_init, lora_a_init
+from unimoe_jax.layers.lora import LoRADropout, default_kernel_init, lora_a_init
 from unimoe_jax.moe import dispatch as dispatch_lib
 from unimoe_jax.moe import expert_parallel
 from unimoe_jax.moe import grouped_matmul as gmm_lib
@@ -93,7 +93,7 @@ class MoEFeedForward(nn.Module):
     if lora is not None:
       options['lora_scale'] = lora.scale
       if lora.dropout > 0 and not deterministic:
-        options['dropout'] = dispatch_lib.LoRADropout(lora.dropout, self.make_rng('dropout'))
+        options['dropout'] = LoRADropout(lora.dropout, self.make_rng('dropout'))
     if cfg.dispatch == 'dropless':
       backend = cfg.gmm_backend
       options.update(backend=gmm_lib.default_backend() if backend == 'auto' else backend,
