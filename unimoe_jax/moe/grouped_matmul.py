@@ -157,23 +157,28 @@ def for_each_group_chunk(group_sizes, group_offset, num_local: int, tile: int, r
     acc, carry = chunk_fn(ctx, start, end, pos, size, acc, carry)   per chunk
     results = group_done(e, acc, results)
   `carry` (row-sized buffers) flows through every chunk; `results` (per-group outputs such as
-  weight gradients) only through `group_done`, which keeps them out of the chunks'
-  conditionals. `rows`: the (tile-padded) row count bounding the chunk sizes.
+  weight gradients, which must start as zeros: empty groups are skipped) only through
+  `group_done`, which keeps them out of the chunks' conditionals. `rows`: the (tile-padded) row count bounding the chunk sizes.
   Returns (carry, results).
   """
   starts, ends = group_bounds(group_sizes)
   group_start = group_start or (lambda e: ((), ()))
 
   def group(e, state):
-    carry, results = state
     start, end = starts[group_offset + e], ends[group_offset + e]
-    ctx, acc = group_start(e)
 
-    def chunk(pos, size, inner):
-      return chunk_fn(ctx, start, end, pos, size, *inner)
+    def run(state):
+      carry, results = state
+      ctx, acc = group_start(e)
 
-    acc, carry = _for_each_chunk(start, end, tile, rows, chunk, (acc, carry))
-    return carry, results if group_done is None else group_done(e, acc, results)
+      def chunk(pos, size, inner):
+        return chunk_fn(ctx, start, end, pos, size, *inner)
+
+      acc, carry = _for_each_chunk(start, end, tile, rows, chunk, (acc, carry))
+      return carry, results if group_done is None else group_done(e, acc, results)
+
+    # An empty group reads none of its weights (decoding routes a few tokens to few experts).
+    return jax.lax.cond(end > start, run, lambda s: s, state)
 
   return jax.lax.fori_loop(0, num_local, group, (carry, results))
 
