@@ -1,5 +1,7 @@
 """Benchmark of the MoE feed-forward layer: forward + backward time per dispatch path.
 
+(--forward-only times the forward pass alone, as inference and decoding run it.)
+
 For each shape (tokens, embed, mlp, experts, top_k) it times one jitted training step of a
 scalar loss sum(y * cotangent), with gradients w.r.t. the input and every parameter. Rows
 (and their --paths names; `dropless` selects all four dropless/* rows):
@@ -27,6 +29,7 @@ forward = 2 * tokens * k * 3 * embed * mlp; forward + backward = 3x forward.
   python tools/bench_moe.py --paths ffn,dropless/tiled,ep --shapes 2048x512x1408x4x2,64x32x48x8x2
   python tools/bench_moe.py --shapes mixtral --dtype bfloat16 --iters 20 --warmup 3  # GPU
   python tools/bench_moe.py --lora 8 --paths ffn,dropless/tiled,dropless/tiled_unfused  # stage 3
+  python tools/bench_moe.py --forward-only --batch 8 --shapes 8x512x1408x4x2  # a decode step
 JAX uses the GPU when jax[cuda] is installed and torch uses cuda when available; there
 XLA_PYTHON_CLIENT_PREALLOCATE defaults to false and torch runs first per shape.
 
@@ -95,10 +98,14 @@ def parse_args(argv=None):
                            'row, base kernels frozen; torch rows are then n/a')
   parser.add_argument('--lora-dropout', type=float, default=0.05,
                       help='LoRA dropout rate with --lora (the official 0.05)')
+  parser.add_argument('--forward-only', action='store_true',
+                      help='time the forward pass alone (torch under no_grad)')
   parser.add_argument('--torch-experts', default='eager',
                       help="transformers experts_implementation: eager, batched_mm, grouped_mm")
   parser.add_argument('--json', metavar='PATH', help='also write the rows there as JSON')
   args = parser.parse_args(argv)
+  if args.forward_only and args.lora:
+    parser.error('--lora times a training step; it does not go with --forward-only')
   names = [p.strip() for p in args.paths.split(',') if p.strip()]
   paths = {q for p in names for q in (DROPLESS if p == 'dropless' else (p,))}
   if paths - set(ALL_PATHS):
@@ -180,8 +187,9 @@ def median_ms(step, iters, warmup):
   return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
-def bench_jax(module, x, ct, iters, warmup, mesh=None, lora=False):
-  """Returns ((median ms, min ms), temp MiB or None, drop fraction) of a jitted fwd+bwd step.
+def bench_jax(module, x, ct, iters, warmup, mesh=None, lora=False, forward_only=False):
+  """Returns ((median ms, min ms), temp MiB or None, drop fraction) of a jitted fwd+bwd step
+  (of the forward alone with `forward_only`).
 
   With `mesh`: sharded params, x and ct split on the batch, traced and run in the mesh context
   (where the dropless MoE layer takes its expert-parallel shard_map path).
@@ -211,6 +219,8 @@ def bench_jax(module, x, ct, iters, warmup, mesh=None, lora=False):
     return jnp.sum(y.astype(jnp.float32) * cot), aux.get('drop_fraction', jnp.float32(0))
 
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)  # d/d(trained, x).
+  if forward_only:
+    grad_fn = lambda tp, fp, xx, cot: (loss_fn(tp, fp, xx, cot), None)
   with context:
     compiled = jax.jit(grad_fn).lower(train, frozen, x, ct).compile()
     mem = compiled.memory_analysis()
@@ -221,14 +231,20 @@ def bench_jax(module, x, ct, iters, warmup, mesh=None, lora=False):
   return ms, None if temp is None else temp / 2**20, float(drop)
 
 
-def bench_torch(block, x_np, ct_np, dtype, device, iters, warmup):
-  """Returns (median ms, min ms) of `loss = sum(block(x) * ct); loss.backward()` on `device`."""
+def bench_torch(block, x_np, ct_np, dtype, device, iters, warmup, forward_only=False):
+  """Returns (median ms, min ms) of `loss = sum(block(x) * ct); loss.backward()` on `device`
+  (of `block(x)` under no_grad with `forward_only`)."""
   block = block.to(device=device, dtype=dtype).train()
   x = torch.from_numpy(x_np).to(device=device, dtype=dtype).requires_grad_(True)
   ct = torch.from_numpy(ct_np).to(device=device, dtype=dtype)
   sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
   def step():
+    if forward_only:
+      with torch.no_grad():
+        block(x)
+      sync()
+      return
     for p in (x, *block.parameters()):
       p.grad = None
     out = block(x)
@@ -282,7 +298,7 @@ def run_shape(shape, args, dtype):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     tdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[args.dtype]
     timer = lambda block: bench_torch(block, x_np, ct_np, tdtype, device, args.iters,
-                                      args.warmup)
+                                      args.warmup, args.forward_only)
   lora = LoRAConfig(rank=args.lora, dropout=args.lora_dropout) if args.lora else None
   jobs['torch_mixtral'] = (
       'n/a (--lora: no torch LoRA block here)' if lora else
@@ -299,14 +315,15 @@ def run_shape(shape, args, dtype):
                        capacity_factor=args.capacity_factor, gmm_backend=backend,
                        gmm_tile=args.gmm_tile, fuse_ffn=fuse),
       mlp_dim=f, lora=lora, dtype=dtype, param_dtype=jnp.float32)
-  timed = lambda module, note: lambda: bench_jax(module, x, ct, args.iters, args.warmup,
-                                                 lora=bool(lora))[:2] + (note,)
+  bench = functools.partial(bench_jax, iters=args.iters, warmup=args.warmup, lora=bool(lora),
+                            forward_only=args.forward_only)
+  timed = lambda module, note: lambda: bench(module, x, ct)[:2] + (note,)
   jobs['ffn'] = timed(SwiGLU(mlp_dim=k * f, lora=lora, dtype=dtype, param_dtype=jnp.float32),
                       '')
   jobs['dense'] = timed(moe('dense'), f'computes all {e} experts ({e / k:g}x the useful work)')
 
   def run_capacity(module=moe('capacity')):
-    ms, temp, drop = bench_jax(module, x, ct, args.iters, args.warmup, lora=bool(lora))
+    ms, temp, drop = bench(module, x, ct)
     cf = module.config.capacity_factor
     cap = expert_capacity(t // args.batch, k, e, cf, module.config.min_capacity)
     return ms, temp, f'cf={cf:g}, C={cap} rows/expert/seq, dropped {drop:.1%}'
@@ -332,8 +349,7 @@ def run_shape(shape, args, dtype):
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=data, expert=expert),
                                   jax.devices()[:n])
     xe, cte = x.reshape(n, t // n, d), ct.reshape(n, t // n, d)
-    return bench_jax(moe('dropless'), xe, cte, args.iters, args.warmup, mesh=mesh,
-                     lora=bool(lora))[:2] + (note,)
+    return bench(moe('dropless'), xe, cte, mesh=mesh)[:2] + (note,)
 
   jobs['ep'] = (functools.partial(run_ep_in_child, shape, args, note)
                 if n > len(jax.devices()) and dev.platform == 'cpu' and args.paths != ['ep'] else
@@ -365,6 +381,7 @@ def run_ep_in_child(shape, args, note):
            '--dtype', args.dtype, '--iters', str(args.iters), '--warmup', str(args.warmup),
            '--batch', str(args.batch), '--gmm-tile', str(args.gmm_tile),
            '--lora', str(args.lora), '--lora-dropout', str(args.lora_dropout), '--json', out]
+    cmd += ['--forward-only'] if args.forward_only else []
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(out) as fp:
       row = json.load(fp)[0]
@@ -380,7 +397,7 @@ COLS = (('shape TxDxFxExk', 21), ('implementation', 30), ('ms', 9), ('min ms', 9
 def make_rows(shape, results, args):
   """One dict per benchmarked path, in row order; None where a number is not available."""
   t, d, f, e, k = shape
-  gflop = 3 * 2 * t * k * 3 * d * f / 1e9
+  gflop = (1 if args.forward_only else 3) * 2 * t * k * 3 * d * f / 1e9
   ratio = lambda a, b: None if a is None or b is None else a / b
   median = lambda name: (results.get(name, (None,))[0] or (None,))[0]
   rows = []
@@ -434,17 +451,18 @@ def main(args):
     tdev = f'cuda ({torch.cuda.get_device_name(0)}), torch {torch.__version__}'
   else:
     tdev = f'cpu ({torch.get_num_threads()} threads), torch {torch.__version__}'
-  print(f'MoE FFN fwd+bwd benchmark | host {host_cpu()} | jax {jax.__version__} on {dev.platform} '
+  step = 'fwd' if args.forward_only else 'fwd+bwd'
+  print(f'MoE FFN {step} benchmark | host {host_cpu()} | jax {jax.__version__} on {dev.platform} '
         f'({dev.device_kind}, {len(jax.devices())} devices) | torch on {tdev} | dtype '
         f'{args.dtype} (jax params float32) | batch {args.batch} | gmm tile {args.gmm_tile} | '
         + (f'LoRA rank {args.lora}, dropout {args.lora_dropout:g}, base frozen | '
            if args.lora else '') +
         f'median of {args.iters} iters after {args.warmup} warmup | '
         f'load avg {os.getloadavg()[0]:.2f}')
-  print('Useful FLOPs = 3 (fwd+bwd) x 2 x tokens x k x 3 x embed x mlp (routed experts only; '
-        'router/dispatch not counted). vs jax ffn = ffn_ms / ms; vs torch = torch_mixtral_ms / '
-        'ms (>1: faster). temp MiB = memory_analysis().temp_size_in_bytes of the compiled '
-        'JAX fwd+bwd.')
+  print(f'Useful FLOPs = {1 if args.forward_only else 3} ({step}) x 2 x tokens x k x 3 x embed x '
+        'mlp (routed experts only; router/dispatch not counted). vs jax ffn = ffn_ms / ms; vs '
+        'torch = torch_mixtral_ms / ms (>1: faster). temp MiB = '
+        f'memory_analysis().temp_size_in_bytes of the compiled JAX {step}.')
   header = fmt_row([c for c, _ in COLS])
   print(header)
   print('-' * len(header))
