@@ -37,12 +37,19 @@ class LoRADropout(NamedTuple):
   rate: float
   key: jax.Array
 
-  def __call__(self, h: jax.Array, name: str, salt=None) -> jax.Array:
+  def keep(self, shape, name: str, salt=None) -> jax.Array:
+    """The boolean mask of projection `name` (and `salt`)."""
     key = jax.random.fold_in(self.key, EXPERT_PROJECTIONS.index(name))
     if salt is not None:
       key = jax.random.fold_in(key, salt)
-    keep = jax.random.bernoulli(key, 1.0 - self.rate, h.shape)
+    return jax.random.bernoulli(key, 1.0 - self.rate, shape)
+
+  def apply(self, h: jax.Array, keep: jax.Array) -> jax.Array:
+    """`h` masked by `keep` and rescaled (also the mask's backward, applied to a gradient)."""
     return jnp.where(keep, h / (1.0 - self.rate), 0).astype(h.dtype)
+
+  def __call__(self, h: jax.Array, name: str, salt=None) -> jax.Array:
+    return self.apply(h, self.keep(h.shape, name, salt))
 
 
 def lora_a_init(fan_in_dims: int) -> Initializer:

@@ -39,35 +39,37 @@ def _mm(a, b, contract=((1,), (0,))):
   return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _drop(h, key, rate, name, pos):
-  """LoRA dropout of the chunk at row `pos` (the same mask in forward and backward)."""
-  if key is None or rate == 0:
-    return h
-  return LoRADropout(rate, key)(h, name, salt=pos)
-
-
-def _proj(p, h, name, pos, scale, key, rate):
+def _proj(p, h, name, pos, scale, drop):
   """One projection of a chunk, float32: `[size, in] -> [size, out]`."""
   y = _mm(h, p['kernel'])
   if 'lora_a' in p:
-    z = _mm(_drop(h, key, rate, name, pos), p['lora_a']).astype(h.dtype)
+    hd = h if drop is None else drop(h, name, salt=pos)
+    z = _mm(hd, p['lora_a']).astype(h.dtype)
     y = y + scale * _mm(z, p['lora_b'])
   return y
 
 
-def _proj_bwd(p, h, g, name, pos, scale, key, rate):
+def _proj_bwd(p, h, g, name, pos, scale, drop):
   """(dh float32 `[size, in]`, {leaf: float32 weight gradient}) of `_proj` for cotangent g."""
   dh = _mm(g, p['kernel'], _TT)
   grads = {'kernel': _mm(h, g, _T)}
   if 'lora_a' in p:
-    hd = _drop(h, key, rate, name, pos)
+    masked = lambda a: a
+    if drop is not None:  # The forward's mask, drawn once here for h and for its gradient.
+      keep = drop.keep(h.shape, name, salt=pos)
+      masked = lambda a: drop.apply(a, keep)
+    hd = masked(h)
     z = _mm(hd, p['lora_a']).astype(h.dtype)
     gs = (scale * g).astype(h.dtype)
     dz = _mm(gs, p['lora_b'], _TT).astype(h.dtype)  # [size, rank]
     grads['lora_b'] = _mm(z, gs, _T)
     grads['lora_a'] = _mm(hd, dz, _T)
-    dh = dh + _drop(_mm(dz, p['lora_a'], _TT), key, rate, name, pos)
+    dh = dh + masked(_mm(dz, p['lora_a'], _TT))
   return dh, grads
+
+
+def _dropout(key, rate):
+  return None if key is None or rate == 0 else LoRADropout(rate, key)
 
 
 def _slice_experts(experts, e):
@@ -83,10 +85,12 @@ def _forward(x, experts, group_sizes, group_offset, key, tile, scale, rate, keep
   f = experts['wi_0']['kernel'].shape[2]
   dtype = x.dtype
 
+  drop = _dropout(key, rate)
+
   def chunk(w, start, end, pos, size, acc, carry):
     del start, end  # Aligned layout: each chunk holds rows of one group only.
     xc = jax.lax.dynamic_slice_in_dim(x, pos, size)
-    proj = lambda name, h: _proj(w[name], h, name, pos, scale, key, rate).astype(dtype)
+    proj = lambda name, h: _proj(w[name], h, name, pos, scale, drop).astype(dtype)
     gate, up = proj('wi_0', xc), proj('wi_1', xc)
     y = proj('wo', jax.nn.silu(gate) * up)
     put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, pos, 0)
@@ -127,6 +131,7 @@ def _swiglu_bwd(tile, scale, rate, residuals, dy):
   m, d = x.shape
   dtype = x.dtype
   dy = dy.astype(dtype)
+  drop = _dropout(key, rate)
 
   def chunk(w, start, end, pos, size, acc, dx):
     del start, end
@@ -135,7 +140,7 @@ def _swiglu_bwd(tile, scale, rate, residuals, dy):
     gate, up = sl(gate_all).astype(jnp.float32), sl(up_all).astype(jnp.float32)
     sig = jax.nn.sigmoid(gate)
     act = gate * sig  # silu(gate)
-    bwd = lambda name, h, g: _proj_bwd(w[name], h, g, name, pos, scale, key, rate)
+    bwd = lambda name, h, g: _proj_bwd(w[name], h, g, name, pos, scale, drop)
     dh, g_wo = bwd('wo', (act * up).astype(dtype), dyc)
     dup = (dh * act).astype(dtype)
     dgate = (dh * up * sig * (1 + gate * (1 - sig))).astype(dtype)  # silu' = s (1 + g (1 - s))

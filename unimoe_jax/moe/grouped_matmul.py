@@ -158,8 +158,8 @@ def for_each_group_chunk(group_sizes, group_offset, num_local: int, tile: int, r
     results = group_done(e, acc, results)
   `carry` (row-sized buffers) flows through every chunk; `results` (per-group outputs such as
   weight gradients, which must start as zeros: empty groups are skipped) only through
-  `group_done`, which keeps them out of the chunks' conditionals. `rows`: the (tile-padded) row count bounding the chunk sizes.
-  Returns (carry, results).
+  `group_done`, which keeps them out of the chunks' conditionals. `rows`: the (tile-padded)
+  row count bounding the chunk sizes. Returns (carry, results).
   """
   starts, ends = group_bounds(group_sizes)
   group_start = group_start or (lambda e: ((), ()))
