@@ -4,7 +4,7 @@
 
 For each shape (tokens, embed, mlp, experts, top_k) it times one jitted training step of a
 scalar loss sum(y * cotangent), with gradients w.r.t. the input and every parameter. Rows
-(and their --paths names; `dropless` selects all four dropless/* rows):
+(and their --paths names; `dropless` selects all five dropless/* rows):
 
   jax:ffn(k*F)              dense `layers.mlp.SwiGLU` of hidden k*F, same active FLOPs (ffn)
   jax:moe dense|capacity    `moe.layer.MoEFeedForward` per dispatch mode (dense, capacity;
@@ -218,11 +218,12 @@ def bench_jax(module, x, ct, iters, warmup, mesh=None, lora=False, forward_only=
     y, aux = out if isinstance(out, tuple) else (out, {})
     return jnp.sum(y.astype(jnp.float32) * cot), aux.get('drop_fraction', jnp.float32(0))
 
-  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)  # d/d(trained, x).
   if forward_only:
-    grad_fn = lambda tp, fp, xx, cot: (loss_fn(tp, fp, xx, cot), None)
+    step_fn = lambda tp, fp, xx, cot: (loss_fn(tp, fp, xx, cot), None)
+  else:  # d/d(trained, x).
+    step_fn = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)
   with context:
-    compiled = jax.jit(grad_fn).lower(train, frozen, x, ct).compile()
+    compiled = jax.jit(step_fn).lower(train, frozen, x, ct).compile()
     mem = compiled.memory_analysis()
     temp = getattr(mem, 'temp_size_in_bytes', None) if mem is not None else None
     (_, drop), _ = jax.block_until_ready(compiled(train, frozen, x, ct))
@@ -394,10 +395,15 @@ COLS = (('shape TxDxFxExk', 21), ('implementation', 30), ('ms', 9), ('min ms', 9
         ('TFLOP/s', 7), ('vs jax ffn', 10), ('vs torch', 8), ('temp MiB', 8), ('note', 0))
 
 
+def passes(args):
+  """Useful FLOPs per forward FLOP: 1 for --forward-only, else 3 (forward + backward)."""
+  return 1 if args.forward_only else 3
+
+
 def make_rows(shape, results, args):
   """One dict per benchmarked path, in row order; None where a number is not available."""
   t, d, f, e, k = shape
-  gflop = (1 if args.forward_only else 3) * 2 * t * k * 3 * d * f / 1e9
+  gflop = passes(args) * 2 * t * k * 3 * d * f / 1e9
   ratio = lambda a, b: None if a is None or b is None else a / b
   median = lambda name: (results.get(name, (None,))[0] or (None,))[0]
   rows = []
@@ -459,7 +465,7 @@ def main(args):
            if args.lora else '') +
         f'median of {args.iters} iters after {args.warmup} warmup | '
         f'load avg {os.getloadavg()[0]:.2f}')
-  print(f'Useful FLOPs = {1 if args.forward_only else 3} ({step}) x 2 x tokens x k x 3 x embed x '
+  print(f'Useful FLOPs = {passes(args)} ({step}) x 2 x tokens x k x 3 x embed x '
         'mlp (routed experts only; router/dispatch not counted). vs jax ffn = ffn_ms / ms; vs '
         'torch = torch_mixtral_ms / ms (>1: faster). temp MiB = '
         f'memory_analysis().temp_size_in_bytes of the compiled JAX {step}.')
