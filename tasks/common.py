@@ -3,8 +3,15 @@
 A task's examples carry 'targets' (the whole rendered conversation) and 'loss_weights' (1 on
 the assistant's answers); see unimoe_jax/data/manifest.py. For evaluation the reference is
 the last answer, read from those two features; the prediction is the generated answer.
+
+Tasks registered here also carry 'inputs_pretokenized' (the prompt text up to the last
+answer, placeholders as "<image>" ...) and 'targets_pretokenized' (the last answer's text),
+tf.string scalars that t5x.infer writes into each output line's "inputs"
+(`preprocessors.add_pretokenized`). They are not seqio output features; the mixtures
+registered here keep them (`PretokenizedMixture`).
 """
 
+import functools
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import gin
@@ -14,6 +21,7 @@ import tensorflow as tf
 
 from unimoe_jax.data import feature_converter
 from unimoe_jax.data import manifest as manifest_lib
+from unimoe_jax.data import preprocessors
 from unimoe_jax.data import vocabulary as vocabulary_lib
 
 MODALITIES = manifest_lib.MODALITIES
@@ -32,15 +40,7 @@ def output_features(vocabulary: seqio.Vocabulary, modalities: Sequence[str] = MO
 
 def last_answer(targets: np.ndarray, loss_weights: np.ndarray, vocabulary) -> str:
   """Text of the last loss-weighted run of `targets` (the final answer), without `</s>`."""
-  targets, weights = np.asarray(targets), np.asarray(loss_weights)
-  on = np.nonzero(weights > 0)[0]
-  if on.size == 0:
-    return ''
-  # Runs are separated by unweighted tokens; the last run starts after the last gap.
-  gaps = np.nonzero(np.diff(on) > 1)[0]
-  start = on[gaps[-1] + 1] if gaps.size else on[0]
-  ids = [int(t) for t in targets[start:on[-1] + 1] if int(t) != vocabulary.eos_id]
-  return vocabulary.decode(ids).strip()
+  return preprocessors.prompt_and_answer(targets, loss_weights, vocabulary)[1]
 
 
 def answer_postprocessor(vocabulary):
@@ -66,21 +66,57 @@ SHUFFLE_BUFFER_SIZE = 16
 def register_task(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
                   metric_fns=(), modalities: Sequence[str] = MODALITIES) -> seqio.Task:
   """Registers (or replaces) a manifest-style task: examples dropped, never cut, when they
-  exceed the sequence lengths (`preprocessors.drop_too_long`)."""
-  from unimoe_jax.data import preprocessors  # pylint: disable=g-import-not-at-top
+  exceed the sequence lengths (`preprocessors.drop_too_long`, gin-configurable: 'raise'
+  instead for eval / infer), then the '*_pretokenized' texts added."""
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
       name, source=source, output_features=output_features(vocabulary, modalities),
-      preprocessors=[preprocessors.drop_too_long],
+      preprocessors=[functools.partial(preprocessors.drop_too_long, task_name=name),
+                     preprocessors.add_pretokenized],
       postprocess_fn=answer_postprocessor(vocabulary) if metric_fns else None,
       metric_fns=list(metric_fns), shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
+
+
+def _sample_common_features(sample_fn):
+  """A seqio mixture `sample_fn` that first cuts every task's examples to the features all of
+  them have (tf.data samples only datasets of one structure): a '*_pretokenized' feature that
+  one task lacks (e.g. one added by a user's own task) is dropped for all."""
+
+  def sample(datasets, rates, seed):
+    common = set.intersection(*(set(ds.element_spec) for ds in datasets))
+    datasets = [ds if set(ds.element_spec) == common else
+                ds.map(lambda ex: {k: v for k, v in ex.items() if k in common},
+                       num_parallel_calls=tf.data.AUTOTUNE) for ds in datasets]
+    return sample_fn(datasets, rates, seed)
+
+  return sample
+
+
+class PretokenizedMixture(seqio.Mixture):
+  """A seqio Mixture that keeps 'inputs_pretokenized' and 'targets_pretokenized' too.
+
+  seqio's Mixture keeps only the declared output features (plus '<feature>_pretokenized' of
+  declared ones when `copy_pretokenized=True`, which t5x does not pass). The texts cannot be
+  declared output features: seqio's Evaluator measures `shape[0]` of every output feature.
+  """
+
+  def __init__(self, name, tasks, default_rate=None, **kwargs):
+    sample_fn = kwargs.pop('sample_fn', functools.partial(tf.data.Dataset.sample_from_datasets,
+                                                          stop_on_empty_dataset=True))
+    super().__init__(name, tasks, default_rate=default_rate,
+                     sample_fn=_sample_common_features(sample_fn), **kwargs)
+
+  def get_task_dataset(self, task, output_feature_keys, *args, **kwargs) -> tf.data.Dataset:
+    keys = set(output_feature_keys) | set(preprocessors.PRETOKENIZED_FEATURES)
+    return super().get_task_dataset(task, keys, *args, **kwargs)
 
 
 def register_mixture(name: str, tasks, default_rate=1.0) -> seqio.Mixture:
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
-  return seqio.MixtureRegistry.add(name, tasks, default_rate=default_rate)
+  return seqio.MixtureRegistry.add(name, tasks, default_rate=default_rate,
+                                   mixture_cls=PretokenizedMixture)
 
 
 @gin.configurable

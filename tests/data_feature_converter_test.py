@@ -1,6 +1,7 @@
 """MultimodalDecoderFeatureConverter: packing, padding, media alignment, drops, validation."""
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -228,8 +229,14 @@ def test_random_stream_keeps_every_example_in_order_and_aligned():
 
 
 def test_no_packing_gives_one_padded_example_per_row():
-  converter, rows = convert([EX0, EX1, TOO_LONG, EX2, TOO_MANY], length=28, pack=False)
-  assert len(rows) == 3 and converter.dropped_examples.count == 2
+  converter = fc.MultimodalDecoderFeatureConverter(pack=False, modalities=('image', 'speech'))
+  # A known cardinality, as seqio's Evaluator sets on its cached task datasets.
+  source = dataset([EX0, EX1, EX2]).apply(tf.data.experimental.assert_cardinality(3))
+  ds = converter(source, {'targets': 28, 'image_features': 3, 'speech_features': 2})
+  # t5x's inference calls len() and zips the task dataset with this one: no filter, no drop.
+  assert len(ds) == 3
+  rows = list(ds.as_numpy_iterator())
+  assert len(rows) == 3 and converter.dropped_examples.count == 0
   assert 'decoder_segment_ids' not in rows[0] and 'decoder_positions' not in rows[0]
   for row, ex in zip(rows, [EX0, EX1, EX2]):
     n = len(ex['targets'])
@@ -292,7 +299,7 @@ def test_validation_errors_name_the_problem():
     fc.MultimodalDecoderFeatureConverter(modalities=('smell',))
   converter = fc.MultimodalDecoderFeatureConverter(modalities=('image',))
   lengths = {'targets': 8, 'image_features': 2}
-  with pytest.raises(ValueError, match='missing'):
+  with pytest.raises(ValueError, match=r"TASK_FEATURE_LENGTHS=.* is missing \['image_features'\]"):
     converter(dataset([EX0], ('image',)), {'targets': 8})
   bad_rank = tf.data.Dataset.from_tensors(
       {'targets': EX0['targets'], 'loss_weights': EX0['loss_weights'],
@@ -303,3 +310,81 @@ def test_validation_errors_name_the_problem():
       {'targets': EX0['targets'], 'image_features': EX0['image_features']})
   with pytest.raises(ValueError, match='loss_weights'):
     converter(no_weights, lengths)
+
+
+def test_no_packing_refuses_an_example_that_does_not_fit():
+  for misfit, detail in ((TOO_LONG, "'targets' 29 > 28"), (TOO_MANY, "'image_features' 4 > 3")):
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+      convert([EX0, misfit, EX1], length=28, pack=False)
+    message = str(error.value)
+    assert 'TASK_FEATURE_LENGTHS=' in message and detail in message, message
+
+
+def _within(seconds, fn):
+  """fn()'s result, or a test failure when it takes longer than `seconds` (e.g. spins)."""
+  result = {}
+
+  def run():
+    try:
+      result['value'] = fn()
+    except Exception as e:  # pylint: disable=broad-except
+      result['error'] = e
+
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  assert not thread.is_alive(), f'still running after {seconds} s'
+  if 'error' in result:
+    raise result['error']
+  return result['value']
+
+
+def test_packing_fails_fast_when_a_repeated_stream_drops_everything():
+  converter = fc.MultimodalDecoderFeatureConverter(modalities=('image', 'speech'),
+                                                   max_leading_drops=20)
+  ds = converter(dataset([TOO_LONG, TOO_MANY]).repeat(),
+                 {'targets': 28, 'image_features': 3, 'speech_features': 2})
+  with pytest.raises(tf.errors.InvalidArgumentError) as error:
+    _within(30, lambda: next(iter(ds)))
+  message = str(error.value)
+  assert 'first 20 examples were all dropped' in message, message
+  assert 'TASK_FEATURE_LENGTHS=' in message
+  assert "'targets' (limit 28) was 20..29 in them, over the limit in 10" in message
+  assert "'image_features' (limit 3) was 0..4 in them, over the limit in 10" in message
+  # tf.data may pull a few more elements in the background before the error reaches us.
+  assert converter.dropped_examples.count >= 20
+
+
+def test_packing_keeps_going_once_an_example_was_kept():
+  converter = fc.MultimodalDecoderFeatureConverter(modalities=('image', 'speech'),
+                                                   max_leading_drops=3)
+  ds = converter(dataset([TOO_LONG, TOO_LONG, EX0] + [TOO_LONG] * 10 + [EX3]),
+                 {'targets': 28, 'image_features': 3, 'speech_features': 2})
+  rows = _within(30, lambda: list(ds.as_numpy_iterator()))
+  assert [int(r['decoder_segment_ids'].max()) for r in rows] == [2]
+  assert converter.dropped_examples.count == 12
+
+
+def test_lengths_of_features_the_converter_does_not_consume_are_ignored():
+  """seqio's Evaluator passes a length for every output feature of the task."""
+  converter = fc.MultimodalDecoderFeatureConverter(pack=False, modalities=('image',))
+  lengths = {'targets': 16, 'image_features': 1, 'loss_weights': 16, 'audio_feature_mask': 0,
+             'inputs_pretokenized': 1, 'targets_pretokenized': 1, 'references': 3,
+             'video_features': 0, 'speech_features': None}
+  assert converter.task_lengths(lengths) == {'targets': 16, 'image_features': 1}
+  assert converter.get_model_feature_lengths(lengths)['image_mask'] == 1
+  rows = list(converter(dataset([EX0, EX1], ('image',)), lengths).as_numpy_iterator())
+  assert len(rows) == 2
+
+
+def test_media_lengths_of_undeclared_modalities_and_missing_lengths_are_refused():
+  converter = fc.MultimodalDecoderFeatureConverter(pack=False, modalities=('image',))
+  with pytest.raises(ValueError, match=r"TASK_FEATURE_LENGTHS=.* gives items to modalities "
+                                       r"\['speech'\] that the feature converter was not "
+                                       r'declared with'):
+    converter(dataset([EX0], ('image',)),
+              {'targets': 16, 'image_features': 1, 'speech_features': 2})
+  with pytest.raises(ValueError, match=r"TASK_FEATURE_LENGTHS=.* is missing \['targets'\]"):
+    converter.get_model_feature_lengths({'image_features': 1, 'loss_weights': 16})
+  with pytest.raises(ValueError, match='max_leading_drops'):
+    fc.MultimodalDecoderFeatureConverter(max_leading_drops=-1)

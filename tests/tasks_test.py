@@ -173,5 +173,134 @@ def test_manifest_task_reads_precomputed_features_when_bound(sample_dir, tmp_pat
   ])
   task = seqio.get_mixture_or_task('unimoe_manifest_stage2')
   got = list(task.get_dataset(None, split='train', shuffle=False).as_numpy_iterator())
-  assert len(got) == len(json.loads(manifest.read_text()))
+  records = json.loads(manifest.read_text())
+  assert len(got) == len(records)
   assert got[0]['image_features'].shape == (1, 32, 32, 3)
+  # Precomputed features hold no text: the texts are decoded from 'targets' all the same.
+  for record, ex in zip(records, got):
+    prompt, answer = _expected_texts(record, voice_as_speech=False)
+    assert ex['inputs_pretokenized'].decode() == prompt
+    assert ex['targets_pretokenized'].decode() == answer
+
+
+# ---- what t5x's binaries need of the tasks -------------------------------------------------
+
+def _expected_texts(record, voice_as_speech):
+  """(prompt, answer) from the manifest record: the conversation rendered up to its last
+  answer, and that answer."""
+  from unimoe_jax.data import conversation as conv_lib  # pylint: disable=g-import-not-at-top
+  turns = [dict(t) for t in record['conversations']]
+  if voice_as_speech:
+    for t in turns:
+      t['value'] = t['value'].replace('<audio>', '<speech>')
+  prompt = conv_lib.prompt_text(turns[:-1] + [{'from': 'gpt', 'value': ''}])
+  return prompt, turns[-1]['value'].strip()
+
+
+@pytest.mark.parametrize('task, manifest, voice_as_speech', [
+    ('unimoe_sample_instruct_image', 'instruct_image', False),   # multi-turn
+    ('unimoe_sample_instruct_speech', 'instruct_speech', True),  # "<audio>" read as speech
+    ('unimoe_sample_eval_video_open', 'eval_video_open', False)])
+def test_examples_carry_the_prompt_and_answer_texts(sample_dir, task, manifest,
+                                                    voice_as_speech):
+  """t5x.infer writes every '*_pretokenized' task feature into its output 'inputs'."""
+  records = json.loads((sample_dir / 'train' / f'{manifest}.json').read_text())
+  examples = list(seqio.get_mixture_or_task(task).get_dataset(
+      {'targets': 1024, 'image_features': 1, 'video_features': 1, 'speech_features': 1,
+       'audio_features': 1}, split='train', shuffle=False).as_numpy_iterator())
+  assert len(examples) == len(records)
+  if manifest.startswith('instruct'):  # multi-turn: earlier answers render with "</s>"
+    assert any(len(r['conversations']) > 2 for r in records)
+  vocab = sample.VOCABULARY
+  from unimoe_jax.tasks import common  # pylint: disable=g-import-not-at-top
+  for record, ex in zip(records, examples):
+    prompt, answer = _expected_texts(record, voice_as_speech)
+    assert ex['inputs_pretokenized'].decode() == prompt
+    assert ex['targets_pretokenized'].decode() == answer
+    assert answer == common.last_answer(ex['targets'], ex['loss_weights'], vocab)
+    # One placeholder string, however many soft tokens it stands for.
+    assert sum(prompt.count(p) for p in manifest_lib.PLACEHOLDERS.values()) == 1 and answer
+
+
+def test_mixtures_pass_the_texts_through_and_the_converter_ignores_them():
+  mixture = seqio.get_mixture_or_task('unimoe_sample_stage2_image')
+  lengths = {'targets': 512, 'image_features': 2}
+  ds = mixture.get_dataset(lengths, split='train', shuffle=False)
+  assert {'inputs_pretokenized', 'targets_pretokenized'} <= set(ds.element_spec)
+  assert ds.element_spec['inputs_pretokenized'].shape.rank == 0
+  converter = fc_lib.MultimodalDecoderFeatureConverter(pack=True, modalities=('image',))
+  (batch,) = list(seqio.get_dataset('unimoe_sample_stage2_image', lengths, converter,
+                                    shuffle=False).batch(2).take(1).as_numpy_iterator())
+  assert sorted(batch) == sorted(converter.get_model_feature_lengths(lengths))
+
+
+def test_eval_dataset_length_is_known_with_on_too_long_raise(sample_dir):
+  """t5x's inference calls len() on the converted dataset and zips it with the task's."""
+  gin.parse_config("unimoe_jax.data.preprocessors.drop_too_long.on_too_long = 'raise'")
+  records = json.loads((sample_dir / 'validation' / 'eval_image_open.json').read_text())
+  lengths = {'targets': 256, 'image_features': 1}
+  converter = fc_lib.MultimodalDecoderFeatureConverter(pack=False, modalities=('image',))
+  ds = seqio.get_dataset('unimoe_sample_eval_image_open', lengths, converter, num_epochs=1,
+                         shuffle=False, dataset_split='validation')
+  assert len(ds) == len(records) == len(list(ds.as_numpy_iterator()))
+  short = seqio.get_dataset('unimoe_sample_eval_image_open', dict(lengths, targets=32),
+                            converter, num_epochs=1, shuffle=False, dataset_split='validation')
+  assert len(short) == len(records)
+  with pytest.raises(Exception, match=r"task unimoe_sample_eval_image_open does not fit "
+                                      r"TASK_FEATURE_LENGTHS=.*'targets' \d+ > 32"):
+    list(short.as_numpy_iterator())
+
+
+@pytest.mark.parametrize('modalities, sequence_length', [
+    (('image',), {'targets': 256, 'image_features': 1}),
+    (('image',), None),
+    (manifest_lib.MODALITIES, dict(LENGTHS, targets=256))])
+def test_seqio_evaluator_builds_its_datasets_with_the_converter(sample_dir, modalities,
+                                                               sequence_length):
+  """seqio's Evaluator (t5x.eval) passes a length for every output feature of the task; with
+  sequence_length None it measures them (0 items for modalities the examples lack)."""
+  converter = fc_lib.MultimodalDecoderFeatureConverter(pack=False, modalities=modalities)
+  evaluator = seqio.Evaluator('unimoe_sample_eval_image_open', converter,
+                              eval_split='validation', use_cached=False,
+                              sequence_length=sequence_length)
+  # pylint: disable-next=protected-access
+  ds = evaluator._cached_model_datasets['unimoe_sample_eval_image_open']
+  records = json.loads((sample_dir / 'validation' / 'eval_image_open.json').read_text())
+  assert len(ds) == len(records)
+  _, row = next(ds.as_numpy_iterator())
+  assert row['image_mask'].sum() == 1 and row['image_mask'][0]
+  assert set(row) == set(converter.get_model_feature_lengths(
+      sequence_length or {'targets': 1, 'image_features': 1}))
+
+
+def test_a_mixture_keeps_the_texts_only_when_all_its_tasks_have_them():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.tasks import common  # pylint: disable=g-import-not-at-top
+  features = fc_lib.output_features(seqio.PassThroughVocabulary(100), ('image',))
+
+  def register(name, with_texts):
+    def dataset_fn(split, shuffle_files, seed=None):
+      del split, shuffle_files, seed
+      return tf.data.Dataset.from_tensors({
+          'targets': tf.constant([1, 5, 2]), 'loss_weights': tf.constant([0., 1., 1.]),
+          'image_features': tf.zeros([0, 2, 2, 3])})
+
+    def add_texts(ds):
+      return ds.map(lambda ex: dict(ex, inputs_pretokenized=tf.constant('q'),
+                                    targets_pretokenized=tf.constant('a')))
+
+    if name in seqio.TaskRegistry.names():
+      seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(name, source=seqio.FunctionDataSource(dataset_fn, splits=('train',)),
+                           preprocessors=[add_texts] if with_texts else [],
+                           output_features=features)
+    return name
+
+  with_texts = [register('texts_test_a', True), register('texts_test_b', True)]
+  mixture = common.register_mixture('texts_test_both', with_texts)
+  ex = next(mixture.get_dataset(None, shuffle=False).as_numpy_iterator())
+  assert ex['inputs_pretokenized'] == b'q' and ex['targets_pretokenized'] == b'a'
+  mixture = common.register_mixture('texts_test_one', [with_texts[0],
+                                                       register('texts_test_c', False)])
+  examples = list(mixture.get_dataset(None, shuffle=False).take(4).as_numpy_iterator())
+  assert examples and all(sorted(ex) == sorted(features) for ex in examples)

@@ -21,14 +21,21 @@ Output rows (t5x decoder-only keys plus media, every shape static):
 Packing is greedy and in input order: an example joins the current row when its tokens and
 every modality's items still fit, otherwise the row is emitted and a new one starts. Examples
 are never split and never lose items, so the model's splice rule ("j-th placeholder of m in
-a row <- j-th soft token of the row's m items") stays aligned. An example that cannot fit in
-an empty row is dropped, logged and counted (`dropped_examples`, `OVERSIZE_DROPS`), never cut.
+a row <- j-th soft token of the row's m items") stays aligned. When packing, an example that
+cannot fit in an empty row is dropped, logged and counted (`dropped_examples`,
+`OVERSIZE_DROPS`), never cut; when the first `max_leading_drops` examples were all dropped the
+dataset raises, naming TASK_FEATURE_LENGTHS (a repeated dataset would otherwise spin forever).
+Without packing (t5x's eval and infer) every input example becomes exactly one row: one that
+does not fit raises, naming TASK_FEATURE_LENGTHS, and the dataset keeps its cardinality.
+
+Input features the converter does not consume are ignored (e.g. '*_pretokenized' text).
 
 Implementation: pure tf.data (graph mode), lazy and streaming. A `Dataset.scan` carries the
 row being filled (unpadded tensors plus segment count) and emits it when the next example
 does not fit; a sentinel element appended after the input flushes the last row; a `filter`
-keeps the emitted rows; a `map` pads them. The row state is re-concatenated per example,
-which copies at most one row's media per example: small next to decoding that media.
+keeps the emitted rows; a `map` pads them. Without packing there are maps only. The row state
+is re-concatenated per example, which copies at most one row's media per example: small next
+to decoding that media.
 """
 
 import threading
@@ -40,6 +47,8 @@ import seqio
 from seqio import utils as seqio_utils
 from seqio.feature_converters import _check_exact_match
 import tensorflow as tf
+
+from unimoe_jax.data import preprocessors
 
 FeatureSpec = seqio.FeatureConverter.FeatureSpec
 
@@ -82,17 +91,24 @@ OVERSIZE_DROPS = DropCounter()
 class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
   """seqio feature converter: multimodal decoder-only examples -> packed or padded rows.
 
-  task_feature_lengths: {'targets': L, '<m>_features': max_items_m for each declared m}.
+  task_feature_lengths (TASK_FEATURE_LENGTHS): {'targets': L, '<m>_features': max_items_m for
+  each declared m}. Lengths of features the converter does not consume are ignored (seqio's
+  Evaluator passes one for every output feature: 'loss_weights', 'audio_feature_mask',
+  '*_pretokenized' ...), except '<m>_features' of a modality not declared: its media would
+  never reach the model, so a length > 0 is refused (0 or None, what the Evaluator measures
+  for a modality the examples do not use, is accepted).
 
-  Differences from seqio's FeatureConverter.__call__ (overridden, same five validations):
+  Differences from seqio's FeatureConverter.__call__ (overridden, same validations):
   - Media features have rank > 1 (leading items axis). seqio refuses rank > 1 model features
     when packing because its packers concatenate 1-D features only; this converter packs
     media along the items axis itself, so that refusal is skipped. Their TASK_FEATURES /
     MODEL_FEATURES are declared with their true rank (ITEM_RANK + 1) and sequence_dim 0, so
     seqio's dtype, rank and exact output-length checks still apply to them.
-  - Input lengths are not asserted: an example longer than L tokens or with more than
-    max_items_m items is dropped and counted (contract: never cut; one bad example must not
-    kill a long run). Output lengths are checked exactly when `apply_length_check`.
+  - Input lengths are not asserted by seqio's validation. Packing: an example longer than L
+    tokens or with more than max_items_m items is dropped and counted (contract: never cut;
+    one bad example must not kill a long run), and `max_leading_drops` drops before any kept
+    example raise. Without packing an example that does not fit raises. Output lengths are
+    checked exactly when `apply_length_check`.
   `use_custom_packing_ops` is accepted so seqio-style gin configs work; it changes nothing
   (seqio's custom op only packs 1-D features).
   """
@@ -113,14 +129,21 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
                use_custom_packing_ops: bool = False,
                apply_length_check: bool = True,
                bos_id: int = 0,
-               modalities: Sequence[str] = ()):
+               modalities: Sequence[str] = (),
+               max_leading_drops: int = preprocessors.MAX_LEADING_DROPS):
+    """See the class docstring; `max_leading_drops` (packing only): raise when this many
+    examples were dropped before one was kept (0: never)."""
     modalities = tuple(modalities)
     unknown = [m for m in modalities if m not in ITEM_RANK]
     if unknown:
       raise ValueError(f'modalities: unknown {unknown}; expected a subset of {tuple(ITEM_RANK)}')
     if len(set(modalities)) != len(modalities):
       raise ValueError(f'modalities: duplicates in {modalities}')
+    if max_leading_drops < 0:
+      raise ValueError('MultimodalDecoderFeatureConverter.max_leading_drops must be >= 0, got '
+                       f'{max_leading_drops}')
     self._modalities = modalities
+    self._max_leading_drops = int(max_leading_drops)
     task_features = dict(type(self).TASK_FEATURES)
     model_features = dict(type(self).MODEL_FEATURES)
     for m in modalities:
@@ -142,9 +165,8 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
 
   def __call__(self, ds: tf.data.Dataset,
                task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
-    _check_exact_match(list(self.TASK_FEATURES), list(task_feature_lengths),
-                       'TASK_FEATURES', 'task_feature_lengths')
-    # dtype and rank only (no expected lengths): over-long examples are dropped, not fatal.
+    task_feature_lengths = self.task_lengths(task_feature_lengths)
+    # dtype and rank only (no expected lengths): input lengths are checked by _convert_features.
     ds = self._validate_dataset(ds, self.TASK_FEATURES, expected_lengths={}, strict=False,
                                 error_label='input_validation')
     ds = self._convert_features(ds, task_feature_lengths)
@@ -160,11 +182,31 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
                        'model_feature_names', 'output_dataset')
     return ds
 
+  def task_lengths(self, task_feature_lengths: Mapping[str, int]) -> Dict[str, int]:
+    """The lengths this converter consumes, {'targets': L, '<m>_features': items}, checked.
+
+    Raises:
+      ValueError: naming TASK_FEATURE_LENGTHS, when a needed length is missing or None, or
+        when a modality not declared has a '<m>_features' length > 0.
+    """
+    undeclared = [m for m in ITEM_RANK if m not in self._modalities and
+                  task_feature_lengths.get(f'{m}_features')]
+    if undeclared:
+      raise ValueError(
+          f'TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} gives items to modalities '
+          f'{undeclared} that the feature converter was not declared with (its modalities: '
+          f'{self._modalities}): their media would never reach the model. Declare them '
+          f'(MultimodalDecoderFeatureConverter.modalities) or set their <m>_features to 0.')
+    missing = [k for k in self.TASK_FEATURES if task_feature_lengths.get(k) is None]
+    if missing:
+      raise ValueError(f'TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} is missing '
+                       f'{missing}, which the feature converter needs (its modalities: '
+                       f'{self._modalities})')
+    return {k: int(task_feature_lengths[k]) for k in self.TASK_FEATURES}
+
   def get_model_feature_lengths(
       self, task_feature_lengths: Mapping[str, int]) -> Dict[str, int]:
-    missing = [k for k in self.TASK_FEATURES if k not in task_feature_lengths]
-    if missing:
-      raise ValueError(f'task_feature_lengths is missing {missing}')
+    task_feature_lengths = self.task_lengths(task_feature_lengths)
     length = task_feature_lengths['targets']
     lengths = {'decoder_target_tokens': length, 'decoder_input_tokens': length,
                'decoder_loss_weights': length}
@@ -189,11 +231,35 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     max_items = {m: int(task_feature_lengths[f'{m}_features']) for m in self._modalities}
     ds = ds.map(lambda ex: self._select_features(ex, spec),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.filter(lambda ex: self.fits_alone_or_record_drop(ex, length, max_items))
+    limits = (('targets', length),) + tuple((f'{m}_features', max_items[m])
+                                            for m in self._modalities)
+    lengths = dict(limits)
     if self.pack:
+      ds = preprocessors.filter_failing_fast(
+          ds, self._sizes, limits, lambda sizes: self._record_drop(length, max_items, *sizes),
+          lambda dropped, sizes: (
+              f'MultimodalDecoderFeatureConverter: the first {dropped} examples were all '
+              f'dropped, none fits one row of TASK_FEATURE_LENGTHS={lengths}: {sizes} (targets '
+              'in tokens with media placeholders expanded, <m>_features in items). Raise '
+              'TASK_FEATURE_LENGTHS (MultimodalDecoderFeatureConverter.max_leading_drops sets how '
+              'many leading drops fail; 0 never fails).'),
+          self._max_leading_drops)
       ds = self._pack_rows(ds, item_shapes, length, max_items)
+    else:
+      ds = preprocessors.assert_fits(ds, self._sizes, limits, lambda over: (
+          'MultimodalDecoderFeatureConverter(pack=False) keeps every example as one row (t5x '
+          f'eval / infer), but an example does not fit TASK_FEATURE_LENGTHS={lengths}: {over} '
+          '(targets in tokens with media placeholders expanded, <m>_features in items). Raise '
+          'TASK_FEATURE_LENGTHS, or drop such examples before the converter (e.g. the task '
+          "preprocessor drop_too_long with on_too_long='drop')."))
     return ds.map(lambda row: self._pad_row(row, item_shapes, length, max_items),
                   num_parallel_calls=tf.data.AUTOTUNE)
+
+  def _sizes(self, ex) -> tf.Tensor:
+    """int32 `[1 + modalities]`: tokens, then items of each declared modality."""
+    return tf.stack([tf.shape(ex['targets'], out_type=tf.int32)[0]] +
+                    [tf.shape(ex[f'{m}_features'], out_type=tf.int32)[0]
+                     for m in self._modalities])
 
   def _item_shapes(self, spec) -> Dict[str, tf.TensorShape]:
     """Static per-item shapes from the element_spec; validates the non-task inputs."""
@@ -236,9 +302,18 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
       out['audio_feature_mask'] = mask
     return out
 
+  def _record_drop(self, length: int, max_items: Mapping[str, int], tokens, *items) -> None:
+    mine = self.dropped_examples.add()
+    total = OVERSIZE_DROPS.add()
+    sizes = ', '.join(f'{m} items {int(n)}/{max_items[m]}'
+                      for m, n in zip(self._modalities, items))
+    logging.warning('MultimodalDecoderFeatureConverter: dropped an example that cannot fit '
+                    'in one row (tokens %d/%d%s). Dropped so far: %d by this converter, %d '
+                    'in all.', int(tokens), length, ', ' + sizes if sizes else '', mine, total)
+
   def fits_alone_or_record_drop(self, ex, length: int, max_items: Mapping[str, int]):
     """tf bool: one example fits `length` tokens and `max_items` items per modality; a drop is
-    counted and logged. The converter's filter; inference uses it to skip the same examples."""
+    counted and logged. Inference uses it to skip the examples the converter would refuse."""
     num_tokens = tf.shape(ex['targets'])[0]
     num_items = [tf.shape(ex[f'{m}_features'])[0] for m in self._modalities]
     fits = num_tokens <= length
@@ -246,13 +321,7 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
       fits &= n <= max_items[m]
 
     def record(tokens, *items):
-      mine = self.dropped_examples.add()
-      total = OVERSIZE_DROPS.add()
-      sizes = ', '.join(f'{m} items {int(n)}/{max_items[m]}'
-                        for m, n in zip(self._modalities, items))
-      logging.warning('MultimodalDecoderFeatureConverter: dropped an example that cannot fit '
-                      'in one row (tokens %d/%d%s). Dropped so far: %d by this converter, %d '
-                      'in all.', int(tokens), length, ', ' + sizes if sizes else '', mine, total)
+      self._record_drop(length, max_items, tokens, *items)
       return False
 
     def drop():

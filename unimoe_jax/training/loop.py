@@ -171,7 +171,16 @@ def train(*,
   window_start, window_steps, window_tokens = time.time(), 0, 0
   tokens_per_batch = batch_size * input_shapes['decoder_target_tokens'][1]
   for step in range(start_step, train_steps):
-    local = next(batches)
+    try:
+      local = next(batches)
+    except StopIteration:
+      # The stream repeats forever: it ends only when an epoch of the split yields nothing.
+      raise ValueError(
+          f'the training data of MIXTURE_OR_TASK_NAME={mixture_or_task_name!r} ended at step '
+          f'{step} (BATCH_SIZE={batch_size}): an epoch of its train split yielded no example. '
+          'Every example was dropped as longer than '
+          f'TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} (preprocessors.drop_too_long, '
+          'the feature converter) or skipped as bad, or the split is empty.') from None
     batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], v)
              for k, v in local.items()}
     with partitioning.mesh_context(mesh):
