@@ -63,7 +63,7 @@ VOCABULARY = vocabulary_lib.LazyVocabulary(
 @gin.configurable
 def speech_window(seconds: int = manifest_lib.WHISPER_SECONDS) -> int:
   """Seconds of Whisper window per speech item (ManifestConfig.speech_seconds): 30 as in
-  Whisper; the CPU demo (gin/demo/tiny.gin) binds 1 (its DTMF clips last under 0.7 s) together
+  Whisper; the CPU demo (gin/demo/tiny_data.gin) binds 1 (its DTMF clips last under 0.7 s) together
   with the encoder's max_source_positions."""
   return seconds
 

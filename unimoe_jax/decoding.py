@@ -299,7 +299,8 @@ def prefill_multimodal(model, params, batch, prompt_lengths: jax.Array, max_leng
 def generate(model, params, batch, prompt_lengths: jax.Array, *, max_decode_steps: int,
              eos_id: int, pad_id: int = 0, method: str = 'greedy', temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, num_beams: int = 4, alpha: float = 0.6,
-             rng: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+             rng: Optional[jax.Array] = None, all_beams: bool = False
+             ) -> Tuple[jax.Array, jax.Array]:
   """Decodes continuations of multimodal prompts with a `UniMoE`.
 
   `batch['decoder_input_tokens']` `[batch, length]` is the decode buffer: each row's prompt
@@ -314,7 +315,9 @@ def generate(model, params, batch, prompt_lengths: jax.Array, *, max_decode_step
   Returns:
     sequences `[batch, length]` int32 (prompt, generated tokens up to and including EOS, then
     `pad_id`) and scores `[batch]` float32: the summed log-probabilities of the generated
-    tokens (greedy / sample), or the best beam's length-normalised score (beam).
+    tokens (greedy / sample), or the best beam's length-normalised score (beam). With
+    `all_beams` (beam search only) every beam: `[batch, num_beams, length]` and
+    `[batch, num_beams]`, in increasing order of score (the best last).
   """
   if method not in GENERATE_METHODS:
     raise ValueError(f'generate: method must be one of {GENERATE_METHODS}, got {method!r}')
@@ -327,7 +330,9 @@ def generate(model, params, batch, prompt_lengths: jax.Array, *, max_decode_step
   if method == 'beam':
     seqs, scores = beam_search(inputs, cache, tokens_to_logits, eos_id, num_beams=num_beams,
                                alpha=alpha, **common)
-    return seqs[:, -1], scores[:, -1]
+    return (seqs, scores) if all_beams else (seqs[:, -1], scores[:, -1])
+  if all_beams:
+    raise ValueError(f"generate: all_beams needs method='beam', got {method!r}")
   if method == 'greedy':
     return greedy_decode(inputs, cache, tokens_to_logits, eos_id, **common)
   if temperature <= 0:

@@ -40,6 +40,12 @@ Batch = Mapping[str, Array]
 
 LOSS_NORMALIZERS = ('NUM_REAL_TARGET_TOKENS', 'NUM_TOTAL_TARGET_TOKENS', 'SUM')
 
+# Whole-batch totals a microbatch's loss needs (`with_batch_totals`): `[batch]`, every row the
+# same value, so that slicing the batch into microbatches (t5x's trainer, ours) keeps them.
+BATCH_LOSS_WEIGHT = 'batch_loss_weight'   # float32: sum of decoder_loss_weights of the batch
+BATCH_ROWS = 'batch_rows'                 # int32: rows of the batch
+BATCH_TOTAL_KEYS = (BATCH_LOSS_WEIGHT, BATCH_ROWS)
+
 
 def _default_dtype(key: str):
   if key.endswith('_mask'):
@@ -71,6 +77,32 @@ def cross_entropy(logits: Array, targets: Array, z_loss: float = 0.0,
     loss = loss - normalizer
   z = z_loss * jnp.square(log_z)
   return loss + z, z
+
+
+def loss_weights(batch: Batch) -> Array:
+  """float32 `[batch, length]`: `decoder_loss_weights`, or 1 on every non-padding target."""
+  weights = batch.get('decoder_loss_weights')
+  if weights is None:
+    return (batch['decoder_target_tokens'] > 0).astype(jnp.float32)
+  return weights.astype(jnp.float32)
+
+
+def with_batch_totals(batch: Batch) -> Dict[str, Array]:
+  """`batch` plus `BATCH_TOTAL_KEYS`, for a trainer that splits it into microbatches.
+
+  Gradient accumulation sums the microbatches' gradients (t5x's trainer does, and
+  `training/train_state.py`). With these keys each microbatch's `loss_fn` divides by the whole
+  batch's normaliser and weighs its MoE auxiliary loss by its share of the rows, so the summed
+  gradient is the whole batch's gradient however the loss-weighted tokens fall into
+  microbatches (the auxiliary loss, a product of per-expert means, is the mean of the
+  microbatches' values: exact only without it).
+  """
+  weights = loss_weights(batch)
+  rows = weights.shape[0]
+  out = dict(batch)
+  out[BATCH_LOSS_WEIGHT] = jnp.full((rows,), jnp.sum(weights), jnp.float32)
+  out[BATCH_ROWS] = jnp.full((rows,), rows, jnp.int32)
+  return out
 
 
 def prompt_lengths(batch: Batch) -> Array:
@@ -198,43 +230,60 @@ class UniMoEModel:
     return self.module.apply({'params': params}, batch, deterministic=dropout_rng is None,
                              rngs=rngs)
 
-  def _normalizer(self, weights: Array) -> Array:
+  def _normalizer(self, batch_loss_weight: Array, batch_tokens: Array) -> Array:
+    """The loss divisor of the whole batch (`batch_tokens`: rows x length, padding too)."""
     factor = self.loss_normalizing_factor
     if factor == 'NUM_REAL_TARGET_TOKENS':
-      return jnp.maximum(jnp.sum(weights), 1.0)
+      return jnp.maximum(batch_loss_weight, 1.0)
     if factor == 'NUM_TOTAL_TARGET_TOKENS':
-      return jnp.asarray(weights.size, jnp.float32)
+      return jnp.asarray(batch_tokens, jnp.float32)
     if factor == 'SUM':
       return jnp.asarray(1.0, jnp.float32)
     return jnp.asarray(float(factor), jnp.float32)
 
   def loss_fn(self, params, batch: Batch, dropout_rng: Optional[Array]):
     """(scalar loss, metrics). The loss is the normalised cross-entropy (+ z-loss) of the
-    loss-weighted target tokens plus the MoE auxiliary loss (coefficients in MoEConfig)."""
+    loss-weighted target tokens plus the MoE auxiliary loss (coefficients in MoEConfig).
+
+    On a microbatch carrying `BATCH_TOTAL_KEYS` (`with_batch_totals` of the whole batch) the
+    loss is this microbatch's part of the whole batch's loss, so microbatch gradients sum to
+    the whole batch's; metrics count each microbatch by its share of the rows, so merged
+    (summed) over the microbatches they are the whole batch's too.
+    """
     from clu import metrics as clu_metrics  # pylint: disable=g-import-not-at-top
     logits, aux = self._compute_logits(params, batch, dropout_rng)
     targets = batch['decoder_target_tokens']
-    weights = batch.get('decoder_loss_weights')
-    weights = (targets > 0).astype(jnp.float32) if weights is None else weights.astype(jnp.float32)
+    weights = loss_weights(batch)
+    rows, length = targets.shape
+    if BATCH_LOSS_WEIGHT in batch:
+      batch_loss_weight = batch[BATCH_LOSS_WEIGHT][0]
+      batch_rows = batch[BATCH_ROWS][0].astype(jnp.float32)
+    else:
+      batch_loss_weight, batch_rows = jnp.sum(weights), jnp.asarray(rows, jnp.float32)
+    share = rows / batch_rows  # This microbatch's share of the batch's rows (1: no split).
     token_loss, token_z = cross_entropy(logits, targets, self.z_loss, self.label_smoothing)
-    normalizer = self._normalizer(weights)
+    normalizer = self._normalizer(batch_loss_weight, batch_rows * length)
     cross_ent = jnp.sum(token_loss * weights) / normalizer
     z_loss = jnp.sum(token_z * weights) / normalizer
-    moe_loss = aux.get('aux_loss', jnp.zeros((), jnp.float32))
+    moe_loss = share * aux.get('aux_loss', jnp.zeros((), jnp.float32))
     loss = cross_ent + moe_loss
 
     num_tokens = jnp.sum(weights)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     average = clu_metrics.Average.from_model_output
+
+    def batch_total(value):  # Summed over microbatches: the whole batch's value.
+      return clu_metrics.Average(total=value, count=share)
+
     metrics = {
-        'loss': average(loss),
-        'cross_ent_loss': average(cross_ent),
-        'z_loss': average(z_loss),
+        'loss': batch_total(loss),
+        'cross_ent_loss': batch_total(cross_ent),
+        'z_loss': batch_total(z_loss),
         'accuracy': clu_metrics.Average(total=jnp.sum(correct * weights), count=num_tokens),
         'cross_ent_loss_per_target_token': clu_metrics.Average(
             total=jnp.sum((token_loss - token_z) * weights), count=num_tokens),
-        'num_target_tokens': clu_metrics.Average(total=num_tokens, count=jnp.ones((), jnp.int32)),
-        'num_sequences': average(jnp.sum(jnp.any(weights > 0, axis=-1)).astype(jnp.float32)),
+        'num_target_tokens': batch_total(num_tokens),
+        'num_sequences': batch_total(jnp.sum(jnp.any(weights > 0, axis=-1)).astype(jnp.float32)),
     }
     for key in ('aux_loss', 'load_balance_loss', 'router_z_loss', 'drop_fraction',
                 'router_entropy'):
@@ -271,29 +320,51 @@ class UniMoEModel:
                              ) -> Tuple[Array, Dict[str, Array]]:
     """Decodes an answer for each row's prompt with the KV cache (the paper: greedy).
 
+    `num_decodes` follows t5x: the beam size of beam search (1 keeps `num_beams`), the number
+    of samples per row of sampling (the one with the highest log-probability is returned);
+    greedy decoding has one answer, repeated `num_decodes` times.
+
     Returns `decodes [batch, length]` (generated tokens only, EOS included, then 0) and
-    `{'scores': [batch]}` (log-probability of each decode; beam search: its beam score).
+    `{'scores': [batch]}` (log-probability of each decode; beam search: its beam score). With
+    `return_all_decodes`, `[batch, num_decodes, length]` and `[batch, num_decodes]` in
+    increasing order of score (t5x's order: the best last).
     """
     del prompt_with_targets  # The prompt is always read from the target buffer.
-    if num_decodes != 1 or return_all_decodes:
-      raise ValueError('UniMoEModel.predict_batch_with_aux returns one decode per row; '
-                       'use decode_method="beam" for several hypotheses')
+    if num_decodes < 1:
+      raise ValueError(f'predict_batch_with_aux: num_decodes must be >= 1, got {num_decodes}')
     targets = batch['decoder_target_tokens']
-    length = targets.shape[1]
+    rows, length = targets.shape
     lengths = prompt_lengths(batch)
     keep = jnp.arange(length)[None, :] < lengths[:, None]
     prompt_batch = dict(batch)
     prompt_batch['decoder_input_tokens'] = jnp.where(keep, targets, 0)
     for key in ('decoder_segment_ids', 'decoder_positions', 'decoder_causal_attention'):
       prompt_batch.pop(key, None)
-    eos_id = getattr(self._vocabulary, 'eos_id', 1)
-    max_steps = self.max_decode_steps or length
+    method, kwargs = self.decode_method, dict(self.decode_kwargs)
+    samples = num_decodes if method == 'sample' else 1
+    if samples > 1:  # Row b's samples are rows b * samples ... of the tiled batch.
+      prompt_batch = {k: jnp.repeat(v, samples, axis=0) for k, v in prompt_batch.items()}
+    if method == 'beam' and num_decodes > 1:
+      kwargs['num_beams'] = num_decodes
     sequences, scores = decoding.generate(
-        self.module, params, prompt_batch, lengths, max_decode_steps=max_steps, eos_id=eos_id,
-        method=self.decode_method, rng=rng, **self.decode_kwargs)
+        self.module, params, prompt_batch, jnp.repeat(lengths, samples),
+        max_decode_steps=self.max_decode_steps or length,
+        eos_id=getattr(self._vocabulary, 'eos_id', 1), method=method, rng=rng,
+        all_beams=method == 'beam', **kwargs)
+    if method == 'beam':
+      pass  # [rows, beams, length], scores increasing.
+    elif samples > 1:
+      sequences = sequences.reshape(rows, samples, length)
+      order = jnp.argsort(scores.reshape(rows, samples), axis=-1)
+      scores = jnp.take_along_axis(scores.reshape(rows, samples), order, axis=-1)
+      sequences = jnp.take_along_axis(sequences, order[..., None], axis=1)
+    else:  # Greedy (or one sample): one answer per row.
+      sequences = jnp.repeat(sequences[:, None], num_decodes, axis=1)
+      scores = jnp.repeat(scores[:, None], num_decodes, axis=1)
     # Drop the prompt: row b's answer starts at lengths[b].
-    index = jnp.arange(length)[None, :] + lengths[:, None]
-    decodes = jnp.take_along_axis(sequences, jnp.minimum(index, length - 1), axis=1)
+    index = jnp.arange(length)[None, None, :] + lengths[:, None, None]
+    decodes = jnp.take_along_axis(sequences, jnp.minimum(index, length - 1), axis=2)
     decodes = jnp.where(index < length, decodes, 0)
-    return decodes, {'scores': scores}
-
+    if return_all_decodes:
+      return decodes, {'scores': scores}
+    return decodes[:, -1], {'scores': scores[:, -1]}

@@ -166,13 +166,29 @@ class ExpertParallelAxes:
   model: Optional[str]     # Mesh axis of the expert `mlp` dimension, if it is split.
 
 
+def _legacy_context_mesh() -> Optional[Mesh]:
+  """The mesh of a `with mesh:` block, which `get_abstract_mesh` does not see.
+
+  t5x's partitioner runs every partitioned function inside `with mesh:` (and
+  `flax.linen.partitioning.axis_rules`), so under t5x's binaries this is how the MoE layer
+  learns that experts are split. jax has no public getter for it; t5x reads the same state.
+  """
+  try:
+    from jax._src import mesh as jax_mesh  # pylint: disable=g-import-not-at-top
+    return jax_mesh.thread_resources.env.physical_mesh
+  except (ImportError, AttributeError):
+    return None
+
+
 def expert_parallel_axes() -> Optional[ExpertParallelAxes]:
   """The active mesh's axes for expert parallelism, or None when experts are not split.
 
-  Reads the mesh set by `mesh_context` (or `jax.set_mesh`) and the active logical axis rules,
-  so the MoE layer never names a mesh axis itself.
+  Reads the mesh set by `mesh_context` (or `jax.set_mesh`, or t5x's `with mesh:`) and the
+  active logical axis rules, so the MoE layer never names a mesh axis itself.
   """
   mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    mesh = _legacy_context_mesh()
   if mesh is None or mesh.empty:
     return None
   rules = nn.get_logical_axis_rules()

@@ -139,6 +139,15 @@ def logical_axis_rules(mesh_axes: Sequence[str] = T5X_MESH_AXES,
 
 
 @gin.configurable
+def num_experts(config=gin.REQUIRED) -> int:
+  """Experts per MoE layer of a `UniMoEConfig` (1 for a dense model): the default
+  `NUM_EXPERT_PARTITIONS` of t5x's MoE partitioner in gin/t5x/runs/train.gin, so the size
+  lives in the model's gin file only."""
+  moe = config.decoder.moe
+  return moe.num_experts if moe is not None else 1
+
+
+@gin.configurable
 def task_vocabulary(mixture_or_task_name: str = gin.REQUIRED,
                     mixture_or_task_module: Optional[str] = 'unimoe_jax.tasks'):
   """The targets vocabulary of a registered seqio task (the model decodes with its eos_id)."""
@@ -192,8 +201,9 @@ class T5XUniMoEModel(models.UniMoEModel):
                              modalities=self.feature_modalities)
 
   def get_initial_variables(self, rng, input_shapes: Mapping[str, Tuple[int, ...]],
-                            input_types: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """`{'params': unboxed params, 'params_axes': their logical axes}` and nothing else.
+                            input_types: Optional[Mapping[str, Any]] = None
+                            ) -> frozen_dict.FrozenDict:
+    """FrozenDict `{'params': unboxed params, 'params_axes': their logical axes}`, no more.
 
     Other collections (e.g. 'intermediates') are dropped: t5x would turn them into
     flax_mutables and switch its trainer to a 4-argument loss_fn.
@@ -204,7 +214,8 @@ class T5XUniMoEModel(models.UniMoEModel):
       raise ValueError(f'module init created collections t5x would treat as mutable state: '
                        f'{unexpected}')
     params, params_axes = split_boxed_params(variables['params'])
-    return {'params': params, 'params_axes': params_axes}
+    # t5x's contract (TrainStateInitializer, FlaxOptimTrainState.as_logical_axes): a FrozenDict.
+    return frozen_dict.freeze({'params': params, 'params_axes': params_axes})
 
   def score_batch(self, params, batch, return_intermediates: bool = False):
     """`[batch]` log-likelihood of the loss-weighted targets; with `return_intermediates`,

@@ -44,7 +44,7 @@ def system_prompt(text: str = SYSTEM) -> str:
   """The system message that opens every conversation: Vicuna v1's, as official Uni-MoE uses.
 
   Training data, evaluation, `generate` and `score` all render through here, so one binding
-  changes them together. The CPU demo binds '' (gin/demo/tiny.gin): its sample answers are a
+  changes them together. The CPU demo binds '' (gin/demo/tiny_data.gin): its sample answers are a
   few tokens, and Vicuna's 102-token system message would be three quarters of every sequence.
   """
   return text

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from unimoe_jax import models
 from unimoe_jax import partitioning
 from unimoe_jax.training import optimizer as optimizer_lib
 
@@ -78,9 +79,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, mask: Params
   """`train_step(state, batch, rng) -> (state, metrics)`, to be jitted by the caller.
 
   Gradients are taken with respect to the trainable params only. With `grad_accum_steps > 1`
-  the batch is split along its first axis and the micro-batch gradients are averaged (each
-  micro-batch loss is already a per-token mean) inside a `lax.scan`, so memory holds one
-  micro-batch of activations. `metrics` are t5x-style clu metrics from `model.loss_fn`, merged
+  the batch is split along its first axis and the micro-batch gradients are summed (each
+  micro-batch loss is its part of the whole batch's loss: `models.with_batch_totals`) inside
+  a `lax.scan`, so memory holds one micro-batch of activations. `metrics` are t5x-style clu metrics from `model.loss_fn`, merged
   over micro-batches, plus 'learning_rate' and 'grad_norm'.
   """
   from clu import metrics as clu_metrics  # pylint: disable=g-import-not-at-top
@@ -96,7 +97,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, mask: Params
     if grad_accum_steps == 1:
       (_, metrics), grads = grad_fn(trainable, batch, step_rng)
     else:
-      micro = _split_batch(batch, grad_accum_steps)
+      # Each microbatch's loss is its part of the whole batch's (models.with_batch_totals), so
+      # the summed gradients are the whole batch's gradient.
+      micro = _split_batch(models.with_batch_totals(batch), grad_accum_steps)
       first = jax.tree_util.tree_map(lambda x: x[0], micro)
       (_, metrics), grads = grad_fn(trainable, first, jax.random.fold_in(step_rng, 0))
 
@@ -112,11 +115,6 @@ def make_train_step(model, optimizer: optax.GradientTransformation, mask: Params
       rest = jax.tree_util.tree_map(lambda x: x[1:], micro)
       (grads, metrics), _ = jax.lax.scan(
           body, (grads, metrics), (jnp.arange(1, grad_accum_steps), rest))
-      grads = jax.tree_util.tree_map(lambda g: g / grad_accum_steps, grads)
-      for key in ('num_target_tokens', 'num_sequences'):  # Per-step counts are sums.
-        if key in metrics:
-          m = metrics[key]
-          metrics[key] = type(m)(total=m.total, count=m.count // grad_accum_steps)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics = dict(metrics)

@@ -1,0 +1,235 @@
+"""t5x's own binaries (t5x.train / t5x.eval / t5x.infer) on the tiny model, as subprocesses.
+
+Each binary runs as `python -m t5x.<binary>` in a child process, so gin's config lock and the
+binary's own `__main__` are real. The commands are the gin files' header commands, parsed from
+the files and run as written but for the output folder (/tmp/unimoe_t5x -> a temp dir).
+Needs t5x: run in the environment `tools/t5x_env.sh` builds (`--test` runs this file); skipped
+without it, a failure with UNIMOE_REQUIRE_T5X=1.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from t5x_support import require_t5x
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER_DIR = '/tmp/unimoe_t5x'
+LENGTHS = ("{'targets': 128, 'image_features': 2, 'video_features': 1, 'speech_features': 1, "
+           "'audio_features': 1}")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  require_t5x()
+  data = tmp_path_factory.mktemp('sample')
+  subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'make_sample_data.py'),
+                  '--output', str(data)], check=True, capture_output=True)
+  env = dict(os.environ, UNIMOE_SAMPLE_DATA=str(data), TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)  # Each run sets its own device count.
+  return env
+
+
+def header_command(gin_file: str, out_dir: str):
+  """The `python -m t5x....` command in `gin_file`'s header, with its output folder moved."""
+  lines = open(os.path.join(REPO, 'gin', gin_file)).read().splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith('#   python -m t5x.'))
+  command = ''
+  for line in lines[start:]:
+    text = line[1:].strip()
+    command += ' ' + text.rstrip('\\')
+    if not text.endswith('\\'):
+      break
+  return shlex.split(command.replace(HEADER_DIR, out_dir))[1:]  # Without 'python'.
+
+
+def run(args, env, devices=1, timeout=900, expect_ok=True):
+  """Runs `python <args>` from the checkout's root; returns (returncode, combined output)."""
+  child_env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  proc = subprocess.run([sys.executable] + list(args), cwd=REPO, env=child_env,
+                        capture_output=True, text=True, timeout=timeout)
+  output = proc.stdout + proc.stderr
+  if expect_ok and proc.returncode != 0:
+    pytest.fail(f'{" ".join(args[:2])} exited {proc.returncode}:\n{output[-6000:]}')
+  return proc.returncode, output
+
+
+def replace_flag(args, flag, value):
+  """`args` with `--gin.<flag>=...` (or `--gin_file=<old>` for flag 'gin_file:<old>') set."""
+  if flag.startswith('gin_file:'):
+    old = flag.split(':', 1)[1]
+    return [f'--gin_file={value}' if a == f'--gin_file={old}' else a for a in args]
+  prefix = f'--gin.{flag}='
+  return [a for a in args if not a.startswith(prefix)] + [prefix + value]
+
+
+def train_losses(model_dir):
+  """{step: loss} from t5x's TensorBoard summaries of the 'train' collection."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  losses = {}
+  for name in sorted(os.listdir(os.path.join(model_dir, 'train'))):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(model_dir, 'train', name)):
+      for value in event.summary.value:
+        if value.tag == 'loss':
+          losses[event.step] = float(tf.make_ndarray(value.tensor))
+  return losses
+
+
+def infer_lines(infer_dir):
+  paths = [os.path.join(infer_dir, f) for f in os.listdir(infer_dir) if f.endswith('.jsonl')]
+  assert paths, os.listdir(infer_dir)
+  return [json.loads(l) for p in paths for l in open(p)]
+
+
+STAGES = {
+    # stage gin file: (model file for its eval / infer, extra bindings of its train run)
+    'stage1_align': 't5x/models/tiny.gin',
+    'stage2_expert': 't5x/models/tiny.gin',
+    'stage3_unimoe': 't5x/models/unimoe_tiny.gin',
+}
+
+
+@pytest.mark.parametrize('stage', sorted(STAGES))
+def test_stage_train_eval_infer_from_header_commands(stage, env, tmp_path):
+  """Each stage's header command trains 20 steps and checkpoints; t5x.eval and t5x.infer
+  (predict and score), from runs/eval.gin's and runs/infer.gin's headers, run on that
+  checkpoint with the stage's model; every line of infer's output has prompt and reference."""
+  out = str(tmp_path)
+  train = header_command(f't5x/stages/{stage}.gin', out)
+  run(train, env)
+  model_dir = next(a.split('=', 1)[1].strip("'") for a in train
+                   if a.startswith('--gin.MODEL_DIR='))
+  assert os.path.isdir(os.path.join(model_dir, 'checkpoint_20')), os.listdir(model_dir)
+  assert len(train_losses(model_dir)) >= 1
+  checkpoint = f"'{model_dir}/checkpoint_20'"
+
+  evaluate = header_command('t5x/runs/eval.gin', out)
+  evaluate = replace_flag(evaluate, 'gin_file:t5x/models/unimoe_tiny.gin', STAGES[stage])
+  evaluate = replace_flag(evaluate, 'CHECKPOINT_PATH', checkpoint)
+  evaluate = replace_flag(evaluate, 'MIXTURE_OR_TASK_NAME', "'unimoe_sample_eval_image_open'")
+  run(evaluate, env)
+  metrics = [f for f in os.listdir(os.path.join(out, 'eval')) if f.endswith('.jsonl')]
+  assert metrics, os.listdir(os.path.join(out, 'eval'))
+
+  for mode in ('predict', 'score'):
+    infer = header_command('t5x/runs/infer.gin', out)
+    infer = replace_flag(infer, 'gin_file:t5x/models/unimoe_tiny.gin', STAGES[stage])
+    infer = replace_flag(infer, 'CHECKPOINT_PATH', checkpoint)
+    infer = replace_flag(infer, 'INFER_OUTPUT_DIR', f"'{out}/infer_{mode}'")
+    infer = replace_flag(infer, 'infer.mode', f"'{mode}'")
+    run(infer, env)
+    lines = infer_lines(f'{out}/infer_{mode}')
+    assert len(lines) == 128  # The task's validation split, none dropped.
+    for line in lines:
+      assert '<image>' in line['inputs']['inputs_pretokenized'], line
+      assert line['inputs']['targets_pretokenized'], line
+      assert ('prediction' if mode == 'predict' else 'score') in line, line
+
+
+def test_train_eval_infer_header_chain_verbatim(env, tmp_path):
+  """runs/train.gin's header, then runs/eval.gin's and runs/infer.gin's on its checkpoint,
+  exactly as written (only /tmp/unimoe_t5x moved)."""
+  out = str(tmp_path)
+  run(header_command('t5x/runs/train.gin', out), env)
+  assert os.path.isdir(f'{out}/checkpoint_20')
+  run(header_command('t5x/runs/eval.gin', out), env)
+  run(header_command('t5x/runs/infer.gin', out), env)
+  lines = infer_lines(f'{out}/infer')
+  assert lines and all(l['inputs']['targets_pretokenized'] for l in lines)
+
+
+def _stage3_args(model_dir, steps, *extra):
+  return ['-m', 't5x.train', '--gin_search_paths=gin',
+          '--gin_file=t5x/models/unimoe_tiny.gin', '--gin_file=t5x/stages/stage3_unimoe.gin',
+          f"--gin.MODEL_DIR='{model_dir}'", f'--gin.TRAIN_STEPS={steps}',
+          "--gin.MIXTURE_OR_TASK_NAME='unimoe_sample_stage3'",
+          f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}',
+          # Deterministic and comparable: no shuffling, a fixed mixture seed, no dropout,
+          # a loss per step (no train-eval), one checkpoint at the end.
+          '--gin.SHUFFLE_TRAIN_EXAMPLES=False', '--gin.train/utils.DatasetConfig.seed=0',
+          '--gin.config.LoRAConfig.dropout=0.0', '--gin.train.train_eval_dataset_cfg=None',
+          '--gin.train.stats_period=1', f'--gin.utils.SaveCheckpointConfig.period={steps}',
+          *extra]
+
+
+def _assert_same_losses(got, want, rtol):
+  steps = sorted(want)
+  assert sorted(got) == steps, (sorted(got), steps)
+  assert len(steps) >= 10, steps
+  a, b = np.array([got[s] for s in steps]), np.array([want[s] for s in steps])
+  assert len(set(b.tolist())) > 1, b  # The losses move: the steps do train.
+  np.testing.assert_allclose(a, b, rtol=rtol)
+  return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+@pytest.fixture(scope='module')
+def one_device_run(env, tmp_path_factory):
+  model_dir = str(tmp_path_factory.mktemp('one_device'))
+  run(_stage3_args(model_dir, 10), env, devices=1)
+  return train_losses(model_dir)
+
+
+def test_expert_parallel_run_equals_one_device(env, tmp_path, one_device_run):
+  """8 CPU devices, t5x's MoE partitioner with data=2, expert=4: the train state puts the
+  expert kernels on `expert` (t5x's model-info.txt), and the first 10 losses equal the
+  1-device run's within 1e-5 relative."""
+  model_dir = str(tmp_path)
+  _, output = run(_stage3_args(model_dir, 10,
+                               '--gin.MESH=@unimoe_jax.partitioning.MeshConfig()',
+                               '--gin.unimoe_jax.partitioning.MeshConfig.expert=4'),
+                  env, devices=8)
+  assert "{'data': 2, 'expert': 4, 'model': 1}" in output, output[-3000:]
+  info = open(os.path.join(model_dir, 'model-info.txt')).read()
+  kernels = re.findall(r'Variable (decoder/layers_\d+/moe/w\w+/kernel) .*partition spec (.*)',
+                       info)
+  print('\n'.join(f'{name}: {spec}' for name, spec in kernels))
+  assert len(kernels) == 6
+  assert all(spec.startswith("('expert',") for _, spec in kernels), kernels
+  worst = _assert_same_losses(train_losses(model_dir), one_device_run, rtol=1e-5)
+  print(f'8 devices vs 1: largest relative loss difference {worst:.2e}')
+
+
+def test_microbatches_give_the_one_batch_update(env, tmp_path, one_device_run):
+  """num_microbatches=2 sums two half-batch gradients; each half's loss is its part of the
+  whole batch's (models.with_batch_totals), so losses equal the 1-microbatch run's."""
+  model_dir = str(tmp_path)
+  run(_stage3_args(model_dir, 10, '--gin.t5x_moe.MoeTrainer.num_microbatches=2'), env)
+  worst = _assert_same_losses(train_losses(model_dir), one_device_run, rtol=1e-5)
+  print(f'2 microbatches vs 1: largest relative loss difference {worst:.2e}')
+
+
+def test_resume_continues_from_the_latest_checkpoint(env, tmp_path):
+  """A run stopped at step 5 and restarted to 10 resumes at step 5 (t5x restores the latest
+  checkpoint of MODEL_DIR) and writes checkpoint_10."""
+  model_dir = str(tmp_path)
+  run(_stage3_args(model_dir, 5), env)
+  _, output = run(_stage3_args(model_dir, 10) + ['--gin.utils.SaveCheckpointConfig.period=5'],
+                  env)
+  assert os.path.isdir(os.path.join(model_dir, 'checkpoint_10'))
+  assert re.search(r'[Rr]estor\w* .*checkpoint_5', output), output[-3000:]
+  assert sorted(train_losses(model_dir)) == list(range(1, 11))
+
+
+def test_a_length_that_drops_every_example_fails_fast_naming_the_setting(env, tmp_path):
+  """'targets': 16 fits no sample example: t5x.train exits non-zero within 60 s (the whole
+  process: imports, model init, compile), naming TASK_FEATURE_LENGTHS (it used to loop
+  forever)."""
+  args = _stage3_args(str(tmp_path), 10)
+  args = replace_flag(args, 'TASK_FEATURE_LENGTHS', LENGTHS.replace("'targets': 128",
+                                                                    "'targets': 16"))
+  start = time.time()
+  returncode, output = run(args, env, timeout=240, expect_ok=False)
+  elapsed = time.time() - start
+  assert returncode != 0
+  assert 'TASK_FEATURE_LENGTHS' in output, output[-3000:]
+  print(f't5x.train with every example too long: exit {returncode} after {elapsed:.0f} s')
+  assert elapsed < 60
