@@ -4,40 +4,22 @@
 its preprocessors) raises once its first `max_leading_drops` examples were all dropped, per
 task in a mixture; with `on_too_long='raise'` it keeps the cardinality and raises on the first
 misfit. The training loop turns an exhausted stream into an error naming TASK_FEATURE_LENGTHS.
-Everything that could hang runs under `_within`.
+Everything that could hang runs under `within`.
 """
 
 import functools
-import threading
 
 import gin
 import numpy as np
 import pytest
+
+from run_within import within
 
 tf = pytest.importorskip('tensorflow')
 seqio = pytest.importorskip('seqio')
 
 from unimoe_jax.data import feature_converter as fc  # noqa: E402
 from unimoe_jax.data import preprocessors  # noqa: E402
-
-
-def _within(seconds, fn):
-  """fn()'s result, or a test failure when it takes longer than `seconds` (e.g. spins)."""
-  result = {}
-
-  def run():
-    try:
-      result['value'] = fn()
-    except Exception as e:  # pylint: disable=broad-except
-      result['error'] = e
-
-  thread = threading.Thread(target=run, daemon=True)
-  thread.start()
-  thread.join(seconds)
-  assert not thread.is_alive(), f'still running after {seconds} s (spinning?)'
-  if 'error' in result:
-    raise result['error']
-  return result['value']
 
 
 def _examples(lengths, items=None):
@@ -75,7 +57,7 @@ def test_repeated_dataset_whose_examples_all_drop_raises_after_max_leading_drops
   ds = preprocessors.drop_too_long(ds, {'targets': 4, 'image_features': 1}, task_name='t',
                                    max_leading_drops=10)
   with pytest.raises(tf.errors.InvalidArgumentError) as error:
-    _within(30, lambda: next(iter(ds)))
+    within(30, lambda: next(iter(ds)))
   message = _message(error)
   assert 'drop_too_long: the first 10 examples of task t were all dropped' in message
   assert "TASK_FEATURE_LENGTHS={'targets': 4, 'image_features': 1}" in message
@@ -88,24 +70,24 @@ def test_the_default_and_the_gin_binding_of_max_leading_drops():
   preprocessors.DROPPED_TOO_LONG.reset()
   ds = preprocessors.drop_too_long(_dataset(_examples([9])).repeat(), {'targets': 4})
   with pytest.raises(tf.errors.InvalidArgumentError, match='the first 128 examples'):
-    _within(30, lambda: next(iter(ds)))
+    within(30, lambda: next(iter(ds)))
   assert preprocessors.DROPPED_TOO_LONG.counts()['targets'] >= 128
 
   gin.parse_config('unimoe_jax.data.preprocessors.drop_too_long.max_leading_drops = 3')
   ds = preprocessors.drop_too_long(_dataset(_examples([9])).repeat(), {'targets': 4})
   with pytest.raises(tf.errors.InvalidArgumentError, match='the first 3 examples'):
-    _within(30, lambda: next(iter(ds)))
+    within(30, lambda: next(iter(ds)))
 
 
 def test_a_kept_example_disables_the_check_and_zero_never_raises():
   lengths = [9, 9, 3] + [9] * 20 + [2]
   ds = preprocessors.drop_too_long(_dataset(_examples(lengths)), {'targets': 4},
                                    max_leading_drops=3)
-  kept = _within(30, lambda: [len(ex['targets']) for ex in ds.as_numpy_iterator()])
+  kept = within(30, lambda: [len(ex['targets']) for ex in ds.as_numpy_iterator()])
   assert kept == [3, 2]
   ds = preprocessors.drop_too_long(_dataset(_examples([9] * 300 + [2])), {'targets': 4},
                                    max_leading_drops=0)
-  assert _within(30, lambda: [len(ex['targets']) for ex in ds.as_numpy_iterator()]) == [2]
+  assert within(30, lambda: [len(ex['targets']) for ex in ds.as_numpy_iterator()]) == [2]
 
 
 def test_the_count_is_per_dataset_not_per_process():
@@ -113,7 +95,7 @@ def test_the_count_is_per_dataset_not_per_process():
   for _ in range(3):
     ds = preprocessors.drop_too_long(_dataset(_examples([9, 9, 9, 2])), {'targets': 4},
                                      max_leading_drops=4)
-    assert _within(30, lambda ds=ds: len(list(ds.as_numpy_iterator()))) == 1
+    assert within(30, lambda ds=ds: len(list(ds.as_numpy_iterator()))) == 1
 
 
 def test_on_too_long_raise_keeps_every_example_and_the_cardinality():
@@ -171,7 +153,7 @@ def test_a_mixture_fails_naming_the_task_whose_examples_all_drop():
   ds = seqio.get_dataset(mixture, lengths, fc.MultimodalDecoderFeatureConverter(
       modalities=('image',)), num_epochs=None, shuffle=True, seed=0)
   with pytest.raises(tf.errors.InvalidArgumentError) as error:
-    _within(60, lambda: [row for _, row in zip(range(1000), ds.as_numpy_iterator())])
+    within(60, lambda: [row for _, row in zip(range(1000), ds.as_numpy_iterator())])
   message = _message(error)
   assert 'first 16 examples of task fail_fast_test_long were all dropped' in message
   assert "'targets' (limit 8) was 9..12" in message
@@ -213,4 +195,4 @@ def test_training_data_that_yields_nothing_names_task_feature_lengths(
   kwargs = tiny_tasks.train_kwargs(str(tmp_path), mixture_or_task_name=name,
                                    mixture_or_task_module=(), train_steps=2)
   with pytest.raises(ValueError, match=r"TASK_FEATURE_LENGTHS.*'targets': 64"):
-    _within(300, lambda: loop.train(**kwargs))
+    within(300, lambda: loop.train(**kwargs))

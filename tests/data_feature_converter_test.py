@@ -1,10 +1,11 @@
 """MultimodalDecoderFeatureConverter: packing, padding, media alignment, drops, validation."""
 
 import logging
-import threading
 
 import numpy as np
 import pytest
+
+from run_within import within
 
 tf = pytest.importorskip('tensorflow')
 pytest.importorskip('seqio')
@@ -320,32 +321,13 @@ def test_no_packing_refuses_an_example_that_does_not_fit():
     assert 'TASK_FEATURE_LENGTHS=' in message and detail in message, message
 
 
-def _within(seconds, fn):
-  """fn()'s result, or a test failure when it takes longer than `seconds` (e.g. spins)."""
-  result = {}
-
-  def run():
-    try:
-      result['value'] = fn()
-    except Exception as e:  # pylint: disable=broad-except
-      result['error'] = e
-
-  thread = threading.Thread(target=run, daemon=True)
-  thread.start()
-  thread.join(seconds)
-  assert not thread.is_alive(), f'still running after {seconds} s'
-  if 'error' in result:
-    raise result['error']
-  return result['value']
-
-
 def test_packing_fails_fast_when_a_repeated_stream_drops_everything():
   converter = fc.MultimodalDecoderFeatureConverter(modalities=('image', 'speech'),
                                                    max_leading_drops=20)
   ds = converter(dataset([TOO_LONG, TOO_MANY]).repeat(),
                  {'targets': 28, 'image_features': 3, 'speech_features': 2})
   with pytest.raises(tf.errors.InvalidArgumentError) as error:
-    _within(30, lambda: next(iter(ds)))
+    within(30, lambda: next(iter(ds)))
   message = str(error.value)
   assert 'first 20 examples were all dropped' in message, message
   assert 'TASK_FEATURE_LENGTHS=' in message
@@ -355,12 +337,24 @@ def test_packing_fails_fast_when_a_repeated_stream_drops_everything():
   assert converter.dropped_examples.count >= 20
 
 
+def test_probe_first_row_fails_while_the_dataset_is_built():
+  """With probe_first_row (t5x's converter) the error comes from the converter call itself;
+  a stream that yields rows builds as before and still yields its first row."""
+  lengths = {'targets': 28, 'image_features': 3, 'speech_features': 2}
+  probing = fc.MultimodalDecoderFeatureConverter(modalities=('image', 'speech'),
+                                                 max_leading_drops=20, probe_first_row=True)
+  with pytest.raises(tf.errors.InvalidArgumentError, match='first 20 examples were all dropped'):
+    within(30, lambda: probing(dataset([TOO_LONG, TOO_MANY]).repeat(), lengths))
+  ds = within(30, lambda: probing(dataset([EX0, TOO_LONG, EX3]), lengths))
+  assert len(list(ds.as_numpy_iterator())) == 1
+
+
 def test_packing_keeps_going_once_an_example_was_kept():
   converter = fc.MultimodalDecoderFeatureConverter(modalities=('image', 'speech'),
                                                    max_leading_drops=3)
   ds = converter(dataset([TOO_LONG, TOO_LONG, EX0] + [TOO_LONG] * 10 + [EX3]),
                  {'targets': 28, 'image_features': 3, 'speech_features': 2})
-  rows = _within(30, lambda: list(ds.as_numpy_iterator()))
+  rows = within(30, lambda: list(ds.as_numpy_iterator()))
   assert [int(r['decoder_segment_ids'].max()) for r in rows] == [2]
   assert converter.dropped_examples.count == 12
 

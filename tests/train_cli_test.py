@@ -141,3 +141,28 @@ def test_killed_run_resumes_to_the_same_params(tmp_path, uninterrupted):
   ours, theirs = tiny_tasks.read_scalars(model_dir), tiny_tasks.read_scalars(reference_dir)
   for step in (4, 5):
     assert ours[step]['loss'] == theirs[step]['loss'], step
+
+
+@pytest.mark.slow
+def test_a_length_that_drops_every_example_fails_within_60s_naming_it(tmp_path):
+  """The demo's stage 3 on the sample data with 'targets': 16, which no example fits: the run
+  exits non-zero within 60 s (the whole process), naming TASK_FEATURE_LENGTHS."""
+  data = tmp_path / 'sample'
+  subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'make_sample_data.py'),
+                  '--output', str(data)], check=True, capture_output=True)
+  lengths = ("{'targets': 16, 'image_features': 2, 'video_features': 1, 'speech_features': 1, "
+             "'audio_features': 1}")
+  args = ['--gin_file=models/tiny.gin', '--gin_file=models/multimodal_tiny.gin',
+          '--gin_file=stages/stage3_unimoe.gin', '--gin_file=demo/tiny.gin',
+          f"--gin.MODEL_DIR='{tmp_path / 'run'}'", '--gin.TRAIN_STEPS=10',
+          "--gin.MIXTURE_OR_TASK_NAME='unimoe_sample_stage3'",
+          f'--gin.TASK_FEATURE_LENGTHS={lengths}']
+  started = time.time()
+  proc = subprocess.run([sys.executable, '-m', 'unimoe_jax.train', *args], cwd=REPO,
+                        env=dict(_env(), UNIMOE_SAMPLE_DATA=str(data)), timeout=240,
+                        capture_output=True, text=True)
+  elapsed = time.time() - started
+  output = proc.stdout + proc.stderr
+  assert proc.returncode != 0, output[-3000:]
+  assert 'TASK_FEATURE_LENGTHS' in output, output[-3000:]
+  assert elapsed < 60, f'{elapsed:.0f} s'

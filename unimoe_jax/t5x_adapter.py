@@ -17,10 +17,13 @@ What t5x needs and `UniMoEModel` does not provide by itself:
   `optax.masked` and `set_to_zero` (t5x differentiates every parameter, so unlike
   `unimoe_jax.train` frozen weights still get gradient buffers, but no Adam moments).
 - `FEATURE_CONVERTER_CLS`: t5x calls it as `FEATURE_CONVERTER_CLS(pack=..., use_custom_packing_ops=...)`;
-  here it is the multimodal converter with the model's modalities bound.
-- `logical_axis_rules`: `partitioning.LOGICAL_AXIS_RULES` translated to t5x's two-axis mesh
-  ('data', 'model'): mesh axes t5x does not have ('expert') are dropped, so experts are
-  replicated (or split on 'model' through their 'mlp' axis) under t5x.
+  here it is the multimodal converter with the model's modalities bound, reading its first
+  packed row as the dataset is built (a pipeline that yields nothing fails at once).
+- `logical_axis_rules`: `partitioning.LOGICAL_AXIS_RULES` for a t5x partitioner's mesh. gin/t5x/
+  uses t5x's MoE partitioner (mesh ('data', 'expert', 'model'): the rules unchanged, experts on
+  `expert`; unimoe_jax/t5x_moe.py). For t5x's plain `PjitPartitioner` (the default
+  `mesh_axes`, ('data', 'model')) the missing 'expert' axis is dropped from the rules, and
+  experts are replicated (or split on 'model' through their 'mlp' axis).
 - `score_batch(..., return_intermediates=True)` with t5x's intermediates layout (every leaf has
   a leading batch axis, as t5x.infer requires), and `predict_batch_with_aux` accepting t5x's
   `decoder_params` keyword.
@@ -197,8 +200,10 @@ class T5XUniMoEModel(models.UniMoEModel):
   @property
   def FEATURE_CONVERTER_CLS(self):  # pylint: disable=invalid-name
     from unimoe_jax.data.feature_converter import MultimodalDecoderFeatureConverter  # pylint: disable=g-import-not-at-top
+    # probe_first_row: t5x.train reads the first batch only after compiling the train step;
+    # a pipeline that yields nothing then fails while the dataset is built instead.
     return functools.partial(MultimodalDecoderFeatureConverter,
-                             modalities=self.feature_modalities)
+                             modalities=self.feature_modalities, probe_first_row=True)
 
   def get_initial_variables(self, rng, input_shapes: Mapping[str, Tuple[int, ...]],
                             input_types: Optional[Mapping[str, Any]] = None

@@ -130,9 +130,18 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
                apply_length_check: bool = True,
                bos_id: int = 0,
                modalities: Sequence[str] = (),
-               max_leading_drops: int = preprocessors.MAX_LEADING_DROPS):
-    """See the class docstring; `max_leading_drops` (packing only): raise when this many
-    examples were dropped before one was kept (0: never)."""
+               max_leading_drops: int = preprocessors.MAX_LEADING_DROPS,
+               probe_first_row: bool = False):
+    """See the class docstring. Packing only:
+
+    max_leading_drops: raise when this many examples were dropped before one was kept (0:
+      never).
+    probe_first_row: read the first row while the dataset is built (eagerly), so that a
+      pipeline that can yield nothing fails there rather than at its first batch. t5x.train
+      warms its input pipeline up in a background thread and reads that thread's error only
+      after compiling the train step (tens of seconds to minutes); `T5XUniMoEModel` turns this
+      on. Costs the examples of one row, read twice.
+    """
     modalities = tuple(modalities)
     unknown = [m for m in modalities if m not in ITEM_RANK]
     if unknown:
@@ -144,6 +153,7 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
                        f'{max_leading_drops}')
     self._modalities = modalities
     self._max_leading_drops = int(max_leading_drops)
+    self._probe_first_row = probe_first_row
     task_features = dict(type(self).TASK_FEATURES)
     model_features = dict(type(self).MODEL_FEATURES)
     for m in modalities:
@@ -180,6 +190,8 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
                                 error_label='output_validation')
     _check_exact_match(list(expected), list(ds.element_spec),
                        'model_feature_names', 'output_dataset')
+    if self.pack and self._probe_first_row and tf.executing_eagerly():
+      next(iter(ds.take(1)), None)  # An error of the pipeline (nothing fits...) raises here.
     return ds
 
   def task_lengths(self, task_feature_lengths: Mapping[str, int]) -> Dict[str, int]:
