@@ -359,6 +359,9 @@ def test_registered_tasks(vocab, data_dir):
         'restval', 'restval', 'train', 'train']
     for ex in asr_train:
       _check_example(ex, vocab, 'speech', ts.ASR_PROMPT, ex['references'][0].decode())
+      # t5x.infer writes these into each output line's 'inputs'.
+      assert ex['targets_pretokenized'].decode() == ex['references'][0].decode()
+      assert '<speech>' in ex['inputs_pretokenized'].decode()
 
     # Evaluation reads the references through the postprocessor.
     ex = asr_train[0]

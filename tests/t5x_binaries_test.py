@@ -251,3 +251,51 @@ def test_t5x_train_and_our_trainer_give_the_same_losses(env, tmp_path):
        '--gin.config.LoRAConfig.dropout=0.0', '--gin.loop.train.log_period=1'], env)
   worst = _assert_same_losses(train_losses(our_dir), train_losses(t5x_dir), rtol=1e-5)
   print(f'unimoe_jax.train vs t5x.train, 20 steps: largest relative loss difference {worst:.2e}')
+
+
+_PLAN_7B = r"""
+import sys
+import __main__
+import gin
+import jax
+from t5x import gin_utils, utils
+from t5x import train as t5x_train
+
+__main__.train = t5x_train.train  # What `python -m t5x.train` makes of its own main.
+gin_files, bindings = sys.argv[1].split(','), sys.argv[2:]
+gin_utils.parse_gin_flags(['gin', t5x_train._DEFAULT_GIN_SEARCH_PATHS[0]], gin_files, bindings)
+model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+partitioner = gin.query_parameter('train.partitioner').scoped_configurable_fn()
+shapes = {k: (16, 2048) for k in ('decoder_input_tokens', 'decoder_target_tokens',
+                                  'decoder_loss_weights')}
+initializer = utils.TrainStateInitializer(
+    optimizer_def=model.optimizer_def, init_fn=model.get_initial_variables,
+    input_shapes=shapes, partitioner=partitioner)
+axes = initializer.train_state_axes
+print('MESH', dict(partitioner.mesh.shape))
+for layer in ('layers_0', 'layers_31'):
+  moe = axes.params['decoder'][layer]['moe']
+  for name in ('wi_0', 'wi_1', 'wo'):
+    print('SPEC', layer, name, tuple(moe[name]['kernel']))
+print('EXPERTS', model.config.decoder.moe.num_experts)
+"""
+
+
+@pytest.mark.parametrize('experts,mesh', [(4, (4, 4, 2)), (8, (2, 8, 2))])
+def test_7b_files_put_experts_on_the_expert_axis_under_t5x(env, experts, mesh):
+  """The 7B stage-3 files under t5x.train's own gin parsing (config locked) on a simulated
+  32-chip slice: t5x's train state (abstract) puts every expert kernel on `expert`."""
+  files = f't5x/models/unimoe_7b_{experts}e.gin,t5x/stages/stage3_unimoe.gin'
+  _, output = run(['-c', _PLAN_7B, files, "MODEL_DIR = '/tmp/unused'",
+                   'TRAIN_STEPS = 10',
+                   "MIXTURE_OR_TASK_NAME = 'unimoe_sample_stage3'",
+                   "TASK_FEATURE_LENGTHS = {'targets': 2048}"],
+                  env, devices=32)
+  data, expert, model = mesh
+  assert f"MESH {{'data': {data}, 'expert': {expert}, 'model': {model}}}" in output, output[-3000:]
+  assert f'EXPERTS {experts}' in output
+  specs = re.findall(r'SPEC (\S+) (\S+) (.*)', output)
+  assert len(specs) == 6
+  for layer, name, spec in specs:
+    want = "('expert', 'model', None)" if name == 'wo' else "('expert', None, 'model')"
+    assert spec == want, (layer, name, spec)

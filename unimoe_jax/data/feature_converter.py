@@ -191,7 +191,7 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     _check_exact_match(list(expected), list(ds.element_spec),
                        'model_feature_names', 'output_dataset')
     if self.pack and self._probe_first_row and tf.executing_eagerly():
-      next(iter(ds.take(1)), None)  # An error of the pipeline (nothing fits...) raises here.
+      _probe_first_row(ds)
     return ds
 
   def task_lengths(self, task_feature_lengths: Mapping[str, int]) -> Dict[str, int]:
@@ -412,6 +412,26 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     if 'audio' in self._modalities:
       out['audio_feature_mask'] = pad(row['audio_feature_mask'], max_items['audio'])
     return out
+
+
+def _probe_first_row(ds: tf.data.Dataset) -> None:
+  """Reads `ds`'s first element; a pipeline error (nothing fits, a bad example) is raised as
+  a ValueError with its message.
+
+  The iterator is deleted here, before the error leaves: an iterator left to the traceback
+  is destroyed at interpreter exit, where its parallel maps wait for in-flight
+  `tf.numpy_function` calls that wait for the interpreter lock, and the process never exits
+  (seen with t5x.train, 3 runs of 4).
+  """
+  iterator = iter(ds.take(1))
+  try:
+    next(iterator, None)
+    return
+  except tf.errors.OpError as e:
+    message = e.message
+  finally:
+    del iterator
+  raise ValueError(message)
 
 
 def num_dropped(converter: Optional[MultimodalDecoderFeatureConverter] = None) -> int:
