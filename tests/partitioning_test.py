@@ -83,3 +83,27 @@ def test_sharded_train_step_equals_single_device(dispatch):
     np.testing.assert_allclose(np.asarray(g), r, rtol=1e-4,
                                atol=1e-6 + 1e-4 * float(np.abs(r).max()),
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_expert_parallel_axes_see_a_legacy_with_mesh_block():
+  """t5x runs its partitioned functions under `with mesh:` + flax's axis rules, which
+  `jax.sharding.get_abstract_mesh()` does not report: the MoE layer must still find the
+  expert axis there (it then runs expert-parallel), at trace time too."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, expert=4))
+  seen = []
+
+  def probe(x):
+    seen.append(partitioning.expert_parallel_axes())
+    return x
+
+  assert partitioning.expert_parallel_axes() is None
+  with mesh, nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
+    seen.append(partitioning.expert_parallel_axes())
+    jax.jit(probe)(jnp.ones(8))
+  assert partitioning.expert_parallel_axes() is None
+  assert len(seen) == 2
+  for axes in seen:
+    assert axes is not None and axes.expert == 'expert'
+    assert dict(axes.mesh.shape) == {'data': 2, 'expert': 4, 'model': 1}
+    assert axes.batch == ('data', 'expert')

@@ -23,7 +23,7 @@ split there, nor a run laid out as the project's 7B files plan it.
   not to match t5x's pattern; `sharded_match_fn` defaults to None here so that no parameter
   name can ever trigger the rescale.
 
-Everything else (partitioning, checkpointing, metrics, evaluation) is t5x's own.
+Everything else (checkpointing, metrics, evaluation, the train loop) is t5x's own.
 """
 
 from typing import Callable, Optional
@@ -42,9 +42,9 @@ from unimoe_jax import partitioning
 class MoePartitioner(moe_partitioning_lib.MoePjitPartitioner):
   """`MoePjitPartitioner` with an optional explicit mesh (`mesh_config`).
 
-  Args (beyond t5x's): mesh_config: the (data, expert, model) shape; None keeps t5x's
-    `default_moe_mesh` from `num_expert_partitions` and `num_partitions`, which it then
-    ignores.
+  Args (beyond t5x's): mesh_config: the (data, expert, model) shape. None keeps t5x's
+    `default_moe_mesh` from `num_expert_partitions` and `num_partitions`; with a
+    `mesh_config` those two do not shape the mesh.
   """
 
   def __init__(self, *args, mesh_config: Optional[partitioning.MeshConfig] = None, **kwargs):
