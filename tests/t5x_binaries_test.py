@@ -299,3 +299,43 @@ def test_7b_files_put_experts_on_the_expert_axis_under_t5x(env, experts, mesh):
   for layer, name, spec in specs:
     want = "('expert', 'model', None)" if name == 'wo' else "('expert', None, 'model')"
     assert spec == want, (layer, name, spec)
+
+
+def test_stage2_starts_from_stage1_parameters_with_the_header_restore_flags(env, tmp_path):
+  """runs/train.gin's restore flags: stage 2 starts from stage 1's t5x checkpoint, taking its
+  parameters (the connectors stage 1 trained, frozen in stage 2) and not its optimizer state
+  (another set of trainable parameters) or step."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  lines = open(os.path.join(REPO, 'gin', 't5x', 'runs', 'train.gin')).read().splitlines()
+  restore = [shlex.split(l[1:].strip().rstrip('\\'))[0] for l in lines
+             if l.startswith('#   --gin.utils.RestoreCheckpointConfig.')]
+  assert len(restore) == 4, restore
+  stage1, stage2 = str(tmp_path / 'stage1'), str(tmp_path / 'stage2')
+  common = [f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}', '--gin.train.train_eval_dataset_cfg=None']
+  run(['-m', 't5x.train', '--gin_search_paths=gin', '--gin_file=t5x/models/tiny.gin',
+       '--gin_file=t5x/stages/stage1_align.gin', f"--gin.MODEL_DIR='{stage1}'",
+       '--gin.TRAIN_STEPS=4', "--gin.MIXTURE_OR_TASK_NAME='unimoe_sample_stage1'",
+       '--gin.utils.SaveCheckpointConfig.period=4', *common], env)
+  restore = [a.replace('/runs/stage1/checkpoint_20', f'{stage1}/checkpoint_4') for a in restore]
+  run(['-m', 't5x.train', '--gin_search_paths=gin', '--gin_file=t5x/models/tiny.gin',
+       '--gin_file=t5x/stages/stage2_expert.gin', "--gin.EXPERT_MODALITY='image'",
+       f"--gin.MODEL_DIR='{stage2}'", '--gin.TRAIN_STEPS=2',
+       '--gin.utils.SaveCheckpointConfig.period=2', *common, *restore], env)
+
+  def params(path):
+    tree = ocp.PyTreeCheckpointer().restore(os.path.join(path, 'state'))
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep='/').items()
+            if k.startswith('target/')}
+
+  init, trained, after = (params(f'{stage1}/checkpoint_0'), params(f'{stage1}/checkpoint_4'),
+                          params(f'{stage2}/checkpoint_2'))
+  projector = [k for k in trained if k.startswith('target/vision_projector/')]
+  ffn = [k for k in trained if re.match(r'target/decoder/layers_\d+/mlp/', k)]
+  assert projector and ffn
+  for k in projector:  # Trained in stage 1, frozen in stage 2: stage 1's value.
+    assert not np.array_equal(trained[k], init[k]), k
+    np.testing.assert_array_equal(after[k], trained[k], err_msg=k)
+  for k in ffn:  # Frozen in stage 1, trained in stage 2 from stage 1's value.
+    np.testing.assert_array_equal(trained[k], init[k], err_msg=k)
+    assert not np.array_equal(after[k], trained[k]), k
