@@ -82,6 +82,36 @@ def test_shard_of_groups_computes_only_its_rows(backend, offset):
   assert float(jnp.abs(got[0][end:]).max(initial=0)) == 0
 
 
+# (rows, k, n, group sizes): a decode step's 1 and 2 rows, odd and prime row counts, just
+# past megablox's 128-row tile, and k / n that 128 does not divide (200) or does (256).
+AWKWARD = {
+    'rows_1': (1, 24, 40, [0, 1, 0]),
+    'rows_2': (2, 24, 40, [1, 0, 1]),
+    'rows_13_odd': (13, 24, 40, [5, 0, 8]),
+    'rows_131_prime_past_tile': (131, 24, 40, [60, 0, 70]),
+    'rows_200_k_200_n_136': (200, 200, 136, [90, 70, 40]),
+    'rows_6_k_256_n_256': (6, 256, 256, [2, 3, 0]),
+}
+
+
+@pytest.mark.parametrize('backend', [pytest.param('tiled'),
+                                     pytest.param('megablox', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('case', sorted(AWKWARD))
+def test_awkward_shapes_equal_ragged_dot(backend, case):
+  """Rows that no tile divides (megablox used to raise: '200 must be divisible by x-dimension
+  tile size (128)'), k and n that 128 does not divide; rows past the groups' sum too."""
+  m, k, n, sizes = AWKWARD[case]
+  kx, kw, kc = jax.random.split(jax.random.PRNGKey(m + k + n), 3)
+  x = jax.random.normal(kx, (m, k))
+  w = jax.random.normal(kw, (len(sizes), k, n))
+  ct = jax.random.normal(kc, (m, n))
+  gs = jnp.array(sizes, jnp.int32)
+  ref = _value_and_grads('ragged_dot', x, w, gs, ct, False)
+  got = _value_and_grads(backend, x, w, gs, ct, False)
+  assert got[0].shape == (m, n)
+  _assert_close(got, ref, f'{backend}/{case}')
+
+
 @pytest.mark.parametrize('transpose_rhs', [False, True])
 def test_tiled_aligned_layout(transpose_rhs):
   """Groups on tile boundaries (as sort_by_expert lays them out): no masking needed."""

@@ -280,18 +280,29 @@ def _keep_rows_grad_bwd(residuals, g):
 _keep_rows_grad.defvjp(_keep_rows_grad_fwd, _keep_rows_grad_bwd)
 
 
+def _megablox_lane_tile(size: int) -> int:
+  """megablox's k / n tile: 128 where it divides `size`, else the whole dimension (a block
+  may span a full array dimension; megablox refuses a tile that does not divide it)."""
+  return 128 if size % 128 == 0 else size
+
+
 def _megablox_gmm(x, w, group_sizes, group_offset, transpose_rhs, interpret):
   from jax.experimental.pallas.ops.tpu.megablox import ops as megablox  # pylint: disable=g-import-not-at-top
   m, k = x.shape
   n = w.shape[1] if transpose_rhs else w.shape[2]
-  tiling = (min(128, _round_up(m, 8)), min(128, k), min(128, n))
+  # megablox needs the row count to be a multiple of its row tile: pad with zero rows, which
+  # lie past sum(group_sizes) and so in no group (a decode step has 2 rows, a prompt any).
+  row_tile = min(128, _round_up(m, 8))
+  padded = _round_up(m, row_tile)
+  tiling = (row_tile, _megablox_lane_tile(k), _megablox_lane_tile(n))
   sharded = w.shape[0] != group_sizes.shape[0]
   # megablox leaves rows outside this shard's groups (and past sum(group_sizes)) unwritten,
   # in the output and in its dx: zero both.
   lo, hi = _shard_rows(group_sizes, group_offset, w.shape[0])
-  out = megablox.gmm(_keep_rows_grad(x, lo, hi), w, group_sizes, x.dtype, tiling,
+  x = jnp.pad(_keep_rows_grad(x, lo, hi), ((0, padded - m), (0, 0)))
+  out = megablox.gmm(x, w, group_sizes, x.dtype, tiling,
                      group_offset if sharded else None, None, transpose_rhs, interpret)
-  return _rows_in(out, lo, hi)
+  return _rows_in(out[:m], lo, hi)
 
 
 # ----------------------------------------------------------------------------- mgpu
