@@ -48,6 +48,7 @@ from seqio import utils as seqio_utils
 from seqio.feature_converters import _check_exact_match
 import tensorflow as tf
 
+from unimoe_jax.data import iteration
 from unimoe_jax.data import preprocessors
 
 FeatureSpec = seqio.FeatureConverter.FeatureSpec
@@ -140,7 +141,9 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
       pipeline that can yield nothing fails there rather than at its first batch. t5x.train
       warms its input pipeline up in a background thread and reads that thread's error only
       after compiling the train step (tens of seconds to minutes); `T5XUniMoEModel` turns this
-      on. Costs the examples of one row, read twice.
+      on. Costs the examples of one row, read twice. The error is raised as
+      `iteration.numpy_iterator` raises it (after its iterator is gone, so the process can
+      exit).
     """
     modalities = tuple(modalities)
     unknown = [m for m in modalities if m not in ITEM_RANK]
@@ -191,7 +194,7 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     _check_exact_match(list(expected), list(ds.element_spec),
                        'model_feature_names', 'output_dataset')
     if self.pack and self._probe_first_row and tf.executing_eagerly():
-      _probe_first_row(ds)
+      next(iteration.numpy_iterator(ds.take(1)), None)  # A pipeline error raises here.
     return ds
 
   def task_lengths(self, task_feature_lengths: Mapping[str, int]) -> Dict[str, int]:
@@ -412,26 +415,6 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     if 'audio' in self._modalities:
       out['audio_feature_mask'] = pad(row['audio_feature_mask'], max_items['audio'])
     return out
-
-
-def _probe_first_row(ds: tf.data.Dataset) -> None:
-  """Reads `ds`'s first element; a pipeline error (nothing fits, a bad example) is raised as
-  a ValueError with its message.
-
-  The iterator is deleted here, before the error leaves: an iterator left to the traceback
-  is destroyed at interpreter exit, where its parallel maps wait for in-flight
-  `tf.numpy_function` calls that wait for the interpreter lock, and the process never exits
-  (seen with t5x.train, 3 runs of 4).
-  """
-  iterator = iter(ds.take(1))
-  try:
-    next(iterator, None)
-    return
-  except tf.errors.OpError as e:
-    message = e.message
-  finally:
-    del iterator
-  raise ValueError(message)
 
 
 def num_dropped(converter: Optional[MultimodalDecoderFeatureConverter] = None) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from unimoe_jax.data import iteration
 from unimoe_jax.data.feature_converter import ITEM_RANK, MultimodalDecoderFeatureConverter
 
 
@@ -63,7 +64,7 @@ def check_examples_fit(mixture_or_task_name: str, task_feature_lengths: Mapping[
     ds = task.get_dataset(sequence_length=None, split=split, shuffle=False,
                           trim_output_features=False, use_cached=False)
     lengths, fits = [], 0
-    for ex in ds.take(sample).as_numpy_iterator():
+    for ex in iteration.numpy_iterator(ds.take(sample)):
       ok = len(ex['targets']) <= task_feature_lengths['targets']
       for key, limit in task_feature_lengths.items():
         if key != 'targets' and key in ex:
@@ -103,7 +104,7 @@ def train_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, 
   options = tf.data.Options()
   options.deterministic = True
   ds = ds.with_options(options).prefetch(2)
-  return ds.as_numpy_iterator()
+  return iteration.numpy_iterator(ds)
 
 
 def batched_with_padding(ds: tf.data.Dataset, batch_size: int
@@ -112,7 +113,7 @@ def batched_with_padding(ds: tf.data.Dataset, batch_size: int
 
   Yields `(batch, num_real_rows)` so that every batch has one shape (one compilation).
   """
-  for batch in ds.batch(batch_size).as_numpy_iterator():
+  for batch in iteration.numpy_iterator(ds.batch(batch_size)):
     n = len(next(iter(batch.values())))
     if n < batch_size:
       batch = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, axis=0)])

@@ -35,6 +35,7 @@ import seqio
 
 from unimoe_jax import models
 from unimoe_jax import partitioning
+from unimoe_jax.data import iteration
 from unimoe_jax.data import pipeline
 from unimoe_jax.training import checkpoints as checkpoints_lib
 from unimoe_jax.training import evaluation
@@ -243,7 +244,7 @@ def infer(*,
     if jax.process_index() == 0:
       os.makedirs(output_dir, exist_ok=True)
       with open(path, 'w') as f:
-        for index, ex in enumerate(ds.as_numpy_iterator()):
+        for index, ex in enumerate(iteration.numpy_iterator(ds)):
           targets, weights = ex['targets'], ex['loss_weights']
           start = int(models.prompt_lengths({'decoder_target_tokens': targets[None],
                                              'decoder_loss_weights': weights[None]})[0])

@@ -1,0 +1,84 @@
+"""data/iteration.py: a pipeline error leaves no tf.data iterator behind, so a program that
+ends on it exits (it used to hang at interpreter exit, most runs)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+tf = pytest.importorskip('tensorflow')
+
+from unimoe_jax.data import iteration  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _failing(fail_at=3):
+  def load(i):
+    if i == fail_at:
+      raise ValueError(f'bad example {i}')
+    return i
+
+  ds = tf.data.Dataset.range(100).map(
+      lambda i: tf.numpy_function(load, [i], tf.int64, stateful=False),
+      num_parallel_calls=4, deterministic=True)
+  return ds
+
+
+def test_elements_then_the_error_with_its_type_and_message():
+  got = []
+  with pytest.raises(tf.errors.InvalidArgumentError, match='bad example 3') as error:
+    for x in iteration.numpy_iterator(_failing()):
+      got.append(int(x))
+  assert got == [0, 1, 2]
+  # Nothing in the traceback holds a tf.data iterator: only this test's frame and the
+  # generator's, whose iterator is deleted.
+  assert error.value.__context__ is None
+  frames = []
+  tb = error.value.__traceback__
+  while tb is not None:
+    frames.append(tb.tb_frame)
+    tb = tb.tb_next
+  for frame in frames:
+    for value in frame.f_locals.values():
+      assert not isinstance(value, tf.data.Iterator), frame
+
+
+def test_end_and_early_stop_are_clean():
+  assert [int(x) for x in iteration.numpy_iterator(tf.data.Dataset.range(4))] == [0, 1, 2, 3]
+  gen = iteration.numpy_iterator(tf.data.Dataset.range(10))
+  assert int(next(gen)) == 0
+  gen.close()
+
+
+@pytest.mark.slow
+def test_a_program_that_ends_on_a_pipeline_error_exits():
+  """Six runs of a program whose pipeline (Python work in numpy_function, 16 parallel calls)
+  fails: each exits with the error within 30 s. Measured here: with `as_numpy_iterator()`
+  the same program hung at exit in 1 run of 6 (and `python -m unimoe_jax.train` on a manifest
+  with a missing file in 2 of 3; with this module 4 of 4 exit in 21 s), so this test catches
+  a regression only most of the time: a hang is a race."""
+  program = textwrap.dedent('''
+      import tensorflow as tf
+      from unimoe_jax.data import iteration
+
+      def load(i):
+        s = 0
+        for j in range(20000):  # Python work: the calls queue on the interpreter lock.
+          s += j
+        if i == 40:
+          raise ValueError('bad example 40')
+        return i
+
+      ds = tf.data.Dataset.range(10**6).map(
+          lambda i: tf.numpy_function(load, [i], tf.int64, stateful=False),
+          num_parallel_calls=16, deterministic=True).prefetch(16)
+      for x in iteration.numpy_iterator(ds):
+        pass
+  ''')
+  for _ in range(6):
+    proc = subprocess.run([sys.executable, '-c', program], cwd=REPO, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 1 and 'bad example 40' in proc.stderr, proc.stderr[-2000:]
