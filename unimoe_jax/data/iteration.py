@@ -9,7 +9,7 @@ When that error ends the program, the iterator is destroyed at interpreter exit 
 interpreter lock held, while its parallel maps wait for in-flight `tf.numpy_function` calls
 (media loading) that need that lock: the process never exits. Seen with
 `python -m unimoe_jax.train` on a manifest with a missing file (2 runs of 3 hung) and with
-t5x.train on lengths that fit nothing (3 of 4).
+t5x.train on lengths that fit nothing (3 runs of 5).
 """
 
 from typing import Any, Iterator
