@@ -302,8 +302,7 @@ class UniMoEModel:
     """`[batch]` sum of log p(target) over loss-weighted tokens (t5x's sequence score)."""
     logits, aux = self._compute_logits(params, batch)
     targets = batch['decoder_target_tokens']
-    weights = batch.get('decoder_loss_weights')
-    weights = (targets > 0).astype(jnp.float32) if weights is None else weights
+    weights = loss_weights(batch)
     token_loss, _ = cross_entropy(logits, targets)
     scores = -jnp.sum(token_loss * weights, axis=-1)
     if return_intermediates:

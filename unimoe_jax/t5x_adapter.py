@@ -228,9 +228,7 @@ class T5XUniMoEModel(models.UniMoEModel):
     `[batch, length]`)."""
     logits, _ = self._compute_logits(params, batch)
     targets = batch['decoder_target_tokens']
-    weights = batch.get('decoder_loss_weights')
-    weights = (targets > 0) if weights is None else weights
-    weights = weights.astype(jnp.float32)
+    weights = models.loss_weights(batch)
     token_loss, _ = models.cross_entropy(logits, targets)
     token_scores = -token_loss * weights
     scores = jnp.sum(token_scores, axis=-1)
