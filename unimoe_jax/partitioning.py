@@ -9,6 +9,29 @@ Every parameter and key activation in the model carries *logical* axis names ('e
 
 and builds the mesh. Nothing else in the code base names a mesh axis.
 
+Two rule sets, chosen by the gin switch `partitioning.logical_axis_rules.fsdp`:
+
+- `LOGICAL_AXIS_RULES` (fsdp=False, the default): parameters are split on `expert` (expert
+  weights) and `model` (heads, mlp, vocab) only, and replicated over `data`.
+- `FSDP_LOGICAL_AXIS_RULES` (fsdp=True): fully sharded data parallelism (MaxText's `fsdp`) on
+  top of that. The parameter axis 'embed' is split over `data` x `expert` (every device that
+  holds a slice of the batch) and, in expert weights, whose `expert` mesh axis is already
+  taken by their 'expert' axis, over `data` alone. Parameters and their optimizer moments
+  (optax moments carry the same logical names) are stored 1/(data x expert) or 1/data per
+  device; XLA all-gathers a weight where a layer uses it and reduce-scatters its gradient.
+  With scanned layers (`DecoderConfig.scan_layers`, stacked on the replicated 'layers' axis)
+  that is one layer's slice per scan step (tests/fsdp_test.py reads the compiled HLO); the
+  expert-parallel `shard_map` (moe/expert_parallel.py) takes expert weights whole over
+  `data`, so each layer gathers its own experts' data shards on entry. Norm scales ('norm')
+  and the small LoRA matrices without an 'embed' axis stay replicated over `data`;
+  activations keep 'activation_embed' -> None.
+
+Every caller that does not pass `rules` reads `logical_axis_rules()` at call time, so one gin
+binding switches our trainer, evaluator, inference, tools/plan_memory.py and (through
+`t5x_adapter.logical_axis_rules`) t5x's partitioner. A dimension whose size the mesh axes do
+not divide is an error naming the parameter (`params_shardings`): jax cannot place uneven
+shards, and quietly replicating a large weight would defeat the plan.
+
 Outside the expert layers the batch is split over `data` *and* `expert` (as in GShard and
 MaxText): devices on the expert axis would otherwise repeat the attention work. Inside the
 capacity-based MoE layer, dispatched tokens `[expert, groups, capacity, embed]` put experts on
@@ -28,8 +51,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'expert', 'model')
 
-# (logical axis, mesh axis or axes or None). Order matters only where one logical array has two
-# names that map to the same mesh axis: flax then keeps the first and replicates the second.
+Rules = Tuple[Tuple[str, Any], ...]
+
+# (logical axis, mesh axis or axes or None). flax assigns rules in this order (a priority list):
+# where one array has two names whose rules want the same mesh axis, the earlier rule wins and
+# the later name takes its next rule that is still free, else stays replicated.
 LOGICAL_AXIS_RULES: Tuple[Tuple[str, Any], ...] = (
     # Activations.
     ('activation_batch', ('data', 'expert')),
@@ -54,12 +80,47 @@ LOGICAL_AXIS_RULES: Tuple[Tuple[str, Any], ...] = (
     ('lora_rank', None),
     ('norm', None),
     ('query_tokens', None),   # Learned query tokens of the Q-Former: few rows, replicated.
+    ('layers', None),         # The stacking axis of scanned layers (DecoderConfig.scan_layers).
     # The decoding KV cache (layers/attention.py).
     ('cache_batch', ('data', 'expert')),
     ('cache_length', None),
     ('cache_kv_heads', 'model'),
     ('cache_head_dim', None),
 )
+
+
+def _fsdp_rules(rules: Rules) -> Rules:
+  """`rules` with the parameter axis 'embed' split over data x expert, else over data.
+
+  The two 'embed' rules go right after the 'expert' rule: flax assigns rules in order, so an
+  expert weight `[expert, embed, mlp]` has `expert` taken by the time 'embed' is placed and
+  falls through to `data`; a weight without an 'expert' axis takes data x expert.
+  """
+  out = []
+  for name, target in rules:
+    if name == 'embed':
+      continue
+    out.append((name, target))
+    if name == 'expert':
+      out += [('embed', ('data', 'expert')), ('embed', 'data')]
+  if len(out) != len(rules) + 1:
+    raise ValueError("FSDP rules need exactly one 'embed' and one 'expert' rule")
+  return tuple(out)
+
+
+FSDP_LOGICAL_AXIS_RULES: Rules = _fsdp_rules(LOGICAL_AXIS_RULES)
+
+
+@gin.configurable
+def logical_axis_rules(fsdp: bool = False) -> Rules:
+  """The logical-to-mesh axis rules in force: `FSDP_LOGICAL_AXIS_RULES` with `fsdp`, else
+  `LOGICAL_AXIS_RULES`. Bind `partitioning.logical_axis_rules.fsdp = True` in gin (the 7B
+  model files do) to shard parameters and optimizer state over the batch axes."""
+  return FSDP_LOGICAL_AXIS_RULES if fsdp else LOGICAL_AXIS_RULES
+
+
+def _rules(rules: Optional[Rules]) -> Rules:
+  return logical_axis_rules() if rules is None else rules
 
 
 @gin.configurable
@@ -102,34 +163,80 @@ def make_mesh(config: Optional[MeshConfig] = None,
 
 
 def logical_to_mesh_spec(logical_axes: Sequence[Optional[str]],
-                         rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
-  return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+                         rules: Optional[Rules] = None) -> PartitionSpec:
+  return nn.logical_to_mesh_axes(tuple(logical_axes), _rules(rules))
 
 
 def logical_sharding(mesh: Mesh, logical_axes: Sequence[Optional[str]],
-                     rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+                     rules: Optional[Rules] = None) -> NamedSharding:
   return NamedSharding(mesh, logical_to_mesh_spec(logical_axes, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int, rules: Optional[Rules] = None) -> NamedSharding:
   """Sharding of a batch array of rank `ndim`: rows split like 'activation_batch'."""
   spec = logical_to_mesh_spec(('activation_batch',), rules)
   return NamedSharding(mesh, PartitionSpec(*spec, *([None] * (ndim - 1))))
 
 
-def params_shardings(mesh: Mesh, abstract_variables, rules=LOGICAL_AXIS_RULES):
-  """NamedShardings for a (boxed) variable tree, e.g. from `jax.eval_shape(model.init, ...)`."""
+def _mesh_axes_of(entry) -> Tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def check_divisible(abstract_variables, shardings) -> None:
+  """Raises a ValueError naming every parameter whose sharded dimension the mesh does not
+  divide (its path, shape, logical axes and mesh axes), where jax would only report an
+  `IndivisibleError` for an anonymous array."""
+  logical = nn.get_partition_spec(abstract_variables)
+  values = nn.meta.unbox(abstract_variables)
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  flat_logical = dict(jax.tree_util.tree_flatten_with_path(logical, is_leaf=is_spec)[0])
+  flat_shardings = dict(jax.tree_util.tree_flatten_with_path(shardings)[0])
+  problems, mesh_shape = [], None
+  for path, value in jax.tree_util.tree_flatten_with_path(values)[0]:
+    sharding = flat_shardings.get(path)
+    if not isinstance(sharding, NamedSharding) or not hasattr(value, 'shape'):
+      continue
+    sizes = dict(sharding.mesh.shape)
+    for dim, (size, entry) in enumerate(zip(value.shape, sharding.spec)):
+      axes = _mesh_axes_of(entry)
+      parts = int(np.prod([sizes[a] for a in axes])) if axes else 1
+      if size % parts:
+        mesh_shape = dict(sizes)
+        names = tuple(flat_logical.get(path, PartitionSpec()))
+        problems.append(
+            f'{jax.tree_util.keystr(path)}: shape {tuple(value.shape)}, logical axes {names}, '
+            f'mesh axes {tuple(sharding.spec)}: dimension {dim} ({size}) is not divisible by '
+            f'the {parts} devices of {axes}')
+  if problems:
+    raise ValueError(
+        'parameters cannot be split evenly over the mesh '
+        f'{mesh_shape} (with '
+        'partitioning.logical_axis_rules.fsdp = True, \'embed\' is split over data x expert, '
+        'or data for expert weights: choose a MESH whose axes divide it, or turn FSDP off):\n  '
+        + '\n  '.join(problems))
+
+
+def params_shardings(mesh: Mesh, abstract_variables, rules: Optional[Rules] = None):
+  """NamedShardings for a (boxed) variable tree, e.g. from `jax.eval_shape(model.init, ...)`.
+
+  Raises a ValueError naming each parameter whose sharded dimension the mesh does not divide.
+  """
   logical_specs = nn.get_partition_spec(abstract_variables)
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, _rules(rules))
+  check_divisible(abstract_variables, shardings)
+  return shardings
 
 
-def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=LOGICAL_AXIS_RULES):
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules: Optional[Rules] = None):
   """Runs `init_fn(*args)` under jit so that each variable is created on its own shards.
 
   `init_fn` returns a flax variable tree whose leaves may be `nn.LogicallyPartitioned` boxes.
   Returns `(variables, shardings)` with the boxes removed; no variable is ever materialised
   whole on one device.
   """
+  rules = _rules(rules)
   abstract = jax.eval_shape(init_fn, *args)
   shardings = params_shardings(mesh, abstract, rules)
 
@@ -147,11 +254,13 @@ def with_sharding_constraint(x, logical_axes: Sequence[Optional[str]]):
 
 
 @contextlib.contextmanager
-def mesh_context(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
-  """Makes `mesh` current and activates the logical axis rules, for tracing and running.
+def mesh_context(mesh: Mesh, rules: Optional[Rules] = None):
+  """Makes `mesh` current and activates the logical axis rules (default: those in force,
+  `logical_axis_rules()`), for tracing and running.
 
   Uses `jax.set_mesh` where this jax has it (the `with mesh:` form is deprecated there).
   """
+  rules = _rules(rules)
   mesh_cm = jax.set_mesh(mesh) if hasattr(jax, 'set_mesh') else mesh
   with mesh_cm, nn.logical_axis_rules(rules):
     yield mesh

@@ -19,7 +19,8 @@ What t5x needs and `UniMoEModel` does not provide by itself:
 - `FEATURE_CONVERTER_CLS`: t5x calls it as `FEATURE_CONVERTER_CLS(pack=..., use_custom_packing_ops=...)`;
   here it is the multimodal converter with the model's modalities bound, reading its first
   packed row as the dataset is built (a pipeline that yields nothing fails at once).
-- `logical_axis_rules`: `partitioning.LOGICAL_AXIS_RULES` for a t5x partitioner's mesh. gin/t5x/
+- `logical_axis_rules`: `partitioning.logical_axis_rules()` (FSDP or not, as gin's
+  `partitioning.logical_axis_rules.fsdp` says) for a t5x partitioner's mesh. gin/t5x/
   uses t5x's MoE partitioner (mesh ('data', 'expert', 'model'): the rules unchanged, experts on
   `expert`; unimoe_jax/t5x_moe.py). For t5x's plain `PjitPartitioner` (the default
   `mesh_axes`, ('data', 'model')) the missing 'expert' axis is dropped from the rules, and
@@ -127,12 +128,17 @@ def learning_rate_fn(total_steps: int = gin.REQUIRED,
 
 @gin.configurable
 def logical_axis_rules(mesh_axes: Sequence[str] = T5X_MESH_AXES,
-                       rules=partitioning.LOGICAL_AXIS_RULES) -> Tuple[Tuple[str, Any], ...]:
+                       rules: Optional[Sequence[Tuple[str, Any]]] = None
+                       ) -> Tuple[Tuple[str, Any], ...]:
   """`rules` restricted to the mesh axes of t5x's PjitPartitioner (t5x's rule format).
 
-  A rule's mesh axes that the mesh lacks are removed: ('data', 'expert') becomes 'data',
-  'expert' becomes None (replicated).
+  `rules` defaults to `partitioning.logical_axis_rules()`, read when this is called, so the
+  gin switch `partitioning.logical_axis_rules.fsdp` reaches t5x's partitioner too. A rule's
+  mesh axes that the mesh lacks are removed: ('data', 'expert') becomes 'data', 'expert'
+  becomes None (replicated).
   """
+  if rules is None:
+    rules = partitioning.logical_axis_rules()
   out = []
   for name, target in rules:
     targets = target if isinstance(target, (tuple, list)) else (target,)
