@@ -70,9 +70,13 @@ def _reference_logprobs(model, tokens):
   return np.array([logp[i, tokens[i + 1]] for i in range(len(tokens) - 1)])
 
 
-@pytest.mark.parametrize('kind,layout', [('llama', 'safetensors'), ('mixtral', 'sharded'),
-                                         ('llama', 'bin')])
-def test_hf_directory_scores_like_transformers(tmp_path, capsys, tokenizer_path, kind, layout):
+@pytest.mark.parametrize('kind,layout,scan', [('llama', 'safetensors', False),
+                                              ('mixtral', 'sharded', False),
+                                              ('llama', 'bin', False),
+                                              ('mixtral', 'safetensors', True)])
+def test_hf_directory_scores_like_transformers(tmp_path, capsys, tokenizer_path, kind, layout,
+                                               scan):
+  """scan: written with --scan_layers (stacked layers, config.gin scan_layers = True)."""
   import torch  # pylint: disable=g-import-not-at-top
   model, _ = (tiny_llama if kind == 'llama' else tiny_mixtral)(num_hidden_layers=2)
   _randomize(model)
@@ -87,9 +91,14 @@ def test_hf_directory_scores_like_transformers(tmp_path, capsys, tokenizer_path,
   with open(tokenizer_path, 'rb') as f, open(src / 'tokenizer.model', 'wb') as g:
     g.write(f.read())
   out = str(tmp_path / 'out')
-  assert convert_checkpoint.main(['--source', 'hf', '--input', str(src), '--output', out]) == 0
+  assert convert_checkpoint.main(['--source', 'hf', '--input', str(src), '--output', out] +
+                                 (['--scan_layers'] if scan else [])) == 0
   summary = json.loads(capsys.readouterr().out.splitlines()[-1])
   assert summary['peak_rss_mib'] > 0 and summary['tokenizer_copied']
+  stored, gin_text = checkpoint.restore(out)
+  assert ('stacked_layers' in stored['decoder']) == scan
+  assert ('layers_0' in stored['decoder']) == (not scan)
+  assert ('scan_layers = True' in gin_text) == scan
   tokens, ours = _score(capsys, out)
   assert len(tokens) > 4
   expected = _reference_logprobs(model, tokens)

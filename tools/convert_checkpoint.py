@@ -25,6 +25,10 @@ found locally or given with --vision_tower / --audio_tower; a tower whose tensor
 lacks (the released LoRA checkpoints hold none) is read from there too. With any tower the
 written config.gin binds MODEL_CONFIG (the whole UniMoEConfig) as well as DECODER_CONFIG.
 
+The decoder layers are written looped (`layers_{i}`), or stacked for scanned layers with
+--scan_layers (config.gin then sets DecoderConfig.scan_layers); every loader converts between
+the two (unimoe_jax/layer_stacking.py), so either loads into a model of either layout.
+
 The output (see unimoe_jax/checkpoint.py) is written only after the whole conversion succeeded;
 a mismatch raises a ValueError naming the tensor and leaves no output directory. A JSON summary
 (tensor and parameter counts, peak RSS) is printed at the end.
@@ -44,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import flax.linen as nn
 from unimoe_jax import checkpoint
+from unimoe_jax import layer_stacking
 from unimoe_jax.config import DecoderConfig
 from unimoe_jax.convert import hf
 from unimoe_jax.convert import io as ckpt_io
@@ -231,6 +236,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help='unimoe: Whisper directory or BEATs .pt (overrides mm_audio_tower)')
   parser.add_argument('--merge_lora', action='store_true',
                       help='fold LoRA adapters into the weights instead of keeping them')
+  parser.add_argument('--scan_layers', action='store_true',
+                      help='store the decoder layers stacked for DecoderConfig.scan_layers '
+                           '(either layout loads into a model of either layout)')
   parser.add_argument('--dtype', default='bfloat16', help='DecoderConfig.dtype to write')
   parser.add_argument('--param_dtype', default='float32', help='DecoderConfig.param_dtype')
   args = parser.parse_args(argv)
@@ -248,6 +256,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   else:
     params, cfg, count, size = convert(args.source, args.input, args.merge_lora, args.base,
                                        args.dtype, args.param_dtype)
+  if args.scan_layers:
+    cfg = dataclasses.replace(cfg, scan_layers=True)
+    if model_cfg is not None:
+      model_cfg = dataclasses.replace(model_cfg, decoder=cfg)
+    params = layer_stacking.to_config_layout(params, cfg)
   extra_lines = []
   if 'vision_projector' in params and model_cfg is None:
     kind = ckpt_io.read_config(args.input).get('mm_projector_type', 'linear')

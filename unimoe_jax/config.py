@@ -16,6 +16,11 @@ import gin
 import jax.numpy as jnp
 
 DISPATCH_MODES = ('dense', 'capacity', 'dropless')
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'projections')
+# The activations the 'projections' remat policy keeps (names given with checkpoint_name in
+# layers/attention.py, layers/mlp.py and moe/layer.py).
+REMAT_SAVED_NAMES = ('query_proj', 'key_proj', 'value_proj', 'attention_out', 'mlp_wi_0',
+                     'mlp_wi_1', 'mlp_wo', 'moe_out')
 
 
 @gin.configurable
@@ -128,7 +133,16 @@ class DecoderConfig:
     dtype: compute dtype of activations and matmuls ('float32' or 'bfloat16'). Parameters are
       stored in `param_dtype`; RMSNorm statistics, softmaxes, the router and the logits are
       computed in float32 whatever `dtype` is.
-    remat: 'none', 'full' (recompute each layer in the backward pass) or 'dots_saveable'.
+    remat: what the backward pass recomputes of each layer: 'none' (keep every activation),
+      'full' (keep only the layer's input), 'dots_saveable' (keep matmul outputs without batch
+      dimensions: every projection, not the attention scores) or 'projections' (keep only the
+      outputs of the attention's query/key/value/out and the FFN's wi_0/wi_1/wo projections,
+      tagged with `jax.ad_checkpoint.checkpoint_name`; `REMAT_SAVED_NAMES`).
+    scan_layers: run the layers under `nn.scan`, parameters stacked on a leading 'layers'
+      axis (`layer_stacking.py` has the layout and the converters). The layers scan in blocks
+      of `scan_period()` layers (1 when every layer is alike, 2 for MoE on every other layer).
+      A pattern with no shorter period (an irregular `moe.layers` list) runs the plain loop,
+      with a warning. Compile time then no longer grows with depth.
     moe: None for a dense decoder.
     lora: None for no adapters.
   """
@@ -144,6 +158,7 @@ class DecoderConfig:
   dtype: str = 'bfloat16'
   param_dtype: str = 'float32'
   remat: str = 'none'
+  scan_layers: bool = False
   moe: Optional[MoEConfig] = None
   lora: Optional[LoRAConfig] = None
 
@@ -156,8 +171,8 @@ class DecoderConfig:
         raise ValueError(f'DecoderConfig.embed_dim={self.embed_dim} is not divisible by '
                          f'num_heads={self.num_heads}; set head_dim explicitly')
       object.__setattr__(self, 'head_dim', self.embed_dim // self.num_heads)
-    if self.remat not in ('none', 'full', 'dots_saveable'):
-      raise ValueError(f"DecoderConfig.remat must be 'none', 'full' or 'dots_saveable', "
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'DecoderConfig.remat must be one of {REMAT_POLICIES}, '
                        f'got {self.remat!r}')
     for field in ('dtype', 'param_dtype'):
       jnp.dtype(getattr(self, field))  # Fails early, naming the bad dtype string.
@@ -177,6 +192,27 @@ class DecoderConfig:
     if self.moe is None:
       return ()
     return tuple(i for i in range(self.num_layers) if self.moe.is_moe_layer(i, self.num_layers))
+
+  def layer_kinds(self) -> Tuple[bool, ...]:
+    """Per layer: True where its FFN is an MoE layer."""
+    moe = set(self.moe_layer_indices())
+    return tuple(i in moe for i in range(self.num_layers))
+
+  def scan_period(self) -> Optional[int]:
+    """Layers per scanned block with `scan_layers`, or None when the layers run as a loop."""
+    if not self.scan_layers:
+      return None
+    return shortest_period(self.layer_kinds())
+
+
+def shortest_period(kinds: Sequence) -> Optional[int]:
+  """The smallest p < len(kinds) with `kinds[i] == kinds[i % p]` for all i and p dividing
+  len(kinds) (1 for a single layer), or None when the sequence does not repeat."""
+  n = len(kinds)
+  for p in range(1, max(n // 2, 1) + 1):
+    if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)):
+      return p
+  return None
 
 
 # Named sizes. LLaMA-7B is the language model of Uni-MoE v1 (through LLaVA / Vicuna).

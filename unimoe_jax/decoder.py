@@ -11,16 +11,25 @@ Parameter tree (t5x/flaxformer names, so that conversion maps read like a table)
     layers_{i}/moe/{wi_0,wi_1,wo}/kernel    [expert, in, out]
     decoder_norm/scale                      [embed]
     logits_dense/kernel                     [embed, vocab]      untied output head
+
+With `DecoderConfig.scan_layers` the layers run under `nn.scan` in blocks of
+p = `scan_period()` layers, and `layers_{j*p + r}/...` is stored as slice j of
+`stacked_layers/offset_{r}/...` (a leading 'layers' axis of size num_layers / p); see
+`layer_stacking.py`, the one place that converts between the two layouts.
 """
+
+import logging
 
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from unimoe_jax import partitioning
-from unimoe_jax.config import DecoderConfig
+from unimoe_jax import layer_stacking
+from unimoe_jax.config import REMAT_SAVED_NAMES, DecoderConfig
 from unimoe_jax.layers.attention import Attention, causal_segment_mask
 from unimoe_jax.layers.lora import LoRADense, lora_targets
 from unimoe_jax.layers.mlp import SwiGLU
@@ -52,6 +61,7 @@ class DecoderLayer(nn.Module):
     if self.use_moe:
       h, aux = MoEFeedForward(cfg.moe, cfg.mlp_dim, lora_targets(cfg.lora, 'experts'), dtype,
                               pdtype, name='moe')(h, padding_mask, deterministic)
+      h = checkpoint_name(h, 'moe_out')
     else:
       h = SwiGLU(cfg.mlp_dim, lora_targets(cfg.lora, 'mlp'), dtype, pdtype,
                  name='mlp')(h, deterministic)
@@ -60,16 +70,41 @@ class DecoderLayer(nn.Module):
     return x, aux
 
 
-def _remat(layer_cls, policy: str):
+class DecoderBlock(nn.Module):
+  """`len(kinds)` consecutive layers (kinds[r]: layer r has an MoE FFN), the body of the scan.
+
+  Called like `DecoderLayer`; returns the new x and `{str(r): aux}` for its MoE layers.
+  """
+  config: DecoderConfig
+  kinds: Tuple[bool, ...]
+
+  @nn.compact
+  def __call__(self, x, positions, mask, padding_mask, deterministic, decode=False,
+               prefill=False, prefill_lengths=None, max_decode_length=None):
+    aux_by_offset = {}
+    for r, use_moe in enumerate(self.kinds):
+      x, aux = DecoderLayer(self.config, use_moe, name=layer_stacking.offset_name(r))(
+          x, positions, mask, padding_mask, deterministic, decode, prefill, prefill_lengths,
+          max_decode_length)
+      if aux:
+        aux_by_offset[str(r)] = aux
+    return x, aux_by_offset
+
+
+def _remat(layer_cls, policy: str, scanned: bool):
   if policy == 'none':
     return layer_cls
   checkpoint_policy = {
       'full': None,
       'dots_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+      'projections': jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED_NAMES),
   }[policy]
   # deterministic, decode, prefill and max_decode_length (arguments 5, 6, 7 and 9, counting
-  # self) decide Python control flow and shapes: keep them static.
-  return nn.remat(layer_cls, policy=checkpoint_policy, static_argnums=(5, 6, 7, 9))
+  # self) decide Python control flow and shapes: keep them static. Inside a scan the loop
+  # already keeps XLA from merging the recomputation with the forward pass, so the CSE
+  # barriers (slower) are only needed in the unrolled loop.
+  return nn.remat(layer_cls, policy=checkpoint_policy, static_argnums=(5, 6, 7, 9),
+                  prevent_cse=not scanned)
 
 
 def combine_aux(per_layer: Dict[int, Dict[str, jax.Array]]) -> Dict[str, jax.Array]:
@@ -96,10 +131,27 @@ class Decoder(nn.Module):
         cfg.vocab_size, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                     ('vocab', 'embed')))
-    moe_layers = set(cfg.moe_layer_indices())
-    layer_cls = _remat(DecoderLayer, cfg.remat)
-    self.layers = [layer_cls(cfg, use_moe=i in moe_layers, name=f'layers_{i}')
-                   for i in range(cfg.num_layers)]
+    kinds = cfg.layer_kinds()
+    period = cfg.scan_period()
+    if cfg.scan_layers and period is None:
+      logging.warning('DecoderConfig.scan_layers: the MoE layers %s repeat with no period '
+                      'shorter than the %d layers; running the layers as a loop',
+                      cfg.moe_layer_indices(), cfg.num_layers)
+    if period is None:
+      layer_cls = _remat(DecoderLayer, cfg.remat, scanned=False)
+      self.layers = [layer_cls(cfg, use_moe=kind, name=f'layers_{i}')
+                     for i, kind in enumerate(kinds)]
+      self.stacked_layers = None
+    else:
+      self.layers = []
+      self.stacked_layers = nn.scan(
+          _remat(DecoderBlock, cfg.remat, scanned=True),
+          variable_axes={'params': 0, 'cache': 0},
+          split_rngs={'params': True, 'dropout': True},
+          in_axes=(nn.broadcast,) * 8,
+          length=cfg.num_layers // period,
+          metadata_params={nn.PARTITION_NAME: layer_stacking.LAYERS_AXIS},
+      )(cfg, kinds[:period], name=layer_stacking.STACKED)
     self.decoder_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype)
     self.logits_dense = LoRADense((cfg.embed_dim,), (cfg.vocab_size,), ('embed', 'vocab'),
                                   dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
@@ -173,6 +225,14 @@ class Decoder(nn.Module):
                      prefill_lengths, max_decode_length)
       if aux:
         per_layer[i] = aux
+    if self.stacked_layers is not None:
+      x, stacked_aux = self.stacked_layers(x, positions, mask, padding_mask, deterministic,
+                                           decode, prefill, prefill_lengths, max_decode_length)
+      period = self.config.scan_period()
+      for r, aux in stacked_aux.items():  # Each leaf `[num_layers / period, ...]`.
+        for j in range(self.config.num_layers // period):
+          per_layer[j * period + int(r)] = jax.tree_util.tree_map(lambda a, j=j: a[j], aux)
+      per_layer = dict(sorted(per_layer.items()))
     x = self.decoder_norm(x)
     logits = self.logits_dense(x).astype(jnp.float32)
     logits = partitioning.with_sharding_constraint(
@@ -184,7 +244,8 @@ class Decoder(nn.Module):
     """A zero cache for `batch` rows of up to `max_length` positions (no parameters built).
 
     Returns the 'cache' collection (`{'layers_i': {'attention': {cached_key, cached_value,
-    cache_index}}}`, leaves boxed with their logical axes); pass it as
+    cache_index}}}`, or `{'stacked_layers': {'offset_r': ...}}` with a leading 'layers' axis
+    when the layers are scanned; leaves boxed with their logical axes); pass it as
     `apply({'params': p, 'cache': cache}, ..., prefill=True, mutable=['cache'])`.
     """
     def make():

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import checkpoint
+from unimoe_jax import layer_stacking
 from unimoe_jax.config import DecoderConfig
 from unimoe_jax.decoder import Decoder
 from unimoe_jax.model import UniMoE, UniMoEConfig
@@ -98,6 +99,7 @@ def restore_model(checkpoint_dir: str, dtype: str = 'float32'
   cfg = with_dtype(model_config_from_gin(gin_text), dtype)
   if 'decoder' not in params:
     params = {'decoder': params}
+  params = layer_stacking.to_config_layout(params, cfg.decoder)
   params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, cfg.decoder.weight_dtype), params)
   return cfg, params
 
@@ -153,6 +155,7 @@ def score_text(checkpoint_dir: str, text: str, vocab_path: Optional[str] = None,
   from unimoe_jax.data.vocabulary import get_vocabulary  # pylint: disable=g-import-not-at-top
   params, gin_text = checkpoint.restore(checkpoint_dir)
   cfg = dataclasses.replace(decoder_config_from_gin(gin_text), dtype=dtype, param_dtype=dtype)
+  params = layer_stacking.to_config_layout(params, cfg)
   vocab_path = vocab_path or checkpoint.tokenizer_path(checkpoint_dir)
   if vocab_path is None:
     raise FileNotFoundError(f'{checkpoint_dir} has no {checkpoint.TOKENIZER_FILE}; pass --vocab')

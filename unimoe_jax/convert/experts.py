@@ -5,7 +5,9 @@ of `layers_i/moe/{wi_0,wi_1,wo}/kernel` (`[expert, embed, mlp]`, `[expert, mlp, 
 sources are listed in expert order; `'base'` takes the FFN of the base (stage-1) model, for
 configurations with more experts than modalities. Everything that is not an FFN comes from the
 base model. The router is not written: stage 3 initialises it (a missing parameter keeps its
-initialisation when the checkpoint is restored).
+initialisation when the checkpoint is restored). Sources in the scanned layout
+(`layer_stacking.py`) are read through the looped one, and the result is looped: it restores
+into a model of either layout.
 """
 
 import re
@@ -13,6 +15,8 @@ from typing import Any, Dict, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
+
+from unimoe_jax import layer_stacking
 
 FFN_KERNELS = ('wi_0', 'wi_1', 'wo')
 _MLP = re.compile(r'^layers_(\d+)$')
@@ -34,6 +38,9 @@ def assemble_experts(base: Mapping[str, Any], experts: Sequence[Mapping[str, Any
     ValueError naming the expert and tensor when an FFN is missing or shapes differ.
   """
   names = list(names) or [f'expert {e}' for e in range(len(experts))]
+  # Inputs may hold scanned layers; the result is looped, which loads into either layout.
+  base = layer_stacking.to_looped(base)
+  experts = [layer_stacking.to_looped(params) for params in experts]
   if 'decoder' not in base:
     raise ValueError('base params have no "decoder"')
   out = traverse_util.flatten_dict(dict(base))

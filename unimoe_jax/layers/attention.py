@@ -5,6 +5,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from unimoe_jax import partitioning
 from unimoe_jax.config import LoRAConfig
@@ -94,12 +95,13 @@ class Attention(nn.Module):
       return LoRADense(in_shape, out_shape, axes, lora=lora_targets(self.lora, name),
                        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
-    q = proj('query', (embed,), (self.num_heads, self.head_dim),
-             ('embed', 'heads', 'head_dim'))(x, deterministic)
-    k = proj('key', (embed,), (self.num_kv_heads, self.head_dim),
-             ('embed', 'kv_heads', 'head_dim'))(x, deterministic)
-    v = proj('value', (embed,), (self.num_kv_heads, self.head_dim),
-             ('embed', 'kv_heads', 'head_dim'))(x, deterministic)
+    # The names let the 'projections' remat policy keep these outputs (config.REMAT_SAVED_NAMES).
+    q = checkpoint_name(proj('query', (embed,), (self.num_heads, self.head_dim),
+                             ('embed', 'heads', 'head_dim'))(x, deterministic), 'query_proj')
+    k = checkpoint_name(proj('key', (embed,), (self.num_kv_heads, self.head_dim),
+                             ('embed', 'kv_heads', 'head_dim'))(x, deterministic), 'key_proj')
+    v = checkpoint_name(proj('value', (embed,), (self.num_kv_heads, self.head_dim),
+                             ('embed', 'kv_heads', 'head_dim'))(x, deterministic), 'value_proj')
     q = rotary_embedding(q, positions, self.rope_theta)
     k = rotary_embedding(k, positions, self.rope_theta)
     if prefill:
@@ -132,8 +134,9 @@ class Attention(nn.Module):
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     out = partitioning.with_sharding_constraint(
         out, ('activation_batch', 'activation_length', 'activation_heads', None))
-    return proj('out', (self.num_heads, self.head_dim), (embed,),
-                ('heads', 'head_dim', 'embed'))(out, deterministic)
+    return checkpoint_name(proj('out', (self.num_heads, self.head_dim), (embed,),
+                                ('heads', 'head_dim', 'embed'))(out, deterministic),
+                           'attention_out')
 
   def _cache(self, batch: int, max_length: int):
     shape = (batch, max_length, self.num_kv_heads, self.head_dim)

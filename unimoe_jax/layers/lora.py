@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unimoe_jax import layer_stacking
 from unimoe_jax.config import LoRAConfig
 
 Initializer = Callable[..., jax.Array]
@@ -129,13 +130,25 @@ def merge_lora(params: Any, scale: float) -> Any:
 
   `scale` is `LoRAConfig.scale` (alpha / rank). Plain kernels get `tensordot(a, b)`; stacked
   expert kernels `[expert, in, out]` get a per-expert product. The result is applied with a
-  config whose `lora` is None.
+  config whose `lora` is None. Scanned decoder layers (`layer_stacking.py`) are merged per
+  layer and come back stacked as they went in.
   """
+  stacked = {v for v in layer_stacking.decoder_layouts(params).values() if v is not None}
+  if not stacked:
+    return _merge_looped(params, scale)
+  if len(stacked) != 1:
+    raise ValueError(f'merge_lora: decoders stacked in different ways: {sorted(stacked)}')
+  period, blocks = stacked.pop()
+  merged = _merge_looped(layer_stacking.to_looped(params), scale)
+  return layer_stacking.to_stacked(merged, period, period * blocks)
+
+
+def _merge_looped(params: Any, scale: float) -> Any:
   if not isinstance(params, dict):
     return params
   out = {}
   for name, value in params.items():
-    out[name] = merge_lora(value, scale) if isinstance(value, dict) else value
+    out[name] = _merge_looped(value, scale) if isinstance(value, dict) else value
   if 'lora_a' in out and 'lora_b' in out and 'kernel' in out:
     a, b, kernel = out.pop('lora_a'), out.pop('lora_b'), out['kernel']
     if kernel.ndim == a.ndim + b.ndim - 2:

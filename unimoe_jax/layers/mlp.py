@@ -5,6 +5,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from unimoe_jax import partitioning
 from unimoe_jax.config import LoRAConfig
@@ -28,9 +29,13 @@ class SwiGLU(nn.Module):
     dense = lambda name, i, o, axes: LoRADense(  # pylint: disable=g-long-lambda
         (i,), (o,), axes, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
         name=name)
-    gate = dense('wi_0', embed, self.mlp_dim, ('embed', 'mlp'))(x, deterministic)
-    up = dense('wi_1', embed, self.mlp_dim, ('embed', 'mlp'))(x, deterministic)
+    # The names let the 'projections' remat policy keep these outputs (config.REMAT_SAVED_NAMES).
+    gate = checkpoint_name(dense('wi_0', embed, self.mlp_dim, ('embed', 'mlp'))(x, deterministic),
+                           'mlp_wi_0')
+    up = checkpoint_name(dense('wi_1', embed, self.mlp_dim, ('embed', 'mlp'))(x, deterministic),
+                         'mlp_wi_1')
     h = nn.silu(gate) * up
     h = partitioning.with_sharding_constraint(
         h, ('activation_batch', 'activation_length', 'activation_mlp'))
-    return dense('wo', self.mlp_dim, embed, ('mlp', 'embed'))(h, deterministic)
+    return checkpoint_name(dense('wo', self.mlp_dim, embed, ('mlp', 'embed'))(h, deterministic),
+                           'mlp_wo')

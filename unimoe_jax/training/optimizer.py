@@ -11,13 +11,15 @@ Paths are '/'-joined keys of the params tree without the 'params' collection nam
 
 import dataclasses
 import re
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gin
 import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
+
+from unimoe_jax import layer_stacking
 
 Params = Dict[str, Any]
 
@@ -90,25 +92,54 @@ def _matches(patterns: Sequence[str], path: str) -> bool:
   return any(re.fullmatch(p, path) for p in patterns)
 
 
+def _layer_names(params: Params) -> Dict[Tuple[str, ...], List[str]]:
+  """Leaf key -> the looped paths it holds (one, or one per layer for a stacked leaf)."""
+  flat = traverse_util.flatten_dict(params)
+  names = {}
+  for key, value in flat.items():
+    layout = layer_stacking.stacked_leaf_layout(params, key)
+    names[key] = ([path_of(key)] if layout is None else
+                  layer_stacking.looped_paths(key, *layout))
+  return names
+
+
 def trainable_mask(params: Params, trainable: Sequence[str] = ('.*',),
                    frozen: Sequence[str] = ()) -> Params:
   """A tree of bools like `params`: True where a path matches `trainable` and not `frozen`.
+
+  Patterns read looped paths (`decoder/layers_3/moe/router`) whatever the layout: a stacked
+  leaf of scanned layers (`decoder/stacked_layers/offset_1/moe/router`, see
+  layer_stacking.py) is matched through the looped paths of the layers it holds
+  (`decoder/layers_1/...`, `decoder/layers_3/...`, ...), and is trainable when all of them are;
+  a pattern that selects only some of its layers is an error (one array cannot be half
+  frozen: scan off, or select whole kinds of layers). The stacked path itself matches too.
 
   Raises ValueError when a pattern matches no parameter (a typo would otherwise freeze or
   train the wrong thing silently) or when nothing is left trainable.
   """
   flat = traverse_util.flatten_dict(params)
-  paths = {key: path_of(key) for key in flat}
+  names = _layer_names(params)
   for kind, patterns in (('trainable', trainable), ('frozen', frozen)):
     for pattern in patterns:
       try:
         compiled = re.compile(pattern)
       except re.error as e:
         raise ValueError(f'{kind} pattern {pattern!r} is not a regular expression: {e}') from e
-      if not any(compiled.fullmatch(p) for p in paths.values()):
+      if not any(compiled.fullmatch(p) for key in flat for p in names[key] + [path_of(key)]):
+        shown = sorted(p for ps in names.values() for p in ps)[:4]
         raise ValueError(f'{kind} pattern {pattern!r} matches no parameter; paths look like '
-                         f'{sorted(paths.values())[:4]}')
-  mask = {key: _matches(trainable, p) and not _matches(frozen, p) for key, p in paths.items()}
+                         f'{shown}')
+
+  def selected(key, patterns):
+    hits = [_matches(patterns, p) for p in names[key]]
+    if len(hits) > 1 and any(hits) and not all(hits) and not _matches(patterns, path_of(key)):
+      chosen = [p for p, hit in zip(names[key], hits) if hit]
+      raise ValueError(f'patterns {list(patterns)} select {chosen} but not the other layers '
+                       f'stacked with them in {path_of(key)} (scanned layers share one array); '
+                       'select all of them, or set DecoderConfig.scan_layers = False')
+    return all(hits) or _matches(patterns, path_of(key))
+
+  mask = {key: selected(key, trainable) and not selected(key, frozen) for key in flat}
   if not any(mask.values()):
     raise ValueError(f'no parameter is trainable (trainable={list(trainable)}, '
                      f'frozen={list(frozen)})')
@@ -131,10 +162,21 @@ def merge_params(trainable: Params, frozen: Params) -> Params:
 
 
 def weight_decay_mask(params: Params, patterns: Sequence[str]) -> Params:
-  """True for leaves that take weight decay: matrices matching `patterns` (no norms, biases)."""
+  """True for leaves that take weight decay: matrices matching `patterns` (no norms, biases).
+
+  A stacked leaf of scanned layers is read per layer: its leading 'layers' axis does not make
+  a norm scale a matrix, and the patterns see its looped paths (as in `trainable_mask`).
+  """
   flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict(
-      {k: (jnp.ndim(v) > 1 and _matches(patterns, path_of(k))) for k, v in flat.items()})
+  out = {}
+  for k, v in flat.items():
+    layout = layer_stacking.stacked_leaf_layout(params, k)
+    if layout is None:
+      out[k] = jnp.ndim(v) > 1 and _matches(patterns, path_of(k))
+    else:
+      out[k] = jnp.ndim(v) > 2 and all(
+          _matches(patterns, p) for p in layer_stacking.looped_paths(k, *layout))
+  return traverse_util.unflatten_dict(out)
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int

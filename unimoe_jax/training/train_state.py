@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from unimoe_jax import layer_stacking
 from unimoe_jax import models
 from unimoe_jax import partitioning
 from unimoe_jax.training import optimizer as optimizer_lib
@@ -136,9 +137,11 @@ def load_params_into(state: TrainState, shardings: TrainState, loaded: Params,
   Parameters the checkpoint lacks keep their fresh initialisation (e.g. LoRA matrices and the
   router when stage 3 starts from assembled experts); their paths are returned. A parameter
   the model does not have, or one whose shape differs, is an error naming it, raised before
-  anything is replaced.
+  anything is replaced. The checkpoint may hold the decoder layers looped or scanned
+  (`layer_stacking.py`); they are converted to the model's layout first.
   """
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  loaded = layer_stacking.match_layout(loaded, state.params)
   current = traverse_util.flatten_dict(state.params)
   target_shardings = traverse_util.flatten_dict(shardings.params)
   new = traverse_util.flatten_dict(loaded)
