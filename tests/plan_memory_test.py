@@ -12,9 +12,29 @@ import pytest
 
 from unimoe_jax import config as config_lib
 from unimoe_jax import models
+from unimoe_jax import partitioning
 from unimoe_jax.model import UniMoEConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _expected_param_bytes(rules, mesh_sizes):
+  """Per-device float32 bytes of the params of models/tiny.gin + models/moe_4e_top2.gin under
+  `rules`: each leaf divided by the sizes of the mesh axes its logical names map to."""
+  cfg = UniMoEConfig(decoder=config_lib.named(
+      'tiny', moe=config_lib.MoEConfig(num_experts=4, num_experts_per_tok=2)))
+  shapes = {k: (2, 8) for k in ('decoder_input_tokens', 'decoder_target_tokens',
+                                'decoder_loss_weights')}
+  boxed = jax.eval_shape(lambda: models.UniMoEModel(cfg).get_initial_variables(
+      jax.random.PRNGKey(0), shapes))['params']
+  total = 0
+  for leaf in jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+    parts = 1
+    for entry in partitioning.logical_to_mesh_spec(leaf.names, rules):
+      for axis in (entry if isinstance(entry, tuple) else (entry,) if entry else ()):
+        parts *= mesh_sizes[axis]
+    total += 4 * int(np.prod(leaf.value.shape)) // parts
+  return total
 
 
 def _expected_param_counts():
@@ -32,7 +52,11 @@ def _expected_param_counts():
 
 
 @pytest.mark.slow  # a subprocess that compiles a training step: ~20-40 s on 2 cores
-def test_tiny_moe_plan(tmp_path):
+# Off: gin turns FSDP on and the flag turns it off again (the flag wins), as for the 7B files.
+@pytest.mark.parametrize('fsdp_flags', [
+    ['--gin.partitioning.logical_axis_rules.fsdp=True', '--no_fsdp'], ['--fsdp']],
+                         ids=['no_fsdp', 'fsdp'])
+def test_tiny_moe_plan(tmp_path, fsdp_flags):
   out = tmp_path / 'plan.json'
   env = dict(os.environ)
   # A wrong device count on purpose: the tool must re-execute itself with the mesh's 8.
@@ -42,21 +66,30 @@ def test_tiny_moe_plan(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, 'tools', 'plan_memory.py'),
        '--gin_file=models/tiny.gin', '--gin_file=models/moe_4e_top2.gin', '--mesh=2,4,1',
-       '--batch_size=8', '--seq_len=32', f'--json_out={out}'],
+       '--batch_size=8', '--seq_len=32', f'--json_out={out}'] + fsdp_flags,
       env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-3000:]
   table = proc.stdout
   for label in ('parameters', 'optimizer state', 'XLA arguments', 'XLA temporaries', 'peak'):
     assert label in table, table
   assert 'mesh data=2 expert=4 model=1 (8 devices)' in table
+  fsdp = fsdp_flags == ['--fsdp']
+  assert ('FSDP on' if fsdp else 'FSDP off') in table
   r = json.loads(out.read_text())
   assert r['num_devices'] == 8 and r['mesh'] == {'data': 2, 'expert': 4, 'model': 1}
+  assert r['fsdp'] == fsdp
 
   total, expert = _expected_param_counts()
   assert expert > 0 and r['num_params'] == total
-  # model=1: only the expert axis splits parameters (4 ways); float32 = 4 bytes.
-  expected = 4 * ((total - expert) + expert // 4)
+  if fsdp:  # Every weight with an 'embed' axis is split 8 ways (data x expert, or both).
+    expected = _expected_param_bytes(partitioning.FSDP_LOGICAL_AXIS_RULES, r['mesh'])
+    assert expected < 4 * total / 7
+  else:  # model=1: only the expert axis splits parameters (4 ways); float32 = 4 bytes.
+    expected = 4 * ((total - expert) + expert // 4)
+    assert expected == _expected_param_bytes(partitioning.LOGICAL_AXIS_RULES, r['mesh'])
   assert r['params_bytes'] == pytest.approx(expected, rel=1e-6)
+  print(f"\nFSDP {'on' if fsdp else 'off'}: params {r['params_bytes']}, optimizer state "
+        f"{r['opt_state_bytes']}, temporaries {r['xla_temp_bytes']} bytes per device")
   assert f"{r['params_bytes']:,d}" in table
   # Adam: mu and nu like the params, plus a few scalar counters (tolerance 64 bytes).
   assert abs(r['opt_state_bytes'] - 2 * r['params_bytes']) <= 64

@@ -12,6 +12,12 @@ allocated, so the paper's 7B configurations plan on a laptop:
   python tools/plan_memory.py --gin_file=models/tiny.gin --gin_file=models/moe_4e_top2.gin \
       --mesh=2,4,1 --batch_size=8 --seq_len=64
 
+FSDP (parameters and optimizer state split over the batch axes, partitioning.py) follows the
+gin switch `partitioning.logical_axis_rules.fsdp`, which the 7B model files turn on; `--fsdp` /
+`--no_fsdp` override it, so the same file plans both ways:
+
+  python tools/plan_memory.py --gin_file=models/unimoe_7b_4e.gin --no_fsdp
+
 The model is the decoder alone (a text batch: the towers and connectors of the multimodal
 model are small next to a 7B decoder and run once per media item); parameters keep their
 gin dtypes (7B files: float32 weights, bfloat16 compute). The tool sets
@@ -50,6 +56,12 @@ def _parse_args(argv):
                            'else all)')
   parser.add_argument('--mesh', default=None,
                       help="'data,expert,model' sizes, overriding gin's MESH")
+  fsdp = parser.add_mutually_exclusive_group()
+  fsdp.add_argument('--fsdp', dest='fsdp', action='store_true', default=None,
+                    help='shard parameters and optimizer state over data (x expert): binds '
+                         'partitioning.logical_axis_rules.fsdp = True (default: as gin says)')
+  fsdp.add_argument('--no_fsdp', dest='fsdp', action='store_false',
+                    help='binds partitioning.logical_axis_rules.fsdp = False')
   parser.add_argument('--json_out', default=None, help='also write the numbers as JSON here')
   from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
   rest, bindings = gin_utils.split_gin_args(argv)
@@ -64,6 +76,8 @@ def _parse_gin(args):
   bindings = list(args.gin_bindings)
   if args.num_layers is not None:
     bindings.append(f'config.DecoderConfig.num_layers = {args.num_layers}')
+  if args.fsdp is not None:
+    bindings.append(f'partitioning.logical_axis_rules.fsdp = {args.fsdp}')
   # The configurables the model files bind.
   import importlib  # pylint: disable=g-import-not-at-top
   for module in ('config', 'model', 'models', 'partitioning', 'training.optimizer',
@@ -189,6 +203,8 @@ def plan(args) -> dict:
       'num_devices': int(mesh.devices.size),
       'batch_size': batch, 'seq_len': length,
       'num_layers': decoder.num_layers,
+      'scan_layers': bool(getattr(decoder, 'scan_layers', False)),
+      'fsdp': partitioning.logical_axis_rules() == partitioning.FSDP_LOGICAL_AXIS_RULES,
       'num_params': num_params, 'num_trainable_params': num_trainable,
       'trainable_patterns': list(patterns),
       'params_bytes': _per_device_bytes(state.params),
@@ -210,7 +226,8 @@ def print_table(r: dict) -> None:
   mesh = ' '.join(f'{k}={v}' for k, v in r['mesh'].items())
   print(f"plan_memory: {' + '.join(r['gin_files'])}")
   print(f"  mesh {mesh} ({r['num_devices']} devices); batch {r['batch_size']} x {r['seq_len']} "
-        f"tokens; {r['num_layers']} layers")
+        f"tokens; {r['num_layers']} layers{' (scanned)' if r['scan_layers'] else ''}; "
+        f"FSDP {'on' if r['fsdp'] else 'off'}")
   print(f"  parameters {r['num_params']:,d} ({r['num_trainable_params']:,d} trainable: "
         f"{', '.join(r['trainable_patterns'])})")
   print('  per device                       bytes')
