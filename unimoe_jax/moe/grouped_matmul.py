@@ -18,6 +18,11 @@ Backends (all with forward and backward, checked against 'ragged_dot' in tests):
               hand-written: `gmm` with the weights transposed for dx and a transposed grouped
               matmul (tgmm) for dw, as megablox does.
   megablox    `jax.experimental.pallas.ops.tpu.megablox.gmm` (TPU; `interpret=True` on CPU).
+              Callers that do not pass `interpret` (the MoE layer, `MoEConfig.gmm_backend=
+              'megablox'`) run it on CPU under JAX's own switch,
+              `with jax.experimental.pallas.tpu.force_tpu_interpret_mode(): ...`, which
+              interprets every pallas_call traced inside it (TPU interpret mode) and is part
+              of jit's cache key (tests/moe_megablox_test.py).
   mgpu        `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` with
               `transposed_ragged_dot_mgpu` for dw (Mosaic GPU, Hopper only).
 """
@@ -296,8 +301,12 @@ def _megablox_gmm(x, w, group_sizes, group_offset, transpose_rhs, interpret):
   padded = _round_up(m, row_tile)
   tiling = (row_tile, _megablox_lane_tile(k), _megablox_lane_tile(n))
   sharded = w.shape[0] != group_sizes.shape[0]
-  # megablox leaves rows outside this shard's groups (and past sum(group_sizes)) unwritten,
-  # in the output and in its dx: zero both.
+  # Rows outside this shard's groups and past sum(group_sizes) must come out zero, in the
+  # output and in dx. megablox does not promise that: a row past the sum keeps whatever the
+  # buffer held (NaN in the generic Pallas interpreter; in TPU interpret mode NaN, or finite
+  # garbage that is no group's product when a group shares its row tile), and jax 0.10.2
+  # zeroes only the rows of other shards' groups (`_zero_uninitialized_memory`, sharded
+  # calls only). Mask both; tests/grouped_matmul_test.py fails without either mask.
   lo, hi = _shard_rows(group_sizes, group_offset, w.shape[0])
   x = jnp.pad(_keep_rows_grad(x, lo, hi), ((0, padded - m), (0, 0)))
   out = megablox.gmm(x, w, group_sizes, x.dtype, tiling,
