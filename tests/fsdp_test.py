@@ -1,10 +1,12 @@
 """FSDP: `partitioning.logical_axis_rules.fsdp = True` shards parameters and optimizer state.
 
 On the 8 test devices (data=2 x expert=4, and data=8): where every parameter kind goes, the gin
-switch reaching our trainer's and t5x's rules, the error for a size the mesh does not divide,
-per-device bytes of the train state, loss and gradients equal to one device's (loop and
-scanned decoder), and the compiled HLO of a scanned decoder all-gathering one layer's weights
-at a time.
+switch reaching our trainer's and t5x's rules (t5x's MoE partitioner too where t5x is
+installed), the error for a size the mesh does not divide, per-device bytes of the train
+state, the 7B gin files (FSDP and scan on, every parameter divides their 32-chip mesh, the
+per-chip bytes they quote), loss and gradients equal to one device's (loop and scanned
+decoder), and the compiled HLO of a scanned decoder all-gathering one layer's weights at a
+time, with a negative control and the temporaries against depth.
 """
 
 import dataclasses
@@ -241,6 +243,59 @@ def test_train_state_bytes_per_device_with_and_without_fsdp():
   assert 0 <= opt_off - 2 * params_off <= 64
   print(f'\ntiny MoE+LoRA, data=8: params {params_off} -> {params_on} bytes/device, '
         f'Adam state {opt_off} -> {opt_on}')
+
+
+def _per_device_bytes_on(mesh_config, abstract, rules):
+  """Per-device bytes of a boxed abstract tree on a mesh of `mesh_config`'s sizes, from the
+  rules alone (no devices needed); raises if a sharded dimension does not divide."""
+  sizes = dict(zip(partitioning.MESH_AXES, (mesh_config.data, mesh_config.expert,
+                                             mesh_config.model)))
+  total = 0
+  for leaf in jax.tree_util.tree_leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+    shape = list(leaf.value.shape)
+    for dim, entry in enumerate(partitioning.logical_to_mesh_spec(leaf.names, rules)):
+      parts = int(np.prod([sizes[a] for a in partitioning._mesh_axes_of(entry)] or [1]))  # pylint: disable=protected-access
+      assert shape[dim] % parts == 0, (leaf.names, leaf.value.shape, entry)
+      shape[dim] //= parts
+    total += int(np.prod(shape)) * leaf.value.dtype.itemsize
+  return total
+
+
+@pytest.mark.parametrize('experts', [4, 8])
+def test_7b_files_turn_on_fsdp_and_scan_and_divide_their_mesh(experts):
+  """gin/models/unimoe_7b_{4e,8e}.gin: FSDP and scanned layers on; every parameter of the
+  full multimodal model (towers too) divides the file's 32-chip mesh; the decoder's
+  per-chip bytes are the figures the files quote (tools/plan_memory.py)."""
+  import unimoe_jax  # pylint: disable=g-import-not-at-top
+  from unimoe_jax import models  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    for path in unimoe_jax.gin_search_paths():
+      gin.add_config_file_search_path(path)
+    gin.parse_config_files_and_bindings(
+        [f'models/unimoe_7b_{experts}e.gin', 'models/multimodal.gin'], [])
+    rules = partitioning.logical_axis_rules()
+    model_config = gin.query_parameter('%MODEL_CONFIG').scoped_configurable_fn()
+    mesh_config = gin.query_parameter('%MESH').scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+  assert rules == FSDP and model_config.decoder.scan_layers
+  assert model_config.decoder.moe.num_experts == experts
+  assert mesh_config.data * mesh_config.expert * mesh_config.model == 32
+  shapes = {k: (16, 64) for k in ('decoder_input_tokens', 'decoder_target_tokens',
+                                  'decoder_loss_weights')}
+
+  def abstract(config):
+    return jax.eval_shape(lambda: models.UniMoEModel(config).get_initial_variables(
+        jax.random.PRNGKey(0), shapes))['params']
+  _per_device_bytes_on(mesh_config, abstract(model_config), FSDP)  # Every parameter divides.
+  decoder = abstract(UniMoEConfig(decoder=model_config.decoder))
+  on = _per_device_bytes_on(mesh_config, decoder, FSDP)
+  off = _per_device_bytes_on(mesh_config, decoder, PLAIN)
+  # tools/plan_memory.py --gin_file=models/unimoe_7b_{4e,8e}.gin [--no_fsdp], all 32 layers.
+  assert (on, off) == {4: (2_496_151_552, 13_534_117_888),
+                       8: (4_663_689_216, 13_536_215_040)}[experts], (on, off)
 
 
 # ---- loss and gradients ---------------------------------------------------------------------
