@@ -459,10 +459,11 @@ _CALLED = re.compile(r'\b(?:body|condition|to_apply|calls|true_computation|false
 _BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
 
 
-def parse_hlo(hlo: str):
-  """(all-gathers, computations inside a while loop) of a compiled module's text.
+def parse_hlo(hlo: str, op: str = 'all-gather'):
+  """(`op`s, computations inside a while loop) of a compiled module's text.
 
-  Each all-gather is (computation, [(dtype, dims)] of its output, bytes of its output).
+  Each op is (computation, [(dtype, dims)] of its output, bytes of its output), `op` an HLO
+  collective ('all-gather', 'all-reduce', 'reduce-scatter').
   A computation is inside a loop when a while's body (or condition) reaches it by calls.
   """
   computation, calls, bodies, gathers = None, {}, set(), []
@@ -480,11 +481,11 @@ def parse_hlo(hlo: str):
     calls[computation] |= called
     if re.search(r'\bwhile\(', line):
       bodies |= called
-    op = re.search(r'=\s*(.+?)\s+all-gather(-start)?\(', line)
-    if op:
+    found = re.search(r'=\s*(.+?)\s+' + op + r'(-start)?\(', line)
+    if found:
       shapes = [(d, tuple(int(x) for x in dims.split(',') if x))
-                for d, dims in _SHAPE.findall(op.group(1))]
-      if op.group(2):  # An async start's output holds its operands, then its results.
+                for d, dims in _SHAPE.findall(found.group(1))]
+      if found.group(2) and op == 'all-gather':  # Its async start's output: operands, results.
         shapes = shapes[len(shapes) // 2:]
       size = sum(_DTYPE_BYTES[d] * int(np.prod(dims, dtype=np.int64)) for d, dims in shapes)
       gathers.append((computation, shapes, size))
@@ -538,10 +539,11 @@ def compile_grad(cfg, mesh, rules=FSDP, gather_everything_first=False):
 def one_layer_at_a_time_violations(compiled, abstract, shardings, mesh, num_layers):
   """What breaks 'all-gathers carry one layer's weights at a time', as a list of strings.
 
-  (1) An all-gather whose output is larger than one layer's weights. (2) A stacked weight
-  with an 'embed' axis with no all-gather of its one-layer slice (per-device, after the
-  gather) inside a while loop. (3) An all-gather with as many elements as a stacked weight
-  whole, or its gathered per-device share of all layers. Also returns the numbers printed.
+  (1) An all-gather (or a gradient's all-reduce / reduce-scatter) whose output is larger
+  than one layer's weights. (2) A stacked weight with an 'embed' axis with no all-gather of
+  its one-layer slice (per-device, after the gather) inside a while loop. (3) An all-gather
+  with as many elements as a stacked weight whole, or its gathered per-device share of all
+  layers. Also returns the numbers printed.
   """
   gathers, in_loop = parse_hlo(compiled.as_text())
   leaves = flat(abstract)
@@ -573,9 +575,17 @@ def one_layer_at_a_time_violations(compiled, abstract, shardings, mesh, num_laye
     for _, shapes, _ in gathers:
       if any(int(np.prod(d)) in (whole, gathered * num_layers) for _, d in shapes):
         out.append(f'{path} {leaf.shape}: gathered whole as {shapes}')
+  # Gradients: XLA:CPU reduces them with all-reduce + slice (TPU / GPU passes turn that into
+  # reduce-scatter); either way one layer's at a time.
+  hlo = compiled.as_text()
+  reductions = [size for op in ('all-reduce', 'reduce-scatter') for _, _, size in
+                parse_hlo(hlo, op)[0]]
+  largest_reduction = max(reductions, default=0)
+  if largest_reduction > layer_bytes:
+    out.append(f'a gradient reduction of {largest_reduction} bytes > one layer\'s weights')
   stats = {'gathers': len(gathers), 'in_loop': sum(c in in_loop for c, _, _ in gathers),
-           'largest': largest, 'layer_bytes': layer_bytes,
-           'checked': sum('embed' in tuple(names[k]) for k in stacked)}
+           'largest': largest, 'largest_reduction': largest_reduction,
+           'layer_bytes': layer_bytes, 'checked': sum('embed' in tuple(names[k]) for k in stacked)}
   return out, stats
 
 
