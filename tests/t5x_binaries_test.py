@@ -273,10 +273,10 @@ initializer = utils.TrainStateInitializer(
     input_shapes=shapes, partitioner=partitioner)
 axes = initializer.train_state_axes
 print('MESH', dict(partitioner.mesh.shape))
-for layer in ('layers_0', 'layers_31'):
-  moe = axes.params['decoder'][layer]['moe']
-  for name in ('wi_0', 'wi_1', 'wo'):
-    print('SPEC', layer, name, tuple(moe[name]['kernel']))
+# The 7B files scan their layers: one stacked leaf [32, expert, in, out] per kernel.
+moe = axes.params['decoder']['stacked_layers']['offset_0']['moe']
+for name in ('wi_0', 'wi_1', 'wo'):
+  print('SPEC', 'stacked', name, tuple(moe[name]['kernel']))
 print('EXPERTS', model.config.decoder.moe.num_experts)
 """
 
@@ -295,9 +295,11 @@ def test_7b_files_put_experts_on_the_expert_axis_under_t5x(env, experts, mesh):
   assert f"MESH {{'data': {data}, 'expert': {expert}, 'model': {model}}}" in output, output[-3000:]
   assert f'EXPERTS {experts}' in output
   specs = re.findall(r'SPEC (\S+) (\S+) (.*)', output)
-  assert len(specs) == 6
+  assert len(specs) == 3
   for layer, name, spec in specs:
-    want = "('expert', 'model', None)" if name == 'wo' else "('expert', None, 'model')"
+    # Stacked on the replicated 'layers' axis; FSDP (on in the 7B files) splits 'embed' over data.
+    want = ("(None, 'expert', 'model', 'data')" if name == 'wo'
+            else "(None, 'expert', 'data', 'model')")
     assert spec == want, (layer, name, spec)
 
 
