@@ -1,6 +1,7 @@
 """Manifest source: a tiny manifest + media written in tmp, read through manifest_dataset and the
 seqio source; error policies; drop_too_long."""
 
+import dataclasses
 import io
 import json
 import os
@@ -122,11 +123,21 @@ def test_manifest_dataset_shapes_dtypes_and_content(data):
   np.testing.assert_array_equal(
       examples[1]['speech_features'][0],
       audio_lib.whisper_log_mel(audio_lib.load_audio(root / 'sounds/tone.wav'), 80))
-  fbank = audio_lib.beats_fbank(audio_lib.load_audio(root / 'sounds/short.wav'))
-  assert fbank.shape[0] == 28  # 0.3 s: fewer frames than AUDIO_FRAMES, so padded
-  np.testing.assert_array_equal(examples[2]['audio_feature_mask'][0], np.arange(64) < 28)
-  np.testing.assert_array_equal(examples[2]['audio_features'][0, :28], fbank)
-  assert not examples[2]['audio_features'][0, 28:].any()
+  wave = audio_lib.load_audio(root / 'sounds/short.wav')
+  assert len(wave) == 4800  # 0.3 s: fewer frames than AUDIO_FRAMES, so padded
+  # Default audio_padding 'official': the fbank of the wave edge-padded to 480000 samples, True
+  # on the 30 frames that start on a real sample.
+  fbank, _ = audio_lib.beats_chunk_features(wave, 'official', AUDIO_FRAMES)
+  np.testing.assert_array_equal(examples[2]['audio_feature_mask'][0], np.arange(64) < 30)
+  np.testing.assert_array_equal(examples[2]['audio_features'][0], fbank)
+  # 'masked': the fbank of the wave itself (28 frames), zero padded.
+  masked = manifest_lib.load_example(GOOD[2], 3, dataclasses.replace(config,
+                                                                     audio_padding='masked'))
+  fbank = audio_lib.beats_fbank(wave)
+  assert fbank.shape[0] == 28
+  np.testing.assert_array_equal(masked['audio_feature_mask'][0], np.arange(64) < 28)
+  np.testing.assert_array_equal(masked['audio_features'][0, :28], fbank)
+  assert not masked['audio_features'][0, 28:].any()
   # voice as speech: the official "<audio>" placeholder became speech ids.
   assert (examples[1]['targets'] == IDS['audio']).sum() == 0
   vocab = vocab_lib.get_vocabulary(vocab_path)
@@ -224,6 +235,33 @@ def test_long_voice_becomes_several_chunks(data, tmp_path):
   example = manifest_lib.load_example(record, 1, config)
   assert example['speech_features'].shape == (2, 3000, 80)
   assert (example['targets'] == IDS['speech']).sum() == 2 * SOFT['speech']
+
+
+def test_long_files_keep_the_official_number_of_chunks_by_default(data, tmp_path):
+  """audio_max_chunks 0 (default): speech keeps every 480001-sample piece, audio at most 20
+  pieces of 480000, as official train/data.py."""
+  root, vocab_path = data
+  soundfile.write(tmp_path / 'speech.wav', np.full(3 * 480001 + 5, 0.1, np.float32), 16000)
+  soundfile.write(tmp_path / 'audio.wav', np.full(21 * 480000 + 5, 0.1, np.float32), 16000)
+  config = _config(str(root / 'm.jsonl'), vocab_path, modalities=('speech', 'audio'))
+  assert config.audio_max_chunks == 0 and config.audio_padding == 'official'
+  record = {'speech': str(tmp_path / 'speech.wav'), 'audio': str(tmp_path / 'audio.wav'),
+            'conversations': _turns('<speech> and <audio>?')}
+  example = manifest_lib.load_example(record, 1, config)
+  assert example['speech_features'].shape == (4, 3000, 80)
+  assert example['audio_features'].shape == (20, AUDIO_FRAMES, 128)
+  assert example['audio_feature_mask'].all()  # 20 full pieces: no padding
+  assert (example['targets'] == IDS['speech']).sum() == 4 * SOFT['speech']
+  assert (example['targets'] == IDS['audio']).sum() == 20 * SOFT['audio']
+  capped = manifest_lib.load_example(record, 1, dataclasses.replace(config, audio_max_chunks=2))
+  assert capped['speech_features'].shape[0] == capped['audio_features'].shape[0] == 2
+  with pytest.raises(ValueError, match='audio_max_chunks'):
+    dataclasses.replace(config, audio_max_chunks=-1)
+  with pytest.raises(ValueError, match='audio_padding'):
+    dataclasses.replace(config, audio_padding='zeros')
+  with pytest.raises(ValueError, match='audio_frames=3000'):
+    dataclasses.replace(config, audio_frames=3000)
+  assert dataclasses.replace(config, audio_frames=3000, audio_padding='masked').audio_frames
 
 
 def test_drop_too_long_drops_and_counts():

@@ -43,6 +43,7 @@ from unimoe_jax.encoders.clip import CLIPVisionConfig, CLIPVisionTower
 from unimoe_jax.encoders.whisper import WhisperEncoder, WhisperEncoderConfig
 
 MODALITIES = ('image', 'video', 'speech', 'audio')
+AUDIO_PADDING_MODES = ('official', 'masked')  # = media.audio.AUDIO_PADDING_MODES
 
 
 @gin.configurable
@@ -62,6 +63,17 @@ class UniMoEConfig:
       (LLaVA's IMAGE_TOKEN_INDEX is -200; the embedding lookup never sees them) or reserved
       vocabulary ids. Either way each is one token that the tokenizer never splits.
     train_encoders: False (the paper) stops gradients at the encoder outputs.
+    audio_padding: how a clip shorter than its 30 s chunk is padded, and what the Q-Former
+      sees (`media.audio.beats_chunk_features` makes the matching features):
+      'official' (Uni_MoE_audio): the waveform is padded by repeating its last sample, BEATs
+        gets the padding mask (reduced from samples to frames, then tokens), and the Q-Former
+        attends to every BEATs token, padded ones included. What official checkpoints were
+        trained with; the converter writes it for them.
+      'masked' (ours): the fbank frames are zero-padded, and the Q-Former attends only to the
+        tokens BEATs marks real, so a clip's soft tokens do not depend on how much padding
+        follows it.
+      The data (`ManifestConfig.audio_padding`) must use the same mode; `generate` and `score`
+      follow this field.
   """
   decoder: DecoderConfig = DecoderConfig()
   vision: Optional[CLIPVisionConfig] = None
@@ -77,8 +89,12 @@ class UniMoEConfig:
   speech_token_id: int = -202
   audio_token_id: int = -203
   train_encoders: bool = False
+  audio_padding: str = 'official'
 
   def __post_init__(self):
+    if self.audio_padding not in AUDIO_PADDING_MODES:
+      raise ValueError(f'UniMoEConfig.audio_padding must be one of {AUDIO_PADDING_MODES}, got '
+                       f'{self.audio_padding!r}')
     if (self.speech_encoder is None) != (self.speech_aligner is None):
       raise ValueError('UniMoEConfig: speech_encoder and speech_aligner go together '
                        f'(got speech_encoder={self.speech_encoder is not None}, '
@@ -212,7 +228,9 @@ class UniMoE(nn.Module):
           self.speech_encoder(features))))
     padding = None if feature_mask is None else ~feature_mask
     states, token_padding = self.audio_encoder(features, padding)
-    return self.audio_projector(self.audio_qformer(self._frozen(states), ~token_padding))
+    # 'official': Uni-MoE's Q-Former gets an all-ones encoder mask (audio_padding docstring).
+    qformer_mask = None if self.config.audio_padding == 'official' else ~token_padding
+    return self.audio_projector(self.audio_qformer(self._frozen(states), qformer_mask))
 
   def encode(self, batch: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
     """Soft tokens per modality present in `batch`: `{m: [batch, items * n_m, embed]}`.

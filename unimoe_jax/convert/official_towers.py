@@ -36,6 +36,8 @@ The rest comes from `config.json`: `mm_vision_select_layer`, `mm_vision_select_f
 Q-Former has no config anywhere: the official code hard-codes `Blip2Config()` (hidden 768, 12
 layers, 12 heads, 3072, cross-attention every 2nd layer, encoder width 768); we read its sizes from
 the tensors and keep the hard-coded head count, frequency, LayerNorm epsilon and activation.
+A BEATs model gets `audio_padding='official'` (how its loaders pad short clips and its Q-Former
+ignores the padding mask), so config.gin reproduces it without flags.
 
 Weights. A tower missing from the checkpoint (the released LoRA checkpoints hold none: towers are
 frozen and the official loader reloads them from the tower paths) is read from its tower path,
@@ -246,8 +248,11 @@ def tower_configs(hf_config: Mapping[str, Any], state_dict: Mapping[str, Any],
       raise ValueError(f'the checkpoint holds the BEATs audio modules, but the audio tower {path} '
                        'is not an official BEATs .pt file')
     cfg, weights = _load_beats(path)
+    # audio_padding 'official': edge-padded waves, BEATs padding mask, unmasked Q-Former, as
+    # Uni_MoE_audio's loaders and aligner do (model.UniMoEConfig.audio_padding).
     fields.update(audio_encoder=beats_config_from_official(cfg),
-                  audio_qformer=_qformer_config(state_dict, num_query), audio_projector=projector)
+                  audio_qformer=_qformer_config(state_dict, num_query), audio_projector=projector,
+                  audio_padding='official')
     if not has_tower:
       extra.update({AUDIO_TOWER_PREFIX + k: v for k, v in weights.items()})
   return fields, extra

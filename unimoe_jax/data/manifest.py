@@ -15,9 +15,11 @@ paths stay as they are). `voice` items are speech (Whisper) or audio (BEATs) as
 
 The k-th placeholder of a modality belongs to the k-th file of that modality; a record must
 hold exactly as many placeholders as files (official Uni-MoE silently ignores extra files and
-crashes on missing ones). A file of audio longer than 30 s becomes up to `audio_max_chunks`
-items of 30 s (official: speech unbounded, audio 20) whose soft tokens all stand at its one
-placeholder; with the default 1 only the first 30 s are used.
+crashes on missing ones). A speech / audio file longer than one 30 s window becomes several
+items whose soft tokens all stand, in order, at its one placeholder: by default as the official
+loaders cut it (`media.audio.split_chunks`: speech every 480001-sample piece, audio at most 20
+pieces of 480000), or at most `audio_max_chunks` pieces when that is set. An audio piece shorter
+than 30 s is padded as `audio_padding` says (`media.audio.beats_chunk_features`).
 
 Bad examples (missing or undecodable media, malformed conversation, placeholder/media count
 mismatch, bad JSON) raise `BadExampleError` naming manifest, line (JSONL) or record (JSON list,
@@ -51,9 +53,9 @@ WHISPER_SECONDS = 30  # Whisper's window: 3000 log-mel frames (100 per second)
 BEATS_BINS = 128
 SAMPLE_RATE = 16000
 # Official chunking of long audio: speech cuts 480001-sample pieces (the 30 s window + 1 sample;
-# Whisper then keeps 480000), audio 480000.
-AUDIO_CHUNK_SAMPLES = 480000
-BEATS_MIN_SAMPLES = 400  # one 25 ms Kaldi window
+# Whisper then keeps 480000) and keeps all, audio 480000 and keeps at most 20.
+AUDIO_CHUNK_SAMPLES = audio_lib.BEATS_CHUNK_SAMPLES
+OFFICIAL_AUDIO_MAX_CHUNKS = audio_lib.AUDIO_MAX_CHUNKS
 
 
 def validate_feature_settings(settings, name: str, extra_positive=()) -> None:
@@ -98,9 +100,15 @@ class ManifestConfig:
     speech_seconds: Whisper window per speech item, 30 as in Whisper and the official code
       (3000 log-mel frames); tiny CPU models may use a shorter window (100 frames per second,
       the encoder's max_source_positions = 50 * speech_seconds).
-    audio_frames: BEATs filterbank frames per audio item, zero padded or trimmed, with
-      `audio_feature_mask` True on real frames (2998 = one 30 s chunk).
-    audio_max_chunks: 30 s chunks kept per speech/audio file.
+    audio_frames: BEATs filterbank frames per audio item (2998 = one 30 s chunk; fewer keeps
+      the first frames), with `audio_feature_mask` True on real frames.
+    audio_padding: how an audio piece shorter than 30 s is padded; must be the model's
+      `UniMoEConfig.audio_padding`. 'official' (default, Uni_MoE_audio's data path): the
+      waveform is padded to 480000 samples with its last sample and the mask marks the frames
+      of the original samples (audio_frames <= 2998); 'masked': the fbank of the piece itself,
+      zero-padded (`media.audio.beats_chunk_features`).
+    audio_max_chunks: 0 (default) keeps the official number of 30 s pieces per file (speech:
+      all, audio: 20); n > 0 keeps at most n per speech or audio file.
     image_soft_tokens ... audio_soft_tokens: placeholder ids per item (UniMoEConfig's
       num_soft_tokens: CLIP-336 patches 576; aligner / Q-Former queries 50).
     on_bad_example: 'raise' or 'skip'.
@@ -116,8 +124,9 @@ class ManifestConfig:
   video_frames: int = 8
   n_mels: int = 80
   speech_seconds: int = WHISPER_SECONDS
-  audio_frames: int = 2998
-  audio_max_chunks: int = 1
+  audio_frames: int = audio_lib.BEATS_CHUNK_FRAMES
+  audio_padding: str = 'official'
+  audio_max_chunks: int = 0
   image_soft_tokens: int = 576
   video_soft_tokens: int = 576
   speech_soft_tokens: int = 50
@@ -129,7 +138,17 @@ class ManifestConfig:
       object.__setattr__(self, 'splits', tuple(sorted(self.splits.items())))
     if not self.path and not self.splits:
       raise ValueError('ManifestConfig.path or ManifestConfig.splits must name a manifest')
-    validate_feature_settings(self, 'ManifestConfig', extra_positive=('audio_max_chunks',))
+    validate_feature_settings(self, 'ManifestConfig')
+    if self.audio_max_chunks < 0:
+      raise ValueError(f'ManifestConfig.audio_max_chunks must be 0 (the official limits) or '
+                       f'positive, got {self.audio_max_chunks}')
+    if self.audio_padding not in audio_lib.AUDIO_PADDING_MODES:
+      raise ValueError(f'ManifestConfig.audio_padding must be one of '
+                       f'{audio_lib.AUDIO_PADDING_MODES}, got {self.audio_padding!r}')
+    if self.audio_padding == 'official' and self.audio_frames > audio_lib.BEATS_CHUNK_FRAMES:
+      raise ValueError(f"ManifestConfig.audio_frames={self.audio_frames}: with audio_padding "
+                       f"'official' an item is one 480000-sample piece, "
+                       f'{audio_lib.BEATS_CHUNK_FRAMES} frames at most')
     if self.voice_modality not in ('speech', 'audio'):
       raise ValueError(f"ManifestConfig.voice_modality must be 'speech' or 'audio', got "
                        f'{self.voice_modality!r}')
@@ -260,10 +279,11 @@ def _files_by_modality(record: Mapping[str, Any], config: ManifestConfig):
 
 def _audio_chunks(path: str, modality: str, config: ManifestConfig) -> List[np.ndarray]:
   wave = audio_lib.load_audio(path, SAMPLE_RATE)
-  step = (config.speech_seconds * SAMPLE_RATE + 1 if modality == 'speech'
-          else AUDIO_CHUNK_SAMPLES)
-  chunks = [wave[start:start + step] for start in range(0, len(wave), step)]
-  return chunks[:config.audio_max_chunks]
+  if modality == 'speech':
+    step, official_max = config.speech_seconds * SAMPLE_RATE + 1, None
+  else:
+    step, official_max = AUDIO_CHUNK_SAMPLES, OFFICIAL_AUDIO_MAX_CHUNKS
+  return audio_lib.split_chunks(wave, step, config.audio_max_chunks or official_max)
 
 
 def _speech_items(path: str, config: ManifestConfig) -> List[np.ndarray]:
@@ -272,16 +292,8 @@ def _speech_items(path: str, config: ManifestConfig) -> List[np.ndarray]:
 
 
 def _audio_items(path: str, config: ManifestConfig) -> List[Tuple[np.ndarray, np.ndarray]]:
-  items = []
-  for chunk in _audio_chunks(path, 'audio', config):
-    if chunk.size < BEATS_MIN_SAMPLES:  # official pads with the last sample too
-      chunk = np.pad(chunk, (0, BEATS_MIN_SAMPLES - chunk.size), mode='edge')
-    fbank = audio_lib.beats_fbank(chunk)[:config.audio_frames]
-    mask = np.zeros(config.audio_frames, bool)
-    mask[:len(fbank)] = True
-    fbank = np.pad(fbank, ((0, config.audio_frames - len(fbank)), (0, 0)))
-    items.append((fbank, mask))
-  return items
+  return [audio_lib.beats_chunk_features(chunk, config.audio_padding, config.audio_frames)
+          for chunk in _audio_chunks(path, 'audio', config)]
 
 
 def _load_items(modality: str, item, resolve, config: ManifestConfig):

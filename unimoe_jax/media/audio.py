@@ -9,7 +9,7 @@ they agree to float32 rounding (see tests/media_test.py for the measured error).
 """
 
 import functools
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -321,3 +321,88 @@ def beats_fbank(wave: np.ndarray, sample_rate: int = 16000,
   fbank = kaldi_fbank(np.asarray(wave, np.float64) * BEATS_WAVE_SCALE, num_mel_bins=128,
                       sample_rate=sample_rate, frame_length_ms=25.0, frame_shift_ms=10.0)
   return ((fbank.astype(np.float64) - fbank_mean) / (2.0 * fbank_std)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Long files and short clips, as the official Uni-MoE loaders cut and pad them.
+
+# Official `train/data.py` / `inference_all.py` chunking. Speech (Uni_MoE_speech) cuts pieces of
+# 480001 samples while more than 480000 remain (Whisper's extractor then keeps the first
+# 480000) and keeps every piece; audio (Uni_MoE_audio) cuts 480000-sample pieces and keeps at
+# most 20 per file (`trunclen`).
+SPEECH_CHUNK_SAMPLES = 480001
+BEATS_CHUNK_SAMPLES = 480000
+AUDIO_MAX_CHUNKS = 20
+BEATS_CHUNK_FRAMES = 2998  # kaldi_num_frames(480000)
+BEATS_MIN_SAMPLES = 400    # one 25 ms Kaldi window
+AUDIO_PADDING_MODES = ('official', 'masked')
+
+
+def split_chunks(wave: np.ndarray, chunk_samples: int,
+                 max_chunks: Optional[int] = None) -> List[np.ndarray]:
+  """`wave` cut into consecutive pieces of `chunk_samples` (the last one shorter), at most
+  `max_chunks` of them (None: all).
+
+  This is the official loop `while len(rest) > 0: if len(rest) > n: cut n ... else: keep the
+  rest` for n = `chunk_samples`: a file of exactly k * n samples gives k full pieces.
+  """
+  wave = np.asarray(wave)
+  if wave.ndim != 1:
+    raise ValueError(f'split_chunks: wave must be 1-D [samples], got shape {wave.shape}')
+  if chunk_samples < 1:
+    raise ValueError(f'split_chunks: chunk_samples must be >= 1, got {chunk_samples}')
+  if max_chunks is not None and max_chunks < 1:
+    raise ValueError(f'split_chunks: max_chunks must be >= 1 or None, got {max_chunks}')
+  starts = range(0, wave.size, chunk_samples)
+  if max_chunks is not None:
+    starts = starts[:max_chunks]
+  return [wave[s:s + chunk_samples] for s in starts]
+
+
+def beats_chunk_features(chunk: np.ndarray, padding: str = 'official',
+                         frames: int = BEATS_CHUNK_FRAMES) -> Tuple[np.ndarray, np.ndarray]:
+  """One audio item for BEATs: (`[frames, 128]` float32 fbank, `[frames]` bool, True = real).
+
+  `chunk` is one piece of at most 480000 samples (16 kHz, [-1, 1]; see `split_chunks`).
+
+  padding='official' (Uni_MoE_audio `train/data.py` and `inference_all.py`): the waveform is
+    padded to 480000 samples by repeating its last sample, the fbank is taken of the padded wave
+    (2998 frames), and the sample-level padding mask (True on the repeated samples) is reduced
+    to frames as BEATs' `forward_padding_mask` does: the 320-sample tail is cut, and a frame of
+    160 consecutive samples is padding only if all of them are, so frame f is real iff
+    160 f < len(chunk). The encoder reduces it once more to tokens (encoders/beats.py). The
+    first `frames` (<= 2998) frames are returned; only they are computed.
+  padding='masked' (ours): the fbank of the chunk as it is (a chunk shorter than one 25 ms
+    window is first edge-padded to 400 samples), cut or zero-padded to `frames`, True on the
+    frames the chunk itself gave.
+  """
+  if padding not in AUDIO_PADDING_MODES:
+    raise ValueError(f'audio padding must be one of {AUDIO_PADDING_MODES}, got {padding!r}')
+  chunk = np.asarray(chunk, np.float32)
+  if chunk.ndim != 1 or chunk.size == 0:
+    raise ValueError(f'beats_chunk_features: chunk must be 1-D and non-empty, got shape '
+                     f'{chunk.shape}')
+  if chunk.size > BEATS_CHUNK_SAMPLES:
+    raise ValueError(f'beats_chunk_features: chunk has {chunk.size} samples, more than one '
+                     f'{BEATS_CHUNK_SAMPLES}-sample piece; cut it with split_chunks first')
+  if frames < 1:
+    raise ValueError(f'beats_chunk_features: frames must be >= 1, got {frames}')
+  if padding == 'official':
+    if frames > BEATS_CHUNK_FRAMES:
+      raise ValueError(f"audio padding 'official' gives {BEATS_CHUNK_FRAMES} frames per "
+                       f'{BEATS_CHUNK_SAMPLES}-sample chunk; {frames} frames were asked for')
+    length = chunk.size
+    padded = np.concatenate([chunk, np.full(BEATS_CHUNK_SAMPLES - length, chunk[-1], np.float32)])
+    # Frame f reads samples [160 f, 160 f + 400): the first `frames` need only this prefix.
+    needed = (frames - 1) * 160 + 400
+    fbank = beats_fbank(padded[:needed])
+    sample_padding = np.arange(BEATS_CHUNK_SAMPLES) >= length
+    per_frame = BEATS_CHUNK_SAMPLES // BEATS_CHUNK_FRAMES
+    frame_padding = sample_padding[:BEATS_CHUNK_FRAMES * per_frame].reshape(
+        BEATS_CHUNK_FRAMES, per_frame).all(axis=1)
+    return fbank, ~frame_padding[:frames]
+  if chunk.size < BEATS_MIN_SAMPLES:
+    chunk = np.pad(chunk, (0, BEATS_MIN_SAMPLES - chunk.size), mode='edge')
+  fbank = beats_fbank(chunk)[:frames]
+  mask = np.arange(frames) < len(fbank)
+  return np.pad(fbank, ((0, frames - len(fbank)), (0, 0))), mask
