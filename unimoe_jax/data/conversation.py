@@ -23,6 +23,14 @@ placeholders get 0. Here the boundary is found by checking that the tokens of th
 up to "ASSISTANT:" are a prefix of the round's tokens (true for SentencePiece, which never merges
 across a space); when they are not, the conversation is refused instead of masked wrongly
 (official: the whole example silently gets no loss after a "tokenization mismatch" warning).
+
+The tokenizer's `legacy` flag (`MultimodalVocabulary.legacy`, read from tokenizer_config.json):
+the text after each "</s>" ("USER: ..." of the next round) is encoded with
+`encode_after_special`, which drops SentencePiece's dummy-prefix space when legacy is False, as
+the slow LlamaTokenizer does then ("US" instead of "▁US"). The official masking counts each
+round's tokens on the round alone (with the prefix); where that count differs from the tokens
+in context (not for LLaMA's "USER:"), its labels are misaligned or dropped, while ours stay on
+the answers.
 """
 
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -151,13 +159,16 @@ def tokenize_conversation(
   id_to_placeholder = {v: k for k, v in vocab.placeholder_ids.items()}
   tokens: List[int] = [vocab.bos_id]
   weights: List[float] = [0.0]
+  after_eos = getattr(vocab, 'encode_after_special', vocab.encode)
   for index, (head, answer) in enumerate(_rounds(conversations)):
-    head_ids = list(vocab.encode(head))
+    # Rounds after the first follow the previous answer's "</s>" (module docstring).
+    encode = vocab.encode if index == 0 else after_eos
+    head_ids = list(encode(head))
     if answer is None:
       tokens += head_ids
       weights += [0.0] * len(head_ids)
       continue
-    round_ids = list(vocab.encode(head + ' ' + answer))
+    round_ids = list(encode(head + ' ' + answer))
     if round_ids[:len(head_ids)] != head_ids:
       raise ValueError(f'round {index}: the tokens of the text up to "ASSISTANT:" are not a '
                        'prefix of the round\'s tokens, so the answer cannot be masked exactly')

@@ -11,8 +11,18 @@ Decoding renders placeholder ids back as their strings and SentencePiece-decodes
 between them. seqio's `decode`/`decode_tf` cut after the first EOS (and `decode_tf` overwrites
 what follows with pad_id 0); id 0 is LLaMA's `<unk>` and doubles as padding (the official
 trainer sets `pad_token = unk_token`), so decoding drops id 0 instead of rendering " ⁇ ".
+
+The `legacy` flag of Hugging Face's slow `LlamaTokenizer` (the tokenizer the official code
+loads, `use_fast=False`) is read from `tokenizer_config.json` beside `tokenizer.model`; absent or
+null means True, as there. The two settings differ only in text that directly follows a special
+token inside one tokenizer call, which in Uni-MoE's prompts is the "USER:" after each "</s>":
+legacy SentencePiece-encodes it with the dummy-prefix space ("▁US"...), legacy=False without
+("US"...). `encode` is the text at the start of a call (both settings agree);
+`encode_after_special` is text right after a special token.
 """
 
+import json
+import os
 import re
 import threading
 from typing import Dict, Mapping, Optional, Sequence
@@ -23,6 +33,46 @@ import seqio
 import tensorflow as tf
 
 DEFAULT_PLACEHOLDER_IDS = {'<image>': -200, '<video>': -201, '<speech>': -202, '<audio>': -203}
+TOKENIZER_CONFIG_FILE = 'tokenizer_config.json'
+
+
+def read_legacy_flag(model_path: str) -> bool:
+  """The slow LlamaTokenizer's `legacy` for the `tokenizer.model` at `model_path`: the
+  `legacy` field of `tokenizer_config.json` in the same folder; True when the file or the field
+  is absent or null (transformers' default).
+
+  Raises:
+    ValueError naming the file for unreadable JSON or a `legacy` that is not a boolean.
+  """
+  path = os.path.join(os.path.dirname(model_path), TOKENIZER_CONFIG_FILE)
+  if not tf.io.gfile.exists(path):
+    return True
+  with tf.io.gfile.GFile(path, 'r') as f:
+    text = f.read()
+  try:
+    config = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON: {e}') from None
+  if not isinstance(config, dict):
+    raise ValueError(f'{path}: expected a JSON object, got {type(config).__name__}')
+  legacy = config.get('legacy')
+  if legacy is None:
+    return True
+  if not isinstance(legacy, bool):
+    raise ValueError(f'{path}: "legacy" must be true, false or null, got {legacy!r}')
+  return legacy
+
+
+def sentencepiece_without_dummy_prefix(tokenizer):
+  """A SentencePieceProcessor of the same model with `add_dummy_prefix` off (what the slow
+  LlamaTokenizer loads when legacy=False)."""
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  proto = sentencepiece_model_pb2.ModelProto.FromString(tokenizer.serialized_model_proto())
+  proto.normalizer_spec.add_dummy_prefix = False
+  processor = sentencepiece.SentencePieceProcessor()
+  processor.LoadFromSerializedProto(proto.SerializeToString())
+  return processor
 
 
 class MultimodalVocabulary(seqio.Vocabulary):
@@ -32,10 +82,12 @@ class MultimodalVocabulary(seqio.Vocabulary):
     sentencepiece: the wrapped vocabulary; everything but placeholders delegates to it.
     placeholder_ids: placeholder string -> id (negative, or a reserved id >= the SentencePiece
       size; an id inside the SentencePiece range would be ambiguous and is refused).
+    legacy: the slow LlamaTokenizer's `legacy` (module docstring); only
+      `encode_after_special` depends on it.
   """
 
   def __init__(self, sentencepiece: seqio.SentencePieceVocabulary,
-               placeholder_ids: Optional[Mapping[str, int]] = None):
+               placeholder_ids: Optional[Mapping[str, int]] = None, legacy: bool = True):
     placeholder_ids = dict(DEFAULT_PLACEHOLDER_IDS if placeholder_ids is None
                            else placeholder_ids)
     if len(set(placeholder_ids.values())) != len(placeholder_ids):
@@ -46,8 +98,12 @@ class MultimodalVocabulary(seqio.Vocabulary):
       if 0 <= token < sentencepiece.vocab_size:
         raise ValueError(f'placeholder {text!r} has id {token}, which is a SentencePiece id '
                          f'(vocab_size {sentencepiece.vocab_size}); use a negative id')
+    if not isinstance(legacy, bool):
+      raise ValueError(f'legacy must be a bool, got {legacy!r}')
     self.sentencepiece = sentencepiece
     self.placeholder_ids: Dict[str, int] = placeholder_ids
+    self.legacy = legacy
+    self._no_prefix = None  # built on first use (legacy=False only)
     self._id_to_placeholder = {v: k for k, v in placeholder_ids.items()}
     # Longest first so a placeholder that contains another one wins.
     ordered = sorted(placeholder_ids, key=len, reverse=True)
@@ -101,6 +157,29 @@ class MultimodalVocabulary(seqio.Vocabulary):
       else:
         ids.extend(self.sentencepiece.encode(piece))
     return ids
+
+  def encode_after_special(self, s: str) -> Sequence[int]:
+    """Ids of `s` where it directly follows a special token ("</s>") in one slow
+    LlamaTokenizer call. legacy: the same as `encode`. legacy=False: the first text piece
+    (before any placeholder) is encoded as that tokenizer's `_tokenize` does, without the
+    dummy-prefix space (a piece that starts with a space keeps it as "▁"); pieces after a
+    placeholder start a new official tokenizer call and keep it."""
+    if self.legacy:
+      return self.encode(s)
+    pieces = self.split_placeholders(s)
+    if not pieces or pieces[0] in self.placeholder_ids:
+      return self.encode(s)
+    return list(self._encode_without_prefix(pieces[0])) + list(
+        self.encode(s[len(pieces[0]):]))
+
+  def _encode_without_prefix(self, text: str) -> Sequence[int]:
+    if self._no_prefix is None:  # two threads may both build it: the same processor
+      self._no_prefix = sentencepiece_without_dummy_prefix(self.sentencepiece.tokenizer)
+    sp = self._no_prefix
+    if not text.startswith(('\u2581', ' ')):
+      return sp.encode(text)
+    unk = sp.id_to_piece(sp.unk_id())
+    return sp.encode(unk + text)[len(sp.encode(unk)):]
 
   def _decode(self, ids) -> str:
     out, run = [], []
@@ -198,30 +277,41 @@ class MultimodalVocabulary(seqio.Vocabulary):
 
   # ------------------------------------------------------------------------------------------
 
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_no_prefix'] = None  # a SentencePieceProcessor; rebuilt on first use
+    return state
+
   def __eq__(self, other):
     return (isinstance(other, MultimodalVocabulary) and
             self.sentencepiece == other.sentencepiece and
-            self.placeholder_ids == other.placeholder_ids)
+            self.placeholder_ids == other.placeholder_ids and self.legacy == other.legacy)
 
   def __hash__(self):
     return hash((self.sentencepiece.sentencepiece_model_file,
-                 tuple(sorted(self.placeholder_ids.items()))))
+                 tuple(sorted(self.placeholder_ids.items())), self.legacy))
 
   def __str__(self) -> str:
-    return f'MultimodalVocabulary({self.sentencepiece}, placeholders={self.placeholder_ids})'
+    return (f'MultimodalVocabulary({self.sentencepiece}, placeholders={self.placeholder_ids}, '
+            f'legacy={self.legacy})')
 
 
 @gin.configurable
 def get_vocabulary(path: str,
-                   placeholder_ids: Optional[Mapping[str, int]] = None) -> MultimodalVocabulary:
+                   placeholder_ids: Optional[Mapping[str, int]] = None,
+                   legacy: Optional[bool] = None) -> MultimodalVocabulary:
   """The project's vocabulary: LLaMA's `tokenizer.model` at `path` + placeholders.
 
   Args:
     path: a SentencePiece model file (gs:// works through tf.io.gfile, as seqio reads it).
     placeholder_ids: placeholder string -> id; default {'<image>': -200, '<video>': -201,
       '<speech>': -202, '<audio>': -203}, the ids UniMoEConfig uses.
+    legacy: the slow LlamaTokenizer's `legacy`; None reads it from the tokenizer_config.json
+      beside `path` (`read_legacy_flag`).
   """
-  return MultimodalVocabulary(seqio.SentencePieceVocabulary(path), placeholder_ids)
+  if legacy is None:
+    legacy = read_legacy_flag(path)
+  return MultimodalVocabulary(seqio.SentencePieceVocabulary(path), placeholder_ids, legacy)
 
 
 class LazyVocabulary(seqio.Vocabulary):
