@@ -6,7 +6,9 @@ r"""Answers a question about optional media with a converted checkpoint.
 renders the Vicuna v1 prompt ("SYSTEM USER: <image>\nWhat is in the image? ASSISTANT:", see
 unimoe_jax/prompting.py), decodes greedily (default), by sampling (`--temperature` > 0, with
 `--top_k` / `--top_p`) or by beam search (`--num_beams` > 1), and prints the answer text up to
-EOS. `--speech` feeds the Whisper encoder, `--audio` BEATs; media flags repeat. Text-only
+EOS. `--speech` feeds the Whisper encoder, `--audio` BEATs; media flags repeat; a file longer
+than 30 s is cut into chunks as official inference cuts it (speech: all, audio: up to 20, all at
+its one placeholder; unimoe_jax/prompting.py). Text-only
 checkpoints (decoder params only, config.gin without MODEL_CONFIG) work the same way without
 media. The vocabulary is `--vocab` or the checkpoint's `tokenizer.model`.
 """

@@ -12,7 +12,8 @@ With media (`--image`, `--video`, `--speech` to Whisper, `--audio` to BEATs; eac
 the text is scored raw (no chat template) after the media: the text may hold placeholders
 (`<image>` ...) where the media go, else one "<m>\n" line per file is put in front
 (unimoe_jax/prompting.py). Only text tokens get a line: each placeholder stands for
-`num_soft_tokens(m)` soft tokens that the model computes from the media, which are not
+`num_soft_tokens(m)` soft tokens per item (a speech / audio file longer than 30 s is several
+items, cut as official inference cuts it) that the model computes from the media, which are not
 predicted and are not scored, but every text token after them is conditioned on them.
 """
 
