@@ -16,6 +16,9 @@ import gin
 import jax.numpy as jnp
 
 DISPATCH_MODES = ('dense', 'capacity', 'dropless')
+# MoEConfig.layers patterns; 'every_other' is an alias of 'odd'.
+MOE_LAYER_PATTERNS = ('all', 'even', 'odd', 'every_other')
+LOAD_BALANCE_LOSS_FORMS = ('topk', 'top1')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'projections')
 # The activations the 'projections' remat policy keeps (names given with checkpoint_name in
 # layers/attention.py, layers/mlp.py and moe/layer.py).
@@ -56,8 +59,10 @@ class MoEConfig:
   Attributes:
     num_experts: experts per MoE layer.
     num_experts_per_tok: top-k.
-    layers: which decoder layers get an MoE FFN: 'all', 'every_other' (1, 3, 5, ...,
-      as in GShard/Switch), or an explicit sequence of layer indices.
+    layers: which decoder layers get an MoE FFN: 'all', 'even' (0, 2, 4, ...: the official
+      `Uni_MoE_audio` / `Uni_MoE_speech_dp`, `Layer_num % 2 == 0`, and the 8e model's
+      `moe_stride` 2), 'odd' (1, 3, 5, ..., as in GShard/Switch; 'every_other' is an alias
+      kept for existing gin files), or an explicit sequence of layer indices.
     dispatch: 'dense' (reference: every expert on every token), 'capacity' (GShard one-hot
       dispatch with a capacity factor; overflow tokens dropped) or 'dropless' (sort by expert
       and a grouped matmul).
@@ -67,6 +72,28 @@ class MoEConfig:
     router_jitter: multiplicative uniform noise on the router input in training
       (Mixtral's `router_jitter_noise`); 0 disables it.
     load_balance_loss_coef: weight of the Switch load-balancing loss in the training loss.
+    load_balance_loss_form: 'topk' (`E * sum_e P_e * f_e`, f_e the fraction of all k
+      choices that go to e: it balances the load the experts actually compute; 1 under
+      uniform routing) or 'top1' (f_e counts only each token's first choice: the official 8e
+      / DeepSpeed `top2gating` `l_aux = mean(me * ce) * E * E`; the converted 8e config sets
+      it). Padding is excluded from both.
+    router_dtype: dtype of the router matmul and its logits. 'float32' by default: bfloat16
+      logits keep 8 mantissa bits, so near ties flip top-k choices from rounding alone
+      (Switch / ST-MoE keep the router in float32). The official 4-expert `gate` is a Linear
+      in the model dtype (bfloat16 at release) and its weights are cast back to that dtype,
+      which the converter reproduces by setting this to the model dtype. Top-k softmax, aux
+      losses and statistics are float32 whatever this is.
+    second_expert_sampling: DeepSpeed `top2gating(top2_2nd_expert_sampling=True)` (the
+      official 8e model): softmax over all experts, 1st expert = argmax, 2nd = argmax of the
+      logits plus Gumbel noise with the 1st masked out, weights p_i / (p_1 + p_2). Needs
+      k = 2. It samples at inference too, as DeepSpeed does: the noise comes from the flax
+      rng stream 'router' (`models.py` passes one with the dropout rng), or, when no 'router'
+      rng is given (evaluation, decoding), from a key hashed from each token's router logits:
+      deterministic, independent across tokens, layers and decoding steps.
+    renormalize_after_drops: 'capacity' dispatch only: rescale the weights of each token's
+      kept choices to sum to 1 after capacity drops (DeepSpeed divides by the kept
+      probabilities); False keeps the pre-drop weights (GShard/T5X: a dropped choice just
+      adds nothing). A token with every choice dropped gets weight 0 either way.
     router_z_loss_coef: weight of the ST-MoE router z-loss.
     gmm_backend: grouped matmul of the 'dropless' path: 'auto' (by platform: megablox on
       TPU, the tiled pure-JAX one elsewhere), 'ragged_dot', 'tiled', 'megablox' or 'mgpu'.
@@ -87,6 +114,10 @@ class MoEConfig:
   router_jitter: float = 0.0
   load_balance_loss_coef: float = 0.0
   router_z_loss_coef: float = 0.0
+  load_balance_loss_form: str = 'topk'
+  router_dtype: str = 'float32'
+  second_expert_sampling: bool = False
+  renormalize_after_drops: bool = False
   gmm_backend: str = 'auto'
   gmm_tile: int = 0
   fuse_ffn: bool = True
@@ -101,17 +132,37 @@ class MoEConfig:
     if not 1 <= self.num_experts_per_tok <= self.num_experts:
       raise ValueError(f'MoEConfig.num_experts_per_tok={self.num_experts_per_tok} must be in '
                        f'[1, num_experts={self.num_experts}]')
-    if isinstance(self.layers, str) and self.layers not in ('all', 'every_other'):
-      raise ValueError(f"MoEConfig.layers must be 'all', 'every_other' or a list of layer "
-                       f'indices, got {self.layers!r}')
+    if isinstance(self.layers, str) and self.layers not in MOE_LAYER_PATTERNS:
+      raise ValueError(f'MoEConfig.layers must be one of {MOE_LAYER_PATTERNS} or a list of '
+                       f'layer indices, got {self.layers!r}')
     if not isinstance(self.layers, str):
       object.__setattr__(self, 'layers', tuple(int(i) for i in self.layers))
+    if self.load_balance_loss_form not in LOAD_BALANCE_LOSS_FORMS:
+      raise ValueError(f'MoEConfig.load_balance_loss_form must be one of '
+                       f'{LOAD_BALANCE_LOSS_FORMS}, got {self.load_balance_loss_form!r}')
+    try:
+      router_dtype = jnp.dtype(self.router_dtype)
+    except TypeError as e:
+      raise ValueError(f'MoEConfig.router_dtype {self.router_dtype!r} is not a dtype') from e
+    if not jnp.issubdtype(router_dtype, jnp.floating):
+      raise ValueError(f'MoEConfig.router_dtype must be a floating dtype, '
+                       f'got {self.router_dtype!r}')
+    if self.second_expert_sampling and self.num_experts_per_tok != 2:
+      raise ValueError('MoEConfig.second_expert_sampling is the top-2 rule of DeepSpeed '
+                       f'top2gating; it needs num_experts_per_tok=2, got '
+                       f'{self.num_experts_per_tok}')
+
+  @property
+  def router_compute_dtype(self):
+    return jnp.dtype(self.router_dtype)
 
   def is_moe_layer(self, index: int, num_layers: int) -> bool:
     if self.layers == 'all':
       return True
-    if self.layers == 'every_other':
+    if self.layers in ('odd', 'every_other'):
       return index % 2 == 1
+    if self.layers == 'even':
+      return index % 2 == 0
     bad = [i for i in self.layers if not 0 <= i < num_layers]
     if bad:
       raise ValueError(f'MoEConfig.layers has indices {bad} outside [0, {num_layers})')

@@ -147,7 +147,7 @@ class Decoder(nn.Module):
       self.stacked_layers = nn.scan(
           _remat(DecoderBlock, cfg.remat, scanned=True),
           variable_axes={'params': 0, 'cache': 0},
-          split_rngs={'params': True, 'dropout': True},
+          split_rngs={'params': True, 'dropout': True, 'router': True},
           in_axes=(nn.broadcast,) * 8,
           length=cfg.num_layers // period,
           metadata_params={nn.PARTITION_NAME: layer_stacking.LAYERS_AXIS},

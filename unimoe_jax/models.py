@@ -45,6 +45,8 @@ LOSS_NORMALIZERS = ('NUM_REAL_TARGET_TOKENS', 'NUM_TOTAL_TARGET_TOKENS', 'SUM')
 BATCH_LOSS_WEIGHT = 'batch_loss_weight'   # float32: sum of decoder_loss_weights of the batch
 BATCH_ROWS = 'batch_rows'                 # int32: rows of the batch
 BATCH_TOTAL_KEYS = (BATCH_LOSS_WEIGHT, BATCH_ROWS)
+# Folded into the dropout key to make the 'router' rng (MoE second-expert sampling).
+ROUTER_RNG_SALT = 0x726F75
 
 
 def _default_dtype(key: str):
@@ -226,7 +228,11 @@ class UniMoEModel:
 
   # ---- training and evaluation ---------------------------------------------------------
   def _compute_logits(self, params, batch: Batch, dropout_rng: Optional[Array] = None):
-    rngs = None if dropout_rng is None else {'dropout': dropout_rng}
+    # 'router': the Gumbel draws of MoEConfig.second_expert_sampling, a stream of its own
+    # (folded from the dropout key, which stays as it was). Without rngs (evaluation) the
+    # MoE layer keys its noise from the router logits instead.
+    rngs = None if dropout_rng is None else {
+        'dropout': dropout_rng, 'router': jax.random.fold_in(dropout_rng, ROUTER_RNG_SALT)}
     return self.module.apply({'params': params}, batch, deterministic=dropout_rng is None,
                              rngs=rngs)
 

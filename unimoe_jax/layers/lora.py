@@ -53,11 +53,16 @@ class LoRADropout(NamedTuple):
     return self.apply(h, self.keep(h.shape, name, salt))
 
 
-def lora_a_init(fan_in_dims: int) -> Initializer:
-  """PEFT initialises A like torch's Linear (kaiming-uniform, a=sqrt(5)): U(-1/sqrt(fan_in), ..)."""
+def lora_a_init(fan_in_dims: int, batch_dims: int = 0) -> Initializer:
+  """PEFT initialises A like torch's Linear (kaiming-uniform, a=sqrt(5)): U(-1/sqrt(fan_in), ..).
+
+  The shape is `batch + in + [rank]`: `batch_dims` leading axes stack independent adapters
+  (the expert axis of `[expert, in, rank]`) and are not part of the fan-in; the next
+  `fan_in_dims` axes are.
+  """
 
   def init(key, shape, dtype=jnp.float32):
-    fan_in = int(np.prod(shape[:fan_in_dims]))
+    fan_in = int(np.prod(shape[batch_dims:batch_dims + fan_in_dims]))
     bound = 1.0 / np.sqrt(fan_in)
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 

@@ -31,6 +31,7 @@ from unimoe_jax import partitioning
 from unimoe_jax.layers.lora import LoRADropout
 from unimoe_jax.moe import grouped_ffn
 from unimoe_jax.moe import grouped_matmul as gmm_lib
+from unimoe_jax.moe import routing
 
 Matmul = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -110,12 +111,14 @@ def capacity_positions(indices: jax.Array, num_experts: int,
 
 
 def capacity(x, weights, indices, experts, *, capacity_factor=1.25, min_capacity=4,
-             group_size=0, token_mask=None, lora_scale=0.0, dropout=None):
+             group_size=0, token_mask=None, renormalize=False, lora_scale=0.0, dropout=None):
   """GShard-style dispatch with a capacity per expert and routing group.
 
   Groups are `group_size` consecutive tokens of the flattened batch (0: one per sequence), so
   they shard with the batch; the capacity is per group. `token_mask` `[batch, length]` (1 for
-  real tokens) keeps padding out of the buffers: padding is never computed.
+  real tokens) keeps padding out of the buffers: padding is never computed. `renormalize`
+  rescales each token's kept weights to sum to 1 after the drops (DeepSpeed's top2gating;
+  `routing.renormalize_kept`); otherwise a dropped choice just adds nothing.
   """
   b, l, d = x.shape
   k = indices.shape[-1]
@@ -130,6 +133,8 @@ def capacity(x, weights, indices, experts, *, capacity_factor=1.25, min_capacity
   mask = None if token_mask is None else token_mask.reshape(g, s)
   slots = capacity_positions(ig, num_experts, mask)
   kept = slots < cap
+  if renormalize:
+    wg = routing.renormalize_kept(wg, kept)
   expert_hot = jax.nn.one_hot(ig, num_experts, dtype=x.dtype) * kept[..., None].astype(x.dtype)
   slot_hot = jax.nn.one_hot(slots, cap, dtype=x.dtype)  # Out-of-range slots give all zeros.
   dispatch_mask = jnp.einsum('gske,gskc->gsec', expert_hot, slot_hot)
@@ -279,7 +284,7 @@ def dispatch(mode: str, x: jax.Array, weights: jax.Array, indices: jax.Array,
   """Runs `mode` ('dense' | 'capacity' | 'dropless'); see the module docstring for shapes.
 
   `options`: lora_scale, dropout; for 'capacity' capacity_factor, min_capacity, group_size,
-  token_mask; for 'dropless' backend, tile and fuse_ffn (see `grouped_matmul.py`,
+  token_mask, renormalize; for 'dropless' backend, tile and fuse_ffn (see `grouped_matmul.py`,
   `grouped_ffn.py`).
   """
   if mode == 'dense':

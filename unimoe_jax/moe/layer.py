@@ -37,9 +37,10 @@ class ExpertWeights(nn.Module):
         default_kernel_init(1), ('expert', in_axis, out_axis)), (e, i, o), self.param_dtype)
     out = {'kernel': kernel.astype(self.dtype)}
     if self.lora is not None:
+      # One adapter per expert: fan-in `in` (not expert x in), U(+-1/sqrt(in)) as PEFT/loralib.
       a = self.param('lora_a', nn.with_logical_partitioning(
-          lora_a_init(2), ('expert', in_axis, 'lora_rank')), (e, i, self.lora.rank),
-                     self.param_dtype)
+          lora_a_init(1, batch_dims=1), ('expert', in_axis, 'lora_rank')),
+                     (e, i, self.lora.rank), self.param_dtype)
       b = self.param('lora_b', nn.with_logical_partitioning(
           nn.initializers.zeros, ('expert', 'lora_rank', out_axis)), (e, self.lora.rank, o),
                      self.param_dtype)
@@ -53,6 +54,11 @@ class MoEFeedForward(nn.Module):
   aux holds float32 scalars `load_balance_loss`, `router_z_loss`, `drop_fraction`,
   `router_entropy`, `aux_loss` (the two losses times their gin coefficients) and the vector
   `expert_fraction` `[expert]`.
+
+  The router runs in `config.router_dtype`. With `config.second_expert_sampling` the second
+  expert is drawn (DeepSpeed top2gating) in training and inference alike, with noise from the
+  'router' rng stream when the caller gives one, else keyed by each token's logits
+  (`routing.content_gumbel_noise`).
   """
   config: MoEConfig
   mlp_dim: int
@@ -70,16 +76,32 @@ class MoEFeedForward(nn.Module):
     router_kernel = self.param('router', nn.with_logical_partitioning(
         default_kernel_init(1), ('embed', 'expert_router')), (d, cfg.num_experts),
                                self.param_dtype)
+    router_dtype = cfg.router_compute_dtype
     router_in = x.astype(jnp.float32)
     if cfg.router_jitter > 0 and not deterministic:
       # Switch-style jitter: noise on the router input only; the experts see the clean x.
       noise = jax.random.uniform(self.make_rng('dropout'), router_in.shape, jnp.float32,
                                  1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
       router_in = router_in * noise
-    logits = jnp.einsum('bld,de->ble', router_in, router_kernel.astype(jnp.float32))
+    # The official 4-expert gate is a Linear in the model dtype: input, weight and logits in
+    # router_dtype (float32 accumulation, as a bf16 GEMM on GPU).
+    logits = jnp.einsum('bld,de->ble', router_in.astype(router_dtype),
+                        router_kernel.astype(router_dtype),
+                        preferred_element_type=jnp.float32).astype(router_dtype)
     logits = partitioning.with_sharding_constraint(
         logits, ('activation_batch', 'activation_length', None))
-    weights, indices = routing.top_k_routing(logits.reshape(b * l, -1), cfg.num_experts_per_tok)
+    flat_logits = logits.reshape(b * l, -1)
+    if cfg.second_expert_sampling:
+      if self.has_rng('router'):
+        gumbel = routing.gumbel_noise(self.make_rng('router'), flat_logits.shape)
+      else:
+        gumbel = routing.content_gumbel_noise(flat_logits)
+      weights, indices = routing.top2_sampled_routing(flat_logits, gumbel)
+    else:
+      weights, indices = routing.top_k_routing(flat_logits, cfg.num_experts_per_tok)
+    if router_dtype != jnp.float32:
+      # The official gate casts its softmax weights back to the model dtype.
+      weights = weights.astype(router_dtype).astype(jnp.float32)
 
     lora = self.lora
     experts = {
@@ -100,7 +122,8 @@ class MoEFeedForward(nn.Module):
                      tile=cfg.gmm_tile, fuse_ffn=cfg.fuse_ffn)
     if cfg.dispatch == 'capacity':
       options.update(capacity_factor=cfg.capacity_factor, min_capacity=cfg.min_capacity,
-                     group_size=cfg.group_size, token_mask=padding_mask)
+                     group_size=cfg.group_size, token_mask=padding_mask,
+                     renormalize=cfg.renormalize_after_drops)
     k = cfg.num_experts_per_tok
     args = (x.astype(self.dtype), weights.reshape(b, l, k), indices.reshape(b, l, k), experts)
     ep_axes = partitioning.expert_parallel_axes() if cfg.dispatch == 'dropless' else None
@@ -112,7 +135,8 @@ class MoEFeedForward(nn.Module):
         y, ('activation_batch', 'activation_length', 'activation_embed'))
 
     mask = None if padding_mask is None else padding_mask.reshape(b * l)
-    aux = routing.router_aux(logits.reshape(b * l, -1), indices, kept.reshape(b * l, k), mask)
+    aux = routing.router_aux(flat_logits, indices, kept.reshape(b * l, k), mask,
+                             cfg.load_balance_loss_form)
     aux['aux_loss'] = (cfg.load_balance_loss_coef * aux['load_balance_loss'] +
                        cfg.router_z_loss_coef * aux['router_z_loss'])
     return y.astype(self.dtype), aux
