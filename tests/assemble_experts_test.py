@@ -66,3 +66,66 @@ def test_tool_writes_a_checkpoint(tmp_path):
   np.testing.assert_array_equal(got[0], e0['decoder']['layers_1']['mlp']['wo']['kernel'])
   np.testing.assert_array_equal(got[1], base['decoder']['layers_1']['mlp']['wo']['kernel'])
   assert 'experts' in gin_text
+
+
+# The official 8-expert start (Uni_MoE_8e train.py): the expert set's files in `ori_expert_list`
+# order (experts 2/6 and 5/7 share a file) on the layers moe_stride 2 selects.
+EXPERT_SET = ('mlp_audiocap', 'mlp_basev', 'mlp_base', 'mlp_base1', 'mlp_base4', 'mlp_base7',
+              'mlp_base', 'mlp_base7')
+
+
+def test_official_8e_expert_set_on_even_layers(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, 'tools'))
+  import assemble_experts  # pylint: disable=g-import-not-at-top
+  cfg = config.named('tiny', num_layers=4)
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  base = {'decoder': jax.tree_util.tree_map(np.asarray, nn.meta.unbox(Decoder(cfg).init(
+      jax.random.PRNGKey(0), np.zeros((1, 4), np.int32))['params']))}
+  checkpoint.save(str(tmp_path / 'base'), base, '# base\n')
+  rng = np.random.default_rng(0)
+  files = {}
+  (tmp_path / 'experts').mkdir()
+  for stem in sorted(set(EXPERT_SET)):  # A stage-2 FFN of every layer, official names.
+    sd = {}
+    for i in range(4):
+      for proj, shape in (('gate_proj', (128, 64)), ('up_proj', (128, 64)),
+                          ('down_proj', (64, 128))):
+        sd[f'model.layers.{i}.mlp.{proj}.weight'] = rng.normal(size=shape).astype(np.float32)
+    files[stem] = sd
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()},
+               tmp_path / 'experts' / f'{stem}.bin')
+  out = str(tmp_path / 'out')
+  assert assemble_experts.main(['--base', str(tmp_path / 'base'), '--expert_set',
+                                str(tmp_path / 'experts'), '--moe_layers', 'even',
+                                '--output', out]) == 0
+  params, gin_text = checkpoint.restore(out)
+  assert 'MoE model of 8 experts' in gin_text and "'even'" in gin_text
+  moe_cfg = config.named('tiny', num_layers=4, moe=config.MoEConfig(num_experts=8,
+                                                                    layers=(0, 2)))
+  want = nn.meta.unbox(jax.eval_shape(lambda: Decoder(moe_cfg).init(
+      jax.random.PRNGKey(0), np.zeros((1, 4), np.int32)))['params'])
+  want = {k: v.shape for k, v in traverse_util.flatten_dict(want).items() if k[-1] != 'router'}
+  got = {k[1:]: v.shape for k, v in traverse_util.flatten_dict(params).items()}
+  assert got == want  # The 8-expert even-layer model's tree, less the routers.
+  names = {'wi_0': 'gate_proj', 'wi_1': 'up_proj', 'wo': 'down_proj'}
+  for i in (0, 2):
+    for kernel, proj in names.items():
+      stacked = params['decoder'][f'layers_{i}']['moe'][kernel]['kernel']
+      for e, stem in enumerate(EXPERT_SET):
+        np.testing.assert_array_equal(stacked[e],
+                                      files[stem][f'model.layers.{i}.mlp.{proj}.weight'].T)
+      np.testing.assert_array_equal(stacked[2], stacked[6])
+      np.testing.assert_array_equal(stacked[5], stacked[7])
+  for i in (1, 3):  # Dense layers keep the base FFN (the expert set's odd layers are unused).
+    for kernel in names:
+      np.testing.assert_array_equal(params['decoder'][f'layers_{i}']['mlp'][kernel]['kernel'],
+                                    base['decoder'][f'layers_{i}']['mlp'][kernel]['kernel'])
+  # An expert file with something else than FFN weights is named.
+  torch.save({'model.layers.0.mlp.gate.weight': torch.zeros(8, 64)},
+             tmp_path / 'experts' / 'bad.bin')
+  with pytest.raises(ValueError, match=r"bad.bin: 'model.layers.0.mlp.gate.weight' is not"):
+    assemble_experts.main(['--base', str(tmp_path / 'base'), '--expert',
+                           str(tmp_path / 'experts' / 'bad.bin'), '--output',
+                           str(tmp_path / 'o2')])
+  assert not (tmp_path / 'o2').exists()
