@@ -397,6 +397,38 @@ def test_scanned_layers_draw_their_own_router_noise(monkeypatch):
   assert any(a != b for a, b in second), second
 
 
+@pytest.mark.slow
+def test_model_training_eval_and_decoding_with_sampling():
+  """models.py: loss_fn folds a 'router' key from the dropout key (seeded sampling);
+  evaluation and greedy decoding pass no rngs and run deterministically."""
+  from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.models import UniMoEModel  # pylint: disable=g-import-not-at-top
+  moe = _moe(num_experts=4, layers='even', second_expert_sampling=True,
+             load_balance_loss_form='top1', load_balance_loss_coef=0.01)
+  model = UniMoEModel(UniMoEConfig(decoder=config_lib.named('tiny', moe=moe)),
+                      max_decode_steps=4)
+  b, l = 2, 12
+  rng = np.random.RandomState(0)
+  targets = rng.randint(3, 512, size=(b, l)).astype(np.int32)
+  weights = np.zeros((b, l), np.float32)
+  weights[:, 6:] = 1.0
+  batch = {'decoder_input_tokens': jnp.asarray(np.concatenate(
+               [np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1)),
+           'decoder_target_tokens': jnp.asarray(targets),
+           'decoder_loss_weights': jnp.asarray(weights)}
+  params = nn.meta.unbox(model.get_initial_variables(
+      jax.random.PRNGKey(0), {k: v.shape for k, v in batch.items()}))['params']
+  train = jax.jit(lambda p, r: model.loss_fn(p, batch, r)[0])
+  loss = train(params, jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(loss, train(params, jax.random.PRNGKey(1)))
+  assert float(loss) != float(train(params, jax.random.PRNGKey(2)))
+  evaluate = jax.jit(lambda p: model.eval_fn(p, batch)[0])
+  np.testing.assert_array_equal(evaluate(params), evaluate(params))
+  decodes = model.predict_batch(params, batch)
+  assert decodes.shape == (b, l)
+  np.testing.assert_array_equal(decodes, model.predict_batch(params, batch))
+
+
 def test_expert_lora_a_bound_is_one_over_sqrt_in():
   e, i, r = 8, 256, 8
   a = ExpertWeights(e, i, 32, ('embed', 'mlp'), lora=LoRAConfig(rank=r)).init(
