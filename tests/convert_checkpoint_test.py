@@ -115,7 +115,8 @@ def _official_dir(tmp_path, tokenizer_path, rename=None):
   """(directory, HF reference model with the adapters merged in)."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  model, config = tiny_mixtral(num_hidden_layers=2)
+  # rope_theta 10000: the official rotary embedding ignores config.json's rope_theta.
+  model, config = tiny_mixtral(num_hidden_layers=2, rope_theta=10000.0)
   # Copies: state_dict_numpy shares memory with the parameters that load_state_dict overwrites.
   sd = {k: v.copy() for k, v in state_dict_numpy(model).items()}
   f = config.intermediate_size
@@ -194,10 +195,12 @@ def _official_dir(tmp_path, tokenizer_path, rename=None):
 def test_official_layout_merged_and_kept_lora(tmp_path, capsys, tokenizer_path):
   src, reference = _official_dir(tmp_path, tokenizer_path)
   merged_out, kept_out = str(tmp_path / 'merged'), str(tmp_path / 'kept')
+  # --dtype float32: the 4-expert router runs in the model dtype (MoEConfig.router_dtype), and
+  # score.py's float32 does not change it.
   assert convert_checkpoint.main(['--source', 'unimoe', '--input', src, '--output', merged_out,
-                                  '--merge_lora']) == 0
+                                  '--merge_lora', '--dtype', 'float32']) == 0
   assert convert_checkpoint.main(['--source', 'unimoe', '--input', src,
-                                  '--output', kept_out]) == 0
+                                  '--output', kept_out, '--dtype', 'float32']) == 0
   params, gin_text = checkpoint.restore(kept_out)
   assert 'config.LoRAConfig' in gin_text and 'config.MoEConfig' in gin_text
   assert params['decoder']['layers_0']['moe']['wi_0']['lora_a'].shape == (4, 64, RANK)

@@ -11,8 +11,16 @@ config.json + safetensors or .bin, sharded or not), or LlavaForConditionalGenera
 experts + PEFT LoRA, `mm_projector`, and the towers and aligners): the weights of --input (and of
 --base, read first, when the adapters were saved apart from the base model, as the official LoRA
 runs do) plus any of non_lora_trainables.bin, adapter_model.{safetensors,bin}, mm_projector.bin,
-mm_audio_aligner.bin, mlp_gates.bin in --input. LoRA adapters are folded into the weights with
---merge_lora and kept as adapters (DecoderConfig.lora from adapter_config.json) otherwise.
+mm_audio_aligner.bin, mlp_gates.bin in --input. Every released variant: the 4-expert models with
+MoE on every layer (Uni_MoE_speech) or on the even layers (Uni_MoE_audio, Uni_MoE_speech_dp: read
+from the layers that hold a router), and the 8-expert DeepSpeed model (Uni_MoE_8e: MoE layers
+from config.json moe_type / moe_stride, expert weights from --input's {n}_mlp_experts.bin and
+the expert set --expert_dir, as the official loader combines them; loralib adapters inside the
+experts). LoRA adapters (PEFT and loralib) are folded into the weights with --merge_lora and kept
+as adapters (DecoderConfig.lora from adapter_config.json, or config.json lora_r / lora_alpha)
+otherwise. Everything is read from config.json (unimoe_jax/convert/official.py); a field that
+changes the forward pass and that we do not implement is an error naming it, and what is
+ignored or cannot be reproduced is printed and listed under "notes" in the summary.
 Mapped (unimoe_jax/convert/official.py, official_towers.py): the LLM -> decoder,
 model.mm_projector -> vision_projector, the CLIP tower model.vision_tower -> vision_tower; the
 speech variant's Whisper encoder model.audio_tower, Whisper-decoder aligner
@@ -59,11 +67,8 @@ from unimoe_jax.decoder import Decoder
 from unimoe_jax.model import UniMoE, UniMoEConfig
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-# Files the official training scripts write beside (or instead of) the model weights, in the
-# order the official loader applies them (later ones override earlier ones).
-OFFICIAL_EXTRA_FILES = ('non_lora_trainables.bin', 'adapter_model.safetensors',
-                        'adapter_model.bin', 'mm_projector.bin', 'mm_audio_aligner.bin',
-                        'mlp_gates.bin')
+# Files the official training scripts write beside (or instead of) the model weights.
+OFFICIAL_EXTRA_FILES = official.OFFICIAL_EXTRA_FILES
 
 
 def _gin_value(value: Any) -> str:
@@ -141,25 +146,6 @@ def check_model_against_model(params: Dict[str, Any], model_cfg: UniMoEConfig):
   _check_shapes(params, jax.eval_shape(init)['params'], 'converted params')
 
 
-def _official_state_dict(input_dir: str, base_dir: Optional[str]) -> ckpt_io.LazyStateDict:
-  parts = []
-  if base_dir:
-    parts.append(ckpt_io.open_state_dict(base_dir))
-  try:
-    parts.append(ckpt_io.open_state_dict(input_dir))
-  except FileNotFoundError:
-    if not base_dir:
-      raise
-  for name in OFFICIAL_EXTRA_FILES:
-    path = os.path.join(input_dir, name)
-    if os.path.exists(path):
-      parts.append(ckpt_io.open_files([path]))
-  merged = ckpt_io.LazyStateDict()
-  for part in parts:
-    merged = merged.merge(part.renamed(official.normalize_name))
-  return merged
-
-
 def convert_llava(input_dir: str, dtype: str = 'bfloat16', param_dtype: str = 'float32'):
   """(params tree, UniMoEConfig, number of source tensors, source parameter count) of a HF
   LlavaForConditionalGeneration directory."""
@@ -174,27 +160,34 @@ def convert_llava(input_dir: str, dtype: str = 'bfloat16', param_dtype: str = 'f
 
 def convert_official(input_dir: str, merge_lora: bool = False, base_dir: Optional[str] = None,
                      dtype: str = 'bfloat16', param_dtype: str = 'float32',
-                     vision_tower: Optional[str] = None, audio_tower: Optional[str] = None):
+                     vision_tower: Optional[str] = None, audio_tower: Optional[str] = None,
+                     expert_dir: Optional[str] = None,
+                     expert_files: Optional[Sequence[str]] = None, notes: Optional[list] = None):
   """(params tree, UniMoEConfig or None for a language model, DecoderConfig, number of source
-  tensors, source parameter count) of an official Uni-MoE directory (--source unimoe)."""
+  tensors, source parameter count) of an official Uni-MoE directory (--source unimoe). What is
+  ignored or cannot be reproduced is appended to `notes`."""
   hf_config = ckpt_io.read_config(input_dir)
   adapter_config = ckpt_io.read_json_if_present(os.path.join(input_dir, 'adapter_config.json'))
-  state_dict = _official_state_dict(input_dir, base_dir)
-  cfg = official.config_from_official(hf_config, adapter_config, keep_lora=not merge_lora,
-                                      dtype=dtype, param_dtype=param_dtype)
-  if cfg.lora is not None and not any(k.endswith('.lora_A.weight') for k in state_dict):
-    cfg = dataclasses.replace(cfg, lora=None)  # adapter_config.json without adapters.
+  files = official.open_official(input_dir, base_dir, expert_dir, expert_files)
+  layers = official.moe_layers(hf_config, list(files.state_dict))
+  state_dict, found = official.prune(files, hf_config, layers)
+  scales = official.adapter_scales(state_dict, hf_config, adapter_config)
+  cfg, config_notes = official.config_from_official(
+      hf_config, adapter_config, layers, files.deepspeed, scales, keep_lora=not merge_lora,
+      dtype=dtype, param_dtype=param_dtype)
   fields, tower_tensors = official_towers.tower_configs(
       hf_config, state_dict, vision_tower, audio_tower, search_dirs=(input_dir, base_dir))
   model_cfg = UniMoEConfig(decoder=cfg, **fields) if fields else None
   if tower_tensors:  # Towers the checkpoint lacks, from their own files.
     state_dict = ckpt_io.LazyStateDict(tower_tensors).merge(state_dict)
-  params = official.params_from_official(state_dict, cfg, hf_config, adapter_config,
+  params = official.params_from_official(state_dict, cfg, hf_config, scales,
                                          merge_lora=merge_lora, model_cfg=model_cfg)
   check_against_model(params['decoder'], cfg)
   if model_cfg is not None:
     check_model_against_model(params, model_cfg)
   count, size = ckpt_io.total_bytes(state_dict)
+  if notes is not None:
+    notes.extend(config_notes + found)
   return params, model_cfg, cfg, count, size
 
 
@@ -234,6 +227,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help='unimoe: CLIP tower directory (overrides config.json mm_vision_tower)')
   parser.add_argument('--audio_tower', default=None,
                       help='unimoe: Whisper directory or BEATs .pt (overrides mm_audio_tower)')
+  parser.add_argument('--expert_dir', default=None,
+                      help='unimoe 8e: the expert set directory (8e-Experts, the official '
+                           '--mlp_dir) whose FFN files the experts of --input update')
+  parser.add_argument('--expert_files', default=None,
+                      help='unimoe 8e: comma-separated expert set file of each expert, in expert '
+                           'order (default: the official ' + ','.join(official.OFFICIAL_EXPERT_SET)
+                           + ')')
   parser.add_argument('--merge_lora', action='store_true',
                       help='fold LoRA adapters into the weights instead of keeping them')
   parser.add_argument('--scan_layers', action='store_true',
@@ -245,6 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if os.path.exists(args.output):
     raise FileExistsError(f'--output {args.output} already exists')
   model_cfg = None
+  notes = []
   if (args.source == 'hf' and
       ckpt_io.read_config(args.input).get('model_type') == 'llava'):
     params, model_cfg, count, size = convert_llava(args.input, args.dtype, args.param_dtype)
@@ -252,7 +253,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   elif args.source == 'unimoe':
     params, model_cfg, cfg, count, size = convert_official(
         args.input, args.merge_lora, args.base, args.dtype, args.param_dtype,
-        args.vision_tower, args.audio_tower)
+        args.vision_tower, args.audio_tower, args.expert_dir,
+        args.expert_files.split(',') if args.expert_files else None, notes)
+    official.warn(notes)
   else:
     params, cfg, count, size = convert(args.source, args.input, args.merge_lora, args.base,
                                        args.dtype, args.param_dtype)
@@ -278,6 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              'source_tensors': count, 'source_parameters': size,
              'converted_parameters': int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
              'moe': cfg.moe is not None, 'lora_kept': cfg.lora is not None,
+             'moe_layers': list(cfg.moe_layer_indices()), 'notes': notes,
              'modalities': list(model_cfg.modalities) if model_cfg else [],
              'tokenizer_copied': bool(files),
              'peak_rss_mib': round(ckpt_io.peak_rss_bytes() / 2**20, 1)}
