@@ -90,6 +90,8 @@ def test_hf_directory_scores_like_transformers(tmp_path, capsys, tokenizer_path,
     assert any(n.endswith('.index.json') for n in os.listdir(src)), os.listdir(src)
   with open(tokenizer_path, 'rb') as f, open(src / 'tokenizer.model', 'wb') as g:
     g.write(f.read())
+  if scan:  # One case also carries a tokenizer_config.json (its `legacy` flag) along.
+    (src / 'tokenizer_config.json').write_text(json.dumps({'legacy': False}))
   out = str(tmp_path / 'out')
   assert convert_checkpoint.main(['--source', 'hf', '--input', str(src), '--output', out] +
                                  (['--scan_layers'] if scan else [])) == 0
@@ -99,6 +101,7 @@ def test_hf_directory_scores_like_transformers(tmp_path, capsys, tokenizer_path,
   assert ('stacked_layers' in stored['decoder']) == scan
   assert ('layers_0' in stored['decoder']) == (not scan)
   assert ('scan_layers = True' in gin_text) == scan
+  assert os.path.exists(os.path.join(out, 'tokenizer_config.json')) == scan
   tokens, ours = _score(capsys, out)
   assert len(tokens) > 4
   expected = _reference_logprobs(model, tokens)

@@ -270,10 +270,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     extra_lines = ['', '# The checkpoint also holds the vision projector of this kind:',
                    '# model.UniMoEConfig.vision_projector = ' + repr(kind)]
   files = {}
+  # The tokenizer, with the tokenizer_config.json beside it when there is one: its `legacy`
+  # flag changes how text after </s> is encoded (data/vocabulary.py).
+  from unimoe_jax.data.vocabulary import TOKENIZER_CONFIG_FILE  # pylint: disable=g-import-not-at-top
   for directory in (args.input, args.base):
     tokenizer = directory and os.path.join(directory, checkpoint.TOKENIZER_FILE)
     if tokenizer and os.path.exists(tokenizer) and not files:
       files[checkpoint.TOKENIZER_FILE] = tokenizer
+      tokenizer_config = os.path.join(directory, TOKENIZER_CONFIG_FILE)
+      if os.path.exists(tokenizer_config):
+        files[TOKENIZER_CONFIG_FILE] = tokenizer_config
   gin_text = (llava.model_gin_text(model_cfg, args.source) if model_cfg is not None
               else gin_config_text(cfg, args.source, extra_lines))
   checkpoint.save(args.output, params, gin_text, files)

@@ -86,9 +86,21 @@ def model_config_from_gin(gin_text: str) -> UniMoEConfig:
 
 
 def with_dtype(config: UniMoEConfig, dtype: str) -> UniMoEConfig:
-  """`config` computing (and holding weights) in `dtype` everywhere."""
-  return dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, dtype=dtype,
-                                                                 param_dtype=dtype))
+  """`config` computing (and holding weights) in `dtype` everywhere (see `decoder_with_dtype`)."""
+  return dataclasses.replace(config, decoder=decoder_with_dtype(config.decoder, dtype))
+
+
+def decoder_with_dtype(decoder: DecoderConfig, dtype: str) -> DecoderConfig:
+  """`decoder` computing and holding weights in `dtype`.
+
+  A router that ran in the model's compute dtype (`MoEConfig.router_dtype` equal to the
+  decoder's `dtype`: the official 4-expert gate is a model-dtype Linear) follows it; a router
+  pinned to another dtype (float32: ours, and the official 8e gate) keeps it.
+  """
+  moe = decoder.moe
+  if moe is not None and jnp.dtype(moe.router_dtype) == jnp.dtype(decoder.dtype):
+    moe = dataclasses.replace(moe, router_dtype=dtype)
+  return dataclasses.replace(decoder, dtype=dtype, param_dtype=dtype, moe=moe)
 
 
 def restore_model(checkpoint_dir: str, dtype: str = 'float32'
@@ -155,7 +167,7 @@ def score_text(checkpoint_dir: str, text: str, vocab_path: Optional[str] = None,
     return score_multimodal(checkpoint_dir, text, media, vocab_path, dtype)
   from unimoe_jax.data.vocabulary import get_vocabulary  # pylint: disable=g-import-not-at-top
   params, gin_text = checkpoint.restore(checkpoint_dir)
-  cfg = dataclasses.replace(decoder_config_from_gin(gin_text), dtype=dtype, param_dtype=dtype)
+  cfg = decoder_with_dtype(decoder_config_from_gin(gin_text), dtype)
   params = layer_stacking.to_config_layout(params, cfg)
   vocab_path = vocab_path or checkpoint.tokenizer_path(checkpoint_dir)
   if vocab_path is None:
