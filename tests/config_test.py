@@ -32,7 +32,7 @@ def test_gin_sizes_equal_python_sizes(gin_file, size):
 def test_gin_files_compose():
   cfg = _parse('models/llama_7b.gin', 'models/moe_8e_top2.gin', 'models/lora.gin',
                bindings=['config.MoEConfig.dispatch = "capacity"'])
-  assert cfg.embed_dim == 4096 and cfg.head_dim == 128
+  assert cfg.embed_dim == 4096 and cfg.resolved_head_dim == 128
   assert cfg.moe == config_lib.MoEConfig(num_experts=8, num_experts_per_tok=2,
                                          dispatch='capacity', load_balance_loss_coef=0.01)
   assert cfg.lora.rank == 8 and cfg.lora.scale == 2.0

@@ -177,7 +177,9 @@ class DecoderConfig:
   Attributes:
     vocab_size, embed_dim, num_layers, num_heads: the usual sizes.
     num_kv_heads: key/value heads for grouped-query attention (= num_heads for MHA).
-    head_dim: per-head size; 0 means embed_dim // num_heads.
+    head_dim: per-head size; 0 (the default) means embed_dim // num_heads, derived on every read
+      by `resolved_head_dim` (never stored: `dataclasses.replace(cfg, embed_dim=...)` of a
+      derived config derives it again). Read the size through `resolved_head_dim`.
     mlp_dim: SwiGLU hidden size (of the dense FFN and of each expert).
     rope_theta: rotary base frequency.
     rms_norm_eps: RMSNorm epsilon.
@@ -217,11 +219,12 @@ class DecoderConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'DecoderConfig.num_heads={self.num_heads} is not a multiple of '
                        f'num_kv_heads={self.num_kv_heads}')
-    if not self.head_dim:
-      if self.embed_dim % self.num_heads:
-        raise ValueError(f'DecoderConfig.embed_dim={self.embed_dim} is not divisible by '
-                         f'num_heads={self.num_heads}; set head_dim explicitly')
-      object.__setattr__(self, 'head_dim', self.embed_dim // self.num_heads)
+    if self.head_dim < 0:
+      raise ValueError(f'DecoderConfig.head_dim must be >= 0 (0: embed_dim // num_heads), '
+                       f'got {self.head_dim}')
+    if not self.head_dim and self.embed_dim % self.num_heads:
+      raise ValueError(f'DecoderConfig.embed_dim={self.embed_dim} is not divisible by '
+                       f'num_heads={self.num_heads}; set head_dim explicitly')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'DecoderConfig.remat must be one of {REMAT_POLICIES}, '
                        f'got {self.remat!r}')
@@ -230,6 +233,11 @@ class DecoderConfig:
     if self.moe is not None:
       for i in range(self.num_layers):
         self.moe.is_moe_layer(i, self.num_layers)
+
+  @property
+  def resolved_head_dim(self) -> int:
+    """The per-head size: `head_dim`, or embed_dim // num_heads when it is 0."""
+    return self.head_dim or self.embed_dim // self.num_heads
 
   @property
   def compute_dtype(self):

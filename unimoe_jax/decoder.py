@@ -53,9 +53,10 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     dtype, pdtype = cfg.compute_dtype, cfg.weight_dtype
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='pre_attention_norm')(x)
-    h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.lora,
-                  dtype, pdtype, name='attention')(h, positions, mask, deterministic, decode, prefill,
-                                                prefill_lengths, max_decode_length)
+    h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
+                  cfg.lora, dtype, pdtype, name='attention')(h, positions, mask, deterministic,
+                                                             decode, prefill, prefill_lengths,
+                                                             max_decode_length)
     x = partitioning.with_sharding_constraint(x + h, _ACTIVATION_AXES)
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='pre_mlp_norm')(x)
     if self.use_moe:

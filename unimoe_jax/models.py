@@ -64,19 +64,26 @@ def cross_entropy(logits: Array, targets: Array, z_loss: float = 0.0,
   z_loss adds `z_loss * log(sum(exp(logits)))**2` (PaLM / t5x). Label smoothing spreads
   `label_smoothing` uniformly over the vocabulary; the constant entropy term is subtracted so
   that a perfect prediction scores 0, as t5x does.
+
+  A target outside `[0, vocab)` (a media placeholder's negative id, which carries loss weight 0)
+  has cross-entropy exactly 0: the gather reads id 0 there instead (an out-of-range gather
+  returns NaN, and NaN * weight 0 is NaN), so such positions add nothing to a weighted sum.
   """
   logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
+  in_vocab = (targets >= 0) & (targets < vocab)
+  safe_targets = jnp.where(in_vocab, targets, 0)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   log_probs = logits - log_z[..., None]
   confidence = 1.0 - label_smoothing
   low = label_smoothing / max(vocab - 1, 1)
-  target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  target_log_prob = jnp.take_along_axis(log_probs, safe_targets[..., None], axis=-1)[..., 0]
   loss = -confidence * target_log_prob
   if label_smoothing > 0:
     loss = loss - low * (jnp.sum(log_probs, axis=-1) - target_log_prob)
     normalizer = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
     loss = loss - normalizer
+  loss = jnp.where(in_vocab, loss, 0.0)
   z = z_loss * jnp.square(log_z)
   return loss + z, z
 

@@ -62,7 +62,7 @@ def decoder_params_from_hf(state_dict: Mapping[str, np.ndarray],
   Raises ValueError naming every missing or unexpected tensor, or a tensor of the wrong shape.
   """
   r = TensorReader(state_dict, ignore_suffixes=('rotary_emb.inv_freq',))
-  d, h, kv, hd, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  d, h, kv, hd, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.mlp_dim
   params: Dict[str, Any] = {
       'token_embedder': {'embedding': r.pop('model.embed_tokens.weight', (cfg.vocab_size, d))},
       'decoder_norm': {'scale': r.pop('model.norm.weight', (d,))},
