@@ -13,6 +13,21 @@ agree to float32 rounding:
 mode='pad' first applies LLaVA's `expand2square` (official Uni-MoE `train/data.py`, used when
 `image_aspect_ratio == 'pad'`): the image is pasted centred onto a square canvas filled with the
 mean colour as ints, `tuple(int(m * 255) for m in mean)`.
+
+Beyond what `Image.convert('RGB')` (the official loader) does:
+
+  * high bit-depth pixels are scaled to 8 bits, not clipped (Pillow's convert clips them to
+    255, turning a 16-bit grey PNG white): 16-bit grey ('I;16*', and 'I' within 0..65535, as
+    older Pillow reads 16-bit PNGs) by round(v / 257); float ('F', e.g. a float TIFF) read as
+    0..1 when its values lie there, else as 0..255 (Pillow's own 'F' scale); pixels beyond
+    that (or NaN) are refused naming the range. 16-bit RGB(A) and grey+alpha PNGs already
+    come out of Pillow as 8-bit RGB(A);
+  * memory is bounded on extreme aspect ratios: when the shortest-side resize would exceed
+    `MAX_RESIZED_PIXELS_FACTOR * size**2` pixels (a 2000x1 image resizes to 672000x336), only
+    the source region that the centre crop keeps is resampled (`resize_and_center_crop`: the
+    same passes, filters and scales, the same pixels; ordinary images take the plain path
+    above), and a 'pad' canvas wider than `MAX_PAD_SIDE` is built from the image first
+    reduced (box filter) to fit (approximate, only for such images).
 """
 
 from typing import Sequence
@@ -26,6 +41,43 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 PREPROCESS_MODES = ('crop', 'pad')
+
+# Above this many times size**2 pixels, the resize of step 1 resamples only the crop's region.
+MAX_RESIZED_PIXELS_FACTOR = 16
+# The longest side of a 'pad' square canvas built at full resolution (8192**2 RGB: 192 MiB).
+MAX_PAD_SIDE = 8192
+
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+def to_rgb(image):
+  """An RGB `PIL.Image.Image` of `image` (any Pillow mode), high bit depths scaled to 8 bits
+  (module docstring). Raises ValueError naming the mode and pixel range it cannot scale."""
+  from PIL import Image
+
+  mode = image.mode
+  if mode == 'RGB':
+    return image
+  if mode not in _SIXTEEN_BIT_MODES + ('I', 'F'):
+    return image.convert('RGB')
+  values = np.asarray(image).astype(np.float64)
+  if values.size == 0:
+    return image.convert('RGB')
+  low, high = float(np.min(values)), float(np.max(values))
+  if not (np.isfinite(low) and np.isfinite(high)):
+    raise ValueError(f'{mode!r} image has non-finite pixels')
+  if mode in _SIXTEEN_BIT_MODES or mode == 'I':
+    if low < 0 or high > 65535:
+      raise ValueError(f'{mode!r} (32-bit integer) pixels span {low:g}..{high:g}, beyond the '
+                       '16-bit range 0..65535: no known white level')
+    scaled = values / 257.0
+  else:  # 'F'
+    if low < 0 or high > 255:
+      raise ValueError(f"'F' (float) pixels span {low:g}..{high:g}, beyond 0..1 and 0..255: "
+                       'no known white level')
+    scaled = values * 255.0 if high <= 1.0 else values
+  grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+  return Image.fromarray(grey, mode='L').convert('RGB')
 
 
 def load_image(path: PathLike):
@@ -41,7 +93,7 @@ def load_image(path: PathLike):
   try:
     with Image.open(path) as image:
       image.load()
-      rgb = image.convert('RGB')
+      rgb = to_rgb(image)
   except UnidentifiedImageError:
     raise MediaError('image', path, 'cannot identify image file') from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -74,7 +126,7 @@ def _as_rgb_pil(image):
   from PIL import Image
 
   if isinstance(image, Image.Image):
-    return image.convert('RGB') if image.mode != 'RGB' else image
+    return to_rgb(image)
   array = np.asarray(image)
   if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
     raise ValueError(
@@ -93,6 +145,49 @@ def resize_shortest_edge(image, size: int):
   else:
     new_width, new_height = int(size * width / height), size
   return image.resize((new_width, new_height), resample=Image.Resampling.BICUBIC)
+
+
+def resize_and_center_crop(image, size: int) -> np.ndarray:
+  """`center_crop(np.asarray(resize_shortest_edge(image, size)), size)` (uint8
+  `[size, size, 3]`) without building the whole resized image when it would exceed
+  `MAX_RESIZED_PIXELS_FACTOR * size**2` pixels.
+
+  Pillow's resize runs two one-dimensional passes, each rounded to uint8: horizontal then
+  vertical, except (as observed with Pillow 13) vertical first when a tall image shrinks. The
+  large path runs the same two passes, in that order, on just what the crop needs: the first
+  pass over the source lines the second pass's filter reaches (bicubic support 2 source
+  pixels, times the scale when shrinking, plus a margin), the second over the crop's box,
+  both with the scales of the full resize. Filter windows and edge clamping are those of the
+  full resize; tests/media_image_depth_test.py checks the pixels are equal.
+  """
+  from PIL import Image
+
+  bicubic = Image.Resampling.BICUBIC
+  width, height = image.size
+  if width <= height:
+    new_width, new_height = size, int(size * height / width)
+  else:
+    new_width, new_height = int(size * width / height), size
+  if new_width * new_height <= MAX_RESIZED_PIXELS_FACTOR * size * size:
+    return center_crop(np.asarray(resize_shortest_edge(image, size)), size)
+  top = (new_height - size) // 2
+  left = (new_width - size) // 2
+  scale_x, scale_y = width / new_width, height / new_height
+  x0, x1 = left * scale_x, (left + size) * scale_x
+  y0, y1 = top * scale_y, (top + size) * scale_y
+  if height > width and width > size:  # Vertical pass first, on the columns the crop needs.
+    reach = 2.0 * max(scale_x, 1.0) + 2
+    c0, c1 = max(int(np.floor(x0 - reach)), 0), min(int(np.ceil(x1 + reach)), width)
+    columns = image.crop((c0, 0, c1, height))
+    vertical = columns.resize((c1 - c0, size), resample=bicubic, box=(0, y0, c1 - c0, y1))
+    out = vertical.resize((size, size), resample=bicubic, box=(x0 - c0, 0, x1 - c0, size))
+  else:  # Horizontal pass first, on the rows the crop needs.
+    reach = 2.0 * max(scale_y, 1.0) + 2
+    r0, r1 = max(int(np.floor(y0 - reach)), 0), min(int(np.ceil(y1 + reach)), height)
+    rows = image.crop((0, r0, width, r1))
+    horizontal = rows.resize((size, r1 - r0), resample=bicubic, box=(x0, 0, x1, r1 - r0))
+    out = horizontal.resize((size, size), resample=bicubic, box=(0, y0 - r0, size, y1 - r0))
+  return np.asarray(out)
 
 
 def center_crop(array: np.ndarray, size: int) -> np.ndarray:
@@ -132,9 +227,11 @@ def preprocess_image(image,
   if pil.width == 0 or pil.height == 0:
     raise ValueError(f'zero-size image {pil.width}x{pil.height}')
   if mode == 'pad':
+    side = max(pil.size)
+    if side > MAX_PAD_SIDE:  # Bound the square canvas (a 100000x1 image would be 10^10 px).
+      pil = pil.reduce(-(-side // MAX_PAD_SIDE))
     pil = expand_to_square(pil, pad_color(mean))
-  pil = resize_shortest_edge(pil, size)
-  pixels = center_crop(np.asarray(pil), size)
+  pixels = resize_and_center_crop(pil, size)
   scaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
   return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
