@@ -37,6 +37,17 @@ The decoder layers are written looped (`layers_{i}`), or stacked for scanned lay
 --scan_layers (config.gin then sets DecoderConfig.scan_layers); every loader converts between
 the two (unimoe_jax/layer_stacking.py), so either loads into a model of either layout.
 
+--to hf exports the other way (unimoe_jax/convert/export_hf.py): --input is one of our
+checkpoints (a converted / exported directory, a training MODEL_DIR (its latest step) or one of
+its step directories, as INITIAL_CHECKPOINT_PATH accepts), --output a Hugging Face
+`save_pretrained` directory: LlamaForCausalLM for a dense decoder, MixtralForCausalLM for MoE on
+every layer, float32 safetensors (sharded above --max_shard_gb) + config.json + the tokenizer
+files found beside --input. LoRA adapters are merged by default; --keep_lora writes them as a
+PEFT adapter in OUTPUT/lora_adapter/ instead (not possible for adapters on experts). Only the
+decoder is exported: towers and connectors are listed as not exported in the summary.
+
+    python tools/convert_checkpoint.py --to hf --input /runs/unimoe --output /out/unimoe-hf
+
 The output (see unimoe_jax/checkpoint.py) is written only after the whole conversion succeeded;
 a mismatch raises a ValueError naming the tensor and leaves no output directory. A JSON summary
 (tensor and parameter counts, peak RSS) is printed at the end.
@@ -216,9 +227,54 @@ def convert(source: str, input_dir: str, merge_lora: bool = False, base_dir: Opt
   return params, cfg, count, size
 
 
+def export_hf(args) -> int:
+  """--to hf: one of our checkpoints (or a training run) -> a Hugging Face directory."""
+  from unimoe_jax.convert import export_hf as export_lib  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.data.vocabulary import TOKENIZER_CONFIG_FILE  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.training import checkpoints as train_checkpoints  # pylint: disable=g-import-not-at-top
+  directory, step = train_checkpoints.locate(args.input, '--input')
+  params, gin_text = train_checkpoints.read_params(args.input, '--input')
+  if gin_text is None:
+    raise ValueError(f'--input {args.input}: no config.gin found beside the parameters (a '
+                     'training run keeps it in MODEL_DIR/config.gin)')
+  cfg = export_lib.config_from_gin(gin_text).decoder
+  files = {}
+  # The tokenizer beside a converted checkpoint, or in the run's MODEL_DIR.
+  for where in (directory, os.path.join(directory, '..', '..')):
+    if os.path.exists(os.path.join(where, checkpoint.TOKENIZER_FILE)) and not files:
+      for name in (checkpoint.TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, 'tokenizer.json',
+                   'special_tokens_map.json'):
+        if os.path.exists(os.path.join(where, name)):
+          files[name] = os.path.join(where, name)
+  summary = export_lib.export(params, cfg, args.output, keep_lora=args.keep_lora,
+                              extra_files=files,
+                              max_position_embeddings=args.max_position_embeddings,
+                              max_shard_bytes=int(args.max_shard_gb * 2**30))
+  if not files:
+    summary['notes'].append(f'no {checkpoint.TOKENIZER_FILE} beside --input: copy the '
+                            'tokenizer into the output yourself')
+  summary.update(input=directory, step=step, moe=cfg.moe is not None,
+                 peak_rss_mib=round(ckpt_io.peak_rss_bytes() / 2**20, 1))
+  for note in summary['notes']:
+    print(f'convert_checkpoint --to hf: {note}', file=sys.stderr)
+  print(json.dumps(summary))
+  return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--source', choices=('hf', 'unimoe'), required=True)
+  parser.add_argument('--source', choices=('hf', 'unimoe'), default=None,
+                      help='the format of --input (required unless --to hf)')
+  parser.add_argument('--to', choices=('hf',), default=None,
+                      help='hf: export our checkpoint (or training run) --input as a Hugging '
+                           'Face LLaMA / Mixtral directory')
+  parser.add_argument('--keep_lora', action='store_true',
+                      help='--to hf: write the LoRA adapters as a PEFT adapter instead of '
+                           'merging them')
+  parser.add_argument('--max_position_embeddings', type=int, default=4096,
+                      help='--to hf: config.json max_position_embeddings (we have no limit)')
+  parser.add_argument('--max_shard_gb', type=float, default=5.0,
+                      help='--to hf: largest safetensors shard, GiB')
   parser.add_argument('--input', required=True, help='checkpoint directory to read')
   parser.add_argument('--output', required=True, help='new directory to write')
   parser.add_argument('--base', default=None,
@@ -242,6 +298,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--dtype', default='bfloat16', help='DecoderConfig.dtype to write')
   parser.add_argument('--param_dtype', default='float32', help='DecoderConfig.param_dtype')
   args = parser.parse_args(argv)
+  if args.to is not None:
+    if args.source is not None:
+      parser.error('--to hf reads one of our checkpoints: --source does not apply')
+    return export_hf(args)
+  if args.source is None:
+    parser.error('--source is required (or --to hf to export)')
   if os.path.exists(args.output):
     raise FileExistsError(f'--output {args.output} already exists')
   model_cfg = None

@@ -1,18 +1,25 @@
-"""Hugging Face LLaMA / Mixtral state dicts -> our decoder parameters (numpy, no torch).
+"""Hugging Face LLaMA / Mixtral state dicts <-> our decoder parameters (numpy, no torch).
 
 A state dict here is a mapping from Hugging Face tensor names to numpy arrays (as
 `safetensors.numpy.load_file` or `{k: v.numpy()}` gives). Torch `nn.Linear` stores
 `[out, in]`; our kernels are `[in, out]` with heads split out. LLaMA on Hugging Face already
 uses the "rotate half" rotary layout that `layers/attention.py` implements, so no permutation of
 query/key rows is needed.
+
+`tensor_table(cfg)` is the one name / layout table of both directions: the import below
+(`decoder_params_from_hf`) and the export (`convert/export_hf.py`) read it. Its names are the
+`save_pretrained` layout (what transformers 4 and 5 write and the Hub's Mixtral holds: per-expert
+`block_sparse_moe.experts.{e}.w1/w2/w3`); the import also reads transformers 5's in-memory
+names (`mlp.gate`, fused `mlp.experts.gate_up_proj` / `down_proj`) and `mlp.experts.{e}.w*`.
 """
 
-from typing import Any, Dict, Mapping
+import re
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from unimoe_jax.config import DecoderConfig, MoEConfig
-from unimoe_jax.convert.common import TensorReader, linear_kernel
+from unimoe_jax.convert.common import TensorReader
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides) -> DecoderConfig:
@@ -40,19 +47,124 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> DecoderConfig:
   return DecoderConfig(**fields)
 
 
-def _mixtral_experts(r: TensorReader, prefix: str, cfg: DecoderConfig) -> Dict[str, np.ndarray]:
-  """Experts in either layout: transformers>=5 fused `experts.gate_up_proj` / `down_proj`,
-  or the original per-expert `experts.{e}.w1/w2/w3`."""
-  e, d, f = cfg.moe.num_experts, cfg.embed_dim, cfg.mlp_dim
-  if r.has(f'{prefix}.experts.gate_up_proj'):
-    gate_up = r.pop(f'{prefix}.experts.gate_up_proj', (e, 2 * f, d))
-    down = r.pop(f'{prefix}.experts.down_proj', (e, d, f))
-    return {'wi_0': gate_up[:, :f].transpose(0, 2, 1), 'wi_1': gate_up[:, f:].transpose(0, 2, 1),
-            'wo': down.transpose(0, 2, 1)}
-  w1 = np.stack([r.pop(f'{prefix}.experts.{i}.w1.weight', (f, d)).T for i in range(e)])
-  w3 = np.stack([r.pop(f'{prefix}.experts.{i}.w3.weight', (f, d)).T for i in range(e)])
-  w2 = np.stack([r.pop(f'{prefix}.experts.{i}.w2.weight', (d, f)).T for i in range(e)])
-  return {'wi_0': w1, 'wi_1': w3, 'wo': w2}
+class Entry(NamedTuple):
+  """One Hugging Face tensor and where it lives in our decoder tree.
+
+  `linear`: a torch Linear weight `hf_shape = [out, in]`, ours its transpose reshaped to
+  `our_shape` (heads split out); otherwise the values are copied. `expert`: the tensor is slice
+  `expert` of our stacked `[expert, in, out]` kernel (`our_shape` is that slice's shape).
+  """
+  hf: str
+  ours: Tuple[str, ...]
+  hf_shape: Tuple[int, ...]
+  our_shape: Tuple[int, ...]
+  linear: bool
+  expert: Optional[int] = None
+
+  def to_ours(self, value: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(value.T).reshape(self.our_shape) if self.linear else value
+
+  def to_hf(self, value: np.ndarray) -> np.ndarray:
+    value = np.asarray(value)
+    if self.expert is not None:
+      value = value[self.expert]
+    if not self.linear:
+      return value
+    return np.ascontiguousarray(value.reshape(self.hf_shape[::-1]).T)
+
+
+# Our projection name <-> the Hugging Face module name.
+ATTENTION_MODULES = {'query': 'q_proj', 'key': 'k_proj', 'value': 'v_proj', 'out': 'o_proj'}
+MLP_MODULES = {'wi_0': 'gate_proj', 'wi_1': 'up_proj', 'wo': 'down_proj'}
+EXPERT_MODULES = {'wi_0': 'w1', 'wi_1': 'w3', 'wo': 'w2'}
+
+
+def tensor_table(cfg: DecoderConfig) -> List[Entry]:
+  """Every tensor of a LlamaForCausalLM / MixtralForCausalLM of `cfg`, in our tree's order."""
+  d, h, kv, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_dim
+  hd = cfg.resolved_head_dim
+  v = cfg.vocab_size
+  table = [Entry('model.embed_tokens.weight', ('token_embedder', 'embedding'), (v, d), (v, d),
+                 False),
+           Entry('model.norm.weight', ('decoder_norm', 'scale'), (d,), (d,), False),
+           Entry('lm_head.weight', ('logits_dense', 'kernel'), (v, d), (d, v), True)]
+  attention = {'query': ((h * hd, d), (d, h, hd)), 'key': ((kv * hd, d), (d, kv, hd)),
+               'value': ((kv * hd, d), (d, kv, hd)), 'out': ((d, h * hd), (h, hd, d))}
+  mlp = {'wi_0': ((f, d), (d, f)), 'wi_1': ((f, d), (d, f)), 'wo': ((d, f), (f, d))}
+  moe_layers = set(cfg.moe_layer_indices())
+  for i in range(cfg.num_layers):
+    p, ours = f'model.layers.{i}', f'layers_{i}'
+    table += [Entry(f'{p}.input_layernorm.weight', (ours, 'pre_attention_norm', 'scale'), (d,),
+                    (d,), False),
+              Entry(f'{p}.post_attention_layernorm.weight', (ours, 'pre_mlp_norm', 'scale'),
+                    (d,), (d,), False)]
+    for name, (hf_shape, our_shape) in attention.items():
+      table.append(Entry(f'{p}.self_attn.{ATTENTION_MODULES[name]}.weight',
+                         (ours, 'attention', name, 'kernel'), hf_shape, our_shape, True))
+    if i in moe_layers:
+      e = cfg.moe.num_experts
+      table.append(Entry(f'{p}.block_sparse_moe.gate.weight', (ours, 'moe', 'router'), (e, d),
+                         (d, e), True))
+      for x in range(e):
+        for name, (hf_shape, our_shape) in mlp.items():
+          table.append(Entry(f'{p}.block_sparse_moe.experts.{x}.{EXPERT_MODULES[name]}.weight',
+                             (ours, 'moe', name, 'kernel'), hf_shape, our_shape, True, x))
+    else:
+      for name, (hf_shape, our_shape) in mlp.items():
+        table.append(Entry(f'{p}.mlp.{MLP_MODULES[name]}.weight', (ours, 'mlp', name, 'kernel'),
+                           hf_shape, our_shape, True))
+  return table
+
+
+class _Slice:
+  """A lazily read slice of a (possibly lazy) tensor, with its shape known up front."""
+
+  def __init__(self, source, index, shape):
+    self.source, self.index, self.shape = source, index, tuple(shape)
+    self.ndim = len(self.shape)
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    value = np.asarray(self.source)[self.index]
+    return value if dtype is None else value.astype(dtype)
+
+
+_MOE_MLP = re.compile(r'^(model\.layers\.\d+)\.mlp\.(gate\.weight|experts\.)')
+_FUSED = re.compile(r'^(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.'
+                    r'(gate_up_proj|down_proj)$')
+
+
+def _canonical(state_dict: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
+  """(the state dict under `tensor_table` names, canonical -> source name of those renamed,
+  whether the source spells the MoE block `mlp`)."""
+  out: Dict[str, Any] = {}
+  renamed: Dict[str, str] = {}
+  mlp_style = False
+  for name in state_dict:
+    value = state_dict[name]
+    fused = _FUSED.match(name)
+    if fused:  # transformers 5: [expert, 2 * ffn, embed] gate|up, [expert, embed, ffn] down.
+      mlp_style = mlp_style or '.mlp.' in name
+      p, kind = fused.groups()
+      shape = tuple(value.shape)
+      if len(shape) != 3 or (kind == 'gate_up_proj' and shape[1] % 2):
+        raise ValueError(f'{name}: unexpected shape {shape}')
+      for x in range(shape[0]):
+        parts = ([('w1', np.s_[x, :shape[1] // 2]), ('w3', np.s_[x, shape[1] // 2:])]
+                 if kind == 'gate_up_proj' else [('w2', np.s_[x])])
+        for module, index in parts:
+          new = f'{p}.block_sparse_moe.experts.{x}.{module}.weight'
+          sliced_shape = ((shape[1] // 2, shape[2]) if kind == 'gate_up_proj'
+                          else (shape[1], shape[2]))
+          out[new] = _Slice(value, index, sliced_shape)
+          renamed[new] = f'{name}[{x}]'
+      continue
+    new = _MOE_MLP.sub(r'\1.block_sparse_moe.\2', name)
+    if new != name:
+      mlp_style = True
+      renamed[new] = name
+    out[new] = value
+  return out, renamed, mlp_style
 
 
 def decoder_params_from_hf(state_dict: Mapping[str, np.ndarray],
@@ -61,42 +173,31 @@ def decoder_params_from_hf(state_dict: Mapping[str, np.ndarray],
 
   Raises ValueError naming every missing or unexpected tensor, or a tensor of the wrong shape.
   """
-  r = TensorReader(state_dict, ignore_suffixes=('rotary_emb.inv_freq',))
-  d, h, kv, hd, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.mlp_dim
-  params: Dict[str, Any] = {
-      'token_embedder': {'embedding': r.pop('model.embed_tokens.weight', (cfg.vocab_size, d))},
-      'decoder_norm': {'scale': r.pop('model.norm.weight', (d,))},
-      'logits_dense': {'kernel': linear_kernel(r.pop('lm_head.weight', (cfg.vocab_size, d)))},
-  }
-  moe_layers = set(cfg.moe_layer_indices())
-  for i in range(cfg.num_layers):
-    p = f'model.layers.{i}'
-    layer = {
-        'pre_attention_norm': {'scale': r.pop(f'{p}.input_layernorm.weight', (d,))},
-        'pre_mlp_norm': {'scale': r.pop(f'{p}.post_attention_layernorm.weight', (d,))},
-        'attention': {
-            'query': {'kernel': linear_kernel(r.pop(f'{p}.self_attn.q_proj.weight',
-                                              (h * hd, d))).reshape(d, h, hd)},
-            'key': {'kernel': linear_kernel(r.pop(f'{p}.self_attn.k_proj.weight',
-                                            (kv * hd, d))).reshape(d, kv, hd)},
-            'value': {'kernel': linear_kernel(r.pop(f'{p}.self_attn.v_proj.weight',
-                                              (kv * hd, d))).reshape(d, kv, hd)},
-            'out': {'kernel': linear_kernel(r.pop(f'{p}.self_attn.o_proj.weight',
-                                            (d, h * hd))).reshape(h, hd, d)},
-        },
-    }
-    if i in moe_layers:
-      # transformers>=5 names the block `mlp`; older Mixtral checkpoints `block_sparse_moe`.
-      prefix = f'{p}.mlp' if r.has(f'{p}.mlp.gate.weight') else f'{p}.block_sparse_moe'
-      router = linear_kernel(r.pop(f'{prefix}.gate.weight', (cfg.moe.num_experts, d)))
-      experts = _mixtral_experts(r, prefix, cfg)
-      layer['moe'] = {'router': router, **{k: {'kernel': v} for k, v in experts.items()}}
-    else:
-      layer['mlp'] = {
-          'wi_0': {'kernel': linear_kernel(r.pop(f'{p}.mlp.gate_proj.weight', (f, d)))},
-          'wi_1': {'kernel': linear_kernel(r.pop(f'{p}.mlp.up_proj.weight', (f, d)))},
-          'wo': {'kernel': linear_kernel(r.pop(f'{p}.mlp.down_proj.weight', (d, f)))},
-      }
-    params[f'layers_{i}'] = layer
-  r.finish()
+  sd, renamed, mlp_style = _canonical(state_dict)
+  r = TensorReader(sd, ignore_suffixes=('rotary_emb.inv_freq',))
+  flat: Dict[Tuple[str, ...], Any] = {}
+  experts: Dict[Tuple[str, ...], Dict[int, np.ndarray]] = {}
+  try:
+    for entry in tensor_table(cfg):
+      value = entry.to_ours(r.pop(entry.hf, entry.hf_shape))
+      if entry.expert is None:
+        flat[entry.ours] = value
+      else:
+        experts.setdefault(entry.ours, {})[entry.expert] = value
+    r.finish()
+  except ValueError as e:
+    message = str(e)
+    for new, old in renamed.items():
+      message = re.sub(re.escape(new) + r'(?!\d)', old, message)
+    if mlp_style:
+      message = message.replace('.block_sparse_moe.', '.mlp.')
+    raise ValueError(message) from None
+  for path, slices in experts.items():
+    flat[path] = np.stack([slices[x] for x in range(len(slices))])
+  params: Dict[str, Any] = {}
+  for path, value in flat.items():
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
   return params

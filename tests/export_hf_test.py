@@ -1,0 +1,241 @@
+"""tools/convert_checkpoint.py --to hf (unimoe_jax/convert/export_hf.py): our checkpoints as
+Hugging Face LLaMA / Mixtral directories; HF -> ours -> HF bit-exact, transformers logits."""
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+import flax.linen as nn
+
+from hf_reference import logits as hf_logits
+from hf_reference import state_dict_numpy, tiny_llama, tiny_mixtral
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'tools'))
+import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax import checkpoint, layer_stacking  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax.config import LoRAConfig, MoEConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax.convert import export_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax.convert import hf as convert_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax.decoder import Decoder  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TOL = 1e-5
+TOKENS = np.random.RandomState(0).randint(0, 97, size=(2, 12)).astype(np.int32)
+
+
+def _randomize(model, seed=1):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0.0, 0.1)
+  return model
+
+
+def _tensors(directory):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name in sorted(os.listdir(directory)):
+    if name.endswith('.safetensors'):
+      out.update(load_file(os.path.join(directory, name)))
+  return out
+
+
+def _load_hf(directory):
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      directory, attn_implementation='eager').eval()
+
+
+def _last_json(capsys):
+  return json.loads(capsys.readouterr().out.splitlines()[-1])
+
+
+@pytest.mark.parametrize('kind,scan', [('llama', False), ('mixtral', False), ('mixtral', True)])
+def test_round_trip_is_bit_exact_and_transformers_loads_it(tmp_path, capsys, kind, scan):
+  model, _ = (tiny_llama if kind == 'llama' else tiny_mixtral)(num_hidden_layers=2)
+  _randomize(model)
+  src, ours, out = (str(tmp_path / n) for n in ('src', 'ours', 'out'))
+  model.save_pretrained(src)
+  with open(os.path.join(src, 'tokenizer.model'), 'wb') as f:
+    f.write(b'not a real sentencepiece model: only copied')
+  assert convert_checkpoint.main(['--source', 'hf', '--input', src, '--output', ours,
+                                  '--dtype', 'float32'] + (['--scan_layers'] if scan else [])) == 0
+  capsys.readouterr()
+  assert convert_checkpoint.main(['--to', 'hf', '--input', ours, '--output', out]) == 0
+  summary = _last_json(capsys)
+  assert summary['architecture'] == ('LlamaForCausalLM' if kind == 'llama'
+                                     else 'MixtralForCausalLM')
+  assert summary['notes'] == [] and summary['lora'] is None
+  before, after = _tensors(src), _tensors(out)
+  assert sorted(before) == sorted(after)
+  for name, value in before.items():
+    assert after[name].dtype == value.dtype and np.array_equal(after[name], value), name
+  with open(os.path.join(out, 'tokenizer.model'), 'rb') as f:
+    assert f.read().startswith(b'not a real')
+  exported = _load_hf(out)
+  assert type(exported).__name__ == type(model).__name__
+  err = np.abs(hf_logits(exported, TOKENS) - hf_logits(model, TOKENS)).max()
+  assert err == 0.0, err  # Same weights, same class: the same logits.
+
+
+def test_fused_in_memory_mixtral_names_import_like_the_files(tmp_path):
+  """transformers 5's in-memory names (mlp.gate, fused experts) and the files' per-expert
+  names give the same params, and the export reproduces the files."""
+  model, config = tiny_mixtral(num_hidden_layers=2)
+  cfg = convert_hf.config_from_hf(config.to_dict(), dtype='float32')
+  from_memory = convert_hf.decoder_params_from_hf(state_dict_numpy(model), cfg)
+  model.save_pretrained(str(tmp_path))
+  files = _tensors(str(tmp_path))
+  from_files = convert_hf.decoder_params_from_hf(files, cfg)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, from_memory, from_files)
+  back = dict(export_hf.state_dict(from_memory, cfg))
+  assert sorted(back) == sorted(files)
+  for name, value in files.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+def _lora_checkpoint(tmp_path, kind, targets, scan=False):
+  """(our checkpoint dir, DecoderConfig with LoRA, our logits on TOKENS): a tiny HF model's
+  weights plus random adapters."""
+  model, config = (tiny_llama if kind == 'llama' else tiny_mixtral)(num_hidden_layers=2)
+  _randomize(model)
+  lora = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=targets)
+  cfg = convert_hf.config_from_hf(config.to_dict(), dtype='float32', lora=lora)
+  base = convert_hf.decoder_params_from_hf(state_dict_numpy(model), cfg)
+  abstract = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
+                                                      jnp.zeros((1, 1), jnp.int32)))['params']
+  flat = traverse_util.flatten_dict(nn.meta.unbox(abstract))
+  flat_base = traverse_util.flatten_dict(base)
+  rng = np.random.default_rng(0)
+  for path, leaf in flat.items():
+    if path[-1] in ('lora_a', 'lora_b'):
+      flat_base[path] = rng.normal(0.0, 0.1, leaf.shape).astype(np.float32)
+  assert set(flat_base) == set(flat)
+  params = traverse_util.unflatten_dict(flat_base)
+  ours, _ = Decoder(cfg).apply({'params': jax.tree_util.tree_map(jnp.asarray, params)},
+                               jnp.asarray(TOKENS))
+  if scan:
+    cfg = dataclasses.replace(cfg, scan_layers=True)
+    params = layer_stacking.to_config_layout(params, cfg)
+  directory = str(tmp_path / f'ours_{kind}')
+  checkpoint.save(directory, {'decoder': params}, convert_checkpoint.gin_config_text(cfg, 'test'))
+  return directory, cfg, np.asarray(ours)
+
+
+def _apply_peft(model, adapter_dir):
+  """W += (lora_alpha / r) * B @ A for every adapted module, as PEFT's merge does."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(adapter_dir, 'adapter_config.json')) as f:
+    config = json.load(f)
+  scale = config['lora_alpha'] / config['r']
+  tensors = _tensors(adapter_dir)
+  modules = {k[:-len('.lora_A.weight')] for k in tensors if k.endswith('.lora_A.weight')}
+  assert modules and all(m.split('.')[-1] in config['target_modules'] for m in modules)
+  params = dict(model.named_parameters())
+  with torch.no_grad():
+    for m in modules:
+      name = m[len(export_hf.PEFT_PREFIX):] + '.weight'
+      delta = tensors[f'{m}.lora_B.weight'] @ tensors[f'{m}.lora_A.weight']
+      params[name] += scale * torch.from_numpy(delta)
+  return len(modules)
+
+
+@pytest.mark.parametrize('kind,keep', [('llama', False), ('llama', True),
+                                       ('mixtral', False), ('mixtral', True)])
+def test_lora_export_matches_our_logits(tmp_path, capsys, kind, keep):
+  """Merged (default): every target incl. experts; kept (PEFT adapter): Mixtral's attention
+  adapters (expert adapters cannot be PEFT adapters of transformers 5's fused experts)."""
+  targets = ('query', 'key', 'value', 'out', 'mlp', 'experts')
+  if kind == 'mixtral' and keep:
+    targets = ('query', 'key', 'value', 'out')
+  ckpt, cfg, ours = _lora_checkpoint(tmp_path, kind, targets, scan=kind == 'mixtral' and keep)
+  out = str(tmp_path / 'out')
+  capsys.readouterr()
+  assert convert_checkpoint.main(['--to', 'hf', '--input', ckpt, '--output', out] +
+                                 (['--keep_lora'] if keep else [])) == 0
+  summary = _last_json(capsys)
+  exported = _load_hf(out)
+  if keep:
+    assert summary['lora'].startswith('kept')
+    base_err = np.abs(hf_logits(exported, TOKENS) - ours).max()
+    assert base_err > 1e-3  # The base alone differs: the adapters matter.
+    count = _apply_peft(exported, os.path.join(out, export_hf.ADAPTER_DIR))
+    assert count == (14 if kind == 'llama' else 8)
+  else:
+    assert summary['lora'] == 'merged'
+  err = np.abs(hf_logits(exported, TOKENS) - ours).max()
+  print(f'{kind} keep_lora={keep}: max |logit err| {err:.2e}')
+  assert err <= TOL, err
+
+
+def test_expert_adapters_cannot_be_kept_and_nothing_is_written(tmp_path):
+  ckpt, _, _ = _lora_checkpoint(tmp_path, 'mixtral', ('query', 'experts'))
+  out = str(tmp_path / 'out')
+  with pytest.raises(ValueError, match=r"LoRAConfig.targets 'experts'"):
+    convert_checkpoint.main(['--to', 'hf', '--input', ckpt, '--output', out, '--keep_lora'])
+  assert not os.path.exists(out)
+
+
+def test_training_run_directory_is_accepted(tmp_path, capsys):
+  """A MODEL_DIR (latest step of checkpoints/<step>/state, MODEL_DIR/config.gin with the
+  trainer's configurables) exports like the converted checkpoint holding the same params."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  model, _ = tiny_llama(num_hidden_layers=2)
+  src, ours = str(tmp_path / 'src'), str(tmp_path / 'ours')
+  model.save_pretrained(src)
+  assert convert_checkpoint.main(['--source', 'hf', '--input', src, '--output', ours,
+                                  '--dtype', 'float32']) == 0
+  params, gin_text = checkpoint.restore(ours)
+  run = tmp_path / 'run'
+  for step in (2, 4):
+    ocp.PyTreeCheckpointer().save(str(run / 'checkpoints' / str(step) / 'state'),
+                                  {'params': params, 'step': np.int32(step)})
+  (run / 'config.gin').write_text(
+      gin_text + '\nunknown_trainer_fn.batch_size = 8\nMODEL_DIR = "/somewhere"\n')
+  capsys.readouterr()
+  assert convert_checkpoint.main(['--to', 'hf', '--input', str(run),
+                                  '--output', str(tmp_path / 'out')]) == 0
+  summary = _last_json(capsys)
+  assert summary['step'] == 4 and any('tokenizer' in n for n in summary['notes'])
+  before, after = _tensors(src), _tensors(str(tmp_path / 'out'))
+  assert sorted(before) == sorted(after)
+  assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_sharded_output_has_an_index(tmp_path):
+  model, config = tiny_llama(num_hidden_layers=2)
+  cfg = convert_hf.config_from_hf(config.to_dict(), dtype='float32')
+  params = convert_hf.decoder_params_from_hf(state_dict_numpy(model), cfg)
+  summary = export_hf.export({'decoder': params}, cfg, str(tmp_path / 'out'),
+                             max_shard_bytes=40_000)
+  shards = [f for f in summary['files'] if f.endswith('.safetensors')]
+  assert len(shards) > 2 and shards[0] == f'model-00001-of-{len(shards):05d}.safetensors'
+  exported = _load_hf(str(tmp_path / 'out'))
+  assert np.abs(hf_logits(exported, TOKENS) - hf_logits(model, TOKENS)).max() == 0.0
+
+
+def test_what_mixtral_cannot_express_is_refused_or_noted(tmp_path):
+  _, config = tiny_mixtral(num_hidden_layers=2)
+  cfg = convert_hf.config_from_hf(config.to_dict(), dtype='float32')
+  for moe, field in ((dataclasses.replace(cfg.moe, layers='even'), 'MoEConfig.layers'),
+                     (dataclasses.replace(cfg.moe, second_expert_sampling=True),
+                      'MoEConfig.second_expert_sampling')):
+    with pytest.raises(ValueError, match=field):
+      export_hf.check_exportable(dataclasses.replace(cfg, moe=moe))
+  notes = export_hf.check_exportable(dataclasses.replace(
+      cfg, dtype='bfloat16', moe=dataclasses.replace(
+          cfg.moe, router_dtype='bfloat16', load_balance_loss_form='top1', dispatch='capacity')))
+  for field in ('MoEConfig.router_dtype', 'MoEConfig.load_balance_loss_form',
+                'MoEConfig.dispatch', 'DecoderConfig.dtype'):
+    assert any(field in n for n in notes), (field, notes)
+  # Towers and connectors are reported, not exported.
+  _, others = export_hf.decoder_tree({'decoder': {'layers_0': {}}, 'vision_tower': {},
+                                      'vision_projector': {}})
+  assert others == ['vision_projector', 'vision_tower']
