@@ -158,6 +158,8 @@ def test_partial_tree_stacks_whole_leaves_and_names_a_ragged_one():
              for i in range(NUM_LAYERS)}
   stacked = layer_stacking.to_stacked(routers, 1)
   assert stacked['stacked_layers']['offset_0']['moe']['router'].shape == (NUM_LAYERS, 64, 4)
+  with pytest.raises(ValueError, match=r'layers \[2, 3\] into a decoder of 2 layers'):
+    layer_stacking.to_stacked(routers, 1, num_layers=2)
   del routers['layers_2']
   with pytest.raises(ValueError, match=r'moe/router: layers \[2\] lack it'):
     layer_stacking.to_stacked(routers, 1, num_layers=NUM_LAYERS)

@@ -95,8 +95,10 @@ def _slice(value, j: int):
 
 
 def _num_blocks(value) -> Optional[int]:
-  return None if isinstance(value, (bool, int, float, str, type(None))) else int(
-      np.shape(value)[0]) if not hasattr(value, 'shape') else int(value.shape[0])
+  """The leading (stacked) size of an array-like leaf; None for a Python scalar."""
+  if isinstance(value, (bool, int, float, str, type(None))):
+    return None
+  return int(value.shape[0]) if hasattr(value, 'shape') else int(np.shape(value)[0])
 
 
 def looped_indices(decoder_tree) -> List[int]:
@@ -125,6 +127,9 @@ def _decoder_to_stacked(decoder, period: int, num_layers: Optional[int] = None):
   if not indices:
     return decoder
   num_layers = num_layers or indices[-1] + 1
+  beyond = [i for i in indices if i >= num_layers]
+  if beyond:
+    raise ValueError(f'cannot stack layers {beyond} into a decoder of {num_layers} layers')
   if num_layers % period:
     raise ValueError(f'cannot stack {num_layers} layers in blocks of {period}')
   blocks = num_layers // period
