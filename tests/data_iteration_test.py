@@ -1,6 +1,7 @@
 """data/iteration.py: a pipeline error leaves no tf.data iterator behind, so a program that
 ends on it exits (it used to hang at interpreter exit, most runs)."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 tf = pytest.importorskip('tensorflow')
 
 from unimoe_jax.data import iteration  # noqa: E402
+from tensorflow.python.data.ops.dataset_ops import NumpyIterator  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +46,34 @@ def test_elements_then_the_error_with_its_type_and_message():
   for frame in frames:
     for value in frame.f_locals.values():
       assert not isinstance(value, tf.data.Iterator), frame
+
+
+def _live_tf_iterators():
+  gc.collect()
+  return sum(isinstance(o, (tf.data.Iterator, NumpyIterator)) for o in gc.get_objects())
+
+
+def test_checkpointable_iterator_fails_like_numpy_iterator():
+  """The training stream's iterator (data/pipeline.train_batches): the same error, raised
+  once its tf.data iterator is destroyed, and nothing after it."""
+  before = _live_tf_iterators()
+  stream = iteration.CheckpointableIterator(_failing())
+  assert _live_tf_iterators() == before + 2  # The numpy iterator and its tf.data iterator.
+  got = []
+  with pytest.raises(tf.errors.InvalidArgumentError, match='bad example 3') as error:
+    for x in stream:
+      got.append(int(x))
+  assert got == [0, 1, 2] and stream.position == 3
+  assert error.value.__context__ is None
+  assert _live_tf_iterators() == before  # While the error (and its traceback) is held.
+  with pytest.raises(StopIteration):
+    next(stream)
+  with pytest.raises(ValueError, match='has ended or failed'):
+    stream.save('/nonexistent/state')
+  # The end of a finite dataset: a fresh StopIteration, the iterator gone.
+  stream = iteration.CheckpointableIterator(tf.data.Dataset.range(2))
+  assert [int(x) for x in stream] == [0, 1]
+  assert _live_tf_iterators() == before
 
 
 def test_end_and_early_stop_are_clean():

@@ -6,13 +6,23 @@ a pool of 8 over ids [3, 67), so the data is learnable within a few steps (the l
 ln(512) ~ 6.2 towards the entropy of the motif pool). Splits: train (256 examples) and
 validation (32), each from its own seeded generator, so every process builds the same data.
 
+`unimoe_test_lm_indexed`: the same train examples, built the way a manifest source builds
+them (record indices, sharded by process, shuffled, then one `tf.numpy_function` call per
+example in a parallel deterministic map, seqio's shuffle buffer 16 as tasks/common.py), so its
+tf.data iterator can be checkpointed (`from_generator`'s cannot). `DECODED` counts the calls,
+the stand-in for media decoding: `DECODED['stream']` those of datasets built with a
+`seqio.ShardInfo` (the training stream, `pipeline.train_batches`), `DECODED['other']` the rest
+(`pipeline.check_examples_fit`'s sample).
+
 Also: `read_scalars(model_dir)`, the TensorBoard scalars `loop.train` wrote, by step.
 Importing this module registers the task (idempotent); the CLI imports it through
 `--gin.MIXTURE_OR_TASK_MODULE="'tiny_tasks'"` with tests/ on PYTHONPATH.
 """
 
+import collections
 import glob
 import os
+import threading
 from typing import Dict, Optional
 
 import numpy as np
@@ -55,15 +65,55 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None) -> 
                         'loss_weights': tf.TensorSpec([None], tf.float32)})
 
 
+INDEXED_TASK_NAME = 'unimoe_test_lm_indexed'
+DECODED = collections.Counter()
+_DECODED_LOCK = threading.Lock()
+
+
+def _indexed_dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None,
+                        shard_info: Optional[seqio.ShardInfo] = None) -> tf.data.Dataset:
+  data = examples(split)
+  kind = 'stream' if shard_info is not None else 'other'
+
+  def decode(index):
+    with _DECODED_LOCK:
+      DECODED[kind] += 1
+    example = data[int(index)]
+    return example['targets'], example['loss_weights']
+
+  def decode_tf(index):
+    targets, weights = tf.numpy_function(decode, [index], [tf.int32, tf.float32],
+                                         stateful=False)
+    targets.set_shape([None])
+    weights.set_shape([None])
+    return {'targets': targets, 'loss_weights': weights}
+
+  ds = tf.data.Dataset.range(len(data))
+  if shard_info is not None and shard_info.num_shards > 1:
+    ds = ds.shard(shard_info.num_shards, shard_info.index)
+  if shuffle_files:
+    ds = ds.shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
+  return ds.map(decode_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 def register() -> None:
-  if TASK_NAME in seqio.TaskRegistry.names():
-    return
-  seqio.TaskRegistry.add(
-      TASK_NAME,
-      source=seqio.FunctionDataSource(_dataset_fn, splits=tuple(NUM_EXAMPLES),
-                                      num_input_examples=dict(NUM_EXAMPLES)),
-      preprocessors=[],
-      output_features=output_features(VOCABULARY, modalities=()))
+  if TASK_NAME not in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.add(
+        TASK_NAME,
+        source=seqio.FunctionDataSource(_dataset_fn, splits=tuple(NUM_EXAMPLES),
+                                        num_input_examples=dict(NUM_EXAMPLES)),
+        preprocessors=[],
+        output_features=output_features(VOCABULARY, modalities=()))
+  if INDEXED_TASK_NAME not in seqio.TaskRegistry.names():
+    from unimoe_jax.data import manifest  # pylint: disable=g-import-not-at-top
+    # No num_input_examples: seqio would cache a source that small in memory (and put the
+    # whole cache into every iterator state); manifest sources declare none either.
+    seqio.TaskRegistry.add(
+        INDEXED_TASK_NAME,
+        source=manifest.ManifestDataSource(_indexed_dataset_fn, splits=tuple(NUM_EXAMPLES)),
+        preprocessors=[],
+        output_features=output_features(VOCABULARY, modalities=()),
+        shuffle_buffer_size=16)
 
 
 register()

@@ -4,25 +4,107 @@ Layout:
 
     MODEL_DIR/checkpoints/<step>/state/   orbax PyTree of the whole TrainState (params,
                                           optimizer state of the trainable params, step)
+    MODEL_DIR/checkpoints/<step>/input/process_<i>-of-<n>.{index,data-00000-of-00001}
+                                          the tf.data iterator state of process i of n
+                                          (`tf.train.Checkpoint`), after `step` batches
+    MODEL_DIR/checkpoints/<step>/input/process_<i>-of-<n>.json
+                                          what that state fits (task, lengths, batch, seed,
+                                          element spec) and the number of batches read
     MODEL_DIR/config.gin                  the operative gin config of the run
 
-The data position is the step: the input pipeline is deterministic (seeded shuffle, ordered
-maps), and a resumed run skips `step` batches, so it sees exactly the batches an uninterrupted
-run would (training/loop.py).
+The data position is the step. A resumed run restores its process's input iterator state
+(`input_state`, `restore_input`) and continues the stream without recomputing a batch. When
+there is none (a checkpoint written before input states existed, a pipeline tf.data cannot
+save, such as `Dataset.from_generator`), or it was written by another number of processes,
+the run logs why and skips `step` batches instead: the pipeline is deterministic (seeded
+shuffle, ordered maps), so it sees exactly the batches an uninterrupted run would, at the cost
+of decoding them again (training/loop.py, data/pipeline.py). A state that is corrupt or was
+written by another pipeline (other task, lengths, batch size, seed ...) is an error naming
+the file: resuming would otherwise silently change the data; delete `<step>/input` to resume
+by skipping. Another process count is not an error: each process's state belongs to its
+shard of the data, which changes with the count, so no state can be restored; skipping gives
+each process `step` batches of its new shard (as many examples in all as were read), and a
+job restarted on more or fewer hosts after a preemption resumes without a manual step.
+
+The input state is an orbax item of the same step as the train state: each process writes
+its own files into the step's temporary directory while `save` runs (synchronously: the
+iterator moves on right after), and orbax renames the step directory into place only after
+every process has finished writing all items. A step directory either holds both or does not
+exist, so a crash cannot pair a train state with another step's data position.
 
 Every process calls `save` and `restore`; orbax writes and reads each array's shards from the
 process that holds them (multi-host checkpointing needs a directory all hosts can reach).
 """
 
+import dataclasses
+import glob
 import os
+import re
 from typing import Any, Dict, Optional, Tuple
 
+from absl import logging
+import jax
 import orbax.checkpoint as ocp
 
 from unimoe_jax import checkpoint as model_checkpoint
 
 CHECKPOINTS_DIR = 'checkpoints'
 STATE_ITEM = 'state'
+INPUT_ITEM = 'input'
+
+
+def input_state_name(process_index: int, process_count: int) -> str:
+  return f'process_{process_index}-of-{process_count}'
+
+
+class InputIteratorHandler(ocp.CheckpointHandler):
+  """Orbax handler of the input item: this process's input iterator state, written by the
+  iterator itself (`iterator.save(prefix)`, data/iteration.CheckpointableIterator), under
+  `input_state_name(process_index, process_count)`. Synchronous, so the state is the one of
+  the step being saved. Restoring goes through `CheckpointManager.restore_input`."""
+
+  def save(self, directory, args: 'InputIteratorSave'):
+    prefix = os.path.join(os.fspath(directory),
+                          input_state_name(jax.process_index(), jax.process_count()))
+    args.iterator.save(prefix)
+
+  def restore(self, directory, args: 'InputIteratorRestore'):
+    """Restores `args.iterator` in place (the loop uses `CheckpointManager.input_state` and
+    `restore_input`, which also fall back to skipping and check the step)."""
+    args.iterator.restore(os.path.join(
+        os.fspath(directory), input_state_name(jax.process_index(), jax.process_count())))
+    return args.iterator
+
+  def metadata(self, directory):
+    del directory
+    return None
+
+  def finalize(self, directory):
+    del directory
+
+  def close(self):
+    pass
+
+  @classmethod
+  def typestr(cls):
+    return f'{cls.__module__}.{cls.__qualname__}'
+
+
+@ocp.args.register_with_handler(InputIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class InputIteratorSave(ocp.args.CheckpointArgs):
+  iterator: Any  # has save(prefix): data/iteration.CheckpointableIterator
+
+
+@ocp.args.register_with_handler(InputIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class InputIteratorRestore(ocp.args.CheckpointArgs):
+  iterator: Any  # has restore(prefix)
+
+
+def _skip_hint(problem: str, step: int, input_dir: str) -> str:
+  return (f'{problem}. To resume from step {step} by skipping {step} batches instead (the same '
+          f'batches if the pipeline is unchanged, decoded again), delete {input_dir}')
 
 
 class CheckpointManager:
@@ -33,7 +115,7 @@ class CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(STATE_ITEM,))
+                                          item_names=(STATE_ITEM, INPUT_ITEM))
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -41,10 +123,14 @@ class CheckpointManager:
   def all_steps(self):
     return self._manager.all_steps()
 
-  def save(self, step: int, state, force: bool = False) -> bool:
-    """Starts an (asynchronous) save of `state` at `step`; True when one was started."""
-    return self._manager.save(step, args=ocp.args.Composite(
-        **{STATE_ITEM: ocp.args.StandardSave(state)}), force=force)
+  def save(self, step: int, state, input_iterator=None, force: bool = False) -> bool:
+    """Starts an (asynchronous) save of `state` at `step`, with the state of `input_iterator`
+    (written before this returns) when given; True when one was started. Every process must
+    pass an input iterator or none."""
+    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    if input_iterator is not None:
+      items[INPUT_ITEM] = InputIteratorSave(input_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, abstract_state):
     """The state saved at `step`, placed like `abstract_state` (ShapeDtypeStructs with
@@ -52,6 +138,68 @@ class CheckpointManager:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
     return restored[STATE_ITEM]
+
+  def input_state(self, step: int) -> Optional[str]:
+    """The prefix of this process's input iterator state saved at `step`, or None when there
+    is none to restore (logged: the caller then skips `step` batches). Raises, naming the
+    file, when the state's description is unreadable."""
+    from unimoe_jax.data import iteration  # pylint: disable=g-import-not-at-top
+    input_dir = os.path.join(self.directory, str(step), INPUT_ITEM)
+    index, count = jax.process_index(), jax.process_count()
+    prefix = os.path.join(input_dir, input_state_name(index, count))
+    if os.path.exists(prefix + iteration.INFO_SUFFIX):
+      problem = None
+      try:
+        info = iteration.read_info(prefix)
+      except iteration.IteratorStateError as e:
+        problem = str(e)
+      if problem is not None:
+        raise iteration.IteratorStateError(_skip_hint(problem, step, input_dir))
+      if info.get('tf_state'):
+        return prefix
+      logging.warning('Checkpoint step %d holds no input iterator state (%s: the input '
+                      'pipeline could not be checkpointed: %s); resuming the data stream by '
+                      'skipping %d batches', step, prefix + iteration.INFO_SUFFIX,
+                      info.get('not_checkpointable'), step)
+      return None
+    if not os.path.isdir(input_dir):
+      logging.info('Checkpoint step %d has no input iterator state (%s does not exist: a '
+                   'checkpoint written without one); resuming the data stream by skipping %d '
+                   'batches', step, input_dir, step)
+      return None
+    counts = sorted({int(m.group(1)) for m in (
+        re.search(r'-of-(\d+)\.json$', p)
+        for p in glob.glob(os.path.join(input_dir, 'process_*-of-*.json'))) if m})
+    if counts and count not in counts:
+      logging.warning('The input iterator states of checkpoint step %d were written by %s '
+                      'processes (%s), this run has %d: the data shards differ, so they '
+                      'cannot be restored; resuming by skipping %d batches per process (the '
+                      'same number of examples in all, not the same ones)', step,
+                      ' or '.join(map(str, counts)), input_dir, count, step)
+    else:
+      logging.warning('Checkpoint step %d has no input iterator state for process %d of %d '
+                      '(%s); resuming the data stream by skipping %d batches', step, index,
+                      count, prefix + iteration.INFO_SUFFIX, step)
+    return None
+
+  def restore_input(self, step: int, prefix: str, iterator) -> None:
+    """Restores `iterator` (a fresh `pipeline.train_batches` stream) from `prefix`
+    (`input_state(step)`); raises `IteratorStateError` naming the file when the state is
+    corrupt, was written by another pipeline, or is not at `step` batches."""
+    from unimoe_jax.data import iteration  # pylint: disable=g-import-not-at-top
+    problem = None
+    try:
+      iterator.restore(prefix)
+    except iteration.IteratorStateError as e:
+      problem = str(e)
+    if problem is None and iterator.position != step:
+      problem = (f'{prefix}{iteration.INFO_SUFFIX}: the input iterator had read '
+                 f'{iterator.position} batches, but the train state is at step {step}')
+    if problem is not None:
+      iterator.close()
+      raise iteration.IteratorStateError(_skip_hint(problem, step, os.path.dirname(prefix)))
+    logging.info('Restored the input iterator of step %d from %s: the data stream continues '
+                 'after %d batches without recomputing them', step, prefix, step)
 
   def wait(self):
     self._manager.wait_until_finished()

@@ -4,7 +4,8 @@ One call trains `train_steps` steps of `model` (t5x's model interface, models.py
 mixture, evaluates every `eval_period` steps with seqio's Evaluator, writes metrics to
 TensorBoard and the console through clu, and checkpoints to `model_dir` with orbax. It resumes
 from the latest checkpoint in `model_dir` if there is one (same params, optimizer state, step
-and data position), otherwise starts from `initial_checkpoint_path` (any subset of the params;
+and data position: the input iterator state saved with it, or else skipping the batches
+already read), otherwise starts from `initial_checkpoint_path` (any subset of the params;
 the rest keep their initialisation) or from scratch.
 """
 
@@ -161,10 +162,15 @@ def train(*,
                                                 eval_batch_size or batch_size)
   checkpoint_period = checkpoint_period or eval_period or train_steps
 
+  # Resume the data stream from the checkpoint's input iterator state; without one (logged
+  # by input_state), by skipping the batches already read (checkpoints.py).
+  input_state = manager.input_state(start_step) if latest is not None else None
   batches = pipeline.train_batches(
       mixture_or_task_name, task_feature_lengths, batch_size, seed=seed,
       shuffle=shuffle_train_examples, pack=pack, use_cached=use_cached_tasks,
-      skip_batches=start_step)
+      skip_batches=0 if input_state else start_step)
+  if input_state:
+    manager.restore_input(start_step, input_state, batches)
   logging.info('Setup took %.1f s; training steps %d -> %d', time.time() - started, start_step,
                train_steps)
   last_train, last_eval, window = {}, {}, None
@@ -201,7 +207,7 @@ def train(*,
                    last_train['timing/steps_per_second'], remaining)
       window, window_start, window_steps, window_tokens = None, time.time(), 0, 0
     if done % checkpoint_period == 0 or done == train_steps:
-      manager.save(done, state, force=True)
+      manager.save(done, state, batches, force=True)
     if evaluator is not None and eval_period and done % eval_period == 0 and done != train_steps:
       last_eval = _run_eval(evaluator, model_evaluator, state, done, writer)
     if crash_after_step is not None and done == crash_after_step:
@@ -212,7 +218,7 @@ def train(*,
     last_eval = _run_eval(evaluator, model_evaluator, state, int(jax.device_get(state.step)),
                           writer)
   if manager.latest_step() != train_steps and train_steps > 0:
-    manager.save(train_steps, state, force=True)
+    manager.save(train_steps, state, batches, force=True)
   manager.wait()
   manager.close()
   writer.flush()
