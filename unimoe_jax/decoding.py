@@ -321,6 +321,16 @@ def generate(model, params, batch, prompt_lengths: jax.Array, *, max_decode_step
   """
   if method not in GENERATE_METHODS:
     raise ValueError(f'generate: method must be one of {GENERATE_METHODS}, got {method!r}')
+  if max_decode_steps < 1:
+    raise ValueError(f'generate: max_decode_steps must be >= 1, got {max_decode_steps}')
+  if method == 'beam' and num_beams < 1:
+    raise ValueError(f'generate: num_beams must be >= 1, got {num_beams}')
+  if method == 'sample':
+    vocab_size = model.config.decoder.vocab_size
+    if not 0 <= top_k <= vocab_size:
+      raise ValueError(f'generate: top_k must be in [0, {vocab_size}] (0: off), got {top_k}')
+    if not 0 < top_p <= 1:
+      raise ValueError(f'generate: top_p must be in (0, 1] (1: off), got {top_p}')
   inputs = jnp.asarray(batch['decoder_input_tokens'], jnp.int32)
   cache, initial_index = prefill_multimodal(model, params, batch, prompt_lengths,
                                             inputs.shape[1])

@@ -20,6 +20,8 @@ predicted and are not scored, but every text token after them is conditioned on 
 import argparse
 import dataclasses
 import json
+import os
+import re
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -35,6 +37,14 @@ from unimoe_jax.decoder import Decoder
 from unimoe_jax.model import UniMoE, UniMoEConfig
 
 _MEDIA_FLAGS = ('image', 'audio', 'speech', 'video')
+
+# Compute dtypes --dtype accepts.
+DTYPES = ('float32', 'bfloat16', 'float16')
+# The longest sequence (prompt, media soft tokens included, + generated tokens) --max_length
+# allows by default: the 2048-token context of the LLaMA / Vicuna decoders the released
+# checkpoints start from (their model_max_length). The decode buffer and its key/value cache
+# are allocated at this length, so it bounds memory.
+DEFAULT_MAX_LENGTH = 2048
 
 
 @gin.configurable('unimoe_score_decoder_config')
@@ -103,12 +113,122 @@ def decoder_with_dtype(decoder: DecoderConfig, dtype: str) -> DecoderConfig:
   return dataclasses.replace(decoder, dtype=dtype, param_dtype=dtype, moe=moe)
 
 
+# ---- checkpoint directories -----------------------------------------------------------------
+def _checkpoints_lib():
+  from unimoe_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+  return checkpoints
+
+
+def locate_checkpoint(path: str, flag: str = '--checkpoint') -> Tuple[str, Optional[int]]:
+  """(directory holding the params, training step or None) of what `flag` names: a converted /
+  exported checkpoint (`params/` + `config.gin`), a training MODEL_DIR (its latest step), its
+  `checkpoints/` directory or one step directory (training/checkpoints.py `locate`). Errors
+  name `flag`: a path that does not exist, is not a directory, or holds no checkpoint."""
+  if not path:
+    raise FileNotFoundError(f'{flag} is empty: name a converted checkpoint or a training '
+                            'MODEL_DIR')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{flag}={path} does not exist')
+  if not os.path.isdir(path):
+    raise NotADirectoryError(f'{flag}={path} is not a directory (a checkpoint is a directory)')
+  return _checkpoints_lib().locate(path, flag)
+
+
+def _run_dir(directory: str) -> str:
+  """MODEL_DIR of a training step directory MODEL_DIR/checkpoints/<step>."""
+  return os.path.dirname(os.path.dirname(os.path.abspath(directory)))
+
+
+def checkpoint_gin_text(path: str, flag: str = '--checkpoint') -> str:
+  """The config.gin of the checkpoint `flag` names (MODEL_DIR/config.gin for a training run),
+  read without any array."""
+  directory, step = locate_checkpoint(path, flag)
+  converted = os.path.isdir(os.path.join(directory, checkpoint.PARAMS_DIR))
+  gin_path = os.path.join(directory if converted else _run_dir(directory), checkpoint.GIN_FILE)
+  if not os.path.exists(gin_path):
+    what = 'checkpoint' if converted else f'training run (step {step})'
+    raise FileNotFoundError(f'{flag}={path}: the {what} has no {gin_path} (the model '
+                            'configuration it needs)')
+  with open(gin_path) as f:
+    return f.read()
+
+
+def read_checkpoint(path: str, flag: str = '--checkpoint') -> Tuple[Dict[str, Any], str]:
+  """(params as numpy, gin text) of a converted checkpoint or a training run (`locate_checkpoint`).
+  A training step's params are the TrainState's: no export step is needed."""
+  gin_text = checkpoint_gin_text(path, flag)
+  params, _ = _checkpoints_lib().read_params(path, flag)
+  return params, gin_text
+
+
+def find_vocab(path: str, vocab_path: Optional[str] = None, flag: str = '--checkpoint',
+               gin_text: Optional[str] = None) -> str:
+  """`--vocab` when given (it must exist), else the checkpoint's tokenizer.model: beside the
+  params of a converted checkpoint; for a training run in MODEL_DIR or in the converted
+  checkpoint its config.gin names as INITIAL_CHECKPOINT_PATH (where training started)."""
+  if vocab_path:
+    if not os.path.isfile(vocab_path):
+      raise FileNotFoundError(f'--vocab={vocab_path} does not exist or is not a file')
+    return vocab_path
+  directory, _ = locate_checkpoint(path, flag)
+  candidates = [directory]
+  if not os.path.isdir(os.path.join(directory, checkpoint.PARAMS_DIR)):
+    candidates.append(_run_dir(directory))
+    # gin.config_str() may break a long value onto the next line after '= \'.
+    match = re.search(r"^INITIAL_CHECKPOINT_PATH\s*=\s*(?:\\\s*)?['\"]([^'\"]+)['\"]",
+                      gin_text or '', re.MULTILINE)
+    if match:
+      candidates.append(match.group(1))
+  for candidate in candidates:
+    found = checkpoint.tokenizer_path(candidate)
+    if found:
+      return found
+  raise FileNotFoundError(f'{flag}={path} has no {checkpoint.TOKENIZER_FILE} (looked in '
+                          f'{", ".join(candidates)}); pass --vocab')
+
+
+def check_max_length(length: int, max_length: int, what: str) -> None:
+  """Refuses a sequence longer than `max_length`, naming --max_length."""
+  if length > max_length:
+    raise ValueError(f'{what} is {length} tokens, more than --max_length={max_length}; shorten '
+                     'it or raise --max_length (memory grows with it)')
+
+
+def positive_int(flag: str):
+  """An argparse type: an int >= 1; the error names `flag`."""
+  def parse(text):
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'{flag} must be an integer, got {text!r}') from None
+    if value < 1:
+      raise argparse.ArgumentTypeError(f'{flag} must be >= 1, got {value}')
+    return value
+  return parse
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+  """--checkpoint, --vocab, --dtype, --max_length (shared by score and generate)."""
+  parser.add_argument('--checkpoint', required=True,
+                      help='a converted checkpoint (tools/convert_checkpoint.py), a training '
+                      'MODEL_DIR (its latest step) or one of its checkpoints/<step> directories')
+  parser.add_argument('--vocab', default=None, help="SentencePiece model; default the "
+                      "checkpoint's tokenizer.model (for a training run: MODEL_DIR's or its "
+                      "INITIAL_CHECKPOINT_PATH's)")
+  parser.add_argument('--dtype', default='float32', choices=DTYPES, help='compute dtype')
+  parser.add_argument('--max_length', type=positive_int('--max_length'),
+                      default=DEFAULT_MAX_LENGTH,
+                      help='longest sequence (prompt with media soft tokens, plus generated '
+                      f'tokens); default {DEFAULT_MAX_LENGTH}')
+
+
 def restore_model(checkpoint_dir: str, dtype: str = 'float32'
                   ) -> Tuple[UniMoEConfig, Dict[str, Any]]:
   """(model config, params as jax arrays in `dtype`) of a checkpoint directory; a text-only
   checkpoint's params (decoder only, with or without the 'decoder' level) come back as
-  `{'decoder': ...}`, the tree `UniMoE(config)` expects."""
-  params, gin_text = checkpoint.restore(checkpoint_dir)
+  `{'decoder': ...}`, the tree `UniMoE(config)` expects. `checkpoint_dir` may be a training run
+  (`read_checkpoint`)."""
+  params, gin_text = read_checkpoint(checkpoint_dir)
   cfg = with_dtype(model_config_from_gin(gin_text), dtype)
   if 'decoder' not in params:
     params = {'decoder': params}
@@ -139,16 +259,17 @@ def multimodal_token_logprobs(params: Dict[str, Any], cfg: UniMoEConfig,
 
 
 def score_multimodal(checkpoint_dir: str, text: str, media: Mapping[str, Sequence[str]],
-                     vocab_path: Optional[str] = None, dtype: str = 'float32'
-                     ) -> List[Dict[str, Any]]:
+                     vocab_path: Optional[str] = None, dtype: str = 'float32',
+                     max_length: int = DEFAULT_MAX_LENGTH) -> List[Dict[str, Any]]:
   """Records of BOS and every text token of `text` after `media` (module docstring)."""
   from unimoe_jax import prompting  # pylint: disable=g-import-not-at-top
-  cfg, params = restore_model(checkpoint_dir, dtype)
-  vocab_path = vocab_path or checkpoint.tokenizer_path(checkpoint_dir)
-  if vocab_path is None:
-    raise FileNotFoundError(f'{checkpoint_dir} has no {checkpoint.TOKENIZER_FILE}; pass --vocab')
+  gin_text = checkpoint_gin_text(checkpoint_dir)
+  vocab_path = find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
+  cfg = with_dtype(model_config_from_gin(gin_text), dtype)
   tokenizer = prompting.PromptTokenizer(vocab_path, cfg)
   prompt = prompting.build_prompt(text, media, cfg, tokenizer, template=False)
+  check_max_length(prompt.length, max_length, 'the text with its media soft tokens')
+  cfg, params = restore_model(checkpoint_dir, dtype)
   logprobs = multimodal_token_logprobs(params, cfg, prompt.batch)
   ids = [int(t) for t in prompt.batch['decoder_input_tokens'][0]]
   records = [{'token': ids[0], 'piece': tokenizer.piece(ids[0])}]
@@ -159,19 +280,21 @@ def score_multimodal(checkpoint_dir: str, text: str, media: Mapping[str, Sequenc
 
 
 def score_text(checkpoint_dir: str, text: str, vocab_path: Optional[str] = None,
-               dtype: str = 'float32', media: Optional[Mapping[str, Sequence[str]]] = None
-               ) -> List[Dict[str, Any]]:
+               dtype: str = 'float32', media: Optional[Mapping[str, Sequence[str]]] = None,
+               max_length: int = DEFAULT_MAX_LENGTH) -> List[Dict[str, Any]]:
   """One record per token of BOS + `text` (see the module docstring); with `media`
-  (modality -> paths) those of `score_multimodal`."""
+  (modality -> paths) those of `score_multimodal`. `checkpoint_dir` may be a training run
+  (`locate_checkpoint`); more than `max_length` tokens are refused before params are read."""
+  if dtype not in DTYPES:
+    raise ValueError(f'--dtype must be one of {DTYPES}, got {dtype!r}')
+  if max_length < 1:
+    raise ValueError(f'--max_length must be >= 1, got {max_length}')
   if media and any(media.values()):
-    return score_multimodal(checkpoint_dir, text, media, vocab_path, dtype)
+    return score_multimodal(checkpoint_dir, text, media, vocab_path, dtype, max_length)
   from unimoe_jax.data.vocabulary import get_vocabulary  # pylint: disable=g-import-not-at-top
-  params, gin_text = checkpoint.restore(checkpoint_dir)
+  gin_text = checkpoint_gin_text(checkpoint_dir)
   cfg = decoder_with_dtype(decoder_config_from_gin(gin_text), dtype)
-  params = layer_stacking.to_config_layout(params, cfg)
-  vocab_path = vocab_path or checkpoint.tokenizer_path(checkpoint_dir)
-  if vocab_path is None:
-    raise FileNotFoundError(f'{checkpoint_dir} has no {checkpoint.TOKENIZER_FILE}; pass --vocab')
+  vocab_path = find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
   vocab = get_vocabulary(vocab_path)
   sp = vocab.sentencepiece.tokenizer
   tokens = [vocab.bos_id] + [int(t) for t in vocab.encode(text)]
@@ -179,6 +302,9 @@ def score_text(checkpoint_dir: str, text: str, vocab_path: Optional[str] = None,
   if bad:
     raise ValueError(f'token ids {bad} fall outside the model vocabulary ({cfg.vocab_size}); '
                      'media placeholders need the media flags')
+  check_max_length(len(tokens), max_length, '--text (with BOS)')
+  params, _ = read_checkpoint(checkpoint_dir)
+  params = layer_stacking.to_config_layout(params, cfg)
   decoder_params = params['decoder'] if 'decoder' in params else params
   decoder_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, cfg.weight_dtype),
                                           decoder_params)
@@ -200,16 +326,13 @@ def add_media_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--checkpoint', required=True, help='directory written by '
-                      'tools/convert_checkpoint.py')
+  add_common_flags(parser)
   parser.add_argument('--text', required=True)
-  parser.add_argument('--vocab', default=None, help="SentencePiece model; default the "
-                      "checkpoint's tokenizer.model")
-  parser.add_argument('--dtype', default='float32', help='compute dtype')
   add_media_flags(parser)
   args = parser.parse_args(argv)
   media = {f: getattr(args, f) for f in _MEDIA_FLAGS if getattr(args, f)}
-  for record in score_text(args.checkpoint, args.text, args.vocab, args.dtype, media):
+  for record in score_text(args.checkpoint, args.text, args.vocab, args.dtype, media,
+                           args.max_length):
     print(json.dumps(record, ensure_ascii=False))
   return 0
 
