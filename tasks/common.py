@@ -130,12 +130,13 @@ def precomputed_splits(splits: Optional[Mapping[str, str]] = None
 
 def lazy_manifest_source(make_config, splits: Mapping[str, str],
                          vocabulary: vocabulary_lib.LazyVocabulary,
-                         make_precomputed=None) -> seqio.DataSource:
+                         make_precomputed=None, task_name: str = '') -> seqio.DataSource:
   """A manifest source whose `ManifestConfig` is built when a dataset is asked for.
 
   `make_config()` returns the config (e.g. reading gin or the sample-data folder); its
   `split_paths()` name the manifests. `make_precomputed()` may return split -> directory of
   precomputed features (`tools/precompute_features.py`); those splits are read from there.
+  `task_name` is named in the errors of an empty or all-bad manifest.
   """
 
   def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None,
@@ -151,6 +152,6 @@ def lazy_manifest_source(make_config, splits: Mapping[str, str],
       raise ValueError(f'unknown split {split!r}; this task has {sorted(paths)}')
     return manifest_lib.manifest_dataset(config, shard_info, manifest_path=paths[split],
                                          shuffle=shuffle_files, seed=seed,
-                                         vocabulary=vocabulary.vocabulary)
+                                         vocabulary=vocabulary.vocabulary, task_name=task_name)
 
   return manifest_lib.ManifestDataSource(dataset_fn, splits=tuple(splits))

@@ -74,7 +74,8 @@ def register():
     # Splits are known only once gin is parsed; seqio asks the source for them lazily.
     source = common.lazy_manifest_source(_scoped_config(scope), {'train': 'train',
                                                                  'validation': 'validation'},
-                                         VOCABULARY, _scoped_precomputed(scope))
+                                         VOCABULARY, _scoped_precomputed(scope),
+                                         task_name=f'unimoe_manifest_{scope}')
     common.register_task(f'unimoe_manifest_{scope}', source, VOCABULARY, metric_fns)
 
 

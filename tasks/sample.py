@@ -12,7 +12,7 @@
 | unimoe_sample_eval_{m}_open            | eval (validation); train split in stages 2, 3 | eval_<m>_open.json, exact match (speech: WER) |
 | unimoe_sample_stage2_{m} (mixture)     | 2: one run per modality | instruct_<m> + eval_<m>_{mc,open} |
 | unimoe_sample_stage3 (mixture)         | 3 LoRA + MoE | the four instruct tasks + all eval-style tasks |
-| unimoe_sample_all_train (mixture)      | text only    | align + stage-3 tasks            |
+| unimoe_sample_all_train (mixture)      | text only (drop_too_long.unfed_media = 'ignore') | align + stage-3 tasks |
 | unimoe_sample_text_warmup              | demo warm start | warmup_text.json: media described in words |
 | unimoe_sample_eval (mixture)           | eval         | all eval tasks                   |
 
@@ -80,7 +80,7 @@ def _config_factory(manifest: str, voice: str):
 
 def _task(name: str, manifest: str, voice: str = 'speech', metric_fns=()):
   source = common.lazy_manifest_source(_config_factory(manifest, voice),
-                                       {s: s for s in SPLITS}, VOCABULARY)
+                                       {s: s for s in SPLITS}, VOCABULARY, task_name=name)
   common.register_task(name, source, VOCABULARY, metric_fns)
   return name
 
@@ -111,8 +111,8 @@ def register():
     common.register_mixture(f'unimoe_sample_stage2_{m}', [task, *evals[m]])  # One run each.
   stage3 = instruct + [t for m in evals for t in evals[m]]
   common.register_mixture('unimoe_sample_stage3', stage3)
-  # Every training conversation: the demo's text warm start reads it without media, standing in
-  # for a pretrained LLM.
+  # Every training conversation, read without media (TASK_FEATURE_LENGTHS {'targets': ...} only:
+  # bind drop_too_long.unfed_media = 'ignore', or the media of its examples are an error).
   common.register_mixture('unimoe_sample_all_train', stage1 + stage3)
   # The same conversations with each media item described in words where its placeholder was
   # (tools/make_sample_data.py text_warmup): the demo's warm start learns to read it.

@@ -3,17 +3,22 @@
 
 Gin already rejects an unknown configurable or parameter (`--gin.train.train_step=5`). A
 misspelt *macro* (`--gin.TRAIN_STEP=5`) would silently define a new macro that nothing reads;
-`parse` rejects that too, naming the closest macro the configuration does use.
+`parse` rejects that too, naming the closest macro the configuration does use. A binding that
+gin cannot parse (`--gin.TASK_FEATURE_LENGTHS="{'targets': 128"`) is named with its value, and
+the length macros (`TASK_FEATURE_LENGTHS`, `EVAL_TASK_FEATURE_LENGTHS`) are checked
+(`data/lengths.py`: a dict of non-negative ints with a positive 'targets').
 """
 
 import ast
 import difflib
 import importlib
 import re
+import tokenize
 from typing import Iterable, List, Sequence, Tuple
 
 import gin
 from gin import config as gin_config
+from gin import config_parser
 
 import unimoe_jax
 
@@ -68,18 +73,76 @@ def task_modules(bindings: Sequence[str], default: Sequence[str] = ('unimoe_jax.
   return modules
 
 
+class _AcceptAll(config_parser.ParserDelegate):
+  """Parses references and macros without resolving them (syntax checks only)."""
+
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    return None
+
+  def macro(self, macro_name):
+    return None
+
+
+def check_binding_syntax(bindings: Sequence[str]) -> None:
+  """Raises ValueError naming the first binding gin cannot parse (gin's own error names none:
+  "EOF in multi-line statement", "Expected ',' or '}'. (line 1)")."""
+  for binding in bindings:
+    try:
+      for _ in config_parser.ConfigParser(binding, _AcceptAll()):
+        pass
+    except (SyntaxError, tokenize.TokenError, ValueError) as e:
+      name = binding.split('=', 1)[0].strip()
+      detail = e.msg if isinstance(e, SyntaxError) else (
+          e.args[0] if isinstance(e, tokenize.TokenError) else str(e))
+      raise ValueError(f'gin binding {name}: cannot parse {binding!r}: {detail} (a value is '
+                       'a Python literal, e.g. --gin.TASK_FEATURE_LENGTHS="{\'targets\': '
+                       '2048, \'image_features\': 1}"; strings need quotes inside the shell '
+                       'quotes)') from None
+
+
+LENGTH_MACROS = ('TASK_FEATURE_LENGTHS', 'EVAL_TASK_FEATURE_LENGTHS')
+
+
+def _macro_value(name: str, hops: int = 10):
+  """The value bound to macro `name` (following `%OTHER`), or None when unbound or required."""
+  for _ in range(hops):
+    try:
+      value = gin.query_parameter(f'{name}/macro.value')
+    except ValueError:
+      return None
+    if not isinstance(value, gin_config.ConfigurableReference):
+      return value
+    selector = value.scoped_selector
+    if not selector.endswith('/gin.macro'):
+      return None  # gin.REQUIRED, or a configurable's result
+    name = selector.rsplit('/', 1)[0]
+  return None
+
+
+def check_length_macros() -> None:
+  """ValueError naming the macro when a bound TASK_FEATURE_LENGTHS (or the eval one) is not a
+  dict of non-negative int lengths with a positive 'targets'."""
+  from unimoe_jax.data import lengths  # pylint: disable=g-import-not-at-top
+  for name in LENGTH_MACROS:
+    value = _macro_value(name)
+    if value is not None:  # unbound, gin.REQUIRED or None (EVAL_...: the training lengths)
+      lengths.validate_task_feature_lengths(value, name)
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str],
           search_paths: Iterable[str] = (), import_modules: Sequence[str] = ()) -> None:
   """Parses files then bindings (in order), like t5x; finalizes the config.
 
   `import_modules` (e.g. `task_modules(bindings)`) are imported first, so that their
   configurables (a task's data folder, ...) can be bound. Raises gin's own error for unknown
-  names, and ValueError for a binding of a macro that no configuration references.
+  names, and ValueError for a binding gin cannot parse, a binding of a macro that no
+  configuration references, or a length macro that is not a dict of lengths.
   """
   for module in import_modules:
     importlib.import_module(module)
   for path in list(search_paths) + unimoe_jax.gin_search_paths():
     gin.add_config_file_search_path(path)
+  check_binding_syntax(bindings)
   gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
   used = referenced_macros()
   for binding in bindings:
@@ -90,4 +153,5 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str],
       close = difflib.get_close_matches(name, sorted(used - {name}), n=3)
       hint = f'; did you mean {" or ".join(close)}?' if close else ''
       raise ValueError(f'gin binding {name} = ... sets a macro that no configuration uses{hint}')
+  check_length_macros()
   gin.finalize()

@@ -49,6 +49,7 @@ from seqio.feature_converters import _check_exact_match
 import tensorflow as tf
 
 from unimoe_jax.data import iteration
+from unimoe_jax.data import lengths as lengths_lib
 from unimoe_jax.data import preprocessors
 
 FeatureSpec = seqio.FeatureConverter.FeatureSpec
@@ -201,9 +202,12 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     """The lengths this converter consumes, {'targets': L, '<m>_features': items}, checked.
 
     Raises:
-      ValueError: naming TASK_FEATURE_LENGTHS, when a needed length is missing or None, or
+      ValueError: naming TASK_FEATURE_LENGTHS, when it is not a dict of lengths (ints >= 0,
+        `lengths.validate_task_feature_lengths`), when a needed length is missing or None, or
         when a modality not declared has a '<m>_features' length > 0.
     """
+    task_feature_lengths = lengths_lib.validate_task_feature_lengths(
+        task_feature_lengths, require_targets=False)
     undeclared = [m for m in ITEM_RANK if m not in self._modalities and
                   task_feature_lengths.get(f'{m}_features')]
     if undeclared:
@@ -415,6 +419,35 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     if 'audio' in self._modalities:
       out['audio_feature_mask'] = pad(row['audio_feature_mask'], max_items['audio'])
     return out
+
+
+def check_model_takes_media(model, task_feature_lengths: Mapping[str, int],
+                            name: str = 'TASK_FEATURE_LENGTHS') -> None:
+  """Raises ValueError, before any compute, when TASK_FEATURE_LENGTHS gives items to a modality
+  the model has no encoder for: the rows would carry its media and the model would ignore
+  them (its placeholders embedded as token 0), silently.
+
+  `model`: a UniMoEModel (its `config.modalities`, the towers UniMoEConfig builds), a
+  UniMoEConfig, or a sequence of modality names. Lengths of 0 or None feed nothing and pass.
+  The data side (an example carrying a modality TASK_FEATURE_LENGTHS does not name) is
+  checked per example by `preprocessors.drop_too_long` (`check_media_fed`).
+  """
+  task_feature_lengths = lengths_lib.validate_task_feature_lengths(
+      task_feature_lengths, name, require_targets=False)
+  config = getattr(model, 'config', model)
+  built = tuple(getattr(config, 'modalities', config))
+  fed = [m for m in ITEM_RANK if task_feature_lengths.get(f'{m}_features')]
+  unbuilt = [m for m in fed if m not in built]
+  if unbuilt:
+    towers = {'image': 'vision', 'video': 'vision', 'speech': 'speech_encoder + speech_aligner',
+              'audio': 'audio_encoder + audio_qformer'}
+    fields = sorted({towers[m] for m in unbuilt})
+    raise ValueError(
+        f'{name}={dict(task_feature_lengths)} feeds {unbuilt} items, but the model has no '
+        f'encoder for {unbuilt} (its modalities: {built}; UniMoEConfig.{", ".join(fields)} '
+        'unset): their media would never reach the model. Use a model with those towers '
+        '(MODEL_CONFIG of gin/models/multimodal.gin or multimodal_tiny.gin) or drop '
+        f'{[m + "_features" for m in unbuilt]} from {name} (and their data).')
 
 
 def num_dropped(converter: Optional[MultimodalDecoderFeatureConverter] = None) -> int:

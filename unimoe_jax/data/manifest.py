@@ -1,6 +1,7 @@
 """The official Uni-MoE manifest as a tf.data / seqio source of tokenised, masked examples + media.
 
-A manifest is a JSON list (official) or JSON lines of records
+A manifest is a JSON list (official), JSON lines, or one JSON object (pretty-printed or not),
+in UTF-8 with or without a byte-order mark (`read_manifest`), of records
 
     {"id": ..., "conversations": [{"from": "human", "value": "<image>\\nWhat ..."},
                                   {"from": "gpt", "value": "..."}],
@@ -22,9 +23,10 @@ pieces of 480000), or at most `audio_max_chunks` pieces when that is set. An aud
 than 30 s is padded as `audio_padding` says (`media.audio.beats_chunk_features`).
 
 Bad examples (missing or undecodable media, malformed conversation, placeholder/media count
-mismatch, bad JSON) raise `BadExampleError` naming manifest, line (JSONL) or record (JSON list,
-1-based) and the reason, or with `on_bad_example='skip'` are dropped, logged and counted in
-`BAD_EXAMPLES` by reason.
+mismatch, bad JSON, bytes that are not UTF-8) raise `BadExampleError` naming manifest, line
+(JSONL) or record (JSON list, 1-based) and the reason, or with `on_bad_example='skip'` are
+dropped, logged and counted in `BAD_EXAMPLES` by reason (each example once, however often it is read). A manifest without
+records, or a pass with 'skip' in which every record was bad, raises naming the manifest.
 """
 
 import collections
@@ -181,30 +183,60 @@ class BadExampleError(ValueError):
 
 
 class BadExampleCounter:
-  """Thread-safe counts of dropped examples by reason (tf.data maps run in several threads)."""
+  """Thread-safe counts of dropped examples by reason (tf.data maps run in several threads).
+
+  With a `key` (the manifest BAD_EXAMPLES uses (manifest path, line or record)), an example
+  counts once however often it is read: every epoch of a repeated dataset, the pipeline's
+  look-ahead checks and the training stream all read the same bad line. `reads` counts every
+  call. Without a key (DROPPED_TOO_LONG) every call counts.
+  """
 
   def __init__(self):
     self._lock = threading.Lock()
     self._counts = collections.Counter()
+    self._seen: Dict[Any, str] = {}
+    self._reads = 0
 
-  def add(self, reason: str, count: int = 1) -> int:
-    """Adds `count` to `reason`; returns the new total over all reasons."""
+  def add(self, reason: str, count: int = 1, key: Any = None) -> int:
+    """Adds `count` to `reason` (once per `key` when one is given); returns the new total
+    over all reasons."""
     with self._lock:
-      self._counts[reason] += count
+      self._reads += count
+      if key is None or key not in self._seen:
+        if key is not None:
+          self._seen[key] = reason
+        self._counts[reason] += count
       return sum(self._counts.values())
 
-  def counts(self) -> Dict[str, int]:
+  def seen(self, key: Any) -> bool:
     with self._lock:
-      return dict(self._counts)
+      return key in self._seen
+
+  def counts(self, source: Optional[str] = None) -> Dict[str, int]:
+    """Counts by reason; with `source`, of the keyed examples whose key starts with it
+    (BAD_EXAMPLES: one manifest's bad examples)."""
+    with self._lock:
+      if source is None:
+        return dict(self._counts)
+      return dict(collections.Counter(reason for key, reason in self._seen.items()
+                                      if isinstance(key, tuple) and key[0] == source))
 
   @property
   def total(self) -> int:
     with self._lock:
       return sum(self._counts.values())
 
+  @property
+  def reads(self) -> int:
+    """Every `add`, repeated reads of one example included."""
+    with self._lock:
+      return self._reads
+
   def reset(self) -> None:
     with self._lock:
       self._counts.clear()
+      self._seen.clear()
+      self._reads = 0
 
 
 BAD_EXAMPLES = BadExampleCounter()
@@ -228,19 +260,100 @@ class ManifestEntry:
     return f'{self.path} {"line" if self.is_jsonl else "record"} {self.number}'
 
 
+@dataclasses.dataclass(frozen=True)
+class UndecodableRecord:
+  """A JSONL line or JSON-list record holding bytes that are not UTF-8: a bad example."""
+  detail: str
+
+
+_BOMS = ((b'\xef\xbb\xbf', 'utf-8'), (b'\xff\xfe', 'utf-16-le'), (b'\xfe\xff', 'utf-16-be'))
+
+
+def _first_bad_byte(text: str) -> Optional[str]:
+  """The first byte `surrogateescape` kept from a failed UTF-8 decode, as '0xff'; else None."""
+  for ch in text:
+    if '\udc80' <= ch <= '\udcff':
+      return f'0x{ord(ch) - 0xdc00:02x}'
+  return None
+
+
+def _record_bytes_error(record) -> Optional[str]:
+  """Why a parsed record (strings decoded with surrogateescape) is not valid UTF-8, or None."""
+  bad = _first_bad_byte(json.dumps(record, ensure_ascii=False))
+  return None if bad is None else f'the record holds a byte that is not UTF-8 ({bad})'
+
+
+def _looks_like_jsonl(text: str) -> bool:
+  """Whether a text that is not one JSON document is JSON lines: its first non-blank line
+  starts an object and holds more ('{"id": ...'); a pretty-printed object's first line is '{'
+  alone (then the document's syntax error is reported)."""
+  for line in text.split('\n'):
+    line = line.strip()
+    if line:
+      return line.startswith('{') and line != '{'
+  return False
+
+
 def read_manifest(path: str) -> List[ManifestEntry]:
-  """All entries of a manifest; a JSON list if the file starts with '[', else JSON lines
-  (blank lines skipped; line numbers count them)."""
-  with tf.io.gfile.GFile(path, 'r') as f:
-    text = f.read()
-  if text.lstrip().startswith('['):
+  """All entries of a manifest.
+
+  Accepted: a JSON list of records (one line or pretty-printed), one JSON object (a single
+  record, pretty-printed or not), or JSON lines (blank lines skipped; line numbers count
+  them); UTF-8 with or without a byte-order mark, or UTF-16 with one. A JSONL line or a list
+  record holding bytes that are not UTF-8 is a bad example (`UndecodableRecord`: skipped with
+  on_bad_example='skip'); a JSONL line that is not JSON is one too (parsed lazily). A JSON
+  document that cannot be parsed raises ValueError naming the file, line and column.
+  """
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    data = f.read()
+  encoding = 'utf-8'
+  for bom, bom_encoding in _BOMS:
+    if data.startswith(bom):
+      data, encoding = data[len(bom):], bom_encoding
+      break
+  if encoding == 'utf-8':
+    # Bytes that are not UTF-8 survive as lone surrogates and make their record bad.
+    text = data.decode('utf-8', errors='surrogateescape')
+  else:
     try:
-      records = json.loads(text)
+      text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+      raise ValueError(f'manifest {path}: starts with a {encoding} byte-order mark but is not '
+                       f'{encoding} (byte {e.start + 2}: {e.reason})') from None
+  stripped = text.strip()
+  if not stripped:
+    return []
+  document, error = None, None
+  if stripped[0] in '[{':
+    try:
+      document = json.loads(stripped)
     except json.JSONDecodeError as e:
-      raise ValueError(f'manifest {path} is not valid JSON: {e}') from None
-    return [ManifestEntry(path, i + 1, False, r) for i, r in enumerate(records)]
-  return [ManifestEntry(path, i + 1, True, line) for i, line in enumerate(text.splitlines())
-          if line.strip()]
+      error = e
+  if error is None and document is not None:
+    if isinstance(document, dict):  # One record: one JSONL line, a pretty-printed object.
+      bad = _record_bytes_error(document)
+      line = text[:len(text) - len(text.lstrip())].count('\n') + 1
+      return [ManifestEntry(path, line, True, UndecodableRecord(bad) if bad else document)]
+    entries = []
+    for i, record in enumerate(document):
+      bad = _record_bytes_error(record)
+      entries.append(ManifestEntry(path, i + 1, False, UndecodableRecord(bad) if bad else record))
+    return entries
+  if stripped[0] == '[' or not _looks_like_jsonl(text):
+    # text.lstrip() dropped leading whitespace: count the lines it held.
+    offset = text[:len(text) - len(text.lstrip())].count('\n')
+    where = (f'line {error.lineno + offset} column {error.colno}: {error.msg}' if error else
+             'it is neither a JSON list, one JSON object nor JSON lines')
+    raise ValueError(f'manifest {path} is not valid JSON ({where})')
+  entries = []
+  for i, line in enumerate(text.split('\n')):
+    if not line.strip():
+      continue
+    line = line.rstrip('\r')
+    bad = _first_bad_byte(line)
+    raw = UndecodableRecord(f'the line holds a byte that is not UTF-8 ({bad})') if bad else line
+    entries.append(ManifestEntry(path, i + 1, True, raw))
+  return entries
 
 
 def _as_list(value) -> List:
@@ -348,7 +461,17 @@ def _load_example(record, location: str, manifest_path: str, config: ManifestCon
   def bad(reason, detail):
     return BadExampleError(location, reason, detail)
 
-  if isinstance(record, (str, bytes)):
+  if isinstance(record, UndecodableRecord):
+    raise bad('bad_encoding', record.detail)
+  if isinstance(record, bytes):
+    try:
+      record = record.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise bad('bad_encoding', f'not UTF-8: {e}') from None
+  if isinstance(record, str):
+    if _first_bad_byte(record):
+      raise bad('bad_encoding', f'the line holds a byte that is not UTF-8 '
+                f'({_first_bad_byte(record)})')
     try:
       record = json.loads(record)
     except json.JSONDecodeError as e:
@@ -448,17 +571,26 @@ def manifest_dataset(config: ManifestConfig,
                      manifest_path: Optional[str] = None,
                      shuffle: bool = False,
                      seed: Optional[int] = None,
-                     vocabulary: Optional[vocabulary_lib.MultimodalVocabulary] = None
-                     ) -> tf.data.Dataset:
+                     vocabulary: Optional[vocabulary_lib.MultimodalVocabulary] = None,
+                     task_name: str = '') -> tf.data.Dataset:
   """Examples of one manifest (default: `config.path`) as a tf.data.Dataset of `feature_specs`.
 
   Records enter as their indices (sharded by `split_shard`, shuffled when asked), and are
   loaded in parallel by `tf.numpy_function` in a deterministic map, so the order is the
   manifest order. Bad examples raise (the tf error carries the `BadExampleError` message) or,
-  with on_bad_example='skip', are logged, counted in `BAD_EXAMPLES` and filtered out.
+  with on_bad_example='skip', are logged, counted in `BAD_EXAMPLES` (each example once, however
+  often it is read) and filtered out.
+
+  A manifest without records raises ValueError here; with 'skip', a pass over this shard whose
+  every record was bad raises at its end (a repeated dataset would otherwise spin forever),
+  naming the task (`task_name`), the manifest and the bad examples by reason.
   """
   manifest_path = manifest_path or config.path
   entries = read_manifest(manifest_path)
+  of_task = f'task {task_name}: ' if task_name else ''
+  if not entries:
+    raise ValueError(f'{of_task}manifest {manifest_path} holds no records (an empty file, an '
+                     'empty JSON list or blank lines only)')
   vocabulary = vocabulary or _vocabulary(config.vocab_path)
   specs = feature_specs(config)
   keys = list(specs)
@@ -472,8 +604,13 @@ def manifest_dataset(config: ManifestConfig,
     except BadExampleError as e:
       if not skip:
         raise
-      total = BAD_EXAMPLES.add(e.reason)
-      logging.warning('skipping %s (%d bad examples so far)', e, total)
+      key = (manifest_path, entry.number)
+      again = BAD_EXAMPLES.seen(key)  # Read again: another epoch, a look-ahead check.
+      total = BAD_EXAMPLES.add(e.reason, key=key)
+      if again:
+        logging.debug('skipping %s again', e)
+      else:
+        logging.warning('skipping %s (%d bad examples so far)', e, total)
       example, valid = _empty_example(specs), False
     return [example[k] for k in keys] + [np.bool_(valid)]
 
@@ -492,8 +629,44 @@ def manifest_dataset(config: ManifestConfig,
     ds = ds.shuffle(max(len(entries), 1), seed=seed, reshuffle_each_iteration=True)
   ds = ds.map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if skip:
+    ds = _fail_when_all_bad(ds, specs, manifest_path, split_shard, of_task)
     ds = ds.filter(lambda example, valid: valid)
   return ds.map(lambda example, valid: example)
+
+
+def _fail_when_all_bad(ds: tf.data.Dataset, specs, manifest_path: str,
+                       split_shard: Optional[seqio.ShardInfo], of_task: str) -> tf.data.Dataset:
+  """(example, valid) pairs as they are; raises at the end of a pass that had no valid one.
+
+  A sentinel after the last record ends the pass; a `scan` counts the pass's valid and bad
+  records (its state restarts with each iterator: per epoch of a repeated dataset)."""
+  sentinel = tf.data.Dataset.from_tensors(
+      ({k: tf.constant(v) for k, v in _empty_example(specs).items()}, tf.constant(False),
+       tf.constant(True)))
+  ds = ds.map(lambda example, valid: (example, valid, tf.constant(False)))
+  ds = ds.concatenate(sentinel)
+  shard = ('' if split_shard is None or split_shard.num_shards <= 1 else
+           f' (shard {split_shard.index} of {split_shard.num_shards})')
+
+  def fail(bad):
+    counts = BAD_EXAMPLES.counts(manifest_path)
+    raise ValueError(f'{of_task}all {int(bad)} records of manifest {manifest_path}{shard} are '
+                     f'bad examples, skipped with on_bad_example=\'skip\' (by reason: {counts}); '
+                     'no example is left to train or evaluate on. The log names each one '
+                     '("skipping bad example at ...").')
+
+  def step(state, element):
+    example, valid, end = element
+    kept, bad = state
+    ok = tf.cond(tf.logical_and(end, tf.logical_and(tf.equal(kept, 0), bad > 0)),
+                 lambda: tf.reshape(tf.numpy_function(fail, [bad], tf.bool, stateful=True), []),
+                 lambda: tf.constant(True))
+    with tf.control_dependencies([ok]):
+      kept += tf.cast(valid, tf.int64)
+      bad += tf.cast(tf.logical_not(tf.logical_or(valid, end)), tf.int64)
+    return (kept, bad), (example, tf.logical_and(valid, tf.logical_not(end)))
+
+  return ds.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), step)
 
 
 class ManifestDataSource(seqio.FunctionDataSource):
@@ -512,8 +685,8 @@ class ManifestDataSource(seqio.FunctionDataSource):
 
 
 def seqio_source(config: ManifestConfig,
-                 vocabulary: Optional[vocabulary_lib.MultimodalVocabulary] = None
-                 ) -> ManifestDataSource:
+                 vocabulary: Optional[vocabulary_lib.MultimodalVocabulary] = None,
+                 task_name: str = '') -> ManifestDataSource:
   """A seqio data source with one split per `config.split_paths()` entry."""
   paths = config.split_paths()
 
@@ -522,11 +695,12 @@ def seqio_source(config: ManifestConfig,
     if split not in paths:
       raise ValueError(f'unknown split {split!r}; the manifest config has {sorted(paths)}')
     return manifest_dataset(config, shard_info, manifest_path=paths[split],
-                            shuffle=shuffle_files, seed=seed, vocabulary=vocabulary)
+                            shuffle=shuffle_files, seed=seed, vocabulary=vocabulary,
+                            task_name=task_name)
 
   return ManifestDataSource(dataset_fn, splits=tuple(paths))
 
 
 __all__ = ['BAD_EXAMPLES', 'BadExampleCounter', 'BadExampleError', 'ManifestConfig',
-           'ManifestDataSource', 'feature_specs', 'load_example', 'manifest_dataset',
-           'read_manifest', 'seqio_source']
+           'ManifestDataSource', 'UndecodableRecord', 'feature_specs', 'load_example',
+           'manifest_dataset', 'read_manifest', 'seqio_source']

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from unimoe_jax.data import conversation as conversation_lib
 from unimoe_jax.data import vocabulary as vocabulary_lib
+from unimoe_jax.data.manifest import MODALITIES
 from unimoe_jax.data.manifest import BadExampleCounter
 
 # Examples `drop_too_long` dropped, by reason ('targets', '<m>_features').
@@ -33,6 +34,7 @@ DROPPED_TOO_LONG = BadExampleCounter()
 MAX_LEADING_DROPS = 128
 
 ON_TOO_LONG = ('drop', 'raise')
+UNFED_MEDIA = ('raise', 'ignore')
 PRETOKENIZED_FEATURES = ('inputs_pretokenized', 'targets_pretokenized')
 
 Limits = Sequence[Tuple[str, int]]
@@ -146,6 +148,49 @@ def assert_fits(dataset: tf.data.Dataset,
 
 
 # ----------------------------------------------------------------------------------------------
+# Media that TASK_FEATURE_LENGTHS would not feed.
+
+
+def check_media_fed(dataset: tf.data.Dataset, sequence_length: Mapping[str, Optional[int]],
+                    task_name: str = '') -> tf.data.Dataset:
+  """Raises on the first example that carries items of a modality whose '<m>_features' has no
+  length in `sequence_length` (TASK_FEATURE_LENGTHS). The feature converter takes only the
+  modalities named there: such an example's media would be dropped and its placeholders
+  reach the model as plain tokens, silently (a stage-1 run trained at grad_norm 0). A map, so
+  the cardinality stays; examples without such items pass at the cost of one shape check."""
+  spec = dataset.element_spec
+  unfed = tuple(m for m in MODALITIES if f'{m}_features' in spec and
+                spec[f'{m}_features'].shape.rank and
+                sequence_length.get(f'{m}_features') is None)
+  if not unfed:
+    return dataset
+  where = f'task {task_name}' if task_name else 'a task'
+  lengths = dict(sequence_length)
+
+  def fail(counts):
+    carried = ', '.join(f'{int(n)} {m} item(s)' for m, n in zip(unfed, counts) if n)
+    missing = [f'{m}_features' for m, n in zip(unfed, counts) if n]
+    raise ValueError(
+        f'{where}: an example carries {carried}, but TASK_FEATURE_LENGTHS={lengths} has no '
+        f'length for {missing}: the feature converter would not take these media and their '
+        'placeholders would reach the model as plain tokens (the media silently unused). Add '
+        f"{', '.join(repr(k) + ': <items per row>' for k in missing)} to "
+        "TASK_FEATURE_LENGTHS, or bind drop_too_long.unfed_media = 'ignore' to read the task "
+        'as text only on purpose.')
+
+  def check(example):
+    counts = tf.stack([tf.shape(example[f'{m}_features'], out_type=tf.int32)[0]
+                       for m in unfed])
+    ok = tf.cond(tf.reduce_all(tf.equal(counts, 0)), lambda: tf.constant(True),
+                 lambda: tf.reshape(tf.numpy_function(fail, [counts], tf.bool, stateful=True),
+                                    []))
+    with tf.control_dependencies([ok]):
+      return {key: tf.identity(value) for key, value in example.items()}
+
+  return dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------------------------
 # drop_too_long.
 
 
@@ -156,12 +201,13 @@ def _count_drop(reason: str) -> None:
                     DROPPED_TOO_LONG.counts())
 
 
-@gin.configurable(allowlist=['on_too_long', 'max_leading_drops'])
+@gin.configurable(allowlist=['on_too_long', 'max_leading_drops', 'unfed_media'])
 def drop_too_long(dataset: tf.data.Dataset,
                   sequence_length: Optional[Mapping[str, int]] = None,
                   task_name: str = '',
                   on_too_long: str = 'drop',
-                  max_leading_drops: int = MAX_LEADING_DROPS) -> tf.data.Dataset:
+                  max_leading_drops: int = MAX_LEADING_DROPS,
+                  unfed_media: str = 'raise') -> tf.data.Dataset:
   """Drops (never cuts) examples whose targets or items exceed `sequence_length`.
 
   An example that does not fit cannot be packed without splitting it or losing items, which
@@ -180,7 +226,14 @@ def drop_too_long(dataset: tf.data.Dataset,
       dropped before any was kept (default MAX_LEADING_DROPS; 0: never). A repeated dataset
       whose every example is dropped then fails within seconds instead of spinning forever.
       The count is per dataset iterator: per task in a mixture.
+    unfed_media (gin): 'raise' (default): an example carrying items of a modality that
+      `sequence_length` gives no '<m>_features' length raises, naming the task, the modality
+      and TASK_FEATURE_LENGTHS (`check_media_fed`); 'ignore': such media are dropped by the
+      feature converter (reading multimodal data as text only, on purpose).
   """
+  if unfed_media not in UNFED_MEDIA:
+    raise ValueError(f'drop_too_long.unfed_media must be one of {UNFED_MEDIA}, got '
+                     f'{unfed_media!r}')
   if on_too_long not in ON_TOO_LONG:
     raise ValueError(f'drop_too_long.on_too_long must be one of {ON_TOO_LONG}, got '
                      f'{on_too_long!r}')
@@ -188,6 +241,8 @@ def drop_too_long(dataset: tf.data.Dataset,
     raise ValueError(f'drop_too_long.max_leading_drops must be >= 0, got {max_leading_drops}')
   if not sequence_length:
     return dataset
+  if unfed_media == 'raise':
+    dataset = check_media_fed(dataset, sequence_length, task_name)
   spec = dataset.element_spec
   # Checked in a fixed order so the counted reason is reproducible.
   limits = tuple((k, int(v)) for k, v in sorted(sequence_length.items())
