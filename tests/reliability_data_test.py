@@ -330,3 +330,46 @@ def test_gin_flags_accept_valid_lengths_and_required_macros():
                                 'EVAL_TASK_FEATURE_LENGTHS = %TASK_FEATURE_LENGTHS'])
   finally:
     gin.clear_config()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3, through the training loop: what `python -m unimoe_jax.train` users see.
+
+
+def _register_text_task(root, vocab_path, name, payload: bytes):
+  from unimoe_jax.data import vocabulary as vocab_lib  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.tasks import common  # pylint: disable=g-import-not-at-top
+  path = _write_bytes(root, f'{name}.jsonl', payload)
+  vocabulary = vocab_lib.LazyVocabulary(lambda: vocab_lib.get_vocabulary(vocab_path),
+                                        name='test')
+  source = common.lazy_manifest_source(
+      lambda: _config(path, vocab_path, on_bad_example='skip'), {'train': 'train'}, vocabulary,
+      task_name=name)
+  common.register_task(name, source, vocabulary, modalities=('image',))
+  return path
+
+
+@pytest.mark.parametrize('payload,expected', [  # ~0 s and ~11 s (the all-bad one reads data)
+    (b'\n', 'task {name}: manifest {path} holds no records'),
+    (_jsonl(dict(IMAGE, image='missing.png'), dict(IMAGE, image='gone.png')),
+     "task {name}: all 2 records of manifest {path} are bad examples, skipped with "
+     "on_bad_example='skip' (by reason: {{'missing_file': 2}})"),
+])
+def test_training_on_empty_or_all_bad_data_names_task_and_manifest(data, tmp_path, payload,
+                                                                   expected):
+  import time  # pylint: disable=g-import-not-at-top
+  import tiny_tasks  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.training import loop  # pylint: disable=g-import-not-at-top
+  root, vocab_path = data
+  name = 'reliability_empty' if payload.strip() == b'' else 'reliability_all_bad'
+  path = _register_text_task(root, vocab_path, name, payload)
+  manifest_lib.BAD_EXAMPLES.reset()
+  started = time.time()
+  with pytest.raises(Exception) as info:
+    loop.train(**tiny_tasks.train_kwargs(
+        str(tmp_path / 'run'), mixture_or_task_name=name, mixture_or_task_module=(),
+        task_feature_lengths={'targets': 64, 'image_features': 1}))
+  assert expected.format(name=name, path=path) in str(info.value)
+  assert not isinstance(info.value, StopIteration)
+  print(f'failed after {time.time() - started:.1f} s')
+  manifest_lib.BAD_EXAMPLES.reset()
