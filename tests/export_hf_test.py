@@ -239,3 +239,103 @@ def test_what_mixtral_cannot_express_is_refused_or_noted(tmp_path):
   _, others = export_hf.decoder_tree({'decoder': {'layers_0': {}}, 'vision_tower': {},
                                       'vision_projector': {}})
   assert others == ['vision_projector', 'vision_tower']
+
+
+# ---------------------------------------------------------------------------------------------
+# A Hugging Face directory with tokenizer.json only: the SentencePiece model it wraps.
+
+_CORPUS = ['the cat sat on the mat', 'a dog ran in the park', 'the sun is hot today',
+           'we like to read books 123', 'birds fly over the sea']
+_TEXTS = _CORPUS + ['hello world the cats', ' two  spaces ', 'é中 unseen ✓ chars',
+                    'numbers 4567 the', 'thethethe mat', '']
+
+
+@pytest.fixture(scope='module')
+def spm_model():
+  """A LLaMA-like SentencePiece BPE model (byte fallback, identity normalization)."""
+  spm = pytest.importorskip('sentencepiece')
+  import io  # pylint: disable=g-import-not-at-top
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(_CORPUS * 10), model_writer=model, vocab_size=330,
+      model_type='bpe', unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+      byte_fallback=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+      normalization_rule_name='identity', split_digits=True)
+  return model.getvalue()
+
+
+def _tokenizer_json(spm_model, style):
+  """tokenizer.json as transformers' LlamaConverter writes it: BPE with the merges of every
+  split of every piece, ordered by the piece's score; 'legacy' escapes spaces in a normalizer,
+  'metaspace' in a Metaspace pre-tokenizer (legacy=False)."""
+  tokenizers = pytest.importorskip('tokenizers')
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  proto = sentencepiece_model_pb2.ModelProto.FromString(spm_model)
+  vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+  scores = {p.piece: p.score for p in proto.pieces}
+  merges = []
+  for piece in vocab:
+    local = [(piece[:k], piece[k:], scores[piece]) for k in range(1, len(piece))
+             if piece[:k] in vocab and piece[k:] in vocab]
+    merges += sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]]))
+  merges = [(a, b) for a, b, _ in sorted(merges, key=lambda x: x[2], reverse=True)]
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, unk_token='<unk>',
+                                                   fuse_unk=True, byte_fallback=True))
+  tok.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True)
+                          for t in ('<unk>', '<s>', '</s>')])
+  if style == 'legacy':
+    tok.normalizer = tokenizers.normalizers.Sequence([
+        tokenizers.normalizers.Prepend('\u2581'), tokenizers.normalizers.Replace(' ', '\u2581')])
+  else:
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(
+        replacement='\u2581', prepend_scheme='first', split=False)
+  return tok.to_str()
+
+
+@pytest.mark.parametrize('style', ['legacy', 'metaspace'])
+def test_tokenizer_json_rebuilds_the_sentencepiece_model(tmp_path, spm_model, style):
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'tokenizer.json'
+  path.write_text(_tokenizer_json(spm_model, style))
+  original = spm.SentencePieceProcessor(model_proto=spm_model)
+  rebuilt = spm.SentencePieceProcessor(
+      model_proto=vocabulary.sentencepiece_from_tokenizer_json_file(str(path)))
+  n = original.get_piece_size()
+  assert rebuilt.get_piece_size() == n
+  assert [rebuilt.id_to_piece(i) for i in range(n)] == [original.id_to_piece(i) for i in range(n)]
+  assert (rebuilt.bos_id(), rebuilt.eos_id(), rebuilt.unk_id()) == (1, 2, 0)
+  for text in _TEXTS:
+    assert rebuilt.encode(text) == original.encode(text), text
+  vocab = vocabulary.get_vocabulary(str(path))  # A tokenizer.json path works directly.
+  assert list(vocab.encode(_TEXTS[0])) == original.encode(_TEXTS[0])
+
+
+def test_tokenizer_json_that_wraps_no_sentencepiece_model_says_why(tmp_path):
+  tokenizers = pytest.importorskip('tokenizers')
+  from unimoe_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
+  byte_level = tokenizers.Tokenizer(tokenizers.models.BPE({'a': 0, 'b': 1, 'ab': 2},
+                                                          [('a', 'b')]))
+  byte_level.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+  with pytest.raises(ValueError, match='ByteLevel'):
+    vocabulary.sentencepiece_from_tokenizer_json(json.loads(byte_level.to_str()))
+  unigram = tokenizers.Tokenizer(tokenizers.models.Unigram([('<unk>', 0.0), ('a', -1.0)], 0))
+  with pytest.raises(ValueError, match="model type 'Unigram'"):
+    vocabulary.sentencepiece_from_tokenizer_json(json.loads(unigram.to_str()))
+
+
+def test_hf_directory_with_tokenizer_json_only(tmp_path, capsys, spm_model):
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  model, _ = tiny_llama(num_hidden_layers=2)
+  src, ours = tmp_path / 'src', str(tmp_path / 'ours')
+  model.save_pretrained(str(src))
+  (src / 'tokenizer.json').write_text(_tokenizer_json(spm_model, 'legacy'))
+  (src / 'tokenizer_config.json').write_text(json.dumps({'legacy': True}))
+  capsys.readouterr()
+  assert convert_checkpoint.main(['--source', 'hf', '--input', str(src), '--output', ours]) == 0
+  summary = _last_json(capsys)
+  assert summary['tokenizer_from_json'] and any('rebuilt' in n for n in summary['notes'])
+  rebuilt = spm.SentencePieceProcessor(model_file=os.path.join(ours, 'tokenizer.model'))
+  original = spm.SentencePieceProcessor(model_proto=spm_model)
+  assert all(rebuilt.encode(t) == original.encode(t) for t in _TEXTS)
+  assert os.path.exists(os.path.join(ours, 'tokenizer_config.json'))

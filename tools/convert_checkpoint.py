@@ -58,6 +58,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import jax
@@ -227,6 +228,30 @@ def convert(source: str, input_dir: str, merge_lora: bool = False, base_dir: Opt
   return params, cfg, count, size
 
 
+def _tokenizer_from_json(directory: str, files: Dict[str, str], notes: List[str]) -> bool:
+  """A directory with `tokenizer.json` but no `tokenizer.model`: the SentencePiece model the
+  tokenizer.json wraps (data/vocabulary.py), written as the checkpoint's tokenizer.model; a
+  note says why not when it wraps none. True when one was written."""
+  from unimoe_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, vocabulary.TOKENIZER_JSON_FILE)
+  if not os.path.exists(path):
+    return False
+  try:
+    model = vocabulary.sentencepiece_from_tokenizer_json_file(path)
+  except ValueError as e:
+    notes.append(f'no tokenizer.model written: {e}; our vocabulary is a SentencePiece model')
+    print(f'convert_checkpoint: {notes[-1]}', file=sys.stderr)
+    return False
+  with tempfile.NamedTemporaryFile(suffix='.model', delete=False) as f:
+    f.write(model)
+  files[checkpoint.TOKENIZER_FILE] = f.name
+  config = os.path.join(directory, vocabulary.TOKENIZER_CONFIG_FILE)
+  if os.path.exists(config):
+    files[vocabulary.TOKENIZER_CONFIG_FILE] = config
+  notes.append(f'tokenizer.model rebuilt from {path} (the SentencePiece BPE model it wraps)')
+  return True
+
+
 def export_hf(args) -> int:
   """--to hf: one of our checkpoints (or a training run) -> a Hugging Face directory."""
   from unimoe_jax.convert import export_hf as export_lib  # pylint: disable=g-import-not-at-top
@@ -342,16 +367,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       tokenizer_config = os.path.join(directory, TOKENIZER_CONFIG_FILE)
       if os.path.exists(tokenizer_config):
         files[TOKENIZER_CONFIG_FILE] = tokenizer_config
+  tokenizer_from_json = False
+  if not files:
+    tokenizer_from_json = _tokenizer_from_json(args.input, files, notes)
   gin_text = (llava.model_gin_text(model_cfg, args.source) if model_cfg is not None
               else gin_config_text(cfg, args.source, extra_lines))
-  checkpoint.save(args.output, params, gin_text, files)
+  try:
+    checkpoint.save(args.output, params, gin_text, files)
+  finally:
+    if tokenizer_from_json:
+      os.remove(files[checkpoint.TOKENIZER_FILE])
   summary = {'output': os.path.abspath(args.output), 'source': args.source,
              'source_tensors': count, 'source_parameters': size,
              'converted_parameters': int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
              'moe': cfg.moe is not None, 'lora_kept': cfg.lora is not None,
              'moe_layers': list(cfg.moe_layer_indices()), 'notes': notes,
              'modalities': list(model_cfg.modalities) if model_cfg else [],
-             'tokenizer_copied': bool(files),
+             'tokenizer_copied': bool(files), 'tokenizer_from_json': tokenizer_from_json,
              'peak_rss_mib': round(ckpt_io.peak_rss_bytes() / 2**20, 1)}
   print(json.dumps(summary))
   return 0
