@@ -268,6 +268,10 @@ def test_lengths_with_a_modality_the_model_lacks_name_the_model_field():
   assert 'UniMoEConfig.vision' in message and 'TASK_FEATURE_LENGTHS' in message
   feature_converter.check_model_takes_media(('image',), {'targets': 128, 'image_features': 1})
   feature_converter.check_model_takes_media(text_only, {'targets': 128, 'image_features': 0})
+  import tiny_tasks  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"feeds \['speech'\] items, but the model has no encoder"):
+    feature_converter.check_model_takes_media(tiny_tasks.tiny_model(),  # a UniMoEModel
+                                              {'targets': 64, 'speech_features': 1})
 
 
 # ----------------------------------------------------------------------------------------------
