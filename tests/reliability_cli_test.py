@@ -176,10 +176,15 @@ def test_a_prompt_longer_than_max_length_fails_before_params_are_read(setup, mon
 def test_a_training_run_directory_answers_and_scores_as_its_export(setup):
   converted, run, _, _ = setup
   want = generate.answer(converted, 'what did the cat see', max_decode_steps=5)
-  for path in (run, os.path.join(run, 'checkpoints'), os.path.join(run, 'checkpoints', '3')):
-    got = generate.answer(path, 'what did the cat see', max_decode_steps=5)
-    assert got.tokens == want.tokens and got.prompt_ids == want.prompt_ids, path
-    np.testing.assert_allclose(got.score, want.score, rtol=1e-5)
+  got = generate.answer(run, 'what did the cat see', max_decode_steps=5)
+  assert got.tokens == want.tokens and got.prompt_ids == want.prompt_ids
+  np.testing.assert_allclose(got.score, want.score, rtol=1e-5)
+  want_params, want_gin = score.read_checkpoint(run)
+  for path in (os.path.join(run, 'checkpoints'), os.path.join(run, 'checkpoints', '3')):
+    assert score.locate_checkpoint(path)[1] == 3
+    params, gin_text = score.read_checkpoint(path)
+    assert gin_text == want_gin
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, want_params)
   want_scores = score.score_text(converted, 'the dog sat on the mat')
   got_scores = score.score_text(run, 'the dog sat on the mat')
   assert [r['token'] for r in got_scores] == [r['token'] for r in want_scores]

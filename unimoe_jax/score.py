@@ -291,10 +291,10 @@ def score_text(checkpoint_dir: str, text: str, vocab_path: Optional[str] = None,
     raise ValueError(f'--max_length must be >= 1, got {max_length}')
   if media and any(media.values()):
     return score_multimodal(checkpoint_dir, text, media, vocab_path, dtype, max_length)
-  from unimoe_jax.data.vocabulary import get_vocabulary  # pylint: disable=g-import-not-at-top
   gin_text = checkpoint_gin_text(checkpoint_dir)
   cfg = decoder_with_dtype(decoder_config_from_gin(gin_text), dtype)
   vocab_path = find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
+  from unimoe_jax.data.vocabulary import get_vocabulary  # pylint: disable=g-import-not-at-top
   vocab = get_vocabulary(vocab_path)
   sp = vocab.sentencepiece.tokenizer
   tokens = [vocab.bos_id] + [int(t) for t in vocab.encode(text)]
