@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from unimoe_jax import partitioning
+from unimoe_jax.data import feature_converter
 from unimoe_jax.data import pipeline
 from unimoe_jax.training import checkpoints as checkpoints_lib
 from unimoe_jax.training import evaluation
@@ -107,6 +108,8 @@ def train(*,
     raise ValueError(f'BATCH_SIZE={batch_size} is not divisible by the data x expert mesh '
                      f'axes ({data_parallel} devices hold batch rows)')
   task = pipeline.get_mixture_or_task(mixture_or_task_name)
+  # Media the model has no encoder for would be dropped silently: refuse before any compute.
+  feature_converter.check_model_takes_media(model, task_feature_lengths)
   if getattr(model, '_vocabulary', 'unset') is None:
     model._vocabulary = task.output_features['targets'].vocabulary  # pylint: disable=protected-access
   input_shapes, input_types = pipeline.first_batch_shapes(
