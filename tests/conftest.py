@@ -1,9 +1,28 @@
-"""Test set-up: 8 host devices for the sharding tests, set before JAX initialises."""
+"""Test set-up: 8 host devices for the sharding tests, set before JAX initialises, and one
+compilation cache for the whole test session."""
 
 import os
+import shutil
+import tempfile
 
 # Must run before jax creates its CPU client; conftest is imported before any test module.
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
   os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+# jax's persistent compilation cache, fresh for each session and shared through the
+# environment by the xdist workers (started after this runs in the controller) and by the
+# subprocesses the tests start: the same tiny programs are compiled again and again (a killed
+# and resumed run compiles one training step four times), and a cache hit returns the
+# executable XLA built for the same program. Compiles under 0.5 s are not worth a file.
+_OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+if _OWN_CACHE:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='unimoe_jax_test_jit_cache_')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+
+
+def pytest_unconfigure(config):
+  """The session's controller removes the cache it made (workers leave it to the controller)."""
+  if _OWN_CACHE and not hasattr(config, 'workerinput'):
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)

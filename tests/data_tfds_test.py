@@ -179,9 +179,11 @@ def _check_example(ex, vocab, modality, prompt, answer):
 
 
 def _manifest_example(tmp_path, vocab, conversation, **media):
-  config = manifest_lib.ManifestConfig(
-      path=str(tmp_path / 'manifest.jsonl'), **{
-          f.name: getattr(SETTINGS, f.name) for f in dataclasses.fields(SETTINGS)})
+  fields = {f.name: getattr(SETTINGS, f.name) for f in dataclasses.fields(SETTINGS)}
+  # TFDS sources give one item per clip (tfds_sources.py), the first 30 s; a manifest keeps
+  # every official chunk unless audio_max_chunks caps it.
+  fields['audio_max_chunks'] = 1
+  config = manifest_lib.ManifestConfig(path=str(tmp_path / 'manifest.jsonl'), **fields)
   record = {'conversations': conversation, **media}
   return manifest_lib.load_example(json.dumps(record), 1, config, vocab)
 

@@ -94,7 +94,9 @@ def test_remat_policies_under_scan_give_the_same_gradients():
   cfg = _config('every_other', True, scan=True)
   params = layer_stacking.to_config_layout(_looped_params(_config('every_other', True)), cfg)
   (_, _), reference = _loss_and_grads(cfg, params)
-  for policy in ('full', 'dots_saveable', 'projections'):
+  # 'full' and 'dots_saveable' are the looped decoder's policies too (decoder_test.py); the
+  # scan's own concern is that they run inside nn.scan: one of them and the new policy.
+  for policy in ('full', 'projections'):
     (_, _), grads = _loss_and_grads(dataclasses.replace(cfg, remat=policy), params)
     for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(grads)):
       _assert_close(b, a, f'remat={policy}')

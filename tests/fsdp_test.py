@@ -144,8 +144,9 @@ def test_gin_switch_reaches_every_caller_and_t5x_rules():
 
 
 def test_indivisible_embed_names_the_parameter():
-  """embed_dim 36 on data=8: jax cannot split it; the error names parameters and sizes."""
-  cfg = config_lib.named('tiny', embed_dim=36, num_layers=1)
+  """embed_dim 36 on data=8: jax cannot split it; the error names parameters and sizes.
+  (2 heads of 18: rotary embeddings need an even head_dim.)"""
+  cfg = config_lib.named('tiny', embed_dim=36, num_heads=2, num_layers=1)
   abstract = abstract_variables(cfg)
   mesh = partitioning.make_mesh(MESHES['data8'])
   partitioning.params_shardings(mesh, abstract, PLAIN)  # Fine without FSDP.
@@ -323,7 +324,9 @@ def _loss_fn(model):
 
 
 @pytest.mark.slow  # One 8-device and one 1-device value_and_grad compile each: ~20-60 s.
-@pytest.mark.parametrize('scan', [False, True], ids=['loop', 'scan'])
+# Scanned layers, as the 7B files run them (the looped decoder's FSDP step agreed as well when
+# this test also ran it: 20 s a case, dropped to keep the suite within its time).
+@pytest.mark.parametrize('scan', [True], ids=['scan'])
 @pytest.mark.parametrize('mesh_name', list(MESHES))
 def test_fsdp_loss_and_grads_equal_single_device(mesh_name, scan):
   assert jax.device_count() == 8, 'conftest.py should give 8 host devices'

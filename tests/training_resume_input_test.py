@@ -464,14 +464,15 @@ def test_killed_run_resumes_its_input_on_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_its_input_on_two_processes(tmp_path):
-  runs = _kill_and_resume(tmp_path, processes=2, with_fallback=True)
+  # The skipping fallback is run on one process only (above): a fourth pair of processes
+  # here cost ~20 s of the suite's time for no other path.
+  runs = _kill_and_resume(tmp_path, processes=2, with_fallback=False)
   rows = ROWS // 2  # Per process.
   for i in range(2):
-    full, restored, skipped = (runs[n][2][i] for n in ('uninterrupted', 'resumed', 'skipping'))
+    full, restored = (runs[n][2][i] for n in ('uninterrupted', 'resumed'))
     print(f'process {i}: examples decoded by the training stream: uninterrupted {STEPS} '
           f'steps {full["stream"]}; after the restart at step {RESUMED_AT}: with the iterator '
-          f'state {restored.get("stream", 0)}, skipping {skipped["stream"]}')
-    assert skipped['stream'] - restored.get('stream', 0) >= RESUMED_AT * rows
+          f'state {restored.get("stream", 0)}')
     assert restored.get('stream', 0) < full['stream'] - RESUMED_AT * rows
 
 
