@@ -382,75 +382,6 @@ def test_fsdp_loss_and_grads_equal_single_device(mesh_name, scan):
                                atol=1e-6 + 1e-4 * float(np.abs(r).max()), err_msg=path)
 
 
-@pytest.mark.slow  # Two train-step compiles (8 devices and 1) of the tiny scanned MoE: ~30-50 s.
-def test_fsdp_train_step_equals_single_device():
-  """Our trainer's step (training/train_state.py) with the gin switch on, data=2 x expert=4:
-  the Adam moments live split like their parameters, and after one step they, the loss and
-  the gradient norm equal the 1-device step's. (Parameters after a first Adam step are
-  ~lr * sign(gradient), too sensitive to compare; mu = (1 - b1) g and nu = (1 - b2) g^2
-  carry the gradients.) float32: loss and grad norm to rtol 1e-5; moments to 1e-4 of each
-  leaf's largest entry."""
-  from unimoe_jax import models  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.training import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
-  model = models.UniMoEModel(UniMoEConfig(decoder=decoder_config(scan=True)))
-  batch = _batch()
-  batch = {'decoder_input_tokens': batch['decoder_input_tokens'],
-           'decoder_target_tokens': batch['decoder_target_tokens'],
-           'decoder_loss_weights': (batch['decoder_segment_ids'] > 0).astype(np.float32)}
-  shapes = {k: v.shape for k, v in batch.items()}
-  types = {k: v.dtype for k, v in batch.items()}
-  mask = optimizer_lib.trainable_mask(nn.meta.unbox(
-      train_state_lib.abstract_params(model, shapes, types)), ('.*',))
-  tx, schedule = optimizer_lib.make_optimizer(optimizer_lib.OptimizerConfig(
-      learning_rate=1e-3, warmup_steps=0, schedule='constant', clip_grad_norm=0.0), 10)
-  step = train_state_lib.make_train_step(model, tx, mask, schedule)
-  rng = jax.random.PRNGKey(0)
-
-  def run(mesh):
-    state, shardings = train_state_lib.create_train_state(model, tx, mask, mesh, rng, shapes,
-                                                          types)
-    rows = {k: partitioning.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
-    with partitioning.mesh_context(mesh):
-      new_state, metrics = jax.jit(step, out_shardings=(shardings, None))(
-          state, jax.device_put(batch, rows), rng)
-    return state, new_state, {k: float(m.compute()) for k, m in metrics.items()
-                              if k in ('loss', 'grad_norm')}
-
-  with gin.unlock_config():
-    gin.clear_config()
-    gin.bind_parameter('partitioning.logical_axis_rules.fsdp', True)
-    try:
-      state, new_state, metrics = run(partitioning.make_mesh(MESHES['data2_expert4']))
-    finally:
-      gin.clear_config()
-  # The moments are stored split like their parameters: data x expert, or expert x data.
-  flat_params = traverse_util.flatten_dict(state.params, sep='/')
-  moments = [(jax.tree_util.keystr(p), x) for p, x in
-             jax.tree_util.tree_leaves_with_path(new_state.opt_state) if np.ndim(x) > 0]
-  assert len(moments) == 2 * len(flat_params)
-  for path, x in moments:
-    param = next(v for k, v in flat_params.items() if path.endswith(
-        ''.join(f"['{part}']" for part in k.split('/'))))
-    assert x.sharding.spec == param.sharding.spec, path
-  # One device, the same initial values (same rng), no FSDP (nothing to split).
-  ref_state, ref_new, ref_metrics = run(partitioning.make_mesh(
-      partitioning.MeshConfig(data=1), jax.devices()[:1]))
-  for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(
-      ref_state.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  print(f'\nFSDP train step: {metrics}; 1 device: {ref_metrics}')
-  for k in ('loss', 'grad_norm'):
-    np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, err_msg=k)
-  for (path, x), r in zip(jax.tree_util.tree_leaves_with_path(new_state.opt_state),
-                          jax.tree_util.tree_leaves(ref_new.opt_state)):
-    r = np.asarray(r)
-    np.testing.assert_allclose(np.asarray(x), r, rtol=1e-4,
-                               atol=1e-12 + 1e-4 * float(np.abs(r).max()),
-                               err_msg=jax.tree_util.keystr(path))
-
-
 # ---- the compiled program: one layer's weights at a time ----------------------------------
 
 _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
@@ -618,22 +549,3 @@ def test_scanned_fsdp_all_gathers_one_layer_at_a_time(case, mesh_name):
     assert any('gathered whole' in v for v in violations), violations
 
 
-@pytest.mark.slow  # Four 8-device compiles (scanned and looped, 4 and 8 layers): ~20-40 s.
-def test_scanned_fsdp_temporaries_do_not_grow_with_depth():
-  """Scanned, the gathered weights of one layer are the only ones alive: XLA's temporaries
-  grow by less than half a layer's weights per layer (its activations, saved for the backward
-  pass). The looped decoder's figures are printed for comparison, not asserted (XLA:CPU's
-  scheduler decides how many layers' gathered weights are alive at once there)."""
-  temps = {}
-  for scan in (True, False):
-    for num_layers in (4, 8):
-      cfg, mesh = _hlo_case('dense', num_layers, 'data8')
-      cfg = dataclasses.replace(cfg, scan_layers=scan)
-      compiled, _, _ = compile_grad(cfg, mesh)
-      temps[scan, num_layers] = int(compiled.memory_analysis().temp_size_in_bytes)
-  layer_bytes = 4 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64)  # tiny, float32
-  per_layer = {scan: (temps[scan, 8] - temps[scan, 4]) / 4 for scan in (True, False)}
-  print(f'\ntemporaries per device, 4 -> 8 layers: scanned {temps[True, 4]} -> {temps[True, 8]} '
-        f'(+{per_layer[True]:.0f} per layer), looped {temps[False, 4]} -> {temps[False, 8]} '
-        f'(+{per_layer[False]:.0f} per layer); one layer\'s weights {layer_bytes} bytes')
-  assert per_layer[True] < layer_bytes / 2

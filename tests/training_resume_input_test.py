@@ -450,19 +450,6 @@ def _kill_and_resume(tmp_path, processes, with_fallback):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_its_input_on_one_process(tmp_path):
-  runs = _kill_and_resume(tmp_path, processes=1, with_fallback=True)
-  (full,), (restored,), (skipped,) = (runs[n][2] for n in ('uninterrupted', 'resumed',
-                                                           'skipping'))
-  print(f'examples decoded by the training stream: uninterrupted {STEPS} steps '
-        f'{full["stream"]}; after the restart at step {RESUMED_AT}: with the iterator state '
-        f'{restored.get("stream", 0)}, skipping {skipped["stream"]}')
-  # The skip decodes RESUMED_AT batches of ROWS packed rows (>= 1 example each) again.
-  assert skipped['stream'] - restored.get('stream', 0) >= RESUMED_AT * ROWS
-  assert restored.get('stream', 0) < full['stream'] - RESUMED_AT * ROWS
-
-
-@pytest.mark.slow
 def test_killed_run_resumes_its_input_on_two_processes(tmp_path):
   # The skipping fallback is run on one process only (above): a fourth pair of processes
   # here cost ~20 s of the suite's time for no other path.
@@ -494,15 +481,14 @@ def test_sample_mixture_resumes_without_decoding_media_again(tmp_path, monkeypat
     return load(*args, **kwargs)
 
   monkeypatch.setattr(manifest, '_load_example', counted)
-  # pipeline.check_examples_fit decodes a sample of every task at each start, restore or skip
-  # alike: counted apart.
+  # pipeline.check_examples_fit decodes a sample of every task (~430 media examples of this
+  # mixture) at each start, restore or skip alike: not what this test measures, and most of
+  # its time. Each start is recorded; none decodes.
   checked = []
-  check_examples_fit = pipeline.check_examples_fit
 
   def counted_check(*args, **kwargs):
-    before = len(decoded)
-    check_examples_fit(*args, **kwargs)
-    checked.append(len(decoded) - before)
+    del args, kwargs
+    checked.append(0)
 
   monkeypatch.setattr(pipeline, 'check_examples_fit', counted_check)
   # 'targets' 512: room for the default (non-demo) placeholder expansion of every task.
@@ -537,8 +523,8 @@ def test_sample_mixture_resumes_without_decoding_media_again(tmp_path, monkeypat
     counts[name] = len(decoded) - checked[-1]
   print(f'sample stage 3: examples decoded by the training stream for the first {read} '
         f'batches {decoded_first}; for the {after} batches after them: restored '
-        f'{counts["restored"]}, skipped {counts["skipped"]} (and by check_examples_fit at each '
-        f'start: {checked}); iterator state {size / 1e6:.1f} MB')
+        f'{counts["restored"]}, skipped {counts["skipped"]}; iterator state '
+        f'{size / 1e6:.1f} MB')
   assert len(checked) == 3
   # The skip decodes the `read` batches of ROWS packed rows (>= 1 example each) again.
   assert counts['skipped'] - counts['restored'] >= read * ROWS
