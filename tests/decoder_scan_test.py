@@ -94,9 +94,9 @@ def test_remat_policies_under_scan_give_the_same_gradients():
   cfg = _config('every_other', True, scan=True)
   params = layer_stacking.to_config_layout(_looped_params(_config('every_other', True)), cfg)
   (_, _), reference = _loss_and_grads(cfg, params)
-  # 'full' and 'dots_saveable' are the looped decoder's policies too (decoder_test.py); the
-  # scan's own concern is that they run inside nn.scan: one of them and the new policy.
-  for policy in ('full', 'projections'):
+  # 'full' and 'dots_saveable' are the looped decoder's policies too (decoder_test.py, and
+  # 'full' runs inside the scan in the 7B files); the new policy is the scan's own concern.
+  for policy in ('projections',):
     (_, _), grads = _loss_and_grads(dataclasses.replace(cfg, remat=policy), params)
     for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(grads)):
       _assert_close(b, a, f'remat={policy}')
@@ -188,15 +188,16 @@ def test_checkpoint_in_either_layout_restores_into_either_model(tmp_path):
   written = {'looped': params, 'scanned': layer_stacking.to_config_layout(params, scanned_cfg)}
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
                            ('data', 'expert', 'model'))
+  models = {id(cfg): {'decoder': nn.meta.unbox(
+      Decoder(cfg).init(jax.random.PRNGKey(5), TOKENS[:, :4])['params'])}
+            for cfg in (looped_cfg, scanned_cfg)}
   for name, tree in written.items():
     # Without the LoRA matrices (a stage-2 checkpoint): they keep their initialisation.
-    tree = jax.tree_util.tree_map(lambda x: x, tree)
     path = str(tmp_path / name)
     checkpoint.save(path, {'decoder': _drop_lora(tree)}, '')
     loaded, _ = checkpoint.restore(path)
     for cfg in (looped_cfg, scanned_cfg):
-      model_params = {'decoder': nn.meta.unbox(
-          Decoder(cfg).init(jax.random.PRNGKey(5), TOKENS[:, :4])['params'])}
+      model_params = models[id(cfg)]
       shardings = jax.tree_util.tree_map(
           lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), model_params)
       state = train_state_lib.TrainState(step=None, params=model_params, opt_state=None)

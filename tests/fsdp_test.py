@@ -18,10 +18,10 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import traverse_util
 
+from partitioning_test import masked_loss_fn, sample_batch
 from unimoe_jax import config as config_lib
 from unimoe_jax import partitioning
 from unimoe_jax.decoder import Decoder
@@ -299,28 +299,7 @@ def test_7b_files_turn_on_fsdp_and_scan_and_divide_their_mesh(experts):
                        8: (4_663_689_216, 13_536_215_040)}[experts], (on, off)
 
 
-# ---- loss and gradients ---------------------------------------------------------------------
-
-def _batch():
-  rng = np.random.RandomState(0)
-  tokens = rng.randint(1, 512, size=(8, 16)).astype(np.int32)
-  segments = np.ones_like(tokens)
-  segments[:, 12:] = 0  # Padding at the end of every row.
-  return {'decoder_input_tokens': tokens, 'decoder_target_tokens': np.roll(tokens, -1, 1),
-          'decoder_segment_ids': segments}
-
-
-def _loss_fn(model):
-
-  def loss_fn(params, batch):
-    logits, aux = model.apply({'params': params}, batch['decoder_input_tokens'],
-                              segment_ids=batch['decoder_segment_ids'])
-    weights = (batch['decoder_segment_ids'] > 0).astype(jnp.float32)
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                           batch['decoder_target_tokens'])
-    return jnp.sum(xent * weights) / jnp.sum(weights) + aux.get('aux_loss', 0.0), aux
-
-  return loss_fn
+# ---- loss and gradients (batch and loss of tests/partitioning_test.py) ----------------------
 
 
 @pytest.mark.slow  # One 8-device and one 1-device value_and_grad compile each: ~20-60 s.
@@ -332,9 +311,9 @@ def test_fsdp_loss_and_grads_equal_single_device(mesh_name, scan):
   assert jax.device_count() == 8, 'conftest.py should give 8 host devices'
   cfg = decoder_config(scan=scan)
   model = Decoder(cfg)
-  batch = _batch()
+  batch = sample_batch()
   init = lambda key: model.init(key, jnp.asarray(batch['decoder_input_tokens']))
-  grad_fn = jax.value_and_grad(_loss_fn(model), has_aux=True)
+  grad_fn = jax.value_and_grad(masked_loss_fn(model), has_aux=True)
   mesh = partitioning.make_mesh(MESHES[mesh_name])
   variables, shardings = partitioning.init_sharded(init, mesh, jax.random.PRNGKey(0),
                                                    rules=FSDP)
@@ -449,7 +428,7 @@ def compile_grad(cfg, mesh, rules=FSDP, gather_everything_first=False):
   whole (the stacks included) before the decoder runs.
   """
   model = Decoder(cfg)
-  batch = _batch()
+  batch = sample_batch()
   init = lambda key: model.init(key, jnp.asarray(batch['decoder_input_tokens']))
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   shardings = partitioning.params_shardings(mesh, abstract, rules)
@@ -458,7 +437,7 @@ def compile_grad(cfg, mesh, rules=FSDP, gather_everything_first=False):
       shardings)['params']
   rows = partitioning.logical_sharding(mesh, ('activation_batch', None), rules)
   args = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in batch.items()}
-  loss_fn = _loss_fn(model)
+  loss_fn = masked_loss_fn(model)
   if gather_everything_first:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     inner = loss_fn

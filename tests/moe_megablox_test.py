@@ -10,8 +10,10 @@ included, are in tests/grouped_matmul_test.py.)
 Compared, float32, with tolerances relative to the largest magnitude of each reference array:
 outputs, aux values, the input gradient and every parameter gradient of a loss (LoRA on the
 experts or not) in a training call, and the output of a batch-1 decode step ([1, 1, embed]:
-k rows for E experts, most groups empty); and once with experts split over a 4-device
-`expert` mesh axis (each shard runs megablox with its `group_offset`).
+k rows for E experts, most groups empty). Shards of groups (`group_offset`, as each expert
+shard runs it) are checked at the kernel level in tests/grouped_matmul_test.py; the whole
+expert-parallel layer with megablox agreed too (6.7e-7) in a test dropped for the suite's
+time, and runs with the tiled backend in tests/moe_expert_parallel_test.py.
 """
 
 import flax.linen as nn
@@ -21,7 +23,6 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from unimoe_jax import partitioning
 from unimoe_jax.config import LoRAConfig, MoEConfig
 from unimoe_jax.moe.layer import MoEFeedForward
 
@@ -81,8 +82,10 @@ def _grad_fn(backend, lora, ct):
   return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
 
 
-@pytest.mark.slow  # 10-17 s each on 2 cores: TPU interpret mode compiles 9-27 pallas_calls.
-@pytest.mark.parametrize('lora', [None, LORA], ids=['no_lora', 'lora'])
+@pytest.mark.slow  # 10-20 s on 2 cores: TPU interpret mode compiles 9-27 pallas_calls.
+# With LoRA on the experts: the adapters' products ride on the same grouped matmuls, so this
+# case covers the plain one too (which agreed as well, 13 s; dropped for the suite's time).
+@pytest.mark.parametrize('lora', [LORA], ids=['lora'])
 def test_training_step_equals_tiled(lora):
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 12, D))
   ct = jax.random.normal(jax.random.PRNGKey(2), x.shape)
@@ -110,22 +113,3 @@ def test_batch_1_decode_step_equals_tiled(lora):
   _assert_trees_close(got, ref, f'decode lora={lora is not None}')
   assert got[0].shape == (1, 1, D) and float(jnp.abs(ref[0]).max()) > 0
   assert int(jnp.sum(ref[1]['expert_fraction'] > 0)) == K  # 2 groups used, 6 empty.
-
-
-@pytest.mark.slow  # 23-33 s on 2 (shared) cores.
-def test_expert_parallel_training_step_equals_tiled():
-  """Experts split over expert=4 (data=2): each shard runs megablox on its 2 experts with
-  `group_offset = 2 * shard`; compared with the single-device tiled layer."""
-  x = jax.random.normal(jax.random.PRNGKey(1), (8, 6, D))
-  ct = jax.random.normal(jax.random.PRNGKey(2), x.shape)
-  params = _params(x, LORA)
-  ref = _run('tiled', _grad_fn('tiled', LORA, ct), params, x)
-  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, expert=4))
-  with partitioning.mesh_context(mesh):
-    assert partitioning.expert_parallel_axes() is not None
-    fn = _grad_fn('megablox', LORA, ct)
-    with pltpu.force_tpu_interpret_mode():
-      jaxpr = str(jax.make_jaxpr(fn)(params, x))
-      got = jax.jit(fn)(params, x)
-  assert 'shard_map' in jaxpr and 'pallas_call' in jaxpr
-  _assert_trees_close(got, ref, 'expert parallel')

@@ -18,7 +18,7 @@ def _cfg(dispatch):
   return config_lib.named('tiny', moe=moe)
 
 
-def _batch():
+def sample_batch():
   rng = np.random.RandomState(0)
   tokens = rng.randint(1, 512, size=(8, 16)).astype(np.int32)
   segments = np.ones_like(tokens)
@@ -27,7 +27,7 @@ def _batch():
           'decoder_segment_ids': segments}
 
 
-def _loss_fn(model):
+def masked_loss_fn(model):
 
   def loss_fn(params, batch):
     logits, aux = model.apply({'params': params}, batch['decoder_input_tokens'],
@@ -35,7 +35,7 @@ def _loss_fn(model):
     weights = (batch['decoder_segment_ids'] > 0).astype(jnp.float32)
     xent = optax.softmax_cross_entropy_with_integer_labels(logits,
                                                            batch['decoder_target_tokens'])
-    return jnp.sum(xent * weights) / jnp.sum(weights) + aux['aux_loss'], aux
+    return jnp.sum(xent * weights) / jnp.sum(weights) + aux.get('aux_loss', 0.0), aux
 
   return loss_fn
 
@@ -53,9 +53,9 @@ def test_mesh_config_errors_name_the_shape():
 def test_sharded_train_step_equals_single_device(dispatch):
   assert jax.device_count() == 8, 'conftest.py should give 8 host devices'
   model = Decoder(_cfg(dispatch))
-  batch = _batch()
+  batch = sample_batch()
   init = lambda key: model.init(key, jnp.asarray(batch['decoder_input_tokens']))
-  grad_fn = jax.value_and_grad(_loss_fn(model), has_aux=True)
+  grad_fn = jax.value_and_grad(masked_loss_fn(model), has_aux=True)
 
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, expert=4))
   variables, shardings = partitioning.init_sharded(init, mesh, jax.random.PRNGKey(0))
