@@ -1,7 +1,6 @@
 """Issue 21: python -m unimoe_jax.generate / .score refuse bad input with one error naming the
 flag, accept a training run directory as --checkpoint, and bound the sequence by --max_length."""
 
-import io as std_io
 import os
 
 import jax
@@ -9,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from generate_test import make_tokenizer
 from unimoe_jax import checkpoint, decoding, generate, score
 
-_CORPUS = ['the cat sat on the mat', 'a dog ran in the park', 'the sun is hot today',
-           'USER: what is it? ASSISTANT: a cat', 'we like to read books']
 _MODEL_GIN = """from unimoe_jax import config
 DECODER_CONFIG = @config.DecoderConfig()
 config.DecoderConfig:
@@ -27,18 +25,6 @@ config.DecoderConfig:
 """
 _TRAIN_GIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'gin',
                           'runs', 'train.gin')
-
-
-def _tokenizer(directory) -> str:
-  spm = pytest.importorskip('sentencepiece')
-  model = std_io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_CORPUS * 10), model_writer=model, vocab_size=90,
-      model_type='bpe', unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-  path = os.path.join(str(directory), 'tokenizer.model')
-  with open(path, 'wb') as f:
-    f.write(model.getvalue())
-  return path
 
 
 def _operative_run_config(model_dir, initial_checkpoint) -> str:
@@ -64,7 +50,7 @@ def setup(tmp_path_factory):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from unimoe_jax.decoder import Decoder  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('reliability_cli')
-  tokenizer = _tokenizer(root)
+  tokenizer = make_tokenizer(root)
   cfg = score.decoder_config_from_gin(_MODEL_GIN)
   shapes = nn.meta.unbox(jax.eval_shape(
       lambda: Decoder(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))['params']))
