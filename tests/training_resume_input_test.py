@@ -393,10 +393,10 @@ def _params(model_dir):
   return {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
-def _kill_and_resume(tmp_path, processes, with_fallback):
-  """Uninterrupted run; run killed after step CRASH (last checkpoint RESUMED_AT) and resumed;
-  optionally the same resume with the input states deleted (skip). Returns
-  {name: (model_dir, logs, decoded)}."""
+def _kill_and_resume(tmp_path, processes):
+  """Uninterrupted run; run killed after step CRASH (last checkpoint RESUMED_AT) and resumed.
+  (Resuming by skipping when the input state is absent: test_checkpoint_manager_restores_or_
+  falls_back_to_skipping.) Returns {name: (model_dir, logs, decoded)}."""
   runs = {}
   full = str(tmp_path / 'uninterrupted')
   codes, logs, decoded = _train(full, processes=processes)
@@ -416,16 +416,6 @@ def _kill_and_resume(tmp_path, processes, with_fallback):
   for i in range(processes):
     info = iteration.read_info(os.path.join(input_dir, f'process_{i}-of-{processes}'))
     assert info['batches_read'] == RESUMED_AT and info['tf_state'] is True
-
-  if with_fallback:
-    skipping = str(tmp_path / 'killed_skipping')
-    shutil.copytree(killed, skipping)
-    shutil.rmtree(os.path.join(skipping, 'checkpoints', str(RESUMED_AT), 'input'))
-    codes, logs, decoded = _train(skipping, processes=processes)
-    assert codes == [0] * processes, logs[0][-4000:]
-    for log in logs:
-      assert f'Skipping {RESUMED_AT} batches' in log and 'Restored the input iterator' not in log
-    runs['skipping'] = (skipping, logs, decoded)
 
   codes, logs, decoded = _train(killed, processes=processes)
   assert codes == [0] * processes, logs[0][-4000:]
@@ -451,9 +441,7 @@ def _kill_and_resume(tmp_path, processes, with_fallback):
 
 @pytest.mark.slow
 def test_killed_run_resumes_its_input_on_two_processes(tmp_path):
-  # The skipping fallback is run on one process only (above): a fourth pair of processes
-  # here cost ~20 s of the suite's time for no other path.
-  runs = _kill_and_resume(tmp_path, processes=2, with_fallback=False)
+  runs = _kill_and_resume(tmp_path, processes=2)
   rows = ROWS // 2  # Per process.
   for i in range(2):
     full, restored = (runs[n][2][i] for n in ('uninterrupted', 'resumed'))
