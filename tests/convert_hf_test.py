@@ -1,5 +1,7 @@
 """Our decoder against tiny random Hugging Face LLaMA and Mixtral models (float32)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,33 @@ def test_converter_names_wrong_shape():
   cfg = convert_hf.config_from_hf(hf_config.to_dict(), dtype='float32')
   with pytest.raises(ValueError, match=r'model\.norm\.weight: expected shape \(64,\)'):
     convert_hf.decoder_params_from_hf(sd, cfg)
+
+
+@pytest.mark.parametrize('cut', ['4 bytes', 'in the header', 'in the data'])
+def test_a_truncated_weight_file_is_named(tmp_path, cut):
+  """Issue 21: a truncated safetensors file gave a bare struct / JSON / mmap error."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'model.safetensors')
+  save_file({'a': np.ones((4, 8), np.float32), 'b': np.zeros(3, np.float32)}, path)
+  size = os.path.getsize(path)
+  keep = {'4 bytes': 4, 'in the header': 20, 'in the data': size - 8}[cut]
+  with open(path, 'r+b') as f:
+    f.truncate(keep)
+  with pytest.raises(ValueError) as error:
+    convert_io.file_entries(path)
+  assert str(error.value).startswith(f'{path}: '), str(error.value)
+  assert 'truncated or damaged?' in str(error.value)
+  if cut == 'in the data':
+    assert 'tensor ' in str(error.value)  # Names the tensor that lies past the end.
+
+
+def test_a_truncated_torch_file_is_named(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'pytorch_model.bin')
+  torch.save({'a': torch.ones(64, 64)}, path)
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(ValueError, match=f'^{path}: not a readable PyTorch checkpoint file'):
+    convert_io.file_entries(path)

@@ -257,6 +257,10 @@ def test_bad_examples_raise_or_skip(vocab):
   assert [ex['references'].tolist() for ex in examples] == [[b'fine']]
   assert manifest_lib.BAD_EXAMPLES.counts() == {'empty_answer': 1,
                                                 'malformed_conversation': 1}
+  _examples(ts.librispeech_preprocessor(ds, skip, vocab))  # A second epoch: counted once.
+  assert manifest_lib.BAD_EXAMPLES.counts() == {'empty_answer': 1,
+                                                'malformed_conversation': 1}
+  assert manifest_lib.BAD_EXAMPLES.reads == 4
   manifest_lib.BAD_EXAMPLES.reset()
   with pytest.raises(ValueError, match='prompt must not hold placeholders'):
     ts.librispeech_preprocessor(ds, SETTINGS, vocab, prompt='<image> say it')

@@ -73,3 +73,32 @@ def test_no_all_gather_of_expert_weights():
   # The test reads the right program: tokens are all-gathered and outputs reduce-scattered.
   assert any(f'f32[4,16,{D}]' in l or f'f32[64,{D}]' in l for l in gathers), gathers
   assert re.search(r'reduce-scatter(-start)?\(', hlo)
+
+
+def test_lora_dropout_masks_differ_between_data_shards():
+  """Issue 21: every data shard drew the same LoRA dropout masks (one key for all devices).
+
+  The two data shards hold the same tokens; with independent masks their outputs differ (at
+  rate 0.5 over 16 x 32 inputs per row, equal outputs would mean equal masks)."""
+  layer = MoEFeedForward(MoEConfig(num_experts=E, num_experts_per_tok=2, dispatch='dropless'),
+                         mlp_dim=F, lora=LoRAConfig(rank=4, dropout=0.5))
+  half = jax.random.normal(jax.random.PRNGKey(0), (4, 16, D))
+  x = jnp.concatenate([half, half])  # Rows 0-3 on data shard 0, rows 4-7 on data shard 1.
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, expert=4))
+  variables, _ = partitioning.init_sharded(lambda key: layer.init(key, x), mesh,
+                                           jax.random.PRNGKey(2))
+  params = jax.tree_util.tree_map_with_path(  # Non-zero adapters, so the masks matter.
+      lambda p, v: v + 0.05 if p[-1].key == 'lora_b' else v, variables['params'])
+  x_sharded = jax.device_put(x, partitioning.logical_sharding(mesh, ('activation_batch',)))
+
+  def apply(params, x, deterministic):
+    return layer.apply({'params': params}, x, deterministic=deterministic,
+                       rngs={'dropout': jax.random.PRNGKey(3)})[0]
+
+  with partitioning.mesh_context(mesh):
+    assert partitioning.expert_parallel_axes() is not None
+    dropped = np.asarray(jax.jit(apply, static_argnums=2)(params, x_sharded, False))
+    kept = np.asarray(jax.jit(apply, static_argnums=2)(params, x_sharded, True))
+  np.testing.assert_array_equal(kept[:4], kept[4:])  # Same tokens, no dropout: same output.
+  assert np.abs(dropped[:4] - kept[:4]).max() > 1e-3  # Dropout acts ...
+  assert np.abs(dropped[:4] - dropped[4:]).max() > 1e-3  # ... with a mask of each shard.

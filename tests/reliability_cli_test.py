@@ -191,3 +191,28 @@ def test_a_training_run_without_config_or_tokenizer_is_named(setup, tmp_path):
                                                 'INITIAL_CHECKPOINT_PATH = None # '))
   with pytest.raises(FileNotFoundError, match='has no tokenizer.model .*; pass --vocab'):
     generate.answer(str(bare), 'hi')
+
+
+def test_train_without_gin_file_suggests_files_that_exist():
+  """Issue 21: the hint named stages/stage3_tiny.gin, which does not exist."""
+  import unimoe_jax  # pylint: disable=g-import-not-at-top
+  from unimoe_jax import train  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as stop:
+    train.setup([], 'test')
+  message = str(stop.value)
+  assert message.startswith('--gin_file is required: --gin_file=models/tiny.gin'), message
+  named = [arg.split('=', 1)[1] for arg in train.EXAMPLE_GIN_FILES.split()]
+  assert named and all(
+      any(os.path.isfile(os.path.join(d, f)) for d in unimoe_jax.gin_search_paths())
+      for f in named), named
+
+
+def test_a_saved_checkpoint_is_readable_by_others_as_the_umask_allows(tmp_path):
+  """Issue 21: converted checkpoints were created 0700 (the private staging directory)."""
+  umask = os.umask(0o022)
+  try:
+    path = checkpoint.save(str(tmp_path / 'converted'), {'w': np.ones(2, np.float32)}, '')
+  finally:
+    os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o755
+  assert os.stat(os.path.join(path, checkpoint.PARAMS_DIR)).st_mode & 0o777 == 0o755

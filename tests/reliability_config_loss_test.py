@@ -1,5 +1,5 @@
-"""Issue 21 bugs read in the code: a derived head_dim that stuck through dataclasses.replace, and
-a loss that gathered at negative (placeholder) target ids."""
+"""Issue 21 bugs read in the code: a derived head_dim that stuck through dataclasses.replace, a
+loss that gathered at negative (placeholder) target ids, and unpacked padding in MoE routing."""
 
 import dataclasses
 
@@ -57,3 +57,32 @@ def test_cross_entropy_out_of_vocab_targets_contribute_zero(bad_id):
     clean = jnp.where(jnp.asarray(bad), 0, targets)
     ref, _ = models.cross_entropy(logits, clean, z_loss, smoothing)
     np.testing.assert_allclose(np.asarray(loss)[~bad], np.asarray(ref)[~bad], rtol=1e-6)
+
+
+@pytest.mark.parametrize('dispatch', ['dropless', 'capacity'])
+def test_unpacked_padding_takes_no_part_in_moe_routing(dispatch):
+  """Issue 21: an unpacked batch (eval, infer, pack=False) passed no padding mask to the MoE
+  layers, so padding counted in the router statistics and losses and took expert capacity.
+  Its padding (target 0) is now masked: the statistics equal those of the same rows unpadded,
+  and (dropless) the real tokens' logits too."""
+  from unimoe_jax.model import UniMoE, UniMoEConfig  # pylint: disable=g-import-not-at-top
+  moe = config.MoEConfig(num_experts=4, num_experts_per_tok=2, dispatch=dispatch,
+                         load_balance_loss_coef=0.01)
+  model = UniMoE(UniMoEConfig(decoder=config.named('tiny', moe=moe)))
+  real = np.random.default_rng(0).integers(3, 90, size=(2, 6)).astype(np.int32)
+  padded = np.concatenate([real, np.zeros((2, 10), np.int32)], axis=1)
+  batch = lambda t: {'decoder_input_tokens': t, 'decoder_target_tokens': t}
+  params = model.init(jax.random.PRNGKey(0), batch(padded))['params']
+  logits_padded, aux_padded = model.apply({'params': params}, batch(padded))
+  logits_real, aux_real = model.apply({'params': params}, batch(real))
+  if dispatch == 'capacity':
+    # Capacity comes from the row length (static shapes): the unpadded rows get fewer slots,
+    # drop other tokens, and layer 1 sees other inputs. Layer 0's routing must agree.
+    np.testing.assert_allclose(aux_padded['expert_fraction'][0],
+                               aux_real['expert_fraction'][0], rtol=1e-5, atol=1e-7)
+    return
+  for key in ('expert_fraction', 'load_balance_loss', 'router_entropy'):
+    np.testing.assert_allclose(aux_padded[key], aux_real[key], rtol=1e-5, atol=1e-7,
+                               err_msg=key)
+  if dispatch == 'dropless':
+    np.testing.assert_allclose(logits_padded[:, :6], logits_real, rtol=1e-5, atol=1e-5)

@@ -4,6 +4,13 @@ import os
 
 __version__ = '0.1.0'
 
+# TensorFlow, where a process uses it (the seqio input pipeline), runs on the CPU only: left to
+# itself it would take the accelerators' memory from JAX, and on a host whose CUDA driver is
+# absent or broken it logs an ERROR-level "failed call to cuInit" on every run. Read by
+# TensorFlow when it is imported, so it is set here, before any module of this package imports
+# it; a value the user set is kept.
+os.environ.setdefault('TF_ENABLED_DEVICE_TYPES', 'CPU')
+
 
 def gin_search_paths():
   """Directories holding the project's gin files: the checkout's `gin/`, else the installed copy.

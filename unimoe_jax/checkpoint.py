@@ -48,6 +48,11 @@ def save(directory: str, params: Dict[str, Any], gin_config_text: str,
       f.write(gin_config_text)
     for name, source in (extra_files or {}).items():
       shutil.copyfile(source, os.path.join(staging, name))
+    # mkdtemp made the staging directory private (0700); the checkpoint gets the permissions
+    # of any directory the user creates (0777 less the umask), so others can read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
     os.rename(staging, directory)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)

@@ -165,6 +165,7 @@ class Decoder(nn.Module):
                embeddings: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None,
+               token_mask: Optional[jax.Array] = None,
                deterministic: bool = True,
                decode: bool = False,
                prefill: bool = False,
@@ -190,6 +191,9 @@ class Decoder(nn.Module):
       segment_ids: `[batch, length]` packed-segment ids (0 = padding), t5x's
         `decoder_segment_ids`. None: one sequence per row, no padding mask.
       positions: `[batch, length]` t5x's `decoder_positions`; default `arange(length)`.
+      token_mask: `[batch, length]` bool, True on real tokens, for an unpacked batch
+        (`segment_ids` None): padding then takes no part in the MoE layers' router statistics,
+        losses and capacity. Attention needs no mask there (padding is at the end of a row).
       deterministic: False in training (dropout, router jitter).
       decode: one cached step; `tokens` / `embeddings` of length 1.
       prefill: write the prompt into the cache.
@@ -208,15 +212,15 @@ class Decoder(nn.Module):
     if decode and prefill:
       raise ValueError('Decoder: decode and prefill are exclusive phases')
     if decode:
-      if positions is not None or segment_ids is not None:
-        raise ValueError('Decoder: decode takes positions from the cache; pass no positions '
-                         'or segment_ids')
+      if positions is not None or segment_ids is not None or token_mask is not None:
+        raise ValueError('Decoder: decode takes positions from the cache; pass no positions, '
+                         'segment_ids or token_mask')
       mask = padding_mask = None
     else:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
       mask = causal_segment_mask(l, segment_ids)
-      padding_mask = None if segment_ids is None else (segment_ids > 0)
+      padding_mask = token_mask if segment_ids is None else (segment_ids > 0)
       if prefill and prefill_lengths is not None and segment_ids is None:
         # Right padding of short prompts takes no part in router statistics or capacity.
         padding_mask = jnp.arange(l)[None, :] < prefill_lengths[:, None]

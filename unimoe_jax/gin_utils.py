@@ -10,8 +10,11 @@ the length macros (`TASK_FEATURE_LENGTHS`, `EVAL_TASK_FEATURE_LENGTHS`) are chec
 """
 
 import ast
+import contextlib
 import difflib
 import importlib
+import logging
+import os
 import re
 import tokenize
 from typing import Iterable, List, Sequence, Tuple
@@ -129,6 +132,28 @@ def check_length_macros() -> None:
       lengths.validate_task_feature_lengths(value, name)
 
 
+class _SearchPathProbeFilter(logging.Filter):
+  """Drops gin's ERROR-level `Path not found: F` records: gin logs one for each search path
+  that does *not* hold F (gin/resource_reader.py probes it as a Python package) before it opens
+  F from the path that does, so every good run printed them. A file found nowhere is still an
+  error: gin raises `Unable to open file: F. Searched config paths: [...]`."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.msg == 'Path not found: %s'
+                and record.pathname.endswith(os.path.join('gin', 'resource_reader.py')))
+
+
+@contextlib.contextmanager
+def _quiet_search_path_probes():
+  probe_filter = _SearchPathProbeFilter()
+  root = logging.getLogger()  # gin's resource reader logs through the root logger.
+  root.addFilter(probe_filter)
+  try:
+    yield
+  finally:
+    root.removeFilter(probe_filter)
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str],
           search_paths: Iterable[str] = (), import_modules: Sequence[str] = ()) -> None:
   """Parses files then bindings (in order), like t5x; finalizes the config.
@@ -143,7 +168,8 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str],
   for path in list(search_paths) + unimoe_jax.gin_search_paths():
     gin.add_config_file_search_path(path)
   check_binding_syntax(bindings)
-  gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+  with _quiet_search_path_probes():
+    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
   used = referenced_macros()
   for binding in bindings:
     name = binding.split('=', 1)[0].strip()

@@ -283,7 +283,11 @@ class UniMoE(nn.Module):
 
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True
                ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    return self.decoder(embeddings=self.embed(batch),
-                        segment_ids=batch.get('decoder_segment_ids'),
-                        positions=batch.get('decoder_positions'),
+    segment_ids = batch.get('decoder_segment_ids')
+    token_mask = None
+    if segment_ids is None and 'decoder_target_tokens' in batch:
+      # Unpacked rows end in padding (target 0; media placeholders are negative, real).
+      token_mask = batch['decoder_target_tokens'] != 0
+    return self.decoder(embeddings=self.embed(batch), segment_ids=segment_ids,
+                        positions=batch.get('decoder_positions'), token_mask=token_mask,
                         deterministic=deterministic)

@@ -1,9 +1,13 @@
 r"""`python -m unimoe_jax.train`: one training run configured by gin, with t5x's flags.
 
     python -m unimoe_jax.train \
-      --gin_file=stages/stage3_tiny.gin \
-      --gin.MODEL_DIR="'/tmp/stage3'" --gin.TRAIN_STEPS=200 \
+      --gin_file=models/tiny.gin --gin_file=runs/train.gin \
+      --gin.MODEL_DIR="'/tmp/run'" --gin.TRAIN_STEPS=200 \
+      --gin.MIXTURE_OR_TASK_NAME="'my_task'" --gin.TASK_FEATURE_LENGTHS="{'targets': 512}" \
       [--gin_search_paths=DIR,...] [--gin_bindings='NAME = VALUE' ...]
+
+(gin/runs/train.gin's header runs the same on the sample data, with media; gin/stages/ holds
+the three stages of Uni-MoE.)
 
 `--gin_file` repeats and is resolved against `--gin_search_paths`, the checkout's `gin/` and the
 installed `unimoe_jax/gin_files/`. `--gin.NAME=VALUE` is a binding (`NAME = VALUE`), applied
@@ -20,6 +24,10 @@ import sys
 from typing import Optional, Sequence
 
 from absl import logging
+
+
+# The files of the hint when no --gin_file is given; a test checks that they exist.
+EXAMPLE_GIN_FILES = '--gin_file=models/tiny.gin --gin_file=runs/train.gin'
 
 
 def parse_flags(argv: Sequence[str], description: str):
@@ -62,7 +70,9 @@ def setup(argv: Sequence[str], description: str):
   initialize_runtime(args)
   from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
   if not args.gin_file:
-    raise SystemExit('--gin_file is required (for example --gin_file=stages/stage3_tiny.gin)')
+    raise SystemExit(f'--gin_file is required: {EXAMPLE_GIN_FILES}, for example (a model, then '
+                     'a run or a stage of gin/stages/; gin/runs/train.gin\'s header has a whole '
+                     'command)')
   gin_utils.parse(args.gin_file, args.gin_bindings, args.gin_search_paths,
                   import_modules=gin_utils.task_modules(args.gin_bindings))
   return args
@@ -71,8 +81,13 @@ def setup(argv: Sequence[str], description: str):
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   setup(argv, 'Train a unimoe_jax model (t5x-style gin flags).')
+  from unimoe_jax.training import interrupts  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import loop  # pylint: disable=g-import-not-at-top
-  result = loop.train()  # pylint: disable=no-value-for-parameter
+  try:
+    result = loop.train()  # pylint: disable=no-value-for-parameter
+  except interrupts.TrainingInterrupted as stopped:
+    logging.warning('%s', stopped)
+    return stopped.exit_code  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them.
   logging.info('finished at step %d', result['step'])
   return 0
 

@@ -56,9 +56,18 @@ class LazyTensor:
 
 
 def _safetensors_entries(path: str) -> Dict[str, LazyTensor]:
-  with open(path, 'rb') as f:
-    (header_size,) = struct.unpack('<Q', f.read(8))
-    header = json.loads(f.read(header_size))
+  """The file's tensors, checked against its size first: a truncated or damaged file is a
+  ValueError naming it (and the tensor), not a bare struct / JSON / mmap error later."""
+  size = os.path.getsize(path)
+  try:
+    with open(path, 'rb') as f:
+      (header_size,) = struct.unpack('<Q', f.read(8))
+      if 8 + header_size > size:
+        raise ValueError(f'its header claims {header_size} bytes')
+      header = json.loads(f.read(header_size))
+  except (struct.error, ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path}: not a readable safetensors file ({size} bytes; truncated or '
+                     f'damaged?): {e}') from None
   data_start = 8 + header_size
   entries = {}
   for name, info in header.items():
@@ -67,6 +76,11 @@ def _safetensors_entries(path: str) -> Dict[str, LazyTensor]:
     if info['dtype'] not in _SAFETENSORS_DTYPES:
       raise ValueError(f'{path}: tensor {name} has unsupported dtype {info["dtype"]}')
     begin, end = info['data_offsets']
+    itemsize = np.dtype(_SAFETENSORS_DTYPES[info['dtype']]).itemsize
+    if data_start + end > size or end - begin != int(np.prod(info['shape'])) * itemsize:
+      raise ValueError(f'{path}: tensor {name} {info["dtype"]}{list(info["shape"])} lies at '
+                       f'bytes {data_start + begin}..{data_start + end} of a {size}-byte file '
+                       '(truncated or damaged?)')
 
     def load(info=info, begin=begin, end=end):
       np_dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']]).newbyteorder('<')
@@ -85,8 +99,13 @@ def _torch_bin_entries(path: str) -> Dict[str, LazyTensor]:
   import torch  # pylint: disable=g-import-not-at-top  # Only .bin checkpoints need it.
   try:
     tensors = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
-  except RuntimeError:  # Old (non-zip) serialisation cannot be memory-mapped.
-    tensors = torch.load(path, map_location='cpu', weights_only=True)
+  except (RuntimeError, OSError):  # Old (non-zip) serialisation cannot be memory-mapped.
+    try:
+      tensors = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'{path}: not a readable PyTorch checkpoint file '
+                       f'({os.path.getsize(path)} bytes; truncated or damaged?): '
+                       f'{type(e).__name__}: {e}') from None
   entries = {}
   for name, t in tensors.items():
     if not isinstance(t, torch.Tensor):

@@ -50,6 +50,7 @@ def dropless(x, weights, indices, experts, *, axes: ExpertParallelAxes, backend=
   local = num_experts // shards
   tokens_split = axes.expert in axes.batch
   batch_spec = P(axes.batch or None, None, None)
+  data_axes = tuple(a for a in axes.batch if a != axes.expert)  # Shards of distinct tokens.
 
   def body(x, weights, indices, experts):
     if tokens_split:  # Bring in the peers' tokens; weights stay put.
@@ -57,6 +58,13 @@ def dropless(x, weights, indices, experts, *, axes: ExpertParallelAxes, backend=
                              for a in (x, weights, indices))
     b, l, d = x.shape
     k = indices.shape[-1]
+    shard_dropout = dropout
+    if dropout is not None and data_axes:
+      # The key reaches every device alike; unfolded, each data shard would drop the same
+      # positions of its own tokens. Peers on the expert axis keep one key: they hold the
+      # same gathered tokens, and each applies the masks of its own experts' rows.
+      shard_dropout = dropout._replace(
+          key=jax.random.fold_in(dropout.key, jax.lax.axis_index(data_axes)))
     reduce_rows = None
     if axes.model is not None:
       reduce_rows = lambda rows: jax.lax.psum(rows, axes.model)
@@ -64,7 +72,7 @@ def dropless(x, weights, indices, experts, *, axes: ExpertParallelAxes, backend=
         x.reshape(b * l, d), weights.reshape(b * l, k), indices.reshape(b * l, k), experts,
         num_experts=num_experts, backend=backend, tile=tile, fuse_ffn=fuse_ffn,
         group_offset=jax.lax.axis_index(axes.expert) * local, lora_scale=lora_scale,
-        dropout=dropout, reduce_rows=reduce_rows).reshape(b, l, d)
+        dropout=shard_dropout, reduce_rows=reduce_rows).reshape(b, l, d)
     if tokens_split:
       return jax.lax.psum_scatter(y, axes.expert, scatter_dimension=0, tiled=True)
     return jax.lax.psum(y, axes.expert)

@@ -102,6 +102,69 @@ class InputIteratorRestore(ocp.args.CheckpointArgs):
   iterator: Any  # has restore(prefix)
 
 
+UNREADABLE_DIR = 'unreadable_checkpoints'  # Beside CHECKPOINTS_DIR in MODEL_DIR.
+
+
+class CheckpointUnreadableError(RuntimeError):
+  """No checkpoint step of a MODEL_DIR can be read."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint holds other parameters (or shapes) than the model restoring it."""
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  text = str(error).strip().splitlines()
+  return (text[0] if text else '')[:limit]
+
+
+def _saved_arrays(state_dir: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+  """`{'params.decoder.layers_0....': (shape, dtype)}` of an orbax PyTree item, read from its
+  metadata only (no array)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(state_dir):
+    raise FileNotFoundError(f'{state_dir} does not exist')
+  metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+  tree = metadata.tree if hasattr(metadata, 'tree') else metadata
+  arrays = {}
+  for leaf in jax.tree_util.tree_leaves(tree):
+    if hasattr(leaf, 'shape') and hasattr(leaf, 'name'):
+      arrays[leaf.name] = (tuple(leaf.shape), str(leaf.dtype))
+  if not arrays:
+    raise ValueError(f'{state_dir}: the metadata names no array')
+  return arrays
+
+
+def _key_name(key) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def check_same_arrays(saved: Dict[str, Tuple[Tuple[int, ...], str]], abstract_state,
+                      step_dir: str) -> None:
+  """CheckpointMismatchError naming the parameters whose presence or shape differs between
+  a checkpoint (`_saved_arrays`) and the state a model would restore into it."""
+  wanted = {'.'.join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(abstract_state)[0] if hasattr(leaf, 'shape')}
+  only_saved = sorted(set(saved) - set(wanted))
+  only_model = sorted(set(wanted) - set(saved))
+  reshaped = sorted(n for n in set(saved) & set(wanted) if saved[n][0] != wanted[n])
+  if not (only_saved or only_model or reshaped):
+    return
+  lines = [f'{n}: {saved[n][0]} in the checkpoint, {wanted[n]} in the model'
+           for n in reshaped[:10]]
+  if only_model:
+    lines.append(f'in the model only ({len(only_model)}): ' + ', '.join(only_model[:10]))
+  if only_saved:
+    lines.append(f'in the checkpoint only ({len(only_saved)}): ' + ', '.join(only_saved[:10]))
+  raise CheckpointMismatchError(
+      f'{step_dir} was written for another model or optimizer: '
+      + '; '.join(lines) + '. MODEL_DIR resumes the run it holds; to train a changed model, '
+      'use a new MODEL_DIR (and INITIAL_CHECKPOINT_PATH to start from these params)')
+
+
 def _skip_hint(problem: str, step: int, input_dir: str) -> str:
   return (f'{problem}. To resume from step {step} by skipping {step} batches instead (the same '
           f'batches if the pipeline is unchanged, decoded again), delete {input_dir}')
@@ -112,7 +175,10 @@ class CheckpointManager:
 
   def __init__(self, model_dir: str, max_to_keep: Optional[int] = 3, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(model_dir), CHECKPOINTS_DIR)
+    # cleanup_tmp_directories: a save cut short (SIGKILL, a lost host) leaves a temporary
+    # `<step>.orbax-checkpoint-tmp-*` directory that no restore reads; it is deleted.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           cleanup_tmp_directories=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=(STATE_ITEM, INPUT_ITEM))
@@ -138,6 +204,67 @@ class CheckpointManager:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
     return restored[STATE_ITEM]
+
+  def restore_latest(self, abstract_state) -> Tuple[Optional[int], Any]:
+    """`(step, state)` of the newest checkpoint that restores, or `(None, None)` when there
+    is none.
+
+    A step whose files cannot be read (truncated, metadata deleted, a half-written copy) is
+    skipped with a warning naming it and the error, moved to `MODEL_DIR/unreadable_checkpoints/`
+    (kept for inspection; its step can then be saved again), and the previous step is tried:
+    a run killed while the disk filled up or a file system lost a write resumes from what
+    survived. A readable checkpoint of another model is not skipped (older steps would hold the
+    same model): `CheckpointMismatchError` names the parameters that differ. When every step is
+    unreadable the error lists them all, and nothing is moved.
+    """
+    skipped = []
+    for step in sorted(self.all_steps(), reverse=True):
+      step_dir = os.path.join(self.directory, str(step))
+      problem = None
+      try:
+        saved = _saved_arrays(os.path.join(step_dir, STATE_ITEM))
+      except Exception as e:  # pylint: disable=broad-except
+        problem = f'its metadata cannot be read ({type(e).__name__}: {_first_line(e)})'
+      if problem is None:
+        check_same_arrays(saved, abstract_state, step_dir)
+        try:
+          state = self.restore(step, abstract_state)
+        except Exception as e:  # pylint: disable=broad-except
+          problem = f'its arrays cannot be read ({type(e).__name__}: {_first_line(e)})'
+      if problem is not None:
+        logging.warning('Checkpoint %s is unreadable: %s; trying the previous step', step_dir,
+                        problem)
+        skipped.append((step, step_dir, problem))
+        continue
+      if skipped:
+        self._set_aside(skipped)
+        logging.warning('Resuming from step %d, the newest readable checkpoint; skipped %s',
+                        step, '; '.join(f'step {s} ({p})' for s, _, p in skipped))
+      return step, state
+    if skipped:
+      raise CheckpointUnreadableError(
+          f'no checkpoint in {self.directory} can be read: '
+          + '; '.join(f'{d}: {p}' for _, d, p in skipped)
+          + '. Move the directory aside to start from INITIAL_CHECKPOINT_PATH or from scratch')
+    return None, None
+
+  def _set_aside(self, skipped) -> None:
+    """Moves unreadable step directories out of orbax's sight (process 0; every process
+    waits for it), so that their steps can be saved again."""
+    aside = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step, step_dir, _ in skipped:
+        target = os.path.join(aside, str(step))
+        n = 1
+        while os.path.exists(target):
+          target, n = os.path.join(aside, f'{step}.{n}'), n + 1
+        os.rename(step_dir, target)
+        logging.warning('Moved the unreadable checkpoint %s to %s', step_dir, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('unimoe_jax: unreadable checkpoints set aside')
+    self._manager.reload()
 
   def input_state(self, step: int) -> Optional[str]:
     """The prefix of this process's input iterator state saved at `step`, or None when there

@@ -35,6 +35,7 @@ import seqio
 
 from unimoe_jax import models
 from unimoe_jax import partitioning
+from unimoe_jax.data import feature_converter
 from unimoe_jax.data import iteration
 from unimoe_jax.data import pipeline
 from unimoe_jax.training import checkpoints as checkpoints_lib
@@ -87,6 +88,8 @@ def restore(model, checkpoint_path: str, tasks: Sequence[seqio.Task],
   """
   step = checkpoint_step(checkpoint_path)
   pipeline.modalities_of(task_feature_lengths)  # Unknown features: an error naming the macro.
+  # Media the model has no encoder for would be ignored silently (as in training).
+  feature_converter.check_model_takes_media(model, task_feature_lengths)
   mesh = partitioning.make_mesh(mesh_config, devices)
   data_parallel = mesh.shape['data'] * mesh.shape['expert']
   if batch_size % data_parallel:

@@ -24,6 +24,7 @@ from unimoe_jax.data import feature_converter
 from unimoe_jax.data import pipeline
 from unimoe_jax.training import checkpoints as checkpoints_lib
 from unimoe_jax.training import evaluation
+from unimoe_jax.training import interrupts
 from unimoe_jax.training import optimizer as optimizer_lib
 from unimoe_jax.training import train_state as train_state_lib
 
@@ -124,12 +125,13 @@ def train(*,
   init_rng, step_rng = jax.random.split(rng)
 
   manager = checkpoints_lib.CheckpointManager(model_dir, keep_checkpoints, async_checkpointing)
-  latest = manager.latest_step()
-  if latest is not None:
+  latest = None
+  if manager.latest_step() is not None:
     abstract_state, shardings = train_state_lib.create_train_state(
         model, tx, mask, mesh, init_rng, input_shapes, input_types, abstract_only=True)
+    # The newest readable step; unreadable newer ones are named and set aside.
+    latest, state = manager.restore_latest(abstract_state)
     logging.info('Resuming from %s step %d', manager.directory, latest)
-    state = manager.restore(latest, abstract_state)
   else:
     state, shardings = train_state_lib.create_train_state(
         model, tx, mask, mesh, init_rng, input_shapes, input_types)
@@ -176,55 +178,68 @@ def train(*,
     manager.restore_input(start_step, input_state, batches)
   logging.info('Setup took %.1f s; training steps %d -> %d', time.time() - started, start_step,
                train_steps)
+  tokens_per_batch = batch_size * input_shapes['decoder_target_tokens'][1]
   last_train, last_eval, window = {}, {}, None
   window_start, window_steps, window_tokens = time.time(), 0, 0
-  tokens_per_batch = batch_size * input_shapes['decoder_target_tokens'][1]
-  for step in range(start_step, train_steps):
-    try:
-      local = next(batches)
-    except StopIteration:
-      # The stream repeats forever: it ends only when an epoch of the split yields nothing.
-      raise ValueError(
-          f'the training data of MIXTURE_OR_TASK_NAME={mixture_or_task_name!r} ended at step '
-          f'{step} (BATCH_SIZE={batch_size}): an epoch of its train split yielded no example. '
-          'Every example was dropped as longer than '
-          f'TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} (preprocessors.drop_too_long, '
-          'the feature converter) or skipped as bad, or the split is empty.') from None
-    batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], v)
-             for k, v in local.items()}
-    with partitioning.mesh_context(mesh):
-      state, metrics = jit_step(state, batch, step_rng)
-    window = _merge(window, metrics)
-    window_steps += 1
-    window_tokens += tokens_per_batch
-    done = step + 1
-    if done % log_period == 0 or done == train_steps:
-      last_train = _scalars(jax.device_get(window))
-      elapsed = max(time.time() - window_start, 1e-9)
-      last_train['timing/steps_per_second'] = window_steps / elapsed
-      last_train['timing/tokens_per_second'] = window_tokens / elapsed
-      remaining = (train_steps - done) * elapsed / window_steps
-      writer.write_scalars(done, last_train)
-      logging.info('step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  ETA %.0f s', done, train_steps,
-                   last_train['loss'], last_train['learning_rate'],
-                   last_train['timing/steps_per_second'], remaining)
-      window, window_start, window_steps, window_tokens = None, time.time(), 0, 0
-    if done % checkpoint_period == 0 or done == train_steps:
-      manager.save(done, state, batches, force=True)
-    if evaluator is not None and eval_period and done % eval_period == 0 and done != train_steps:
-      last_eval = _run_eval(evaluator, model_evaluator, state, done, writer)
-    if crash_after_step is not None and done == crash_after_step:
-      manager.wait()
-      logging.warning('crash_after_step=%d: exiting abruptly (testing resumption)', done)
-      os._exit(3)  # pylint: disable=protected-access
-  if evaluator is not None:
-    last_eval = _run_eval(evaluator, model_evaluator, state, int(jax.device_get(state.step)),
-                          writer)
-  if manager.latest_step() != train_steps and train_steps > 0:
-    manager.save(train_steps, state, batches, force=True)
-  manager.wait()
-  manager.close()
-  writer.flush()
+  # From here a stop signal saves before exiting (interrupts.py); before, nothing is unsaved.
+  with interrupts.StopSignals() as stop:
+    for step in range(start_step, train_steps):
+      try:
+        local = next(batches)
+      except StopIteration:
+        # The stream repeats forever: it ends only when an epoch of the split yields nothing.
+        raise ValueError(
+            f'the training data of MIXTURE_OR_TASK_NAME={mixture_or_task_name!r} ended at '
+            f'step {step} (BATCH_SIZE={batch_size}): an epoch of its train split yielded no '
+            'example. Every example was dropped as longer than '
+            f'TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} (preprocessors.drop_too_long, '
+            'the feature converter) or skipped as bad, or the split is empty.') from None
+      batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], v)
+               for k, v in local.items()}
+      with partitioning.mesh_context(mesh):
+        state, metrics = jit_step(state, batch, step_rng)
+      window = _merge(window, metrics)
+      window_steps += 1
+      window_tokens += tokens_per_batch
+      done = step + 1
+      if done % log_period == 0 or done == train_steps:
+        last_train = _scalars(jax.device_get(window))
+        elapsed = max(time.time() - window_start, 1e-9)
+        last_train['timing/steps_per_second'] = window_steps / elapsed
+        last_train['timing/tokens_per_second'] = window_tokens / elapsed
+        remaining = (train_steps - done) * elapsed / window_steps
+        writer.write_scalars(done, last_train)
+        logging.info('step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  ETA %.0f s', done,
+                     train_steps, last_train['loss'], last_train['learning_rate'],
+                     last_train['timing/steps_per_second'], remaining)
+        window, window_start, window_steps, window_tokens = None, time.time(), 0, 0
+      saved = done % checkpoint_period == 0 or done == train_steps
+      if saved:
+        manager.save(done, state, batches, force=True)
+      if done != train_steps and stop.requested(done):
+        if not saved:
+          manager.save(done, state, batches, force=True)
+        manager.wait()  # The save of this step, and any still in flight before it.
+        manager.close()
+        writer.flush()
+        logging.warning('Stopped at step %d of %d: checkpoint %s/%d written; rerun the same '
+                        'command to resume', done, train_steps, manager.directory, done)
+        raise interrupts.TrainingInterrupted(stop.signum, done)
+      if (evaluator is not None and eval_period and done % eval_period == 0
+          and done != train_steps):
+        last_eval = _run_eval(evaluator, model_evaluator, state, done, writer)
+      if crash_after_step is not None and done == crash_after_step:
+        manager.wait()
+        logging.warning('crash_after_step=%d: exiting abruptly (testing resumption)', done)
+        os._exit(3)  # pylint: disable=protected-access
+    if evaluator is not None:
+      last_eval = _run_eval(evaluator, model_evaluator, state, int(jax.device_get(state.step)),
+                            writer)
+    if manager.latest_step() != train_steps and train_steps > 0:
+      manager.save(train_steps, state, batches, force=True)
+    manager.wait()
+    manager.close()
+    writer.flush()
   return {'step': int(jax.device_get(state.step)), 'train': last_train, 'eval': last_eval,
           'state': state}
 

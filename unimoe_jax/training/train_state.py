@@ -82,8 +82,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, mask: Params
   Gradients are taken with respect to the trainable params only. With `grad_accum_steps > 1`
   the batch is split along its first axis and the micro-batch gradients are summed (each
   micro-batch loss is its part of the whole batch's loss: `models.with_batch_totals`) inside
-  a `lax.scan`, so memory holds one micro-batch of activations. `metrics` are t5x-style clu metrics from `model.loss_fn`, merged
-  over micro-batches, plus 'learning_rate' and 'grad_norm'.
+  a `lax.scan`, so memory holds one micro-batch of activations. `metrics` are t5x-style clu
+  metrics from `model.loss_fn`, merged over micro-batches, plus 'learning_rate' and
+  'grad_norm'.
   """
   from clu import metrics as clu_metrics  # pylint: disable=g-import-not-at-top
 
