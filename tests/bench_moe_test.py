@@ -27,17 +27,3 @@ def test_bench_moe_runs_every_row_on_a_tiny_shape(tmp_path):
     if name.startswith('jax'):
       assert rows[name]['temp_mib'] is not None, rows[name]
   assert 'TPU only' in rows['jax:moe dropless/megablox']['note']
-
-
-@pytest.mark.slow
-def test_bench_moe_forward_only(tmp_path):
-  out = tmp_path / 'rows.json'
-  subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'bench_moe.py'), '--forward-only',
-                  '--shapes', '16x32x48x4x2', '--batch', '8', '--iters', '1', '--warmup', '0',
-                  '--paths', 'ffn,dropless/tiled,torch_mixtral', '--json', str(out)],
-                 check=True, cwd=tmp_path, stdout=subprocess.DEVNULL)
-  rows = {r['implementation']: r for r in json.loads(out.read_text())}
-  assert set(rows) == {'jax:ffn(k*F)', 'jax:moe dropless/tiled', 'torch:mixtral'}
-  # Forward FLOPs: 2 * tokens * k * 3 * embed * mlp, a third of a training step's.
-  row = rows['jax:moe dropless/tiled']
-  assert abs(row['tflops'] * row['median_ms'] - 2 * 16 * 2 * 3 * 32 * 48 / 1e9) < 1e-12

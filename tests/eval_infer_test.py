@@ -241,7 +241,8 @@ def test_infer_cli(trained, predictions, tmp_path):
   """`python -m unimoe_jax.infer` with t5x's macros; same mesh (8 host devices), same lines.
   About 13 s on 2 cores, most of it imports and compiling the decoder."""
   model_dir, _ = trained
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8 '
+                                                        '--xla_backend_optimization_level=0',
              PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO, os.environ.get('PYTHONPATH', '')]))
   flags = ['--gin_file=models/tiny.gin', '--gin_file=runs/infer.gin',
            f"--gin.CHECKPOINT_PATH='{model_dir}'", f"--gin.INFER_OUTPUT_DIR='{tmp_path}'",

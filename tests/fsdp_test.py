@@ -306,7 +306,8 @@ def test_7b_files_turn_on_fsdp_and_scan_and_divide_their_mesh(experts):
 # Scanned layers, as the 7B files run them (the looped decoder's FSDP step agreed as well when
 # this test also ran it: 20 s a case, dropped to keep the suite within its time).
 @pytest.mark.parametrize('scan', [True], ids=['scan'])
-@pytest.mark.parametrize('mesh_name', list(MESHES))
+# The expert x data mesh holds FSDP and expert sharding at once (data8 alone: 14-26 s more).
+@pytest.mark.parametrize('mesh_name', ['data2_expert4'])
 def test_fsdp_loss_and_grads_equal_single_device(mesh_name, scan):
   assert jax.device_count() == 8, 'conftest.py should give 8 host devices'
   cfg = decoder_config(scan=scan)

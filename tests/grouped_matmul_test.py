@@ -146,9 +146,10 @@ SHARDED_EMPTY = {
 }
 
 
+# The kernel in the TPU interpreter (the one a TPU compiles); Pallas' generic interpreter
+# ran the same 15 cases in ~30 s and is left to test_backend_equals_ragged_dot.
 @pytest.mark.parametrize('interpreter', [
     pytest.param(None, id='tiled'),
-    pytest.param('generic', id='megablox_interpret', marks=pytest.mark.slow),
     pytest.param('tpu', id='megablox_tpu_interpret', marks=pytest.mark.slow)])
 @pytest.mark.parametrize('offset', [None, 0, 2], ids=['all_groups', 'offset_0', 'offset_2'])
 @pytest.mark.parametrize('rows', sorted(SHARDED_EMPTY))

@@ -54,7 +54,8 @@ def header_command(gin_file: str, out_dir: str):
 
 def run(args, env, devices=1, timeout=900, expect_ok=True):
   """Runs `python <args>` from the checkout's root; returns (returncode, combined output)."""
-  child_env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  child_env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+                                  '--xla_backend_optimization_level=0')
   proc = subprocess.run([sys.executable] + list(args), cwd=REPO, env=child_env,
                         capture_output=True, text=True, timeout=timeout)
   output = proc.stdout + proc.stderr

@@ -57,7 +57,8 @@ sys.exit(train.main(sys.argv[3:]))
 
 def _env():
   return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS='--xla_force_host_platform_device_count=2',
+              XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+                        '--xla_backend_optimization_level=0',
               PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO, os.environ.get('PYTHONPATH', '')]))
 
 
@@ -199,31 +200,3 @@ def test_faults_resume_from_the_newest_complete_step_with_the_same_losses(tmp_pa
   ours, theirs = tiny_tasks.read_scalars(model_dir), tiny_tasks.read_scalars(reference_dir)
   for step in (3, 4, 5):
     assert ours[step]['loss'] == theirs[step]['loss'], step
-
-
-@pytest.mark.slow
-def test_a_length_that_drops_every_example_fails_before_training_naming_it(tmp_path):
-  """The demo's stage 3 on the sample data with 'targets': 16, which no example fits: the run
-  exits non-zero before its first step, naming TASK_FEATURE_LENGTHS. (It took 30-76 s in all on
-  2-core hosts, imports and setup included; the bound only catches a spinning pipeline.)"""
-  data = tmp_path / 'sample'
-  subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'make_sample_data.py'),
-                  '--output', str(data)], check=True, capture_output=True)
-  lengths = ("{'targets': 16, 'image_features': 2, 'video_features': 1, 'speech_features': 1, "
-             "'audio_features': 1}")
-  args = ['--gin_file=models/tiny.gin', '--gin_file=models/multimodal_tiny.gin',
-          '--gin_file=stages/stage3_unimoe.gin', '--gin_file=demo/tiny.gin',
-          f"--gin.MODEL_DIR='{tmp_path / 'run'}'", '--gin.TRAIN_STEPS=10',
-          "--gin.MIXTURE_OR_TASK_NAME='unimoe_sample_stage3'",
-          f'--gin.TASK_FEATURE_LENGTHS={lengths}']
-  started = time.time()
-  proc = subprocess.run([sys.executable, '-m', 'unimoe_jax.train', *args], cwd=REPO,
-                        env=dict(_env(), UNIMOE_SAMPLE_DATA=str(data)), timeout=240,
-                        capture_output=True, text=True)
-  elapsed = time.time() - started
-  output = proc.stdout + proc.stderr
-  assert proc.returncode != 0, output[-3000:]
-  assert 'TASK_FEATURE_LENGTHS' in output, output[-3000:]
-  assert 'step 1/' not in output
-  assert elapsed < 180, f'{elapsed:.0f} s'
-  print(f'failed after {elapsed:.0f} s')

@@ -27,7 +27,8 @@ STEPS = 4
 
 def _env(devices):
   return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+                        '--xla_backend_optimization_level=0',
               PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO, os.environ.get('PYTHONPATH', '')]))
 
 

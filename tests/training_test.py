@@ -289,7 +289,8 @@ def test_expert_and_data_parallel_mesh_matches_one_device(tmp_path):
   argument), so the one-device run is a subprocess with one host device.
   """
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1 '
+                       '--xla_backend_optimization_level=0',
              PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO, os.environ.get('PYTHONPATH', '')]))
   one = subprocess.Popen([sys.executable, '-c', _ONE_DEVICE_RUN, str(tmp_path / 'one')],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
