@@ -275,11 +275,10 @@ def _to_features(dataset: tf.data.Dataset, modality: str, settings, vocabulary, 
       # Keyed like a manifest's (source, record): counted and logged once however often
       # the example is read (epochs, look-ahead checks), as manifest_lib counts its lines.
       key = (dataset_name, _text(example_id))
-      if not manifest_lib.BAD_EXAMPLES.seen(key):
-        total = manifest_lib.BAD_EXAMPLES.add(e.reason, key=key)
+      again = manifest_lib.BAD_EXAMPLES.seen(key)
+      total = manifest_lib.BAD_EXAMPLES.add(e.reason, key=key)
+      if not again:
         logging.warning('skipping %s (%d bad examples so far)', e, total)
-      else:
-        manifest_lib.BAD_EXAMPLES.add(e.reason, key=key)
       arrays, valid = empty, False
     return arrays['targets'], arrays['loss_weights'], arrays[feature_key], np.bool_(valid)
 

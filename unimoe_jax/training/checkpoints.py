@@ -118,8 +118,8 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
   return (text[0] if text else '')[:limit]
 
 
-def _saved_arrays(state_dir: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-  """`{'params.decoder.layers_0....': (shape, dtype)}` of an orbax PyTree item, read from its
+def _saved_arrays(state_dir: str) -> Dict[str, Tuple[int, ...]]:
+  """`{'params.decoder.layers_0....': shape}` of an orbax PyTree item, read from its
   metadata only (no array)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(state_dir):
@@ -129,7 +129,7 @@ def _saved_arrays(state_dir: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
   arrays = {}
   for leaf in jax.tree_util.tree_leaves(tree):
     if hasattr(leaf, 'shape') and hasattr(leaf, 'name'):
-      arrays[leaf.name] = (tuple(leaf.shape), str(leaf.dtype))
+      arrays[leaf.name] = tuple(leaf.shape)
   if not arrays:
     raise ValueError(f'{state_dir}: the metadata names no array')
   return arrays
@@ -142,7 +142,7 @@ def _key_name(key) -> str:
   return str(key)
 
 
-def check_same_arrays(saved: Dict[str, Tuple[Tuple[int, ...], str]], abstract_state,
+def check_same_arrays(saved: Dict[str, Tuple[int, ...]], abstract_state,
                       step_dir: str) -> None:
   """CheckpointMismatchError naming the parameters whose presence or shape differs between
   a checkpoint (`_saved_arrays`) and the state a model would restore into it."""
@@ -150,10 +150,10 @@ def check_same_arrays(saved: Dict[str, Tuple[Tuple[int, ...], str]], abstract_st
             jax.tree_util.tree_flatten_with_path(abstract_state)[0] if hasattr(leaf, 'shape')}
   only_saved = sorted(set(saved) - set(wanted))
   only_model = sorted(set(wanted) - set(saved))
-  reshaped = sorted(n for n in set(saved) & set(wanted) if saved[n][0] != wanted[n])
+  reshaped = sorted(n for n in set(saved) & set(wanted) if saved[n] != wanted[n])
   if not (only_saved or only_model or reshaped):
     return
-  lines = [f'{n}: {saved[n][0]} in the checkpoint, {wanted[n]} in the model'
+  lines = [f'{n}: {saved[n]} in the checkpoint, {wanted[n]} in the model'
            for n in reshaped[:10]]
   if only_model:
     lines.append(f'in the model only ({len(only_model)}): ' + ', '.join(only_model[:10]))
