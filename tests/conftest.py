@@ -32,3 +32,11 @@ def pytest_unconfigure(config):
   """The session's controller removes the cache it made (workers leave it to the controller)."""
   if _OWN_CACHE and not hasattr(config, 'workerinput'):
     shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first (stable order otherwise): the xdist workers then finish together instead
+  of one running a late 60 s test while the other idles (`--dist worksteal` in setup.cfg
+  rebalances the rest)."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)

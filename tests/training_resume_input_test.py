@@ -13,9 +13,9 @@ shuffled, seqio's shuffle buffer, packing, batching, prefetch.
   cannot be saved (`from_generator`) or another process count falls back to skipping; the
   input state is written into the uncommitted step directory, and a failure there commits no
   step;
-- killed and resumed runs of `python -m unimoe_jax.train` (slow): the losses and final params
-  equal an uninterrupted run's, on 1 process and on 2 processes (gloo), and the examples
-  decoded after the restart are counted with and without the iterator state;
+- a killed and resumed run of `python -m unimoe_jax.train` on 2 processes (gloo; slow): its
+  losses and final params equal an uninterrupted one-process run's, and the examples decoded
+  after the restart are counted;
 - the sample stage-3 mixture (slow): media decoded (`manifest._load_example` calls) after a
   restore vs a skip, and the size of its iterator state.
 """
@@ -358,14 +358,14 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _train(model_dir, crash=0, processes=1, timeout=400):
+def _train(model_dir, crash=0, processes=1, extra=(), timeout=400):
   """Runs the training program on `processes` processes (8 CPU devices in all); returns
   (exit codes, stderr logs, DECODED of each process or None when it did not finish)."""
   if processes == 1:
-    commands = [_flags(model_dir)]
+    commands = [_flags(model_dir) + list(extra)]
   else:
     port = _free_port()
-    commands = [_flags(model_dir) + [f'--coordinator_address=localhost:{port}',
+    commands = [_flags(model_dir) + list(extra) + [f'--coordinator_address=localhost:{port}',
                                      f'--num_processes={processes}', f'--process_id={i}',
                                      '--cpu_collectives=gloo'] for i in range(processes)]
   procs = [subprocess.Popen([sys.executable, '-c', _TRAIN, str(crash), *c],
@@ -394,62 +394,79 @@ def _params(model_dir):
   return {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
-def _kill_and_resume(tmp_path, processes):
-  """Uninterrupted run; run killed after step CRASH (last checkpoint RESUMED_AT) and resumed.
-  (Resuming by skipping when the input state is absent: test_checkpoint_manager_restores_or_
-  falls_back_to_skipping.) Returns {name: (model_dir, logs, decoded)}."""
-  runs = {}
-  full = str(tmp_path / 'uninterrupted')
-  codes, logs, decoded = _train(full, processes=processes)
-  assert codes == [0] * processes, logs[0][-4000:]
-  runs['uninterrupted'] = (full, logs, decoded)
+def _params_close(params, reference):
+  """Final params of runs on another process count: Adam (lr 3e-3, 6 steps) turns the fp32
+  rounding of a near-zero gradient into m / sqrt(v) noise, so a few entries differ by up to
+  ~4e-6 (measured: about 1 in 4096); the bulk agrees to 1e-6."""
+  assert sorted(params) == sorted(reference) and len(params) == 23  # Tiny MoE: 2 routers.
+  loose = total = 0
+  for path, value in reference.items():
+    np.testing.assert_allclose(params[path], value, rtol=0, atol=2e-5, err_msg=path)
+    loose += int(np.sum(np.abs(params[path] - value) > 1e-6))
+    total += value.size
+  print(f'{loose} of {total} entries differ by more than 1e-6')
+  assert loose <= total // 1000
 
-  killed = str(tmp_path / 'killed')
-  codes, logs, _ = _train(killed, crash=CRASH, processes=processes)
-  assert codes == [3] * processes, logs[0][-4000:]
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_resume_their_input(tmp_path):
+  """Two processes (jax.distributed, gloo CPU collectives, 4 CPU devices each), killed after
+  step CRASH (last checkpoint RESUMED_AT) and resumed, train like one uninterrupted process with
+  8 devices: the same losses and final params (fp32 tolerance), and the restart restores each
+  process's input iterator instead of decoding the examples before the checkpoint again. The
+  model is MoE (4 experts, top-2, dropless) on MeshConfig(data=2, expert=4): on two processes
+  each holds two experts' shards. (The same train step on that mesh equals one device:
+  partitioning_test.py.)
+
+  Each process reads its own shard of the examples (`seqio.ShardInfo`), so the rows of a global
+  batch come in another order than on one process; unshuffled and unpacked, every global batch
+  holds the same examples, and the loss (a mean over its loss-weighted tokens) does not depend
+  on their order. (Shuffled or packed, the runs would legitimately differ.) Bit-identical
+  resumption on one process: train_cli_test.py's fault test.
+  """
+  flags = ['--gin.SHUFFLE_TRAIN_EXAMPLES=False', '--gin.loop.train.pack=False',
+           '--gin_file=models/moe_4e_top2.gin', '--gin.partitioning.MeshConfig.data=2',
+           '--gin.partitioning.MeshConfig.expert=4']
+  one = str(tmp_path / 'one_process')
+  codes, logs, (one_decoded,) = _train(one, extra=flags)
+  assert codes == [0], logs[0][-4000:]
+
+  two = str(tmp_path / 'two_processes')
+  codes, logs, _ = _train(two, crash=CRASH, processes=2, extra=flags)
+  assert codes == [3, 3], logs[0][-4000:]
   assert all(f'crash_after_step={CRASH}' in log for log in logs)
-  assert sorted(int(d) for d in os.listdir(os.path.join(killed, 'checkpoints'))
+  assert sorted(int(d) for d in os.listdir(os.path.join(two, 'checkpoints'))
                 if d.isdigit()) == [2, RESUMED_AT]
-  input_dir = os.path.join(killed, 'checkpoints', str(RESUMED_AT), 'input')
+  input_dir = os.path.join(two, 'checkpoints', str(RESUMED_AT), 'input')
   assert sorted(f for f in os.listdir(input_dir) if f.startswith('process_')) == sorted(
-      f'process_{i}-of-{processes}{s}' for i in range(processes)
+      f'process_{i}-of-2{s}' for i in range(2)
       for s in ('.index', '.data-00000-of-00001', '.json'))
-  for i in range(processes):
-    info = iteration.read_info(os.path.join(input_dir, f'process_{i}-of-{processes}'))
+  for i in range(2):
+    info = iteration.read_info(os.path.join(input_dir, f'process_{i}-of-2'))
     assert info['batches_read'] == RESUMED_AT and info['tf_state'] is True
 
-  codes, logs, decoded = _train(killed, processes=processes)
-  assert codes == [0] * processes, logs[0][-4000:]
+  codes, logs, decoded = _train(two, processes=2, extra=flags)
+  assert codes == [0, 0], logs[0][-4000:]
   for log in logs:
     assert 'Resuming from' in log and f'Restored the input iterator of step {RESUMED_AT}' in log
     assert 'Skipping' not in log
     assert f'step {RESUMED_AT + 1}/{STEPS}' in log and f'step {RESUMED_AT}/{STEPS}' not in log
-  runs['resumed'] = (killed, logs, decoded)
 
-  reference_losses, reference_params = _losses(full), _params(full)
-  for name in [n for n in runs if n != 'uninterrupted']:
-    model_dir = runs[name][0]
-    losses = _losses(model_dir)
-    print(f'{processes} process(es), {name}: losses {losses}')
-    assert losses == reference_losses, (name, losses, reference_losses)  # Bit-identical.
-    params = _params(model_dir)
-    assert sorted(params) == sorted(reference_params) and len(params) == 21
-    for path, value in reference_params.items():
-      np.testing.assert_array_equal(params[path], value, err_msg=f'{name}: {path}')
-  assert reference_losses[-1] < reference_losses[0] - 0.3  # It trains.
-  return runs
+  one_losses, two_losses = _losses(one), _losses(two)
+  print('one process', one_losses, 'two processes, killed and resumed', two_losses)
+  np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
+  assert one_losses[-1] < one_losses[0] - 0.3  # It trains.
+  _params_close(_params(two), _params(one))
 
-
-@pytest.mark.slow
-def test_killed_run_resumes_its_input_on_two_processes(tmp_path):
-  runs = _kill_and_resume(tmp_path, processes=2)
-  rows = ROWS // 2  # Per process.
-  for i in range(2):
-    full, restored = (runs[n][2][i] for n in ('uninterrupted', 'resumed'))
-    print(f'process {i}: examples decoded by the training stream: uninterrupted {STEPS} '
-          f'steps {full["stream"]}; after the restart at step {RESUMED_AT}: with the iterator '
-          f'state {restored.get("stream", 0)}')
-    assert restored.get('stream', 0) < full['stream'] - RESUMED_AT * rows
+  # Unshuffled, each process's stream decodes its examples in order: a skip decodes the
+  # RESUMED_AT * rows examples before the checkpoint again, a restore starts after them.
+  rows = ROWS // 2
+  restored = [d.get('stream', 0) for d in decoded]
+  print(f'examples decoded by the training stream: one process, {STEPS} steps: '
+        f'{one_decoded["stream"]}; each of two processes after the restart at step '
+        f'{RESUMED_AT}: {restored} (a skip decodes at least {STEPS * rows})')
+  assert one_decoded['stream'] >= STEPS * ROWS
+  assert all(r < STEPS * rows for r in restored), restored
 
 
 @pytest.mark.slow

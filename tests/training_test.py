@@ -1,13 +1,9 @@
 """The training stack in-process: optimizer, freezing, gradient accumulation, initial
-checkpoints, and the loop on an 8-device (data x expert) mesh against one device.
+and initial checkpoints. (The loop on a data x expert mesh: training_resume_input_test.py's
+two-process test; the same train step on that mesh against one device: partitioning_test.py.)
 
 Runs on the tiny decoder and the synthetic `unimoe_test_lm` task (tests/tiny_tasks.py).
 """
-
-import json
-import os
-import subprocess
-import sys
 
 import flax
 import gin
@@ -24,8 +20,6 @@ from unimoe_jax.training import loop
 from unimoe_jax.training import optimizer as optimizer_lib
 from unimoe_jax.training import train_state as train_state_lib
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS_DIR)
 SHAPES = {k: (8, 32) for k in ('decoder_input_tokens', 'decoder_target_tokens',
                                'decoder_loss_weights')}
 MLP = r'decoder/layers_.*/mlp/.*'
@@ -266,50 +260,3 @@ def test_load_params_into():
   extra[('decoder', 'layers_0', 'moe', 'router')] = np.zeros((64, 4), np.float32)
   with pytest.raises(ValueError, match='unexpected parameter decoder/layers_0/moe/router'):
     train_state_lib.load_params_into(state, shardings, traverse_util.unflatten_dict(extra), 'c')
-
-
-# ---- the loop on an 8-device mesh vs one device ------------------------------------------
-
-_ONE_DEVICE_RUN = """
-import json, sys
-import jax
-import tiny_tasks
-from unimoe_jax.training import loop
-assert jax.device_count() == 1, jax.devices()
-loop.train(**tiny_tasks.train_kwargs(sys.argv[1], moe=True, train_steps=4))
-print(json.dumps({s: v['loss'] for s, v in tiny_tasks.read_scalars(sys.argv[1]).items()}))
-"""
-
-
-@pytest.mark.slow
-def test_expert_and_data_parallel_mesh_matches_one_device(tmp_path):
-  """MeshConfig(data=2, expert=4) on 8 devices vs one device, MoE (4 experts, top-2, dropless).
-
-  `loop.train` always builds its mesh over every device of the process (no `devices`
-  argument), so the one-device run is a subprocess with one host device.
-  """
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1 '
-                       '--xla_backend_optimization_level=0',
-             PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO, os.environ.get('PYTHONPATH', '')]))
-  one = subprocess.Popen([sys.executable, '-c', _ONE_DEVICE_RUN, str(tmp_path / 'one')],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    result = loop.train(**tiny_tasks.train_kwargs(str(tmp_path / 'eight'), moe=True,
-                                                  train_steps=4, mesh=(2, 4, 1)))
-    out, err = one.communicate(timeout=300)
-  finally:
-    one.kill()
-  assert one.returncode == 0, err[-3000:]
-  reference = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
-  eight = {s: v['loss'] for s, v in tiny_tasks.read_scalars(str(tmp_path / 'eight')).items()}
-  assert sorted(eight) == sorted(reference) == [1, 2, 3, 4]
-  eight, reference = ([d[s] for s in range(1, 5)] for d in (eight, reference))
-  print('losses', eight, 'max relative difference to one device',
-        np.max(np.abs(np.subtract(eight, reference)) / np.abs(reference)))
-  np.testing.assert_allclose(eight, reference, rtol=1e-5)
-  assert eight[3] < eight[0] - 0.3  # It trains: the comparison is not of four equal numbers.
-  # The experts really are split over the 'expert' axis.
-  wi = result['state'].params['decoder']['layers_0']['moe']['wi_0']['kernel']
-  assert wi.sharding.spec[0] == 'expert'
-  assert {s.data.shape for s in wi.addressable_shards} == {(1, 64, 128)}

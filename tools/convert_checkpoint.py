@@ -43,8 +43,11 @@ its step directories, as INITIAL_CHECKPOINT_PATH accepts), --output a Hugging Fa
 `save_pretrained` directory: LlamaForCausalLM for a dense decoder, MixtralForCausalLM for MoE on
 every layer, float32 safetensors (sharded above --max_shard_gb) + config.json + the tokenizer
 files found beside --input. LoRA adapters are merged by default; --keep_lora writes them as a
-PEFT adapter in OUTPUT/lora_adapter/ instead (not possible for adapters on experts). Only the
-decoder is exported: towers and connectors are listed as not exported in the summary.
+PEFT adapter in OUTPUT/lora_adapter/ instead (not possible for adapters on experts). A
+multimodal model's towers and connectors are written beside it in the official Uni-MoE layout
+(unimoe_jax/convert/export_official.py): vision_tower/ (CLIPVisionModel), speech_tower/
+(WhisperModel encoder) or BEATs.pt, the connectors in non_lora_trainables.bin under their
+official names, and config.json's mm_* fields naming them.
 
     python tools/convert_checkpoint.py --to hf --input /runs/unimoe --output /out/unimoe-hf
 
@@ -262,7 +265,8 @@ def export_hf(args) -> int:
   if gin_text is None:
     raise ValueError(f'--input {args.input}: no config.gin found beside the parameters (a '
                      'training run keeps it in MODEL_DIR/config.gin)')
-  cfg = export_lib.config_from_gin(gin_text).decoder
+  model_config = export_lib.config_from_gin(gin_text)
+  cfg = model_config.decoder
   files = {}
   # The tokenizer beside a converted checkpoint, or in the run's MODEL_DIR.
   for where in (directory, os.path.join(directory, '..', '..')):
@@ -274,7 +278,8 @@ def export_hf(args) -> int:
   summary = export_lib.export(params, cfg, args.output, keep_lora=args.keep_lora,
                               extra_files=files,
                               max_position_embeddings=args.max_position_embeddings,
-                              max_shard_bytes=int(args.max_shard_gb * 2**30))
+                              max_shard_bytes=int(args.max_shard_gb * 2**30),
+                              model_config=model_config)
   if not files:
     summary['notes'].append(f'no {checkpoint.TOKENIZER_FILE} beside --input: copy the '
                             'tokenizer into the output yourself')

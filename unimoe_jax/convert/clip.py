@@ -1,4 +1,4 @@
-"""Hugging Face CLIP vision / LLaVA projector state dicts -> our parameters (numpy, no torch).
+"""Hugging Face CLIP vision / LLaVA projector state dicts <-> our parameters (numpy, no torch).
 
 Names handled:
   `{prefix}embeddings.patch_embedding.weight`  Conv2d `[width, 3, p, p]` -> kernel `[p, p, 3, width]`
@@ -9,6 +9,10 @@ Names handled:
 Prefixes: 'vision_model.' (an original `CLIPVisionModel` / `CLIPModel` checkpoint file),
 'model.vision_tower.vision_tower.vision_model.' (inside a LLaVA / Uni-MoE checkpoint), or ''
 (`CLIPVisionModel.state_dict()` in transformers >= 5, which dropped the `vision_model.` level).
+
+The inverses (`params_to_hf`, `projector_params_to_hf`, `config_to_hf`) write what the readers
+read, bit for bit; the tensors the tower never computes (post_layernorm, the layers after the
+selected hidden state) are not written.
 """
 
 import re
@@ -17,7 +21,8 @@ from typing import Any, Dict, Mapping
 import numpy as np
 
 from unimoe_jax.connectors.projector import linear_names, projector_depth
-from unimoe_jax.convert.common import TensorReader, linear_kernel
+from unimoe_jax.convert.common import (TensorReader, TensorWriter, hf_activation,
+                                      linear_kernel, ours_activation)
 from unimoe_jax.encoders.clip import CLIPVisionConfig
 
 _LAYER = re.compile(r'^encoder\.layers\.(\d+)\.')
@@ -34,9 +39,20 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> CLIPVisionConfig:
       image_size=hf['image_size'], patch_size=hf['patch_size'], width=hf['hidden_size'],
       num_layers=hf['num_hidden_layers'], num_heads=hf['num_attention_heads'],
       mlp_dim=hf['intermediate_size'], layer_norm_eps=hf.get('layer_norm_eps', 1e-5),
-      act=hf.get('hidden_act', 'quick_gelu'))
+      act=ours_activation(hf.get('hidden_act', 'quick_gelu'), 'hidden_act'))
   fields.update(overrides)
   return CLIPVisionConfig(**fields)
+
+
+def config_to_hf(config: CLIPVisionConfig) -> Dict[str, Any]:
+  """`config_from_hf`'s inverse, a `CLIPVisionConfig.to_dict()`-style dict (LLaVA's
+  select_layer / select_feature are not CLIP fields: the caller writes them as
+  `mm_vision_select_*`)."""
+  return {'model_type': 'clip_vision_model', 'image_size': config.image_size,
+          'patch_size': config.patch_size, 'hidden_size': config.width,
+          'num_hidden_layers': config.num_layers, 'num_attention_heads': config.num_heads,
+          'intermediate_size': config.mlp_dim, 'layer_norm_eps': config.layer_norm_eps,
+          'hidden_act': hf_activation(config.act, 'CLIPVisionConfig.act'), 'num_channels': 3}
 
 
 def _is_ignored(name: str, cfg: CLIPVisionConfig) -> bool:
@@ -98,6 +114,35 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], config: CLIPVisionConfi
   return params
 
 
+def params_to_hf(params: Mapping[str, Any], config: CLIPVisionConfig,
+                 prefix: str = 'vision_model.') -> Dict[str, np.ndarray]:
+  """`params_from_hf`'s inverse: `CLIPVisionTower` params -> the HF tensors under `prefix`
+  (float32; the first `num_used_layers` encoder layers, no post_layernorm, no position_ids).
+  Raises ValueError naming a tensor whose shape does not fit `config`."""
+  cfg = config
+  w = TensorWriter()
+  d, h, hd, f, p = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.patch_size
+  kernel = w.checked(f'{prefix}embeddings.patch_embedding.weight (our kernel)',
+                     params['patch_embedding']['kernel'], (p, p, 3, d))
+  w.put(f'{prefix}embeddings.patch_embedding.weight', kernel.transpose(3, 2, 0, 1), (d, 3, p, p))
+  w.put(f'{prefix}embeddings.class_embedding', params['class_embedding'], (d,))
+  w.put(f'{prefix}embeddings.position_embedding.weight', params['position_embedding'],
+        (cfg.num_positions, d))
+  w.layer_norm(f'{prefix}pre_layrnorm', params['pre_layernorm'], d)
+  for i in range(cfg.num_used_layers):
+    q = f'{prefix}encoder.layers.{i}'
+    layer = params[f'layers_{i}']
+    w.layer_norm(f'{q}.layer_norm1', layer['layer_norm1'], d)
+    w.layer_norm(f'{q}.layer_norm2', layer['layer_norm2'], d)
+    attention = layer['attention']
+    for ours, theirs in (('query', 'q_proj'), ('key', 'k_proj'), ('value', 'v_proj')):
+      w.linear(f'{q}.self_attn.{theirs}', attention[ours], (d,), (h, hd))
+    w.linear(f'{q}.self_attn.out_proj', attention['out'], (h, hd), (d,))
+    w.linear(f'{q}.mlp.fc1', layer['mlp']['fc1'], (d,), (f,))
+    w.linear(f'{q}.mlp.fc2', layer['mlp']['fc2'], (f,), (d,))
+  return w.state_dict
+
+
 def projector_params_from_hf(state_dict: Mapping[str, np.ndarray], kind: str,
                              prefix: str = 'model.mm_projector.') -> Dict[str, Any]:
   """Converts LLaVA's `mm_projector` (a Linear, or an nn.Sequential of Linear/GELU) into
@@ -124,3 +169,21 @@ def projector_params_from_hf(state_dict: Mapping[str, np.ndarray], kind: str,
     in_dim = expected[0]
   r.finish()
   return params
+
+
+def projector_params_to_hf(params: Mapping[str, Any], kind: str,
+                           prefix: str = 'model.mm_projector.') -> Dict[str, np.ndarray]:
+  """`projector_params_from_hf`'s inverse: `Projector(kind)` params -> LLaVA's `mm_projector`
+  tensors under `prefix` (a Linear for 'linear', else `{2 i}.weight` / `.bias`, the Linears of
+  the nn.Sequential between its GELUs)."""
+  w = TensorWriter()
+  depth = projector_depth(kind)
+  targets = [prefix] if kind == 'linear' else [f'{prefix}{2 * i}.' for i in range(depth)]
+  for target, name in zip(targets, linear_names(kind)):
+    if name not in params:
+      raise ValueError(f'projector params ({kind}) have no {name!r}; they hold {sorted(params)}')
+    kernel = np.asarray(params[name]['kernel'])
+    if kernel.ndim != 2:
+      raise ValueError(f'{target}weight: expected a 2-D kernel, got shape {kernel.shape}')
+    w.linear(target.rstrip('.'), params[name], kernel.shape[:1], kernel.shape[1:])
+  return w.state_dict

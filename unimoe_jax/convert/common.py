@@ -1,12 +1,40 @@
-"""What every state-dict converter shares: a reader that reports mismatches by name.
+"""What every state-dict converter shares: a reader that reports mismatches by name, a writer
+for the inverse direction, and the activation names of Hugging Face configs.
 
 A state dict is a mapping from the source's tensor names to numpy arrays. Torch `nn.Linear`
-stores `[out, in]`; our kernels are `[in, out]` (`linear_kernel`).
+stores `[out, in]`; our kernels are `[in, out]` (`linear_kernel`, `torch_linear_weight`).
 """
 
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+
+# HF `hidden_act` / `activation_function` -> our activation name (layers.transformer.ACTIVATIONS).
+HF_ACTIVATIONS = {
+    'gelu': 'gelu',
+    'gelu_new': 'gelu_tanh',
+    'gelu_pytorch_tanh': 'gelu_tanh',
+    'quick_gelu': 'quick_gelu',
+    'relu': 'relu',
+}
+# Ours -> HF: the first HF name of each of ours ('gelu_tanh' -> 'gelu_new').
+TO_HF_ACTIVATIONS = {ours: hf for hf, ours in reversed(list(HF_ACTIVATIONS.items()))}
+
+
+def hf_activation(act: str, where: str) -> str:
+  """Our activation name -> the HF name, or ValueError naming `where` (the config field)."""
+  if act not in TO_HF_ACTIVATIONS:
+    raise ValueError(f'{where}: activation {act!r} has no Hugging Face name; '
+                     f'known: {sorted(TO_HF_ACTIVATIONS)}')
+  return TO_HF_ACTIVATIONS[act]
+
+
+def ours_activation(hf_name: str, field: str) -> str:
+  """A HF config's activation name -> ours, or ValueError naming the config `field`."""
+  if hf_name not in HF_ACTIVATIONS:
+    raise ValueError(f'{field}={hf_name!r} is not supported; known: {sorted(HF_ACTIVATIONS)}')
+  return HF_ACTIVATIONS[hf_name]
 
 
 class TensorReader:
@@ -60,3 +88,45 @@ def convert_parts(steps: Sequence[Tuple[str, Callable[[], Any]]], headline: str,
 def linear_kernel(w: np.ndarray) -> np.ndarray:
   """torch Linear weight `[out, in]` -> our kernel `[in, out]`."""
   return np.ascontiguousarray(w.T)
+
+
+def torch_linear_weight(kernel: np.ndarray) -> np.ndarray:
+  """Our kernel `[in, out]` -> torch Linear weight `[out, in]` (`linear_kernel`'s inverse)."""
+  return np.ascontiguousarray(np.asarray(kernel, np.float32).T)
+
+
+class TensorWriter:
+  """Builds a state dict from our params: each tensor is shape-checked against what the config
+  says (ValueError naming the tensor otherwise) and stored float32, C-contiguous.
+
+  `put` stores a tensor as is; `linear` a Dense (`kernel [in..., out...]`, optional `bias
+  [out...]`, either side possibly split into heads) as torch's `weight [out, in]` / `bias
+  [out]`; `layer_norm` a LayerNorm's `scale` / `bias` as `weight` / `bias`.
+  """
+
+  def __init__(self):
+    self.state_dict: Dict[str, np.ndarray] = {}
+
+  @staticmethod
+  def checked(name: str, value: Any, shape: Sequence[int]) -> np.ndarray:
+    value = np.ascontiguousarray(np.asarray(value, np.float32))
+    if value.shape != tuple(shape):
+      raise ValueError(f'{name}: expected shape {tuple(shape)}, got {value.shape}')
+    return value
+
+  def put(self, name: str, value: Any, shape: Sequence[int]) -> None:
+    self.state_dict[name] = self.checked(name, value, shape)
+
+  def linear(self, name: str, p: Mapping[str, Any], in_shape: Sequence[int],
+             out_shape: Sequence[int], bias: bool = True) -> None:
+    kernel = self.checked(f'{name}.weight (our kernel)', p['kernel'],
+                          tuple(in_shape) + tuple(out_shape))
+    n_out = int(np.prod(out_shape))
+    self.state_dict[f'{name}.weight'] = torch_linear_weight(kernel.reshape(-1, n_out))
+    if bias:
+      self.state_dict[f'{name}.bias'] = self.checked(f'{name}.bias', p['bias'],
+                                                     out_shape).reshape(n_out)
+
+  def layer_norm(self, name: str, p: Mapping[str, Any], width: int) -> None:
+    self.put(f'{name}.weight', p['scale'], (width,))
+    self.put(f'{name}.bias', p['bias'], (width,))

@@ -16,8 +16,10 @@ LoRA adapters (`lora_a` / `lora_b`) are merged into the weights by default (`lay
 adapters on expert weights cannot be kept that way (transformers 5 Mixtral stores the experts
 as fused parameters, not Linear modules PEFT's LoRA targets), and are refused.
 
-Only the decoder is exported: the towers and connectors of a multimodal model have no
-Hugging Face model class here and are reported as not exported (the caller prints them).
+The towers and connectors of a multimodal model (given its `UniMoEConfig`) are written beside
+the decoder in the official Uni-MoE layout (`convert/export_official.py`): tower directories
+that transformers loads (`CLIPVisionModel`, `WhisperModel`), the official BEATs file, the trained
+connectors in `non_lora_trainables.bin`, and the official config.json fields naming them.
 """
 
 import json
@@ -224,17 +226,24 @@ def write_weights(directory: str, decoder: Dict[str, Any], cfg: DecoderConfig,
 
 def export(params: Dict[str, Any], cfg: DecoderConfig, output: str, keep_lora: bool = False,
            extra_files: Optional[Dict[str, str]] = None, max_position_embeddings: int = 4096,
-           max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Dict[str, Any]:
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, model_config=None) -> Dict[str, Any]:
   """Writes `output` (new; staged and renamed into place, so a failure leaves nothing) and
-  returns a summary: files, notes, what was not exported."""
+  returns a summary: files, notes, what was not exported.
+
+  `model_config`: the `UniMoEConfig` of `params` when they hold towers / connectors, which are
+  then written in the official layout; without it they are listed as not exported.
+  """
+  from unimoe_jax.convert import export_official  # pylint: disable=g-import-not-at-top
   output = os.path.abspath(output)
   if os.path.exists(output):
     raise FileExistsError(f'--output {output} already exists')
   notes = check_exportable(cfg)
   decoder, others = decoder_tree(params)
-  if others:
-    notes.append(f'not exported: {others} (towers / connectors; only the decoder is written '
-                 'as a Hugging Face model)')
+  towers = others if model_config is not None else []
+  unknown = sorted(set(others) - set(export_official.TOP_LEVEL)) if towers else others
+  if unknown:
+    notes.append(f'not exported: {unknown} (only the decoder, the towers and the connectors '
+                 'have an export)')
   adapters = None
   if keep_lora:
     adapters, adapter_config = peft_adapters(decoder, cfg)
@@ -248,8 +257,14 @@ def export(params: Dict[str, Any], cfg: DecoderConfig, output: str, keep_lora: b
   staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.partial-', dir=parent)
   try:
     files = write_weights(staging, decoder, cfg, max_shard_bytes)
+    config = hf_config(cfg, max_position_embeddings)
+    if towers:
+      tower_files, fields, tower_notes = export_official.write(staging, params, model_config)
+      files += tower_files
+      config.update(fields)
+      notes += tower_notes
     with open(os.path.join(staging, 'config.json'), 'w') as f:
-      json.dump(hf_config(cfg, max_position_embeddings), f, indent=2)
+      json.dump(config, f, indent=2)
     for name, source in (extra_files or {}).items():
       shutil.copyfile(source, os.path.join(staging, name))
       files.append(name)
@@ -267,7 +282,7 @@ def export(params: Dict[str, Any], cfg: DecoderConfig, output: str, keep_lora: b
   return {'output': output, 'architecture': hf_config(cfg)['architectures'][0],
           'files': files, 'lora': ('kept as PEFT adapter in ' + ADAPTER_DIR if keep_lora
                                    else 'merged' if cfg.lora is not None else None),
-          'not_exported': others, 'notes': notes}
+          'not_exported': unknown, 'notes': notes}
 
 
 def config_from_gin(gin_text: str):

@@ -72,7 +72,7 @@ from unimoe_jax.convert.common import TensorReader
 from unimoe_jax.convert.io import LazyStateDict, LazyTensor
 from unimoe_jax.model import UniMoEConfig
 
-PROJECTOR_PREFIX = 'model.mm_projector.'
+PROJECTOR_PREFIX = official_towers.VISION_PROJECTOR_PREFIX
 # Files the official training scripts write beside (or instead of) the model weights, in the
 # order the official loader applies them (later ones override earlier ones).
 OFFICIAL_EXTRA_FILES = ('non_lora_trainables.bin', 'adapter_model.safetensors',

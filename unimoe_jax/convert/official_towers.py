@@ -59,6 +59,7 @@ from unimoe_jax.encoders.beats import config_from_official as beats_config_from_
 from unimoe_jax.model import UniMoEConfig
 
 CLIP_PREFIX = 'model.vision_tower.vision_tower.vision_model.'
+VISION_PROJECTOR_PREFIX = 'model.mm_projector.'  # LLaVA's projector (read by official.py).
 AUDIO_TOWER_PREFIX = 'model.audio_tower.audio_tower.'
 WHISPER_UNUSED_PREFIXES = ('model.audio_tower.encoder.', 'model.audio_tower.decoder.')
 WHISPER_ALIGNER_PREFIX = 'model.mm_audio_aligner.decoder.audio_decoder.'

@@ -1,4 +1,4 @@
-"""transformers `Blip2QFormerModel` state dicts -> our `QFormer` parameters (numpy, no torch).
+"""transformers `Blip2QFormerModel` state dicts <-> our `QFormer` parameters (numpy, no torch).
 
 Accepted layouts:
   * a bare `Blip2QFormerModel` state dict (`layernorm.*`, `encoder.layer.{i}.*`), with the
@@ -10,24 +10,19 @@ Accepted layouts:
 
 The text-only FFN (`encoder.layer.{i}.intermediate.*` / `output.*`, present when the HF config
 has `use_qformer_text_input`) never runs on query tokens and is dropped.
+
+The inverse, `params_to_hf` / `config_to_hf`, writes every tensor `params_from_hf` reads (the
+text FFN is not written: we never had it; the exported config says `use_qformer_text_input=False`
+so that transformers builds a model without it) and returns the query tokens separately.
 """
 
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from unimoe_jax.connectors.qformer import QFormerConfig
-from unimoe_jax.convert.common import TensorReader, linear_kernel
-
-# HF `hidden_act` -> our activation name.
-_HF_ACTIVATIONS = {
-    'gelu': 'gelu',
-    'gelu_new': 'gelu_tanh',
-    'gelu_pytorch_tanh': 'gelu_tanh',
-    'quick_gelu': 'quick_gelu',
-    'relu': 'relu',
-}
-
+from unimoe_jax.convert.common import (HF_ACTIVATIONS, TensorReader, TensorWriter, hf_activation,
+                                      linear_kernel)
 
 def config_from_hf(hf: Mapping[str, Any], num_query_tokens: Optional[int] = None,
                    **overrides) -> QFormerConfig:
@@ -42,17 +37,38 @@ def config_from_hf(hf: Mapping[str, Any], num_query_tokens: Optional[int] = None
     raise ValueError('config_from_hf: num_query_tokens is required for a Q-Former config '
                      '(it is a field of the enclosing BLIP-2 / Uni-MoE config)')
   act = hf.get('hidden_act', 'gelu')
-  if act not in _HF_ACTIVATIONS:
+  if act not in HF_ACTIVATIONS:
     raise ValueError(f'config_from_hf: hidden_act {act!r} is not supported; '
-                     f'known: {sorted(_HF_ACTIVATIONS)}')
+                     f'known: {sorted(HF_ACTIVATIONS)}')
   fields = dict(
       hidden_size=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
       num_heads=hf['num_attention_heads'], intermediate_size=hf['intermediate_size'],
       cross_attention_frequency=hf.get('cross_attention_frequency', 2),
       encoder_hidden_size=hf['encoder_hidden_size'], num_query_tokens=int(num_query_tokens),
-      layer_norm_eps=hf.get('layer_norm_eps', 1e-12), act=_HF_ACTIVATIONS[act])
+      layer_norm_eps=hf.get('layer_norm_eps', 1e-12), act=HF_ACTIVATIONS[act])
   fields.update(overrides)
   return QFormerConfig(**fields)
+
+
+def config_to_hf(config: QFormerConfig) -> Dict[str, Any]:
+  """Our config -> a `Blip2QFormerConfig.to_dict()`-style dict, `config_from_hf`'s inverse:
+  `config_from_hf(config_to_hf(c), num_query_tokens=c.num_query_tokens) == c` (for the default
+  `init_std`: it is written as `initializer_range`, which `config_from_hf` does not read).
+  `num_query_tokens` is not a Q-Former field; the enclosing config carries it.
+  `transformers.Blip2QFormerConfig(**config_to_hf(c))` builds the matching model."""
+  return {
+      'model_type': 'blip_2_qformer',
+      'hidden_size': config.hidden_size,
+      'num_hidden_layers': config.num_layers,
+      'num_attention_heads': config.num_heads,
+      'intermediate_size': config.intermediate_size,
+      'cross_attention_frequency': config.cross_attention_frequency,
+      'encoder_hidden_size': config.encoder_hidden_size,
+      'layer_norm_eps': config.layer_norm_eps,
+      'hidden_act': hf_activation(config.act, 'QFormerConfig.act'),
+      'initializer_range': config.init_std,
+      'use_qformer_text_input': False,  # The text FFN is not exported.
+  }
 
 
 def _query_token_candidates(prefix: str):
@@ -148,3 +164,52 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], config: QFormerConfig,
     params[f'layers_{i}'] = layer
   r.finish()
   return params
+
+
+def params_to_hf(params: Mapping[str, Any], config: QFormerConfig,
+                 prefix: str = '') -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+  """`params_from_hf`'s inverse: `QFormer` params -> a `Blip2QFormerModel` state dict.
+
+  Args:
+    params: a params tree like `nn.meta.unbox(QFormer(config).init(...)['params'])` (numpy or
+      jax arrays).
+    config: our config.
+    prefix: prepended to every tensor name, e.g. 'model.mm_audio_aligner.qformer.qformer.'.
+  Returns:
+    `(state_dict, query_tokens)`: every tensor `params_from_hf` reads under `prefix` (float32,
+    C-contiguous, torch names and layouts) except the query tokens, which come back as
+    `[1, num_query, hidden]` for the caller to name (BLIP-2: `query_tokens` beside `qformer.`;
+    Uni-MoE: `model.mm_audio_aligner.query_tokens`). The text-only FFN
+    (`encoder.layer.{i}.intermediate.*` / `output.*`) is not written: the forward converter
+    drops it and our model has none.
+  Raises:
+    ValueError if a tensor has the wrong shape for `config`.
+  """
+  if prefix and not prefix.endswith('.'):
+    prefix += '.'
+  cfg = config
+  d, h, hd, f, e = (cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size,
+                    cfg.encoder_hidden_size)
+  w = TensorWriter()
+
+  def attention(name, p, norm, kv_dim):
+    """`query/key/value` kernels `[in, h, hd]`, `out` `[h, hd, d]` -> flat torch Linears."""
+    for ours, in_dim in (('query', d), ('key', kv_dim), ('value', kv_dim)):
+      w.linear(f'{name}.attention.{ours}', p[ours], (in_dim,), (h, hd))
+    w.linear(f'{name}.output.dense', p['out'], (h, hd), (d,))
+    w.layer_norm(f'{name}.output.LayerNorm', norm, d)
+
+  n = cfg.num_query_tokens
+  query_tokens = w.checked('query_tokens', params['query_tokens'], (n, d)).reshape(1, n, d)
+  w.layer_norm(f'{prefix}layernorm', params['embed_norm'], d)
+  for i in range(cfg.num_layers):
+    p = f'{prefix}encoder.layer.{i}'
+    layer = params[f'layers_{i}']
+    attention(f'{p}.attention', layer['self_attention'], layer['self_attention_norm'], d)
+    if cfg.has_cross_attention(i):
+      attention(f'{p}.crossattention', layer['cross_attention'], layer['cross_attention_norm'],
+                e)
+    w.linear(f'{p}.intermediate_query.dense', layer['mlp']['fc1'], (d,), (f,))
+    w.linear(f'{p}.output_query.dense', layer['mlp']['fc2'], (f,), (d,))
+    w.layer_norm(f'{p}.output_query.LayerNorm', layer['mlp_norm'], d)
+  return w.state_dict, np.ascontiguousarray(query_tokens)

@@ -1,4 +1,4 @@
-"""Hugging Face Whisper state dicts -> `WhisperEncoder` and `WhisperAligner` parameters (numpy).
+"""Hugging Face Whisper state dicts <-> `WhisperEncoder` and `WhisperAligner` parameters (numpy).
 
 Both halves come from the same Whisper checkpoint, as in the official Uni-MoE code (the encoder is
 `WhisperModel.encoder`, the aligner's decoder is `WhisperModel.decoder`). A converter reads only
@@ -9,14 +9,19 @@ Prefixes: `model.encoder.` / `model.decoder.` (WhisperForConditionalGeneration) 
 `decoder.` (WhisperModel); `prefix=None` picks whichever the state dict has. An official Uni-MoE
 checkpoint keeps the aligner's decoder under `model.mm_audio_aligner.decoder.audio_decoder.` and the
 queries as `model.query_tokens` `[1, num_query, d_model]` (pass that array as `query_tokens`).
+
+The inverses (`encoder_params_to_hf`, `aligner_params_to_hf`, `config_to_hf`) write what the
+readers read: every tensor bit for bit, the encoder's `embed_positions.weight` as the sinusoids
+the module computes, and no `embed_tokens` (the aligner never looks a token up).
 """
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from unimoe_jax.connectors.whisper_aligner import WhisperAlignerConfig
-from unimoe_jax.convert.common import TensorReader, linear_kernel
+from unimoe_jax.convert.common import (TensorReader, TensorWriter, hf_activation,
+                                      linear_kernel, ours_activation)
 from unimoe_jax.encoders.whisper import WhisperEncoderConfig, sinusoids
 
 # A checkpoint's fixed encoder positions are Whisper's sinusoids up to float32 rounding of the
@@ -30,7 +35,7 @@ def encoder_config_from_hf(hf: Mapping[str, Any], **overrides) -> WhisperEncoder
       num_mel_bins=hf['num_mel_bins'], d_model=hf['d_model'], num_layers=hf['encoder_layers'],
       num_heads=hf['encoder_attention_heads'], ffn_dim=hf['encoder_ffn_dim'],
       max_source_positions=hf['max_source_positions'],
-      act=hf.get('activation_function', 'gelu'))
+      act=ours_activation(hf.get('activation_function', 'gelu'), 'activation_function'))
   fields.update(overrides)
   return WhisperEncoderConfig(**fields)
 
@@ -42,9 +47,48 @@ def aligner_config_from_hf(hf: Mapping[str, Any], num_query_tokens: int = 50,
       num_query_tokens=num_query_tokens, d_model=hf['d_model'], num_layers=hf['decoder_layers'],
       num_heads=hf['decoder_attention_heads'], ffn_dim=hf['decoder_ffn_dim'],
       max_target_positions=hf['max_target_positions'],
-      act=hf.get('activation_function', 'gelu'))
+      act=ours_activation(hf.get('activation_function', 'gelu'), 'activation_function'))
   fields.update(overrides)
   return WhisperAlignerConfig(**fields)
+
+
+# Whisper's multilingual vocabulary and special ids (openai/whisper-*; HF WhisperConfig). The
+# aligner never embeds a token, but a WhisperModel directory needs them to be built.
+_WHISPER_TOKEN_IDS = dict(vocab_size=51865, pad_token_id=50257, bos_token_id=50257,
+                          eos_token_id=50257, decoder_start_token_id=50258)
+_HF_LAYER_NORM_EPS = 1e-5  # WhisperEncoderLayer / WhisperDecoderLayer use nn.LayerNorm's default.
+
+
+def config_to_hf(encoder: WhisperEncoderConfig,
+                 aligner: Optional[WhisperAlignerConfig] = None) -> Dict[str, Any]:
+  """A `WhisperConfig.to_dict()`-style dict for a WhisperModel holding `encoder` and, when
+  given, `aligner` as its decoder (else a decoder of the encoder's sizes, which nothing reads).
+  Raises ValueError for what a WhisperConfig cannot say: a LayerNorm epsilon other than 1e-5,
+  a non-causal aligner, different activations or widths in the two halves."""
+  for name, cfg in (('WhisperEncoderConfig', encoder), ('WhisperAlignerConfig', aligner)):
+    if cfg is not None and cfg.layer_norm_eps != _HF_LAYER_NORM_EPS:
+      raise ValueError(f'{name}.layer_norm_eps={cfg.layer_norm_eps}: Hugging Face Whisper '
+                       f'always uses {_HF_LAYER_NORM_EPS}')
+  if aligner is not None:
+    if not aligner.causal:
+      raise ValueError('WhisperAlignerConfig.causal=False: a Hugging Face WhisperDecoder is '
+                       'always causal')
+    if aligner.act != encoder.act or aligner.d_model != encoder.d_model:
+      raise ValueError(f'WhisperAlignerConfig (act={aligner.act!r}, d_model={aligner.d_model}) '
+                       f'and WhisperEncoderConfig (act={encoder.act!r}, d_model='
+                       f'{encoder.d_model}) must agree: one WhisperConfig holds both')
+  decoder = dict(decoder_layers=encoder.num_layers, decoder_attention_heads=encoder.num_heads,
+                 decoder_ffn_dim=encoder.ffn_dim, max_target_positions=448)
+  if aligner is not None:
+    decoder = dict(decoder_layers=aligner.num_layers, decoder_attention_heads=aligner.num_heads,
+                   decoder_ffn_dim=aligner.ffn_dim,
+                   max_target_positions=aligner.max_target_positions)
+  return dict(model_type='whisper', num_mel_bins=encoder.num_mel_bins, d_model=encoder.d_model,
+              encoder_layers=encoder.num_layers, encoder_attention_heads=encoder.num_heads,
+              encoder_ffn_dim=encoder.ffn_dim,
+              max_source_positions=encoder.max_source_positions,
+              activation_function=hf_activation(encoder.act, 'WhisperEncoderConfig.act'),
+              **decoder, **_WHISPER_TOKEN_IDS)
 
 
 def _choose_prefix(state_dict: Mapping[str, np.ndarray], prefix: Optional[str],
@@ -175,3 +219,71 @@ def aligner_params_from_hf(state_dict: Mapping[str, np.ndarray], config: Whisper
     }
   r.finish()
   return params
+
+
+def _attention_to_hf(w: TensorWriter, name: str, p: Mapping[str, Any], d: int, heads: int):
+  """`_attention`'s inverse (Whisper's key projection has no bias)."""
+  hd = d // heads
+  w.linear(f'{name}.q_proj', p['query'], (d,), (heads, hd))
+  w.linear(f'{name}.k_proj', p['key'], (d,), (heads, hd), bias=False)
+  w.linear(f'{name}.v_proj', p['value'], (d,), (heads, hd))
+  w.linear(f'{name}.out_proj', p['out'], (heads, hd), (d,))
+
+
+def _mlp_to_hf(w: TensorWriter, name: str, p: Mapping[str, Any], d: int, f: int):
+  w.linear(f'{name}.fc1', p['fc1'], (d,), (f,))
+  w.linear(f'{name}.fc2', p['fc2'], (f,), (d,))
+
+
+def _conv_to_hf(w: TensorWriter, name: str, p: Mapping[str, Any], c_in: int, c_out: int):
+  """Dense kernel `[taps, in, out]` -> torch Conv1d weight `[out, in, taps]`."""
+  kernel = w.checked(f'{name}.weight (our kernel)', p['kernel'], (3, c_in, c_out))
+  w.put(f'{name}.weight', kernel.transpose(2, 1, 0), (c_out, c_in, 3))
+  w.put(f'{name}.bias', p['bias'], (c_out,))
+
+
+def encoder_params_to_hf(params: Mapping[str, Any], config: WhisperEncoderConfig,
+                         prefix: str = 'model.encoder.') -> Dict[str, np.ndarray]:
+  """`encoder_params_from_hf`'s inverse: `WhisperEncoder` params -> the HF tensors under
+  `prefix` ('model.encoder.' is WhisperForConditionalGeneration's and a saved WhisperModel's
+  layout), with `embed_positions.weight` = `sinusoids(max_source_positions, d_model)`."""
+  w = TensorWriter()
+  d, f, h = config.d_model, config.ffn_dim, config.num_heads
+  _conv_to_hf(w, f'{prefix}conv1', params['conv1'], config.num_mel_bins, d)
+  _conv_to_hf(w, f'{prefix}conv2', params['conv2'], d, d)
+  w.put(f'{prefix}embed_positions.weight', sinusoids(config.max_source_positions, d),
+        (config.max_source_positions, d))
+  for i in range(config.num_layers):
+    p = f'{prefix}layers.{i}'
+    layer = params[f'layers_{i}']
+    w.layer_norm(f'{p}.self_attn_layer_norm', layer['attn_norm'], d)
+    _attention_to_hf(w, f'{p}.self_attn', layer['attn'], d, h)
+    w.layer_norm(f'{p}.final_layer_norm', layer['mlp_norm'], d)
+    _mlp_to_hf(w, p, layer['mlp'], d, f)
+  w.layer_norm(f'{prefix}layer_norm', params['final_norm'], d)
+  return w.state_dict
+
+
+def aligner_params_to_hf(params: Mapping[str, Any], config: WhisperAlignerConfig,
+                         prefix: str = 'model.decoder.') -> Tuple[Dict[str, np.ndarray],
+                                                                  np.ndarray]:
+  """`aligner_params_from_hf`'s inverse: `WhisperAligner` params -> `(the Whisper decoder's
+  tensors under prefix, query_tokens [1, num_query, d_model])`. No `embed_tokens.weight` is
+  written (the aligner has none); the caller names the queries (Uni-MoE: `model.query_tokens`).
+  """
+  w = TensorWriter()
+  d, f, h, n = config.d_model, config.ffn_dim, config.num_heads, config.num_query_tokens
+  queries = w.checked('query_tokens', params['query_tokens'], (n, d)).reshape(1, n, d)
+  w.put(f'{prefix}embed_positions.weight', params['position_embedding'],
+        (config.max_target_positions, d))
+  for i in range(config.num_layers):
+    p = f'{prefix}layers.{i}'
+    layer = params[f'layers_{i}']
+    w.layer_norm(f'{p}.self_attn_layer_norm', layer['self_attn_norm'], d)
+    _attention_to_hf(w, f'{p}.self_attn', layer['self_attn'], d, h)
+    w.layer_norm(f'{p}.encoder_attn_layer_norm', layer['cross_attn_norm'], d)
+    _attention_to_hf(w, f'{p}.encoder_attn', layer['cross_attn'], d, h)
+    w.layer_norm(f'{p}.final_layer_norm', layer['mlp_norm'], d)
+    _mlp_to_hf(w, p, layer['mlp'], d, f)
+  w.layer_norm(f'{prefix}layer_norm', params['final_norm'], d)
+  return w.state_dict, np.ascontiguousarray(queries)

@@ -63,7 +63,7 @@ Parameters (torch name in the official state dict -> ours):
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import gin
@@ -211,6 +211,24 @@ def config_from_official(cfg: Mapping[str, Any], **overrides) -> BEATsConfig:
               'gru_rel_pos'):
     fields[key] = bool(fields[key])
   return BEATsConfig(**fields)
+
+
+def config_to_official(config: BEATsConfig) -> Dict[str, Any]:
+  """`config_from_official`'s inverse: the official `cfg` dict, every architecture key of the
+  official `BEATsConfig` spelled out (no reliance on its defaults) plus `finetuned_model=False`
+  (no AudioSet head), so that `config_from_official(config_to_official(c)) == c` for any `c`
+  with the default `init_std` (ours only: the official cfg has no such key). Dropout keys are
+  left to the official defaults (they do nothing at inference).
+
+  Raises ValueError when `num_mel_bins != 128`: the official cfg cannot say it, and official
+  preprocessing always gives 128 bins.
+  """
+  if config.num_mel_bins != 128:
+    raise ValueError(f'config_to_official: num_mel_bins={config.num_mel_bins} cannot be '
+                     'expressed in an official BEATs cfg (its fbank always has 128 bins)')
+  cfg = {key: getattr(config, key) for key in _OFFICIAL_DEFAULTS}
+  cfg['finetuned_model'] = False
+  return cfg
 
 
 BEATS_SIZES = {
