@@ -147,7 +147,7 @@ class Decoder(nn.Module):
       self.layers = []
       self.stacked_layers = nn.scan(
           _remat(DecoderBlock, cfg.remat, scanned=True),
-          variable_axes={'params': 0, 'cache': 0},
+          variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
           split_rngs={'params': True, 'dropout': True, 'router': True},
           in_axes=(nn.broadcast,) * 8,
           length=cfg.num_layers // period,

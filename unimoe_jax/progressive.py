@@ -10,16 +10,28 @@ tiny multimodal model on a CPU, nothing downloaded:
   2. modality experts: one run per modality, dense FFN only (gin/stages/stage2_expert.gin);
      tools/assemble_experts.py-equivalent: the four FFNs become the experts of 4-expert MoE layers;
   3. Uni-MoE tuning: LoRA + router + projectors on the mixed instruction data
-     (gin/stages/stage3_unimoe.gin), then the sample evaluation mixture.
+     (gin/stages/stage3_unimoe.gin), then the sample evaluation mixture, and where the router
+     sends each evaluation task's text and media tokens (MODEL_DIR/routing.json).
+
+With `--compare dense` it also tunes the dense model the same way from the stage-1 checkpoint
+(gin/stages/stage3_dense.gin: LoRA + projectors, the same steps, data and evaluation, no MoE).
 
 It ends with a table of each evaluation task's metric next to the task's chance level (from the
-data's own sample_data_info.json). Flags:
+data's own sample_data_info.json), the dense model's beside it, each modality's normalised score
+and the bias across modalities (progressive_report.py), in WORKDIR/results.md with pictures
+(loss curves, routing heatmaps, the comparison; also in TensorBoard under WORKDIR/pictures).
+Flags:
 
   --workdir DIR        where data, checkpoints and logs go (default /tmp/unimoe_progressive)
-  --gin_file F         extra gin files for every stage (after the stage's own)
-  --gin.NAME=VALUE     extra bindings for every stage, e.g. --gin.BATCH_SIZE=16
-  --steps S0,S1,S2,S3  training steps of the four stages
+  --gin_file F         your gin files for every stage, parsed after the stage's own settings
+                       (gin/demo/progressive_data.gin names the macros that choose each
+                       stage's data: STAGE1_MIXTURE, STAGE3_MIXTURE, EVAL_MIXTURE, ...)
+  --gin.NAME=VALUE     bindings for every stage, last, e.g. --gin.BATCH_SIZE=16
+  --steps S0,S1,S2,S3  training steps of the four stages (S0 = 0: no text warm start; stage 1
+                       starts from your INITIAL_CHECKPOINT_PATH)
+  --compare dense      also train and evaluate the dense baseline
   --sample_data DIR    use an existing sample-data folder
+  --no_pictures        skip the PNGs (no matplotlib needed)
 """
 
 import argparse
@@ -32,36 +44,44 @@ from typing import Dict, List, Optional, Sequence
 
 from absl import logging
 
-MODALITIES = ('image', 'video', 'speech', 'audio')
+from unimoe_jax import progressive_report as report
+
+MODALITIES = report.MODALITIES
 DEFAULT_STEPS = (1200, 1600, 100, 400)
-EVAL_MIXTURE = 'unimoe_sample_eval'
 
 MODEL_FILES = ('models/tiny.gin', 'models/multimodal_tiny.gin')
+DATA_FILE = 'demo/progressive_data.gin'
 
-# The stages as a table: name, gin files, bindings (steps and paths are added per run).
-STAGE0 = ('stage0_text', [*MODEL_FILES, 'runs/train.gin', 'demo/tiny.gin'], {
-    'MIXTURE_OR_TASK_NAME': "'unimoe_sample_text_warmup'",
+# The stages as a table: name, gin files, bindings. Your --gin_file files are parsed after
+# them; MODEL_DIR, TRAIN_STEPS and INITIAL_CHECKPOINT_PATH are bound per run after those.
+STAGE0 = ('stage0_text', [*MODEL_FILES, 'runs/train.gin', 'demo/tiny.gin', DATA_FILE], {
+    'MIXTURE_OR_TASK_NAME': '%STAGE0_MIXTURE',
     'TASK_FEATURE_LENGTHS': "{'targets': 128}",   # text only: media are not fed
     'TRAINABLE_PATTERNS': "('decoder/.*',)",
     'LEARNING_RATE': '3e-3',
     'BATCH_SIZE': '32',
 })
-STAGE1 = ('stage1_align', [*MODEL_FILES, 'stages/stage1_align.gin', 'demo/tiny.gin'], {
-    'MIXTURE_OR_TASK_NAME': "'unimoe_sample_stage1'",
+STAGE1 = ('stage1_align', [*MODEL_FILES, 'stages/stage1_align.gin', 'demo/tiny.gin', DATA_FILE], {
+    'MIXTURE_OR_TASK_NAME': '%STAGE1_MIXTURE',
     'LEARNING_RATE': '5e-3',
 })
-STAGE2 = ('stage2_{modality}', [*MODEL_FILES, 'stages/stage2_expert.gin', 'demo/tiny.gin'], {
+STAGE2 = ('stage2_{modality}', [*MODEL_FILES, 'stages/stage2_expert.gin', 'demo/tiny.gin',
+                                DATA_FILE], {
     'EXPERT_MODALITY': "'{modality}'",
     'LEARNING_RATE': '3e-3',
 })
-STAGE3 = ('stage3_unimoe', [*MODEL_FILES, 'stages/stage3_unimoe.gin', 'demo/tiny.gin'], {
-    'MIXTURE_OR_TASK_NAME': "'unimoe_sample_stage3'",
+_STAGE3_RUN = {
+    'MIXTURE_OR_TASK_NAME': '%STAGE3_MIXTURE',
     'LEARNING_RATE': '3e-3',
-    'EVAL_MIXTURE_OR_TASK_NAME': f"'{EVAL_MIXTURE}'",
+    'EVAL_MIXTURE_OR_TASK_NAME': '%EVAL_MIXTURE',
     'EVAL_TASK_FEATURE_LENGTHS': "{'targets': 128, 'image_features': 1, 'video_features': 1, "
                                  "'speech_features': 1, 'audio_features': 1}",
     'EVAL_BATCH_SIZE': '32',
-})
+}
+STAGE3 = ('stage3_unimoe', [*MODEL_FILES, 'stages/stage3_unimoe.gin', 'demo/tiny.gin', DATA_FILE],
+          dict(_STAGE3_RUN, **{'loop.train.routing_report': 'True'}))
+STAGE3_DENSE = ('stage3_dense', [*MODEL_FILES, 'stages/stage3_dense.gin', 'demo/tiny.gin',
+                                 DATA_FILE], dict(_STAGE3_RUN))
 
 
 def _repo_root() -> str:
@@ -81,8 +101,11 @@ def make_sample_data(directory: str) -> str:
 
 
 def run_stage(name: str, gin_files: Sequence[str], bindings: Dict[str, str],
-              extra_files: Sequence[str], extra_bindings: Sequence[str]):
-  """One training run in this process (gin is cleared before and after)."""
+              user_files: Sequence[str], run_bindings: Dict[str, str],
+              user_bindings: Sequence[str]):
+  """One training run in this process (gin is cleared before and after). Parsed in this
+  order: the stage's files, its table bindings, `user_files`, `run_bindings` (paths, steps),
+  `user_bindings`."""
   import gin  # pylint: disable=g-import-not-at-top
   from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import loop  # pylint: disable=g-import-not-at-top
@@ -90,8 +113,10 @@ def run_stage(name: str, gin_files: Sequence[str], bindings: Dict[str, str],
   logging.info('=== %s ===', name)
   gin.clear_config()
   try:
-    gin_utils.parse(list(gin_files) + list(extra_files),
-                    [f'{k} = {v}' for k, v in bindings.items()] + list(extra_bindings),
+    gin_utils.parse(list(gin_files),
+                    [f'{k} = {v}' for k, v in bindings.items()] +
+                    [f'include {f!r}' for f in user_files] +
+                    [f'{k} = {v}' for k, v in run_bindings.items()] + list(user_bindings),
                     import_modules=('unimoe_jax.tasks',))
     result = loop.train()  # pylint: disable=no-value-for-parameter
   finally:
@@ -112,52 +137,96 @@ def per_question_constant(level: dict) -> float:
              for c in categories.values()) / total
 
 
-def chance_table(results: Dict[str, Dict[str, float]], info: dict, split: str = 'validation'
-                 ) -> List[dict]:
-  """One row per evaluation task: metric, value, chance level, and whether it beats chance."""
-  chance = info['splits'][split]['chance']
+def chance_table(results: Dict[str, Dict[str, float]], info: Optional[dict],
+                 split: str = 'validation') -> List[dict]:
+  """One row per evaluation task with an accuracy, exact-match or WER metric: the metric, its
+  value, the chance level (from the sample data's info; without one, 0 for accuracy and 1 for
+  WER) and the number of examples it rests on."""
+  chance = (info or {}).get('splits', {}).get(split, {}).get('chance', {})
   rows = []
   for task, metrics in sorted(results.items()):
-    key = task.replace('unimoe_sample_', '')
-    level = chance.get(key, {})
+    level = chance.get(task.replace('unimoe_sample_', ''), {})
+    examples = int(metrics['num_examples']) if 'num_examples' in metrics else '?'
     if 'wer' in metrics:
-      rows.append(dict(task=task, metric='WER', value=metrics['wer'],
+      rows.append(dict(task=task, metric='WER', value=metrics['wer'], examples=examples,
                        chance=level.get('best_constant_wer', 1.0), lower_is_better=True))
-    else:
+    elif 'accuracy' in metrics or 'exact_match' in metrics:
       name = 'accuracy' if 'accuracy' in metrics else 'exact_match'
       levels = [level.get('best_constant_accuracy', 0.0), level.get('uniform_guess_accuracy', 0.0),
                 per_question_constant(level)]
-      rows.append(dict(task=task, metric=name, value=metrics[name] / 100.0,
+      rows.append(dict(task=task, metric=name, value=metrics[name] / 100.0, examples=examples,
                        chance=max(levels), lower_is_better=False))
+    else:
+      logging.warning('results table: %s has no accuracy, exact_match or wer metric (%s); left '
+                      'out', task, sorted(metrics))
   return rows
 
 
-def format_table(rows: List[dict]) -> str:
-  lines = ['| task | metric | stage-3 model | chance | beats chance (margin 0.10) |',
-           '|---|---|---|---|---|']
-  for r in rows:
-    better = (r['value'] <= r['chance'] - 0.10 if r['lower_is_better']
-              else r['value'] >= r['chance'] + 0.10)
-    lines.append(f"| {r['task']} | {r['metric']} | {r['value']:.3f} | {r['chance']:.3f} | "
-                 f"{'yes' if better else 'NO'} |")
-  return '\n'.join(lines)
+def routing_by_modality(routing: Dict[str, Dict[str, 'object']]) -> Dict[str, Dict]:
+  """{modality: {group: fractions [layers, experts]}}: the counts of the modality's tasks
+  summed, then normalised."""
+  from unimoe_jax.training import routing_report  # pylint: disable=g-import-not-at-top
+  summed: Dict[str, Dict] = {}
+  for task, counts in routing.items():
+    modality = report.modality_of(task)
+    if modality is not None:
+      routing_report.add_counts(summed.setdefault(modality, {}), counts)
+  return {m: routing_report.fractions(summed[m]) for m in MODALITIES if m in summed}
+
+
+def write_results(work: str, rows, dense_rows, histories, routing, layer_names,
+                  pictures: bool, elapsed: float) -> str:
+  """results.md (the tables, the routing fractions and the pictures) and results.json."""
+  table = report.format_table(rows, dense_rows)
+  by_modality = routing_by_modality(routing) if routing else {}
+  lines = [f'# Uni-MoE progressive training: {elapsed:.0f} s', '', table, '']
+  experts = ', '.join(f'{e} = {m}' for e, m in enumerate(MODALITIES))
+  if by_modality:
+    lines += ['## Routing (MoE model): fraction of each modality\'s routing choices per expert',
+              '', f'Experts by the modality stage 2 trained them on: {experts}.', '']
+    for modality, fractions in by_modality.items():
+      for group, value in fractions.items():
+        lines.append(f'- {modality}, {group} tokens: ' + '; '.join(
+            f'{name} ' + ' '.join('-' if x != x else f'{x:.2f}' for x in row)
+            for name, row in zip(layer_names, value)))
+    lines.append('')
+  if pictures:
+    # The experts in the order stage 2 trained them (experts_lib.assemble_experts).
+    files = report.write_pictures(work, histories, by_modality, layer_names, rows, dense_rows,
+                                  expert_names=[f'{m} expert' for m in MODALITIES])
+    lines += ['## Pictures', ''] + [f'![{title}]({name})' for title, name in files.items()]
+  with open(os.path.join(work, 'results.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  with open(os.path.join(work, 'results.json'), 'w') as f:
+    json.dump({'moe': rows, 'dense': dense_rows, 'routing': {
+        m: {g: v.tolist() for g, v in fr.items()} for m, fr in by_modality.items()}},
+              f, indent=1)
+  return table
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
   argv = sys.argv[1:] if argv is None else list(argv)
-  rest, extra_bindings = gin_utils.split_gin_args(argv)
+  rest, user_bindings = gin_utils.split_gin_args(argv)
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', default='/tmp/unimoe_progressive')
   parser.add_argument('--gin_file', action='append', default=[])
   parser.add_argument('--steps', default=','.join(map(str, DEFAULT_STEPS)))
+  parser.add_argument('--compare', choices=['dense'], default=None)
   parser.add_argument('--sample_data', default=None)
+  parser.add_argument('--no_pictures', action='store_true')
   args = parser.parse_args(rest)
   logging.set_verbosity('info')
   logging.use_absl_handler()
-  steps = [int(s) for s in args.steps.split(',')]
-  if len(steps) != 4:
-    raise SystemExit(f'--steps needs four numbers (stages 0-3), got {args.steps}')
+  try:
+    steps = [int(s) for s in args.steps.split(',')]
+  except ValueError:
+    steps = []
+  if len(steps) != 4 or min(steps) < 0 or min(steps[1:]) == 0:
+    raise SystemExit(f'--steps needs four numbers (stages 0-3; only stage 0 may be 0), got '
+                     f'{args.steps}')
+  if not args.no_pictures:
+    report.check_plotting()  # Before an hour of training, not after.
   started = time.time()
   work = os.path.abspath(args.workdir)
   data = make_sample_data(args.sample_data or os.path.join(work, 'sample_data'))
@@ -166,21 +235,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # Stages share most programs (the same model's init, the evaluation): compile them once.
   jax.config.update('jax_compilation_cache_dir', os.path.join(work, 'jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  histories = {}
 
-  def bind(stage, name, steps_, initial=None, **fmt):
+  def bind(stage, steps_, initial=None, **fmt):
     stage_name, files, bindings = stage
     for key, value in fmt.items():  # Not str.format: gin dict literals hold braces.
       stage_name = stage_name.replace('{%s}' % key, value)
       bindings = {k: v.replace('{%s}' % key, value) for k, v in bindings.items()}
-    b = dict(bindings)
-    b.update(MODEL_DIR=repr(os.path.join(work, stage_name)), TRAIN_STEPS=str(steps_),
-             INITIAL_CHECKPOINT_PATH=repr(initial) if initial else 'None')
-    return run_stage(stage_name, files, b, args.gin_file, extra_bindings), os.path.join(
-        work, stage_name)
+    run = {'MODEL_DIR': repr(os.path.join(work, stage_name)), 'TRAIN_STEPS': str(steps_)}
+    if initial:
+      run['INITIAL_CHECKPOINT_PATH'] = repr(initial)
+    result = run_stage(stage_name, files, bindings, args.gin_file, run, user_bindings)
+    histories[stage_name] = result['loss_history']
+    return result, os.path.join(work, stage_name)
 
-  _, stage0_dir = bind(STAGE0, 'stage0', steps[0])
-  _, stage1_dir = bind(STAGE1, 'stage1', steps[1], stage0_dir)
-  expert_dirs = [bind(STAGE2, 'stage2', steps[2], stage1_dir, modality=m)[1] for m in MODALITIES]
+  stage0_dir = bind(STAGE0, steps[0])[1] if steps[0] else None
+  _, stage1_dir = bind(STAGE1, steps[1], stage0_dir)
+  expert_dirs = [bind(STAGE2, steps[2], stage1_dir, modality=m)[1] for m in MODALITIES]
 
   from unimoe_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from unimoe_jax.convert import experts as experts_lib  # pylint: disable=g-import-not-at-top
@@ -191,17 +262,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     trees = [checkpoints.read_params(d)[0] for d in expert_dirs]
     checkpoint.save(assembled, experts_lib.assemble_experts(base, trees, expert_dirs),
                     '# experts: ' + ', '.join(expert_dirs) + '\n')
-  result, _ = bind(STAGE3, 'stage3', steps[3], assembled)
+  result, _ = bind(STAGE3, steps[3], assembled)
+  dense_result = bind(STAGE3_DENSE, steps[3], stage1_dir)[0] if args.compare == 'dense' else None
 
-  with open(os.path.join(data, 'sample_data_info.json')) as f:
-    info = json.load(f)
+  info_path = os.path.join(data, 'sample_data_info.json')
+  info = None
+  if os.path.isfile(info_path):
+    with open(info_path) as f:
+      info = json.load(f)
   rows = chance_table(result['eval'], info)
-  table = format_table(rows)
-  with open(os.path.join(work, 'results.md'), 'w') as f:
-    f.write(table + '\n')
-  with open(os.path.join(work, 'results.json'), 'w') as f:
-    json.dump(rows, f, indent=1)
-  print(f'\nUni-MoE progressive training on the sample data: {time.time() - started:.0f} s\n')
+  dense_rows = chance_table(dense_result['eval'], info) if dense_result else None
+  routing = result['routing'] or {'layers': [], 'tasks': {}}
+  layer_names = [f'layer {i}' for i in routing['layers']]
+  table = write_results(work, rows, dense_rows, histories, routing['tasks'], layer_names,
+                        not args.no_pictures, time.time() - started)
+  print(f'\nUni-MoE progressive training: {time.time() - started:.0f} s '
+        f'(results in {os.path.join(work, "results.md")})\n')
   print(table)
   return 0
 

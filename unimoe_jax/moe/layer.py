@@ -103,6 +103,9 @@ class MoEFeedForward(nn.Module):
       # The official gate casts its softmax weights back to the model dtype.
       weights = weights.astype(router_dtype).astype(jnp.float32)
 
+    # Collected only under mutable=['intermediates'] (training/routing_report.py).
+    self.sow('intermediates', 'router_indices', indices.reshape(b, l, -1))
+
     lora = self.lora
     experts = {
         name: ExpertWeights(cfg.num_experts, i, o, axes, lora=lora, dtype=self.dtype,

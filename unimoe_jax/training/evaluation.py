@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from unimoe_jax import partitioning
 from unimoe_jax.data import pipeline
 from unimoe_jax.data.feature_converter import MultimodalDecoderFeatureConverter
+from unimoe_jax.training import routing_report
 
 
 def global_batch(mesh, batch: Mapping[str, np.ndarray]) -> Dict[str, jax.Array]:
@@ -70,6 +71,30 @@ class ModelEvaluator:
     return out
 
 
+  def routing_counts(self, ds) -> Dict[str, np.ndarray]:
+    """`{'text' | 'media': counts [moe_layers, experts]}` of the router's top-k choices over an
+    (enumerated) evaluation dataset, teacher-forced on prompt and reference answer
+    (training/routing_report.py)."""
+    cfg = self.model.module.config.decoder
+    if not hasattr(self, '_intermediates'):
+      with partitioning.mesh_context(self.mesh):
+        self._intermediates = jax.jit(
+            lambda params, batch: self.model.module.apply(
+                {'params': params}, batch, deterministic=True,
+                mutable=['intermediates'])[1]['intermediates'],
+            out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+    total: Dict[str, np.ndarray] = {}
+    for batch, n in self._batches(ds):
+      batch.pop('_index')
+      with partitioning.mesh_context(self.mesh):
+        sown = self._intermediates(self.params, global_batch(self.mesh, batch))
+      indices = routing_report.router_choices(jax.device_get(sown), cfg.scan_period() or 1)
+      groups = routing_report.token_groups({k: v[:n] for k, v in batch.items()})
+      routing_report.add_counts(total, routing_report.count_choices(
+          indices[:, :n], groups, cfg.moe.num_experts))
+    return total
+
+
 class _EvalFeatureConverter(MultimodalDecoderFeatureConverter):
   """seqio's Evaluator passes a length for every output feature it measured (loss_weights,
   audio_feature_mask ...); the converter takes only its task features' lengths."""
@@ -101,7 +126,11 @@ def evaluate(evaluator: seqio.Evaluator, model_evaluator: ModelEvaluator, params
                                   score_fn=model_evaluator.score_fn)
   result = metrics.result() if metrics is not None else {}
   logging.info('evaluation at step %d took %.1f s', step, time.time() - started)
-  return {task: {k: _scalar(v) for k, v in m.items()} for task, m in (result or {}).items()}
+  out = {task: {k: _scalar(v) for k, v in m.items()} for task, m in (result or {}).items()}
+  for task, m in out.items():  # What each score rests on.
+    m['num_examples'] = float(evaluator.cached_model_datasets[task].reduce(
+        np.int64(0), lambda count, *_: count + 1).numpy())
+  return out
 
 
 def _scalar(value):

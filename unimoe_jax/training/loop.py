@@ -26,6 +26,7 @@ from unimoe_jax.training import checkpoints as checkpoints_lib
 from unimoe_jax.training import evaluation
 from unimoe_jax.training import interrupts
 from unimoe_jax.training import optimizer as optimizer_lib
+from unimoe_jax.training import routing_report as routing_report_lib
 from unimoe_jax.training import train_state as train_state_lib
 
 
@@ -74,9 +75,12 @@ def train(*,
           eval_batch_size: Optional[int] = None,
           eval_num_examples: Optional[int] = None,
           eval_split: str = 'validation',
+          routing_report: bool = False,
           crash_after_step: Optional[int] = None,
           devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
-  """Trains; returns `{'step', 'train': last logged metrics, 'eval': last eval metrics}`.
+  """Trains; returns `{'step', 'train': last logged metrics, 'eval': last eval metrics,
+  'state', 'routing' (with routing_report), 'loss_history': [(step, loss)] of each logging
+  window of this run}`.
 
   Args (gin macros of t5x in brackets):
     model: t5x model interface (MODEL).
@@ -93,6 +97,10 @@ def train(*,
     checkpoint_period: steps between checkpoints (default `eval_period` or `train_steps`).
     eval_period: steps between evaluations of `eval_mixture_or_task_name` (EVAL_PERIOD;
       0: only at the end when an eval mixture is given).
+    routing_report: after the final evaluation, count where the router sends each evaluation
+      task's text and media tokens (training/routing_report.py): written to
+      MODEL_DIR/routing.json and returned as 'routing' (needs an MoE model and an eval
+      mixture).
     crash_after_step: testing only: exit the process abruptly after this step (after any
       checkpoint of that step has been written), to test resumption.
     devices: the devices of the mesh (default: all), from Python only.
@@ -180,6 +188,7 @@ def train(*,
                train_steps)
   tokens_per_batch = batch_size * input_shapes['decoder_target_tokens'][1]
   last_train, last_eval, window = {}, {}, None
+  loss_history = []  # (step, mean loss of the logging window) of this run.
   window_start, window_steps, window_tokens = time.time(), 0, 0
   # From here a stop signal saves before exiting (interrupts.py); before, nothing is unsaved.
   with interrupts.StopSignals() as stop:
@@ -209,6 +218,7 @@ def train(*,
         last_train['timing/tokens_per_second'] = window_tokens / elapsed
         remaining = (train_steps - done) * elapsed / window_steps
         writer.write_scalars(done, last_train)
+        loss_history.append((done, last_train['loss']))
         logging.info('step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  ETA %.0f s', done,
                      train_steps, last_train['loss'], last_train['learning_rate'],
                      last_train['timing/steps_per_second'], remaining)
@@ -235,13 +245,16 @@ def train(*,
     if evaluator is not None:
       last_eval = _run_eval(evaluator, model_evaluator, state, int(jax.device_get(state.step)),
                             writer)
+    routing = None
+    if routing_report:
+      routing = _routing_report(evaluator, model_evaluator, model, state, model_dir)
     if manager.latest_step() != train_steps and train_steps > 0:
       manager.save(train_steps, state, batches, force=True)
     manager.wait()
     manager.close()
     writer.flush()
   return {'step': int(jax.device_get(state.step)), 'train': last_train, 'eval': last_eval,
-          'state': state}
+          'state': state, 'routing': routing, 'loss_history': loss_history}
 
 
 def _run_eval(evaluator, model_evaluator, state, step, writer):
@@ -253,6 +266,26 @@ def _run_eval(evaluator, model_evaluator, state, step, writer):
   for task, metrics in results.items():
     logging.info('eval step %d %s: %s', step, task, metrics)
   return results
+
+
+def _routing_report(evaluator, model_evaluator, model, state, model_dir):
+  """`{'layers': MoE layer indices, 'tasks': {task: {'text' | 'media': counts [moe_layers,
+  experts]}}}` over the evaluation tasks."""
+  if evaluator is None or model.config.decoder.moe is None:
+    raise ValueError('train.routing_report needs an MoE model (DecoderConfig.moe) and an '
+                     'evaluation mixture (EVAL_MIXTURE_OR_TASK_NAME)')
+  started = time.time()
+  model_evaluator.params = state.params
+  counts = {task: model_evaluator.routing_counts(ds)
+            for task, ds in sorted(evaluator.cached_model_datasets.items())}
+  layers = model.config.decoder.moe_layer_indices()
+  if jax.process_index() == 0:
+    import json  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(model_dir, routing_report_lib.REPORT_FILE), 'w') as f:
+      json.dump({'layers': list(layers), 'tasks': routing_report_lib.to_json(counts)}, f,
+                indent=1)
+  logging.info('routing report of %d tasks took %.1f s', len(counts), time.time() - started)
+  return {'layers': list(layers), 'tasks': counts}
 
 
 def _writer(model_dir: str):
