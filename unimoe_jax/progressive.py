@@ -193,7 +193,7 @@ def write_results(work: str, rows, dense_rows, histories, routing, layer_names,
   if pictures:
     # The experts in the order stage 2 trained them (experts_lib.assemble_experts).
     files = report.write_pictures(work, histories, by_modality, layer_names, rows, dense_rows,
-                                  expert_names=[f'{m} expert' for m in MODALITIES])
+                                  expert_names=list(MODALITIES))
     lines += ['## Pictures', ''] + [f'![{title}]({name})' for title, name in files.items()]
   with open(os.path.join(work, 'results.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')

@@ -161,13 +161,13 @@ def plot_routing(modality: str, fractions: Mapping[str, np.ndarray], layer_names
   trained on in stage 2)."""
   plt = _pyplot()
   groups = [g for g in ('media', 'text') if g in fractions]
-  fig, axes = plt.subplots(1, len(groups), figsize=(3.4 * len(groups), 0.5 * len(layer_names)
-                                                    + 1.8), squeeze=False)
+  fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 0.5 * len(layer_names)
+                                                    + 2.0), squeeze=False)
   for ax, group in zip(axes[0], groups):
     value = np.asarray(fractions[group], np.float64)
     image = ax.imshow(value, vmin=0.0, vmax=1.0, cmap='viridis', aspect='auto')
     ax.set_title(f'{modality}: {group} tokens', fontsize=9)
-    ax.set_xlabel('expert')
+    ax.set_xlabel('expert (trained in stage 2 on)' if expert_names else 'expert')
     ax.set_ylabel('MoE layer')
     ax.set_xticks(range(value.shape[1]), labels=[
         f'{e}\n{expert_names[e]}' if expert_names else str(e) for e in range(value.shape[1])],
