@@ -191,7 +191,8 @@ def test_eval_metrics_equal_direct_evaluation(trained, tmp_path):
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, params)
   direct = evaluation.evaluate(evaluator, evaluation.ModelEvaluator(model, mesh, shardings, BATCH),
                                params, STEPS)
-  assert sorted(direct[METRICS_TASK]) == ['exact', 'first_token', 'mean_score']
+  assert sorted(direct[METRICS_TASK]) == ['exact', 'first_token', 'mean_score', 'num_examples']
+  assert direct[METRICS_TASK]['num_examples'] == 16
   assert results == direct
   with open(tmp_path / f'metrics-{STEPS}.json') as f:
     written = json.load(f)

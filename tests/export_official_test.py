@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from convert_checkpoint_test import (AUDIO_TOWER, CLIP, QFORMER, WHISPER_ALIGNER, _add_towers,  # pylint: disable=unused-import
+from convert_checkpoint_test import (AUDIO_TOWER, CLIP, WHISPER_ALIGNER, _add_towers,  # pylint: disable=unused-import
                                      _official_dir, convert_checkpoint, tokenizer_path, towers)
 from unimoe_jax import checkpoint, score
 from unimoe_jax.convert import beats as convert_beats

@@ -82,22 +82,21 @@ def trainables(params: Mapping[str, Any], config: UniMoEConfig) -> Dict[str, np.
   if config.vision is not None:
     out.update(convert_clip.projector_params_to_hf(
         params['vision_projector'], config.vision_projector, prefix=towers.VISION_PROJECTOR_PREFIX))
-  if config.speech_encoder is not None:
-    aligner, queries = convert_whisper.aligner_params_to_hf(
-        params['speech_aligner'], config.speech_aligner, prefix=towers.WHISPER_ALIGNER_PREFIX)
-    out.update(aligner)
-    out[towers.SPEECH_QUERY_TOKENS] = queries
+  # The one official audio slot: (encoder, connector, its projector, converter, prefix, queries).
+  audio_slots = (
+      ('speech_encoder', 'speech_aligner', 'speech_projector',
+       convert_whisper.aligner_params_to_hf, towers.WHISPER_ALIGNER_PREFIX,
+       towers.SPEECH_QUERY_TOKENS),
+      ('audio_encoder', 'audio_qformer', 'audio_projector', convert_qformer.params_to_hf,
+       towers.QFORMER_PREFIX, towers.AUDIO_QUERY_TOKENS))
+  for encoder, connector, projector, to_official, prefix, query_name in audio_slots:
+    if getattr(config, encoder) is None:
+      continue
+    tensors, queries = to_official(params[connector], getattr(config, connector), prefix=prefix)
+    out.update(tensors)
+    out[query_name] = queries
     out.update(convert_clip.projector_params_to_hf(
-        params['speech_projector'], config.speech_projector,
-        prefix=towers.AUDIO_PROJECTOR_PREFIX))
-  if config.audio_encoder is not None:
-    qformer, queries = convert_qformer.params_to_hf(
-        params['audio_qformer'], config.audio_qformer, prefix=towers.QFORMER_PREFIX)
-    out.update(qformer)
-    out[towers.AUDIO_QUERY_TOKENS] = queries
-    out.update(convert_clip.projector_params_to_hf(
-        params['audio_projector'], config.audio_projector,
-        prefix=towers.AUDIO_PROJECTOR_PREFIX))
+        params[projector], getattr(config, projector), prefix=towers.AUDIO_PROJECTOR_PREFIX))
   return _contiguous(out)
 
 
@@ -149,6 +148,18 @@ def _write_json(path: str, value: Dict[str, Any]) -> None:
     json.dump(value, f, indent=2)
 
 
+def _write_tower_dir(path: str, tensors: Mapping[str, np.ndarray], config: Dict[str, Any],
+                     preprocessor: Dict[str, Any]) -> None:
+  """A transformers `save_pretrained`-style directory: model.safetensors, config.json and
+  preprocessor_config.json."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(path)
+  save_file(_contiguous(tensors), os.path.join(path, 'model.safetensors'),
+            metadata={'format': 'pt'})
+  _write_json(os.path.join(path, 'config.json'), config)
+  _write_json(os.path.join(path, 'preprocessor_config.json'), preprocessor)
+
+
 def write(directory: str, params: Mapping[str, Any], config: UniMoEConfig
           ) -> Tuple[List[str], Dict[str, Any], List[str]]:
   """Writes the towers and connectors of `params` into `directory` (the staged export).
@@ -157,20 +168,15 @@ def write(directory: str, params: Mapping[str, Any], config: UniMoEConfig
   subtrees of `UniMoE(config)` (`TOP_LEVEL`); the decoder is not read.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   notes = check_exportable(config)
   files: List[str] = []
   if config.vision is not None:
-    path = os.path.join(directory, VISION_TOWER_DIR)
-    os.makedirs(path)
-    tensors = convert_clip.params_to_hf(params['vision_tower'], config.vision,
-                                        prefix='vision_model.')
-    save_file(_contiguous(tensors), os.path.join(path, 'model.safetensors'),
-              metadata={'format': 'pt'})
-    hf = dict(convert_clip.config_to_hf(config.vision), architectures=['CLIPVisionModel'])
-    _write_json(os.path.join(path, 'config.json'), hf)
-    _write_json(os.path.join(path, 'preprocessor_config.json'),
-                _clip_preprocessor(config.vision.image_size))
+    _write_tower_dir(os.path.join(directory, VISION_TOWER_DIR),
+                     convert_clip.params_to_hf(params['vision_tower'], config.vision,
+                                               prefix='vision_model.'),
+                     dict(convert_clip.config_to_hf(config.vision),
+                          architectures=['CLIPVisionModel']),
+                     _clip_preprocessor(config.vision.image_size))
     files.append(VISION_TOWER_DIR)
     if config.vision.num_used_layers < config.vision.num_layers:
       notes.append(f'{VISION_TOWER_DIR}: post_layernorm and encoder layers '
@@ -178,17 +184,13 @@ def write(directory: str, params: Mapping[str, Any], config: UniMoEConfig
                    'written (mm_vision_select_layer reads the hidden state before them); '
                    'transformers initialises them on load')
   if config.speech_encoder is not None:
-    path = os.path.join(directory, SPEECH_TOWER_DIR)
-    os.makedirs(path)
-    tensors = convert_whisper.encoder_params_to_hf(params['speech_encoder'], config.speech_encoder,
-                                                   prefix='model.encoder.')
-    save_file(_contiguous(tensors), os.path.join(path, 'model.safetensors'),
-              metadata={'format': 'pt'})
-    hf = dict(convert_whisper.config_to_hf(config.speech_encoder, config.speech_aligner),
-              architectures=['WhisperModel'])
-    _write_json(os.path.join(path, 'config.json'), hf)
-    _write_json(os.path.join(path, 'preprocessor_config.json'),
-                _whisper_preprocessor(config.speech_encoder.num_mel_bins))
+    _write_tower_dir(os.path.join(directory, SPEECH_TOWER_DIR),
+                     convert_whisper.encoder_params_to_hf(
+                         params['speech_encoder'], config.speech_encoder, prefix='model.encoder.'),
+                     dict(convert_whisper.config_to_hf(config.speech_encoder,
+                                                       config.speech_aligner),
+                          architectures=['WhisperModel']),
+                     _whisper_preprocessor(config.speech_encoder.num_mel_bins))
     files.append(SPEECH_TOWER_DIR)
     notes.append(f'{SPEECH_TOWER_DIR}: only the Whisper encoder is written (the aligner, a '
                  f'Whisper decoder, is in {TRAINABLES_FILE}); transformers initialises the '
