@@ -108,3 +108,28 @@ def test_pictures_are_written(tmp_path):
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   events = os.listdir(tmp_path / 'pictures')
   assert any(e.startswith('events.out.tfevents') for e in events), events
+
+
+def test_a_user_gin_file_points_the_stages_at_other_data(tmp_path):
+  """Your --gin_file is parsed after the stage table (its data macros and settings), and the
+  run's paths after it; --gin. bindings come last. Parsed only: nothing is trained."""
+  import gin  # pylint: disable=g-import-not-at-top
+  user = tmp_path / 'my_data.gin'
+  user.write_text("STAGE3_MIXTURE = 'unimoe_sample_stage1'\nLEARNING_RATE = 0.5\n"
+                  "MODEL_DIR = '/not/used'\n")
+  name, files, bindings = progressive.STAGE3_DENSE
+  gin.clear_config()
+  try:
+    progressive.parse_stage(files, bindings, [str(user)],
+                            {'MODEL_DIR': repr(str(tmp_path / name)), 'TRAIN_STEPS': '7'},
+                            ['BATCH_SIZE = 4'])
+    macro = lambda name: gin.query_parameter(f'{name}/macro.value')  # pylint: disable=unnecessary-lambda-assignment
+    assert macro('STAGE3_MIXTURE') == 'unimoe_sample_stage1'  # Yours, not the sample data's.
+    assert macro('EVAL_MIXTURE') == 'unimoe_sample_eval'  # Not rebound: the default.
+    assert macro('LEARNING_RATE') == 0.5  # Over the table's 3e-3.
+    assert macro('MODEL_DIR') == str(tmp_path / name)  # The run's paths win over your file.
+    assert macro('TRAIN_STEPS') == 7 and macro('BATCH_SIZE') == 4
+    assert macro('TRAINABLE_PATTERNS') == (  # stage3_dense.gin's.
+        r'.*/lora_[ab]', '(vision_projector|speech_projector|audio_projector)/.*')
+  finally:
+    gin.clear_config()

@@ -100,6 +100,17 @@ def make_sample_data(directory: str) -> str:
   return directory
 
 
+def parse_stage(gin_files: Sequence[str], bindings: Dict[str, str], user_files: Sequence[str],
+                run_bindings: Dict[str, str], user_bindings: Sequence[str]) -> None:
+  """Parses one stage's configuration (see run_stage for the order)."""
+  from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  gin_utils.parse(list(gin_files),
+                  [f'{k} = {v}' for k, v in bindings.items()] +
+                  [f'include {f!r}' for f in user_files] +
+                  [f'{k} = {v}' for k, v in run_bindings.items()] + list(user_bindings),
+                  import_modules=('unimoe_jax.tasks',))
+
+
 def run_stage(name: str, gin_files: Sequence[str], bindings: Dict[str, str],
               user_files: Sequence[str], run_bindings: Dict[str, str],
               user_bindings: Sequence[str]):
@@ -107,17 +118,12 @@ def run_stage(name: str, gin_files: Sequence[str], bindings: Dict[str, str],
   order: the stage's files, its table bindings, `user_files`, `run_bindings` (paths, steps),
   `user_bindings`."""
   import gin  # pylint: disable=g-import-not-at-top
-  from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import loop  # pylint: disable=g-import-not-at-top
   started = time.time()
   logging.info('=== %s ===', name)
   gin.clear_config()
   try:
-    gin_utils.parse(list(gin_files),
-                    [f'{k} = {v}' for k, v in bindings.items()] +
-                    [f'include {f!r}' for f in user_files] +
-                    [f'{k} = {v}' for k, v in run_bindings.items()] + list(user_bindings),
-                    import_modules=('unimoe_jax.tasks',))
+    parse_stage(gin_files, bindings, user_files, run_bindings, user_bindings)
     result = loop.train()  # pylint: disable=no-value-for-parameter
   finally:
     gin.clear_config()
