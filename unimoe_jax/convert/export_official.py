@@ -22,7 +22,8 @@ names each tower's path, the towers as their own checkpoints, the trained module
                                  mm_audio_select_layer, query_tokens_size, audio_projector_type,
                                  mm_audio_hidden_size (added to the decoder's config.json)
 
-Every tensor is an exact transpose / reshape of one of our leaves (float32), except BEATs'
+Every tensor is an exact transpose / reshape of one of our leaves (float32, C-contiguous: the
+converters write through convert/common.TensorWriter), except BEATs'
 positional convolution, which we hold folded: it is written as `weight_v` = the kernel and
 `weight_g` = its per-tap norm (convert/beats.py). Tensors our towers never compute are not
 written (CLIP's post_layernorm and layers after `mm_vision_select_layer`, the Whisper decoder's
@@ -52,7 +53,7 @@ from unimoe_jax.model import UniMoEConfig
 VISION_TOWER_DIR = 'vision_tower'
 SPEECH_TOWER_DIR = 'speech_tower'
 BEATS_FILE = 'BEATs.pt'
-TRAINABLES_FILE = 'non_lora_trainables.bin'
+TRAINABLES_FILE = towers.TRAINABLES_FILE
 TOP_LEVEL = ('vision_tower', 'vision_projector', 'speech_encoder', 'speech_aligner',
              'speech_projector', 'audio_encoder', 'audio_qformer', 'audio_projector')
 
@@ -70,10 +71,6 @@ def check_exportable(config: UniMoEConfig) -> List[str]:
                  'Uni_MoE_audio code pads clips its own way (audio_padding=\'official\'), so '
                  'its audio features differ from ours for clips shorter than 30 s')
   return notes
-
-
-def _contiguous(tensors: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-  return {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
 
 
 def trainables(params: Mapping[str, Any], config: UniMoEConfig) -> Dict[str, np.ndarray]:
@@ -97,7 +94,7 @@ def trainables(params: Mapping[str, Any], config: UniMoEConfig) -> Dict[str, np.
     out[query_name] = queries
     out.update(convert_clip.projector_params_to_hf(
         params[projector], getattr(config, projector), prefix=towers.AUDIO_PROJECTOR_PREFIX))
-  return _contiguous(out)
+  return out
 
 
 def _clip_preprocessor(size: int) -> Dict[str, Any]:
@@ -154,7 +151,7 @@ def _write_tower_dir(path: str, tensors: Mapping[str, np.ndarray], config: Dict[
   preprocessor_config.json."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(path)
-  save_file(_contiguous(tensors), os.path.join(path, 'model.safetensors'),
+  save_file(dict(tensors), os.path.join(path, 'model.safetensors'),
             metadata={'format': 'pt'})
   _write_json(os.path.join(path, 'config.json'), config)
   _write_json(os.path.join(path, 'preprocessor_config.json'), preprocessor)
@@ -198,7 +195,7 @@ def write(directory: str, params: Mapping[str, Any], config: UniMoEConfig
   if config.audio_encoder is not None:
     state = convert_beats.params_to_official(params['audio_encoder'], config.audio_encoder)
     torch.save({'cfg': beats_config_to_official(config.audio_encoder),
-                'model': {k: torch.from_numpy(v) for k, v in _contiguous(state).items()}},
+                'model': {k: torch.from_numpy(v) for k, v in state.items()}},
                os.path.join(directory, BEATS_FILE))
     files.append(BEATS_FILE)
   connectors = trainables(params, config)

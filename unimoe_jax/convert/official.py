@@ -75,7 +75,7 @@ from unimoe_jax.model import UniMoEConfig
 PROJECTOR_PREFIX = official_towers.VISION_PROJECTOR_PREFIX
 # Files the official training scripts write beside (or instead of) the model weights, in the
 # order the official loader applies them (later ones override earlier ones).
-OFFICIAL_EXTRA_FILES = ('non_lora_trainables.bin', 'adapter_model.safetensors',
+OFFICIAL_EXTRA_FILES = (official_towers.TRAINABLES_FILE, 'adapter_model.safetensors',
                         'adapter_model.bin', 'mm_projector.bin', 'mm_audio_aligner.bin',
                         'mlp_gates.bin')
 # The 8e expert weights, one file per expert (train.py `{rank}_mlp_experts.bin`).

@@ -58,6 +58,8 @@ from unimoe_jax.convert.common import TensorReader, convert_parts
 from unimoe_jax.encoders.beats import config_from_official as beats_config_from_official
 from unimoe_jax.model import UniMoEConfig
 
+# The trained modules (connectors, query tokens) beside a released model's weights.
+TRAINABLES_FILE = 'non_lora_trainables.bin'
 CLIP_PREFIX = 'model.vision_tower.vision_tower.vision_model.'
 VISION_PROJECTOR_PREFIX = 'model.mm_projector.'  # LLaVA's projector (read by official.py).
 AUDIO_TOWER_PREFIX = 'model.audio_tower.audio_tower.'

@@ -21,8 +21,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from unimoe_jax.connectors.qformer import QFormerConfig
-from unimoe_jax.convert.common import (HF_ACTIVATIONS, TensorReader, TensorWriter, hf_activation,
-                                      linear_kernel)
+from unimoe_jax.convert.common import (TensorReader, TensorWriter, hf_activation, linear_kernel,
+                                      ours_activation)
+
 
 def config_from_hf(hf: Mapping[str, Any], num_query_tokens: Optional[int] = None,
                    **overrides) -> QFormerConfig:
@@ -36,16 +37,13 @@ def config_from_hf(hf: Mapping[str, Any], num_query_tokens: Optional[int] = None
   if num_query_tokens is None:
     raise ValueError('config_from_hf: num_query_tokens is required for a Q-Former config '
                      '(it is a field of the enclosing BLIP-2 / Uni-MoE config)')
-  act = hf.get('hidden_act', 'gelu')
-  if act not in HF_ACTIVATIONS:
-    raise ValueError(f'config_from_hf: hidden_act {act!r} is not supported; '
-                     f'known: {sorted(HF_ACTIVATIONS)}')
   fields = dict(
       hidden_size=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
       num_heads=hf['num_attention_heads'], intermediate_size=hf['intermediate_size'],
       cross_attention_frequency=hf.get('cross_attention_frequency', 2),
       encoder_hidden_size=hf['encoder_hidden_size'], num_query_tokens=int(num_query_tokens),
-      layer_norm_eps=hf.get('layer_norm_eps', 1e-12), act=HF_ACTIVATIONS[act])
+      layer_norm_eps=hf.get('layer_norm_eps', 1e-12),
+      act=ours_activation(hf.get('hidden_act', 'gelu'), 'config_from_hf: hidden_act'))
   fields.update(overrides)
   return QFormerConfig(**fields)
 

@@ -40,6 +40,8 @@ class ModelEvaluator:
       self._score = jax.jit(model.score_batch, in_shardings=(params_shardings, None),
                             out_shardings=replicated)
     self.params = None
+    self._intermediates = None  # routing_counts' program, built on its first call.
+    self._num_examples: Dict[str, int] = {}  # By task: the evaluation data do not change.
 
   def _batches(self, ds):
     # Enumerated datasets hold (index, features) pairs; make them one dict for batching.
@@ -76,7 +78,7 @@ class ModelEvaluator:
     (enumerated) evaluation dataset, teacher-forced on prompt and reference answer
     (training/routing_report.py)."""
     cfg = self.model.module.config.decoder
-    if not hasattr(self, '_intermediates'):
+    if self._intermediates is None:
       with partitioning.mesh_context(self.mesh):
         self._intermediates = jax.jit(
             lambda params, batch: self.model.module.apply(
@@ -93,6 +95,12 @@ class ModelEvaluator:
       routing_report.add_counts(total, routing_report.count_choices(
           indices[:, :n], groups, cfg.moe.num_experts))
     return total
+
+  def num_examples(self, task: str, ds) -> int:
+    """How many examples `task`'s (enumerated) evaluation dataset holds, counted once."""
+    if task not in self._num_examples:
+      self._num_examples[task] = int(ds.reduce(np.int64(0), lambda count, *_: count + 1))
+    return self._num_examples[task]
 
 
 class _EvalFeatureConverter(MultimodalDecoderFeatureConverter):
@@ -128,8 +136,8 @@ def evaluate(evaluator: seqio.Evaluator, model_evaluator: ModelEvaluator, params
   logging.info('evaluation at step %d took %.1f s', step, time.time() - started)
   out = {task: {k: _scalar(v) for k, v in m.items()} for task, m in (result or {}).items()}
   for task, m in out.items():  # What each score rests on.
-    m['num_examples'] = float(evaluator.cached_model_datasets[task].reduce(
-        np.int64(0), lambda count, *_: count + 1).numpy())
+    m['num_examples'] = float(model_evaluator.num_examples(
+        task, evaluator.cached_model_datasets[task]))
   return out
 
 
