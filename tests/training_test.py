@@ -260,3 +260,13 @@ def test_load_params_into():
   extra[('decoder', 'layers_0', 'moe', 'router')] = np.zeros((64, 4), np.float32)
   with pytest.raises(ValueError, match='unexpected parameter decoder/layers_0/moe/router'):
     train_state_lib.load_params_into(state, shardings, traverse_util.unflatten_dict(extra), 'c')
+
+
+@pytest.mark.parametrize('moe, eval_task', [(False, tiny_tasks.TASK_NAME), (True, None)])
+def test_routing_report_without_moe_or_eval_mixture_fails_before_training(tmp_path, moe,
+                                                                          eval_task):
+  model_dir = tmp_path / 'run'
+  with pytest.raises(ValueError, match='routing_report needs an MoE model'):
+    loop.train(**tiny_tasks.train_kwargs(str(model_dir), moe=moe, routing_report=True,
+                                         eval_mixture_or_task_name=eval_task))
+  assert not model_dir.exists()  # Nothing trained, nothing written.

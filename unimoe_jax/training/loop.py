@@ -116,6 +116,10 @@ def train(*,
   if batch_size % data_parallel:
     raise ValueError(f'BATCH_SIZE={batch_size} is not divisible by the data x expert mesh '
                      f'axes ({data_parallel} devices hold batch rows)')
+  if routing_report and (not eval_mixture_or_task_name or model.config.decoder.moe is None):
+    # Checked here, not after training: the report runs once the steps are done.
+    raise ValueError('train.routing_report needs an MoE model (DecoderConfig.moe) and an '
+                     'evaluation mixture (EVAL_MIXTURE_OR_TASK_NAME)')
   task = pipeline.get_mixture_or_task(mixture_or_task_name)
   # Media the model has no encoder for would be dropped silently: refuse before any compute.
   feature_converter.check_model_takes_media(model, task_feature_lengths)
@@ -271,9 +275,6 @@ def _run_eval(evaluator, model_evaluator, state, step, writer):
 def _routing_report(evaluator, model_evaluator, model, state, model_dir):
   """`{'layers': MoE layer indices, 'tasks': {task: {'text' | 'media': counts [moe_layers,
   experts]}}}` over the evaluation tasks."""
-  if evaluator is None or model.config.decoder.moe is None:
-    raise ValueError('train.routing_report needs an MoE model (DecoderConfig.moe) and an '
-                     'evaluation mixture (EVAL_MIXTURE_OR_TASK_NAME)')
   started = time.time()
   model_evaluator.params = state.params
   counts = {task: model_evaluator.routing_counts(ds)
