@@ -201,8 +201,16 @@ class UniMoEModel:
     Media keys in `input_shapes` (`image_features` ...) build their encoders' variables too;
     a model whose config has an encoder always gets its parameters (shapes of the features are
     taken from the config when the batch does not name them).
+
+    Parameters depend on neither the batch size nor the number of media items, so the dummy
+    batch is one row of `decoder_input_tokens` (its length as given) with one item of each
+    modality the config has: every run of one model, whatever its batch and media lengths,
+    traces the same init program, and jax's persistent compilation cache compiles it once
+    (on the CPU demo the init program compiles slower than a training step).
     """
-    batch = self.dummy_batch(self._with_media_shapes(input_shapes), input_types)
+    del input_types  # One row of tokens and float features, whatever the batch holds.
+    length = input_shapes['decoder_input_tokens'][1]
+    batch = self.dummy_batch(self._with_media_shapes({'decoder_input_tokens': (1, length)}))
     params_rng, dropout_rng = jax.random.split(rng)
     return self.module.init({'params': params_rng, 'dropout': dropout_rng}, batch,
                             deterministic=True)

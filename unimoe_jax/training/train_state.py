@@ -50,11 +50,16 @@ def create_train_state(model, optimizer: optax.GradientTransformation, mask: Par
     mask: `optimizer.trainable_mask` over the params tree.
     mesh: from `partitioning.make_mesh`.
   """
+  def init_params(rng):
+    return model.get_initial_variables(rng, input_shapes, input_types)['params']
+
+  def init_opt_state(params):
+    return optimizer.init(optimizer_lib.split_params(params, mask)[0])
+
   def init(rng):
-    params = model.get_initial_variables(rng, input_shapes, input_types)['params']
-    trainable, _ = optimizer_lib.split_params(params, mask)
+    params = init_params(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(trainable))
+                      opt_state=init_opt_state(params))
 
   abstract = jax.eval_shape(init, rng)
   shardings = partitioning.params_shardings(mesh, abstract)
@@ -62,9 +67,15 @@ def create_train_state(model, optimizer: optax.GradientTransformation, mask: Par
     return jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         nn.meta.unbox(abstract), shardings), shardings
+  # Two programs, not one: the params' init depends only on the model, so runs that train
+  # different parts of one model (the stages) share its compiled program through jax's
+  # persistent cache; the optimizer's init (which depends on the mask) is a small program.
   with partitioning.mesh_context(mesh):
-    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
-  return state, shardings
+    params = jax.jit(lambda r: nn.meta.unbox(init_params(r)),
+                     out_shardings=shardings.params)(rng)
+    opt_state = jax.jit(init_opt_state, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  return TrainState(step=step, params=params, opt_state=opt_state), shardings
 
 
 def _split_batch(batch: Mapping[str, jax.Array], parts: int) -> Dict[str, jax.Array]:
