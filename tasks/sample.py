@@ -3,18 +3,23 @@
     python tools/make_sample_data.py --output DIR
     --gin.unimoe_jax.tasks.sample.sample_data_dir.path="'DIR'"   (or UNIMOE_SAMPLE_DATA=DIR)
 
-| name                                   | stage / use  | manifests (train, validation)    |
-|----------------------------------------|--------------|----------------------------------|
-| unimoe_sample_align_{image,speech,audio} | 1           | align_<m>.json                   |
-| unimoe_sample_stage1 (mixture)         | 1 alignment  | the three above                  |
-| unimoe_sample_instruct_{image,video,speech,audio} | 2, 3 | instruct_<m>.json         |
-| unimoe_sample_eval_{m}_mc              | eval (validation); train split in stages 2, 3 | eval_<m>_mc.json, accuracy of the letter |
-| unimoe_sample_eval_{m}_open            | eval (validation); train split in stages 2, 3 | eval_<m>_open.json, exact match (speech: WER) |
-| unimoe_sample_stage2_{m} (mixture)     | 2: one run per modality | instruct_<m> + eval_<m>_{mc,open} |
-| unimoe_sample_stage3 (mixture)         | 3 LoRA + MoE | the four instruct tasks + all eval-style tasks |
-| unimoe_sample_all_train (mixture)      | text only (drop_too_long.unfed_media = 'ignore') | align + stage-3 tasks |
-| unimoe_sample_text_warmup              | demo warm start | warmup_text.json: media described in words |
-| unimoe_sample_eval (mixture)           | eval         | all eval tasks                   |
+| name                                  | stage / use      | manifests (train, validation)    |
+|---------------------------------------|------------------|----------------------------------|
+| unimoe_sample_align_{image,speech,audio} | 1             | align_<m>.json                   |
+| unimoe_sample_stage1 (mixture)        | 1 alignment      | the three above                  |
+| unimoe_sample_instruct_{m}            | 2, 3             | instruct_<m>.json                |
+| unimoe_sample_eval_{m}_mc             | eval (1)         | eval_<m>_mc.json, letter accuracy|
+| unimoe_sample_eval_{m}_open           | eval (1)         | eval_<m>_open.json, exact match  |
+|                                       |                  | (speech: WER)                    |
+| unimoe_sample_stage2_{m} (mixture)    | 2: one run per m | instruct_<m> + eval_<m>_{mc,open}|
+| unimoe_sample_stage3 (mixture)        | 3 LoRA + MoE     | the four instruct tasks + all    |
+|                                       |                  | eval-style tasks                 |
+| unimoe_sample_all_train (mixture)     | text only (2)    | align + stage-3 tasks            |
+| unimoe_sample_text_warmup             | demo warm start  | warmup_text.json: media in words |
+| unimoe_sample_eval (mixture)          | eval             | all eval tasks                   |
+
+(1) the validation split; their train split is trained on in stages 2 and 3.
+(2) drop_too_long.unfed_media = 'ignore'.
 
 Chance levels are in DIR/sample_data_info.json and docs/sample_data.md. The feature sizes
 below match gin/models/multimodal_tiny.gin (tests/tasks_test.py checks it): 32 px images

@@ -25,7 +25,8 @@ process, with time.perf_counter over --iters calls after --warmup calls (the fil
 
 'vs transformers' = our examples/s / the transformers row's examples/s for the same case (> 1:
 ours is faster; the Pool rows compare with the single-process transformers row, so a ratio
-above the single-process unimoe_jax row's shows parallel scaling). Inputs are generated in a temporary directory; nothing is downloaded.
+above the single-process unimoe_jax row's shows parallel scaling). Inputs are generated in a
+temporary directory; nothing is downloaded.
 
   python tools/bench_data.py                  # ~30 s on 2 cores
   python tools/bench_data.py --quick --json /tmp/rows.json

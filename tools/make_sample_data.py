@@ -503,7 +503,8 @@ def build_manifests(pools: Dict[str, List[Dict[str, Any]]], split: str, seed: in
 
 
 def media_description(modality: str, labels: Dict[str, str]) -> str:
-  """What a perfect connector would tell the LLM: 'a red circle', 'a blue cross moving horizontally',
+  """What a perfect connector would tell the LLM: 'a red circle', 'a blue cross moving
+  horizontally',
   'spoken digits 2 6 3', 'a rising tone, pitch A'."""
   if modality == 'image':
     return image_caption(labels)

@@ -166,9 +166,9 @@ def beam_search(inputs: jax.Array, cache: Any, tokens_to_logits: TokensToLogits,
   `cache` is the batch's cache `[batch, ...]`; it is repeated for the beams here, and
   `tokens_to_logits` then sees `[batch * num_beams, 1]` tokens. A hypothesis' score is the
   sum of its generated tokens' log-probabilities (EOS included) divided by
-  `brevity_penalty(alpha, length)` (alpha >= 0), length counting the prompt (as t5x). Hypotheses end at
-  EOS or when they reach `max_decode_steps` tokens / the buffer end; the search stops when no
-  live beam can beat the finished ones.
+  `brevity_penalty(alpha, length)` (alpha >= 0), length counting the prompt (as t5x).
+  Hypotheses end at EOS or when they reach `max_decode_steps` tokens / the buffer end; the
+  search stops when no live beam can beat the finished ones.
   Returns:
     sequences `[batch, num_beams, length]` and scores `[batch, num_beams]`, sorted by score
     in increasing order (best LAST, as t5x's beam_search).

@@ -24,7 +24,7 @@ stacking one that only some layers hold is an error naming it.
 """
 
 import re
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 

@@ -120,7 +120,8 @@ class UniMoEConfig:
                          f'modality is built, got {token}')
     ids = [self.token_id(m) for m in self.modalities]
     if len(set(ids)) != len(ids):
-      raise ValueError(f'UniMoEConfig: placeholder ids must differ, got {dict(zip(self.modalities, ids))}')
+      raise ValueError('UniMoEConfig: placeholder ids must differ, got '
+                       f'{dict(zip(self.modalities, ids))}')
 
   @property
   def modalities(self) -> Tuple[str, ...]:

@@ -18,6 +18,7 @@ loss curves of every stage, a routing heatmap per modality (MoE layers x experts
 tokens and text tokens side by side), and the dense-vs-MoE bars per task with chance marked.
 """
 
+import importlib.util
 import math
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -111,11 +112,9 @@ def _scores_table(rows, dense_rows) -> str:
 
 def check_plotting() -> None:
   """SystemExit with the install command when matplotlib is missing."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+  if importlib.util.find_spec('matplotlib') is None:
     raise SystemExit('the pictures need matplotlib: pip install -e ".[plots]" (or pass '
-                     '--no_pictures)') from None
+                     '--no_pictures)')
 
 
 def _pyplot():

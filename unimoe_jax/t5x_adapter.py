@@ -16,9 +16,10 @@ What t5x needs and `UniMoEModel` does not provide by itself:
   schedule so that the logged value is the applied one). Freezing by path patterns uses
   `optax.masked` and `set_to_zero` (t5x differentiates every parameter, so unlike
   `unimoe_jax.train` frozen weights still get gradient buffers, but no Adam moments).
-- `FEATURE_CONVERTER_CLS`: t5x calls it as `FEATURE_CONVERTER_CLS(pack=..., use_custom_packing_ops=...)`;
-  here it is the multimodal converter with the model's modalities bound, reading its first
-  packed row as the dataset is built (a pipeline that yields nothing fails at once).
+- `FEATURE_CONVERTER_CLS`: t5x calls it as
+  `FEATURE_CONVERTER_CLS(pack=..., use_custom_packing_ops=...)`; here it is the multimodal
+  converter with the model's modalities bound, reading its first packed row as the dataset is
+  built (a pipeline that yields nothing fails at once).
 - `logical_axis_rules`: `partitioning.logical_axis_rules()` (FSDP or not, as gin's
   `partitioning.logical_axis_rules.fsdp` says) for a t5x partitioner's mesh. gin/t5x/
   uses t5x's MoE partitioner (mesh ('data', 'expert', 'model'): the rules unchanged, experts on

@@ -15,7 +15,7 @@ Parameter tree:
     layers_{i}/self_attention/{query,key,value,out}
     layers_{i}/self_attention_norm/{scale,bias}
     layers_{i}/cross_attention/{query,key,value,out}   only where i % frequency == 0;
-                                                 key/value kernels `[encoder_hidden, heads, head_dim]`
+                                       key/value kernels `[encoder_hidden, heads, head_dim]`
     layers_{i}/cross_attention_norm/{scale,bias}
     layers_{i}/mlp/{fc1,fc2}                     (HF `intermediate_query` / `output_query`)
     layers_{i}/mlp_norm/{scale,bias}

@@ -1,4 +1,5 @@
-"""Uni-MoE's speech aligner: learned query tokens read the Whisper encoder through a Whisper decoder.
+"""Uni-MoE's speech aligner: learned query tokens read the Whisper encoder through a Whisper
+decoder.
 
 The official code (`Uni_MoE_speech/model/audio_aligner/whisper_decoder.py`, `llava_arch.py`)
 loads `WhisperModel.from_pretrained(...).decoder` and calls it as

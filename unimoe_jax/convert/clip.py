@@ -1,7 +1,8 @@
 """Hugging Face CLIP vision / LLaVA projector state dicts <-> our parameters (numpy, no torch).
 
 Names handled:
-  `{prefix}embeddings.patch_embedding.weight`  Conv2d `[width, 3, p, p]` -> kernel `[p, p, 3, width]`
+  `{prefix}embeddings.patch_embedding.weight`  Conv2d `[width, 3, p, p]`
+      -> kernel `[p, p, 3, width]`
   `{prefix}embeddings.class_embedding`, `{prefix}embeddings.position_embedding.weight`
   `{prefix}pre_layrnorm.*` (sic, HF's spelling) -> `pre_layernorm`
   `{prefix}encoder.layers.{i}.{self_attn.{q,k,v,out}_proj, layer_norm1/2, mlp.fc1/fc2}.*`

@@ -1,7 +1,7 @@
 """Hugging Face `LlavaForConditionalGeneration` -> `UniMoE` params + config (numpy, no torch).
 
-Tensor names of transformers 5 in memory; files written by `save_pretrained` (either version) use the
-older `language_model.model.*` / `vision_tower[.vision_model].*` layout, renamed first by
+Tensor names of transformers 5 in memory; files written by `save_pretrained` (either version)
+use the older `language_model.model.*` / `vision_tower[.vision_model].*` layout, renamed first by
 `normalize_name`):
 
     model.vision_tower.{embeddings,pre_layrnorm,encoder.layers.{i},post_layernorm}.*

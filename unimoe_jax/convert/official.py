@@ -468,7 +468,8 @@ def _adapter_pair(r: TensorReader, module: str, n_in: int, n_out: int, rank: int
 
 def _kept_adapters(r: TensorReader, cfg: DecoderConfig) -> Dict[str, Any]:
   """Our `lora_a` / `lora_b` leaves per layer (a tree to merge into the base params)."""
-  d, h, kv, hd, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.mlp_dim
+  d, h, kv = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads
+  hd, f = cfg.resolved_head_dim, cfg.mlp_dim
   rank = cfg.lora.rank
   moe_layers = set(cfg.moe_layer_indices())
   tree: Dict[str, Any] = {}

@@ -1,4 +1,5 @@
-"""seqio glue: vocabulary, manifest source, conversation template, media loading, feature converter, metrics.
+"""seqio glue: vocabulary, manifest source, conversation template, media loading, feature
+converter, metrics.
 
 TensorFlow and seqio live here and in tasks/ only; nothing in the model imports this package.
 """

@@ -25,8 +25,9 @@ than 30 s is padded as `audio_padding` says (`media.audio.beats_chunk_features`)
 Bad examples (missing or undecodable media, malformed conversation, placeholder/media count
 mismatch, bad JSON, bytes that are not UTF-8) raise `BadExampleError` naming manifest, line
 (JSONL) or record (JSON list, 1-based) and the reason, or with `on_bad_example='skip'` are
-dropped, logged and counted in `BAD_EXAMPLES` by reason (each example once, however often it is read). A manifest without
-records, or a pass with 'skip' in which every record was bad, raises naming the manifest.
+dropped, logged and counted in `BAD_EXAMPLES` by reason (each example once, however often it
+is read). A manifest without records, or a pass with 'skip' in which every record was bad,
+raises naming the manifest.
 """
 
 import collections
@@ -164,8 +165,8 @@ class ManifestConfig:
   def item_shape(self, modality: str) -> Tuple[int, ...]:
     size = self.image_size
     return {'image': (size, size, 3), 'video': (self.video_frames, size, size, 3),
-            'speech': (100 * self.speech_seconds, self.n_mels), 'audio': (self.audio_frames, BEATS_BINS)
-            }[modality]
+            'speech': (100 * self.speech_seconds, self.n_mels),
+            'audio': (self.audio_frames, BEATS_BINS)}[modality]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ raises, and the checkpoints then hold no input state (a warning says so once).
 """
 
 import importlib
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Mapping, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -174,10 +174,3 @@ def first_batch_shapes(mixture_or_task_name: str, task_feature_lengths: Mapping[
     shapes[key] = (global_batch_size,) + tuple(spec.shape)
     types[key] = spec.dtype.as_numpy_dtype
   return shapes, types
-
-
-def eval_tasks(mixture_or_task_name: Optional[str]) -> Sequence[str]:
-  if not mixture_or_task_name:
-    return ()
-  task = get_mixture_or_task(mixture_or_task_name)
-  return tuple(t.name for t in getattr(task, 'tasks', [task]))

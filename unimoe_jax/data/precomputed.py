@@ -44,8 +44,9 @@ SHARD_ASSIGNMENT = 'round_robin'  # written example k -> shard k % num_shards
 # ManifestConfig fields that change the features; the others (where the files were, the bad
 # example policy) do not, so `expect_config` ignores them.
 FEATURE_FIELDS = ('modalities', 'voice_modality', 'image_size', 'image_mode', 'video_frames',
-                  'n_mels', 'speech_seconds', 'audio_frames', 'audio_max_chunks', 'image_soft_tokens',
-                  'video_soft_tokens', 'speech_soft_tokens', 'audio_soft_tokens')
+                  'n_mels', 'speech_seconds', 'audio_frames', 'audio_max_chunks',
+                  'image_soft_tokens', 'video_soft_tokens', 'speech_soft_tokens',
+                  'audio_soft_tokens')
 DEFAULT_PARALLEL_READS = 16
 DEFAULT_SHUFFLE_BUFFER = 128  # examples of up to a few MB each (video, speech)
 

@@ -340,19 +340,3 @@ def add_pretokenized(dataset: tf.data.Dataset,
     return dict(example, inputs_pretokenized=prompt, targets_pretokenized=answer)
 
   return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def cast_features(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """Casts 'targets' to int32, 'loss_weights' and '*_features' to float32 (examples from other
-  sources, e.g. cached ones, may have been stored wider)."""
-
-  def cast(example):
-    out = dict(example)
-    for key, value in example.items():
-      if key == 'targets':
-        out[key] = tf.cast(value, tf.int32)
-      elif key == 'loss_weights' or key.endswith('_features'):
-        out[key] = tf.cast(value, tf.float32)
-    return out
-
-  return dataset.map(cast, num_parallel_calls=tf.data.AUTOTUNE)

@@ -30,9 +30,10 @@ example=ex, is_target=True)` with the task example); the feature converter
 Mixture keeps only output_features + passthrough_features, so the key is ignored in training.
 
 Settings: any object with the `ManifestConfig` attributes used here (modalities, item_shape(m),
-num_soft_tokens(m), image_size, image_mode, n_mels, speech_seconds, audio_frames, on_bad_example) -- a
-`ManifestConfig` works as is, or the smaller `TfdsSettings` below. Passing the ManifestConfig of
-the manifest tasks keeps the TFDS tasks' specs equal to theirs, which a Mixture needs.
+num_soft_tokens(m), image_size, image_mode, n_mels, speech_seconds, audio_frames,
+on_bad_example) -- a `ManifestConfig` works as is, or the smaller `TfdsSettings` below.
+Passing the ManifestConfig of the manifest tasks keeps the TFDS tasks' specs equal to theirs,
+which a Mixture needs.
 
 Bad examples (empty transcript or caption, undecodable media, an answer holding a placeholder
 string) raise `manifest.BadExampleError` naming the TFDS data set and example id, or with

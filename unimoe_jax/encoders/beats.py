@@ -77,9 +77,6 @@ from unimoe_jax.layers.transformer import Dense, GeluMLP, LayerNorm, activation,
 _ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 _HEAD_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
 
-FBANK_MEAN = 15.41663
-FBANK_STD = 6.55582
-
 # Official `activation_fn` -> the shared ACTIVATIONS key. fairseq's 'gelu' is the exact erf form,
 # 'gelu_accurate' (alias 'gelu_fast') the tanh approximation.
 _OFFICIAL_ACTIVATIONS = {'gelu': 'gelu', 'gelu_accurate': 'gelu_tanh', 'gelu_fast': 'gelu_tanh',
@@ -238,11 +235,6 @@ BEATS_SIZES = {
         encoder_ffn_embed_dim=48, encoder_attention_heads=4, conv_pos=8, conv_pos_groups=4,
         num_buckets=32, max_distance=64),
 }
-
-
-def fbank_normalize(fbank: np.ndarray) -> np.ndarray:
-  """The official normalisation of a raw Kaldi fbank: `(fbank - mean) / (2 * std)`."""
-  return (fbank - FBANK_MEAN) / (2 * FBANK_STD)
 
 
 def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,

@@ -1,1 +1,3 @@
-"""Media preprocessing (numpy, Pillow, librosa, PyAV): images, speech/audio, video. No TF, no torch."""
+"""Media preprocessing (numpy, Pillow, librosa, PyAV): images, speech/audio, video.
+
+No TF, no torch."""

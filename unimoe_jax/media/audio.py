@@ -24,7 +24,8 @@ BEATS_FBANK_MEAN = 15.41663
 BEATS_FBANK_STD = 6.55582
 BEATS_WAVE_SCALE = 2.0**15  # BEATs feeds torchaudio 16-bit integer units, not [-1, 1].
 
-# Kaldi floors spectra and energies at float32's machine epsilon (torchaudio: torch.finfo(float).eps).
+# Kaldi floors spectra and energies at float32's machine epsilon
+# (torchaudio: torch.finfo(float).eps).
 _FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 
@@ -201,10 +202,6 @@ def whisper_log_mel(wave: np.ndarray, n_mels: int = 80, chunk_seconds: int = 30,
 def htk_mel(freq):
   """Kaldi/HTK mel scale: 1127 ln(1 + f / 700)."""
   return 1127.0 * np.log1p(np.asarray(freq, np.float64) / 700.0)
-
-
-def htk_mel_inverse(mel):
-  return 700.0 * np.expm1(np.asarray(mel, np.float64) / 1127.0)
 
 
 def kaldi_num_frames(num_samples: int, sample_rate: int = 16000, frame_length_ms: float = 25.0,

@@ -118,7 +118,8 @@ def expand_to_square(image, background_color: Sequence[int]):
 
 
 def pad_color(mean: Sequence[float] = CLIP_MEAN) -> tuple:
-  """The padding colour the official code uses: the normalisation mean as 0..255 ints (truncated)."""
+  """The padding colour the official code uses: the normalisation mean as 0..255 ints
+  (truncated)."""
   return tuple(int(m * 255) for m in mean)
 
 

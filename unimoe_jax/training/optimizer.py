@@ -14,7 +14,6 @@ import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gin
-import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
@@ -198,7 +197,3 @@ def make_optimizer(config: OptimizerConfig, total_steps: int
         config.weight_decay, mask=lambda p: weight_decay_mask(p, patterns)))
   parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*parts), schedule
-
-
-def global_norm(tree) -> jax.Array:
-  return optax.global_norm(tree)
