@@ -27,7 +27,10 @@ def _params(seed, moe=None):
 def test_experts_are_the_stage2_ffns_and_the_rest_is_base():
   base, e0, e1 = _params(0), _params(1), _params(2)
   out = experts_lib.assemble_experts(base, [e0, e1, base], ['e0', 'e1', 'base'])
-  moe_tree = _params(0, moe=config.MoEConfig(num_experts=3, num_experts_per_tok=2))
+  # The MoE model's names: its shapes suffice (eval_shape, not an init run op by op).
+  moe_cfg = config.named('tiny', moe=config.MoEConfig(num_experts=3, num_experts_per_tok=2))
+  moe_tree = {'decoder': jax.eval_shape(Decoder(moe_cfg).init, jax.random.PRNGKey(0),
+                                        np.zeros((1, 4), np.int32))['params']}
   want = {k for k in traverse_util.flatten_dict(moe_tree) if k[-1] != 'router'}
   assert set(traverse_util.flatten_dict(out)) == want  # Same names as the MoE model, no router.
   for layer in ('layers_0', 'layers_1'):

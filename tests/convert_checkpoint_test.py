@@ -1,4 +1,5 @@
-"""tools/convert_checkpoint.py + unimoe_jax.score: HF and official Uni-MoE directories end to end."""
+"""tools/convert_checkpoint.py + unimoe_jax.score: HF and official Uni-MoE directories end to
+end."""
 
 import io as std_io
 import json

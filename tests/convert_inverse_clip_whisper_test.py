@@ -10,7 +10,7 @@ import pytest
 
 from convert_inverse_qformer_beats_test import _assert_exported, _assert_trees_equal, _random_like
 from encoders_clip_test import _hf_tower
-from encoders_whisper_test import hf  # pylint: disable=unused-import  (a pytest fixture)
+from encoders_whisper_test import hf  # noqa: F401  (a pytest fixture)
 from hf_reference import torch_and_transformers
 from unimoe_jax.connectors.projector import Projector
 from unimoe_jax.convert import clip as convert_clip

@@ -217,7 +217,8 @@ def test_random_stream_keeps_every_example_in_order_and_aligned():
     check_alignment(row, originals)
     positions, segments = row['decoder_positions'], row['decoder_segment_ids']
     for s, i in enumerate(members, 1):
-      np.testing.assert_array_equal(positions[segments == s], np.arange(len(originals[i]['targets'])))
+      np.testing.assert_array_equal(positions[segments == s],
+                                    np.arange(len(originals[i]['targets'])))
       np.testing.assert_array_equal(row['decoder_loss_weights'][segments == s],
                                     originals[i]['loss_weights'])
   for row, nxt in zip(packed, packed[1:]):  # greedy: the next row's first example overflowed

@@ -178,7 +178,8 @@ def test_cider_hand_computed_ptb():
   # -> 10 * 3 / 4 = 7.5. Corpus mean (4.7916667 + 7.5) / 2 = 6.1458333.
   # The PTB tokenizer lower-cases and drops the '.', so 'Red car parked.' is the same caption.
   expected = (10 * (3 / 4 + 2 / 3 + 1 / 2) / 4 + 7.5) / 2
-  got = metrics.cider(['dog runs on grass', 'Red car parked.'], ['dog runs on sand', 'red car parked'])
+  got = metrics.cider(['dog runs on grass', 'Red car parked.'],
+                      ['dog runs on sand', 'red car parked'])
   assert got['cider'] == pytest.approx(expected, abs=1e-9)
 
 
@@ -212,8 +213,8 @@ def test_cider_ranks_copy_above_unrelated():
 def test_cider_whitespace_tokenizer_and_single_example():
   # Same hand value as the PTB test (no punctuation involved), without Java.
   expected = (10 * (3 / 4 + 2 / 3 + 1 / 2) / 4 + 7.5) / 2
-  got = metrics.cider(['dog runs on grass', 'red car parked'], ['dog runs on sand', 'red car parked'],
-                      tokenizer='whitespace')
+  got = metrics.cider(['dog runs on grass', 'red car parked'],
+                      ['dog runs on sand', 'red car parked'], tokenizer='whitespace')
   assert got['cider'] == pytest.approx(expected, abs=1e-9)
   # One example: idf = log(1) - log(1) = 0 for every n-gram, so even a copy scores 0.
   assert metrics.cider(['a b c'], ['a b c'], tokenizer='whitespace')['cider'] == 0.0

@@ -191,7 +191,8 @@ def test_two_turn_image_conversation_tokenisation_and_masking(vocab):
   # Loss only on the answers and their </s>.
   assert set(np.unique(weights).tolist()) == {0.0, 1.0}
   answer_ids = targets[weights > 0]
-  assert conv_lib.decode_prompt(answer_ids, vocab) == 'A cat on a mat.</s>It is black and white.</s>'
+  assert (conv_lib.decode_prompt(answer_ids, vocab)
+          == 'A cat on a mat.</s>It is black and white.</s>')
   assert conv_lib.answer_text(TWO_TURNS) == 'A cat on a mat.</s>It is black and white.</s>'
   assert (targets[weights > 0] == vocab.eos_id).sum() == 2
   assert targets[-1] == vocab.eos_id and weights[-1] == 1

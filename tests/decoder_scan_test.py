@@ -41,11 +41,11 @@ def _config(kind, lora, scan=False, **overrides):
 
 def _looped_params(cfg, seed=0):
   params = nn.meta.unbox(Decoder(cfg).init(jax.random.PRNGKey(seed), TOKENS[:, :4])['params'])
-  # LoRA's B starts at zero: perturb every leaf so that every adapter takes part.
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      treedef, [x + 0.02 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  # LoRA's B starts at zero: perturb every leaf so that every adapter takes part (numpy's
+  # draws: jax.random compiled a sampler per leaf shape).
+  rng = np.random.RandomState(seed + 1)
+  return jax.tree_util.tree_map(
+      lambda x: jnp.asarray(np.asarray(x) + 0.02 * rng.standard_normal(x.shape), x.dtype), params)
 
 
 def _loss_and_grads(cfg, params):
@@ -109,11 +109,17 @@ def _greedy(cfg, params, prompts, new_tokens=6):
     buf[i, :len(p)] = p
   lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
   model = Decoder(cfg)
-  cache, index = decoding.prefill_cache(model, params, jnp.asarray(buf[:, :max(map(len, prompts))]),
-                                        lengths, length)
-  seqs, _ = decoding.greedy_decode(jnp.asarray(buf), cache,
-                                   decoding.decoder_tokens_to_logits(model, params), eos_id=10_000,
-                                   initial_index=index, max_decode_steps=new_tokens)
+
+  @jax.jit  # One program: the prefill run op by op compiled ~300 small ones.
+  def run(params, buf, lengths):
+    cache, index = decoding.prefill_cache(model, params, buf[:, :max(map(len, prompts))],
+                                          lengths, length)
+    seqs, _ = decoding.greedy_decode(buf, cache, decoding.decoder_tokens_to_logits(model, params),
+                                     eos_id=10_000, initial_index=index,
+                                     max_decode_steps=new_tokens)
+    return seqs, cache
+
+  seqs, cache = run(params, jnp.asarray(buf), lengths)
   return np.asarray(seqs), cache
 
 
@@ -188,8 +194,11 @@ def test_checkpoint_in_either_layout_restores_into_either_model(tmp_path):
   written = {'looped': params, 'scanned': layer_stacking.to_config_layout(params, scanned_cfg)}
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
                            ('data', 'expert', 'model'))
-  models = {id(cfg): {'decoder': nn.meta.unbox(
-      Decoder(cfg).init(jax.random.PRNGKey(5), TOKENS[:, :4])['params'])}
+  # The models' params: only their structure and shapes matter (zeros: a real init compiled
+  # ~150 small programs).
+  models = {id(cfg): {'decoder': jax.tree_util.tree_map(
+      lambda a: np.zeros(a.shape, a.dtype), nn.meta.unbox(jax.eval_shape(
+          Decoder(cfg).init, jax.random.PRNGKey(5), TOKENS[:, :4])['params']))}
             for cfg in (looped_cfg, scanned_cfg)}
   for name, tree in written.items():
     # Without the LoRA matrices (a stage-2 checkpoint): they keep their initialisation.

@@ -14,8 +14,14 @@ from unimoe_jax.layers.attention import causal_segment_mask
 TOKENS = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 1, 512)
 
 
+# Inits and forwards jitted: run op by op, each compiled ~150-250 small programs.
 def _init(cfg):
-  return nn.meta.unbox(Decoder(cfg).init(jax.random.PRNGKey(0), TOKENS))['params']
+  return jax.jit(lambda k: nn.meta.unbox(Decoder(cfg).init(k, TOKENS))['params'])(
+      jax.random.PRNGKey(0))
+
+
+def _apply(cfg, params, tokens, **kwargs):
+  return jax.jit(lambda p, t: Decoder(cfg).apply({'params': p}, t, **kwargs))(params, tokens)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
@@ -23,8 +29,8 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   bf16 = dataclasses.replace(f32, dtype='bfloat16')
   params = _init(bf16)
   assert {p.dtype for p in jax.tree_util.tree_leaves(params)} == {jnp.dtype('float32')}
-  logits_bf16, aux = Decoder(bf16).apply({'params': params}, TOKENS)
-  logits_f32, _ = Decoder(f32).apply({'params': params}, TOKENS)
+  logits_bf16, aux = _apply(bf16, params, TOKENS)
+  logits_f32, _ = _apply(f32, params, TOKENS)
   assert logits_bf16.dtype == jnp.float32 and aux['router_z_loss'].dtype == jnp.float32
   scale = float(jnp.abs(logits_f32).max())
   assert float(jnp.abs(logits_bf16 - logits_f32).max()) < 0.05 * scale
@@ -49,8 +55,8 @@ def test_remat_gives_the_same_gradients():
 
 
 def test_moe_layers_are_where_the_config_says():
-  params = _init(config_lib.named('tiny', num_layers=4,
-                                  moe=config_lib.MoEConfig(layers='every_other')))
+  cfg = config_lib.named('tiny', num_layers=4, moe=config_lib.MoEConfig(layers='every_other'))
+  params = jax.eval_shape(Decoder(cfg).init, jax.random.PRNGKey(0), TOKENS)['params']
   assert [('moe' in params[f'layers_{i}']) for i in range(4)] == [False, True, False, True]
   assert [('mlp' in params[f'layers_{i}']) for i in range(4)] == [True, False, True, False]
 
@@ -70,7 +76,7 @@ def test_padding_does_not_change_real_tokens_and_gives_no_nans():
   cfg = config_lib.named('tiny', moe=config_lib.MoEConfig())
   params = _init(cfg)
   seg = jnp.concatenate([jnp.ones((2, 8), jnp.int32), jnp.zeros((2, 4), jnp.int32)], 1)
-  padded, _ = Decoder(cfg).apply({'params': params}, TOKENS, segment_ids=seg)
-  short, _ = Decoder(cfg).apply({'params': params}, TOKENS[:, :8])
+  padded, _ = _apply(cfg, params, TOKENS, segment_ids=seg)
+  short, _ = _apply(cfg, params, TOKENS[:, :8])
   assert bool(jnp.all(jnp.isfinite(padded)))
   np.testing.assert_allclose(padded[:, :8], short, atol=1e-5)

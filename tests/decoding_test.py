@@ -94,17 +94,20 @@ def test_greedy_matches_transformers_generate_and_no_cache():
 def test_prefill_then_one_step_equals_full_forward():
   _, model, params = _llama()
   tokens = jnp.asarray(np.stack([np.concatenate([p, p[:3]]) for p in _prompts((9, 9))]))
-  full, _ = model.apply({'params': params}, tokens)
+  # Each apply jitted: op by op they compiled ~210 small programs.
+  full = _forward(model)(params, tokens)
   cache = model.init_cache(2, 16)
   # Row 1 prefills 5 real tokens of 8 (the rest is padding that must be ignored).
   lengths = jnp.asarray([8, 5], jnp.int32)
   prefix = tokens[:, :8].at[1, 5:].set(0)
-  (pre, _), v = model.apply({'params': params, 'cache': cache}, prefix, prefill=True,
-                            prefill_lengths=lengths, mutable=['cache'])
+  (pre, _), v = jax.jit(lambda p, c, x, n: model.apply(
+      {'params': p, 'cache': c}, x, prefill=True, prefill_lengths=n, mutable=['cache']))(
+          params, cache, prefix, lengths)
   np.testing.assert_allclose(pre[0], full[0, :8], atol=1e-5, rtol=0)
   step_tokens = jnp.stack([tokens[0, 8], tokens[1, 5]])[:, None]
-  (step, _), _ = model.apply({'params': params, 'cache': v['cache']}, step_tokens, decode=True,
-                             mutable=['cache'])
+  (step, _), _ = jax.jit(lambda p, c, x: model.apply(
+      {'params': p, 'cache': c}, x, decode=True, mutable=['cache']))(
+          params, v['cache'], step_tokens)
   np.testing.assert_allclose(step[0, 0], full[0, 8], atol=1e-5, rtol=0)
   np.testing.assert_allclose(step[1, 0], full[1, 5], atol=1e-5, rtol=0)
   assert float(jnp.abs(full[1, 5] - full[1, 8]).max()) > 1e-2  # Positions are distinguishable.
@@ -277,7 +280,9 @@ def _tiny_unimoe():
                               mlp_dim=64, select_layer=-2))
   model = UniMoE(cfg)
   batch = _mm_batch(cfg, [[5, 6], [7]], np.random.RandomState(0))
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), batch)['params'])
+  # Only the shapes: every weight is drawn below (an init run op by op compiled ~190 small
+  # programs).
+  params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(1), batch)['params'])
   # Larger random weights than the init's, so that logits (and greedy choices) are far apart.
   leaves, tree = jax.tree_util.tree_flatten(params)
   rng = np.random.RandomState(2)

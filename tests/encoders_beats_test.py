@@ -51,7 +51,8 @@ def official_state_dict(cfg, seed=0):
   for i in range(cfg['encoder_layers']):
     pre = f'encoder.layers.{i}'
     for proj in ('q_proj', 'k_proj', 'v_proj', 'out_proj'):
-      shapes.update({f'{pre}.self_attn.{proj}.weight': (d, d), f'{pre}.self_attn.{proj}.bias': (d,)})
+      shapes.update({f'{pre}.self_attn.{proj}.weight': (d, d),
+                     f'{pre}.self_attn.{proj}.bias': (d,)})
     if cfg['gru_rel_pos']:
       shapes.update({f'{pre}.self_attn.grep_linear.weight': (8, d // h),
                      f'{pre}.self_attn.grep_linear.bias': (8,),
@@ -338,7 +339,8 @@ def test_converter_names_bad_tensors():
 
   renamed = dict(sd)
   renamed['encoder.layers.1.self_attn.grep_b'] = renamed.pop('encoder.layers.1.self_attn.grep_a')
-  with pytest.raises(ValueError, match=r'missing.*layers\.1\.self_attn\.grep_a.*unexpected.*grep_b'):
+  with pytest.raises(ValueError,
+                     match=r'missing.*layers\.1\.self_attn\.grep_a.*unexpected.*grep_b'):
     convert_beats.params_from_official(renamed, config)
 
   wrong = dict(sd, **{'encoder.pos_conv.0.weight_v': np.zeros((32, 32, 8), np.float32)})

@@ -1,4 +1,5 @@
-"""Whisper encoder and the Uni-MoE Whisper aligner against a tiny random Hugging Face WhisperModel."""
+"""Whisper encoder and the Uni-MoE Whisper aligner against a tiny random Hugging Face
+WhisperModel."""
 
 import dataclasses
 
@@ -204,7 +205,8 @@ def test_prefixes(hf):
     convert.encoder_params_from_hf(sd, enc_cfg, prefix='audio_tower.')
 
 
-@pytest.mark.parametrize('old', ['encoder.layers.1.fc1.weight', 'decoder.layers.0.encoder_attn.k_proj.weight'])
+@pytest.mark.parametrize('old', ['encoder.layers.1.fc1.weight',
+                                 'decoder.layers.0.encoder_attn.k_proj.weight'])
 def test_converters_reject_renamed_tensor(hf, old):
   _, sd, enc_cfg, ali_cfg = hf
   new = old.replace('layers.', 'blocks.')

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 'tools'))
 import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax import checkpoint, layer_stacking  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax.config import LoRAConfig, MoEConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax.config import LoRAConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.convert import export_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.convert import hf as convert_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.decoder import Decoder  # pylint: disable=g-import-not-at-top,wrong-import-position

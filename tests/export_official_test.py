@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from convert_checkpoint_test import (AUDIO_TOWER, CLIP, WHISPER_ALIGNER, _add_towers,  # pylint: disable=unused-import
-                                     _official_dir, convert_checkpoint, tokenizer_path, towers)
-from unimoe_jax import checkpoint, score
+                                     _official_dir, convert_checkpoint, tokenizer_path, towers)  # noqa: F401
+from unimoe_jax import score
 from unimoe_jax.convert import beats as convert_beats
 from unimoe_jax.convert import clip as convert_clip
 from unimoe_jax.convert import export_official

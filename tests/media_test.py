@@ -296,7 +296,8 @@ def _torch_kaldi_fbank(wave, num_mel_bins=128, dtype='float32'):
   low, high = mel(20.0), mel(8000.0)
   delta = (high - low) / (num_mel_bins + 1)
   index = torch.arange(num_mel_bins, dtype=x.dtype).unsqueeze(1)
-  left, centre, right = low + index * delta, low + (index + 1.0) * delta, low + (index + 2.0) * delta
+  left, centre, right = (low + index * delta, low + (index + 1.0) * delta,
+                        low + (index + 2.0) * delta)
   fft_mel = 1127.0 * (1.0 + 16000 / padded * torch.arange(padded // 2, dtype=x.dtype) / 700.0).log()
   banks = torch.clamp(torch.min((fft_mel - left) / (centre - left),
                                 (right - fft_mel) / (right - centre)), min=0.0)

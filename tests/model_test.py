@@ -181,11 +181,13 @@ def _loss(model, params, batch):
 
 @pytest.mark.slow
 def test_mixed_batch_forward_backward_on_mesh_matches_one_device(model_and_params):
-  cfg, model, _, batch = model_and_params
+  """The fixture's params placed by the model's partitioning rules (a sharded init is
+  partitioning_test.py's and fsdp_test.py's; here it was one more 8-device compile, ~8 s)."""
+  cfg, model, params, batch = model_and_params
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, expert=4))
-  variables, shardings = partitioning.init_sharded(lambda k: model.init(k, batch), mesh,
-                                                   jax.random.PRNGKey(1))
-  params = variables['params']
+  shardings = partitioning.params_shardings(
+      mesh, jax.eval_shape(lambda k: model.init(k, batch), jax.random.PRNGKey(1)))
+  params = jax.device_put(params, shardings['params'])
   grad_fn = jax.value_and_grad(lambda p, b: _loss(model, p, b))
   data = partitioning.logical_sharding(mesh, ('activation_batch',))
   sharded_batch = jax.device_put(batch, data)

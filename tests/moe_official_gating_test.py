@@ -370,14 +370,17 @@ def test_scanned_layers_draw_their_own_router_noise(monkeypatch):
   cfg = config_lib.named('tiny', num_layers=2, scan_layers=True, moe=moe)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, cfg.vocab_size)
   decoder = Decoder(cfg)
-  params = nn.meta.unbox(decoder.init(jax.random.PRNGKey(1), tokens))['params']
+  # Jitted throughout: op by op, the init and the forward compiled ~150 small programs.
+  params = jax.jit(lambda k: nn.meta.unbox(decoder.init(k, tokens))['params'])(
+      jax.random.PRNGKey(1))
   run = jax.jit(lambda p, r: decoder.apply({'params': p}, tokens, rngs={'router': r}))
   # Sampling is seeded: the same key, the same logits; another key, other logits.
   logits, _ = run(params, jax.random.PRNGKey(2))
   np.testing.assert_array_equal(logits, run(params, jax.random.PRNGKey(2))[0])
   assert float(jnp.max(jnp.abs(run(params, jax.random.PRNGKey(3))[0] - logits))) > 0
-  plain, _ = decoder.apply({'params': params}, tokens)  # No rngs: keyed by the logits.
-  np.testing.assert_array_equal(plain, decoder.apply({'params': params}, tokens)[0])
+  run_plain = jax.jit(lambda p: decoder.apply({'params': p}, tokens))
+  plain, _ = run_plain(params)  # No rngs: keyed by the logits.
+  np.testing.assert_array_equal(plain, run_plain(params)[0])
 
   # Make the key visible: zero routers put every 1st choice on expert 0, and a noise that
   # is one huge spike at an expert drawn from the key sets every token's 2nd choice.
@@ -416,17 +419,20 @@ def test_model_training_eval_and_decoding_with_sampling():
                [np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1)),
            'decoder_target_tokens': jnp.asarray(targets),
            'decoder_loss_weights': jnp.asarray(weights)}
-  params = nn.meta.unbox(model.get_initial_variables(
-      jax.random.PRNGKey(0), {k: v.shape for k, v in batch.items()}))['params']
+  # Jitted: op by op, the init and the decoding loop's prefill compiled ~320 small programs.
+  shapes = {k: v.shape for k, v in batch.items()}
+  params = jax.jit(lambda rng: nn.meta.unbox(model.get_initial_variables(rng, shapes))['params'])(
+      jax.random.PRNGKey(0))
   train = jax.jit(lambda p, r: model.loss_fn(p, batch, r)[0])
   loss = train(params, jax.random.PRNGKey(1))
   np.testing.assert_array_equal(loss, train(params, jax.random.PRNGKey(1)))
   assert float(loss) != float(train(params, jax.random.PRNGKey(2)))
   evaluate = jax.jit(lambda p: model.eval_fn(p, batch)[0])
   np.testing.assert_array_equal(evaluate(params), evaluate(params))
-  decodes = model.predict_batch(params, batch)
+  predict = jax.jit(model.predict_batch)
+  decodes = predict(params, batch)
   assert decodes.shape == (b, l)
-  np.testing.assert_array_equal(decodes, model.predict_batch(params, batch))
+  np.testing.assert_array_equal(decodes, predict(params, batch))
 
 
 def test_expert_lora_a_bound_is_one_over_sqrt_in():

@@ -12,7 +12,6 @@ random official-layout weights, for clips of 0.02 s (shorter than one Kaldi wind
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import numpy as np

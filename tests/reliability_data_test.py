@@ -4,7 +4,6 @@ sees for each."""
 
 import io
 import json
-import os
 
 import numpy as np
 import pytest

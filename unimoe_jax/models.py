@@ -202,15 +202,16 @@ class UniMoEModel:
     a model whose config has an encoder always gets its parameters (shapes of the features are
     taken from the config when the batch does not name them).
 
-    Parameters depend on neither the batch size nor the number of media items, so the dummy
-    batch is one row of `decoder_input_tokens` (its length as given) with one item of each
-    modality the config has: every run of one model, whatever its batch and media lengths,
-    traces the same init program, and jax's persistent compilation cache compiles it once
-    (on the CPU demo the init program compiles slower than a training step).
+    Parameters depend on neither the media lengths nor the feature dtypes, so the dummy batch
+    is `decoder_input_tokens` as given (its rows stay: an expert-parallel layer's shard_map
+    splits them over the mesh) with one item of each modality the config has: every run of
+    one model at one batch shape traces the same init program, and jax's persistent
+    compilation cache compiles it once (on the CPU demo the init program compiles slower
+    than a training step).
     """
-    del input_types  # One row of tokens and float features, whatever the batch holds.
-    length = input_shapes['decoder_input_tokens'][1]
-    batch = self.dummy_batch(self._with_media_shapes({'decoder_input_tokens': (1, length)}))
+    del input_types  # Tokens and float features, whatever the batch holds.
+    batch = self.dummy_batch(
+        self._with_media_shapes({'decoder_input_tokens': input_shapes['decoder_input_tokens']}))
     params_rng, dropout_rng = jax.random.split(rng)
     return self.module.init({'params': params_rng, 'dropout': dropout_rng}, batch,
                             deterministic=True)

@@ -39,8 +39,8 @@ class OptimizerConfig:
       `weight_decay_patterns` and never to norms or biases (one-dimensional leaves).
     b1, b2, eps: Adam.
     clip_grad_norm: global-norm clipping of the trainable gradients (0 disables).
-    grad_accum_steps: micro-batches per optimizer update (`optax.MultiSteps`); the batch is
-      split along its first axis inside one training step.
+    grad_accum_steps: micro-batches per optimizer update; the batch is split along its first
+      axis and the gradients summed inside one training step (train_state.make_train_step).
   """
   learning_rate: float = 4e-5
   warmup_steps: Optional[int] = None
@@ -183,7 +183,7 @@ def make_optimizer(config: OptimizerConfig, total_steps: int
   """The optax transformation for the trainable params, and its learning-rate schedule.
 
   With `grad_accum_steps > 1` the training step itself accumulates micro-batch gradients
-  (see training/step.py) and the optimizer sees one update per step; the schedule counts
+  (train_state.make_train_step) and the optimizer sees one update per step; the schedule counts
   optimizer updates, which equal training steps.
   """
   schedule = learning_rate_schedule(config, total_steps)
