@@ -36,8 +36,17 @@ MOTION = {'left': (-1, 0), 'right': (1, 0), 'up': (0, -1), 'down': (0, 1)}  # (x
 DTMF = {'1': (697, 1209), '2': (697, 1336), '3': (697, 1477), '4': (770, 1209),
         '5': (770, 1336), '6': (770, 1477), '7': (852, 1209), '8': (852, 1336),
         '9': (852, 1477), '0': (941, 1336)}
+PITCHES = ('C', 'C#', 'D', 'D#', 'E', 'F', 'F#', 'G', 'G#', 'A', 'A#', 'B')
+COLOURS = ('red', 'green', 'blue', 'yellow', 'purple', 'cyan')
+SHAPES = ('circle', 'square', 'triangle', 'cross')
+MC_OPTIONS = {  # the options of each multiple-choice question, in order
+    ('image', 'colour'): COLOURS, ('image', 'shape'): SHAPES,
+    ('image', 'count'): ('one', 'two', 'three'), ('video', 'motion'): ('horizontal', 'vertical'),
+    ('video', 'colour'): COLOURS, ('video', 'shape'): SHAPES,
+    ('speech', 'length'): ('three', 'four'), ('speech', 'first'): tuple('0123456789'),
+    ('audio', 'sweep'): ('rising', 'falling'), ('audio', 'pitch'): PITCHES}
 NOTES_OCTAVE_4 = {name: 440.0 * 2.0**((k - 9) / 12.0) for k, name in enumerate(
-    ('C', 'C#', 'D', 'D#', 'E', 'F', 'F#', 'G', 'G#', 'A', 'A#', 'B'))}
+    PITCHES)}
 
 
 def _load_tool():
@@ -161,12 +170,13 @@ def test_multiple_choice_answers_point_at_the_label(data_dir, info):
       if name.endswith('_open'):
         assert e['answer'] == truth
         continue
+      # The options: every class of the category, in its fixed order (the same list in every
+      # question of the category).
       options = e['options']
-      assert 2 <= len(options) <= 4 and len(set(options)) == len(options)
-      assert e['answer'] in 'ABCD'[:len(options)]
-      assert options['ABCD'.index(e['answer'])] == truth == e['label']
+      assert options == list(MC_OPTIONS[(e['modality'], e['category'])])
+      assert options['ABCDEFGHIJKL'.index(e['answer'])] == truth == e['label']
       question = e['conversations'][0]['value']
-      for letter, option in zip('ABCD', options):
+      for letter, option in zip('ABCDEFGHIJKL', options):
         assert f'\n{letter}. {option}\n' in question
 
 
@@ -380,7 +390,8 @@ def test_classes_are_balanced(data_dir):
       assert set(''.join(labels['digits'] for labels in pools['speech'])) == set('0123456789')
     for name in ('eval_image_mc', 'eval_video_mc', 'eval_speech_mc', 'eval_audio_mc'):
       entries = _manifest(data_dir, split, name)
-      for category in set(e['category'] for e in entries):
+      # Letters follow the labels: balanced wherever the labels are (not the first digit).
+      for category in set(e['category'] for e in entries) - {'first'}:
         letters = [e['answer'] for e in entries if e['category'] == category]
         assert spread(letters)[0] <= 1, (split, name, category)
     first_questions = [e['categories'][0] for e in _manifest(data_dir, split, 'instruct_image')]
@@ -391,9 +402,13 @@ def test_chance_baselines_are_reported(info):
   chance = info['splits']['validation']['chance']
   video_mc = chance['eval_video_mc']['per_category']
   assert video_mc['motion']['uniform_guess_accuracy'] == 0.5
-  assert video_mc['colour']['uniform_guess_accuracy'] == 0.25
+  assert video_mc['colour']['uniform_guess_accuracy'] == 1 / 6
   assert chance['eval_video_open']['per_category']['motion']['best_constant_accuracy'] == 0.5
   assert chance['eval_audio_mc']['per_category']['sweep']['uniform_guess_accuracy'] == 0.5
+  assert chance['eval_audio_mc']['per_category']['pitch']['uniform_guess_accuracy'] == 1 / 12
+  speech_mc = chance['eval_speech_mc']['per_category']
+  assert speech_mc['length']['best_constant_accuracy'] == 0.5
+  assert 0.1 <= speech_mc['first']['best_constant_accuracy'] < 0.5
   assert chance['eval_audio_open']['per_category']['pitch']['num_classes'] == 12
   speech = chance['eval_speech_open']
   assert speech['empty_answer_wer'] == 1.0 and 0.7 < speech['best_constant_wer'] < 1.0

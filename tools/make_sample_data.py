@@ -80,7 +80,7 @@ CHIRP_SECONDS = (0.5, 1.0)
 CHIRP_SPAN = 0.1
 NUM_FRAMES = 8
 
-MC_LETTERS = 'ABCD'
+MC_LETTERS = 'ABCDEFGHIJKL'  # enough for the largest class list (pitch: 12)
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 IMAGE_QUESTIONS = {
@@ -387,8 +387,13 @@ ANSWER_CLASSES = {
     ('speech', 'length'): ('three', 'four'), ('speech', 'first'): tuple('0123456789'),
     ('audio', 'sweep'): SWEEPS, ('audio', 'pitch'): PITCH_CLASSES,
 }
+# The open evaluation questions of each modality (speech: the transcript, scored by WER) ...
 EVAL_CATEGORIES = {'image': ('colour', 'shape', 'count'), 'video': ('motion', 'colour', 'shape'),
                    'speech': ('transcript',), 'audio': ('sweep', 'pitch')}
+# ... and the multiple-choice ones: questions with a closed set of answers (a transcript has
+# none, so speech asks its length and first digit).
+MC_CATEGORIES = {'image': ('colour', 'shape', 'count'), 'video': ('motion', 'colour', 'shape'),
+                 'speech': ('length', 'first'), 'audio': ('sweep', 'pitch')}
 
 
 def _example(example_id: str, modality: str, item: Dict[str, Any], turns: Sequence[Tuple[str, str]],
@@ -412,35 +417,18 @@ def _example(example_id: str, modality: str, item: Dict[str, Any], turns: Sequen
   return example
 
 
-def _speech_distractors(rng: np.random.Generator, digits: str, k: int) -> List[str]:
-  """`k` distinct digit strings of the same length differing from `digits` in 1-2 places."""
-  out = set()
-  while len(out) < k:
-    changed = list(digits)
-    for position in rng.choice(len(digits), size=int(rng.integers(1, 3)), replace=False):
-      changed[position] = str((int(changed[position]) + int(rng.integers(1, 10))) % 10)
-    candidate = ''.join(changed)
-    if candidate != digits:
-      out.add(candidate)
-  return sorted(out)
+def _multiple_choice(modality: str, category: str) -> List[str]:
+  """The options of a multiple-choice question: every class of its category, in the category's
+  fixed order (ANSWER_CLASSES), so an option's letter names the same class in every question.
 
-
-def _multiple_choice(rng: np.random.Generator, modality: str, category: str,
-                     labels: Dict[str, str], letter_index: int) -> Tuple[List[str], str]:
-  """Options (the answer at `letter_index`) for one question; every option set has
-  min(4, number of classes) entries."""
-  if category == 'transcript':
-    answer = labels['transcript']
-    distractors = [' '.join(d) for d in _speech_distractors(rng, labels['digits'], 3)]
-  else:
-    classes = ANSWER_CLASSES[(modality, category)]
-    answer = labels[category]
-    others = [c for c in classes if c != answer]
-    distractors = [others[j] for j in rng.choice(len(others), size=min(3, len(others)),
-                                                 replace=False)]
-  distractors = [distractors[j] for j in rng.permutation(len(distractors))]
-  options = distractors[:letter_index] + [answer] + distractors[letter_index:]
-  return options, answer
+  Why fixed, not shuffled: with shuffled options the answer letter is an in-context lookup
+  (find the option that matches what the media shows, copy the letter before it), which the
+  demo's 2-layer decoder did not learn within its budget in any layout, curriculum or size
+  tried (docs/sample_data.md, "Multiple-choice questions"); with the classes in a fixed order
+  the question tests what the model perceives and answers with a letter, as benchmarks with a
+  fixed answer list do (yes/no, emotion or scene classes).
+  """
+  return list(ANSWER_CLASSES[(modality, category)])
 
 
 def build_manifests(pools: Dict[str, List[Dict[str, Any]]], split: str, seed: int, root: str,
@@ -477,23 +465,25 @@ def build_manifests(pools: Dict[str, List[Dict[str, Any]]], split: str, seed: in
   mixed = [e for m in MODALITIES for e in manifests[f'instruct_{m}']]
   manifests['instruct_mixed'] = [mixed[j] for j in rng.permutation(len(mixed))]
 
-  # Every item is asked every evaluation question of its modality, so each category's labels are
-  # exactly as balanced as the pool's; the answer letter is balanced within each category, so
-  # a constant letter scores chance.
+  # Every item is asked every evaluation question of its modality, so each category's labels
+  # (and, with the options in a fixed order, its answer letters) are exactly as balanced as the
+  # pool's: a constant letter scores chance.
   for modality in MODALITIES:
     questions = QUESTIONS[modality]
-    n = len(pools[modality])
     mc, open_ = [], []
-    for category in EVAL_CATEGORIES[modality]:
-      letters = balanced_labels(rng, tuple(range(_num_options(modality, category))), n)
+    for category in MC_CATEGORIES[modality]:
+      options = _multiple_choice(modality, category)
+      listed = '\n'.join(f'{MC_LETTERS[j]}. {o}' for j, o in enumerate(options))
+      question = f'{questions[category]}\nOptions:\n{listed}\n{MC_SUFFIX}'
       for i, item in enumerate(pools[modality]):
-        options, answer = _multiple_choice(rng, modality, category, item['labels'], letters[i])
-        listed = '\n'.join(f'{MC_LETTERS[j]}. {o}' for j, o in enumerate(options))
-        question = f'{questions[category]}\nOptions:\n{listed}\n{MC_SUFFIX}'
-        letter = MC_LETTERS[letters[i]]
+        answer = item['labels'][category]
+        letter = MC_LETTERS[options.index(answer)]
         mc.append(_example(f'{split}-eval_{modality}_mc-{category}-{i:05d}', modality, item,
                            [(question, letter)], root, absolute_paths, answer=letter,
                            options=options, label=answer, category=category))
+    for category in EVAL_CATEGORIES[modality]:
+      for i, item in enumerate(pools[modality]):
+        answer = item['labels'][category]
         open_.append(_example(f'{split}-eval_{modality}_open-{category}-{i:05d}', modality,
                               item, [(questions[category], answer)], root, absolute_paths,
                               answer=answer, category=category))
@@ -533,12 +523,6 @@ def text_warmup(manifests: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, An
       out.append({'id': f"{entry['id']}-text", 'conversations': conversations,
                   'modality': 'text'})
   return out
-
-
-def _num_options(modality: str, category: str) -> int:
-  if category == 'transcript':
-    return 4
-  return min(4, len(ANSWER_CLASSES[(modality, category)]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from absl import logging
 from unimoe_jax import progressive_report as report
 
 MODALITIES = report.MODALITIES
-DEFAULT_STEPS = (1200, 1600, 100, 400)
+DEFAULT_STEPS = (600, 1000, 100, 400)
 
 MODEL_FILES = ('models/tiny.gin', 'models/multimodal_tiny.gin')
 DATA_FILE = 'demo/progressive_data.gin'
