@@ -33,8 +33,9 @@ def vocabulary_path(path: str = gin.REQUIRED) -> str:
   return path
 
 
-def output_features(vocabulary: seqio.Vocabulary, modalities: Sequence[str] = MODALITIES
-                    ) -> Dict[str, seqio.Feature]:
+def output_features(
+    vocabulary: seqio.Vocabulary, modalities: Sequence[str] = MODALITIES
+) -> Dict[str, seqio.Feature]:
   return feature_converter.output_features(vocabulary, modalities)
 
 
@@ -46,8 +47,9 @@ def last_answer(targets: np.ndarray, loss_weights: np.ndarray, vocabulary) -> st
 def answer_postprocessor(vocabulary):
   """seqio postprocess_fn: the reference answer from the example, the prediction stripped."""
 
-  def postprocess(output: Any, example: Optional[Mapping[str, Any]] = None,
-                  is_target: bool = False) -> str:
+  def postprocess(
+      output: Any, example: Optional[Mapping[str, Any]] = None, is_target: bool = False
+  ) -> str:
     if is_target and example is not None and 'loss_weights' in example:
       return last_answer(example['targets'], example['loss_weights'], vocabulary)
     if isinstance(output, bytes):
@@ -63,19 +65,30 @@ def answer_postprocessor(vocabulary):
 SHUFFLE_BUFFER_SIZE = 16
 
 
-def register_task(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
-                  metric_fns=(), modalities: Sequence[str] = MODALITIES) -> seqio.Task:
+def register_task(
+    name: str,
+    source: seqio.DataSource,
+    vocabulary: seqio.Vocabulary,
+    metric_fns=(),
+    modalities: Sequence[str] = MODALITIES,
+) -> seqio.Task:
   """Registers (or replaces) a manifest-style task: examples dropped, never cut, when they
   exceed the sequence lengths (`preprocessors.drop_too_long`, gin-configurable: 'raise'
   instead for eval / infer), then the '*_pretokenized' texts added."""
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
-      name, source=source, output_features=output_features(vocabulary, modalities),
-      preprocessors=[functools.partial(preprocessors.drop_too_long, task_name=name),
-                     preprocessors.add_pretokenized],
+      name,
+      source=source,
+      output_features=output_features(vocabulary, modalities),
+      preprocessors=[
+          functools.partial(preprocessors.drop_too_long, task_name=name),
+          preprocessors.add_pretokenized,
+      ],
       postprocess_fn=answer_postprocessor(vocabulary) if metric_fns else None,
-      metric_fns=list(metric_fns), shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
+      metric_fns=list(metric_fns),
+      shuffle_buffer_size=SHUFFLE_BUFFER_SIZE,
+  )
 
 
 def _sample_common_features(sample_fn):
@@ -85,9 +98,15 @@ def _sample_common_features(sample_fn):
 
   def sample(datasets, rates, seed):
     common = set.intersection(*(set(ds.element_spec) for ds in datasets))
-    datasets = [ds if set(ds.element_spec) == common else
-                ds.map(lambda ex: {k: v for k, v in ex.items() if k in common},
-                       num_parallel_calls=tf.data.AUTOTUNE) for ds in datasets]
+    datasets = [
+        ds
+        if set(ds.element_spec) == common
+        else ds.map(
+            lambda ex: {k: v for k, v in ex.items() if k in common},
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        for ds in datasets
+    ]
     return sample_fn(datasets, rates, seed)
 
   return sample
@@ -102,10 +121,17 @@ class PretokenizedMixture(seqio.Mixture):
   """
 
   def __init__(self, name, tasks, default_rate=None, **kwargs):
-    sample_fn = kwargs.pop('sample_fn', functools.partial(tf.data.Dataset.sample_from_datasets,
-                                                          stop_on_empty_dataset=True))
-    super().__init__(name, tasks, default_rate=default_rate,
-                     sample_fn=_sample_common_features(sample_fn), **kwargs)
+    sample_fn = kwargs.pop(
+        'sample_fn',
+        functools.partial(tf.data.Dataset.sample_from_datasets, stop_on_empty_dataset=True),
+    )
+    super().__init__(
+        name,
+        tasks,
+        default_rate=default_rate,
+        sample_fn=_sample_common_features(sample_fn),
+        **kwargs,
+    )
 
   def get_task_dataset(self, task, output_feature_keys, *args, **kwargs) -> tf.data.Dataset:
     keys = set(output_feature_keys) | set(preprocessors.PRETOKENIZED_FEATURES)
@@ -115,22 +141,26 @@ class PretokenizedMixture(seqio.Mixture):
 def register_mixture(name: str, tasks, default_rate=1.0) -> seqio.Mixture:
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
-  return seqio.MixtureRegistry.add(name, tasks, default_rate=default_rate,
-                                   mixture_cls=PretokenizedMixture)
+  return seqio.MixtureRegistry.add(
+      name, tasks, default_rate=default_rate, mixture_cls=PretokenizedMixture
+  )
 
 
 @gin.configurable
-def precomputed_splits(splits: Optional[Mapping[str, str]] = None
-                       ) -> Optional[Mapping[str, str]]:
+def precomputed_splits(splits: Optional[Mapping[str, str]] = None) -> Optional[Mapping[str, str]]:
   """Split -> tools/precompute_features.py output directory, bound in a task's gin scope
   (e.g. `stage3/precomputed_splits.splits = {'train': '/data/stage3_features'}`): the task
   then reads precomputed features instead of decoding media."""
   return splits
 
 
-def lazy_manifest_source(make_config, splits: Mapping[str, str],
-                         vocabulary: vocabulary_lib.LazyVocabulary,
-                         make_precomputed=None, task_name: str = '') -> seqio.DataSource:
+def lazy_manifest_source(
+    make_config,
+    splits: Mapping[str, str],
+    vocabulary: vocabulary_lib.LazyVocabulary,
+    make_precomputed=None,
+    task_name: str = '',
+) -> seqio.DataSource:
   """A manifest source whose `ManifestConfig` is built when a dataset is asked for.
 
   `make_config()` returns the config (e.g. reading gin or the sample-data folder); its
@@ -139,19 +169,31 @@ def lazy_manifest_source(make_config, splits: Mapping[str, str],
   `task_name` is named in the errors of an empty or all-bad manifest.
   """
 
-  def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None,
-                 shard_info: Optional[seqio.ShardInfo] = None) -> tf.data.Dataset:
+  def dataset_fn(
+      split: str,
+      shuffle_files: bool,
+      seed: Optional[int] = None,
+      shard_info: Optional[seqio.ShardInfo] = None,
+  ) -> tf.data.Dataset:
     precomputed = make_precomputed() if make_precomputed is not None else None
     if precomputed and split in precomputed:
       from unimoe_jax.data import precomputed as precomputed_lib  # pylint: disable=g-import-not-at-top
-      return precomputed_lib.precomputed_dataset(precomputed[split], shard_info,
-                                                 shuffle=shuffle_files, seed=seed)
+
+      return precomputed_lib.precomputed_dataset(
+          precomputed[split], shard_info, shuffle=shuffle_files, seed=seed
+      )
     config = make_config()
     paths = config.split_paths()
     if split not in paths:
       raise ValueError(f'unknown split {split!r}; this task has {sorted(paths)}')
-    return manifest_lib.manifest_dataset(config, shard_info, manifest_path=paths[split],
-                                         shuffle=shuffle_files, seed=seed,
-                                         vocabulary=vocabulary.vocabulary, task_name=task_name)
+    return manifest_lib.manifest_dataset(
+        config,
+        shard_info,
+        manifest_path=paths[split],
+        shuffle=shuffle_files,
+        seed=seed,
+        vocabulary=vocabulary.vocabulary,
+        task_name=task_name,
+    )
 
   return manifest_lib.ManifestDataSource(dataset_fn, splits=tuple(splits))

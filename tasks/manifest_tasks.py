@@ -38,8 +38,8 @@ from unimoe_jax.data import vocabulary as vocabulary_lib
 from unimoe_jax.tasks import common
 
 VOCABULARY = vocabulary_lib.LazyVocabulary(
-    lambda: vocabulary_lib.get_vocabulary(common.vocabulary_path()),
-    name='vocabulary_path()')
+    lambda: vocabulary_lib.get_vocabulary(common.vocabulary_path()), name='vocabulary_path()'
+)
 
 TASKS = {
     'stage1': (),
@@ -57,8 +57,11 @@ def _scoped_config(scope: str):
       try:
         return manifest_lib.ManifestConfig()
       except ValueError as e:
-        raise ValueError(f'task unimoe_manifest_{scope}: bind {scope}/ManifestConfig.splits '
-                         f'(or .path) in gin: {e}') from None
+        raise ValueError(
+            f'task unimoe_manifest_{scope}: bind {scope}/ManifestConfig.splits '
+            f'(or .path) in gin: {e}'
+        ) from None
+
   return make_config
 
 
@@ -66,16 +69,20 @@ def _scoped_precomputed(scope: str):
   def make_precomputed():
     with gin.config_scope(scope):
       return common.precomputed_splits()
+
   return make_precomputed
 
 
 def register():
   for scope, metric_fns in TASKS.items():
     # Splits are known only once gin is parsed; seqio asks the source for them lazily.
-    source = common.lazy_manifest_source(_scoped_config(scope), {'train': 'train',
-                                                                 'validation': 'validation'},
-                                         VOCABULARY, _scoped_precomputed(scope),
-                                         task_name=f'unimoe_manifest_{scope}')
+    source = common.lazy_manifest_source(
+        _scoped_config(scope),
+        {'train': 'train', 'validation': 'validation'},
+        VOCABULARY,
+        _scoped_precomputed(scope),
+        task_name=f'unimoe_manifest_{scope}',
+    )
     common.register_task(f'unimoe_manifest_{scope}', source, VOCABULARY, metric_fns)
 
 

@@ -41,10 +41,12 @@ from unimoe_jax.tasks import common
 SPLITS = ('train', 'validation')
 STAGE1_RATES = {'image': 1.0, 'speech': 2.0, 'audio': 1.0}
 # Per-item soft tokens of the tiny towers (gin/models/multimodal_tiny.gin).
-SOFT_TOKENS = dict(image_soft_tokens=16, video_soft_tokens=16, speech_soft_tokens=8,
-                   audio_soft_tokens=8)
-SETTINGS = dict(image_size=32, image_mode='crop', video_frames=8, n_mels=80, audio_frames=128,
-                **SOFT_TOKENS)
+SOFT_TOKENS = dict(
+    image_soft_tokens=16, video_soft_tokens=16, speech_soft_tokens=8, audio_soft_tokens=8
+)
+SETTINGS = dict(
+    image_size=32, image_mode='crop', video_frames=8, n_mels=80, audio_frames=128, **SOFT_TOKENS
+)
 
 
 @gin.configurable
@@ -52,17 +54,22 @@ def sample_data_dir(path: str = '') -> str:
   """The folder tools/make_sample_data.py wrote (gin `path`, else $UNIMOE_SAMPLE_DATA)."""
   path = path or os.environ.get('UNIMOE_SAMPLE_DATA', '')
   if not path:
-    raise ValueError('the sample-data tasks need the folder tools/make_sample_data.py wrote: '
-                     'bind sample_data_dir.path in gin or set UNIMOE_SAMPLE_DATA')
+    raise ValueError(
+        'the sample-data tasks need the folder tools/make_sample_data.py wrote: '
+        'bind sample_data_dir.path in gin or set UNIMOE_SAMPLE_DATA'
+    )
   if not os.path.isfile(os.path.join(path, 'sample_data_info.json')):
-    raise ValueError(f'{path} is not a sample-data folder (no sample_data_info.json); run '
-                     f'python tools/make_sample_data.py --output {path}')
+    raise ValueError(
+        f'{path} is not a sample-data folder (no sample_data_info.json); run '
+        f'python tools/make_sample_data.py --output {path}'
+    )
   return path
 
 
 VOCABULARY = vocabulary_lib.LazyVocabulary(
     lambda: vocabulary_lib.get_vocabulary(os.path.join(sample_data_dir(), 'tokenizer.model')),
-    name='sample_data_dir()/tokenizer.model')
+    name='sample_data_dir()/tokenizer.model',
+)
 
 
 @gin.configurable
@@ -78,14 +85,20 @@ def _config_factory(manifest: str, voice: str):
     root = sample_data_dir()
     return manifest_lib.ManifestConfig(
         splits={s: os.path.join(root, s, f'{manifest}.json') for s in SPLITS},
-        media_root=root, vocab_path=os.path.join(root, 'tokenizer.model'),
-        voice_modality=voice, speech_seconds=speech_window(), **SETTINGS)
+        media_root=root,
+        vocab_path=os.path.join(root, 'tokenizer.model'),
+        voice_modality=voice,
+        speech_seconds=speech_window(),
+        **SETTINGS,
+    )
+
   return make_config
 
 
 def _task(name: str, manifest: str, voice: str = 'speech', metric_fns=()):
-  source = common.lazy_manifest_source(_config_factory(manifest, voice),
-                                       {s: s for s in SPLITS}, VOCABULARY, task_name=name)
+  source = common.lazy_manifest_source(
+      _config_factory(manifest, voice), {s: s for s in SPLITS}, VOCABULARY, task_name=name
+  )
   common.register_task(name, source, VOCABULARY, metric_fns)
   return name
 
@@ -95,20 +108,32 @@ def _voice(modality: str) -> str:
 
 
 def register():
-  stage1 = [_task(f'unimoe_sample_align_{m}', f'align_{m}', _voice(m))
-            for m in ('image', 'speech', 'audio')]
+  stage1 = [
+      _task(f'unimoe_sample_align_{m}', f'align_{m}', _voice(m))
+      for m in ('image', 'speech', 'audio')
+  ]
   # Transcription is the hardest alignment (the aligner learns from scratch to read the
   # digits in order): it gets twice the rate of the captions.
-  common.register_mixture('unimoe_sample_stage1', [
-      (task, STAGE1_RATES[m]) for m, task in zip(('image', 'speech', 'audio'), stage1)])
-  instruct = [_task(f'unimoe_sample_instruct_{m}', f'instruct_{m}', _voice(m))
-              for m in ('image', 'video', 'speech', 'audio')]
+  common.register_mixture(
+      'unimoe_sample_stage1',
+      [(task, STAGE1_RATES[m]) for m, task in zip(('image', 'speech', 'audio'), stage1)],
+  )
+  instruct = [
+      _task(f'unimoe_sample_instruct_{m}', f'instruct_{m}', _voice(m))
+      for m in ('image', 'video', 'speech', 'audio')
+  ]
   evals = {}
   for m in ('image', 'video', 'speech', 'audio'):
     open_metric = metrics.word_error_rate if m == 'speech' else metrics.exact_match
-    evals[m] = [_task(f'unimoe_sample_eval_{m}_mc', f'eval_{m}_mc', _voice(m),
-                      [metrics.multiple_choice_accuracy]),
-                _task(f'unimoe_sample_eval_{m}_open', f'eval_{m}_open', _voice(m), [open_metric])]
+    evals[m] = [
+        _task(
+            f'unimoe_sample_eval_{m}_mc',
+            f'eval_{m}_mc',
+            _voice(m),
+            [metrics.multiple_choice_accuracy],
+        ),
+        _task(f'unimoe_sample_eval_{m}_open', f'eval_{m}_open', _voice(m), [open_metric]),
+    ]
   # Instruction data of one modality: its conversations plus the train split of its
   # benchmark-style tasks (multiple choice answered with a letter, one-word answers), as real
   # instruction mixtures carry ScienceQA/MMBench-style data next to free-form conversations.

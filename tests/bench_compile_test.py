@@ -8,8 +8,13 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--gin_file=models/tiny.gin', '--gin_file=models/moe_4e_top2.gin', '--mesh=2,4,1',
-        '--batch_size=8', '--seq_len=16']
+TINY = [
+    '--gin_file=models/tiny.gin',
+    '--gin_file=models/moe_4e_top2.gin',
+    '--mesh=2,4,1',
+    '--batch_size=8',
+    '--seq_len=16',
+]
 
 
 def _run(tmp_path, *flags):
@@ -17,9 +22,20 @@ def _run(tmp_path, *flags):
   # One host device (the tool makes its own for the EP mesh); XLA:CPU at optimisation level 0
   # as in every test (conftest.py): the test checks the rows, not their speed.
   env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0')
-  proc = subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'bench_compile.py'), *TINY,
-                         f'--json_out={out}', *flags], check=True, cwd=tmp_path, env=env,
-                        capture_output=True, text=True)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(REPO, 'tools', 'bench_compile.py'),
+          *TINY,
+          f'--json_out={out}',
+          *flags,
+      ],
+      check=True,
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+  )
   return json.loads(out.read_text()), proc.stdout
 
 
@@ -27,7 +43,9 @@ def _run(tmp_path, *flags):
 def test_scanned_rows_have_numbers_and_a_table(tmp_path):
   rows, table = _run(tmp_path, '--layouts=scan', '--layers=2,4')
   assert [(r['layout'], r['num_layers'], r['scan_layers']) for r in rows] == [
-      ('scan', 2, True), ('scan', 4, True)]
+      ('scan', 2, True),
+      ('scan', 4, True),
+  ]
   for r in rows:
     assert r['compile_seconds'] > 0 and r['xla_temp_bytes'] > 0, r
   # Twice the layers: twice the per-layer parameters (same embeddings and head).

@@ -40,10 +40,24 @@ def test_bench_data_quick_prints_every_row(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
   env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'  # One device, fast compiles.
   result = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'tools', 'bench_data.py'), '--quick', '--iters', '2',
-       '--workers', '2', '--json', str(out)],
-      check=True, cwd=tmp_path, env=env, capture_output=True, text=True)
-  table = result.stdout[result.stdout.index('modality'):].splitlines()
+      [
+          sys.executable,
+          os.path.join(REPO, 'tools', 'bench_data.py'),
+          '--quick',
+          '--iters',
+          '2',
+          '--workers',
+          '2',
+          '--json',
+          str(out),
+      ],
+      check=True,
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+  )
+  table = result.stdout[result.stdout.index('modality') :].splitlines()
   assert len(table) == 2 + len(EXPECTED_ROWS), result.stdout
   for line, (case, implementation, has_reference) in zip(table[2:], EXPECTED_ROWS):
     assert line.startswith(case) and implementation in line, (line, case, implementation)
@@ -54,12 +68,13 @@ def test_bench_data_quick_prints_every_row(tmp_path):
       assert float(last[:-1]) > 0, line
     else:
       assert last == '-', line
-    numbers = [float(v) for v in line[len(case):].split()[-4:-1] if v != '-']
+    numbers = [float(v) for v in line[len(case) :].split()[-4:-1] if v != '-']
     assert numbers and all(v > 0 for v in numbers), line
 
   rows = json.loads(out.read_text())['rows']
   assert [(r['case'], r['implementation']) for r in rows] == [
-      (line[:18].strip(), line[19:73].strip()) for line in table[2:]]
+      (line[:18].strip(), line[19:73].strip()) for line in table[2:]
+  ]
   for row in rows:
     assert row['examples_per_s'] > 0 and row['ms_per_example'] > 0, row
     assert row['examples_per_s'] == pytest.approx(1e3 / row['ms_per_example'])
@@ -70,4 +85,5 @@ def test_bench_data_quick_prints_every_row(tmp_path):
     else:
       reference = next(r for r in rows if r['reference'] and r['case'] == row['case'])
       assert row['vs_transformers'] == pytest.approx(
-          row['examples_per_s'] / reference['examples_per_s'])
+          row['examples_per_s'] / reference['examples_per_s']
+      )

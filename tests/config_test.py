@@ -23,18 +23,24 @@ def _parse(*files, bindings=()):
   return gin.query_parameter('%DECODER_CONFIG').scoped_configurable_fn()
 
 
-@pytest.mark.parametrize('gin_file,size', [('models/tiny.gin', 'tiny'),
-                                           ('models/llama_7b.gin', 'llama-7b')])
+@pytest.mark.parametrize(
+    'gin_file,size', [('models/tiny.gin', 'tiny'), ('models/llama_7b.gin', 'llama-7b')]
+)
 def test_gin_sizes_equal_python_sizes(gin_file, size):
   assert _parse(gin_file) == config_lib.SIZES[size]
 
 
 def test_gin_files_compose():
-  cfg = _parse('models/llama_7b.gin', 'models/moe_8e_top2.gin', 'models/lora.gin',
-               bindings=['config.MoEConfig.dispatch = "capacity"'])
+  cfg = _parse(
+      'models/llama_7b.gin',
+      'models/moe_8e_top2.gin',
+      'models/lora.gin',
+      bindings=['config.MoEConfig.dispatch = "capacity"'],
+  )
   assert cfg.embed_dim == 4096 and cfg.resolved_head_dim == 128
-  assert cfg.moe == config_lib.MoEConfig(num_experts=8, num_experts_per_tok=2,
-                                         dispatch='capacity', load_balance_loss_coef=0.01)
+  assert cfg.moe == config_lib.MoEConfig(
+      num_experts=8, num_experts_per_tok=2, dispatch='capacity', load_balance_loss_coef=0.01
+  )
   assert cfg.lora.rank == 8 and cfg.lora.scale == 2.0
   assert cfg.moe_layer_indices() == tuple(range(32))
 
@@ -50,8 +56,9 @@ def test_gin_search_path_finds_the_model_files():
 
 
 def test_moe_layer_selection():
-  every_other = config_lib.named('tiny', num_layers=4,
-                                 moe=config_lib.MoEConfig(layers='every_other'))
+  every_other = config_lib.named(
+      'tiny', num_layers=4, moe=config_lib.MoEConfig(layers='every_other')
+  )
   assert every_other.moe_layer_indices() == (1, 3)
   listed = config_lib.named('tiny', num_layers=4, moe=config_lib.MoEConfig(layers=[0, 2]))
   assert listed.moe_layer_indices() == (0, 2)
@@ -79,14 +86,19 @@ def test_installed_package_finds_gin_files_and_tasks(tmp_path):
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   wheels, target = tmp_path / 'wheels', tmp_path / 'site'
   pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check', '-q']
-  subprocess.run(pip + ['wheel', '--no-deps', '--no-build-isolation', '-w', str(wheels), repo],
-                 check=True, cwd=tmp_path)
+  subprocess.run(
+      pip + ['wheel', '--no-deps', '--no-build-isolation', '-w', str(wheels), repo],
+      check=True,
+      cwd=tmp_path,
+  )
   wheel = next(wheels.glob('*.whl'))
-  subprocess.run(pip + ['install', '--no-deps', '--target', str(target), str(wheel)],
-                 check=True, cwd=tmp_path)
+  subprocess.run(
+      pip + ['install', '--no-deps', '--target', str(target), str(wheel)], check=True, cwd=tmp_path
+  )
   script = (
       'import gin, unimoe_jax, unimoe_jax.tasks\n'
       'assert unimoe_jax.__file__.startswith(%r), unimoe_jax.__file__\n'
@@ -94,10 +106,16 @@ def test_installed_package_finds_gin_files_and_tasks(tmp_path):
       '[gin.add_config_file_search_path(p) for p in paths]\n'
       "gin.parse_config_files_and_bindings(['models/tiny.gin', 'models/moe_4e_top2.gin'], [])\n"
       "cfg = gin.query_parameter('%%DECODER_CONFIG').scoped_configurable_fn()\n"
-      'print(paths, cfg.moe.num_experts)\n') % str(target)
-  out = subprocess.run([sys.executable, '-c', script], check=True, cwd=tmp_path,
-                       capture_output=True, text=True,
-                       env={**os.environ, 'PYTHONPATH': str(target)}).stdout
+      'print(paths, cfg.moe.num_experts)\n'
+  ) % str(target)
+  out = subprocess.run(
+      [sys.executable, '-c', script],
+      check=True,
+      cwd=tmp_path,
+      capture_output=True,
+      text=True,
+      env={**os.environ, 'PYTHONPATH': str(target)},
+  ).stdout
   assert out.strip().endswith(' 4') and 'gin_files' in out, out
 
 
@@ -112,6 +130,7 @@ def test_multimodal_gin_equals_the_named_official_sizes():
   from unimoe_jax.encoders.beats import BEATS_SIZES
   from unimoe_jax.encoders.clip import CLIP_SIZES
   from unimoe_jax.encoders.whisper import WHISPER_SIZES
+
   cfg = _parse_model('models/llama_7b.gin', 'models/moe_4e_top2.gin', 'models/multimodal.gin')
   assert cfg.decoder.moe.num_experts == 4 and cfg.decoder.embed_dim == 4096
   assert cfg.vision == CLIP_SIZES['vit-l-14-336']
@@ -127,10 +146,16 @@ def test_multimodal_tiny_gin_builds_the_tiny_towers():
   from unimoe_jax.connectors.qformer import QFORMER_SIZES
   from unimoe_jax.encoders.beats import BEATS_SIZES
   from unimoe_jax.encoders.clip import CLIP_SIZES
+
   cfg = _parse_model('models/tiny.gin', 'models/multimodal_tiny.gin')
   assert cfg.decoder == config_lib.SIZES['tiny']
-  towers = (cfg.vision, cfg.speech_encoder, cfg.speech_aligner, cfg.audio_encoder,
-            cfg.audio_qformer)
+  towers = (
+      cfg.vision,
+      cfg.speech_encoder,
+      cfg.speech_aligner,
+      cfg.audio_encoder,
+      cfg.audio_qformer,
+  )
   # The gin file widens the initialisation of every tiny tower (see its comment); the Python
   # size tables keep the released models' 0.02.
   assert all(t.init_std == 0.1 for t in towers)
@@ -138,10 +163,14 @@ def test_multimodal_tiny_gin_builds_the_tiny_towers():
   assert released_init(cfg.vision) == CLIP_SIZES['tiny']
   assert released_init(cfg.audio_encoder) == BEATS_SIZES['tiny']
   assert released_init(cfg.audio_qformer) == dataclasses.replace(
-      QFORMER_SIZES['tiny'], num_layers=2, encoder_hidden_size=32)
+      QFORMER_SIZES['tiny'], num_layers=2, encoder_hidden_size=32
+  )
 
 
 def test_multimodal_gin_typo_names_the_binding():
   with pytest.raises(ValueError, match='num_query_tokenz'):
-    _parse_model('models/tiny.gin', 'models/multimodal_tiny.gin',
-                 bindings=['whisper_aligner.WhisperAlignerConfig.num_query_tokenz = 3'])
+    _parse_model(
+        'models/tiny.gin',
+        'models/multimodal_tiny.gin',
+        bindings=['whisper_aligner.WhisperAlignerConfig.num_query_tokenz = 3'],
+    )

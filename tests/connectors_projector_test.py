@@ -33,16 +33,18 @@ def _llava_projector(kind):
 def test_matches_llava_projector(kind):
   torch, _ = hf_reference.torch_and_transformers()
   module = _llava_projector(kind)
-  state_dict = {f'model.mm_projector.{k}': v
-                for k, v in hf_reference.state_dict_numpy(module).items()}
+  state_dict = {
+      f'model.mm_projector.{k}': v for k, v in hf_reference.state_dict_numpy(module).items()
+  }
   state_dict['model.layers.0.mlp.up_proj.weight'] = np.zeros((3, 3), np.float32)  # Ignored.
   params = convert_clip.projector_params_from_hf(state_dict, kind)
 
   x = np.random.default_rng(0).normal(size=(2, 5, IN_DIM)).astype(np.float32)
   projector = Projector(kind, OUT_DIM)
   init = nn.meta.unbox(jax.eval_shape(projector.init, jax.random.PRNGKey(0), x)['params'])
-  assert (jax.tree_util.tree_map(lambda a: a.shape, init)
-          == jax.tree_util.tree_map(lambda a: a.shape, params))
+  assert jax.tree_util.tree_map(lambda a: a.shape, init) == jax.tree_util.tree_map(
+      lambda a: a.shape, params
+  )
   ours = projector.apply({'params': params}, x)
   with torch.no_grad():
     ref = module(torch.tensor(x)).numpy()
@@ -70,8 +72,10 @@ def test_every_param_has_logical_axes():
     boxed = jax.eval_shape(Projector(kind, OUT_DIM).init, jax.random.PRNGKey(0), x)
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda v: isinstance(v, nn.Partitioned))
     assert len(leaves) == 2 * projector_depth(kind)
-    assert all(isinstance(v, nn.LogicallyPartitioned) and len(v.names) == len(v.value.shape)
-               for v in leaves)
+    assert all(
+        isinstance(v, nn.LogicallyPartitioned) and len(v.names) == len(v.value.shape)
+        for v in leaves
+    )
     # flax refuses a kernel whose axis names repeat once a mesh maps them.
     assert all(len(set(v.names)) == len(v.names) for v in leaves)
 

@@ -21,10 +21,17 @@ def tiny_hf_qformer(use_qformer_text_input=False):
   """Built once per variant; the tests only read it."""
   torch, transformers = torch_and_transformers()
   config = transformers.Blip2QFormerConfig(
-      hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
-      cross_attention_frequency=2, encoder_hidden_size=24, hidden_act='gelu',
-      layer_norm_eps=1e-12, use_qformer_text_input=use_qformer_text_input,
-      attn_implementation='eager')
+      hidden_size=32,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      intermediate_size=48,
+      cross_attention_frequency=2,
+      encoder_hidden_size=24,
+      hidden_act='gelu',
+      layer_norm_eps=1e-12,
+      use_qformer_text_input=use_qformer_text_input,
+      attn_implementation='eager',
+  )
   model = transformers.Blip2QFormerModel(config).eval()
   # Real values everywhere (biases and LayerNorms start at 0/1), so that a swapped or
   # mis-shaped tensor shows up in the output.
@@ -48,24 +55,30 @@ def hf_output(model, query_tokens, states, mask):
   torch, _ = torch_and_transformers()
   query = np.broadcast_to(query_tokens[None], (states.shape[0],) + query_tokens.shape)
   with torch.no_grad():
-    out = model(query_embeds=torch.tensor(np.ascontiguousarray(query)),
-                encoder_hidden_states=torch.tensor(states),
-                encoder_attention_mask=torch.tensor(mask.astype(np.int64)))
+    out = model(
+        query_embeds=torch.tensor(np.ascontiguousarray(query)),
+        encoder_hidden_states=torch.tensor(states),
+        encoder_attention_mask=torch.tensor(mask.astype(np.int64)),
+    )
   return out.last_hidden_state.numpy()
 
 
 def converted(model, config, num_query=8, seed=1):
   cfg = convert_qformer.config_from_hf(config.to_dict(), num_query_tokens=num_query)
   query = np.random.default_rng(seed).normal(size=(num_query, cfg.hidden_size))
-  params = convert_qformer.params_from_hf(state_dict_numpy(model), cfg,
-                                          query_tokens=query.astype(np.float32))
+  params = convert_qformer.params_from_hf(
+      state_dict_numpy(model), cfg, query_tokens=query.astype(np.float32)
+  )
   return cfg, params
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted_apply(cfg, dtype):
-  return jax.jit(lambda params, states, mask: QFormer(cfg, dtype=dtype).apply(
-      {'params': params}, states, mask).astype(jnp.float32))
+  return jax.jit(
+      lambda params, states, mask: QFormer(cfg, dtype=dtype)
+      .apply({'params': params}, states, mask)
+      .astype(jnp.float32)
+  )
 
 
 def apply(cfg, params, states, mask=None, dtype=jnp.float32):
@@ -99,8 +112,9 @@ def test_masked_frames_do_not_matter():
   mask[2] = False  # A fully masked example.
   base = apply(cfg, params, states, mask)
   assert np.all(np.isfinite(base))
-  noisy = np.where(mask[:, :, None], states,
-                   1e4 * np.random.default_rng(5).normal(size=states.shape)).astype(np.float32)
+  noisy = np.where(
+      mask[:, :, None], states, 1e4 * np.random.default_rng(5).normal(size=states.shape)
+  ).astype(np.float32)
   np.testing.assert_array_equal(apply(cfg, params, noisy, mask), base)
   # ... while changing one real frame does change the output.
   changed = states.copy()
@@ -138,8 +152,9 @@ def test_prefixed_state_dict_with_query_tokens_beside():
   _, transformers = torch_and_transformers()
   model, config = tiny_hf_qformer()
   cfg, params = converted(model, config)
-  blip2 = transformers.Blip2Config(vision_config={'hidden_size': 24},
-                                  qformer_config=config.to_dict(), num_query_tokens=8)
+  blip2 = transformers.Blip2Config(
+      vision_config={'hidden_size': 24}, qformer_config=config.to_dict(), num_query_tokens=8
+  )
   assert convert_qformer.config_from_hf(blip2.to_dict()) == cfg
   sd = {f'qformer.{k}': v for k, v in state_dict_numpy(model).items()}
   sd['query_tokens'] = params['query_tokens'][None]
@@ -147,8 +162,9 @@ def test_prefixed_state_dict_with_query_tokens_beside():
   got = convert_qformer.params_from_hf(sd, cfg, prefix='qformer.')
   jax.tree_util.tree_map(np.testing.assert_array_equal, got, params)
   # Uni-MoE's aligner: query tokens two levels above the Q-Former.
-  sd = {f'model.mm_audio_aligner.qformer.qformer.{k}': v
-        for k, v in state_dict_numpy(model).items()}
+  sd = {
+      f'model.mm_audio_aligner.qformer.qformer.{k}': v for k, v in state_dict_numpy(model).items()
+  }
   sd['model.mm_audio_aligner.query_tokens'] = params['query_tokens'][None]
   sd['model.mm_audio_aligner.projector.weight'] = np.ones((4, 32), np.float32)
   got = convert_qformer.params_from_hf(sd, cfg, prefix='model.mm_audio_aligner.qformer.qformer')
@@ -172,14 +188,19 @@ def test_converter_names_mismatches():
   with pytest.raises(ValueError, match='output_query.dense.weight'):
     convert_qformer.params_from_hf(sd, cfg, query_tokens=params['query_tokens'])
   with pytest.raises(ValueError, match='query_tokens'):
-    convert_qformer.params_from_hf(state_dict_numpy(model), cfg,
-                                   query_tokens=np.zeros((1, 9, 32), np.float32))
+    convert_qformer.params_from_hf(
+        state_dict_numpy(model), cfg, query_tokens=np.zeros((1, 9, 32), np.float32)
+    )
 
 
 def test_config_validation_and_sizes():
   audio = QFORMER_SIZES['uni-moe-audio']
-  assert (audio.hidden_size, audio.num_layers, audio.encoder_hidden_size,
-          audio.num_query_tokens) == (768, 12, 768, 50)
+  assert (
+      audio.hidden_size,
+      audio.num_layers,
+      audio.encoder_hidden_size,
+      audio.num_query_tokens,
+  ) == (768, 12, 768, 50)
   with pytest.raises(ValueError, match='num_heads'):
     dataclasses.replace(QFORMER_SIZES['tiny'], num_heads=5)
   with pytest.raises(ValueError, match='act'):

@@ -45,8 +45,12 @@ def test_llama_packed_segments_equal_separate_sequences():
   packed = np.concatenate([a, b], axis=1)
   segments = np.array([[1] * 9 + [2] * 7], np.int32)
   positions = np.array([list(range(9)) + list(range(7))], np.int32)
-  ours, _ = model.apply({'params': params}, jnp.asarray(packed),
-                        segment_ids=jnp.asarray(segments), positions=jnp.asarray(positions))
+  ours, _ = model.apply(
+      {'params': params},
+      jnp.asarray(packed),
+      segment_ids=jnp.asarray(segments),
+      positions=jnp.asarray(positions),
+  )
   np.testing.assert_allclose(np.asarray(ours)[:, :9], hf_reference.logits(hf_model, a), atol=TOL)
   np.testing.assert_allclose(np.asarray(ours)[:, 9:], hf_reference.logits(hf_model, b), atol=TOL)
 
@@ -54,8 +58,9 @@ def test_llama_packed_segments_equal_separate_sequences():
 @pytest.mark.parametrize('dispatch', ['dense', 'capacity', 'dropless'])
 def test_mixtral_logits_match_transformers(dispatch):
   hf_model, hf_config = hf_reference.tiny_mixtral()
-  moe = MoEConfig(num_experts=4, num_experts_per_tok=2, dispatch=dispatch,
-                  capacity_factor=4.0)  # Capacity for every assignment: nothing dropped.
+  moe = MoEConfig(
+      num_experts=4, num_experts_per_tok=2, dispatch=dispatch, capacity_factor=4.0
+  )  # Capacity for every assignment: nothing dropped.
   model, params = _ours(hf_model, hf_config, moe=moe)
   tokens = _tokens()
   ours, aux = model.apply({'params': params}, jnp.asarray(tokens))
@@ -69,7 +74,8 @@ def test_converter_names_missing_and_unexpected_tensors():
   hf_model, hf_config = hf_reference.tiny_llama()
   sd = hf_reference.state_dict_numpy(hf_model)
   sd['model.layers.1.self_attn.q_proj.weight_renamed'] = sd.pop(
-      'model.layers.1.self_attn.q_proj.weight')
+      'model.layers.1.self_attn.q_proj.weight'
+  )
   cfg = convert_hf.config_from_hf(hf_config.to_dict(), dtype='float32')
   with pytest.raises(ValueError, match=r'q_proj\.weight.*q_proj\.weight_renamed'):
     convert_hf.decoder_params_from_hf(sd, cfg)
@@ -89,6 +95,7 @@ def test_a_truncated_weight_file_is_named(tmp_path, cut):
   """Issue 21: a truncated safetensors file gave a bare struct / JSON / mmap error."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from unimoe_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
+
   path = str(tmp_path / 'model.safetensors')
   save_file({'a': np.ones((4, 8), np.float32), 'b': np.zeros(3, np.float32)}, path)
   size = os.path.getsize(path)
@@ -106,6 +113,7 @@ def test_a_truncated_weight_file_is_named(tmp_path, cut):
 def test_a_truncated_torch_file_is_named(tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
   from unimoe_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
+
   path = str(tmp_path / 'pytorch_model.bin')
   torch.save({'a': torch.ones(64, 64)}, path)
   with open(path, 'r+b') as f:

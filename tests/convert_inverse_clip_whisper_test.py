@@ -29,25 +29,36 @@ def test_clip_hf_ours_hf_is_bit_identical_on_what_the_tower_reads(select_layer):
   params = convert_clip.params_from_hf({'vision_model.' + k: v for k, v in sd.items()}, cfg)
   back = convert_clip.params_to_hf(params, cfg, prefix=LLAVA_PREFIX)
   _assert_exported(back)
-  dropped = {k for k in sd if k.startswith('post_layernorm.') or k == 'embeddings.position_ids'
-             or any(k.startswith(f'encoder.layers.{i}.')
-                    for i in range(cfg.num_used_layers, cfg.num_layers))}
-  assert {k[len(LLAVA_PREFIX):] for k in back} == set(sd) - dropped
+  dropped = {
+      k
+      for k in sd
+      if k.startswith('post_layernorm.')
+      or k == 'embeddings.position_ids'
+      or any(
+          k.startswith(f'encoder.layers.{i}.') for i in range(cfg.num_used_layers, cfg.num_layers)
+      )
+  }
+  assert {k[len(LLAVA_PREFIX) :] for k in back} == set(sd) - dropped
   assert dropped >= {'post_layernorm.weight', 'post_layernorm.bias'}
   for name, value in back.items():
-    np.testing.assert_array_equal(value, sd[name[len(LLAVA_PREFIX):]], err_msg=name)
+    np.testing.assert_array_equal(value, sd[name[len(LLAVA_PREFIX) :]], err_msg=name)
 
 
 def test_clip_ours_hf_ours_is_bit_identical_and_config_round_trips():
   _, config, sd = _hf_tower()
   cfg = convert_clip.config_from_hf(config.to_dict())
-  params = _random_like(convert_clip.params_from_hf(
-      {'vision_model.' + k: v for k, v in sd.items()}, cfg), seed=5)
+  params = _random_like(
+      convert_clip.params_from_hf({'vision_model.' + k: v for k, v in sd.items()}, cfg), seed=5
+  )
   again = convert_clip.params_from_hf(convert_clip.params_to_hf(params, cfg), cfg)
   _assert_trees_equal(again, params)
   hf_dict = convert_clip.config_to_hf(cfg)
-  assert convert_clip.config_from_hf(hf_dict, select_layer=cfg.select_layer,
-                                     select_feature=cfg.select_feature) == cfg
+  assert (
+      convert_clip.config_from_hf(
+          hf_dict, select_layer=cfg.select_layer, select_feature=cfg.select_feature
+      )
+      == cfg
+  )
   gelu = dataclasses.replace(cfg, act='gelu_tanh')
   assert convert_clip.config_to_hf(gelu)['hidden_act'] == 'gelu_new'
   assert convert_clip.config_from_hf(convert_clip.config_to_hf(gelu)).act == 'gelu_tanh'
@@ -59,17 +70,20 @@ def test_clip_transformers_loads_the_export_and_gives_the_same_hidden_state():
   cfg = convert_clip.config_from_hf(config.to_dict())  # select_layer -2: the last layer dropped.
   params = convert_clip.params_from_hf({'vision_model.' + k: v for k, v in sd.items()}, cfg)
   exported = convert_clip.params_to_hf(params, cfg, prefix='vision_model.')
-  fresh = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-      attn_implementation='eager', **convert_clip.config_to_hf(cfg))).eval()
+  fresh = transformers.CLIPVisionModel(
+      transformers.CLIPVisionConfig(attn_implementation='eager', **convert_clip.config_to_hf(cfg))
+  ).eval()
   state = {k: torch.from_numpy(v) for k, v in exported.items()}
   # transformers 4 keeps the `vision_model.` level in CLIPVisionModel's names, 5 drops it.
   names = set(fresh.state_dict())
   if not any(n.startswith('vision_model.') for n in names):
-    state = {k[len('vision_model.'):]: v for k, v in state.items()}
+    state = {k[len('vision_model.') :]: v for k, v in state.items()}
   missing, unexpected = fresh.load_state_dict(state, strict=False)
   assert not unexpected
-  assert all('post_layernorm' in m or m.endswith('position_ids') or
-             f'layers.{cfg.num_layers - 1}.' in m for m in missing), missing
+  assert all(
+      'post_layernorm' in m or m.endswith('position_ids') or f'layers.{cfg.num_layers - 1}.' in m
+      for m in missing
+  ), missing
   pixels = torch.tensor(np.random.default_rng(0).normal(size=(2, 3, 30, 30)).astype(np.float32))
   with torch.no_grad():
     want = model(pixel_values=pixels, output_hidden_states=True).hidden_states[cfg.select_layer]
@@ -87,24 +101,26 @@ def test_projector_round_trips_bit_exact(kind):
     assert sd['model.mm_projector.weight'].shape == (11, 7)
   else:
     depth = int(kind[3])
-    assert set(sd) == {f'model.mm_projector.{2 * i}.{t}' for i in range(depth)
-                       for t in ('weight', 'bias')}
+    assert set(sd) == {
+        f'model.mm_projector.{2 * i}.{t}' for i in range(depth) for t in ('weight', 'bias')
+    }
   again = convert_clip.projector_params_from_hf(sd, kind, prefix='model.mm_projector.')
   _assert_trees_equal(again, params)
 
 
 def nn_init_projector(kind, in_dim, out_dim):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
   variables = Projector(kind=kind, out_dim=out_dim).init(
-      jax.random.PRNGKey(0), np.zeros((1, 2, in_dim), np.float32))
+      jax.random.PRNGKey(0), np.zeros((1, 2, in_dim), np.float32)
+  )
   return _random_like(nn.meta.unbox(variables['params']), seed=1)
 
 
 def test_projector_export_names_a_missing_linear():
   params = nn_init_projector('mlp2x_gelu', in_dim=3, out_dim=4)
   with pytest.raises(ValueError, match='mlp2x_gelu'):
-    convert_clip.projector_params_to_hf({k: v for k, v in list(params.items())[:1]},
-                                        'mlp2x_gelu')
+    convert_clip.projector_params_to_hf({k: v for k, v in list(params.items())[:1]}, 'mlp2x_gelu')
 
 
 # --- Whisper -------------------------------------------------------------------------------------
@@ -122,12 +138,15 @@ def test_whisper_hf_ours_hf_is_bit_identical(hf):
       np.testing.assert_allclose(value, sd[name], atol=1e-6, rtol=0)
     else:
       np.testing.assert_array_equal(value, sd[name], err_msg=name)
-  np.testing.assert_array_equal(back['encoder.embed_positions.weight'],
-                                sinusoids(enc_cfg.max_source_positions, enc_cfg.d_model))
+  np.testing.assert_array_equal(
+      back['encoder.embed_positions.weight'],
+      sinusoids(enc_cfg.max_source_positions, enc_cfg.d_model),
+  )
 
   queries = np.random.default_rng(2).normal(size=(1, ali_cfg.num_query_tokens, ali_cfg.d_model))
-  aligner = convert_whisper.aligner_params_from_hf(sd, ali_cfg, prefix='decoder.',
-                                                   query_tokens=queries)
+  aligner = convert_whisper.aligner_params_from_hf(
+      sd, ali_cfg, prefix='decoder.', query_tokens=queries
+  )
   back, back_queries = convert_whisper.aligner_params_to_hf(aligner, ali_cfg, prefix='decoder.')
   _assert_exported(back)
   assert set(back) == {k for k in sd if k.startswith('decoder.')} - {'decoder.embed_tokens.weight'}
@@ -140,7 +159,8 @@ def test_whisper_ours_hf_ours_is_bit_identical_and_configs_round_trip(hf):
   _, sd, enc_cfg, ali_cfg = hf
   encoder = _random_like(convert_whisper.encoder_params_from_hf(sd, enc_cfg), seed=7)
   again = convert_whisper.encoder_params_from_hf(
-      convert_whisper.encoder_params_to_hf(encoder, enc_cfg), enc_cfg)
+      convert_whisper.encoder_params_to_hf(encoder, enc_cfg), enc_cfg
+  )
   _assert_trees_equal(again, encoder)
   aligner = _random_like(convert_whisper.aligner_params_from_hf(sd, ali_cfg), seed=8)
   tensors, queries = convert_whisper.aligner_params_to_hf(aligner, ali_cfg)
@@ -149,8 +169,10 @@ def test_whisper_ours_hf_ours_is_bit_identical_and_configs_round_trip(hf):
 
   hf_dict = convert_whisper.config_to_hf(enc_cfg, ali_cfg)
   assert convert_whisper.encoder_config_from_hf(hf_dict) == enc_cfg
-  assert convert_whisper.aligner_config_from_hf(
-      hf_dict, num_query_tokens=ali_cfg.num_query_tokens) == ali_cfg
+  assert (
+      convert_whisper.aligner_config_from_hf(hf_dict, num_query_tokens=ali_cfg.num_query_tokens)
+      == ali_cfg
+  )
 
 
 def test_whisper_config_to_hf_names_what_it_cannot_say(hf):
@@ -175,17 +197,32 @@ def test_whisper_transformers_loads_the_export_and_gives_the_same_outputs(hf):
   aligner = convert_whisper.aligner_params_from_hf(sd, ali_cfg, query_tokens=queries)
   hf_dict = convert_whisper.config_to_hf(enc_cfg, ali_cfg)
   # The unused token table: the fixture's tiny vocabulary instead of Whisper's.
-  hf_dict.update({k: getattr(model.config, k) for k in (
-      'vocab_size', 'pad_token_id', 'bos_token_id', 'eos_token_id', 'decoder_start_token_id')})
-  fresh = transformers.WhisperModel(transformers.WhisperConfig(
-      attn_implementation='eager', **hf_dict)).eval()
+  hf_dict.update(
+      {
+          k: getattr(model.config, k)
+          for k in (
+              'vocab_size',
+              'pad_token_id',
+              'bos_token_id',
+              'eos_token_id',
+              'decoder_start_token_id',
+          )
+      }
+  )
+  fresh = transformers.WhisperModel(
+      transformers.WhisperConfig(attn_implementation='eager', **hf_dict)
+  ).eval()
   state = dict(convert_whisper.encoder_params_to_hf(encoder, enc_cfg, prefix='encoder.'))
   state.update(convert_whisper.aligner_params_to_hf(aligner, ali_cfg, prefix='decoder.')[0])
   missing, unexpected = fresh.load_state_dict(
-      {k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+      {k: torch.from_numpy(v) for k, v in state.items()}, strict=False
+  )
   assert not unexpected and missing == ['decoder.embed_tokens.weight'], (missing, unexpected)
-  feats = torch.tensor(np.random.default_rng(0).normal(
-      size=(2, enc_cfg.num_mel_bins, enc_cfg.num_frames)).astype(np.float32))
+  feats = torch.tensor(
+      np.random.default_rng(0)
+      .normal(size=(2, enc_cfg.num_mel_bins, enc_cfg.num_frames))
+      .astype(np.float32)
+  )
   embeds = torch.tensor(np.repeat(queries, 2, 0).astype(np.float32))
   with torch.no_grad():
     want = model(input_features=feats, decoder_inputs_embeds=embeds).last_hidden_state

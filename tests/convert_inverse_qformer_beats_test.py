@@ -31,8 +31,7 @@ FOLD_RTOL = 2.5e-7
 def _random_like(tree, seed):
   """Numpy normals of each leaf's shape (LayerNorm-like scales near 1 don't matter here)."""
   rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(
-      lambda x: rng.normal(0.0, 0.3, x.shape).astype(np.float32), tree)
+  return jax.tree_util.tree_map(lambda x: rng.normal(0.0, 0.3, x.shape).astype(np.float32), tree)
 
 
 def _assert_trees_equal(got, want):
@@ -54,10 +53,20 @@ def _assert_exported(sd):
 def _hf_qformer():
   """The `towers` fixture's Q-Former of convert_checkpoint_test: 2 layers, 12 heads."""
   _, transformers = torch_and_transformers()
-  model = _perturb(transformers.Blip2QFormerModel(transformers.Blip2QFormerConfig(
-      hidden_size=24, num_hidden_layers=2, num_attention_heads=12, intermediate_size=32,
-      cross_attention_frequency=2, encoder_hidden_size=BEATS_CFG['encoder_embed_dim'],
-      attn_implementation='eager')), 3)
+  model = _perturb(
+      transformers.Blip2QFormerModel(
+          transformers.Blip2QFormerConfig(
+              hidden_size=24,
+              num_hidden_layers=2,
+              num_attention_heads=12,
+              intermediate_size=32,
+              cross_attention_frequency=2,
+              encoder_hidden_size=BEATS_CFG['encoder_embed_dim'],
+              attn_implementation='eager',
+          )
+      ),
+      3,
+  )
   cfg = convert_qformer.config_from_hf(model.config.to_dict(), num_query_tokens=NUM_QUERY)
   query = np.random.default_rng(4).normal(size=(1, NUM_QUERY, 24)).astype(np.float32)
   return model, cfg, query
@@ -66,8 +75,10 @@ def _hf_qformer():
 def _qformer_output(model, query, states):
   torch, _ = torch_and_transformers()
   with torch.no_grad():
-    out = model(query_embeds=torch.tensor(np.repeat(query, states.shape[0], 0)),
-                encoder_hidden_states=torch.tensor(states))
+    out = model(
+        query_embeds=torch.tensor(np.repeat(query, states.shape[0], 0)),
+        encoder_hidden_states=torch.tensor(states),
+    )
   return out.last_hidden_state.numpy()
 
 
@@ -77,8 +88,9 @@ def test_qformer_hf_ours_hf_is_bit_identical(prefix):
   sd = {prefix + k: v for k, v in state_dict_numpy(model).items()}
   # Uni-MoE keeps the query tokens two levels above the Q-Former (found by the forward).
   sd_in = dict(sd, **({'model.mm_audio_aligner.query_tokens': query} if prefix else {}))
-  params = convert_qformer.params_from_hf(sd_in, cfg, prefix=prefix,
-                                          query_tokens=None if prefix else query)
+  params = convert_qformer.params_from_hf(
+      sd_in, cfg, prefix=prefix, query_tokens=None if prefix else query
+  )
   back, back_query = convert_qformer.params_to_hf(params, cfg, prefix=prefix)
   assert sorted(back) == sorted(sd)  # No text FFN in this model: the forward reads everything.
   _assert_exported(back)
@@ -91,8 +103,9 @@ def test_qformer_hf_ours_hf_is_bit_identical(prefix):
 def test_qformer_ours_hf_ours_is_bit_identical_and_loads_in_transformers():
   torch, transformers = torch_and_transformers()
   model, cfg, _ = _hf_qformer()
-  shapes = jax.eval_shape(QFormer(cfg).init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, 3, cfg.encoder_hidden_size)))
+  shapes = jax.eval_shape(
+      QFormer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 3, cfg.encoder_hidden_size))
+  )
   params = _random_like(nn.meta.unbox(shapes['params']), seed=5)
   sd, query = convert_qformer.params_to_hf(params, cfg)
   assert query.shape == (1, NUM_QUERY, cfg.hidden_size)
@@ -103,24 +116,32 @@ def test_qformer_ours_hf_ours_is_bit_identical_and_loads_in_transformers():
   hf_dict = convert_qformer.config_to_hf(cfg)
   assert convert_qformer.config_from_hf(hf_dict, num_query_tokens=NUM_QUERY) == cfg
   assert hf_dict['hidden_act'] == model.config.hidden_act
-  rebuilt = transformers.Blip2QFormerModel(transformers.Blip2QFormerConfig(
-      **hf_dict, attn_implementation='eager')).eval()
+  rebuilt = transformers.Blip2QFormerModel(
+      transformers.Blip2QFormerConfig(**hf_dict, attn_implementation='eager')
+  ).eval()
   exported, _ = convert_qformer.params_to_hf(
-      convert_qformer.params_from_hf(state_dict_numpy(model), cfg, query_tokens=query), cfg)
+      convert_qformer.params_from_hf(state_dict_numpy(model), cfg, query_tokens=query), cfg
+  )
   rebuilt.load_state_dict({k: torch.tensor(v) for k, v in exported.items()}, strict=True)
   rng = np.random.default_rng(6)
   embeds = rng.normal(size=(1, NUM_QUERY, cfg.hidden_size)).astype(np.float32)
   states = rng.normal(size=(2, 5, cfg.encoder_hidden_size)).astype(np.float32)
-  np.testing.assert_allclose(_qformer_output(rebuilt, embeds, states),
-                             _qformer_output(model, embeds, states), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+      _qformer_output(rebuilt, embeds, states),
+      _qformer_output(model, embeds, states),
+      atol=1e-5,
+      rtol=0,
+  )
 
 
 def test_qformer_config_round_trip():
   _, cfg, _ = _hf_qformer()
   for act in ('gelu', 'gelu_tanh', 'quick_gelu', 'relu'):
     c = dataclasses.replace(cfg, act=act, layer_norm_eps=1e-6)
-    assert convert_qformer.config_from_hf(convert_qformer.config_to_hf(c),
-                                          num_query_tokens=NUM_QUERY) == c
+    assert (
+        convert_qformer.config_from_hf(convert_qformer.config_to_hf(c), num_query_tokens=NUM_QUERY)
+        == c
+    )
 
 
 # --- BEATs ------------------------------------------------------------------------------------
@@ -134,10 +155,12 @@ def _folded(sd):
 def test_beats_official_ours_official(cfg_dict):
   config = beats.config_from_official(cfg_dict)
   sd = beats_official_state_dict(cfg_dict)
-  with_head = dict(sd, **{name: np.zeros((1,), np.float32)
-                          for name in convert_beats.TRAINING_ONLY_TENSORS})
-  back = convert_beats.params_to_official(convert_beats.params_from_official(with_head, config),
-                                          config)
+  with_head = dict(
+      sd, **{name: np.zeros((1,), np.float32) for name in convert_beats.TRAINING_ONLY_TENSORS}
+  )
+  back = convert_beats.params_to_official(
+      convert_beats.params_from_official(with_head, config), config
+  )
   assert sorted(back) == sorted(sd)  # The head is dropped; the tied table repeats per layer.
   _assert_exported(back)
   for name, value in sd.items():
@@ -151,8 +174,9 @@ def test_beats_official_ours_official(cfg_dict):
 @pytest.mark.parametrize('cfg_dict', [BEATS_CFG, PRE_LN_CFG], ids=['post_ln_deep_norm', 'pre_ln'])
 def test_beats_ours_official_ours(cfg_dict):
   config = beats.config_from_official(cfg_dict)
-  shapes = jax.eval_shape(beats.BEATs(config).init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, 32, config.num_mel_bins)))
+  shapes = jax.eval_shape(
+      beats.BEATs(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 32, config.num_mel_bins))
+  )
   params = _random_like(nn.meta.unbox(shapes['params']), seed=7)
   sd = convert_beats.params_to_official(params, config)
   assert sorted(sd) == sorted(beats_official_state_dict(cfg_dict))
@@ -174,7 +198,8 @@ def test_beats_config_round_trip():
     assert official['finetuned_model'] is False
     # Every architecture key the original states, with the same value.
     assert {k: official[k] for k in cfg_dict if k in official} == {
-        k: v for k, v in cfg_dict.items() if k in official}
+        k: v for k, v in cfg_dict.items() if k in official
+    }
   for size in beats.BEATS_SIZES.values():
     assert beats.config_from_official(beats.config_to_official(size)) == size
   with pytest.raises(ValueError, match='num_mel_bins'):

@@ -12,8 +12,9 @@ import pytest
 
 import hf_reference
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'tools'))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
+)
 import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax import score  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.convert import llava  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -26,16 +27,36 @@ IMAGE_TOKEN = 96  # HF's image token: the last id of the tiny vocabulary.
 def tiny_llava():
   torch, transformers = hf_reference.torch_and_transformers()
   vision = transformers.CLIPVisionConfig(
-      image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-      intermediate_size=64, hidden_act='quick_gelu', layer_norm_eps=1e-5)
+      image_size=32,
+      patch_size=8,
+      hidden_size=32,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      intermediate_size=64,
+      hidden_act='quick_gelu',
+      layer_norm_eps=1e-5,
+  )
   text = transformers.LlamaConfig(
-      vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=5000.0,
-      tie_word_embeddings=False)
+      vocab_size=97,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      rms_norm_eps=1e-5,
+      rope_theta=5000.0,
+      tie_word_embeddings=False,
+  )
   config = transformers.LlavaConfig(
-      vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-      vision_feature_layer=-2, vision_feature_select_strategy='default',
-      projector_hidden_act='gelu', image_seq_length=16, tie_word_embeddings=False)
+      vision_config=vision,
+      text_config=text,
+      image_token_id=IMAGE_TOKEN,
+      vision_feature_layer=-2,
+      vision_feature_select_strategy='default',
+      projector_hidden_act='gelu',
+      image_seq_length=16,
+      tie_word_embeddings=False,
+  )
   config._attn_implementation = 'eager'  # pylint: disable=protected-access
   model = transformers.LlavaForConditionalGeneration(config).eval()
   model.set_attn_implementation('eager')
@@ -48,23 +69,28 @@ def tiny_llava():
 
 def _inputs(n_image_tokens, seed=0):
   rng = np.random.RandomState(seed)
-  ids = np.concatenate([[1], rng.randint(3, 90, size=4), [IMAGE_TOKEN] * n_image_tokens,
-                        rng.randint(3, 90, size=6)]).astype(np.int64)[None]
+  ids = np.concatenate(
+      [[1], rng.randint(3, 90, size=4), [IMAGE_TOKEN] * n_image_tokens, rng.randint(3, 90, size=6)]
+  ).astype(np.int64)[None]
   pixels = rng.randn(1, 32, 32, 3).astype(np.float32)  # channels-last, ours
   return ids, pixels
 
 
 def _hf_logits(model, ids, pixels):
   import torch  # pylint: disable=g-import-not-at-top
+
   with torch.no_grad():
-    return model(input_ids=torch.tensor(ids),
-                 pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2))).logits.numpy()
+    return model(
+        input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2))
+    ).logits.numpy()
 
 
 def _our_logits(cfg, params, hf_config, ids, pixels):
-  batch = {'decoder_input_tokens': jnp.asarray(llava.map_image_tokens(ids, hf_config, cfg)),
-           'image_features': jnp.asarray(pixels[:, None]),
-           'image_mask': jnp.ones((1, 1), bool)}
+  batch = {
+      'decoder_input_tokens': jnp.asarray(llava.map_image_tokens(ids, hf_config, cfg)),
+      'image_features': jnp.asarray(pixels[:, None]),
+      'image_mask': jnp.ones((1, 1), bool),
+  }
   logits, _ = UniMoE(cfg).apply({'params': params}, batch)
   return np.asarray(logits)
 
@@ -81,8 +107,12 @@ def test_converted_llava_logits_match_transformers(tmp_path, capsys, converted):
   model, src = converted
   out = str(tmp_path / 'out')
   capsys.readouterr()
-  assert convert_checkpoint.main(['--source', 'hf', '--input', str(src), '--output', out,
-                                  '--dtype', 'float32']) == 0
+  assert (
+      convert_checkpoint.main(
+          ['--source', 'hf', '--input', str(src), '--output', out, '--dtype', 'float32']
+      )
+      == 0
+  )
   summary = json.loads(capsys.readouterr().out.splitlines()[-1])
   assert summary['modalities'] == ['image', 'video']
   cfg, params = score.restore_model(out)
@@ -99,16 +129,19 @@ def test_converted_llava_logits_match_transformers(tmp_path, capsys, converted):
   # does see it.
   other = _hf_logits(model, ids, -pixels)
   assert np.abs(other[0, -6:] - theirs[0, -6:]).max() > 20 * TOL
-  np.testing.assert_allclose(_our_logits(cfg, params, hf_config, ids, -pixels), other,
-                             atol=TOL, rtol=0)
+  np.testing.assert_allclose(
+      _our_logits(cfg, params, hf_config, ids, -pixels), other, atol=TOL, rtol=0
+  )
 
 
 def test_llava_mismatch_writes_nothing(tmp_path, converted):
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
   model, _ = converted
   sd = hf_reference.state_dict_numpy(model)
   sd['model.multi_modal_projector.linear_9.weight'] = sd.pop(
-      'model.multi_modal_projector.linear_2.weight')
+      'model.multi_modal_projector.linear_2.weight'
+  )
   src = tmp_path / 'bad'
   model.config.save_pretrained(src)
   safetensors.numpy.save_file(sd, str(src / 'model.safetensors'))

@@ -32,19 +32,30 @@ from unimoe_jax import checkpoint, score
 from unimoe_jax.decoder import Decoder
 from unimoe_jax.moe import routing
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'tools'))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
+)
 import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 VOCAB, D, HEADS, LAYERS, F = 80, 32, 4, 4, 48
-RANK, ALPHA = 4, 8.0              # PEFT adapter_config.json
-EPS = 1e-5                        # config.json rms_norm_eps (ours defaults to 1e-6)
-TOL = 1e-4                        # float32
-EXPERT_SET = ('mlp_audiocap', 'mlp_basev', 'mlp_base', 'mlp_base1', 'mlp_base4', 'mlp_base7',
-              'mlp_base', 'mlp_base7')
+RANK, ALPHA = 4, 8.0  # PEFT adapter_config.json
+EPS = 1e-5  # config.json rms_norm_eps (ours defaults to 1e-6)
+TOL = 1e-4  # float32
+EXPERT_SET = (
+    'mlp_audiocap',
+    'mlp_basev',
+    'mlp_base',
+    'mlp_base1',
+    'mlp_base4',
+    'mlp_base7',
+    'mlp_base',
+    'mlp_base7',
+)
 PROJ = ('gate_proj', 'up_proj', 'down_proj')
-TOKENS = np.array([[1, 17, 5, 33, 60, 2, 41, 9, 77, 12, 28, 3],
-                   [1, 44, 8, 19, 70, 55, 6, 31, 2, 64, 23, 11]], np.int32)
+TOKENS = np.array(
+    [[1, 17, 5, 33, 60, 2, 41, 9, 77, 12, 28, 3], [1, 44, 8, 19, 70, 55, 6, 31, 2, 64, 23, 11]],
+    np.int32,
+)
 
 
 def _shape(proj):
@@ -70,10 +81,13 @@ class Model:
     def w(*shape, scale=0.2):
       return rng.normal(0, scale, shape).astype(np.float32)
 
-    t = {'model.embed_tokens.weight': w(VOCAB, D, scale=1.0),
-         'model.norm.weight': 1 + w(D, scale=0.1), 'lm_head.weight': w(VOCAB, D)}
-    self.peft = {}      # module -> (A [r, in], B [out, r])
-    self.loralib = {}   # module (…{proj}) -> (A, B), scale loralib_scale
+    t = {
+        'model.embed_tokens.weight': w(VOCAB, D, scale=1.0),
+        'model.norm.weight': 1 + w(D, scale=0.1),
+        'lm_head.weight': w(VOCAB, D),
+    }
+    self.peft = {}  # module -> (A [r, in], B [out, r])
+    self.loralib = {}  # module (…{proj}) -> (A, B), scale loralib_scale
     for i in range(LAYERS):
       p = f'model.layers.{i}'
       t[f'{p}.input_layernorm.weight'] = 1 + w(D, scale=0.1)
@@ -85,8 +99,11 @@ class Model:
         gate = f'{p}.mlp.deepspeed_moe.gate.wg' if self.deepspeed else f'{p}.mlp.gate'
         t[f'{gate}.weight'] = w(self.experts, D, scale=0.5)
         for e in range(self.experts):
-          ep = (f'{p}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}' if self.deepspeed
-                else f'{p}.mlp.experts.{e}')
+          ep = (
+              f'{p}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}'
+              if self.deepspeed
+              else f'{p}.mlp.experts.{e}'
+          )
           for proj in PROJ:
             t[f'{ep}.{proj}.weight'] = w(*_shape(proj))
             out, inp = _shape(proj)
@@ -109,23 +126,48 @@ class Model:
     self.t = t
 
   def config(self):
-    cfg = dict(architectures=['LlavaLlamaForCausalLM'], model_type='llava', vocab_size=VOCAB,
-               hidden_size=D, intermediate_size=F, num_hidden_layers=LAYERS,
-               num_attention_heads=HEADS, num_key_value_heads=HEADS, hidden_act='silu',
-               max_position_embeddings=64, rms_norm_eps=EPS, rope_scaling=None,
-               rope_theta=5000.0,  # Ignored by the official rotary embedding (always 10000).
-               tie_word_embeddings=False, torch_dtype='bfloat16', pretraining_tp=1,
-               moe={'enabled': True}, num_experts=self.experts, num_experts_per_tok=2)
+    cfg = dict(
+        architectures=['LlavaLlamaForCausalLM'],
+        model_type='llava',
+        vocab_size=VOCAB,
+        hidden_size=D,
+        intermediate_size=F,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        hidden_act='silu',
+        max_position_embeddings=64,
+        rms_norm_eps=EPS,
+        rope_scaling=None,
+        rope_theta=5000.0,  # Ignored by the official rotary embedding (always 10000).
+        tie_word_embeddings=False,
+        torch_dtype='bfloat16',
+        pretraining_tp=1,
+        moe={'enabled': True},
+        num_experts=self.experts,
+        num_experts_per_tok=2,
+    )
     if self.deepspeed:
-      cfg.update(moe_type='sparse', moe_stride=2, ep_size=8, capacity_factor=1.5,
-                 lora_r=RANK, lora_alpha=self.loralib_alpha, lora_dropout=0.05,
-                 use_fm_block=False, aux_balance_loss=True, aux_balance_loss_coef=0.01,
-                 aux_multimodal_loss=False, aux_kl_loss=False)
+      cfg.update(
+          moe_type='sparse',
+          moe_stride=2,
+          ep_size=8,
+          capacity_factor=1.5,
+          lora_r=RANK,
+          lora_alpha=self.loralib_alpha,
+          lora_dropout=0.05,
+          use_fm_block=False,
+          aux_balance_loss=True,
+          aux_balance_loss_coef=0.01,
+          aux_multimodal_loss=False,
+          aux_kl_loss=False,
+      )
     return cfg
 
 
 # ---------------------------------------------------------------------------------------------
 # The official computation, float64.
+
 
 def _lin(m, module, x):
   """PEFT-wrapped nn.Linear (no bias): W x + scale · B A x."""
@@ -164,7 +206,7 @@ def _rope(x):  # [T, H, hd], LlamaRotaryEmbedding with base 10000, rotate_half.
   inv = 1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))
   freqs = np.arange(x.shape[0])[:, None] * inv[None]
   emb = np.concatenate([freqs, freqs], -1)[:, None]
-  rot = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+  rot = np.concatenate([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
   return x * np.cos(emb) + rot * np.sin(emb)
 
 
@@ -223,7 +265,7 @@ def official_logits(m, tokens, gumbels=None):
       h = _rms(x, m.t[f'{p}.post_attention_layernorm.weight'])
       if i in m.moe:
         j = sorted(m.moe).index(i)
-        g = None if gumbels is None else gumbels[j][b * n:(b + 1) * n]
+        g = None if gumbels is None else gumbels[j][b * n : (b + 1) * n]
         x = x + _moe(m, i, h, g)
       else:
         x = x + _mlp(m, f'{p}.mlp', h)
@@ -233,6 +275,7 @@ def official_logits(m, tokens, gumbels=None):
 
 # ---------------------------------------------------------------------------------------------
 # Writing the release layout.
+
 
 def _peft_files(m):
   """adapter_model.bin tensors (PEFT names: base_model.model.<module>.lora_{A,B}.weight)."""
@@ -263,8 +306,9 @@ def write_release(m, root):
     # here the dense loralib weights (with their PEFT adapters in adapter_model.bin).
     for i in sorted(m.moe):
       for proj in PROJ:
-        base_sd[f'model.layers.{i}.mlp.{proj}.weight'] = m.rng.normal(
-            0, 0.2, _shape(proj)).astype(np.float32)
+        base_sd[f'model.layers.{i}.mlp.{proj}.weight'] = m.rng.normal(0, 0.2, _shape(proj)).astype(
+            np.float32
+        )
     for module, (a, b) in m.loralib.items():
       if '.deepspeed_moe.' not in module:
         base_sd[f'{module}_lora_A.weight'], base_sd[f'{module}_lora_B.weight'] = a, b
@@ -278,13 +322,15 @@ def write_release(m, root):
         for proj in PROJ:
           ds = f'model.layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}.{proj}.weight'
           ffn[f'model.layers.{i}.mlp.{proj}.weight'] = m.t.get(
-              ds, m.rng.normal(0, 0.2, _shape(proj)).astype(np.float32))
+              ds, m.rng.normal(0, 0.2, _shape(proj)).astype(np.float32)
+          )
       if stem in by_file:  # The shared file: the same FFNs for both experts.
         for i in sorted(m.moe):
           for proj in PROJ:
             key = f'model.layers.{i}.mlp.{proj}.weight'
-            m.t[f'model.layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}.{proj}.'
-                'weight'] = by_file[stem][key]
+            m.t[
+                f'model.layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}.{proj}.' 'weight'
+            ] = by_file[stem][key]
         continue
       by_file[stem] = ffn
       save_bin(ffn, expert_dir / f'{stem}.bin')
@@ -306,22 +352,34 @@ def write_release(m, root):
         m.t[f'{module}_lora_A.weight'], m.t[f'{module}_lora_B.weight'] = a, b
   else:
     base_sd.update(experts)  # The 4e base holds the stage-2 experts.
-  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in base_sd.items()},
-                              str(base / 'model.safetensors'))
+  safetensors.numpy.save_file(
+      {k: np.ascontiguousarray(v) for k, v in base_sd.items()}, str(base / 'model.safetensors')
+  )
   (base / 'config.json').write_text(json.dumps(m.config()))
   save_bin(gates, inp / 'mlp_gates.bin')
   save_bin(_peft_files(m), inp / 'adapter_model.bin')
   (inp / 'config.json').write_text(json.dumps(m.config()))
-  (inp / 'adapter_config.json').write_text(json.dumps(
-      {'r': RANK, 'lora_alpha': ALPHA, 'lora_dropout': 0.05, 'peft_type': 'LORA'}))
+  (inp / 'adapter_config.json').write_text(
+      json.dumps({'r': RANK, 'lora_alpha': ALPHA, 'lora_dropout': 0.05, 'peft_type': 'LORA'})
+  )
   return str(inp), str(base), expert_dir and str(expert_dir)
 
 
 def convert(m, root, merge, capsys, extra=()):
   inp, base, expert_dir = write_release(m, root)
   out = str(root / ('merged' if merge else 'kept'))
-  args = ['--source', 'unimoe', '--input', inp, '--base', base, '--output', out,
-          '--dtype', 'float32'] + (['--merge_lora'] if merge else [])
+  args = [
+      '--source',
+      'unimoe',
+      '--input',
+      inp,
+      '--base',
+      base,
+      '--output',
+      out,
+      '--dtype',
+      'float32',
+  ] + (['--merge_lora'] if merge else [])
   if expert_dir:
     args += ['--expert_dir', expert_dir]
   capsys.readouterr()
@@ -335,10 +393,11 @@ def _ours(out, sampling=None, rngs=None):
   dec = cfg.decoder
   if sampling is not None:
     import dataclasses  # pylint: disable=g-import-not-at-top
-    dec = dataclasses.replace(dec, moe=dataclasses.replace(dec.moe,
-                                                           second_expert_sampling=sampling))
-  logits, _ = Decoder(dec).apply({'params': params['decoder']}, jnp.asarray(TOKENS),
-                                 rngs=rngs)
+
+    dec = dataclasses.replace(
+        dec, moe=dataclasses.replace(dec.moe, second_expert_sampling=sampling)
+    )
+  logits, _ = Decoder(dec).apply({'params': params['decoder']}, jnp.asarray(TOKENS), rngs=rngs)
   return np.asarray(logits, np.float64), dec
 
 
@@ -365,9 +424,14 @@ def test_8e_deepspeed_layout_matches_official(tmp_path, capsys, merge):
   out, summary = convert(m, tmp_path, merge, capsys)
   raw, gin_text = checkpoint.restore(out)
   assert summary['moe_layers'] == [0, 2]
-  for text in ('second_expert_sampling = True', "load_balance_loss_form = 'top1'",
-               "router_dtype = 'float32'", "layers = 'even'", 'load_balance_loss_coef = 0.01',
-               'num_experts = 8'):
+  for text in (
+      'second_expert_sampling = True',
+      "load_balance_loss_form = 'top1'",
+      "router_dtype = 'float32'",
+      "layers = 'even'",
+      'load_balance_loss_coef = 0.01',
+      'num_experts = 8',
+  ):
     assert text in gin_text, text
   assert any('dense FFN tensors of MoE layers not loaded' in n for n in summary['notes'])
   assert any('expert-file tensors of dense layers ignored' in n for n in summary['notes'])
@@ -428,8 +492,10 @@ def test_8e_without_dense_loralib_weights_names_what_cannot_be_reproduced(tmp_pa
   for i in (1, 3):  # PEFT adapters of the missing loralib Linears, as train.py would save them.
     for proj in PROJ:
       out, inp = _shape(proj)
-      m.peft[f'model.layers.{i}.mlp.{proj}_lora_A'] = (np.ones((RANK, inp), np.float32),
-                                                      np.ones((RANK, RANK), np.float32))
+      m.peft[f'model.layers.{i}.mlp.{proj}_lora_A'] = (
+          np.ones((RANK, inp), np.float32),
+          np.ones((RANK, RANK), np.float32),
+      )
   out, summary = convert(m, tmp_path, True, capsys)
   notes = ' | '.join(summary['notes'])
   assert 'PEFT adapters of 6 loralib Linears of dense FFNs (layers [1, 3]' in notes
@@ -447,19 +513,35 @@ def test_8e_loralib_scale_from_config(tmp_path, capsys):
   out, _ = convert(m, tmp_path, True, capsys)
   ours, _ = _ours(out, sampling=False)
   assert np.abs(ours - official_logits(m, TOKENS)).max() < TOL
-  with pytest.raises(ValueError, match=r'lora_alpha=4.0\).*adapter_config.json r=4, '
-                                       r'lora_alpha=8\).*--merge_lora'):
-    convert_checkpoint.main(['--source', 'unimoe', '--input', str(tmp_path / 'run'), '--base',
-                             str(tmp_path / 'base'), '--expert_dir', str(tmp_path / 'experts'),
-                             '--output', str(tmp_path / 'kept2')])
+  with pytest.raises(
+      ValueError,
+      match=r'lora_alpha=4.0\).*adapter_config.json r=4, ' r'lora_alpha=8\).*--merge_lora',
+  ):
+    convert_checkpoint.main(
+        [
+            '--source',
+            'unimoe',
+            '--input',
+            str(tmp_path / 'run'),
+            '--base',
+            str(tmp_path / 'base'),
+            '--expert_dir',
+            str(tmp_path / 'experts'),
+            '--output',
+            str(tmp_path / 'kept2'),
+        ]
+    )
   assert not (tmp_path / 'kept2').exists()
 
 
-@pytest.mark.parametrize('field,value,match', [
-    ('use_fm_block', True, 'use_fm_block=True'),
-    ('rope_scaling', {'type': 'linear', 'factor': 2.0}, 'rope_scaling='),
-    ('moe_type', 'mixed', "moe_type must be 'sparse' or 'dense'"),
-])
+@pytest.mark.parametrize(
+    'field,value,match',
+    [
+        ('use_fm_block', True, 'use_fm_block=True'),
+        ('rope_scaling', {'type': 'linear', 'factor': 2.0}, 'rope_scaling='),
+        ('moe_type', 'mixed', "moe_type must be 'sparse' or 'dense'"),
+    ],
+)
 def test_8e_fields_we_cannot_honour_are_named(tmp_path, field, value, match):
   m = Model('8e')
   inp, base, expert_dir = write_release(m, tmp_path)
@@ -467,9 +549,21 @@ def test_8e_fields_we_cannot_honour_are_named(tmp_path, field, value, match):
   cfg[field] = value
   open(os.path.join(inp, 'config.json'), 'w').write(json.dumps(cfg))
   with pytest.raises(ValueError, match=match):
-    convert_checkpoint.main(['--source', 'unimoe', '--input', inp, '--base', base,
-                             '--expert_dir', expert_dir, '--output', str(tmp_path / 'out'),
-                             '--merge_lora'])
+    convert_checkpoint.main(
+        [
+            '--source',
+            'unimoe',
+            '--input',
+            inp,
+            '--base',
+            base,
+            '--expert_dir',
+            expert_dir,
+            '--output',
+            str(tmp_path / 'out'),
+            '--merge_lora',
+        ]
+    )
   assert not (tmp_path / 'out').exists()
 
 
@@ -477,6 +571,7 @@ def test_8e_rank_file_with_several_experts_is_refused(tmp_path):
   """A rank file of a run with ep_size < 8 holds several local experts; the official loader
   would fold them onto one expert: refused, naming the file."""
   import torch  # pylint: disable=g-import-not-at-top
+
   m = Model('8e')
   inp, base, expert_dir = write_release(m, tmp_path)
   path = os.path.join(inp, '3_mlp_experts.bin')
@@ -484,5 +579,17 @@ def test_8e_rank_file_with_several_experts_is_refused(tmp_path):
   sd.update({k.replace('deepspeed_experts.0.', 'deepspeed_experts.1.'): v for k, v in sd.items()})
   torch.save(sd, path)
   with pytest.raises(ValueError, match=r'3_mlp_experts.bin holds the experts \[0, 1\]'):
-    convert_checkpoint.main(['--source', 'unimoe', '--input', inp, '--base', base,
-                             '--expert_dir', expert_dir, '--output', str(tmp_path / 'out')])
+    convert_checkpoint.main(
+        [
+            '--source',
+            'unimoe',
+            '--input',
+            inp,
+            '--base',
+            base,
+            '--expert_dir',
+            expert_dir,
+            '--output',
+            str(tmp_path / 'out'),
+        ]
+    )

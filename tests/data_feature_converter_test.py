@@ -26,16 +26,20 @@ def item_value(example, item, modality):
 
 def make_example(index, targets, weights, image_items=(), speech_items=()):
   """Items are given as (example, item) pairs whose values encode where they came from."""
+
   def stack(items, modality):
     out = np.zeros((len(items),) + SHAPE[modality], np.float32)
     for k, (e, j) in enumerate(items):
       out[k] = item_value(e, j, modality)
     return out
+
   del index
-  return {'targets': np.asarray(targets, np.int32),
-          'loss_weights': np.asarray(weights, np.float32),
-          'image_features': stack(image_items, 'image'),
-          'speech_features': stack(speech_items, 'speech')}
+  return {
+      'targets': np.asarray(targets, np.int32),
+      'loss_weights': np.asarray(weights, np.float32),
+      'image_features': stack(image_items, 'image'),
+      'speech_features': stack(speech_items, 'speech'),
+  }
 
 
 def make_layout_example(index, layout):
@@ -53,33 +57,100 @@ def make_layout_example(index, layout):
 
 
 def dataset(examples, modalities=('image', 'speech')):
-  signature = {'targets': tf.TensorSpec([None], tf.int32),
-               'loss_weights': tf.TensorSpec([None], tf.float32)}
+  signature = {
+      'targets': tf.TensorSpec([None], tf.int32),
+      'loss_weights': tf.TensorSpec([None], tf.float32),
+  }
   for m in modalities:
     signature[f'{m}_features'] = tf.TensorSpec((None,) + SHAPE[m], tf.float32)
   keys = list(signature)
   return tf.data.Dataset.from_generator(
-      lambda: ({k: ex[k] for k in keys} for ex in examples), output_signature=signature)
+      lambda: ({k: ex[k] for k in keys} for ex in examples), output_signature=signature
+  )
 
 
 def convert(examples, length, max_image=3, max_speech=2, pack=True):
   converter = fc.MultimodalDecoderFeatureConverter(pack=pack, modalities=('image', 'speech'))
-  ds = converter(dataset(examples), {'targets': length, 'image_features': max_image,
-                                     'speech_features': max_speech})
+  ds = converter(
+      dataset(examples),
+      {'targets': length, 'image_features': max_image, 'speech_features': max_speech},
+  )
   return converter, list(ds.as_numpy_iterator())
 
 
 # Three mixed-modality examples: text only; one image; an image then a speech item.
 EX0 = make_example(0, [1, 11, 12, 13, 2], [0, 0, 1, 1, 1])
-EX1 = make_example(1, [1, 21, IMAGE, IMAGE, IMAGE, 22, 23, 2], [0] * 6 + [1, 1],
-                   image_items=[(1, 0)])
-EX2 = make_example(2, [1, 31, IMAGE, IMAGE, IMAGE, 32, SPEECH, SPEECH, SPEECH, 33, 34, 2],
-                   [0] * 10 + [1, 1], image_items=[(2, 0)], speech_items=[(2, 0)])
+EX1 = make_example(
+    1, [1, 21, IMAGE, IMAGE, IMAGE, 22, 23, 2], [0] * 6 + [1, 1], image_items=[(1, 0)]
+)
+EX2 = make_example(
+    2,
+    [1, 31, IMAGE, IMAGE, IMAGE, 32, SPEECH, SPEECH, SPEECH, 33, 34, 2],
+    [0] * 10 + [1, 1],
+    image_items=[(2, 0)],
+    speech_items=[(2, 0)],
+)
 P, S = IMAGE, SPEECH
-ROW_TARGETS = [1, 11, 12, 13, 2, 1, 21, P, P, P, 22, 23, 2,
-               1, 31, P, P, P, 32, S, S, S, 33, 34, 2, 0, 0, 0]
-ROW_INPUTS = [0, 1, 11, 12, 13, 0, 1, 21, P, P, P, 22, 23,
-              0, 1, 31, P, P, P, 32, S, S, S, 33, 34, 0, 0, 0]
+ROW_TARGETS = [
+    1,
+    11,
+    12,
+    13,
+    2,
+    1,
+    21,
+    P,
+    P,
+    P,
+    22,
+    23,
+    2,
+    1,
+    31,
+    P,
+    P,
+    P,
+    32,
+    S,
+    S,
+    S,
+    33,
+    34,
+    2,
+    0,
+    0,
+    0,
+]
+ROW_INPUTS = [
+    0,
+    1,
+    11,
+    12,
+    13,
+    0,
+    1,
+    21,
+    P,
+    P,
+    P,
+    22,
+    23,
+    0,
+    1,
+    31,
+    P,
+    P,
+    P,
+    32,
+    S,
+    S,
+    S,
+    33,
+    34,
+    0,
+    0,
+    0,
+]
 ROW_WEIGHTS = [0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1] + [0] * 10 + [1, 1] + [0] * 3
 ROW_SEGMENTS = [1] * 5 + [2] * 8 + [3] * 12 + [0] * 3
 ROW_POSITIONS = list(range(5)) + list(range(8)) + list(range(12)) + [0] * 3
@@ -123,7 +194,7 @@ def check_alignment(row, originals):
     assert len(where) % N_SOFT == 0
     runs = where.reshape(-1, N_SOFT)
     assert row[f'{m}_mask'].sum() == len(runs)
-    assert not row[f'{m}_mask'][len(runs):].any()
+    assert not row[f'{m}_mask'][len(runs) :].any()
     local = {}
     for k, run in enumerate(runs):
       np.testing.assert_array_equal(np.diff(run), 1)  # one contiguous run per item
@@ -133,7 +204,7 @@ def check_alignment(row, originals):
       item = local.get(segment, 0)
       local[segment] = item + 1
       np.testing.assert_array_equal(row[f'{m}_features'][k], item_value(example, item, m))
-    np.testing.assert_array_equal(row[f'{m}_features'][len(runs):], 0)
+    np.testing.assert_array_equal(row[f'{m}_features'][len(runs) :], 0)
 
 
 def test_packs_three_mixed_modality_examples_into_one_row():
@@ -152,7 +223,9 @@ EX3 = make_example(3, [1, 41, 42, 43, 2], [0, 0, 1, 1, 1])  # 25 + 5 tokens > 28
 @pytest.fixture(scope='module')
 def overflow_stream():
   """One conversion shared by two tests (each conversion costs ~1 s of tf.data tracing)."""
+
   class Capture(logging.Handler):
+
     def __init__(self):
       super().__init__(logging.WARNING)
       self.messages = []
@@ -204,12 +277,17 @@ def test_item_overflow_starts_a_new_row_and_packing_stays_greedy_in_order():
 
 def test_random_stream_keeps_every_example_in_order_and_aligned():
   rng = np.random.default_rng(0)
-  originals = [make_layout_example(i, list(rng.choice(['image', 'speech'], rng.integers(0, 4))))
-               for i in range(40)]
+  originals = [
+      make_layout_example(i, list(rng.choice(['image', 'speech'], rng.integers(0, 4))))
+      for i in range(40)
+  ]
   length, max_items = 40, {'image': 3, 'speech': 2}
   converter, rows = convert(originals, length=length)
-  fits_alone = [len(ex['targets']) <= length and all(
-      len(ex[f'{m}_features']) <= max_items[m] for m in max_items) for ex in originals]
+  fits_alone = [
+      len(ex['targets']) <= length
+      and all(len(ex[f'{m}_features']) <= max_items[m] for m in max_items)
+      for ex in originals
+  ]
   assert converter.dropped_examples.count == fits_alone.count(False) > 0
   packed = [segment_examples(r, originals) for r in rows]
   assert sum(packed, []) == [i for i, ok in enumerate(fits_alone) if ok]
@@ -217,16 +295,19 @@ def test_random_stream_keeps_every_example_in_order_and_aligned():
     check_alignment(row, originals)
     positions, segments = row['decoder_positions'], row['decoder_segment_ids']
     for s, i in enumerate(members, 1):
-      np.testing.assert_array_equal(positions[segments == s],
-                                    np.arange(len(originals[i]['targets'])))
-      np.testing.assert_array_equal(row['decoder_loss_weights'][segments == s],
-                                    originals[i]['loss_weights'])
+      np.testing.assert_array_equal(
+          positions[segments == s], np.arange(len(originals[i]['targets']))
+      )
+      np.testing.assert_array_equal(
+          row['decoder_loss_weights'][segments == s], originals[i]['loss_weights']
+      )
   for row, nxt in zip(packed, packed[1:]):  # greedy: the next row's first example overflowed
     used = [originals[i] for i in row]
     first = originals[nxt[0]]
     overflow = sum(len(e['targets']) for e in used) + len(first['targets']) > length or any(
         sum(len(e[f'{m}_features']) for e in used) + len(first[f'{m}_features']) > max_items[m]
-        for m in max_items)
+        for m in max_items
+    )
     assert overflow
 
 
@@ -244,8 +325,9 @@ def test_no_packing_gives_one_padded_example_per_row():
     n = len(ex['targets'])
     np.testing.assert_array_equal(row['decoder_target_tokens'][:n], ex['targets'])
     np.testing.assert_array_equal(row['decoder_target_tokens'][n:], 0)
-    np.testing.assert_array_equal(row['decoder_input_tokens'][:n + 1],
-                                  np.concatenate([[0], ex['targets']]))
+    np.testing.assert_array_equal(
+        row['decoder_input_tokens'][: n + 1], np.concatenate([[0], ex['targets']])
+    )
     np.testing.assert_array_equal(row['decoder_loss_weights'][:n], ex['loss_weights'])
     np.testing.assert_array_equal(row['decoder_loss_weights'][n:], 0)
     for m in ('image', 'speech'):
@@ -257,16 +339,24 @@ def test_no_packing_gives_one_padded_example_per_row():
 
 def test_audio_feature_mask_is_packed_or_synthesised():
   shape = (5, 4)  # frames, bins
+
   def audio_example(items, frames_real):
     feats = np.stack([np.full(shape, v, np.float32) for v in items]).reshape((-1,) + shape)
     mask = np.arange(shape[0])[None, :] < np.asarray(frames_real)[:, None]
-    return {'targets': np.array([1, 7, 2], np.int32), 'loss_weights': np.ones(3, np.float32),
-            'audio_features': feats, 'audio_feature_mask': mask.reshape(-1, shape[0])}
+    return {
+        'targets': np.array([1, 7, 2], np.int32),
+        'loss_weights': np.ones(3, np.float32),
+        'audio_features': feats,
+        'audio_feature_mask': mask.reshape(-1, shape[0]),
+    }
+
   examples = [audio_example([1.0], [3]), audio_example([2.0, 3.0], [5, 2])]
-  signature = {'targets': tf.TensorSpec([None], tf.int32),
-               'loss_weights': tf.TensorSpec([None], tf.float32),
-               'audio_features': tf.TensorSpec((None,) + shape, tf.float32),
-               'audio_feature_mask': tf.TensorSpec((None, shape[0]), tf.bool)}
+  signature = {
+      'targets': tf.TensorSpec([None], tf.int32),
+      'loss_weights': tf.TensorSpec([None], tf.float32),
+      'audio_features': tf.TensorSpec((None,) + shape, tf.float32),
+      'audio_feature_mask': tf.TensorSpec((None, shape[0]), tf.bool),
+  }
   lengths = {'targets': 8, 'audio_features': 4}
   converter = fc.MultimodalDecoderFeatureConverter(modalities=('audio',))
   ds = tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=signature)
@@ -277,7 +367,8 @@ def test_audio_feature_mask_is_packed_or_synthesised():
 
   del signature['audio_feature_mask']
   ds = tf.data.Dataset.from_generator(
-      lambda: ({k: ex[k] for k in signature} for ex in examples), output_signature=signature)
+      lambda: ({k: ex[k] for k in signature} for ex in examples), output_signature=signature
+  )
   (row,) = list(converter(ds, lengths).as_numpy_iterator())
   np.testing.assert_array_equal(row['audio_feature_mask'].sum(axis=1), [5, 5, 5, 0])
 
@@ -286,14 +377,25 @@ def test_get_model_feature_lengths():
   lengths = {'targets': 64, 'image_features': 4, 'audio_features': 2}
   packed = fc.MultimodalDecoderFeatureConverter(modalities=('image', 'audio'))
   assert packed.get_model_feature_lengths(lengths) == {
-      'decoder_target_tokens': 64, 'decoder_input_tokens': 64, 'decoder_loss_weights': 64,
-      'decoder_segment_ids': 64, 'decoder_positions': 64,
-      'image_features': 4, 'image_mask': 4,
-      'audio_features': 2, 'audio_mask': 2, 'audio_feature_mask': 2}
+      'decoder_target_tokens': 64,
+      'decoder_input_tokens': 64,
+      'decoder_loss_weights': 64,
+      'decoder_segment_ids': 64,
+      'decoder_positions': 64,
+      'image_features': 4,
+      'image_mask': 4,
+      'audio_features': 2,
+      'audio_mask': 2,
+      'audio_feature_mask': 2,
+  }
   padded = fc.MultimodalDecoderFeatureConverter(pack=False, modalities=('image',))
   assert padded.get_model_feature_lengths({'targets': 8, 'image_features': 1}) == {
-      'decoder_target_tokens': 8, 'decoder_input_tokens': 8, 'decoder_loss_weights': 8,
-      'image_features': 1, 'image_mask': 1}
+      'decoder_target_tokens': 8,
+      'decoder_input_tokens': 8,
+      'decoder_loss_weights': 8,
+      'image_features': 1,
+      'image_mask': 1,
+  }
 
 
 def test_validation_errors_name_the_problem():
@@ -304,12 +406,17 @@ def test_validation_errors_name_the_problem():
   with pytest.raises(ValueError, match=r"TASK_FEATURE_LENGTHS=.* is missing \['image_features'\]"):
     converter(dataset([EX0], ('image',)), {'targets': 8})
   bad_rank = tf.data.Dataset.from_tensors(
-      {'targets': EX0['targets'], 'loss_weights': EX0['loss_weights'],
-       'image_features': np.zeros((0, 2, 3), np.float32)})
+      {
+          'targets': EX0['targets'],
+          'loss_weights': EX0['loss_weights'],
+          'image_features': np.zeros((0, 2, 3), np.float32),
+      }
+  )
   with pytest.raises(ValueError, match="rank for feature 'image_features'"):
     converter(bad_rank, lengths)
   no_weights = tf.data.Dataset.from_tensors(
-      {'targets': EX0['targets'], 'image_features': EX0['image_features']})
+      {'targets': EX0['targets'], 'image_features': EX0['image_features']}
+  )
   with pytest.raises(ValueError, match='loss_weights'):
     converter(no_weights, lengths)
 
@@ -323,10 +430,13 @@ def test_no_packing_refuses_an_example_that_does_not_fit():
 
 
 def test_packing_fails_fast_when_a_repeated_stream_drops_everything():
-  converter = fc.MultimodalDecoderFeatureConverter(modalities=('image', 'speech'),
-                                                   max_leading_drops=20)
-  ds = converter(dataset([TOO_LONG, TOO_MANY]).repeat(),
-                 {'targets': 28, 'image_features': 3, 'speech_features': 2})
+  converter = fc.MultimodalDecoderFeatureConverter(
+      modalities=('image', 'speech'), max_leading_drops=20
+  )
+  ds = converter(
+      dataset([TOO_LONG, TOO_MANY]).repeat(),
+      {'targets': 28, 'image_features': 3, 'speech_features': 2},
+  )
   with pytest.raises(tf.errors.InvalidArgumentError) as error:
     within(30, lambda: next(iter(ds)))
   message = str(error.value)
@@ -342,8 +452,9 @@ def test_probe_first_row_fails_while_the_dataset_is_built():
   """With probe_first_row (t5x's converter) the error comes from the converter call itself;
   a stream that yields rows builds as before and still yields its first row."""
   lengths = {'targets': 28, 'image_features': 3, 'speech_features': 2}
-  probing = fc.MultimodalDecoderFeatureConverter(modalities=('image', 'speech'),
-                                                 max_leading_drops=20, probe_first_row=True)
+  probing = fc.MultimodalDecoderFeatureConverter(
+      modalities=('image', 'speech'), max_leading_drops=20, probe_first_row=True
+  )
   with pytest.raises(tf.errors.InvalidArgumentError, match='first 20 examples were all dropped'):
     within(30, lambda: probing(dataset([TOO_LONG, TOO_MANY]).repeat(), lengths))
   ds = within(30, lambda: probing(dataset([EX0, TOO_LONG, EX3]), lengths))
@@ -351,10 +462,13 @@ def test_probe_first_row_fails_while_the_dataset_is_built():
 
 
 def test_packing_keeps_going_once_an_example_was_kept():
-  converter = fc.MultimodalDecoderFeatureConverter(modalities=('image', 'speech'),
-                                                   max_leading_drops=3)
-  ds = converter(dataset([TOO_LONG, TOO_LONG, EX0] + [TOO_LONG] * 10 + [EX3]),
-                 {'targets': 28, 'image_features': 3, 'speech_features': 2})
+  converter = fc.MultimodalDecoderFeatureConverter(
+      modalities=('image', 'speech'), max_leading_drops=3
+  )
+  ds = converter(
+      dataset([TOO_LONG, TOO_LONG, EX0] + [TOO_LONG] * 10 + [EX3]),
+      {'targets': 28, 'image_features': 3, 'speech_features': 2},
+  )
   rows = within(30, lambda: list(ds.as_numpy_iterator()))
   assert [int(r['decoder_segment_ids'].max()) for r in rows] == [2]
   assert converter.dropped_examples.count == 12
@@ -363,9 +477,17 @@ def test_packing_keeps_going_once_an_example_was_kept():
 def test_lengths_of_features_the_converter_does_not_consume_are_ignored():
   """seqio's Evaluator passes a length for every output feature of the task."""
   converter = fc.MultimodalDecoderFeatureConverter(pack=False, modalities=('image',))
-  lengths = {'targets': 16, 'image_features': 1, 'loss_weights': 16, 'audio_feature_mask': 0,
-             'inputs_pretokenized': 1, 'targets_pretokenized': 1, 'references': 3,
-             'video_features': 0, 'speech_features': None}
+  lengths = {
+      'targets': 16,
+      'image_features': 1,
+      'loss_weights': 16,
+      'audio_feature_mask': 0,
+      'inputs_pretokenized': 1,
+      'targets_pretokenized': 1,
+      'references': 3,
+      'video_features': 0,
+      'speech_features': None,
+  }
   assert converter.task_lengths(lengths) == {'targets': 16, 'image_features': 1}
   assert converter.get_model_feature_lengths(lengths)['image_mask'] == 1
   rows = list(converter(dataset([EX0, EX1], ('image',)), lengths).as_numpy_iterator())
@@ -374,11 +496,15 @@ def test_lengths_of_features_the_converter_does_not_consume_are_ignored():
 
 def test_media_lengths_of_undeclared_modalities_and_missing_lengths_are_refused():
   converter = fc.MultimodalDecoderFeatureConverter(pack=False, modalities=('image',))
-  with pytest.raises(ValueError, match=r"TASK_FEATURE_LENGTHS=.* gives items to modalities "
-                                       r"\['speech'\] that the feature converter was not "
-                                       r'declared with'):
-    converter(dataset([EX0], ('image',)),
-              {'targets': 16, 'image_features': 1, 'speech_features': 2})
+  with pytest.raises(
+      ValueError,
+      match=r'TASK_FEATURE_LENGTHS=.* gives items to modalities '
+      r"\['speech'\] that the feature converter was not "
+      r'declared with',
+  ):
+    converter(
+        dataset([EX0], ('image',)), {'targets': 16, 'image_features': 1, 'speech_features': 2}
+    )
   with pytest.raises(ValueError, match=r"TASK_FEATURE_LENGTHS=.* is missing \['targets'\]"):
     converter.get_model_feature_lengths({'image_features': 1, 'loss_weights': 16})
   with pytest.raises(ValueError, match='max_leading_drops'):

@@ -25,7 +25,9 @@ def _failing(fail_at=3):
 
   ds = tf.data.Dataset.range(100).map(
       lambda i: tf.numpy_function(load, [i], tf.int64, stateful=False),
-      num_parallel_calls=4, deterministic=True)
+      num_parallel_calls=4,
+      deterministic=True,
+  )
   return ds
 
 
@@ -101,7 +103,7 @@ def test_a_program_that_ends_on_a_pipeline_error_exits():
   of 18, loaded host or not, while this module's iterator exited in 20 of 20. So two runs
   catch the regression almost surely (six runs of the lighter program caught it ~2 times in
   3)."""
-  program = textwrap.dedent('''
+  program = textwrap.dedent("""
       import tensorflow as tf
       from unimoe_jax.data import iteration
 
@@ -118,8 +120,9 @@ def test_a_program_that_ends_on_a_pipeline_error_exits():
           num_parallel_calls=16, deterministic=True).prefetch(16)
       for x in iteration.numpy_iterator(ds):
         pass
-  ''')
+  """)
   for _ in range(2):
-    proc = subprocess.run([sys.executable, '-c', program], cwd=REPO, capture_output=True,
-                          text=True, timeout=45)
+    proc = subprocess.run(
+        [sys.executable, '-c', program], cwd=REPO, capture_output=True, text=True, timeout=45
+    )
     assert proc.returncode == 1 and 'bad example 16' in proc.stderr, proc.stderr[-2000:]

@@ -29,12 +29,25 @@ IDS = {'image': -200, 'video': -201, 'speech': -202, 'audio': -203}
 
 def _tokenizer(directory):
   model = io.BytesIO()
-  corpus = [conv_lib.SYSTEM, 'USER: What is this? ASSISTANT: A red square.',
-            'Describe the sound and the video in detail.'] * 20
+  corpus = [
+      conv_lib.SYSTEM,
+      'USER: What is this? ASSISTANT: A red square.',
+      'Describe the sound and the video in detail.',
+  ] * 20
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus), model_writer=model, vocab_size=350, model_type='bpe',
-      byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-      normalization_rule_name='identity', remove_extra_whitespaces=False, minloglevel=2)
+      sentence_iterator=iter(corpus),
+      model_writer=model,
+      vocab_size=350,
+      model_type='bpe',
+      byte_fallback=True,
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      pad_id=-1,
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      minloglevel=2,
+  )
   path = str(directory / 'tokenizer.model')
   with open(path, 'wb') as f:
     f.write(model.getvalue())
@@ -47,9 +60,12 @@ def _turns(question, answer='A red square.'):
 
 GOOD = [
     {'id': 'img', 'image': 'pics/red.png', 'conversations': _turns('<image>\nWhat is this?')},
-    {'id': 'vid', 'video': ['frames/0.png', 'frames/1.png', 'frames/2.png'],
-     'voice': ['sounds/tone.wav'],
-     'conversations': _turns('<audio>\n<video>\nDescribe the sound and the video.')},
+    {
+        'id': 'vid',
+        'video': ['frames/0.png', 'frames/1.png', 'frames/2.png'],
+        'voice': ['sounds/tone.wav'],
+        'conversations': _turns('<audio>\n<video>\nDescribe the sound and the video.'),
+    },
     {'id': 'aud', 'audio': 'sounds/short.wav', 'conversations': _turns('<audio> What is it?')},
     {'id': 'txt', 'conversations': _turns('What is this?', 'Text only.')},
 ]
@@ -65,7 +81,8 @@ def data(tmp_path_factory):
   Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / 'pics/red.png')
   for i in range(3):
     Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(
-        root / f'frames/{i}.png')
+        root / f'frames/{i}.png'
+    )
   t = np.arange(16000) / 16000
   soundfile.write(root / 'sounds/tone.wav', 0.3 * np.sin(2 * np.pi * 440 * t), 16000)
   soundfile.write(root / 'sounds/short.wav', 0.3 * np.sin(2 * np.pi * 880 * t[:4800]), 16000)
@@ -85,9 +102,15 @@ def _write(root, name, records, jsonl=True):
 
 
 def _config(path, vocab_path, **overrides):
-  kwargs = dict(path=path, vocab_path=vocab_path, image_size=SIZE, video_frames=FRAMES,
-                audio_frames=AUDIO_FRAMES, voice_modality='speech',
-                **{f'{m}_soft_tokens': n for m, n in SOFT.items()})
+  kwargs = dict(
+      path=path,
+      vocab_path=vocab_path,
+      image_size=SIZE,
+      video_frames=FRAMES,
+      audio_frames=AUDIO_FRAMES,
+      voice_modality='speech',
+      **{f'{m}_soft_tokens': n for m, n in SOFT.items()},
+  )
   kwargs.update(overrides)
   return manifest_lib.ManifestConfig(**kwargs)
 
@@ -103,10 +126,12 @@ def test_manifest_dataset_shapes_dtypes_and_content(data):
   assert specs['audio_feature_mask'].shape.as_list() == [None, AUDIO_FRAMES]
   examples = list(ds.as_numpy_iterator())
   assert len(examples) == len(GOOD)
-  items = [{'image': 1, 'video': 0, 'speech': 0, 'audio': 0},
-           {'image': 0, 'video': 1, 'speech': 1, 'audio': 0},
-           {'image': 0, 'video': 0, 'speech': 0, 'audio': 1},
-           {'image': 0, 'video': 0, 'speech': 0, 'audio': 0}]
+  items = [
+      {'image': 1, 'video': 0, 'speech': 0, 'audio': 0},
+      {'image': 0, 'video': 1, 'speech': 1, 'audio': 0},
+      {'image': 0, 'video': 0, 'speech': 0, 'audio': 1},
+      {'image': 0, 'video': 0, 'speech': 0, 'audio': 0},
+  ]
   for example, counts in zip(examples, items):
     assert example['targets'].dtype == np.int32 and example['loss_weights'].dtype == np.float32
     assert example['targets'].shape == example['loss_weights'].shape
@@ -119,10 +144,12 @@ def test_manifest_dataset_shapes_dtypes_and_content(data):
   # The right files, preprocessed as the media functions do.
   np.testing.assert_array_equal(
       examples[0]['image_features'][0],
-      image_lib.preprocess_image(image_lib.load_image(root / 'pics/red.png'), SIZE, 'crop'))
+      image_lib.preprocess_image(image_lib.load_image(root / 'pics/red.png'), SIZE, 'crop'),
+  )
   np.testing.assert_array_equal(
       examples[1]['speech_features'][0],
-      audio_lib.whisper_log_mel(audio_lib.load_audio(root / 'sounds/tone.wav'), 80))
+      audio_lib.whisper_log_mel(audio_lib.load_audio(root / 'sounds/tone.wav'), 80),
+  )
   wave = audio_lib.load_audio(root / 'sounds/short.wav')
   assert len(wave) == 4800  # 0.3 s: fewer frames than AUDIO_FRAMES, so padded
   # Default audio_padding 'official': the fbank of the wave edge-padded to 480000 samples, True
@@ -131,8 +158,9 @@ def test_manifest_dataset_shapes_dtypes_and_content(data):
   np.testing.assert_array_equal(examples[2]['audio_feature_mask'][0], np.arange(64) < 30)
   np.testing.assert_array_equal(examples[2]['audio_features'][0], fbank)
   # 'masked': the fbank of the wave itself (28 frames), zero padded.
-  masked = manifest_lib.load_example(GOOD[2], 3, dataclasses.replace(config,
-                                                                     audio_padding='masked'))
+  masked = manifest_lib.load_example(
+      GOOD[2], 3, dataclasses.replace(config, audio_padding='masked')
+  )
   fbank = audio_lib.beats_fbank(wave)
   assert fbank.shape[0] == 28
   np.testing.assert_array_equal(masked['audio_feature_mask'][0], np.arange(64) < 28)
@@ -151,16 +179,22 @@ def test_json_list_seqio_source_and_sharding(data):
   jsonl = _config(_write(root, 'good2.jsonl', GOOD), vocab_path)
   reference = list(manifest_lib.manifest_dataset(jsonl).as_numpy_iterator())
   json_path = _write(root, 'good.json', GOOD, jsonl=False)
-  listed = manifest_lib.ManifestConfig(**{**jsonl.__dict__, 'path': '',
-                                          'splits': {'validation': json_path}})
+  listed = manifest_lib.ManifestConfig(
+      **{**jsonl.__dict__, 'path': '', 'splits': {'validation': json_path}}
+  )
   source = manifest_lib.seqio_source(listed)
   assert isinstance(source, seqio.FunctionDataSource) and source.splits == ('validation',)
   from_list = list(source.get_dataset('validation', shuffle=False).as_numpy_iterator())
   assert [e['targets'].tolist() for e in from_list] == [e['targets'].tolist() for e in reference]
-  shard = list(manifest_lib.seqio_source(jsonl).get_dataset(
-      'train', shuffle=False, shard_info=seqio.ShardInfo(index=1, num_shards=2)))
+  shard = list(
+      manifest_lib.seqio_source(jsonl).get_dataset(
+          'train', shuffle=False, shard_info=seqio.ShardInfo(index=1, num_shards=2)
+      )
+  )
   assert [e['targets'].numpy().tolist() for e in shard] == [
-      reference[1]['targets'].tolist(), reference[3]['targets'].tolist()]
+      reference[1]['targets'].tolist(),
+      reference[3]['targets'].tolist(),
+  ]
   # Only the configured modalities are features; a record with another one is bad.
   image_only = manifest_lib.ManifestConfig(**{**jsonl.__dict__, 'modalities': ('image',)})
   ds = manifest_lib.manifest_dataset(image_only)
@@ -170,10 +204,12 @@ def test_json_list_seqio_source_and_sharding(data):
 
 
 def _bad_records():
-  return [GOOD[0],
-          {'image': 'pics/missing.png', 'conversations': _turns('<image>\nWhat is this?')},
-          {'image': 'pics/broken.png', 'conversations': _turns('<image> What is this?')},
-          GOOD[3]]
+  return [
+      GOOD[0],
+      {'image': 'pics/missing.png', 'conversations': _turns('<image>\nWhat is this?')},
+      {'image': 'pics/broken.png', 'conversations': _turns('<image> What is this?')},
+      GOOD[3],
+  ]
 
 
 def test_missing_and_corrupt_media_raise_naming_line_and_file(data):
@@ -193,30 +229,54 @@ def test_missing_and_corrupt_media_raise_naming_line_and_file(data):
 
 def test_skip_policy_drops_and_counts(data):
   root, vocab_path = data
-  path = _write(root, 'bad_skip.jsonl', _bad_records() + [
-      {'image': 'pics/red.png', 'conversations': _turns('No placeholder here.')}])
+  path = _write(
+      root,
+      'bad_skip.jsonl',
+      _bad_records() + [{'image': 'pics/red.png', 'conversations': _turns('No placeholder here.')}],
+  )
   manifest_lib.BAD_EXAMPLES.reset()
   ds = manifest_lib.manifest_dataset(_config(path, vocab_path, on_bad_example='skip'))
   examples = list(ds.as_numpy_iterator())
   assert [e['image_features'].shape[0] for e in examples] == [1, 0]
-  assert manifest_lib.BAD_EXAMPLES.counts() == {'missing_file': 1, 'media_error': 1,
-                                                'placeholder_mismatch': 1}
+  assert manifest_lib.BAD_EXAMPLES.counts() == {
+      'missing_file': 1,
+      'media_error': 1,
+      'placeholder_mismatch': 1,
+  }
   assert manifest_lib.BAD_EXAMPLES.total == 3
 
 
-@pytest.mark.parametrize('record,reason', [
-    ({'image': 'pics/red.png', 'conversations': _turns('What is this?')},
-     'placeholder_mismatch'),
-    ({'image': 'pics/red.png', 'conversations': _turns('<image><image> What?')},
-     'placeholder_mismatch'),
-    ({'voice': ['sounds/tone.wav', 'sounds/short.wav'], 'conversations': _turns('<audio> Hm?')},
-     'placeholder_mismatch'),
-    ({'conversations': _turns('Q?')[::-1]}, 'malformed_conversation'),
-    ({'voice': ['sounds/tone.wav'], 'audio': 'sounds/short.wav',
-      'conversations': _turns('<audio> <audio>')}, 'malformed_conversation'),
-    ('{"conversations": [', 'bad_json'),
-    ({'id': 3}, 'malformed_record'),
-])
+@pytest.mark.parametrize(
+    'record,reason',
+    [
+        (
+            {'image': 'pics/red.png', 'conversations': _turns('What is this?')},
+            'placeholder_mismatch',
+        ),
+        (
+            {'image': 'pics/red.png', 'conversations': _turns('<image><image> What?')},
+            'placeholder_mismatch',
+        ),
+        (
+            {
+                'voice': ['sounds/tone.wav', 'sounds/short.wav'],
+                'conversations': _turns('<audio> Hm?'),
+            },
+            'placeholder_mismatch',
+        ),
+        ({'conversations': _turns('Q?')[::-1]}, 'malformed_conversation'),
+        (
+            {
+                'voice': ['sounds/tone.wav'],
+                'audio': 'sounds/short.wav',
+                'conversations': _turns('<audio> <audio>'),
+            },
+            'malformed_conversation',
+        ),
+        ('{"conversations": [', 'bad_json'),
+        ({'id': 3}, 'malformed_record'),
+    ],
+)
 def test_load_example_reports_bad_records(data, record, reason):
   root, vocab_path = data
   config = _config(str(root / 'm.jsonl'), vocab_path)
@@ -230,8 +290,7 @@ def test_long_voice_becomes_several_chunks(data, tmp_path):
   root, vocab_path = data
   soundfile.write(tmp_path / 'long.wav', np.full(480001 + 16000, 0.1, np.float32), 16000)
   record = {'voice': [str(tmp_path / 'long.wav')], 'conversations': _turns('<audio> Hm?')}
-  config = _config(str(root / 'm.jsonl'), vocab_path, audio_max_chunks=3,
-                   modalities=('speech',))
+  config = _config(str(root / 'm.jsonl'), vocab_path, audio_max_chunks=3, modalities=('speech',))
   example = manifest_lib.load_example(record, 1, config)
   assert example['speech_features'].shape == (2, 3000, 80)
   assert (example['targets'] == IDS['speech']).sum() == 2 * SOFT['speech']
@@ -245,8 +304,11 @@ def test_long_files_keep_the_official_number_of_chunks_by_default(data, tmp_path
   soundfile.write(tmp_path / 'audio.wav', np.full(21 * 480000 + 5, 0.1, np.float32), 16000)
   config = _config(str(root / 'm.jsonl'), vocab_path, modalities=('speech', 'audio'))
   assert config.audio_max_chunks == 0 and config.audio_padding == 'official'
-  record = {'speech': str(tmp_path / 'speech.wav'), 'audio': str(tmp_path / 'audio.wav'),
-            'conversations': _turns('<speech> and <audio>?')}
+  record = {
+      'speech': str(tmp_path / 'speech.wav'),
+      'audio': str(tmp_path / 'audio.wav'),
+      'conversations': _turns('<speech> and <audio>?'),
+  }
   example = manifest_lib.load_example(record, 1, config)
   assert example['speech_features'].shape == (4, 3000, 80)
   assert example['audio_features'].shape == (20, AUDIO_FRAMES, 128)
@@ -269,15 +331,24 @@ def test_drop_too_long_drops_and_counts():
 
   def generator():
     for length, items in lengths_and_items:
-      yield {'targets': np.arange(length, dtype=np.int32),
-             'image_features': np.zeros((items, 2, 2, 3), np.float32)}
+      yield {
+          'targets': np.arange(length, dtype=np.int32),
+          'image_features': np.zeros((items, 2, 2, 3), np.float32),
+      }
 
-  ds = tf.data.Dataset.from_generator(generator, output_signature={
-      'targets': tf.TensorSpec([None], tf.int32),
-      'image_features': tf.TensorSpec([None, 2, 2, 3], tf.float32)})
+  ds = tf.data.Dataset.from_generator(
+      generator,
+      output_signature={
+          'targets': tf.TensorSpec([None], tf.int32),
+          'image_features': tf.TensorSpec([None, 2, 2, 3], tf.float32),
+      },
+  )
   preprocessors.DROPPED_TOO_LONG.reset()
-  kept = list(preprocessors.drop_too_long(
-      ds, {'targets': 10, 'image_features': 2, 'video_features': 1}).as_numpy_iterator())
+  kept = list(
+      preprocessors.drop_too_long(
+          ds, {'targets': 10, 'image_features': 2, 'video_features': 1}
+      ).as_numpy_iterator()
+  )
   assert [(len(e['targets']), len(e['image_features'])) for e in kept] == [(5, 1), (10, 2)]
   # The first limit (sorted keys) that failed is the counted reason.
   assert preprocessors.DROPPED_TOO_LONG.counts() == {'targets': 1, 'image_features': 2}

@@ -11,8 +11,9 @@ pytest.importorskip('pycocoevalcap')
 
 from unimoe_jax.data import metrics  # noqa: E402
 
-needs_java = pytest.mark.skipif(shutil.which('java') is None,
-                                reason="pycocoevalcap's PTBTokenizer needs java")
+needs_java = pytest.mark.skipif(
+    shutil.which('java') is None, reason="pycocoevalcap's PTBTokenizer needs java"
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -52,31 +53,34 @@ def test_length_mismatch_and_empty_raise():
 OPTIONS = {'answer': 'B', 'options': ['cat', 'dog', 'bird']}
 
 
-@pytest.mark.parametrize('prediction,correct', [
-    ('B', True),  # LLaVA rule 1
-    ('B. dog', True),  # LLaVA rule 2
-    ('(B)', True),
-    ('B.', True),
-    ('B)', True),
-    ('The answer is B', True),  # LLaVA rule 3
-    ('The answer is (B).', True),
-    ('the answer is B.', True),
-    ('Answer: B', True),
-    ('B\nBecause dogs bark.', True),  # newline -> '. ', then rule 2
-    ('dog', True),  # option text
-    ('Dog!', True),
-    ('The answer is dog.', True),
-    ('A', False),  # wrong letter
-    ('(A)', False),
-    ('The answer is C.', False),
-    ('A. dog', False),  # the letter decides, as in the official script
-    ('D', False),  # outside the 3 options
-    ('cat', False),  # wrong option text
-    ('b', False),  # letters are upper-case only
-    ('B dog', False),  # neither a letter form nor the option text
-    ('The answer is Bird', False),  # 'Bird' is not the letter B
-    ('', False),
-])
+@pytest.mark.parametrize(
+    'prediction,correct',
+    [
+        ('B', True),  # LLaVA rule 1
+        ('B. dog', True),  # LLaVA rule 2
+        ('(B)', True),
+        ('B.', True),
+        ('B)', True),
+        ('The answer is B', True),  # LLaVA rule 3
+        ('The answer is (B).', True),
+        ('the answer is B.', True),
+        ('Answer: B', True),
+        ('B\nBecause dogs bark.', True),  # newline -> '. ', then rule 2
+        ('dog', True),  # option text
+        ('Dog!', True),
+        ('The answer is dog.', True),
+        ('A', False),  # wrong letter
+        ('(A)', False),
+        ('The answer is C.', False),
+        ('A. dog', False),  # the letter decides, as in the official script
+        ('D', False),  # outside the 3 options
+        ('cat', False),  # wrong option text
+        ('b', False),  # letters are upper-case only
+        ('B dog', False),  # neither a letter form nor the option text
+        ('The answer is Bird', False),  # 'Bird' is not the letter B
+        ('', False),
+    ],
+)
 def test_multiple_choice_variants(prediction, correct):
   assert metrics.multiple_choice_correct(OPTIONS, prediction) is correct
 
@@ -117,12 +121,17 @@ def test_word_error_rate_hand_computed():
   # cat -> dog is 1 substitution, the second 'the' is 1 deletion -> 2 / 6.
   one = metrics.word_error_rate(['The cat sat on the mat.'], ['the dog sat on mat'])
   assert one['wer'] == pytest.approx(2 / 6, abs=1e-12)
-  assert (one['wer_substitutions'], one['wer_deletions'], one['wer_insertions'],
-          one['wer_reference_words']) == (1, 1, 0, 6)
+  assert (
+      one['wer_substitutions'],
+      one['wer_deletions'],
+      one['wer_insertions'],
+      one['wer_reference_words'],
+  ) == (1, 1, 0, 6)
   # Adding pair 2: 'hello world' (2 words) vs 'hello big world' (1 insertion).
   # Corpus level: (2 + 1) / (6 + 2) = 0.375; a per-utterance mean would be (1/3 + 1/2) / 2.
-  two = metrics.word_error_rate(['The cat sat on the mat.', 'Hello, world!'],
-                                ['the dog sat on mat', 'hello big world'])
+  two = metrics.word_error_rate(
+      ['The cat sat on the mat.', 'Hello, world!'], ['the dog sat on mat', 'hello big world']
+  )
   assert two['wer'] == pytest.approx(3 / 8, abs=1e-12)
   # Case and punctuation only -> 0; an empty hypothesis deletes every word -> 1.
   assert metrics.word_error_rate(["It's OK."], ['its ok'])['wer'] == 0.0
@@ -145,12 +154,14 @@ def test_bleu_hand_computed():
   assert metrics.bleu([sentence], [short])['bleu'] == pytest.approx(100 * math.exp(-0.5), abs=1e-9)
   # Two references of 9 and 7 tokens: the closest length (7) sets BP = exp(1 - 7 / 6).
   assert metrics.bleu([[sentence, 'the quick brown fox jumps over it']], [short])['bleu'] == (
-      pytest.approx(100 * math.exp(1 - 7 / 6), abs=1e-9))
+      pytest.approx(100 * math.exp(1 - 7 / 6), abs=1e-9)
+  )
   # 'the cat sat on the mat' vs reference 'the cat sat on a mat' (equal lengths, BP = 1):
   # clipped matches 1-gram 5/6, 2-gram 3/5 (the cat, cat sat, sat on), 3-gram 2/4, 4-gram 1/3;
   # geometric mean (5/6 * 3/5 * 1/2 * 1/3) ** (1/4) = (1/12) ** 0.25.
   assert metrics.bleu(['the cat sat on a mat'], ['the cat sat on the mat'])['bleu'] == (
-      pytest.approx(100 * (1 / 12)**0.25, abs=1e-9))
+      pytest.approx(100 * (1 / 12) ** 0.25, abs=1e-9)
+  )
 
 
 def test_bleu_variable_reference_counts():
@@ -178,8 +189,9 @@ def test_cider_hand_computed_ptb():
   # -> 10 * 3 / 4 = 7.5. Corpus mean (4.7916667 + 7.5) / 2 = 6.1458333.
   # The PTB tokenizer lower-cases and drops the '.', so 'Red car parked.' is the same caption.
   expected = (10 * (3 / 4 + 2 / 3 + 1 / 2) / 4 + 7.5) / 2
-  got = metrics.cider(['dog runs on grass', 'Red car parked.'],
-                      ['dog runs on sand', 'red car parked'])
+  got = metrics.cider(
+      ['dog runs on grass', 'Red car parked.'], ['dog runs on sand', 'red car parked']
+  )
   assert got['cider'] == pytest.approx(expected, abs=1e-9)
 
 
@@ -191,18 +203,24 @@ def test_cider_multiple_references_and_length_penalty():
   # Ex 2: nothing in common -> 0. Corpus mean = ex 1 / 2.
   per_order = 3 / math.sqrt(12) + 2 / math.sqrt(6) + 1 / math.sqrt(2)
   example_1 = per_order * math.exp(-1 / 72) / 4 / 2 * 10
-  got = metrics.cider([['dog runs on grass', 'cat sleeps'], 'red car parked'],
-                      ['dog runs on', 'blue boat'])
+  got = metrics.cider(
+      [['dog runs on grass', 'cat sleeps'], 'red car parked'], ['dog runs on', 'blue boat']
+  )
   assert got['cider'] == pytest.approx(example_1 / 2, abs=1e-9)
 
 
 @needs_java
 def test_cider_ranks_copy_above_unrelated():
-  targets = [['a man rides a horse on the beach', 'a person riding a horse by the sea'],
-             ['two dogs play with a ball', 'dogs playing fetch in a yard'],
-             ['a plate of pasta with tomato sauce', 'spaghetti with red sauce on a plate']]
-  copies = ['a man rides a horse on the beach', 'two dogs play with a ball',
-            'a plate of pasta with tomato sauce']
+  targets = [
+      ['a man rides a horse on the beach', 'a person riding a horse by the sea'],
+      ['two dogs play with a ball', 'dogs playing fetch in a yard'],
+      ['a plate of pasta with tomato sauce', 'spaghetti with red sauce on a plate'],
+  ]
+  copies = [
+      'a man rides a horse on the beach',
+      'two dogs play with a ball',
+      'a plate of pasta with tomato sauce',
+  ]
   unrelated = ['a red bus on a street', 'a laptop on a desk', 'snow on a mountain']
   good = metrics.cider(targets, copies)['cider']
   bad = metrics.cider(targets, unrelated)['cider']
@@ -213,8 +231,11 @@ def test_cider_ranks_copy_above_unrelated():
 def test_cider_whitespace_tokenizer_and_single_example():
   # Same hand value as the PTB test (no punctuation involved), without Java.
   expected = (10 * (3 / 4 + 2 / 3 + 1 / 2) / 4 + 7.5) / 2
-  got = metrics.cider(['dog runs on grass', 'red car parked'],
-                      ['dog runs on sand', 'red car parked'], tokenizer='whitespace')
+  got = metrics.cider(
+      ['dog runs on grass', 'red car parked'],
+      ['dog runs on sand', 'red car parked'],
+      tokenizer='whitespace',
+  )
   assert got['cider'] == pytest.approx(expected, abs=1e-9)
   # One example: idf = log(1) - log(1) = 0 for every n-gram, so even a copy scores 0.
   assert metrics.cider(['a b c'], ['a b c'], tokenizer='whitespace')['cider'] == 0.0

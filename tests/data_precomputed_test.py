@@ -22,8 +22,9 @@ from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import manifest as manifest_lib  # noqa: E402
 from unimoe_jax.data import precomputed as precomputed_lib  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'tools'))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
+)
 import precompute_features  # noqa: E402
 
 SIZE, FRAMES, AUDIO_FRAMES = 16, 2, 64
@@ -37,11 +38,17 @@ def _turns(question, answer='A red square.'):
 
 GOOD = [
     {'id': 'a', 'image': 'pics/a.png', 'conversations': _turns('<image>\nWhat is this?')},
-    {'id': 'ab', 'image': ['pics/a.png', 'pics/b.png'],
-     'conversations': _turns('<image> and <image>: same?', 'No.')},
-    {'id': 'vid', 'video': ['frames/0.png', 'frames/1.png', 'frames/2.png'],
-     'voice': ['sounds/tone.wav'],
-     'conversations': _turns('<audio>\n<video>\nDescribe the sound and the video.')},
+    {
+        'id': 'ab',
+        'image': ['pics/a.png', 'pics/b.png'],
+        'conversations': _turns('<image> and <image>: same?', 'No.'),
+    },
+    {
+        'id': 'vid',
+        'video': ['frames/0.png', 'frames/1.png', 'frames/2.png'],
+        'voice': ['sounds/tone.wav'],
+        'conversations': _turns('<audio>\n<video>\nDescribe the sound and the video.'),
+    },
     {'id': 'aud', 'audio': 'sounds/short.wav', 'conversations': _turns('<audio> What is it?')},
     {'id': 'txt', 'conversations': _turns('What is this?', 'Text only.')},
     {'id': 'b', 'image': 'pics/b.png', 'conversations': _turns('<image> Describe.', 'Noise.')},
@@ -53,12 +60,25 @@ BROKEN_LINE = 3  # 1-based line of BROKEN in the manifest with it
 
 def _tokenizer(directory):
   model = io.BytesIO()
-  corpus = [conv_lib.SYSTEM, 'USER: What is this? ASSISTANT: A red square.',
-            'Describe the sound and the video. Transcribe. Text only. Noise.'] * 20
+  corpus = [
+      conv_lib.SYSTEM,
+      'USER: What is this? ASSISTANT: A red square.',
+      'Describe the sound and the video. Transcribe. Text only. Noise.',
+  ] * 20
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus), model_writer=model, vocab_size=300, model_type='bpe',
-      byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-      normalization_rule_name='identity', remove_extra_whitespaces=False, minloglevel=2)
+      sentence_iterator=iter(corpus),
+      model_writer=model,
+      vocab_size=300,
+      model_type='bpe',
+      byte_fallback=True,
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      pad_id=-1,
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      minloglevel=2,
+  )
   path = str(directory / 'tokenizer.model')
   with open(path, 'wb') as f:
     f.write(model.getvalue())
@@ -73,19 +93,41 @@ def _write_manifest(root, name, records):
 
 
 def _config(path, vocab_path, **overrides):
-  kwargs = dict(path=path, vocab_path=vocab_path, image_size=SIZE, video_frames=FRAMES,
-                audio_frames=AUDIO_FRAMES, voice_modality='speech',
-                **{f'{m}_soft_tokens': n for m, n in SOFT.items()})
+  kwargs = dict(
+      path=path,
+      vocab_path=vocab_path,
+      image_size=SIZE,
+      video_frames=FRAMES,
+      audio_frames=AUDIO_FRAMES,
+      voice_modality='speech',
+      **{f'{m}_soft_tokens': n for m, n in SOFT.items()},
+  )
   kwargs.update(overrides)
   return manifest_lib.ManifestConfig(**kwargs)
 
 
 def _flags(manifest, vocab_path, output, workers, on_bad_example='raise'):
-  return ['--manifest', manifest, '--vocab', vocab_path, '--output', str(output),
-          '--num_shards', str(NUM_SHARDS), '--workers', str(workers), '--video_frames',
-          str(FRAMES), '--audio_frames', str(AUDIO_FRAMES), '--voice_modality', 'speech',
-          '--on_bad_example', on_bad_example, '--gin.ManifestConfig.image_size=16'] + [
-              f'--{m}_soft_tokens={n}' for m, n in SOFT.items()]
+  return [
+      '--manifest',
+      manifest,
+      '--vocab',
+      vocab_path,
+      '--output',
+      str(output),
+      '--num_shards',
+      str(NUM_SHARDS),
+      '--workers',
+      str(workers),
+      '--video_frames',
+      str(FRAMES),
+      '--audio_frames',
+      str(AUDIO_FRAMES),
+      '--voice_modality',
+      'speech',
+      '--on_bad_example',
+      on_bad_example,
+      '--gin.ManifestConfig.image_size=16',
+  ] + [f'--{m}_soft_tokens={n}' for m, n in SOFT.items()]
 
 
 def _run_tool(argv):
@@ -118,7 +160,8 @@ def data(tmp_path_factory):
   Image.fromarray(rng.integers(0, 256, (20, 18, 3), dtype=np.uint8)).save(root / 'pics/b.png')
   for i in range(3):
     Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(
-        root / f'frames/{i}.png')
+        root / f'frames/{i}.png'
+    )
   t = np.arange(16000) / 16000
   soundfile.write(root / 'sounds/tone.wav', 0.3 * np.sin(2 * np.pi * 440 * t), 16000)
   soundfile.write(root / 'sounds/short.wav', 0.3 * np.sin(2 * np.pi * 880 * t[:4800]), 16000)
@@ -157,8 +200,7 @@ def test_pool_output_equals_manifest_dataset(data, written):
   assert [s['file'] for s in stored['shards']] == names
   assert stored['config']['image_size'] == SIZE  # from the gin binding
   assert stored['config']['path'] == manifest
-  assert stored['config'] == json.loads(json.dumps(
-      manifest_lib.dataclasses.asdict(config)))
+  assert stored['config'] == json.loads(json.dumps(manifest_lib.dataclasses.asdict(config)))
   ds = precomputed_lib.precomputed_dataset(str(output))
   assert ds.element_spec == manifest_lib.feature_specs(config)
   got = _examples(ds)
@@ -176,8 +218,10 @@ def test_sharding_partitions_examples(data, written):
   reference = data[4]
   output = str(written[0])
   for num_shards in (3, 2):  # 3 divides the 3 files: over files; 2 does not: over records
-    parts = [_examples(precomputed_lib.precomputed_dataset(
-        output, seqio.ShardInfo(index, num_shards))) for index in range(num_shards)]
+    parts = [
+        _examples(precomputed_lib.precomputed_dataset(output, seqio.ShardInfo(index, num_shards)))
+        for index in range(num_shards)
+    ]
     for index, part in enumerate(parts):
       _assert_same(part, reference[index::num_shards])  # manifest_dataset's shard
     assert sum(len(p) for p in parts) == len(reference)
@@ -199,21 +243,24 @@ def test_shuffle_is_a_seeded_permutation(data, written):
 def test_source(data, written):
   _, _, _, config, reference = data
   output = str(written[0])
-  source = precomputed_lib.precomputed_source({'train': output, 'validation': output},
-                                              expect_config=config)
+  source = precomputed_lib.precomputed_source(
+      {'train': output, 'validation': output}, expect_config=config
+  )
   assert set(source.splits) == {'train', 'validation'}
   assert source.supports_arbitrary_sharding
   assert source.num_input_examples('validation') == len(GOOD)
   _assert_same(_examples(source.get_dataset('train', shuffle=False)), reference)
-  _assert_same(_examples(source.get_dataset('train', shuffle=False,
-                                            shard_info=seqio.ShardInfo(1, 3))), reference[1::3])
+  _assert_same(
+      _examples(source.get_dataset('train', shuffle=False, shard_info=seqio.ShardInfo(1, 3))),
+      reference[1::3],
+  )
   with pytest.raises(ValueError, match="unknown split 'test'"):
     source.get_dataset('test')
 
 
 def test_skip_counts_bad_example_and_drops_it(data):
   root, vocab_path, _, _, reference = data
-  records = GOOD[:BROKEN_LINE - 1] + [BROKEN] + GOOD[BROKEN_LINE - 1:]
+  records = GOOD[: BROKEN_LINE - 1] + [BROKEN] + GOOD[BROKEN_LINE - 1 :]
   manifest = _write_manifest(root, 'with_broken.jsonl', records)
   output = root / 'out_skip'
   manifest_lib.BAD_EXAMPLES.reset()
@@ -230,7 +277,7 @@ def test_skip_counts_bad_example_and_drops_it(data):
 
 def test_raise_names_line_and_leaves_no_shards(data):
   root, vocab_path, _, _, _ = data
-  records = GOOD[:BROKEN_LINE - 1] + [BROKEN] + GOOD[BROKEN_LINE - 1:]
+  records = GOOD[: BROKEN_LINE - 1] + [BROKEN] + GOOD[BROKEN_LINE - 1 :]
   manifest = _write_manifest(root, 'with_broken_raise.jsonl', records)
   output = root / 'out_raise'
   with pytest.raises(manifest_lib.BadExampleError) as error:

@@ -30,11 +30,22 @@ def train_llama_like_tokenizer(directory) -> str:
   </s> 2, no pad, identity normalisation, dummy prefix, digits split)."""
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_CORPUS * 20), model_writer=model, vocab_size=400,
-      model_type='bpe', byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-      normalization_rule_name='identity', remove_extra_whitespaces=False,
-      add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
-      minloglevel=2)
+      sentence_iterator=iter(_CORPUS * 20),
+      model_writer=model,
+      vocab_size=400,
+      model_type='bpe',
+      byte_fallback=True,
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      pad_id=-1,
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=True,
+      split_digits=True,
+      allow_whitespace_only_pieces=True,
+      minloglevel=2,
+  )
   path = str(directory / 'tokenizer.model')
   with open(path, 'wb') as f:
     f.write(model.getvalue())
@@ -70,10 +81,12 @@ def test_placeholders_never_split(vocab):
   sp = vocab.sentencepiece.tokenizer
   # Plain SentencePiece cuts "<image>" into several pieces, so the check below can fail.
   assert len(sp.encode('a<image>b')) > 3
-  for text, expected in [('a<image>b', ['a', -200, 'b']),
-                         ('word<speech>word', ['word', -202, 'word']),
-                         ('x<video><audio>y', ['x', -201, -203, 'y']),
-                         ('<image>', [-200])]:
+  for text, expected in [
+      ('a<image>b', ['a', -200, 'b']),
+      ('word<speech>word', ['word', -202, 'word']),
+      ('x<video><audio>y', ['x', -201, -203, 'y']),
+      ('<image>', [-200]),
+  ]:
     want = []
     for part in expected:
       want += [part] if isinstance(part, int) else sp.encode(part)
@@ -95,8 +108,8 @@ def test_decode_batched_padded_and_after_eos(vocab):
   a, b = list(vocab.encode(TEXTS[1])), list(vocab.encode(TEXTS[2]))
   width = max(len(a), len(b)) + 2
   batch = np.zeros((2, width), np.int32)  # 0 = LLaMA's unk, used as padding
-  batch[0, :len(a)] = a
-  batch[1, :len(b)] = b
+  batch[0, : len(a)] = a
+  batch[1, : len(b)] = b
   decoded = vocab.decode_tf(tf.constant(batch)).numpy()
   assert [d.decode('utf-8') for d in decoded] == [TEXTS[1], TEXTS[2]]
   # seqio semantics: stop at the first EOS.
@@ -122,10 +135,11 @@ TWO_TURNS = [
 
 # conv_vicuna_v1.get_prompt() for TWO_TURNS, written out.
 TWO_TURNS_PROMPT = (
-    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    'A chat between a curious user and an artificial intelligence assistant. The assistant '
     "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat "
-    "is in the picture? ASSISTANT: A cat on a mat.</s>USER: What colour is the cat? "
-    "ASSISTANT: It is black and white.</s>")
+    'is in the picture? ASSISTANT: A cat on a mat.</s>USER: What colour is the cat? '
+    'ASSISTANT: It is black and white.</s>'
+)
 
 
 def _official_tokenize(text, vocab):
@@ -158,7 +172,7 @@ def _official_labels(prompt, vocab):
       break
     round_len = len(_official_tokenize(rou, vocab))
     instruction_len = len(_official_tokenize(parts[0] + sep, vocab)) - 2
-    labels[cur_len:cur_len + instruction_len] = [-100] * instruction_len
+    labels[cur_len : cur_len + instruction_len] = [-100] * instruction_len
     cur_len += round_len
   labels[cur_len:] = [-100] * (len(labels) - cur_len)
   assert cur_len == len(input_ids), 'official tokenization mismatch'
@@ -168,8 +182,10 @@ def _official_labels(prompt, vocab):
 def test_render_is_the_official_vicuna_v1_prompt():
   assert conv_lib.prompt_text(TWO_TURNS) == TWO_TURNS_PROMPT
   segments = conv_lib.render(TWO_TURNS)
-  assert [s for s, is_answer in segments if is_answer] == ['A cat on a mat.</s>',
-                                                          'It is black and white.</s>']
+  assert [s for s, is_answer in segments if is_answer] == [
+      'A cat on a mat.</s>',
+      'It is black and white.</s>',
+  ]
   assert ''.join(s for s, _ in segments) == TWO_TURNS_PROMPT
 
 
@@ -191,8 +207,9 @@ def test_two_turn_image_conversation_tokenisation_and_masking(vocab):
   # Loss only on the answers and their </s>.
   assert set(np.unique(weights).tolist()) == {0.0, 1.0}
   answer_ids = targets[weights > 0]
-  assert (conv_lib.decode_prompt(answer_ids, vocab)
-          == 'A cat on a mat.</s>It is black and white.</s>')
+  assert (
+      conv_lib.decode_prompt(answer_ids, vocab) == 'A cat on a mat.</s>It is black and white.</s>'
+  )
   assert conv_lib.answer_text(TWO_TURNS) == 'A cat on a mat.</s>It is black and white.</s>'
   assert (targets[weights > 0] == vocab.eos_id).sum() == 2
   assert targets[-1] == vocab.eos_id and weights[-1] == 1
@@ -205,7 +222,7 @@ def test_two_turn_image_conversation_tokenisation_and_masking(vocab):
   # Unexpanded tokens decode to the rendered prompt; expansion only repeats the placeholder.
   plain, plain_weights = conv_lib.tokenize_conversation(TWO_TURNS, vocab, {'<image>': 1})
   assert conv_lib.decode_prompt(plain, vocab) == TWO_TURNS_PROMPT
-  collapsed = np.concatenate([targets[:positions[0] + 1], targets[positions[-1] + 1:]])
+  collapsed = np.concatenate([targets[: positions[0] + 1], targets[positions[-1] + 1 :]])
   np.testing.assert_array_equal(collapsed, plain)
 
   # Same ids and the same loss positions as the official tokenisation + masking.
@@ -219,12 +236,13 @@ def test_system_prompt_binding_reaches_rendering_and_masking(vocab, system):
   """gin's `system_prompt.text` (the demo binds '') changes the prompt and keeps the answer
   masking exact; the default stays Vicuna v1's."""
   import gin  # pylint: disable=g-import-not-at-top
+
   with gin.unlock_config():
     gin.bind_parameter('system_prompt.text', system)
   try:
     prompt = conv_lib.prompt_text(TWO_TURNS)
     expected_head = system + ' USER: ' if system else 'USER: '
-    assert prompt == expected_head + TWO_TURNS_PROMPT[len(conv_lib.SYSTEM + ' USER: '):]
+    assert prompt == expected_head + TWO_TURNS_PROMPT[len(conv_lib.SYSTEM + ' USER: ') :]
     targets, weights = conv_lib.tokenize_conversation(TWO_TURNS, vocab, {'<image>': 1})
     assert conv_lib.decode_prompt(targets, vocab) == prompt
     assert conv_lib.decode_prompt(targets[weights > 0], vocab) == conv_lib.answer_text(TWO_TURNS)
@@ -238,8 +256,10 @@ def test_system_prompt_binding_reaches_rendering_and_masking(vocab, system):
 
 def test_placeholders_stay_where_written(vocab):
   # Uni-MoE never calls LLaVA's preprocess_multimodal: "<image>" is not moved to the front.
-  conv = [{'from': 'human', 'value': "What is in the motorcyclist's mouth?\n<image>"},
-          {'from': 'gpt', 'value': 'cigarette'}]
+  conv = [
+      {'from': 'human', 'value': "What is in the motorcyclist's mouth?\n<image>"},
+      {'from': 'gpt', 'value': 'cigarette'},
+  ]
   prompt = conv_lib.prompt_text(conv)
   assert "USER: What is in the motorcyclist's mouth?\n<image> ASSISTANT: cigarette</s>" in prompt
   targets, _ = conv_lib.tokenize_conversation(conv, vocab, {'<image>': 1})
@@ -247,10 +267,11 @@ def test_placeholders_stay_where_written(vocab):
 
 
 def test_per_occurrence_counts_and_several_modalities(vocab):
-  conv = [{'from': 'human', 'value': '<audio>\n<video>\nDescribe. <audio>'},
-          {'from': 'gpt', 'value': 'Fine.'}]
-  targets, weights = conv_lib.tokenize_conversation(
-      conv, vocab, {'<audio>': [2, 6], '<video>': 3})
+  conv = [
+      {'from': 'human', 'value': '<audio>\n<video>\nDescribe. <audio>'},
+      {'from': 'gpt', 'value': 'Fine.'},
+  ]
+  targets, weights = conv_lib.tokenize_conversation(conv, vocab, {'<audio>': [2, 6], '<video>': 3})
   audio = np.nonzero(targets == PLACEHOLDERS['<audio>'])[0]
   assert audio.size == 8 and (targets == PLACEHOLDERS['<video>']).sum() == 3
   assert audio[1] - audio[0] == 1 and audio[2] - audio[1] > 1  # runs of 2 then 6
@@ -266,16 +287,25 @@ def test_generation_prompt_and_trailing_question(vocab):
   assert targets.tolist() == _official_tokenize(conv_lib.prompt_text(conv), vocab)
 
 
-@pytest.mark.parametrize('conv,match', [
-    ([], 'empty'),
-    ([{'from': 'gpt', 'value': 'x'}, {'from': 'human', 'value': 'y'}], 'expected .human'),
-    ([{'from': 'human', 'value': 'a'}, {'from': 'human', 'value': 'b'}], 'expected .gpt'),
-    ([{'from': 'human', 'value': ''}, {'from': 'gpt', 'value': 'b'}], 'human.*empty'),
-    ([{'from': 'human', 'value': 'a'}, {'from': 'gpt', 'value': ''},
-      {'from': 'human', 'value': 'c'}], 'not the last'),
-    ([{'from': 'human', 'value': 'a</s>'}, {'from': 'gpt', 'value': 'b'}], 'separator'),
-    ([{'from': 'human'}], '"from" and "value"'),
-])
+@pytest.mark.parametrize(
+    'conv,match',
+    [
+        ([], 'empty'),
+        ([{'from': 'gpt', 'value': 'x'}, {'from': 'human', 'value': 'y'}], 'expected .human'),
+        ([{'from': 'human', 'value': 'a'}, {'from': 'human', 'value': 'b'}], 'expected .gpt'),
+        ([{'from': 'human', 'value': ''}, {'from': 'gpt', 'value': 'b'}], 'human.*empty'),
+        (
+            [
+                {'from': 'human', 'value': 'a'},
+                {'from': 'gpt', 'value': ''},
+                {'from': 'human', 'value': 'c'},
+            ],
+            'not the last',
+        ),
+        ([{'from': 'human', 'value': 'a</s>'}, {'from': 'gpt', 'value': 'b'}], 'separator'),
+        ([{'from': 'human'}], '"from" and "value"'),
+    ],
+)
 def test_malformed_conversations_raise(vocab, conv, match):
   with pytest.raises(ValueError, match=match):
     conv_lib.tokenize_conversation(conv, vocab, {})

@@ -33,9 +33,16 @@ from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 from unimoe_jax.media import audio as audio_lib  # noqa: E402
 from unimoe_jax.media import image as image_lib  # noqa: E402
 
-SETTINGS = ts.TfdsSettings(image_size=32, n_mels=80, video_frames=2, audio_frames=16,
-                           image_soft_tokens=4, video_soft_tokens=5, speech_soft_tokens=3,
-                           audio_soft_tokens=2)
+SETTINGS = ts.TfdsSettings(
+    image_size=32,
+    n_mels=80,
+    video_frames=2,
+    audio_frames=16,
+    image_soft_tokens=4,
+    video_soft_tokens=5,
+    speech_soft_tokens=3,
+    audio_soft_tokens=2,
+)
 PLACEHOLDER_IDS = vocab_lib.DEFAULT_PLACEHOLDER_IDS
 
 
@@ -44,14 +51,30 @@ def vocab(tmp_path_factory):
   import io
   import sentencepiece as spm
 
-  corpus = [conv_lib.SYSTEM, ts.ASR_PROMPT, ts.CAPTION_PROMPT, 'USER: ASSISTANT: hello world',
-            "it's a dog on a mat. a cat sits. the quick brown fox jumps 0123456789"]
+  corpus = [
+      conv_lib.SYSTEM,
+      ts.ASR_PROMPT,
+      ts.CAPTION_PROMPT,
+      'USER: ASSISTANT: hello world',
+      "it's a dog on a mat. a cat sits. the quick brown fox jumps 0123456789",
+  ]
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus * 20), model_writer=model, vocab_size=400,
-      model_type='bpe', byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-      normalization_rule_name='identity', remove_extra_whitespaces=False,
-      add_dummy_prefix=True, split_digits=True, minloglevel=2)
+      sentence_iterator=iter(corpus * 20),
+      model_writer=model,
+      vocab_size=400,
+      model_type='bpe',
+      byte_fallback=True,
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      pad_id=-1,
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=True,
+      split_digits=True,
+      minloglevel=2,
+  )
   path = tmp_path_factory.mktemp('spm') / 'tokenizer.model'
   path.write_bytes(model.getvalue())
   return vocab_lib.get_vocabulary(str(path))
@@ -71,13 +94,21 @@ def _prepare(name, examples_by_split, data_dir):
 
   # code_path: TFDS looks for a checksums file next to the builder's code, through
   # importlib_resources, which this environment lacks; no download happens here.
-  with mock.patch.object(type(builder), '_split_generators', split_generators), \
-       mock.patch.object(tfds.core.DatasetBuilder, 'code_path', None):
+  with mock.patch.object(type(builder), '_split_generators', split_generators), mock.patch.object(
+      tfds.core.DatasetBuilder, 'code_path', None
+  ):
     builder.download_and_prepare()
 
 
-LIBRISPEECH_SPLITS = ('dev_clean', 'dev_other', 'test_clean', 'test_other', 'train_clean100',
-                      'train_clean360', 'train_other500')
+LIBRISPEECH_SPLITS = (
+    'dev_clean',
+    'dev_other',
+    'test_clean',
+    'test_other',
+    'train_clean100',
+    'train_clean360',
+    'train_other500',
+)
 
 
 def _librispeech_examples(rng):
@@ -90,8 +121,18 @@ def _librispeech_examples(rng):
       samples = 31 * 16000 if (split, j) == ('dev_clean', 1) else 4000 + 1000 * j
       speech = np.clip(rng.normal(size=samples) * 4000, -32768, 32767).astype(np.int16)
       text = f"HELLO WORLD IT'S {split.upper().replace('_', ' ')} {j}"
-      examples.append((key, {'id': key, 'speaker_id': 10 + i, 'chapter_id': 20 + i,
-                             'speech': speech, 'text': text}))
+      examples.append(
+          (
+              key,
+              {
+                  'id': key,
+                  'speaker_id': 10 + i,
+                  'chapter_id': 20 + i,
+                  'speech': speech,
+                  'text': text,
+              },
+          )
+      )
     out[split] = examples
   return out
 
@@ -105,13 +146,25 @@ def _coco_examples(rng):
       height, width = (40, 57) if j == 0 else (36, 36)
       image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
       captions = [f'  A Dog on a mat {split} {j}. ', f'A cat sits {j}.', 'The quick brown fox.']
-      objects = {'area': np.zeros(0, np.int64), 'bbox': np.zeros((0, 4), np.float32),
-                 'id': np.zeros(0, np.int64), 'is_crowd': np.zeros(0, bool),
-                 'label': np.zeros(0, np.int64)}
-      examples.append((filename, {
-          'image': image, 'image/filename': filename, 'image/id': 100 * i + j,
-          'objects': objects,
-          'captions': {'text': captions[:3 - j], 'id': np.arange(3 - j, dtype=np.int64)}}))
+      objects = {
+          'area': np.zeros(0, np.int64),
+          'bbox': np.zeros((0, 4), np.float32),
+          'id': np.zeros(0, np.int64),
+          'is_crowd': np.zeros(0, bool),
+          'label': np.zeros(0, np.int64),
+      }
+      examples.append(
+          (
+              filename,
+              {
+                  'image': image,
+                  'image/filename': filename,
+                  'image/id': 100 * i + j,
+                  'objects': objects,
+                  'captions': {'text': captions[: 3 - j], 'id': np.arange(3 - j, dtype=np.int64)},
+              },
+          )
+      )
     out[split] = examples
   return out
 
@@ -171,11 +224,15 @@ def _check_example(ex, vocab, modality, prompt, answer):
   assert targets[-1] == vocab.eos_id
   assert vocab.decode(targets[weighted[:-1]].tolist()) == answer
   assert not np.isin(targets[weighted], list(PLACEHOLDER_IDS.values())).any()
-  prompt_ids = targets[:weighted[0]]
+  prompt_ids = targets[: weighted[0]]
   expected = conv_lib.prompt_text(ts.conversation_for(modality, prompt, answer))
-  expected = expected[:expected.index('ASSISTANT:') + len('ASSISTANT:')]
-  assert conv_lib.decode_prompt(np.concatenate([prompt_ids[:positions[0] + 1],
-                                                prompt_ids[positions[-1] + 1:]]), vocab) == expected
+  expected = expected[: expected.index('ASSISTANT:') + len('ASSISTANT:')]
+  assert (
+      conv_lib.decode_prompt(
+          np.concatenate([prompt_ids[: positions[0] + 1], prompt_ids[positions[-1] + 1 :]]), vocab
+      )
+      == expected
+  )
 
 
 def _manifest_example(tmp_path, vocab, conversation, **media):
@@ -194,8 +251,7 @@ def _manifest_example(tmp_path, vocab, conversation, **media):
 
 def test_librispeech_examples(vocab, data_dir, tmp_path):
   source = ts.librispeech_source(data_dir=data_dir)
-  ds = ts.librispeech_preprocessor(source.get_dataset('validation', shuffle=False), SETTINGS,
-                                   vocab)
+  ds = ts.librispeech_preprocessor(source.get_dataset('validation', shuffle=False), SETTINGS, vocab)
   _check_specs(ds)
   raw, examples = _raw(source, 'validation'), _examples(ds)
   assert len(examples) == len(raw) == 2
@@ -207,26 +263,32 @@ def test_librispeech_examples(vocab, data_dir, tmp_path):
     _check_example(ex, vocab, 'speech', ts.ASR_PROMPT, answer)
     assert ex['references'].tolist() == [answer.encode()]
     wave = r['speech'].astype(np.float32) / 32768
-    np.testing.assert_array_equal(ex['speech_features'][0],
-                                  audio_lib.whisper_log_mel(wave[:480000], 80))
+    np.testing.assert_array_equal(
+        ex['speech_features'][0], audio_lib.whisper_log_mel(wave[:480000], 80)
+    )
     # The same text and audio as a manifest record give the same features.
     wav = tmp_path / f'{r["id"].decode()}.wav'
     soundfile.write(str(wav), r['speech'], 16000, subtype='PCM_16')
-    expected = _manifest_example(tmp_path, vocab,
-                                 ts.conversation_for('speech', ts.ASR_PROMPT, answer),
-                                 speech=str(wav))
+    expected = _manifest_example(
+        tmp_path, vocab, ts.conversation_for('speech', ts.ASR_PROMPT, answer), speech=str(wav)
+    )
     assert set(expected) == set(ex) - {'references'}
     for key, value in expected.items():
       np.testing.assert_array_equal(ex[key], value, err_msg=key)
   long_one = examples[[len(r['speech']) for r in raw].index(31 * 16000)]
   # Trimming matters: the whole 31 s would give another spectrogram.
-  assert not np.array_equal(long_one['speech_features'][0], audio_lib.whisper_log_mel(
-      raw[[len(r['speech']) for r in raw].index(31 * 16000)]['speech'][-480000:] / 32768, 80))
+  assert not np.array_equal(
+      long_one['speech_features'][0],
+      audio_lib.whisper_log_mel(
+          raw[[len(r['speech']) for r in raw].index(31 * 16000)]['speech'][-480000:] / 32768, 80
+      ),
+  )
 
 
 def test_prompt_is_gin_configurable(vocab):
-  ds = tf.data.Dataset.from_tensors({'speech': np.ones(800, np.int16), 'text': 'ONE TWO',
-                                     'id': 'x'})
+  ds = tf.data.Dataset.from_tensors(
+      {'speech': np.ones(800, np.int16), 'text': 'ONE TWO', 'id': 'x'}
+  )
   gin.bind_parameter('tfds_test_scope/librispeech_preprocessor.prompt', 'Write it down.')
   with gin.config_scope('tfds_test_scope'):
     (ex,) = _examples(ts.librispeech_preprocessor(ds, SETTINGS, vocab))
@@ -234,10 +296,13 @@ def test_prompt_is_gin_configurable(vocab):
 
 
 def test_manifest_config_as_settings(vocab, tmp_path):
-  ds = tf.data.Dataset.from_tensors({'speech': np.arange(900, dtype=np.int16), 'text': 'A B',
-                                     'id': 'x'})
-  config = manifest_lib.ManifestConfig(path=str(tmp_path / 'unused.jsonl'), **{
-      f.name: getattr(SETTINGS, f.name) for f in dataclasses.fields(SETTINGS)})
+  ds = tf.data.Dataset.from_tensors(
+      {'speech': np.arange(900, dtype=np.int16), 'text': 'A B', 'id': 'x'}
+  )
+  config = manifest_lib.ManifestConfig(
+      path=str(tmp_path / 'unused.jsonl'),
+      **{f.name: getattr(SETTINGS, f.name) for f in dataclasses.fields(SETTINGS)},
+  )
   (got,) = _examples(ts.librispeech_preprocessor(ds, config, vocab))
   (want,) = _examples(ts.librispeech_preprocessor(ds, SETTINGS, vocab))
   assert set(got) == set(want)
@@ -246,20 +311,22 @@ def test_manifest_config_as_settings(vocab, tmp_path):
 
 
 def test_bad_examples_raise_or_skip(vocab):
-  ds = tf.data.Dataset.from_tensor_slices({
-      'speech': np.ones((3, 800), np.int16), 'text': ['FINE', '  ', 'A <image> B'],
-      'id': ['ok', 'blank', 'placeholder']})
+  ds = tf.data.Dataset.from_tensor_slices(
+      {
+          'speech': np.ones((3, 800), np.int16),
+          'text': ['FINE', '  ', 'A <image> B'],
+          'id': ['ok', 'blank', 'placeholder'],
+      }
+  )
   with pytest.raises(tf.errors.InvalidArgumentError, match='librispeech example blank.*empty'):
     _examples(ts.librispeech_preprocessor(ds, SETTINGS, vocab))
   skip = dataclasses.replace(SETTINGS, on_bad_example='skip')
   manifest_lib.BAD_EXAMPLES.reset()
   examples = _examples(ts.librispeech_preprocessor(ds, skip, vocab))
   assert [ex['references'].tolist() for ex in examples] == [[b'fine']]
-  assert manifest_lib.BAD_EXAMPLES.counts() == {'empty_answer': 1,
-                                                'malformed_conversation': 1}
+  assert manifest_lib.BAD_EXAMPLES.counts() == {'empty_answer': 1, 'malformed_conversation': 1}
   _examples(ts.librispeech_preprocessor(ds, skip, vocab))  # A second epoch: counted once.
-  assert manifest_lib.BAD_EXAMPLES.counts() == {'empty_answer': 1,
-                                                'malformed_conversation': 1}
+  assert manifest_lib.BAD_EXAMPLES.counts() == {'empty_answer': 1, 'malformed_conversation': 1}
   assert manifest_lib.BAD_EXAMPLES.reads == 4
   manifest_lib.BAD_EXAMPLES.reset()
   with pytest.raises(ValueError, match='prompt must not hold placeholders'):
@@ -274,8 +341,9 @@ def test_bad_examples_raise_or_skip(vocab):
 
 def test_coco_caption_examples(vocab, data_dir, tmp_path):
   source = ts.coco_captions_source(data_dir=data_dir)
-  ds = ts.coco_captions_preprocessor(source.get_dataset('validation', shuffle=False), SETTINGS,
-                                     vocab)
+  ds = ts.coco_captions_preprocessor(
+      source.get_dataset('validation', shuffle=False), SETTINGS, vocab
+  )
   _check_specs(ds)
   raw, examples = _raw(source, 'validation'), _examples(ds)
   assert len(examples) == len(raw) == 2
@@ -285,18 +353,22 @@ def test_coco_caption_examples(vocab, data_dir, tmp_path):
     assert answer.startswith('A Dog on a mat val')
     _check_example(ex, vocab, 'image', ts.CAPTION_PROMPT, answer)
     assert ex['references'].tolist() == captions
-    np.testing.assert_array_equal(ex['image_features'][0],
-                                  image_lib.preprocess_image(r['image'], 32, 'crop'))
+    np.testing.assert_array_equal(
+        ex['image_features'][0], image_lib.preprocess_image(r['image'], 32, 'crop')
+    )
     png = tmp_path / f'{r["image/id"]}.png'  # lossless: the manifest reads the same pixels
     Image.fromarray(r['image']).save(png)
-    expected = _manifest_example(tmp_path, vocab,
-                                 ts.conversation_for('image', ts.CAPTION_PROMPT, answer),
-                                 image=str(png))
+    expected = _manifest_example(
+        tmp_path, vocab, ts.conversation_for('image', ts.CAPTION_PROMPT, answer), image=str(png)
+    )
     for key, value in expected.items():
       np.testing.assert_array_equal(ex[key], value, err_msg=key)
 
-  every = _examples(ts.coco_captions_preprocessor(
-      source.get_dataset('validation', shuffle=False), SETTINGS, vocab, caption='all'))
+  every = _examples(
+      ts.coco_captions_preprocessor(
+          source.get_dataset('validation', shuffle=False), SETTINGS, vocab, caption='all'
+      )
+  )
   answers = [c.decode().strip() for r in raw for c in r['captions']['text']]
   assert len(every) == len(answers) == 5
   for ex, answer in zip(every, answers):
@@ -306,10 +378,16 @@ def test_coco_caption_examples(vocab, data_dir, tmp_path):
 def test_mock_data_examples(vocab):
   """TFDS's random mock examples (odd image sizes, random text) go through too."""
   with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=2):
-    coco = _examples(ts.coco_captions_preprocessor(
-        ts.coco_captions_source().get_dataset('train', shuffle=False), SETTINGS, vocab))
-    speech = _examples(ts.librispeech_preprocessor(
-        ts.librispeech_source().get_dataset('train', shuffle=False), SETTINGS, vocab))
+    coco = _examples(
+        ts.coco_captions_preprocessor(
+            ts.coco_captions_source().get_dataset('train', shuffle=False), SETTINGS, vocab
+        )
+    )
+    speech = _examples(
+        ts.librispeech_preprocessor(
+            ts.librispeech_source().get_dataset('train', shuffle=False), SETTINGS, vocab
+        )
+    )
   assert len(coco) == 2 and len(speech) == 2
   for ex in coco:
     _check_example(ex, vocab, 'image', ts.CAPTION_PROMPT, ex['references'][0].decode().strip())
@@ -333,36 +411,61 @@ def test_registered_tasks(vocab, data_dir):
       other = dataclasses.replace(SETTINGS, image_size=64)  # same output features
       ts.register_tfds_tasks(vocab, other, data_dir=data_dir, prefix=prefix)
       assert warning.call_count == 2
-      ts.register_tfds_tasks(vocab, dataclasses.replace(SETTINGS, modalities=('image', 'speech')),
-                             data_dir=data_dir, prefix=prefix)
+      ts.register_tfds_tasks(
+          vocab,
+          dataclasses.replace(SETTINGS, modalities=('image', 'speech')),
+          data_dir=data_dir,
+          prefix=prefix,
+      )
       assert warning.call_count == 4
     assert [seqio.get_mixture_or_task(n) for n in names] == tasks  # kept, not replaced
     asr, coco = tasks
     assert asr.metric_fns == [metrics_lib.word_error_rate]
     assert coco.metric_fns == [metrics_lib.bleu, metrics_lib.cider]
     assert set(asr.output_features) == {'targets', 'loss_weights'} | {
-        f'{m}_features' for m in SETTINGS.modalities} | (
-            {'audio_feature_mask'} if 'audio' in SETTINGS.modalities else set())
+        f'{m}_features' for m in SETTINGS.modalities
+    } | ({'audio_feature_mask'} if 'audio' in SETTINGS.modalities else set())
     assert asr.output_features['video_features'].rank == 5
 
     lengths = {'targets': 128, **{f'{m}_features': 2 for m in SETTINGS.modalities}}
-    asr_train = _examples(asr.get_dataset(lengths, split='train', shuffle=False,
-                                          trim_output_features=False))
+    asr_train = _examples(
+        asr.get_dataset(lengths, split='train', shuffle=False, trim_output_features=False)
+    )
     # 'train' = train_clean100 + train_clean360 + train_other500, two utterances each.
     assert sorted(ex['references'][0].decode()[:-2] for ex in asr_train) == sorted(
-        2 * ["hello world it's train clean100", "hello world it's train clean360",
-             "hello world it's train other500"])
+        2
+        * [
+            "hello world it's train clean100",
+            "hello world it's train clean360",
+            "hello world it's train other500",
+        ]
+    )
     # Multi-host: seqio shards the source by files (needs the config-qualified TFDS name).
-    shards = [_examples(asr.get_dataset(lengths, split='train', shuffle=False,
-                                        shard_info=seqio.ShardInfo(i, 2),
-                                        trim_output_features=False)) for i in range(2)]
+    shards = [
+        _examples(
+            asr.get_dataset(
+                lengths,
+                split='train',
+                shuffle=False,
+                shard_info=seqio.ShardInfo(i, 2),
+                trim_output_features=False,
+            )
+        )
+        for i in range(2)
+    ]
     assert sorted(ex['references'][0] for shard in shards for ex in shard) == sorted(
-        ex['references'][0] for ex in asr_train)
+        ex['references'][0] for ex in asr_train
+    )
     assert all(shards)
-    coco_train = _examples(coco.get_dataset(lengths, split='train', shuffle=False,
-                                            trim_output_features=False))
+    coco_train = _examples(
+        coco.get_dataset(lengths, split='train', shuffle=False, trim_output_features=False)
+    )
     assert sorted(ex['references'][0].decode().split()[-2] for ex in coco_train) == [
-        'restval', 'restval', 'train', 'train']
+        'restval',
+        'restval',
+        'train',
+        'train',
+    ]
     for ex in asr_train:
       _check_example(ex, vocab, 'speech', ts.ASR_PROMPT, ex['references'][0].decode())
       # t5x.infer writes these into each output line's 'inputs'.
@@ -371,26 +474,32 @@ def test_registered_tasks(vocab, data_dir):
 
     # Evaluation reads the references through the postprocessor.
     ex = asr_train[0]
-    assert asr.postprocess_fn('ignored', example=ex, is_target=True) == ex[
-        'references'][0].decode()
+    assert asr.postprocess_fn('ignored', example=ex, is_target=True) == ex['references'][0].decode()
     assert asr.postprocess_fn(b' hello there ', example=ex, is_target=False) == 'hello there'
     ex = coco_train[0]
     assert coco.postprocess_fn('ignored', example=ex, is_target=True) == [
-        r.decode() for r in ex['references']]
+        r.decode() for r in ex['references']
+    ]
 
     # The feature converter ignores 'references'; packing keeps every example.
-    converter = fc_lib.MultimodalDecoderFeatureConverter(pack=True,
-                                                         modalities=SETTINGS.modalities)
-    rows = _examples(converter(asr.get_dataset(lengths, split='train', shuffle=False,
-                                               trim_output_features=False), lengths))
+    converter = fc_lib.MultimodalDecoderFeatureConverter(pack=True, modalities=SETTINGS.modalities)
+    rows = _examples(
+        converter(
+            asr.get_dataset(lengths, split='train', shuffle=False, trim_output_features=False),
+            lengths,
+        )
+    )
     assert 'references' not in rows[0]
     assert sum(int(r['speech_mask'].sum()) for r in rows) == len(asr_train)
     assert sum(int(r['decoder_segment_ids'].max()) for r in rows) == len(asr_train)
 
     # drop_too_long: an example longer than 'targets' is dropped, never cut.
     def validation(sequence_length):
-      return _examples(asr.get_dataset(sequence_length, split='validation', shuffle=False,
-                                       trim_output_features=False))
+      return _examples(
+          asr.get_dataset(
+              sequence_length, split='validation', shuffle=False, trim_output_features=False
+          )
+      )
 
     sizes = [len(ex['targets']) for ex in validation(lengths)]
     short = dict(lengths, targets=max(sizes) - 1)

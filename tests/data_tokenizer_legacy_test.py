@@ -28,23 +28,32 @@ SPECIAL = ('<unk>', '<s>', '</s>')
 UNDERLINE = '\u2581'
 
 CONVERSATIONS = [
-    [{'from': 'human', 'value': '<image>\nWhat is in the picture?'},
-     {'from': 'gpt', 'value': 'A cat on a mat.'},
-     {'from': 'human', 'value': 'What colour is the cat?'},
-     {'from': 'gpt', 'value': 'It is black and white.'}],
-    [{'from': 'human', 'value': 'What is it?'},
-     {'from': 'gpt', 'value': 'A sound.'},
-     {'from': 'human', 'value': '<audio>\nAnd this one?'},
-     {'from': 'gpt', 'value': 'A dog.'},
-     {'from': 'human', 'value': 'Describe <video> briefly'},
-     {'from': 'gpt', 'value': 'The quick brown fox.'}],
-    [{'from': 'human', 'value': 'Hi?'}, {'from': 'gpt', 'value': '  leading spaces'},
-     {'from': 'human', 'value': ' spaced'}, {'from': 'gpt', 'value': 'Done.'}],
+    [
+        {'from': 'human', 'value': '<image>\nWhat is in the picture?'},
+        {'from': 'gpt', 'value': 'A cat on a mat.'},
+        {'from': 'human', 'value': 'What colour is the cat?'},
+        {'from': 'gpt', 'value': 'It is black and white.'},
+    ],
+    [
+        {'from': 'human', 'value': 'What is it?'},
+        {'from': 'gpt', 'value': 'A sound.'},
+        {'from': 'human', 'value': '<audio>\nAnd this one?'},
+        {'from': 'gpt', 'value': 'A dog.'},
+        {'from': 'human', 'value': 'Describe <video> briefly'},
+        {'from': 'gpt', 'value': 'The quick brown fox.'},
+    ],
+    [
+        {'from': 'human', 'value': 'Hi?'},
+        {'from': 'gpt', 'value': '  leading spaces'},
+        {'from': 'human', 'value': ' spaced'},
+        {'from': 'gpt', 'value': 'Done.'},
+    ],
 ]
 
 
 def _without_dummy_prefix(path):
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+
   with open(path, 'rb') as f:
     model = sentencepiece_model_pb2.ModelProto.FromString(f.read())
   model.normalizer_spec.add_dummy_prefix = False
@@ -58,14 +67,13 @@ class SlowLlamaTokenizer:
 
   def __init__(self, path, legacy):
     self.legacy = legacy
-    self.sp = spm.SentencePieceProcessor(model_file=path) if legacy else _without_dummy_prefix(
-        path)
+    self.sp = spm.SentencePieceProcessor(model_file=path) if legacy else _without_dummy_prefix(path)
 
   def _tokenize(self, text):
     if self.legacy or not text.startswith((UNDERLINE, ' ')):
       return self.sp.encode(text, out_type=str)
     tokens = self.sp.encode('<unk>' + text, out_type=str)
-    return tokens[len(self.sp.encode('<unk>', out_type=str)):]
+    return tokens[len(self.sp.encode('<unk>', out_type=str)) :]
 
   def _split(self, text):
     """`PreTrainedTokenizer.tokenize`: special tokens out first (no strip), the rest through
@@ -119,7 +127,7 @@ def official_labels(prompt, tokenizer):
     parts[0] += sep
     round_len = len(official_tokenize(rou, tokenizer))
     instruction_len = len(official_tokenize(parts[0], tokenizer)) - 2
-    labels[cur:cur + instruction_len] = [-100] * instruction_len
+    labels[cur : cur + instruction_len] = [-100] * instruction_len
     cur += round_len
   labels[cur:] = [-100] * (len(labels) - cur)
   return ids, (labels if cur == len(ids) else None)
@@ -127,13 +135,25 @@ def official_labels(prompt, tokenizer):
 
 def _train(directory, corpus):
   import io  # pylint: disable=g-import-not-at-top
+
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus * 20), model_writer=model, vocab_size=400,
-      model_type='bpe', byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-      normalization_rule_name='identity', remove_extra_whitespaces=False,
-      add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
-      minloglevel=2)
+      sentence_iterator=iter(corpus * 20),
+      model_writer=model,
+      vocab_size=400,
+      model_type='bpe',
+      byte_fallback=True,
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      pad_id=-1,
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=True,
+      split_digits=True,
+      allow_whitespace_only_pieces=True,
+      minloglevel=2,
+  )
   path = str(directory / 'tokenizer.model')
   with open(path, 'wb') as f:
     f.write(model.getvalue())
@@ -146,9 +166,14 @@ def model_paths(tmp_path_factory):
   'llama_like': trained with "</s>USER:" in context too, so that, as in LLaMA's vocabulary
   ("▁US" "ER" / "US" "ER"), "USER" is as many pieces with the prefix as without."""
   plain = train_llama_like_tokenizer(tmp_path_factory.mktemp('plain'))
-  llama_like = _train(tmp_path_factory.mktemp('llama_like'), _CORPUS + [
-      'ASSISTANT: A cat on a mat.</s>USER: What colour is the cat? ASSISTANT: It is.</s>USER: '
-      'Why?'])
+  llama_like = _train(
+      tmp_path_factory.mktemp('llama_like'),
+      _CORPUS
+      + [
+          'ASSISTANT: A cat on a mat.</s>USER: What colour is the cat? ASSISTANT: It is.</s>USER: '
+          'Why?'
+      ],
+  )
   return {'plain': plain, 'llama_like': llama_like}
 
 
@@ -163,13 +188,20 @@ def _vocab_dir(tmp_path, model_path, config):
   (directory / 'tokenizer.model').write_bytes(open(model_path, 'rb').read())
   if config is not None:
     (directory / vocab_lib.TOKENIZER_CONFIG_FILE).write_text(
-        config if isinstance(config, str) else json.dumps(config))
+        config if isinstance(config, str) else json.dumps(config)
+    )
   return str(directory / 'tokenizer.model')
 
 
-@pytest.mark.parametrize('config,legacy', [
-    (None, True), ({'legacy': None}, True), ({'legacy': True}, True),
-    ({'legacy': False, 'add_bos_token': True}, False)])
+@pytest.mark.parametrize(
+    'config,legacy',
+    [
+        (None, True),
+        ({'legacy': None}, True),
+        ({'legacy': True}, True),
+        ({'legacy': False, 'add_bos_token': True}, False),
+    ],
+)
 def test_legacy_flag_is_read_from_tokenizer_config(tmp_path, model_path, config, legacy):
   path = _vocab_dir(tmp_path, model_path, config)
   assert vocab_lib.read_legacy_flag(path) is legacy
@@ -177,9 +209,14 @@ def test_legacy_flag_is_read_from_tokenizer_config(tmp_path, model_path, config,
   assert vocab_lib.get_vocabulary(path, legacy=not legacy).legacy is (not legacy)
 
 
-@pytest.mark.parametrize('config,match', [('{"legacy": "no"}', 'true, false or null'),
-                                          ('{"legacy": fals', 'not valid JSON'),
-                                          ('[1]', 'JSON object')])
+@pytest.mark.parametrize(
+    'config,match',
+    [
+        ('{"legacy": "no"}', 'true, false or null'),
+        ('{"legacy": fals', 'not valid JSON'),
+        ('[1]', 'JSON object'),
+    ],
+)
 def test_bad_tokenizer_config_names_the_file(tmp_path, model_path, config, match):
   path = _vocab_dir(tmp_path, model_path, config)
   with pytest.raises(ValueError, match=match) as info:
@@ -190,8 +227,9 @@ def test_bad_tokenizer_config_names_the_file(tmp_path, model_path, config, match
 @pytest.mark.parametrize('kind', ['plain', 'llama_like'])
 @pytest.mark.parametrize('legacy', [True, False])
 @pytest.mark.parametrize('index', range(len(CONVERSATIONS)))
-def test_conversations_tokenise_as_the_slow_llama_tokenizer(tmp_path, model_paths, kind, legacy,
-                                                            index):
+def test_conversations_tokenise_as_the_slow_llama_tokenizer(
+    tmp_path, model_paths, kind, legacy, index
+):
   conversation = CONVERSATIONS[index]
   path = _vocab_dir(tmp_path, model_paths[kind], {'legacy': legacy})
   vocab = vocab_lib.get_vocabulary(path)
@@ -223,11 +261,10 @@ def test_the_flags_differ_by_the_prefix_after_each_eos(tmp_path, model_path):
   assert len(eos_a) == len(eos_b) == 3
   # Up to the first </s> the two agree; after each of the first two, the legacy tokenizer
   # writes "▁USER" and the other "USER" without the dummy-prefix space.
-  np.testing.assert_array_equal(a[:eos_a[0] + 1], b[:eos_b[0] + 1])
+  np.testing.assert_array_equal(a[: eos_a[0] + 1], b[: eos_b[0] + 1])
   for i, j in zip(eos_a[:2], eos_b[:2]):
     after_a, after_b = sp.id_to_piece(int(a[i + 1])), sp.id_to_piece(int(b[j + 1]))
-    assert after_a.startswith(UNDERLINE) and not after_b.startswith(UNDERLINE), (after_a,
-                                                                                  after_b)
+    assert after_a.startswith(UNDERLINE) and not after_b.startswith(UNDERLINE), (after_a, after_b)
   # Both decode to the same prompt.
   assert conv_lib.decode_prompt(a, legacy) == conv_lib.decode_prompt(b, modern)
   # Pieces after a placeholder start a new official tokenizer call: prefix in both.
@@ -246,8 +283,9 @@ def test_transcription_agrees_with_transformers_sentencepiece_backend(model_path
     pytest.skip('this transformers has no SentencePieceBackend')
   text = conv_lib.prompt_text(CONVERSATIONS[1]).replace('<audio>', 'x').replace('<video>', 'y')
   for legacy in (True, False):
-    hf = SentencePieceBackend(vocab_file=model_path, legacy=legacy, bos_token='<s>',
-                              eos_token='</s>', unk_token='<unk>')
+    hf = SentencePieceBackend(
+        vocab_file=model_path, legacy=legacy, bos_token='<s>', eos_token='</s>', unk_token='<unk>'
+    )
     ours = SlowLlamaTokenizer(model_path, legacy)
     expected = hf.tokenize(text if legacy else UNDERLINE + text)
     assert ours.tokenize(text) == expected, legacy

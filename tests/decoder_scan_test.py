@@ -32,11 +32,25 @@ SEGMENTS = jnp.asarray([[1] * 7 + [2] * 3 + [0] * 2, [1] * 4 + [2] * 8])
 
 
 def _config(kind, lora, scan=False, **overrides):
-  moe = None if kind == 'dense' else MoEConfig(num_experts=4, layers=kind, gmm_backend='tiled',
-                                               load_balance_loss_coef=0.01,
-                                               router_z_loss_coef=0.001)
-  return named('tiny', num_layers=NUM_LAYERS, moe=moe, scan_layers=scan,
-               lora=LoRAConfig(rank=4, dropout=0.0) if lora else None, **overrides)
+  moe = (
+      None
+      if kind == 'dense'
+      else MoEConfig(
+          num_experts=4,
+          layers=kind,
+          gmm_backend='tiled',
+          load_balance_loss_coef=0.01,
+          router_z_loss_coef=0.001,
+      )
+  )
+  return named(
+      'tiny',
+      num_layers=NUM_LAYERS,
+      moe=moe,
+      scan_layers=scan,
+      lora=LoRAConfig(rank=4, dropout=0.0) if lora else None,
+      **overrides,
+  )
 
 
 def _looped_params(cfg, seed=0):
@@ -45,7 +59,8 @@ def _looped_params(cfg, seed=0):
   # draws: jax.random compiled a sampler per leaf shape).
   rng = np.random.RandomState(seed + 1)
   return jax.tree_util.tree_map(
-      lambda x: jnp.asarray(np.asarray(x) + 0.02 * rng.standard_normal(x.shape), x.dtype), params)
+      lambda x: jnp.asarray(np.asarray(x) + 0.02 * rng.standard_normal(x.shape), x.dtype), params
+  )
 
 
 def _loss_and_grads(cfg, params):
@@ -53,6 +68,7 @@ def _loss_and_grads(cfg, params):
     logits, aux = Decoder(cfg).apply({'params': params}, TOKENS, segment_ids=SEGMENTS)
     total = jnp.mean(jnp.square(logits)) + aux.get('aux_loss', 0.0)
     return total, (logits, aux)
+
   return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
 
@@ -72,8 +88,9 @@ def test_scanned_equals_looped(kind, lora):
   params = _looped_params(looped_cfg)
   stacked = layer_stacking.to_config_layout(params, scanned_cfg)
   abstract = jax.eval_shape(Decoder(scanned_cfg).init, jax.random.PRNGKey(0), TOKENS[:, :4])
-  assert (jax.tree_util.tree_structure(nn.meta.unbox(abstract['params'])) ==
-          jax.tree_util.tree_structure(stacked))
+  assert jax.tree_util.tree_structure(
+      nn.meta.unbox(abstract['params'])
+  ) == jax.tree_util.tree_structure(stacked)
   (loss_a, (logits_a, aux_a)), grads_a = _loss_and_grads(looped_cfg, params)
   (loss_b, (logits_b, aux_b)), grads_b = _loss_and_grads(scanned_cfg, stacked)
   _assert_close(loss_b, loss_a, 'loss')
@@ -106,17 +123,23 @@ def _greedy(cfg, params, prompts, new_tokens=6):
   length = max(map(len, prompts)) + new_tokens
   buf = np.zeros((len(prompts), length), np.int32)
   for i, p in enumerate(prompts):
-    buf[i, :len(p)] = p
+    buf[i, : len(p)] = p
   lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
   model = Decoder(cfg)
 
   @jax.jit  # One program: the prefill run op by op compiled ~300 small ones.
   def run(params, buf, lengths):
-    cache, index = decoding.prefill_cache(model, params, buf[:, :max(map(len, prompts))],
-                                          lengths, length)
-    seqs, _ = decoding.greedy_decode(buf, cache, decoding.decoder_tokens_to_logits(model, params),
-                                     eos_id=10_000, initial_index=index,
-                                     max_decode_steps=new_tokens)
+    cache, index = decoding.prefill_cache(
+        model, params, buf[:, : max(map(len, prompts))], lengths, length
+    )
+    seqs, _ = decoding.greedy_decode(
+        buf,
+        cache,
+        decoding.decoder_tokens_to_logits(model, params),
+        eos_id=10_000,
+        initial_index=index,
+        max_decode_steps=new_tokens,
+    )
     return seqs, cache
 
   seqs, cache = run(params, jnp.asarray(buf), lengths)
@@ -153,8 +176,10 @@ def test_loop_scan_loop_is_bit_exact_and_scan_loop_scan_too():
   for a, b in zip(jax.tree_util.tree_leaves(stacked), jax.tree_util.tree_leaves(again)):
     np.testing.assert_array_equal(a, b)
   # Inside a model tree only the 'decoder' subtree changes; the towers' layers_i stay.
-  model_tree = {'decoder': params, 'vision_tower': {'layers_0': {'w': np.ones(2)},
-                                                    'layers_1': {'w': np.ones(2)}}}
+  model_tree = {
+      'decoder': params,
+      'vision_tower': {'layers_0': {'w': np.ones(2)}, 'layers_1': {'w': np.ones(2)}},
+  }
   converted = layer_stacking.to_stacked(model_tree, 2)
   assert 'stacked_layers' in converted['decoder']
   assert sorted(converted['vision_tower']) == ['layers_0', 'layers_1']
@@ -162,8 +187,10 @@ def test_loop_scan_loop_is_bit_exact_and_scan_loop_scan_too():
 
 def test_partial_tree_stacks_whole_leaves_and_names_a_ragged_one():
   params = jax.tree_util.tree_map(np.asarray, _looped_params(_config('all', True)))
-  routers = {f'layers_{i}': {'moe': {'router': params[f'layers_{i}']['moe']['router']}}
-             for i in range(NUM_LAYERS)}
+  routers = {
+      f'layers_{i}': {'moe': {'router': params[f'layers_{i}']['moe']['router']}}
+      for i in range(NUM_LAYERS)
+  }
   stacked = layer_stacking.to_stacked(routers, 1)
   assert stacked['stacked_layers']['offset_0']['moe']['router'].shape == (NUM_LAYERS, 64, 4)
   with pytest.raises(ValueError, match=r'layers \[2, 3\] into a decoder of 2 layers'):
@@ -174,9 +201,11 @@ def test_partial_tree_stacks_whole_leaves_and_names_a_ragged_one():
 
 
 def test_irregular_moe_layers_fall_back_to_the_loop_with_a_warning(caplog):
-  cfg = dataclasses.replace(_config('all', False), moe=MoEConfig(num_experts=4, layers=(0, 1, 3),
-                                                                 gmm_backend='tiled'),
-                            scan_layers=True)
+  cfg = dataclasses.replace(
+      _config('all', False),
+      moe=MoEConfig(num_experts=4, layers=(0, 1, 3), gmm_backend='tiled'),
+      scan_layers=True,
+  )
   assert cfg.scan_period() is None
   with caplog.at_level(logging.WARNING):
     params = Decoder(cfg).init(jax.random.PRNGKey(0), TOKENS[:, :4])['params']
@@ -192,14 +221,22 @@ def test_checkpoint_in_either_layout_restores_into_either_model(tmp_path):
   scanned_cfg = dataclasses.replace(looped_cfg, scan_layers=True)
   params = jax.tree_util.tree_map(np.asarray, _looped_params(looped_cfg))
   written = {'looped': params, 'scanned': layer_stacking.to_config_layout(params, scanned_cfg)}
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
-                           ('data', 'expert', 'model'))
+  mesh = jax.sharding.Mesh(
+      np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'expert', 'model')
+  )
   # The models' params: only their structure and shapes matter (zeros: a real init compiled
   # ~150 small programs).
-  models = {id(cfg): {'decoder': jax.tree_util.tree_map(
-      lambda a: np.zeros(a.shape, a.dtype), nn.meta.unbox(jax.eval_shape(
-          Decoder(cfg).init, jax.random.PRNGKey(5), TOKENS[:, :4])['params']))}
-            for cfg in (looped_cfg, scanned_cfg)}
+  models = {
+      id(cfg): {
+          'decoder': jax.tree_util.tree_map(
+              lambda a: np.zeros(a.shape, a.dtype),
+              nn.meta.unbox(
+                  jax.eval_shape(Decoder(cfg).init, jax.random.PRNGKey(5), TOKENS[:, :4])['params']
+              ),
+          )
+      }
+      for cfg in (looped_cfg, scanned_cfg)
+  }
   for name, tree in written.items():
     # Without the LoRA matrices (a stage-2 checkpoint): they keep their initialisation.
     path = str(tmp_path / name)
@@ -208,17 +245,22 @@ def test_checkpoint_in_either_layout_restores_into_either_model(tmp_path):
     for cfg in (looped_cfg, scanned_cfg):
       model_params = models[id(cfg)]
       shardings = jax.tree_util.tree_map(
-          lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), model_params)
+          lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), model_params
+      )
       state = train_state_lib.TrainState(step=None, params=model_params, opt_state=None)
       restored, missing = train_state_lib.load_params_into(
-          state, train_state_lib.TrainState(step=None, params=shardings, opt_state=None),
-          loaded, path)
+          state,
+          train_state_lib.TrainState(step=None, params=shardings, opt_state=None),
+          loaded,
+          path,
+      )
       assert missing and all('lora_' in m for m in missing), missing
       got = layer_stacking.to_looped(restored.params)['decoder']
       for key in ('layers_1', 'layers_2'):
         np.testing.assert_array_equal(
             np.asarray(got[key]['attention']['query']['kernel']),
-            params[key]['attention']['query']['kernel'])
+            params[key]['attention']['query']['kernel'],
+        )
 
 
 def _drop_lora(tree):
@@ -229,8 +271,11 @@ def _drop_lora(tree):
 
 def test_trainable_patterns_read_looped_paths_on_stacked_params():
   cfg = _config('every_other', True, scan=True)
-  params = {'decoder': nn.meta.unbox(jax.eval_shape(
-      Decoder(cfg).init, jax.random.PRNGKey(0), TOKENS[:, :4])['params'])}
+  params = {
+      'decoder': nn.meta.unbox(
+          jax.eval_shape(Decoder(cfg).init, jax.random.PRNGKey(0), TOKENS[:, :4])['params']
+      )
+  }
   mask = optimizer_lib.trainable_mask(params, (r'.*/lora_[ab]', r'decoder/layers_\d+/moe/router'))
   stack = mask['decoder']['stacked_layers']
   assert stack['offset_1']['moe']['router'] is True
@@ -240,7 +285,8 @@ def test_trainable_patterns_read_looped_paths_on_stacked_params():
   # The same mask as the looped model's, read through the layout converter.
   looped = optimizer_lib.trainable_mask(
       {'decoder': layer_stacking.to_looped(params['decoder'])},
-      (r'.*/lora_[ab]', r'decoder/layers_\d+/moe/router'))
+      (r'.*/lora_[ab]', r'decoder/layers_\d+/moe/router'),
+  )
   assert layer_stacking.to_stacked(looped, 2) == mask
   # Layers 1 and 3 share one stacked router: selecting only layer 1 is an error.
   with pytest.raises(ValueError, match='stacked with them'):
@@ -271,8 +317,9 @@ def test_assemble_experts_reads_scanned_sources():
   base = {'decoder': jax.tree_util.tree_map(np.asarray, _looped_params(cfg, seed=0))}
   expert = {'decoder': jax.tree_util.tree_map(np.asarray, _looped_params(cfg, seed=7))}
   want = experts_lib.assemble_experts(base, [base, expert])
-  got = experts_lib.assemble_experts(layer_stacking.to_stacked(base, 1),
-                                     [base, layer_stacking.to_stacked(expert, 1)])
+  got = experts_lib.assemble_experts(
+      layer_stacking.to_stacked(base, 1), [base, layer_stacking.to_stacked(expert, 1)]
+  )
   assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
   for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
     np.testing.assert_array_equal(a, b)

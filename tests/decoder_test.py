@@ -17,7 +17,8 @@ TOKENS = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 1, 512)
 # Inits and forwards jitted: run op by op, each compiled ~150-250 small programs.
 def _init(cfg):
   return jax.jit(lambda k: nn.meta.unbox(Decoder(cfg).init(k, TOKENS))['params'])(
-      jax.random.PRNGKey(0))
+      jax.random.PRNGKey(0)
+  )
 
 
 def _apply(cfg, params, tokens, **kwargs):
@@ -45,6 +46,7 @@ def test_remat_gives_the_same_gradients():
     def loss(p):
       logits, aux = Decoder(cfg).apply({'params': p}, TOKENS)
       return jnp.mean(jax.nn.log_softmax(logits)[..., 3]) + aux['load_balance_loss']
+
     return jax.jit(jax.grad(loss))(params)
 
   ref = grads(base)
@@ -64,11 +66,9 @@ def test_moe_layers_are_where_the_config_says():
 def test_causal_segment_mask():
   seg = jnp.array([[1, 1, 2, 2, 0]])
   m = np.asarray(causal_segment_mask(5, seg))[0, 0]
-  expected = np.array([[1, 0, 0, 0, 0],
-                       [1, 1, 0, 0, 0],
-                       [0, 0, 1, 0, 0],
-                       [0, 0, 1, 1, 0],
-                       [0, 0, 0, 0, 1]], bool)
+  expected = np.array(
+      [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], bool
+  )
   np.testing.assert_array_equal(m, expected)
 
 

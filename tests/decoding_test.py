@@ -40,20 +40,28 @@ def _buffer(prompts, new_tokens=NEW_TOKENS):
   length = max(len(p) for p in prompts) + new_tokens
   buf = np.zeros((len(prompts), length), np.int32)
   for i, p in enumerate(prompts):
-    buf[i, :len(p)] = p
+    buf[i, : len(p)] = p
   return jnp.asarray(buf), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
 
-def _cached_decode(model, params, prompts, fn=decoding.greedy_decode, new_tokens=NEW_TOKENS,
-                   **kwargs):
+def _cached_decode(
+    model, params, prompts, fn=decoding.greedy_decode, new_tokens=NEW_TOKENS, **kwargs
+):
   inputs, lengths = _buffer(prompts, new_tokens)
-  prompt = inputs[:, :max(len(p) for p in prompts)]
+  prompt = inputs[:, : max(len(p) for p in prompts)]
 
   @jax.jit
   def run(params, inputs, prompt, lengths):
     cache, index = decoding.prefill_cache(model, params, prompt, lengths, inputs.shape[1])
-    return fn(inputs, cache, decoding.decoder_tokens_to_logits(model, params),
-              initial_index=index, max_decode_steps=new_tokens, **kwargs)
+    return fn(
+        inputs,
+        cache,
+        decoding.decoder_tokens_to_logits(model, params),
+        initial_index=index,
+        max_decode_steps=new_tokens,
+        **kwargs,
+    )
+
   return run(params, inputs, prompt, lengths)
 
 
@@ -63,14 +71,14 @@ def _greedy_without_cache(model, params, prompt, steps):
   after position n - 1 does not change its logits)."""
   forward = _forward(model)
   buf = np.zeros((1, len(prompt) + steps), np.int32)
-  buf[0, :len(prompt)] = prompt
+  buf[0, : len(prompt)] = prompt
   for n in range(len(prompt), len(prompt) + steps):
     buf[0, n] = int(jnp.argmax(forward(params, jnp.asarray(buf))[0, n - 1]))
   return buf[0].tolist()
 
 
 def _row(seq, prompt_len, steps):
-  return [int(t) for t in np.asarray(seq)[:prompt_len + steps]]
+  return [int(t) for t in np.asarray(seq)[: prompt_len + steps]]
 
 
 def test_greedy_matches_transformers_generate_and_no_cache():
@@ -80,9 +88,14 @@ def test_greedy_matches_transformers_generate_and_no_cache():
   seqs, _ = _cached_decode(model, params, prompts, eos_id=NO_EOS)
   for i, p in enumerate(prompts):
     with torch.no_grad():
-      hf = hf_model.generate(torch.tensor(p[None], dtype=torch.long), do_sample=False,
-                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                             eos_token_id=None, pad_token_id=0)[0].tolist()
+      hf = hf_model.generate(
+          torch.tensor(p[None], dtype=torch.long),
+          do_sample=False,
+          max_new_tokens=NEW_TOKENS,
+          min_new_tokens=NEW_TOKENS,
+          eos_token_id=None,
+          pad_token_id=0,
+      )[0].tolist()
     assert len(hf) == len(p) + NEW_TOKENS
     ours = _row(seqs[i], len(p), NEW_TOKENS)
     assert ours == hf, (i, ours, hf)
@@ -100,14 +113,16 @@ def test_prefill_then_one_step_equals_full_forward():
   # Row 1 prefills 5 real tokens of 8 (the rest is padding that must be ignored).
   lengths = jnp.asarray([8, 5], jnp.int32)
   prefix = tokens[:, :8].at[1, 5:].set(0)
-  (pre, _), v = jax.jit(lambda p, c, x, n: model.apply(
-      {'params': p, 'cache': c}, x, prefill=True, prefill_lengths=n, mutable=['cache']))(
-          params, cache, prefix, lengths)
+  (pre, _), v = jax.jit(
+      lambda p, c, x, n: model.apply(
+          {'params': p, 'cache': c}, x, prefill=True, prefill_lengths=n, mutable=['cache']
+      )
+  )(params, cache, prefix, lengths)
   np.testing.assert_allclose(pre[0], full[0, :8], atol=1e-5, rtol=0)
   step_tokens = jnp.stack([tokens[0, 8], tokens[1, 5]])[:, None]
-  (step, _), _ = jax.jit(lambda p, c, x: model.apply(
-      {'params': p, 'cache': c}, x, decode=True, mutable=['cache']))(
-          params, v['cache'], step_tokens)
+  (step, _), _ = jax.jit(
+      lambda p, c, x: model.apply({'params': p, 'cache': c}, x, decode=True, mutable=['cache'])
+  )(params, v['cache'], step_tokens)
   np.testing.assert_allclose(step[0, 0], full[0, 8], atol=1e-5, rtol=0)
   np.testing.assert_allclose(step[1, 0], full[1, 5], atol=1e-5, rtol=0)
   assert float(jnp.abs(full[1, 5] - full[1, 8]).max()) > 1e-2  # Positions are distinguishable.
@@ -123,8 +138,9 @@ def test_prefill_accepts_embeddings():
   fn = decoding.decoder_tokens_to_logits(model, params)
   outs = []
   for kwargs in ({'prompt': prompt}, {'prompt': None, 'embeddings': emb}):
-    cache, index = decoding.prefill_cache(model, params, prompt_lengths=lengths,
-                                          max_length=inputs.shape[1], **kwargs)
+    cache, index = decoding.prefill_cache(
+        model, params, prompt_lengths=lengths, max_length=inputs.shape[1], **kwargs
+    )
     outs.append(decoding.greedy_decode(inputs, cache, fn, NO_EOS, initial_index=index)[0])
   np.testing.assert_array_equal(outs[0], outs[1])
   assert not np.array_equal(outs[0][:, 7:], 0)
@@ -133,8 +149,9 @@ def test_prefill_accepts_embeddings():
 @pytest.mark.slow
 def test_mixtral_cached_decode_equals_recompute():
   hf_model, hf_config = hf_reference.tiny_mixtral()
-  model, params = _ours(hf_model, hf_config,
-                        moe=MoEConfig(num_experts=4, num_experts_per_tok=2, dispatch='dropless'))
+  model, params = _ours(
+      hf_model, hf_config, moe=MoEConfig(num_experts=4, num_experts_per_tok=2, dispatch='dropless')
+  )
   prompts = _prompts((6, 3))
   seqs, _ = _cached_decode(model, params, prompts, new_tokens=8, eos_id=NO_EOS)
   for i, p in enumerate(prompts):
@@ -145,13 +162,28 @@ def test_sampling_top_k_1_equals_greedy():
   _, model, params = _llama()
   prompts = _prompts()
   greedy, _ = _cached_decode(model, params, prompts, eos_id=NO_EOS, new_tokens=8)
-  sampled, _ = _cached_decode(model, params, prompts, fn=decoding.temperature_sample,
-                              eos_id=NO_EOS, new_tokens=8, topk=1, temperature=1.5,
-                              decode_rng=jax.random.PRNGKey(7))
+  sampled, _ = _cached_decode(
+      model,
+      params,
+      prompts,
+      fn=decoding.temperature_sample,
+      eos_id=NO_EOS,
+      new_tokens=8,
+      topk=1,
+      temperature=1.5,
+      decode_rng=jax.random.PRNGKey(7),
+  )
   np.testing.assert_array_equal(greedy, sampled)
-  free, _ = _cached_decode(model, params, prompts, fn=decoding.temperature_sample,
-                           eos_id=NO_EOS, new_tokens=8, temperature=3.0,
-                           decode_rng=jax.random.PRNGKey(7))
+  free, _ = _cached_decode(
+      model,
+      params,
+      prompts,
+      fn=decoding.temperature_sample,
+      eos_id=NO_EOS,
+      new_tokens=8,
+      temperature=3.0,
+      decode_rng=jax.random.PRNGKey(7),
+  )
   assert not np.array_equal(free, greedy)  # Without top-k the sampler does sample.
 
 
@@ -165,16 +197,18 @@ def test_top_p_keeps_the_smallest_nucleus():
   np.testing.assert_array_equal(kept(0.71), [0, 1, 0, 1, 1])
   np.testing.assert_array_equal(kept(0.9), [0, 1, 1, 1, 1])
   np.testing.assert_array_equal(kept(0.0), [0, 1, 0, 0, 0])
-  np.testing.assert_array_equal(np.asarray(decoding.top_k_mask(logits, 2)[0] > -1e9),
-                                [0, 1, 0, 1, 0])
+  np.testing.assert_array_equal(
+      np.asarray(decoding.top_k_mask(logits, 2)[0] > -1e9), [0, 1, 0, 1, 0]
+  )
 
 
 def test_beam_1_equals_greedy():
   _, model, params = _llama()
   prompts = _prompts()
   greedy, _ = _cached_decode(model, params, prompts, eos_id=NO_EOS, new_tokens=10)
-  beams, _ = _cached_decode(model, params, prompts, fn=decoding.beam_search, eos_id=NO_EOS,
-                            new_tokens=10, num_beams=1)
+  beams, _ = _cached_decode(
+      model, params, prompts, fn=decoding.beam_search, eos_id=NO_EOS, new_tokens=10, num_beams=1
+  )
   np.testing.assert_array_equal(beams[:, 0], greedy)
 
 
@@ -205,14 +239,22 @@ def test_beam_4_scores_are_sorted_and_recomputable():
   # An EOS id that beams actually produce, so that some hypotheses end early.
   greedy, _ = _cached_decode(model, params, prompts, eos_id=NO_EOS, new_tokens=new)
   eos = int(greedy[1, len(prompts[1]) + 2])
-  seqs, scores = _cached_decode(model, params, prompts, fn=decoding.beam_search, eos_id=eos,
-                                new_tokens=new, num_beams=4, alpha=alpha)
+  seqs, scores = _cached_decode(
+      model,
+      params,
+      prompts,
+      fn=decoding.beam_search,
+      eos_id=eos,
+      new_tokens=new,
+      num_beams=4,
+      alpha=alpha,
+  )
   assert seqs.shape == (2, 4, greedy.shape[1])
   assert bool(jnp.all(jnp.diff(scores, axis=1) >= 0)), scores
   saw_early_end = False
   for i, p in enumerate(prompts):
     for b in range(4):
-      lp, end = _sequence_log_prob(model, params, seqs[i, b, :len(p) + new], len(p), eos)
+      lp, end = _sequence_log_prob(model, params, seqs[i, b, : len(p) + new], len(p), eos)
       saw_early_end |= end < len(p) + new
       expected = lp / float(decoding.brevity_penalty(alpha, jnp.asarray(end)))
       np.testing.assert_allclose(float(scores[i, b]), expected, atol=1e-4, rtol=1e-5)
@@ -221,7 +263,7 @@ def test_beam_4_scores_are_sorted_and_recomputable():
   assert saw_early_end
   # The best beam is at least as good as greedy under the same score.
   for i, p in enumerate(prompts):
-    glp, gend = _sequence_log_prob(model, params, greedy[i, :len(p) + new], len(p), eos)
+    glp, gend = _sequence_log_prob(model, params, greedy[i, : len(p) + new], len(p), eos)
     gscore = glp / float(decoding.brevity_penalty(alpha, jnp.asarray(gend)))
     assert float(scores[i, -1]) >= gscore - 1e-5
 
@@ -245,6 +287,7 @@ def test_eos_stops_a_row():
 
 def test_remat_config_decodes_the_same():
   import dataclasses
+
   hf_model, model, params = _llama()
   remat = Decoder(dataclasses.replace(model.config, remat='full'))
   prompts = _prompts()
@@ -257,8 +300,13 @@ def test_decode_rejects_positions():
   _, model, params = _llama()
   cache = model.init_cache(1, 8)
   with pytest.raises(ValueError, match='positions'):
-    model.apply({'params': params, 'cache': cache}, jnp.zeros((1, 1), jnp.int32), decode=True,
-                positions=jnp.zeros((1, 1), jnp.int32), mutable=['cache'])
+    model.apply(
+        {'params': params, 'cache': cache},
+        jnp.zeros((1, 1), jnp.int32),
+        decode=True,
+        positions=jnp.zeros((1, 1), jnp.int32),
+        mutable=['cache'],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,11 +321,27 @@ def _tiny_unimoe():
   from unimoe_jax.encoders.clip import CLIPVisionConfig  # pylint: disable=g-import-not-at-top
   from unimoe_jax.model import UniMoE, UniMoEConfig  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
   cfg = UniMoEConfig(
-      decoder=DecoderConfig(vocab_size=97, embed_dim=64, num_layers=2, num_heads=4,
-                            num_kv_heads=2, mlp_dim=96, dtype='float32'),
-      vision=CLIPVisionConfig(image_size=32, patch_size=8, width=32, num_layers=2, num_heads=4,
-                              mlp_dim=64, select_layer=-2))
+      decoder=DecoderConfig(
+          vocab_size=97,
+          embed_dim=64,
+          num_layers=2,
+          num_heads=4,
+          num_kv_heads=2,
+          mlp_dim=96,
+          dtype='float32',
+      ),
+      vision=CLIPVisionConfig(
+          image_size=32,
+          patch_size=8,
+          width=32,
+          num_layers=2,
+          num_heads=4,
+          mlp_dim=64,
+          select_layer=-2,
+      ),
+  )
   model = UniMoE(cfg)
   batch = _mm_batch(cfg, [[5, 6], [7]], np.random.RandomState(0))
   # Only the shapes: every weight is drawn below (an init run op by op compiled ~190 small
@@ -297,12 +361,14 @@ def _mm_batch(cfg, texts_after, rng, steps=MM_STEPS):
   length = max(map(len, prompts)) + steps
   tokens = np.zeros((len(prompts), length), np.int32)
   for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = p
+    tokens[i, : len(p)] = p
   size = cfg.vision.image_size
-  return {'decoder_input_tokens': jnp.asarray(tokens),
-          'image_features': jnp.asarray(rng.randn(len(prompts), 1, size, size, 3), jnp.float32),
-          'image_mask': jnp.ones((len(prompts), 1), bool),
-          'prompt_lengths': jnp.asarray([len(p) for p in prompts], jnp.int32)}
+  return {
+      'decoder_input_tokens': jnp.asarray(tokens),
+      'image_features': jnp.asarray(rng.randn(len(prompts), 1, size, size, 3), jnp.float32),
+      'image_mask': jnp.ones((len(prompts), 1), bool),
+      'prompt_lengths': jnp.asarray([len(p) for p in prompts], jnp.int32),
+  }
 
 
 def _mm_generate(model, params, batch, rng=None, **kwargs):
@@ -334,13 +400,18 @@ def test_generate_multimodal_greedy_equals_argmax_loop_without_cache():
   np.testing.assert_array_equal(np.asarray(seqs), expected)
   np.testing.assert_allclose(np.asarray(scores), log_probs, atol=1e-4, rtol=1e-5)
   # Non-trivial continuations: not one token repeated.
-  assert len(set(expected[0, lengths[0]:].tolist())) > 1
+  assert len(set(expected[0, lengths[0] :].tolist())) > 1
   # The image matters: another image changes the logits at the prompt's last position and
   # the first generated tokens of at least one row.
   other = dict(batch, image_features=batch['image_features'][::-1])
-  other_logits = forward(params, {'decoder_input_tokens': batch['decoder_input_tokens'],
-                                  'image_features': other['image_features'],
-                                  'image_mask': batch['image_mask']})
+  other_logits = forward(
+      params,
+      {
+          'decoder_input_tokens': batch['decoder_input_tokens'],
+          'image_features': other['image_features'],
+          'image_mask': batch['image_mask'],
+      },
+  )
   first = forward(params, {'decoder_input_tokens': batch['decoder_input_tokens'], **media})
   rows = np.arange(len(lengths))
   diff = np.abs(np.asarray(first[rows, lengths - 1] - other_logits[rows, lengths - 1])).max()
@@ -354,14 +425,25 @@ def test_generate_multimodal_beam_and_sample():
   model, params = _tiny_unimoe()
   batch = _mm_batch(model.config, [[21, 22], [23]], np.random.RandomState(5), steps=4)
   greedy, _ = _mm_generate(model, params, batch, max_decode_steps=4, eos_id=NO_EOS)
-  beam1, _ = _mm_generate(model, params, batch, max_decode_steps=4, eos_id=NO_EOS,
-                          method='beam', num_beams=1)
+  beam1, _ = _mm_generate(
+      model, params, batch, max_decode_steps=4, eos_id=NO_EOS, method='beam', num_beams=1
+  )
   np.testing.assert_array_equal(np.asarray(beam1), np.asarray(greedy))
-  top1, _ = _mm_generate(model, params, batch, max_decode_steps=4, eos_id=NO_EOS,
-                         method='sample', top_k=1, temperature=2.0, rng=jax.random.PRNGKey(3))
+  top1, _ = _mm_generate(
+      model,
+      params,
+      batch,
+      max_decode_steps=4,
+      eos_id=NO_EOS,
+      method='sample',
+      top_k=1,
+      temperature=2.0,
+      rng=jax.random.PRNGKey(3),
+  )
   np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
-  beam4, scores = _mm_generate(model, params, batch, max_decode_steps=4, eos_id=NO_EOS,
-                               method='beam', num_beams=4)
+  beam4, scores = _mm_generate(
+      model, params, batch, max_decode_steps=4, eos_id=NO_EOS, method='beam', num_beams=4
+  )
   assert beam4.shape == greedy.shape and scores.shape == (2,)
   with pytest.raises(ValueError, match='rng'):
     _mm_generate(model, params, batch, max_decode_steps=4, eos_id=NO_EOS, method='sample')

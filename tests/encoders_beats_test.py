@@ -17,33 +17,68 @@ from unimoe_jax.convert import beats as convert_beats
 from unimoe_jax.encoders import beats
 
 TINY_CFG = {  # An official-style cfg dict, with the training keys real checkpoints carry.
-    'encoder_layers': 2, 'encoder_embed_dim': 32, 'encoder_ffn_embed_dim': 48,
-    'encoder_attention_heads': 4, 'activation_fn': 'gelu', 'dropout': 0.0,
-    'attention_dropout': 0.0, 'activation_dropout': 0.0, 'encoder_layerdrop': 0.05,
-    'dropout_input': 0.0, 'layer_norm_first': False, 'conv_bias': False, 'conv_pos': 8,
-    'conv_pos_groups': 4, 'relative_position_embedding': True, 'num_buckets': 32,
-    'max_distance': 64, 'gru_rel_pos': True, 'deep_norm': True, 'input_patch_size': 16,
-    'layer_wise_gradient_decay_ratio': 0.6, 'embed_dim': 24, 'finetuned_model': False,
-    'predictor_dropout': 0.0, 'predictor_class': 527,
+    'encoder_layers': 2,
+    'encoder_embed_dim': 32,
+    'encoder_ffn_embed_dim': 48,
+    'encoder_attention_heads': 4,
+    'activation_fn': 'gelu',
+    'dropout': 0.0,
+    'attention_dropout': 0.0,
+    'activation_dropout': 0.0,
+    'encoder_layerdrop': 0.05,
+    'dropout_input': 0.0,
+    'layer_norm_first': False,
+    'conv_bias': False,
+    'conv_pos': 8,
+    'conv_pos_groups': 4,
+    'relative_position_embedding': True,
+    'num_buckets': 32,
+    'max_distance': 64,
+    'gru_rel_pos': True,
+    'deep_norm': True,
+    'input_patch_size': 16,
+    'layer_wise_gradient_decay_ratio': 0.6,
+    'embed_dim': 24,
+    'finetuned_model': False,
+    'predictor_dropout': 0.0,
+    'predictor_class': 527,
 }
 
 # Pre-LN, no relative bias, no projection (embed_dim == width), biased patches, odd kernel,
 # tanh GELU: the branches the BEATs checkpoint does not take.
-PRE_LN_CFG = dict(TINY_CFG, layer_norm_first=True, deep_norm=False,
-                  relative_position_embedding=False, gru_rel_pos=False, embed_dim=32,
-                  conv_bias=True, conv_pos=5, activation_fn='gelu_accurate')
+PRE_LN_CFG = dict(
+    TINY_CFG,
+    layer_norm_first=True,
+    deep_norm=False,
+    relative_position_embedding=False,
+    gru_rel_pos=False,
+    embed_dim=32,
+    conv_bias=True,
+    conv_pos=5,
+    activation_fn='gelu_accurate',
+)
 
 
 def official_state_dict(cfg, seed=0):
   """Random tensors under the official names and shapes (as `BEATs(cfg).state_dict()` has)."""
   rng = np.random.default_rng(seed)
   e, d, f = cfg['embed_dim'], cfg['encoder_embed_dim'], cfg['encoder_ffn_embed_dim']
-  h, k, g, p = (cfg['encoder_attention_heads'], cfg['conv_pos'], cfg['conv_pos_groups'],
-                cfg['input_patch_size'])
-  shapes = {'patch_embedding.weight': (e, 1, p, p), 'layer_norm.weight': (e,),
-            'layer_norm.bias': (e,), 'encoder.pos_conv.0.bias': (d,),
-            'encoder.pos_conv.0.weight_g': (1, 1, k), 'encoder.pos_conv.0.weight_v': (d, d // g, k),
-            'encoder.layer_norm.weight': (d,), 'encoder.layer_norm.bias': (d,)}
+  h, k, g, p = (
+      cfg['encoder_attention_heads'],
+      cfg['conv_pos'],
+      cfg['conv_pos_groups'],
+      cfg['input_patch_size'],
+  )
+  shapes = {
+      'patch_embedding.weight': (e, 1, p, p),
+      'layer_norm.weight': (e,),
+      'layer_norm.bias': (e,),
+      'encoder.pos_conv.0.bias': (d,),
+      'encoder.pos_conv.0.weight_g': (1, 1, k),
+      'encoder.pos_conv.0.weight_v': (d, d // g, k),
+      'encoder.layer_norm.weight': (d,),
+      'encoder.layer_norm.bias': (d,),
+  }
   if cfg['conv_bias']:
     shapes['patch_embedding.bias'] = (e,)
   if e != d:
@@ -51,16 +86,27 @@ def official_state_dict(cfg, seed=0):
   for i in range(cfg['encoder_layers']):
     pre = f'encoder.layers.{i}'
     for proj in ('q_proj', 'k_proj', 'v_proj', 'out_proj'):
-      shapes.update({f'{pre}.self_attn.{proj}.weight': (d, d),
-                     f'{pre}.self_attn.{proj}.bias': (d,)})
+      shapes.update(
+          {f'{pre}.self_attn.{proj}.weight': (d, d), f'{pre}.self_attn.{proj}.bias': (d,)}
+      )
     if cfg['gru_rel_pos']:
-      shapes.update({f'{pre}.self_attn.grep_linear.weight': (8, d // h),
-                     f'{pre}.self_attn.grep_linear.bias': (8,),
-                     f'{pre}.self_attn.grep_a': (1, h, 1, 1)})
+      shapes.update(
+          {
+              f'{pre}.self_attn.grep_linear.weight': (8, d // h),
+              f'{pre}.self_attn.grep_linear.bias': (8,),
+              f'{pre}.self_attn.grep_a': (1, h, 1, 1),
+          }
+      )
     for norm in ('self_attn_layer_norm', 'final_layer_norm'):
       shapes.update({f'{pre}.{norm}.weight': (d,), f'{pre}.{norm}.bias': (d,)})
-    shapes.update({f'{pre}.fc1.weight': (f, d), f'{pre}.fc1.bias': (f,),
-                   f'{pre}.fc2.weight': (d, f), f'{pre}.fc2.bias': (d,)})
+    shapes.update(
+        {
+            f'{pre}.fc1.weight': (f, d),
+            f'{pre}.fc1.bias': (f,),
+            f'{pre}.fc2.weight': (d, f),
+            f'{pre}.fc2.bias': (d,),
+        }
+    )
   sd = {}
   for name, shape in shapes.items():
     scale = 1.0 / math.sqrt(shape[-1]) if name.endswith('weight') and len(shape) == 2 else 0.2
@@ -79,6 +125,7 @@ def official_state_dict(cfg, seed=0):
 # ---------------------------------------------------------------------------------------------
 # The numpy re-derivation (float64).
 
+
 def _ln(x, w, b, eps=1e-5):
   mu = x.mean(-1, keepdims=True)
   return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
@@ -86,7 +133,7 @@ def _ln(x, w, b, eps=1e-5):
 
 def _gelu(x, tanh=False):
   if tanh:
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
   return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
 
 
@@ -98,13 +145,15 @@ def _bucket(rel, num_buckets, max_distance):
   dist = abs(rel)
   if dist < exact:
     return base + dist
-  return base + min(half - 1, exact + int(math.log(dist / exact) / math.log(max_distance / exact)
-                                          * (half - exact)))
+  return base + min(
+      half - 1,
+      exact + int(math.log(dist / exact) / math.log(max_distance / exact) * (half - exact)),
+  )
 
 
 def _reduce_mask(mask, n):
   per = mask.shape[1] // n
-  return np.stack([mask[:, j * per:(j + 1) * per].all(1) for j in range(n)], 1)
+  return np.stack([mask[:, j * per : (j + 1) * per].all(1) for j in range(n)], 1)
 
 
 def numpy_beats(sd, cfg, fbank, padding_mask=None):
@@ -117,7 +166,9 @@ def numpy_beats(sd, cfg, fbank, padding_mask=None):
   feat = np.zeros((b, w.shape[0], tp, mp))  # The conv output [batch, channels, time, mel].
   for i in range(tp):
     for j in range(mp):
-      feat[:, :, i, j] = np.einsum('euv,buv->be', w, fbank[:, i * p:(i + 1) * p, j * p:(j + 1) * p])
+      feat[:, :, i, j] = np.einsum(
+          'euv,buv->be', w, fbank[:, i * p : (i + 1) * p, j * p : (j + 1) * p]
+      )
   if cfg['conv_bias']:
     feat += sd['patch_embedding.bias'][None, :, None, None]
   x = feat.reshape(b, -1, tp * mp).transpose(0, 2, 1)
@@ -133,7 +184,7 @@ def numpy_beats(sd, cfg, fbank, padding_mask=None):
   # Weight-normed grouped conv, zero padded by k // 2 each side, last output dropped if k even.
   k, g = cfg['conv_pos'], cfg['conv_pos_groups']
   v, gain = sd['encoder.pos_conv.0.weight_v'], sd['encoder.pos_conv.0.weight_g']
-  cw = gain * v / np.sqrt((v ** 2).sum(axis=(0, 1), keepdims=True))
+  cw = gain * v / np.sqrt((v**2).sum(axis=(0, 1), keepdims=True))
   xp = np.pad(x, ((0, 0), (k // 2, k // 2), (0, 0)))
   out_len = n + 2 * (k // 2) - k + 1
   conv = np.zeros((b, out_len, d)) + sd['encoder.pos_conv.0.bias']
@@ -141,7 +192,7 @@ def numpy_beats(sd, cfg, fbank, padding_mask=None):
   for o in range(d):
     grp = o // cg
     for tap in range(k):
-      conv[:, :, o] += xp[:, tap:tap + out_len, grp * cg:(grp + 1) * cg] @ cw[o, :, tap]
+      conv[:, :, o] += xp[:, tap : tap + out_len, grp * cg : (grp + 1) * cg] @ cw[o, :, tap]
   x = x + _gelu(conv[:, :n])
 
   pre_ln = cfg['layer_norm_first']
@@ -152,8 +203,12 @@ def numpy_beats(sd, cfg, fbank, padding_mask=None):
   rel_bias = None
   if cfg['relative_position_embedding']:
     table = sd['encoder.layers.0.self_attn.relative_attention_bias.weight']
-    idx = np.array([[_bucket(kk - qq, cfg['num_buckets'], cfg['max_distance'])
-                     for kk in range(n)] for qq in range(n)])
+    idx = np.array(
+        [
+            [_bucket(kk - qq, cfg['num_buckets'], cfg['max_distance']) for kk in range(n)]
+            for qq in range(n)
+        ]
+    )
     rel_bias = table[idx].transpose(2, 0, 1)  # [heads, query, key]
   alpha = (2 * cfg['encoder_layers']) ** 0.25 if cfg['deep_norm'] else 1.0
   tanh = cfg['activation_fn'] == 'gelu_accurate'
@@ -185,8 +240,11 @@ def numpy_beats(sd, cfg, fbank, padding_mask=None):
   for i in range(cfg['encoder_layers']):
     pre = f'encoder.layers.{i}'
     ln = lambda name, y: _ln(y, sd[f'{pre}.{name}.weight'], sd[f'{pre}.{name}.bias'])
-    mlp = lambda y: (_gelu(y @ sd[f'{pre}.fc1.weight'].T + sd[f'{pre}.fc1.bias'], tanh)
-                     @ sd[f'{pre}.fc2.weight'].T + sd[f'{pre}.fc2.bias'])
+    mlp = lambda y: (
+        _gelu(y @ sd[f'{pre}.fc1.weight'].T + sd[f'{pre}.fc1.bias'], tanh)
+        @ sd[f'{pre}.fc2.weight'].T
+        + sd[f'{pre}.fc2.bias']
+    )
     if pre_ln:
       x = x + attention(ln('self_attn_layer_norm', x), f'{pre}.self_attn')
       x = x + mlp(ln('final_layer_norm', x))
@@ -200,6 +258,7 @@ def numpy_beats(sd, cfg, fbank, padding_mask=None):
 
 # ---------------------------------------------------------------------------------------------
 
+
 def _run(config, params, fbank, padding_mask=None):
   return beats.BEATs(config).apply({'params': params}, fbank, padding_mask)
 
@@ -211,12 +270,24 @@ def _fbank(batch, frames, seed=1):
 def test_relative_position_bucket_hand_values():
   # num_buckets 32 -> 16 per direction (positive offsets from 16), exact below 8, then
   # 8 + int(log(|r| / 8) / log(64 / 8) * 8), clipped to 15 (+16).
-  cases = {0: 0, -1: 1, 1: 17, -7: 7, 7: 23, -8: 8, 8: 24,
-           -12: 9,    # log(1.5) / log(8) * 8 = 1.56
-           -16: 10,   # log(2) / log(8) * 8 = 2.67
-           -32: 13,   # 5.33
-           -63: 15,   # 7.94
-           -64: 15, 64: 31, -1000: 15, 1000: 31, 20: 27}  # 20: 16 + 8 + int(3.52)
+  cases = {
+      0: 0,
+      -1: 1,
+      1: 17,
+      -7: 7,
+      7: 23,
+      -8: 8,
+      8: 24,
+      -12: 9,  # log(1.5) / log(8) * 8 = 1.56
+      -16: 10,  # log(2) / log(8) * 8 = 2.67
+      -32: 13,  # 5.33
+      -63: 15,  # 7.94
+      -64: 15,
+      64: 31,
+      -1000: 15,
+      1000: 31,
+      20: 27,
+  }  # 20: 16 + 8 + int(3.52)
   rel = np.array(list(cases))
   got = beats.relative_position_bucket(rel, 32, 64)
   assert dict(zip(cases, got.tolist())) == cases
@@ -230,10 +301,19 @@ def test_relative_position_bucket_hand_values():
 def test_config_from_official():
   cfg = beats.config_from_official(TINY_CFG)
   assert cfg == beats.BEATS_SIZES['tiny']
-  assert cfg.deep_norm_alpha == pytest.approx(4 ** 0.25)
-  iter3 = dict(TINY_CFG, encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072,
-               encoder_attention_heads=12, conv_pos=128, conv_pos_groups=16, num_buckets=320,
-               max_distance=800, embed_dim=512)
+  assert cfg.deep_norm_alpha == pytest.approx(4**0.25)
+  iter3 = dict(
+      TINY_CFG,
+      encoder_layers=12,
+      encoder_embed_dim=768,
+      encoder_ffn_embed_dim=3072,
+      encoder_attention_heads=12,
+      conv_pos=128,
+      conv_pos_groups=16,
+      num_buckets=320,
+      max_distance=800,
+      embed_dim=512,
+  )
   assert beats.BEATsConfig.from_official(iter3) == beats.BEATS_SIZES['iter3']
   # Missing keys take the official class defaults (e.g. no relative bias), not ours.
   sparse = beats.config_from_official({'input_patch_size': 16})
@@ -256,7 +336,7 @@ def test_forward_matches_numpy_derivation(cfg_dict):
   # waveform-length mask (160 samples per frame, plus a ragged tail as 30 s chunks have).
   fbank = _fbank(2, 70)
   mask = np.zeros((2, 70 * 160 + 37), bool)
-  mask[1, 48 * 160:] = True
+  mask[1, 48 * 160 :] = True
   got, got_mask = _run(config, params, fbank, mask)
   want, want_mask = numpy_beats(sd, cfg_dict, fbank, mask)
   assert got.shape == (2, 32, 32) and got_mask.shape == (2, 32)
@@ -339,8 +419,9 @@ def test_converter_names_bad_tensors():
 
   renamed = dict(sd)
   renamed['encoder.layers.1.self_attn.grep_b'] = renamed.pop('encoder.layers.1.self_attn.grep_a')
-  with pytest.raises(ValueError,
-                     match=r'missing.*layers\.1\.self_attn\.grep_a.*unexpected.*grep_b'):
+  with pytest.raises(
+      ValueError, match=r'missing.*layers\.1\.self_attn\.grep_a.*unexpected.*grep_b'
+  ):
     convert_beats.params_from_official(renamed, config)
 
   wrong = dict(sd, **{'encoder.pos_conv.0.weight_v': np.zeros((32, 32, 8), np.float32)})

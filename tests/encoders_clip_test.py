@@ -16,8 +16,16 @@ from unimoe_jax.encoders import clip
 
 import hf_reference
 
-HF_KW = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
-             image_size=30, patch_size=6, layer_norm_eps=1e-5, hidden_act='quick_gelu')
+HF_KW = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=37,
+    image_size=30,
+    patch_size=6,
+    layer_norm_eps=1e-5,
+    hidden_act='quick_gelu',
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,9 +38,16 @@ def _hf_tower():
   with torch.no_grad():
     for name, p in model.named_parameters():
       # LayerNorm scales around 1, everything else centred: no tensor is zero or trivial.
-      p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith('norm1.weight') or
-                                           name.endswith('norm2.weight') or
-                                           name.endswith('layrnorm.weight') else 0.0))
+      p.copy_(
+          torch.randn_like(p) * 0.1
+          + (
+              1.0
+              if name.endswith('norm1.weight')
+              or name.endswith('norm2.weight')
+              or name.endswith('layrnorm.weight')
+              else 0.0
+          )
+      )
   sd = hf_reference.state_dict_numpy(model)
   return model, config, sd
 
@@ -76,7 +91,7 @@ def test_matches_hf_hidden_state(select_layer, select_feature):
   print(f'clip select_layer={select_layer} {select_feature}: max abs err {err:.2e}')
   assert err < 1e-4
   # The selected state differs from its neighbours, so a wrong layer count would fail.
-  assert _max_err(ours, _hf_hidden_states(pixels)[select_layer - 1][:, -ours.shape[1]:]) > 1e-2
+  assert _max_err(ours, _hf_hidden_states(pixels)[select_layer - 1][:, -ours.shape[1] :]) > 1e-2
 
 
 def test_later_layers_are_not_built_and_params_match_init_tree():
@@ -162,7 +177,8 @@ def test_every_param_has_logical_axes_and_runs_sharded():
   assert all(len(set(n)) == len(n) for n in named_axes)  # flax rejects repeats under a mesh.
   rng = np.random.default_rng(8)
   params = jax.tree_util.tree_map(
-      lambda a: rng.normal(0, 0.1, a.shape).astype(np.float32), nn.meta.unbox(boxed)['params'])
+      lambda a: rng.normal(0, 0.1, a.shape).astype(np.float32), nn.meta.unbox(boxed)['params']
+  )
 
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, model=4))
   shardings = partitioning.params_shardings(mesh, boxed)
@@ -178,10 +194,18 @@ def test_config_validation_and_sizes():
   large = clip.CLIP_SIZES['vit-l-14-336']
   assert (large.num_patches, large.num_tokens, large.num_used_layers) == (576, 576, 23)
   assert dataclasses.replace(large, select_feature='cls_patch').num_tokens == 577
-  for field, value in [('select_feature', 'cls'), ('select_layer', 25), ('act', 'swish'),
-                       ('patch_size', 13), ('num_heads', 5)]:
+  for field, value in [
+      ('select_feature', 'cls'),
+      ('select_layer', 25),
+      ('act', 'swish'),
+      ('patch_size', 13),
+      ('num_heads', 5),
+  ]:
     with pytest.raises(ValueError, match=field):
       dataclasses.replace(large, **{field: value})
   with pytest.raises(ValueError, match='pixels'):
-    jax.eval_shape(clip.CLIPVisionTower(clip.named('tiny')).init, jax.random.PRNGKey(0),
-                   jnp.zeros((1, 30, 30, 3)))
+    jax.eval_shape(
+        clip.CLIPVisionTower(clip.named('tiny')).init,
+        jax.random.PRNGKey(0),
+        jnp.zeros((1, 30, 30, 3)),
+    )

@@ -23,10 +23,23 @@ def hf():
   """(model, state dict, encoder config, aligner config) of a tiny random WhisperModel."""
   torch, transformers = torch_and_transformers()
   config = transformers.WhisperConfig(
-      vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-      decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=16,
-      max_source_positions=20, max_target_positions=16, pad_token_id=0, bos_token_id=1,
-      eos_token_id=2, decoder_start_token_id=1, attn_implementation='eager')
+      vocab_size=64,
+      d_model=32,
+      encoder_layers=2,
+      decoder_layers=2,
+      encoder_attention_heads=4,
+      decoder_attention_heads=4,
+      encoder_ffn_dim=48,
+      decoder_ffn_dim=48,
+      num_mel_bins=16,
+      max_source_positions=20,
+      max_target_positions=16,
+      pad_token_id=0,
+      bos_token_id=1,
+      eos_token_id=2,
+      decoder_start_token_id=1,
+      attn_implementation='eager',
+  )
   model = transformers.WhisperModel(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -42,8 +55,11 @@ def hf():
 
 
 def _features(enc_cfg, batch=2, seed=0):
-  return np.random.default_rng(seed).normal(
-      size=(batch, enc_cfg.num_frames, enc_cfg.num_mel_bins)).astype(np.float32)
+  return (
+      np.random.default_rng(seed)
+      .normal(size=(batch, enc_cfg.num_frames, enc_cfg.num_mel_bins))
+      .astype(np.float32)
+  )
 
 
 def _hf_encode(model, feats):
@@ -58,14 +74,21 @@ def _hf_align(model, queries, encoder_out, attention_mask=None):
   batch = encoder_out.shape[0]
   embeds = torch.from_numpy(np.broadcast_to(queries[None], (batch,) + queries.shape).copy())
   with torch.no_grad():
-    out = model.decoder(inputs_embeds=embeds, encoder_hidden_states=torch.from_numpy(encoder_out),
-                        attention_mask=attention_mask, use_cache=False).last_hidden_state
+    out = model.decoder(
+        inputs_embeds=embeds,
+        encoder_hidden_states=torch.from_numpy(encoder_out),
+        attention_mask=attention_mask,
+        use_cache=False,
+    ).last_hidden_state
   return out.numpy()
 
 
 def _queries(ali_cfg, seed=1):
-  return np.random.default_rng(seed).normal(
-      size=(ali_cfg.num_query_tokens, ali_cfg.d_model)).astype(np.float32)
+  return (
+      np.random.default_rng(seed)
+      .normal(size=(ali_cfg.num_query_tokens, ali_cfg.d_model))
+      .astype(np.float32)
+  )
 
 
 def _tree_shapes(tree):
@@ -86,20 +109,32 @@ def _init_shapes(module, *args):
 
 def test_configs_from_hf(hf):
   _, _, enc_cfg, ali_cfg = hf
-  assert (enc_cfg.d_model, enc_cfg.num_layers, enc_cfg.num_heads, enc_cfg.ffn_dim,
-          enc_cfg.num_mel_bins, enc_cfg.num_frames) == (32, 2, 4, 48, 16, 40)
-  assert (ali_cfg.num_query_tokens, ali_cfg.num_layers, ali_cfg.max_target_positions,
-          ali_cfg.causal) == (NUM_QUERY, 2, 16, True)
+  assert (
+      enc_cfg.d_model,
+      enc_cfg.num_layers,
+      enc_cfg.num_heads,
+      enc_cfg.ffn_dim,
+      enc_cfg.num_mel_bins,
+      enc_cfg.num_frames,
+  ) == (32, 2, 4, 48, 16, 40)
+  assert (
+      ali_cfg.num_query_tokens,
+      ali_cfg.num_layers,
+      ali_cfg.max_target_positions,
+      ali_cfg.causal,
+  ) == (NUM_QUERY, 2, 16, True)
 
 
 def test_sinusoids_equal_hf_positions(hf):
   model, _, enc_cfg, _ = hf
   table = model.encoder.embed_positions.weight.detach().numpy()
-  np.testing.assert_allclose(sinusoids(enc_cfg.max_source_positions, enc_cfg.d_model), table,
-                             atol=1e-6, rtol=0)
+  np.testing.assert_allclose(
+      sinusoids(enc_cfg.max_source_positions, enc_cfg.d_model), table, atol=1e-6, rtol=0
+  )
   # Full whisper-small size, where float32 rounding of the argument matters most.
   torch, _ = torch_and_transformers()
   from transformers.models.whisper.modeling_whisper import sinusoids as hf_sinusoids  # pylint: disable=g-import-not-at-top
+
   del torch
   ours, ref = sinusoids(1500, 768), hf_sinusoids(1500, 768).numpy()
   # torch's float32 exp is off by an ulp from numpy's for some timescales; x1500 positions.
@@ -149,8 +184,12 @@ def test_aligner_matches_hf_decoder(hf, causal):
   err = np.max(np.abs(ours - ref))
   assert err < TOL, err
   # The other attention pattern is far off: the comparison sees causality.
-  other = _hf_align(model, queries, encoder_out,
-                    attention_mask=torch.zeros(2, 1, NUM_QUERY, NUM_QUERY) if causal else None)
+  other = _hf_align(
+      model,
+      queries,
+      encoder_out,
+      attention_mask=torch.zeros(2, 1, NUM_QUERY, NUM_QUERY) if causal else None,
+  )
   assert np.max(np.abs(ours - other)) > 1e-2
 
 
@@ -161,10 +200,11 @@ def test_aligner_encoder_mask_equals_truncation(hf):
   params = convert.aligner_params_from_hf(sd, ali_cfg, query_tokens=queries)
   lengths = [enc_cfg.max_source_positions, 7]
   mask = np.arange(encoder_out.shape[1])[None, :] < np.array(lengths)[:, None]
-  ours = np.asarray(_run(WhisperAligner(ali_cfg), {'params': params}, encoder_out,
-                                                  encoder_mask=jnp.asarray(mask)))
+  ours = np.asarray(
+      _run(WhisperAligner(ali_cfg), {'params': params}, encoder_out, encoder_mask=jnp.asarray(mask))
+  )
   for b, n in enumerate(lengths):
-    ref = _hf_align(model, queries, encoder_out[b:b + 1, :n])[0]
+    ref = _hf_align(model, queries, encoder_out[b : b + 1, :n])[0]
     err = np.max(np.abs(ours[b] - ref))
     assert err < TOL, (b, err)
   unmasked = np.asarray(_run(WhisperAligner(ali_cfg), {'params': params}, encoder_out))
@@ -183,7 +223,8 @@ def test_query_tokens_argument(hf):
   assert not np.allclose(a, c)
   q = _queries(ali_cfg)
   np.testing.assert_array_equal(
-      convert.aligner_params_from_hf(sd, ali_cfg, query_tokens=q[None])['query_tokens'], q)
+      convert.aligner_params_from_hf(sd, ali_cfg, query_tokens=q[None])['query_tokens'], q
+  )
   with pytest.raises(ValueError, match='query_tokens'):
     convert.aligner_params_from_hf(sd, ali_cfg, query_tokens=q[:-1])
 
@@ -194,26 +235,35 @@ def test_prefixes(hf):
   _, sd, enc_cfg, ali_cfg = hf
   full = {f'model.{k}': v for k, v in sd.items()}
   full['proj_out.weight'] = sd['decoder.embed_tokens.weight']
-  for fn, cfg in ((convert.encoder_params_from_hf, enc_cfg),
-                  (convert.aligner_params_from_hf, ali_cfg)):
+  for fn, cfg in (
+      (convert.encoder_params_from_hf, enc_cfg),
+      (convert.aligner_params_from_hf, ali_cfg),
+  ):
     a, b = fn(sd, cfg), fn(full, cfg)
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
-    c = fn({k[len('model.'):]: v for k, v in full.items() if k.startswith('model.')}, cfg,
-           prefix={convert.encoder_params_from_hf: 'encoder.'}.get(fn, 'decoder.'))
+    c = fn(
+        {k[len('model.') :]: v for k, v in full.items() if k.startswith('model.')},
+        cfg,
+        prefix={convert.encoder_params_from_hf: 'encoder.'}.get(fn, 'decoder.'),
+    )
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, c)
   with pytest.raises(ValueError, match='prefix'):
     convert.encoder_params_from_hf(sd, enc_cfg, prefix='audio_tower.')
 
 
-@pytest.mark.parametrize('old', ['encoder.layers.1.fc1.weight',
-                                 'decoder.layers.0.encoder_attn.k_proj.weight'])
+@pytest.mark.parametrize(
+    'old', ['encoder.layers.1.fc1.weight', 'decoder.layers.0.encoder_attn.k_proj.weight']
+)
 def test_converters_reject_renamed_tensor(hf, old):
   _, sd, enc_cfg, ali_cfg = hf
   new = old.replace('layers.', 'blocks.')
   bad = dict(sd)
   bad[new] = bad.pop(old)
-  fn, cfg = ((convert.encoder_params_from_hf, enc_cfg) if old.startswith('encoder')
-             else (convert.aligner_params_from_hf, ali_cfg))
+  fn, cfg = (
+      (convert.encoder_params_from_hf, enc_cfg)
+      if old.startswith('encoder')
+      else (convert.aligner_params_from_hf, ali_cfg)
+  )
   with pytest.raises(ValueError) as info:
     fn(bad, cfg)
   assert old in str(info.value) and new in str(info.value)
@@ -267,20 +317,32 @@ def test_init_std_sets_every_kernel_and_makes_a_narrow_random_tower_see_its_inpu
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 100, 80)).astype(np.float32) * 0.5)
   spread = {}
   for std in (0.02, 0.1):
-    cfg = WhisperEncoderConfig(d_model=32, num_layers=2, num_heads=4, ffn_dim=64,
-                               max_source_positions=50, init_std=std)
+    cfg = WhisperEncoderConfig(
+        d_model=32, num_layers=2, num_heads=4, ffn_dim=64, max_source_positions=50, init_std=std
+    )
     encoder = WhisperEncoder(cfg)
     params = encoder.init(jax.random.PRNGKey(0), x)['params']
-    for path in (('conv1', 'kernel'), ('conv2', 'kernel'), ('layers_0', 'attn', 'query', 'kernel'),
-                 ('layers_1', 'mlp', 'fc2', 'kernel')):
+    for path in (
+        ('conv1', 'kernel'),
+        ('conv2', 'kernel'),
+        ('layers_0', 'attn', 'query', 'kernel'),
+        ('layers_1', 'mlp', 'fc2', 'kernel'),
+    ):
       leaf = params
       for key in path:
         leaf = leaf[key]
       assert abs(float(nn.unbox(leaf).std()) / std - 1.0) < 0.2, (std, path)
     y = encoder.apply({'params': params}, x)
     spread[std] = float(jnp.linalg.norm(y[0] - y[1]) / jnp.linalg.norm(y[0]))
-    aligner_cfg = WhisperAlignerConfig(num_query_tokens=4, d_model=32, num_layers=1, num_heads=4,
-                                       ffn_dim=64, max_target_positions=8, init_std=std)
+    aligner_cfg = WhisperAlignerConfig(
+        num_query_tokens=4,
+        d_model=32,
+        num_layers=1,
+        num_heads=4,
+        ffn_dim=64,
+        max_target_positions=8,
+        init_std=std,
+    )
     aligner_params = WhisperAligner(aligner_cfg).init(jax.random.PRNGKey(0), y)['params']
     queries = nn.unbox(aligner_params['query_tokens'])
     assert abs(float(queries.std()) / std - 1.0) < 0.3

@@ -16,8 +16,9 @@ import flax.linen as nn
 from hf_reference import logits as hf_logits
 from hf_reference import state_dict_numpy, tiny_llama, tiny_mixtral
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'tools'))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
+)
 import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax import checkpoint, layer_stacking  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.config import LoRAConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -31,6 +32,7 @@ TOKENS = np.random.RandomState(0).randint(0, 97, size=(2, 12)).astype(np.int32)
 
 def _randomize(model, seed=1):
   import torch  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(seed)
   with torch.no_grad():
     for p in model.parameters():
@@ -40,6 +42,7 @@ def _randomize(model, seed=1):
 
 def _tensors(directory):
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
   out = {}
   for name in sorted(os.listdir(directory)):
     if name.endswith('.safetensors'):
@@ -49,8 +52,10 @@ def _tensors(directory):
 
 def _load_hf(directory):
   import transformers  # pylint: disable=g-import-not-at-top
+
   return transformers.AutoModelForCausalLM.from_pretrained(
-      directory, attn_implementation='eager').eval()
+      directory, attn_implementation='eager'
+  ).eval()
 
 
 def _last_json(capsys):
@@ -65,13 +70,19 @@ def test_round_trip_is_bit_exact_and_transformers_loads_it(tmp_path, capsys, kin
   model.save_pretrained(src)
   with open(os.path.join(src, 'tokenizer.model'), 'wb') as f:
     f.write(b'not a real sentencepiece model: only copied')
-  assert convert_checkpoint.main(['--source', 'hf', '--input', src, '--output', ours,
-                                  '--dtype', 'float32'] + (['--scan_layers'] if scan else [])) == 0
+  assert (
+      convert_checkpoint.main(
+          ['--source', 'hf', '--input', src, '--output', ours, '--dtype', 'float32']
+          + (['--scan_layers'] if scan else [])
+      )
+      == 0
+  )
   capsys.readouterr()
   assert convert_checkpoint.main(['--to', 'hf', '--input', ours, '--output', out]) == 0
   summary = _last_json(capsys)
-  assert summary['architecture'] == ('LlamaForCausalLM' if kind == 'llama'
-                                     else 'MixtralForCausalLM')
+  assert summary['architecture'] == (
+      'LlamaForCausalLM' if kind == 'llama' else 'MixtralForCausalLM'
+  )
   assert summary['notes'] == [] and summary['lora'] is None
   before, after = _tensors(src), _tensors(out)
   assert sorted(before) == sorted(after)
@@ -109,8 +120,9 @@ def _lora_checkpoint(tmp_path, kind, targets, scan=False):
   lora = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=targets)
   cfg = convert_hf.config_from_hf(config.to_dict(), dtype='float32', lora=lora)
   base = convert_hf.decoder_params_from_hf(state_dict_numpy(model), cfg)
-  abstract = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
-                                                      jnp.zeros((1, 1), jnp.int32)))['params']
+  abstract = jax.eval_shape(
+      lambda: Decoder(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+  )['params']
   flat = traverse_util.flatten_dict(nn.meta.unbox(abstract))
   flat_base = traverse_util.flatten_dict(base)
   rng = np.random.default_rng(0)
@@ -119,8 +131,9 @@ def _lora_checkpoint(tmp_path, kind, targets, scan=False):
       flat_base[path] = rng.normal(0.0, 0.1, leaf.shape).astype(np.float32)
   assert set(flat_base) == set(flat)
   params = traverse_util.unflatten_dict(flat_base)
-  ours, _ = Decoder(cfg).apply({'params': jax.tree_util.tree_map(jnp.asarray, params)},
-                               jnp.asarray(TOKENS))
+  ours, _ = Decoder(cfg).apply(
+      {'params': jax.tree_util.tree_map(jnp.asarray, params)}, jnp.asarray(TOKENS)
+  )
   if scan:
     cfg = dataclasses.replace(cfg, scan_layers=True)
     params = layer_stacking.to_config_layout(params, cfg)
@@ -132,23 +145,25 @@ def _lora_checkpoint(tmp_path, kind, targets, scan=False):
 def _apply_peft(model, adapter_dir):
   """W += (lora_alpha / r) * B @ A for every adapted module, as PEFT's merge does."""
   import torch  # pylint: disable=g-import-not-at-top
+
   with open(os.path.join(adapter_dir, 'adapter_config.json')) as f:
     config = json.load(f)
   scale = config['lora_alpha'] / config['r']
   tensors = _tensors(adapter_dir)
-  modules = {k[:-len('.lora_A.weight')] for k in tensors if k.endswith('.lora_A.weight')}
+  modules = {k[: -len('.lora_A.weight')] for k in tensors if k.endswith('.lora_A.weight')}
   assert modules and all(m.split('.')[-1] in config['target_modules'] for m in modules)
   params = dict(model.named_parameters())
   with torch.no_grad():
     for m in modules:
-      name = m[len(export_hf.PEFT_PREFIX):] + '.weight'
+      name = m[len(export_hf.PEFT_PREFIX) :] + '.weight'
       delta = tensors[f'{m}.lora_B.weight'] @ tensors[f'{m}.lora_A.weight']
       params[name] += scale * torch.from_numpy(delta)
   return len(modules)
 
 
-@pytest.mark.parametrize('kind,keep', [('llama', False), ('llama', True),
-                                       ('mixtral', False), ('mixtral', True)])
+@pytest.mark.parametrize(
+    'kind,keep', [('llama', False), ('llama', True), ('mixtral', False), ('mixtral', True)]
+)
 def test_lora_export_matches_our_logits(tmp_path, capsys, kind, keep):
   """Merged (default): every target incl. experts; kept (PEFT adapter): Mixtral's attention
   adapters (expert adapters cannot be PEFT adapters of transformers 5's fused experts)."""
@@ -158,8 +173,12 @@ def test_lora_export_matches_our_logits(tmp_path, capsys, kind, keep):
   ckpt, cfg, ours = _lora_checkpoint(tmp_path, kind, targets, scan=kind == 'mixtral' and keep)
   out = str(tmp_path / 'out')
   capsys.readouterr()
-  assert convert_checkpoint.main(['--to', 'hf', '--input', ckpt, '--output', out] +
-                                 (['--keep_lora'] if keep else [])) == 0
+  assert (
+      convert_checkpoint.main(
+          ['--to', 'hf', '--input', ckpt, '--output', out] + (['--keep_lora'] if keep else [])
+      )
+      == 0
+  )
   summary = _last_json(capsys)
   exported = _load_hf(out)
   if keep:
@@ -182,14 +201,20 @@ def test_peft_loads_the_kept_adapter(tmp_path, kind):
   5.2e-8 Mixtral attention adapters)."""
   peft = pytest.importorskip('peft')
   import torch  # pylint: disable=g-import-not-at-top
-  targets = (('query', 'key', 'value', 'out', 'mlp') if kind == 'llama'
-             else ('query', 'key', 'value', 'out'))
+
+  targets = (
+      ('query', 'key', 'value', 'out', 'mlp')
+      if kind == 'llama'
+      else ('query', 'key', 'value', 'out')
+  )
   ckpt, _, ours = _lora_checkpoint(tmp_path, kind, targets)
   out = str(tmp_path / 'out')
-  assert convert_checkpoint.main(['--to', 'hf', '--input', ckpt, '--output', out,
-                                  '--keep_lora']) == 0
-  model = peft.PeftModel.from_pretrained(_load_hf(out),
-                                         os.path.join(out, export_hf.ADAPTER_DIR)).eval()
+  assert (
+      convert_checkpoint.main(['--to', 'hf', '--input', ckpt, '--output', out, '--keep_lora']) == 0
+  )
+  model = peft.PeftModel.from_pretrained(
+      _load_hf(out), os.path.join(out, export_hf.ADAPTER_DIR)
+  ).eval()
   with torch.no_grad():
     theirs = model(input_ids=torch.tensor(TOKENS, dtype=torch.long)).logits.numpy()
   err = np.abs(theirs - ours).max()
@@ -208,21 +233,32 @@ def test_training_run_directory_is_accepted(tmp_path, capsys):
   """A MODEL_DIR (latest step of checkpoints/<step>/state, MODEL_DIR/config.gin with the
   trainer's configurables) exports like the converted checkpoint holding the same params."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   model, _ = tiny_llama(num_hidden_layers=2)
   src, ours = str(tmp_path / 'src'), str(tmp_path / 'ours')
   model.save_pretrained(src)
-  assert convert_checkpoint.main(['--source', 'hf', '--input', src, '--output', ours,
-                                  '--dtype', 'float32']) == 0
+  assert (
+      convert_checkpoint.main(
+          ['--source', 'hf', '--input', src, '--output', ours, '--dtype', 'float32']
+      )
+      == 0
+  )
   params, gin_text = checkpoint.restore(ours)
   run = tmp_path / 'run'
   for step in (2, 4):
-    ocp.PyTreeCheckpointer().save(str(run / 'checkpoints' / str(step) / 'state'),
-                                  {'params': params, 'step': np.int32(step)})
+    ocp.PyTreeCheckpointer().save(
+        str(run / 'checkpoints' / str(step) / 'state'), {'params': params, 'step': np.int32(step)}
+    )
   (run / 'config.gin').write_text(
-      gin_text + '\nunknown_trainer_fn.batch_size = 8\nMODEL_DIR = "/somewhere"\n')
+      gin_text + '\nunknown_trainer_fn.batch_size = 8\nMODEL_DIR = "/somewhere"\n'
+  )
   capsys.readouterr()
-  assert convert_checkpoint.main(['--to', 'hf', '--input', str(run),
-                                  '--output', str(tmp_path / 'out')]) == 0
+  assert (
+      convert_checkpoint.main(
+          ['--to', 'hf', '--input', str(run), '--output', str(tmp_path / 'out')]
+      )
+      == 0
+  )
   summary = _last_json(capsys)
   assert summary['step'] == 4 and any('tokenizer' in n for n in summary['notes'])
   before, after = _tensors(src), _tensors(str(tmp_path / 'out'))
@@ -234,8 +270,9 @@ def test_sharded_output_has_an_index(tmp_path):
   model, config = tiny_llama(num_hidden_layers=2)
   cfg = convert_hf.config_from_hf(config.to_dict(), dtype='float32')
   params = convert_hf.decoder_params_from_hf(state_dict_numpy(model), cfg)
-  summary = export_hf.export({'decoder': params}, cfg, str(tmp_path / 'out'),
-                             max_shard_bytes=40_000)
+  summary = export_hf.export(
+      {'decoder': params}, cfg, str(tmp_path / 'out'), max_shard_bytes=40_000
+  )
   shards = [f for f in summary['files'] if f.endswith('.safetensors')]
   assert len(shards) > 2 and shards[0] == f'model-00001-of-{len(shards):05d}.safetensors'
   exported = _load_hf(str(tmp_path / 'out'))
@@ -245,30 +282,56 @@ def test_sharded_output_has_an_index(tmp_path):
 def test_what_mixtral_cannot_express_is_refused_or_noted(tmp_path):
   _, config = tiny_mixtral(num_hidden_layers=2)
   cfg = convert_hf.config_from_hf(config.to_dict(), dtype='float32')
-  for moe, field in ((dataclasses.replace(cfg.moe, layers='even'), 'MoEConfig.layers'),
-                     (dataclasses.replace(cfg.moe, second_expert_sampling=True),
-                      'MoEConfig.second_expert_sampling')):
+  for moe, field in (
+      (dataclasses.replace(cfg.moe, layers='even'), 'MoEConfig.layers'),
+      (
+          dataclasses.replace(cfg.moe, second_expert_sampling=True),
+          'MoEConfig.second_expert_sampling',
+      ),
+  ):
     with pytest.raises(ValueError, match=field):
       export_hf.check_exportable(dataclasses.replace(cfg, moe=moe))
-  notes = export_hf.check_exportable(dataclasses.replace(
-      cfg, dtype='bfloat16', moe=dataclasses.replace(
-          cfg.moe, router_dtype='bfloat16', load_balance_loss_form='top1', dispatch='capacity')))
-  for field in ('MoEConfig.router_dtype', 'MoEConfig.load_balance_loss_form',
-                'MoEConfig.dispatch', 'DecoderConfig.dtype'):
+  notes = export_hf.check_exportable(
+      dataclasses.replace(
+          cfg,
+          dtype='bfloat16',
+          moe=dataclasses.replace(
+              cfg.moe, router_dtype='bfloat16', load_balance_loss_form='top1', dispatch='capacity'
+          ),
+      )
+  )
+  for field in (
+      'MoEConfig.router_dtype',
+      'MoEConfig.load_balance_loss_form',
+      'MoEConfig.dispatch',
+      'DecoderConfig.dtype',
+  ):
     assert any(field in n for n in notes), (field, notes)
   # Towers and connectors are reported, not exported.
-  _, others = export_hf.decoder_tree({'decoder': {'layers_0': {}}, 'vision_tower': {},
-                                      'vision_projector': {}})
+  _, others = export_hf.decoder_tree(
+      {'decoder': {'layers_0': {}}, 'vision_tower': {}, 'vision_projector': {}}
+  )
   assert others == ['vision_projector', 'vision_tower']
 
 
 # ---------------------------------------------------------------------------------------------
 # A Hugging Face directory with tokenizer.json only: the SentencePiece model it wraps.
 
-_CORPUS = ['the cat sat on the mat', 'a dog ran in the park', 'the sun is hot today',
-           'we like to read books 123', 'birds fly over the sea']
-_TEXTS = _CORPUS + ['hello world the cats', ' two  spaces ', 'é中 unseen ✓ chars',
-                    'numbers 4567 the', 'thethethe mat', '']
+_CORPUS = [
+    'the cat sat on the mat',
+    'a dog ran in the park',
+    'the sun is hot today',
+    'we like to read books 123',
+    'birds fly over the sea',
+]
+_TEXTS = _CORPUS + [
+    'hello world the cats',
+    ' two  spaces ',
+    'é中 unseen ✓ chars',
+    'numbers 4567 the',
+    'thethethe mat',
+    '',
+]
 
 
 @pytest.fixture(scope='module')
@@ -276,12 +339,24 @@ def spm_model():
   """A LLaMA-like SentencePiece BPE model (byte fallback, identity normalization)."""
   spm = pytest.importorskip('sentencepiece')
   import io  # pylint: disable=g-import-not-at-top
+
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_CORPUS * 10), model_writer=model, vocab_size=330,
-      model_type='bpe', unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-      byte_fallback=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
-      normalization_rule_name='identity', split_digits=True)
+      sentence_iterator=iter(_CORPUS * 10),
+      model_writer=model,
+      vocab_size=330,
+      model_type='bpe',
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      pad_id=-1,
+      minloglevel=2,
+      byte_fallback=True,
+      add_dummy_prefix=True,
+      remove_extra_whitespaces=False,
+      normalization_rule_name='identity',
+      split_digits=True,
+  )
   return model.getvalue()
 
 
@@ -291,25 +366,33 @@ def _tokenizer_json(spm_model, style):
   'metaspace' in a Metaspace pre-tokenizer (legacy=False)."""
   tokenizers = pytest.importorskip('tokenizers')
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+
   proto = sentencepiece_model_pb2.ModelProto.FromString(spm_model)
   vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
   scores = {p.piece: p.score for p in proto.pieces}
   merges = []
   for piece in vocab:
-    local = [(piece[:k], piece[k:], scores[piece]) for k in range(1, len(piece))
-             if piece[:k] in vocab and piece[k:] in vocab]
+    local = [
+        (piece[:k], piece[k:], scores[piece])
+        for k in range(1, len(piece))
+        if piece[:k] in vocab and piece[k:] in vocab
+    ]
     merges += sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]]))
   merges = [(a, b) for a, b, _ in sorted(merges, key=lambda x: x[2], reverse=True)]
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, unk_token='<unk>',
-                                                   fuse_unk=True, byte_fallback=True))
-  tok.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True)
-                          for t in ('<unk>', '<s>', '</s>')])
+  tok = tokenizers.Tokenizer(
+      tokenizers.models.BPE(vocab, merges, unk_token='<unk>', fuse_unk=True, byte_fallback=True)
+  )
+  tok.add_special_tokens(
+      [tokenizers.AddedToken(t, normalized=False, special=True) for t in ('<unk>', '<s>', '</s>')]
+  )
   if style == 'legacy':
-    tok.normalizer = tokenizers.normalizers.Sequence([
-        tokenizers.normalizers.Prepend('\u2581'), tokenizers.normalizers.Replace(' ', '\u2581')])
+    tok.normalizer = tokenizers.normalizers.Sequence(
+        [tokenizers.normalizers.Prepend('\u2581'), tokenizers.normalizers.Replace(' ', '\u2581')]
+    )
   else:
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(
-        replacement='\u2581', prepend_scheme='first', split=False)
+        replacement='\u2581', prepend_scheme='first', split=False
+    )
   return tok.to_str()
 
 
@@ -317,11 +400,13 @@ def _tokenizer_json(spm_model, style):
 def test_tokenizer_json_rebuilds_the_sentencepiece_model(tmp_path, spm_model, style):
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   from unimoe_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / 'tokenizer.json'
   path.write_text(_tokenizer_json(spm_model, style))
   original = spm.SentencePieceProcessor(model_proto=spm_model)
   rebuilt = spm.SentencePieceProcessor(
-      model_proto=vocabulary.sentencepiece_from_tokenizer_json_file(str(path)))
+      model_proto=vocabulary.sentencepiece_from_tokenizer_json_file(str(path))
+  )
   n = original.get_piece_size()
   assert rebuilt.get_piece_size() == n
   assert [rebuilt.id_to_piece(i) for i in range(n)] == [original.id_to_piece(i) for i in range(n)]
@@ -335,8 +420,8 @@ def test_tokenizer_json_rebuilds_the_sentencepiece_model(tmp_path, spm_model, st
 def test_tokenizer_json_that_wraps_no_sentencepiece_model_says_why(tmp_path):
   tokenizers = pytest.importorskip('tokenizers')
   from unimoe_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
-  byte_level = tokenizers.Tokenizer(tokenizers.models.BPE({'a': 0, 'b': 1, 'ab': 2},
-                                                          [('a', 'b')]))
+
+  byte_level = tokenizers.Tokenizer(tokenizers.models.BPE({'a': 0, 'b': 1, 'ab': 2}, [('a', 'b')]))
   byte_level.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
   with pytest.raises(ValueError, match='ByteLevel'):
     vocabulary.sentencepiece_from_tokenizer_json(json.loads(byte_level.to_str()))
@@ -347,6 +432,7 @@ def test_tokenizer_json_that_wraps_no_sentencepiece_model_says_why(tmp_path):
 
 def test_hf_directory_with_tokenizer_json_only(tmp_path, capsys, spm_model):
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
   model, _ = tiny_llama(num_hidden_layers=2)
   src, ours = tmp_path / 'src', str(tmp_path / 'ours')
   model.save_pretrained(str(src))

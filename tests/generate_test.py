@@ -13,8 +13,9 @@ import pytest
 
 import hf_reference
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'tools'))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
+)
 import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax import checkpoint, generate  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.data import conversation  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -22,17 +23,31 @@ from unimoe_jax.media.errors import MediaError  # pylint: disable=g-import-not-a
 
 QUESTION = 'what did the cat see in the park'
 NEW_TOKENS = 12
-_CORPUS = ['the cat sat on the mat', 'a dog ran in the park', 'the sun is hot today',
-           'we like to read books', 'birds fly over the sea', conversation.SYSTEM,
-           'USER: what is it? ASSISTANT: a cat']
+_CORPUS = [
+    'the cat sat on the mat',
+    'a dog ran in the park',
+    'the sun is hot today',
+    'we like to read books',
+    'birds fly over the sea',
+    conversation.SYSTEM,
+    'USER: what is it? ASSISTANT: a cat',
+]
 
 
 def make_tokenizer(directory) -> str:
   spm = pytest.importorskip('sentencepiece')
   model = std_io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_CORPUS * 10), model_writer=model, vocab_size=90,
-      model_type='bpe', unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+      sentence_iterator=iter(_CORPUS * 10),
+      model_writer=model,
+      vocab_size=90,
+      model_type='bpe',
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      pad_id=-1,
+      minloglevel=2,
+  )
   path = os.path.join(str(directory), 'tokenizer.model')
   with open(path, 'wb') as f:
     f.write(model.getvalue())
@@ -48,11 +63,27 @@ def tiny_unimoe_config():
   from unimoe_jax.config import DecoderConfig  # pylint: disable=g-import-not-at-top
   from unimoe_jax.encoders.clip import CLIPVisionConfig  # pylint: disable=g-import-not-at-top
   from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
+
   return UniMoEConfig(
-      decoder=DecoderConfig(vocab_size=97, embed_dim=64, num_layers=2, num_heads=4,
-                            num_kv_heads=2, mlp_dim=96, dtype='float32'),
-      vision=CLIPVisionConfig(image_size=32, patch_size=8, width=32, num_layers=2, num_heads=4,
-                              mlp_dim=64, select_layer=-2))
+      decoder=DecoderConfig(
+          vocab_size=97,
+          embed_dim=64,
+          num_layers=2,
+          num_heads=4,
+          num_kv_heads=2,
+          mlp_dim=96,
+          dtype='float32',
+      ),
+      vision=CLIPVisionConfig(
+          image_size=32,
+          patch_size=8,
+          width=32,
+          num_layers=2,
+          num_heads=4,
+          mlp_dim=64,
+          select_layer=-2,
+      ),
+  )
 
 
 def save_multimodal_checkpoint(directory, tokenizer):
@@ -60,24 +91,34 @@ def save_multimodal_checkpoint(directory, tokenizer):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from unimoe_jax.convert import llava  # pylint: disable=g-import-not-at-top
   from unimoe_jax.model import UniMoE  # pylint: disable=g-import-not-at-top
+
   cfg = tiny_unimoe_config()
   size = cfg.vision.image_size
-  batch = {'decoder_input_tokens': jnp.zeros((1, 20), jnp.int32).at[0, 2:18].set(-200),
-           'image_features': jnp.zeros((1, 1, size, size, 3)),
-           'image_mask': jnp.ones((1, 1), bool)}
-  shapes = nn.meta.unbox(jax.eval_shape(
-      lambda: UniMoE(cfg).init(jax.random.PRNGKey(0), batch)['params']))
+  batch = {
+      'decoder_input_tokens': jnp.zeros((1, 20), jnp.int32).at[0, 2:18].set(-200),
+      'image_features': jnp.zeros((1, 1, size, size, 3)),
+      'image_mask': jnp.ones((1, 1), bool),
+  }
+  shapes = nn.meta.unbox(
+      jax.eval_shape(lambda: UniMoE(cfg).init(jax.random.PRNGKey(0), batch)['params'])
+  )
   leaves, tree = jax.tree_util.tree_flatten(shapes)
   rng = np.random.RandomState(1)
   params = jax.tree_util.tree_unflatten(
-      tree, [(0.15 * rng.randn(*x.shape)).astype(np.float32) for x in leaves])
-  path = checkpoint.save(str(directory), params, llava.model_gin_text(cfg, 'test'),
-                         {checkpoint.TOKENIZER_FILE: tokenizer})
+      tree, [(0.15 * rng.randn(*x.shape)).astype(np.float32) for x in leaves]
+  )
+  path = checkpoint.save(
+      str(directory),
+      params,
+      llava.model_gin_text(cfg, 'test'),
+      {checkpoint.TOKENIZER_FILE: tokenizer},
+  )
   return path, cfg, params
 
 
 def write_png(path, seed):
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   pixels = np.random.RandomState(seed).randint(0, 256, size=(40, 48, 3)).astype(np.uint8)
   Image.fromarray(pixels).save(path)
   return str(path)
@@ -114,16 +155,24 @@ def test_text_checkpoint_greedy_equals_transformers(capsys, text_checkpoint):
   assert result.prompt == (conversation.SYSTEM + ' USER: ' + QUESTION + ' ASSISTANT:')
   assert result.prompt_ids[0] == 1 and len(result.prompt_ids) > 20
   with torch.no_grad():
-    hf = model.generate(torch.tensor([result.prompt_ids]), do_sample=False,
-                        max_new_tokens=NEW_TOKENS, eos_token_id=2,
-                        pad_token_id=0)[0, len(result.prompt_ids):].tolist()
+    hf = model.generate(
+        torch.tensor([result.prompt_ids]),
+        do_sample=False,
+        max_new_tokens=NEW_TOKENS,
+        eos_token_id=2,
+        pad_token_id=0,
+    )[0, len(result.prompt_ids) :].tolist()
   if 2 in hf:
-    hf = hf[:hf.index(2) + 1]
+    hf = hf[: hf.index(2) + 1]
   assert result.tokens == hf, (result.tokens, hf)
   assert len(set(hf)) > 1
   capsys.readouterr()
-  assert generate.main(['--checkpoint', out, '--prompt', QUESTION, '--max_decode_steps',
-                        str(NEW_TOKENS)]) == 0
+  assert (
+      generate.main(
+          ['--checkpoint', out, '--prompt', QUESTION, '--max_decode_steps', str(NEW_TOKENS)]
+      )
+      == 0
+  )
   assert capsys.readouterr().out == result.text + '\n'
 
 
@@ -134,13 +183,14 @@ def test_text_checkpoint_beam_and_sampling(text_checkpoint):
   beam1 = generate.answer(out, QUESTION, max_decode_steps=4, num_beams=1)
   assert beam1.tokens == greedy.tokens
   beam = generate.answer(out, QUESTION, max_decode_steps=4, num_beams=3)
-  sample = generate.answer(out, QUESTION, max_decode_steps=4, temperature=1.0, top_k=5,
-                           top_p=0.9, seed=3)
+  sample = generate.answer(
+      out, QUESTION, max_decode_steps=4, temperature=1.0, top_k=5, top_p=0.9, seed=3
+  )
   assert 0 < len(beam.tokens) <= 4 and 0 < len(sample.tokens) <= 4
   # The best beam scores at least as well as the greedy answer (t5x's length penalty, the
   # length counting the prompt).
   length = len(greedy.prompt_ids) + len(greedy.tokens)
-  assert beam.score >= greedy.score / ((5.0 + length) / 6.0)**0.6 - 1e-4
+  assert beam.score >= greedy.score / ((5.0 + length) / 6.0) ** 0.6 - 1e-4
 
 
 def test_multimodal_checkpoint_answers_about_an_image(tmp_path, capsys, multimodal_checkpoint):
@@ -154,8 +204,21 @@ def test_multimodal_checkpoint_answers_about_an_image(tmp_path, capsys, multimod
   # The image reaches the answer: the generated tokens' log-probabilities differ.
   assert abs(a.score - b.score) > 1e-3, (a.score, b.score)
   capsys.readouterr()
-  assert generate.main(['--checkpoint', path, '--prompt', 'what is this?', '--image', image_a,
-                        '--max_decode_steps', '6']) == 0
+  assert (
+      generate.main(
+          [
+              '--checkpoint',
+              path,
+              '--prompt',
+              'what is this?',
+              '--image',
+              image_a,
+              '--max_decode_steps',
+              '6',
+          ]
+      )
+      == 0
+  )
   assert capsys.readouterr().out == a.text + '\n'
 
 

@@ -24,8 +24,11 @@ HEADERS = {'train': 'runs/train.gin', 'eval': 'runs/eval.gin', 'infer': 'runs/in
 
 def header_command(gin_file):
   """(module, argv) of the `python -m unimoe_jax.X ...` command in a gin file's header."""
-  path = next(os.path.join(d, gin_file) for d in unimoe_jax.gin_search_paths()
-              if os.path.isfile(os.path.join(d, gin_file)))
+  path = next(
+      os.path.join(d, gin_file)
+      for d in unimoe_jax.gin_search_paths()
+      if os.path.isfile(os.path.join(d, gin_file))
+  )
   with open(path) as f:
     header = [line[1:].strip() for line in f if line.startswith('#')]
   start = next(i for i, line in enumerate(header) if line.startswith('python -m unimoe_jax.'))
@@ -44,10 +47,21 @@ def parsed_command(gin_file):
   args = train.parse_flags(argv, module)
   gin.clear_config()
   try:
-    gin_utils.parse(args.gin_file, args.gin_bindings, args.gin_search_paths,
-                    import_modules=gin_utils.task_modules(args.gin_bindings))
-    macros = {name: gin_utils._macro_value(name) for name in (  # pylint: disable=protected-access
-        'MODEL_DIR', 'CHECKPOINT_PATH', 'TASK_FEATURE_LENGTHS', 'MIXTURE_OR_TASK_NAME')}
+    gin_utils.parse(
+        args.gin_file,
+        args.gin_bindings,
+        args.gin_search_paths,
+        import_modules=gin_utils.task_modules(args.gin_bindings),
+    )
+    macros = {
+        name: gin_utils._macro_value(name)
+        for name in (  # pylint: disable=protected-access
+            'MODEL_DIR',
+            'CHECKPOINT_PATH',
+            'TASK_FEATURE_LENGTHS',
+            'MIXTURE_OR_TASK_NAME',
+        )
+    }
     model = gin.query_parameter('MODEL/macro.value').scoped_configurable_fn()
   finally:
     gin.clear_config()

@@ -28,8 +28,14 @@ def _on_hopper_gpu():
 
 def _backends():
   params = [pytest.param('tiled'), pytest.param('megablox', marks=pytest.mark.slow)]
-  params.append(pytest.param('mgpu', marks=pytest.mark.skipif(
-      not _on_hopper_gpu(), reason='Mosaic GPU kernel needs a Hopper GPU (none here)')))
+  params.append(
+      pytest.param(
+          'mgpu',
+          marks=pytest.mark.skipif(
+              not _on_hopper_gpu(), reason='Mosaic GPU kernel needs a Hopper GPU (none here)'
+          ),
+      )
+  )
   return params
 
 
@@ -43,16 +49,28 @@ def _case(sizes, transpose_rhs, local=None, dtype=jnp.float32):
   return x, w, jnp.array(sizes, jnp.int32), ct
 
 
-def _value_and_grads(backend, x, w, sizes, ct, transpose_rhs, offset=0, aligned=False,
-                     tpu_interpret=False):
+def _value_and_grads(
+    backend, x, w, sizes, ct, transpose_rhs, offset=0, aligned=False, tpu_interpret=False
+):
   """(out, dx, dw) of sum(gmm(x, w) * ct). Pallas kernels run in interpret mode: the
   generic one (`interpret=True`, a scan over the grid), or with `tpu_interpret` JAX's TPU
   interpret mode (`force_tpu_interpret_mode`: simulated TPU memories, buffers start as NaN,
   out-of-bounds reads raise)."""
+
   def loss(x, w):
-    y = gmm_lib.gmm(x, w, sizes, backend=backend, transpose_rhs=transpose_rhs,
-                    group_offset=offset, tile=16, aligned=aligned, interpret=not tpu_interpret)
+    y = gmm_lib.gmm(
+        x,
+        w,
+        sizes,
+        backend=backend,
+        transpose_rhs=transpose_rhs,
+        group_offset=offset,
+        tile=16,
+        aligned=aligned,
+        interpret=not tpu_interpret,
+    )
     return jnp.sum(y.astype(jnp.float32) * ct), y
+
   with pltpu.force_tpu_interpret_mode() if tpu_interpret else contextlib.nullcontext():
     (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
   return y, dx, dw
@@ -92,10 +110,10 @@ def test_shard_of_groups_computes_only_its_rows(backend, offset):
   x, w, gs, ct = _case(sizes, False, local=2)
   got = _value_and_grads(backend, x, w, gs, ct, False, offset=offset)
   # Reference: all 5 groups with zero weights outside the shard.
-  full = jnp.zeros((5, K, N)).at[offset:offset + 2].set(w)
+  full = jnp.zeros((5, K, N)).at[offset : offset + 2].set(w)
   y, dx, dw_full = _value_and_grads('ragged_dot', x, full, gs, ct, False)
-  _assert_close(got, (y, dx, dw_full[offset:offset + 2]), f'{backend}/offset={offset}')
-  start, end = sum(sizes[:offset]), sum(sizes[:offset + 2])
+  _assert_close(got, (y, dx, dw_full[offset : offset + 2]), f'{backend}/offset={offset}')
+  start, end = sum(sizes[:offset]), sum(sizes[: offset + 2])
   assert _max_abs(got[0][:start]) == 0
   assert _max_abs(got[0][end:]) == 0
 
@@ -115,8 +133,9 @@ AWKWARD = {
 }
 
 
-@pytest.mark.parametrize('backend', [pytest.param('tiled'),
-                                     pytest.param('megablox', marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    'backend', [pytest.param('tiled'), pytest.param('megablox', marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize('case', sorted(AWKWARD))
 def test_awkward_shapes_equal_ragged_dot(backend, case):
   """Rows that no tile divides (megablox used to raise: '200 must be divisible by x-dimension
@@ -148,9 +167,13 @@ SHARDED_EMPTY = {
 
 # The kernel in the TPU interpreter (the one a TPU compiles); Pallas' generic interpreter
 # ran the same 15 cases in ~30 s and is left to test_backend_equals_ragged_dot.
-@pytest.mark.parametrize('interpreter', [
-    pytest.param(None, id='tiled'),
-    pytest.param('tpu', id='megablox_tpu_interpret', marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    'interpreter',
+    [
+        pytest.param(None, id='tiled'),
+        pytest.param('tpu', id='megablox_tpu_interpret', marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize('offset', [None, 0, 2], ids=['all_groups', 'offset_0', 'offset_2'])
 @pytest.mark.parametrize('rows', sorted(SHARDED_EMPTY))
 def test_empty_groups_under_group_offset_equal_ragged_dot(interpreter, offset, rows):
@@ -166,14 +189,15 @@ def test_empty_groups_under_group_offset_equal_ragged_dot(interpreter, offset, r
   w = jax.random.normal(kw, (local, k, n))
   ct = jax.random.normal(kc, (rows, n))
   gs = jnp.array(sizes, jnp.int32)
-  full = jnp.zeros((4, k, n)).at[first:first + local].set(w)
+  full = jnp.zeros((4, k, n)).at[first : first + local].set(w)
   y, dx, dw_full = _value_and_grads('ragged_dot', x, full, gs, ct, False)
   backend = 'tiled' if interpreter is None else 'megablox'
-  got = _value_and_grads(backend, x, w, gs, ct, False, offset=first,
-                         tpu_interpret=interpreter == 'tpu')
+  got = _value_and_grads(
+      backend, x, w, gs, ct, False, offset=first, tpu_interpret=interpreter == 'tpu'
+  )
   assert [a.shape for a in got] == [(rows, n), (rows, k), (local, k, n)]
-  _assert_close(got, (y, dx, dw_full[first:first + local]), f'{backend}/{interpreter}')
-  start, end = sum(sizes[:first]), sum(sizes[:first + local])
+  _assert_close(got, (y, dx, dw_full[first : first + local]), f'{backend}/{interpreter}')
+  start, end = sum(sizes[:first]), sum(sizes[: first + local])
   for a in got[:2]:  # Rows of other shards' groups and past the sum: exactly zero.
     assert _max_abs(a[:start]) == 0 and _max_abs(a[end:]) == 0
   if end > start:  # The shard has rows: the comparison is not vacuous.

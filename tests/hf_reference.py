@@ -17,10 +17,19 @@ def state_dict_numpy(model):
 
 def tiny_llama(**overrides):
   torch, transformers = torch_and_transformers()
-  cfg = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-             rms_norm_eps=1e-5, rope_theta=5000.0, tie_word_embeddings=False,
-             attn_implementation='eager')
+  cfg = dict(
+      vocab_size=97,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=128,
+      rms_norm_eps=1e-5,
+      rope_theta=5000.0,
+      tie_word_embeddings=False,
+      attn_implementation='eager',
+  )
   cfg.update(overrides)
   config = transformers.LlamaConfig(**cfg)
   model = transformers.LlamaForCausalLM(config).eval()
@@ -29,11 +38,22 @@ def tiny_llama(**overrides):
 
 def tiny_mixtral(**overrides):
   torch, transformers = torch_and_transformers()
-  cfg = dict(vocab_size=97, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-             rms_norm_eps=1e-5, rope_theta=5000.0, num_local_experts=4,
-             num_experts_per_tok=2, router_jitter_noise=0.0, tie_word_embeddings=False,
-             attn_implementation='eager')
+  cfg = dict(
+      vocab_size=97,
+      hidden_size=64,
+      intermediate_size=48,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=128,
+      rms_norm_eps=1e-5,
+      rope_theta=5000.0,
+      num_local_experts=4,
+      num_experts_per_tok=2,
+      router_jitter_noise=0.0,
+      tie_word_embeddings=False,
+      attn_implementation='eager',
+  )
   cfg.update(overrides)
   config = transformers.MixtralConfig(**cfg)
   model = transformers.MixtralForCausalLM(config).eval()

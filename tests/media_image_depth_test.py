@@ -27,13 +27,16 @@ def _write_png(path, array, bit_depth):
   raw = b''.join(b'\x00' + a[y].astype(dtype).tobytes() for y in range(height))
 
   def chunk(kind, data):
-    return (struct.pack('>I', len(data)) + kind + data
-            + struct.pack('>I', zlib.crc32(kind + data)))
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
 
   header = struct.pack('>IIBBBBB', width, height, bit_depth, color_type, 0, 0, 0)
   with open(path, 'wb') as f:
-    f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(raw))
-            + chunk(b'IEND', b''))
+    f.write(
+        b'\x89PNG\r\n\x1a\n'
+        + chunk(b'IHDR', header)
+        + chunk(b'IDAT', zlib.compress(raw))
+        + chunk(b'IEND', b'')
+    )
   return str(path)
 
 
@@ -45,8 +48,9 @@ def test_a_16_bit_png_loads_as_its_8_bit_twin(tmp_path, channels):
   deep = image_lib.load_image(_write_png(tmp_path / 'deep.png', v8 * 257, 16))
   flat = image_lib.load_image(_write_png(tmp_path / 'flat.png', v8, 8))
   np.testing.assert_array_equal(np.asarray(deep), np.asarray(flat))
-  np.testing.assert_array_equal(image_lib.preprocess_image(deep, size=16),
-                                image_lib.preprocess_image(flat, size=16))
+  np.testing.assert_array_equal(
+      image_lib.preprocess_image(deep, size=16), image_lib.preprocess_image(flat, size=16)
+  )
 
 
 def test_a_16_bit_mid_grey_is_not_white(tmp_path):
@@ -66,12 +70,15 @@ def test_integer_and_float_modes_scale():
   np.testing.assert_array_equal(np.asarray(image_lib.to_rgb(byte_scale)), want)
 
 
-@pytest.mark.parametrize('mode,values,message', [
-    ('I', [0, 70000], r"'I' \(32-bit integer\) pixels span 0..70000"),
-    ('I', [-3, 10], r"'I' \(32-bit integer\) pixels span -3..10"),
-    ('F', [0.0, 300.0], r"'F' \(float\) pixels span 0..300"),
-    ('F', [0.0, np.nan], 'non-finite'),
-])
+@pytest.mark.parametrize(
+    'mode,values,message',
+    [
+        ('I', [0, 70000], r"'I' \(32-bit integer\) pixels span 0..70000"),
+        ('I', [-3, 10], r"'I' \(32-bit integer\) pixels span -3..10"),
+        ('F', [0.0, 300.0], r"'F' \(float\) pixels span 0..300"),
+        ('F', [0.0, np.nan], 'non-finite'),
+    ],
+)
 def test_pixels_without_a_white_level_are_refused(mode, values, message):
   array = np.array([values], np.int32 if mode == 'I' else np.float32)
   with pytest.raises(ValueError, match=message):
@@ -89,9 +96,24 @@ def test_a_float_tiff_file_loads_and_a_bad_one_names_the_file(tmp_path):
   assert str(bad) in str(info.value) and "'F' (float) pixels span" in str(info.value)
 
 
-@pytest.mark.parametrize('width,height', [(200, 3), (3, 150), (401, 5), (7, 300), (1000, 40),
-                                          (50, 1300), (2000, 1), (1, 900), (40, 1000),
-                                          (1300, 50), (30, 4000), (4000, 30), (100, 3000)])
+@pytest.mark.parametrize(
+    'width,height',
+    [
+        (200, 3),
+        (3, 150),
+        (401, 5),
+        (7, 300),
+        (1000, 40),
+        (50, 1300),
+        (2000, 1),
+        (1, 900),
+        (40, 1000),
+        (1300, 50),
+        (30, 4000),
+        (4000, 30),
+        (100, 3000),
+    ],
+)
 def test_the_cropped_resize_matches_the_full_one(width, height):
   size = 24
   rng = np.random.default_rng(width * height)
@@ -126,12 +148,15 @@ def _record_sizes(monkeypatch):
   return sizes
 
 
-@pytest.mark.parametrize('width,height,mode,bound', [
-    (2000, 1, 'crop', image_lib.MAX_RESIZED_PIXELS_FACTOR * 336 ** 2),
-    (1, 2000, 'crop', image_lib.MAX_RESIZED_PIXELS_FACTOR * 336 ** 2),
-    (2000, 1, 'pad', 2000 ** 2),
-    (100_000, 2, 'pad', image_lib.MAX_PAD_SIDE ** 2),
-])
+@pytest.mark.parametrize(
+    'width,height,mode,bound',
+    [
+        (2000, 1, 'crop', image_lib.MAX_RESIZED_PIXELS_FACTOR * 336**2),
+        (1, 2000, 'crop', image_lib.MAX_RESIZED_PIXELS_FACTOR * 336**2),
+        (2000, 1, 'pad', 2000**2),
+        (100_000, 2, 'pad', image_lib.MAX_PAD_SIDE**2),
+    ],
+)
 def test_extreme_aspect_ratios_stay_bounded(monkeypatch, width, height, mode, bound):
   rng = np.random.default_rng(0)
   image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

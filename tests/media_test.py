@@ -41,8 +41,9 @@ def _write_bytes(path, data):
 
 def _clip_processor(size):
   transformers = pytest.importorskip('transformers')
-  return transformers.CLIPImageProcessor(size={'shortest_edge': size},
-                                         crop_size={'height': size, 'width': size})
+  return transformers.CLIPImageProcessor(
+      size={'shortest_edge': size}, crop_size={'height': size, 'width': size}
+  )
 
 
 def _official_expand2square(image, color):
@@ -56,8 +57,9 @@ def _official_expand2square(image, color):
   return out
 
 
-@pytest.mark.parametrize('width,height,size', [(50, 37, 24), (37, 51, 24), (101, 200, 64),
-                                               (64, 64, 64), (640, 427, 336)])
+@pytest.mark.parametrize(
+    'width,height,size', [(50, 37, 24), (37, 51, 24), (101, 200, 64), (64, 64, 64), (640, 427, 336)]
+)
 def test_crop_matches_clip_image_processor(width, height, size):
   array = _rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
   image = Image.fromarray(array)
@@ -74,8 +76,9 @@ def test_pad_matches_official_pipeline(width, height):
   size = 32
   image = Image.fromarray(_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8))
   color = tuple(int(m * 255) for m in image_lib.CLIP_MEAN)
-  expected = _clip_processor(size)(_official_expand2square(image, color),
-                                   return_tensors='np')['pixel_values'][0]
+  expected = _clip_processor(size)(_official_expand2square(image, color), return_tensors='np')[
+      'pixel_values'
+  ][0]
   ours = image_lib.preprocess_image(image, size=size, mode='pad')
   np.testing.assert_allclose(ours, expected.transpose(1, 2, 0), atol=1e-5, rtol=0)
 
@@ -130,7 +133,7 @@ def test_load_image_errors(tmp_path):
   assert str(error).startswith(f'cannot decode image {corrupt}: ')
   Image.fromarray(_rng().integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / 'f.jpg')
   data = (tmp_path / 'f.jpg').read_bytes()
-  truncated = _write_bytes(tmp_path / 'truncated.jpg', data[:len(data) // 2])
+  truncated = _write_bytes(tmp_path / 'truncated.jpg', data[: len(data) // 2])
   _assert_media_error(image_lib.load_image, truncated, 'truncated')
   _assert_media_error(image_lib.load_image, tmp_path, 'not a regular file')
 
@@ -141,6 +144,7 @@ def test_load_image_errors(tmp_path):
 
 def test_load_audio_mono_passthrough(tmp_path):
   import soundfile
+
   wave = (0.5 * _rng().standard_normal(8000)).clip(-1, 1).astype(np.float32)
   soundfile.write(tmp_path / 'a.flac', wave, 16000, subtype='PCM_24')
   expected, _ = soundfile.read(tmp_path / 'a.flac', dtype='float32')
@@ -167,12 +171,14 @@ def _peak_frequency(wave, sample_rate):
 
 def test_load_audio_stereo_resampled(tmp_path):
   import soundfile
+
   rate, seconds = 44100, 1.0
   t = np.arange(int(rate * seconds)) / rate
   left = 0.4 * np.sin(2 * np.pi * 440 * t)
   right = 0.4 * np.sin(2 * np.pi * 1000 * t)
-  soundfile.write(tmp_path / 's.wav', np.stack([left, right], 1).astype(np.float32), rate,
-                  subtype='FLOAT')
+  soundfile.write(
+      tmp_path / 's.wav', np.stack([left, right], 1).astype(np.float32), rate, subtype='FLOAT'
+  )
   loaded = audio_lib.load_audio(tmp_path / 's.wav', sample_rate=16000)
   assert loaded.shape == (16000,) and loaded.dtype == np.float32
   # Both tones survive at their frequencies with equal weight: the channels were averaged.
@@ -191,8 +197,9 @@ def test_load_audio_pyav_fallback(tmp_path):
   with av.open(str(path), 'w') as container:
     stream = container.add_stream('aac', rate=rate, layout='mono')
     for start in range(0, rate, 1024):
-      frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format='fltp',
-                                         layout='mono')
+      frame = av.AudioFrame.from_ndarray(
+          tone[None, start : start + 1024], format='fltp', layout='mono'
+      )
       frame.sample_rate = rate
       for packet in stream.encode(frame):
         container.mux(packet)
@@ -205,10 +212,12 @@ def test_load_audio_pyav_fallback(tmp_path):
 
 def test_load_audio_errors(tmp_path):
   import soundfile
+
   _assert_media_error(audio_lib.load_audio, tmp_path / 'missing.wav', 'no such file')
   _assert_media_error(audio_lib.load_audio, _write_bytes(tmp_path / 'empty.wav', b''), 'empty')
-  _assert_media_error(audio_lib.load_audio,
-                      _write_bytes(tmp_path / 'corrupt.wav', _rng().bytes(2000)), 'soundfile')
+  _assert_media_error(
+      audio_lib.load_audio, _write_bytes(tmp_path / 'corrupt.wav', _rng().bytes(2000)), 'soundfile'
+  )
   soundfile.write(tmp_path / 'zero.wav', np.zeros((0,), np.float32), 16000)
   assert os.path.getsize(tmp_path / 'zero.wav') > 0  # a valid header with no samples
   _assert_media_error(audio_lib.load_audio, tmp_path / 'zero.wav', 'zero-length')
@@ -296,11 +305,15 @@ def _torch_kaldi_fbank(wave, num_mel_bins=128, dtype='float32'):
   low, high = mel(20.0), mel(8000.0)
   delta = (high - low) / (num_mel_bins + 1)
   index = torch.arange(num_mel_bins, dtype=x.dtype).unsqueeze(1)
-  left, centre, right = (low + index * delta, low + (index + 1.0) * delta,
-                        low + (index + 2.0) * delta)
+  left, centre, right = (
+      low + index * delta,
+      low + (index + 1.0) * delta,
+      low + (index + 2.0) * delta,
+  )
   fft_mel = 1127.0 * (1.0 + 16000 / padded * torch.arange(padded // 2, dtype=x.dtype) / 700.0).log()
-  banks = torch.clamp(torch.min((fft_mel - left) / (centre - left),
-                                (right - fft_mel) / (right - centre)), min=0.0)
+  banks = torch.clamp(
+      torch.min((fft_mel - left) / (centre - left), (right - fft_mel) / (right - centre)), min=0.0
+  )
   banks = torch.nn.functional.pad(banks, (0, 1))
   energies = spectrum @ banks.T
   return torch.clamp(energies, min=torch.finfo(torch.float32).eps).log().numpy()
@@ -329,8 +342,13 @@ def test_kaldi_fbank_matches_torchaudio_if_installed():
   kaldi = pytest.importorskip('torchaudio.compliance.kaldi')
   torch = pytest.importorskip('torch')
   wave = _fbank_test_wave()
-  expected = kaldi.fbank(torch.from_numpy(wave).unsqueeze(0) * 2**15, num_mel_bins=128,
-                         sample_frequency=16000, frame_length=25, frame_shift=10).numpy()
+  expected = kaldi.fbank(
+      torch.from_numpy(wave).unsqueeze(0) * 2**15,
+      num_mel_bins=128,
+      sample_frequency=16000,
+      frame_length=25,
+      frame_shift=10,
+  ).numpy()
   error = np.abs(audio_lib.kaldi_fbank(wave * 2**15) - expected).max()
   assert error < 1e-3, error
 
@@ -338,8 +356,9 @@ def test_kaldi_fbank_matches_torchaudio_if_installed():
 def test_beats_fbank_normalisation_and_chunk_shape():
   wave = _fbank_test_wave()
   raw = audio_lib.kaldi_fbank(wave.astype(np.float64) * 32768.0)
-  np.testing.assert_allclose(audio_lib.beats_fbank(wave), (raw - 15.41663) / (2 * 6.55582),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      audio_lib.beats_fbank(wave), (raw - 15.41663) / (2 * 6.55582), atol=1e-5
+  )
   chunk = np.resize(wave, 480000)  # one official 30 s chunk -> 2998 frames
   assert audio_lib.beats_fbank(chunk).shape == (2998, 128)
   with pytest.raises(ValueError, match='16 kHz'):
@@ -403,12 +422,16 @@ def test_load_video_frames_uniform(tmp_path, codec, suffix):
 
 def test_load_video_errors(tmp_path):
   import soundfile
+
   path = _write_video(tmp_path / 'v.mp4', 20, 'mpeg4')
   data = path.read_bytes()
-  truncated = _write_bytes(tmp_path / 'truncated.mp4', data[:len(data) // 2])
+  truncated = _write_bytes(tmp_path / 'truncated.mp4', data[: len(data) // 2])
   _assert_media_error(video_lib.load_video_frames, truncated, 'cannot decode video')
-  _assert_media_error(video_lib.load_video_frames,
-                      _write_bytes(tmp_path / 'corrupt.mp4', _rng().bytes(3000)), 'video')
+  _assert_media_error(
+      video_lib.load_video_frames,
+      _write_bytes(tmp_path / 'corrupt.mp4', _rng().bytes(3000)),
+      'video',
+  )
   _assert_media_error(video_lib.load_video_frames, tmp_path / 'missing.mp4', 'no such file')
   _assert_media_error(video_lib.load_video_frames, _write_bytes(tmp_path / 'e.mp4', b''), 'empty')
   soundfile.write(tmp_path / 'a.wav', np.zeros(1600, np.float32), 16000)
@@ -430,8 +453,10 @@ def test_load_frame_list(tmp_path):
   assert frames.shape == (4, 6, 9, 3) and frames.dtype == np.uint8
   np.testing.assert_array_equal(frames[:, 0, 0], [_frame_color(i) for i in (0, 3, 6, 9)])
   assert video_lib.load_frame_list(paths[:3], num_frames=None).shape == (3, 6, 9, 3)
-  np.testing.assert_array_equal(video_lib.load_frame_list(paths[:2], num_frames=3)[:, 0, 0],
-                                [_frame_color(i) for i in (0, 1, 1)])
+  np.testing.assert_array_equal(
+      video_lib.load_frame_list(paths[:2], num_frames=3)[:, 0, 0],
+      [_frame_color(i) for i in (0, 1, 1)],
+  )
   processed = video_lib.preprocess_video(frames, size=6)
   assert processed.shape == (4, 6, 6, 3) and processed.dtype == np.float32
   np.testing.assert_array_equal(processed[2], image_lib.preprocess_image(frames[2], size=6))
@@ -442,8 +467,9 @@ def test_load_frame_list_errors(tmp_path):
   Image.fromarray(np.zeros((6, 9, 3), np.uint8)).save(good)
   other = tmp_path / 'other.png'
   Image.fromarray(np.zeros((7, 9, 3), np.uint8)).save(other)
-  _assert_media_error(lambda p: video_lib.load_frame_list([good, p]), tmp_path / 'gone.png',
-                      'no such file')
+  _assert_media_error(
+      lambda p: video_lib.load_frame_list([good, p]), tmp_path / 'gone.png', 'no such file'
+  )
   _assert_media_error(lambda p: video_lib.load_frame_list([good, p]), other, 'differs')
   with pytest.raises(ValueError, match='at least one'):
     video_lib.load_frame_list([])

@@ -24,26 +24,47 @@ LENGTH, FRAMES, MEL_FRAMES, FBANK_FRAMES = 160, 2, 32, 32
 def tiny_config(**overrides):
   # One layer per tower (CLIP's layer -2 of 2): compile time dominates these tests.
   vision = dataclasses.replace(CLIP_SIZES['tiny'], image_size=16, patch_size=8, num_layers=2)
-  speech = dataclasses.replace(WHISPER_SIZES['tiny'], num_mel_bins=16, num_layers=1,
-                               max_source_positions=MEL_FRAMES // 2)
-  aligner = dataclasses.replace(ALIGNER_SIZES['tiny'], num_query_tokens=6, num_layers=1,
-                                d_model=speech.d_model)
+  speech = dataclasses.replace(
+      WHISPER_SIZES['tiny'], num_mel_bins=16, num_layers=1, max_source_positions=MEL_FRAMES // 2
+  )
+  aligner = dataclasses.replace(
+      ALIGNER_SIZES['tiny'], num_query_tokens=6, num_layers=1, d_model=speech.d_model
+  )
   audio = dataclasses.replace(BEATS_SIZES['tiny'], encoder_layers=1)
-  qformer = dataclasses.replace(QFORMER_SIZES['tiny'], num_query_tokens=5, num_layers=1,
-                                encoder_hidden_size=audio.encoder_embed_dim)
+  qformer = dataclasses.replace(
+      QFORMER_SIZES['tiny'],
+      num_query_tokens=5,
+      num_layers=1,
+      encoder_hidden_size=audio.encoder_embed_dim,
+  )
   fields = dict(
       decoder=named('tiny', moe=MoEConfig(num_experts=4, num_experts_per_tok=2)),
-      vision=vision, vision_projector='mlp2x_gelu', speech_encoder=speech,
-      speech_aligner=aligner, audio_encoder=audio, audio_qformer=qformer,
-      image_token_id=IMAGE, video_token_id=VIDEO, speech_token_id=SPEECH,
-      audio_token_id=AUDIO)
+      vision=vision,
+      vision_projector='mlp2x_gelu',
+      speech_encoder=speech,
+      speech_aligner=aligner,
+      audio_encoder=audio,
+      audio_qformer=qformer,
+      image_token_id=IMAGE,
+      video_token_id=VIDEO,
+      speech_token_id=SPEECH,
+      audio_token_id=AUDIO,
+  )
   fields.update(overrides)
   return UniMoEConfig(**fields)
 
 
 # Items per row: (image, video, speech, audio). Row 0 is text only.
-ROWS = [(0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (1, 0, 1, 0),
-        (2, 0, 0, 0), (0, 1, 0, 1)]
+ROWS = [
+    (0, 0, 0, 0),
+    (1, 0, 0, 0),
+    (0, 1, 0, 0),
+    (0, 0, 1, 0),
+    (0, 0, 0, 1),
+    (1, 0, 1, 0),
+    (2, 0, 0, 0),
+    (0, 1, 0, 1),
+]
 MAX_ITEMS = (2, 1, 1, 1)
 
 
@@ -60,23 +81,30 @@ def mixed_batch(cfg, rows=ROWS, seed=0):
       for _ in range(count):
         n = cfg.num_soft_tokens(m)
         pos += int(rng.integers(1, 4))
-        tokens[r, pos:pos + n] = token
+        tokens[r, pos : pos + n] = token
         pos += n
     assert pos < LENGTH
   v = cfg.vision.image_size
-  shapes = {'image': (v, v, 3), 'video': (FRAMES, v, v, 3),
-            'speech': (MEL_FRAMES, cfg.speech_encoder.num_mel_bins),
-            'audio': (FBANK_FRAMES, 128)}
-  batch = {'decoder_input_tokens': tokens,
-           'decoder_target_tokens': np.roll(tokens, -1, axis=1),
-           'decoder_loss_weights': np.ones((b, LENGTH), np.float32)}
+  shapes = {
+      'image': (v, v, 3),
+      'video': (FRAMES, v, v, 3),
+      'speech': (MEL_FRAMES, cfg.speech_encoder.num_mel_bins),
+      'audio': (FBANK_FRAMES, 128),
+  }
+  batch = {
+      'decoder_input_tokens': tokens,
+      'decoder_target_tokens': np.roll(tokens, -1, axis=1),
+      'decoder_loss_weights': np.ones((b, LENGTH), np.float32),
+  }
   for i, m in enumerate(mods):
     mask = np.zeros((b, MAX_ITEMS[i]), bool)
     for r, counts in enumerate(rows):
-      mask[r, :counts[i]] = True
+      mask[r, : counts[i]] = True
     batch[f'{m}_mask'] = mask
-    batch[f'{m}_features'] = (rng.standard_normal((b, MAX_ITEMS[i]) + shapes[m]) *
-                              mask.reshape(mask.shape + (1,) * len(shapes[m]))).astype(np.float32)
+    batch[f'{m}_features'] = (
+        rng.standard_normal((b, MAX_ITEMS[i]) + shapes[m])
+        * mask.reshape(mask.shape + (1,) * len(shapes[m]))
+    ).astype(np.float32)
   return batch
 
 
@@ -126,8 +154,7 @@ def test_soft_tokens_land_exactly_at_placeholders(model_and_params):
   def parts(m, b):
     return m.encode(b), m.embed(b), m.decoder.embed(b['decoder_input_tokens'])
 
-  soft, emb, text = jax.jit(lambda p, b: model.apply({'params': p}, b, method=parts))(
-      params, batch)
+  soft, emb, text = jax.jit(lambda p, b: model.apply({'params': p}, b, method=parts))(params, batch)
   emb, text = np.asarray(emb), np.asarray(text)
   tokens = batch['decoder_input_tokens']
   ids = {'image': IMAGE, 'video': VIDEO, 'speech': SPEECH, 'audio': AUDIO}
@@ -138,13 +165,13 @@ def test_soft_tokens_land_exactly_at_placeholders(model_and_params):
       where = np.nonzero(tokens[r] == token)[0]
       n = cfg.num_soft_tokens(m)
       assert len(where) == count * n
-      np.testing.assert_array_equal(emb[r, where], np.asarray(soft[m][r, :count * n]))
+      np.testing.assert_array_equal(emb[r, where], np.asarray(soft[m][r, : count * n]))
       # Different items really are different soft tokens (the splice is not a broadcast).
       if count:
         assert np.abs(np.asarray(soft[m][r, :n])).sum() > 0
   # Two images in row 6 come from two different pixel arrays.
   n = cfg.num_soft_tokens('image')
-  assert not np.allclose(soft['image'][6, :n], soft['image'][6, n:2 * n])
+  assert not np.allclose(soft['image'][6, :n], soft['image'][6, n : 2 * n])
 
 
 def test_absent_modality_costs_no_encoder_run(model_and_params):
@@ -169,7 +196,8 @@ def test_absent_modality_costs_no_encoder_run(model_and_params):
   # A batch without the media keys at all traces no encoder, and embeds the same.
   bare = {k: v for k, v in text_only.items() if k.startswith('decoder_')}
   np.testing.assert_array_equal(
-      jax.jit(lambda p, b: model.apply({'params': p}, b, method=UniMoE.embed))(params, bare), emb)
+      jax.jit(lambda p, b: model.apply({'params': p}, b, method=UniMoE.embed))(params, bare), emb
+  )
 
 
 def _loss(model, params, batch):
@@ -186,39 +214,60 @@ def test_mixed_batch_forward_backward_on_mesh_matches_one_device(model_and_param
   cfg, model, params, batch = model_and_params
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, expert=4))
   shardings = partitioning.params_shardings(
-      mesh, jax.eval_shape(lambda k: model.init(k, batch), jax.random.PRNGKey(1)))
+      mesh, jax.eval_shape(lambda k: model.init(k, batch), jax.random.PRNGKey(1))
+  )
   params = jax.device_put(params, shardings['params'])
   grad_fn = jax.value_and_grad(lambda p, b: _loss(model, p, b))
   data = partitioning.logical_sharding(mesh, ('activation_batch',))
   sharded_batch = jax.device_put(batch, data)
   with partitioning.mesh_context(mesh):
     value, grads = jax.jit(grad_fn, out_shardings=(None, shardings['params']))(
-        params, sharded_batch)
+        params, sharded_batch
+    )
   ref_value, ref_grads = jax.jit(grad_fn)(jax.tree_util.tree_map(np.asarray, params), batch)
   assert np.isfinite(float(value))
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   # Encoders are frozen: no gradient reaches them; connectors and the decoder do get one.
   assert float(jnp.abs(grads['vision_tower']['pre_layernorm']['scale']).max()) == 0.0
-  for name in ('vision_projector', 'speech_aligner', 'speech_projector', 'audio_qformer',
-               'audio_projector', 'decoder'):
+  for name in (
+      'vision_projector',
+      'speech_aligner',
+      'speech_projector',
+      'audio_qformer',
+      'audio_projector',
+      'decoder',
+  ):
     leaves = jax.tree_util.tree_leaves(grads[name])
     assert all(np.isfinite(np.asarray(g)).all() for g in leaves), name
     assert max(float(jnp.abs(g).max()) for g in leaves) > 0, name
-  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads),
-                          jax.tree_util.tree_leaves(ref_grads)):
-    np.testing.assert_allclose(np.asarray(g), r, atol=2e-5 * (float(np.abs(r).max()) + 1e-6),
-                               err_msg=jax.tree_util.keystr(path))
+  for (path, g), r in zip(
+      jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)
+  ):
+    np.testing.assert_allclose(
+        np.asarray(g),
+        r,
+        atol=2e-5 * (float(np.abs(r).max()) + 1e-6),
+        err_msg=jax.tree_util.keystr(path),
+    )
 
 
 def test_negative_placeholder_ids_outside_the_vocabulary(model_and_params):
   # LLaVA-style ids (-200, ...) are the defaults; they never reach the embedding lookup.
   ref, _, params, _ = model_and_params
-  cfg = tiny_config(image_token_id=-200, video_token_id=-201, speech_token_id=-202,
-                    audio_token_id=-203)
+  cfg = tiny_config(
+      image_token_id=-200, video_token_id=-201, speech_token_id=-202, audio_token_id=-203
+  )
   batch = mixed_batch(ref, rows=[(1, 0, 0, 0), (0, 0, 0, 0)])
   batch = {k: v for k, v in batch.items() if k.startswith(('decoder_', 'image_'))}
-  moved = dict(batch, decoder_input_tokens=np.where(
-      batch['decoder_input_tokens'] == IMAGE, -200, batch['decoder_input_tokens']))
-  embed = lambda c, b: jax.jit(lambda p, b: UniMoE(c).apply(  # pylint: disable=g-long-lambda
-      {'params': p}, b, method=UniMoE.embed))(params, b)
+  moved = dict(
+      batch,
+      decoder_input_tokens=np.where(
+          batch['decoder_input_tokens'] == IMAGE, -200, batch['decoder_input_tokens']
+      ),
+  )
+  embed = lambda c, b: jax.jit(
+      lambda p, b: UniMoE(c).apply(  # pylint: disable=g-long-lambda
+          {'params': p}, b, method=UniMoE.embed
+      )
+  )(params, b)
   np.testing.assert_array_equal(embed(ref, batch), embed(cfg, moved))

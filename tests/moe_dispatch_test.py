@@ -55,8 +55,9 @@ def test_paths_agree_on_outputs_and_gradients():
 
   results = {}
   for mode in ('dense', 'capacity', 'dropless'):
-    (value, aux), grads = jax.jit(jax.value_and_grad(
-        lambda p, x, m=mode: loss(m, p, x), argnums=(0, 1), has_aux=True))(params, x)
+    (value, aux), grads = jax.jit(
+        jax.value_and_grad(lambda p, x, m=mode: loss(m, p, x), argnums=(0, 1), has_aux=True)
+    )(params, x)
     results[mode] = (value, grads)
     assert float(aux['drop_fraction']) == 0.0
   ref_value, ref_grads = results['dense']
@@ -64,10 +65,16 @@ def test_paths_agree_on_outputs_and_gradients():
   for mode in ('capacity', 'dropless'):
     value, grads = results[mode]
     np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5 * scale)
-    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads),
-                            jax.tree_util.tree_leaves(ref_grads)):
-      np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * (float(jnp.abs(r).max()) + 1e-6),
-                                 err_msg=f'{mode} gradient {jax.tree_util.keystr(path)}')
+    for (path, g), r in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)
+    ):
+      np.testing.assert_allclose(
+          g,
+          r,
+          rtol=1e-4,
+          atol=1e-5 * (float(jnp.abs(r).max()) + 1e-6),
+          err_msg=f'{mode} gradient {jax.tree_util.keystr(path)}',
+      )
   # The router gets gradient through the routing weights on every path.
   assert float(jnp.abs(ref_grads[0]['router']).max()) > 0
 
@@ -92,8 +99,9 @@ def test_capacity_drops_exactly_the_assignments_beyond_capacity(group_size):
   x = _x(b, l)
   params = _init(x)
   capacity_factor, min_capacity = 0.5, 1
-  layer = _layer('capacity', capacity_factor=capacity_factor, min_capacity=min_capacity,
-                 group_size=group_size)
+  layer = _layer(
+      'capacity', capacity_factor=capacity_factor, min_capacity=min_capacity, group_size=group_size
+  )
   y, aux = layer.apply({'params': params}, x)
 
   p = jax.tree_util.tree_map(np.asarray, params)
@@ -138,8 +146,9 @@ def test_router_jitter_only_in_training():
   y_eval, _ = layer.apply({'params': params}, x)
   y_eval2, _ = layer.apply({'params': params}, x, deterministic=True)
   np.testing.assert_array_equal(y_eval, y_eval2)
-  _, aux_train = layer.apply({'params': params}, x, deterministic=False,
-                             rngs={'dropout': jax.random.PRNGKey(3)})
+  _, aux_train = layer.apply(
+      {'params': params}, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(3)}
+  )
   _, aux_eval = layer.apply({'params': params}, x)
   assert float(jnp.abs(aux_train['router_z_loss'] - aux_eval['router_z_loss'])) > 0
 
@@ -183,17 +192,21 @@ def test_dropless_temp_memory_within_1_5x_dense_ffn(shape):
   """No experts-times-sized intermediates: compiled fwd+bwd temp memory vs a dense SwiGLU of
   the same active FLOPs (hidden k * mlp). Compile only; nothing is timed."""
   from unimoe_jax.layers.mlp import SwiGLU  # pylint: disable=g-import-not-at-top
+
   t, d, f, e, k = shape
   x = jnp.zeros((1, t, d), jnp.float32)
   dense_mib = _temp_mib(SwiGLU(k * f), x)
-  moe = MoEFeedForward(MoEConfig(num_experts=e, num_experts_per_tok=k, dispatch='dropless',
-                                 gmm_backend='tiled'), mlp_dim=f)
+  moe = MoEFeedForward(
+      MoEConfig(num_experts=e, num_experts_per_tok=k, dispatch='dropless', gmm_backend='tiled'),
+      mlp_dim=f,
+  )
   moe_mib = _temp_mib(moe, x)
   assert moe_mib <= 1.5 * dense_mib, (moe_mib, dense_mib)
 
 
 def test_choose_tile_scales_with_group_size():
   from unimoe_jax.moe.grouped_matmul import choose_tile  # pylint: disable=g-import-not-at-top
+
   assert choose_tile(4096, 4) == 128
   assert choose_tile(1024, 8) == 32
   assert choose_tile(16, 4) == 16

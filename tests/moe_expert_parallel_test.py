@@ -15,8 +15,13 @@ E, D, F = 8, 32, 48
 
 
 def _setup(lora=None):
-  layer = MoEFeedForward(MoEConfig(num_experts=E, num_experts_per_tok=2, dispatch='dropless',
-                                   load_balance_loss_coef=0.01), mlp_dim=F, lora=lora)
+  layer = MoEFeedForward(
+      MoEConfig(
+          num_experts=E, num_experts_per_tok=2, dispatch='dropless', load_balance_loss_coef=0.01
+      ),
+      mlp_dim=F,
+      lora=lora,
+  )
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, D))
   ct = jax.random.normal(jax.random.PRNGKey(1), x.shape)
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, expert=4))
@@ -25,7 +30,8 @@ def _setup(lora=None):
   params = variables['params']
   if lora is not None:  # Non-zero adapters, so they matter.
     params = jax.tree_util.tree_map_with_path(
-        lambda p, v: v + 0.05 if p[-1].key == 'lora_b' else v, params)
+        lambda p, v: v + 0.05 if p[-1].key == 'lora_b' else v, params
+    )
 
   def loss(params, x):
     y, aux = layer.apply({'params': params}, x)
@@ -43,16 +49,23 @@ def test_expert_parallel_equals_single_device(lora):
   with partitioning.mesh_context(mesh):
     assert partitioning.expert_parallel_axes() is not None
     value, (g_params, g_x) = jax.jit(grad_fn, out_shardings=(None, (param_shardings, None)))(
-        params, x_sharded)
+        params, x_sharded
+    )
   assert g_params['wi_0']['kernel'].sharding.spec[0] == 'expert'
-  ref_value, (ref_params, ref_x) = jax.jit(grad_fn)(jax.tree_util.tree_map(np.asarray, params),
-                                                    np.asarray(x))
+  ref_value, (ref_params, ref_x) = jax.jit(grad_fn)(
+      jax.tree_util.tree_map(np.asarray, params), np.asarray(x)
+  )
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   np.testing.assert_allclose(g_x, ref_x, atol=1e-5 * float(np.abs(ref_x).max()))
-  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(g_params),
-                          jax.tree_util.tree_leaves(ref_params)):
-    np.testing.assert_allclose(np.asarray(g), r, atol=1e-5 * (float(np.abs(r).max()) + 1e-6),
-                               err_msg=jax.tree_util.keystr(path))
+  for (path, g), r in zip(
+      jax.tree_util.tree_leaves_with_path(g_params), jax.tree_util.tree_leaves(ref_params)
+  ):
+    np.testing.assert_allclose(
+        np.asarray(g),
+        r,
+        atol=1e-5 * (float(np.abs(r).max()) + 1e-6),
+        err_msg=jax.tree_util.keystr(path),
+    )
 
 
 def _shapes(hlo_line):
@@ -80,20 +93,26 @@ def test_lora_dropout_masks_differ_between_data_shards():
 
   The two data shards hold the same tokens; with independent masks their outputs differ (at
   rate 0.5 over 16 x 32 inputs per row, equal outputs would mean equal masks)."""
-  layer = MoEFeedForward(MoEConfig(num_experts=E, num_experts_per_tok=2, dispatch='dropless'),
-                         mlp_dim=F, lora=LoRAConfig(rank=4, dropout=0.5))
+  layer = MoEFeedForward(
+      MoEConfig(num_experts=E, num_experts_per_tok=2, dispatch='dropless'),
+      mlp_dim=F,
+      lora=LoRAConfig(rank=4, dropout=0.5),
+  )
   half = jax.random.normal(jax.random.PRNGKey(0), (4, 16, D))
   x = jnp.concatenate([half, half])  # Rows 0-3 on data shard 0, rows 4-7 on data shard 1.
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, expert=4))
-  variables, _ = partitioning.init_sharded(lambda key: layer.init(key, x), mesh,
-                                           jax.random.PRNGKey(2))
+  variables, _ = partitioning.init_sharded(
+      lambda key: layer.init(key, x), mesh, jax.random.PRNGKey(2)
+  )
   params = jax.tree_util.tree_map_with_path(  # Non-zero adapters, so the masks matter.
-      lambda p, v: v + 0.05 if p[-1].key == 'lora_b' else v, variables['params'])
+      lambda p, v: v + 0.05 if p[-1].key == 'lora_b' else v, variables['params']
+  )
   x_sharded = jax.device_put(x, partitioning.logical_sharding(mesh, ('activation_batch',)))
 
   def apply(params, x, deterministic):
-    return layer.apply({'params': params}, x, deterministic=deterministic,
-                       rngs={'dropout': jax.random.PRNGKey(3)})[0]
+    return layer.apply(
+        {'params': params}, x, deterministic=deterministic, rngs={'dropout': jax.random.PRNGKey(3)}
+    )[0]
 
   with partitioning.mesh_context(mesh):
     assert partitioning.expert_parallel_axes() is not None

@@ -51,11 +51,12 @@ def _fused(x, experts, sizes, offset, dropout=None):
 
 def _value_and_grads(fn, x, experts, ct, sizes, offset):
   """[out, dx, *weight gradients in tree order]."""
+
   def loss(x, experts):
     y = fn(x, experts, sizes, offset)
     return jnp.sum(y.astype(jnp.float32) * ct), y
-  (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-      x, experts)
+
+  (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, experts)
   names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(dw)]
   return dict(zip(['out', 'dx'] + names, [y, dx] + jax.tree_util.tree_leaves(dw)))
 
@@ -123,8 +124,9 @@ def test_lora_dropout_backward_matches_its_forward():
   loss = jax.jit(lambda x, e: jnp.sum(_fused(x, e, sizes, 0, drop) * ct))
   no_drop = float(jnp.sum(_fused(x, experts, sizes, 0) * ct))
   assert abs(float(loss(x, experts)) - no_drop) > 1e-3 * abs(no_drop)  # Dropout acts.
-  gx, ge = jax.jit(jax.grad(lambda x, e: jnp.sum(_fused(x, e, sizes, 0, drop) * ct),
-                            argnums=(0, 1)))(x, experts)
+  gx, ge = jax.jit(
+      jax.grad(lambda x, e: jnp.sum(_fused(x, e, sizes, 0, drop) * ct), argnums=(0, 1))
+  )(x, experts)
   keys = iter(jax.random.split(jax.random.PRNGKey(9), 20))
   vx = jax.random.normal(next(keys), x.shape)
   ve = jax.tree_util.tree_map(lambda a: jax.random.normal(next(keys), a.shape), experts)
@@ -132,8 +134,9 @@ def test_lora_dropout_backward_matches_its_forward():
   shift = lambda s: (x + s * vx, jax.tree_util.tree_map(lambda a, v: a + s * v, experts, ve))
   numeric = (float(loss(*shift(eps))) - float(loss(*shift(-eps)))) / (2 * eps)
   analytic = float(jnp.vdot(gx, vx)) + sum(
-      float(jnp.vdot(g, v)) for g, v in zip(jax.tree_util.tree_leaves(ge),
-                                            jax.tree_util.tree_leaves(ve)))
+      float(jnp.vdot(g, v))
+      for g, v in zip(jax.tree_util.tree_leaves(ge), jax.tree_util.tree_leaves(ve))
+  )
   assert abs(numeric - analytic) <= 1e-2 * abs(analytic), (numeric, analytic)
 
 
@@ -156,12 +159,14 @@ def test_dropless_layer_same_with_and_without_fusion(lora):
   _, experts, _ = _params(e, lora=lora)
 
   def loss(experts, x, fuse):
-    y, _ = dispatch_lib.dropless(x, weights, indices, experts, tile=16, fuse_ffn=fuse,
-                                 lora_scale=SCALE)
+    y, _ = dispatch_lib.dropless(
+        x, weights, indices, experts, tile=16, fuse_ffn=fuse, lora_scale=SCALE
+    )
     return jnp.sum(y * x)
 
-  grad = lambda fuse: jax.jit(jax.value_and_grad(
-      lambda p, xx: loss(p, xx, fuse), argnums=(0, 1)))(experts, x)
+  grad = lambda fuse: jax.jit(jax.value_and_grad(lambda p, xx: loss(p, xx, fuse), argnums=(0, 1)))(
+      experts, x
+  )
   fused, unfused = grad(True), grad(False)
   for g, r in zip(jax.tree_util.tree_leaves(fused), jax.tree_util.tree_leaves(unfused)):
     np.testing.assert_allclose(g, r, atol=1e-5 * float(jnp.abs(r).max()), rtol=1e-5)

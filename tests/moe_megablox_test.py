@@ -35,8 +35,14 @@ LORA = LoRAConfig(rank=4, dropout=0.0)
 
 
 def _layer(backend, lora=None):
-  cfg = MoEConfig(num_experts=E, num_experts_per_tok=K, dispatch='dropless', gmm_backend=backend,
-                  load_balance_loss_coef=0.01, router_z_loss_coef=0.001)
+  cfg = MoEConfig(
+      num_experts=E,
+      num_experts_per_tok=K,
+      dispatch='dropless',
+      gmm_backend=backend,
+      load_balance_loss_coef=0.01,
+      router_z_loss_coef=0.001,
+  )
   return MoEFeedForward(cfg, mlp_dim=F, lora=lora)
 
 
@@ -44,7 +50,8 @@ def _params(x, lora):
   params = nn.meta.unbox(_layer('tiled', lora).init(jax.random.PRNGKey(0), x))['params']
   # Non-zero adapters (lora_b starts at zero), so the LoRA path matters.
   return jax.tree_util.tree_map_with_path(
-      lambda p, v: v + 0.05 if p[-1].key == 'lora_b' else v, params)
+      lambda p, v: v + 0.05 if p[-1].key == 'lora_b' else v, params
+  )
 
 
 def _assert_trees_close(got, ref, what):
@@ -55,8 +62,9 @@ def _assert_trees_close(got, ref, what):
     assert g.shape == r.shape, (what, jax.tree_util.keystr(path))
     scale = float(np.abs(r).max(initial=0.0))
     err = float(np.abs(g - r).max(initial=0.0))
-    assert np.isfinite(g).all() and err <= RTOL * scale, (
-        f'{what} {jax.tree_util.keystr(path)}: max abs error {err} (scale {scale})')
+    assert (
+        np.isfinite(g).all() and err <= RTOL * scale
+    ), f'{what} {jax.tree_util.keystr(path)}: max abs error {err} (scale {scale})'
 
 
 def _run(backend, fn, *args):
@@ -76,8 +84,9 @@ def _grad_fn(backend, lora, ct):
   def loss(params, x):
     # deterministic=False: the training path (no router jitter or LoRA dropout configured,
     # so both backends see the same computation).
-    y, aux = layer.apply({'params': params}, x, deterministic=False,
-                         rngs={'dropout': jax.random.PRNGKey(5)})
+    y, aux = layer.apply(
+        {'params': params}, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(5)}
+    )
     return jnp.sum(y * ct) + aux['aux_loss'], (y, aux)
 
   return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)

@@ -26,6 +26,7 @@ E, D, F = 8, 16, 24
 
 # ---- numpy references ----------------------------------------------------------------------
 
+
 def _np_softmax(v):
   z = np.exp(v - v.max(-1, keepdims=True))
   return z / z.sum(-1, keepdims=True)
@@ -83,10 +84,11 @@ def _np_expert(p, e, x):
 def _np_moe(params, x, combine):
   """x `[S, D]`, combine `[S, E]` -> `[S, D]`: sum_e combine[s, e] * expert_e(x_s)."""
   x = np.asarray(x, np.float64)
-  return sum(combine[:, e:e + 1] * _np_expert(params, e, x) for e in range(combine.shape[1]))
+  return sum(combine[:, e : e + 1] * _np_expert(params, e, x) for e in range(combine.shape[1]))
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
 
 class _RouterKeyProbe(nn.Module):
   """The first key `make_rng('router')` gives a root module: what the MoE layer draws from."""
@@ -124,6 +126,7 @@ def _x(b=1, l=48, seed=5):
 
 # ---- the routing rule ----------------------------------------------------------------------
 
+
 def test_sampled_gate_equals_deepspeed_top2gating_with_the_same_draws():
   logits = _logits()
   gumbel = routing.gumbel_noise(jax.random.PRNGKey(7), logits.shape)
@@ -134,8 +137,7 @@ def test_sampled_gate_equals_deepspeed_top2gating_with_the_same_draws():
   ours = np.zeros((logits.shape[0], E), np.float32)
   np.put_along_axis(ours, np.asarray(idx), np.asarray(weights), axis=1)
   np.testing.assert_allclose(ours, combine, atol=1e-6, rtol=0)
-  aux = routing.router_aux(logits, idx, jnp.ones(idx.shape, bool),
-                           load_balance_loss_form='top1')
+  aux = routing.router_aux(logits, idx, jnp.ones(idx.shape, bool), load_balance_loss_form='top1')
   np.testing.assert_allclose(aux['load_balance_loss'], l_aux, atol=1e-6, rtol=0)
   # The draw matters: some second experts differ from the deterministic top-2.
   _, det = routing.top_k_routing(logits, 2)
@@ -172,7 +174,8 @@ def test_top1_loss_form_is_deepspeed_l_aux_value_and_gradient():
   # Directly through load_balance_loss with the first choices only.
   _, idx = routing.top_k_routing(logits, 2)
   np.testing.assert_allclose(
-      routing.load_balance_loss(jax.nn.softmax(logits), idx[:, :1]), l_aux, atol=1e-6, rtol=0)
+      routing.load_balance_loss(jax.nn.softmax(logits), idx[:, :1]), l_aux, atol=1e-6, rtol=0
+  )
   # Padding excluded: the masked loss is DeepSpeed's over the real tokens only.
   l_aux_real, _, _, _ = np_top2gating(logits[:80])
   np.testing.assert_allclose(ours(logits, 'top1', mask), l_aux_real, atol=1e-6, rtol=0)
@@ -186,11 +189,13 @@ def test_top1_loss_form_is_deepspeed_l_aux_value_and_gradient():
 def test_renormalize_kept():
   w = jnp.array([[0.7, 0.3], [0.6, 0.4], [0.5, 0.5]])
   kept = jnp.array([[True, False], [True, True], [False, False]])
-  np.testing.assert_allclose(routing.renormalize_kept(w, kept),
-                             [[1.0, 0.0], [0.6, 0.4], [0.0, 0.0]], atol=1e-7)
+  np.testing.assert_allclose(
+      routing.renormalize_kept(w, kept), [[1.0, 0.0], [0.6, 0.4], [0.0, 0.0]], atol=1e-7
+  )
 
 
 # ---- the MoE layer -------------------------------------------------------------------------
+
 
 def test_layer_with_sampling_equals_numpy_top2gating_and_is_seeded():
   cfg = _moe(second_expert_sampling=True, load_balance_loss_form='top1')
@@ -209,7 +214,8 @@ def test_layer_with_sampling_equals_numpy_top2gating_and_is_seeded():
   y_again, _ = layer.apply({'params': params}, x, rngs={'router': rng})
   np.testing.assert_array_equal(y, y_again)
   _, _, _, idx2_other = np_top2gating(
-      logits, routing.gumbel_noise(_router_key(jax.random.PRNGKey(12)), logits.shape))
+      logits, routing.gumbel_noise(_router_key(jax.random.PRNGKey(12)), logits.shape)
+  )
   assert np.any(idx2 != idx2_other)
   y_other, _ = layer.apply({'params': params}, x, rngs={'router': jax.random.PRNGKey(12)})
   assert float(jnp.max(jnp.abs(y_other - y))) > 1e-3
@@ -217,8 +223,7 @@ def test_layer_with_sampling_equals_numpy_top2gating_and_is_seeded():
   y_plain, _ = layer.apply({'params': params}, x)
   np.testing.assert_array_equal(y_plain, layer.apply({'params': params}, x)[0])
   # The noise hashes the logits' bits: compute them with the layer's own op.
-  jax_logits = jnp.einsum('bld,de->ble', x, params['router'],
-                          preferred_element_type=jnp.float32)[0]
+  jax_logits = jnp.einsum('bld,de->ble', x, params['router'], preferred_element_type=jnp.float32)[0]
   _, combine_plain, _, _ = np_top2gating(logits, routing.content_gumbel_noise(jax_logits))
   np.testing.assert_allclose(y_plain[0], _np_moe(params, xt, combine_plain), atol=1e-5, rtol=0)
   # Sampling off: the deterministic top-2.
@@ -241,8 +246,13 @@ def test_content_noise_is_per_token():
 
 def test_capacity_renormalisation_equals_deepspeed_drops():
   cf = 0.5  # Tight: many choices dropped.
-  cfg = _moe(dispatch='capacity', capacity_factor=cf, min_capacity=1,
-             second_expert_sampling=True, renormalize_after_drops=True)
+  cfg = _moe(
+      dispatch='capacity',
+      capacity_factor=cf,
+      min_capacity=1,
+      second_expert_sampling=True,
+      renormalize_after_drops=True,
+  )
   x = _x(l=40, seed=6)
   params = _layer_params(cfg, x, router_scale=3.0)
   rng = jax.random.PRNGKey(13)
@@ -256,19 +266,19 @@ def test_capacity_renormalisation_equals_deepspeed_drops():
   assert np.any(np.isclose(combine.max(1), 1.0) & (combine.sum(1) > 0))
   np.testing.assert_allclose(y[0], _np_moe(params, xt, combine), atol=1e-5, rtol=0)
   # Without renormalisation the kept choices keep their pre-drop weights.
-  plain = _moe(dispatch='capacity', capacity_factor=cf, min_capacity=1,
-               second_expert_sampling=True)
-  y_plain, _ = MoEFeedForward(plain, mlp_dim=F).apply({'params': params}, x,
-                                                      rngs={'router': rng})
+  plain = _moe(dispatch='capacity', capacity_factor=cf, min_capacity=1, second_expert_sampling=True)
+  y_plain, _ = MoEFeedForward(plain, mlp_dim=F).apply({'params': params}, x, rngs={'router': rng})
   _, full, _, _ = np_top2gating(logits, gumbel)
-  np.testing.assert_allclose(y_plain[0], _np_moe(params, xt, full * (combine > 0)),
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+      y_plain[0], _np_moe(params, xt, full * (combine > 0)), atol=1e-5, rtol=0
+  )
 
 
 def test_capacity_dispatch_renormalize_option():
   x = _x(b=2, l=8, seed=8)
   experts = nn.meta.unbox(
-      MoEFeedForward(_moe(num_experts=4), mlp_dim=F).init(jax.random.PRNGKey(0), x))['params']
+      MoEFeedForward(_moe(num_experts=4), mlp_dim=F).init(jax.random.PRNGKey(0), x)
+  )['params']
   experts = {n: experts[n] for n in ('wi_0', 'wi_1', 'wo')}
   # Every token's 1st choice is expert 0 (4 slots: tokens 4-7 lose it); 2nd choices go to
   # experts 1 (tokens 0-3) and 2 (tokens 4-7), all kept.
@@ -278,16 +288,16 @@ def test_capacity_dispatch_renormalize_option():
   assert dispatch_lib.expert_capacity(8, 2, 4, 1.0, 1) == 4
   xt = np.asarray(x)
   for renormalize in (False, True):
-    y, kept = dispatch_lib.capacity(x, w, idx, experts, capacity_factor=1.0, min_capacity=1,
-                                    renormalize=renormalize)
+    y, kept = dispatch_lib.capacity(
+        x, w, idx, experts, capacity_factor=1.0, min_capacity=1, renormalize=renormalize
+    )
     kept = np.asarray(kept)
     np.testing.assert_array_equal(kept[0, :, 0], np.arange(8) < 4)
     np.testing.assert_array_equal(kept[..., 1], True)
     for b in range(2):
       for t in range(8):
         if t < 4:
-          ref = (0.75 * _np_expert(experts, 0, xt[b, t]) +
-                 0.25 * _np_expert(experts, 1, xt[b, t]))
+          ref = 0.75 * _np_expert(experts, 0, xt[b, t]) + 0.25 * _np_expert(experts, 1, xt[b, t])
         else:  # Only the 2nd choice kept: weight 1 renormalised, else its own 0.25.
           ref = (1.0 if renormalize else 0.25) * _np_expert(experts, 2, xt[b, t])
         np.testing.assert_allclose(y[b, t], ref, atol=1e-5, rtol=0)
@@ -301,20 +311,21 @@ def test_router_dtype_bfloat16_rounds_logits_and_weights():
   y32, _ = MoEFeedForward(_moe(num_experts=4), mlp_dim=F).apply({'params': params}, x)
   # Reference: the official gate Linear in bf16, top-k, softmax in fp32, cast back to bf16.
   bf = jnp.bfloat16
-  logits = jnp.einsum('td,de->te', x[0].astype(bf), params['router'].astype(bf),
-                      preferred_element_type=jnp.float32).astype(bf)
+  logits = jnp.einsum(
+      'td,de->te', x[0].astype(bf), params['router'].astype(bf), preferred_element_type=jnp.float32
+  ).astype(bf)
   top, idx = jax.lax.top_k(logits, 2)
   w = jax.nn.softmax(top.astype(jnp.float32), -1).astype(bf).astype(jnp.float32)
   combine = np.zeros((32, 4), np.float32)
   np.put_along_axis(combine, np.asarray(idx), np.asarray(w), axis=1)
-  np.testing.assert_allclose(y16[0], _np_moe(params, np.asarray(x[0]), combine), atol=1e-5,
-                             rtol=0)
+  np.testing.assert_allclose(y16[0], _np_moe(params, np.asarray(x[0]), combine), atol=1e-5, rtol=0)
   assert float(jnp.max(jnp.abs(y16 - y32))) > 1e-4  # The float32 router differs.
   for v in jax.tree_util.tree_leaves(aux16):
     assert v.dtype == jnp.float32
 
 
 # ---- configuration -------------------------------------------------------------------------
+
 
 def test_layer_patterns():
   def indices(layers, n=6):
@@ -343,14 +354,22 @@ def test_config_validation():
   with pytest.raises(ValueError, match='num_experts_per_tok=2'):
     MoEConfig(num_experts_per_tok=1, second_expert_sampling=True)
   cfg = MoEConfig()
-  assert (cfg.load_balance_loss_form, cfg.router_dtype, cfg.second_expert_sampling,
-          cfg.renormalize_after_drops) == ('topk', 'float32', False, False)
+  assert (
+      cfg.load_balance_loss_form,
+      cfg.router_dtype,
+      cfg.second_expert_sampling,
+      cfg.renormalize_after_drops,
+  ) == ('topk', 'float32', False, False)
 
 
 @pytest.mark.parametrize('scan', [False, True])
 def test_decoder_even_layers_layout(scan):
-  cfg = config_lib.named('tiny', num_layers=4, scan_layers=scan,
-                         moe=_moe(num_experts=4, layers='even', second_expert_sampling=True))
+  cfg = config_lib.named(
+      'tiny',
+      num_layers=4,
+      scan_layers=scan,
+      moe=_moe(num_experts=4, layers='even', second_expert_sampling=True),
+  )
   tokens = jnp.zeros((1, 4), jnp.int32)
   params = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(1), tokens))['params']
   if scan:
@@ -372,7 +391,8 @@ def test_scanned_layers_draw_their_own_router_noise(monkeypatch):
   decoder = Decoder(cfg)
   # Jitted throughout: op by op, the init and the forward compiled ~150 small programs.
   params = jax.jit(lambda k: nn.meta.unbox(decoder.init(k, tokens))['params'])(
-      jax.random.PRNGKey(1))
+      jax.random.PRNGKey(1)
+  )
   run = jax.jit(lambda p, r: decoder.apply({'params': p}, tokens, rngs={'router': r}))
   # Sampling is seeded: the same key, the same logits; another key, other logits.
   logits, _ = run(params, jax.random.PRNGKey(2))
@@ -385,8 +405,9 @@ def test_scanned_layers_draw_their_own_router_noise(monkeypatch):
   # Make the key visible: zero routers put every 1st choice on expert 0, and a noise that
   # is one huge spike at an expert drawn from the key sets every token's 2nd choice.
   def spike(key, shape):
-    return 1e3 * jax.nn.one_hot(jax.random.randint(key, (), 1, shape[-1]), shape[-1]) + \
-        jnp.zeros(shape)
+    return 1e3 * jax.nn.one_hot(jax.random.randint(key, (), 1, shape[-1]), shape[-1]) + jnp.zeros(
+        shape
+    )
 
   monkeypatch.setattr(routing, 'gumbel_noise', spike)
   router = params['stacked_layers']['offset_0']['moe']['router']
@@ -406,23 +427,32 @@ def test_model_training_eval_and_decoding_with_sampling():
   evaluation and greedy decoding pass no rngs and run deterministically."""
   from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
   from unimoe_jax.models import UniMoEModel  # pylint: disable=g-import-not-at-top
-  moe = _moe(num_experts=4, layers='even', second_expert_sampling=True,
-             load_balance_loss_form='top1', load_balance_loss_coef=0.01)
-  model = UniMoEModel(UniMoEConfig(decoder=config_lib.named('tiny', moe=moe)),
-                      max_decode_steps=4)
+
+  moe = _moe(
+      num_experts=4,
+      layers='even',
+      second_expert_sampling=True,
+      load_balance_loss_form='top1',
+      load_balance_loss_coef=0.01,
+  )
+  model = UniMoEModel(UniMoEConfig(decoder=config_lib.named('tiny', moe=moe)), max_decode_steps=4)
   b, l = 2, 12
   rng = np.random.RandomState(0)
   targets = rng.randint(3, 512, size=(b, l)).astype(np.int32)
   weights = np.zeros((b, l), np.float32)
   weights[:, 6:] = 1.0
-  batch = {'decoder_input_tokens': jnp.asarray(np.concatenate(
-               [np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1)),
-           'decoder_target_tokens': jnp.asarray(targets),
-           'decoder_loss_weights': jnp.asarray(weights)}
+  batch = {
+      'decoder_input_tokens': jnp.asarray(
+          np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1)
+      ),
+      'decoder_target_tokens': jnp.asarray(targets),
+      'decoder_loss_weights': jnp.asarray(weights),
+  }
   # Jitted: op by op, the init and the decoding loop's prefill compiled ~320 small programs.
   shapes = {k: v.shape for k, v in batch.items()}
   params = jax.jit(lambda rng: nn.meta.unbox(model.get_initial_variables(rng, shapes))['params'])(
-      jax.random.PRNGKey(0))
+      jax.random.PRNGKey(0)
+  )
   train = jax.jit(lambda p, r: model.loss_fn(p, batch, r)[0])
   loss = train(params, jax.random.PRNGKey(1))
   np.testing.assert_array_equal(loss, train(params, jax.random.PRNGKey(1)))
@@ -438,11 +468,12 @@ def test_model_training_eval_and_decoding_with_sampling():
 def test_expert_lora_a_bound_is_one_over_sqrt_in():
   e, i, r = 8, 256, 8
   a = ExpertWeights(e, i, 32, ('embed', 'mlp'), lora=LoRAConfig(rank=r)).init(
-      jax.random.PRNGKey(0))['params']['lora_a']
+      jax.random.PRNGKey(0)
+  )['params']['lora_a']
   a = np.asarray(nn.meta.unbox(a))
   bound = 1.0 / np.sqrt(i)
   assert a.shape == (e, i, r)
   assert np.abs(a).max() <= bound
   assert np.abs(a).max() > 0.99 * bound  # Was 1/sqrt(E * in) = bound / sqrt(8).
   # Uniform: variance bound^2 / 3.
-  np.testing.assert_allclose(a.var(), bound ** 2 / 3, rtol=0.05)
+  np.testing.assert_allclose(a.var(), bound**2 / 3, rtol=0.05)

@@ -25,8 +25,9 @@ def test_losses_match_hand_computation():
   np.testing.assert_allclose(routing.load_balance_loss(probs, idx), 1.125, rtol=1e-6)
   # logsumexp of log-probabilities is log(1) = 0, so the z-loss is 0; shift by log 2 -> (log 2)^2.
   np.testing.assert_allclose(routing.router_z_loss(logits), 0.0, atol=1e-7)
-  np.testing.assert_allclose(routing.router_z_loss(logits + np.log(2.0)), np.log(2.0) ** 2,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      routing.router_z_loss(logits + np.log(2.0)), np.log(2.0) ** 2, rtol=1e-6
+  )
   ent0 = -(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.1 * np.log(0.1))
   ent1 = -(0.1 * np.log(0.1) + 0.3 * np.log(0.3) + 0.6 * np.log(0.6))
   np.testing.assert_allclose(routing.router_entropy(probs), (ent0 + ent1) / 2, rtol=1e-6)

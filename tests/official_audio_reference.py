@@ -50,8 +50,13 @@ def official_chunks(sample: np.ndarray) -> List[Tuple[np.ndarray, np.ndarray]]:
 def beats_processor(wave: np.ndarray) -> np.ndarray:
   """`BEATsProcessor` for one wave: kaldi fbank of wave * 2**15 (128 bins, 25 / 10 ms),
   normalised. `[frames, 128]` float64."""
-  fbank = audio_lib.kaldi_fbank(np.asarray(wave, np.float64) * 2.0**15, num_mel_bins=128,
-                                sample_rate=16000, frame_length_ms=25.0, frame_shift_ms=10.0)
+  fbank = audio_lib.kaldi_fbank(
+      np.asarray(wave, np.float64) * 2.0**15,
+      num_mel_bins=128,
+      sample_rate=16000,
+      frame_length_ms=25.0,
+      frame_shift_ms=10.0,
+  )
   return (fbank.astype(np.float64) - FBANK_MEAN) / (2 * FBANK_STD)
 
 
@@ -89,16 +94,19 @@ def _relative_bucket(rel: np.ndarray, num_buckets: int, max_distance: int) -> np
   rel = np.abs(rel)
   max_exact = half // 2
   with np.errstate(divide='ignore'):
-    large = max_exact + (np.log(rel.astype(np.float32) / np.float32(max_exact))
-                         / np.float32(math.log(max_distance / max_exact))
-                         * np.float32(half - max_exact))
+    large = max_exact + (
+        np.log(rel.astype(np.float32) / np.float32(max_exact))
+        / np.float32(math.log(max_distance / max_exact))
+        * np.float32(half - max_exact)
+    )
   large = np.where(rel < max_exact, 0, large).astype(np.int64)
   large = np.minimum(large, half - 1)
   return buckets + np.where(rel < max_exact, rel, large)
 
 
-def beats(sd: Mapping[str, np.ndarray], cfg: Mapping, fbank: np.ndarray,
-          padding_mask: np.ndarray) -> np.ndarray:
+def beats(
+    sd: Mapping[str, np.ndarray], cfg: Mapping, fbank: np.ndarray, padding_mask: np.ndarray
+) -> np.ndarray:
   """`[batch, frames, 128]` fbank + `[batch, n]` padding mask -> `[batch, tokens, width]`.
 
   Covers the post-LN deep-norm configuration of BEATs iter3 (the one Uni-MoE loads)."""
@@ -110,7 +118,7 @@ def beats(sd: Mapping[str, np.ndarray], cfg: Mapping, fbank: np.ndarray,
   # patch_embedding: Conv2d(1, embed, k=p, stride=p) over [frames, mel]; reshape(B, C, -1).
   p = cfg['input_patch_size']
   tp, mp = t // p, m // p
-  patches = fbank[:, :tp * p, :mp * p].reshape(b, tp, p, mp, p).transpose(0, 1, 3, 2, 4)
+  patches = fbank[:, : tp * p, : mp * p].reshape(b, tp, p, mp, p).transpose(0, 1, 3, 2, 4)
   w = sd['patch_embedding.weight'][:, 0]  # [embed, p (time), p (mel)]
   x = np.einsum('btfuv,euv->btfe', patches, w).reshape(b, tp * mp, -1)
   if cfg.get('conv_bias'):
@@ -126,7 +134,7 @@ def beats(sd: Mapping[str, np.ndarray], cfg: Mapping, fbank: np.ndarray,
   x = np.where(token_pad[..., None], 0.0, x)
   k, g = cfg['conv_pos'], cfg['conv_pos_groups']
   v, gain = sd['encoder.pos_conv.0.weight_v'], sd['encoder.pos_conv.0.weight_g']
-  weight = gain * v / np.sqrt((v ** 2).sum(axis=(0, 1), keepdims=True))  # weight_norm dim=2
+  weight = gain * v / np.sqrt((v**2).sum(axis=(0, 1), keepdims=True))  # weight_norm dim=2
   xp = np.pad(x, ((0, 0), (k // 2, k // 2), (0, 0)))
   out_len = n + 2 * (k // 2) - k + 1
   cg = d // g
@@ -134,7 +142,7 @@ def beats(sd: Mapping[str, np.ndarray], cfg: Mapping, fbank: np.ndarray,
   for grp in range(g):
     ins = slice(grp * cg, (grp + 1) * cg)
     for tap in range(k):
-      conv[:, :, ins] += xp[:, tap:tap + out_len, ins] @ weight[ins, :, tap].T
+      conv[:, :, ins] += xp[:, tap : tap + out_len, ins] @ weight[ins, :, tap].T
   conv += sd['encoder.pos_conv.0.bias']
   if k % 2 == 0:  # SamePad drops the last output.
     conv = conv[:, :-1]
@@ -153,7 +161,7 @@ def beats(sd: Mapping[str, np.ndarray], cfg: Mapping, fbank: np.ndarray,
     q = _linear(sd, f'{pre}.self_attn.q_proj', x).reshape(b, n, h, hd).transpose(0, 2, 1, 3)
     kk = _linear(sd, f'{pre}.self_attn.k_proj', x).reshape(b, n, h, hd).transpose(0, 2, 1, 3)
     vv = _linear(sd, f'{pre}.self_attn.v_proj', x).reshape(b, n, h, hd).transpose(0, 2, 1, 3)
-    logits = (q * hd ** -0.5) @ kk.transpose(0, 1, 3, 2)  # [b, h, q, k]
+    logits = (q * hd**-0.5) @ kk.transpose(0, 1, 3, 2)  # [b, h, q, k]
     logits = np.where(token_pad[:, None, None, :], -np.inf, logits)
     bias = position_bias[None]
     if cfg['gru_rel_pos']:
@@ -167,11 +175,19 @@ def beats(sd: Mapping[str, np.ndarray], cfg: Mapping, fbank: np.ndarray,
     probs /= probs.sum(-1, keepdims=True)
     attn = (probs @ vv).transpose(0, 2, 1, 3).reshape(b, n, d)
     attn = _linear(sd, f'{pre}.self_attn.out_proj', attn)
-    x = _layer_norm(x * alpha + attn, sd[f'{pre}.self_attn_layer_norm.weight'],
-                    sd[f'{pre}.self_attn_layer_norm.bias'], 1e-5)
+    x = _layer_norm(
+        x * alpha + attn,
+        sd[f'{pre}.self_attn_layer_norm.weight'],
+        sd[f'{pre}.self_attn_layer_norm.bias'],
+        1e-5,
+    )
     ffn = _linear(sd, f'{pre}.fc2', _gelu(_linear(sd, f'{pre}.fc1', x)))
-    x = _layer_norm(x * alpha + ffn, sd[f'{pre}.final_layer_norm.weight'],
-                    sd[f'{pre}.final_layer_norm.bias'], 1e-5)
+    x = _layer_norm(
+        x * alpha + ffn,
+        sd[f'{pre}.final_layer_norm.weight'],
+        sd[f'{pre}.final_layer_norm.bias'],
+        1e-5,
+    )
   return x
 
 
@@ -192,34 +208,52 @@ def _bert_attention(sd, name, x, kv, heads, eps):
   probs /= probs.sum(-1, keepdims=True)
   ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(b, nq, d)
   out = _linear(sd, f'{name}.output.dense', ctx)
-  return _layer_norm(out + x, sd[f'{name}.output.LayerNorm.weight'],
-                     sd[f'{name}.output.LayerNorm.bias'], eps)
+  return _layer_norm(
+      out + x, sd[f'{name}.output.LayerNorm.weight'], sd[f'{name}.output.LayerNorm.bias'], eps
+  )
 
 
-def qformer(sd: Mapping[str, np.ndarray], states: np.ndarray, query_tokens: np.ndarray,
-            num_layers: int, heads: int, cross_attention_frequency: int = 2,
-            eps: float = 1e-12) -> np.ndarray:
+def qformer(
+    sd: Mapping[str, np.ndarray],
+    states: np.ndarray,
+    query_tokens: np.ndarray,
+    num_layers: int,
+    heads: int,
+    cross_attention_frequency: int = 2,
+    eps: float = 1e-12,
+) -> np.ndarray:
   """`[batch, tokens, width]` encoder states -> `[batch, num_query, hidden]` last_hidden_state."""
   sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
   states = np.asarray(states, np.float64)
   query = np.asarray(query_tokens, np.float64).reshape(1, -1, sd['layernorm.weight'].shape[0])
-  x = _layer_norm(np.repeat(query, states.shape[0], 0), sd['layernorm.weight'],
-                  sd['layernorm.bias'], eps)
+  x = _layer_norm(
+      np.repeat(query, states.shape[0], 0), sd['layernorm.weight'], sd['layernorm.bias'], eps
+  )
   for i in range(num_layers):
     pre = f'encoder.layer.{i}'
     x = _bert_attention(sd, f'{pre}.attention', x, x, heads, eps)
     if i % cross_attention_frequency == 0:
       x = _bert_attention(sd, f'{pre}.crossattention', x, states, heads, eps)
     hidden = _gelu(_linear(sd, f'{pre}.intermediate_query.dense', x))
-    x = _layer_norm(_linear(sd, f'{pre}.output_query.dense', hidden) + x,
-                    sd[f'{pre}.output_query.LayerNorm.weight'],
-                    sd[f'{pre}.output_query.LayerNorm.bias'], eps)
+    x = _layer_norm(
+        _linear(sd, f'{pre}.output_query.dense', hidden) + x,
+        sd[f'{pre}.output_query.LayerNorm.weight'],
+        sd[f'{pre}.output_query.LayerNorm.bias'],
+        eps,
+    )
   return x
 
 
-def soft_tokens(sample: np.ndarray, beats_sd, beats_cfg, qformer_sd, query_tokens,
-                projector: Dict[str, np.ndarray], qformer_layers: int, qformer_heads: int
-                ) -> np.ndarray:
+def soft_tokens(
+    sample: np.ndarray,
+    beats_sd,
+    beats_cfg,
+    qformer_sd,
+    query_tokens,
+    projector: Dict[str, np.ndarray],
+    qformer_layers: int,
+    qformer_heads: int,
+) -> np.ndarray:
   """Official `encode_audios` over every kept chunk of one file, concatenated as
   `prepare_inputs_labels_for_audio_and_vision` does: `[chunks * num_query, llm_width]`."""
   outs = []

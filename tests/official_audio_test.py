@@ -34,12 +34,26 @@ NUM_QUERY, Q_HIDDEN, Q_LAYERS, Q_HEADS = 6, 24, 2, 4
 
 # An official BEATs cfg dict (iter3's layout: post-LN, deep norm, gated relative bias), tiny.
 BEATS_CFG = {
-    'input_patch_size': 16, 'embed_dim': 24, 'conv_bias': False, 'encoder_layers': 2,
-    'encoder_embed_dim': 32, 'encoder_ffn_embed_dim': 48, 'encoder_attention_heads': 4,
-    'activation_fn': 'gelu', 'layer_norm_first': False, 'deep_norm': True, 'conv_pos': 8,
-    'conv_pos_groups': 4, 'relative_position_embedding': True, 'num_buckets': 32,
-    'max_distance': 64, 'gru_rel_pos': True, 'layer_wise_gradient_decay_ratio': 0.6,
-    'finetuned_model': False, 'dropout': 0.0, 'encoder_layerdrop': 0.05,
+    'input_patch_size': 16,
+    'embed_dim': 24,
+    'conv_bias': False,
+    'encoder_layers': 2,
+    'encoder_embed_dim': 32,
+    'encoder_ffn_embed_dim': 48,
+    'encoder_attention_heads': 4,
+    'activation_fn': 'gelu',
+    'layer_norm_first': False,
+    'deep_norm': True,
+    'conv_pos': 8,
+    'conv_pos_groups': 4,
+    'relative_position_embedding': True,
+    'num_buckets': 32,
+    'max_distance': 64,
+    'gru_rel_pos': True,
+    'layer_wise_gradient_decay_ratio': 0.6,
+    'finetuned_model': False,
+    'dropout': 0.0,
+    'encoder_layerdrop': 0.05,
 }
 
 
@@ -54,26 +68,44 @@ def beats_state_dict(cfg, seed=0):
   """Random tensors under the names and shapes of official `BEATs(cfg).state_dict()`."""
   rng = np.random.default_rng(seed)
   e, d, f = cfg['embed_dim'], cfg['encoder_embed_dim'], cfg['encoder_ffn_embed_dim']
-  h, k, g, p = (cfg['encoder_attention_heads'], cfg['conv_pos'], cfg['conv_pos_groups'],
-                cfg['input_patch_size'])
-  shapes = {'patch_embedding.weight': (e, 1, p, p), 'layer_norm.weight': (e,),
-            'layer_norm.bias': (e,), 'post_extract_proj.weight': (d, e),
-            'post_extract_proj.bias': (d,), 'encoder.pos_conv.0.bias': (d,),
-            'encoder.pos_conv.0.weight_g': (1, 1, k), 'encoder.pos_conv.0.weight_v': (d, d // g, k),
-            'encoder.layer_norm.weight': (d,), 'encoder.layer_norm.bias': (d,)}
+  h, k, g, p = (
+      cfg['encoder_attention_heads'],
+      cfg['conv_pos'],
+      cfg['conv_pos_groups'],
+      cfg['input_patch_size'],
+  )
+  shapes = {
+      'patch_embedding.weight': (e, 1, p, p),
+      'layer_norm.weight': (e,),
+      'layer_norm.bias': (e,),
+      'post_extract_proj.weight': (d, e),
+      'post_extract_proj.bias': (d,),
+      'encoder.pos_conv.0.bias': (d,),
+      'encoder.pos_conv.0.weight_g': (1, 1, k),
+      'encoder.pos_conv.0.weight_v': (d, d // g, k),
+      'encoder.layer_norm.weight': (d,),
+      'encoder.layer_norm.bias': (d,),
+  }
   for i in range(cfg['encoder_layers']):
     pre = f'encoder.layers.{i}'
     for proj in ('q_proj', 'k_proj', 'v_proj', 'out_proj'):
       shapes[f'{pre}.self_attn.{proj}.weight'] = (d, d)
       shapes[f'{pre}.self_attn.{proj}.bias'] = (d,)
-    shapes.update({f'{pre}.self_attn.grep_linear.weight': (8, d // h),
-                   f'{pre}.self_attn.grep_linear.bias': (8,),
-                   f'{pre}.self_attn.grep_a': (1, h, 1, 1),
-                   f'{pre}.self_attn_layer_norm.weight': (d,),
-                   f'{pre}.self_attn_layer_norm.bias': (d,),
-                   f'{pre}.final_layer_norm.weight': (d,), f'{pre}.final_layer_norm.bias': (d,),
-                   f'{pre}.fc1.weight': (f, d), f'{pre}.fc1.bias': (f,),
-                   f'{pre}.fc2.weight': (d, f), f'{pre}.fc2.bias': (d,)})
+    shapes.update(
+        {
+            f'{pre}.self_attn.grep_linear.weight': (8, d // h),
+            f'{pre}.self_attn.grep_linear.bias': (8,),
+            f'{pre}.self_attn.grep_a': (1, h, 1, 1),
+            f'{pre}.self_attn_layer_norm.weight': (d,),
+            f'{pre}.self_attn_layer_norm.bias': (d,),
+            f'{pre}.final_layer_norm.weight': (d,),
+            f'{pre}.final_layer_norm.bias': (d,),
+            f'{pre}.fc1.weight': (f, d),
+            f'{pre}.fc1.bias': (f,),
+            f'{pre}.fc2.weight': (d, f),
+            f'{pre}.fc2.bias': (d,),
+        }
+    )
   sd = {name: _random(rng, shape, name) for name, shape in shapes.items()}
   sd['patch_embedding.weight'] *= 0.3 / 16  # 256 inputs per patch
   sd['encoder.pos_conv.0.weight_g'] = np.abs(sd['encoder.pos_conv.0.weight_g']) + 0.5
@@ -95,16 +127,24 @@ def qformer_state_dict(seed=1):
       for name, width in (('query', d), ('key', kv), ('value', kv)):
         shapes[f'{pre}.{block}.attention.{name}.weight'] = (d, width)
         shapes[f'{pre}.{block}.attention.{name}.bias'] = (d,)
-      shapes.update({f'{pre}.{block}.output.dense.weight': (d, d),
-                     f'{pre}.{block}.output.dense.bias': (d,),
-                     f'{pre}.{block}.output.LayerNorm.weight': (d,),
-                     f'{pre}.{block}.output.LayerNorm.bias': (d,)})
-    shapes.update({f'{pre}.intermediate_query.dense.weight': (f, d),
-                   f'{pre}.intermediate_query.dense.bias': (f,),
-                   f'{pre}.output_query.dense.weight': (d, f),
-                   f'{pre}.output_query.dense.bias': (d,),
-                   f'{pre}.output_query.LayerNorm.weight': (d,),
-                   f'{pre}.output_query.LayerNorm.bias': (d,)})
+      shapes.update(
+          {
+              f'{pre}.{block}.output.dense.weight': (d, d),
+              f'{pre}.{block}.output.dense.bias': (d,),
+              f'{pre}.{block}.output.LayerNorm.weight': (d,),
+              f'{pre}.{block}.output.LayerNorm.bias': (d,),
+          }
+      )
+    shapes.update(
+        {
+            f'{pre}.intermediate_query.dense.weight': (f, d),
+            f'{pre}.intermediate_query.dense.bias': (f,),
+            f'{pre}.output_query.dense.weight': (d, f),
+            f'{pre}.output_query.dense.bias': (d,),
+            f'{pre}.output_query.LayerNorm.weight': (d,),
+            f'{pre}.output_query.LayerNorm.bias': (d,),
+        }
+    )
   sd = {name: _random(rng, shape, name) for name, shape in shapes.items()}
   # Sharper cross-attention than 1/sqrt(width) weights give: which tokens the queries read
   # (padded ones or not) must show in the output.
@@ -122,32 +162,43 @@ def official_weights():
   qformer_sd, ffn = qformer_state_dict()
   query = rng.standard_normal((1, NUM_QUERY, Q_HIDDEN)).astype(np.float32)
   width = named('tiny').embed_dim
-  projector = {'weight': (rng.standard_normal((width, Q_HIDDEN)) / math.sqrt(Q_HIDDEN)
-                          ).astype(np.float32),
-               'bias': (0.1 * rng.standard_normal(width)).astype(np.float32)}
+  projector = {
+      'weight': (rng.standard_normal((width, Q_HIDDEN)) / math.sqrt(Q_HIDDEN)).astype(np.float32),
+      'bias': (0.1 * rng.standard_normal(width)).astype(np.float32),
+  }
   sd = {official_towers.AUDIO_TOWER_PREFIX + k: v for k, v in beats_sd.items()}
   sd.update({official_towers.QFORMER_PREFIX + k: v for k, v in qformer_sd.items()})
   sd[official_towers.AUDIO_QUERY_TOKENS] = query
   sd.update({official_towers.AUDIO_PROJECTOR_PREFIX + k: v for k, v in projector.items()})
-  return dict(sd=sd, beats=beats_sd, qformer=qformer_sd, query=query, projector=projector,
-              ffn=ffn)
+  return dict(sd=sd, beats=beats_sd, qformer=qformer_sd, query=query, projector=projector, ffn=ffn)
 
 
 def model_config(audio_padding):
   w = official_weights()
   return UniMoEConfig(
-      decoder=named('tiny'), audio_encoder=beats_lib.config_from_official(BEATS_CFG),
-      audio_qformer=QFormerConfig(hidden_size=Q_HIDDEN, num_layers=Q_LAYERS, num_heads=Q_HEADS,
-                                  intermediate_size=w['ffn'], cross_attention_frequency=2,
-                                  encoder_hidden_size=BEATS_CFG['encoder_embed_dim'],
-                                  num_query_tokens=NUM_QUERY),
-      audio_projector='linear', audio_padding=audio_padding)
+      decoder=named('tiny'),
+      audio_encoder=beats_lib.config_from_official(BEATS_CFG),
+      audio_qformer=QFormerConfig(
+          hidden_size=Q_HIDDEN,
+          num_layers=Q_LAYERS,
+          num_heads=Q_HEADS,
+          intermediate_size=w['ffn'],
+          cross_attention_frequency=2,
+          encoder_hidden_size=BEATS_CFG['encoder_embed_dim'],
+          num_query_tokens=NUM_QUERY,
+      ),
+      audio_projector='linear',
+      audio_padding=audio_padding,
+  )
 
 
 @functools.lru_cache(maxsize=None)
 def _encode_fn(cfg):
-  return jax.jit(lambda params, batch: UniMoE(cfg).apply({'params': params}, batch,
-                                                         method=UniMoE.encode)['audio'])
+  return jax.jit(
+      lambda params, batch: UniMoE(cfg).apply({'params': params}, batch, method=UniMoE.encode)[
+          'audio'
+      ]
+  )
 
 
 def _clip(seconds, seed):
@@ -178,8 +229,18 @@ def reference(clips):
   for path in clips:
     sample, rate = sf.read(path, dtype='float32')
     assert rate == 16000
-    out.append(ref.soft_tokens(sample, w['beats'], BEATS_CFG, w['qformer'], w['query'],
-                               w['projector'], Q_LAYERS, Q_HEADS))
+    out.append(
+        ref.soft_tokens(
+            sample,
+            w['beats'],
+            BEATS_CFG,
+            w['qformer'],
+            w['query'],
+            w['projector'],
+            Q_LAYERS,
+            Q_HEADS,
+        )
+    )
   return out
 
 
@@ -207,9 +268,11 @@ def test_official_padding_matches_the_official_computation(clips, reference):
   for seconds, mine, theirs in zip(SECONDS, got, reference):
     assert mine.shape == theirs.shape
     err = float(np.max(np.abs(mine - theirs)))
-    print(f'official mode, {seconds} s: max abs err {err:.2e}, relative '
-          f'{_relative(mine, theirs):.2e} (soft tokens of magnitude '
-          f'{np.abs(theirs).max():.2f})')
+    print(
+        f'official mode, {seconds} s: max abs err {err:.2e}, relative '
+        f'{_relative(mine, theirs):.2e} (soft tokens of magnitude '
+        f'{np.abs(theirs).max():.2f})'
+    )
     assert err <= TOL, (seconds, err)
 
 
@@ -220,8 +283,10 @@ def test_masked_padding_differs_where_there_is_padding(clips, reference):
   got, _ = ours(clips, 'masked')
   diffs = {s: _relative(mine, theirs) for s, mine, theirs in zip(SECONDS, got, reference)}
   print('masked mode vs the official computation, relative difference:', diffs)
-  print('... max abs difference:', {s: float(np.abs(mine - theirs).max())
-                                    for s, mine, theirs in zip(SECONDS, got, reference)})
+  print(
+      '... max abs difference:',
+      {s: float(np.abs(mine - theirs).max()) for s, mine, theirs in zip(SECONDS, got, reference)},
+  )
   assert diffs[30.0] < 1e-5
   for seconds in (0.02, 0.4, 6.25, 17.3):
     assert diffs[seconds] > 1e-2, (seconds, diffs[seconds])
@@ -246,12 +311,13 @@ def test_beats_padding_mask_matters_in_official_mode(clips, reference):
 # Features and configuration (fast).
 
 
-@pytest.mark.parametrize('samples', [1, 150, 399, 400, 6400, 100000, 276800, 479680, 479681,
-                                     479999, 480000])
+@pytest.mark.parametrize(
+    'samples', [1, 150, 399, 400, 6400, 100000, 276800, 479680, 479681, 479999, 480000]
+)
 def test_official_features_are_the_padded_wave_and_the_reduced_sample_mask(samples):
   chunk = _clip(samples / 16000, samples)
   fbank, mask = audio_lib.beats_chunk_features(chunk, 'official')
-  (wave, sample_mask), = ref.official_chunks(chunk)
+  ((wave, sample_mask),) = ref.official_chunks(chunk)
   np.testing.assert_allclose(fbank, ref.beats_processor(wave), atol=1e-5, rtol=0)
   assert fbank.shape == (2998, 128) and fbank.dtype == np.float32
   np.testing.assert_array_equal(~mask, ref.forward_padding_mask(2998, sample_mask[None])[0])
@@ -292,13 +358,14 @@ def test_official_chunking_keeps_what_the_official_loop_keeps():
   for samples in (1, 479999, 480000, 480001, 960000, 960001, 21 * 480000 + 5):
     wave = np.arange(samples, dtype=np.float32)
     ours_ = audio_lib.split_chunks(wave, 480000, audio_lib.AUDIO_MAX_CHUNKS)
-    theirs = [w[:len(w) - m.sum()] for w, m in ref.official_chunks(wave)]
+    theirs = [w[: len(w) - m.sum()] for w, m in ref.official_chunks(wave)]
     assert [len(c) for c in ours_] == [len(c) for c in theirs], samples
     assert all(np.array_equal(a, b) for a, b in zip(ours_, theirs))
   assert len(audio_lib.split_chunks(np.zeros(21 * 480000 + 5), 480000, 20)) == 20
   # Speech: 480001-sample pieces while more than 480000 remain, every piece kept.
   assert [len(c) for c in audio_lib.split_chunks(np.zeros(25 * 480001 + 7), 480001)] == (
-      [480001] * 25 + [7])
+      [480001] * 25 + [7]
+  )
 
 
 def test_converted_official_checkpoint_config_says_official(tmp_path):
@@ -307,14 +374,15 @@ def test_converted_official_checkpoint_config_says_official(tmp_path):
   torch = pytest.importorskip('torch')
   from unimoe_jax import score  # pylint: disable=g-import-not-at-top
   from unimoe_jax.convert import llava  # pylint: disable=g-import-not-at-top
+
   w = official_weights()
   path = str(tmp_path / 'BEATs_tiny.pt')
-  torch.save({'cfg': BEATS_CFG, 'model': {k: torch.tensor(v) for k, v in w['beats'].items()}},
-             path)
+  torch.save({'cfg': BEATS_CFG, 'model': {k: torch.tensor(v) for k, v in w['beats'].items()}}, path)
   # A released checkpoint holds no BEATs tensors: the tower comes from its .pt file.
   sd = {k: v for k, v in w['sd'].items() if not k.startswith(official_towers.AUDIO_TOWER_PREFIX)}
   fields, extra = official_towers.tower_configs(
-      {'mm_audio_tower': path, 'query_tokens_size': NUM_QUERY}, sd)
+      {'mm_audio_tower': path, 'query_tokens_size': NUM_QUERY}, sd
+  )
   assert fields['audio_padding'] == 'official'
   assert fields['audio_encoder'] == beats_lib.config_from_official(BEATS_CFG)
   assert set(extra) == {official_towers.AUDIO_TOWER_PREFIX + k for k in w['beats']}

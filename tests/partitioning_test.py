@@ -12,9 +12,14 @@ from unimoe_jax.decoder import Decoder
 
 
 def _cfg(dispatch):
-  moe = config_lib.MoEConfig(num_experts=4, num_experts_per_tok=2, dispatch=dispatch,
-                             capacity_factor=2.0, load_balance_loss_coef=0.01,
-                             router_z_loss_coef=0.001)
+  moe = config_lib.MoEConfig(
+      num_experts=4,
+      num_experts_per_tok=2,
+      dispatch=dispatch,
+      capacity_factor=2.0,
+      load_balance_loss_coef=0.01,
+      router_z_loss_coef=0.001,
+  )
   return config_lib.named('tiny', moe=moe)
 
 
@@ -23,18 +28,21 @@ def sample_batch():
   tokens = rng.randint(1, 512, size=(8, 16)).astype(np.int32)
   segments = np.ones_like(tokens)
   segments[:, 12:] = 0  # Padding at the end of every row.
-  return {'decoder_input_tokens': tokens, 'decoder_target_tokens': np.roll(tokens, -1, 1),
-          'decoder_segment_ids': segments}
+  return {
+      'decoder_input_tokens': tokens,
+      'decoder_target_tokens': np.roll(tokens, -1, 1),
+      'decoder_segment_ids': segments,
+  }
 
 
 def masked_loss_fn(model):
 
   def loss_fn(params, batch):
-    logits, aux = model.apply({'params': params}, batch['decoder_input_tokens'],
-                              segment_ids=batch['decoder_segment_ids'])
+    logits, aux = model.apply(
+        {'params': params}, batch['decoder_input_tokens'], segment_ids=batch['decoder_segment_ids']
+    )
     weights = (batch['decoder_segment_ids'] > 0).astype(jnp.float32)
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                           batch['decoder_target_tokens'])
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch['decoder_target_tokens'])
     return jnp.sum(xent * weights) / jnp.sum(weights) + aux.get('aux_loss', 0.0), aux
 
   return loss_fn
@@ -68,8 +76,9 @@ def test_sharded_train_step_equals_single_device(dispatch):
   batch_sharding = partitioning.logical_sharding(mesh, ('activation_batch', None))
   sharded_batch = jax.device_put(batch, batch_sharding)
   with partitioning.mesh_context(mesh):
-    (loss, aux), grads = jax.jit(grad_fn, out_shardings=(
-        None, shardings['params']))(params, sharded_batch)
+    (loss, aux), grads = jax.jit(grad_fn, out_shardings=(None, shardings['params']))(
+        params, sharded_batch
+    )
   assert grads['layers_1']['moe']['wo']['kernel'].sharding.spec[0] == 'expert'
 
   # The same step on one device, from the same values.
@@ -78,11 +87,16 @@ def test_sharded_train_step_equals_single_device(dispatch):
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_allclose(aux['aux_loss'], ref_aux['aux_loss'], rtol=1e-5)
   assert float(ref_aux['aux_loss']) > 0
-  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads),
-                          jax.tree_util.tree_leaves(ref_grads)):
-    np.testing.assert_allclose(np.asarray(g), r, rtol=1e-4,
-                               atol=1e-6 + 1e-4 * float(np.abs(r).max()),
-                               err_msg=jax.tree_util.keystr(path))
+  for (path, g), r in zip(
+      jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)
+  ):
+    np.testing.assert_allclose(
+        np.asarray(g),
+        r,
+        rtol=1e-4,
+        atol=1e-6 + 1e-4 * float(np.abs(r).max()),
+        err_msg=jax.tree_util.keystr(path),
+    )
 
 
 def test_expert_parallel_axes_see_a_legacy_with_mesh_block():
@@ -90,6 +104,7 @@ def test_expert_parallel_axes_see_a_legacy_with_mesh_block():
   `jax.sharding.get_abstract_mesh()` does not report: the MoE layer must still find the
   expert axis there (it then runs expert-parallel), at trace time too."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, expert=4))
   seen = []
 

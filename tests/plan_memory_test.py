@@ -21,12 +21,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _expected_param_bytes(rules, mesh_sizes):
   """Per-device float32 bytes of the params of models/tiny.gin + models/moe_4e_top2.gin under
   `rules`: each leaf divided by the sizes of the mesh axes its logical names map to."""
-  cfg = UniMoEConfig(decoder=config_lib.named(
-      'tiny', moe=config_lib.MoEConfig(num_experts=4, num_experts_per_tok=2)))
-  shapes = {k: (2, 8) for k in ('decoder_input_tokens', 'decoder_target_tokens',
-                                'decoder_loss_weights')}
-  boxed = jax.eval_shape(lambda: models.UniMoEModel(cfg).get_initial_variables(
-      jax.random.PRNGKey(0), shapes))['params']
+  cfg = UniMoEConfig(
+      decoder=config_lib.named(
+          'tiny', moe=config_lib.MoEConfig(num_experts=4, num_experts_per_tok=2)
+      )
+  )
+  shapes = {
+      k: (2, 8) for k in ('decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights')
+  }
+  boxed = jax.eval_shape(
+      lambda: models.UniMoEModel(cfg).get_initial_variables(jax.random.PRNGKey(0), shapes)
+  )['params']
   total = 0
   for leaf in jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
     parts = 1
@@ -39,12 +44,17 @@ def _expected_param_bytes(rules, mesh_sizes):
 
 def _expected_param_counts():
   """(total, on the 'expert' axis) for models/tiny.gin + models/moe_4e_top2.gin."""
-  cfg = UniMoEConfig(decoder=config_lib.named(
-      'tiny', moe=config_lib.MoEConfig(num_experts=4, num_experts_per_tok=2)))
-  shapes = {k: (2, 8) for k in ('decoder_input_tokens', 'decoder_target_tokens',
-                                'decoder_loss_weights')}
-  boxed = jax.eval_shape(lambda: models.UniMoEModel(cfg).get_initial_variables(
-      jax.random.PRNGKey(0), shapes))['params']
+  cfg = UniMoEConfig(
+      decoder=config_lib.named(
+          'tiny', moe=config_lib.MoEConfig(num_experts=4, num_experts_per_tok=2)
+      )
+  )
+  shapes = {
+      k: (2, 8) for k in ('decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights')
+  }
+  boxed = jax.eval_shape(
+      lambda: models.UniMoEModel(cfg).get_initial_variables(jax.random.PRNGKey(0), shapes)
+  )['params']
   leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   total = sum(int(np.prod(x.value.shape)) for x in leaves)
   expert = sum(int(np.prod(x.value.shape)) for x in leaves if 'expert' in x.names)
@@ -59,15 +69,30 @@ def test_tiny_moe_plan(tmp_path, fsdp_flags):
   out = tmp_path / 'plan.json'
   env = dict(os.environ)
   # A wrong device count on purpose: the tool must re-execute itself with the mesh's 8.
-  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-                       '--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]))
+  env.update(
+      XLA_FLAGS='--xla_force_host_platform_device_count=2 ' '--xla_backend_optimization_level=0',
+      JAX_PLATFORMS='cpu',
+      PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]),
+  )
   env.pop('UNIMOE_PLAN_MEMORY_DEVICES', None)
   proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'tools', 'plan_memory.py'),
-       '--gin_file=models/tiny.gin', '--gin_file=models/moe_4e_top2.gin', '--mesh=2,4,1',
-       '--batch_size=8', '--seq_len=32', f'--json_out={out}'] + fsdp_flags,
-      env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+      [
+          sys.executable,
+          os.path.join(REPO, 'tools', 'plan_memory.py'),
+          '--gin_file=models/tiny.gin',
+          '--gin_file=models/moe_4e_top2.gin',
+          '--mesh=2,4,1',
+          '--batch_size=8',
+          '--seq_len=32',
+          f'--json_out={out}',
+      ]
+      + fsdp_flags,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=str(tmp_path),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   table = proc.stdout
   for label in ('parameters', 'optimizer state', 'XLA arguments', 'XLA temporaries', 'peak'):
@@ -88,8 +113,10 @@ def test_tiny_moe_plan(tmp_path, fsdp_flags):
     expected = 4 * ((total - expert) + expert // 4)
     assert expected == _expected_param_bytes(partitioning.LOGICAL_AXIS_RULES, r['mesh'])
   assert r['params_bytes'] == pytest.approx(expected, rel=1e-6)
-  print(f"\nFSDP {'on' if fsdp else 'off'}: params {r['params_bytes']}, optimizer state "
-        f"{r['opt_state_bytes']}, temporaries {r['xla_temp_bytes']} bytes per device")
+  print(
+      f"\nFSDP {'on' if fsdp else 'off'}: params {r['params_bytes']}, optimizer state "
+      f"{r['opt_state_bytes']}, temporaries {r['xla_temp_bytes']} bytes per device"
+  )
   assert f"{r['params_bytes']:,d}" in table
   # Adam: mu and nu like the params, plus a few scalar counters (tolerance 64 bytes).
   assert abs(r['opt_state_bytes'] - 2 * r['params_bytes']) <= 64

@@ -23,20 +23,28 @@ config.DecoderConfig:
   dtype = 'float32'
   param_dtype = 'float32'
 """
-_TRAIN_GIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'gin',
-                          'runs', 'train.gin')
+_TRAIN_GIN = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'gin', 'runs', 'train.gin'
+)
 
 
 def _operative_run_config(model_dir, initial_checkpoint) -> str:
   """The config.gin a `python -m unimoe_jax.train` run writes (gin.config_str of the run)."""
   import gin  # pylint: disable=g-import-not-at-top
+
   gin.clear_config()
   try:
     gin.parse_config(_MODEL_GIN)
     gin.parse_config_files_and_bindings(
-        [_TRAIN_GIN], [f"MODEL_DIR='{model_dir}'", 'TRAIN_STEPS=3',
-                       "MIXTURE_OR_TASK_NAME='some_task'", "TASK_FEATURE_LENGTHS={'targets': 8}",
-                       f"INITIAL_CHECKPOINT_PATH='{initial_checkpoint}'"])
+        [_TRAIN_GIN],
+        [
+            f"MODEL_DIR='{model_dir}'",
+            'TRAIN_STEPS=3',
+            "MIXTURE_OR_TASK_NAME='some_task'",
+            "TASK_FEATURE_LENGTHS={'targets': 8}",
+            f"INITIAL_CHECKPOINT_PATH='{initial_checkpoint}'",
+        ],
+    )
     return gin.config_str()
   finally:
     gin.clear_config()
@@ -49,43 +57,53 @@ def setup(tmp_path_factory):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from unimoe_jax.decoder import Decoder  # pylint: disable=g-import-not-at-top
+
   root = tmp_path_factory.mktemp('reliability_cli')
   tokenizer = make_tokenizer(root)
   cfg = score.decoder_config_from_gin(_MODEL_GIN)
-  shapes = nn.meta.unbox(jax.eval_shape(
-      lambda: Decoder(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))['params']))
+  shapes = nn.meta.unbox(
+      jax.eval_shape(
+          lambda: Decoder(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))['params']
+      )
+  )
   leaves, tree = jax.tree_util.tree_flatten(shapes)
   rng = np.random.RandomState(0)
   params = jax.tree_util.tree_unflatten(
-      tree, [(0.2 * rng.randn(*x.shape)).astype(np.float32) for x in leaves])
-  converted = checkpoint.save(str(root / 'converted'), params, _MODEL_GIN,
-                              {checkpoint.TOKENIZER_FILE: tokenizer})
+      tree, [(0.2 * rng.randn(*x.shape)).astype(np.float32) for x in leaves]
+  )
+  converted = checkpoint.save(
+      str(root / 'converted'), params, _MODEL_GIN, {checkpoint.TOKENIZER_FILE: tokenizer}
+  )
   run = root / 'run'
   os.makedirs(run / 'checkpoints')
-  ocp.PyTreeCheckpointer().save(str(run / 'checkpoints' / '3' / 'state'),
-                                {'params': {'decoder': params}, 'step': np.int32(3)})
+  ocp.PyTreeCheckpointer().save(
+      str(run / 'checkpoints' / '3' / 'state'), {'params': {'decoder': params}, 'step': np.int32(3)}
+  )
   with open(run / 'config.gin', 'w') as f:
     f.write(_operative_run_config(run, converted))
   return converted, str(run), tokenizer, root
 
 
 # ---- parse-time flag checks: no checkpoint is touched (the path does not even exist) ----------
-@pytest.mark.parametrize('flags,message', [
-    (['--temperature', '-1'], '--temperature must be >= 0'),
-    (['--temperature', 'nan'], '--temperature must be >= 0'),
-    (['--temperature', '1', '--top_p', '0'], '--top_p must be in (0, 1]'),
-    (['--temperature', '1', '--top_p', '7'], '--top_p must be in (0, 1]'),
-    (['--temperature', '1', '--top_k', '-5'], '--top_k must be an integer >= 0'),
-    (['--top_k', '5'], 'only act when sampling'),
-    (['--top_p', '0.5'], 'only act when sampling'),
-    (['--num_beams', '0'], '--num_beams must be an integer >= 1'),
-    (['--num_beams', '3', '--temperature', '0.7'], 'exclude each other'),
-    (['--max_decode_steps', '0'], '--max_decode_steps must be an integer >= 1'),
-    (['--max_decode_steps', '100000'], '--max_decode_steps=100000 leaves no room'),
-    (['--max_decode_steps', 'many'], '--max_decode_steps must be an integer'),
-    (['--max_length', '0'], '--max_length must be >= 1'),
-    (['--dtype', 'float8'], "--dtype: invalid choice: 'float8'"),
-])
+@pytest.mark.parametrize(
+    'flags,message',
+    [
+        (['--temperature', '-1'], '--temperature must be >= 0'),
+        (['--temperature', 'nan'], '--temperature must be >= 0'),
+        (['--temperature', '1', '--top_p', '0'], '--top_p must be in (0, 1]'),
+        (['--temperature', '1', '--top_p', '7'], '--top_p must be in (0, 1]'),
+        (['--temperature', '1', '--top_k', '-5'], '--top_k must be an integer >= 0'),
+        (['--top_k', '5'], 'only act when sampling'),
+        (['--top_p', '0.5'], 'only act when sampling'),
+        (['--num_beams', '0'], '--num_beams must be an integer >= 1'),
+        (['--num_beams', '3', '--temperature', '0.7'], 'exclude each other'),
+        (['--max_decode_steps', '0'], '--max_decode_steps must be an integer >= 1'),
+        (['--max_decode_steps', '100000'], '--max_decode_steps=100000 leaves no room'),
+        (['--max_decode_steps', 'many'], '--max_decode_steps must be an integer'),
+        (['--max_length', '0'], '--max_length must be >= 1'),
+        (['--dtype', 'float8'], "--dtype: invalid choice: 'float8'"),
+    ],
+)
 def test_generate_refuses_bad_decoding_flags_at_parse_time(tmp_path, capsys, flags, message):
   missing = str(tmp_path / 'no_such_checkpoint')
   with pytest.raises(SystemExit) as info:
@@ -96,8 +114,9 @@ def test_generate_refuses_bad_decoding_flags_at_parse_time(tmp_path, capsys, fla
   assert 'no_such_checkpoint' not in err, err
 
 
-@pytest.mark.parametrize('main,extra', [(generate.main, ['--prompt', 'hi']),
-                                        (score.main, ['--text', 'hi'])])
+@pytest.mark.parametrize(
+    'main,extra', [(generate.main, ['--prompt', 'hi']), (score.main, ['--text', 'hi'])]
+)
 def test_a_missing_checkpoint_is_named_not_the_tokenizer(tmp_path, main, extra):
   missing = str(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError) as info:
@@ -132,13 +151,21 @@ def test_generate_python_api_checks_the_same(setup):
 def test_decoding_generate_checks_its_arguments():
   from unimoe_jax.config import DecoderConfig  # pylint: disable=g-import-not-at-top
   from unimoe_jax.model import UniMoE, UniMoEConfig  # pylint: disable=g-import-not-at-top
-  model = UniMoE(UniMoEConfig(decoder=DecoderConfig(vocab_size=97, embed_dim=32, num_layers=1,
-                                                    num_heads=4, num_kv_heads=2, mlp_dim=48)))
+
+  model = UniMoE(
+      UniMoEConfig(
+          decoder=DecoderConfig(
+              vocab_size=97, embed_dim=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=48
+          )
+      )
+  )
   common = dict(max_decode_steps=4, eos_id=2, rng=jax.random.PRNGKey(0))
-  for kwargs, message in [(dict(method='sample', top_k=-5), 'top_k must be in'),
-                          (dict(method='sample', top_p=0.0), 'top_p must be in'),
-                          (dict(method='beam', num_beams=0), 'num_beams must be >= 1'),
-                          (dict(method='greedy', max_decode_steps=0), 'max_decode_steps')]:
+  for kwargs, message in [
+      (dict(method='sample', top_k=-5), 'top_k must be in'),
+      (dict(method='sample', top_p=0.0), 'top_p must be in'),
+      (dict(method='beam', num_beams=0), 'num_beams must be >= 1'),
+      (dict(method='greedy', max_decode_steps=0), 'max_decode_steps'),
+  ]:
     with pytest.raises(ValueError, match=message):
       decoding.generate(model, None, None, None, **{**common, **kwargs})
 
@@ -154,8 +181,9 @@ def test_a_prompt_longer_than_max_length_fails_before_params_are_read(setup, mon
   question = ' '.join(['the cat sat on the mat'] * 10)
   with pytest.raises(ValueError, match=r'the prompt is \d+ tokens .* more than --max_length=40'):
     generate.answer(converted, question, max_decode_steps=8, max_length=40)
-  with pytest.raises(ValueError, match=r'--text \(with BOS\) is \d+ tokens, more than '
-                                       r'--max_length=20'):
+  with pytest.raises(
+      ValueError, match=r'--text \(with BOS\) is \d+ tokens, more than ' r'--max_length=20'
+  ):
     score.score_text(converted, question, max_length=20)
 
 
@@ -174,12 +202,14 @@ def test_a_training_run_directory_answers_and_scores_as_its_export(setup):
   want_scores = score.score_text(converted, 'the dog sat on the mat')
   got_scores = score.score_text(run, 'the dog sat on the mat')
   assert [r['token'] for r in got_scores] == [r['token'] for r in want_scores]
-  np.testing.assert_allclose([r['logprob'] for r in got_scores[1:]],
-                             [r['logprob'] for r in want_scores[1:]], rtol=1e-5)
+  np.testing.assert_allclose(
+      [r['logprob'] for r in got_scores[1:]], [r['logprob'] for r in want_scores[1:]], rtol=1e-5
+  )
 
 
 def test_a_training_run_without_config_or_tokenizer_is_named(setup, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
+
   _, run, _, _ = setup
   bare = tmp_path / 'bare_run'
   shutil.copytree(os.path.join(run, 'checkpoints'), bare / 'checkpoints')
@@ -187,8 +217,9 @@ def test_a_training_run_without_config_or_tokenizer_is_named(setup, tmp_path):
     generate.answer(str(bare), 'hi')
   with open(os.path.join(run, 'config.gin')) as f:
     text = f.read()
-  (bare / 'config.gin').write_text(text.replace('INITIAL_CHECKPOINT_PATH = ',
-                                                'INITIAL_CHECKPOINT_PATH = None # '))
+  (bare / 'config.gin').write_text(
+      text.replace('INITIAL_CHECKPOINT_PATH = ', 'INITIAL_CHECKPOINT_PATH = None # ')
+  )
   with pytest.raises(FileNotFoundError, match='has no tokenizer.model .*; pass --vocab'):
     generate.answer(str(bare), 'hi')
 
@@ -197,14 +228,15 @@ def test_train_without_gin_file_suggests_files_that_exist():
   """Issue 21: the hint named stages/stage3_tiny.gin, which does not exist."""
   import unimoe_jax  # pylint: disable=g-import-not-at-top
   from unimoe_jax import train  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(SystemExit) as stop:
     train.setup([], 'test')
   message = str(stop.value)
   assert message.startswith('--gin_file is required: --gin_file=models/tiny.gin'), message
   named = [arg.split('=', 1)[1] for arg in train.EXAMPLE_GIN_FILES.split()]
   assert named and all(
-      any(os.path.isfile(os.path.join(d, f)) for d in unimoe_jax.gin_search_paths())
-      for f in named), named
+      any(os.path.isfile(os.path.join(d, f)) for d in unimoe_jax.gin_search_paths()) for f in named
+  ), named
 
 
 def test_a_saved_checkpoint_is_readable_by_others_as_the_umask_allows(tmp_path):

@@ -31,11 +31,14 @@ def test_head_dim_errors_name_the_field():
 
 def test_replaced_config_builds_attention_of_derived_head_dim():
   from unimoe_jax.decoder import Decoder
+
   cfg = config.named('tiny', embed_dim=128, num_layers=1, vocab_size=64, dtype='float32')
   ids = jnp.ones((1, 4), jnp.int32)
   shapes = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0), ids))
-  flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf.shape
-          for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
+  flat = {
+      '/'.join(str(getattr(k, 'key', k)) for k in path): leaf.shape
+      for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)
+  }
   query = [s for p, s in flat.items() if 'query/kernel' in p]
   assert query and query[0][-2:] == (cfg.num_heads, 128 // cfg.num_heads), flat
 
@@ -66,8 +69,10 @@ def test_unpacked_padding_takes_no_part_in_moe_routing(dispatch):
   Its padding (target 0) is now masked: the statistics equal those of the same rows unpadded,
   and (dropless) the real tokens' logits too."""
   from unimoe_jax.model import UniMoE, UniMoEConfig  # pylint: disable=g-import-not-at-top
-  moe = config.MoEConfig(num_experts=4, num_experts_per_tok=2, dispatch=dispatch,
-                         load_balance_loss_coef=0.01)
+
+  moe = config.MoEConfig(
+      num_experts=4, num_experts_per_tok=2, dispatch=dispatch, load_balance_loss_coef=0.01
+  )
   model = UniMoE(UniMoEConfig(decoder=config.named('tiny', moe=moe)))
   real = np.random.default_rng(0).integers(3, 90, size=(2, 6)).astype(np.int32)
   padded = np.concatenate([real, np.zeros((2, 10), np.int32)], axis=1)
@@ -80,11 +85,11 @@ def test_unpacked_padding_takes_no_part_in_moe_routing(dispatch):
   if dispatch == 'capacity':
     # Capacity comes from the row length (static shapes): the unpadded rows get fewer slots,
     # drop other tokens, and layer 1 sees other inputs. Layer 0's routing must agree.
-    np.testing.assert_allclose(aux_padded['expert_fraction'][0],
-                               aux_real['expert_fraction'][0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        aux_padded['expert_fraction'][0], aux_real['expert_fraction'][0], rtol=1e-5, atol=1e-7
+    )
     return
   for key in ('expert_fraction', 'load_balance_loss', 'router_entropy'):
-    np.testing.assert_allclose(aux_padded[key], aux_real[key], rtol=1e-5, atol=1e-7,
-                               err_msg=key)
+    np.testing.assert_allclose(aux_padded[key], aux_real[key], rtol=1e-5, atol=1e-7, err_msg=key)
   if dispatch == 'dropless':
     np.testing.assert_allclose(logits_padded[:, :6], logits_real, rtol=1e-5, atol=1e-5)

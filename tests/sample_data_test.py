@@ -30,23 +30,43 @@ MEDIA_FIELDS = ('image', 'video', 'voice')
 # Ground truth written out here, not taken from the tool, so a wrong table there fails here.
 NUMBER_WORDS = {1: 'one', 2: 'two', 3: 'three', 4: 'four'}
 PLURALS = {'circle': 'circles', 'square': 'squares', 'triangle': 'triangles', 'cross': 'crosses'}
-HUE_RANGES = {'red': (-20, 20), 'yellow': (40, 70), 'green': (90, 150), 'cyan': (165, 200),
-              'blue': (210, 250), 'purple': (260, 300)}  # degrees
+HUE_RANGES = {
+    'red': (-20, 20),
+    'yellow': (40, 70),
+    'green': (90, 150),
+    'cyan': (165, 200),
+    'blue': (210, 250),
+    'purple': (260, 300),
+}  # degrees
 MOTION = {'left': (-1, 0), 'right': (1, 0), 'up': (0, -1), 'down': (0, 1)}  # (x, y); y goes down
-DTMF = {'1': (697, 1209), '2': (697, 1336), '3': (697, 1477), '4': (770, 1209),
-        '5': (770, 1336), '6': (770, 1477), '7': (852, 1209), '8': (852, 1336),
-        '9': (852, 1477), '0': (941, 1336)}
+DTMF = {
+    '1': (697, 1209),
+    '2': (697, 1336),
+    '3': (697, 1477),
+    '4': (770, 1209),
+    '5': (770, 1336),
+    '6': (770, 1477),
+    '7': (852, 1209),
+    '8': (852, 1336),
+    '9': (852, 1477),
+    '0': (941, 1336),
+}
 PITCHES = ('C', 'C#', 'D', 'D#', 'E', 'F', 'F#', 'G', 'G#', 'A', 'A#', 'B')
 COLOURS = ('red', 'green', 'blue', 'yellow', 'purple', 'cyan')
 SHAPES = ('circle', 'square', 'triangle', 'cross')
 MC_OPTIONS = {  # the options of each multiple-choice question, in order
-    ('image', 'colour'): COLOURS, ('image', 'shape'): SHAPES,
-    ('image', 'count'): ('one', 'two', 'three'), ('video', 'motion'): ('horizontal', 'vertical'),
-    ('video', 'colour'): COLOURS, ('video', 'shape'): SHAPES,
-    ('speech', 'length'): ('three', 'four'), ('speech', 'first'): tuple('0123456789'),
-    ('audio', 'sweep'): ('rising', 'falling'), ('audio', 'pitch'): PITCHES}
-NOTES_OCTAVE_4 = {name: 440.0 * 2.0**((k - 9) / 12.0) for k, name in enumerate(
-    PITCHES)}
+    ('image', 'colour'): COLOURS,
+    ('image', 'shape'): SHAPES,
+    ('image', 'count'): ('one', 'two', 'three'),
+    ('video', 'motion'): ('horizontal', 'vertical'),
+    ('video', 'colour'): COLOURS,
+    ('video', 'shape'): SHAPES,
+    ('speech', 'length'): ('three', 'four'),
+    ('speech', 'first'): tuple('0123456789'),
+    ('audio', 'sweep'): ('rising', 'falling'),
+    ('audio', 'pitch'): PITCHES,
+}
+NOTES_OCTAVE_4 = {name: 440.0 * 2.0 ** ((k - 9) / 12.0) for k, name in enumerate(PITCHES)}
 
 
 def _load_tool():
@@ -63,9 +83,24 @@ tool = _load_tool()
 def data_dir(tmp_path_factory):
   """The command line, as a user runs it."""
   root = tmp_path_factory.mktemp('sample_data')
-  subprocess.run([sys.executable, TOOL, '--output', str(root), '--train', str(NUM_TRAIN),
-                  '--validation', str(NUM_VALIDATION), '--seed', str(SEED),
-                  '--image_size', str(SIZE)], check=True, stdout=subprocess.DEVNULL)
+  subprocess.run(
+      [
+          sys.executable,
+          TOOL,
+          '--output',
+          str(root),
+          '--train',
+          str(NUM_TRAIN),
+          '--validation',
+          str(NUM_VALIDATION),
+          '--seed',
+          str(SEED),
+          '--image_size',
+          str(SIZE),
+      ],
+      check=True,
+      stdout=subprocess.DEVNULL,
+  )
   return str(root)
 
 
@@ -91,10 +126,11 @@ def _all_manifests(data_dir, info):
 # Format.
 
 EXPECTED_MANIFESTS = (
-    ['align_image', 'align_speech', 'align_audio', 'instruct_mixed'] +
-    [f'instruct_{m}' for m in ('image', 'video', 'speech', 'audio')] +
-    [f'eval_{m}_{k}' for m in ('image', 'video', 'speech', 'audio') for k in ('mc', 'open')] +
-    ['warmup_text'])
+    ['align_image', 'align_speech', 'align_audio', 'instruct_mixed']
+    + [f'instruct_{m}' for m in ('image', 'video', 'speech', 'audio')]
+    + [f'eval_{m}_{k}' for m in ('image', 'video', 'speech', 'audio') for k in ('mc', 'open')]
+    + ['warmup_text']
+)
 
 
 def test_manifests_follow_the_official_format(data_dir, info):
@@ -117,8 +153,10 @@ def test_manifests_follow_the_official_format(data_dir, info):
       assert len(fields) == 1, (name, e['id'], fields)
       field = fields[0]
       modality = e['modality']
-      assert field == {'image': 'image', 'video': 'video', 'speech': 'voice',
-                       'audio': 'voice'}[modality]
+      assert (
+          field
+          == {'image': 'image', 'video': 'video', 'speech': 'voice', 'audio': 'voice'}[modality]
+      )
       if not name == 'instruct_mixed':
         assert modality in name
       if field == 'image':
@@ -142,17 +180,20 @@ def test_manifests_follow_the_official_format(data_dir, info):
   for split in SPLIT_SIZES:
     instruct = _manifest(data_dir, split, 'instruct_image')
     assert 0 < sum(len(e['conversations']) == 4 for e in instruct) < len(instruct)
-    assert all(len(e['conversations']) == 2
-               for e in _manifest(data_dir, split, 'eval_image_open'))
+    assert all(len(e['conversations']) == 2 for e in _manifest(data_dir, split, 'eval_image_open'))
 
 
 def test_mixed_is_the_shuffled_union_of_instruct(data_dir):
   for split in SPLIT_SIZES:
-    union = [e for m in ('image', 'video', 'speech', 'audio')
-             for e in _manifest(data_dir, split, f'instruct_{m}')]
+    union = [
+        e
+        for m in ('image', 'video', 'speech', 'audio')
+        for e in _manifest(data_dir, split, f'instruct_{m}')
+    ]
     mixed = _manifest(data_dir, split, 'instruct_mixed')
     assert sorted(json.dumps(e, sort_keys=True) for e in mixed) == sorted(
-        json.dumps(e, sort_keys=True) for e in union)
+        json.dumps(e, sort_keys=True) for e in union
+    )
     assert [e['id'] for e in mixed] != [e['id'] for e in union]  # actually shuffled
 
 
@@ -222,8 +263,9 @@ def _objects(pixels):
   pixels = np.asarray(pixels).astype(int)
   mask = np.abs(pixels - pixels[0, 0]).max(-1) > 40
   labelled, count = ndimage.label(mask)
-  return mask, [mask[s] & (labelled[s] == k + 1)
-                for k, s in enumerate(ndimage.find_objects(labelled))]
+  return mask, [
+      mask[s] & (labelled[s] == k + 1) for k, s in enumerate(ndimage.find_objects(labelled))
+  ]
 
 
 def _colour_name(rgb):
@@ -254,8 +296,10 @@ def _shape_of(box):
 
 def test_images_show_the_stated_colour_shape_and_count(data_dir):
   for split in SPLIT_SIZES:
-    captions = {e['image']: e['conversations'][1]['value']
-                for e in _manifest(data_dir, split, 'align_image')}
+    captions = {
+        e['image']: e['conversations'][1]['value']
+        for e in _manifest(data_dir, split, 'align_image')
+    }
     for path, labels in _pool(data_dir, split, 'image'):
       pixels = np.asarray(image_lib.load_image(os.path.join(data_dir, path)))
       mask, objects = _objects(pixels)
@@ -290,7 +334,7 @@ def test_videos_move_in_the_stated_direction(data_dir):
 def _active_runs(wave, rate=16000, frame_ms=5, threshold=0.05):
   """[start, stop) sample ranges where the 5 ms RMS exceeds `threshold` (noise is ~0.002)."""
   hop = rate * frame_ms // 1000
-  rms = np.sqrt(np.mean(wave[:len(wave) // hop * hop].reshape(-1, hop)**2, axis=1))
+  rms = np.sqrt(np.mean(wave[: len(wave) // hop * hop].reshape(-1, hop) ** 2, axis=1))
   active = np.concatenate([[False], rms > threshold, [False]])
   edges = np.flatnonzero(np.diff(active.astype(int)))
   return [(a * hop, b * hop) for a, b in zip(edges[::2], edges[1::2])]
@@ -313,18 +357,23 @@ def _decode_dtmf(wave):
     rows = [_goertzel_power(segment, f) for f in (697, 770, 852, 941)]
     columns = [_goertzel_power(segment, f) for f in (1209, 1336, 1477, 1633)]
     # A real DTMF pair: one dominant tone per group.
-    assert sorted(rows)[-1] > 20 * sorted(rows)[-2] and sorted(columns)[-1] > 20 * sorted(
-        columns)[-2]
-    pair = ((697, 770, 852, 941)[int(np.argmax(rows))],
-            (1209, 1336, 1477, 1633)[int(np.argmax(columns))])
+    assert (
+        sorted(rows)[-1] > 20 * sorted(rows)[-2] and sorted(columns)[-1] > 20 * sorted(columns)[-2]
+    )
+    pair = (
+        (697, 770, 852, 941)[int(np.argmax(rows))],
+        (1209, 1336, 1477, 1633)[int(np.argmax(columns))],
+    )
     digits += {v: k for k, v in DTMF.items()}[pair]
   return digits
 
 
 def test_dtmf_tones_decode_to_the_stated_digits(data_dir):
   for split in SPLIT_SIZES:
-    transcripts = {e['voice'][0]: e['conversations'][1]['value']
-                   for e in _manifest(data_dir, split, 'align_speech')}
+    transcripts = {
+        e['voice'][0]: e['conversations'][1]['value']
+        for e in _manifest(data_dir, split, 'align_speech')
+    }
     for paths, labels in _pool(data_dir, split, 'speech'):
       wave = audio_lib.load_audio(os.path.join(data_dir, paths[0])).astype(np.float64)
       decoded = _decode_dtmf(wave)
@@ -346,8 +395,10 @@ def test_chirps_sweep_the_stated_way_through_the_stated_note(data_dir):
   names, notes = zip(*NOTES_OCTAVE_4.items())
   notes = np.array(notes)
   for split in SPLIT_SIZES:
-    captions = {e['voice'][0]: e['conversations'][1]['value']
-                for e in _manifest(data_dir, split, 'align_audio')}
+    captions = {
+        e['voice'][0]: e['conversations'][1]['value']
+        for e in _manifest(data_dir, split, 'align_audio')
+    }
     for paths, labels in _pool(data_dir, split, 'audio'):
       wave = audio_lib.load_audio(os.path.join(data_dir, paths[0])).astype(np.float64)
       runs = _active_runs(wave, threshold=0.1)
@@ -355,10 +406,10 @@ def test_chirps_sweep_the_stated_way_through_the_stated_note(data_dir):
       start, stop = runs[0]
       assert 0.4 < (stop - start) / 16000 <= 1.0
       quarter = (stop - start) // 4
-      early = _peak_frequency(wave[start:start + quarter])
-      late = _peak_frequency(wave[stop - quarter:stop])
+      early = _peak_frequency(wave[start : start + quarter])
+      late = _peak_frequency(wave[stop - quarter : stop])
       middle = (start + stop) // 2
-      centre = _peak_frequency(wave[middle - 512:middle + 512])
+      centre = _peak_frequency(wave[middle - 512 : middle + 512])
       assert ('rising' if late > early else 'falling') == labels['sweep'], paths[0]
       assert abs(np.log2(late / early)) > 0.1  # audible: the whole chirp spans ~0.29 octave
       # Within a quarter tone of the note (the chirp passes through it at its midpoint).
@@ -378,12 +429,21 @@ def test_classes_are_balanced(data_dir):
     return max(counts.values()) - min(counts.values()), len(counts)
 
   for split in SPLIT_SIZES:
-    pools = {m: [labels for _, labels in _pool(data_dir, split, m)]
-             for m in ('image', 'video', 'speech', 'audio')}
+    pools = {
+        m: [labels for _, labels in _pool(data_dir, split, m)]
+        for m in ('image', 'video', 'speech', 'audio')
+    }
     for modality, factor, classes in (
-        ('image', 'colour', 6), ('image', 'shape', 4), ('image', 'count', 3),
-        ('video', 'motion', 2), ('video', 'colour', 6), ('video', 'shape', 4),
-        ('speech', 'length', 2), ('audio', 'sweep', 2), ('audio', 'pitch', 12)):
+        ('image', 'colour', 6),
+        ('image', 'shape', 4),
+        ('image', 'count', 3),
+        ('video', 'motion', 2),
+        ('video', 'colour', 6),
+        ('video', 'shape', 4),
+        ('speech', 'length', 2),
+        ('audio', 'sweep', 2),
+        ('audio', 'pitch', 12),
+    ):
       imbalance, num_classes = spread([labels[factor] for labels in pools[modality]])
       assert imbalance <= 1 and num_classes == classes, (split, modality, factor)
     if split == 'train':  # digits are drawn uniformly (not balanced): all ten show up in 84
@@ -454,9 +514,12 @@ def test_text_warmup_describes_the_media(data_dir, info):
   placeholder replaced by the item's labels in words, the answers unchanged."""
   for split in SPLIT_SIZES:
     warm = {e['id']: e for e in _manifest(data_dir, split, 'warmup_text')}
-    sources = [e for name in info['splits'][split]['manifests']
-               if name not in ('warmup_text', 'instruct_mixed')
-               for e in _manifest(data_dir, split, name)]
+    sources = [
+        e
+        for name in info['splits'][split]['manifests']
+        if name not in ('warmup_text', 'instruct_mixed')
+        for e in _manifest(data_dir, split, name)
+    ]
     assert len(warm) == len(sources)
     for source in sources:
       text = warm[source['id'] + '-text']
@@ -464,11 +527,14 @@ def test_text_warmup_describes_the_media(data_dir, info):
       first = text['conversations'][0]['value']
       assert first.startswith('(') and '<' not in first, first
       labels = source['labels']
-      described = {'image': (labels.get('colour'), labels.get('shape')),
-                   'video': (labels.get('colour'), labels.get('motion')),
-                   'speech': (labels.get('transcript'),),
-                   'audio': (labels.get('sweep'), labels.get('pitch'))}[source['modality']]
+      described = {
+          'image': (labels.get('colour'), labels.get('shape')),
+          'video': (labels.get('colour'), labels.get('motion')),
+          'speech': (labels.get('transcript'),),
+          'audio': (labels.get('sweep'), labels.get('pitch')),
+      }[source['modality']]
       head = first.split('\n')[0]
       assert all(str(d) in head for d in described), (head, labels)
-      assert ([t['value'] for t in text['conversations'][1:]] ==
-              [t['value'] for t in source['conversations'][1:]])
+      assert [t['value'] for t in text['conversations'][1:]] == [
+          t['value'] for t in source['conversations'][1:]
+      ]

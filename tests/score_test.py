@@ -28,14 +28,17 @@ def setup(tmp_path_factory):
 def _direct_logprobs(cfg, params, tokenizer, png):
   """log p of each text token of "<image>\\n" + TEXT, by a forward written out here."""
   import sentencepiece  # pylint: disable=g-import-not-at-top
+
   sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer)
   n = cfg.num_soft_tokens('image')
   text_ids = sp.encode('\n' + TEXT)
   ids = [1] + [cfg.image_token_id] * n + text_ids
   pixels = image_lib.preprocess_image(image_lib.load_image(png), size=cfg.vision.image_size)
-  batch = {'decoder_input_tokens': jnp.asarray([ids], jnp.int32),
-           'image_features': jnp.asarray(pixels[None, None]),
-           'image_mask': jnp.ones((1, 1), bool)}
+  batch = {
+      'decoder_input_tokens': jnp.asarray([ids], jnp.int32),
+      'image_features': jnp.asarray(pixels[None, None]),
+      'image_mask': jnp.ones((1, 1), bool),
+  }
   logits, _ = UniMoE(cfg).apply({'params': jax.tree_util.tree_map(jnp.asarray, params)}, batch)
   logp = np.asarray(jax.nn.log_softmax(logits[0]))
   return text_ids, np.array([logp[n + j, t] for j, t in enumerate(text_ids)])
@@ -79,11 +82,14 @@ def test_scoring_dtype_carries_a_model_dtype_router_along():
   scoring in float32 must route in float32 too. A router pinned to float32 stays float32."""
   from unimoe_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from unimoe_jax import score as score_lib  # pylint: disable=g-import-not-at-top
-  follows = config_lib.named('tiny', dtype='bfloat16', moe=config_lib.MoEConfig(
-      router_dtype='bfloat16'))
+
+  follows = config_lib.named(
+      'tiny', dtype='bfloat16', moe=config_lib.MoEConfig(router_dtype='bfloat16')
+  )
   assert score_lib.decoder_with_dtype(follows, 'float32').moe.router_dtype == 'float32'
-  pinned = config_lib.named('tiny', dtype='bfloat16', moe=config_lib.MoEConfig(
-      router_dtype='float32'))
+  pinned = config_lib.named(
+      'tiny', dtype='bfloat16', moe=config_lib.MoEConfig(router_dtype='float32')
+  )
   assert score_lib.decoder_with_dtype(pinned, 'bfloat16').moe.router_dtype == 'float32'
   model_cfg = score_lib.with_dtype(score_lib.UniMoEConfig(decoder=follows), 'float32')
   assert (model_cfg.decoder.dtype, model_cfg.decoder.moe.router_dtype) == ('float32', 'float32')

@@ -32,34 +32,45 @@ from t5x_support import require_t5x
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_DIR = os.path.join(REPO, 'gin')
-T5X_GIN = sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(GIN_DIR, 't5x'))
-                 for f in files if f.endswith('.gin'))
+T5X_GIN = sorted(
+    os.path.join(d, f)
+    for d, _, files in os.walk(os.path.join(GIN_DIR, 't5x'))
+    for f in files
+    if f.endswith('.gin')
+)
 B, L = 2, 16
-SHAPES = {'decoder_input_tokens': (B, L), 'decoder_target_tokens': (B, L),
-          'decoder_loss_weights': (B, L), 'decoder_segment_ids': (B, L),
-          'decoder_positions': (B, L)}
+SHAPES = {
+    'decoder_input_tokens': (B, L),
+    'decoder_target_tokens': (B, L),
+    'decoder_loss_weights': (B, L),
+    'decoder_segment_ids': (B, L),
+    'decoder_positions': (B, L),
+}
 TYPES = {k: np.int32 for k in SHAPES}
 TYPES['decoder_loss_weights'] = np.float32
 
 
 def tiny_config(moe=True, lora=False) -> UniMoEConfig:
   decoder = config_lib.named(
-      'tiny', num_layers=1,
+      'tiny',
+      num_layers=1,
       moe=config_lib.MoEConfig(num_experts=4, num_experts_per_tok=2) if moe else None,
-      lora=config_lib.LoRAConfig(rank=4, alpha=8.0, dropout=0.0) if lora else None)
+      lora=config_lib.LoRAConfig(rank=4, alpha=8.0, dropout=0.0) if lora else None,
+  )
   return UniMoEConfig(decoder=decoder)
 
 
 @pytest.fixture(scope='module')
 def model():
-  tx = ta.optax_optimizer(total_steps=10, config=optimizer_lib.OptimizerConfig(
-      learning_rate=1e-2, warmup_steps=0, clip_grad_norm=0.0))
+  tx = ta.optax_optimizer(
+      total_steps=10,
+      config=optimizer_lib.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, clip_grad_norm=0.0),
+  )
   return ta.T5XUniMoEModel(tiny_config(lora=True), optimizer_def=tx)
 
 
 def init(model):
-  return jax.jit(lambda rng: model.get_initial_variables(rng, SHAPES, TYPES))(
-      jax.random.PRNGKey(0))
+  return jax.jit(lambda rng: model.get_initial_variables(rng, SHAPES, TYPES))(jax.random.PRNGKey(0))
 
 
 @pytest.fixture(scope='module')
@@ -73,23 +84,28 @@ def text_batch(seed=0):
   inputs = np.concatenate([np.zeros((B, 1), np.int32), targets[:, :-1]], axis=1)
   weights = np.zeros((B, L), np.float32)
   weights[:, 6:] = 1.0
-  return {'decoder_input_tokens': jnp.asarray(inputs),
-          'decoder_target_tokens': jnp.asarray(targets),
-          'decoder_loss_weights': jnp.asarray(weights)}
+  return {
+      'decoder_input_tokens': jnp.asarray(inputs),
+      'decoder_target_tokens': jnp.asarray(targets),
+      'decoder_loss_weights': jnp.asarray(weights),
+  }
 
 
 # ---- variables -------------------------------------------------------------------------
 
+
 def test_initial_variables_are_params_and_params_axes_only(variables):
   assert set(variables) == {'params', 'params_axes'}
-  leaves = jax.tree_util.tree_leaves(variables['params'],
-                                     is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  leaves = jax.tree_util.tree_leaves(
+      variables['params'], is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  )
   assert leaves and all(isinstance(x, jax.Array) for x in leaves)  # unboxed
 
 
 def test_params_axes_cover_every_param_with_the_boxes_names(model, variables):
-  boxed = jax.eval_shape(lambda: models.UniMoEModel.get_initial_variables(
-      model, jax.random.PRNGKey(0), SHAPES, TYPES))['params']
+  boxed = jax.eval_shape(
+      lambda: models.UniMoEModel.get_initial_variables(model, jax.random.PRNGKey(0), SHAPES, TYPES)
+  )['params']
   boxed_flat = traverse_util.flatten_dict(boxed)
   params_flat = traverse_util.flatten_dict(variables['params'])
   axes_flat = traverse_util.flatten_dict(variables['params_axes'])
@@ -105,7 +121,8 @@ def test_params_axes_cover_every_param_with_the_boxes_names(model, variables):
     assert len(named) == len(set(named)), f'{key}: repeated axis name {meta.names}'
   # What t5x's train_state._validate_params_axes and the partitioner compute.
   names = traverse_util.flatten_dict(
-      flax_partitioning.get_axis_names(variables['params_axes']), sep='/')
+      flax_partitioning.get_axis_names(variables['params_axes']), sep='/'
+  )
   assert set(names) == set(traverse_util.flatten_dict(variables['params'], sep='/'))
   # Spot checks of real names.
   assert tuple(names['decoder/token_embedder/embedding']) == ('vocab', 'embed')
@@ -115,17 +132,24 @@ def test_params_axes_cover_every_param_with_the_boxes_names(model, variables):
 
 def test_every_axis_name_has_a_partitioning_rule(variables):
   rule_names = {name for name, _ in partitioning.LOGICAL_AXIS_RULES}
-  used = {n for meta in jax.tree_util.tree_leaves(
-      variables['params_axes'], is_leaf=lambda x: isinstance(x, flax_partitioning.AxisMetadata))
-          for n in meta.names if n is not None}
+  used = {
+      n
+      for meta in jax.tree_util.tree_leaves(
+          variables['params_axes'], is_leaf=lambda x: isinstance(x, flax_partitioning.AxisMetadata)
+      )
+      for n in meta.names
+      if n is not None
+  }
   assert used and used <= rule_names, used - rule_names
   t5x_rules = dict(ta.logical_axis_rules())
   assert used <= set(t5x_rules)
 
 
 def test_split_boxed_params_names_unannotated_params():
-  boxed = {'a': {'w': nn.LogicallyPartitioned(jnp.ones((2, 3)), ('embed', 'mlp'))},
-           'b': jnp.ones(3)}
+  boxed = {
+      'a': {'w': nn.LogicallyPartitioned(jnp.ones((2, 3)), ('embed', 'mlp'))},
+      'b': jnp.ones(3),
+  }
   with pytest.raises(ValueError, match=r"\['b'\]"):
     ta.split_boxed_params(boxed)
 
@@ -133,8 +157,8 @@ def test_split_boxed_params_names_unannotated_params():
 def test_logical_axis_rules_restricted_to_t5x_mesh():
   rules = dict(ta.logical_axis_rules())
   assert [n for n, _ in ta.logical_axis_rules()] == [n for n, _ in partitioning.LOGICAL_AXIS_RULES]
-  assert rules['activation_batch'] == 'data'      # ('data', 'expert') -> 'data'
-  assert rules['expert'] is None                  # no 'expert' axis in t5x's mesh
+  assert rules['activation_batch'] == 'data'  # ('data', 'expert') -> 'data'
+  assert rules['expert'] is None  # no 'expert' axis in t5x's mesh
   assert rules['mlp'] == 'model' and rules['embed'] is None
   for target in rules.values():
     targets = target if isinstance(target, tuple) else (target,)
@@ -144,6 +168,7 @@ def test_logical_axis_rules_restricted_to_t5x_mesh():
 
 
 # ---- signatures the binaries call --------------------------------------------------------
+
 
 def _params(fn):
   return list(inspect.signature(fn).parameters.values())
@@ -166,8 +191,11 @@ def test_method_signatures_match_t5x_call_forms(model):
     assert [p.name for p in ps[:3]] == ['params', 'batch', 'rng'] and ps[2].default is None
     inspect.signature(fn).bind(0, 0, 0)
   kw = inspect.signature(model.predict_batch_with_aux).parameters
-  for name, default in (('return_all_decodes', False), ('num_decodes', 1),
-                        ('decoder_params', None)):
+  for name, default in (
+      ('return_all_decodes', False),
+      ('num_decodes', 1),
+      ('decoder_params', None),
+  ):
     assert kw[name].kind is inspect.Parameter.KEYWORD_ONLY and kw[name].default == default
   ps = _params(model.score_batch)
   assert [p.name for p in ps] == ['params', 'batch', 'return_intermediates']
@@ -179,21 +207,25 @@ def test_method_signatures_match_t5x_call_forms(model):
 def test_feature_converter_binds_modalities():
   config = UniMoEConfig(decoder=config_lib.SIZES['tiny'])
   m = ta.T5XUniMoEModel(config)
-  converter = m.FEATURE_CONVERTER_CLS(pack=False)            # eval.py / infer.py form
+  converter = m.FEATURE_CONVERTER_CLS(pack=False)  # eval.py / infer.py form
   assert converter.modalities == () and not converter.pack
   m2 = ta.T5XUniMoEModel(config, feature_modalities=('image', 'audio'))
   converter = m2.FEATURE_CONVERTER_CLS(pack=True, use_custom_packing_ops=False)  # utils.py form
   assert tuple(converter.modalities) == ('image', 'audio') and converter.pack
   assert {'image_features', 'image_mask', 'audio_features', 'audio_feature_mask'} <= set(
-      converter.MODEL_FEATURES)
+      converter.MODEL_FEATURES
+  )
 
 
 # ---- a mini t5x trainer ----------------------------------------------------------------
 
+
 def _merge_metrics(a, b):
   from clu import metrics as clu_metrics  # t5x/metrics.py is_metric_obj
-  return jax.tree_util.tree_map(lambda x, y: x.merge(y), a, b,
-                                is_leaf=lambda x: isinstance(x, clu_metrics.Metric))
+
+  return jax.tree_util.tree_map(
+      lambda x, y: x.merge(y), a, b, is_leaf=lambda x: isinstance(x, clu_metrics.Metric)
+  )
 
 
 @pytest.mark.slow  # one MoE + LoRA value_and_grad compile: ~40-80 s on the shared 2 cores
@@ -202,6 +234,7 @@ def test_fake_trainer_steps_reduce_loss(model, variables):
   the optimizer from model.optimizer_def's optax transformation, metrics merged with
   tree_map(merge, is_leaf=Metric); then model.eval_fn(params, batch)."""
   from clu import metrics as clu_metrics
+
   tx = model.optax_transformation
   params = variables['params']
   opt_state = jax.jit(tx.init)(params)  # Jitted: op by op, ~250 small compiles with eval_fn.
@@ -229,9 +262,11 @@ def test_fake_trainer_steps_reduce_loss(model, variables):
 
 def test_optimizer_freezes_by_pattern_and_states_are_t5x_partitionable(variables):
   params = variables['params']
-  tx = ta.optax_optimizer(total_steps=10, trainable_patterns=(r'.*/lora_[ab]',),
-                          config=optimizer_lib.OptimizerConfig(learning_rate=0.1,
-                                                               warmup_steps=0))
+  tx = ta.optax_optimizer(
+      total_steps=10,
+      trainable_patterns=(r'.*/lora_[ab]',),
+      config=optimizer_lib.OptimizerConfig(learning_rate=0.1, warmup_steps=0),
+  )
   state = jax.jit(tx.init)(params)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   updates, _ = jax.jit(tx.update)(grads, state, params)
@@ -246,9 +281,18 @@ def test_optimizer_freezes_by_pattern_and_states_are_t5x_partitionable(variables
   lora_size = sum(flat[k].size for k in lora)
   assert sum(x.size for x in moment_leaves) == 2 * lora_size
   # Every optax state type is one t5x's OptaxStatePartitionRules handles (t5x/optimizers.py).
-  t5x_known = {'EmptyState', 'ScaleByAdamState', 'ScaleByScheduleState', 'MaskedState',
-               'MultiTransformState', 'InjectHyperparamsState', 'MultiStepsState',
-               'ApplyIfFiniteState', 'TraceState', 'ZeroNansState'}
+  t5x_known = {
+      'EmptyState',
+      'ScaleByAdamState',
+      'ScaleByScheduleState',
+      'MaskedState',
+      'MultiTransformState',
+      'InjectHyperparamsState',
+      'MultiStepsState',
+      'ApplyIfFiniteState',
+      'TraceState',
+      'ZeroNansState',
+  }
 
   def state_types(s, out):
     if isinstance(s, tuple) and hasattr(s, '_fields'):
@@ -270,8 +314,9 @@ def test_optimizer_freezes_by_pattern_and_states_are_t5x_partitionable(variables
 def test_learning_rate_fn_is_the_optimizer_schedule():
   """The schedule t5x's trainer logs is the one optax applies: with Adam, a constant gradient
   moves each weight by exactly the learning rate of that step (bias-corrected moments)."""
-  cfg = optimizer_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=2, clip_grad_norm=0.0,
-                                      eps=1e-12)
+  cfg = optimizer_lib.OptimizerConfig(
+      learning_rate=1e-3, warmup_steps=2, clip_grad_norm=0.0, eps=1e-12
+  )
   sched = ta.learning_rate_fn(total_steps=10, config=cfg)
   tx = ta.optax_optimizer(total_steps=10, config=cfg)
   params = {'w': jnp.zeros((3,))}
@@ -291,16 +336,19 @@ def test_score_batch_intermediates_have_batch_axis(model, variables):
 
   @jax.jit
   def run(params):
-    return (model.score_batch(params, batch),
-            model.score_batch(params, batch, return_intermediates=True),
-            models.UniMoEModel.score_batch(model, params, batch))
+    return (
+        model.score_batch(params, batch),
+        model.score_batch(params, batch, return_intermediates=True),
+        models.UniMoEModel.score_batch(model, params, batch),
+    )
 
   scores, (scores2, inter), base = run(variables['params'])
   assert scores.shape == (B,)
   np.testing.assert_allclose(np.asarray(scores), np.asarray(base), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(scores2), np.asarray(scores), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(inter['decoder']['token_scores'][0]).sum(-1),
-                             np.asarray(scores), rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(inter['decoder']['token_scores'][0]).sum(-1), np.asarray(scores), rtol=1e-5
+  )
   for leaf in jax.tree_util.tree_leaves(inter):
     assert leaf.shape[0] == B  # t5x.infer indexes every leaf with x[non_pad_idxs]
 
@@ -310,12 +358,14 @@ def test_predict_num_decodes_and_all_decodes_follow_t5x(method):
   """t5x's contract: `num_decodes` beams or samples; with `return_all_decodes` decodes
   `[batch, n, length]` and scores `[batch, n]` in increasing score order, the best last,
   which is what `return_all_decodes=False` returns."""
-  m = ta.T5XUniMoEModel(tiny_config(moe=False), max_decode_steps=4, decode_method=method,
-                        temperature=1.0)
+  m = ta.T5XUniMoEModel(
+      tiny_config(moe=False), max_decode_steps=4, decode_method=method, temperature=1.0
+  )
   v = init(m)
   batch, rng, n = text_batch(3), jax.random.PRNGKey(2), 3
-  all_decodes, all_aux = m.predict_batch_with_aux(v['params'], batch, rng, num_decodes=n,
-                                                  return_all_decodes=True)
+  all_decodes, all_aux = m.predict_batch_with_aux(
+      v['params'], batch, rng, num_decodes=n, return_all_decodes=True
+  )
   best, aux = m.predict_batch_with_aux(v['params'], batch, rng, num_decodes=n)
   assert all_decodes.shape == (B, n, L) and all_aux['scores'].shape == (B, n)
   scores = np.asarray(all_aux['scores'])
@@ -340,14 +390,19 @@ def test_predict_accepts_decode_rng_in_decoder_params(variables):
   m = ta.T5XUniMoEModel(tiny_config(moe=False), max_decode_steps=3)
   v = init(m)
   batch = text_batch(2)
-  decodes, aux = m.predict_batch_with_aux(v['params'], batch,
-                                          decoder_params={'decode_rng': jax.random.PRNGKey(1)})
+  decodes, aux = m.predict_batch_with_aux(
+      v['params'], batch, decoder_params={'decode_rng': jax.random.PRNGKey(1)}
+  )
   ref, _ = m.predict_batch_with_aux(v['params'], batch, jax.random.PRNGKey(1))
   assert decodes.shape == (B, L) and aux['scores'].shape == (B,)
   np.testing.assert_array_equal(np.asarray(decodes), np.asarray(ref))
   with pytest.raises(ValueError, match='either'):
-    m.predict_batch_with_aux(v['params'], batch, jax.random.PRNGKey(1),
-                             decoder_params={'decode_rng': jax.random.PRNGKey(1)})
+    m.predict_batch_with_aux(
+        v['params'],
+        batch,
+        jax.random.PRNGKey(1),
+        decoder_params={'decode_rng': jax.random.PRNGKey(1)},
+    )
   with pytest.raises(ValueError, match='topk'):
     m.predict_batch_with_aux(v['params'], batch, decoder_params={'topk': 4})
 
@@ -358,6 +413,7 @@ def test_optimizer_def_is_optax_until_t5x_reads_it(model):
 
 
 # ---- gin/t5x without t5x ---------------------------------------------------------------
+
 
 class _Recorder(config_parser.ParserDelegate):
 
@@ -389,11 +445,20 @@ def test_gin_t5x_files_parse_and_name_real_project_objects():
   ones under t5x/configs/); and every binding or reference to a unimoe_jax object names a
   real attribute and parameter. Names from t5x itself are checked by the t5x tests below."""
   assert {os.path.relpath(p, GIN_DIR) for p in T5X_GIN} == {
-      't5x/model.gin', 't5x/partitioner.gin', 't5x/models/tiny.gin',
-      't5x/models/unimoe_tiny.gin', 't5x/models/unimoe_7b.gin', 't5x/models/unimoe_7b_4e.gin',
-      't5x/models/unimoe_7b_8e.gin', 't5x/stages/stage1_align.gin',
-      't5x/stages/stage2_expert.gin', 't5x/stages/stage3_unimoe.gin', 't5x/runs/train.gin',
-      't5x/runs/eval.gin', 't5x/runs/infer.gin'}
+      't5x/model.gin',
+      't5x/partitioner.gin',
+      't5x/models/tiny.gin',
+      't5x/models/unimoe_tiny.gin',
+      't5x/models/unimoe_7b.gin',
+      't5x/models/unimoe_7b_4e.gin',
+      't5x/models/unimoe_7b_8e.gin',
+      't5x/stages/stage1_align.gin',
+      't5x/stages/stage2_expert.gin',
+      't5x/stages/stage3_unimoe.gin',
+      't5x/runs/train.gin',
+      't5x/runs/eval.gin',
+      't5x/runs/infer.gin',
+  }
   for path in T5X_GIN:
     statements, references = _statements(path)
     aliases = {}
@@ -412,9 +477,13 @@ def test_gin_t5x_files_parse_and_name_real_project_objects():
         assert os.path.isfile(os.path.join(GIN_DIR, st.filename)), (path, st.filename)
     if any(isinstance(st, config_parser.ImportStatement) for st in statements):
       assert 'dynamic_registration' in open(path).read(), path
-    selectors = [st.selector + '.' + st.arg_name for st in statements
-                 if isinstance(st, config_parser.BindingStatement) and st.selector
-                 and st.selector != 'gin.macro']
+    selectors = [
+        st.selector + '.' + st.arg_name
+        for st in statements
+        if isinstance(st, config_parser.BindingStatement)
+        and st.selector
+        and st.selector != 'gin.macro'
+    ]
     selectors += [r.split('/')[-1] + '.' for r in references if '.' in r]
     for sel in selectors:
       parts = sel.split('.')
@@ -435,21 +504,26 @@ def test_model_gin_builds_model_without_t5x():
   """gin/t5x/models/unimoe_tiny.gin needs no t5x: parse it for real, build MODEL and init."""
   import seqio
   import tensorflow as tf
+
   vocab = seqio.PassThroughVocabulary(size=512, eos_id=2)
   name = 't5x_adapter_test_task'
   if name not in seqio.TaskRegistry.names():
     seqio.TaskRegistry.add(
-        name, source=seqio.FunctionDataSource(
+        name,
+        source=seqio.FunctionDataSource(
             lambda split, shuffle_files: tf.data.Dataset.from_tensors({'targets': [3, 4]}),
-            splits=['train']),
-        output_features={'targets': seqio.Feature(vocab)})
+            splits=['train'],
+        ),
+        output_features={'targets': seqio.Feature(vocab)},
+    )
   gin.clear_config()
   try:
     gin.add_config_file_search_path(GIN_DIR)
     gin.parse_config_files_and_bindings(
         [os.path.join(GIN_DIR, 't5x/models/unimoe_tiny.gin')],
         [f"MIXTURE_OR_TASK_NAME = '{name}'", 'MIXTURE_OR_TASK_MODULE = None'],
-        finalize_config=False)
+        finalize_config=False,
+    )
     model = gin.query_parameter('%MODEL').scoped_configurable_fn()
   finally:
     gin.clear_config()
@@ -460,26 +534,30 @@ def test_model_gin_builds_model_without_t5x():
   assert model.optimizer_def is None
   assert model.output_vocabulary is vocab  # the task's own vocabulary
   assert set(model.FEATURE_CONVERTER_CLS(pack=False).modalities) == set(cfg.modalities)
-  shapes = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), SHAPES,
-                                                              TYPES))
+  shapes = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), SHAPES, TYPES))
   names = traverse_util.flatten_dict(shapes['params'], sep='/')
   assert any(k.startswith('vision_tower/') for k in names)
-  assert set(traverse_util.flatten_dict(
-      flax_partitioning.get_axis_names(shapes['params_axes']), sep='/')) == set(names)
+  assert set(
+      traverse_util.flatten_dict(flax_partitioning.get_axis_names(shapes['params_axes']), sep='/')
+  ) == set(names)
 
 
 # ---- with t5x ----------------------------------------------------------------------------
+
 
 def test_t5x_train_state_partitions_params_and_optimizer(model):
   require_t5x()
   from t5x import partitioning as t5x_partitioning
   from t5x import train_state as t5x_train_state
-  variables = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), SHAPES,
-                                                                 TYPES))
+
+  variables = jax.eval_shape(
+      lambda: model.get_initial_variables(jax.random.PRNGKey(0), SHAPES, TYPES)
+  )
   state = t5x_train_state.FlaxOptimTrainState.create(model.optimizer_def, variables)
   axes = state.as_logical_axes()
-  partitioner = t5x_partitioning.PjitPartitioner(num_partitions=1,
-                                                 logical_axis_rules=ta.logical_axis_rules())
+  partitioner = t5x_partitioning.PjitPartitioner(
+      num_partitions=1, logical_axis_rules=ta.logical_axis_rules()
+  )
   partitioner.get_mesh_axes(state)
   assert tuple(axes.params['decoder']['token_embedder']['embedding']) == ('vocab', 'embed')
 
@@ -490,21 +568,29 @@ def test_t5x_moe_partitioner_puts_experts_and_their_adam_moments_on_expert():
   require_t5x()
   from t5x import train_state as t5x_train_state
   from unimoe_jax import t5x_moe
+
   tx = ta.optax_optimizer(total_steps=10)
   model = ta.T5XUniMoEModel(tiny_config(lora=False), optimizer_def=tx)
-  variables = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), SHAPES,
-                                                                 TYPES))
+  variables = jax.eval_shape(
+      lambda: model.get_initial_variables(jax.random.PRNGKey(0), SHAPES, TYPES)
+  )
   state = t5x_train_state.FlaxOptimTrainState.create(model.optimizer_def, variables)
   partitioner = t5x_moe.MoePartitioner(
-      num_expert_partitions=4, num_partitions=1,
+      num_expert_partitions=4,
+      num_partitions=1,
       mesh_config=partitioning.MeshConfig(expert=4),
-      logical_axis_rules=ta.logical_axis_rules(partitioning.MESH_AXES))
+      logical_axis_rules=ta.logical_axis_rules(partitioning.MESH_AXES),
+  )
   assert dict(partitioner.mesh.shape) == {'data': 2, 'expert': 4, 'model': 1}
   specs = partitioner.get_mesh_axes(state)
   kernel = specs.params['decoder']['layers_0']['moe']['wi_0']['kernel']
   assert tuple(kernel) == ('expert', None, 'model'), kernel
-  moments = [s for path, s in traverse_util.flatten_dict(
-      frozen_dict.unfreeze(specs.state_dict()['state']), sep='/').items()
-             if path.endswith('layers_0/moe/wi_0/kernel')]
+  moments = [
+      s
+      for path, s in traverse_util.flatten_dict(
+          frozen_dict.unfreeze(specs.state_dict()['state']), sep='/'
+      ).items()
+      if path.endswith('layers_0/moe/wi_0/kernel')
+  ]
   assert len(moments) == 2 and all(tuple(m) == ('expert', None, 'model') for m in moments)
   assert tuple(partitioner.data_partition_spec) == (('expert', 'data'),)

@@ -22,8 +22,10 @@ from t5x_support import require_t5x
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER_DIR = '/tmp/unimoe_t5x'
-LENGTHS = ("{'targets': 128, 'image_features': 2, 'video_features': 1, 'speech_features': 1, "
-           "'audio_features': 1}")
+LENGTHS = (
+    "{'targets': 128, 'image_features': 2, 'video_features': 1, 'speech_features': 1, "
+    "'audio_features': 1}"
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +34,11 @@ pytestmark = pytest.mark.slow
 def env(tmp_path_factory):
   require_t5x()
   data = tmp_path_factory.mktemp('sample')
-  subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'make_sample_data.py'),
-                  '--output', str(data)], check=True, capture_output=True)
+  subprocess.run(
+      [sys.executable, os.path.join(REPO, 'tools', 'make_sample_data.py'), '--output', str(data)],
+      check=True,
+      capture_output=True,
+  )
   env = dict(os.environ, UNIMOE_SAMPLE_DATA=str(data), TF_CPP_MIN_LOG_LEVEL='2')
   env.pop('XLA_FLAGS', None)  # Each run sets its own device count.
   return env
@@ -54,10 +59,19 @@ def header_command(gin_file: str, out_dir: str):
 
 def run(args, env, devices=1, timeout=900, expect_ok=True):
   """Runs `python <args>` from the checkout's root; returns (returncode, combined output)."""
-  child_env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-                                  '--xla_backend_optimization_level=0')
-  proc = subprocess.run([sys.executable] + list(args), cwd=REPO, env=child_env,
-                        capture_output=True, text=True, timeout=timeout)
+  child_env = dict(
+      env,
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+      '--xla_backend_optimization_level=0',
+  )
+  proc = subprocess.run(
+      [sys.executable] + list(args),
+      cwd=REPO,
+      env=child_env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
   output = proc.stdout + proc.stderr
   if expect_ok and proc.returncode != 0:
     pytest.fail(f'{" ".join(args[:2])} exited {proc.returncode}:\n{output[-6000:]}')
@@ -76,6 +90,7 @@ def replace_flag(args, flag, value):
 def train_losses(model_dir):
   """{step: loss} from t5x's TensorBoard summaries of the 'train' collection."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   losses = {}
   for name in sorted(os.listdir(os.path.join(model_dir, 'train'))):
     for event in tf.compat.v1.train.summary_iterator(os.path.join(model_dir, 'train', name)):
@@ -107,8 +122,7 @@ def test_stage_train_eval_infer_from_header_commands(stage, env, tmp_path):
   out = str(tmp_path)
   train = header_command(f't5x/stages/{stage}.gin', out)
   run(train, env)
-  model_dir = next(a.split('=', 1)[1].strip("'") for a in train
-                   if a.startswith('--gin.MODEL_DIR='))
+  model_dir = next(a.split('=', 1)[1].strip("'") for a in train if a.startswith('--gin.MODEL_DIR='))
   assert os.path.isdir(os.path.join(model_dir, 'checkpoint_20')), os.listdir(model_dir)
   assert len(train_losses(model_dir)) >= 1
   checkpoint = f"'{model_dir}/checkpoint_20'"
@@ -118,8 +132,9 @@ def test_stage_train_eval_infer_from_header_commands(stage, env, tmp_path):
   evaluate = replace_flag(evaluate, 'CHECKPOINT_PATH', checkpoint)
   evaluate = replace_flag(evaluate, 'MIXTURE_OR_TASK_NAME', "'unimoe_sample_eval_image_open'")
   run(evaluate, env)
-  metrics = os.path.join(out, 'eval', 'inference_eval',
-                         'unimoe_sample_eval_image_open-metrics.jsonl')
+  metrics = os.path.join(
+      out, 'eval', 'inference_eval', 'unimoe_sample_eval_image_open-metrics.jsonl'
+  )
   record = json.loads(open(metrics).readline())  # seqio's JSONLogger, one file per task
   assert record['step'] == 20 and 'exact_match' in record, record
 
@@ -152,17 +167,26 @@ def test_train_eval_infer_header_chain_verbatim(env, tmp_path):
 
 
 def _stage3_args(model_dir, steps, *extra):
-  return ['-m', 't5x.train', '--gin_search_paths=gin',
-          '--gin_file=t5x/models/unimoe_tiny.gin', '--gin_file=t5x/stages/stage3_unimoe.gin',
-          f"--gin.MODEL_DIR='{model_dir}'", f'--gin.TRAIN_STEPS={steps}',
-          "--gin.MIXTURE_OR_TASK_NAME='unimoe_sample_stage3'",
-          f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}',
-          # Deterministic and comparable: no shuffling, a fixed mixture seed, no dropout,
-          # a loss per step (no train-eval), one checkpoint at the end.
-          '--gin.SHUFFLE_TRAIN_EXAMPLES=False', '--gin.train/utils.DatasetConfig.seed=0',
-          '--gin.config.LoRAConfig.dropout=0.0', '--gin.train.train_eval_dataset_cfg=None',
-          '--gin.train.stats_period=1', f'--gin.utils.SaveCheckpointConfig.period={steps}',
-          *extra]
+  return [
+      '-m',
+      't5x.train',
+      '--gin_search_paths=gin',
+      '--gin_file=t5x/models/unimoe_tiny.gin',
+      '--gin_file=t5x/stages/stage3_unimoe.gin',
+      f"--gin.MODEL_DIR='{model_dir}'",
+      f'--gin.TRAIN_STEPS={steps}',
+      "--gin.MIXTURE_OR_TASK_NAME='unimoe_sample_stage3'",
+      f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}',
+      # Deterministic and comparable: no shuffling, a fixed mixture seed, no dropout,
+      # a loss per step (no train-eval), one checkpoint at the end.
+      '--gin.SHUFFLE_TRAIN_EXAMPLES=False',
+      '--gin.train/utils.DatasetConfig.seed=0',
+      '--gin.config.LoRAConfig.dropout=0.0',
+      '--gin.train.train_eval_dataset_cfg=None',
+      '--gin.train.stats_period=1',
+      f'--gin.utils.SaveCheckpointConfig.period={steps}',
+      *extra,
+  ]
 
 
 def _assert_same_losses(got, want, rtol):
@@ -187,14 +211,19 @@ def test_expert_parallel_run_equals_one_device(env, tmp_path, one_device_run):
   expert kernels on `expert` (t5x's model-info.txt), and the first 10 losses equal the
   1-device run's within 1e-5 relative."""
   model_dir = str(tmp_path)
-  _, output = run(_stage3_args(model_dir, 10,
-                               '--gin.MESH=@unimoe_jax.partitioning.MeshConfig()',
-                               '--gin.unimoe_jax.partitioning.MeshConfig.expert=4'),
-                  env, devices=8)
+  _, output = run(
+      _stage3_args(
+          model_dir,
+          10,
+          '--gin.MESH=@unimoe_jax.partitioning.MeshConfig()',
+          '--gin.unimoe_jax.partitioning.MeshConfig.expert=4',
+      ),
+      env,
+      devices=8,
+  )
   assert "{'data': 2, 'expert': 4, 'model': 1}" in output, output[-3000:]
   info = open(os.path.join(model_dir, 'model-info.txt')).read()
-  kernels = re.findall(r'Variable (decoder/layers_\d+/moe/w\w+/kernel) .*partition spec (.*)',
-                       info)
+  kernels = re.findall(r'Variable (decoder/layers_\d+/moe/w\w+/kernel) .*partition spec (.*)', info)
   print('\n'.join(f'{name}: {spec}' for name, spec in kernels))
   assert len(kernels) == 6
   assert all(spec.startswith("('expert',") for _, spec in kernels), kernels
@@ -213,24 +242,37 @@ def test_scanned_fsdp_expert_parallel_run_equals_one_device(env, tmp_path):
   one_device_dir = str(tmp_path / 'one_device')
   run(_stage3_args(one_device_dir, 10, scan), env, devices=1)
   model_dir = str(tmp_path / 'fsdp')
-  _, output = run(_stage3_args(model_dir, 10,
-                               '--gin.MESH=@unimoe_jax.partitioning.MeshConfig()',
-                               '--gin.unimoe_jax.partitioning.MeshConfig.expert=4', scan,
-                               '--gin.unimoe_jax.partitioning.logical_axis_rules.fsdp=True'),
-                  env, devices=8)
+  _, output = run(
+      _stage3_args(
+          model_dir,
+          10,
+          '--gin.MESH=@unimoe_jax.partitioning.MeshConfig()',
+          '--gin.unimoe_jax.partitioning.MeshConfig.expert=4',
+          scan,
+          '--gin.unimoe_jax.partitioning.logical_axis_rules.fsdp=True',
+      ),
+      env,
+      devices=8,
+  )
   assert "{'data': 2, 'expert': 4, 'model': 1}" in output, output[-3000:]
   info = open(os.path.join(model_dir, 'model-info.txt')).read()
   kernels = re.findall(
-      r'Variable (decoder/stacked_layers/offset_0/moe/w\w+/kernel) .*partition spec (.*)', info)
+      r'Variable (decoder/stacked_layers/offset_0/moe/w\w+/kernel) .*partition spec (.*)', info
+  )
   print('\n'.join(f'{name}: {spec}' for name, spec in kernels))
   assert len(kernels) == 3, info[-3000:]
   for name, spec in kernels:
-    want = ("(None, 'expert', 'model', 'data')" if '/wo/' in name
-            else "(None, 'expert', 'data', 'model')")
+    want = (
+        "(None, 'expert', 'model', 'data')"
+        if '/wo/' in name
+        else "(None, 'expert', 'data', 'model')"
+    )
     assert spec == want, (name, spec)
   worst = _assert_same_losses(train_losses(model_dir), train_losses(one_device_dir), rtol=1e-5)
-  print(f'scanned + FSDP on 8 devices vs scanned on 1: largest relative loss difference '
-        f'{worst:.2e}')
+  print(
+      f'scanned + FSDP on 8 devices vs scanned on 1: largest relative loss difference '
+      f'{worst:.2e}'
+  )
 
 
 def test_microbatches_give_the_one_batch_update(env, tmp_path, one_device_run):
@@ -247,8 +289,7 @@ def test_resume_continues_from_the_latest_checkpoint(env, tmp_path):
   checkpoint of MODEL_DIR) and writes checkpoint_10."""
   model_dir = str(tmp_path)
   run(_stage3_args(model_dir, 5), env)
-  _, output = run(_stage3_args(model_dir, 10) + ['--gin.utils.SaveCheckpointConfig.period=5'],
-                  env)
+  _, output = run(_stage3_args(model_dir, 10) + ['--gin.utils.SaveCheckpointConfig.period=5'], env)
   assert os.path.isdir(os.path.join(model_dir, 'checkpoint_10'))
   assert re.search(r'[Rr]estor\w* .*checkpoint_5', output), output[-3000:]
   assert sorted(train_losses(model_dir)) == list(range(1, 11))
@@ -259,8 +300,9 @@ def test_a_length_that_drops_every_example_fails_fast_naming_the_setting(env, tm
   process: imports, model init, compile), naming TASK_FEATURE_LENGTHS (it used to loop
   forever)."""
   args = _stage3_args(str(tmp_path), 10)
-  args = replace_flag(args, 'TASK_FEATURE_LENGTHS', LENGTHS.replace("'targets': 128",
-                                                                    "'targets': 16"))
+  args = replace_flag(
+      args, 'TASK_FEATURE_LENGTHS', LENGTHS.replace("'targets': 128", "'targets': 16")
+  )
   start = time.time()
   returncode, output = run(args, env, timeout=240, expect_ok=False)
   elapsed = time.time() - start
@@ -275,12 +317,25 @@ def test_t5x_train_and_our_trainer_give_the_same_losses(env, tmp_path):
   the same seed, no dropout) under t5x.train and under python -m unimoe_jax.train."""
   t5x_dir, our_dir = str(tmp_path / 't5x'), str(tmp_path / 'ours')
   run(_stage3_args(t5x_dir, 20), env)
-  run(['-m', 'unimoe_jax.train', '--gin_file=models/tiny.gin',
-       '--gin_file=models/multimodal_tiny.gin', '--gin_file=stages/stage3_unimoe.gin',
-       '--gin_file=demo/tiny.gin', f"--gin.MODEL_DIR='{our_dir}'", '--gin.TRAIN_STEPS=20',
-       "--gin.MIXTURE_OR_TASK_NAME='unimoe_sample_stage3'", f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}',
-       '--gin.SHUFFLE_TRAIN_EXAMPLES=False', '--gin.RANDOM_SEED=0',
-       '--gin.config.LoRAConfig.dropout=0.0', '--gin.loop.train.log_period=1'], env)
+  run(
+      [
+          '-m',
+          'unimoe_jax.train',
+          '--gin_file=models/tiny.gin',
+          '--gin_file=models/multimodal_tiny.gin',
+          '--gin_file=stages/stage3_unimoe.gin',
+          '--gin_file=demo/tiny.gin',
+          f"--gin.MODEL_DIR='{our_dir}'",
+          '--gin.TRAIN_STEPS=20',
+          "--gin.MIXTURE_OR_TASK_NAME='unimoe_sample_stage3'",
+          f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}',
+          '--gin.SHUFFLE_TRAIN_EXAMPLES=False',
+          '--gin.RANDOM_SEED=0',
+          '--gin.config.LoRAConfig.dropout=0.0',
+          '--gin.loop.train.log_period=1',
+      ],
+      env,
+  )
   worst = _assert_same_losses(train_losses(our_dir), train_losses(t5x_dir), rtol=1e-5)
   print(f'unimoe_jax.train vs t5x.train, 20 steps: largest relative loss difference {worst:.2e}')
 
@@ -318,11 +373,19 @@ def test_7b_files_put_experts_on_the_expert_axis_under_t5x(env, experts, mesh):
   """The 7B stage-3 files under t5x.train's own gin parsing (config locked) on a simulated
   32-chip slice: t5x's train state (abstract) puts every expert kernel on `expert`."""
   files = f't5x/models/unimoe_7b_{experts}e.gin,t5x/stages/stage3_unimoe.gin'
-  _, output = run(['-c', _PLAN_7B, files, "MODEL_DIR = '/tmp/unused'",
-                   'TRAIN_STEPS = 10',
-                   "MIXTURE_OR_TASK_NAME = 'unimoe_sample_stage3'",
-                   "TASK_FEATURE_LENGTHS = {'targets': 2048}"],
-                  env, devices=32)
+  _, output = run(
+      [
+          '-c',
+          _PLAN_7B,
+          files,
+          "MODEL_DIR = '/tmp/unused'",
+          'TRAIN_STEPS = 10',
+          "MIXTURE_OR_TASK_NAME = 'unimoe_sample_stage3'",
+          "TASK_FEATURE_LENGTHS = {'targets': 2048}",
+      ],
+      env,
+      devices=32,
+  )
   data, expert, model = mesh
   assert f"MESH {{'data': {data}, 'expert': {expert}, 'model': {model}}}" in output, output[-3000:]
   assert f'EXPERTS {experts}' in output
@@ -330,8 +393,9 @@ def test_7b_files_put_experts_on_the_expert_axis_under_t5x(env, experts, mesh):
   assert len(specs) == 3
   for layer, name, spec in specs:
     # Stacked on the replicated 'layers' axis; FSDP (on in the 7B files) splits 'embed' over data.
-    want = ("(None, 'expert', 'model', 'data')" if name == 'wo'
-            else "(None, 'expert', 'data', 'model')")
+    want = (
+        "(None, 'expert', 'model', 'data')" if name == 'wo' else "(None, 'expert', 'data', 'model')"
+    )
     assert spec == want, (layer, name, spec)
 
 
@@ -341,29 +405,62 @@ def test_stage2_starts_from_stage1_parameters_with_the_header_restore_flags(env,
   (another set of trainable parameters) or step."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
+
   lines = open(os.path.join(REPO, 'gin', 't5x', 'runs', 'train.gin')).read().splitlines()
-  restore = [shlex.split(l[1:].strip().rstrip('\\'))[0] for l in lines
-             if l.startswith('#   --gin.utils.RestoreCheckpointConfig.')]
+  restore = [
+      shlex.split(l[1:].strip().rstrip('\\'))[0]
+      for l in lines
+      if l.startswith('#   --gin.utils.RestoreCheckpointConfig.')
+  ]
   assert len(restore) == 4, restore
   stage1, stage2 = str(tmp_path / 'stage1'), str(tmp_path / 'stage2')
   common = [f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}', '--gin.train.train_eval_dataset_cfg=None']
-  run(['-m', 't5x.train', '--gin_search_paths=gin', '--gin_file=t5x/models/tiny.gin',
-       '--gin_file=t5x/stages/stage1_align.gin', f"--gin.MODEL_DIR='{stage1}'",
-       '--gin.TRAIN_STEPS=4', "--gin.MIXTURE_OR_TASK_NAME='unimoe_sample_stage1'",
-       '--gin.utils.SaveCheckpointConfig.period=4', *common], env)
+  run(
+      [
+          '-m',
+          't5x.train',
+          '--gin_search_paths=gin',
+          '--gin_file=t5x/models/tiny.gin',
+          '--gin_file=t5x/stages/stage1_align.gin',
+          f"--gin.MODEL_DIR='{stage1}'",
+          '--gin.TRAIN_STEPS=4',
+          "--gin.MIXTURE_OR_TASK_NAME='unimoe_sample_stage1'",
+          '--gin.utils.SaveCheckpointConfig.period=4',
+          *common,
+      ],
+      env,
+  )
   restore = [a.replace('/runs/stage1/checkpoint_20', f'{stage1}/checkpoint_4') for a in restore]
-  run(['-m', 't5x.train', '--gin_search_paths=gin', '--gin_file=t5x/models/tiny.gin',
-       '--gin_file=t5x/stages/stage2_expert.gin', "--gin.EXPERT_MODALITY='image'",
-       f"--gin.MODEL_DIR='{stage2}'", '--gin.TRAIN_STEPS=2',
-       '--gin.utils.SaveCheckpointConfig.period=2', *common, *restore], env)
+  run(
+      [
+          '-m',
+          't5x.train',
+          '--gin_search_paths=gin',
+          '--gin_file=t5x/models/tiny.gin',
+          '--gin_file=t5x/stages/stage2_expert.gin',
+          "--gin.EXPERT_MODALITY='image'",
+          f"--gin.MODEL_DIR='{stage2}'",
+          '--gin.TRAIN_STEPS=2',
+          '--gin.utils.SaveCheckpointConfig.period=2',
+          *common,
+          *restore,
+      ],
+      env,
+  )
 
   def params(path):
     tree = ocp.PyTreeCheckpointer().restore(os.path.join(path, 'state'))
-    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep='/').items()
-            if k.startswith('target/')}
+    return {
+        k: np.asarray(v)
+        for k, v in traverse_util.flatten_dict(tree, sep='/').items()
+        if k.startswith('target/')
+    }
 
-  init, trained, after = (params(f'{stage1}/checkpoint_0'), params(f'{stage1}/checkpoint_4'),
-                          params(f'{stage2}/checkpoint_2'))
+  init, trained, after = (
+      params(f'{stage1}/checkpoint_0'),
+      params(f'{stage1}/checkpoint_4'),
+      params(f'{stage2}/checkpoint_2'),
+  )
   projector = [k for k in trained if k.startswith('target/vision_projector/')]
   ffn = [k for k in trained if re.match(r'target/decoder/layers_\d+/mlp/', k)]
   assert projector and ffn

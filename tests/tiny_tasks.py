@@ -32,12 +32,12 @@ import tensorflow as tf
 from unimoe_jax.data.feature_converter import output_features
 
 TASK_NAME = 'unimoe_test_lm'
-VOCAB_SIZE = 512          # gin/models/tiny.gin and config.SIZES['tiny'].
+VOCAB_SIZE = 512  # gin/models/tiny.gin and config.SIZES['tiny'].
 BOS_ID, EOS_ID = 1, 2
 VOCABULARY = seqio.PassThroughVocabulary(size=VOCAB_SIZE, eos_id=EOS_ID)
 NUM_EXAMPLES = {'train': 256, 'validation': 32}
 MIN_LENGTH, MAX_LENGTH = 16, 40
-FEATURE_LENGTHS = {'targets': 64}   # Every example fits; ~2 examples per packed row.
+FEATURE_LENGTHS = {'targets': 64}  # Every example fits; ~2 examples per packed row.
 
 
 def examples(split: str):
@@ -51,7 +51,7 @@ def examples(split: str):
     body = np.resize(motif, length - 2)
     targets = np.concatenate([[BOS_ID], body, [EOS_ID]]).astype(np.int32)
     weights = np.zeros(length, np.float32)
-    weights[length // 2:] = 1.0
+    weights[length // 2 :] = 1.0
     out.append({'targets': targets, 'loss_weights': weights})
   return out
 
@@ -61,8 +61,11 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None) -> 
   data = examples(split)
   return tf.data.Dataset.from_generator(
       lambda: iter(data),
-      output_signature={'targets': tf.TensorSpec([None], tf.int32),
-                        'loss_weights': tf.TensorSpec([None], tf.float32)})
+      output_signature={
+          'targets': tf.TensorSpec([None], tf.int32),
+          'loss_weights': tf.TensorSpec([None], tf.float32),
+      },
+  )
 
 
 INDEXED_TASK_NAME = 'unimoe_test_lm_indexed'
@@ -70,8 +73,12 @@ DECODED = collections.Counter()
 _DECODED_LOCK = threading.Lock()
 
 
-def _indexed_dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None,
-                        shard_info: Optional[seqio.ShardInfo] = None) -> tf.data.Dataset:
+def _indexed_dataset_fn(
+    split: str,
+    shuffle_files: bool,
+    seed: Optional[int] = None,
+    shard_info: Optional[seqio.ShardInfo] = None,
+) -> tf.data.Dataset:
   data = examples(split)
   kind = 'stream' if shard_info is not None else 'other'
 
@@ -82,8 +89,7 @@ def _indexed_dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = N
     return example['targets'], example['loss_weights']
 
   def decode_tf(index):
-    targets, weights = tf.numpy_function(decode, [index], [tf.int32, tf.float32],
-                                         stateful=False)
+    targets, weights = tf.numpy_function(decode, [index], [tf.int32, tf.float32], stateful=False)
     targets.set_shape([None])
     weights.set_shape([None])
     return {'targets': targets, 'loss_weights': weights}
@@ -100,10 +106,12 @@ def register() -> None:
   if TASK_NAME not in seqio.TaskRegistry.names():
     seqio.TaskRegistry.add(
         TASK_NAME,
-        source=seqio.FunctionDataSource(_dataset_fn, splits=tuple(NUM_EXAMPLES),
-                                        num_input_examples=dict(NUM_EXAMPLES)),
+        source=seqio.FunctionDataSource(
+            _dataset_fn, splits=tuple(NUM_EXAMPLES), num_input_examples=dict(NUM_EXAMPLES)
+        ),
         preprocessors=[],
-        output_features=output_features(VOCABULARY, modalities=()))
+        output_features=output_features(VOCABULARY, modalities=()),
+    )
   if INDEXED_TASK_NAME not in seqio.TaskRegistry.names():
     from unimoe_jax.data import manifest  # pylint: disable=g-import-not-at-top
     # No num_input_examples: seqio would cache a source that small in memory (and put the
@@ -113,7 +121,8 @@ def register() -> None:
         source=manifest.ManifestDataSource(_indexed_dataset_fn, splits=tuple(NUM_EXAMPLES)),
         preprocessors=[],
         output_features=output_features(VOCABULARY, modalities=()),
-        shuffle_buffer_size=16)
+        shuffle_buffer_size=16,
+    )
 
 
 register()
@@ -137,14 +146,23 @@ def tiny_model(moe: bool = False, **model_kwargs):
   """The tiny decoder (gin/models/tiny.gin), optionally with a 4-expert top-2 dropless MoE."""
   from unimoe_jax import config, models  # pylint: disable=g-import-not-at-top
   from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
-  moe_config = (config.MoEConfig(num_experts=4, num_experts_per_tok=2, dispatch='dropless')
-                if moe else None)
-  return models.UniMoEModel(UniMoEConfig(decoder=config.named('tiny', moe=moe_config)),
-                            **model_kwargs)
+
+  moe_config = (
+      config.MoEConfig(num_experts=4, num_experts_per_tok=2, dispatch='dropless') if moe else None
+  )
+  return models.UniMoEModel(
+      UniMoEConfig(decoder=config.named('tiny', moe=moe_config)), **model_kwargs
+  )
 
 
-def train_kwargs(model_dir: str, *, moe: bool = False, learning_rate: float = 3e-3,
-                 mesh: Optional[tuple] = None, **overrides):
+def train_kwargs(
+    model_dir: str,
+    *,
+    moe: bool = False,
+    learning_rate: float = 3e-3,
+    mesh: Optional[tuple] = None,
+    **overrides
+):
   """Keyword arguments of `loop.train` for a short run of the tiny model on `unimoe_test_lm`.
 
   `mesh`: (data, expert, model) for `MeshConfig`, default every device on `data`. Metrics
@@ -152,12 +170,19 @@ def train_kwargs(model_dir: str, *, moe: bool = False, learning_rate: float = 3e
   """
   from unimoe_jax import partitioning  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import optimizer  # pylint: disable=g-import-not-at-top
+
   kwargs = dict(
-      model=tiny_model(moe), model_dir=model_dir, mixture_or_task_name=TASK_NAME,
-      mixture_or_task_module=('tiny_tasks',), task_feature_lengths=dict(FEATURE_LENGTHS),
-      batch_size=8, train_steps=4,
+      model=tiny_model(moe),
+      model_dir=model_dir,
+      mixture_or_task_name=TASK_NAME,
+      mixture_or_task_module=('tiny_tasks',),
+      task_feature_lengths=dict(FEATURE_LENGTHS),
+      batch_size=8,
+      train_steps=4,
       optimizer=optimizer.OptimizerConfig(learning_rate=learning_rate, warmup_steps=0),
       mesh_config=partitioning.MeshConfig(*mesh) if mesh else None,
-      log_period=1, async_checkpointing=False)
+      log_period=1,
+      async_checkpointing=False,
+  )
   kwargs.update(overrides)
   return kwargs

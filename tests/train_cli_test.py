@@ -56,28 +56,39 @@ sys.exit(train.main(sys.argv[3:]))
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-                        '--xla_backend_optimization_level=0',
-              PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO, os.environ.get('PYTHONPATH', '')]))
+  return dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS='--xla_force_host_platform_device_count=2 ' '--xla_backend_optimization_level=0',
+      PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO, os.environ.get('PYTHONPATH', '')]),
+  )
 
 
 def _flags(model_dir, *extra):
-  return ['--gin_file=models/tiny.gin', '--gin_file=runs/train.gin',
-          f"--gin.MODEL_DIR='{model_dir}'",
-          "--gin.MIXTURE_OR_TASK_NAME='unimoe_test_lm'",
-          "--gin.MIXTURE_OR_TASK_MODULE='tiny_tasks'",
-          "--gin.TASK_FEATURE_LENGTHS={'targets': 64}",
-          '--gin.LEARNING_RATE=3e-3',
-          '--gin.loop.train.log_period=1',
-          '--gin.loop.train.checkpoint_period=2',
-          *extra]
+  return [
+      '--gin_file=models/tiny.gin',
+      '--gin_file=runs/train.gin',
+      f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.MIXTURE_OR_TASK_NAME='unimoe_test_lm'",
+      "--gin.MIXTURE_OR_TASK_MODULE='tiny_tasks'",
+      "--gin.TASK_FEATURE_LENGTHS={'targets': 64}",
+      '--gin.LEARNING_RATE=3e-3',
+      '--gin.loop.train.log_period=1',
+      '--gin.loop.train.checkpoint_period=2',
+      *extra,
+  ]
 
 
 def _run(args, timeout=300, prefix=('-m', 'unimoe_jax.train')):
   started = time.time()
-  proc = subprocess.run([sys.executable, *prefix, *args], env=_env(), cwd=REPO, timeout=timeout,
-                        capture_output=True, text=True)
+  proc = subprocess.run(
+      [sys.executable, *prefix, *args],
+      env=_env(),
+      cwd=REPO,
+      timeout=timeout,
+      capture_output=True,
+      text=True,
+  )
   return proc, time.time() - started
 
 
@@ -88,6 +99,7 @@ def _steps(model_dir):
 
 def _params(model_dir):
   from unimoe_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+
   params, gin_text = checkpoints.read_params(model_dir)
   assert gin_text and 'unimoe_test_lm' in gin_text
   return {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
@@ -95,18 +107,22 @@ def _params(model_dir):
 
 def _check_uninterrupted(model_dir, log):
   """TRAIN_STEPS is honoured and a good run logs no error."""
-  assert _steps(model_dir) == [2, 4, 5]   # checkpoint_period=2, and always the last step.
+  assert _steps(model_dir) == [2, 4, 5]  # checkpoint_period=2, and always the last step.
   assert f'step {STEPS}/{STEPS}' in log and f'step {STEPS + 1}/' not in log
   assert f'finished at step {STEPS}' in log
   # A good run logs no ERROR-level line. Before: gin's search-path probes (`Path not found:
   # models/tiny.gin`) and TensorFlow's `failed call to cuInit` on every run.
-  errors = [line for line in log.splitlines()
-            if re.match(r'(E\d{4} |ERROR[: ])', line) or 'cuInit' in line]
+  errors = [
+      line
+      for line in log.splitlines()
+      if re.match(r'(E\d{4} |ERROR[: ])', line) or 'cuInit' in line
+  ]
   assert not errors, errors
   with open(os.path.join(model_dir, 'config.gin')) as f:
     operative = f.read()
   assert f'TRAIN_STEPS = {STEPS}' in operative
   import tiny_tasks  # pylint: disable=g-import-not-at-top
+
   scalars = tiny_tasks.read_scalars(model_dir)
   assert sorted(scalars) == list(range(1, STEPS + 1))
   assert scalars[STEPS]['loss'] < scalars[1]['loss'] - 0.5
@@ -120,6 +136,7 @@ def test_misspelt_binding_fails_before_any_compute(tmp_path, monkeypatch):
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   from unimoe_jax import train  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import loop  # pylint: disable=g-import-not-at-top
+
   flag = '--gin.TRAIN_STEP=3'
   message = 'gin binding TRAIN_STEP = ... sets a macro that no configuration uses; did you mean '
 
@@ -143,6 +160,7 @@ def test_misspelt_binding_fails_before_any_compute(tmp_path, monkeypatch):
 def test_misspelt_macro_hint_names_only_real_macros():
   import gin  # pylint: disable=g-import-not-at-top
   from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
+
   gin.clear_config()
   try:
     with pytest.raises(ValueError) as error:
@@ -155,10 +173,12 @@ def test_misspelt_macro_hint_names_only_real_macros():
 def test_misspelt_parameter_is_gins_error_naming_it():
   import gin  # pylint: disable=g-import-not-at-top
   from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
+
   gin.clear_config()
   try:
-    with pytest.raises(ValueError, match="Configurable 'loop.train' doesn't have a parameter "
-                                         "named 'train_step'"):
+    with pytest.raises(
+        ValueError, match="Configurable 'loop.train' doesn't have a parameter " "named 'train_step'"
+    ):
       gin_utils.parse(['models/tiny.gin', 'runs/train.gin'], ['loop.train.train_step = 3'])
   finally:
     gin.clear_config()
@@ -218,6 +238,7 @@ def test_faults_resume_from_the_newest_complete_step_with_the_same_losses(tmp_pa
   for path, value in reference.items():
     np.testing.assert_array_equal(resumed[path], value, err_msg=path)  # Bit-identical.
   import tiny_tasks  # pylint: disable=g-import-not-at-top
+
   ours, theirs = tiny_tasks.read_scalars(model_dir), tiny_tasks.read_scalars(reference_dir)
   for step in (3, 4, 5):
     assert ours[step]['loss'] == theirs[step]['loss'], step

@@ -22,8 +22,9 @@ from unimoe_jax.training.train_state import TrainState
 
 
 def _state(params):
-  return TrainState(step=jnp.array(0, jnp.int32), params=params,
-                    opt_state=optax.adam(1e-3).init(params))
+  return TrainState(
+      step=jnp.array(0, jnp.int32), params=params, opt_state=optax.adam(1e-3).init(params)
+  )
 
 
 def _params(scale=1.0, kernel_shape=(3, 4)):
@@ -33,7 +34,8 @@ def _params(scale=1.0, kernel_shape=(3, 4)):
 def _abstract(state):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state
+  )
 
 
 @pytest.fixture
@@ -53,10 +55,13 @@ def _truncate(path):
 
 
 CORRUPTIONS = {
-    'truncated array files': lambda d: [_truncate(p) for p in glob.glob(
-        os.path.join(d, 'state', '**', 'd', '*'), recursive=True)],
-    'truncated manifest': lambda d: [_truncate(p) for p in glob.glob(
-        os.path.join(d, 'state', '**', 'manifest.ocdbt'), recursive=True)],
+    'truncated array files': lambda d: [
+        _truncate(p) for p in glob.glob(os.path.join(d, 'state', '**', 'd', '*'), recursive=True)
+    ],
+    'truncated manifest': lambda d: [
+        _truncate(p)
+        for p in glob.glob(os.path.join(d, 'state', '**', 'manifest.ocdbt'), recursive=True)
+    ],
     'deleted tree metadata': lambda d: os.remove(os.path.join(d, 'state', '_METADATA')),
     'deleted state item': lambda d: shutil.rmtree(os.path.join(d, 'state')),
 }
@@ -135,6 +140,7 @@ def test_stop_signals_turn_sigint_and_sigterm_into_a_request(tmp_path):
   request (the loop then saves its step and raises TrainingInterrupted); a second Ctrl-C
   stops at once. Handlers are restored on exit."""
   from unimoe_jax.training import interrupts  # pylint: disable=g-import-not-at-top
+
   before = {s: signal.getsignal(s) for s in interrupts.StopSignals.SIGNALS}
   manager = checkpoints.CheckpointManager(str(tmp_path))
   with interrupts.StopSignals() as stop:
@@ -151,5 +157,6 @@ def test_stop_signals_turn_sigint_and_sigterm_into_a_request(tmp_path):
   manager.close()
   stopped = interrupts.TrainingInterrupted(signal.SIGTERM, 7)
   assert stopped.exit_code == 143 and 'SIGTERM received: saved a checkpoint at step 7' in str(
-      stopped)
+      stopped
+  )
   assert isinstance(stopped, KeyboardInterrupt)

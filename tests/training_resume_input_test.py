@@ -42,7 +42,7 @@ from unimoe_jax.training import checkpoints
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
 LENGTHS = {'targets': 64}
-READ, AFTER = 6, 4      # Batches read before the save, and compared after it.
+READ, AFTER = 6, 4  # Batches read before the save, and compared after it.
 ROWS = 8
 
 
@@ -79,7 +79,10 @@ def saved(tmp_path):
   finally:
     stream.close()  # No tf.data iterator left for interpreter exit (data/iteration.py).
   assert sorted(os.listdir(tmp_path / 'saved')) == [
-      'process_0-of-1.data-00000-of-00001', 'process_0-of-1.index', 'process_0-of-1.json']
+      'process_0-of-1.data-00000-of-00001',
+      'process_0-of-1.index',
+      'process_0-of-1.json',
+  ]
   return prefix, reference
 
 
@@ -109,8 +112,10 @@ def test_restored_stream_continues_without_decoding_what_was_read(saved):
     skipped.close()
   decoded_skipped = tiny_tasks.DECODED['stream']
   size = sum(os.path.getsize(prefix + s) for s in ('.index', '.data-00000-of-00001', '.json'))
-  print(f'examples decoded for {AFTER} batches after {READ}: restored {decoded_restored}, '
-        f'skipped {decoded_skipped}; iterator state {size} bytes')
+  print(
+      f'examples decoded for {AFTER} batches after {READ}: restored {decoded_restored}, '
+      f'skipped {decoded_skipped}; iterator state {size} bytes'
+  )
   # Each skipped batch holds ROWS packed rows of at least one example: the skip decoded them
   # again, the restore none of them.
   assert decoded_skipped - decoded_restored >= READ * ROWS
@@ -122,13 +127,16 @@ def test_state_of_another_pipeline_or_corrupt_files_is_an_error_naming_the_file(
   with pytest.raises(iteration.IteratorStateError) as error:
     other.restore(prefix)
   other.close()
-  assert str(error.value).startswith(f'{prefix}.json: the input iterator state was written by '
-                                     'another input pipeline')
+  assert str(error.value).startswith(
+      f'{prefix}.json: the input iterator state was written by ' 'another input pipeline'
+  )
   assert 'global_batch_size was 8, now 4' in str(error.value)
 
   other = pipeline.train_batches(tiny_tasks.INDEXED_TASK_NAME, {'targets': 48}, ROWS, seed=0)
-  with pytest.raises(iteration.IteratorStateError,
-                     match=r"task_feature_lengths was \{'targets': 64\}, now \{'targets': 48\}"):
+  with pytest.raises(
+      iteration.IteratorStateError,
+      match=r"task_feature_lengths was \{'targets': 64\}, now \{'targets': 48\}",
+  ):
     other.restore(prefix)
   other.close()
 
@@ -143,9 +151,15 @@ def test_state_of_another_pipeline_or_corrupt_files_is_an_error_naming_the_file(
 
   cases = [
       (corrupt('index', '.index', lambda d: b'garbage' * 10), '.index'),
-      (corrupt('truncated', '.data-00000-of-00001', lambda d: d[:len(d) // 2]), '.index'),
-      (corrupt('flipped', '.data-00000-of-00001',
-               lambda d: d[:100] + bytes(b ^ 0xff for b in d[100:200]) + d[200:]), '.index'),
+      (corrupt('truncated', '.data-00000-of-00001', lambda d: d[: len(d) // 2]), '.index'),
+      (
+          corrupt(
+              'flipped',
+              '.data-00000-of-00001',
+              lambda d: d[:100] + bytes(b ^ 0xFF for b in d[100:200]) + d[200:],
+          ),
+          '.index',
+      ),
       (corrupt('json', '.json', lambda d: d[:20]), '.json'),
   ]
   for bad, named in cases:
@@ -199,8 +213,10 @@ def test_checkpoint_manager_restores_or_falls_back_to_skipping(saved, tmp_path, 
     with pytest.raises(iteration.IteratorStateError) as error:
       manager.restore_input(READ - 1, found, stream)
     message = str(error.value)
-    assert message.startswith(f'{found}.json: the input iterator had read {READ} batches, but '
-                              f'the train state is at step {READ - 1}'), message
+    assert message.startswith(
+        f'{found}.json: the input iterator had read {READ} batches, but '
+        f'the train state is at step {READ - 1}'
+    ), message
     assert f'delete {input_dir}' in message
     with pytest.raises(StopIteration):
       next(stream)
@@ -228,15 +244,21 @@ def _register_generator_task():
     del split, shuffle_files, seed
     return tf.data.Dataset.from_generator(
         lambda: iter(data),
-        output_signature={'targets': tf.TensorSpec([None], tf.int32),
-                          'loss_weights': tf.TensorSpec([None], tf.float32)})
+        output_signature={
+            'targets': tf.TensorSpec([None], tf.int32),
+            'loss_weights': tf.TensorSpec([None], tf.float32),
+        },
+    )
 
   # No num_input_examples: seqio would cache it in memory, and a cache that has been read
   # whole is saved without its generator.
   seqio.TaskRegistry.add(
-      GENERATOR_TASK, source=seqio.FunctionDataSource(dataset_fn, splits=('train',)),
-      preprocessors=[], output_features=tiny_tasks.output_features(tiny_tasks.VOCABULARY, ()),
-      shuffle_buffer_size=16)
+      GENERATOR_TASK,
+      source=seqio.FunctionDataSource(dataset_fn, splits=('train',)),
+      preprocessors=[],
+      output_features=tiny_tasks.output_features(tiny_tasks.VOCABULARY, ()),
+      shuffle_buffer_size=16,
+  )
 
 
 def test_pipeline_that_cannot_be_saved_writes_why_and_falls_back(tmp_path, caplog):
@@ -312,8 +334,7 @@ def test_input_state_is_committed_with_its_step_or_not_at_all(tmp_path):
       manager.save(2, {'w': state['w'] + 1}, failing, force=True)
       manager.wait()
     assert list(manager.all_steps()) == [1]
-    assert checkpoints.locate(str(tmp_path / 'run')) == (
-        os.path.join(manager.directory, '1'), 1)
+    assert checkpoints.locate(str(tmp_path / 'run')) == (os.path.join(manager.directory, '1'), 1)
   finally:
     manager.close()
 
@@ -332,24 +353,33 @@ import tiny_tasks
 loop.train(crash_after_step=crash)
 print('DECODED ' + json.dumps(dict(tiny_tasks.DECODED)), flush=True)
 """
-STEPS, CRASH, PERIOD = 6, 5, 2   # Checkpoints at 2 and 4; step 5 is lost and redone.
+STEPS, CRASH, PERIOD = 6, 5, 2  # Checkpoints at 2 and 4; step 5 is lost and redone.
 RESUMED_AT = 4
 
 
 def _env(devices):
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-                        '--xla_backend_optimization_level=0',
-              PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO, os.environ.get('PYTHONPATH', '')]))
+  return dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+      '--xla_backend_optimization_level=0',
+      PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO, os.environ.get('PYTHONPATH', '')]),
+  )
 
 
 def _flags(model_dir):
-  return ['--gin_file=models/tiny.gin', '--gin_file=runs/train.gin',
-          f"--gin.MODEL_DIR='{model_dir}'", f'--gin.TRAIN_STEPS={STEPS}',
-          f"--gin.MIXTURE_OR_TASK_NAME='{tiny_tasks.INDEXED_TASK_NAME}'",
-          "--gin.MIXTURE_OR_TASK_MODULE='tiny_tasks'",
-          "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", '--gin.LEARNING_RATE=3e-3',
-          '--gin.loop.train.log_period=1', f'--gin.loop.train.checkpoint_period={PERIOD}']
+  return [
+      '--gin_file=models/tiny.gin',
+      '--gin_file=runs/train.gin',
+      f"--gin.MODEL_DIR='{model_dir}'",
+      f'--gin.TRAIN_STEPS={STEPS}',
+      f"--gin.MIXTURE_OR_TASK_NAME='{tiny_tasks.INDEXED_TASK_NAME}'",
+      "--gin.MIXTURE_OR_TASK_MODULE='tiny_tasks'",
+      "--gin.TASK_FEATURE_LENGTHS={'targets': 64}",
+      '--gin.LEARNING_RATE=3e-3',
+      '--gin.loop.train.log_period=1',
+      f'--gin.loop.train.checkpoint_period={PERIOD}',
+  ]
 
 
 def _free_port():
@@ -365,12 +395,28 @@ def _train(model_dir, crash=0, processes=1, extra=(), timeout=400):
     commands = [_flags(model_dir) + list(extra)]
   else:
     port = _free_port()
-    commands = [_flags(model_dir) + list(extra) + [f'--coordinator_address=localhost:{port}',
-                                     f'--num_processes={processes}', f'--process_id={i}',
-                                     '--cpu_collectives=gloo'] for i in range(processes)]
-  procs = [subprocess.Popen([sys.executable, '-c', _TRAIN, str(crash), *c],
-                            env=_env(8 // processes), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for c in commands]
+    commands = [
+        _flags(model_dir)
+        + list(extra)
+        + [
+            f'--coordinator_address=localhost:{port}',
+            f'--num_processes={processes}',
+            f'--process_id={i}',
+            '--cpu_collectives=gloo',
+        ]
+        for i in range(processes)
+    ]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, '-c', _TRAIN, str(crash), *c],
+          env=_env(8 // processes),
+          cwd=REPO,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for c in commands
+  ]
   try:
     outputs = [p.communicate(timeout=timeout) for p in procs]
   finally:
@@ -379,7 +425,7 @@ def _train(model_dir, crash=0, processes=1, extra=(), timeout=400):
   decoded = []
   for out, _ in outputs:
     lines = [l for l in out.splitlines() if l.startswith('DECODED ')]
-    decoded.append(json.loads(lines[-1][len('DECODED '):]) if lines else None)
+    decoded.append(json.loads(lines[-1][len('DECODED ') :]) if lines else None)
   return [p.returncode for p in procs], [err for _, err in outputs], decoded
 
 
@@ -390,12 +436,17 @@ def _train_in_process(model_dir, extra=()):
   from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
   from unimoe_jax import train  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import loop  # pylint: disable=g-import-not-at-top
+
   args = train.parse_flags(_flags(model_dir) + list(extra), 'train (in process)')
   gin.clear_config()
   tiny_tasks.DECODED.clear()
   try:
-    gin_utils.parse(args.gin_file, args.gin_bindings, args.gin_search_paths,
-                    import_modules=gin_utils.task_modules(args.gin_bindings))
+    gin_utils.parse(
+        args.gin_file,
+        args.gin_bindings,
+        args.gin_search_paths,
+        import_modules=gin_utils.task_modules(args.gin_bindings),
+    )
     loop.train()  # pylint: disable=no-value-for-parameter
   finally:
     gin.clear_config()
@@ -444,9 +495,13 @@ def test_two_processes_train_like_one_and_resume_their_input(tmp_path):
   on their order. (Shuffled or packed, the runs would legitimately differ.) Bit-identical
   resumption on one process: train_cli_test.py's fault test.
   """
-  flags = ['--gin.SHUFFLE_TRAIN_EXAMPLES=False', '--gin.loop.train.pack=False',
-           '--gin_file=models/moe_4e_top2.gin', '--gin.partitioning.MeshConfig.data=2',
-           '--gin.partitioning.MeshConfig.expert=4']
+  flags = [
+      '--gin.SHUFFLE_TRAIN_EXAMPLES=False',
+      '--gin.loop.train.pack=False',
+      '--gin_file=models/moe_4e_top2.gin',
+      '--gin.partitioning.MeshConfig.data=2',
+      '--gin.partitioning.MeshConfig.expert=4',
+  ]
   one = str(tmp_path / 'one_process')
   one_decoded = _train_in_process(one, extra=flags)
 
@@ -454,12 +509,14 @@ def test_two_processes_train_like_one_and_resume_their_input(tmp_path):
   codes, logs, _ = _train(two, crash=CRASH, processes=2, extra=flags)
   assert codes == [3, 3], logs[0][-4000:]
   assert all(f'crash_after_step={CRASH}' in log for log in logs)
-  assert sorted(int(d) for d in os.listdir(os.path.join(two, 'checkpoints'))
-                if d.isdigit()) == [2, RESUMED_AT]
+  assert sorted(int(d) for d in os.listdir(os.path.join(two, 'checkpoints')) if d.isdigit()) == [
+      2,
+      RESUMED_AT,
+  ]
   input_dir = os.path.join(two, 'checkpoints', str(RESUMED_AT), 'input')
   assert sorted(f for f in os.listdir(input_dir) if f.startswith('process_')) == sorted(
-      f'process_{i}-of-2{s}' for i in range(2)
-      for s in ('.index', '.data-00000-of-00001', '.json'))
+      f'process_{i}-of-2{s}' for i in range(2) for s in ('.index', '.data-00000-of-00001', '.json')
+  )
   for i in range(2):
     info = iteration.read_info(os.path.join(input_dir, f'process_{i}-of-2'))
     assert info['batches_read'] == RESUMED_AT and info['tf_state'] is True
@@ -481,9 +538,11 @@ def test_two_processes_train_like_one_and_resume_their_input(tmp_path):
   # RESUMED_AT * rows examples before the checkpoint again, a restore starts after them.
   rows = ROWS // 2
   restored = [d.get('stream', 0) for d in decoded]
-  print(f'examples decoded by the training stream: one process, {STEPS} steps: '
-        f'{one_decoded["stream"]}; each of two processes after the restart at step '
-        f'{RESUMED_AT}: {restored} (a skip decodes at least {STEPS * rows})')
+  print(
+      f'examples decoded by the training stream: one process, {STEPS} steps: '
+      f'{one_decoded["stream"]}; each of two processes after the restart at step '
+      f'{RESUMED_AT}: {restored} (a skip decodes at least {STEPS * rows})'
+  )
   assert one_decoded['stream'] >= STEPS * ROWS
   assert all(r < STEPS * rows for r in restored), restored
 
@@ -496,10 +555,23 @@ def test_sample_mixture_resumes_without_decoding_media_again(tmp_path, monkeypat
   a few hundred examples, most of them to fill the shuffle buffers)."""
   from unimoe_jax.data import manifest  # pylint: disable=g-import-not-at-top
   import unimoe_jax.tasks  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
   data = tmp_path / 'sample'
-  subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'make_sample_data.py'),
-                  '--output', str(data), '--train', '96', '--validation', '8'],
-                 check=True, capture_output=True, timeout=120)
+  subprocess.run(
+      [
+          sys.executable,
+          os.path.join(REPO, 'tools', 'make_sample_data.py'),
+          '--output',
+          str(data),
+          '--train',
+          '96',
+          '--validation',
+          '8',
+      ],
+      check=True,
+      capture_output=True,
+      timeout=120,
+  )
   monkeypatch.setenv('UNIMOE_SAMPLE_DATA', str(data))
   decoded = []
   load = manifest._load_example  # pylint: disable=protected-access
@@ -520,13 +592,17 @@ def test_sample_mixture_resumes_without_decoding_media_again(tmp_path, monkeypat
 
   monkeypatch.setattr(pipeline, 'check_examples_fit', counted_check)
   # 'targets' 512: room for the default (non-demo) placeholder expansion of every task.
-  lengths = {'targets': 512, 'image_features': 2, 'video_features': 1, 'speech_features': 1,
-             'audio_features': 1}
+  lengths = {
+      'targets': 512,
+      'image_features': 2,
+      'video_features': 1,
+      'speech_features': 1,
+      'audio_features': 1,
+  }
   read, after = 3, 2
 
   def stream(skip=0):
-    return pipeline.train_batches('unimoe_sample_stage3', lengths, ROWS, seed=0,
-                                  skip_batches=skip)
+    return pipeline.train_batches('unimoe_sample_stage3', lengths, ROWS, seed=0, skip_batches=skip)
 
   prefix = str(tmp_path / 'input' / 'process_0-of-1')
   first = stream()
@@ -549,10 +625,12 @@ def test_sample_mixture_resumes_without_decoding_media_again(tmp_path, monkeypat
     finally:
       resumed.close()
     counts[name] = len(decoded) - checked[-1]
-  print(f'sample stage 3: examples decoded by the training stream for the first {read} '
-        f'batches {decoded_first}; for the {after} batches after them: restored '
-        f'{counts["restored"]}, skipped {counts["skipped"]}; iterator state '
-        f'{size / 1e6:.1f} MB')
+  print(
+      f'sample stage 3: examples decoded by the training stream for the first {read} '
+      f'batches {decoded_first}; for the {after} batches after them: restored '
+      f'{counts["restored"]}, skipped {counts["skipped"]}; iterator state '
+      f'{size / 1e6:.1f} MB'
+  )
   assert len(checked) == 3
   # The skip decodes the `read` batches of ROWS packed rows (>= 1 example each) again.
   assert counts['skipped'] - counts['restored'] >= read * ROWS

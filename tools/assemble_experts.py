@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from unimoe_jax import checkpoint
 from unimoe_jax.convert import experts as experts_lib
 from unimoe_jax.training import checkpoints
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _FILE_SUFFIXES = ('.bin', '.pt', '.pth', '.safetensors')
@@ -44,23 +45,38 @@ def _layers_arg(text: str):
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--base', required=True, help='stage-1 MODEL_DIR or checkpoint')
-  parser.add_argument('--expert', action='append', default=[],
-                      help="stage-2 MODEL_DIR or checkpoint, official FFN file, or 'base' "
-                           '(repeat, in expert order)')
-  parser.add_argument('--expert_set', default=None,
-                      help='directory of official expert FFN files (8e-Experts), appended '
-                           'after any --expert in --expert_files order')
-  parser.add_argument('--expert_files', default=','.join(experts_lib.OFFICIAL_EXPERT_SET),
-                      help='comma-separated files of --expert_set, in expert order')
-  parser.add_argument('--moe_layers', default='all', type=_layers_arg,
-                      help="layers that become MoE: all, even, odd or i,j,...")
+  parser.add_argument(
+      '--expert',
+      action='append',
+      default=[],
+      help="stage-2 MODEL_DIR or checkpoint, official FFN file, or 'base' "
+      '(repeat, in expert order)',
+  )
+  parser.add_argument(
+      '--expert_set',
+      default=None,
+      help='directory of official expert FFN files (8e-Experts), appended '
+      'after any --expert in --expert_files order',
+  )
+  parser.add_argument(
+      '--expert_files',
+      default=','.join(experts_lib.OFFICIAL_EXPERT_SET),
+      help='comma-separated files of --expert_set, in expert order',
+  )
+  parser.add_argument(
+      '--moe_layers',
+      default='all',
+      type=_layers_arg,
+      help='layers that become MoE: all, even, odd or i,j,...',
+  )
   parser.add_argument('--output', required=True, help='new checkpoint directory')
   args = parser.parse_args(argv)
   sources = list(args.expert)
   if args.expert_set:
     for stem in args.expert_files.split(','):
-      sources.append(os.path.join(args.expert_set, stem if stem.endswith(_FILE_SUFFIXES)
-                                  else stem + '.bin'))
+      sources.append(
+          os.path.join(args.expert_set, stem if stem.endswith(_FILE_SUFFIXES) else stem + '.bin')
+      )
   if not sources:
     parser.error('give --expert (repeatable) or --expert_set')
   base, _ = checkpoints.read_params(args.base)
@@ -74,11 +90,13 @@ def main(argv=None) -> int:
       read[source] = checkpoints.read_params(source)[0]
   trees = [base if s == 'base' else read[s] for s in sources]
   params = experts_lib.assemble_experts(base, trees, sources, layers=args.moe_layers)
-  gin_text = ('# Assembled by tools/assemble_experts.py: experts (in order) from\n' +
-              ''.join(f'#   {e}\n' for e in sources) +
-              f'# base: {args.base}\n# MoE layers: {args.moe_layers}\n'
-              f'# Use with a MoE model of {len(sources)} experts '
-              f'(MoEConfig.layers = {args.moe_layers!r}).\n')
+  gin_text = (
+      '# Assembled by tools/assemble_experts.py: experts (in order) from\n'
+      + ''.join(f'#   {e}\n' for e in sources)
+      + f'# base: {args.base}\n# MoE layers: {args.moe_layers}\n'
+      f'# Use with a MoE model of {len(sources)} experts '
+      f'(MoEConfig.layers = {args.moe_layers!r}).\n'
+  )
   checkpoint.save(args.output, params, gin_text)
   print(f'wrote {args.output}: {len(sources)} experts on layers {args.moe_layers}')
   return 0

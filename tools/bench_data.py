@@ -64,15 +64,24 @@ WHISPER_MELS = 80
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--iters', type=int, default=None,
-                      help='timed calls per row (default 20; 3 with --quick)')
-  parser.add_argument('--warmup', type=int, default=None,
-                      help='untimed calls per row first (default 3; 1 with --quick)')
-  parser.add_argument('--quick', action='store_true',
-                      help='few iterations (a smoke run); input sizes are unchanged')
-  parser.add_argument('--workers', type=int, default=None,
-                      help='processes for the image Pool row (default: CPU count, at least 2; '
-                      '0 drops the row)')
+  parser.add_argument(
+      '--iters', type=int, default=None, help='timed calls per row (default 20; 3 with --quick)'
+  )
+  parser.add_argument(
+      '--warmup',
+      type=int,
+      default=None,
+      help='untimed calls per row first (default 3; 1 with --quick)',
+  )
+  parser.add_argument(
+      '--quick', action='store_true', help='few iterations (a smoke run); input sizes are unchanged'
+  )
+  parser.add_argument(
+      '--workers',
+      type=int,
+      default=None,
+      help='processes for the image Pool row (default: CPU count, at least 2; ' '0 drops the row)',
+  )
   parser.add_argument('--size', type=int, default=336, help='CLIP input side')
   parser.add_argument('--num-frames', type=int, default=8, help='video frames per example')
   parser.add_argument('--json', default=None, help='also write the rows (and setup) here')
@@ -105,7 +114,7 @@ def _synthetic_rgb(seed: int, width: int, height: int, phase: float = 0.0) -> np
   rgb = 127.5 + 90 * np.stack(channels, axis=-1)
   for _ in range(6):  # rectangles give sharp edges
     x0, y0 = rng.integers(0, width - 40), rng.integers(0, height - 40)
-    rgb[y0:y0 + rng.integers(20, 160), x0:x0 + rng.integers(20, 160)] = rng.uniform(0, 255, 3)
+    rgb[y0 : y0 + rng.integers(20, 160), x0 : x0 + rng.integers(20, 160)] = rng.uniform(0, 255, 3)
   rgb += rng.normal(0, 6, rgb.shape)
   return np.clip(rgb, 0, 255).astype(np.uint8)
 
@@ -250,8 +259,7 @@ def time_pool(fn, paths, examples, workers) -> float:
   start-up and imports are not timed; the results (float32 arrays) travel back pickled."""
   context = multiprocessing.get_context('spawn')  # No fork of a process holding torch threads.
   barrier = context.Barrier(workers + 1)
-  with context.Pool(workers, initializer=_warm_up_worker,
-                    initargs=(fn, paths[0], barrier)) as pool:
+  with context.Pool(workers, initializer=_warm_up_worker, initargs=(fn, paths[0], barrier)) as pool:
     barrier.wait()
     work = [paths[i % len(paths)] for i in range(examples)]
     start = time.perf_counter()
@@ -263,51 +271,103 @@ def run(args, files):
   """Runs every row; returns a list of row dicts (without the ratios)."""
   import transformers
 
-  clip = transformers.CLIPImageProcessor(size={'shortest_edge': args.size},
-                                         crop_size={'height': args.size, 'width': args.size})
+  clip = transformers.CLIPImageProcessor(
+      size={'shortest_edge': args.size}, crop_size={'height': args.size, 'width': args.size}
+  )
   whisper = transformers.WhisperFeatureExtractor(feature_size=WHISPER_MELS)
   clip_name = f'transformers {type(clip).__name__}'
   rows = []
 
   def add(case, implementation, timing, examples, reference=False):
     seconds, median = timing if isinstance(timing, tuple) else (timing, None)
-    rows.append({'case': case, 'implementation': implementation, 'reference': reference,
-                 'examples': examples, 'seconds': seconds,
-                 'examples_per_s': examples / seconds, 'ms_per_example': 1e3 * seconds / examples,
-                 'median_ms': None if median is None else 1e3 * median})
+    rows.append(
+        {
+            'case': case,
+            'implementation': implementation,
+            'reference': reference,
+            'examples': examples,
+            'seconds': seconds,
+            'examples_per_s': examples / seconds,
+            'ms_per_example': 1e3 * seconds / examples,
+            'median_ms': None if median is None else 1e3 * median,
+        }
+    )
     print(f'  {case:<18} {implementation:<54} {1e3 * seconds / examples:9.2f} ms', flush=True)
 
   n, w = args.iters, args.warmup
   for kind, mode in (('jpeg', 'crop'), ('jpeg', 'pad'), ('png', 'crop')):
     case = f'image {kind} {mode}'
-    add(case, clip_name + (' + expand2square' if mode == 'pad' else ''),
-        time_single(functools.partial(hf_image, processor=clip, pad=mode == 'pad'), files[kind],
-                    n, w), n, reference=True)
-    add(case, f'unimoe_jax preprocess_image({mode})',
-        time_single(functools.partial(our_image, size=args.size, mode=mode), files[kind], n, w), n)
+    add(
+        case,
+        clip_name + (' + expand2square' if mode == 'pad' else ''),
+        time_single(
+            functools.partial(hf_image, processor=clip, pad=mode == 'pad'), files[kind], n, w
+        ),
+        n,
+        reference=True,
+    )
+    add(
+        case,
+        f'unimoe_jax preprocess_image({mode})',
+        time_single(functools.partial(our_image, size=args.size, mode=mode), files[kind], n, w),
+        n,
+    )
   if args.workers:
     examples = max(n, 4 * args.workers) * args.workers
     returned = functools.partial(image_lib.load_and_preprocess_image, size=args.size, mode='crop')
     kept = functools.partial(_preprocess_in_worker, size=args.size)
-    add('image jpeg crop', f'unimoe_jax Pool x{args.workers} (arrays returned)',
-        time_pool(returned, files['jpeg'], examples, args.workers), examples)
-    add('image jpeg crop', f'unimoe_jax Pool x{args.workers} (arrays kept in workers)',
-        time_pool(kept, files['jpeg'], examples, args.workers), examples)
+    add(
+        'image jpeg crop',
+        f'unimoe_jax Pool x{args.workers} (arrays returned)',
+        time_pool(returned, files['jpeg'], examples, args.workers),
+        examples,
+    )
+    add(
+        'image jpeg crop',
+        f'unimoe_jax Pool x{args.workers} (arrays kept in workers)',
+        time_pool(kept, files['jpeg'], examples, args.workers),
+        examples,
+    )
 
-  add('speech (whisper)', 'transformers WhisperFeatureExtractor',
-      time_single(functools.partial(hf_speech, extractor=whisper), files['wav'], n, w), n,
-      reference=True)
-  add('speech (whisper)', 'unimoe_jax whisper_log_mel', time_single(our_speech, files['wav'], n, w),
-      n)
+  add(
+      'speech (whisper)',
+      'transformers WhisperFeatureExtractor',
+      time_single(functools.partial(hf_speech, extractor=whisper), files['wav'], n, w),
+      n,
+      reference=True,
+  )
+  add(
+      'speech (whisper)',
+      'unimoe_jax whisper_log_mel',
+      time_single(our_speech, files['wav'], n, w),
+      n,
+  )
   add('audio (beats)', 'unimoe_jax beats_fbank', time_single(our_audio, files['wav'], n, w), n)
 
   video_n, video_w = max(1, n // 2), min(w, 1)  # one clip decode is ~50 images' work
-  add('video', f'load_video_frames + {clip_name}',
-      time_single(functools.partial(hf_video, processor=clip, num_frames=args.num_frames),
-                  files['mp4'], video_n, video_w), video_n, reference=True)
-  add('video', 'unimoe_jax load_video_frames + preprocess_video',
-      time_single(functools.partial(our_video, size=args.size, num_frames=args.num_frames),
-                  files['mp4'], video_n, video_w), video_n)
+  add(
+      'video',
+      f'load_video_frames + {clip_name}',
+      time_single(
+          functools.partial(hf_video, processor=clip, num_frames=args.num_frames),
+          files['mp4'],
+          video_n,
+          video_w,
+      ),
+      video_n,
+      reference=True,
+  )
+  add(
+      'video',
+      'unimoe_jax load_video_frames + preprocess_video',
+      time_single(
+          functools.partial(our_video, size=args.size, num_frames=args.num_frames),
+          files['mp4'],
+          video_n,
+          video_w,
+      ),
+      video_n,
+  )
   return rows
 
 
@@ -321,21 +381,32 @@ def add_ratios(rows):
 
 
 def format_table(rows) -> str:
-  header = (f'{"modality":<18} {"implementation":<54} {"examples/s":>10} {"ms/example":>10} '
-            f'{"median ms":>9} {"vs transformers":>15}')
+  header = (
+      f'{"modality":<18} {"implementation":<54} {"examples/s":>10} {"ms/example":>10} '
+      f'{"median ms":>9} {"vs transformers":>15}'
+  )
   lines = [header, '-' * len(header)]
   for row in rows:
     ratio = '-' if row['vs_transformers'] is None else f'{row["vs_transformers"]:.2f}x'
     median = '-' if row['median_ms'] is None else f'{row["median_ms"]:.2f}'
-    lines.append(f'{row["case"]:<18} {row["implementation"]:<54} {row["examples_per_s"]:>10.1f} '
-                 f'{row["ms_per_example"]:>10.2f} {median:>9} {ratio:>15}')
+    lines.append(
+        f'{row["case"]:<18} {row["implementation"]:<54} {row["examples_per_s"]:>10.1f} '
+        f'{row["ms_per_example"]:>10.2f} {median:>9} {ratio:>15}'
+    )
   return '\n'.join(lines)
 
 
 def setup_info(args) -> dict:
-  info = {'python': platform.python_version(), 'machine': platform.machine(),
-          'cpu_count': os.cpu_count(), 'iters': args.iters, 'warmup': args.warmup,
-          'workers': args.workers, 'size': args.size, 'num_frames': args.num_frames}
+  info = {
+      'python': platform.python_version(),
+      'machine': platform.machine(),
+      'cpu_count': os.cpu_count(),
+      'iters': args.iters,
+      'warmup': args.warmup,
+      'workers': args.workers,
+      'size': args.size,
+      'num_frames': args.num_frames,
+  }
   try:
     import torch
 
@@ -356,9 +427,12 @@ def main(argv=None):
   with tempfile.TemporaryDirectory(prefix='bench_data_') as directory:
     start = time.perf_counter()
     files = make_inputs(directory, num_clips=1 if args.quick else 2)
-    print(f'inputs: {NUM_DISTINCT_INPUTS} x {IMAGE_WIDTH}x{IMAGE_HEIGHT} JPEG/PNG, '
-          f'{AUDIO_SECONDS} s {SAMPLE_RATE} Hz WAV; {len(files["mp4"])} x {VIDEO_SECONDS} s '
-          f'{VIDEO_FPS} fps mp4 ({time.perf_counter() - start:.1f} s to write)', flush=True)
+    print(
+        f'inputs: {NUM_DISTINCT_INPUTS} x {IMAGE_WIDTH}x{IMAGE_HEIGHT} JPEG/PNG, '
+        f'{AUDIO_SECONDS} s {SAMPLE_RATE} Hz WAV; {len(files["mp4"])} x {VIDEO_SECONDS} s '
+        f'{VIDEO_FPS} fps mp4 ({time.perf_counter() - start:.1f} s to write)',
+        flush=True,
+    )
     rows = add_ratios(run(args, files))
   info = setup_info(args)
   print(' '.join(f'{k}={v}' for k, v in info.items()))

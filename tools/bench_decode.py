@@ -30,18 +30,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def _hf_model(kind, args):
   import torch
   import transformers
-  common = dict(vocab_size=args.vocab, hidden_size=args.embed, num_hidden_layers=args.layers,
-                num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                max_position_embeddings=args.prompt_len + args.new_tokens + 8,
-                rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation='eager')
+
+  common = dict(
+      vocab_size=args.vocab,
+      hidden_size=args.embed,
+      num_hidden_layers=args.layers,
+      num_attention_heads=args.heads,
+      num_key_value_heads=args.kv_heads,
+      max_position_embeddings=args.prompt_len + args.new_tokens + 8,
+      rms_norm_eps=1e-5,
+      tie_word_embeddings=False,
+      attn_implementation='eager',
+  )
   torch.manual_seed(0)
   if kind == 'llama':
     model = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(intermediate_size=args.mlp, **common))
+        transformers.LlamaConfig(intermediate_size=args.mlp, **common)
+    )
   else:
-    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-        intermediate_size=args.mlp // 2, num_local_experts=args.experts, num_experts_per_tok=2,
-        router_jitter_noise=0.0, **common))
+    model = transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(
+            intermediate_size=args.mlp // 2,
+            num_local_experts=args.experts,
+            num_experts_per_tok=2,
+            router_jitter_noise=0.0,
+            **common,
+        )
+    )
   with torch.no_grad():
     for p in model.parameters():  # Some inits leave torch.empty tensors: draw them all.
       p.normal_(0.0, 0.05)
@@ -54,10 +69,12 @@ def _jax_decoder(hf_model, kind, args):
   from unimoe_jax.config import MoEConfig
   from unimoe_jax.convert import hf as convert_hf
   from unimoe_jax.decoder import Decoder
+
   overrides = {}
   if kind == 'mixtral':
-    overrides['moe'] = MoEConfig(num_experts=args.experts, num_experts_per_tok=2,
-                                 dispatch='dropless')
+    overrides['moe'] = MoEConfig(
+        num_experts=args.experts, num_experts_per_tok=2, dispatch='dropless'
+    )
   cfg = convert_hf.config_from_hf(hf_model.config.to_dict(), dtype='float32', **overrides)
   sd = {k: v.detach().float().cpu().numpy() for k, v in hf_model.state_dict().items()}
   params = jax.tree_util.tree_map(jnp.asarray, convert_hf.decoder_params_from_hf(sd, cfg))
@@ -94,24 +111,35 @@ def bench(kind, batch, args):
 
   def run(params, buf, lengths):
     cache, index = decoding.prefill_cache(model, params, buf[:, :p], lengths, p + n)
-    return decoding.greedy_decode(buf, cache, decoding.decoder_tokens_to_logits(model, params),
-                                  no_eos, initial_index=index, max_decode_steps=n)[0]
+    return decoding.greedy_decode(
+        buf,
+        cache,
+        decoding.decoder_tokens_to_logits(model, params),
+        no_eos,
+        initial_index=index,
+        max_decode_steps=n,
+    )[0]
 
   start = time.perf_counter()
   compiled = jax.jit(run).lower(params, buf, lengths).compile()
   compile_s = time.perf_counter() - start
   ours = np.asarray(compiled(params, buf, lengths))
-  jax_s = _time(lambda: compiled(params, buf, lengths).block_until_ready(),
-                args.iters, args.warmup)
+  jax_s = _time(lambda: compiled(params, buf, lengths).block_until_ready(), args.iters, args.warmup)
 
   ids = torch.tensor(prompt, dtype=torch.long, device=device)
   attention = torch.ones_like(ids)
 
   def generate():
     with torch.no_grad():
-      out = hf_model.generate(ids, attention_mask=attention, do_sample=False,
-                              max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
-                              pad_token_id=0)
+      out = hf_model.generate(
+          ids,
+          attention_mask=attention,
+          do_sample=False,
+          max_new_tokens=n,
+          min_new_tokens=n,
+          eos_token_id=None,
+          pad_token_id=0,
+      )
     if device == 'cuda':
       torch.cuda.synchronize()
     return out
@@ -119,12 +147,21 @@ def bench(kind, batch, args):
   theirs = generate().cpu().numpy()
   torch_s = _time(generate, args.iters, args.warmup)
   jax_tps, torch_tps = batch * n / jax_s, batch * n / torch_s
-  return {'model': kind, 'batch': batch, 'prompt_len': p, 'new_tokens': n,
-          'jax_tokens_per_s': jax_tps, 'torch_tokens_per_s': torch_tps,
-          'ratio_jax_over_torch': jax_tps / torch_tps, 'jax_compile_s': compile_s,
-          'jax_ms': 1e3 * jax_s, 'torch_ms': 1e3 * torch_s,
-          'tokens_match': bool(np.array_equal(ours, theirs)),
-          'jax_device': jax.devices()[0].device_kind, 'torch_device': device}
+  return {
+      'model': kind,
+      'batch': batch,
+      'prompt_len': p,
+      'new_tokens': n,
+      'jax_tokens_per_s': jax_tps,
+      'torch_tokens_per_s': torch_tps,
+      'ratio_jax_over_torch': jax_tps / torch_tps,
+      'jax_compile_s': compile_s,
+      'jax_ms': 1e3 * jax_s,
+      'torch_ms': 1e3 * torch_s,
+      'tokens_match': bool(np.array_equal(ours, theirs)),
+      'jax_device': jax.devices()[0].device_kind,
+      'torch_device': device,
+  }
 
 
 def main(argv=None):
@@ -146,18 +183,25 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   rows = []
-  header = (f'{"model":8} {"batch":>5} {"jax tok/s":>10} {"torch tok/s":>11} {"ratio":>6} '
-            f'{"compile s":>9} {"match":>5}')
-  print(f'greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens, embed {args.embed}, '
-        f'{args.layers} layers, vocab {args.vocab}')
+  header = (
+      f'{"model":8} {"batch":>5} {"jax tok/s":>10} {"torch tok/s":>11} {"ratio":>6} '
+      f'{"compile s":>9} {"match":>5}'
+  )
+  print(
+      f'greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens, embed {args.embed}, '
+      f'{args.layers} layers, vocab {args.vocab}'
+  )
   print(header)
   for kind in ('llama', 'mixtral') if args.moe else ('llama',):
     for batch in (int(b) for b in args.batch_sizes.split(',')):
       r = bench(kind, batch, args)
       rows.append(r)
-      print(f'{kind:8} {batch:5d} {r["jax_tokens_per_s"]:10.1f} {r["torch_tokens_per_s"]:11.1f} '
-            f'{r["ratio_jax_over_torch"]:6.2f} {r["jax_compile_s"]:9.2f} '
-            f'{str(r["tokens_match"]):>5}', flush=True)
+      print(
+          f'{kind:8} {batch:5d} {r["jax_tokens_per_s"]:10.1f} {r["torch_tokens_per_s"]:11.1f} '
+          f'{r["ratio_jax_over_torch"]:6.2f} {r["jax_compile_s"]:9.2f} '
+          f'{str(r["tokens_match"]):>5}',
+          flush=True,
+      )
   if rows:
     print(f'devices: jax {rows[0]["jax_device"]}, torch {rows[0]["torch_device"]}')
   if args.json:

@@ -60,11 +60,16 @@ BACKENDS = ('ragged_dot', 'tiled', 'megablox', 'mgpu')  # As in moe/grouped_matm
 DROPLESS = tuple(f'dropless/{b}' for b in BACKENDS) + ('dropless/tiled_unfused',)
 ALL_PATHS = ('ffn', 'dense', 'capacity') + DROPLESS + ('ep', 'torch_mixtral', 'torch_ffn')
 HOPPER = ('H100', 'H200', 'H800')
-LABELS = {'ffn': 'jax:ffn(k*F)', 'dense': 'jax:moe dense', 'capacity': 'jax:moe capacity',
-          **{p: f'jax:moe {p}' for p in DROPLESS},
-          'dropless/tiled_unfused': 'jax:moe dropless/tiled unfused',
-          'ep': 'jax:moe dropless EP {}x{}',
-          'torch_mixtral': 'torch:mixtral', 'torch_ffn': 'torch:ffn(k*F)'}
+LABELS = {
+    'ffn': 'jax:ffn(k*F)',
+    'dense': 'jax:moe dense',
+    'capacity': 'jax:moe capacity',
+    **{p: f'jax:moe {p}' for p in DROPLESS},
+    'dropless/tiled_unfused': 'jax:moe dropless/tiled unfused',
+    'ep': 'jax:moe dropless EP {}x{}',
+    'torch_mixtral': 'torch:mixtral',
+    'torch_ffn': 'torch:ffn(k*F)',
+}
 
 
 def mesh_spec(spec):
@@ -80,28 +85,57 @@ def mesh_spec(spec):
 def parse_args(argv=None):
   """Parses the command line; needs no jax, so it runs before jax is imported."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--shapes', default='default',
-                      help="'default', 'mixtral', or comma-separated TxDxFxExK (e.g. 64x32x48x8x2)")
+  parser.add_argument(
+      '--shapes',
+      default='default',
+      help="'default', 'mixtral', or comma-separated TxDxFxExK (e.g. 64x32x48x8x2)",
+  )
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--paths', default='ffn,dense,capacity,dropless,ep,torch_mixtral,torch_ffn',
-                      help=f'comma-separated subset of dropless,{",".join(ALL_PATHS)}')
+  parser.add_argument(
+      '--paths',
+      default='ffn,dense,capacity,dropless,ep,torch_mixtral,torch_ffn',
+      help=f'comma-separated subset of dropless,{",".join(ALL_PATHS)}',
+  )
   parser.add_argument('--capacity-factor', type=float, default=2.0)
-  parser.add_argument('--gmm-tile', type=int, default=None,
-                      help="row tile of the 'tiled' backend (default: MoEConfig.gmm_tile)")
-  parser.add_argument('--ep-mesh', type=mesh_spec, default='2x4',
-                      help="DATAxEXPERT mesh of the expert-parallel row, or 'none'")
+  parser.add_argument(
+      '--gmm-tile',
+      type=int,
+      default=None,
+      help="row tile of the 'tiled' backend (default: MoEConfig.gmm_tile)",
+  )
+  parser.add_argument(
+      '--ep-mesh',
+      type=mesh_spec,
+      default='2x4',
+      help="DATAxEXPERT mesh of the expert-parallel row, or 'none'",
+  )
   parser.add_argument('--batch', type=int, default=1, help='rows; length = tokens / batch')
-  parser.add_argument('--lora', type=int, default=0, metavar='RANK',
-                      help='stage-3 step: LoRA adapters of this rank (alpha 16) on every JAX '
-                           'row, base kernels frozen; torch rows are then n/a')
-  parser.add_argument('--lora-dropout', type=float, default=0.05,
-                      help='LoRA dropout rate with --lora (the official 0.05)')
-  parser.add_argument('--forward-only', action='store_true',
-                      help='time the forward pass alone (torch under no_grad)')
-  parser.add_argument('--torch-experts', default='eager',
-                      help="transformers experts_implementation: eager, batched_mm, grouped_mm")
+  parser.add_argument(
+      '--lora',
+      type=int,
+      default=0,
+      metavar='RANK',
+      help='stage-3 step: LoRA adapters of this rank (alpha 16) on every JAX '
+      'row, base kernels frozen; torch rows are then n/a',
+  )
+  parser.add_argument(
+      '--lora-dropout',
+      type=float,
+      default=0.05,
+      help='LoRA dropout rate with --lora (the official 0.05)',
+  )
+  parser.add_argument(
+      '--forward-only',
+      action='store_true',
+      help='time the forward pass alone (torch under no_grad)',
+  )
+  parser.add_argument(
+      '--torch-experts',
+      default='eager',
+      help='transformers experts_implementation: eager, batched_mm, grouped_mm',
+  )
   parser.add_argument('--json', metavar='PATH', help='also write the rows there as JSON')
   args = parser.parse_args(argv)
   if args.forward_only and args.lora:
@@ -109,8 +143,10 @@ def parse_args(argv=None):
   names = [p.strip() for p in args.paths.split(',') if p.strip()]
   paths = {q for p in names for q in (DROPLESS if p == 'dropless' else (p,))}
   if paths - set(ALL_PATHS):
-    parser.error(f'unknown --paths {sorted(paths - set(ALL_PATHS))}; choose from dropless,'
-                 f'{",".join(ALL_PATHS)}')
+    parser.error(
+        f'unknown --paths {sorted(paths - set(ALL_PATHS))}; choose from dropless,'
+        f'{",".join(ALL_PATHS)}'
+    )
   if args.ep_mesh is None:  # --ep-mesh none
     paths.discard('ep')
   args.paths = [p for p in ALL_PATHS if p in paths]
@@ -150,6 +186,7 @@ from unimoe_jax.layers.mlp import SwiGLU
 from unimoe_jax.moe import grouped_matmul as gmm_lib
 from unimoe_jax.moe.dispatch import expert_capacity
 from unimoe_jax.moe.layer import MoEFeedForward
+
 # pylint: enable=wrong-import-position
 
 try:  # torch and transformers are optional.
@@ -200,8 +237,9 @@ def bench_jax(module, x, ct, iters, warmup, mesh=None, lora=False, forward_only=
     params = nn.meta.unbox(module.init(jax.random.PRNGKey(0), x))['params']
     context = contextlib.nullcontext()
   else:
-    variables, _ = partitioning.init_sharded(lambda key: module.init(key, x), mesh,
-                                             jax.random.PRNGKey(0))
+    variables, _ = partitioning.init_sharded(
+        lambda key: module.init(key, x), mesh, jax.random.PRNGKey(0)
+    )
     params = variables['params']
     batch = partitioning.logical_sharding(mesh, ('activation_batch',))
     x, ct = jax.device_put(x, batch), jax.device_put(ct, batch)
@@ -227,8 +265,7 @@ def bench_jax(module, x, ct, iters, warmup, mesh=None, lora=False, forward_only=
     mem = compiled.memory_analysis()
     temp = getattr(mem, 'temp_size_in_bytes', None) if mem is not None else None
     (_, drop), _ = jax.block_until_ready(compiled(train, frozen, x, ct))
-    ms = median_ms(lambda: jax.block_until_ready(compiled(train, frozen, x, ct)), iters,
-                   warmup)
+    ms = median_ms(lambda: jax.block_until_ready(compiled(train, frozen, x, ct)), iters, warmup)
   return ms, None if temp is None else temp / 2**20, float(drop)
 
 
@@ -276,8 +313,13 @@ def normal_init(block):
 
 
 def torch_mixtral(d, f, e, k, experts_impl):
-  cfg = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=e,
-                      num_experts_per_tok=k, router_jitter_noise=0.0)
+  cfg = MixtralConfig(
+      hidden_size=d,
+      intermediate_size=f,
+      num_local_experts=e,
+      num_experts_per_tok=k,
+      router_jitter_noise=0.0,
+  )
   cfg._experts_implementation = experts_impl  # pylint: disable=protected-access
   return normal_init(MixtralSparseMoeBlock(cfg))
 
@@ -298,29 +340,54 @@ def run_shape(shape, args, dtype):
   if torch is not None:
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     tdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[args.dtype]
-    timer = lambda block: bench_torch(block, x_np, ct_np, tdtype, device, args.iters,
-                                      args.warmup, args.forward_only)
+    timer = lambda block: bench_torch(
+        block, x_np, ct_np, tdtype, device, args.iters, args.warmup, args.forward_only
+    )
   lora = LoRAConfig(rank=args.lora, dropout=args.lora_dropout) if args.lora else None
   jobs['torch_mixtral'] = (
-      'n/a (--lora: no torch LoRA block here)' if lora else
-      'n/a (torch/transformers not installed)' if torch is None or MixtralSparseMoeBlock is None
-      else lambda: (timer(torch_mixtral(d, f, e, k, args.torch_experts)), None,
-                    f'experts_implementation={args.torch_experts}'))
-  jobs['torch_ffn'] = ('n/a (--lora: no torch LoRA block here)' if lora else
-                       'n/a (torch not installed)' if torch is None else
-                       lambda: (timer(normal_init(TorchSwiGLU(d, k * f))), None, ''))
+      'n/a (--lora: no torch LoRA block here)'
+      if lora
+      else 'n/a (torch/transformers not installed)'
+      if torch is None or MixtralSparseMoeBlock is None
+      else lambda: (
+          timer(torch_mixtral(d, f, e, k, args.torch_experts)),
+          None,
+          f'experts_implementation={args.torch_experts}',
+      )
+  )
+  jobs['torch_ffn'] = (
+      'n/a (--lora: no torch LoRA block here)'
+      if lora
+      else 'n/a (torch not installed)'
+      if torch is None
+      else lambda: (timer(normal_init(TorchSwiGLU(d, k * f))), None, '')
+  )
 
   x, ct = jnp.asarray(x_np, dtype), jnp.asarray(ct_np, jnp.float32)
   moe = lambda mode, backend='auto', fuse=True: MoEFeedForward(
-      config=MoEConfig(num_experts=e, num_experts_per_tok=k, dispatch=mode,
-                       capacity_factor=args.capacity_factor, gmm_backend=backend,
-                       gmm_tile=args.gmm_tile, fuse_ffn=fuse),
-      mlp_dim=f, lora=lora, dtype=dtype, param_dtype=jnp.float32)
-  bench = functools.partial(bench_jax, iters=args.iters, warmup=args.warmup, lora=bool(lora),
-                            forward_only=args.forward_only)
+      config=MoEConfig(
+          num_experts=e,
+          num_experts_per_tok=k,
+          dispatch=mode,
+          capacity_factor=args.capacity_factor,
+          gmm_backend=backend,
+          gmm_tile=args.gmm_tile,
+          fuse_ffn=fuse,
+      ),
+      mlp_dim=f,
+      lora=lora,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+  )
+  bench = functools.partial(
+      bench_jax,
+      iters=args.iters,
+      warmup=args.warmup,
+      lora=bool(lora),
+      forward_only=args.forward_only,
+  )
   timed = lambda module, note: lambda: bench(module, x, ct)[:2] + (note,)
-  jobs['ffn'] = timed(SwiGLU(mlp_dim=k * f, lora=lora, dtype=dtype, param_dtype=jnp.float32),
-                      '')
+  jobs['ffn'] = timed(SwiGLU(mlp_dim=k * f, lora=lora, dtype=dtype, param_dtype=jnp.float32), '')
   jobs['dense'] = timed(moe('dense'), f'computes all {e} experts ({e / k:g}x the useful work)')
 
   def run_capacity(module=moe('capacity')):
@@ -332,32 +399,42 @@ def run_shape(shape, args, dtype):
   jobs['capacity'] = run_capacity
   dev = jax.devices()[0]
   hopper = dev.platform == 'gpu' and any(h in dev.device_kind for h in HOPPER)
-  why = {'megablox': None if dev.platform == 'tpu' else 'n/a (TPU only)',  # No interpret mode.
-         'mgpu': None if hopper else 'n/a (Hopper GPU only)'}
+  why = {
+      'megablox': None if dev.platform == 'tpu' else 'n/a (TPU only)',  # No interpret mode.
+      'mgpu': None if hopper else 'n/a (Hopper GPU only)',
+  }
   for backend, name in zip(BACKENDS, DROPLESS):
     jobs[name] = why.get(backend) or timed(
-        moe('dropless', backend), f'tile={args.gmm_tile}, fused' if backend == 'tiled' else '')
-  jobs['dropless/tiled_unfused'] = timed(moe('dropless', 'tiled', fuse=False),
-                                         f'tile={args.gmm_tile}, separate grouped matmuls')
+        moe('dropless', backend), f'tile={args.gmm_tile}, fused' if backend == 'tiled' else ''
+    )
+  jobs['dropless/tiled_unfused'] = timed(
+      moe('dropless', 'tiled', fuse=False), f'tile={args.gmm_tile}, separate grouped matmuls'
+  )
 
   data, expert = args.ep_mesh or (1, 1)
   n = data * expert
-  note = (f'backend auto={gmm_lib.default_backend()}, x [{n},{t // n},{d}], {e // expert} '
-          'experts/shard, temp per device')
+  note = (
+      f'backend auto={gmm_lib.default_backend()}, x [{n},{t // n},{d}], {e // expert} '
+      'experts/shard, temp per device'
+  )
   note += '; CPU: fake devices share the cores' if dev.platform == 'cpu' else ''
 
   def run_ep():
-    mesh = partitioning.make_mesh(partitioning.MeshConfig(data=data, expert=expert),
-                                  jax.devices()[:n])
+    mesh = partitioning.make_mesh(
+        partitioning.MeshConfig(data=data, expert=expert), jax.devices()[:n]
+    )
     xe, cte = x.reshape(n, t // n, d), ct.reshape(n, t // n, d)
     return bench(moe('dropless'), xe, cte, mesh=mesh)[:2] + (note,)
 
-  jobs['ep'] = (functools.partial(run_ep_in_child, shape, args, note)
-                if n > len(jax.devices()) and dev.platform == 'cpu' and args.paths != ['ep'] else
-                f'n/a (needs {n} devices, {len(jax.devices())} available)'
-                if n > len(jax.devices()) else
-                f'n/a ({e} experts or {t} tokens not divisible by the mesh)'
-                if e % expert or t % n else run_ep)
+  jobs['ep'] = (
+      functools.partial(run_ep_in_child, shape, args, note)
+      if n > len(jax.devices()) and dev.platform == 'cpu' and args.paths != ['ep']
+      else f'n/a (needs {n} devices, {len(jax.devices())} available)'
+      if n > len(jax.devices())
+      else f'n/a ({e} experts or {t} tokens not divisible by the mesh)'
+      if e % expert or t % n
+      else run_ep
+  )
 
   results = {}
   for name, job in jobs.items():
@@ -377,11 +454,32 @@ def run_ep_in_child(shape, args, note):
   """Runs the EP row in `python bench_moe.py --paths ep`, which fakes the host devices."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'ep.json')
-    cmd = [sys.executable, os.path.abspath(__file__), '--paths', 'ep',
-           '--shapes', 'x'.join(map(str, shape)), '--ep-mesh', 'x'.join(map(str, args.ep_mesh)),
-           '--dtype', args.dtype, '--iters', str(args.iters), '--warmup', str(args.warmup),
-           '--batch', str(args.batch), '--gmm-tile', str(args.gmm_tile),
-           '--lora', str(args.lora), '--lora-dropout', str(args.lora_dropout), '--json', out]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        '--paths',
+        'ep',
+        '--shapes',
+        'x'.join(map(str, shape)),
+        '--ep-mesh',
+        'x'.join(map(str, args.ep_mesh)),
+        '--dtype',
+        args.dtype,
+        '--iters',
+        str(args.iters),
+        '--warmup',
+        str(args.warmup),
+        '--batch',
+        str(args.batch),
+        '--gmm-tile',
+        str(args.gmm_tile),
+        '--lora',
+        str(args.lora),
+        '--lora-dropout',
+        str(args.lora_dropout),
+        '--json',
+        out,
+    ]
     cmd += ['--forward-only'] if args.forward_only else []
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(out) as fp:
@@ -391,8 +489,17 @@ def run_ep_in_child(shape, args, note):
   return (row['median_ms'], row['min_ms']), row['temp_mib'], note + ' (child process)'
 
 
-COLS = (('shape TxDxFxExk', 21), ('implementation', 30), ('ms', 9), ('min ms', 9),
-        ('TFLOP/s', 7), ('vs jax ffn', 10), ('vs torch', 8), ('temp MiB', 8), ('note', 0))
+COLS = (
+    ('shape TxDxFxExk', 21),
+    ('implementation', 30),
+    ('ms', 9),
+    ('min ms', 9),
+    ('TFLOP/s', 7),
+    ('vs jax ffn', 10),
+    ('vs torch', 8),
+    ('temp MiB', 8),
+    ('note', 0),
+)
 
 
 def passes(args):
@@ -411,23 +518,48 @@ def make_rows(shape, results, args):
     times, temp, note = results[name]
     ms, min_ms = times or (None, None)
     label = LABELS[name].format(*args.ep_mesh or ())  # The EP row names its mesh.
-    rows.append(dict(shape='x'.join(map(str, shape)), implementation=label, median_ms=ms,
-                     min_ms=min_ms, tflops=ratio(gflop, ms), vs_jax_ffn=ratio(median('ffn'), ms),
-                     vs_torch=ratio(median('torch_mixtral'), ms), temp_mib=temp, note=note))
+    rows.append(
+        dict(
+            shape='x'.join(map(str, shape)),
+            implementation=label,
+            median_ms=ms,
+            min_ms=min_ms,
+            tflops=ratio(gflop, ms),
+            vs_jax_ffn=ratio(median('ffn'), ms),
+            vs_torch=ratio(median('torch_mixtral'), ms),
+            temp_mib=temp,
+            note=note,
+        )
+    )
   return rows
 
 
 def fmt_row(cells):
-  return ' '.join(str(c).rjust(w) if i >= 2 and w else str(c).ljust(w)
-                  for i, ((_, w), c) in enumerate(zip(COLS, cells))).rstrip()
+  return ' '.join(
+      str(c).rjust(w) if i >= 2 and w else str(c).ljust(w)
+      for i, ((_, w), c) in enumerate(zip(COLS, cells))
+  ).rstrip()
 
 
 def print_row(row):
-  num = lambda key, spec, unit='', none='n/a': (none if row[key] is None else
-                                                 format(row[key], spec) + unit)
-  print(fmt_row([row['shape'], row['implementation'], num('median_ms', '.2f'),
-                 num('min_ms', '.2f'), num('tflops', '.3f'), num('vs_jax_ffn', '.2f', 'x'),
-                 num('vs_torch', '.2f', 'x'), num('temp_mib', '.1f', none='-'), row['note']]))
+  num = lambda key, spec, unit='', none='n/a': (
+      none if row[key] is None else format(row[key], spec) + unit
+  )
+  print(
+      fmt_row(
+          [
+              row['shape'],
+              row['implementation'],
+              num('median_ms', '.2f'),
+              num('min_ms', '.2f'),
+              num('tflops', '.3f'),
+              num('vs_jax_ffn', '.2f', 'x'),
+              num('vs_torch', '.2f', 'x'),
+              num('temp_mib', '.1f', none='-'),
+              row['note'],
+          ]
+      )
+  )
 
 
 def host_cpu():
@@ -438,8 +570,14 @@ def host_cpu():
       info = fp.read()
   except OSError:
     return 'unknown cpu'
-  model = next((line.split(':', 1)[1].strip() for line in info.splitlines()
-                if line.startswith('model name')), 'unknown cpu')
+  model = next(
+      (
+          line.split(':', 1)[1].strip()
+          for line in info.splitlines()
+          if line.startswith('model name')
+      ),
+      'unknown cpu',
+  )
   isa = 'avx512' if ' avx512f' in info else 'avx2' if ' avx2' in info else 'no avx2'
   return f'{model}, {os.cpu_count()} cores, {isa}'
 
@@ -458,17 +596,24 @@ def main(args):
   else:
     tdev = f'cpu ({torch.get_num_threads()} threads), torch {torch.__version__}'
   step = 'fwd' if args.forward_only else 'fwd+bwd'
-  print(f'MoE FFN {step} benchmark | host {host_cpu()} | jax {jax.__version__} on {dev.platform} '
-        f'({dev.device_kind}, {len(jax.devices())} devices) | torch on {tdev} | dtype '
-        f'{args.dtype} (jax params float32) | batch {args.batch} | gmm tile {args.gmm_tile} | '
-        + (f'LoRA rank {args.lora}, dropout {args.lora_dropout:g}, base frozen | '
-           if args.lora else '') +
-        f'median of {args.iters} iters after {args.warmup} warmup | '
-        f'load avg {os.getloadavg()[0]:.2f}')
-  print(f'Useful FLOPs = {passes(args)} ({step}) x 2 x tokens x k x 3 x embed x '
-        'mlp (routed experts only; router/dispatch not counted). vs jax ffn = ffn_ms / ms; vs '
-        'torch = torch_mixtral_ms / ms (>1: faster). temp MiB = '
-        f'memory_analysis().temp_size_in_bytes of the compiled JAX {step}.')
+  print(
+      f'MoE FFN {step} benchmark | host {host_cpu()} | jax {jax.__version__} on {dev.platform} '
+      f'({dev.device_kind}, {len(jax.devices())} devices) | torch on {tdev} | dtype '
+      f'{args.dtype} (jax params float32) | batch {args.batch} | gmm tile {args.gmm_tile} | '
+      + (
+          f'LoRA rank {args.lora}, dropout {args.lora_dropout:g}, base frozen | '
+          if args.lora
+          else ''
+      )
+      + f'median of {args.iters} iters after {args.warmup} warmup | '
+      f'load avg {os.getloadavg()[0]:.2f}'
+  )
+  print(
+      f'Useful FLOPs = {passes(args)} ({step}) x 2 x tokens x k x 3 x embed x '
+      'mlp (routed experts only; router/dispatch not counted). vs jax ffn = ffn_ms / ms; vs '
+      'torch = torch_mixtral_ms / ms (>1: faster). temp MiB = '
+      f'memory_analysis().temp_size_in_bytes of the compiled JAX {step}.'
+  )
   header = fmt_row([c for c, _ in COLS])
   print(header)
   print('-' * len(header))

@@ -80,6 +80,7 @@ from unimoe_jax.convert import official
 from unimoe_jax.convert import official_towers
 from unimoe_jax.decoder import Decoder
 from unimoe_jax.model import UniMoE, UniMoEConfig
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Files the official training scripts write beside (or instead of) the model weights.
@@ -104,10 +105,17 @@ def _gin_block(name: str, cfg: Any, nested: Dict[str, str]) -> List[str]:
 
 def gin_config_text(cfg: DecoderConfig, source: str, extra_lines: Sequence[str] = ()) -> str:
   """A gin file binding `DECODER_CONFIG` to `cfg` (and its MoE / LoRA configs)."""
-  lines = [f'# Converted by tools/convert_checkpoint.py --source {source}.',
-           'from unimoe_jax import config', '', 'DECODER_CONFIG = @config.DecoderConfig()', '']
-  nested = {'moe': '@config.MoEConfig()' if cfg.moe else 'None',
-            'lora': '@config.LoRAConfig()' if cfg.lora else 'None'}
+  lines = [
+      f'# Converted by tools/convert_checkpoint.py --source {source}.',
+      'from unimoe_jax import config',
+      '',
+      'DECODER_CONFIG = @config.DecoderConfig()',
+      '',
+  ]
+  nested = {
+      'moe': '@config.MoEConfig()' if cfg.moe else 'None',
+      'lora': '@config.LoRAConfig()' if cfg.lora else 'None',
+  }
   lines += _gin_block('config.DecoderConfig', cfg, nested)
   if cfg.moe:
     lines += [''] + _gin_block('config.MoEConfig', cfg.moe, {})
@@ -119,24 +127,35 @@ def gin_config_text(cfg: DecoderConfig, source: str, extra_lines: Sequence[str] 
 
 def _check_shapes(params: Dict[str, Any], abstract_params, what: str) -> None:
   """Raises ValueError naming every leaf of `params` whose path or shape differs."""
-  flat_expected = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-                   jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params))[0]}
-  flat_got = {jax.tree_util.keystr(k): tuple(v.shape)
-              for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat_expected = {
+      jax.tree_util.keystr(k): tuple(v.shape)
+      for k, v in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params))[0]
+  }
+  flat_got = {
+      jax.tree_util.keystr(k): tuple(v.shape)
+      for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   missing = sorted(set(flat_expected) - set(flat_got))
   extra = sorted(set(flat_got) - set(flat_expected))
-  shapes = sorted(f'{k}: {flat_got[k]} != {flat_expected[k]}'
-                  for k in set(flat_got) & set(flat_expected) if flat_got[k] != flat_expected[k])
+  shapes = sorted(
+      f'{k}: {flat_got[k]} != {flat_expected[k]}'
+      for k in set(flat_got) & set(flat_expected)
+      if flat_got[k] != flat_expected[k]
+  )
   if missing or extra or shapes:
-    raise ValueError(f'{what} do not match the model: missing {missing}, '
-                     f'unexpected {extra}, wrong shapes {shapes}')
+    raise ValueError(
+        f'{what} do not match the model: missing {missing}, '
+        f'unexpected {extra}, wrong shapes {shapes}'
+    )
 
 
 def check_against_model(params: Dict[str, Any], cfg: DecoderConfig):
   """Raises ValueError naming every leaf whose path or shape differs from `Decoder(cfg).init`."""
+
   def init():
     tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)
     return Decoder(cfg).init(jax.random.PRNGKey(0), tokens)
+
   _check_shapes(params, jax.eval_shape(init)['params'], 'converted decoder params')
 
 
@@ -158,6 +177,7 @@ def check_model_against_model(params: Dict[str, Any], model_cfg: UniMoEConfig):
       batch[f'{m}_features'] = jax.numpy.zeros((1, 1) + shape)
       batch[f'{m}_mask'] = jax.numpy.ones((1, 1), bool)
     return UniMoE(model_cfg).init(jax.random.PRNGKey(0), batch)
+
   _check_shapes(params, jax.eval_shape(init)['params'], 'converted params')
 
 
@@ -173,11 +193,18 @@ def convert_llava(input_dir: str, dtype: str = 'bfloat16', param_dtype: str = 'f
   return params, model_cfg, count, size
 
 
-def convert_official(input_dir: str, merge_lora: bool = False, base_dir: Optional[str] = None,
-                     dtype: str = 'bfloat16', param_dtype: str = 'float32',
-                     vision_tower: Optional[str] = None, audio_tower: Optional[str] = None,
-                     expert_dir: Optional[str] = None,
-                     expert_files: Optional[Sequence[str]] = None, notes: Optional[list] = None):
+def convert_official(
+    input_dir: str,
+    merge_lora: bool = False,
+    base_dir: Optional[str] = None,
+    dtype: str = 'bfloat16',
+    param_dtype: str = 'float32',
+    vision_tower: Optional[str] = None,
+    audio_tower: Optional[str] = None,
+    expert_dir: Optional[str] = None,
+    expert_files: Optional[Sequence[str]] = None,
+    notes: Optional[list] = None,
+):
   """(params tree, UniMoEConfig or None for a language model, DecoderConfig, number of source
   tensors, source parameter count) of an official Uni-MoE directory (--source unimoe). What is
   ignored or cannot be reproduced is appended to `notes`."""
@@ -188,15 +215,24 @@ def convert_official(input_dir: str, merge_lora: bool = False, base_dir: Optiona
   state_dict, found = official.prune(files, hf_config, layers)
   scales = official.adapter_scales(state_dict, hf_config, adapter_config)
   cfg, config_notes = official.config_from_official(
-      hf_config, adapter_config, layers, files.deepspeed, scales, keep_lora=not merge_lora,
-      dtype=dtype, param_dtype=param_dtype)
+      hf_config,
+      adapter_config,
+      layers,
+      files.deepspeed,
+      scales,
+      keep_lora=not merge_lora,
+      dtype=dtype,
+      param_dtype=param_dtype,
+  )
   fields, tower_tensors = official_towers.tower_configs(
-      hf_config, state_dict, vision_tower, audio_tower, search_dirs=(input_dir, base_dir))
+      hf_config, state_dict, vision_tower, audio_tower, search_dirs=(input_dir, base_dir)
+  )
   model_cfg = UniMoEConfig(decoder=cfg, **fields) if fields else None
   if tower_tensors:  # Towers the checkpoint lacks, from their own files.
     state_dict = ckpt_io.LazyStateDict(tower_tensors).merge(state_dict)
-  params = official.params_from_official(state_dict, cfg, hf_config, scales,
-                                         merge_lora=merge_lora, model_cfg=model_cfg)
+  params = official.params_from_official(
+      state_dict, cfg, hf_config, scales, merge_lora=merge_lora, model_cfg=model_cfg
+  )
   check_against_model(params['decoder'], cfg)
   if model_cfg is not None:
     check_model_against_model(params, model_cfg)
@@ -206,23 +242,32 @@ def convert_official(input_dir: str, merge_lora: bool = False, base_dir: Optiona
   return params, model_cfg, cfg, count, size
 
 
-def convert(source: str, input_dir: str, merge_lora: bool = False, base_dir: Optional[str] = None,
-            dtype: str = 'bfloat16', param_dtype: str = 'float32'):
+def convert(
+    source: str,
+    input_dir: str,
+    merge_lora: bool = False,
+    base_dir: Optional[str] = None,
+    dtype: str = 'bfloat16',
+    param_dtype: str = 'float32',
+):
   """(params tree, DecoderConfig, number of source tensors, source parameter count).
 
   Language models, and the decoder config of an official checkpoint (`convert_official` also
   returns its UniMoEConfig); `convert_llava` converts LLaVA (`main` picks it by model_type).
   """
   if source == 'unimoe':
-    params, _, cfg, count, size = convert_official(input_dir, merge_lora, base_dir, dtype,
-                                                   param_dtype)
+    params, _, cfg, count, size = convert_official(
+        input_dir, merge_lora, base_dir, dtype, param_dtype
+    )
     return params, cfg, count, size
   if source != 'hf':
     raise ValueError(f"--source must be 'hf' or 'unimoe', got {source!r}")
   hf_config = ckpt_io.read_config(input_dir)
   if hf_config.get('model_type') not in (None, 'llama', 'mistral', 'mixtral'):
-    raise ValueError(f'--source hf converts LLaMA / Vicuna / Mixtral language models; '
-                     f'{input_dir} has model_type {hf_config.get("model_type")!r}')
+    raise ValueError(
+        f'--source hf converts LLaMA / Vicuna / Mixtral language models; '
+        f'{input_dir} has model_type {hf_config.get("model_type")!r}'
+    )
   state_dict = ckpt_io.open_state_dict(input_dir)
   cfg = hf.config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
   params = {'decoder': hf.decoder_params_from_hf(state_dict, cfg)}
@@ -236,6 +281,7 @@ def _tokenizer_from_json(directory: str, files: Dict[str, str], notes: List[str]
   tokenizer.json wraps (data/vocabulary.py), written as the checkpoint's tokenizer.model; a
   note says why not when it wraps none. True when one was written."""
   from unimoe_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(directory, vocabulary.TOKENIZER_JSON_FILE)
   if not os.path.exists(path):
     return False
@@ -260,31 +306,49 @@ def export_hf(args) -> int:
   from unimoe_jax.convert import export_hf as export_lib  # pylint: disable=g-import-not-at-top
   from unimoe_jax.data.vocabulary import TOKENIZER_CONFIG_FILE  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import checkpoints as train_checkpoints  # pylint: disable=g-import-not-at-top
+
   directory, step = train_checkpoints.locate(args.input, '--input')
   params, gin_text = train_checkpoints.read_params(args.input, '--input')
   if gin_text is None:
-    raise ValueError(f'--input {args.input}: no config.gin found beside the parameters (a '
-                     'training run keeps it in MODEL_DIR/config.gin)')
+    raise ValueError(
+        f'--input {args.input}: no config.gin found beside the parameters (a '
+        'training run keeps it in MODEL_DIR/config.gin)'
+    )
   model_config = export_lib.config_from_gin(gin_text)
   cfg = model_config.decoder
   files = {}
   # The tokenizer beside a converted checkpoint, or in the run's MODEL_DIR.
   for where in (directory, os.path.join(directory, '..', '..')):
     if os.path.exists(os.path.join(where, checkpoint.TOKENIZER_FILE)) and not files:
-      for name in (checkpoint.TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, 'tokenizer.json',
-                   'special_tokens_map.json'):
+      for name in (
+          checkpoint.TOKENIZER_FILE,
+          TOKENIZER_CONFIG_FILE,
+          'tokenizer.json',
+          'special_tokens_map.json',
+      ):
         if os.path.exists(os.path.join(where, name)):
           files[name] = os.path.join(where, name)
-  summary = export_lib.export(params, cfg, args.output, keep_lora=args.keep_lora,
-                              extra_files=files,
-                              max_position_embeddings=args.max_position_embeddings,
-                              max_shard_bytes=int(args.max_shard_gb * 2**30),
-                              model_config=model_config)
+  summary = export_lib.export(
+      params,
+      cfg,
+      args.output,
+      keep_lora=args.keep_lora,
+      extra_files=files,
+      max_position_embeddings=args.max_position_embeddings,
+      max_shard_bytes=int(args.max_shard_gb * 2**30),
+      model_config=model_config,
+  )
   if not files:
-    summary['notes'].append(f'no {checkpoint.TOKENIZER_FILE} beside --input: copy the '
-                            'tokenizer into the output yourself')
-  summary.update(input=directory, step=step, moe=cfg.moe is not None,
-                 peak_rss_mib=round(ckpt_io.peak_rss_bytes() / 2**20, 1))
+    summary['notes'].append(
+        f'no {checkpoint.TOKENIZER_FILE} beside --input: copy the '
+        'tokenizer into the output yourself'
+    )
+  summary.update(
+      input=directory,
+      step=step,
+      moe=cfg.moe is not None,
+      peak_rss_mib=round(ckpt_io.peak_rss_bytes() / 2**20, 1),
+  )
   for note in summary['notes']:
     print(f'convert_checkpoint --to hf: {note}', file=sys.stderr)
   print(json.dumps(summary))
@@ -293,38 +357,71 @@ def export_hf(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--source', choices=('hf', 'unimoe'), default=None,
-                      help='the format of --input (required unless --to hf)')
-  parser.add_argument('--to', choices=('hf',), default=None,
-                      help='hf: export our checkpoint (or training run) --input as a Hugging '
-                           'Face LLaMA / Mixtral directory')
-  parser.add_argument('--keep_lora', action='store_true',
-                      help='--to hf: write the LoRA adapters as a PEFT adapter instead of '
-                           'merging them')
-  parser.add_argument('--max_position_embeddings', type=int, default=4096,
-                      help='--to hf: config.json max_position_embeddings (we have no limit)')
-  parser.add_argument('--max_shard_gb', type=float, default=5.0,
-                      help='--to hf: largest safetensors shard, GiB')
+  parser.add_argument(
+      '--source',
+      choices=('hf', 'unimoe'),
+      default=None,
+      help='the format of --input (required unless --to hf)',
+  )
+  parser.add_argument(
+      '--to',
+      choices=('hf',),
+      default=None,
+      help='hf: export our checkpoint (or training run) --input as a Hugging '
+      'Face LLaMA / Mixtral directory',
+  )
+  parser.add_argument(
+      '--keep_lora',
+      action='store_true',
+      help='--to hf: write the LoRA adapters as a PEFT adapter instead of ' 'merging them',
+  )
+  parser.add_argument(
+      '--max_position_embeddings',
+      type=int,
+      default=4096,
+      help='--to hf: config.json max_position_embeddings (we have no limit)',
+  )
+  parser.add_argument(
+      '--max_shard_gb', type=float, default=5.0, help='--to hf: largest safetensors shard, GiB'
+  )
   parser.add_argument('--input', required=True, help='checkpoint directory to read')
   parser.add_argument('--output', required=True, help='new directory to write')
-  parser.add_argument('--base', default=None,
-                      help='unimoe: base model directory the LoRA run started from')
-  parser.add_argument('--vision_tower', default=None,
-                      help='unimoe: CLIP tower directory (overrides config.json mm_vision_tower)')
-  parser.add_argument('--audio_tower', default=None,
-                      help='unimoe: Whisper directory or BEATs .pt (overrides mm_audio_tower)')
-  parser.add_argument('--expert_dir', default=None,
-                      help='unimoe 8e: the expert set directory (8e-Experts, the official '
-                           '--mlp_dir) whose FFN files the experts of --input update')
-  parser.add_argument('--expert_files', default=None,
-                      help='unimoe 8e: comma-separated expert set file of each expert, in expert '
-                           'order (default: the official ' + ','.join(official.OFFICIAL_EXPERT_SET)
-                           + ')')
-  parser.add_argument('--merge_lora', action='store_true',
-                      help='fold LoRA adapters into the weights instead of keeping them')
-  parser.add_argument('--scan_layers', action='store_true',
-                      help='store the decoder layers stacked for DecoderConfig.scan_layers '
-                           '(either layout loads into a model of either layout)')
+  parser.add_argument(
+      '--base', default=None, help='unimoe: base model directory the LoRA run started from'
+  )
+  parser.add_argument(
+      '--vision_tower',
+      default=None,
+      help='unimoe: CLIP tower directory (overrides config.json mm_vision_tower)',
+  )
+  parser.add_argument(
+      '--audio_tower',
+      default=None,
+      help='unimoe: Whisper directory or BEATs .pt (overrides mm_audio_tower)',
+  )
+  parser.add_argument(
+      '--expert_dir',
+      default=None,
+      help='unimoe 8e: the expert set directory (8e-Experts, the official '
+      '--mlp_dir) whose FFN files the experts of --input update',
+  )
+  parser.add_argument(
+      '--expert_files',
+      default=None,
+      help='unimoe 8e: comma-separated expert set file of each expert, in expert '
+      'order (default: the official ' + ','.join(official.OFFICIAL_EXPERT_SET) + ')',
+  )
+  parser.add_argument(
+      '--merge_lora',
+      action='store_true',
+      help='fold LoRA adapters into the weights instead of keeping them',
+  )
+  parser.add_argument(
+      '--scan_layers',
+      action='store_true',
+      help='store the decoder layers stacked for DecoderConfig.scan_layers '
+      '(either layout loads into a model of either layout)',
+  )
   parser.add_argument('--dtype', default='bfloat16', help='DecoderConfig.dtype to write')
   parser.add_argument('--param_dtype', default='float32', help='DecoderConfig.param_dtype')
   args = parser.parse_args(argv)
@@ -338,19 +435,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     raise FileExistsError(f'--output {args.output} already exists')
   model_cfg = None
   notes = []
-  if (args.source == 'hf' and
-      ckpt_io.read_config(args.input).get('model_type') == 'llava'):
+  if args.source == 'hf' and ckpt_io.read_config(args.input).get('model_type') == 'llava':
     params, model_cfg, count, size = convert_llava(args.input, args.dtype, args.param_dtype)
     cfg = model_cfg.decoder
   elif args.source == 'unimoe':
     params, model_cfg, cfg, count, size = convert_official(
-        args.input, args.merge_lora, args.base, args.dtype, args.param_dtype,
-        args.vision_tower, args.audio_tower, args.expert_dir,
-        args.expert_files.split(',') if args.expert_files else None, notes)
+        args.input,
+        args.merge_lora,
+        args.base,
+        args.dtype,
+        args.param_dtype,
+        args.vision_tower,
+        args.audio_tower,
+        args.expert_dir,
+        args.expert_files.split(',') if args.expert_files else None,
+        notes,
+    )
     official.warn(notes)
   else:
-    params, cfg, count, size = convert(args.source, args.input, args.merge_lora, args.base,
-                                       args.dtype, args.param_dtype)
+    params, cfg, count, size = convert(
+        args.source, args.input, args.merge_lora, args.base, args.dtype, args.param_dtype
+    )
   if args.scan_layers:
     cfg = dataclasses.replace(cfg, scan_layers=True)
     if model_cfg is not None:
@@ -359,12 +464,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   extra_lines = []
   if 'vision_projector' in params and model_cfg is None:
     kind = ckpt_io.read_config(args.input).get('mm_projector_type', 'linear')
-    extra_lines = ['', '# The checkpoint also holds the vision projector of this kind:',
-                   '# model.UniMoEConfig.vision_projector = ' + repr(kind)]
+    extra_lines = [
+        '',
+        '# The checkpoint also holds the vision projector of this kind:',
+        '# model.UniMoEConfig.vision_projector = ' + repr(kind),
+    ]
   files = {}
   # The tokenizer, with the tokenizer_config.json beside it when there is one: its `legacy`
   # flag changes how text after </s> is encoded (data/vocabulary.py).
   from unimoe_jax.data.vocabulary import TOKENIZER_CONFIG_FILE  # pylint: disable=g-import-not-at-top
+
   for directory in (args.input, args.base):
     tokenizer = directory and os.path.join(directory, checkpoint.TOKENIZER_FILE)
     if tokenizer and os.path.exists(tokenizer) and not files:
@@ -375,21 +484,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   tokenizer_from_json = False
   if not files:
     tokenizer_from_json = _tokenizer_from_json(args.input, files, notes)
-  gin_text = (llava.model_gin_text(model_cfg, args.source) if model_cfg is not None
-              else gin_config_text(cfg, args.source, extra_lines))
+  gin_text = (
+      llava.model_gin_text(model_cfg, args.source)
+      if model_cfg is not None
+      else gin_config_text(cfg, args.source, extra_lines)
+  )
   try:
     checkpoint.save(args.output, params, gin_text, files)
   finally:
     if tokenizer_from_json:
       os.remove(files[checkpoint.TOKENIZER_FILE])
-  summary = {'output': os.path.abspath(args.output), 'source': args.source,
-             'source_tensors': count, 'source_parameters': size,
-             'converted_parameters': int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
-             'moe': cfg.moe is not None, 'lora_kept': cfg.lora is not None,
-             'moe_layers': list(cfg.moe_layer_indices()), 'notes': notes,
-             'modalities': list(model_cfg.modalities) if model_cfg else [],
-             'tokenizer_copied': bool(files), 'tokenizer_from_json': tokenizer_from_json,
-             'peak_rss_mib': round(ckpt_io.peak_rss_bytes() / 2**20, 1)}
+  summary = {
+      'output': os.path.abspath(args.output),
+      'source': args.source,
+      'source_tensors': count,
+      'source_parameters': size,
+      'converted_parameters': int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
+      'moe': cfg.moe is not None,
+      'lora_kept': cfg.lora is not None,
+      'moe_layers': list(cfg.moe_layer_indices()),
+      'notes': notes,
+      'modalities': list(model_cfg.modalities) if model_cfg else [],
+      'tokenizer_copied': bool(files),
+      'tokenizer_from_json': tokenizer_from_json,
+      'peak_rss_mib': round(ckpt_io.peak_rss_bytes() / 2**20, 1),
+  }
   print(json.dumps(summary))
   return 0
 

@@ -48,8 +48,12 @@ COLOURS = {  # name -> RGB; far apart from each other and from the dark backgrou
 }
 COLOUR_NAMES = tuple(COLOURS)
 SHAPES = ('circle', 'square', 'triangle', 'cross')
-SHAPE_PLURALS = {'circle': 'circles', 'square': 'squares', 'triangle': 'triangles',
-                 'cross': 'crosses'}
+SHAPE_PLURALS = {
+    'circle': 'circles',
+    'square': 'squares',
+    'triangle': 'triangles',
+    'cross': 'crosses',
+}
 COUNTS = (1, 2, 3)
 NUMBER_WORDS = {1: 'one', 2: 'two', 3: 'three', 4: 'four'}
 DIRECTIONS = ('left', 'right', 'up', 'down')
@@ -66,8 +70,18 @@ SWEEPS = ('rising', 'falling')
 # DTMF (ITU-T Q.23): each digit is the sum of one low (row) and one high (column) tone.
 DTMF_ROWS = (697.0, 770.0, 852.0, 941.0)
 DTMF_COLUMNS = (1209.0, 1336.0, 1477.0)
-DTMF_DIGITS = {'1': (0, 0), '2': (0, 1), '3': (0, 2), '4': (1, 0), '5': (1, 1), '6': (1, 2),
-               '7': (2, 0), '8': (2, 1), '9': (2, 2), '0': (3, 1)}
+DTMF_DIGITS = {
+    '1': (0, 0),
+    '2': (0, 1),
+    '3': (0, 2),
+    '4': (1, 0),
+    '5': (1, 1),
+    '6': (1, 2),
+    '7': (2, 0),
+    '8': (2, 1),
+    '9': (2, 2),
+    '0': (3, 1),
+}
 DTMF_TONE_SECONDS = 0.1
 DTMF_GAP_SECONDS = 0.05
 SPEECH_LENGTHS = (3, 4)
@@ -116,7 +130,7 @@ MEDIA_FIELDS = {'image': 'image', 'video': 'video', 'speech': 'voice', 'audio': 
 def note_frequency(pitch_class: str, octave: int = 4) -> float:
   """Equal temperament, A4 = 440 Hz."""
   midi = 12 * (octave + 1) + PITCH_CLASSES.index(pitch_class)
-  return 440.0 * 2.0**((midi - 69) / 12.0)
+  return 440.0 * 2.0 ** ((midi - 69) / 12.0)
 
 
 def balanced_labels(rng: np.random.Generator, classes: Sequence[Any], n: int) -> List[Any]:
@@ -128,7 +142,8 @@ def balanced_labels(rng: np.random.Generator, classes: Sequence[Any], n: int) ->
 
 def _item_rng(seed: int, split: str, modality: str, index: int) -> np.random.Generator:
   return np.random.default_rng(
-      np.random.SeedSequence([seed, SPLITS.index(split), MODALITIES.index(modality), index]))
+      np.random.SeedSequence([seed, SPLITS.index(split), MODALITIES.index(modality), index])
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,8 +175,9 @@ def _draw_shape(draw, shape: str, x0: int, y0: int, size: int, fill) -> None:
     raise ValueError(f'unknown shape {shape!r}')
 
 
-def render_shapes(rng: np.random.Generator, colour: str, shape: str, count: int,
-                  image_size: int = 32):
+def render_shapes(
+    rng: np.random.Generator, colour: str, shape: str, count: int, image_size: int = 32
+):
   """`count` shapes of one colour, each in its own cell of a 2x2 grid, on a dark grey background.
 
   Returns:
@@ -185,8 +201,14 @@ def render_shapes(rng: np.random.Generator, colour: str, shape: str, count: int,
   return image
 
 
-def render_moving_shape(rng: np.random.Generator, colour: str, shape: str, direction: str,
-                        image_size: int = 32, num_frames: int = NUM_FRAMES) -> list:
+def render_moving_shape(
+    rng: np.random.Generator,
+    colour: str,
+    shape: str,
+    direction: str,
+    image_size: int = 32,
+    num_frames: int = NUM_FRAMES,
+) -> list:
   """One shape crossing about half the frame in `direction`, at constant speed.
 
   Returns:
@@ -211,8 +233,9 @@ def render_moving_shape(rng: np.random.Generator, colour: str, shape: str, direc
   for k in range(num_frames):
     offset = int(round(travel * k / max(num_frames - 1, 1)))
     frame = Image.new('RGB', (image_size, image_size), (background,) * 3)
-    _draw_shape(ImageDraw.Draw(frame), shape, start_x + dx * offset, start_y + dy * offset,
-                size, fill)
+    _draw_shape(
+        ImageDraw.Draw(frame), shape, start_x + dx * offset, start_y + dy * offset, size, fill
+    )
     frames.append(frame)
   return frames
 
@@ -228,8 +251,12 @@ def _ramp(num_samples: int, ramp_samples: int) -> np.ndarray:
   return envelope
 
 
-def dtmf_wave(rng: np.random.Generator, digits: str, sample_rate: int = SAMPLE_RATE,
-              clip_seconds: float = CLIP_SECONDS) -> np.ndarray:
+def dtmf_wave(
+    rng: np.random.Generator,
+    digits: str,
+    sample_rate: int = SAMPLE_RATE,
+    clip_seconds: float = CLIP_SECONDS,
+) -> np.ndarray:
   """DTMF tones for `digits` (100 ms each, 50 ms apart) after 50-250 ms of silence, plus a
   little white noise.
 
@@ -249,15 +276,21 @@ def dtmf_wave(rng: np.random.Generator, digits: str, sample_rate: int = SAMPLE_R
     row, column = DTMF_DIGITS[digit]
     amplitude = rng.uniform(0.25, 0.45)
     phases = rng.uniform(0, 2 * np.pi, size=2)
-    pair = (np.sin(2 * np.pi * DTMF_ROWS[row] * t + phases[0]) +
-            np.sin(2 * np.pi * DTMF_COLUMNS[column] * t + phases[1]))
-    wave[start + i * step:start + i * step + tone] += amplitude * envelope * pair
+    pair = np.sin(2 * np.pi * DTMF_ROWS[row] * t + phases[0]) + np.sin(
+        2 * np.pi * DTMF_COLUMNS[column] * t + phases[1]
+    )
+    wave[start + i * step : start + i * step + tone] += amplitude * envelope * pair
   wave += rng.normal(0.0, 0.002, size=num_samples)
   return np.clip(wave, -1.0, 1.0)
 
 
-def chirp_wave(rng: np.random.Generator, pitch_class: str, sweep: str,
-               sample_rate: int = SAMPLE_RATE, clip_seconds: float = CLIP_SECONDS) -> np.ndarray:
+def chirp_wave(
+    rng: np.random.Generator,
+    pitch_class: str,
+    sweep: str,
+    sample_rate: int = SAMPLE_RATE,
+    clip_seconds: float = CLIP_SECONDS,
+) -> np.ndarray:
   """A linear chirp of 0.5-1 s through the octave-4 note `pitch_class` at its midpoint, from
   note * (1 - CHIRP_SPAN) to note * (1 + CHIRP_SPAN) ('rising') or the reverse ('falling'), at a
   random offset in the clip, plus a little white noise.
@@ -277,10 +310,13 @@ def chirp_wave(rng: np.random.Generator, pitch_class: str, sweep: str,
   t = np.arange(duration) / sample_rate
   seconds = duration / sample_rate
   phase = 2 * np.pi * (f_start * t + 0.5 * (f_end - f_start) / seconds * t**2)
-  chirp = rng.uniform(0.3, 0.6) * _ramp(duration, int(0.02 * sample_rate)) * np.sin(
-      phase + rng.uniform(0, 2 * np.pi))
+  chirp = (
+      rng.uniform(0.3, 0.6)
+      * _ramp(duration, int(0.02 * sample_rate))
+      * np.sin(phase + rng.uniform(0, 2 * np.pi))
+  )
   wave = np.zeros(num_samples)
-  wave[start:start + duration] = chirp
+  wave[start : start + duration] = chirp
   wave += rng.normal(0.0, 0.002, size=num_samples)
   return np.clip(wave, -1.0, 1.0)
 
@@ -289,9 +325,15 @@ def chirp_wave(rng: np.random.Generator, pitch_class: str, sweep: str,
 # Media pools: labels and files of one split.
 
 
-def make_media(root: str, split: str, n: int, seed: int, image_size: int = 32,
-               num_frames: int = NUM_FRAMES, sample_rate: int = SAMPLE_RATE
-               ) -> Dict[str, List[Dict[str, Any]]]:
+def make_media(
+    root: str,
+    split: str,
+    n: int,
+    seed: int,
+    image_size: int = 32,
+    num_frames: int = NUM_FRAMES,
+    sample_rate: int = SAMPLE_RATE,
+) -> Dict[str, List[Dict[str, Any]]]:
   """Writes `n` items per modality under root/media/<split>/ and returns their records:
   {'path' (relative to root; a list of frame paths for video), 'labels': {...}}."""
   import soundfile
@@ -311,10 +353,15 @@ def make_media(root: str, split: str, n: int, seed: int, image_size: int = 32,
   pools['image'] = []
   for i in range(n):
     rel = os.path.join('media', split, 'image', f'{i:05d}.png')
-    render_shapes(_item_rng(seed, split, 'image', i), colours[i], shapes[i], counts[i],
-                  image_size).save(os.path.join(root, rel))
-    pools['image'].append({'path': rel, 'labels': {
-        'colour': colours[i], 'shape': shapes[i], 'count': NUMBER_WORDS[counts[i]]}})
+    render_shapes(
+        _item_rng(seed, split, 'image', i), colours[i], shapes[i], counts[i], image_size
+    ).save(os.path.join(root, rel))
+    pools['image'].append(
+        {
+            'path': rel,
+            'labels': {'colour': colours[i], 'shape': shapes[i], 'count': NUMBER_WORDS[counts[i]]},
+        }
+    )
 
   colours = balanced_labels(label_rng, COLOUR_NAMES, n)
   shapes = balanced_labels(label_rng, SHAPES, n)
@@ -325,15 +372,23 @@ def make_media(root: str, split: str, n: int, seed: int, image_size: int = 32,
     direction = [d for d in DIRECTIONS if MOTION_OF[d] == motions[i]][int(item_rng.integers(2))]
     rel_dir = os.path.join('media', split, 'video', f'{i:05d}')
     os.makedirs(os.path.join(root, rel_dir), exist_ok=True)
-    frames = render_moving_shape(item_rng, colours[i], shapes[i], direction, image_size,
-                                 num_frames)
+    frames = render_moving_shape(item_rng, colours[i], shapes[i], direction, image_size, num_frames)
     paths = []
     for k, frame in enumerate(frames):
       rel = os.path.join(rel_dir, f'frame_{k:03d}.png')
       frame.save(os.path.join(root, rel))
       paths.append(rel)
-    pools['video'].append({'path': paths, 'labels': {
-        'direction': direction, 'motion': motions[i], 'colour': colours[i], 'shape': shapes[i]}})
+    pools['video'].append(
+        {
+            'path': paths,
+            'labels': {
+                'direction': direction,
+                'motion': motions[i],
+                'colour': colours[i],
+                'shape': shapes[i],
+            },
+        }
+    )
 
   lengths = balanced_labels(label_rng, SPEECH_LENGTHS, n)
   media_dir('speech')
@@ -342,11 +397,20 @@ def make_media(root: str, split: str, n: int, seed: int, image_size: int = 32,
     rng = _item_rng(seed, split, 'speech', i)
     digits = ''.join(str(d) for d in rng.integers(0, 10, size=lengths[i]))
     rel = os.path.join('media', split, 'speech', f'{i:05d}.wav')
-    soundfile.write(os.path.join(root, rel), dtmf_wave(rng, digits, sample_rate), sample_rate,
-                    subtype='PCM_16')
-    pools['speech'].append({'path': rel, 'labels': {
-        'digits': digits, 'transcript': ' '.join(digits), 'length': NUMBER_WORDS[len(digits)],
-        'first': digits[0]}})
+    soundfile.write(
+        os.path.join(root, rel), dtmf_wave(rng, digits, sample_rate), sample_rate, subtype='PCM_16'
+    )
+    pools['speech'].append(
+        {
+            'path': rel,
+            'labels': {
+                'digits': digits,
+                'transcript': ' '.join(digits),
+                'length': NUMBER_WORDS[len(digits)],
+                'first': digits[0],
+            },
+        }
+    )
 
   sweeps = balanced_labels(label_rng, SWEEPS, n)
   pitches = balanced_labels(label_rng, PITCH_CLASSES, n)
@@ -376,33 +440,59 @@ def audio_caption(labels: Dict[str, str]) -> str:
   return f"a {labels['sweep']} tone, pitch {labels['pitch']}"
 
 
-QUESTIONS = {'image': IMAGE_QUESTIONS, 'video': VIDEO_QUESTIONS, 'speech': SPEECH_QUESTIONS,
-             'audio': AUDIO_QUESTIONS}
+QUESTIONS = {
+    'image': IMAGE_QUESTIONS,
+    'video': VIDEO_QUESTIONS,
+    'speech': SPEECH_QUESTIONS,
+    'audio': AUDIO_QUESTIONS,
+}
 # Answer vocabularies of each question (for multiple-choice distractors and chance baselines).
 ANSWER_CLASSES = {
-    ('image', 'colour'): COLOUR_NAMES, ('image', 'shape'): SHAPES,
+    ('image', 'colour'): COLOUR_NAMES,
+    ('image', 'shape'): SHAPES,
     ('image', 'count'): tuple(NUMBER_WORDS[c] for c in COUNTS),
-    ('video', 'motion'): MOTIONS, ('video', 'colour'): COLOUR_NAMES,
+    ('video', 'motion'): MOTIONS,
+    ('video', 'colour'): COLOUR_NAMES,
     ('video', 'shape'): SHAPES,
-    ('speech', 'length'): ('three', 'four'), ('speech', 'first'): tuple('0123456789'),
-    ('audio', 'sweep'): SWEEPS, ('audio', 'pitch'): PITCH_CLASSES,
+    ('speech', 'length'): ('three', 'four'),
+    ('speech', 'first'): tuple('0123456789'),
+    ('audio', 'sweep'): SWEEPS,
+    ('audio', 'pitch'): PITCH_CLASSES,
 }
 # The open evaluation questions of each modality (speech: the transcript, scored by WER) ...
-EVAL_CATEGORIES = {'image': ('colour', 'shape', 'count'), 'video': ('motion', 'colour', 'shape'),
-                   'speech': ('transcript',), 'audio': ('sweep', 'pitch')}
+EVAL_CATEGORIES = {
+    'image': ('colour', 'shape', 'count'),
+    'video': ('motion', 'colour', 'shape'),
+    'speech': ('transcript',),
+    'audio': ('sweep', 'pitch'),
+}
 # ... and the multiple-choice ones: questions with a closed set of answers (a transcript has
 # none, so speech asks its length and first digit).
-MC_CATEGORIES = {'image': ('colour', 'shape', 'count'), 'video': ('motion', 'colour', 'shape'),
-                 'speech': ('length', 'first'), 'audio': ('sweep', 'pitch')}
+MC_CATEGORIES = {
+    'image': ('colour', 'shape', 'count'),
+    'video': ('motion', 'colour', 'shape'),
+    'speech': ('length', 'first'),
+    'audio': ('sweep', 'pitch'),
+}
 
 
-def _example(example_id: str, modality: str, item: Dict[str, Any], turns: Sequence[Tuple[str, str]],
-             root: str, absolute_paths: bool, **extra) -> Dict[str, Any]:
+def _example(
+    example_id: str,
+    modality: str,
+    item: Dict[str, Any],
+    turns: Sequence[Tuple[str, str]],
+    root: str,
+    absolute_paths: bool,
+    **extra,
+) -> Dict[str, Any]:
   """One manifest entry; the placeholder goes before the first question, as the official data."""
   path = item['path']
   if absolute_paths:
-    path = ([os.path.abspath(os.path.join(root, p)) for p in path] if isinstance(path, list)
-            else os.path.abspath(os.path.join(root, path)))
+    path = (
+        [os.path.abspath(os.path.join(root, p)) for p in path]
+        if isinstance(path, list)
+        else os.path.abspath(os.path.join(root, path))
+    )
   example = {'id': example_id}
   example[MEDIA_FIELDS[modality]] = [path] if modality in ('speech', 'audio') else path
   conversations = []
@@ -431,8 +521,13 @@ def _multiple_choice(modality: str, category: str) -> List[str]:
   return list(ANSWER_CLASSES[(modality, category)])
 
 
-def build_manifests(pools: Dict[str, List[Dict[str, Any]]], split: str, seed: int, root: str,
-                    absolute_paths: bool = False) -> Dict[str, List[Dict[str, Any]]]:
+def build_manifests(
+    pools: Dict[str, List[Dict[str, Any]]],
+    split: str,
+    seed: int,
+    root: str,
+    absolute_paths: bool = False,
+) -> Dict[str, List[Dict[str, Any]]]:
   """Every manifest of one split, by name (align_*, instruct_*, instruct_mixed, eval_*)."""
   rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), 7]))
   manifests = {}
@@ -441,10 +536,21 @@ def build_manifests(pools: Dict[str, List[Dict[str, Any]]], split: str, seed: in
     entries = []
     for i, item in enumerate(pools[modality]):
       labels = item['labels']
-      answer = {'image': image_caption, 'audio': audio_caption,
-                'speech': lambda l: l['transcript']}[modality](labels)
-      entries.append(_example(f'{split}-align_{modality}-{i:05d}', modality, item,
-                              [(ALIGN_PROMPTS[modality], answer)], root, absolute_paths))
+      answer = {
+          'image': image_caption,
+          'audio': audio_caption,
+          'speech': lambda l: l['transcript'],
+      }[modality](labels)
+      entries.append(
+          _example(
+              f'{split}-align_{modality}-{i:05d}',
+              modality,
+              item,
+              [(ALIGN_PROMPTS[modality], answer)],
+              root,
+              absolute_paths,
+          )
+      )
     manifests[f'align_{modality}'] = entries
 
   for modality in MODALITIES:
@@ -458,8 +564,17 @@ def build_manifests(pools: Dict[str, List[Dict[str, Any]]], split: str, seed: in
         others = [c for c in categories if c != first[i]]
         asked.append(others[int(rng.integers(len(others)))])
       turns = [(questions[c], item['labels'][c]) for c in asked]
-      entries.append(_example(f'{split}-instruct_{modality}-{i:05d}', modality, item, turns,
-                              root, absolute_paths, categories=asked))
+      entries.append(
+          _example(
+              f'{split}-instruct_{modality}-{i:05d}',
+              modality,
+              item,
+              turns,
+              root,
+              absolute_paths,
+              categories=asked,
+          )
+      )
     manifests[f'instruct_{modality}'] = entries
 
   mixed = [e for m in MODALITIES for e in manifests[f'instruct_{m}']]
@@ -478,15 +593,35 @@ def build_manifests(pools: Dict[str, List[Dict[str, Any]]], split: str, seed: in
       for i, item in enumerate(pools[modality]):
         answer = item['labels'][category]
         letter = MC_LETTERS[options.index(answer)]
-        mc.append(_example(f'{split}-eval_{modality}_mc-{category}-{i:05d}', modality, item,
-                           [(question, letter)], root, absolute_paths, answer=letter,
-                           options=options, label=answer, category=category))
+        mc.append(
+            _example(
+                f'{split}-eval_{modality}_mc-{category}-{i:05d}',
+                modality,
+                item,
+                [(question, letter)],
+                root,
+                absolute_paths,
+                answer=letter,
+                options=options,
+                label=answer,
+                category=category,
+            )
+        )
     for category in EVAL_CATEGORIES[modality]:
       for i, item in enumerate(pools[modality]):
         answer = item['labels'][category]
-        open_.append(_example(f'{split}-eval_{modality}_open-{category}-{i:05d}', modality,
-                              item, [(questions[category], answer)], root, absolute_paths,
-                              answer=answer, category=category))
+        open_.append(
+            _example(
+                f'{split}-eval_{modality}_open-{category}-{i:05d}',
+                modality,
+                item,
+                [(questions[category], answer)],
+                root,
+                absolute_paths,
+                answer=answer,
+                category=category,
+            )
+        )
     manifests[f'eval_{modality}_mc'] = mc
     manifests[f'eval_{modality}_open'] = open_
   return manifests
@@ -519,9 +654,9 @@ def text_warmup(manifests: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, An
       text = media_description(modality, entry['labels'])
       conversations = [dict(turn) for turn in entry['conversations']]
       conversations[0]['value'] = conversations[0]['value'].replace(
-          PLACEHOLDERS[modality], f'({text})', 1)
-      out.append({'id': f"{entry['id']}-text", 'conversations': conversations,
-                  'modality': 'text'})
+          PLACEHOLDERS[modality], f'({text})', 1
+      )
+      out.append({'id': f"{entry['id']}-text", 'conversations': conversations, 'modality': 'text'})
   return out
 
 
@@ -535,8 +670,9 @@ def word_edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> i
   for i, ref_word in enumerate(reference, 1):
     current = [i]
     for j, hyp_word in enumerate(hypothesis, 1):
-      current.append(min(previous[j] + 1, current[j - 1] + 1,
-                         previous[j - 1] + (ref_word != hyp_word)))
+      current.append(
+          min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word))
+      )
     previous = current
   return previous[-1]
 
@@ -557,17 +693,21 @@ def chance_baselines(manifests: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Di
       continue
     answers = [e['answer'] for e in entries]
     values, counts = np.unique(answers, return_counts=True)
-    stats = {'num_examples': len(entries),
-             'best_constant_answer': str(values[np.argmax(counts)]),
-             'best_constant_accuracy': float(counts.max() / len(entries))}
+    stats = {
+        'num_examples': len(entries),
+        'best_constant_answer': str(values[np.argmax(counts)]),
+        'best_constant_accuracy': float(counts.max() / len(entries)),
+    }
     if name.endswith('_mc'):
       stats['uniform_guess_accuracy'] = float(np.mean([1.0 / len(e['options']) for e in entries]))
     per_category = {}
     for category in sorted(set(e['category'] for e in entries)):
       members = [e for e in entries if e['category'] == category]
       _, c = np.unique([e['answer'] for e in members], return_counts=True)
-      per_category[category] = {'num_examples': len(members),
-                                'best_constant_accuracy': float(c.max() / len(members))}
+      per_category[category] = {
+          'num_examples': len(members),
+          'best_constant_accuracy': float(c.max() / len(members)),
+      }
       if name.endswith('_mc'):
         per_category[category]['uniform_guess_accuracy'] = 1.0 / len(members[0]['options'])
       else:
@@ -577,8 +717,9 @@ def chance_baselines(manifests: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Di
       guesses = [' '.join(d * k) for d in '0123456789' for k in SPEECH_LENGTHS]
       wers = {g: corpus_wer(answers, [g] * len(answers)) for g in guesses}
       best = min(wers, key=wers.get)
-      stats.update(empty_answer_wer=1.0, best_constant_transcript=best,
-                   best_constant_wer=wers[best])
+      stats.update(
+          empty_answer_wer=1.0, best_constant_transcript=best, best_constant_wer=wers[best]
+      )
     out[name] = stats
   return out
 
@@ -593,13 +734,19 @@ MANIFEST_PURPOSE = {
 
 def _describe(name: str) -> Dict[str, Any]:
   if name == 'warmup_text':
-    return {'purpose': 'demo warm start of the decoder (text only): every align / instruct / '
-                       'eval-style conversation, the media replaced by its description',
-            'modality': 'text', 'metric': None}
+    return {
+        'purpose': 'demo warm start of the decoder (text only): every align / instruct / '
+        'eval-style conversation, the media replaced by its description',
+        'modality': 'text',
+        'metric': None,
+    }
   if name == 'instruct_mixed':
-    return {'purpose': 'stage 3: shuffled union of the four instruct_* manifests (each entry '
-                       "carries 'modality' to tell speech from audio voice items)",
-            'modality': 'mixed', 'metric': None}
+    return {
+        'purpose': 'stage 3: shuffled union of the four instruct_* manifests (each entry '
+        "carries 'modality' to tell speech from audio voice items)",
+        'modality': 'mixed',
+        'metric': None,
+    }
   kind, modality = name.split('_')[0], name.split('_')[1]
   key = name.split('_')[-1] if kind == 'eval' else kind
   purpose, metric = MANIFEST_PURPOSE[key]
@@ -608,10 +755,16 @@ def _describe(name: str) -> Dict[str, Any]:
   return {'purpose': purpose, 'modality': modality, 'metric': metric}
 
 
-def make_sample_data(output: str, num_train: int = 512, num_validation: int = 128, seed: int = 0,
-                     image_size: int = 32, num_frames: int = NUM_FRAMES,
-                     sample_rate: int = SAMPLE_RATE, absolute_paths: bool = False
-                     ) -> Dict[str, Any]:
+def make_sample_data(
+    output: str,
+    num_train: int = 512,
+    num_validation: int = 128,
+    seed: int = 0,
+    image_size: int = 32,
+    num_frames: int = NUM_FRAMES,
+    sample_rate: int = SAMPLE_RATE,
+    absolute_paths: bool = False,
+) -> Dict[str, Any]:
   """Writes media, manifests (output/<split>/<name>.json) and output/sample_data_info.json.
 
   Returns:
@@ -625,11 +778,16 @@ def make_sample_data(output: str, num_train: int = 512, num_validation: int = 12
     if n < 1:
       raise ValueError(f'{name} must be positive, got {n}')
   os.makedirs(output, exist_ok=True)
-  info = {'seed': seed, 'image_size': image_size, 'num_frames': num_frames,
-          'sample_rate': sample_rate, 'clip_seconds': CLIP_SECONDS,
-          'media_paths': 'absolute' if absolute_paths else 'relative to this directory',
-          'voice_encoder': {'speech': 'Whisper (speech task)', 'audio': 'BEATs (audio task)'},
-          'splits': {}}
+  info = {
+      'seed': seed,
+      'image_size': image_size,
+      'num_frames': num_frames,
+      'sample_rate': sample_rate,
+      'clip_seconds': CLIP_SECONDS,
+      'media_paths': 'absolute' if absolute_paths else 'relative to this directory',
+      'voice_encoder': {'speech': 'Whisper (speech task)', 'audio': 'BEATs (audio task)'},
+      'splits': {},
+  }
   for split, n in (('train', num_train), ('validation', num_validation)):
     pools = make_media(output, split, n, seed, image_size, num_frames, sample_rate)
     manifests = build_manifests(pools, split, seed, output, absolute_paths)
@@ -641,8 +799,11 @@ def make_sample_data(output: str, num_train: int = 512, num_validation: int = 12
       with open(os.path.join(output, rel), 'w') as f:
         json.dump(entries, f, indent=1)
       listed[name] = dict(_describe(name), file=rel, num_examples=len(entries))
-    info['splits'][split] = {'num_items_per_modality': n, 'manifests': listed,
-                             'chance': chance_baselines(manifests)}
+    info['splits'][split] = {
+        'num_items_per_modality': n,
+        'manifests': listed,
+        'chance': chance_baselines(manifests),
+    }
   with open(os.path.join(output, 'sample_data_info.json'), 'w') as f:
     json.dump(info, f, indent=1)
   return info
@@ -658,24 +819,43 @@ def train_tokenizer(output: str, vocab_size: int = 512) -> str:
   """
   import io  # pylint: disable=g-import-not-at-top
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from unimoe_jax.data import conversation  # pylint: disable=g-import-not-at-top
+
   lines = [conversation.SYSTEM]
   train = os.path.join(output, 'train')
   for name in sorted(os.listdir(train)):
     with open(os.path.join(train, name)) as f:
       for entry in json.load(f):
         for turn in entry['conversations']:
-          lines.append(turn['value'].replace('<image>', '').replace('<video>', '')
-                       .replace('<audio>', '').strip())
+          lines.append(
+              turn['value']
+              .replace('<image>', '')
+              .replace('<video>', '')
+              .replace('<audio>', '')
+              .strip()
+          )
   lines += ['USER: ASSISTANT:'] * 100
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-      hard_vocab_limit=False, model_type='bpe', byte_fallback=True, unk_id=0, bos_id=1,
-      eos_id=2, pad_id=-1, normalization_rule_name='identity', remove_extra_whitespaces=False,
-      add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
-      minloglevel=2)
+      sentence_iterator=iter(lines),
+      model_writer=model,
+      vocab_size=vocab_size,
+      hard_vocab_limit=False,
+      model_type='bpe',
+      byte_fallback=True,
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      pad_id=-1,
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=True,
+      split_digits=True,
+      allow_whitespace_only_pieces=True,
+      minloglevel=2,
+  )
   path = os.path.join(output, 'tokenizer.model')
   with open(path, 'wb') as f:
     f.write(model.getvalue())
@@ -686,25 +866,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--output', required=True, help='directory to write (created)')
   parser.add_argument('--train', type=int, default=512, help='items per modality, train split')
-  parser.add_argument('--validation', type=int, default=128,
-                      help='items per modality, validation split')
+  parser.add_argument(
+      '--validation', type=int, default=128, help='items per modality, validation split'
+  )
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--image_size', type=int, default=32)
   parser.add_argument('--num_frames', type=int, default=NUM_FRAMES)
-  parser.add_argument('--absolute_paths', action='store_true',
-                      help='write absolute media paths instead of paths relative to --output')
-  parser.add_argument('--vocab_size', type=int, default=512,
-                      help='upper bound of the SentencePiece model written as tokenizer.model '
-                      '(0: none)')
+  parser.add_argument(
+      '--absolute_paths',
+      action='store_true',
+      help='write absolute media paths instead of paths relative to --output',
+  )
+  parser.add_argument(
+      '--vocab_size',
+      type=int,
+      default=512,
+      help='upper bound of the SentencePiece model written as tokenizer.model ' '(0: none)',
+  )
   args = parser.parse_args(argv)
   started = time.time()
-  info = make_sample_data(args.output, args.train, args.validation, args.seed, args.image_size,
-                          args.num_frames, absolute_paths=args.absolute_paths)
+  info = make_sample_data(
+      args.output,
+      args.train,
+      args.validation,
+      args.seed,
+      args.image_size,
+      args.num_frames,
+      absolute_paths=args.absolute_paths,
+  )
   if args.vocab_size:
     train_tokenizer(args.output, args.vocab_size)
   files = sum(len(s['manifests']) for s in info['splits'].values())
-  print(f'wrote {files} manifests and media for {args.train} train / {args.validation} '
-        f'validation items per modality to {args.output} in {time.time() - started:.1f} s')
+  print(
+      f'wrote {files} manifests and media for {args.train} train / {args.validation} '
+      f'validation items per modality to {args.output} in {time.time() - started:.1f} s'
+  )
   return 0
 
 

@@ -53,18 +53,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
   """(flags, gin bindings from --gin.NAME=VALUE)."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--manifest', required=True, help='JSON list or JSONL manifest')
-  parser.add_argument('--vocab', default=None,
-                      help='LLaMA tokenizer.model (ManifestConfig.vocab_path)')
+  parser.add_argument(
+      '--vocab', default=None, help='LLaMA tokenizer.model (ManifestConfig.vocab_path)'
+  )
   parser.add_argument('--output', required=True, help='folder for the shards and features.json')
-  parser.add_argument('--num_shards', type=int, default=16,
-                      help='TFRecord files; a multiple of the reading hosts lets each read '
-                      'only its own files')
-  parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
-                      help='spawned processes computing examples; 0 computes in this process')
-  parser.add_argument('--chunksize', type=int, default=None,
-                      help='records per Pool task (default: 4, or fewer for small manifests)')
-  parser.add_argument('--progress_every', type=float, default=10.0,
-                      help='seconds between progress lines')
+  parser.add_argument(
+      '--num_shards',
+      type=int,
+      default=16,
+      help='TFRecord files; a multiple of the reading hosts lets each read ' 'only its own files',
+  )
+  parser.add_argument(
+      '--workers',
+      type=int,
+      default=os.cpu_count() or 1,
+      help='spawned processes computing examples; 0 computes in this process',
+  )
+  parser.add_argument(
+      '--chunksize',
+      type=int,
+      default=None,
+      help='records per Pool task (default: 4, or fewer for small manifests)',
+  )
+  parser.add_argument(
+      '--progress_every', type=float, default=10.0, help='seconds between progress lines'
+  )
   parser.add_argument('--gin_file', action='append', default=[], help='gin file (repeatable)')
   defaults = manifest_lib.ManifestConfig(path='unused')
   for field in dataclasses.fields(manifest_lib.ManifestConfig):
@@ -72,26 +85,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
       continue
     default = getattr(defaults, field.name)
     kind = int if isinstance(default, int) else str
-    parser.add_argument(f'--{field.name}', type=kind, default=None,
-                        help=f'ManifestConfig.{field.name} (default: gin or {default!r})')
+    parser.add_argument(
+        f'--{field.name}',
+        type=kind,
+        default=None,
+        help=f'ManifestConfig.{field.name} (default: gin or {default!r})',
+    )
   args, rest = parser.parse_known_args(argv)
   bindings, unknown = [], []
   for arg in rest:
     if arg.startswith('--gin.') and '=' in arg:
-      bindings.append(arg[len('--gin.'):])
+      bindings.append(arg[len('--gin.') :])
     else:
       unknown.append(arg)
   if unknown:
-    parser.error(f'unrecognized arguments: {" ".join(unknown)} (gin bindings are '
-                 '--gin.NAME=VALUE)')
-  if args.num_shards < 1 or args.workers < 0 or (args.chunksize is not None and
-                                                  args.chunksize < 1):
+    parser.error(
+        f'unrecognized arguments: {" ".join(unknown)} (gin bindings are ' '--gin.NAME=VALUE)'
+    )
+  if args.num_shards < 1 or args.workers < 0 or (args.chunksize is not None and args.chunksize < 1):
     parser.error('--num_shards and --chunksize must be >= 1, --workers >= 0')
   return args, bindings
 
 
-def build_config(args: argparse.Namespace, bindings: Sequence[str]
-                 ) -> manifest_lib.ManifestConfig:
+def build_config(args: argparse.Namespace, bindings: Sequence[str]) -> manifest_lib.ManifestConfig:
   """The ManifestConfig of the flags given, gin bindings and defaults for the rest."""
   if args.gin_file or bindings:
     gin.parse_config_files_and_bindings(args.gin_file, bindings)
@@ -147,7 +163,7 @@ def _results(tasks: List[Tuple[Any, int, str]], workers: int, chunksize: int, in
   # spawn: TensorFlow's threads do not survive fork.
   with multiprocessing.get_context('spawn').Pool(workers, _init_worker, init_args) as pool:
     for start in range(0, len(tasks), window):
-      yield from pool.imap(_compute, tasks[start:start + window], chunksize)
+      yield from pool.imap(_compute, tasks[start : start + window], chunksize)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,10 +209,10 @@ class _ShardWriter:
     for name, temp, count in zip(self.names, self.temp_paths, self.counts):
       final = os.path.join(self.directory, name)
       tf.io.gfile.rename(temp, final, overwrite=True)
-      shards.append({'file': name, 'num_examples': count,
-                     'bytes': tf.io.gfile.stat(final).length})
-    for stale in tf.io.gfile.glob(os.path.join(self.directory,
-                                               precomputed_lib.SHARD_PREFIX + '-*')):
+      shards.append({'file': name, 'num_examples': count, 'bytes': tf.io.gfile.stat(final).length})
+    for stale in tf.io.gfile.glob(
+        os.path.join(self.directory, precomputed_lib.SHARD_PREFIX + '-*')
+    ):
       if os.path.basename(stale) not in self.names:
         tf.io.gfile.remove(stale)
     text = json.dumps({**metadata, 'shards': shards}, indent=1)
@@ -207,9 +223,14 @@ class _ShardWriter:
     return json.loads(text)
 
 
-def precompute(config: manifest_lib.ManifestConfig, output: str, num_shards: int = 16,
-               workers: int = 0, chunksize: Optional[int] = None,
-               progress_every: float = 10.0) -> Dict[str, Any]:
+def precompute(
+    config: manifest_lib.ManifestConfig,
+    output: str,
+    num_shards: int = 16,
+    workers: int = 0,
+    chunksize: Optional[int] = None,
+    progress_every: float = 10.0,
+) -> Dict[str, Any]:
   """Writes the features of every record of `config.path` to `output`; returns features.json.
 
   Raises:
@@ -247,8 +268,11 @@ def precompute(config: manifest_lib.ManifestConfig, output: str, num_shards: int
       now = time.perf_counter()
       if now - last_print >= progress_every:
         last_print = now
-        print(f'precompute: {done}/{len(tasks)} records, {sum(writer.counts)} written, '
-              f'{sum(bad.values())} skipped, {done / (now - start):.1f} examples/s', flush=True)
+        print(
+            f'precompute: {done}/{len(tasks)} records, {sum(writer.counts)} written, '
+            f'{sum(bad.values())} skipped, {done / (now - start):.1f} examples/s',
+            flush=True,
+        )
     elapsed = time.perf_counter() - start
     metadata = {
         'format_version': precomputed_lib.FORMAT_VERSION,
@@ -269,17 +293,26 @@ def precompute(config: manifest_lib.ManifestConfig, output: str, num_shards: int
     results.close()  # terminates the Pool now, not when the generator is collected
     writer.abort()
     raise
-  print(f'precompute: done: {len(tasks)} records, {metadata["num_examples"]} examples written '
-        f'to {num_shards} shards in {output}, {sum(bad.values())} skipped {dict(bad)}, '
-        f'{elapsed:.1f} s, {len(tasks) / max(elapsed, 1e-9):.1f} examples/s', flush=True)
+  print(
+      f'precompute: done: {len(tasks)} records, {metadata["num_examples"]} examples written '
+      f'to {num_shards} shards in {output}, {sum(bad.values())} skipped {dict(bad)}, '
+      f'{elapsed:.1f} s, {len(tasks) / max(elapsed, 1e-9):.1f} examples/s',
+      flush=True,
+  )
   return metadata
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   args, bindings = parse_args(argv)
   config = build_config(args, bindings)
-  return precompute(config, args.output, num_shards=args.num_shards, workers=args.workers,
-                    chunksize=args.chunksize, progress_every=args.progress_every)
+  return precompute(
+      config,
+      args.output,
+      num_shards=args.num_shards,
+      workers=args.workers,
+      chunksize=args.chunksize,
+      progress_every=args.progress_every,
+  )
 
 
 if __name__ == '__main__':

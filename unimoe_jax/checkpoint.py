@@ -24,8 +24,12 @@ GIN_FILE = 'config.gin'
 TOKENIZER_FILE = 'tokenizer.model'
 
 
-def save(directory: str, params: Dict[str, Any], gin_config_text: str,
-         extra_files: Optional[Dict[str, str]] = None) -> str:
+def save(
+    directory: str,
+    params: Dict[str, Any],
+    gin_config_text: str,
+    extra_files: Optional[Dict[str, str]] = None,
+) -> str:
   """Writes `params` and `gin_config_text` as a new checkpoint directory; returns its path.
 
   Args:

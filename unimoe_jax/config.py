@@ -22,8 +22,16 @@ LOAD_BALANCE_LOSS_FORMS = ('topk', 'top1')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'projections')
 # The activations the 'projections' remat policy keeps (names given with checkpoint_name in
 # layers/attention.py, layers/mlp.py and moe/layer.py).
-REMAT_SAVED_NAMES = ('query_proj', 'key_proj', 'value_proj', 'attention_out', 'mlp_wi_0',
-                     'mlp_wi_1', 'mlp_wo', 'moe_out')
+REMAT_SAVED_NAMES = (
+    'query_proj',
+    'key_proj',
+    'value_proj',
+    'attention_out',
+    'mlp_wi_0',
+    'mlp_wi_1',
+    'mlp_wo',
+    'moe_out',
+)
 
 
 @gin.configurable
@@ -34,6 +42,7 @@ class LoRAConfig:
   `targets` chooses where adapters go: any of 'query', 'key', 'value', 'out' (attention),
   'mlp' (dense FFN matrices) and 'experts' (every expert's matrices, one adapter per expert).
   """
+
   rank: int = 8
   alpha: float = 16.0
   dropout: float = 0.05
@@ -104,6 +113,7 @@ class MoEConfig:
       (`moe/grouped_ffn.py`; same result, fewer full-size buffers); False runs separate
       grouped matmuls.
   """
+
   num_experts: int = 4
   num_experts_per_tok: int = 2
   layers: Union[str, Tuple[int, ...]] = 'all'
@@ -125,32 +135,42 @@ class MoEConfig:
   def __post_init__(self):
     backends = ('auto', 'ragged_dot', 'tiled', 'megablox', 'mgpu')
     if self.gmm_backend not in backends:
-      raise ValueError(f'MoEConfig.gmm_backend must be one of {backends}, '
-                       f'got {self.gmm_backend!r}')
+      raise ValueError(
+          f'MoEConfig.gmm_backend must be one of {backends}, ' f'got {self.gmm_backend!r}'
+      )
     if self.dispatch not in DISPATCH_MODES:
       raise ValueError(f'MoEConfig.dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}')
     if not 1 <= self.num_experts_per_tok <= self.num_experts:
-      raise ValueError(f'MoEConfig.num_experts_per_tok={self.num_experts_per_tok} must be in '
-                       f'[1, num_experts={self.num_experts}]')
+      raise ValueError(
+          f'MoEConfig.num_experts_per_tok={self.num_experts_per_tok} must be in '
+          f'[1, num_experts={self.num_experts}]'
+      )
     if isinstance(self.layers, str) and self.layers not in MOE_LAYER_PATTERNS:
-      raise ValueError(f'MoEConfig.layers must be one of {MOE_LAYER_PATTERNS} or a list of '
-                       f'layer indices, got {self.layers!r}')
+      raise ValueError(
+          f'MoEConfig.layers must be one of {MOE_LAYER_PATTERNS} or a list of '
+          f'layer indices, got {self.layers!r}'
+      )
     if not isinstance(self.layers, str):
       object.__setattr__(self, 'layers', tuple(int(i) for i in self.layers))
     if self.load_balance_loss_form not in LOAD_BALANCE_LOSS_FORMS:
-      raise ValueError(f'MoEConfig.load_balance_loss_form must be one of '
-                       f'{LOAD_BALANCE_LOSS_FORMS}, got {self.load_balance_loss_form!r}')
+      raise ValueError(
+          f'MoEConfig.load_balance_loss_form must be one of '
+          f'{LOAD_BALANCE_LOSS_FORMS}, got {self.load_balance_loss_form!r}'
+      )
     try:
       router_dtype = jnp.dtype(self.router_dtype)
     except TypeError as e:
       raise ValueError(f'MoEConfig.router_dtype {self.router_dtype!r} is not a dtype') from e
     if not jnp.issubdtype(router_dtype, jnp.floating):
-      raise ValueError(f'MoEConfig.router_dtype must be a floating dtype, '
-                       f'got {self.router_dtype!r}')
+      raise ValueError(
+          f'MoEConfig.router_dtype must be a floating dtype, ' f'got {self.router_dtype!r}'
+      )
     if self.second_expert_sampling and self.num_experts_per_tok != 2:
-      raise ValueError('MoEConfig.second_expert_sampling is the top-2 rule of DeepSpeed '
-                       f'top2gating; it needs num_experts_per_tok=2, got '
-                       f'{self.num_experts_per_tok}')
+      raise ValueError(
+          'MoEConfig.second_expert_sampling is the top-2 rule of DeepSpeed '
+          f'top2gating; it needs num_experts_per_tok=2, got '
+          f'{self.num_experts_per_tok}'
+      )
 
   @property
   def router_compute_dtype(self):
@@ -199,6 +219,7 @@ class DecoderConfig:
     moe: None for a dense decoder.
     lora: None for no adapters.
   """
+
   vocab_size: int = 32000
   embed_dim: int = 4096
   num_layers: int = 32
@@ -217,17 +238,24 @@ class DecoderConfig:
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f'DecoderConfig.num_heads={self.num_heads} is not a multiple of '
-                       f'num_kv_heads={self.num_kv_heads}')
+      raise ValueError(
+          f'DecoderConfig.num_heads={self.num_heads} is not a multiple of '
+          f'num_kv_heads={self.num_kv_heads}'
+      )
     if self.head_dim < 0:
-      raise ValueError(f'DecoderConfig.head_dim must be >= 0 (0: embed_dim // num_heads), '
-                       f'got {self.head_dim}')
+      raise ValueError(
+          f'DecoderConfig.head_dim must be >= 0 (0: embed_dim // num_heads), '
+          f'got {self.head_dim}'
+      )
     if not self.head_dim and self.embed_dim % self.num_heads:
-      raise ValueError(f'DecoderConfig.embed_dim={self.embed_dim} is not divisible by '
-                       f'num_heads={self.num_heads}; set head_dim explicitly')
+      raise ValueError(
+          f'DecoderConfig.embed_dim={self.embed_dim} is not divisible by '
+          f'num_heads={self.num_heads}; set head_dim explicitly'
+      )
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f'DecoderConfig.remat must be one of {REMAT_POLICIES}, '
-                       f'got {self.remat!r}')
+      raise ValueError(
+          f'DecoderConfig.remat must be one of {REMAT_POLICIES}, ' f'got {self.remat!r}'
+      )
     for field in ('dtype', 'param_dtype'):
       jnp.dtype(getattr(self, field))  # Fails early, naming the bad dtype string.
     if self.moe is not None:
@@ -277,11 +305,24 @@ def shortest_period(kinds: Sequence) -> Optional[int]:
 # Named sizes. LLaMA-7B is the language model of Uni-MoE v1 (through LLaVA / Vicuna).
 SIZES = {
     'tiny': DecoderConfig(
-        vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128,
-        dtype='float32'),
+        vocab_size=512,
+        embed_dim=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_dim=128,
+        dtype='float32',
+    ),
     'llama-7b': DecoderConfig(
-        vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32,
-        mlp_dim=11008, rope_theta=10000.0, rms_norm_eps=1e-6),
+        vocab_size=32000,
+        embed_dim=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        mlp_dim=11008,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+    ),
 }
 
 

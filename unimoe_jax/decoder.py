@@ -41,31 +41,47 @@ _ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 
 class DecoderLayer(nn.Module):
   """Pre-norm block: `x + attn(norm(x))`, then `x + ffn(norm(x))` (dense or MoE)."""
+
   config: DecoderConfig
   use_moe: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: Optional[jax.Array], mask: Optional[jax.Array],
-               padding_mask: Optional[jax.Array], deterministic: bool, decode: bool = False,
-               prefill: bool = False, prefill_lengths: Optional[jax.Array] = None,
-               max_decode_length: Optional[int] = None
-               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: Optional[jax.Array],
+      mask: Optional[jax.Array],
+      padding_mask: Optional[jax.Array],
+      deterministic: bool,
+      decode: bool = False,
+      prefill: bool = False,
+      prefill_lengths: Optional[jax.Array] = None,
+      max_decode_length: Optional[int] = None,
+  ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     cfg = self.config
     dtype, pdtype = cfg.compute_dtype, cfg.weight_dtype
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='pre_attention_norm')(x)
-    h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
-                  cfg.lora, dtype, pdtype, name='attention')(h, positions, mask, deterministic,
-                                                             decode, prefill, prefill_lengths,
-                                                             max_decode_length)
+    h = Attention(
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.resolved_head_dim,
+        cfg.rope_theta,
+        cfg.lora,
+        dtype,
+        pdtype,
+        name='attention',
+    )(h, positions, mask, deterministic, decode, prefill, prefill_lengths, max_decode_length)
     x = partitioning.with_sharding_constraint(x + h, _ACTIVATION_AXES)
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='pre_mlp_norm')(x)
     if self.use_moe:
-      h, aux = MoEFeedForward(cfg.moe, cfg.mlp_dim, lora_targets(cfg.lora, 'experts'), dtype,
-                              pdtype, name='moe')(h, padding_mask, deterministic)
+      h, aux = MoEFeedForward(
+          cfg.moe, cfg.mlp_dim, lora_targets(cfg.lora, 'experts'), dtype, pdtype, name='moe'
+      )(h, padding_mask, deterministic)
       h = checkpoint_name(h, 'moe_out')
     else:
-      h = SwiGLU(cfg.mlp_dim, lora_targets(cfg.lora, 'mlp'), dtype, pdtype,
-                 name='mlp')(h, deterministic)
+      h = SwiGLU(cfg.mlp_dim, lora_targets(cfg.lora, 'mlp'), dtype, pdtype, name='mlp')(
+          h, deterministic
+      )
       aux = {}
     x = partitioning.with_sharding_constraint(x + h, _ACTIVATION_AXES)
     return x, aux
@@ -76,17 +92,36 @@ class DecoderBlock(nn.Module):
 
   Called like `DecoderLayer`; returns the new x and `{str(r): aux}` for its MoE layers.
   """
+
   config: DecoderConfig
   kinds: Tuple[bool, ...]
 
   @nn.compact
-  def __call__(self, x, positions, mask, padding_mask, deterministic, decode=False,
-               prefill=False, prefill_lengths=None, max_decode_length=None):
+  def __call__(
+      self,
+      x,
+      positions,
+      mask,
+      padding_mask,
+      deterministic,
+      decode=False,
+      prefill=False,
+      prefill_lengths=None,
+      max_decode_length=None,
+  ):
     aux_by_offset = {}
     for r, use_moe in enumerate(self.kinds):
       x, aux = DecoderLayer(self.config, use_moe, name=layer_stacking.offset_name(r))(
-          x, positions, mask, padding_mask, deterministic, decode, prefill, prefill_lengths,
-          max_decode_length)
+          x,
+          positions,
+          mask,
+          padding_mask,
+          deterministic,
+          decode,
+          prefill,
+          prefill_lengths,
+          max_decode_length,
+      )
       if aux:
         aux_by_offset[str(r)] = aux
     return x, aux_by_offset
@@ -104,8 +139,9 @@ def _remat(layer_cls, policy: str, scanned: bool):
   # self) decide Python control flow and shapes: keep them static. Inside a scan the loop
   # already keeps XLA from merging the recomputation with the forward pass, so the CSE
   # barriers (slower) are only needed in the unrolled loop.
-  return nn.remat(layer_cls, policy=checkpoint_policy, static_argnums=(5, 6, 7, 9),
-                  prevent_cse=not scanned)
+  return nn.remat(
+      layer_cls, policy=checkpoint_policy, static_argnums=(5, 6, 7, 9), prevent_cse=not scanned
+  )
 
 
 def combine_aux(per_layer: Dict[int, Dict[str, jax.Array]]) -> Dict[str, jax.Array]:
@@ -124,24 +160,34 @@ def combine_aux(per_layer: Dict[int, Dict[str, jax.Array]]) -> Dict[str, jax.Arr
 
 class Decoder(nn.Module):
   """Tokens (or precomputed embeddings) -> float32 logits and MoE aux outputs."""
+
   config: DecoderConfig
 
   def setup(self):
     cfg = self.config
     self.token_embedder = nn.Embed(
-        cfg.vocab_size, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                    ('vocab', 'embed')))
+        cfg.vocab_size,
+        cfg.embed_dim,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ('vocab', 'embed')
+        ),
+    )
     kinds = cfg.layer_kinds()
     period = cfg.scan_period()
     if cfg.scan_layers and period is None:
-      logging.warning('DecoderConfig.scan_layers: the MoE layers %s repeat with no period '
-                      'shorter than the %d layers; running the layers as a loop',
-                      cfg.moe_layer_indices(), cfg.num_layers)
+      logging.warning(
+          'DecoderConfig.scan_layers: the MoE layers %s repeat with no period '
+          'shorter than the %d layers; running the layers as a loop',
+          cfg.moe_layer_indices(),
+          cfg.num_layers,
+      )
     if period is None:
       layer_cls = _remat(DecoderLayer, cfg.remat, scanned=False)
-      self.layers = [layer_cls(cfg, use_moe=kind, name=f'layers_{i}')
-                     for i, kind in enumerate(kinds)]
+      self.layers = [
+          layer_cls(cfg, use_moe=kind, name=f'layers_{i}') for i, kind in enumerate(kinds)
+      ]
       self.stacked_layers = None
     else:
       self.layers = []
@@ -154,24 +200,32 @@ class Decoder(nn.Module):
           metadata_params={nn.PARTITION_NAME: layer_stacking.LAYERS_AXIS},
       )(cfg, kinds[:period], name=layer_stacking.STACKED)
     self.decoder_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype)
-    self.logits_dense = LoRADense((cfg.embed_dim,), (cfg.vocab_size,), ('embed', 'vocab'),
-                                  dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    self.logits_dense = LoRADense(
+        (cfg.embed_dim,),
+        (cfg.vocab_size,),
+        ('embed', 'vocab'),
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype,
+    )
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """tokens `[batch, length]` int -> `[batch, length, embed]` in the compute dtype."""
     return self.token_embedder(tokens)
 
-  def __call__(self, tokens: Optional[jax.Array] = None, *,
-               embeddings: Optional[jax.Array] = None,
-               segment_ids: Optional[jax.Array] = None,
-               positions: Optional[jax.Array] = None,
-               token_mask: Optional[jax.Array] = None,
-               deterministic: bool = True,
-               decode: bool = False,
-               prefill: bool = False,
-               prefill_lengths: Optional[jax.Array] = None,
-               max_decode_length: Optional[int] = None
-               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  def __call__(
+      self,
+      tokens: Optional[jax.Array] = None,
+      *,
+      embeddings: Optional[jax.Array] = None,
+      segment_ids: Optional[jax.Array] = None,
+      positions: Optional[jax.Array] = None,
+      token_mask: Optional[jax.Array] = None,
+      deterministic: bool = True,
+      decode: bool = False,
+      prefill: bool = False,
+      prefill_lengths: Optional[jax.Array] = None,
+      max_decode_length: Optional[int] = None,
+  ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Runs the decoder.
 
     Incremental decoding (flax collection 'cache', see `Attention` and `init_cache`) has two
@@ -213,8 +267,10 @@ class Decoder(nn.Module):
       raise ValueError('Decoder: decode and prefill are exclusive phases')
     if decode:
       if positions is not None or segment_ids is not None or token_mask is not None:
-        raise ValueError('Decoder: decode takes positions from the cache; pass no positions, '
-                         'segment_ids or token_mask')
+        raise ValueError(
+            'Decoder: decode takes positions from the cache; pass no positions, '
+            'segment_ids or token_mask'
+        )
       mask = padding_mask = None
     else:
       if positions is None:
@@ -226,13 +282,31 @@ class Decoder(nn.Module):
         padding_mask = jnp.arange(l)[None, :] < prefill_lengths[:, None]
     per_layer = {}
     for i, layer in enumerate(self.layers):
-      x, aux = layer(x, positions, mask, padding_mask, deterministic, decode, prefill,
-                     prefill_lengths, max_decode_length)
+      x, aux = layer(
+          x,
+          positions,
+          mask,
+          padding_mask,
+          deterministic,
+          decode,
+          prefill,
+          prefill_lengths,
+          max_decode_length,
+      )
       if aux:
         per_layer[i] = aux
     if self.stacked_layers is not None:
-      x, stacked_aux = self.stacked_layers(x, positions, mask, padding_mask, deterministic,
-                                           decode, prefill, prefill_lengths, max_decode_length)
+      x, stacked_aux = self.stacked_layers(
+          x,
+          positions,
+          mask,
+          padding_mask,
+          deterministic,
+          decode,
+          prefill,
+          prefill_lengths,
+          max_decode_length,
+      )
       period = self.config.scan_period()
       for r, aux in stacked_aux.items():  # Each leaf `[num_layers / period, ...]`.
         for j in range(self.config.num_layers // period):
@@ -241,7 +315,8 @@ class Decoder(nn.Module):
     x = self.decoder_norm(x)
     logits = self.logits_dense(x).astype(jnp.float32)
     logits = partitioning.with_sharding_constraint(
-        logits, ('activation_batch', 'activation_length', 'activation_vocab'))
+        logits, ('activation_batch', 'activation_length', 'activation_vocab')
+    )
     return logits, combine_aux(per_layer)
 
   @nn.nowrap
@@ -253,9 +328,12 @@ class Decoder(nn.Module):
     when the layers are scanned; leaves boxed with their logical axes); pass it as
     `apply({'params': p, 'cache': cache}, ..., prefill=True, mutable=['cache'])`.
     """
+
     def make():
       tokens = jnp.zeros((batch, 1), jnp.int32)
-      return self.init(jax.random.PRNGKey(0), tokens, prefill=True,
-                       max_decode_length=max_length)['cache']
+      return self.init(jax.random.PRNGKey(0), tokens, prefill=True, max_decode_length=max_length)[
+          'cache'
+      ]
+
     shapes = jax.eval_shape(make)
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

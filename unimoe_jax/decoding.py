@@ -75,12 +75,20 @@ def _prepare(inputs, initial_index, max_decode_steps, pad_id):
   return sequences, initial_index, limit
 
 
-def temperature_sample(inputs: jax.Array, cache: Any, tokens_to_logits: TokensToLogits,
-                       eos_id: int, *, decode_rng: Optional[jax.Array] = None,
-                       temperature: float = 1.0, topk: int = 0, topp: float = 0.0,
-                       initial_index: Optional[jax.Array] = None,
-                       max_decode_steps: Optional[int] = None, pad_id: int = 0
-                       ) -> Tuple[jax.Array, jax.Array]:
+def temperature_sample(
+    inputs: jax.Array,
+    cache: Any,
+    tokens_to_logits: TokensToLogits,
+    eos_id: int,
+    *,
+    decode_rng: Optional[jax.Array] = None,
+    temperature: float = 1.0,
+    topk: int = 0,
+    topp: float = 0.0,
+    initial_index: Optional[jax.Array] = None,
+    max_decode_steps: Optional[int] = None,
+    pad_id: int = 0,
+) -> Tuple[jax.Array, jax.Array]:
   """Samples `[batch, length]` sequences (see the module docstring for the buffer layout).
 
   temperature 0 is greedy (argmax; `decode_rng` unused). topk > 0 keeps the k most likely
@@ -127,14 +135,23 @@ def temperature_sample(inputs: jax.Array, cache: Any, tokens_to_logits: TokensTo
     return step + 1, write, seqs, cache, nxt[:, None], ended, rng, log_prob
 
   token0 = jnp.take_along_axis(sequences, index0[:, None], axis=1)
-  state = (jnp.zeros((), jnp.int32), index0, sequences, cache, token0,
-           index0 >= length - 1, decode_rng, jnp.zeros((batch,), jnp.float32))
+  state = (
+      jnp.zeros((), jnp.int32),
+      index0,
+      sequences,
+      cache,
+      token0,
+      index0 >= length - 1,
+      decode_rng,
+      jnp.zeros((batch,), jnp.float32),
+  )
   state = jax.lax.while_loop(cond, body, state)
   return state[2], state[7]
 
 
-def greedy_decode(inputs: jax.Array, cache: Any, tokens_to_logits: TokensToLogits,
-                  eos_id: int, **kwargs) -> Tuple[jax.Array, jax.Array]:
+def greedy_decode(
+    inputs: jax.Array, cache: Any, tokens_to_logits: TokensToLogits, eos_id: int, **kwargs
+) -> Tuple[jax.Array, jax.Array]:
   """`temperature_sample` at temperature 0."""
   return temperature_sample(inputs, cache, tokens_to_logits, eos_id, temperature=0.0, **kwargs)
 
@@ -151,16 +168,25 @@ def _gather(tree, indices):
 
   def pick(x):
     x = x.reshape((batch, -1) + x.shape[1:])
-    return jnp.take_along_axis(x, indices.reshape((batch, n) + (1,) * (x.ndim - 2)),
-                               axis=1).reshape((batch * n,) + x.shape[2:])
+    return jnp.take_along_axis(
+        x, indices.reshape((batch, n) + (1,) * (x.ndim - 2)), axis=1
+    ).reshape((batch * n,) + x.shape[2:])
+
   return jax.tree_util.tree_map(pick, tree)
 
 
-def beam_search(inputs: jax.Array, cache: Any, tokens_to_logits: TokensToLogits, eos_id: int,
-                *, num_beams: int, alpha: float = 0.6,
-                initial_index: Optional[jax.Array] = None,
-                max_decode_steps: Optional[int] = None, pad_id: int = 0
-                ) -> Tuple[jax.Array, jax.Array]:
+def beam_search(
+    inputs: jax.Array,
+    cache: Any,
+    tokens_to_logits: TokensToLogits,
+    eos_id: int,
+    *,
+    num_beams: int,
+    alpha: float = 0.6,
+    initial_index: Optional[jax.Array] = None,
+    max_decode_steps: Optional[int] = None,
+    pad_id: int = 0,
+) -> Tuple[jax.Array, jax.Array]:
   """Beam search (buffer layout in the module docstring).
 
   `cache` is the batch's cache `[batch, ...]`; it is repeated for the beams here, and
@@ -191,7 +217,7 @@ def beam_search(inputs: jax.Array, cache: Any, tokens_to_logits: TokensToLogits,
 
   def body(state):
     step, live_seqs, cache, live_lp, fin_seqs, fin_scores = state
-    write = index0 + step + 1                                            # [batch]
+    write = index0 + step + 1  # [batch]
     tokens = jnp.take_along_axis(live_seqs, (write - 1)[:, None, None], axis=2)
     logits, cache = _step_logits(tokens_to_logits, tokens.reshape(batch * k, 1), cache, step)
     log_probs = jax.nn.log_softmax(logits).reshape(batch, k, -1)
@@ -201,7 +227,7 @@ def beam_search(inputs: jax.Array, cache: Any, tokens_to_logits: TokensToLogits,
     cand_beam, cand_tok = cand_idx // vocab, (cand_idx % vocab).astype(jnp.int32)
     cand_seqs = jnp.take_along_axis(live_seqs, cand_beam[:, :, None], axis=1)
     cand_seqs = jax.vmap(lambda s, t, w: s.at[:, w].set(t))(cand_seqs, cand_tok, write)
-    active = (write <= last)[:, None]                                   # [batch, 1]
+    active = (write <= last)[:, None]  # [batch, 1]
     is_eos = cand_tok == eos_id
     # Finished: EOS, or the row's last position reached; inactive rows add nothing.
     ends = (is_eos | (write >= last)[:, None]) & active
@@ -228,23 +254,33 @@ def beam_search(inputs: jax.Array, cache: Any, tokens_to_logits: TokensToLogits,
   _, live_seqs, _, live_lp, fin_seqs, fin_scores = jax.lax.while_loop(cond, body, state)
   del live_seqs, live_lp  # Live beams that reached `last` were already moved to finished.
   order = jnp.argsort(fin_scores, axis=1)
-  return (jnp.take_along_axis(fin_seqs, order[:, :, None], axis=1),
-          jnp.take_along_axis(fin_scores, order, axis=1))
+  return (
+      jnp.take_along_axis(fin_seqs, order[:, :, None], axis=1),
+      jnp.take_along_axis(fin_scores, order, axis=1),
+  )
 
 
 def decoder_tokens_to_logits(decoder, params) -> TokensToLogits:
   """The `tokens_to_logits` callback of a `Decoder` with params (unboxed 'params' tree)."""
+
   def tokens_to_logits(token, cache, step):
     del step  # The cache holds each row's position.
-    (logits, _), variables = decoder.apply({'params': params, 'cache': cache}, token,
-                                           decode=True, mutable=['cache'])
+    (logits, _), variables = decoder.apply(
+        {'params': params, 'cache': cache}, token, decode=True, mutable=['cache']
+    )
     return logits[:, 0], variables['cache']
+
   return tokens_to_logits
 
 
-def prefill_cache(decoder, params, prompt: Optional[jax.Array], prompt_lengths: jax.Array,
-                  max_length: int, embeddings: Optional[jax.Array] = None
-                  ) -> Tuple[Any, jax.Array]:
+def prefill_cache(
+    decoder,
+    params,
+    prompt: Optional[jax.Array],
+    prompt_lengths: jax.Array,
+    max_length: int,
+    embeddings: Optional[jax.Array] = None,
+) -> Tuple[Any, jax.Array]:
   """Fills a fresh cache with all but the last token of each row's prompt.
 
   Args:
@@ -259,8 +295,14 @@ def prefill_cache(decoder, params, prompt: Optional[jax.Array], prompt_lengths: 
   batch = (prompt if prompt is not None else embeddings).shape[0]
   initial_index = jnp.asarray(prompt_lengths, jnp.int32) - 1
   cache = decoder.init_cache(batch, max_length)
-  _, variables = decoder.apply({'params': params, 'cache': cache}, prompt, embeddings=embeddings,
-                               prefill=True, prefill_lengths=initial_index, mutable=['cache'])
+  _, variables = decoder.apply(
+      {'params': params, 'cache': cache},
+      prompt,
+      embeddings=embeddings,
+      prefill=True,
+      prefill_lengths=initial_index,
+      mutable=['cache'],
+  )
   return variables['cache'], initial_index
 
 
@@ -270,8 +312,9 @@ def prefill_cache(decoder, params, prompt: Optional[jax.Array], prompt_lengths: 
 GENERATE_METHODS = ('greedy', 'sample', 'beam')
 
 
-def prefill_multimodal(model, params, batch, prompt_lengths: jax.Array, max_length: int
-                       ) -> Tuple[Any, jax.Array]:
+def prefill_multimodal(
+    model, params, batch, prompt_lengths: jax.Array, max_length: int
+) -> Tuple[Any, jax.Array]:
   """Embeds a multimodal prompt (media spliced in) and prefills the decoder's cache with it.
 
   Args:
@@ -289,18 +332,39 @@ def prefill_multimodal(model, params, batch, prompt_lengths: jax.Array, max_leng
   """
   length = batch['decoder_input_tokens'].shape[1]
   if max_length < length:
-    raise ValueError(f'prefill_multimodal: max_length={max_length} is shorter than the '
-                     f'prompt buffer ({length})')
+    raise ValueError(
+        f'prefill_multimodal: max_length={max_length} is shorter than the '
+        f'prompt buffer ({length})'
+    )
   embeddings = model.apply({'params': params}, batch, method=UniMoE.embed)
-  return prefill_cache(Decoder(model.config.decoder), params['decoder'], None, prompt_lengths,
-                       max_length, embeddings=embeddings)
+  return prefill_cache(
+      Decoder(model.config.decoder),
+      params['decoder'],
+      None,
+      prompt_lengths,
+      max_length,
+      embeddings=embeddings,
+  )
 
 
-def generate(model, params, batch, prompt_lengths: jax.Array, *, max_decode_steps: int,
-             eos_id: int, pad_id: int = 0, method: str = 'greedy', temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, num_beams: int = 4, alpha: float = 0.6,
-             rng: Optional[jax.Array] = None, all_beams: bool = False
-             ) -> Tuple[jax.Array, jax.Array]:
+def generate(
+    model,
+    params,
+    batch,
+    prompt_lengths: jax.Array,
+    *,
+    max_decode_steps: int,
+    eos_id: int,
+    pad_id: int = 0,
+    method: str = 'greedy',
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_beams: int = 4,
+    alpha: float = 0.6,
+    rng: Optional[jax.Array] = None,
+    all_beams: bool = False,
+) -> Tuple[jax.Array, jax.Array]:
   """Decodes continuations of multimodal prompts with a `UniMoE`.
 
   `batch['decoder_input_tokens']` `[batch, length]` is the decode buffer: each row's prompt
@@ -332,14 +396,13 @@ def generate(model, params, batch, prompt_lengths: jax.Array, *, max_decode_step
     if not 0 < top_p <= 1:
       raise ValueError(f'generate: top_p must be in (0, 1] (1: off), got {top_p}')
   inputs = jnp.asarray(batch['decoder_input_tokens'], jnp.int32)
-  cache, initial_index = prefill_multimodal(model, params, batch, prompt_lengths,
-                                            inputs.shape[1])
-  tokens_to_logits = decoder_tokens_to_logits(Decoder(model.config.decoder),
-                                              params['decoder'])
+  cache, initial_index = prefill_multimodal(model, params, batch, prompt_lengths, inputs.shape[1])
+  tokens_to_logits = decoder_tokens_to_logits(Decoder(model.config.decoder), params['decoder'])
   common = dict(initial_index=initial_index, max_decode_steps=max_decode_steps, pad_id=pad_id)
   if method == 'beam':
-    seqs, scores = beam_search(inputs, cache, tokens_to_logits, eos_id, num_beams=num_beams,
-                               alpha=alpha, **common)
+    seqs, scores = beam_search(
+        inputs, cache, tokens_to_logits, eos_id, num_beams=num_beams, alpha=alpha, **common
+    )
     return (seqs, scores) if all_beams else (seqs[:, -1], scores[:, -1])
   if all_beams:
     raise ValueError(f"generate: all_beams needs method='beam', got {method!r}")
@@ -349,6 +412,14 @@ def generate(model, params, batch, prompt_lengths: jax.Array, *, max_decode_step
     raise ValueError(f"generate: method='sample' needs temperature > 0, got {temperature}")
   if rng is None:
     raise ValueError("generate: method='sample' needs rng")
-  return temperature_sample(inputs, cache, tokens_to_logits, eos_id, decode_rng=rng,
-                            temperature=temperature, topk=top_k,
-                            topp=top_p if top_p < 1.0 else 0.0, **common)
+  return temperature_sample(
+      inputs,
+      cache,
+      tokens_to_logits,
+      eos_id,
+      decode_rng=rng,
+      temperature=temperature,
+      topk=top_k,
+      topp=top_p if top_p < 1.0 else 0.0,
+      **common,
+  )

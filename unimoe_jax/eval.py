@@ -22,6 +22,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   train.setup(argv, 'Evaluate a unimoe_jax checkpoint on a seqio mixture (t5x-style gin flags).')
   from unimoe_jax.training import inference  # pylint: disable=g-import-not-at-top
+
   results = inference.evaluate()  # pylint: disable=no-value-for-parameter
   logging.info('evaluated %d tasks', len(results))
   return 0

@@ -50,6 +50,7 @@ class Answer:
     prompt: the rendered prompt text; prompt_ids its ids (placeholders expanded).
     score: the decoder's score (summed log-probs, or the beam's normalised score).
   """
+
   text: str
   tokens: List[int]
   prompt: str
@@ -57,9 +58,16 @@ class Answer:
   score: float
 
 
-def check_decoding(*, max_decode_steps: int, temperature: float, top_k: int, top_p: float,
-                   num_beams: int, max_length: int = score.DEFAULT_MAX_LENGTH,
-                   vocab_size: Optional[int] = None) -> None:
+def check_decoding(
+    *,
+    max_decode_steps: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    num_beams: int,
+    max_length: int = score.DEFAULT_MAX_LENGTH,
+    vocab_size: Optional[int] = None,
+) -> None:
   """Refuses a decoding setting that would be ignored, silently change meaning or fail inside
   JAX; the ValueError names the flag (`answer` takes the same names without '--')."""
   if not isinstance(max_decode_steps, int) or max_decode_steps < 1:
@@ -67,9 +75,11 @@ def check_decoding(*, max_decode_steps: int, temperature: float, top_k: int, top
   if not isinstance(max_length, int) or max_length < 2:
     raise ValueError(f'--max_length must be an integer >= 2, got {max_length!r}')
   if max_decode_steps >= max_length:
-    raise ValueError(f'--max_decode_steps={max_decode_steps} leaves no room for the prompt in '
-                     f'--max_length={max_length} (the decode buffer: prompt + new tokens); '
-                     'lower it or raise --max_length')
+    raise ValueError(
+        f'--max_decode_steps={max_decode_steps} leaves no room for the prompt in '
+        f'--max_length={max_length} (the decode buffer: prompt + new tokens); '
+        'lower it or raise --max_length'
+    )
   if not math.isfinite(temperature) or temperature < 0:
     raise ValueError(f'--temperature must be >= 0 (0: greedy), got {temperature}')
   if not isinstance(top_k, int) or top_k < 0:
@@ -81,29 +91,47 @@ def check_decoding(*, max_decode_steps: int, temperature: float, top_k: int, top
   if not isinstance(num_beams, int) or num_beams < 1:
     raise ValueError(f'--num_beams must be an integer >= 1, got {num_beams!r}')
   if num_beams > 1 and temperature > 0:
-    raise ValueError(f'--num_beams={num_beams} (beam search) and --temperature={temperature} '
-                     '(sampling) exclude each other; beam search does not sample')
+    raise ValueError(
+        f'--num_beams={num_beams} (beam search) and --temperature={temperature} '
+        '(sampling) exclude each other; beam search does not sample'
+    )
   if temperature == 0 and (top_k or top_p < 1):
-    raise ValueError(f'--top_k={top_k} / --top_p={top_p} only act when sampling; set '
-                     '--temperature > 0 (0 is greedy)')
+    raise ValueError(
+        f'--top_k={top_k} / --top_p={top_p} only act when sampling; set '
+        '--temperature > 0 (0 is greedy)'
+    )
 
 
 def _flag_type(flag: str, kind):
   """argparse type: `kind(text)`, the error naming `flag` (range checks: `check_decoding`)."""
+
   def parse(text):
     try:
       return kind(text)
     except ValueError:
       raise argparse.ArgumentTypeError(
-          f'{flag} must be {"an integer" if kind is int else "a number"}, got {text!r}') from None
+          f'{flag} must be {"an integer" if kind is int else "a number"}, got {text!r}'
+      ) from None
+
   return parse
 
 
-def answer(checkpoint_dir: str, question: str, media: Optional[Mapping[str, Sequence[str]]] = None,
-           *, max_decode_steps: int = 128, temperature: float = 0.0, top_k: int = 0,
-           top_p: float = 1.0, num_beams: int = 1, seed: int = 0,
-           vocab_path: Optional[str] = None, dtype: str = 'float32',
-           image_mode: str = 'crop', max_length: int = score.DEFAULT_MAX_LENGTH) -> Answer:
+def answer(
+    checkpoint_dir: str,
+    question: str,
+    media: Optional[Mapping[str, Sequence[str]]] = None,
+    *,
+    max_decode_steps: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_beams: int = 1,
+    seed: int = 0,
+    vocab_path: Optional[str] = None,
+    dtype: str = 'float32',
+    image_mode: str = 'crop',
+    max_length: int = score.DEFAULT_MAX_LENGTH,
+) -> Answer:
   """Restores `checkpoint_dir` (a converted checkpoint or a training run), builds the prompt
   and decodes (see the module docstring).
 
@@ -114,25 +142,40 @@ def answer(checkpoint_dir: str, question: str, media: Optional[Mapping[str, Sequ
       model's params are read.
   """
   media = {m: list(p) for m, p in (media or {}).items() if p}
-  check_decoding(max_decode_steps=max_decode_steps, temperature=temperature, top_k=top_k,
-                 top_p=top_p, num_beams=num_beams, max_length=max_length)
+  check_decoding(
+      max_decode_steps=max_decode_steps,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      num_beams=num_beams,
+      max_length=max_length,
+  )
   if dtype not in score.DTYPES:
     raise ValueError(f'--dtype must be one of {score.DTYPES}, got {dtype!r}')
   # The config alone first, so that bad flags and media fail before the (large) params are read.
   gin_text = score.checkpoint_gin_text(checkpoint_dir)
   vocab_path = score.find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
   cfg = score.with_dtype(score.model_config_from_gin(gin_text), dtype)
-  check_decoding(max_decode_steps=max_decode_steps, temperature=temperature, top_k=top_k,
-                 top_p=top_p, num_beams=num_beams, max_length=max_length,
-                 vocab_size=cfg.decoder.vocab_size)
+  check_decoding(
+      max_decode_steps=max_decode_steps,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      num_beams=num_beams,
+      max_length=max_length,
+      vocab_size=cfg.decoder.vocab_size,
+  )
   tokenizer = prompting.PromptTokenizer(vocab_path, cfg)
-  prompt = prompting.build_prompt(question, media, cfg, tokenizer, room=max_decode_steps,
-                                  image_mode=image_mode)
+  prompt = prompting.build_prompt(
+      question, media, cfg, tokenizer, room=max_decode_steps, image_mode=image_mode
+  )
   if prompt.length + max_decode_steps > max_length:
-    raise ValueError(f'the prompt is {prompt.length} tokens (media soft tokens included); with '
-                     f'--max_decode_steps={max_decode_steps} that is '
-                     f'{prompt.length + max_decode_steps}, more than --max_length={max_length}; '
-                     'shorten the prompt, lower --max_decode_steps or raise --max_length')
+    raise ValueError(
+        f'the prompt is {prompt.length} tokens (media soft tokens included); with '
+        f'--max_decode_steps={max_decode_steps} that is '
+        f'{prompt.length + max_decode_steps}, more than --max_length={max_length}; '
+        'shorten the prompt, lower --max_decode_steps or raise --max_length'
+    )
   cfg, params = score.restore_model(checkpoint_dir, dtype)
   if num_beams > 1:
     kwargs: Dict[str, Any] = dict(method='beam', num_beams=num_beams)
@@ -144,19 +187,32 @@ def answer(checkpoint_dir: str, question: str, media: Optional[Mapping[str, Sequ
 
   @jax.jit
   def run(params, batch, lengths, rng):
-    return decoding.generate(model, params, batch, lengths, max_decode_steps=max_decode_steps,
-                             eos_id=tokenizer.eos_id, pad_id=0, rng=rng, **kwargs)
+    return decoding.generate(
+        model,
+        params,
+        batch,
+        lengths,
+        max_decode_steps=max_decode_steps,
+        eos_id=tokenizer.eos_id,
+        pad_id=0,
+        rng=rng,
+        **kwargs,
+    )
 
   batch = {k: jnp.asarray(v) for k, v in prompt.batch.items()}
-  seqs, scores = run(params, batch, jnp.asarray([prompt.length], jnp.int32),
-                     jax.random.PRNGKey(seed))
-  generated = [int(t) for t in np.asarray(seqs[0, prompt.length:])]
+  seqs, scores = run(
+      params, batch, jnp.asarray([prompt.length], jnp.int32), jax.random.PRNGKey(seed)
+  )
+  generated = [int(t) for t in np.asarray(seqs[0, prompt.length :])]
   if tokenizer.eos_id in generated:
-    generated = generated[:generated.index(tokenizer.eos_id) + 1]
-  return Answer(text=tokenizer.decode(generated), tokens=generated, prompt=prompt.text,
-                prompt_ids=[int(t) for t in prompt.batch['decoder_input_tokens'][0,
-                                                                                :prompt.length]],
-                score=float(scores[0]))
+    generated = generated[: generated.index(tokenizer.eos_id) + 1]
+  return Answer(
+      text=tokenizer.decode(generated),
+      tokens=generated,
+      prompt=prompt.text,
+      prompt_ids=[int(t) for t in prompt.batch['decoder_input_tokens'][0, : prompt.length]],
+      score=float(scores[0]),
+  )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -164,32 +220,68 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   score.add_common_flags(parser)
   parser.add_argument('--prompt', required=True, help='the question (placeholders optional)')
   score.add_media_flags(parser)
-  parser.add_argument('--max_decode_steps', type=_flag_type('--max_decode_steps', int),
-                      default=128, help='most new tokens (prompt + these <= --max_length)')
-  parser.add_argument('--temperature', type=_flag_type('--temperature', float), default=0.0,
-                      help='0: greedy; > 0: sampling')
-  parser.add_argument('--top_k', type=_flag_type('--top_k', int), default=0,
-                      help='sampling: keep the k most likely (0: off)')
-  parser.add_argument('--top_p', type=_flag_type('--top_p', float), default=1.0,
-                      help='sampling: nucleus mass in (0, 1] (1: off)')
-  parser.add_argument('--num_beams', type=_flag_type('--num_beams', int), default=1,
-                      help='> 1: beam search')
-  parser.add_argument('--seed', type=_flag_type('--seed', int), default=0,
-                      help='sampling seed')
-  parser.add_argument('--image_mode', default='crop', choices=('crop', 'pad'),
-                      help="image preprocessing: CLIP's centre crop or LLaVA's expand-to-square")
+  parser.add_argument(
+      '--max_decode_steps',
+      type=_flag_type('--max_decode_steps', int),
+      default=128,
+      help='most new tokens (prompt + these <= --max_length)',
+  )
+  parser.add_argument(
+      '--temperature',
+      type=_flag_type('--temperature', float),
+      default=0.0,
+      help='0: greedy; > 0: sampling',
+  )
+  parser.add_argument(
+      '--top_k',
+      type=_flag_type('--top_k', int),
+      default=0,
+      help='sampling: keep the k most likely (0: off)',
+  )
+  parser.add_argument(
+      '--top_p',
+      type=_flag_type('--top_p', float),
+      default=1.0,
+      help='sampling: nucleus mass in (0, 1] (1: off)',
+  )
+  parser.add_argument(
+      '--num_beams', type=_flag_type('--num_beams', int), default=1, help='> 1: beam search'
+  )
+  parser.add_argument('--seed', type=_flag_type('--seed', int), default=0, help='sampling seed')
+  parser.add_argument(
+      '--image_mode',
+      default='crop',
+      choices=('crop', 'pad'),
+      help="image preprocessing: CLIP's centre crop or LLaVA's expand-to-square",
+  )
   args = parser.parse_args(argv)
   try:
-    check_decoding(max_decode_steps=args.max_decode_steps, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
-                   max_length=args.max_length)
+    check_decoding(
+        max_decode_steps=args.max_decode_steps,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        max_length=args.max_length,
+    )
   except ValueError as e:
     parser.error(str(e))
   media = {m: getattr(args, m) for m in prompting.MODALITIES if getattr(args, m)}
-  result = answer(args.checkpoint, args.prompt, media, max_decode_steps=args.max_decode_steps,
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  num_beams=args.num_beams, seed=args.seed, vocab_path=args.vocab,
-                  dtype=args.dtype, image_mode=args.image_mode, max_length=args.max_length)
+  result = answer(
+      args.checkpoint,
+      args.prompt,
+      media,
+      max_decode_steps=args.max_decode_steps,
+      temperature=args.temperature,
+      top_k=args.top_k,
+      top_p=args.top_p,
+      num_beams=args.num_beams,
+      seed=args.seed,
+      vocab_path=args.vocab,
+      dtype=args.dtype,
+      image_mode=args.image_mode,
+      max_length=args.max_length,
+  )
   print(result.text)
   return 0
 

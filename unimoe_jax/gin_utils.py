@@ -60,8 +60,9 @@ def referenced_macros() -> set:
   return found
 
 
-def task_modules(bindings: Sequence[str], default: Sequence[str] = ('unimoe_jax.tasks',)
-                 ) -> List[str]:
+def task_modules(
+    bindings: Sequence[str], default: Sequence[str] = ('unimoe_jax.tasks',)
+) -> List[str]:
   """Modules that register tasks: the default plus any `MIXTURE_OR_TASK_MODULE` binding."""
   modules = list(default)
   for binding in bindings:
@@ -70,8 +71,9 @@ def task_modules(bindings: Sequence[str], default: Sequence[str] = ('unimoe_jax.
       try:
         value = ast.literal_eval(value.strip())
       except (ValueError, SyntaxError) as e:
-        raise ValueError(f'MIXTURE_OR_TASK_MODULE must be a quoted module name, got '
-                         f'{value.strip()}') from e
+        raise ValueError(
+            f'MIXTURE_OR_TASK_MODULE must be a quoted module name, got ' f'{value.strip()}'
+        ) from e
       modules.extend([value] if isinstance(value, str) else list(value))
   return modules
 
@@ -95,12 +97,17 @@ def check_binding_syntax(bindings: Sequence[str]) -> None:
         pass
     except (SyntaxError, tokenize.TokenError, ValueError) as e:
       name = binding.split('=', 1)[0].strip()
-      detail = e.msg if isinstance(e, SyntaxError) else (
-          e.args[0] if isinstance(e, tokenize.TokenError) else str(e))
-      raise ValueError(f'gin binding {name}: cannot parse {binding!r}: {detail} (a value is '
-                       'a Python literal, e.g. --gin.TASK_FEATURE_LENGTHS="{\'targets\': '
-                       '2048, \'image_features\': 1}"; strings need quotes inside the shell '
-                       'quotes)') from None
+      detail = (
+          e.msg
+          if isinstance(e, SyntaxError)
+          else (e.args[0] if isinstance(e, tokenize.TokenError) else str(e))
+      )
+      raise ValueError(
+          f'gin binding {name}: cannot parse {binding!r}: {detail} (a value is '
+          "a Python literal, e.g. --gin.TASK_FEATURE_LENGTHS=\"{'targets': "
+          "2048, 'image_features': 1}\"; strings need quotes inside the shell "
+          'quotes)'
+      ) from None
 
 
 LENGTH_MACROS = ('TASK_FEATURE_LENGTHS', 'EVAL_TASK_FEATURE_LENGTHS')
@@ -126,6 +133,7 @@ def check_length_macros() -> None:
   """ValueError naming the macro when a bound TASK_FEATURE_LENGTHS (or the eval one) is not a
   dict of non-negative int lengths with a positive 'targets'."""
   from unimoe_jax.data import lengths  # pylint: disable=g-import-not-at-top
+
   for name in LENGTH_MACROS:
     value = _macro_value(name)
     if value is not None:  # unbound, gin.REQUIRED or None (EVAL_...: the training lengths)
@@ -139,8 +147,10 @@ class _SearchPathProbeFilter(logging.Filter):
   error: gin raises `Unable to open file: F. Searched config paths: [...]`."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.msg == 'Path not found: %s'
-                and record.pathname.endswith(os.path.join('gin', 'resource_reader.py')))
+    return not (
+        record.msg == 'Path not found: %s'
+        and record.pathname.endswith(os.path.join('gin', 'resource_reader.py'))
+    )
 
 
 @contextlib.contextmanager
@@ -154,8 +164,12 @@ def _quiet_search_path_probes():
     root.removeFilter(probe_filter)
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str],
-          search_paths: Iterable[str] = (), import_modules: Sequence[str] = ()) -> None:
+def parse(
+    gin_files: Sequence[str],
+    bindings: Sequence[str],
+    search_paths: Iterable[str] = (),
+    import_modules: Sequence[str] = (),
+) -> None:
   """Parses files then bindings (in order), like t5x; finalizes the config.
 
   `import_modules` (e.g. `task_modules(bindings)`) are imported first, so that their

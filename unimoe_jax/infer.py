@@ -21,9 +21,13 @@ from unimoe_jax import train
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  train.setup(argv, 'Write a unimoe_jax checkpoint\'s predictions on a seqio mixture as JSONL '
-              '(t5x-style gin flags).')
+  train.setup(
+      argv,
+      "Write a unimoe_jax checkpoint's predictions on a seqio mixture as JSONL "
+      '(t5x-style gin flags).',
+  )
   from unimoe_jax.training import inference  # pylint: disable=g-import-not-at-top
+
   paths = inference.infer()  # pylint: disable=no-value-for-parameter
   for task, path in paths.items():
     logging.info('%s: wrote %s', task, path)

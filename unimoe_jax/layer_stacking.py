@@ -77,10 +77,12 @@ def _stack(values: List[Any]):
     return first
   if hasattr(first, 'shape') and not hasattr(first, '__array__') and hasattr(first, 'dtype'):
     import jax  # pylint: disable=g-import-not-at-top
+
     return jax.ShapeDtypeStruct((len(values),) + tuple(first.shape), first.dtype)
   if all(isinstance(v, np.ndarray) or np.isscalar(v) for v in values):
     return np.stack(values)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   return jnp.stack(values)
 
 
@@ -90,6 +92,7 @@ def _slice(value, j: int):
     return value
   if hasattr(value, 'shape') and not hasattr(value, '__array__') and hasattr(value, 'dtype'):
     import jax  # pylint: disable=g-import-not-at-top
+
     return jax.ShapeDtypeStruct(tuple(value.shape[1:]), value.dtype)
   return value[j]
 
@@ -113,8 +116,9 @@ def stacked_period(decoder_tree) -> int:
   """p of a scanned decoder tree: the number of `offset_r` subtrees."""
   offsets = [int(m.group(1)) for m in map(_OFFSET.match, decoder_tree[STACKED]) if m]
   if sorted(offsets) != list(range(len(offsets))) or not offsets:
-    raise ValueError(f'{STACKED} holds {sorted(decoder_tree[STACKED])}; expected '
-                     'offset_0 .. offset_{p-1}')
+    raise ValueError(
+        f'{STACKED} holds {sorted(decoder_tree[STACKED])}; expected ' 'offset_0 .. offset_{p-1}'
+    )
   return len(offsets)
 
 
@@ -135,8 +139,10 @@ def _decoder_to_stacked(decoder, period: int, num_layers: Optional[int] = None):
   blocks = num_layers // period
   out = {k: v for k, v in decoder.items() if not _LOOPED.match(k)}
   stacked: Dict[Tuple[str, ...], Any] = {}
-  per_layer = {i: _flatten(decoder[f'layers_{i}']) if f'layers_{i}' in decoder else {}
-               for i in range(num_layers)}
+  per_layer = {
+      i: _flatten(decoder[f'layers_{i}']) if f'layers_{i}' in decoder else {}
+      for i in range(num_layers)
+  }
   for r in range(period):
     members = [j * period + r for j in range(blocks)]
     paths = sorted({p for i in members for p in per_layer[i]})
@@ -144,9 +150,11 @@ def _decoder_to_stacked(decoder, period: int, num_layers: Optional[int] = None):
       holders = [i for i in members if path in per_layer[i]]
       if len(holders) != len(members):
         lacking = sorted(set(members) - set(holders))
-        raise ValueError(f'cannot stack {"/".join(path)}: layers {lacking} lack it (held by '
-                         f'{holders}); every layer at offset {r} of a {period}-layer block '
-                         'must hold the same parameters')
+        raise ValueError(
+            f'cannot stack {"/".join(path)}: layers {lacking} lack it (held by '
+            f'{holders}); every layer at offset {r} of a {period}-layer block '
+            'must hold the same parameters'
+        )
       stacked[(offset_name(r),) + path] = _stack([per_layer[i][path] for i in members])
   out[STACKED] = _unflatten(stacked)
   return out
@@ -182,8 +190,9 @@ def _is_decoder(node) -> bool:
 
 def _root_is_decoder(tree) -> bool:
   """A decoder's own tree (not a model's holding one under 'decoder')."""
-  return _is_mapping(tree) and (STACKED in tree or (bool(looped_indices(tree)) and
-                                                    DECODER_KEY not in tree))
+  return _is_mapping(tree) and (
+      STACKED in tree or (bool(looped_indices(tree)) and DECODER_KEY not in tree)
+  )
 
 
 def _map_decoders(tree, fn):
@@ -196,8 +205,10 @@ def _map_decoders(tree, fn):
 def _map_below(tree, fn):
   if not _is_mapping(tree):
     return tree
-  return {key: fn(value) if key == DECODER_KEY and _is_decoder(value) else _map_below(value, fn)
-          for key, value in tree.items()}
+  return {
+      key: fn(value) if key == DECODER_KEY and _is_decoder(value) else _map_below(value, fn)
+      for key, value in tree.items()
+  }
 
 
 def to_looped(tree):
@@ -225,8 +236,9 @@ def decoder_layouts(tree, prefix=()) -> Dict[Tuple[str, ...], Optional[Tuple[int
   """Path of each decoder subtree -> (period, blocks) when stacked, None when looped."""
   if not _is_mapping(tree):
     return {}
-  if (not prefix and _root_is_decoder(tree)) or (prefix and prefix[-1] == DECODER_KEY and
-                                                 _is_decoder(tree)):
+  if (not prefix and _root_is_decoder(tree)) or (
+      prefix and prefix[-1] == DECODER_KEY and _is_decoder(tree)
+  ):
     if is_stacked(tree):
       return {prefix: (stacked_period(tree), _stacked_blocks(tree))}
     return {prefix: None}
@@ -250,6 +262,7 @@ def match_layout(tree, like):
   """
   from flax.core import meta  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+
   like = jax.tree_util.tree_map(lambda x: x, meta.unbox(like)) if like is not None else like
   layouts = decoder_layouts(like)
   if not layouts:
@@ -297,8 +310,10 @@ def looped_paths(path: Tuple[str, ...], period: int, num_blocks: int) -> List[st
   if match is None:
     raise ValueError(f'{"/".join(path)}: expected offset_<r> after {STACKED}')
   r = int(match.group(1))
-  return ['/'.join(path[:at] + (f'layers_{j * period + r}',) + path[at + 2:])
-          for j in range(num_blocks)]
+  return [
+      '/'.join(path[:at] + (f'layers_{j * period + r}',) + path[at + 2 :])
+      for j in range(num_blocks)
+  ]
 
 
 def stacked_leaf_layout(params, path: Tuple[str, ...]) -> Optional[Tuple[int, int]]:
@@ -307,6 +322,6 @@ def stacked_leaf_layout(params, path: Tuple[str, ...]) -> Optional[Tuple[int, in
   if STACKED not in path:
     return None
   at = path.index(STACKED)
-  stack = _get(params, path[:at + 1])
+  stack = _get(params, path[: at + 1])
   period = len([k for k in stack if _OFFSET.match(k)])
   return period, _stacked_blocks(_get(params, path[:at]))

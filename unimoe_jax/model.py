@@ -75,6 +75,7 @@ class UniMoEConfig:
       The data (`ManifestConfig.audio_padding`) must use the same mode; `generate` and `score`
       follow this field.
   """
+
   decoder: DecoderConfig = DecoderConfig()
   vision: Optional[CLIPVisionConfig] = None
   vision_projector: str = 'mlp2x_gelu'
@@ -93,40 +94,56 @@ class UniMoEConfig:
 
   def __post_init__(self):
     if self.audio_padding not in AUDIO_PADDING_MODES:
-      raise ValueError(f'UniMoEConfig.audio_padding must be one of {AUDIO_PADDING_MODES}, got '
-                       f'{self.audio_padding!r}')
+      raise ValueError(
+          f'UniMoEConfig.audio_padding must be one of {AUDIO_PADDING_MODES}, got '
+          f'{self.audio_padding!r}'
+      )
     if (self.speech_encoder is None) != (self.speech_aligner is None):
-      raise ValueError('UniMoEConfig: speech_encoder and speech_aligner go together '
-                       f'(got speech_encoder={self.speech_encoder is not None}, '
-                       f'speech_aligner={self.speech_aligner is not None})')
+      raise ValueError(
+          'UniMoEConfig: speech_encoder and speech_aligner go together '
+          f'(got speech_encoder={self.speech_encoder is not None}, '
+          f'speech_aligner={self.speech_aligner is not None})'
+      )
     if (self.audio_encoder is None) != (self.audio_qformer is None):
       raise ValueError('UniMoEConfig: audio_encoder and audio_qformer go together')
-    if self.speech_encoder is not None and (self.speech_aligner.d_model !=
-                                            self.speech_encoder.d_model):
-      raise ValueError(f'UniMoEConfig: speech_aligner.d_model={self.speech_aligner.d_model} '
-                       f'must equal speech_encoder.d_model={self.speech_encoder.d_model}')
-    if self.audio_encoder is not None and (self.audio_qformer.encoder_hidden_size !=
-                                           self.audio_encoder.encoder_embed_dim):
+    if self.speech_encoder is not None and (
+        self.speech_aligner.d_model != self.speech_encoder.d_model
+    ):
+      raise ValueError(
+          f'UniMoEConfig: speech_aligner.d_model={self.speech_aligner.d_model} '
+          f'must equal speech_encoder.d_model={self.speech_encoder.d_model}'
+      )
+    if self.audio_encoder is not None and (
+        self.audio_qformer.encoder_hidden_size != self.audio_encoder.encoder_embed_dim
+    ):
       raise ValueError(
           f'UniMoEConfig: audio_qformer.encoder_hidden_size='
           f'{self.audio_qformer.encoder_hidden_size} must equal '
-          f'audio_encoder.encoder_embed_dim={self.audio_encoder.encoder_embed_dim}')
+          f'audio_encoder.encoder_embed_dim={self.audio_encoder.encoder_embed_dim}'
+      )
     vocab = self.decoder.vocab_size
     for m in self.modalities:
       token = self.token_id(m)
       if token == 0 or token >= vocab:
-        raise ValueError(f'UniMoEConfig.{m}_token_id must be a negative id (LLaVA style, e.g. '
-                         f'-200) or a reserved vocabulary id in [1, {vocab}) when the {m} '
-                         f'modality is built, got {token}')
+        raise ValueError(
+            f'UniMoEConfig.{m}_token_id must be a negative id (LLaVA style, e.g. '
+            f'-200) or a reserved vocabulary id in [1, {vocab}) when the {m} '
+            f'modality is built, got {token}'
+        )
     ids = [self.token_id(m) for m in self.modalities]
     if len(set(ids)) != len(ids):
-      raise ValueError('UniMoEConfig: placeholder ids must differ, got '
-                       f'{dict(zip(self.modalities, ids))}')
+      raise ValueError(
+          'UniMoEConfig: placeholder ids must differ, got ' f'{dict(zip(self.modalities, ids))}'
+      )
 
   @property
   def modalities(self) -> Tuple[str, ...]:
-    built = {'image': self.vision is not None, 'video': self.vision is not None,
-             'speech': self.speech_encoder is not None, 'audio': self.audio_encoder is not None}
+    built = {
+        'image': self.vision is not None,
+        'video': self.vision is not None,
+        'speech': self.speech_encoder is not None,
+        'audio': self.audio_encoder is not None,
+    }
     return tuple(m for m in MODALITIES if built[m])
 
   def token_id(self, modality: str) -> int:
@@ -143,8 +160,9 @@ class UniMoEConfig:
     raise ValueError(f'Unknown modality {modality!r}; expected one of {MODALITIES}')
 
 
-def splice(embeddings: jax.Array, tokens: jax.Array, soft: jax.Array,
-           placeholder_id: int) -> jax.Array:
+def splice(
+    embeddings: jax.Array, tokens: jax.Array, soft: jax.Array, placeholder_id: int
+) -> jax.Array:
   """Puts soft tokens at the placeholder positions, in order.
 
   Args:
@@ -172,8 +190,9 @@ def check_placeholders(config: UniMoEConfig, batch: Mapping[str, Any]) -> None:
     token_id = getattr(config, f'{m}_token_id')
     count = (tokens == token_id).sum(axis=1)
     mask_key = f'{m}_mask'
-    items = (np.asarray(batch[mask_key]).sum(axis=1) if mask_key in batch
-             else np.zeros(len(tokens), int))
+    items = (
+        np.asarray(batch[mask_key]).sum(axis=1) if mask_key in batch else np.zeros(len(tokens), int)
+    )
     if m not in config.modalities:
       if items.any():
         raise ValueError(f'batch has {m} items but the model has no {m} encoder')
@@ -182,13 +201,16 @@ def check_placeholders(config: UniMoEConfig, batch: Mapping[str, Any]) -> None:
     bad = np.nonzero(count != want)[0]
     if bad.size:
       r = int(bad[0])
-      raise ValueError(f'row {r}: {int(count[r])} {m} placeholder tokens (id {token_id}) in '
-                       f'decoder_input_tokens, but {mask_key} has {int(items[r])} items x '
-                       f'{config.num_soft_tokens(m)} soft tokens = {int(want[r])}')
+      raise ValueError(
+          f'row {r}: {int(count[r])} {m} placeholder tokens (id {token_id}) in '
+          f'decoder_input_tokens, but {mask_key} has {int(items[r])} items x '
+          f'{config.num_soft_tokens(m)} soft tokens = {int(want[r])}'
+      )
 
 
 class UniMoE(nn.Module):
   """`__call__(batch, deterministic)` -> (logits `[batch, length, vocab]` float32, aux)."""
+
   config: UniMoEConfig
 
   def setup(self):
@@ -198,24 +220,26 @@ class UniMoE(nn.Module):
     self.decoder = Decoder(cfg.decoder)
     if cfg.vision is not None:
       self.vision_tower = CLIPVisionTower(cfg.vision, dtype=dtype, param_dtype=pdtype)
-      self.vision_projector = Projector(cfg.vision_projector, embed, dtype=dtype,
-                                        param_dtype=pdtype)
+      self.vision_projector = Projector(
+          cfg.vision_projector, embed, dtype=dtype, param_dtype=pdtype
+      )
     if cfg.speech_encoder is not None:
       self.speech_encoder = WhisperEncoder(cfg.speech_encoder, dtype=dtype, param_dtype=pdtype)
       self.speech_aligner = WhisperAligner(cfg.speech_aligner, dtype=dtype, param_dtype=pdtype)
-      self.speech_projector = Projector(cfg.speech_projector, embed, dtype=dtype,
-                                        param_dtype=pdtype)
+      self.speech_projector = Projector(
+          cfg.speech_projector, embed, dtype=dtype, param_dtype=pdtype
+      )
     if cfg.audio_encoder is not None:
       self.audio_encoder = BEATs(cfg.audio_encoder, dtype=dtype, param_dtype=pdtype)
       self.audio_qformer = QFormer(cfg.audio_qformer, dtype=dtype, param_dtype=pdtype)
-      self.audio_projector = Projector(cfg.audio_projector, embed, dtype=dtype,
-                                       param_dtype=pdtype)
+      self.audio_projector = Projector(cfg.audio_projector, embed, dtype=dtype, param_dtype=pdtype)
 
   def _frozen(self, x):
     return x if self.config.train_encoders else jax.lax.stop_gradient(x)
 
-  def _connect(self, modality: str, features: jax.Array,
-               feature_mask: Optional[jax.Array]) -> jax.Array:
+  def _connect(
+      self, modality: str, features: jax.Array, feature_mask: Optional[jax.Array]
+  ) -> jax.Array:
     """One flat batch of items -> soft tokens `[items, num_soft_tokens, embed]`."""
     if modality == 'image':
       return self.vision_projector(self._frozen(self.vision_tower(features)))
@@ -225,8 +249,7 @@ class UniMoE(nn.Module):
       frames = self.vision_projector(self._frozen(self.vision_tower(features, pool_frames=False)))
       return jnp.mean(frames.astype(jnp.float32), axis=1).astype(frames.dtype)
     if modality == 'speech':
-      return self.speech_projector(self.speech_aligner(self._frozen(
-          self.speech_encoder(features))))
+      return self.speech_projector(self.speech_aligner(self._frozen(self.speech_encoder(features))))
     padding = None if feature_mask is None else ~feature_mask
     states, token_padding = self.audio_encoder(features, padding)
     # 'official': Uni-MoE's Q-Former gets an all-ones encoder mask (audio_padding docstring).
@@ -249,8 +272,11 @@ class UniMoE(nn.Module):
       b, items = mask.shape
       feature_mask = batch.get(f'{m}_feature_mask')
       flat = features.reshape((b * items,) + features.shape[2:])
-      flat_mask = None if feature_mask is None else feature_mask.reshape(
-          (b * items,) + feature_mask.shape[2:]).astype(bool)
+      flat_mask = (
+          None
+          if feature_mask is None
+          else feature_mask.reshape((b * items,) + feature_mask.shape[2:]).astype(bool)
+      )
       n, d = cfg.num_soft_tokens(m), cfg.decoder.embed_dim
 
       def run(module, flat, flat_mask, m=m):
@@ -267,7 +293,8 @@ class UniMoE(nn.Module):
       soft = soft.reshape(b, items, n, d)
       soft = jnp.where(mask[:, :, None, None], soft, 0).reshape(b, items * n, d)
       out[m] = partitioning.with_sharding_constraint(
-          soft, ('activation_batch', 'activation_length', 'activation_embed'))
+          soft, ('activation_batch', 'activation_length', 'activation_embed')
+      )
     return out
 
   def embed(self, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -282,13 +309,18 @@ class UniMoE(nn.Module):
       x = splice(x, tokens, soft, self.config.token_id(m))
     return x
 
-  def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True
-               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  def __call__(
+      self, batch: Mapping[str, jax.Array], deterministic: bool = True
+  ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     segment_ids = batch.get('decoder_segment_ids')
     token_mask = None
     if segment_ids is None and 'decoder_target_tokens' in batch:
       # Unpacked rows end in padding (target 0; media placeholders are negative, real).
       token_mask = batch['decoder_target_tokens'] != 0
-    return self.decoder(embeddings=self.embed(batch), segment_ids=segment_ids,
-                        positions=batch.get('decoder_positions'), token_mask=token_mask,
-                        deterministic=deterministic)
+    return self.decoder(
+        embeddings=self.embed(batch),
+        segment_ids=segment_ids,
+        positions=batch.get('decoder_positions'),
+        token_mask=token_mask,
+        deterministic=deterministic,
+    )

@@ -42,8 +42,8 @@ LOSS_NORMALIZERS = ('NUM_REAL_TARGET_TOKENS', 'NUM_TOTAL_TARGET_TOKENS', 'SUM')
 
 # Whole-batch totals a microbatch's loss needs (`with_batch_totals`): `[batch]`, every row the
 # same value, so that slicing the batch into microbatches (t5x's trainer, ours) keeps them.
-BATCH_LOSS_WEIGHT = 'batch_loss_weight'   # float32: sum of decoder_loss_weights of the batch
-BATCH_ROWS = 'batch_rows'                 # int32: rows of the batch
+BATCH_LOSS_WEIGHT = 'batch_loss_weight'  # float32: sum of decoder_loss_weights of the batch
+BATCH_ROWS = 'batch_rows'  # int32: rows of the batch
 BATCH_TOTAL_KEYS = (BATCH_LOSS_WEIGHT, BATCH_ROWS)
 # Folded into the dropout key to make the 'router' rng (MoE second-expert sampling).
 ROUTER_RNG_SALT = 0x726F75
@@ -57,8 +57,9 @@ def _default_dtype(key: str):
   return np.int32
 
 
-def cross_entropy(logits: Array, targets: Array, z_loss: float = 0.0,
-                  label_smoothing: float = 0.0) -> Tuple[Array, Array]:
+def cross_entropy(
+    logits: Array, targets: Array, z_loss: float = 0.0, label_smoothing: float = 0.0
+) -> Tuple[Array, Array]:
   """Per-token (cross-entropy + z-loss, z-loss), float32 `[batch, length]`.
 
   z_loss adds `z_loss * log(sum(exp(logits)))**2` (PaLM / t5x). Label smoothing spreads
@@ -118,8 +119,7 @@ def prompt_lengths(batch: Batch) -> Array:
   """`[batch]` int32: the number of prompt tokens at the start of `decoder_target_tokens`."""
   if 'decoder_causal_attention' in batch:
     # t5x's convention: 1 on the inputs and on the first target *input* position.
-    return jnp.maximum(jnp.sum(batch['decoder_causal_attention'], axis=-1).astype(jnp.int32) - 1,
-                       1)
+    return jnp.maximum(jnp.sum(batch['decoder_causal_attention'], axis=-1).astype(jnp.int32) - 1, 1)
   weights = batch['decoder_loss_weights'] > 0
   first = jnp.argmax(weights, axis=-1).astype(jnp.int32)
   # A row with no answer token is all prompt (its real length).
@@ -144,18 +144,32 @@ class UniMoEModel:
       `predict_batch_with_aux` decodes (greedy by default, as the paper evaluates).
   """
 
-  def __init__(self, config: UniMoEConfig = gin.REQUIRED, vocabulary: Any = None,
-               optimizer_def: Any = None, z_loss: float = 0.0, label_smoothing: float = 0.0,
-               loss_normalizing_factor: Union[str, float] = 'NUM_REAL_TARGET_TOKENS',
-               decode_method: str = 'greedy', max_decode_steps: Optional[int] = None,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               num_beams: int = 4, beam_alpha: float = 0.6):
+  def __init__(
+      self,
+      config: UniMoEConfig = gin.REQUIRED,
+      vocabulary: Any = None,
+      optimizer_def: Any = None,
+      z_loss: float = 0.0,
+      label_smoothing: float = 0.0,
+      loss_normalizing_factor: Union[str, float] = 'NUM_REAL_TARGET_TOKENS',
+      decode_method: str = 'greedy',
+      max_decode_steps: Optional[int] = None,
+      temperature: float = 1.0,
+      top_k: int = 0,
+      top_p: float = 1.0,
+      num_beams: int = 4,
+      beam_alpha: float = 0.6,
+  ):
     if isinstance(loss_normalizing_factor, str) and loss_normalizing_factor not in LOSS_NORMALIZERS:
-      raise ValueError(f'UniMoEModel.loss_normalizing_factor must be one of {LOSS_NORMALIZERS} or '
-                       f'a number, got {loss_normalizing_factor!r}')
+      raise ValueError(
+          f'UniMoEModel.loss_normalizing_factor must be one of {LOSS_NORMALIZERS} or '
+          f'a number, got {loss_normalizing_factor!r}'
+      )
     if decode_method not in ('greedy', 'sample', 'beam'):
-      raise ValueError(f"UniMoEModel.decode_method must be 'greedy', 'sample' or 'beam', got "
-                       f'{decode_method!r}')
+      raise ValueError(
+          f"UniMoEModel.decode_method must be 'greedy', 'sample' or 'beam', got "
+          f'{decode_method!r}'
+      )
     self.config = config
     self.module = UniMoE(config)
     self._vocabulary = vocabulary
@@ -165,8 +179,9 @@ class UniMoEModel:
     self.loss_normalizing_factor = loss_normalizing_factor
     self.decode_method = decode_method
     self.max_decode_steps = max_decode_steps
-    self.decode_kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                              num_beams=num_beams, alpha=beam_alpha)
+    self.decode_kwargs = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, alpha=beam_alpha
+    )
 
   # ---- vocabularies and features ---------------------------------------------------------
   @property
@@ -181,11 +196,15 @@ class UniMoEModel:
   def FEATURE_CONVERTER_CLS(self):  # pylint: disable=invalid-name
     # The converter lives on the TensorFlow side (data/); only the data path asks for it.
     from unimoe_jax.data.feature_converter import MultimodalDecoderFeatureConverter  # pylint: disable=g-import-not-at-top
+
     return MultimodalDecoderFeatureConverter
 
   # ---- initialisation ------------------------------------------------------------------
-  def dummy_batch(self, input_shapes: Mapping[str, Tuple[int, ...]],
-                  input_types: Optional[Mapping[str, Any]] = None) -> Dict[str, np.ndarray]:
+  def dummy_batch(
+      self,
+      input_shapes: Mapping[str, Tuple[int, ...]],
+      input_types: Optional[Mapping[str, Any]] = None,
+  ) -> Dict[str, np.ndarray]:
     input_types = input_types or {}
     batch = {}
     for key, shape in input_shapes.items():
@@ -194,8 +213,12 @@ class UniMoEModel:
       batch[key] = np.ones(shape, dtype) if key.endswith('_mask') else np.zeros(shape, dtype)
     return batch
 
-  def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, Tuple[int, ...]],
-                            input_types: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+  def get_initial_variables(
+      self,
+      rng: Array,
+      input_shapes: Mapping[str, Tuple[int, ...]],
+      input_types: Optional[Mapping[str, Any]] = None,
+  ) -> Dict[str, Any]:
     """Variables (params boxed with their logical axes) for batches of `input_shapes`.
 
     Media keys in `input_shapes` (`image_features` ...) build their encoders' variables too;
@@ -211,10 +234,12 @@ class UniMoEModel:
     """
     del input_types  # Tokens and float features, whatever the batch holds.
     batch = self.dummy_batch(
-        self._with_media_shapes({'decoder_input_tokens': input_shapes['decoder_input_tokens']}))
+        self._with_media_shapes({'decoder_input_tokens': input_shapes['decoder_input_tokens']})
+    )
     params_rng, dropout_rng = jax.random.split(rng)
-    return self.module.init({'params': params_rng, 'dropout': dropout_rng}, batch,
-                            deterministic=True)
+    return self.module.init(
+        {'params': params_rng, 'dropout': dropout_rng}, batch, deterministic=True
+    )
 
   def _with_media_shapes(self, input_shapes):
     shapes = dict(input_shapes)
@@ -247,10 +272,14 @@ class UniMoEModel:
     # 'router': the Gumbel draws of MoEConfig.second_expert_sampling, a stream of its own
     # (folded from the dropout key, which stays as it was). Without rngs (evaluation) the
     # MoE layer keys its noise from the router logits instead.
-    rngs = None if dropout_rng is None else {
-        'dropout': dropout_rng, 'router': jax.random.fold_in(dropout_rng, ROUTER_RNG_SALT)}
-    return self.module.apply({'params': params}, batch, deterministic=dropout_rng is None,
-                             rngs=rngs)
+    rngs = (
+        None
+        if dropout_rng is None
+        else {'dropout': dropout_rng, 'router': jax.random.fold_in(dropout_rng, ROUTER_RNG_SALT)}
+    )
+    return self.module.apply(
+        {'params': params}, batch, deterministic=dropout_rng is None, rngs=rngs
+    )
 
   def _normalizer(self, batch_loss_weight: Array, batch_tokens: Array) -> Array:
     """The loss divisor of the whole batch (`batch_tokens`: rows x length, padding too)."""
@@ -273,6 +302,7 @@ class UniMoEModel:
     (summed) over the microbatches they are the whole batch's too.
     """
     from clu import metrics as clu_metrics  # pylint: disable=g-import-not-at-top
+
     logits, aux = self._compute_logits(params, batch, dropout_rng)
     targets = batch['decoder_target_tokens']
     weights = loss_weights(batch)
@@ -303,12 +333,18 @@ class UniMoEModel:
         'z_loss': batch_total(z_loss),
         'accuracy': clu_metrics.Average(total=jnp.sum(correct * weights), count=num_tokens),
         'cross_ent_loss_per_target_token': clu_metrics.Average(
-            total=jnp.sum((token_loss - token_z) * weights), count=num_tokens),
+            total=jnp.sum((token_loss - token_z) * weights), count=num_tokens
+        ),
         'num_target_tokens': batch_total(num_tokens),
         'num_sequences': batch_total(jnp.sum(jnp.any(weights > 0, axis=-1)).astype(jnp.float32)),
     }
-    for key in ('aux_loss', 'load_balance_loss', 'router_z_loss', 'drop_fraction',
-                'router_entropy'):
+    for key in (
+        'aux_loss',
+        'load_balance_loss',
+        'router_z_loss',
+        'drop_fraction',
+        'router_entropy',
+    ):
       if key in aux:
         metrics[f'moe/{key}'] = average(aux[key].astype(jnp.float32))
     if 'expert_fraction' in aux:
@@ -335,10 +371,16 @@ class UniMoEModel:
   def predict_batch(self, params, batch: Batch, rng: Optional[Array] = None) -> Array:
     return self.predict_batch_with_aux(params, batch, rng=rng)[0]
 
-  def predict_batch_with_aux(self, params, batch: Batch, rng: Optional[Array] = None, *,
-                             return_all_decodes: bool = False, num_decodes: int = 1,
-                             prompt_with_targets: bool = False
-                             ) -> Tuple[Array, Dict[str, Array]]:
+  def predict_batch_with_aux(
+      self,
+      params,
+      batch: Batch,
+      rng: Optional[Array] = None,
+      *,
+      return_all_decodes: bool = False,
+      num_decodes: int = 1,
+      prompt_with_targets: bool = False,
+  ) -> Tuple[Array, Dict[str, Array]]:
     """Decodes an answer for each row's prompt with the KV cache (the paper: greedy).
 
     `num_decodes` follows t5x: the beam size of beam search (1 keeps `num_beams`), the number
@@ -368,10 +410,17 @@ class UniMoEModel:
     if method == 'beam' and num_decodes > 1:
       kwargs['num_beams'] = num_decodes
     sequences, scores = decoding.generate(
-        self.module, params, prompt_batch, jnp.repeat(lengths, samples),
+        self.module,
+        params,
+        prompt_batch,
+        jnp.repeat(lengths, samples),
         max_decode_steps=self.max_decode_steps or length,
-        eos_id=getattr(self._vocabulary, 'eos_id', 1), method=method, rng=rng,
-        all_beams=method == 'beam', **kwargs)
+        eos_id=getattr(self._vocabulary, 'eos_id', 1),
+        method=method,
+        rng=rng,
+        all_beams=method == 'beam',
+        **kwargs,
+    )
     if method == 'beam':
       pass  # [rows, beams, length], scores increasing.
     elif samples > 1:

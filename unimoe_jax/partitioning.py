@@ -65,8 +65,8 @@ LOGICAL_AXIS_RULES: Tuple[Tuple[str, Any], ...] = (
     ('activation_kv_heads', 'model'),
     ('activation_mlp', 'model'),
     ('activation_vocab', 'model'),
-    ('activation_exp', 'expert'),       # The expert axis of dispatched tokens.
-    ('activation_group', 'data'),       # Routing groups once experts hold the `expert` axis.
+    ('activation_exp', 'expert'),  # The expert axis of dispatched tokens.
+    ('activation_group', 'data'),  # Routing groups once experts hold the `expert` axis.
     ('activation_capacity', None),
     # Parameters.
     ('vocab', 'model'),
@@ -79,8 +79,8 @@ LOGICAL_AXIS_RULES: Tuple[Tuple[str, Any], ...] = (
     ('expert_router', None),  # The router's output axis is tiny: replicate it.
     ('lora_rank', None),
     ('norm', None),
-    ('query_tokens', None),   # Learned query tokens of the Q-Former: few rows, replicated.
-    ('layers', None),         # The stacking axis of scanned layers (DecoderConfig.scan_layers).
+    ('query_tokens', None),  # Learned query tokens of the Q-Former: few rows, replicated.
+    ('layers', None),  # The stacking axis of scanned layers (DecoderConfig.scan_layers).
     # The decoding KV cache (layers/attention.py).
     ('cache_batch', ('data', 'expert')),
     ('cache_length', None),
@@ -130,6 +130,7 @@ class MeshConfig:
 
   With the default every device is on `data`.
   """
+
   data: int = -1
   expert: int = 1
   model: int = 1
@@ -140,17 +141,22 @@ class MeshConfig:
       raise ValueError(f'MeshConfig: at most one axis may be -1, got {dims}')
     known = int(np.prod([d for d in dims if d != -1]))
     if any(d == 0 or d < -1 for d in dims) or num_devices % known:
-      raise ValueError(f'MeshConfig(data={self.data}, expert={self.expert}, model={self.model}) '
-                       f'does not divide the {num_devices} available devices')
+      raise ValueError(
+          f'MeshConfig(data={self.data}, expert={self.expert}, model={self.model}) '
+          f'does not divide the {num_devices} available devices'
+      )
     dims = [num_devices // known if d == -1 else d for d in dims]
     if int(np.prod(dims)) != num_devices:
-      raise ValueError(f'MeshConfig(data={self.data}, expert={self.expert}, model={self.model}) '
-                       f'uses {int(np.prod(dims))} devices but {num_devices} are available')
+      raise ValueError(
+          f'MeshConfig(data={self.data}, expert={self.expert}, model={self.model}) '
+          f'uses {int(np.prod(dims))} devices but {num_devices} are available'
+      )
     return tuple(dims)
 
 
-def make_mesh(config: Optional[MeshConfig] = None,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(
+    config: Optional[MeshConfig] = None, devices: Optional[Sequence[jax.Device]] = None
+) -> Mesh:
   """Builds the ('data', 'expert', 'model') mesh over `devices` (default: all devices)."""
   config = config or MeshConfig()
   devices = list(jax.devices() if devices is None else devices)
@@ -162,13 +168,15 @@ def make_mesh(config: Optional[MeshConfig] = None,
   return Mesh(device_array, MESH_AXES)
 
 
-def logical_to_mesh_spec(logical_axes: Sequence[Optional[str]],
-                         rules: Optional[Rules] = None) -> PartitionSpec:
+def logical_to_mesh_spec(
+    logical_axes: Sequence[Optional[str]], rules: Optional[Rules] = None
+) -> PartitionSpec:
   return nn.logical_to_mesh_axes(tuple(logical_axes), _rules(rules))
 
 
-def logical_sharding(mesh: Mesh, logical_axes: Sequence[Optional[str]],
-                     rules: Optional[Rules] = None) -> NamedSharding:
+def logical_sharding(
+    mesh: Mesh, logical_axes: Sequence[Optional[str]], rules: Optional[Rules] = None
+) -> NamedSharding:
   return NamedSharding(mesh, logical_to_mesh_spec(logical_axes, rules))
 
 
@@ -208,14 +216,16 @@ def check_divisible(abstract_variables, shardings) -> None:
         problems.append(
             f'{jax.tree_util.keystr(path)}: shape {tuple(value.shape)}, logical axes {names}, '
             f'mesh axes {tuple(sharding.spec)}: dimension {dim} ({size}) is not divisible by '
-            f'the {parts} devices of {axes}')
+            f'the {parts} devices of {axes}'
+        )
   if problems:
     raise ValueError(
         'parameters cannot be split evenly over the mesh '
         f'{mesh_shape} (with '
-        'partitioning.logical_axis_rules.fsdp = True, \'embed\' is split over data x expert, '
+        "partitioning.logical_axis_rules.fsdp = True, 'embed' is split over data x expert, "
         'or data for expert weights: choose a MESH whose axes divide it, or turn FSDP off):\n  '
-        + '\n  '.join(problems))
+        + '\n  '.join(problems)
+    )
 
 
 def params_shardings(mesh: Mesh, abstract_variables, rules: Optional[Rules] = None):
@@ -269,10 +279,11 @@ def mesh_context(mesh: Mesh, rules: Optional[Rules] = None):
 @dataclasses.dataclass(frozen=True)
 class ExpertParallelAxes:
   """Mesh axes that the expert-parallel MoE path maps over (see moe/expert_parallel.py)."""
+
   mesh: Any
-  batch: Tuple[str, ...]   # Mesh axes of the token batch.
-  expert: str              # Mesh axis of the expert dimension of expert weights.
-  model: Optional[str]     # Mesh axis of the expert `mlp` dimension, if it is split.
+  batch: Tuple[str, ...]  # Mesh axes of the token batch.
+  expert: str  # Mesh axis of the expert dimension of expert weights.
+  model: Optional[str]  # Mesh axis of the expert `mlp` dimension, if it is split.
 
 
 def _legacy_context_mesh() -> Optional[Mesh]:
@@ -284,6 +295,7 @@ def _legacy_context_mesh() -> Optional[Mesh]:
   """
   try:
     from jax._src import mesh as jax_mesh  # pylint: disable=g-import-not-at-top
+
     return jax_mesh.thread_resources.env.physical_mesh
   except (ImportError, AttributeError):
     return None
@@ -316,5 +328,6 @@ def expert_parallel_axes() -> Optional[ExpertParallelAxes]:
     return None
   model = axes_of('mlp')
   model = model[0] if len(model) == 1 and sizes.get(model[0], 1) > 1 else None
-  return ExpertParallelAxes(mesh=mesh, batch=axes_of('activation_batch'), expert=expert[0],
-                            model=model)
+  return ExpertParallelAxes(
+      mesh=mesh, batch=axes_of('activation_batch'), expert=expert[0], model=model
+  )

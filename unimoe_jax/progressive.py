@@ -54,34 +54,51 @@ DATA_FILE = 'demo/progressive_data.gin'
 
 # The stages as a table: name, gin files, bindings. Your --gin_file files are parsed after
 # them; MODEL_DIR, TRAIN_STEPS and INITIAL_CHECKPOINT_PATH are bound per run after those.
-STAGE0 = ('stage0_text', [*MODEL_FILES, 'runs/train.gin', 'demo/tiny.gin', DATA_FILE], {
-    'MIXTURE_OR_TASK_NAME': '%STAGE0_MIXTURE',
-    'TASK_FEATURE_LENGTHS': "{'targets': 128}",   # text only: media are not fed
-    'TRAINABLE_PATTERNS': "('decoder/.*',)",
-    'LEARNING_RATE': '3e-3',
-    'BATCH_SIZE': '32',
-})
-STAGE1 = ('stage1_align', [*MODEL_FILES, 'stages/stage1_align.gin', 'demo/tiny.gin', DATA_FILE], {
-    'MIXTURE_OR_TASK_NAME': '%STAGE1_MIXTURE',
-    'LEARNING_RATE': '5e-3',
-})
-STAGE2 = ('stage2_{modality}', [*MODEL_FILES, 'stages/stage2_expert.gin', 'demo/tiny.gin',
-                                DATA_FILE], {
-    'EXPERT_MODALITY': "'{modality}'",
-    'LEARNING_RATE': '3e-3',
-})
+STAGE0 = (
+    'stage0_text',
+    [*MODEL_FILES, 'runs/train.gin', 'demo/tiny.gin', DATA_FILE],
+    {
+        'MIXTURE_OR_TASK_NAME': '%STAGE0_MIXTURE',
+        'TASK_FEATURE_LENGTHS': "{'targets': 128}",  # text only: media are not fed
+        'TRAINABLE_PATTERNS': "('decoder/.*',)",
+        'LEARNING_RATE': '3e-3',
+        'BATCH_SIZE': '32',
+    },
+)
+STAGE1 = (
+    'stage1_align',
+    [*MODEL_FILES, 'stages/stage1_align.gin', 'demo/tiny.gin', DATA_FILE],
+    {
+        'MIXTURE_OR_TASK_NAME': '%STAGE1_MIXTURE',
+        'LEARNING_RATE': '5e-3',
+    },
+)
+STAGE2 = (
+    'stage2_{modality}',
+    [*MODEL_FILES, 'stages/stage2_expert.gin', 'demo/tiny.gin', DATA_FILE],
+    {
+        'EXPERT_MODALITY': "'{modality}'",
+        'LEARNING_RATE': '3e-3',
+    },
+)
 _STAGE3_RUN = {
     'MIXTURE_OR_TASK_NAME': '%STAGE3_MIXTURE',
     'LEARNING_RATE': '3e-3',
     'EVAL_MIXTURE_OR_TASK_NAME': '%EVAL_MIXTURE',
     'EVAL_TASK_FEATURE_LENGTHS': "{'targets': 128, 'image_features': 1, 'video_features': 1, "
-                                 "'speech_features': 1, 'audio_features': 1}",
+    "'speech_features': 1, 'audio_features': 1}",
     'EVAL_BATCH_SIZE': '32',
 }
-STAGE3 = ('stage3_unimoe', [*MODEL_FILES, 'stages/stage3_unimoe.gin', 'demo/tiny.gin', DATA_FILE],
-          dict(_STAGE3_RUN, **{'loop.train.routing_report': 'True'}))
-STAGE3_DENSE = ('stage3_dense', [*MODEL_FILES, 'stages/stage3_dense.gin', 'demo/tiny.gin',
-                                 DATA_FILE], dict(_STAGE3_RUN))
+STAGE3 = (
+    'stage3_unimoe',
+    [*MODEL_FILES, 'stages/stage3_unimoe.gin', 'demo/tiny.gin', DATA_FILE],
+    dict(_STAGE3_RUN, **{'loop.train.routing_report': 'True'}),
+)
+STAGE3_DENSE = (
+    'stage3_dense',
+    [*MODEL_FILES, 'stages/stage3_dense.gin', 'demo/tiny.gin', DATA_FILE],
+    dict(_STAGE3_RUN),
+)
 
 
 def _repo_root() -> str:
@@ -93,32 +110,50 @@ def make_sample_data(directory: str) -> str:
     return directory
   tool = os.path.join(_repo_root(), 'tools', 'make_sample_data.py')
   if not os.path.isfile(tool):
-    raise SystemExit(f'{tool} not found (installed without a checkout?): run '
-                     'tools/make_sample_data.py from a checkout and pass --sample_data DIR')
-  subprocess.run([sys.executable, tool, '--output', directory], check=True,
-                 stdout=subprocess.DEVNULL)
+    raise SystemExit(
+        f'{tool} not found (installed without a checkout?): run '
+        'tools/make_sample_data.py from a checkout and pass --sample_data DIR'
+    )
+  subprocess.run(
+      [sys.executable, tool, '--output', directory], check=True, stdout=subprocess.DEVNULL
+  )
   return directory
 
 
-def parse_stage(gin_files: Sequence[str], bindings: Dict[str, str], user_files: Sequence[str],
-                run_bindings: Dict[str, str], user_bindings: Sequence[str]) -> None:
+def parse_stage(
+    gin_files: Sequence[str],
+    bindings: Dict[str, str],
+    user_files: Sequence[str],
+    run_bindings: Dict[str, str],
+    user_bindings: Sequence[str],
+) -> None:
   """Parses one stage's configuration (see run_stage for the order)."""
   from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  gin_utils.parse(list(gin_files),
-                  [f'{k} = {v}' for k, v in bindings.items()] +
-                  [f'include {f!r}' for f in user_files] +
-                  [f'{k} = {v}' for k, v in run_bindings.items()] + list(user_bindings),
-                  import_modules=('unimoe_jax.tasks',))
+
+  gin_utils.parse(
+      list(gin_files),
+      [f'{k} = {v}' for k, v in bindings.items()]
+      + [f'include {f!r}' for f in user_files]
+      + [f'{k} = {v}' for k, v in run_bindings.items()]
+      + list(user_bindings),
+      import_modules=('unimoe_jax.tasks',),
+  )
 
 
-def run_stage(name: str, gin_files: Sequence[str], bindings: Dict[str, str],
-              user_files: Sequence[str], run_bindings: Dict[str, str],
-              user_bindings: Sequence[str]):
+def run_stage(
+    name: str,
+    gin_files: Sequence[str],
+    bindings: Dict[str, str],
+    user_files: Sequence[str],
+    run_bindings: Dict[str, str],
+    user_bindings: Sequence[str],
+):
   """One training run in this process (gin is cleared before and after). Parsed in this
   order: the stage's files, its table bindings, `user_files`, `run_bindings` (paths, steps),
   `user_bindings`."""
   import gin  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import loop  # pylint: disable=g-import-not-at-top
+
   started = time.time()
   logging.info('=== %s ===', name)
   gin.clear_config()
@@ -127,8 +162,12 @@ def run_stage(name: str, gin_files: Sequence[str], bindings: Dict[str, str],
     result = loop.train()  # pylint: disable=no-value-for-parameter
   finally:
     gin.clear_config()
-  logging.info('=== %s done in %.0f s: %s', name, time.time() - started,
-               {k: round(v, 4) for k, v in result['train'].items() if k in ('loss', 'accuracy')})
+  logging.info(
+      '=== %s done in %.0f s: %s',
+      name,
+      time.time() - started,
+      {k: round(v, 4) for k, v in result['train'].items() if k in ('loss', 'accuracy')},
+  )
   return result
 
 
@@ -139,12 +178,15 @@ def per_question_constant(level: dict) -> float:
   total = sum(c.get('num_examples', 0) for c in categories.values())
   if not total:
     return 0.0
-  return sum(c['num_examples'] * c.get('best_constant_accuracy', 0.0)
-             for c in categories.values()) / total
+  return (
+      sum(c['num_examples'] * c.get('best_constant_accuracy', 0.0) for c in categories.values())
+      / total
+  )
 
 
-def chance_table(results: Dict[str, Dict[str, float]], info: Optional[dict],
-                 split: str = 'validation') -> List[dict]:
+def chance_table(
+    results: Dict[str, Dict[str, float]], info: Optional[dict], split: str = 'validation'
+) -> List[dict]:
   """One row per evaluation task with an accuracy, exact-match or WER metric: the metric, its
   value, the chance level (from the sample data's info; without one, 0 for accuracy and 1 for
   WER) and the number of examples it rests on."""
@@ -154,17 +196,39 @@ def chance_table(results: Dict[str, Dict[str, float]], info: Optional[dict],
     level = chance.get(task.replace('unimoe_sample_', ''), {})
     examples = int(metrics['num_examples']) if 'num_examples' in metrics else '?'
     if 'wer' in metrics:
-      rows.append(dict(task=task, metric='WER', value=metrics['wer'], examples=examples,
-                       chance=level.get('best_constant_wer', 1.0), lower_is_better=True))
+      rows.append(
+          dict(
+              task=task,
+              metric='WER',
+              value=metrics['wer'],
+              examples=examples,
+              chance=level.get('best_constant_wer', 1.0),
+              lower_is_better=True,
+          )
+      )
     elif 'accuracy' in metrics or 'exact_match' in metrics:
       name = 'accuracy' if 'accuracy' in metrics else 'exact_match'
-      levels = [level.get('best_constant_accuracy', 0.0), level.get('uniform_guess_accuracy', 0.0),
-                per_question_constant(level)]
-      rows.append(dict(task=task, metric=name, value=metrics[name] / 100.0, examples=examples,
-                       chance=max(levels), lower_is_better=False))
+      levels = [
+          level.get('best_constant_accuracy', 0.0),
+          level.get('uniform_guess_accuracy', 0.0),
+          per_question_constant(level),
+      ]
+      rows.append(
+          dict(
+              task=task,
+              metric=name,
+              value=metrics[name] / 100.0,
+              examples=examples,
+              chance=max(levels),
+              lower_is_better=False,
+          )
+      )
     else:
-      logging.warning('results table: %s has no accuracy, exact_match or wer metric (%s); left '
-                      'out', task, sorted(metrics))
+      logging.warning(
+          'results table: %s has no accuracy, exact_match or wer metric (%s); left ' 'out',
+          task,
+          sorted(metrics),
+      )
   return rows
 
 
@@ -172,6 +236,7 @@ def routing_by_modality(routing: Dict[str, Dict[str, 'object']]) -> Dict[str, Di
   """{modality: {group: fractions [layers, experts]}}: the counts of the modality's tasks
   summed, then normalised."""
   from unimoe_jax.training import routing_report  # pylint: disable=g-import-not-at-top
+
   summed: Dict[str, Dict] = {}
   for task, counts in routing.items():
     modality = report.modality_of(task)
@@ -180,38 +245,55 @@ def routing_by_modality(routing: Dict[str, Dict[str, 'object']]) -> Dict[str, Di
   return {m: routing_report.fractions(summed[m]) for m in MODALITIES if m in summed}
 
 
-def write_results(work: str, rows, dense_rows, histories, routing, layer_names,
-                  pictures: bool, elapsed: float) -> str:
+def write_results(
+    work: str, rows, dense_rows, histories, routing, layer_names, pictures: bool, elapsed: float
+) -> str:
   """results.md (the tables, the routing fractions and the pictures) and results.json."""
   table = report.format_table(rows, dense_rows)
   by_modality = routing_by_modality(routing) if routing else {}
   lines = [f'# Uni-MoE progressive training: {elapsed:.0f} s', '', table, '']
   experts = ', '.join(f'{e} = {m}' for e, m in enumerate(MODALITIES))
   if by_modality:
-    lines += ['## Routing (MoE model): fraction of each modality\'s routing choices per expert',
-              '', f'Experts by the modality stage 2 trained them on: {experts}.', '']
+    lines += [
+        "## Routing (MoE model): fraction of each modality's routing choices per expert",
+        '',
+        f'Experts by the modality stage 2 trained them on: {experts}.',
+        '',
+    ]
     for modality, fractions in by_modality.items():
       for group, value in fractions.items():
-        lines.append(f'- {modality}, {group} tokens: ' + '; '.join(
-            f'{name} ' + ' '.join('-' if x != x else f'{x:.2f}' for x in row)
-            for name, row in zip(layer_names, value)))
+        lines.append(
+            f'- {modality}, {group} tokens: '
+            + '; '.join(
+                f'{name} ' + ' '.join('-' if x != x else f'{x:.2f}' for x in row)
+                for name, row in zip(layer_names, value)
+            )
+        )
     lines.append('')
   if pictures:
     # The experts in the order stage 2 trained them (experts_lib.assemble_experts).
-    files = report.write_pictures(work, histories, by_modality, layer_names, rows, dense_rows,
-                                  expert_names=list(MODALITIES))
+    files = report.write_pictures(
+        work, histories, by_modality, layer_names, rows, dense_rows, expert_names=list(MODALITIES)
+    )
     lines += ['## Pictures', ''] + [f'![{title}]({name})' for title, name in files.items()]
   with open(os.path.join(work, 'results.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   with open(os.path.join(work, 'results.json'), 'w') as f:
-    json.dump({'moe': rows, 'dense': dense_rows, 'routing': {
-        m: {g: v.tolist() for g, v in fr.items()} for m, fr in by_modality.items()}},
-              f, indent=1)
+    json.dump(
+        {
+            'moe': rows,
+            'dense': dense_rows,
+            'routing': {m: {g: v.tolist() for g, v in fr.items()} for m, fr in by_modality.items()},
+        },
+        f,
+        indent=1,
+    )
   return table
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
+
   argv = sys.argv[1:] if argv is None else list(argv)
   rest, user_bindings = gin_utils.split_gin_args(argv)
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -229,8 +311,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except ValueError:
     steps = []
   if len(steps) != 4 or min(steps) < 0 or min(steps[1:]) == 0:
-    raise SystemExit(f'--steps needs four numbers (stages 0-3; only stage 0 may be 0), got '
-                     f'{args.steps}')
+    raise SystemExit(
+        f'--steps needs four numbers (stages 0-3; only stage 0 may be 0), got ' f'{args.steps}'
+    )
   if not args.no_pictures:
     report.check_plotting()  # Before an hour of training, not after.
   started = time.time()
@@ -262,12 +345,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from unimoe_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from unimoe_jax.convert import experts as experts_lib  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+
   assembled = os.path.join(work, 'stage3_init')
   if not os.path.exists(assembled):
     base, _ = checkpoints.read_params(stage1_dir)
     trees = [checkpoints.read_params(d)[0] for d in expert_dirs]
-    checkpoint.save(assembled, experts_lib.assemble_experts(base, trees, expert_dirs),
-                    '# experts: ' + ', '.join(expert_dirs) + '\n')
+    checkpoint.save(
+        assembled,
+        experts_lib.assemble_experts(base, trees, expert_dirs),
+        '# experts: ' + ', '.join(expert_dirs) + '\n',
+    )
   result, _ = bind(STAGE3, steps[3], assembled)
   dense_result = bind(STAGE3_DENSE, steps[3], stage1_dir)[0] if args.compare == 'dense' else None
 
@@ -280,10 +367,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   dense_rows = chance_table(dense_result['eval'], info) if dense_result else None
   routing = result['routing'] or {'layers': [], 'tasks': {}}
   layer_names = [f'layer {i}' for i in routing['layers']]
-  table = write_results(work, rows, dense_rows, histories, routing['tasks'], layer_names,
-                        not args.no_pictures, time.time() - started)
-  print(f'\nUni-MoE progressive training: {time.time() - started:.0f} s '
-        f'(results in {os.path.join(work, "results.md")})\n')
+  table = write_results(
+      work,
+      rows,
+      dense_rows,
+      histories,
+      routing['tasks'],
+      layer_names,
+      not args.no_pictures,
+      time.time() - started,
+  )
+  print(
+      f'\nUni-MoE progressive training: {time.time() - started:.0f} s '
+      f'(results in {os.path.join(work, "results.md")})\n'
+  )
   print(table)
   return 0
 

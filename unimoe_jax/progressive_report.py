@@ -55,7 +55,8 @@ def modality_scores(rows: Sequence[Mapping]) -> Dict[str, float]:
     m = modality_of(r['task'])
     if m is not None:
       by_modality.setdefault(m, []).append(
-          normalised(r['value'], r['chance'], r['lower_is_better']))
+          normalised(r['value'], r['chance'], r['lower_is_better'])
+      )
   return {m: float(np.mean(v)) for m, v in by_modality.items()}
 
 
@@ -81,9 +82,14 @@ def format_table(rows: Sequence[Mapping], dense_rows: Optional[Sequence[Mapping]
   head.append(f'MoE beats chance by {MARGIN:.2f}')
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in rows:
-    cells = [r['task'], r['metric'] + (' (lower is better)' if r['lower_is_better'] else ''),
-             str(r.get('examples', '?')), f"{r['chance']:.3f}", f"{r['value']:.3f}",
-             f'{margin(r):+.3f}']
+    cells = [
+        r['task'],
+        r['metric'] + (' (lower is better)' if r['lower_is_better'] else ''),
+        str(r.get('examples', '?')),
+        f"{r['chance']:.3f}",
+        f"{r['value']:.3f}",
+        f'{margin(r):+.3f}',
+    ]
     if dense:
       d = dense.get(r['task'])
       cells += [f"{d['value']:.3f}", f'{margin(d):+.3f}'] if d else ['-', '-']
@@ -102,8 +108,15 @@ def _scores_table(rows, dense_rows) -> str:
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, scores in models:
     spread, std = bias(scores)
-    lines.append('| ' + ' | '.join([name] + [f'{scores.get(m, math.nan):.3f}' for m in present]
-                                   + [f'{spread:.3f}', f'{std:.3f}']) + ' |')
+    lines.append(
+        '| '
+        + ' | '.join(
+            [name]
+            + [f'{scores.get(m, math.nan):.3f}' for m in present]
+            + [f'{spread:.3f}', f'{std:.3f}']
+        )
+        + ' |'
+    )
   return '\n'.join(lines)
 
 
@@ -113,15 +126,18 @@ def _scores_table(rows, dense_rows) -> str:
 def check_plotting() -> None:
   """SystemExit with the install command when matplotlib is missing."""
   if importlib.util.find_spec('matplotlib') is None:
-    raise SystemExit('the pictures need matplotlib: pip install -e ".[plots]" (or pass '
-                     '--no_pictures)')
+    raise SystemExit(
+        'the pictures need matplotlib: pip install -e ".[plots]" (or pass ' '--no_pictures)'
+    )
 
 
 def _pyplot():
   check_plotting()
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 
@@ -147,41 +163,59 @@ def plot_losses(histories: Mapping[str, Sequence[Tuple[int, float]]], path: str)
     ax.set_title(name, fontsize=9)
     ax.set_xlabel('step')
     ax.set_ylabel('training loss')
-  for ax in list(axes.flat)[len(names):]:
+  for ax in list(axes.flat)[len(names) :]:
     ax.axis('off')
   fig.tight_layout()
   return _save(fig, path)
 
 
-def plot_routing(modality: str, fractions: Mapping[str, np.ndarray], layer_names: Sequence[str],
-                 path: str, expert_names: Optional[Sequence[str]] = None) -> np.ndarray:
+def plot_routing(
+    modality: str,
+    fractions: Mapping[str, np.ndarray],
+    layer_names: Sequence[str],
+    path: str,
+    expert_names: Optional[Sequence[str]] = None,
+) -> np.ndarray:
   """Heatmaps (layers x experts) of the fraction of routing choices per expert, one panel per
   token group ('media', 'text'); `expert_names` label the experts (e.g. the modality each was
   trained on in stage 2)."""
   plt = _pyplot()
   groups = [g for g in ('media', 'text') if g in fractions]
-  fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 0.5 * len(layer_names)
-                                                    + 2.0), squeeze=False)
+  fig, axes = plt.subplots(
+      1, len(groups), figsize=(4.2 * len(groups), 0.5 * len(layer_names) + 2.0), squeeze=False
+  )
   for ax, group in zip(axes[0], groups):
     value = np.asarray(fractions[group], np.float64)
     image = ax.imshow(value, vmin=0.0, vmax=1.0, cmap='viridis', aspect='auto')
     ax.set_title(f'{modality}: {group} tokens', fontsize=9)
     ax.set_xlabel('expert (trained in stage 2 on)' if expert_names else 'expert')
     ax.set_ylabel('MoE layer')
-    ax.set_xticks(range(value.shape[1]), labels=[
-        f'{e}\n{expert_names[e]}' if expert_names else str(e) for e in range(value.shape[1])],
-                  fontsize=8)
+    ax.set_xticks(
+        range(value.shape[1]),
+        labels=[
+            f'{e}\n{expert_names[e]}' if expert_names else str(e) for e in range(value.shape[1])
+        ],
+        fontsize=8,
+    )
     ax.set_yticks(range(value.shape[0]), labels=list(layer_names))
     for (i, j), x in np.ndenumerate(value):
-      ax.text(j, i, '-' if np.isnan(x) else f'{x:.2f}', ha='center', va='center', fontsize=7,
-              color='white' if x < 0.5 else 'black')
+      ax.text(
+          j,
+          i,
+          '-' if np.isnan(x) else f'{x:.2f}',
+          ha='center',
+          va='center',
+          fontsize=7,
+          color='white' if x < 0.5 else 'black',
+      )
     fig.colorbar(image, ax=ax, label='fraction of routing choices')
   fig.tight_layout()
   return _save(fig, path)
 
 
-def plot_comparison(rows: Sequence[Mapping], dense_rows: Optional[Sequence[Mapping]],
-                    path: str) -> np.ndarray:
+def plot_comparison(
+    rows: Sequence[Mapping], dense_rows: Optional[Sequence[Mapping]], path: str
+) -> np.ndarray:
   """Bars per task: the MoE model's metric (and the dense model's), a black tick at chance."""
   plt = _pyplot()
   dense = {r['task']: r for r in dense_rows or ()}
@@ -190,13 +224,24 @@ def plot_comparison(rows: Sequence[Mapping], dense_rows: Optional[Sequence[Mappi
   width = 0.38 if dense else 0.6
   ax.bar(x - (width / 2 if dense else 0), [r['value'] for r in rows], width, label='MoE')
   if dense:
-    ax.bar(x + width / 2, [dense[r['task']]['value'] if r['task'] in dense else np.nan
-                           for r in rows], width, label='dense')
-  ax.scatter(x, [r['chance'] for r in rows], marker='_', s=900, color='black', zorder=3,
-             label='chance')
-  ax.set_xticks(x, labels=[r['task'].replace('unimoe_sample_eval_', '') +
-                           ('\n(WER, lower\nis better)' if r['lower_is_better'] else '')
-                           for r in rows], fontsize=8)
+    ax.bar(
+        x + width / 2,
+        [dense[r['task']]['value'] if r['task'] in dense else np.nan for r in rows],
+        width,
+        label='dense',
+    )
+  ax.scatter(
+      x, [r['chance'] for r in rows], marker='_', s=900, color='black', zorder=3, label='chance'
+  )
+  ax.set_xticks(
+      x,
+      labels=[
+          r['task'].replace('unimoe_sample_eval_', '')
+          + ('\n(WER, lower\nis better)' if r['lower_is_better'] else '')
+          for r in rows
+      ],
+      fontsize=8,
+  )
   ax.set_ylabel('metric (accuracy or WER)')
   ax.set_ylim(0, 1.05)
   ax.legend(fontsize=8)
@@ -205,8 +250,9 @@ def plot_comparison(rows: Sequence[Mapping], dense_rows: Optional[Sequence[Mappi
   return _save(fig, path)
 
 
-def write_pictures(work: str, histories, routing_by_modality, layer_names, rows,
-                   dense_rows=None, expert_names=None) -> Dict[str, str]:
+def write_pictures(
+    work: str, histories, routing_by_modality, layer_names, rows, dense_rows=None, expert_names=None
+) -> Dict[str, str]:
   """All PNGs into `work` and the same images to TensorBoard (`work/pictures`); returns
   {title: file name}."""
   images, files = {}, {}
@@ -215,11 +261,13 @@ def write_pictures(work: str, histories, routing_by_modality, layer_names, rows,
   for modality, fractions in routing_by_modality.items():
     name = f'routing_{modality}.png'
     files[f'routing: {modality}'] = name
-    images[f'routing_{modality}'] = plot_routing(modality, fractions, layer_names,
-                                                 os.path.join(work, name), expert_names)
+    images[f'routing_{modality}'] = plot_routing(
+        modality, fractions, layer_names, os.path.join(work, name), expert_names
+    )
   files['dense vs MoE' if dense_rows else 'MoE vs chance'] = 'comparison.png'
   images['comparison'] = plot_comparison(rows, dense_rows, os.path.join(work, 'comparison.png'))
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
   writer = metric_writers.create_default_writer(os.path.join(work, 'pictures'))
   writer.write_images(0, {k: v[None] for k, v in images.items()})
   writer.flush()

@@ -46,8 +46,16 @@ SAMPLE_RATE = 16000
 AUDIO_FRAMES = audio_lib.BEATS_CHUNK_FRAMES  # BEATs filterbank frames of one 30 s chunk.
 AUDIO_MAX_CHUNKS = audio_lib.AUDIO_MAX_CHUNKS  # per audio file; speech keeps every chunk
 
-__all__ = ['MediaError', 'PromptTokenizer', 'Prompt', 'place_placeholders', 'media_features',
-           'media_items', 'prompt_ids', 'build_prompt']
+__all__ = [
+    'MediaError',
+    'PromptTokenizer',
+    'Prompt',
+    'place_placeholders',
+    'media_features',
+    'media_items',
+    'prompt_ids',
+    'build_prompt',
+]
 
 
 class PromptTokenizer:
@@ -56,6 +64,7 @@ class PromptTokenizer:
 
   def __init__(self, path: str, config):
     import sentencepiece  # pylint: disable=g-import-not-at-top
+
     self.path = path
     self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
     self.placeholder_ids = {PLACEHOLDERS[m]: config.token_id(m) for m in MODALITIES}
@@ -113,8 +122,12 @@ def place_placeholders(text: str, media: Mapping[str, Sequence[PathLike]]) -> st
     return ''.join(f'{PLACEHOLDERS[m]}\n' * counts[m] for m in PLACEHOLDER_ORDER) + text
   wrong = {m: (in_text[m], counts[m]) for m in MODALITIES if in_text[m] != counts[m]}
   if wrong:
-    raise ValueError('the text must hold one placeholder per media file: ' + ', '.join(
-        f'{PLACEHOLDERS[m]} occurs {t} times for {c} file(s)' for m, (t, c) in wrong.items()))
+    raise ValueError(
+        'the text must hold one placeholder per media file: '
+        + ', '.join(
+            f'{PLACEHOLDERS[m]} occurs {t} times for {c} file(s)' for m, (t, c) in wrong.items()
+        )
+    )
   return text
 
 
@@ -139,13 +152,15 @@ def _load_audio(path: PathLike, config) -> List[Tuple[np.ndarray, np.ndarray]]:
   `AUDIO_MAX_CHUNKS` 480000-sample chunks of an audio file, padded as `config.audio_padding`
   says."""
   wave = audio_lib.load_audio(path, SAMPLE_RATE)
-  return [audio_lib.beats_chunk_features(chunk, config.audio_padding, AUDIO_FRAMES)
-          for chunk in audio_lib.split_chunks(wave, audio_lib.BEATS_CHUNK_SAMPLES,
-                                              AUDIO_MAX_CHUNKS)]
+  return [
+      audio_lib.beats_chunk_features(chunk, config.audio_padding, AUDIO_FRAMES)
+      for chunk in audio_lib.split_chunks(wave, audio_lib.BEATS_CHUNK_SAMPLES, AUDIO_MAX_CHUNKS)
+  ]
 
 
-def media_items(config, media: Mapping[str, Sequence[PathLike]], image_mode: str = 'crop',
-                video_frames: int = 8) -> Tuple[Dict[str, np.ndarray], Dict[str, List[int]]]:
+def media_items(
+    config, media: Mapping[str, Sequence[PathLike]], image_mode: str = 'crop', video_frames: int = 8
+) -> Tuple[Dict[str, np.ndarray], Dict[str, List[int]]]:
   """(the batch's media keys for one example, items per file of each modality).
 
   Args:
@@ -168,22 +183,29 @@ def media_items(config, media: Mapping[str, Sequence[PathLike]], image_mode: str
     if not paths:
       continue
     if m not in config.modalities:
-      raise ValueError(f'the model has no {m} encoder (it has {list(config.modalities)}); '
-                       f'cannot use {paths}')
+      raise ValueError(
+          f'the model has no {m} encoder (it has {list(config.modalities)}); ' f'cannot use {paths}'
+      )
     if m == 'image':
-      per_file = [[image_lib.load_and_preprocess_image(p, size=config.vision.image_size,
-                                                       mode=image_mode)] for p in paths]
+      per_file = [
+          [image_lib.load_and_preprocess_image(p, size=config.vision.image_size, mode=image_mode)]
+          for p in paths
+      ]
     elif m == 'video':
-      per_file = [[video_lib.preprocess_video(video_lib.load_video_frames(p, video_frames),
-                                              config.vision.image_size, image_mode)]
-                  for p in paths]
+      per_file = [
+          [
+              video_lib.preprocess_video(
+                  video_lib.load_video_frames(p, video_frames), config.vision.image_size, image_mode
+              )
+          ]
+          for p in paths
+      ]
     elif m == 'speech':
       per_file = [_load_speech(p, config) for p in paths]
     else:
       pairs = [_load_audio(p, config) for p in paths]
       per_file = [[f for f, _ in file_pairs] for file_pairs in pairs]
-      out['audio_feature_mask'] = np.stack([k for file_pairs in pairs
-                                            for _, k in file_pairs])[None]
+      out['audio_feature_mask'] = np.stack([k for file_pairs in pairs for _, k in file_pairs])[None]
     items = [item for file_items in per_file for item in file_items]
     counts[m] = [len(file_items) for file_items in per_file]
     out[f'{m}_features'] = np.stack(items).astype(np.float32)[None]
@@ -191,14 +213,20 @@ def media_items(config, media: Mapping[str, Sequence[PathLike]], image_mode: str
   return out, counts
 
 
-def media_features(config, media: Mapping[str, Sequence[PathLike]], image_mode: str = 'crop',
-                   video_frames: int = 8) -> Dict[str, np.ndarray]:
+def media_features(
+    config, media: Mapping[str, Sequence[PathLike]], image_mode: str = 'crop', video_frames: int = 8
+) -> Dict[str, np.ndarray]:
   """The batch's media keys of `media_items` (without the per-file item counts)."""
   return media_items(config, media, image_mode, video_frames)[0]
 
 
-def prompt_ids(text: str, tokenizer: PromptTokenizer, config, template: bool = True,
-               items_per_file: Optional[Mapping[str, Sequence[int]]] = None) -> np.ndarray:
+def prompt_ids(
+    text: str,
+    tokenizer: PromptTokenizer,
+    config,
+    template: bool = True,
+    items_per_file: Optional[Mapping[str, Sequence[int]]] = None,
+) -> np.ndarray:
   """BOS + tokens of `text` (placeholders already placed), the k-th placeholder of modality m
   expanded to `items_per_file[m][k] * config.num_soft_tokens(m)` ids (one item per file for a
   modality not listed): `[n]` int32. `template` wraps `text` as the one human turn of a Vicuna
@@ -207,7 +235,7 @@ def prompt_ids(text: str, tokenizer: PromptTokenizer, config, template: bool = T
   soft = {}
   for m in config.modalities:
     n = config.num_soft_tokens(m)
-    soft[PLACEHOLDERS[m]] = ([c * n for c in items_per_file[m]] if m in items_per_file else n)
+    soft[PLACEHOLDERS[m]] = [c * n for c in items_per_file[m]] if m in items_per_file else n
   if template:
     conversation = [{'from': 'human', 'value': text}, {'from': 'gpt', 'value': ''}]
     ids, _ = conversation_lib.tokenize_conversation(conversation, tokenizer, soft)
@@ -215,7 +243,8 @@ def prompt_ids(text: str, tokenizer: PromptTokenizer, config, template: bool = T
   tokens = np.asarray([tokenizer.bos_id] + tokenizer.encode(text), np.int64)
   id_to_placeholder = {v: k for k, v in tokenizer.placeholder_ids.items()}
   ids, _ = conversation_lib._expand_placeholders(  # pylint: disable=protected-access
-      tokens, np.zeros(len(tokens), np.float32), id_to_placeholder, soft)
+      tokens, np.zeros(len(tokens), np.float32), id_to_placeholder, soft
+  )
   return ids
 
 
@@ -229,14 +258,23 @@ class Prompt:
     length: the prompt's length in tokens (BOS and expanded placeholders included).
     text: the text that was tokenised (the rendered template when generating).
   """
+
   batch: Dict[str, np.ndarray]
   length: int
   text: str
 
 
-def build_prompt(text: str, media: Mapping[str, Sequence[PathLike]], config,
-                 tokenizer: PromptTokenizer, *, template: bool = True, room: int = 0,
-                 image_mode: str = 'crop', video_frames: int = 8) -> Prompt:
+def build_prompt(
+    text: str,
+    media: Mapping[str, Sequence[PathLike]],
+    config,
+    tokenizer: PromptTokenizer,
+    *,
+    template: bool = True,
+    room: int = 0,
+    image_mode: str = 'crop',
+    video_frames: int = 8,
+) -> Prompt:
   """The whole recipe of the module docstring for one example.
 
   Args:
@@ -257,17 +295,28 @@ def build_prompt(text: str, media: Mapping[str, Sequence[PathLike]], config,
   features, items_per_file = media_items(config, media, image_mode, video_frames)
   ids = prompt_ids(placed, tokenizer, config, template, items_per_file)
   placeholder_ids = set(tokenizer.placeholder_ids.values())
-  bad = sorted({int(t) for t in ids if int(t) not in placeholder_ids and
-                not 0 <= int(t) < config.decoder.vocab_size})
+  bad = sorted(
+      {
+          int(t)
+          for t in ids
+          if int(t) not in placeholder_ids and not 0 <= int(t) < config.decoder.vocab_size
+      }
+  )
   if bad:
-    raise ValueError(f'token ids {bad} of {tokenizer.path} fall outside the model vocabulary '
-                     f'({config.decoder.vocab_size})')
+    raise ValueError(
+        f'token ids {bad} of {tokenizer.path} fall outside the model vocabulary '
+        f'({config.decoder.vocab_size})'
+    )
   tokens = np.zeros((1, len(ids) + room), np.int32)
-  tokens[0, :len(ids)] = ids
-  rendered = conversation_lib.prompt_text(
-      [{'from': 'human', 'value': placed}, {'from': 'gpt', 'value': ''}]) if template else placed
-  return Prompt(batch={'decoder_input_tokens': tokens, **features}, length=len(ids),
-                text=rendered)
+  tokens[0, : len(ids)] = ids
+  rendered = (
+      conversation_lib.prompt_text(
+          [{'from': 'human', 'value': placed}, {'from': 'gpt', 'value': ''}]
+      )
+      if template
+      else placed
+  )
+  return Prompt(batch={'decoder_input_tokens': tokens, **features}, length=len(ids), text=rendered)
 
 
 def text_positions(ids: Sequence[int], tokenizer: PromptTokenizer) -> np.ndarray:

@@ -116,6 +116,7 @@ def decoder_with_dtype(decoder: DecoderConfig, dtype: str) -> DecoderConfig:
 # ---- checkpoint directories -----------------------------------------------------------------
 def _checkpoints_lib():
   from unimoe_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+
   return checkpoints
 
 
@@ -125,8 +126,9 @@ def locate_checkpoint(path: str, flag: str = '--checkpoint') -> Tuple[str, Optio
   `checkpoints/` directory or one step directory (training/checkpoints.py `locate`). Errors
   name `flag`: a path that does not exist, is not a directory, or holds no checkpoint."""
   if not path:
-    raise FileNotFoundError(f'{flag} is empty: name a converted checkpoint or a training '
-                            'MODEL_DIR')
+    raise FileNotFoundError(
+        f'{flag} is empty: name a converted checkpoint or a training ' 'MODEL_DIR'
+    )
   if not os.path.exists(path):
     raise FileNotFoundError(f'{flag}={path} does not exist')
   if not os.path.isdir(path):
@@ -147,8 +149,9 @@ def checkpoint_gin_text(path: str, flag: str = '--checkpoint') -> str:
   gin_path = os.path.join(directory if converted else _run_dir(directory), checkpoint.GIN_FILE)
   if not os.path.exists(gin_path):
     what = 'checkpoint' if converted else f'training run (step {step})'
-    raise FileNotFoundError(f'{flag}={path}: the {what} has no {gin_path} (the model '
-                            'configuration it needs)')
+    raise FileNotFoundError(
+        f'{flag}={path}: the {what} has no {gin_path} (the model ' 'configuration it needs)'
+    )
   with open(gin_path) as f:
     return f.read()
 
@@ -161,8 +164,12 @@ def read_checkpoint(path: str, flag: str = '--checkpoint') -> Tuple[Dict[str, An
   return params, gin_text
 
 
-def find_vocab(path: str, vocab_path: Optional[str] = None, flag: str = '--checkpoint',
-               gin_text: Optional[str] = None) -> str:
+def find_vocab(
+    path: str,
+    vocab_path: Optional[str] = None,
+    flag: str = '--checkpoint',
+    gin_text: Optional[str] = None,
+) -> str:
   """`--vocab` when given (it must exist), else the checkpoint's tokenizer.model: beside the
   params of a converted checkpoint; for a training run in MODEL_DIR or in the converted
   checkpoint its config.gin names as INITIAL_CHECKPOINT_PATH (where training started)."""
@@ -175,27 +182,35 @@ def find_vocab(path: str, vocab_path: Optional[str] = None, flag: str = '--check
   if not os.path.isdir(os.path.join(directory, checkpoint.PARAMS_DIR)):
     candidates.append(_run_dir(directory))
     # gin.config_str() may break a long value onto the next line after '= \'.
-    match = re.search(r"^INITIAL_CHECKPOINT_PATH\s*=\s*(?:\\\s*)?['\"]([^'\"]+)['\"]",
-                      gin_text or '', re.MULTILINE)
+    match = re.search(
+        r"^INITIAL_CHECKPOINT_PATH\s*=\s*(?:\\\s*)?['\"]([^'\"]+)['\"]",
+        gin_text or '',
+        re.MULTILINE,
+    )
     if match:
       candidates.append(match.group(1))
   for candidate in candidates:
     found = checkpoint.tokenizer_path(candidate)
     if found:
       return found
-  raise FileNotFoundError(f'{flag}={path} has no {checkpoint.TOKENIZER_FILE} (looked in '
-                          f'{", ".join(candidates)}); pass --vocab')
+  raise FileNotFoundError(
+      f'{flag}={path} has no {checkpoint.TOKENIZER_FILE} (looked in '
+      f'{", ".join(candidates)}); pass --vocab'
+  )
 
 
 def check_max_length(length: int, max_length: int, what: str) -> None:
   """Refuses a sequence longer than `max_length`, naming --max_length."""
   if length > max_length:
-    raise ValueError(f'{what} is {length} tokens, more than --max_length={max_length}; shorten '
-                     'it or raise --max_length (memory grows with it)')
+    raise ValueError(
+        f'{what} is {length} tokens, more than --max_length={max_length}; shorten '
+        'it or raise --max_length (memory grows with it)'
+    )
 
 
 def positive_int(flag: str):
   """An argparse type: an int >= 1; the error names `flag`."""
+
   def parse(text):
     try:
       value = int(text)
@@ -204,26 +219,38 @@ def positive_int(flag: str):
     if value < 1:
       raise argparse.ArgumentTypeError(f'{flag} must be >= 1, got {value}')
     return value
+
   return parse
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
   """--checkpoint, --vocab, --dtype, --max_length (shared by score and generate)."""
-  parser.add_argument('--checkpoint', required=True,
-                      help='a converted checkpoint (tools/convert_checkpoint.py), a training '
-                      'MODEL_DIR (its latest step) or one of its checkpoints/<step> directories')
-  parser.add_argument('--vocab', default=None, help="SentencePiece model; default the "
-                      "checkpoint's tokenizer.model (for a training run: MODEL_DIR's or its "
-                      "INITIAL_CHECKPOINT_PATH's)")
+  parser.add_argument(
+      '--checkpoint',
+      required=True,
+      help='a converted checkpoint (tools/convert_checkpoint.py), a training '
+      'MODEL_DIR (its latest step) or one of its checkpoints/<step> directories',
+  )
+  parser.add_argument(
+      '--vocab',
+      default=None,
+      help='SentencePiece model; default the '
+      "checkpoint's tokenizer.model (for a training run: MODEL_DIR's or its "
+      "INITIAL_CHECKPOINT_PATH's)",
+  )
   parser.add_argument('--dtype', default='float32', choices=DTYPES, help='compute dtype')
-  parser.add_argument('--max_length', type=positive_int('--max_length'),
-                      default=DEFAULT_MAX_LENGTH,
-                      help='longest sequence (prompt with media soft tokens, plus generated '
-                      f'tokens); default {DEFAULT_MAX_LENGTH}')
+  parser.add_argument(
+      '--max_length',
+      type=positive_int('--max_length'),
+      default=DEFAULT_MAX_LENGTH,
+      help='longest sequence (prompt with media soft tokens, plus generated '
+      f'tokens); default {DEFAULT_MAX_LENGTH}',
+  )
 
 
-def restore_model(checkpoint_dir: str, dtype: str = 'float32'
-                  ) -> Tuple[UniMoEConfig, Dict[str, Any]]:
+def restore_model(
+    checkpoint_dir: str, dtype: str = 'float32'
+) -> Tuple[UniMoEConfig, Dict[str, Any]]:
   """(model config, params as jax arrays in `dtype`) of a checkpoint directory; a text-only
   checkpoint's params (decoder only, with or without the 'decoder' level) come back as
   `{'decoder': ...}`, the tree `UniMoE(config)` expects. `checkpoint_dir` may be a training run
@@ -237,8 +264,7 @@ def restore_model(checkpoint_dir: str, dtype: str = 'float32'
   return cfg, params
 
 
-def token_logprobs(params: Dict[str, Any], cfg: DecoderConfig, tokens: Sequence[int]
-                   ) -> np.ndarray:
+def token_logprobs(params: Dict[str, Any], cfg: DecoderConfig, tokens: Sequence[int]) -> np.ndarray:
   """tokens `[length]` -> float32 `[length - 1]`: log p(tokens[i + 1] | tokens[:i + 1])."""
   ids = jnp.asarray(np.asarray(tokens, np.int32)[None])
   logits, _ = Decoder(cfg).apply({'params': params}, ids)
@@ -246,8 +272,9 @@ def token_logprobs(params: Dict[str, Any], cfg: DecoderConfig, tokens: Sequence[
   return np.asarray(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0])
 
 
-def multimodal_token_logprobs(params: Dict[str, Any], cfg: UniMoEConfig,
-                              batch: Mapping[str, Any]) -> np.ndarray:
+def multimodal_token_logprobs(
+    params: Dict[str, Any], cfg: UniMoEConfig, batch: Mapping[str, Any]
+) -> np.ndarray:
   """A one-row batch -> float32 `[length - 1]`: log p(token[i + 1] | everything before it),
   media spliced in (entries at placeholder positions are meaningless: not scored)."""
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -258,11 +285,17 @@ def multimodal_token_logprobs(params: Dict[str, Any], cfg: UniMoEConfig,
   return np.asarray(jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0])
 
 
-def score_multimodal(checkpoint_dir: str, text: str, media: Mapping[str, Sequence[str]],
-                     vocab_path: Optional[str] = None, dtype: str = 'float32',
-                     max_length: int = DEFAULT_MAX_LENGTH) -> List[Dict[str, Any]]:
+def score_multimodal(
+    checkpoint_dir: str,
+    text: str,
+    media: Mapping[str, Sequence[str]],
+    vocab_path: Optional[str] = None,
+    dtype: str = 'float32',
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> List[Dict[str, Any]]:
   """Records of BOS and every text token of `text` after `media` (module docstring)."""
   from unimoe_jax import prompting  # pylint: disable=g-import-not-at-top
+
   gin_text = checkpoint_gin_text(checkpoint_dir)
   vocab_path = find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
   cfg = with_dtype(model_config_from_gin(gin_text), dtype)
@@ -274,14 +307,20 @@ def score_multimodal(checkpoint_dir: str, text: str, media: Mapping[str, Sequenc
   ids = [int(t) for t in prompt.batch['decoder_input_tokens'][0]]
   records = [{'token': ids[0], 'piece': tokenizer.piece(ids[0])}]
   for i in prompting.text_positions(ids, tokenizer)[1:]:
-    records.append({'token': ids[i], 'piece': tokenizer.piece(ids[i]),
-                    'logprob': float(logprobs[i - 1])})
+    records.append(
+        {'token': ids[i], 'piece': tokenizer.piece(ids[i]), 'logprob': float(logprobs[i - 1])}
+    )
   return records
 
 
-def score_text(checkpoint_dir: str, text: str, vocab_path: Optional[str] = None,
-               dtype: str = 'float32', media: Optional[Mapping[str, Sequence[str]]] = None,
-               max_length: int = DEFAULT_MAX_LENGTH) -> List[Dict[str, Any]]:
+def score_text(
+    checkpoint_dir: str,
+    text: str,
+    vocab_path: Optional[str] = None,
+    dtype: str = 'float32',
+    media: Optional[Mapping[str, Sequence[str]]] = None,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> List[Dict[str, Any]]:
   """One record per token of BOS + `text` (see the module docstring); with `media`
   (modality -> paths) those of `score_multimodal`. `checkpoint_dir` may be a training run
   (`locate_checkpoint`); more than `max_length` tokens are refused before params are read."""
@@ -295,19 +334,23 @@ def score_text(checkpoint_dir: str, text: str, vocab_path: Optional[str] = None,
   cfg = decoder_with_dtype(decoder_config_from_gin(gin_text), dtype)
   vocab_path = find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
   from unimoe_jax.data.vocabulary import get_vocabulary  # pylint: disable=g-import-not-at-top
+
   vocab = get_vocabulary(vocab_path)
   sp = vocab.sentencepiece.tokenizer
   tokens = [vocab.bos_id] + [int(t) for t in vocab.encode(text)]
   bad = [t for t in tokens if not 0 <= t < cfg.vocab_size]
   if bad:
-    raise ValueError(f'token ids {bad} fall outside the model vocabulary ({cfg.vocab_size}); '
-                     'media placeholders need the media flags')
+    raise ValueError(
+        f'token ids {bad} fall outside the model vocabulary ({cfg.vocab_size}); '
+        'media placeholders need the media flags'
+    )
   check_max_length(len(tokens), max_length, '--text (with BOS)')
   params, _ = read_checkpoint(checkpoint_dir)
   params = layer_stacking.to_config_layout(params, cfg)
   decoder_params = params['decoder'] if 'decoder' in params else params
-  decoder_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, cfg.weight_dtype),
-                                          decoder_params)
+  decoder_params = jax.tree_util.tree_map(
+      lambda x: jnp.asarray(x, cfg.weight_dtype), decoder_params
+  )
   logprobs = token_logprobs(decoder_params, cfg, tokens)
   records = [{'token': tokens[0], 'piece': sp.id_to_piece(tokens[0])}]
   for token, logprob in zip(tokens[1:], logprobs):
@@ -317,11 +360,16 @@ def score_text(checkpoint_dir: str, text: str, vocab_path: Optional[str] = None,
 
 def add_media_flags(parser: argparse.ArgumentParser) -> None:
   """--image / --video / --speech (Whisper) / --audio (BEATs), each repeatable."""
-  helps = {'image': 'image file', 'video': 'video file', 'speech': 'speech audio file (Whisper '
-           'encoder)', 'audio': 'audio file (BEATs encoder)'}
+  helps = {
+      'image': 'image file',
+      'video': 'video file',
+      'speech': 'speech audio file (Whisper ' 'encoder)',
+      'audio': 'audio file (BEATs encoder)',
+  }
   for flag in _MEDIA_FLAGS:
-    parser.add_argument(f'--{flag}', action='append', default=None,
-                        help=f'{helps[flag]}; repeat for several')
+    parser.add_argument(
+        f'--{flag}', action='append', default=None, help=f'{helps[flag]}; repeat for several'
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -331,8 +379,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   add_media_flags(parser)
   args = parser.parse_args(argv)
   media = {f: getattr(args, f) for f in _MEDIA_FLAGS if getattr(args, f)}
-  for record in score_text(args.checkpoint, args.text, args.vocab, args.dtype, media,
-                           args.max_length):
+  for record in score_text(
+      args.checkpoint, args.text, args.vocab, args.dtype, media, args.max_length
+  ):
     print(json.dumps(record, ensure_ascii=False))
   return 0
 

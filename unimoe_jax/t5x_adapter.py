@@ -52,6 +52,7 @@ T5X_MESH_AXES = ('data', 'model')
 
 # ---- variables --------------------------------------------------------------------------
 
+
 def split_boxed_params(boxed_params) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """(params, params_axes) from a params tree whose leaves are `nn.LogicallyPartitioned`.
 
@@ -69,24 +70,30 @@ def split_boxed_params(boxed_params) -> Tuple[Dict[str, Any], Dict[str, Any]]:
       continue
     params[path] = leaf.value
     axes[path[:-1] + (path[-1] + '_axes',)] = flax_partitioning.AxisMetadata(
-        names=tuple(leaf.names))
+        names=tuple(leaf.names)
+    )
   if missing:
-    raise ValueError(f'parameters without logical axis names (use nn.with_logical_partitioning '
-                     f'on their initializers): {sorted(missing)}')
+    raise ValueError(
+        f'parameters without logical axis names (use nn.with_logical_partitioning '
+        f'on their initializers): {sorted(missing)}'
+    )
   return traverse_util.unflatten_dict(params), traverse_util.unflatten_dict(axes)
 
 
 # ---- optimizer --------------------------------------------------------------------------
+
 
 def _path_str(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
 @gin.configurable
-def optax_optimizer(total_steps: int = gin.REQUIRED,
-                    config: Optional[optimizer_lib.OptimizerConfig] = None,
-                    trainable_patterns: Sequence[str] = ('.*',),
-                    frozen_patterns: Sequence[str] = ()) -> optax.GradientTransformation:
+def optax_optimizer(
+    total_steps: int = gin.REQUIRED,
+    config: Optional[optimizer_lib.OptimizerConfig] = None,
+    trainable_patterns: Sequence[str] = ('.*',),
+    frozen_patterns: Sequence[str] = (),
+) -> optax.GradientTransformation:
   """The project's AdamW + schedule (`OptimizerConfig`, bound in gin) over the full params.
 
   Parameters not selected by the patterns get zero updates and no optimizer state (two
@@ -94,16 +101,22 @@ def optax_optimizer(total_steps: int = gin.REQUIRED,
   """
   config = config or optimizer_lib.OptimizerConfig()
   if config.grad_accum_steps != 1:
-    raise ValueError('under t5x, accumulate gradients with trainer.Trainer.num_microbatches, not '
-                     f'OptimizerConfig.grad_accum_steps={config.grad_accum_steps}')
+    raise ValueError(
+        'under t5x, accumulate gradients with trainer.Trainer.num_microbatches, not '
+        f'OptimizerConfig.grad_accum_steps={config.grad_accum_steps}'
+    )
   tx, _ = optimizer_lib.make_optimizer(config, total_steps)
   trainable_patterns, frozen_patterns = tuple(trainable_patterns), tuple(frozen_patterns)
   if trainable_patterns == ('.*',) and not frozen_patterns:
     return tx
 
   def trainable(params):
-    mask = traverse_util.flatten_dict(optimizer_lib.trainable_mask(
-        frozen_dict.unfreeze(params), trainable_patterns, frozen_patterns), sep='/')
+    mask = traverse_util.flatten_dict(
+        optimizer_lib.trainable_mask(
+            frozen_dict.unfreeze(params), trainable_patterns, frozen_patterns
+        ),
+        sep='/',
+    )
     return jax.tree_util.tree_map_with_path(lambda path, _: mask[_path_str(path)], params)
 
   def frozen(params):
@@ -117,20 +130,23 @@ def optax_optimizer(total_steps: int = gin.REQUIRED,
 
 
 @gin.configurable
-def learning_rate_fn(total_steps: int = gin.REQUIRED,
-                     config: Optional[optimizer_lib.OptimizerConfig] = None) -> optax.Schedule:
+def learning_rate_fn(
+    total_steps: int = gin.REQUIRED, config: Optional[optimizer_lib.OptimizerConfig] = None
+) -> optax.Schedule:
   """The schedule inside `optax_optimizer`, for t5x's `trainer.Trainer.learning_rate_fn`
   (which t5x only logs as the metric 'learning_rate')."""
-  return optimizer_lib.learning_rate_schedule(config or optimizer_lib.OptimizerConfig(),
-                                              total_steps)
+  return optimizer_lib.learning_rate_schedule(
+      config or optimizer_lib.OptimizerConfig(), total_steps
+  )
 
 
 # ---- partitioning and data --------------------------------------------------------------
 
+
 @gin.configurable
-def logical_axis_rules(mesh_axes: Sequence[str] = T5X_MESH_AXES,
-                       rules: Optional[Sequence[Tuple[str, Any]]] = None
-                       ) -> Tuple[Tuple[str, Any], ...]:
+def logical_axis_rules(
+    mesh_axes: Sequence[str] = T5X_MESH_AXES, rules: Optional[Sequence[Tuple[str, Any]]] = None
+) -> Tuple[Tuple[str, Any], ...]:
   """`rules` restricted to the mesh axes of t5x's PjitPartitioner (t5x's rule format).
 
   `rules` defaults to `partitioning.logical_axis_rules()`, read when this is called, so the
@@ -158,16 +174,23 @@ def num_experts(config=gin.REQUIRED) -> int:
 
 
 @gin.configurable
-def task_vocabulary(mixture_or_task_name: str = gin.REQUIRED,
-                    mixture_or_task_module: Optional[str] = 'unimoe_jax.tasks'):
+def task_vocabulary(
+    mixture_or_task_name: str = gin.REQUIRED,
+    mixture_or_task_module: Optional[str] = 'unimoe_jax.tasks',
+):
   """The targets vocabulary of a registered seqio task (the model decodes with its eos_id)."""
   from unimoe_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  pipeline.import_task_modules([mixture_or_task_module] if isinstance(mixture_or_task_module, str)
-                               else list(mixture_or_task_module or ()))
+
+  pipeline.import_task_modules(
+      [mixture_or_task_module]
+      if isinstance(mixture_or_task_module, str)
+      else list(mixture_or_task_module or ())
+  )
   return pipeline.get_mixture_or_task(mixture_or_task_name).output_features['targets'].vocabulary
 
 
 # ---- the model --------------------------------------------------------------------------
+
 
 @gin.configurable
 class T5XUniMoEModel(models.UniMoEModel):
@@ -180,17 +203,25 @@ class T5XUniMoEModel(models.UniMoEModel):
       `<m>_features` keys of TASK_FEATURE_LENGTHS (default: the model's modalities).
   """
 
-  def __init__(self, config=gin.REQUIRED, vocabulary: Any = None, optimizer_def: Any = None,
-               feature_modalities: Optional[Sequence[str]] = None, **kwargs):
+  def __init__(
+      self,
+      config=gin.REQUIRED,
+      vocabulary: Any = None,
+      optimizer_def: Any = None,
+      feature_modalities: Optional[Sequence[str]] = None,
+      **kwargs,
+  ):
     super().__init__(config, vocabulary=vocabulary, optimizer_def=optimizer_def, **kwargs)
-    self.feature_modalities = tuple(config.modalities if feature_modalities is None
-                                    else feature_modalities)
+    self.feature_modalities = tuple(
+        config.modalities if feature_modalities is None else feature_modalities
+    )
 
   @property
   def optimizer_def(self):
     value = self._optimizer_def
     if isinstance(value, optax.GradientTransformation):
       from t5x import optimizers  # pylint: disable=g-import-not-at-top
+
       value = self._optimizer_def = optimizers.OptaxWrapper(value)
     return value
 
@@ -209,12 +240,16 @@ class T5XUniMoEModel(models.UniMoEModel):
     from unimoe_jax.data.feature_converter import MultimodalDecoderFeatureConverter  # pylint: disable=g-import-not-at-top
     # probe_first_row: t5x.train reads the first batch only after compiling the train step;
     # a pipeline that yields nothing then fails while the dataset is built instead.
-    return functools.partial(MultimodalDecoderFeatureConverter,
-                             modalities=self.feature_modalities, probe_first_row=True)
+    return functools.partial(
+        MultimodalDecoderFeatureConverter, modalities=self.feature_modalities, probe_first_row=True
+    )
 
-  def get_initial_variables(self, rng, input_shapes: Mapping[str, Tuple[int, ...]],
-                            input_types: Optional[Mapping[str, Any]] = None
-                            ) -> frozen_dict.FrozenDict:
+  def get_initial_variables(
+      self,
+      rng,
+      input_shapes: Mapping[str, Tuple[int, ...]],
+      input_types: Optional[Mapping[str, Any]] = None,
+  ) -> frozen_dict.FrozenDict:
     """FrozenDict `{'params': unboxed params, 'params_axes': their logical axes}`, no more.
 
     Other collections (e.g. 'intermediates') are dropped: t5x would turn them into
@@ -223,8 +258,9 @@ class T5XUniMoEModel(models.UniMoEModel):
     variables = super().get_initial_variables(rng, input_shapes, input_types)
     unexpected = sorted(set(variables) - {'params', 'intermediates'})
     if unexpected:
-      raise ValueError(f'module init created collections t5x would treat as mutable state: '
-                       f'{unexpected}')
+      raise ValueError(
+          f'module init created collections t5x would treat as mutable state: ' f'{unexpected}'
+      )
     params, params_axes = split_boxed_params(variables['params'])
     # t5x's contract (TrainStateInitializer, FlaxOptimTrainState.as_logical_axes): a FrozenDict.
     return frozen_dict.freeze({'params': params, 'params_axes': params_axes})
@@ -240,13 +276,26 @@ class T5XUniMoEModel(models.UniMoEModel):
     token_scores = -token_loss * weights
     scores = jnp.sum(token_scores, axis=-1)
     if return_intermediates:
-      return scores, {'decoder': {'target_tokens': (targets,), 'loss_weights': (weights,),
-                                  'token_scores': (token_scores,)}}
+      return scores, {
+          'decoder': {
+              'target_tokens': (targets,),
+              'loss_weights': (weights,),
+              'token_scores': (token_scores,),
+          }
+      }
     return scores
 
-  def predict_batch_with_aux(self, params, batch, rng=None, *, return_all_decodes: bool = False,
-                             num_decodes: int = 1, decoder_params: Optional[Mapping] = None,
-                             prompt_with_targets: bool = False):
+  def predict_batch_with_aux(
+      self,
+      params,
+      batch,
+      rng=None,
+      *,
+      return_all_decodes: bool = False,
+      num_decodes: int = 1,
+      decoder_params: Optional[Mapping] = None,
+      prompt_with_targets: bool = False,
+  ):
     """As UniMoEModel's; `decoder_params` (t5x) may carry only 'decode_rng'."""
     decoder_params = dict(decoder_params or {})
     if 'decode_rng' in decoder_params:
@@ -254,8 +303,15 @@ class T5XUniMoEModel(models.UniMoEModel):
         raise ValueError('pass the decoding rng either as rng or as decoder_params["decode_rng"]')
       rng = decoder_params.pop('decode_rng')
     if decoder_params:
-      raise ValueError(f'decoder_params: unsupported {sorted(decoder_params)}; decoding settings '
-                       f'are T5XUniMoEModel arguments (decode_method, temperature, ...)')
+      raise ValueError(
+          f'decoder_params: unsupported {sorted(decoder_params)}; decoding settings '
+          f'are T5XUniMoEModel arguments (decode_method, temperature, ...)'
+      )
     return super().predict_batch_with_aux(
-        params, batch, rng, return_all_decodes=return_all_decodes, num_decodes=num_decodes,
-        prompt_with_targets=prompt_with_targets)
+        params,
+        batch,
+        rng,
+        return_all_decodes=return_all_decodes,
+        num_decodes=num_decodes,
+        prompt_with_targets=prompt_with_targets,
+    )

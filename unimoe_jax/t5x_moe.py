@@ -63,8 +63,7 @@ class MoePartitioner(moe_partitioning_lib.MoePjitPartitioner):
 class MoeTrainer(moe_trainer_lib.MoeTrainer):
   """`t5x.contrib.moe.trainer.MoeTrainer` with exact microbatching, no expert-gradient scale."""
 
-  def __init__(self, *args, sharded_match_fn: Optional[Callable[[str], bool]] = None,
-               **kwargs):
+  def __init__(self, *args, sharded_match_fn: Optional[Callable[[str], bool]] = None, **kwargs):
     super().__init__(*args, sharded_match_fn=sharded_match_fn, **kwargs)
 
   @cached_property.cached_property
@@ -74,17 +73,28 @@ class MoeTrainer(moe_trainer_lib.MoeTrainer):
     def train_with_lr(train_state, batch):
       batch = models.with_batch_totals(batch)
       grad_accum, metrics, flax_mutables = t5x_trainer_lib.accumulate_grads_microbatched(
-          self._model, train_state, batch, self._get_step_rng(train_state.step),
-          self._num_microbatches, data_partition_spec=self.data_partition_spec)
+          self._model,
+          train_state,
+          batch,
+          self._get_step_rng(train_state.step),
+          self._num_microbatches,
+          data_partition_spec=self.data_partition_spec,
+      )
       grad_accum = training_utils.scale_sharded_grads(
-          grad_accum, self._sharded_match_fn, scale_factor=self._num_expert_partitions)
+          grad_accum, self._sharded_match_fn, scale_factor=self._num_expert_partitions
+      )
       return t5x_trainer_lib.apply_grads(
-          train_state, grad_accum, metrics, self._learning_rate_fn(train_state.step),
+          train_state,
+          grad_accum,
+          metrics,
+          self._learning_rate_fn(train_state.step),
           self._weight_metrics_computer,
-          other_state_variables={'flax_mutables': flax_mutables} if flax_mutables else None)
+          other_state_variables={'flax_mutables': flax_mutables} if flax_mutables else None,
+      )
 
     return self._partitioner.partition(
         train_with_lr,
         in_axis_resources=(self._train_state_axes, self.data_partition_spec),
         out_axis_resources=(self._train_state_axes, None),
-        donate_argnums=(0,))
+        donate_argnums=(0,),
+    )

@@ -25,26 +25,38 @@ from typing import Optional, Sequence
 
 from absl import logging
 
-
 # The files of the hint when no --gin_file is given; a test checks that they exist.
 EXAMPLE_GIN_FILES = '--gin_file=models/tiny.gin --gin_file=runs/train.gin'
 
 
 def parse_flags(argv: Sequence[str], description: str):
   from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
+
   rest, gin_bindings = gin_utils.split_gin_args(argv)
   parser = argparse.ArgumentParser(description=description)
-  parser.add_argument('--gin_file', action='append', default=[],
-                      help='gin file to parse (repeatable)')
-  parser.add_argument('--gin_bindings', action='append', default=[],
-                      help="a gin binding 'NAME = VALUE' (repeatable)")
-  parser.add_argument('--gin_search_paths', default='',
-                      help='comma-separated directories to resolve gin files and includes')
+  parser.add_argument(
+      '--gin_file', action='append', default=[], help='gin file to parse (repeatable)'
+  )
+  parser.add_argument(
+      '--gin_bindings',
+      action='append',
+      default=[],
+      help="a gin binding 'NAME = VALUE' (repeatable)",
+  )
+  parser.add_argument(
+      '--gin_search_paths',
+      default='',
+      help='comma-separated directories to resolve gin files and includes',
+  )
   parser.add_argument('--coordinator_address', default=None)
   parser.add_argument('--num_processes', type=int, default=None)
   parser.add_argument('--process_id', type=int, default=None)
-  parser.add_argument('--cpu_collectives', default=None, choices=(None, 'gloo', 'mpi'),
-                      help='CPU collectives for multi-process CPU runs')
+  parser.add_argument(
+      '--cpu_collectives',
+      default=None,
+      choices=(None, 'gloo', 'mpi'),
+      help='CPU collectives for multi-process CPU runs',
+  )
   parser.add_argument('--multiprocess_gpu', action='store_true')
   parser.add_argument('--log_level', default='info')
   args = parser.parse_args(rest)
@@ -56,11 +68,15 @@ def parse_flags(argv: Sequence[str], description: str):
 def initialize_runtime(args) -> None:
   """`jax.distributed` before any other jax call, when the flags (or a TPU pod) ask for it."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if args.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', args.cpu_collectives)
   if args.coordinator_address or args.num_processes:
-    jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                               num_processes=args.num_processes, process_id=args.process_id)
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
 
 
 def setup(argv: Sequence[str], description: str):
@@ -69,12 +85,19 @@ def setup(argv: Sequence[str], description: str):
   logging.use_absl_handler()
   initialize_runtime(args)
   from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
+
   if not args.gin_file:
-    raise SystemExit(f'--gin_file is required: {EXAMPLE_GIN_FILES}, for example (a model, then '
-                     'a run or a stage of gin/stages/; gin/runs/train.gin\'s header has a whole '
-                     'command)')
-  gin_utils.parse(args.gin_file, args.gin_bindings, args.gin_search_paths,
-                  import_modules=gin_utils.task_modules(args.gin_bindings))
+    raise SystemExit(
+        f'--gin_file is required: {EXAMPLE_GIN_FILES}, for example (a model, then '
+        "a run or a stage of gin/stages/; gin/runs/train.gin's header has a whole "
+        'command)'
+    )
+  gin_utils.parse(
+      args.gin_file,
+      args.gin_bindings,
+      args.gin_search_paths,
+      import_modules=gin_utils.task_modules(args.gin_bindings),
+  )
   return args
 
 
@@ -83,6 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   setup(argv, 'Train a unimoe_jax model (t5x-style gin flags).')
   from unimoe_jax.training import interrupts  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import loop  # pylint: disable=g-import-not-at-top
+
   try:
     result = loop.train()  # pylint: disable=no-value-for-parameter
   except interrupts.TrainingInterrupted as stopped:

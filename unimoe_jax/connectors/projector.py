@@ -30,8 +30,10 @@ def projector_depth(kind: str) -> int:
   match = _MLP_KIND.match(kind) if isinstance(kind, str) else None
   if match and int(match.group(1)) >= 1:
     return int(match.group(1))
-  raise ValueError(f"Unknown projector kind {kind!r}: expected 'linear' or 'mlp{{N}}x_gelu' "
-                   f"with N >= 1 (e.g. 'mlp2x_gelu')")
+  raise ValueError(
+      f"Unknown projector kind {kind!r}: expected 'linear' or 'mlp{{N}}x_gelu' "
+      f"with N >= 1 (e.g. 'mlp2x_gelu')"
+  )
 
 
 def linear_names(kind: str) -> Tuple[str, ...]:
@@ -44,6 +46,7 @@ class Projector(nn.Module):
 
   Any extra leading axes are kept: `[batch, frames, tokens, in] -> [batch, frames, tokens, out]`.
   """
+
   kind: str
   out_dim: int
   dtype: Any = jnp.float32
@@ -68,11 +71,17 @@ class Projector(nn.Module):
       # Megatron-style, counted from the end: the last Linear splits its input ('mlp') and
       # gives the LLM's 'embed' axis, the one before splits its output, and so on. An axis
       # name may not repeat within one kernel, so even 'linear' is ('mlp', 'embed').
-      in_axis, out_axis = (('mlp', 'embed') if (len(names) - 1 - j) % 2 == 0
-                           else ('embed', 'mlp'))
-      x = Dense((in_dim if j == 0 else self.out_dim,), (self.out_dim,), (in_axis, out_axis),
-                dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+      in_axis, out_axis = ('mlp', 'embed') if (len(names) - 1 - j) % 2 == 0 else ('embed', 'mlp')
+      x = Dense(
+          (in_dim if j == 0 else self.out_dim,),
+          (self.out_dim,),
+          (in_axis, out_axis),
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=name,
+      )(x)
       activation_axis = 'activation_mlp' if out_axis == 'mlp' else 'activation_embed'
       x = partitioning.with_sharding_constraint(
-          x, ('activation_batch', 'activation_length', activation_axis))
+          x, ('activation_batch', 'activation_length', activation_axis)
+      )
     return x.reshape(lead + x.shape[1:])

@@ -53,6 +53,7 @@ class QFormerConfig:
     init_std: normal std of every kernel, and query at initialisation
       (HF's 0.02); tiny randomly initialised configurations need more (multimodal_tiny.gin).
   """
+
   hidden_size: int = 768
   num_layers: int = 12
   num_heads: int = 12
@@ -65,13 +66,22 @@ class QFormerConfig:
   init_std: float = 0.02
 
   def __post_init__(self):
-    for field in ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
-                  'cross_attention_frequency', 'encoder_hidden_size', 'num_query_tokens'):
+    for field in (
+        'hidden_size',
+        'num_layers',
+        'num_heads',
+        'intermediate_size',
+        'cross_attention_frequency',
+        'encoder_hidden_size',
+        'num_query_tokens',
+    ):
       if getattr(self, field) <= 0:
         raise ValueError(f'QFormerConfig.{field} must be positive, got {getattr(self, field)}')
     if self.hidden_size % self.num_heads:
-      raise ValueError(f'QFormerConfig.hidden_size={self.hidden_size} is not divisible by '
-                       f'num_heads={self.num_heads}')
+      raise ValueError(
+          f'QFormerConfig.hidden_size={self.hidden_size} is not divisible by '
+          f'num_heads={self.num_heads}'
+      )
     if self.act not in ACTIVATIONS:
       raise ValueError(f'QFormerConfig.act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}')
     if self.layer_norm_eps <= 0:
@@ -89,9 +99,15 @@ QFORMER_SIZES = {
     # Uni-MoE audio: BLIP-2's default Q-Former config over BEATs (width 768), with the
     # aligner's `query_tokens_size` default of 50 queries.
     'uni-moe-audio': QFormerConfig(encoder_hidden_size=768, num_query_tokens=50),
-    'tiny': QFormerConfig(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48,
-                          cross_attention_frequency=2, encoder_hidden_size=24,
-                          num_query_tokens=8),
+    'tiny': QFormerConfig(
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        intermediate_size=48,
+        cross_attention_frequency=2,
+        encoder_hidden_size=24,
+        num_query_tokens=8,
+    ),
 }
 
 
@@ -101,20 +117,27 @@ class QFormerLayer(nn.Module):
   `encoder_states [batch, frames, encoder_hidden]` and `cross_mask` (bool, broadcastable to
   `[batch, heads, num_query, frames]`) are used only when the layer has cross-attention.
   """
+
   config: QFormerConfig
   has_cross_attention: bool
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, encoder_states: jax.Array,
-               cross_mask: Optional[jax.Array]) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, encoder_states: jax.Array, cross_mask: Optional[jax.Array]
+  ) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: LayerNorm(cfg.layer_norm_eps, name=name, **kw)  # pylint: disable=unnecessary-lambda-assignment
     init = nn.initializers.normal(cfg.init_std)
-    attention = lambda name: MultiHeadAttention(cfg.num_heads, cfg.head_dim, kernel_init=init,  # pylint: disable=g-long-lambda
-                                                name=name, **kw)
+    attention = lambda name: MultiHeadAttention(
+        cfg.num_heads,
+        cfg.head_dim,
+        kernel_init=init,  # pylint: disable=g-long-lambda
+        name=name,
+        **kw,
+    )
 
     x = norm('self_attention_norm')(x + attention('self_attention')(x))
     x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
@@ -130,13 +153,15 @@ class QFormerLayer(nn.Module):
 class QFormer(nn.Module):
   """Learned queries that read encoder frames: `[batch, frames, encoder_hidden]` ->
   `[batch, num_query, hidden]` (in `dtype`)."""
+
   config: QFormerConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, encoder_states: jax.Array,
-               encoder_mask: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+      self, encoder_states: jax.Array, encoder_mask: Optional[jax.Array] = None
+  ) -> jax.Array:
     """Runs the Q-Former.
 
     Args:
@@ -149,36 +174,49 @@ class QFormer(nn.Module):
     cfg = self.config
     batch, frames, width = encoder_states.shape
     if width != cfg.encoder_hidden_size:
-      raise ValueError(f'QFormer: encoder_states width {width} != '
-                       f'encoder_hidden_size {cfg.encoder_hidden_size}')
+      raise ValueError(
+          f'QFormer: encoder_states width {width} != '
+          f'encoder_hidden_size {cfg.encoder_hidden_size}'
+      )
     query_tokens = self.param(
         'query_tokens',
-        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                     ('query_tokens', 'embed')),
-        (cfg.num_query_tokens, cfg.hidden_size), self.param_dtype)
+        nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.init_std), ('query_tokens', 'embed')
+        ),
+        (cfg.num_query_tokens, cfg.hidden_size),
+        self.param_dtype,
+    )
 
     encoder_states = encoder_states.astype(self.dtype)
     cross_mask = None
     if encoder_mask is not None:
       if encoder_mask.shape != (batch, frames):
-        raise ValueError(f'QFormer: encoder_mask shape {encoder_mask.shape} != '
-                         f'{(batch, frames)}')
+        raise ValueError(
+            f'QFormer: encoder_mask shape {encoder_mask.shape} != ' f'{(batch, frames)}'
+        )
       encoder_mask = encoder_mask.astype(bool)
       # Masked logits are replaced, so masked frames get exactly zero weight whenever a row has
       # one real frame. A row with none attends uniformly to all of them; zeroing the frames
       # makes that output the same whatever the padding holds.
-      encoder_states = jnp.where(encoder_mask[:, :, None], encoder_states,
-                                 jnp.zeros((), self.dtype))
+      encoder_states = jnp.where(
+          encoder_mask[:, :, None], encoder_states, jnp.zeros((), self.dtype)
+      )
       cross_mask = encoder_mask[:, None, None, :]
     encoder_states = partitioning.with_sharding_constraint(encoder_states, _ACTIVATION_AXES)
 
-    x = jnp.broadcast_to(query_tokens.astype(self.dtype)[None],
-                         (batch, cfg.num_query_tokens, cfg.hidden_size))
-    x = LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                  name='embed_norm')(x)
+    x = jnp.broadcast_to(
+        query_tokens.astype(self.dtype)[None], (batch, cfg.num_query_tokens, cfg.hidden_size)
+    )
+    x = LayerNorm(
+        cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name='embed_norm'
+    )(x)
     x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
     for i in range(cfg.num_layers):
-      x = QFormerLayer(cfg, cfg.has_cross_attention(i), dtype=self.dtype,
-                       param_dtype=self.param_dtype, name=f'layers_{i}')(
-                           x, encoder_states, cross_mask)
+      x = QFormerLayer(
+          cfg,
+          cfg.has_cross_attention(i),
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f'layers_{i}',
+      )(x, encoder_states, cross_mask)
     return x

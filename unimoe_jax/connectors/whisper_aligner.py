@@ -61,6 +61,7 @@ class WhisperAlignerConfig:
     init_std: normal std of every kernel, query and position embedding at initialisation
       (HF's 0.02); tiny randomly initialised configurations need more (multimodal_tiny.gin).
   """
+
   num_query_tokens: int = 50
   d_model: int = 768
   num_layers: int = 12
@@ -73,21 +74,33 @@ class WhisperAlignerConfig:
   init_std: float = 0.02
 
   def __post_init__(self):
-    for field in ('num_query_tokens', 'd_model', 'num_layers', 'num_heads', 'ffn_dim',
-                  'max_target_positions'):
+    for field in (
+        'num_query_tokens',
+        'd_model',
+        'num_layers',
+        'num_heads',
+        'ffn_dim',
+        'max_target_positions',
+    ):
       if getattr(self, field) <= 0:
-        raise ValueError(f'WhisperAlignerConfig.{field} must be positive, '
-                         f'got {getattr(self, field)}')
+        raise ValueError(
+            f'WhisperAlignerConfig.{field} must be positive, ' f'got {getattr(self, field)}'
+        )
     if self.num_query_tokens > self.max_target_positions:
-      raise ValueError(f'WhisperAlignerConfig.num_query_tokens={self.num_query_tokens} exceeds '
-                       f'max_target_positions={self.max_target_positions} (one learned position '
-                       'per query)')
+      raise ValueError(
+          f'WhisperAlignerConfig.num_query_tokens={self.num_query_tokens} exceeds '
+          f'max_target_positions={self.max_target_positions} (one learned position '
+          'per query)'
+      )
     if self.d_model % self.num_heads:
-      raise ValueError(f'WhisperAlignerConfig.d_model={self.d_model} is not divisible by '
-                       f'num_heads={self.num_heads}')
+      raise ValueError(
+          f'WhisperAlignerConfig.d_model={self.d_model} is not divisible by '
+          f'num_heads={self.num_heads}'
+      )
     if self.act not in ACTIVATIONS:
-      raise ValueError(f'WhisperAlignerConfig.act={self.act!r} is not one of '
-                       f'{sorted(ACTIVATIONS)}')
+      raise ValueError(
+          f'WhisperAlignerConfig.act={self.act!r} is not one of ' f'{sorted(ACTIVATIONS)}'
+      )
 
   @property
   def head_dim(self) -> int:
@@ -96,29 +109,45 @@ class WhisperAlignerConfig:
 
 ALIGNER_SIZES = {
     'whisper-small': WhisperAlignerConfig(
-        num_query_tokens=50, d_model=768, num_layers=12, num_heads=12, ffn_dim=3072,
-        max_target_positions=448),
+        num_query_tokens=50,
+        d_model=768,
+        num_layers=12,
+        num_heads=12,
+        ffn_dim=3072,
+        max_target_positions=448,
+    ),
     'tiny': WhisperAlignerConfig(
-        num_query_tokens=8, d_model=32, num_layers=2, num_heads=4, ffn_dim=64,
-        max_target_positions=16),
+        num_query_tokens=8,
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        ffn_dim=64,
+        max_target_positions=16,
+    ),
 }
 
 
 class WhisperAlignerLayer(nn.Module):
   """Pre-LN causal self-attention, cross-attention, MLP: `[batch, queries, embed]` in and out."""
+
   config: WhisperAlignerConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, encoder_out: jax.Array, self_mask: Optional[jax.Array],
-               cross_mask: Optional[jax.Array]) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      encoder_out: jax.Array,
+      self_mask: Optional[jax.Array],
+      cross_mask: Optional[jax.Array],
+  ) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     init = nn.initializers.normal(cfg.init_std)
     attention = lambda name: MultiHeadAttention(  # pylint: disable=g-long-lambda
-        cfg.num_heads, cfg.head_dim, use_bias=_WHISPER_ATTN_BIAS, kernel_init=init, name=name,
-        **kw)
+        cfg.num_heads, cfg.head_dim, use_bias=_WHISPER_ATTN_BIAS, kernel_init=init, name=name, **kw
+    )
     h = LayerNorm(cfg.layer_norm_eps, name='self_attn_norm', **kw)(x)
     x = x + attention('self_attn')(h, mask=self_mask)
     h = LayerNorm(cfg.layer_norm_eps, name='cross_attn_norm', **kw)(x)
@@ -134,23 +163,27 @@ class WhisperAligner(nn.Module):
 
   `encoder_mask` True marks frames to attend to; None attends to all (the official behaviour).
   """
+
   config: WhisperAlignerConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, encoder_out: jax.Array,
-               encoder_mask: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, encoder_out: jax.Array, encoder_mask: Optional[jax.Array] = None) -> jax.Array:
     cfg = self.config
     if encoder_out.ndim != 3:
-      raise ValueError(f'WhisperAligner: encoder_out must be [batch, frames, d_model], got '
-                       f'shape {encoder_out.shape}')
+      raise ValueError(
+          f'WhisperAligner: encoder_out must be [batch, frames, d_model], got '
+          f'shape {encoder_out.shape}'
+      )
     batch, frames = encoder_out.shape[:2]
     cross_mask = None
     if encoder_mask is not None:
       if encoder_mask.shape != (batch, frames):
-        raise ValueError(f'WhisperAligner: encoder_mask shape {encoder_mask.shape} != '
-                         f'[batch, frames] = {(batch, frames)}')
+        raise ValueError(
+            f'WhisperAligner: encoder_mask shape {encoder_mask.shape} != '
+            f'[batch, frames] = {(batch, frames)}'
+        )
       cross_mask = encoder_mask.astype(bool)[:, None, None, :]
     n = cfg.num_query_tokens
     self_mask = None
@@ -158,18 +191,24 @@ class WhisperAligner(nn.Module):
       self_mask = jnp.asarray(np.tril(np.ones((n, n), bool)))[None, None]
 
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    queries = self.param('query_tokens', nn.with_logical_partitioning(
-        nn.initializers.normal(cfg.init_std), (None, 'embed')), (n, cfg.d_model),
-                         self.param_dtype)
-    positions = self.param('position_embedding', nn.with_logical_partitioning(
-        nn.initializers.normal(cfg.init_std), (None, 'embed')),
-                           (cfg.max_target_positions, cfg.d_model), self.param_dtype)
+    queries = self.param(
+        'query_tokens',
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (None, 'embed')),
+        (n, cfg.d_model),
+        self.param_dtype,
+    )
+    positions = self.param(
+        'position_embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (None, 'embed')),
+        (cfg.max_target_positions, cfg.d_model),
+        self.param_dtype,
+    )
     x = (queries + positions[:n]).astype(self.dtype)
     x = jnp.broadcast_to(x[None], (batch, n, cfg.d_model))
     x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
-    encoder_out = partitioning.with_sharding_constraint(encoder_out.astype(self.dtype),
-                                                        _ACTIVATION_AXES)
+    encoder_out = partitioning.with_sharding_constraint(
+        encoder_out.astype(self.dtype), _ACTIVATION_AXES
+    )
     for i in range(cfg.num_layers):
-      x = WhisperAlignerLayer(cfg, name=f'layers_{i}', **kw)(x, encoder_out, self_mask,
-                                                              cross_mask)
+      x = WhisperAlignerLayer(cfg, name=f'layers_{i}', **kw)(x, encoder_out, self_mask, cross_mask)
     return LayerNorm(cfg.layer_norm_eps, name='final_norm', **kw)(x)

@@ -52,8 +52,10 @@ def _layer_norm(r: TensorReader, prefix: str, width: int) -> Dict[str, np.ndarra
 
 
 def _linear(r: TensorReader, prefix: str, d_in: int, d_out: int) -> Dict[str, np.ndarray]:
-  return {'kernel': linear_kernel(r.pop(f'{prefix}.weight', (d_out, d_in))),
-          'bias': r.pop(f'{prefix}.bias', (d_out,))}
+  return {
+      'kernel': linear_kernel(r.pop(f'{prefix}.weight', (d_out, d_in))),
+      'bias': r.pop(f'{prefix}.bias', (d_out,)),
+  }
 
 
 def _attention(r: TensorReader, prefix: str, cfg: BEATsConfig) -> Dict[str, Any]:
@@ -61,10 +63,14 @@ def _attention(r: TensorReader, prefix: str, cfg: BEATsConfig) -> Dict[str, Any]
   out = {}
   for ours, theirs in (('query', 'q_proj'), ('key', 'k_proj'), ('value', 'v_proj')):
     w = r.pop(f'{prefix}.{theirs}.weight', (d, d))
-    out[ours] = {'kernel': linear_kernel(w).reshape(d, h, hd),
-                 'bias': r.pop(f'{prefix}.{theirs}.bias', (d,)).reshape(h, hd)}
-  out['out'] = {'kernel': linear_kernel(r.pop(f'{prefix}.out_proj.weight', (d, d))).reshape(
-      h, hd, d), 'bias': r.pop(f'{prefix}.out_proj.bias', (d,))}
+    out[ours] = {
+        'kernel': linear_kernel(w).reshape(d, h, hd),
+        'bias': r.pop(f'{prefix}.{theirs}.bias', (d,)).reshape(h, hd),
+    }
+  out['out'] = {
+      'kernel': linear_kernel(r.pop(f'{prefix}.out_proj.weight', (d, d))).reshape(h, hd, d),
+      'bias': r.pop(f'{prefix}.out_proj.bias', (d,)),
+  }
   if cfg.gru_rel_pos:
     out['gate'] = _linear(r, f'{prefix}.grep_linear', hd, 8)
     out['gate_scale'] = r.pop(f'{prefix}.grep_a', (1, h, 1, 1)).reshape(h)
@@ -79,12 +85,16 @@ def _attention_to_official(w: TensorWriter, prefix: str, p: Mapping[str, Any], c
   w.linear(f'{prefix}.out_proj', p['out'], (h, hd), (d,))
   if cfg.gru_rel_pos:
     w.linear(f'{prefix}.grep_linear', p['gate'], (hd,), (8,))
-    w.put(f'{prefix}.grep_a', w.checked(f'{prefix}.grep_a', p['gate_scale'], (h,)).reshape(
-        1, h, 1, 1), (1, h, 1, 1))
+    w.put(
+        f'{prefix}.grep_a',
+        w.checked(f'{prefix}.grep_a', p['gate_scale'], (h,)).reshape(1, h, 1, 1),
+        (1, h, 1, 1),
+    )
 
 
-def params_from_official(state_dict: Mapping[str, np.ndarray],
-                         config: BEATsConfig) -> Dict[str, Any]:
+def params_from_official(
+    state_dict: Mapping[str, np.ndarray], config: BEATsConfig
+) -> Dict[str, Any]:
   """The official BEATs state dict (numpy, official names) -> `BEATs` params (no 'params' key).
 
   Raises ValueError naming every missing, unexpected or wrong-shaped tensor; the tensors in
@@ -105,10 +115,14 @@ def params_from_official(state_dict: Mapping[str, np.ndarray],
     params['post_extract_proj'] = _linear(r, 'post_extract_proj', e, d)
 
   k, g = cfg.conv_pos, cfg.conv_pos_groups
-  weight = fold_weight_norm(r.pop('encoder.pos_conv.0.weight_g', (1, 1, k)),
-                            r.pop('encoder.pos_conv.0.weight_v', (d, d // g, k)))
-  params['pos_conv'] = {'kernel': np.ascontiguousarray(weight.transpose(2, 1, 0)),
-                        'bias': r.pop('encoder.pos_conv.0.bias', (d,))}
+  weight = fold_weight_norm(
+      r.pop('encoder.pos_conv.0.weight_g', (1, 1, k)),
+      r.pop('encoder.pos_conv.0.weight_v', (d, d // g, k)),
+  )
+  params['pos_conv'] = {
+      'kernel': np.ascontiguousarray(weight.transpose(2, 1, 0)),
+      'bias': r.pop('encoder.pos_conv.0.bias', (d,)),
+  }
   params['encoder_layer_norm'] = _layer_norm(r, 'encoder.layer_norm', d)
 
   if cfg.relative_position_embedding:
@@ -118,8 +132,10 @@ def params_from_official(state_dict: Mapping[str, np.ndarray],
       if r.has(name.format(i)):
         copy = r.pop(name.format(i), table.shape)
         if not np.array_equal(copy, table):
-          raise ValueError(f'{name.format(i)} differs from layer 0\'s table; the official '
-                           'encoder ties them, so this state dict is not a BEATs one')
+          raise ValueError(
+              f"{name.format(i)} differs from layer 0's table; the official "
+              'encoder ties them, so this state dict is not a BEATs one'
+          )
     params['relative_attention_bias'] = table
 
   f = cfg.encoder_ffn_embed_dim
@@ -161,8 +177,9 @@ def params_to_official(params: Mapping[str, Any], config: BEATsConfig) -> Dict[s
     w.linear('post_extract_proj', params['post_extract_proj'], (e,), (d,))
 
   k, g = cfg.conv_pos, cfg.conv_pos_groups
-  kernel = w.checked('encoder.pos_conv.0 (our kernel)', params['pos_conv']['kernel'],
-                     (k, d // g, d))
+  kernel = w.checked(
+      'encoder.pos_conv.0 (our kernel)', params['pos_conv']['kernel'], (k, d // g, d)
+  )
   weight_g, weight_v = split_weight_norm(kernel.transpose(2, 1, 0))
   w.put('encoder.pos_conv.0.weight_g', weight_g, (1, 1, k))
   w.put('encoder.pos_conv.0.weight_v', weight_v, (d, d // g, k))
@@ -172,8 +189,11 @@ def params_to_official(params: Mapping[str, Any], config: BEATsConfig) -> Dict[s
   if cfg.relative_position_embedding:
     name = 'encoder.layers.{}.self_attn.relative_attention_bias.weight'
     for i in range(cfg.encoder_layers):  # A copy under every layer, as the state dict has.
-      w.put(name.format(i), params['relative_attention_bias'],
-            (cfg.num_buckets, cfg.encoder_attention_heads))
+      w.put(
+          name.format(i),
+          params['relative_attention_bias'],
+          (cfg.num_buckets, cfg.encoder_attention_heads),
+      )
 
   f = cfg.encoder_ffn_embed_dim
   for i in range(cfg.encoder_layers):
@@ -198,9 +218,11 @@ def load_official_checkpoint(path: str) -> Tuple[BEATsConfig, Dict[str, Any]]:
   checkpoint = torch.load(path, map_location='cpu', weights_only=True)
   if not isinstance(checkpoint, dict) or 'cfg' not in checkpoint or 'model' not in checkpoint:
     keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-    raise ValueError(f'{path}: expected an official BEATs checkpoint {{"cfg", "model"}}, got '
-                     f'{keys}')
+    raise ValueError(
+        f'{path}: expected an official BEATs checkpoint {{"cfg", "model"}}, got ' f'{keys}'
+    )
   config = config_from_official(checkpoint['cfg'])
-  state_dict = {name: tensor.detach().float().cpu().numpy()
-                for name, tensor in checkpoint['model'].items()}
+  state_dict = {
+      name: tensor.detach().float().cpu().numpy() for name, tensor in checkpoint['model'].items()
+  }
   return config, params_from_official(state_dict, config)

@@ -22,8 +22,13 @@ from typing import Any, Dict, Mapping
 import numpy as np
 
 from unimoe_jax.connectors.projector import linear_names, projector_depth
-from unimoe_jax.convert.common import (TensorReader, TensorWriter, hf_activation,
-                                      linear_kernel, ours_activation)
+from unimoe_jax.convert.common import (
+    TensorReader,
+    TensorWriter,
+    hf_activation,
+    linear_kernel,
+    ours_activation,
+)
 from unimoe_jax.encoders.clip import CLIPVisionConfig
 
 _LAYER = re.compile(r'^encoder\.layers\.(\d+)\.')
@@ -37,10 +42,15 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> CLIPVisionConfig:
   if hf.get('num_channels', 3) != 3:
     raise ValueError(f"config_from_hf: num_channels={hf['num_channels']}; only RGB is supported")
   fields = dict(
-      image_size=hf['image_size'], patch_size=hf['patch_size'], width=hf['hidden_size'],
-      num_layers=hf['num_hidden_layers'], num_heads=hf['num_attention_heads'],
-      mlp_dim=hf['intermediate_size'], layer_norm_eps=hf.get('layer_norm_eps', 1e-5),
-      act=ours_activation(hf.get('hidden_act', 'quick_gelu'), 'hidden_act'))
+      image_size=hf['image_size'],
+      patch_size=hf['patch_size'],
+      width=hf['hidden_size'],
+      num_layers=hf['num_hidden_layers'],
+      num_heads=hf['num_attention_heads'],
+      mlp_dim=hf['intermediate_size'],
+      layer_norm_eps=hf.get('layer_norm_eps', 1e-5),
+      act=ours_activation(hf.get('hidden_act', 'quick_gelu'), 'hidden_act'),
+  )
   fields.update(overrides)
   return CLIPVisionConfig(**fields)
 
@@ -49,11 +59,18 @@ def config_to_hf(config: CLIPVisionConfig) -> Dict[str, Any]:
   """`config_from_hf`'s inverse, a `CLIPVisionConfig.to_dict()`-style dict (LLaVA's
   select_layer / select_feature are not CLIP fields: the caller writes them as
   `mm_vision_select_*`)."""
-  return {'model_type': 'clip_vision_model', 'image_size': config.image_size,
-          'patch_size': config.patch_size, 'hidden_size': config.width,
-          'num_hidden_layers': config.num_layers, 'num_attention_heads': config.num_heads,
-          'intermediate_size': config.mlp_dim, 'layer_norm_eps': config.layer_norm_eps,
-          'hidden_act': hf_activation(config.act, 'CLIPVisionConfig.act'), 'num_channels': 3}
+  return {
+      'model_type': 'clip_vision_model',
+      'image_size': config.image_size,
+      'patch_size': config.patch_size,
+      'hidden_size': config.width,
+      'num_hidden_layers': config.num_layers,
+      'num_attention_heads': config.num_heads,
+      'intermediate_size': config.mlp_dim,
+      'layer_norm_eps': config.layer_norm_eps,
+      'hidden_act': hf_activation(config.act, 'CLIPVisionConfig.act'),
+      'num_channels': 3,
+  }
 
 
 def _is_ignored(name: str, cfg: CLIPVisionConfig) -> bool:
@@ -65,8 +82,9 @@ def _is_ignored(name: str, cfg: CLIPVisionConfig) -> bool:
   return bool(match) and cfg.num_used_layers <= int(match.group(1)) < cfg.num_layers
 
 
-def params_from_hf(state_dict: Mapping[str, np.ndarray], config: CLIPVisionConfig,
-                   prefix: str = 'vision_model.') -> Dict[str, Any]:
+def params_from_hf(
+    state_dict: Mapping[str, np.ndarray], config: CLIPVisionConfig, prefix: str = 'vision_model.'
+) -> Dict[str, Any]:
   """Converts a HF CLIP vision state dict into `CLIPVisionTower` params.
 
   Only tensors whose name starts with `prefix` are read, so a whole LLaVA state dict can be
@@ -76,25 +94,36 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], config: CLIPVisionConfi
   Raises ValueError naming every missing or unexpected tensor, or one of the wrong shape.
   """
   cfg = config
-  r = TensorReader({k: v for k, v in state_dict.items()
-                    if k.startswith(prefix) and not _is_ignored(k[len(prefix):], cfg)})
+  r = TensorReader(
+      {
+          k: v
+          for k, v in state_dict.items()
+          if k.startswith(prefix) and not _is_ignored(k[len(prefix) :], cfg)
+      }
+  )
   d, h, hd, f, p = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.patch_size
 
   def norm(name):
-    return {'scale': r.pop(f'{prefix}{name}.weight', (d,)),
-            'bias': r.pop(f'{prefix}{name}.bias', (d,))}
+    return {
+        'scale': r.pop(f'{prefix}{name}.weight', (d,)),
+        'bias': r.pop(f'{prefix}{name}.bias', (d,)),
+    }
 
   def dense(name, n_in, n_out, in_shape, out_shape):
-    return {'kernel': linear_kernel(r.pop(f'{prefix}{name}.weight', (n_out, n_in))).reshape(
-                in_shape + out_shape),
-            'bias': r.pop(f'{prefix}{name}.bias', (n_out,)).reshape(out_shape)}
+    return {
+        'kernel': linear_kernel(r.pop(f'{prefix}{name}.weight', (n_out, n_in))).reshape(
+            in_shape + out_shape
+        ),
+        'bias': r.pop(f'{prefix}{name}.bias', (n_out,)).reshape(out_shape),
+    }
 
   conv = r.pop(f'{prefix}embeddings.patch_embedding.weight', (d, 3, p, p))
   params: Dict[str, Any] = {
       'patch_embedding': {'kernel': np.ascontiguousarray(conv.transpose(2, 3, 1, 0))},
       'class_embedding': r.pop(f'{prefix}embeddings.class_embedding', (d,)),
-      'position_embedding': r.pop(f'{prefix}embeddings.position_embedding.weight',
-                                  (cfg.num_positions, d)),
+      'position_embedding': r.pop(
+          f'{prefix}embeddings.position_embedding.weight', (cfg.num_positions, d)
+      ),
       'pre_layernorm': norm('pre_layrnorm'),
   }
   for i in range(cfg.num_used_layers):
@@ -108,27 +137,36 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], config: CLIPVisionConfi
             'value': dense(f'{q}.self_attn.v_proj', d, d, (d,), (h, hd)),
             'out': dense(f'{q}.self_attn.out_proj', d, d, (h, hd), (d,)),
         },
-        'mlp': {'fc1': dense(f'{q}.mlp.fc1', d, f, (d,), (f,)),
-                'fc2': dense(f'{q}.mlp.fc2', f, d, (f,), (d,))},
+        'mlp': {
+            'fc1': dense(f'{q}.mlp.fc1', d, f, (d,), (f,)),
+            'fc2': dense(f'{q}.mlp.fc2', f, d, (f,), (d,)),
+        },
     }
   r.finish()
   return params
 
 
-def params_to_hf(params: Mapping[str, Any], config: CLIPVisionConfig,
-                 prefix: str = 'vision_model.') -> Dict[str, np.ndarray]:
+def params_to_hf(
+    params: Mapping[str, Any], config: CLIPVisionConfig, prefix: str = 'vision_model.'
+) -> Dict[str, np.ndarray]:
   """`params_from_hf`'s inverse: `CLIPVisionTower` params -> the HF tensors under `prefix`
   (float32; the first `num_used_layers` encoder layers, no post_layernorm, no position_ids).
   Raises ValueError naming a tensor whose shape does not fit `config`."""
   cfg = config
   w = TensorWriter()
   d, h, hd, f, p = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.patch_size
-  kernel = w.checked(f'{prefix}embeddings.patch_embedding.weight (our kernel)',
-                     params['patch_embedding']['kernel'], (p, p, 3, d))
+  kernel = w.checked(
+      f'{prefix}embeddings.patch_embedding.weight (our kernel)',
+      params['patch_embedding']['kernel'],
+      (p, p, 3, d),
+  )
   w.put(f'{prefix}embeddings.patch_embedding.weight', kernel.transpose(3, 2, 0, 1), (d, 3, p, p))
   w.put(f'{prefix}embeddings.class_embedding', params['class_embedding'], (d,))
-  w.put(f'{prefix}embeddings.position_embedding.weight', params['position_embedding'],
-        (cfg.num_positions, d))
+  w.put(
+      f'{prefix}embeddings.position_embedding.weight',
+      params['position_embedding'],
+      (cfg.num_positions, d),
+  )
   w.layer_norm(f'{prefix}pre_layrnorm', params['pre_layernorm'], d)
   for i in range(cfg.num_used_layers):
     q = f'{prefix}encoder.layers.{i}'
@@ -144,8 +182,9 @@ def params_to_hf(params: Mapping[str, Any], config: CLIPVisionConfig,
   return w.state_dict
 
 
-def projector_params_from_hf(state_dict: Mapping[str, np.ndarray], kind: str,
-                             prefix: str = 'model.mm_projector.') -> Dict[str, Any]:
+def projector_params_from_hf(
+    state_dict: Mapping[str, np.ndarray], kind: str, prefix: str = 'model.mm_projector.'
+) -> Dict[str, Any]:
   """Converts LLaVA's `mm_projector` (a Linear, or an nn.Sequential of Linear/GELU) into
   `Projector(kind, ...)` params. Sizes are read from the tensors and checked to chain
   (the first Linear is `[out, in]`, every later one `[out, out]`). Only names starting with
@@ -165,15 +204,18 @@ def projector_params_from_hf(state_dict: Mapping[str, np.ndarray], kind: str,
       raise ValueError(f'{weight_name}: expected a 2-D Linear weight, got shape {weight.shape}')
     # Every Linear after the first maps out_dim -> out_dim.
     expected = tuple(weight.shape) if in_dim is None else (in_dim, in_dim)
-    params[name] = {'kernel': linear_kernel(r.pop(weight_name, expected)),
-                    'bias': r.pop(f'{source}bias', (expected[0],))}
+    params[name] = {
+        'kernel': linear_kernel(r.pop(weight_name, expected)),
+        'bias': r.pop(f'{source}bias', (expected[0],)),
+    }
     in_dim = expected[0]
   r.finish()
   return params
 
 
-def projector_params_to_hf(params: Mapping[str, Any], kind: str,
-                           prefix: str = 'model.mm_projector.') -> Dict[str, np.ndarray]:
+def projector_params_to_hf(
+    params: Mapping[str, Any], kind: str, prefix: str = 'model.mm_projector.'
+) -> Dict[str, np.ndarray]:
   """`projector_params_from_hf`'s inverse: `Projector(kind)` params -> LLaVA's `mm_projector`
   tensors under `prefix` (a Linear for 'linear', else `{2 i}.weight` / `.bias`, the Linears of
   the nn.Sequential between its GELUs)."""

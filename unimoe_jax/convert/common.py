@@ -9,7 +9,6 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 
 import numpy as np
 
-
 # HF `hidden_act` / `activation_function` -> our activation name (layers.transformer.ACTIVATIONS).
 HF_ACTIVATIONS = {
     'gelu': 'gelu',
@@ -25,8 +24,10 @@ TO_HF_ACTIVATIONS = {ours: hf for hf, ours in reversed(list(HF_ACTIVATIONS.items
 def hf_activation(act: str, where: str) -> str:
   """Our activation name -> the HF name, or ValueError naming `where` (the config field)."""
   if act not in TO_HF_ACTIVATIONS:
-    raise ValueError(f'{where}: activation {act!r} has no Hugging Face name; '
-                     f'known: {sorted(TO_HF_ACTIVATIONS)}')
+    raise ValueError(
+        f'{where}: activation {act!r} has no Hugging Face name; '
+        f'known: {sorted(TO_HF_ACTIVATIONS)}'
+    )
   return TO_HF_ACTIVATIONS[act]
 
 
@@ -64,12 +65,15 @@ class TensorReader:
   def finish(self):
     unexpected = sorted(k for k in self._sd if not k.endswith(self._ignore))
     if self.missing or unexpected:
-      raise ValueError(f'state dict does not match the model: missing {self.missing}, '
-                       f'unexpected {unexpected}')
+      raise ValueError(
+          f'state dict does not match the model: missing {self.missing}, '
+          f'unexpected {unexpected}'
+      )
 
 
-def convert_parts(steps: Sequence[Tuple[str, Callable[[], Any]]], headline: str,
-                  errors: Sequence[str] = ()) -> Dict[str, Any]:
+def convert_parts(
+    steps: Sequence[Tuple[str, Callable[[], Any]]], headline: str, errors: Sequence[str] = ()
+) -> Dict[str, Any]:
   """`{key: convert()}` for each `(key, convert)`, running every step even after one failed, so
   that one ValueError ("`headline`: key: message; ...") names every mismatch; `errors` are
   mismatches found before (reported first)."""
@@ -117,15 +121,23 @@ class TensorWriter:
   def put(self, name: str, value: Any, shape: Sequence[int]) -> None:
     self.state_dict[name] = self.checked(name, value, shape)
 
-  def linear(self, name: str, p: Mapping[str, Any], in_shape: Sequence[int],
-             out_shape: Sequence[int], bias: bool = True) -> None:
-    kernel = self.checked(f'{name}.weight (our kernel)', p['kernel'],
-                          tuple(in_shape) + tuple(out_shape))
+  def linear(
+      self,
+      name: str,
+      p: Mapping[str, Any],
+      in_shape: Sequence[int],
+      out_shape: Sequence[int],
+      bias: bool = True,
+  ) -> None:
+    kernel = self.checked(
+        f'{name}.weight (our kernel)', p['kernel'], tuple(in_shape) + tuple(out_shape)
+    )
     n_out = int(np.prod(out_shape))
     self.state_dict[f'{name}.weight'] = torch_linear_weight(kernel.reshape(-1, n_out))
     if bias:
-      self.state_dict[f'{name}.bias'] = self.checked(f'{name}.bias', p['bias'],
-                                                     out_shape).reshape(n_out)
+      self.state_dict[f'{name}.bias'] = self.checked(f'{name}.bias', p['bias'], out_shape).reshape(
+          n_out
+      )
 
   def layer_norm(self, name: str, p: Mapping[str, Any], width: int) -> None:
     self.put(f'{name}.weight', p['scale'], (width,))

@@ -28,8 +28,16 @@ FFN_KERNELS = ('wi_0', 'wi_1', 'wo')
 # Uni_MoE_8e train.py / all_builder.py `ori_expert_list`: the expert set file (8e-Experts, the
 # official --mlp_dir) of each of the 8 experts, in order (experts 2 and 6 share mlp_base, 5 and 7
 # mlp_base7).
-OFFICIAL_EXPERT_SET = ('mlp_audiocap', 'mlp_basev', 'mlp_base', 'mlp_base1', 'mlp_base4',
-                       'mlp_base7', 'mlp_base', 'mlp_base7')
+OFFICIAL_EXPERT_SET = (
+    'mlp_audiocap',
+    'mlp_basev',
+    'mlp_base',
+    'mlp_base1',
+    'mlp_base4',
+    'mlp_base7',
+    'mlp_base',
+    'mlp_base7',
+)
 _MLP = re.compile(r'^layers_(\d+)$')
 
 
@@ -40,8 +48,12 @@ def _layers(decoder: Mapping[str, Any]):
 def _selected(layers, indices):
   """The layer indices `layers` selects ('all', 'even', 'odd' / 'every_other', or indices)."""
   if isinstance(layers, str):
-    rule = {'all': lambda i: True, 'even': lambda i: i % 2 == 0, 'odd': lambda i: i % 2 == 1,
-            'every_other': lambda i: i % 2 == 1}.get(layers)
+    rule = {
+        'all': lambda i: True,
+        'even': lambda i: i % 2 == 0,
+        'odd': lambda i: i % 2 == 1,
+        'every_other': lambda i: i % 2 == 1,
+    }.get(layers)
     if rule is None:
       raise ValueError(f"layers must be 'all', 'even', 'odd' or layer indices, got {layers!r}")
     return [i for i in indices if rule(i)]
@@ -63,10 +75,17 @@ def read_official_ffns(path: str) -> Dict[str, Any]:
   decoder: Dict[str, Any] = {}
   for key, value in ckpt_io.file_entries(path).items():
     parts = key.split('.')
-    if (len(parts) < 5 or parts[:2] != ['model', 'layers'] or not parts[2].isdigit() or
-        parts[-1] != 'weight' or parts[-2] not in ours):
-      raise ValueError(f'{path}: {key!r} is not an expert FFN weight '
-                       '(model.layers.<i>.mlp.<gate_proj|up_proj|down_proj>.weight)')
+    if (
+        len(parts) < 5
+        or parts[:2] != ['model', 'layers']
+        or not parts[2].isdigit()
+        or parts[-1] != 'weight'
+        or parts[-2] not in ours
+    ):
+      raise ValueError(
+          f'{path}: {key!r} is not an expert FFN weight '
+          '(model.layers.<i>.mlp.<gate_proj|up_proj|down_proj>.weight)'
+      )
     mlp = decoder.setdefault(f'layers_{int(parts[2])}', {}).setdefault('mlp', {})
     if ours[parts[-2]] in mlp:
       raise ValueError(f'{path}: two tensors are layer {parts[2]} {parts[-2]} ({key!r})')
@@ -74,8 +93,12 @@ def read_official_ffns(path: str) -> Dict[str, Any]:
   return {'decoder': decoder}
 
 
-def assemble_experts(base: Mapping[str, Any], experts: Sequence[Mapping[str, Any]],
-                     names: Sequence[str] = (), layers='all') -> Dict[str, Any]:
+def assemble_experts(
+    base: Mapping[str, Any],
+    experts: Sequence[Mapping[str, Any]],
+    names: Sequence[str] = (),
+    layers='all',
+) -> Dict[str, Any]:
   """Params of the MoE model.
 
   Args:
@@ -114,8 +137,10 @@ def assemble_experts(base: Mapping[str, Any], experts: Sequence[Mapping[str, Any
           raise ValueError(f'{name}: missing decoder/{layer}/mlp/{kernel}/kernel') from e
         want = np.shape(decoder[layer]['mlp'][kernel]['kernel'])
         if value.shape != want:
-          raise ValueError(f'{name}: decoder/{layer}/mlp/{kernel}/kernel has shape {value.shape}, '
-                           f'the base model {want}')
+          raise ValueError(
+              f'{name}: decoder/{layer}/mlp/{kernel}/kernel has shape {value.shape}, '
+              f'the base model {want}'
+          )
         stacked.append(value)
       out[('decoder', layer, 'moe', kernel, 'kernel')] = np.stack(stacked)
     for key in [k for k in out if k[:3] == ('decoder', layer, 'mlp')]:

@@ -54,22 +54,34 @@ VISION_TOWER_DIR = 'vision_tower'
 SPEECH_TOWER_DIR = 'speech_tower'
 BEATS_FILE = 'BEATs.pt'
 TRAINABLES_FILE = towers.TRAINABLES_FILE
-TOP_LEVEL = ('vision_tower', 'vision_projector', 'speech_encoder', 'speech_aligner',
-             'speech_projector', 'audio_encoder', 'audio_qformer', 'audio_projector')
+TOP_LEVEL = (
+    'vision_tower',
+    'vision_projector',
+    'speech_encoder',
+    'speech_aligner',
+    'speech_projector',
+    'audio_encoder',
+    'audio_qformer',
+    'audio_projector',
+)
 
 
 def check_exportable(config: UniMoEConfig) -> List[str]:
   """Raises ValueError naming the field when the towers have no official layout; returns notes
   on what the official code does differently."""
   if config.speech_encoder is not None and config.audio_encoder is not None:
-    raise ValueError('UniMoEConfig has both speech_encoder (Whisper) and audio_encoder (BEATs); '
-                     'the official model has one audio tower (model.audio_tower, '
-                     'model.mm_audio_aligner), so these towers have no official layout')
+    raise ValueError(
+        'UniMoEConfig has both speech_encoder (Whisper) and audio_encoder (BEATs); '
+        'the official model has one audio tower (model.audio_tower, '
+        'model.mm_audio_aligner), so these towers have no official layout'
+    )
   notes = []
   if config.audio_encoder is not None and config.audio_padding != 'official':
-    notes.append(f'UniMoEConfig.audio_padding={config.audio_padding!r}: the official '
-                 'Uni_MoE_audio code pads clips its own way (audio_padding=\'official\'), so '
-                 'its audio features differ from ours for clips shorter than 30 s')
+    notes.append(
+        f'UniMoEConfig.audio_padding={config.audio_padding!r}: the official '
+        "Uni_MoE_audio code pads clips its own way (audio_padding='official'), so "
+        'its audio features differ from ours for clips shorter than 30 s'
+    )
   return notes
 
 
@@ -77,64 +89,108 @@ def trainables(params: Mapping[str, Any], config: UniMoEConfig) -> Dict[str, np.
   """The connectors under their official names (`non_lora_trainables.bin`)."""
   out: Dict[str, np.ndarray] = {}
   if config.vision is not None:
-    out.update(convert_clip.projector_params_to_hf(
-        params['vision_projector'], config.vision_projector, prefix=towers.VISION_PROJECTOR_PREFIX))
+    out.update(
+        convert_clip.projector_params_to_hf(
+            params['vision_projector'],
+            config.vision_projector,
+            prefix=towers.VISION_PROJECTOR_PREFIX,
+        )
+    )
   # The one official audio slot: (encoder, connector, its projector, converter, prefix, queries).
   audio_slots = (
-      ('speech_encoder', 'speech_aligner', 'speech_projector',
-       convert_whisper.aligner_params_to_hf, towers.WHISPER_ALIGNER_PREFIX,
-       towers.SPEECH_QUERY_TOKENS),
-      ('audio_encoder', 'audio_qformer', 'audio_projector', convert_qformer.params_to_hf,
-       towers.QFORMER_PREFIX, towers.AUDIO_QUERY_TOKENS))
+      (
+          'speech_encoder',
+          'speech_aligner',
+          'speech_projector',
+          convert_whisper.aligner_params_to_hf,
+          towers.WHISPER_ALIGNER_PREFIX,
+          towers.SPEECH_QUERY_TOKENS,
+      ),
+      (
+          'audio_encoder',
+          'audio_qformer',
+          'audio_projector',
+          convert_qformer.params_to_hf,
+          towers.QFORMER_PREFIX,
+          towers.AUDIO_QUERY_TOKENS,
+      ),
+  )
   for encoder, connector, projector, to_official, prefix, query_name in audio_slots:
     if getattr(config, encoder) is None:
       continue
     tensors, queries = to_official(params[connector], getattr(config, connector), prefix=prefix)
     out.update(tensors)
     out[query_name] = queries
-    out.update(convert_clip.projector_params_to_hf(
-        params[projector], getattr(config, projector), prefix=towers.AUDIO_PROJECTOR_PREFIX))
+    out.update(
+        convert_clip.projector_params_to_hf(
+            params[projector], getattr(config, projector), prefix=towers.AUDIO_PROJECTOR_PREFIX
+        )
+    )
   return out
 
 
 def _clip_preprocessor(size: int) -> Dict[str, Any]:
   """CLIPImageProcessor settings (what the official CLIPVisionTower loads beside the tower)."""
-  return {'image_processor_type': 'CLIPImageProcessor', 'do_resize': True,
-          'size': {'shortest_edge': size}, 'resample': 3, 'do_center_crop': True,
-          'crop_size': {'height': size, 'width': size}, 'do_rescale': True,
-          'rescale_factor': 1 / 255, 'do_normalize': True,
-          'image_mean': list(image_media.CLIP_MEAN), 'image_std': list(image_media.CLIP_STD),
-          'do_convert_rgb': True}
+  return {
+      'image_processor_type': 'CLIPImageProcessor',
+      'do_resize': True,
+      'size': {'shortest_edge': size},
+      'resample': 3,
+      'do_center_crop': True,
+      'crop_size': {'height': size, 'width': size},
+      'do_rescale': True,
+      'rescale_factor': 1 / 255,
+      'do_normalize': True,
+      'image_mean': list(image_media.CLIP_MEAN),
+      'image_std': list(image_media.CLIP_STD),
+      'do_convert_rgb': True,
+  }
 
 
 def _whisper_preprocessor(num_mel_bins: int) -> Dict[str, Any]:
   """WhisperFeatureExtractor settings of our log-mel features (media/audio.py)."""
-  return {'feature_extractor_type': 'WhisperFeatureExtractor', 'feature_size': num_mel_bins,
-          'sampling_rate': audio_media.WHISPER_SAMPLE_RATE, 'n_fft': audio_media.WHISPER_N_FFT,
-          'hop_length': audio_media.WHISPER_HOP_LENGTH, 'chunk_length': 30,
-          'n_samples': 30 * audio_media.WHISPER_SAMPLE_RATE,
-          'nb_max_frames': 30 * audio_media.WHISPER_SAMPLE_RATE // audio_media.WHISPER_HOP_LENGTH,
-          'padding_side': 'right', 'padding_value': 0.0, 'return_attention_mask': False}
+  return {
+      'feature_extractor_type': 'WhisperFeatureExtractor',
+      'feature_size': num_mel_bins,
+      'sampling_rate': audio_media.WHISPER_SAMPLE_RATE,
+      'n_fft': audio_media.WHISPER_N_FFT,
+      'hop_length': audio_media.WHISPER_HOP_LENGTH,
+      'chunk_length': 30,
+      'n_samples': 30 * audio_media.WHISPER_SAMPLE_RATE,
+      'nb_max_frames': 30 * audio_media.WHISPER_SAMPLE_RATE // audio_media.WHISPER_HOP_LENGTH,
+      'padding_side': 'right',
+      'padding_value': 0.0,
+      'return_attention_mask': False,
+  }
 
 
 def config_fields(config: UniMoEConfig) -> Dict[str, Any]:
   """The official config.json fields that name the towers and their connectors."""
   out: Dict[str, Any] = {}
   if config.vision is not None:
-    out.update(mm_vision_tower=VISION_TOWER_DIR, mm_vision_select_layer=config.vision.select_layer,
-               mm_vision_select_feature=config.vision.select_feature,
-               mm_projector_type=config.vision_projector, mm_hidden_size=config.vision.width,
-               mm_use_im_start_end=False, mm_use_im_patch_token=False)
+    out.update(
+        mm_vision_tower=VISION_TOWER_DIR,
+        mm_vision_select_layer=config.vision.select_layer,
+        mm_vision_select_feature=config.vision.select_feature,
+        mm_projector_type=config.vision_projector,
+        mm_hidden_size=config.vision.width,
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+    )
   if config.speech_encoder is not None:
-    out.update(mm_audio_tower=SPEECH_TOWER_DIR,
-               query_tokens_size=config.speech_aligner.num_query_tokens,
-               audio_projector_type=config.speech_projector,
-               mm_audio_hidden_size=config.speech_aligner.d_model)
+    out.update(
+        mm_audio_tower=SPEECH_TOWER_DIR,
+        query_tokens_size=config.speech_aligner.num_query_tokens,
+        audio_projector_type=config.speech_projector,
+        mm_audio_hidden_size=config.speech_aligner.d_model,
+    )
   if config.audio_encoder is not None:
-    out.update(mm_audio_tower=BEATS_FILE,
-               query_tokens_size=config.audio_qformer.num_query_tokens,
-               audio_projector_type=config.audio_projector,
-               mm_audio_hidden_size=config.audio_qformer.hidden_size)
+    out.update(
+        mm_audio_tower=BEATS_FILE,
+        query_tokens_size=config.audio_qformer.num_query_tokens,
+        audio_projector_type=config.audio_projector,
+        mm_audio_hidden_size=config.audio_qformer.hidden_size,
+    )
   if 'mm_audio_tower' in out:
     out['mm_audio_select_layer'] = 0  # The last hidden state, the only one we read.
   return out
@@ -145,62 +201,82 @@ def _write_json(path: str, value: Dict[str, Any]) -> None:
     json.dump(value, f, indent=2)
 
 
-def _write_tower_dir(path: str, tensors: Mapping[str, np.ndarray], config: Dict[str, Any],
-                     preprocessor: Dict[str, Any]) -> None:
+def _write_tower_dir(
+    path: str,
+    tensors: Mapping[str, np.ndarray],
+    config: Dict[str, Any],
+    preprocessor: Dict[str, Any],
+) -> None:
   """A transformers `save_pretrained`-style directory: model.safetensors, config.json and
   preprocessor_config.json."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
   os.makedirs(path)
-  save_file(dict(tensors), os.path.join(path, 'model.safetensors'),
-            metadata={'format': 'pt'})
+  save_file(dict(tensors), os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
   _write_json(os.path.join(path, 'config.json'), config)
   _write_json(os.path.join(path, 'preprocessor_config.json'), preprocessor)
 
 
-def write(directory: str, params: Mapping[str, Any], config: UniMoEConfig
-          ) -> Tuple[List[str], Dict[str, Any], List[str]]:
+def write(
+    directory: str, params: Mapping[str, Any], config: UniMoEConfig
+) -> Tuple[List[str], Dict[str, Any], List[str]]:
   """Writes the towers and connectors of `params` into `directory` (the staged export).
 
   Returns (files written, config.json fields to add, notes). `params` holds the top-level
   subtrees of `UniMoE(config)` (`TOP_LEVEL`); the decoder is not read.
   """
   import torch  # pylint: disable=g-import-not-at-top
+
   notes = check_exportable(config)
   files: List[str] = []
   if config.vision is not None:
-    _write_tower_dir(os.path.join(directory, VISION_TOWER_DIR),
-                     convert_clip.params_to_hf(params['vision_tower'], config.vision,
-                                               prefix='vision_model.'),
-                     dict(convert_clip.config_to_hf(config.vision),
-                          architectures=['CLIPVisionModel']),
-                     _clip_preprocessor(config.vision.image_size))
+    _write_tower_dir(
+        os.path.join(directory, VISION_TOWER_DIR),
+        convert_clip.params_to_hf(params['vision_tower'], config.vision, prefix='vision_model.'),
+        dict(convert_clip.config_to_hf(config.vision), architectures=['CLIPVisionModel']),
+        _clip_preprocessor(config.vision.image_size),
+    )
     files.append(VISION_TOWER_DIR)
     if config.vision.num_used_layers < config.vision.num_layers:
-      notes.append(f'{VISION_TOWER_DIR}: post_layernorm and encoder layers '
-                   f'{config.vision.num_used_layers}..{config.vision.num_layers - 1} are not '
-                   'written (mm_vision_select_layer reads the hidden state before them); '
-                   'transformers initialises them on load')
+      notes.append(
+          f'{VISION_TOWER_DIR}: post_layernorm and encoder layers '
+          f'{config.vision.num_used_layers}..{config.vision.num_layers - 1} are not '
+          'written (mm_vision_select_layer reads the hidden state before them); '
+          'transformers initialises them on load'
+      )
   if config.speech_encoder is not None:
-    _write_tower_dir(os.path.join(directory, SPEECH_TOWER_DIR),
-                     convert_whisper.encoder_params_to_hf(
-                         params['speech_encoder'], config.speech_encoder, prefix='model.encoder.'),
-                     dict(convert_whisper.config_to_hf(config.speech_encoder,
-                                                       config.speech_aligner),
-                          architectures=['WhisperModel']),
-                     _whisper_preprocessor(config.speech_encoder.num_mel_bins))
+    _write_tower_dir(
+        os.path.join(directory, SPEECH_TOWER_DIR),
+        convert_whisper.encoder_params_to_hf(
+            params['speech_encoder'], config.speech_encoder, prefix='model.encoder.'
+        ),
+        dict(
+            convert_whisper.config_to_hf(config.speech_encoder, config.speech_aligner),
+            architectures=['WhisperModel'],
+        ),
+        _whisper_preprocessor(config.speech_encoder.num_mel_bins),
+    )
     files.append(SPEECH_TOWER_DIR)
-    notes.append(f'{SPEECH_TOWER_DIR}: only the Whisper encoder is written (the aligner, a '
-                 f'Whisper decoder, is in {TRAINABLES_FILE}); transformers initialises the '
-                 'decoder on load')
+    notes.append(
+        f'{SPEECH_TOWER_DIR}: only the Whisper encoder is written (the aligner, a '
+        f'Whisper decoder, is in {TRAINABLES_FILE}); transformers initialises the '
+        'decoder on load'
+    )
   if config.audio_encoder is not None:
     state = convert_beats.params_to_official(params['audio_encoder'], config.audio_encoder)
-    torch.save({'cfg': beats_config_to_official(config.audio_encoder),
-                'model': {k: torch.from_numpy(v) for k, v in state.items()}},
-               os.path.join(directory, BEATS_FILE))
+    torch.save(
+        {
+            'cfg': beats_config_to_official(config.audio_encoder),
+            'model': {k: torch.from_numpy(v) for k, v in state.items()},
+        },
+        os.path.join(directory, BEATS_FILE),
+    )
     files.append(BEATS_FILE)
   connectors = trainables(params, config)
   if connectors:
-    torch.save({k: torch.from_numpy(v) for k, v in connectors.items()},
-               os.path.join(directory, TRAINABLES_FILE))
+    torch.save(
+        {k: torch.from_numpy(v) for k, v in connectors.items()},
+        os.path.join(directory, TRAINABLES_FILE),
+    )
     files.append(TRAINABLES_FILE)
   return files, config_fields(config), notes

@@ -29,20 +29,29 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> DecoderConfig:
   heads = hf['num_attention_heads']
   moe = None
   if hf.get('num_local_experts'):
-    moe = MoEConfig(num_experts=hf['num_local_experts'],
-                    num_experts_per_tok=hf['num_experts_per_tok'],
-                    router_jitter=hf.get('router_jitter_noise', 0.0) or 0.0,
-                    load_balance_loss_coef=0.0)
+    moe = MoEConfig(
+        num_experts=hf['num_local_experts'],
+        num_experts_per_tok=hf['num_experts_per_tok'],
+        router_jitter=hf.get('router_jitter_noise', 0.0) or 0.0,
+        load_balance_loss_coef=0.0,
+    )
   if hf.get('tie_word_embeddings'):
-    raise ValueError('config_from_hf: tied input/output embeddings are not supported '
-                     '(LLaMA and Mixtral checkpoints have an untied lm_head)')
+    raise ValueError(
+        'config_from_hf: tied input/output embeddings are not supported '
+        '(LLaMA and Mixtral checkpoints have an untied lm_head)'
+    )
   fields = dict(
-      vocab_size=hf['vocab_size'], embed_dim=hf['hidden_size'],
-      num_layers=hf['num_hidden_layers'], num_heads=heads,
+      vocab_size=hf['vocab_size'],
+      embed_dim=hf['hidden_size'],
+      num_layers=hf['num_hidden_layers'],
+      num_heads=heads,
       num_kv_heads=hf.get('num_key_value_heads') or heads,
       head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
-      mlp_dim=hf['intermediate_size'], rope_theta=float(theta),
-      rms_norm_eps=hf.get('rms_norm_eps', 1e-6), moe=moe)
+      mlp_dim=hf['intermediate_size'],
+      rope_theta=float(theta),
+      rms_norm_eps=hf.get('rms_norm_eps', 1e-6),
+      moe=moe,
+  )
   fields.update(overrides)
   return DecoderConfig(**fields)
 
@@ -54,6 +63,7 @@ class Entry(NamedTuple):
   `our_shape` (heads split out); otherwise the values are copied. `expert`: the tensor is slice
   `expert` of our stacked `[expert, in, out]` kernel (`our_shape` is that slice's shape).
   """
+
   hf: str
   ours: Tuple[str, ...]
   hf_shape: Tuple[int, ...]
@@ -84,35 +94,71 @@ def tensor_table(cfg: DecoderConfig) -> List[Entry]:
   d, h, kv, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_dim
   hd = cfg.resolved_head_dim
   v = cfg.vocab_size
-  table = [Entry('model.embed_tokens.weight', ('token_embedder', 'embedding'), (v, d), (v, d),
-                 False),
-           Entry('model.norm.weight', ('decoder_norm', 'scale'), (d,), (d,), False),
-           Entry('lm_head.weight', ('logits_dense', 'kernel'), (v, d), (d, v), True)]
-  attention = {'query': ((h * hd, d), (d, h, hd)), 'key': ((kv * hd, d), (d, kv, hd)),
-               'value': ((kv * hd, d), (d, kv, hd)), 'out': ((d, h * hd), (h, hd, d))}
+  table = [
+      Entry('model.embed_tokens.weight', ('token_embedder', 'embedding'), (v, d), (v, d), False),
+      Entry('model.norm.weight', ('decoder_norm', 'scale'), (d,), (d,), False),
+      Entry('lm_head.weight', ('logits_dense', 'kernel'), (v, d), (d, v), True),
+  ]
+  attention = {
+      'query': ((h * hd, d), (d, h, hd)),
+      'key': ((kv * hd, d), (d, kv, hd)),
+      'value': ((kv * hd, d), (d, kv, hd)),
+      'out': ((d, h * hd), (h, hd, d)),
+  }
   mlp = {'wi_0': ((f, d), (d, f)), 'wi_1': ((f, d), (d, f)), 'wo': ((d, f), (f, d))}
   moe_layers = set(cfg.moe_layer_indices())
   for i in range(cfg.num_layers):
     p, ours = f'model.layers.{i}', f'layers_{i}'
-    table += [Entry(f'{p}.input_layernorm.weight', (ours, 'pre_attention_norm', 'scale'), (d,),
-                    (d,), False),
-              Entry(f'{p}.post_attention_layernorm.weight', (ours, 'pre_mlp_norm', 'scale'),
-                    (d,), (d,), False)]
+    table += [
+        Entry(
+            f'{p}.input_layernorm.weight', (ours, 'pre_attention_norm', 'scale'), (d,), (d,), False
+        ),
+        Entry(
+            f'{p}.post_attention_layernorm.weight',
+            (ours, 'pre_mlp_norm', 'scale'),
+            (d,),
+            (d,),
+            False,
+        ),
+    ]
     for name, (hf_shape, our_shape) in attention.items():
-      table.append(Entry(f'{p}.self_attn.{ATTENTION_MODULES[name]}.weight',
-                         (ours, 'attention', name, 'kernel'), hf_shape, our_shape, True))
+      table.append(
+          Entry(
+              f'{p}.self_attn.{ATTENTION_MODULES[name]}.weight',
+              (ours, 'attention', name, 'kernel'),
+              hf_shape,
+              our_shape,
+              True,
+          )
+      )
     if i in moe_layers:
       e = cfg.moe.num_experts
-      table.append(Entry(f'{p}.block_sparse_moe.gate.weight', (ours, 'moe', 'router'), (e, d),
-                         (d, e), True))
+      table.append(
+          Entry(f'{p}.block_sparse_moe.gate.weight', (ours, 'moe', 'router'), (e, d), (d, e), True)
+      )
       for x in range(e):
         for name, (hf_shape, our_shape) in mlp.items():
-          table.append(Entry(f'{p}.block_sparse_moe.experts.{x}.{EXPERT_MODULES[name]}.weight',
-                             (ours, 'moe', name, 'kernel'), hf_shape, our_shape, True, x))
+          table.append(
+              Entry(
+                  f'{p}.block_sparse_moe.experts.{x}.{EXPERT_MODULES[name]}.weight',
+                  (ours, 'moe', name, 'kernel'),
+                  hf_shape,
+                  our_shape,
+                  True,
+                  x,
+              )
+          )
     else:
       for name, (hf_shape, our_shape) in mlp.items():
-        table.append(Entry(f'{p}.mlp.{MLP_MODULES[name]}.weight', (ours, 'mlp', name, 'kernel'),
-                           hf_shape, our_shape, True))
+        table.append(
+            Entry(
+                f'{p}.mlp.{MLP_MODULES[name]}.weight',
+                (ours, 'mlp', name, 'kernel'),
+                hf_shape,
+                our_shape,
+                True,
+            )
+        )
   return table
 
 
@@ -130,8 +176,9 @@ class _Slice:
 
 
 _MOE_MLP = re.compile(r'^(model\.layers\.\d+)\.mlp\.(gate\.weight|experts\.)')
-_FUSED = re.compile(r'^(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.'
-                    r'(gate_up_proj|down_proj)$')
+_FUSED = re.compile(
+    r'^(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.' r'(gate_up_proj|down_proj)$'
+)
 
 
 def _canonical(state_dict: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
@@ -150,12 +197,16 @@ def _canonical(state_dict: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str,
       if len(shape) != 3 or (kind == 'gate_up_proj' and shape[1] % 2):
         raise ValueError(f'{name}: unexpected shape {shape}')
       for x in range(shape[0]):
-        parts = ([('w1', np.s_[x, :shape[1] // 2]), ('w3', np.s_[x, shape[1] // 2:])]
-                 if kind == 'gate_up_proj' else [('w2', np.s_[x])])
+        parts = (
+            [('w1', np.s_[x, : shape[1] // 2]), ('w3', np.s_[x, shape[1] // 2 :])]
+            if kind == 'gate_up_proj'
+            else [('w2', np.s_[x])]
+        )
         for module, index in parts:
           new = f'{p}.block_sparse_moe.experts.{x}.{module}.weight'
-          sliced_shape = ((shape[1] // 2, shape[2]) if kind == 'gate_up_proj'
-                          else (shape[1], shape[2]))
+          sliced_shape = (
+              (shape[1] // 2, shape[2]) if kind == 'gate_up_proj' else (shape[1], shape[2])
+          )
           out[new] = _Slice(value, index, sliced_shape)
           renamed[new] = f'{name}[{x}]'
       continue
@@ -167,8 +218,9 @@ def _canonical(state_dict: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str,
   return out, renamed, mlp_style
 
 
-def decoder_params_from_hf(state_dict: Mapping[str, np.ndarray],
-                           cfg: DecoderConfig) -> Dict[str, Any]:
+def decoder_params_from_hf(
+    state_dict: Mapping[str, np.ndarray], cfg: DecoderConfig
+) -> Dict[str, Any]:
   """Converts a LlamaForCausalLM / MixtralForCausalLM state dict into `Decoder` params.
 
   Raises ValueError naming every missing or unexpected tensor, or a tensor of the wrong shape.

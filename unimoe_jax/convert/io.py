@@ -23,13 +23,22 @@ import numpy as np
 
 CONFIG_FILE = 'config.json'
 _SAFETENSORS_DTYPES = {
-    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': np.uint16,
-    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+    'F64': np.float64,
+    'F32': np.float32,
+    'F16': np.float16,
+    'BF16': np.uint16,
+    'I64': np.int64,
+    'I32': np.int32,
+    'I16': np.int16,
+    'I8': np.int8,
+    'U8': np.uint8,
     'BOOL': np.bool_,
 }
 # Single-file and sharded names, in the order `save_pretrained` prefers them.
-_WEIGHT_FILES = (('model.safetensors.index.json', 'model.safetensors'),
-                 ('pytorch_model.bin.index.json', 'pytorch_model.bin'))
+_WEIGHT_FILES = (
+    ('model.safetensors.index.json', 'model.safetensors'),
+    ('pytorch_model.bin.index.json', 'pytorch_model.bin'),
+)
 
 
 def _bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -66,8 +75,9 @@ def _safetensors_entries(path: str) -> Dict[str, LazyTensor]:
         raise ValueError(f'its header claims {header_size} bytes')
       header = json.loads(f.read(header_size))
   except (struct.error, ValueError, UnicodeDecodeError) as e:
-    raise ValueError(f'{path}: not a readable safetensors file ({size} bytes; truncated or '
-                     f'damaged?): {e}') from None
+    raise ValueError(
+        f'{path}: not a readable safetensors file ({size} bytes; truncated or ' f'damaged?): {e}'
+    ) from None
   data_start = 8 + header_size
   entries = {}
   for name, info in header.items():
@@ -78,17 +88,20 @@ def _safetensors_entries(path: str) -> Dict[str, LazyTensor]:
     begin, end = info['data_offsets']
     itemsize = np.dtype(_SAFETENSORS_DTYPES[info['dtype']]).itemsize
     if data_start + end > size or end - begin != int(np.prod(info['shape'])) * itemsize:
-      raise ValueError(f'{path}: tensor {name} {info["dtype"]}{list(info["shape"])} lies at '
-                       f'bytes {data_start + begin}..{data_start + end} of a {size}-byte file '
-                       '(truncated or damaged?)')
+      raise ValueError(
+          f'{path}: tensor {name} {info["dtype"]}{list(info["shape"])} lies at '
+          f'bytes {data_start + begin}..{data_start + end} of a {size}-byte file '
+          '(truncated or damaged?)'
+      )
 
     def load(info=info, begin=begin, end=end):
       np_dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']]).newbyteorder('<')
       count = (end - begin) // np_dtype.itemsize
       if count == 0:
         return np.zeros(info['shape'], np_dtype)
-      value = np.memmap(path, dtype=np_dtype, mode='r', offset=data_start + begin,
-                        shape=(count,)).reshape(info['shape'])
+      value = np.memmap(
+          path, dtype=np_dtype, mode='r', offset=data_start + begin, shape=(count,)
+      ).reshape(info['shape'])
       return _bfloat16_to_float32(value) if info['dtype'] == 'BF16' else np.asarray(value)
 
     entries[name] = LazyTensor(info['shape'], info['dtype'], load)
@@ -97,15 +110,18 @@ def _safetensors_entries(path: str) -> Dict[str, LazyTensor]:
 
 def _torch_bin_entries(path: str) -> Dict[str, LazyTensor]:
   import torch  # pylint: disable=g-import-not-at-top  # Only .bin checkpoints need it.
+
   try:
     tensors = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
   except (RuntimeError, OSError):  # Old (non-zip) serialisation cannot be memory-mapped.
     try:
       tensors = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f'{path}: not a readable PyTorch checkpoint file '
-                       f'({os.path.getsize(path)} bytes; truncated or damaged?): '
-                       f'{type(e).__name__}: {e}') from None
+      raise ValueError(
+          f'{path}: not a readable PyTorch checkpoint file '
+          f'({os.path.getsize(path)} bytes; truncated or damaged?): '
+          f'{type(e).__name__}: {e}'
+      ) from None
   entries = {}
   for name, t in tensors.items():
     if not isinstance(t, torch.Tensor):
@@ -135,8 +151,7 @@ class LazyStateDict(Mapping[str, LazyTensor]):
   Later files override earlier ones for a name they share (`merge`).
   """
 
-  def __init__(self, entries: Optional[Dict[str, LazyTensor]] = None,
-               files: Sequence[str] = ()):
+  def __init__(self, entries: Optional[Dict[str, LazyTensor]] = None, files: Sequence[str] = ()):
     self._entries: Dict[str, LazyTensor] = dict(entries or {})
     self.files: List[str] = list(files)
 
@@ -190,7 +205,8 @@ def weight_files(directory: str) -> List[str]:
     if os.path.exists(single_path):
       return [single_path]
   raise FileNotFoundError(
-      f'{directory}: no model.safetensors, pytorch_model.bin or their *.index.json')
+      f'{directory}: no model.safetensors, pytorch_model.bin or their *.index.json'
+  )
 
 
 def open_state_dict(directory: str) -> LazyStateDict:

@@ -46,7 +46,7 @@ def normalize_name(name: str) -> str:
   """A LLaVA tensor name in the transformers >= 5 layout."""
   for old, new in _LEGACY_PREFIXES:
     if name.startswith(old):
-      return new + name[len(old):]
+      return new + name[len(old) :]
   return name
 
 
@@ -65,30 +65,40 @@ def config_from_hf(hf: Mapping[str, Any], **decoder_overrides) -> UniMoEConfig:
     raise ValueError(f"config_from_hf: model_type must be 'llava', got {hf.get('model_type')!r}")
   layer = hf.get('vision_feature_layer', -2)
   if not isinstance(layer, int):
-    raise ValueError(f'config_from_hf: vision_feature_layer={layer!r}: only one layer (an int) '
-                     'is supported, not a list of layers')
+    raise ValueError(
+        f'config_from_hf: vision_feature_layer={layer!r}: only one layer (an int) '
+        'is supported, not a list of layers'
+    )
   strategy = hf.get('vision_feature_select_strategy', 'default')
   if strategy not in _STRATEGIES:
-    raise ValueError(f'config_from_hf: vision_feature_select_strategy={strategy!r}; expected '
-                     f'one of {sorted(_STRATEGIES)}')
+    raise ValueError(
+        f'config_from_hf: vision_feature_select_strategy={strategy!r}; expected '
+        f'one of {sorted(_STRATEGIES)}'
+    )
   if hf.get('projector_hidden_act', 'gelu') != 'gelu':
-    raise ValueError(f"config_from_hf: projector_hidden_act={hf['projector_hidden_act']!r}; "
-                     "only 'gelu' (mlp2x_gelu) is supported")
+    raise ValueError(
+        f"config_from_hf: projector_hidden_act={hf['projector_hidden_act']!r}; "
+        "only 'gelu' (mlp2x_gelu) is supported"
+    )
   if not hf.get('multimodal_projector_bias', True):
     raise ValueError('config_from_hf: multimodal_projector_bias=False is not supported')
   text = dict(hf['text_config'])
   if text.get('model_type', 'llama') not in ('llama', 'mistral', 'mixtral'):
-    raise ValueError(f"config_from_hf: text_config model_type {text.get('model_type')!r} is "
-                     'not a LLaMA / Mistral / Mixtral language model')
+    raise ValueError(
+        f"config_from_hf: text_config model_type {text.get('model_type')!r} is "
+        'not a LLaMA / Mistral / Mixtral language model'
+    )
   text.setdefault('tie_word_embeddings', hf.get('tie_word_embeddings', False))
   vision = hf['vision_config']
   if vision.get('model_type', 'clip_vision_model') != 'clip_vision_model':
     raise ValueError(f"config_from_hf: vision tower {vision.get('model_type')!r} is not CLIP")
   return UniMoEConfig(
       decoder=convert_hf.config_from_hf(text, **decoder_overrides),
-      vision=convert_clip.config_from_hf(vision, select_layer=layer,
-                                         select_feature=_STRATEGIES[strategy]),
-      vision_projector='mlp2x_gelu')
+      vision=convert_clip.config_from_hf(
+          vision, select_layer=layer, select_feature=_STRATEGIES[strategy]
+      ),
+      vision_projector='mlp2x_gelu',
+  )
 
 
 def params_from_hf(state_dict: Mapping[str, Any], config: UniMoEConfig) -> Dict[str, Any]:
@@ -104,35 +114,48 @@ def params_from_hf(state_dict: Mapping[str, Any], config: UniMoEConfig) -> Dict[
     if name.startswith(VISION_PREFIX):
       parts['vision'][name] = value
     elif name.startswith(PROJECTOR_PREFIX):
-      rest = name[len(PROJECTOR_PREFIX):]
+      rest = name[len(PROJECTOR_PREFIX) :]
       # LLaVA's `linear_1` / `linear_2` are positions 0 and 2 of the original nn.Sequential.
       rest = {'linear_1.': '0.', 'linear_2.': '2.'}.get(rest[:9], rest[:9]) + rest[9:]
       parts['projector'][PROJECTOR_PREFIX + rest] = value
     elif name.startswith(LANGUAGE_PREFIX):
-      parts['language']['model.' + name[len(LANGUAGE_PREFIX):]] = value
+      parts['language']['model.' + name[len(LANGUAGE_PREFIX) :]] = value
     elif name == 'lm_head.weight':
       parts['language'][name] = value
     else:
       unexpected.append(name)
   if unexpected:
     TensorReader({n: None for n in unexpected}).finish()
-  params = convert_parts((
-      ('vision_tower', lambda: convert_clip.params_from_hf(parts['vision'], config.vision,
-                                                           prefix=VISION_PREFIX)),
-      ('vision_projector', lambda: convert_clip.projector_params_from_hf(
-          parts['projector'], config.vision_projector, prefix=PROJECTOR_PREFIX)),
-      ('decoder', lambda: convert_hf.decoder_params_from_hf(parts['language'],
-                                                            config.decoder))),
-      'LLaVA state dict does not match the model')
+  params = convert_parts(
+      (
+          (
+              'vision_tower',
+              lambda: convert_clip.params_from_hf(
+                  parts['vision'], config.vision, prefix=VISION_PREFIX
+              ),
+          ),
+          (
+              'vision_projector',
+              lambda: convert_clip.projector_params_from_hf(
+                  parts['projector'], config.vision_projector, prefix=PROJECTOR_PREFIX
+              ),
+          ),
+          ('decoder', lambda: convert_hf.decoder_params_from_hf(parts['language'], config.decoder)),
+      ),
+      'LLaVA state dict does not match the model',
+  )
   width = params['vision_projector']['linear_0']['kernel'].shape[0]
   if width != config.vision.width:
-    raise ValueError(f'{PROJECTOR_PREFIX}linear_1.weight takes {width} inputs, but the vision '
-                     f'tower is {config.vision.width} wide')
+    raise ValueError(
+        f'{PROJECTOR_PREFIX}linear_1.weight takes {width} inputs, but the vision '
+        f'tower is {config.vision.width} wide'
+    )
   return params
 
 
-def map_image_tokens(input_ids: np.ndarray, hf: Mapping[str, Any],
-                     config: UniMoEConfig) -> np.ndarray:
+def map_image_tokens(
+    input_ids: np.ndarray, hf: Mapping[str, Any], config: UniMoEConfig
+) -> np.ndarray:
   """HF LLaVA input ids -> ours: every `image_token_id` becomes `config.image_token_id`."""
   ids = np.asarray(input_ids)
   return np.where(ids == hf_image_token_id(hf), config.image_token_id, ids).astype(np.int32)
@@ -152,8 +175,12 @@ def _gin_ref(cfg: Any) -> str:
   return f'@{type(cfg).__module__.rsplit(".", 1)[-1]}.{type(cfg).__name__}()'
 
 
-def _gin_blocks(cfg: Any, blocks: Dict[str, List[str]], imports: Dict[str, None],
-                overrides: Mapping[str, str] = ()) -> None:
+def _gin_blocks(
+    cfg: Any,
+    blocks: Dict[str, List[str]],
+    imports: Dict[str, None],
+    overrides: Mapping[str, str] = (),
+) -> None:
   """Adds `cfg`'s block (and those of the dataclass configs it holds) to `blocks`."""
   module = type(cfg).__module__
   package, short = module.rsplit('.', 1)
@@ -183,9 +210,13 @@ def model_gin_text(config: UniMoEConfig, source: str) -> str:
   imports: Dict[str, None] = {}
   _gin_blocks(config.decoder, blocks, imports)
   _gin_blocks(config, blocks, imports, overrides={'decoder': '%DECODER_CONFIG'})
-  lines = [f'# Converted by tools/convert_checkpoint.py --source {source}.', *imports, '',
-           f'DECODER_CONFIG = {_gin_ref(config.decoder)}',
-           f'MODEL_CONFIG = {_gin_ref(config)}']
+  lines = [
+      f'# Converted by tools/convert_checkpoint.py --source {source}.',
+      *imports,
+      '',
+      f'DECODER_CONFIG = {_gin_ref(config.decoder)}',
+      f'MODEL_CONFIG = {_gin_ref(config)}',
+  ]
   for block in blocks.values():
     lines += [''] + block
   return '\n'.join(lines) + '\n'

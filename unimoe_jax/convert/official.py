@@ -75,9 +75,14 @@ from unimoe_jax.model import UniMoEConfig
 PROJECTOR_PREFIX = official_towers.VISION_PROJECTOR_PREFIX
 # Files the official training scripts write beside (or instead of) the model weights, in the
 # order the official loader applies them (later ones override earlier ones).
-OFFICIAL_EXTRA_FILES = (official_towers.TRAINABLES_FILE, 'adapter_model.safetensors',
-                        'adapter_model.bin', 'mm_projector.bin', 'mm_audio_aligner.bin',
-                        'mlp_gates.bin')
+OFFICIAL_EXTRA_FILES = (
+    official_towers.TRAINABLES_FILE,
+    'adapter_model.safetensors',
+    'adapter_model.bin',
+    'mm_projector.bin',
+    'mm_audio_aligner.bin',
+    'mlp_gates.bin',
+)
 # The 8e expert weights, one file per expert (train.py `{rank}_mlp_experts.bin`).
 RANK_EXPERT_FILE = re.compile(r'^(\d+)_mlp_experts\.bin$')
 # all_builder.py / train.py `ori_expert_list`: the expert set file of each 8e expert, in order.
@@ -92,8 +97,12 @@ _EXPERT_MODULES = _PROJ + tuple(f'{p}_lora_{x}' for p in _PROJ for x in 'AB')
 _PEFT = ('.lora_A.weight', '.lora_B.weight')
 _LORALIB = ('.loralib_A.weight', '.loralib_B.weight')
 # torch module suffix -> our projection name.
-_ATTENTION = {'self_attn.q_proj': 'query', 'self_attn.k_proj': 'key',
-              'self_attn.v_proj': 'value', 'self_attn.o_proj': 'out'}
+_ATTENTION = {
+    'self_attn.q_proj': 'query',
+    'self_attn.k_proj': 'key',
+    'self_attn.v_proj': 'value',
+    'self_attn.o_proj': 'out',
+}
 _MLP = {'gate_proj': 'wi_0', 'up_proj': 'wi_1', 'down_proj': 'wo'}
 _DS_EXPERTS = re.compile(r'\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.')
 _LORALIB_NAME = re.compile(r'\.(gate_proj|up_proj|down_proj)_lora_([AB])\.')
@@ -105,7 +114,7 @@ _TRAINING_ONLY = ('aux_multimodal_loss', 'aux_kl_loss')
 def normalize_name(name: str) -> str:
   """PEFT / DeepSpeed / loralib spellings -> the plain `LlavaLlamaForCausalLM` (MoeLayer) names."""
   if name.startswith('base_model.model.'):
-    name = name[len('base_model.model.'):]
+    name = name[len('base_model.model.') :]
   name = name.replace('.base_layer.', '.')
   name = re.sub(r'\.(lora_[AB])\.default\.', r'.\1.', name)
   name = name.replace('.mlp.deepspeed_moe.gate.wg.', '.mlp.gate.')
@@ -121,27 +130,37 @@ def _layer_of(name: str) -> Optional[int]:
 # ---------------------------------------------------------------------------------------------
 # Reading the files.
 
+
 def expert_file_entries(path: str, expert: int) -> Dict[str, LazyTensor]:
   """The tensors of one 8e expert file (`{n}_mlp_experts.bin` or an expert-set FFN file) as
   expert `expert` of each layer, renamed by the official loader's rule (`key.split('.')[2]` is
   the layer, `key.split('.')[-2]` the module). A rank file holding more than one expert is an
   error: the official loader would fold them onto one expert."""
   entries = ckpt_io.file_entries(path)
-  local = sorted({int(m.group(1)) for key in entries
-                  for m in [_DS_EXPERTS.search(key)] if m})
+  local = sorted({int(m.group(1)) for key in entries for m in [_DS_EXPERTS.search(key)] if m})
   if len(local) > 1:
-    raise ValueError(f'{path} holds the experts {local} of one rank; the official loader '
-                     '(all_builder.py) reads one expert per {n}_mlp_experts.bin file (training '
-                     'with ep_size = num_experts)')
+    raise ValueError(
+        f'{path} holds the experts {local} of one rank; the official loader '
+        '(all_builder.py) reads one expert per {n}_mlp_experts.bin file (training '
+        'with ep_size = num_experts)'
+    )
   out: Dict[str, LazyTensor] = {}
   for key, value in entries.items():
     parts = key.split('.')
-    if len(parts) < 5 or parts[:2] != ['model', 'layers'] or not parts[2].isdigit() or (
-        parts[-1] != 'weight' or parts[-2] not in _EXPERT_MODULES):
-      raise ValueError(f'{path}: {key!r} is not an expert FFN tensor '
-                       f'(model.layers.<i>...<{"|".join(_EXPERT_MODULES)}>.weight)')
-    name = (f'model.layers.{parts[2]}.mlp.deepspeed_moe.experts.deepspeed_experts.{expert}.'
-            f'{parts[-2]}.weight')
+    if (
+        len(parts) < 5
+        or parts[:2] != ['model', 'layers']
+        or not parts[2].isdigit()
+        or (parts[-1] != 'weight' or parts[-2] not in _EXPERT_MODULES)
+    ):
+      raise ValueError(
+          f'{path}: {key!r} is not an expert FFN tensor '
+          f'(model.layers.<i>...<{"|".join(_EXPERT_MODULES)}>.weight)'
+      )
+    name = (
+        f'model.layers.{parts[2]}.mlp.deepspeed_moe.experts.deepspeed_experts.{expert}.'
+        f'{parts[-2]}.weight'
+    )
     if name in out:
       raise ValueError(f'{path}: two tensors are layer {parts[2]} {parts[-2]} ({key!r})')
     out[name] = value
@@ -151,15 +170,19 @@ def expert_file_entries(path: str, expert: int) -> Dict[str, LazyTensor]:
 @dataclasses.dataclass
 class OfficialFiles:
   """What `open_official` read: the normalised state dict and what it learned on the way."""
+
   state_dict: LazyStateDict
-  deepspeed: bool                        # DeepSpeed MoE tensors (the 8e model)
-  expert_tensors: Tuple[str, ...] = ()   # names that came from expert files
+  deepspeed: bool  # DeepSpeed MoE tensors (the 8e model)
+  expert_tensors: Tuple[str, ...] = ()  # names that came from expert files
   notes: List[str] = dataclasses.field(default_factory=list)
 
 
-def open_official(input_dir: str, base_dir: Optional[str] = None,
-                  expert_dir: Optional[str] = None,
-                  expert_files: Optional[Sequence[str]] = None) -> OfficialFiles:
+def open_official(
+    input_dir: str,
+    base_dir: Optional[str] = None,
+    expert_dir: Optional[str] = None,
+    expert_files: Optional[Sequence[str]] = None,
+) -> OfficialFiles:
   """The weights of an official checkpoint, in the official loader's order: --base (read
   first), --input's own weights, its `OFFICIAL_EXTRA_FILES`, then the 8e expert files
   (`{n}_mlp_experts.bin` of --input, updated with the expert set of `expert_dir`:
@@ -183,16 +206,18 @@ def open_official(input_dir: str, base_dir: Optional[str] = None,
   raw_names = {n for part in parts for n in part}
   experts: Dict[str, LazyTensor] = {}
   files = []
-  rank_files = sorted((int(m.group(1)), f) for f in os.listdir(input_dir)
-                      for m in [RANK_EXPERT_FILE.match(f)] if m)
+  rank_files = sorted(
+      (int(m.group(1)), f) for f in os.listdir(input_dir) for m in [RANK_EXPERT_FILE.match(f)] if m
+  )
   for n, f in rank_files:
     experts.update(expert_file_entries(os.path.join(input_dir, f), n))
     files.append(os.path.join(input_dir, f))
   if expert_dir:
     names = list(expert_files or OFFICIAL_EXPERT_SET)
     for n, stem in enumerate(names):
-      path = os.path.join(expert_dir, stem if stem.endswith(('.bin', '.pt', '.safetensors'))
-                          else stem + '.bin')
+      path = os.path.join(
+          expert_dir, stem if stem.endswith(('.bin', '.pt', '.safetensors')) else stem + '.bin'
+      )
       if not os.path.exists(path):
         raise FileNotFoundError(f'expert set file {path} (expert {n}) does not exist')
       experts.update(expert_file_entries(path, n))  # The expert set wins, as in all_builder.py.
@@ -210,6 +235,7 @@ def open_official(input_dir: str, base_dir: Optional[str] = None,
 
 # ---------------------------------------------------------------------------------------------
 # The layout: which layers are MoE, which router rule, which adapters.
+
 
 def _has_moe(hf_config: Mapping[str, Any]) -> bool:
   return hf_config.get('moe') is not None or bool(hf_config.get('num_experts'))
@@ -230,24 +256,32 @@ def moe_layers(hf_config: Mapping[str, Any], names: Sequence[str]) -> Tuple[int,
     elif kind == 'sparse':
       stride = int(hf_config.get('moe_stride') or 0)
       if stride <= 0:
-        raise ValueError(f"config.json moe_type 'sparse' needs a positive moe_stride, got "
-                         f'{hf_config.get("moe_stride")!r}')
+        raise ValueError(
+            f"config.json moe_type 'sparse' needs a positive moe_stride, got "
+            f'{hf_config.get("moe_stride")!r}'
+        )
       layers = tuple(i for i in range(n) if i % stride == 0)
     else:
-      raise ValueError(f"config.json moe_type must be 'sparse' or 'dense' (modeling_llama_dp.py), "
-                       f'got {kind!r}')
+      raise ValueError(
+          f"config.json moe_type must be 'sparse' or 'dense' (modeling_llama_dp.py), "
+          f'got {kind!r}'
+      )
     stray = sorted(set(routers) - set(layers))
     if stray:
-      raise ValueError(f'routers (mlp.gate / deepspeed_moe.gate) on layers {stray}, which '
-                       f'config.json moe_type={kind!r} moe_stride={hf_config.get("moe_stride")!r} '
-                       f'makes dense')
+      raise ValueError(
+          f'routers (mlp.gate / deepspeed_moe.gate) on layers {stray}, which '
+          f'config.json moe_type={kind!r} moe_stride={hf_config.get("moe_stride")!r} '
+          f'makes dense'
+      )
     return layers
   if not routers:
     routers = sorted({_layer_of(k) for k in names if '.mlp.experts.' in k} - {None})
   if not routers:
-    raise ValueError('config.json enables MoE (moe / num_experts) but no layer holds a router '
-                     '(model.layers.<i>.mlp.gate.weight) or experts; is mlp_gates.bin or the '
-                     'base model (--base) missing?')
+    raise ValueError(
+        'config.json enables MoE (moe / num_experts) but no layer holds a router '
+        '(model.layers.<i>.mlp.gate.weight) or experts; is mlp_gates.bin or the '
+        'base model (--base) missing?'
+    )
   return tuple(routers)
 
 
@@ -269,7 +303,7 @@ def _modules(names, suffixes) -> Dict[str, Tuple[str, str]]:
   for name in names:
     for suffix in suffixes:
       if name.endswith(suffix):
-        found.setdefault(name[:-len(suffix)], {})[suffix] = name
+        found.setdefault(name[: -len(suffix)], {})[suffix] = name
   out = {}
   for module, parts in found.items():
     missing = [module + s for s in suffixes if s not in parts]
@@ -279,8 +313,9 @@ def _modules(names, suffixes) -> Dict[str, Tuple[str, str]]:
   return out
 
 
-def prune(files: OfficialFiles, hf_config: Mapping[str, Any], layers: Sequence[int]
-          ) -> Tuple[LazyStateDict, List[str]]:
+def prune(
+    files: OfficialFiles, hf_config: Mapping[str, Any], layers: Sequence[int]
+) -> Tuple[LazyStateDict, List[str]]:
   """Drops what the official model never loads, naming it in the returned notes:
   - a base model's dense FFN (`mlp.{gate,up,down}_proj.weight`) on an MoE layer (the 8e base is
     the dense speech base; `from_pretrained` skips these unexpected keys);
@@ -292,41 +327,59 @@ def prune(files: OfficialFiles, hf_config: Mapping[str, Any], layers: Sequence[i
   entries = dict(files.state_dict.items())
   notes = list(files.notes)
   moe = set(layers)
-  dense_ffn = [k for k in entries if _layer_of(k) in moe and
-               re.search(r'\.mlp\.(gate_proj|up_proj|down_proj)\.weight$', k)]
+  dense_ffn = [
+      k
+      for k in entries
+      if _layer_of(k) in moe and re.search(r'\.mlp\.(gate_proj|up_proj|down_proj)\.weight$', k)
+  ]
   for k in dense_ffn:
     del entries[k]
   if dense_ffn:
-    notes.append(f'{len(dense_ffn)} dense FFN tensors of MoE layers not loaded (the official '
-                 f'model has no dense FFN there), e.g. {dense_ffn[0]}')
+    notes.append(
+        f'{len(dense_ffn)} dense FFN tensors of MoE layers not loaded (the official '
+        f'model has no dense FFN there), e.g. {dense_ffn[0]}'
+    )
   from_experts = [k for k in files.expert_tensors if k in entries and _layer_of(k) not in moe]
   for k in from_experts:
     del entries[k]
   if from_experts:
-    notes.append(f'{len(from_experts)} expert-file tensors of dense layers ignored (as the '
-                 f'official loader does), e.g. {from_experts[0]}')
-  orphans = [(a, b) for module, (a, b) in _modules(entries, _PEFT).items()
-             if module.endswith(('.loralib_A', '.loralib_B')) and f'{module}.weight' not in entries]
+    notes.append(
+        f'{len(from_experts)} expert-file tensors of dense layers ignored (as the '
+        f'official loader does), e.g. {from_experts[0]}'
+    )
+  orphans = [
+      (a, b)
+      for module, (a, b) in _modules(entries, _PEFT).items()
+      if module.endswith(('.loralib_A', '.loralib_B')) and f'{module}.weight' not in entries
+  ]
   for a, b in orphans:
     del entries[a], entries[b]
   if orphans:
     layers_hit = sorted({_layer_of(a) for a, _ in orphans})
-    notes.append(f'not reproducible: PEFT adapters of {len(orphans)} loralib Linears of dense '
-                 f'FFNs (layers {layers_hit}, e.g. {orphans[0][0]}) whose weights no file holds; '
-                 'the official loader initialises those Linears at random; converted as zero')
+    notes.append(
+        f'not reproducible: PEFT adapters of {len(orphans)} loralib Linears of dense '
+        f'FFNs (layers {layers_hit}, e.g. {orphans[0][0]}) whose weights no file holds; '
+        'the official loader initialises those Linears at random; converted as zero'
+    )
   if hf_config.get('lora_r') and files.deepspeed:
-    dense = [i for i in range(int(hf_config['num_hidden_layers'])) if i not in moe and
-             f'model.layers.{i}.mlp.gate_proj.loralib_A.weight' not in entries]
+    dense = [
+        i
+        for i in range(int(hf_config['num_hidden_layers']))
+        if i not in moe and f'model.layers.{i}.mlp.gate_proj.loralib_A.weight' not in entries
+    ]
     if dense:
-      notes.append(f'not reproducible: config.json lora_r={hf_config["lora_r"]} gives the dense '
-                   f'FFNs of layers {dense} loralib adapters (LlamaMLPLoRA) that no file holds; '
-                   'the official loader initialises them at random; converted as zero')
+      notes.append(
+          f'not reproducible: config.json lora_r={hf_config["lora_r"]} gives the dense '
+          f'FFNs of layers {dense} loralib adapters (LlamaMLPLoRA) that no file holds; '
+          'the official loader initialises them at random; converted as zero'
+      )
   return LazyStateDict(entries, files.state_dict.files), notes
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterScales:
   """LoRA scale (alpha / rank) of each adapter spelling present, None when absent."""
+
   peft: Optional[float]
   loralib: Optional[float]
 
@@ -337,8 +390,11 @@ def lora_scale(adapter_config: Mapping[str, Any]) -> float:
   return float(adapter_config['lora_alpha']) / float(adapter_config['r'])
 
 
-def adapter_scales(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any],
-                   adapter_config: Optional[Mapping[str, Any]]) -> AdapterScales:
+def adapter_scales(
+    state_dict: Mapping[str, Any],
+    hf_config: Mapping[str, Any],
+    adapter_config: Optional[Mapping[str, Any]],
+) -> AdapterScales:
   peft = loralib = None
   if _modules(state_dict, _PEFT):
     if adapter_config is None:
@@ -346,9 +402,11 @@ def adapter_scales(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any],
     peft = lora_scale(adapter_config)
   if _modules(state_dict, _LORALIB):
     if not hf_config.get('lora_r') or hf_config.get('lora_alpha') is None:
-      raise ValueError('the state dict has loralib adapters (*_proj_lora_A/B) but config.json '
-                       f'has no lora_r / lora_alpha (lora_r={hf_config.get("lora_r")!r}, '
-                       f'lora_alpha={hf_config.get("lora_alpha")!r})')
+      raise ValueError(
+          'the state dict has loralib adapters (*_proj_lora_A/B) but config.json '
+          f'has no lora_r / lora_alpha (lora_r={hf_config.get("lora_r")!r}, '
+          f'lora_alpha={hf_config.get("lora_alpha")!r})'
+      )
     loralib = float(hf_config['lora_alpha']) / float(hf_config['lora_r'])
   return AdapterScales(peft, loralib)
 
@@ -364,25 +422,37 @@ def _check_supported(hf_config: Mapping[str, Any], deepspeed: bool) -> List[str]
   if hf_config.get('hidden_act', 'silu') != 'silu':
     bad.append(f'hidden_act={hf_config["hidden_act"]!r}')
   if deepspeed and _has_moe(hf_config) and int(hf_config.get('num_experts_per_tok', 2)) != 2:
-    bad.append(f'num_experts_per_tok={hf_config["num_experts_per_tok"]} with DeepSpeed MoE '
-               '(top1gating weights the expert by its probability, not 1)')
+    bad.append(
+        f'num_experts_per_tok={hf_config["num_experts_per_tok"]} with DeepSpeed MoE '
+        '(top1gating weights the expert by its probability, not 1)'
+    )
   if bad:
     raise ValueError('config.json fields this converter cannot honour: ' + '; '.join(bad))
   notes = []
   theta = hf_config.get('rope_theta')
   if theta is not None and float(theta) != OFFICIAL_ROPE_THETA:
-    notes.append(f'config.json rope_theta={theta} ignored: the official LlamaRotaryEmbedding '
-                 f'always uses {OFFICIAL_ROPE_THETA:g}')
+    notes.append(
+        f'config.json rope_theta={theta} ignored: the official LlamaRotaryEmbedding '
+        f'always uses {OFFICIAL_ROPE_THETA:g}'
+    )
   for field in _TRAINING_ONLY:
     if hf_config.get(field):
-      notes.append(f'config.json {field}={hf_config[field]!r}: a training loss of the official '
-                   '8e code, not reproduced (no effect on the forward pass)')
+      notes.append(
+          f'config.json {field}={hf_config[field]!r}: a training loss of the official '
+          '8e code, not reproduced (no effect on the forward pass)'
+      )
   return notes
 
 
-def config_from_official(hf_config: Mapping[str, Any], adapter_config: Optional[Mapping[str, Any]],
-                         layers: Sequence[int], deepspeed: bool, scales: AdapterScales,
-                         keep_lora: bool, **overrides) -> Tuple[DecoderConfig, List[str]]:
+def config_from_official(
+    hf_config: Mapping[str, Any],
+    adapter_config: Optional[Mapping[str, Any]],
+    layers: Sequence[int],
+    deepspeed: bool,
+    scales: AdapterScales,
+    keep_lora: bool,
+    **overrides,
+) -> Tuple[DecoderConfig, List[str]]:
   """(our DecoderConfig, notes) from the official `config.json`.
 
   Read: the LLaMA sizes and `rms_norm_eps`; `moe` / `num_experts` / `num_experts_per_tok`; the
@@ -396,14 +466,23 @@ def config_from_official(hf_config: Mapping[str, Any], adapter_config: Optional[
   n = int(hf_config['num_hidden_layers'])
   moe = None
   if _has_moe(hf_config):
-    options = dict(num_experts=int(hf_config['num_experts']),
-                   num_experts_per_tok=int(hf_config['num_experts_per_tok']),
-                   layers=layers_pattern(layers, n))
+    options = dict(
+        num_experts=int(hf_config['num_experts']),
+        num_experts_per_tok=int(hf_config['num_experts_per_tok']),
+        layers=layers_pattern(layers, n),
+    )
     if deepspeed:  # DeepSpeed top2gating: fp32 gate, sampled 2nd expert, first-choice l_aux.
-      coef = (float(hf_config.get('aux_balance_loss_coef') or 0.0)
-              if hf_config.get('aux_balance_loss') else 0.0)
-      options.update(router_dtype='float32', second_expert_sampling=True,
-                     load_balance_loss_form='top1', load_balance_loss_coef=coef)
+      coef = (
+          float(hf_config.get('aux_balance_loss_coef') or 0.0)
+          if hf_config.get('aux_balance_loss')
+          else 0.0
+      )
+      options.update(
+          router_dtype='float32',
+          second_expert_sampling=True,
+          load_balance_loss_form='top1',
+          load_balance_loss_coef=coef,
+      )
     else:  # MoeLayer: the gate is a Linear in the model dtype; no auxiliary loss.
       options.update(router_dtype=dtype, load_balance_loss_coef=0.0)
     moe = MoEConfig(**options)
@@ -415,15 +494,23 @@ def config_from_official(hf_config: Mapping[str, Any], adapter_config: Optional[
     else:
       rank, alpha = int(hf_config['lora_r']), float(hf_config['lora_alpha'])
       dropout = float(hf_config.get('lora_dropout', 0.0) or 0.0)
-    if scales.peft is not None and scales.loralib is not None and (
-        int(hf_config['lora_r']) != rank or not np.isclose(scales.loralib, scales.peft)):
+    if (
+        scales.peft is not None
+        and scales.loralib is not None
+        and (int(hf_config['lora_r']) != rank or not np.isclose(scales.loralib, scales.peft))
+    ):
       raise ValueError(
           f'the loralib adapters (config.json lora_r={hf_config["lora_r"]}, lora_alpha='
           f'{hf_config["lora_alpha"]}) and the PEFT ones (adapter_config.json r={rank}, '
           f'lora_alpha={alpha:g}) differ in rank or scale; one LoRAConfig cannot keep both: '
-          'pass --merge_lora')
-    lora = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout,
-                      targets=('query', 'key', 'value', 'out', 'mlp', 'experts'))
+          'pass --merge_lora'
+      )
+    lora = LoRAConfig(
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        targets=('query', 'key', 'value', 'out', 'mlp', 'experts'),
+    )
   base = {k: v for k, v in hf_config.items() if k != 'num_local_experts'}
   base['rope_theta'] = OFFICIAL_ROPE_THETA
   base.pop('rope_parameters', None)
@@ -433,8 +520,10 @@ def config_from_official(hf_config: Mapping[str, Any], adapter_config: Optional[
 # ---------------------------------------------------------------------------------------------
 # Parameters.
 
-def merge_adapters(state_dict: LazyStateDict, scale: float,
-                   suffixes: Tuple[str, str] = _PEFT, only=None) -> LazyStateDict:
+
+def merge_adapters(
+    state_dict: LazyStateDict, scale: float, suffixes: Tuple[str, str] = _PEFT, only=None
+) -> LazyStateDict:
   """Every `<module>.weight` with an adapter becomes `W + scale · B·A` (computed when read).
   `only(module)` restricts which modules are merged."""
   entries = dict(state_dict.items())
@@ -446,12 +535,15 @@ def merge_adapters(state_dict: LazyStateDict, scale: float,
       raise ValueError(f'LoRA adapter {a_name} has no base weight {w_name}')
     w, a, b = entries[w_name], entries.pop(a_name), entries.pop(b_name)
     if tuple(b.shape) + tuple(a.shape) != (w.shape[0], a.shape[0], a.shape[0], w.shape[1]):
-      raise ValueError(f'{module}: LoRA shapes A {tuple(a.shape)} B {tuple(b.shape)} do not '
-                       f'fit the weight {tuple(w.shape)}')
+      raise ValueError(
+          f'{module}: LoRA shapes A {tuple(a.shape)} B {tuple(b.shape)} do not '
+          f'fit the weight {tuple(w.shape)}'
+      )
 
     def load(w=w, a=a, b=b):
-      return (np.asarray(w, np.float32) +
-              scale * (np.asarray(b, np.float32) @ np.asarray(a, np.float32)))
+      return np.asarray(w, np.float32) + scale * (
+          np.asarray(b, np.float32) @ np.asarray(a, np.float32)
+      )
 
     entries[w_name] = LazyTensor(w.shape, 'float32', load)
   return LazyStateDict(entries, state_dict.files)
@@ -476,8 +568,7 @@ def _kept_adapters(r: TensorReader, cfg: DecoderConfig) -> Dict[str, Any]:
   for i in range(cfg.num_layers):
     p = f'model.layers.{i}'
     layer: Dict[str, Any] = {'attention': {}}
-    shapes = {'query': (d, h * hd), 'key': (d, kv * hd), 'value': (d, kv * hd),
-              'out': (h * hd, d)}
+    shapes = {'query': (d, h * hd), 'key': (d, kv * hd), 'value': (d, kv * hd), 'out': (h * hd, d)}
     for module, ours in _ATTENTION.items():
       a, b = _adapter_pair(r, f'{p}.{module}', *shapes[ours], rank)
       if ours == 'out':
@@ -489,10 +580,14 @@ def _kept_adapters(r: TensorReader, cfg: DecoderConfig) -> Dict[str, Any]:
     if i in moe_layers:
       layer['moe'] = {}
       for module, ours in _MLP.items():
-        pairs = [_adapter_pair(r, f'{p}.mlp.experts.{e}.{module}', *mlp_shapes[ours], rank)
-                 for e in range(cfg.moe.num_experts)]
-        layer['moe'][ours] = {'lora_a': np.stack([a for a, _ in pairs]),
-                              'lora_b': np.stack([b for _, b in pairs])}
+        pairs = [
+            _adapter_pair(r, f'{p}.mlp.experts.{e}.{module}', *mlp_shapes[ours], rank)
+            for e in range(cfg.moe.num_experts)
+        ]
+        layer['moe'][ours] = {
+            'lora_a': np.stack([a for a, _ in pairs]),
+            'lora_b': np.stack([b for _, b in pairs]),
+        }
     else:
       layer['mlp'] = {}
       for module, ours in _MLP.items():
@@ -512,14 +607,20 @@ def _deep_update(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, An
 
 
 def _to_mixtral_name(name: str) -> str:
-  return re.sub(r'\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.',
-                lambda m: f'.experts.{m.group(1)}.{_EXPERT_TO_MIXTRAL[m.group(2)]}.', name)
+  return re.sub(
+      r'\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.',
+      lambda m: f'.experts.{m.group(1)}.{_EXPERT_TO_MIXTRAL[m.group(2)]}.',
+      name,
+  )
 
 
 def _to_official_names(message: str) -> str:
   back = {v: k for k, v in _EXPERT_TO_MIXTRAL.items()}
-  return re.sub(r'\.experts\.(\d+)\.(w1|w2|w3)\.',
-                lambda m: f'.experts.{m.group(1)}.{back[m.group(2)]}.', message)
+  return re.sub(
+      r'\.experts\.(\d+)\.(w1|w2|w3)\.',
+      lambda m: f'.experts.{m.group(1)}.{back[m.group(2)]}.',
+      message,
+  )
 
 
 def _as_peft_names(entries: Dict[str, Any]) -> Dict[str, Any]:
@@ -533,11 +634,14 @@ def _as_peft_names(entries: Dict[str, Any]) -> Dict[str, Any]:
   return out
 
 
-def params_from_official(state_dict: LazyStateDict, cfg: DecoderConfig,
-                         hf_config: Mapping[str, Any],
-                         scales: AdapterScales = AdapterScales(None, None),
-                         merge_lora: bool = True,
-                         model_cfg: Optional[UniMoEConfig] = None) -> Dict[str, Any]:
+def params_from_official(
+    state_dict: LazyStateDict,
+    cfg: DecoderConfig,
+    hf_config: Mapping[str, Any],
+    scales: AdapterScales = AdapterScales(None, None),
+    merge_lora: bool = True,
+    model_cfg: Optional[UniMoEConfig] = None,
+) -> Dict[str, Any]:
   """The `UniMoE` params tree: 'decoder', 'vision_projector' when present, and with `model_cfg`
   the towers and connectors it builds (official_towers.py).
 
@@ -558,12 +662,15 @@ def params_from_official(state_dict: LazyStateDict, cfg: DecoderConfig,
   if towers and model_cfg is None:
     names = sorted(towers)
     more = ' ...' if len(names) > 8 else ''
-    raise ValueError(f'tower/aligner tensors need the model configuration (model_cfg, from '
-                     f'official_towers.tower_configs): {names[:8]}{more}')
+    raise ValueError(
+        f'tower/aligner tensors need the model configuration (model_cfg, from '
+        f'official_towers.tower_configs): {names[:8]}{more}'
+    )
   entries: LazyStateDict = state_dict
   if scales.peft is not None:  # PEFT adapters of loralib Linears: always into those Linears.
-    entries = merge_adapters(entries, scales.peft,
-                             only=lambda m: m.endswith(('.loralib_A', '.loralib_B')))
+    entries = merge_adapters(
+        entries, scales.peft, only=lambda m: m.endswith(('.loralib_A', '.loralib_B'))
+    )
   if merge_lora:
     if scales.peft is not None:
       entries = merge_adapters(entries, scales.peft)
@@ -576,8 +683,11 @@ def params_from_official(state_dict: LazyStateDict, cfg: DecoderConfig,
     peft = set(_modules(entries, _PEFT))
     entries = merge_adapters(entries, scales.loralib, _LORALIB, only=lambda m: m in peft)
   projector_names = {k: v for k, v in entries.items() if k.startswith(PROJECTOR_PREFIX)}
-  decoder_sd = {_to_mixtral_name(k): v for k, v in entries.items()
-                if not k.startswith(PROJECTOR_PREFIX) and k not in towers}
+  decoder_sd = {
+      _to_mixtral_name(k): v
+      for k, v in entries.items()
+      if not k.startswith(PROJECTOR_PREFIX) and k not in towers
+  }
   params: Dict[str, Any] = {}
   try:
     adapters = None
@@ -586,8 +696,9 @@ def params_from_official(state_dict: LazyStateDict, cfg: DecoderConfig,
         raise ValueError('adapters are kept but the DecoderConfig has no lora')
       for scale in (scales.peft, scales.loralib):
         if scale is not None and not np.isclose(cfg.lora.scale, scale):
-          raise ValueError(f'LoRAConfig.scale {cfg.lora.scale} differs from the adapters\' '
-                           f'{scale}')
+          raise ValueError(
+              f"LoRAConfig.scale {cfg.lora.scale} differs from the adapters' " f'{scale}'
+          )
       decoder_sd = _as_peft_names(decoder_sd)
       lora_names = {k: decoder_sd.pop(k) for k in list(decoder_sd) if k.endswith(_PEFT)}
       official_lora = {_to_official_names(k): v for k, v in lora_names.items()}
@@ -601,14 +712,20 @@ def params_from_official(state_dict: LazyStateDict, cfg: DecoderConfig,
     raise ValueError(_to_official_names(str(e))) from None
   if model_cfg is not None:
     if projector_names and model_cfg.vision is None:
-      raise ValueError(f'the checkpoint holds the vision projector {sorted(projector_names)[:2]}'
-                       ' but no CLIP tower was found: pass the vision tower (--vision_tower)')
+      raise ValueError(
+          f'the checkpoint holds the vision projector {sorted(projector_names)[:2]}'
+          ' but no CLIP tower was found: pass the vision tower (--vision_tower)'
+      )
     params.update(official_towers.tower_params(towers, model_cfg))
   if projector_names or (model_cfg is not None and model_cfg.vision is not None):
-    kind = (model_cfg.vision_projector if model_cfg is not None
-            else hf_config.get('mm_projector_type', 'linear'))
+    kind = (
+        model_cfg.vision_projector
+        if model_cfg is not None
+        else hf_config.get('mm_projector_type', 'linear')
+    )
     params['vision_projector'] = clip_convert.projector_params_from_hf(
-        projector_names, kind, prefix=PROJECTOR_PREFIX)
+        projector_names, kind, prefix=PROJECTOR_PREFIX
+    )
   return params
 
 

@@ -69,13 +69,22 @@ SPEECH_QUERY_TOKENS = 'model.query_tokens'
 QFORMER_PREFIX = 'model.mm_audio_aligner.qformer.qformer.'
 AUDIO_QUERY_TOKENS = 'model.mm_audio_aligner.query_tokens'
 AUDIO_PROJECTOR_PREFIX = 'model.mm_audio_aligner.projector.'
-TOWER_PREFIXES = ('model.vision_tower.', 'model.audio_tower.', 'model.mm_audio_aligner.',
-                  SPEECH_QUERY_TOKENS)
+TOWER_PREFIXES = (
+    'model.vision_tower.',
+    'model.audio_tower.',
+    'model.mm_audio_aligner.',
+    SPEECH_QUERY_TOKENS,
+)
 # Names each built family claims; a tower tensor that no built family claims is unexpected.
 _CLAIMS = {
     'vision': (CLIP_PREFIX,),
-    'speech': (AUDIO_TOWER_PREFIX, *WHISPER_UNUSED_PREFIXES, WHISPER_ALIGNER_PREFIX,
-               SPEECH_QUERY_TOKENS, AUDIO_PROJECTOR_PREFIX),
+    'speech': (
+        AUDIO_TOWER_PREFIX,
+        *WHISPER_UNUSED_PREFIXES,
+        WHISPER_ALIGNER_PREFIX,
+        SPEECH_QUERY_TOKENS,
+        AUDIO_PROJECTOR_PREFIX,
+    ),
     'audio': (AUDIO_TOWER_PREFIX, QFORMER_PREFIX, AUDIO_QUERY_TOKENS, AUDIO_PROJECTOR_PREFIX),
 }
 # `Blip2Config()` defaults that Uni_MoE_audio/model/audio_aligner/Qformer.py hard-codes and that
@@ -90,28 +99,48 @@ def is_tower_tensor(name: str) -> bool:
 
 def _audio_family(names: Sequence[str], path: Optional[str]) -> Optional[str]:
   """'speech' (Whisper, Uni_MoE_speech), 'audio' (BEATs, Uni_MoE_audio) or None."""
-  speech = [n for n in names if n.startswith((WHISPER_ALIGNER_PREFIX, SPEECH_QUERY_TOKENS,
-                                               *WHISPER_UNUSED_PREFIXES,
-                                               AUDIO_TOWER_PREFIX + 'conv1.'))]
-  audio = [n for n in names if n.startswith((QFORMER_PREFIX, AUDIO_QUERY_TOKENS,
-                                             AUDIO_TOWER_PREFIX + 'patch_embedding.'))]
+  speech = [
+      n
+      for n in names
+      if n.startswith(
+          (
+              WHISPER_ALIGNER_PREFIX,
+              SPEECH_QUERY_TOKENS,
+              *WHISPER_UNUSED_PREFIXES,
+              AUDIO_TOWER_PREFIX + 'conv1.',
+          )
+      )
+  ]
+  audio = [
+      n
+      for n in names
+      if n.startswith((QFORMER_PREFIX, AUDIO_QUERY_TOKENS, AUDIO_TOWER_PREFIX + 'patch_embedding.'))
+  ]
   if speech and audio:
-    raise ValueError(f'the checkpoint mixes the Whisper speech modules ({speech[0]}) with the '
-                     f'BEATs / Q-Former audio ones ({audio[0]}); an official Uni-MoE v1 model '
-                     'has one or the other under model.audio_tower / model.mm_audio_aligner')
+    raise ValueError(
+        f'the checkpoint mixes the Whisper speech modules ({speech[0]}) with the '
+        f'BEATs / Q-Former audio ones ({audio[0]}); an official Uni-MoE v1 model '
+        'has one or the other under model.audio_tower / model.mm_audio_aligner'
+    )
   if speech or audio:
     return 'speech' if speech else 'audio'
   if path is not None:  # No audio tensor in the checkpoint: the tower path decides.
     return 'audio' if os.path.isfile(path) else 'speech'
   if any(n.startswith(TOWER_PREFIXES[1:]) for n in names):
-    raise ValueError('cannot tell whether the audio modules are the Whisper (speech) or the BEATs '
-                     f'(audio) variant from {sorted(n for n in names if is_tower_tensor(n))[:4]}; '
-                     'pass --audio_tower')
+    raise ValueError(
+        'cannot tell whether the audio modules are the Whisper (speech) or the BEATs '
+        f'(audio) variant from {sorted(n for n in names if is_tower_tensor(n))[:4]}; '
+        'pass --audio_tower'
+    )
   return None
 
 
-def find_tower(hf_config: Mapping[str, Any], field: str, override: Optional[str],
-               search_dirs: Sequence[Optional[str]] = ()) -> Optional[str]:
+def find_tower(
+    hf_config: Mapping[str, Any],
+    field: str,
+    override: Optional[str],
+    search_dirs: Sequence[Optional[str]] = (),
+) -> Optional[str]:
   """The local path of the tower that `config.json[field]` names (see the module docstring)."""
   if override:
     if not os.path.exists(override):
@@ -122,18 +151,24 @@ def find_tower(hf_config: Mapping[str, Any], field: str, override: Optional[str]
     return None
   candidates = [name]
   for directory in filter(None, search_dirs):
-    candidates += [os.path.join(directory, name),
-                   os.path.join(os.path.dirname(os.path.abspath(directory)),
-                                os.path.basename(os.path.normpath(name)))]
+    candidates += [
+        os.path.join(directory, name),
+        os.path.join(
+            os.path.dirname(os.path.abspath(directory)), os.path.basename(os.path.normpath(name))
+        ),
+    ]
   return next((c for c in candidates if os.path.exists(c)), None)
 
 
-def _require(path: Optional[str], field: str, flag: str, hf_config: Mapping[str, Any],
-             what: str) -> str:
+def _require(
+    path: Optional[str], field: str, flag: str, hf_config: Mapping[str, Any], what: str
+) -> str:
   if path is None:
-    raise ValueError(f'the checkpoint holds {what} tensors, but config.json {field}='
-                     f'{hf_config.get(field)!r} names no local tower to read its configuration '
-                     f'from (the official code reads it there too); pass {flag} PATH')
+    raise ValueError(
+        f'the checkpoint holds {what} tensors, but config.json {field}='
+        f'{hf_config.get(field)!r} names no local tower to read its configuration '
+        f'from (the official code reads it there too); pass {flag} PATH'
+    )
   return path
 
 
@@ -147,15 +182,17 @@ def _json(path: str, what: str) -> Dict[str, Any]:
 def _load_beats(path: str) -> Tuple[Dict[str, Any], Dict[str, ckpt_io.LazyTensor]]:
   """(cfg, official state dict) of an official BEATs `.pt` (torch imported here only)."""
   import torch  # pylint: disable=g-import-not-at-top
+
   try:
     checkpoint = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
   except RuntimeError:  # Old (non-zip) serialisation cannot be memory-mapped.
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
   if not isinstance(checkpoint, dict) or 'cfg' not in checkpoint or 'model' not in checkpoint:
     raise ValueError(f'{path}: expected an official BEATs checkpoint {{"cfg", "model"}}')
-  entries = {name: ckpt_io.LazyTensor(tuple(t.shape), str(t.dtype),
-                                      lambda t=t: t.detach().float().numpy())
-             for name, t in checkpoint['model'].items()}
+  entries = {
+      name: ckpt_io.LazyTensor(tuple(t.shape), str(t.dtype), lambda t=t: t.detach().float().numpy())
+      for name, t in checkpoint['model'].items()
+  }
   return dict(checkpoint['cfg']), entries
 
 
@@ -165,21 +202,27 @@ def _tower_weights(kind: str, path: str) -> Dict[str, ckpt_io.LazyTensor]:
   out = {}
   for name, value in ckpt_io.open_state_dict(path).items():
     if kind == 'vision':  # CLIPModel / CLIPVisionModel (transformers 5 drops `vision_model.`).
-      rest = (name[len('vision_model.'):] if name.startswith('vision_model.')
-              else name if name.startswith(_CLIP_TOP_LEVEL) else None)
+      rest = (
+          name[len('vision_model.') :]
+          if name.startswith('vision_model.')
+          else name
+          if name.startswith(_CLIP_TOP_LEVEL)
+          else None
+      )
       if rest is not None:  # The text half of a CLIPModel is not the tower.
         out[CLIP_PREFIX + rest] = value
     else:  # Whisper: only the encoder is the tower (the aligner is trained, in the checkpoint).
       for prefix in ('model.encoder.', 'encoder.'):
         if name.startswith(prefix):
-          out[AUDIO_TOWER_PREFIX + name[len(prefix):]] = value
+          out[AUDIO_TOWER_PREFIX + name[len(prefix) :]] = value
   return out
 
 
 def _shape(state_dict: Mapping[str, Any], name: str) -> Tuple[int, ...]:
   if name not in state_dict:
-    raise ValueError(f'state dict does not match the model: missing [{name!r}] (needed to '
-                     'size the Q-Former)')
+    raise ValueError(
+        f'state dict does not match the model: missing [{name!r}] (needed to ' 'size the Q-Former)'
+    )
   return tuple(state_dict[name].shape)
 
 
@@ -191,17 +234,24 @@ def _qformer_config(state_dict: Mapping[str, Any], num_query: int) -> QFormerCon
   return QFormerConfig(
       hidden_size=_shape(state_dict, f'{p}layernorm.weight')[0],
       num_layers=max(indices) + 1 if indices else 0,
-      intermediate_size=_shape(
-          state_dict, f'{p}encoder.layer.0.intermediate_query.dense.weight')[0],
+      intermediate_size=_shape(state_dict, f'{p}encoder.layer.0.intermediate_query.dense.weight')[
+          0
+      ],
       encoder_hidden_size=_shape(
-          state_dict, f'{p}encoder.layer.0.crossattention.attention.key.weight')[1],
-      num_query_tokens=num_query, **_QFORMER_FIXED)
+          state_dict, f'{p}encoder.layer.0.crossattention.attention.key.weight'
+      )[1],
+      num_query_tokens=num_query,
+      **_QFORMER_FIXED,
+  )
 
 
-def tower_configs(hf_config: Mapping[str, Any], state_dict: Mapping[str, Any],
-                  vision_tower: Optional[str] = None, audio_tower: Optional[str] = None,
-                  search_dirs: Sequence[Optional[str]] = ()
-                  ) -> Tuple[Dict[str, Any], Dict[str, ckpt_io.LazyTensor]]:
+def tower_configs(
+    hf_config: Mapping[str, Any],
+    state_dict: Mapping[str, Any],
+    vision_tower: Optional[str] = None,
+    audio_tower: Optional[str] = None,
+    search_dirs: Sequence[Optional[str]] = (),
+) -> Tuple[Dict[str, Any], Dict[str, ckpt_io.LazyTensor]]:
   """(the tower fields of a `UniMoEConfig`, tower tensors read from the tower paths).
 
   A tower is built when the checkpoint holds its tensors or its tower path is found; `{}` means
@@ -213,11 +263,14 @@ def tower_configs(hf_config: Mapping[str, Any], state_dict: Mapping[str, Any],
   extra: Dict[str, ckpt_io.LazyTensor] = {}
   vision_path = find_tower(hf_config, 'mm_vision_tower', vision_tower, search_dirs)
   if vision_path or any(n.startswith('model.vision_tower.') for n in names):
-    path = _require(vision_path, 'mm_vision_tower', '--vision_tower', hf_config,
-                    'model.vision_tower.*')
+    path = _require(
+        vision_path, 'mm_vision_tower', '--vision_tower', hf_config, 'model.vision_tower.*'
+    )
     fields['vision'] = convert_clip.config_from_hf(
-        _json(path, 'vision tower'), select_layer=int(hf_config.get('mm_vision_select_layer', -1)),
-        select_feature=hf_config.get('mm_vision_select_feature', 'patch'))
+        _json(path, 'vision tower'),
+        select_layer=int(hf_config.get('mm_vision_select_layer', -1)),
+        select_feature=hf_config.get('mm_vision_select_feature', 'patch'),
+    )
     fields['vision_projector'] = hf_config.get('mm_projector_type', 'linear')
     if not any(n.startswith('model.vision_tower.') for n in names):
       extra.update(_tower_weights('vision', path))
@@ -225,37 +278,52 @@ def tower_configs(hf_config: Mapping[str, Any], state_dict: Mapping[str, Any],
   family = _audio_family(names, audio_path)
   if family is None:
     return fields, extra
-  path = _require(audio_path, 'mm_audio_tower', '--audio_tower', hf_config,
-                  'model.audio_tower.* / model.mm_audio_aligner.*')
+  path = _require(
+      audio_path,
+      'mm_audio_tower',
+      '--audio_tower',
+      hf_config,
+      'model.audio_tower.* / model.mm_audio_aligner.*',
+  )
   if hf_config.get('mm_audio_select_layer', 0) != 0:
     # Index 0 of the tower's output tuple is its last hidden state (Whisper: after the final
     # LayerNorm; BEATs: the encoder output), the only one our encoders return.
-    raise ValueError(f"config.json mm_audio_select_layer={hf_config['mm_audio_select_layer']}: "
-                     'only 0 (the last hidden state) is supported')
+    raise ValueError(
+        f"config.json mm_audio_select_layer={hf_config['mm_audio_select_layer']}: "
+        'only 0 (the last hidden state) is supported'
+    )
   num_query = int(hf_config.get('query_tokens_size', 50))
   projector = hf_config.get('audio_projector_type', 'linear')
   has_tower = any(n.startswith(AUDIO_TOWER_PREFIX) for n in names)
   if family == 'speech':
     if os.path.isfile(path):
-      raise ValueError(f'the checkpoint holds the Whisper speech modules, but the audio tower '
-                       f'{path} is a file, not a Whisper directory')
+      raise ValueError(
+          f'the checkpoint holds the Whisper speech modules, but the audio tower '
+          f'{path} is a file, not a Whisper directory'
+      )
     whisper = _json(path, 'audio tower')
-    fields.update(speech_encoder=convert_whisper.encoder_config_from_hf(whisper),
-                  speech_aligner=convert_whisper.aligner_config_from_hf(
-                      whisper, num_query_tokens=num_query),
-                  speech_projector=projector)
+    fields.update(
+        speech_encoder=convert_whisper.encoder_config_from_hf(whisper),
+        speech_aligner=convert_whisper.aligner_config_from_hf(whisper, num_query_tokens=num_query),
+        speech_projector=projector,
+    )
     if not has_tower:
       extra.update(_tower_weights('speech', path))
   else:
     if not os.path.isfile(path):
-      raise ValueError(f'the checkpoint holds the BEATs audio modules, but the audio tower {path} '
-                       'is not an official BEATs .pt file')
+      raise ValueError(
+          f'the checkpoint holds the BEATs audio modules, but the audio tower {path} '
+          'is not an official BEATs .pt file'
+      )
     cfg, weights = _load_beats(path)
     # audio_padding 'official': edge-padded waves, BEATs padding mask, unmasked Q-Former, as
     # Uni_MoE_audio's loaders and aligner do (model.UniMoEConfig.audio_padding).
-    fields.update(audio_encoder=beats_config_from_official(cfg),
-                  audio_qformer=_qformer_config(state_dict, num_query), audio_projector=projector,
-                  audio_padding='official')
+    fields.update(
+        audio_encoder=beats_config_from_official(cfg),
+        audio_qformer=_qformer_config(state_dict, num_query),
+        audio_projector=projector,
+        audio_padding='official',
+    )
     if not has_tower:
       extra.update({AUDIO_TOWER_PREFIX + k: v for k, v in weights.items()})
   return fields, extra
@@ -272,9 +340,15 @@ def tower_params(state_dict: Mapping[str, Any], config: UniMoEConfig) -> Dict[st
   (`is_tower_tensor` names; others are ignored). Raises one ValueError naming every missing,
   unexpected or wrong-shaped tensor by its official name."""
   sd = {k: v for k, v in state_dict.items() if is_tower_tensor(k)}
-  built = [m for m, on in (('vision', config.vision is not None),
-                           ('speech', config.speech_encoder is not None),
-                           ('audio', config.audio_encoder is not None)) if on]
+  built = [
+      m
+      for m, on in (
+          ('vision', config.vision is not None),
+          ('speech', config.speech_encoder is not None),
+          ('audio', config.audio_encoder is not None),
+      )
+      if on
+  ]
   claimed = tuple(p for m in built for p in _CLAIMS[m])
   unexpected = sorted(k for k in sd if not k.startswith(claimed))
   errors: List[str] = []
@@ -282,22 +356,41 @@ def tower_params(state_dict: Mapping[str, Any], config: UniMoEConfig) -> Dict[st
     errors.append(f'unexpected {unexpected}')
   steps = []
   if config.vision is not None:
-    steps.append(('vision_tower', lambda: convert_clip.params_from_hf(sd, config.vision,
-                                                                      prefix=CLIP_PREFIX)))
+    steps.append(
+        ('vision_tower', lambda: convert_clip.params_from_hf(sd, config.vision, prefix=CLIP_PREFIX))
+    )
   if config.speech_encoder is not None:
     steps += [
-        ('speech_encoder', lambda: convert_whisper.encoder_params_from_hf(
-            sd, config.speech_encoder, prefix=AUDIO_TOWER_PREFIX)),
+        (
+            'speech_encoder',
+            lambda: convert_whisper.encoder_params_from_hf(
+                sd, config.speech_encoder, prefix=AUDIO_TOWER_PREFIX
+            ),
+        ),
         ('speech_aligner', lambda: _speech_aligner(sd, config)),
-        ('speech_projector', lambda: convert_clip.projector_params_from_hf(
-            sd, config.speech_projector, prefix=AUDIO_PROJECTOR_PREFIX))]
+        (
+            'speech_projector',
+            lambda: convert_clip.projector_params_from_hf(
+                sd, config.speech_projector, prefix=AUDIO_PROJECTOR_PREFIX
+            ),
+        ),
+    ]
   if config.audio_encoder is not None:
     steps += [
         ('audio_encoder', lambda: _beats(sd, config)),
-        ('audio_qformer', lambda: convert_qformer.params_from_hf(
-            sd, config.audio_qformer, prefix=QFORMER_PREFIX, query_tokens=AUDIO_QUERY_TOKENS)),
-        ('audio_projector', lambda: convert_clip.projector_params_from_hf(
-            sd, config.audio_projector, prefix=AUDIO_PROJECTOR_PREFIX))]
+        (
+            'audio_qformer',
+            lambda: convert_qformer.params_from_hf(
+                sd, config.audio_qformer, prefix=QFORMER_PREFIX, query_tokens=AUDIO_QUERY_TOKENS
+            ),
+        ),
+        (
+            'audio_projector',
+            lambda: convert_clip.projector_params_from_hf(
+                sd, config.audio_projector, prefix=AUDIO_PROJECTOR_PREFIX
+            ),
+        ),
+    ]
   return convert_parts(steps, 'official tower/aligner tensors do not match the model', errors)
 
 
@@ -306,19 +399,23 @@ def _speech_aligner(sd: Mapping[str, Any], config: UniMoEConfig) -> Dict[str, An
   r = TensorReader({k: v for k, v in sd.items() if k == SPEECH_QUERY_TOKENS})
   queries = r.pop(SPEECH_QUERY_TOKENS, (1, cfg.num_query_tokens, cfg.d_model))
   r.finish()  # Names model.query_tokens when it is missing.
-  return convert_whisper.aligner_params_from_hf(sd, cfg, prefix=WHISPER_ALIGNER_PREFIX,
-                                                query_tokens=queries)
+  return convert_whisper.aligner_params_from_hf(
+      sd, cfg, prefix=WHISPER_ALIGNER_PREFIX, query_tokens=queries
+  )
 
 
 def _beats(sd: Mapping[str, Any], config: UniMoEConfig) -> Dict[str, Any]:
-  stripped = {k[len(AUDIO_TOWER_PREFIX):]: v for k, v in sd.items()
-              if k.startswith(AUDIO_TOWER_PREFIX)}
+  stripped = {
+      k[len(AUDIO_TOWER_PREFIX) :]: v for k, v in sd.items() if k.startswith(AUDIO_TOWER_PREFIX)
+  }
   head = sorted(k for k in stripped if k in convert_beats.TRAINING_ONLY_TENSORS)
   if head:
     # A fine-tuned BEATs: with its AudioSet classifier the official tower returns class
     # probabilities instead of tokens (BEATs.extract_features), which we do not reproduce.
-    raise ValueError(f'{[AUDIO_TOWER_PREFIX + k for k in head]}: a fine-tuned BEATs with its '
-                     'AudioSet classifier; Uni-MoE uses the pre-trained encoder (no predictor)')
+    raise ValueError(
+        f'{[AUDIO_TOWER_PREFIX + k for k in head]}: a fine-tuned BEATs with its '
+        'AudioSet classifier; Uni-MoE uses the pre-trained encoder (no predictor)'
+    )
   try:
     return convert_beats.params_from_official(stripped, config.audio_encoder)
   except ValueError as e:

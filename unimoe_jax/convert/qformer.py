@@ -21,12 +21,18 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from unimoe_jax.connectors.qformer import QFormerConfig
-from unimoe_jax.convert.common import (TensorReader, TensorWriter, hf_activation, linear_kernel,
-                                      ours_activation)
+from unimoe_jax.convert.common import (
+    TensorReader,
+    TensorWriter,
+    hf_activation,
+    linear_kernel,
+    ours_activation,
+)
 
 
-def config_from_hf(hf: Mapping[str, Any], num_query_tokens: Optional[int] = None,
-                   **overrides) -> QFormerConfig:
+def config_from_hf(
+    hf: Mapping[str, Any], num_query_tokens: Optional[int] = None, **overrides
+) -> QFormerConfig:
   """A QFormerConfig from `Blip2QFormerConfig.to_dict()` (or a whole `Blip2Config` dict, whose
   `qformer_config` and `num_query_tokens` are used). `num_query_tokens` is required for a bare
   Q-Former config, which does not know it (Uni-MoE audio: 50)."""
@@ -35,15 +41,21 @@ def config_from_hf(hf: Mapping[str, Any], num_query_tokens: Optional[int] = None
       num_query_tokens = hf.get('num_query_tokens')
     hf = hf['qformer_config']
   if num_query_tokens is None:
-    raise ValueError('config_from_hf: num_query_tokens is required for a Q-Former config '
-                     '(it is a field of the enclosing BLIP-2 / Uni-MoE config)')
+    raise ValueError(
+        'config_from_hf: num_query_tokens is required for a Q-Former config '
+        '(it is a field of the enclosing BLIP-2 / Uni-MoE config)'
+    )
   fields = dict(
-      hidden_size=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
-      num_heads=hf['num_attention_heads'], intermediate_size=hf['intermediate_size'],
+      hidden_size=hf['hidden_size'],
+      num_layers=hf['num_hidden_layers'],
+      num_heads=hf['num_attention_heads'],
+      intermediate_size=hf['intermediate_size'],
       cross_attention_frequency=hf.get('cross_attention_frequency', 2),
-      encoder_hidden_size=hf['encoder_hidden_size'], num_query_tokens=int(num_query_tokens),
+      encoder_hidden_size=hf['encoder_hidden_size'],
+      num_query_tokens=int(num_query_tokens),
       layer_norm_eps=hf.get('layer_norm_eps', 1e-12),
-      act=ours_activation(hf.get('hidden_act', 'gelu'), 'config_from_hf: hidden_act'))
+      act=ours_activation(hf.get('hidden_act', 'gelu'), 'config_from_hf: hidden_act'),
+  )
   fields.update(overrides)
   return QFormerConfig(**fields)
 
@@ -75,8 +87,13 @@ def _query_token_candidates(prefix: str):
   return ['.'.join(parts[:n] + ['query_tokens']) for n in range(len(parts), -1, -1)]
 
 
-def _pop_query_tokens(r: TensorReader, state_dict: Mapping[str, np.ndarray], prefix: str,
-                      query_tokens: Union[None, str, np.ndarray], cfg: QFormerConfig):
+def _pop_query_tokens(
+    r: TensorReader,
+    state_dict: Mapping[str, np.ndarray],
+    prefix: str,
+    query_tokens: Union[None, str, np.ndarray],
+    cfg: QFormerConfig,
+):
   n, d = cfg.num_query_tokens, cfg.hidden_size
   if query_tokens is None or isinstance(query_tokens, str):
     names = [query_tokens] if query_tokens else _query_token_candidates(prefix)
@@ -96,9 +113,12 @@ def _pop_query_tokens(r: TensorReader, state_dict: Mapping[str, np.ndarray], pre
   return value.reshape(n, d)
 
 
-def params_from_hf(state_dict: Mapping[str, np.ndarray], config: QFormerConfig,
-                   prefix: str = '',
-                   query_tokens: Union[None, str, np.ndarray] = None) -> Dict[str, Any]:
+def params_from_hf(
+    state_dict: Mapping[str, np.ndarray],
+    config: QFormerConfig,
+    prefix: str = '',
+    query_tokens: Union[None, str, np.ndarray] = None,
+) -> Dict[str, Any]:
   """Converts a `Blip2QFormerModel` state dict into `QFormer` params.
 
   Args:
@@ -118,20 +138,30 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], config: QFormerConfig,
     prefix += '.'
   r = TensorReader({k: v for k, v in state_dict.items() if k.startswith(prefix)})
   cfg = config
-  d, h, hd, f, e = (cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size,
-                    cfg.encoder_hidden_size)
+  d, h, hd, f, e = (
+      cfg.hidden_size,
+      cfg.num_heads,
+      cfg.head_dim,
+      cfg.intermediate_size,
+      cfg.encoder_hidden_size,
+  )
 
   def linear(name, in_dim, out_dim):
-    return (linear_kernel(r.pop(f'{name}.weight', (out_dim, in_dim))),
-            r.pop(f'{name}.bias', (out_dim,)))
+    return (
+        linear_kernel(r.pop(f'{name}.weight', (out_dim, in_dim))),
+        r.pop(f'{name}.bias', (out_dim,)),
+    )
 
   def layer_norm(name):
     return {'scale': r.pop(f'{name}.weight', (d,)), 'bias': r.pop(f'{name}.bias', (d,))}
 
   def attention(name, kv_dim):
     out = {}
-    for ours, theirs, in_dim in (('query', 'query', d), ('key', 'key', kv_dim),
-                                 ('value', 'value', kv_dim)):
+    for ours, theirs, in_dim in (
+        ('query', 'query', d),
+        ('key', 'key', kv_dim),
+        ('value', 'value', kv_dim),
+    ):
       kernel, bias = linear(f'{name}.attention.{theirs}', in_dim, h * hd)
       out[ours] = {'kernel': kernel.reshape(in_dim, h, hd), 'bias': bias.reshape(h, hd)}
     kernel, bias = linear(f'{name}.output.dense', h * hd, d)
@@ -147,12 +177,13 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], config: QFormerConfig,
     layer: Dict[str, Any] = {}
     layer['self_attention'], layer['self_attention_norm'] = attention(f'{p}.attention', d)
     if cfg.has_cross_attention(i):
-      layer['cross_attention'], layer['cross_attention_norm'] = attention(
-          f'{p}.crossattention', e)
+      layer['cross_attention'], layer['cross_attention_norm'] = attention(f'{p}.crossattention', e)
     fc1_kernel, fc1_bias = linear(f'{p}.intermediate_query.dense', d, f)
     fc2_kernel, fc2_bias = linear(f'{p}.output_query.dense', f, d)
-    layer['mlp'] = {'fc1': {'kernel': fc1_kernel, 'bias': fc1_bias},
-                    'fc2': {'kernel': fc2_kernel, 'bias': fc2_bias}}
+    layer['mlp'] = {
+        'fc1': {'kernel': fc1_kernel, 'bias': fc1_bias},
+        'fc2': {'kernel': fc2_kernel, 'bias': fc2_bias},
+    }
     layer['mlp_norm'] = layer_norm(f'{p}.output_query.LayerNorm')
     # The text FFN: shape-checked so a mis-sized checkpoint still fails, then dropped.
     if r.has(f'{p}.intermediate.dense.weight'):
@@ -164,8 +195,9 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], config: QFormerConfig,
   return params
 
 
-def params_to_hf(params: Mapping[str, Any], config: QFormerConfig,
-                 prefix: str = '') -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+def params_to_hf(
+    params: Mapping[str, Any], config: QFormerConfig, prefix: str = ''
+) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
   """`params_from_hf`'s inverse: `QFormer` params -> a `Blip2QFormerModel` state dict.
 
   Args:
@@ -186,8 +218,13 @@ def params_to_hf(params: Mapping[str, Any], config: QFormerConfig,
   if prefix and not prefix.endswith('.'):
     prefix += '.'
   cfg = config
-  d, h, hd, f, e = (cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size,
-                    cfg.encoder_hidden_size)
+  d, h, hd, f, e = (
+      cfg.hidden_size,
+      cfg.num_heads,
+      cfg.head_dim,
+      cfg.intermediate_size,
+      cfg.encoder_hidden_size,
+  )
   w = TensorWriter()
 
   def attention(name, p, norm, kv_dim):
@@ -205,8 +242,7 @@ def params_to_hf(params: Mapping[str, Any], config: QFormerConfig,
     layer = params[f'layers_{i}']
     attention(f'{p}.attention', layer['self_attention'], layer['self_attention_norm'], d)
     if cfg.has_cross_attention(i):
-      attention(f'{p}.crossattention', layer['cross_attention'], layer['cross_attention_norm'],
-                e)
+      attention(f'{p}.crossattention', layer['cross_attention'], layer['cross_attention_norm'], e)
     w.linear(f'{p}.intermediate_query.dense', layer['mlp']['fc1'], (d,), (f,))
     w.linear(f'{p}.output_query.dense', layer['mlp']['fc2'], (f,), (d,))
     w.layer_norm(f'{p}.output_query.LayerNorm', layer['mlp_norm'], d)

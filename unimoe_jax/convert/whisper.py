@@ -20,8 +20,13 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from unimoe_jax.connectors.whisper_aligner import WhisperAlignerConfig
-from unimoe_jax.convert.common import (TensorReader, TensorWriter, hf_activation,
-                                      linear_kernel, ours_activation)
+from unimoe_jax.convert.common import (
+    TensorReader,
+    TensorWriter,
+    hf_activation,
+    linear_kernel,
+    ours_activation,
+)
 from unimoe_jax.encoders.whisper import WhisperEncoderConfig, sinusoids
 
 # A checkpoint's fixed encoder positions are Whisper's sinusoids up to float32 rounding of the
@@ -32,67 +37,101 @@ _SINUSOID_ATOL = 1e-3
 def encoder_config_from_hf(hf: Mapping[str, Any], **overrides) -> WhisperEncoderConfig:
   """A WhisperEncoderConfig from a Hugging Face `WhisperConfig.to_dict()`."""
   fields = dict(
-      num_mel_bins=hf['num_mel_bins'], d_model=hf['d_model'], num_layers=hf['encoder_layers'],
-      num_heads=hf['encoder_attention_heads'], ffn_dim=hf['encoder_ffn_dim'],
+      num_mel_bins=hf['num_mel_bins'],
+      d_model=hf['d_model'],
+      num_layers=hf['encoder_layers'],
+      num_heads=hf['encoder_attention_heads'],
+      ffn_dim=hf['encoder_ffn_dim'],
       max_source_positions=hf['max_source_positions'],
-      act=ours_activation(hf.get('activation_function', 'gelu'), 'activation_function'))
+      act=ours_activation(hf.get('activation_function', 'gelu'), 'activation_function'),
+  )
   fields.update(overrides)
   return WhisperEncoderConfig(**fields)
 
 
-def aligner_config_from_hf(hf: Mapping[str, Any], num_query_tokens: int = 50,
-                           **overrides) -> WhisperAlignerConfig:
+def aligner_config_from_hf(
+    hf: Mapping[str, Any], num_query_tokens: int = 50, **overrides
+) -> WhisperAlignerConfig:
   """A WhisperAlignerConfig from a Hugging Face `WhisperConfig.to_dict()` (decoder sizes)."""
   fields = dict(
-      num_query_tokens=num_query_tokens, d_model=hf['d_model'], num_layers=hf['decoder_layers'],
-      num_heads=hf['decoder_attention_heads'], ffn_dim=hf['decoder_ffn_dim'],
+      num_query_tokens=num_query_tokens,
+      d_model=hf['d_model'],
+      num_layers=hf['decoder_layers'],
+      num_heads=hf['decoder_attention_heads'],
+      ffn_dim=hf['decoder_ffn_dim'],
       max_target_positions=hf['max_target_positions'],
-      act=ours_activation(hf.get('activation_function', 'gelu'), 'activation_function'))
+      act=ours_activation(hf.get('activation_function', 'gelu'), 'activation_function'),
+  )
   fields.update(overrides)
   return WhisperAlignerConfig(**fields)
 
 
 # Whisper's multilingual vocabulary and special ids (openai/whisper-*; HF WhisperConfig). The
 # aligner never embeds a token, but a WhisperModel directory needs them to be built.
-_WHISPER_TOKEN_IDS = dict(vocab_size=51865, pad_token_id=50257, bos_token_id=50257,
-                          eos_token_id=50257, decoder_start_token_id=50258)
+_WHISPER_TOKEN_IDS = dict(
+    vocab_size=51865,
+    pad_token_id=50257,
+    bos_token_id=50257,
+    eos_token_id=50257,
+    decoder_start_token_id=50258,
+)
 _HF_LAYER_NORM_EPS = 1e-5  # WhisperEncoderLayer / WhisperDecoderLayer use nn.LayerNorm's default.
 
 
-def config_to_hf(encoder: WhisperEncoderConfig,
-                 aligner: Optional[WhisperAlignerConfig] = None) -> Dict[str, Any]:
+def config_to_hf(
+    encoder: WhisperEncoderConfig, aligner: Optional[WhisperAlignerConfig] = None
+) -> Dict[str, Any]:
   """A `WhisperConfig.to_dict()`-style dict for a WhisperModel holding `encoder` and, when
   given, `aligner` as its decoder (else a decoder of the encoder's sizes, which nothing reads).
   Raises ValueError for what a WhisperConfig cannot say: a LayerNorm epsilon other than 1e-5,
   a non-causal aligner, different activations or widths in the two halves."""
   for name, cfg in (('WhisperEncoderConfig', encoder), ('WhisperAlignerConfig', aligner)):
     if cfg is not None and cfg.layer_norm_eps != _HF_LAYER_NORM_EPS:
-      raise ValueError(f'{name}.layer_norm_eps={cfg.layer_norm_eps}: Hugging Face Whisper '
-                       f'always uses {_HF_LAYER_NORM_EPS}')
+      raise ValueError(
+          f'{name}.layer_norm_eps={cfg.layer_norm_eps}: Hugging Face Whisper '
+          f'always uses {_HF_LAYER_NORM_EPS}'
+      )
   if aligner is not None:
     if not aligner.causal:
-      raise ValueError('WhisperAlignerConfig.causal=False: a Hugging Face WhisperDecoder is '
-                       'always causal')
+      raise ValueError(
+          'WhisperAlignerConfig.causal=False: a Hugging Face WhisperDecoder is ' 'always causal'
+      )
     if aligner.act != encoder.act or aligner.d_model != encoder.d_model:
-      raise ValueError(f'WhisperAlignerConfig (act={aligner.act!r}, d_model={aligner.d_model}) '
-                       f'and WhisperEncoderConfig (act={encoder.act!r}, d_model='
-                       f'{encoder.d_model}) must agree: one WhisperConfig holds both')
-  decoder = dict(decoder_layers=encoder.num_layers, decoder_attention_heads=encoder.num_heads,
-                 decoder_ffn_dim=encoder.ffn_dim, max_target_positions=448)
+      raise ValueError(
+          f'WhisperAlignerConfig (act={aligner.act!r}, d_model={aligner.d_model}) '
+          f'and WhisperEncoderConfig (act={encoder.act!r}, d_model='
+          f'{encoder.d_model}) must agree: one WhisperConfig holds both'
+      )
+  decoder = dict(
+      decoder_layers=encoder.num_layers,
+      decoder_attention_heads=encoder.num_heads,
+      decoder_ffn_dim=encoder.ffn_dim,
+      max_target_positions=448,
+  )
   if aligner is not None:
-    decoder = dict(decoder_layers=aligner.num_layers, decoder_attention_heads=aligner.num_heads,
-                   decoder_ffn_dim=aligner.ffn_dim,
-                   max_target_positions=aligner.max_target_positions)
-  return dict(model_type='whisper', num_mel_bins=encoder.num_mel_bins, d_model=encoder.d_model,
-              encoder_layers=encoder.num_layers, encoder_attention_heads=encoder.num_heads,
-              encoder_ffn_dim=encoder.ffn_dim,
-              max_source_positions=encoder.max_source_positions,
-              activation_function=hf_activation(encoder.act, 'WhisperEncoderConfig.act'),
-              **decoder, **_WHISPER_TOKEN_IDS)
+    decoder = dict(
+        decoder_layers=aligner.num_layers,
+        decoder_attention_heads=aligner.num_heads,
+        decoder_ffn_dim=aligner.ffn_dim,
+        max_target_positions=aligner.max_target_positions,
+    )
+  return dict(
+      model_type='whisper',
+      num_mel_bins=encoder.num_mel_bins,
+      d_model=encoder.d_model,
+      encoder_layers=encoder.num_layers,
+      encoder_attention_heads=encoder.num_heads,
+      encoder_ffn_dim=encoder.ffn_dim,
+      max_source_positions=encoder.max_source_positions,
+      activation_function=hf_activation(encoder.act, 'WhisperEncoderConfig.act'),
+      **decoder,
+      **_WHISPER_TOKEN_IDS,
+  )
 
 
-def _choose_prefix(state_dict: Mapping[str, np.ndarray], prefix: Optional[str],
-                   candidates: Sequence[str]) -> str:
+def _choose_prefix(
+    state_dict: Mapping[str, np.ndarray], prefix: Optional[str], candidates: Sequence[str]
+) -> str:
   if prefix is not None:
     if not any(k.startswith(prefix) for k in state_dict):
       raise ValueError(f'no tensor in the state dict starts with prefix {prefix!r}')
@@ -100,8 +139,9 @@ def _choose_prefix(state_dict: Mapping[str, np.ndarray], prefix: Optional[str],
   for candidate in candidates:
     if any(k.startswith(candidate) for k in state_dict):
       return candidate
-  raise ValueError(f'no tensor in the state dict starts with any of {list(candidates)}; '
-                   'pass `prefix`')
+  raise ValueError(
+      f'no tensor in the state dict starts with any of {list(candidates)}; ' 'pass `prefix`'
+  )
 
 
 def _reader(state_dict: Mapping[str, np.ndarray], prefix: str) -> TensorReader:
@@ -113,8 +153,10 @@ def _layer_norm(r: TensorReader, name: str, d: int) -> Dict[str, np.ndarray]:
 
 
 def _dense(r: TensorReader, name: str, d_in: int, d_out: int) -> Dict[str, np.ndarray]:
-  return {'kernel': linear_kernel(r.pop(f'{name}.weight', (d_out, d_in))),
-          'bias': r.pop(f'{name}.bias', (d_out,))}
+  return {
+      'kernel': linear_kernel(r.pop(f'{name}.weight', (d_out, d_in))),
+      'bias': r.pop(f'{name}.bias', (d_out,)),
+  }
 
 
 def _attention(r: TensorReader, name: str, d: int, heads: int) -> Dict[str, Any]:
@@ -123,11 +165,15 @@ def _attention(r: TensorReader, name: str, d: int, heads: int) -> Dict[str, Any]
   proj = lambda p: linear_kernel(r.pop(f'{name}.{p}.weight', (d, d)))  # pylint: disable=g-long-lambda
   bias = lambda p: r.pop(f'{name}.{p}.bias', (d,))  # pylint: disable=g-long-lambda
   return {
-      'query': {'kernel': proj('q_proj').reshape(d, heads, hd),
-                'bias': bias('q_proj').reshape(heads, hd)},
+      'query': {
+          'kernel': proj('q_proj').reshape(d, heads, hd),
+          'bias': bias('q_proj').reshape(heads, hd),
+      },
       'key': {'kernel': proj('k_proj').reshape(d, heads, hd)},
-      'value': {'kernel': proj('v_proj').reshape(d, heads, hd),
-                'bias': bias('v_proj').reshape(heads, hd)},
+      'value': {
+          'kernel': proj('v_proj').reshape(d, heads, hd),
+          'bias': bias('v_proj').reshape(heads, hd),
+      },
       'out': {'kernel': proj('out_proj').reshape(heads, hd, d), 'bias': bias('out_proj')},
   }
 
@@ -139,12 +185,15 @@ def _mlp(r: TensorReader, p: str, d: int, f: int) -> Dict[str, Any]:
 def _conv(r: TensorReader, name: str, c_in: int, c_out: int) -> Dict[str, np.ndarray]:
   """torch Conv1d weight `[out, in, taps]` -> Dense kernel `[taps, in, out]`."""
   w = r.pop(f'{name}.weight', (c_out, c_in, 3))
-  return {'kernel': np.ascontiguousarray(w.transpose(2, 1, 0)),
-          'bias': r.pop(f'{name}.bias', (c_out,))}
+  return {
+      'kernel': np.ascontiguousarray(w.transpose(2, 1, 0)),
+      'bias': r.pop(f'{name}.bias', (c_out,)),
+  }
 
 
-def encoder_params_from_hf(state_dict: Mapping[str, np.ndarray], config: WhisperEncoderConfig,
-                           prefix: Optional[str] = None) -> Dict[str, Any]:
+def encoder_params_from_hf(
+    state_dict: Mapping[str, np.ndarray], config: WhisperEncoderConfig, prefix: Optional[str] = None
+) -> Dict[str, Any]:
   """The `WhisperEncoder` params from the tensors under `prefix` (see the module docstring).
 
   The checkpoint's `embed_positions.weight` is checked against the sinusoids the module computes
@@ -163,8 +212,10 @@ def encoder_params_from_hf(state_dict: Mapping[str, np.ndarray], config: Whisper
   if name not in r.missing:
     err = float(np.max(np.abs(table - sinusoids(config.max_source_positions, d))))
     if err > _SINUSOID_ATOL:
-      raise ValueError(f'{name} is not Whisper\'s fixed sinusoid table (max abs difference '
-                       f'{err:.3g}); WhisperEncoder computes its positions and cannot load it')
+      raise ValueError(
+          f"{name} is not Whisper's fixed sinusoid table (max abs difference "
+          f'{err:.3g}); WhisperEncoder computes its positions and cannot load it'
+      )
   for i in range(config.num_layers):
     p = f'{prefix}layers.{i}'
     params[f'layers_{i}'] = {
@@ -177,9 +228,14 @@ def encoder_params_from_hf(state_dict: Mapping[str, np.ndarray], config: Whisper
   return params
 
 
-def aligner_params_from_hf(state_dict: Mapping[str, np.ndarray], config: WhisperAlignerConfig,
-                           prefix: Optional[str] = None, query_tokens: Optional[Any] = None,
-                           seed: int = 0, init_std: float = 0.02) -> Dict[str, Any]:
+def aligner_params_from_hf(
+    state_dict: Mapping[str, np.ndarray],
+    config: WhisperAlignerConfig,
+    prefix: Optional[str] = None,
+    query_tokens: Optional[Any] = None,
+    seed: int = 0,
+    init_std: float = 0.02,
+) -> Dict[str, Any]:
   """The `WhisperAligner` params from the Whisper decoder tensors under `prefix`.
 
   The decoder's token embedding (`embed_tokens.weight`) is deliberately dropped: the aligner feeds
@@ -199,12 +255,15 @@ def aligner_params_from_hf(state_dict: Mapping[str, np.ndarray], config: Whisper
     if queries.ndim == 3 and queries.shape[0] == 1:
       queries = queries[0]
     if queries.shape != (n, d):
-      raise ValueError(f'query_tokens: expected shape {(n, d)} (or {(1, n, d)}), got '
-                       f'{np.shape(query_tokens)}')
+      raise ValueError(
+          f'query_tokens: expected shape {(n, d)} (or {(1, n, d)}), got '
+          f'{np.shape(query_tokens)}'
+      )
   params: Dict[str, Any] = {
       'query_tokens': queries,
-      'position_embedding': r.pop(f'{prefix}embed_positions.weight',
-                                  (config.max_target_positions, d)),
+      'position_embedding': r.pop(
+          f'{prefix}embed_positions.weight', (config.max_target_positions, d)
+      ),
       'final_norm': _layer_norm(r, f'{prefix}layer_norm', d),
   }
   for i in range(config.num_layers):
@@ -242,8 +301,9 @@ def _conv_to_hf(w: TensorWriter, name: str, p: Mapping[str, Any], c_in: int, c_o
   w.put(f'{name}.bias', p['bias'], (c_out,))
 
 
-def encoder_params_to_hf(params: Mapping[str, Any], config: WhisperEncoderConfig,
-                         prefix: str = 'model.encoder.') -> Dict[str, np.ndarray]:
+def encoder_params_to_hf(
+    params: Mapping[str, Any], config: WhisperEncoderConfig, prefix: str = 'model.encoder.'
+) -> Dict[str, np.ndarray]:
   """`encoder_params_from_hf`'s inverse: `WhisperEncoder` params -> the HF tensors under
   `prefix` ('model.encoder.' is WhisperForConditionalGeneration's and a saved WhisperModel's
   layout), with `embed_positions.weight` = `sinusoids(max_source_positions, d_model)`."""
@@ -251,8 +311,11 @@ def encoder_params_to_hf(params: Mapping[str, Any], config: WhisperEncoderConfig
   d, f, h = config.d_model, config.ffn_dim, config.num_heads
   _conv_to_hf(w, f'{prefix}conv1', params['conv1'], config.num_mel_bins, d)
   _conv_to_hf(w, f'{prefix}conv2', params['conv2'], d, d)
-  w.put(f'{prefix}embed_positions.weight', sinusoids(config.max_source_positions, d),
-        (config.max_source_positions, d))
+  w.put(
+      f'{prefix}embed_positions.weight',
+      sinusoids(config.max_source_positions, d),
+      (config.max_source_positions, d),
+  )
   for i in range(config.num_layers):
     p = f'{prefix}layers.{i}'
     layer = params[f'layers_{i}']
@@ -264,9 +327,9 @@ def encoder_params_to_hf(params: Mapping[str, Any], config: WhisperEncoderConfig
   return w.state_dict
 
 
-def aligner_params_to_hf(params: Mapping[str, Any], config: WhisperAlignerConfig,
-                         prefix: str = 'model.decoder.') -> Tuple[Dict[str, np.ndarray],
-                                                                  np.ndarray]:
+def aligner_params_to_hf(
+    params: Mapping[str, Any], config: WhisperAlignerConfig, prefix: str = 'model.decoder.'
+) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
   """`aligner_params_from_hf`'s inverse: `WhisperAligner` params -> `(the Whisper decoder's
   tensors under prefix, query_tokens [1, num_query, d_model])`. No `embed_tokens.weight` is
   written (the aligner has none); the caller names the queries (Uni-MoE: `model.query_tokens`).
@@ -274,8 +337,11 @@ def aligner_params_to_hf(params: Mapping[str, Any], config: WhisperAlignerConfig
   w = TensorWriter()
   d, f, h, n = config.d_model, config.ffn_dim, config.num_heads, config.num_query_tokens
   queries = w.checked('query_tokens', params['query_tokens'], (n, d)).reshape(1, n, d)
-  w.put(f'{prefix}embed_positions.weight', params['position_embedding'],
-        (config.max_target_positions, d))
+  w.put(
+      f'{prefix}embed_positions.weight',
+      params['position_embedding'],
+      (config.max_target_positions, d),
+  )
   for i in range(config.num_layers):
     p = f'{prefix}layers.{i}'
     layer = params[f'layers_{i}']

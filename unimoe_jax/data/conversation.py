@@ -38,8 +38,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import gin
 import numpy as np
 
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+SYSTEM = (
+    'A chat between a curious user and an artificial intelligence assistant. '
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 ROLES = {'human': 'USER', 'gpt': 'ASSISTANT'}
 SEP = ' '
 SEP2 = '</s>'
@@ -76,8 +78,10 @@ def validate(conversations: Conversation) -> None:
       raise ValueError(f'turn {index} must be a dict with "from" and "value", got {turn!r:.80}')
     expected = 'human' if index % 2 == 0 else 'gpt'
     if turn['from'] != expected:
-      raise ValueError(f'turn {index} is from {turn["from"]!r}, expected {expected!r} (turns '
-                       'must alternate human/gpt, starting with human)')
+      raise ValueError(
+          f'turn {index} is from {turn["from"]!r}, expected {expected!r} (turns '
+          'must alternate human/gpt, starting with human)'
+      )
     value = turn['value']
     if value is not None and not isinstance(value, str):
       raise ValueError(f'turn {index} value must be a string, got {type(value).__name__}')
@@ -169,9 +173,11 @@ def tokenize_conversation(
       weights += [0.0] * len(head_ids)
       continue
     round_ids = list(encode(head + ' ' + answer))
-    if round_ids[:len(head_ids)] != head_ids:
-      raise ValueError(f'round {index}: the tokens of the text up to "ASSISTANT:" are not a '
-                       'prefix of the round\'s tokens, so the answer cannot be masked exactly')
+    if round_ids[: len(head_ids)] != head_ids:
+      raise ValueError(
+          f'round {index}: the tokens of the text up to "ASSISTANT:" are not a '
+          "prefix of the round's tokens, so the answer cannot be masked exactly"
+      )
     tokens += round_ids + [vocab.eos_id]
     weights += [0.0] * len(head_ids) + [1.0] * (len(round_ids) - len(head_ids)) + [1.0]
   tokens = np.asarray(tokens, np.int64)
@@ -181,26 +187,33 @@ def tokenize_conversation(
   return _expand_placeholders(tokens, weights, id_to_placeholder, num_soft_tokens)
 
 
-def _expand_placeholders(tokens, weights, id_to_placeholder: Dict[int, str],
-                         num_soft_tokens) -> Tuple[np.ndarray, np.ndarray]:
+def _expand_placeholders(
+    tokens, weights, id_to_placeholder: Dict[int, str], num_soft_tokens
+) -> Tuple[np.ndarray, np.ndarray]:
   repeats = np.ones(len(tokens), np.int64)
   for token, placeholder in id_to_placeholder.items():
     positions = np.nonzero(tokens == token)[0]
     if positions.size == 0:
       continue
     if placeholder not in num_soft_tokens:
-      raise ValueError(f'{placeholder} occurs {positions.size} times but num_soft_tokens has no '
-                       f'entry for it (has {sorted(num_soft_tokens)})')
+      raise ValueError(
+          f'{placeholder} occurs {positions.size} times but num_soft_tokens has no '
+          f'entry for it (has {sorted(num_soft_tokens)})'
+      )
     counts = num_soft_tokens[placeholder]
     counts = np.full(positions.size, counts) if np.ndim(counts) == 0 else np.asarray(counts)
     if counts.shape != positions.shape:
-      raise ValueError(f'{placeholder} occurs {positions.size} times but num_soft_tokens gives '
-                       f'{counts.size} per-occurrence counts')
+      raise ValueError(
+          f'{placeholder} occurs {positions.size} times but num_soft_tokens gives '
+          f'{counts.size} per-occurrence counts'
+      )
     if np.any(counts < 1):
       raise ValueError(f'num_soft_tokens for {placeholder} must be >= 1, got {counts.tolist()}')
     repeats[positions] = counts
-  return (np.repeat(tokens, repeats).astype(np.int32),
-          np.repeat(weights, repeats).astype(np.float32))
+  return (
+      np.repeat(tokens, repeats).astype(np.int32),
+      np.repeat(weights, repeats).astype(np.float32),
+  )
 
 
 def decode_prompt(ids, vocab) -> str:

@@ -126,14 +126,16 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
       'decoder_positions': tf.int32,
   }
 
-  def __init__(self,
-               pack: bool = True,
-               use_custom_packing_ops: bool = False,
-               apply_length_check: bool = True,
-               bos_id: int = 0,
-               modalities: Sequence[str] = (),
-               max_leading_drops: int = preprocessors.MAX_LEADING_DROPS,
-               probe_first_row: bool = False):
+  def __init__(
+      self,
+      pack: bool = True,
+      use_custom_packing_ops: bool = False,
+      apply_length_check: bool = True,
+      bos_id: int = 0,
+      modalities: Sequence[str] = (),
+      max_leading_drops: int = preprocessors.MAX_LEADING_DROPS,
+      probe_first_row: bool = False,
+  ):
     """See the class docstring. Packing only:
 
     max_leading_drops: raise when this many examples were dropped before one was kept (0:
@@ -153,8 +155,10 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     if len(set(modalities)) != len(modalities):
       raise ValueError(f'modalities: duplicates in {modalities}')
     if max_leading_drops < 0:
-      raise ValueError('MultimodalDecoderFeatureConverter.max_leading_drops must be >= 0, got '
-                       f'{max_leading_drops}')
+      raise ValueError(
+          'MultimodalDecoderFeatureConverter.max_leading_drops must be >= 0, got '
+          f'{max_leading_drops}'
+      )
     self._modalities = modalities
     self._max_leading_drops = int(max_leading_drops)
     self._probe_first_row = probe_first_row
@@ -170,30 +174,39 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     self.TASK_FEATURES = task_features
     self.MODEL_FEATURES = model_features
     self.dropped_examples = DropCounter()
-    super().__init__(pack=pack, use_custom_packing_ops=use_custom_packing_ops,
-                     apply_length_check=apply_length_check, bos_id=bos_id)
+    super().__init__(
+        pack=pack,
+        use_custom_packing_ops=use_custom_packing_ops,
+        apply_length_check=apply_length_check,
+        bos_id=bos_id,
+    )
 
   @property
   def modalities(self) -> Sequence[str]:
     return self._modalities
 
-  def __call__(self, ds: tf.data.Dataset,
-               task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+  def __call__(
+      self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+  ) -> tf.data.Dataset:
     task_feature_lengths = self.task_lengths(task_feature_lengths)
     # dtype and rank only (no expected lengths): input lengths are checked by _convert_features.
-    ds = self._validate_dataset(ds, self.TASK_FEATURES, expected_lengths={}, strict=False,
-                                error_label='input_validation')
+    ds = self._validate_dataset(
+        ds, self.TASK_FEATURES, expected_lengths={}, strict=False, error_label='input_validation'
+    )
     ds = self._convert_features(ds, task_feature_lengths)
     expected = dict(self.MODEL_FEATURES)
     if self.pack:
       expected.update({k: FeatureSpec(dtype=v) for k, v in self.PACKING_FEATURE_DTYPES.items()})
     model_feature_lengths = self.get_model_feature_lengths(task_feature_lengths)
-    _check_exact_match(list(expected), list(model_feature_lengths),
-                       'model_feature_names', 'model_feature_lengths')
-    ds = self._validate_dataset(ds, expected, model_feature_lengths, strict=True,
-                                error_label='output_validation')
-    _check_exact_match(list(expected), list(ds.element_spec),
-                       'model_feature_names', 'output_dataset')
+    _check_exact_match(
+        list(expected), list(model_feature_lengths), 'model_feature_names', 'model_feature_lengths'
+    )
+    ds = self._validate_dataset(
+        ds, expected, model_feature_lengths, strict=True, error_label='output_validation'
+    )
+    _check_exact_match(
+        list(expected), list(ds.element_spec), 'model_feature_names', 'output_dataset'
+    )
     if self.pack and self._probe_first_row and tf.executing_eagerly():
       next(iteration.numpy_iterator(ds.take(1)), None)  # A pipeline error raises here.
     return ds
@@ -207,28 +220,37 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
         when a modality not declared has a '<m>_features' length > 0.
     """
     task_feature_lengths = lengths_lib.validate_task_feature_lengths(
-        task_feature_lengths, require_targets=False)
-    undeclared = [m for m in ITEM_RANK if m not in self._modalities and
-                  task_feature_lengths.get(f'{m}_features')]
+        task_feature_lengths, require_targets=False
+    )
+    undeclared = [
+        m
+        for m in ITEM_RANK
+        if m not in self._modalities and task_feature_lengths.get(f'{m}_features')
+    ]
     if undeclared:
       raise ValueError(
           f'TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} gives items to modalities '
           f'{undeclared} that the feature converter was not declared with (its modalities: '
           f'{self._modalities}): their media would never reach the model. Declare them '
-          f'(MultimodalDecoderFeatureConverter.modalities) or set their <m>_features to 0.')
+          f'(MultimodalDecoderFeatureConverter.modalities) or set their <m>_features to 0.'
+      )
     missing = [k for k in self.TASK_FEATURES if task_feature_lengths.get(k) is None]
     if missing:
-      raise ValueError(f'TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} is missing '
-                       f'{missing}, which the feature converter needs (its modalities: '
-                       f'{self._modalities})')
+      raise ValueError(
+          f'TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} is missing '
+          f'{missing}, which the feature converter needs (its modalities: '
+          f'{self._modalities})'
+      )
     return {k: int(task_feature_lengths[k]) for k in self.TASK_FEATURES}
 
-  def get_model_feature_lengths(
-      self, task_feature_lengths: Mapping[str, int]) -> Dict[str, int]:
+  def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Dict[str, int]:
     task_feature_lengths = self.task_lengths(task_feature_lengths)
     length = task_feature_lengths['targets']
-    lengths = {'decoder_target_tokens': length, 'decoder_input_tokens': length,
-               'decoder_loss_weights': length}
+    lengths = {
+        'decoder_target_tokens': length,
+        'decoder_input_tokens': length,
+        'decoder_loss_weights': length,
+    }
     if self.pack:
       lengths['decoder_segment_ids'] = length
       lengths['decoder_positions'] = length
@@ -242,43 +264,58 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
 
   # ---------------------------------------------------------------------------------------
 
-  def _convert_features(self, ds: tf.data.Dataset,
-                        task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+  def _convert_features(
+      self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+  ) -> tf.data.Dataset:
     spec = ds.element_spec
     item_shapes = self._item_shapes(spec)
     length = int(task_feature_lengths['targets'])
     max_items = {m: int(task_feature_lengths[f'{m}_features']) for m in self._modalities}
-    ds = ds.map(lambda ex: self._select_features(ex, spec),
-                num_parallel_calls=tf.data.AUTOTUNE)
-    limits = (('targets', length),) + tuple((f'{m}_features', max_items[m])
-                                            for m in self._modalities)
+    ds = ds.map(lambda ex: self._select_features(ex, spec), num_parallel_calls=tf.data.AUTOTUNE)
+    limits = (('targets', length),) + tuple(
+        (f'{m}_features', max_items[m]) for m in self._modalities
+    )
     lengths = dict(limits)
     if self.pack:
       ds = preprocessors.filter_failing_fast(
-          ds, self._sizes, limits, lambda sizes: self._record_drop(length, max_items, *sizes),
+          ds,
+          self._sizes,
+          limits,
+          lambda sizes: self._record_drop(length, max_items, *sizes),
           lambda dropped, sizes: (
               f'MultimodalDecoderFeatureConverter: the first {dropped} examples were all '
               f'dropped, none fits one row of TASK_FEATURE_LENGTHS={lengths}: {sizes} (targets '
               'in tokens with media placeholders expanded, <m>_features in items). Raise '
               'TASK_FEATURE_LENGTHS (MultimodalDecoderFeatureConverter.max_leading_drops sets how '
-              'many leading drops fail; 0 never fails).'),
-          self._max_leading_drops)
+              'many leading drops fail; 0 never fails).'
+          ),
+          self._max_leading_drops,
+      )
       ds = self._pack_rows(ds, item_shapes, length, max_items)
     else:
-      ds = preprocessors.assert_fits(ds, self._sizes, limits, lambda over: (
-          'MultimodalDecoderFeatureConverter(pack=False) keeps every example as one row (t5x '
-          f'eval / infer), but an example does not fit TASK_FEATURE_LENGTHS={lengths}: {over} '
-          '(targets in tokens with media placeholders expanded, <m>_features in items). Raise '
-          'TASK_FEATURE_LENGTHS, or drop such examples before the converter (e.g. the task '
-          "preprocessor drop_too_long with on_too_long='drop')."))
-    return ds.map(lambda row: self._pad_row(row, item_shapes, length, max_items),
-                  num_parallel_calls=tf.data.AUTOTUNE)
+      ds = preprocessors.assert_fits(
+          ds,
+          self._sizes,
+          limits,
+          lambda over: (
+              'MultimodalDecoderFeatureConverter(pack=False) keeps every example as one row (t5x '
+              f'eval / infer), but an example does not fit TASK_FEATURE_LENGTHS={lengths}: {over} '
+              '(targets in tokens with media placeholders expanded, <m>_features in items). Raise '
+              'TASK_FEATURE_LENGTHS, or drop such examples before the converter (e.g. the task '
+              "preprocessor drop_too_long with on_too_long='drop')."
+          ),
+      )
+    return ds.map(
+        lambda row: self._pad_row(row, item_shapes, length, max_items),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
 
   def _sizes(self, ex) -> tf.Tensor:
     """int32 `[1 + modalities]`: tokens, then items of each declared modality."""
-    return tf.stack([tf.shape(ex['targets'], out_type=tf.int32)[0]] +
-                    [tf.shape(ex[f'{m}_features'], out_type=tf.int32)[0]
-                     for m in self._modalities])
+    return tf.stack(
+        [tf.shape(ex['targets'], out_type=tf.int32)[0]]
+        + [tf.shape(ex[f'{m}_features'], out_type=tf.int32)[0] for m in self._modalities]
+    )
 
   def _item_shapes(self, spec) -> Dict[str, tf.TensorShape]:
     """Static per-item shapes from the element_spec; validates the non-task inputs."""
@@ -290,32 +327,41 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     for m in self._modalities:
       shape = spec[f'{m}_features'].shape[1:]
       if not shape.is_fully_defined():
-        raise ValueError(f"'{m}_features' item shape {shape} is not static; pad items to a "
-                         'fixed shape before the feature converter (rows need static shapes)')
+        raise ValueError(
+            f"'{m}_features' item shape {shape} is not static; pad items to a "
+            'fixed shape before the feature converter (rows need static shapes)'
+        )
       shapes[m] = shape
     # Without the audio modality the frame mask goes unused, like undeclared media features
     # (a text-only run over multimodal tasks).
     if 'audio_feature_mask' in spec and 'audio' in self._modalities:
       mask = spec['audio_feature_mask']
       if mask.dtype != tf.bool or mask.shape.rank != 2 or mask.shape[1] != shapes['audio'][0]:
-        raise ValueError(f"'audio_feature_mask' must be bool [items, {shapes['audio'][0]}], "
-                         f'got {mask}')
+        raise ValueError(
+            f"'audio_feature_mask' must be bool [items, {shapes['audio'][0]}], " f'got {mask}'
+        )
     return shapes
 
   def _select_features(self, ex, spec) -> Dict[str, tf.Tensor]:
     """Keeps the features the converter uses; an absent audio mask means every frame is real."""
     targets = ex['targets']
     weights = ex['loss_weights']
-    tf.debugging.assert_equal(tf.shape(weights), tf.shape(targets),
-                              message="'loss_weights' and 'targets' differ in length")
+    tf.debugging.assert_equal(
+        tf.shape(weights),
+        tf.shape(targets),
+        message="'loss_weights' and 'targets' differ in length",
+    )
     out = {'targets': targets, 'loss_weights': weights}
     for m in self._modalities:
       out[f'{m}_features'] = ex[f'{m}_features']
     if 'audio' in self._modalities:
       if 'audio_feature_mask' in spec:
         mask = ex['audio_feature_mask']
-        tf.debugging.assert_equal(tf.shape(mask)[0], tf.shape(ex['audio_features'])[0],
-                                  message="'audio_feature_mask' and 'audio_features' items")
+        tf.debugging.assert_equal(
+            tf.shape(mask)[0],
+            tf.shape(ex['audio_features'])[0],
+            message="'audio_feature_mask' and 'audio_features' items",
+        )
       else:
         mask = tf.ones(tf.shape(ex['audio_features'])[:2], tf.bool)
       out['audio_feature_mask'] = mask
@@ -324,11 +370,17 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
   def _record_drop(self, length: int, max_items: Mapping[str, int], tokens, *items) -> None:
     mine = self.dropped_examples.add()
     total = OVERSIZE_DROPS.add()
-    sizes = ', '.join(f'{m} items {int(n)}/{max_items[m]}'
-                      for m, n in zip(self._modalities, items))
-    logging.warning('MultimodalDecoderFeatureConverter: dropped an example that cannot fit '
-                    'in one row (tokens %d/%d%s). Dropped so far: %d by this converter, %d '
-                    'in all.', int(tokens), length, ', ' + sizes if sizes else '', mine, total)
+    sizes = ', '.join(f'{m} items {int(n)}/{max_items[m]}' for m, n in zip(self._modalities, items))
+    logging.warning(
+        'MultimodalDecoderFeatureConverter: dropped an example that cannot fit '
+        'in one row (tokens %d/%d%s). Dropped so far: %d by this converter, %d '
+        'in all.',
+        int(tokens),
+        length,
+        ', ' + sizes if sizes else '',
+        mine,
+        total,
+    )
 
   def fits_alone_or_record_drop(self, ex, length: int, max_items: Mapping[str, int]):
     """tf bool: one example fits `length` tokens and `max_items` items per modality; a drop is
@@ -351,9 +403,13 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     return tf.cond(fits, lambda: tf.constant(True), drop)
 
   def _empty_row(self, item_shapes) -> Dict[str, tf.Tensor]:
-    row = {'targets': tf.zeros([0], tf.int32), 'loss_weights': tf.zeros([0], tf.float32),
-           'segment_ids': tf.zeros([0], tf.int32), 'positions': tf.zeros([0], tf.int32),
-           _NUM_SEGMENTS: tf.constant(0, tf.int32)}
+    row = {
+        'targets': tf.zeros([0], tf.int32),
+        'loss_weights': tf.zeros([0], tf.float32),
+        'segment_ids': tf.zeros([0], tf.int32),
+        'positions': tf.zeros([0], tf.int32),
+        _NUM_SEGMENTS: tf.constant(0, tf.int32),
+    }
     for m in self._modalities:
       row[f'{m}_features'] = tf.zeros([0] + item_shapes[m].as_list(), tf.float32)
     if 'audio' in self._modalities:
@@ -364,9 +420,11 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     """`row` with example `ex` appended as the next segment."""
     n = tf.shape(ex['targets'])[0]
     segment = row[_NUM_SEGMENTS] + 1
-    out = {'segment_ids': tf.concat([row['segment_ids'], tf.fill([n], segment)], 0),
-           'positions': tf.concat([row['positions'], tf.range(n, dtype=tf.int32)], 0),
-           _NUM_SEGMENTS: segment}
+    out = {
+        'segment_ids': tf.concat([row['segment_ids'], tf.fill([n], segment)], 0),
+        'positions': tf.concat([row['positions'], tf.range(n, dtype=tf.int32)], 0),
+        _NUM_SEGMENTS: segment,
+    }
     for key in ex:
       out[key] = tf.concat([row[key], ex[key]], 0)
     return out
@@ -394,24 +452,29 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     ds = ds.filter(lambda emit, row: emit)
     return ds.map(lambda emit, row: row)
 
-  def _pad_row(self, row, item_shapes, length: int,
-               max_items: Mapping[str, int]) -> Dict[str, tf.Tensor]:
+  def _pad_row(
+      self, row, item_shapes, length: int, max_items: Mapping[str, int]
+  ) -> Dict[str, tf.Tensor]:
     def pad(x, size):
       paddings = [[0, size - tf.shape(x)[0]]] + [[0, 0]] * (x.shape.rank - 1)
       return tf.ensure_shape(tf.pad(x, paddings), [size] + x.shape.as_list()[1:])
 
     targets = pad(row['targets'], length)
-    out = {'decoder_target_tokens': targets,
-           'decoder_loss_weights': pad(row['loss_weights'], length)}
+    out = {
+        'decoder_target_tokens': targets,
+        'decoder_loss_weights': pad(row['loss_weights'], length),
+    }
     if self.pack:
       segment_ids = pad(row['segment_ids'], length)
       out['decoder_segment_ids'] = segment_ids
       out['decoder_positions'] = pad(row['positions'], length)
       out['decoder_input_tokens'] = seqio_utils.make_autoregressive_inputs(
-          targets, sequence_id=segment_ids, bos_id=self.bos_id)
+          targets, sequence_id=segment_ids, bos_id=self.bos_id
+      )
     else:
       out['decoder_input_tokens'] = seqio_utils.make_autoregressive_inputs(
-          targets, bos_id=self.bos_id)
+          targets, bos_id=self.bos_id
+      )
     for m in self._modalities:
       features = row[f'{m}_features']
       out[f'{m}_features'] = pad(features, max_items[m])
@@ -421,8 +484,9 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     return out
 
 
-def check_model_takes_media(model, task_feature_lengths: Mapping[str, int],
-                            name: str = 'TASK_FEATURE_LENGTHS') -> None:
+def check_model_takes_media(
+    model, task_feature_lengths: Mapping[str, int], name: str = 'TASK_FEATURE_LENGTHS'
+) -> None:
   """Raises ValueError, before any compute, when TASK_FEATURE_LENGTHS gives items to a modality
   the model has no encoder for: the rows would carry its media and the model would ignore
   them (its placeholders embedded as token 0), silently.
@@ -433,21 +497,27 @@ def check_model_takes_media(model, task_feature_lengths: Mapping[str, int],
   checked per example by `preprocessors.drop_too_long` (`check_media_fed`).
   """
   task_feature_lengths = lengths_lib.validate_task_feature_lengths(
-      task_feature_lengths, name, require_targets=False)
+      task_feature_lengths, name, require_targets=False
+  )
   config = getattr(model, 'config', model)
   built = tuple(getattr(config, 'modalities', config))
   fed = [m for m in ITEM_RANK if task_feature_lengths.get(f'{m}_features')]
   unbuilt = [m for m in fed if m not in built]
   if unbuilt:
-    towers = {'image': 'vision', 'video': 'vision', 'speech': 'speech_encoder + speech_aligner',
-              'audio': 'audio_encoder + audio_qformer'}
+    towers = {
+        'image': 'vision',
+        'video': 'vision',
+        'speech': 'speech_encoder + speech_aligner',
+        'audio': 'audio_encoder + audio_qformer',
+    }
     fields = sorted({towers[m] for m in unbuilt})
     raise ValueError(
         f'{name}={dict(task_feature_lengths)} feeds {unbuilt} items, but the model has no '
         f'encoder for {unbuilt} (its modalities: {built}; UniMoEConfig.{", ".join(fields)} '
         'unset): their media would never reach the model. Use a model with those towers '
         '(MODEL_CONFIG of gin/models/multimodal.gin or multimodal_tiny.gin) or drop '
-        f'{[m + "_features" for m in unbuilt]} from {name} (and their data).')
+        f'{[m + "_features" for m in unbuilt]} from {name} (and their data).'
+    )
 
 
 def num_dropped(converter: Optional[MultimodalDecoderFeatureConverter] = None) -> int:
@@ -463,12 +533,16 @@ def output_features(vocabulary, modalities: Sequence[str]) -> Dict[str, seqio.Fe
   them all matters beyond validation: a seqio Mixture keeps only its tasks' output features.
   """
   passthrough = seqio.PassThroughVocabulary(1)
-  features = {'targets': seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
-              'loss_weights': seqio.Feature(passthrough, add_eos=False, dtype=tf.float32)}
+  features = {
+      'targets': seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
+      'loss_weights': seqio.Feature(passthrough, add_eos=False, dtype=tf.float32),
+  }
   for m in modalities:
-    features[f'{m}_features'] = seqio.Feature(passthrough, add_eos=False, required=False,
-                                              dtype=tf.float32, rank=ITEM_RANK[m] + 1)
+    features[f'{m}_features'] = seqio.Feature(
+        passthrough, add_eos=False, required=False, dtype=tf.float32, rank=ITEM_RANK[m] + 1
+    )
   if 'audio' in modalities:
-    features['audio_feature_mask'] = seqio.Feature(passthrough, add_eos=False, required=False,
-                                                   dtype=tf.bool, rank=2)
+    features['audio_feature_mask'] = seqio.Feature(
+        passthrough, add_eos=False, required=False, dtype=tf.bool, rank=2
+    )
   return features

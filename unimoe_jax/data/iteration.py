@@ -113,8 +113,9 @@ class CheckpointableIterator:
     position: elements already consumed before `ds` (a `ds.skip(position)` by the caller).
   """
 
-  def __init__(self, ds: tf.data.Dataset, description: Optional[Mapping[str, Any]] = None,
-               position: int = 0):
+  def __init__(
+      self, ds: tf.data.Dataset, description: Optional[Mapping[str, Any]] = None, position: int = 0
+  ):
     self._iterator = ds.as_numpy_iterator()
     # JSON round trip: tuples become lists, keys strings, as they come back from the file.
     self.description = json.loads(json.dumps(dict(description or {}), sort_keys=True))
@@ -162,13 +163,19 @@ class CheckpointableIterator:
         reason = f'{type(e).__name__}: {_op_message(e)}'
       if reason is not None:
         self._not_checkpointable = reason
-        logging.warning('The input pipeline cannot be checkpointed (%s): checkpoints hold no '
-                        'input iterator state, and a resumed run will skip the batches it had '
-                        'read instead of restoring its position', reason)
-    info = {'format': INFO_FORMAT, 'batches_read': self.position,
-            'tf_state': self._not_checkpointable is None,
-            'not_checkpointable': self._not_checkpointable,
-            'description': self.description}
+        logging.warning(
+            'The input pipeline cannot be checkpointed (%s): checkpoints hold no '
+            'input iterator state, and a resumed run will skip the batches it had '
+            'read instead of restoring its position',
+            reason,
+        )
+    info = {
+        'format': INFO_FORMAT,
+        'batches_read': self.position,
+        'tf_state': self._not_checkpointable is None,
+        'not_checkpointable': self._not_checkpointable,
+        'description': self.description,
+    }
     with tf.io.gfile.GFile(prefix + INFO_SUFFIX, 'w') as f:
       json.dump(info, f, indent=1, sort_keys=True)
     return info['tf_state']
@@ -182,26 +189,32 @@ class CheckpointableIterator:
     info = read_info(prefix)
     info_path = prefix + INFO_SUFFIX
     if not info.get('tf_state'):
-      raise IteratorStateError(f'{info_path}: holds no tf.data iterator state (the pipeline '
-                               f'could not be checkpointed: {info.get("not_checkpointable")})')
+      raise IteratorStateError(
+          f'{info_path}: holds no tf.data iterator state (the pipeline '
+          f'could not be checkpointed: {info.get("not_checkpointable")})'
+      )
     saved = info.get('description', {})
-    differ = sorted(k for k in set(saved) | set(self.description)
-                    if saved.get(k) != self.description.get(k))
+    differ = sorted(
+        k for k in set(saved) | set(self.description) if saved.get(k) != self.description.get(k)
+    )
     if differ:
       raise IteratorStateError(
-          f'{info_path}: the input iterator state was written by another input pipeline: ' +
-          '; '.join(f'{k} was {saved.get(k)!r}, now {self.description.get(k)!r}'
-                    for k in differ))
+          f'{info_path}: the input iterator state was written by another input pipeline: '
+          + '; '.join(f'{k} was {saved.get(k)!r}, now {self.description.get(k)!r}' for k in differ)
+      )
     problem = None
     try:
       tf.train.Checkpoint(iterator=self._iterator).read(prefix).assert_consumed()
     except Exception as e:  # pylint: disable=broad-except
-      problem = (f'{type(e).__name__}: '
-                 f'{_op_message(e) if isinstance(e, tf.errors.OpError) else e}')
+      problem = (
+          f'{type(e).__name__}: ' f'{_op_message(e) if isinstance(e, tf.errors.OpError) else e}'
+      )
     if problem is None:
       self.position = int(info['batches_read'])
       return
     self._iterator = None  # Restoring may have started its threads: destroy it now.
-    raise IteratorStateError(f'{prefix}.index: cannot restore the tf.data iterator state from '
-                             f'it and {os.path.basename(prefix)}.data-*: {problem}; the files '
-                             'are corrupt or incomplete')
+    raise IteratorStateError(
+        f'{prefix}.index: cannot restore the tf.data iterator state from '
+        f'it and {os.path.basename(prefix)}.data-*: {problem}; the files '
+        'are corrupt or incomplete'
+    )

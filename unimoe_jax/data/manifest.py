@@ -67,19 +67,31 @@ def validate_feature_settings(settings, name: str, extra_positive=()) -> None:
   Normalises `modalities` to a tuple."""
   unknown = [m for m in settings.modalities if m not in MODALITIES]
   if unknown or len(set(settings.modalities)) != len(settings.modalities):
-    raise ValueError(f'{name}.modalities must be distinct entries of {MODALITIES}, '
-                     f'got {settings.modalities}')
+    raise ValueError(
+        f'{name}.modalities must be distinct entries of {MODALITIES}, ' f'got {settings.modalities}'
+    )
   object.__setattr__(settings, 'modalities', tuple(settings.modalities))
   if settings.image_mode not in image_lib.PREPROCESS_MODES:
-    raise ValueError(f'{name}.image_mode must be one of {image_lib.PREPROCESS_MODES}, '
-                     f'got {settings.image_mode!r}')
+    raise ValueError(
+        f'{name}.image_mode must be one of {image_lib.PREPROCESS_MODES}, '
+        f'got {settings.image_mode!r}'
+    )
   if settings.on_bad_example not in ('raise', 'skip'):
-    raise ValueError(f"{name}.on_bad_example must be 'raise' or 'skip', got "
-                     f'{settings.on_bad_example!r}')
-  for field in ('image_size', 'video_frames', 'n_mels', 'speech_seconds', 'audio_frames',
-                *extra_positive,
-                'image_soft_tokens', 'video_soft_tokens', 'speech_soft_tokens',
-                'audio_soft_tokens'):
+    raise ValueError(
+        f"{name}.on_bad_example must be 'raise' or 'skip', got " f'{settings.on_bad_example!r}'
+    )
+  for field in (
+      'image_size',
+      'video_frames',
+      'n_mels',
+      'speech_seconds',
+      'audio_frames',
+      *extra_positive,
+      'image_soft_tokens',
+      'video_soft_tokens',
+      'speech_soft_tokens',
+      'audio_soft_tokens',
+  ):
     if getattr(settings, field) < 1:
       raise ValueError(f'{name}.{field} must be positive, got {getattr(settings, field)}')
 
@@ -116,6 +128,7 @@ class ManifestConfig:
       num_soft_tokens: CLIP-336 patches 576; aligner / Q-Former queries 50).
     on_bad_example: 'raise' or 'skip'.
   """
+
   path: str = ''
   splits: Optional[Any] = None
   media_root: str = ''
@@ -143,18 +156,26 @@ class ManifestConfig:
       raise ValueError('ManifestConfig.path or ManifestConfig.splits must name a manifest')
     validate_feature_settings(self, 'ManifestConfig')
     if self.audio_max_chunks < 0:
-      raise ValueError(f'ManifestConfig.audio_max_chunks must be 0 (the official limits) or '
-                       f'positive, got {self.audio_max_chunks}')
+      raise ValueError(
+          f'ManifestConfig.audio_max_chunks must be 0 (the official limits) or '
+          f'positive, got {self.audio_max_chunks}'
+      )
     if self.audio_padding not in audio_lib.AUDIO_PADDING_MODES:
-      raise ValueError(f'ManifestConfig.audio_padding must be one of '
-                       f'{audio_lib.AUDIO_PADDING_MODES}, got {self.audio_padding!r}')
+      raise ValueError(
+          f'ManifestConfig.audio_padding must be one of '
+          f'{audio_lib.AUDIO_PADDING_MODES}, got {self.audio_padding!r}'
+      )
     if self.audio_padding == 'official' and self.audio_frames > audio_lib.BEATS_CHUNK_FRAMES:
-      raise ValueError(f"ManifestConfig.audio_frames={self.audio_frames}: with audio_padding "
-                       f"'official' an item is one 480000-sample piece, "
-                       f'{audio_lib.BEATS_CHUNK_FRAMES} frames at most')
+      raise ValueError(
+          f'ManifestConfig.audio_frames={self.audio_frames}: with audio_padding '
+          f"'official' an item is one 480000-sample piece, "
+          f'{audio_lib.BEATS_CHUNK_FRAMES} frames at most'
+      )
     if self.voice_modality not in ('speech', 'audio'):
-      raise ValueError(f"ManifestConfig.voice_modality must be 'speech' or 'audio', got "
-                       f'{self.voice_modality!r}')
+      raise ValueError(
+          f"ManifestConfig.voice_modality must be 'speech' or 'audio', got "
+          f'{self.voice_modality!r}'
+      )
 
   def split_paths(self) -> Dict[str, str]:
     return dict(self.splits) if self.splits else {'train': self.path}
@@ -164,9 +185,12 @@ class ManifestConfig:
 
   def item_shape(self, modality: str) -> Tuple[int, ...]:
     size = self.image_size
-    return {'image': (size, size, 3), 'video': (self.video_frames, size, size, 3),
-            'speech': (100 * self.speech_seconds, self.n_mels),
-            'audio': (self.audio_frames, BEATS_BINS)}[modality]
+    return {
+        'image': (size, size, 3),
+        'video': (self.video_frames, size, size, 3),
+        'speech': (100 * self.speech_seconds, self.n_mels),
+        'audio': (self.audio_frames, BEATS_BINS),
+    }[modality]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,8 +243,13 @@ class BadExampleCounter:
     with self._lock:
       if source is None:
         return dict(self._counts)
-      return dict(collections.Counter(reason for key, reason in self._seen.items()
-                                      if isinstance(key, tuple) and key[0] == source))
+      return dict(
+          collections.Counter(
+              reason
+              for key, reason in self._seen.items()
+              if isinstance(key, tuple) and key[0] == source
+          )
+      )
 
   @property
   def total(self) -> int:
@@ -251,6 +280,7 @@ BAD_EXAMPLES = BadExampleCounter()
 class ManifestEntry:
   """One record as read: `raw` is a JSON line (parsed lazily, so one bad line is one bad
   example) or an already parsed record of a JSON list."""
+
   path: str
   number: int  # 1-based line (JSONL) or record (JSON list)
   is_jsonl: bool
@@ -264,6 +294,7 @@ class ManifestEntry:
 @dataclasses.dataclass(frozen=True)
 class UndecodableRecord:
   """A JSONL line or JSON-list record holding bytes that are not UTF-8: a bad example."""
+
   detail: str
 
 
@@ -310,7 +341,7 @@ def read_manifest(path: str) -> List[ManifestEntry]:
   encoding = 'utf-8'
   for bom, bom_encoding in _BOMS:
     if data.startswith(bom):
-      data, encoding = data[len(bom):], bom_encoding
+      data, encoding = data[len(bom) :], bom_encoding
       break
   if encoding == 'utf-8':
     # Bytes that are not UTF-8 survive as lone surrogates and make their record bad.
@@ -319,8 +350,10 @@ def read_manifest(path: str) -> List[ManifestEntry]:
     try:
       text = data.decode(encoding)
     except UnicodeDecodeError as e:
-      raise ValueError(f'manifest {path}: starts with a {encoding} byte-order mark but is not '
-                       f'{encoding} (byte {e.start + 2}: {e.reason})') from None
+      raise ValueError(
+          f'manifest {path}: starts with a {encoding} byte-order mark but is not '
+          f'{encoding} (byte {e.start + 2}: {e.reason})'
+      ) from None
   stripped = text.strip()
   if not stripped:
     return []
@@ -333,7 +366,7 @@ def read_manifest(path: str) -> List[ManifestEntry]:
   if error is None and document is not None:
     if isinstance(document, dict):  # One record: one JSONL line, a pretty-printed object.
       bad = _record_bytes_error(document)
-      line = text[:len(text) - len(text.lstrip())].count('\n') + 1
+      line = text[: len(text) - len(text.lstrip())].count('\n') + 1
       return [ManifestEntry(path, line, True, UndecodableRecord(bad) if bad else document)]
     entries = []
     for i, record in enumerate(document):
@@ -342,9 +375,12 @@ def read_manifest(path: str) -> List[ManifestEntry]:
     return entries
   if stripped[0] == '[' or not _looks_like_jsonl(text):
     # text.lstrip() dropped leading whitespace: count the lines it held.
-    offset = text[:len(text) - len(text.lstrip())].count('\n')
-    where = (f'line {error.lineno + offset} column {error.colno}: {error.msg}' if error else
-             'it is neither a JSON list, one JSON object nor JSON lines')
+    offset = text[: len(text) - len(text.lstrip())].count('\n')
+    where = (
+        f'line {error.lineno + offset} column {error.colno}: {error.msg}'
+        if error
+        else 'it is neither a JSON list, one JSON object nor JSON lines'
+    )
     raise ValueError(f'manifest {path} is not valid JSON ({where})')
   entries = []
   for i, line in enumerate(text.split('\n')):
@@ -375,15 +411,19 @@ def _files_by_modality(record: Mapping[str, Any], config: ManifestConfig):
     target = config.voice_modality
     clash = ('speech', 'audio') if target == 'speech' else ('audio',)
     if any(key in record for key in clash):
-      raise ValueError(f'"voice" (read as {target}) together with '
-                       f'{[k for k in clash if k in record]} makes "<audio>" ambiguous')
+      raise ValueError(
+          f'"voice" (read as {target}) together with '
+          f'{[k for k in clash if k in record]} makes "<audio>" ambiguous'
+      )
     files[target] = _as_list(record['voice'])
   for m, items in files.items():
     for item in items:
       frames = item if m == 'video' and isinstance(item, list) else [item]
       if not frames or not all(isinstance(f, str) and f for f in frames):
-        raise ValueError(f'{m} entry must be a non-empty path string'
-                         f'{" or list of frame paths" if m == "video" else ""}, got {item!r:.80}')
+        raise ValueError(
+            f'{m} entry must be a non-empty path string'
+            f'{" or list of frame paths" if m == "video" else ""}, got {item!r:.80}'
+        )
   return files
 
 
@@ -401,20 +441,27 @@ def _audio_chunks(path: str, modality: str, config: ManifestConfig) -> List[np.n
 
 
 def _speech_items(path: str, config: ManifestConfig) -> List[np.ndarray]:
-  return [audio_lib.whisper_log_mel(chunk, config.n_mels, chunk_seconds=config.speech_seconds)
-          for chunk in _audio_chunks(path, 'speech', config)]
+  return [
+      audio_lib.whisper_log_mel(chunk, config.n_mels, chunk_seconds=config.speech_seconds)
+      for chunk in _audio_chunks(path, 'speech', config)
+  ]
 
 
 def _audio_items(path: str, config: ManifestConfig) -> List[Tuple[np.ndarray, np.ndarray]]:
-  return [audio_lib.beats_chunk_features(chunk, config.audio_padding, config.audio_frames)
-          for chunk in _audio_chunks(path, 'audio', config)]
+  return [
+      audio_lib.beats_chunk_features(chunk, config.audio_padding, config.audio_frames)
+      for chunk in _audio_chunks(path, 'audio', config)
+  ]
 
 
 def _load_items(modality: str, item, resolve, config: ManifestConfig):
   """Feature arrays of one file (several for long audio) and, for audio, their frame masks."""
   if modality == 'image':
-    return [image_lib.preprocess_image(image_lib.load_image(resolve(item)), config.image_size,
-                                       config.image_mode)], None
+    return [
+        image_lib.preprocess_image(
+            image_lib.load_image(resolve(item)), config.image_size, config.image_mode
+        )
+    ], None
   if modality == 'video':
     if isinstance(item, list):
       frames = video_lib.load_frame_list([resolve(f) for f in item], config.video_frames)
@@ -431,9 +478,13 @@ def _load_items(modality: str, item, resolve, config: ManifestConfig):
 # One example.
 
 
-def load_example(record: Any, line_no: int, config: ManifestConfig,
-                 vocabulary: Optional[vocabulary_lib.MultimodalVocabulary] = None,
-                 manifest_path: Optional[str] = None) -> Dict[str, np.ndarray]:
+def load_example(
+    record: Any,
+    line_no: int,
+    config: ManifestConfig,
+    vocabulary: Optional[vocabulary_lib.MultimodalVocabulary] = None,
+    manifest_path: Optional[str] = None,
+) -> Dict[str, np.ndarray]:
   """One manifest record -> the example features of /tmp/data_spec.md.
 
   Args:
@@ -453,12 +504,14 @@ def load_example(record: Any, line_no: int, config: ManifestConfig,
   """
   manifest_path = manifest_path or config.path
   location = f'{manifest_path} line {line_no}'
-  return _load_example(record, location, manifest_path, config,
-                       vocabulary or _vocabulary(config.vocab_path))
+  return _load_example(
+      record, location, manifest_path, config, vocabulary or _vocabulary(config.vocab_path)
+  )
 
 
-def _load_example(record, location: str, manifest_path: str, config: ManifestConfig,
-                  vocabulary) -> Dict[str, np.ndarray]:
+def _load_example(
+    record, location: str, manifest_path: str, config: ManifestConfig, vocabulary
+) -> Dict[str, np.ndarray]:
   def bad(reason, detail):
     return BadExampleError(location, reason, detail)
 
@@ -471,8 +524,9 @@ def _load_example(record, location: str, manifest_path: str, config: ManifestCon
       raise bad('bad_encoding', f'not UTF-8: {e}') from None
   if isinstance(record, str):
     if _first_bad_byte(record):
-      raise bad('bad_encoding', f'the line holds a byte that is not UTF-8 '
-                f'({_first_bad_byte(record)})')
+      raise bad(
+          'bad_encoding', f'the line holds a byte that is not UTF-8 ' f'({_first_bad_byte(record)})'
+      )
     try:
       record = json.loads(record)
     except json.JSONDecodeError as e:
@@ -481,8 +535,10 @@ def _load_example(record, location: str, manifest_path: str, config: ManifestCon
     raise bad('malformed_record', 'a record must be an object with "conversations"')
   try:
     files = _files_by_modality(record, config)
-    conversations = [dict(turn) if isinstance(turn, Mapping) else turn
-                     for turn in _as_list(record['conversations'])]
+    conversations = [
+        dict(turn) if isinstance(turn, Mapping) else turn
+        for turn in _as_list(record['conversations'])
+    ]
     if 'voice' in record and config.voice_modality == 'speech':
       for turn in conversations:
         if isinstance(turn, dict) and isinstance(turn.get('value'), str):
@@ -494,11 +550,15 @@ def _load_example(record, location: str, manifest_path: str, config: ManifestCon
   for m in MODALITIES:
     count = sum(turn['value'].count(PLACEHOLDERS[m]) for turn in conversations if turn['value'])
     if count != len(files[m]):
-      raise bad('placeholder_mismatch', f'{count} {PLACEHOLDERS[m]} placeholders in the text but '
-                f'{len(files[m])} {m} files')
+      raise bad(
+          'placeholder_mismatch',
+          f'{count} {PLACEHOLDERS[m]} placeholders in the text but ' f'{len(files[m])} {m} files',
+      )
     if count and m not in config.modalities:
-      raise bad('modality_not_enabled', f'record has {count} {m} items but the config '
-                f'has modalities {config.modalities}')
+      raise bad(
+          'modality_not_enabled',
+          f'record has {count} {m} items but the config ' f'has modalities {config.modalities}',
+      )
 
   media_root = config.media_root or os.path.dirname(manifest_path)
   resolve = lambda p: os.path.join(media_root, p)  # noqa: E731 (absolute p wins)
@@ -518,17 +578,24 @@ def _load_example(record, location: str, manifest_path: str, config: ManifestCon
       chunks_per_file[m].append(len(arrays))
       if masks is not None:
         audio_masks += masks
-    features[f'{m}_features'] = (np.stack(items).astype(np.float32) if items else
-                                 np.zeros((0,) + config.item_shape(m), np.float32))
+    features[f'{m}_features'] = (
+        np.stack(items).astype(np.float32)
+        if items
+        else np.zeros((0,) + config.item_shape(m), np.float32)
+    )
   if 'audio' in config.modalities:
-    features['audio_feature_mask'] = (np.stack(audio_masks) if audio_masks else
-                                      np.zeros((0, config.audio_frames), bool))
+    features['audio_feature_mask'] = (
+        np.stack(audio_masks) if audio_masks else np.zeros((0, config.audio_frames), bool)
+    )
 
-  num_soft_tokens = {PLACEHOLDERS[m]: [c * config.num_soft_tokens(m) for c in chunks_per_file[m]]
-                     for m in config.modalities}
+  num_soft_tokens = {
+      PLACEHOLDERS[m]: [c * config.num_soft_tokens(m) for c in chunks_per_file[m]]
+      for m in config.modalities
+  }
   try:
     targets, loss_weights = conversation_lib.tokenize_conversation(
-        conversations, vocabulary, num_soft_tokens)
+        conversations, vocabulary, num_soft_tokens
+    )
   except ValueError as e:
     raise bad('malformed_conversation', str(e)) from None
   return {'targets': targets, 'loss_weights': loss_weights, **features}
@@ -553,8 +620,10 @@ def _vocabulary(path: str) -> vocabulary_lib.MultimodalVocabulary:
 
 def feature_specs(config: ManifestConfig) -> Dict[str, tf.TensorSpec]:
   """The static output signature of `manifest_dataset` for `config`."""
-  specs = {'targets': tf.TensorSpec([None], tf.int32),
-           'loss_weights': tf.TensorSpec([None], tf.float32)}
+  specs = {
+      'targets': tf.TensorSpec([None], tf.int32),
+      'loss_weights': tf.TensorSpec([None], tf.float32),
+  }
   for m in config.modalities:
     specs[f'{m}_features'] = tf.TensorSpec((None,) + config.item_shape(m), tf.float32)
   if 'audio' in config.modalities:
@@ -563,17 +632,21 @@ def feature_specs(config: ManifestConfig) -> Dict[str, tf.TensorSpec]:
 
 
 def _empty_example(specs: Mapping[str, tf.TensorSpec]) -> Dict[str, np.ndarray]:
-  return {k: np.zeros([0 if d is None else d for d in s.shape], s.dtype.as_numpy_dtype)
-          for k, s in specs.items()}
+  return {
+      k: np.zeros([0 if d is None else d for d in s.shape], s.dtype.as_numpy_dtype)
+      for k, s in specs.items()
+  }
 
 
-def manifest_dataset(config: ManifestConfig,
-                     split_shard: Optional[seqio.ShardInfo] = None,
-                     manifest_path: Optional[str] = None,
-                     shuffle: bool = False,
-                     seed: Optional[int] = None,
-                     vocabulary: Optional[vocabulary_lib.MultimodalVocabulary] = None,
-                     task_name: str = '') -> tf.data.Dataset:
+def manifest_dataset(
+    config: ManifestConfig,
+    split_shard: Optional[seqio.ShardInfo] = None,
+    manifest_path: Optional[str] = None,
+    shuffle: bool = False,
+    seed: Optional[int] = None,
+    vocabulary: Optional[vocabulary_lib.MultimodalVocabulary] = None,
+    task_name: str = '',
+) -> tf.data.Dataset:
   """Examples of one manifest (default: `config.path`) as a tf.data.Dataset of `feature_specs`.
 
   Records enter as their indices (sharded by `split_shard`, shuffled when asked), and are
@@ -590,8 +663,10 @@ def manifest_dataset(config: ManifestConfig,
   entries = read_manifest(manifest_path)
   of_task = f'task {task_name}: ' if task_name else ''
   if not entries:
-    raise ValueError(f'{of_task}manifest {manifest_path} holds no records (an empty file, an '
-                     'empty JSON list or blank lines only)')
+    raise ValueError(
+        f'{of_task}manifest {manifest_path} holds no records (an empty file, an '
+        'empty JSON list or blank lines only)'
+    )
   vocabulary = vocabulary or _vocabulary(config.vocab_path)
   specs = feature_specs(config)
   keys = list(specs)
@@ -616,8 +691,9 @@ def manifest_dataset(config: ManifestConfig,
     return [example[k] for k in keys] + [np.bool_(valid)]
 
   def load_tf(index):
-    outputs = tf.numpy_function(load, [index], [specs[k].dtype for k in keys] + [tf.bool],
-                                stateful=False)
+    outputs = tf.numpy_function(
+        load, [index], [specs[k].dtype for k in keys] + [tf.bool], stateful=False
+    )
     for output, key in zip(outputs, keys):
       output.set_shape(specs[key].shape)
     outputs[-1].set_shape([])
@@ -635,33 +711,49 @@ def manifest_dataset(config: ManifestConfig,
   return ds.map(lambda example, valid: example)
 
 
-def _fail_when_all_bad(ds: tf.data.Dataset, specs, manifest_path: str,
-                       split_shard: Optional[seqio.ShardInfo], of_task: str) -> tf.data.Dataset:
+def _fail_when_all_bad(
+    ds: tf.data.Dataset,
+    specs,
+    manifest_path: str,
+    split_shard: Optional[seqio.ShardInfo],
+    of_task: str,
+) -> tf.data.Dataset:
   """(example, valid) pairs as they are; raises at the end of a pass that had no valid one.
 
   A sentinel after the last record ends the pass; a `scan` counts the pass's valid and bad
   records (its state restarts with each iterator: per epoch of a repeated dataset)."""
   sentinel = tf.data.Dataset.from_tensors(
-      ({k: tf.constant(v) for k, v in _empty_example(specs).items()}, tf.constant(False),
-       tf.constant(True)))
+      (
+          {k: tf.constant(v) for k, v in _empty_example(specs).items()},
+          tf.constant(False),
+          tf.constant(True),
+      )
+  )
   ds = ds.map(lambda example, valid: (example, valid, tf.constant(False)))
   ds = ds.concatenate(sentinel)
-  shard = ('' if split_shard is None or split_shard.num_shards <= 1 else
-           f' (shard {split_shard.index} of {split_shard.num_shards})')
+  shard = (
+      ''
+      if split_shard is None or split_shard.num_shards <= 1
+      else f' (shard {split_shard.index} of {split_shard.num_shards})'
+  )
 
   def fail(bad):
     counts = BAD_EXAMPLES.counts(manifest_path)
-    raise ValueError(f'{of_task}all {int(bad)} records of manifest {manifest_path}{shard} are '
-                     f'bad examples, skipped with on_bad_example=\'skip\' (by reason: {counts}); '
-                     'no example is left to train or evaluate on. The log names each one '
-                     '("skipping bad example at ...").')
+    raise ValueError(
+        f'{of_task}all {int(bad)} records of manifest {manifest_path}{shard} are '
+        f"bad examples, skipped with on_bad_example='skip' (by reason: {counts}); "
+        'no example is left to train or evaluate on. The log names each one '
+        '("skipping bad example at ...").'
+    )
 
   def step(state, element):
     example, valid, end = element
     kept, bad = state
-    ok = tf.cond(tf.logical_and(end, tf.logical_and(tf.equal(kept, 0), bad > 0)),
-                 lambda: tf.reshape(tf.numpy_function(fail, [bad], tf.bool, stateful=True), []),
-                 lambda: tf.constant(True))
+    ok = tf.cond(
+        tf.logical_and(end, tf.logical_and(tf.equal(kept, 0), bad > 0)),
+        lambda: tf.reshape(tf.numpy_function(fail, [bad], tf.bool, stateful=True), []),
+        lambda: tf.constant(True),
+    )
     with tf.control_dependencies([ok]):
       kept += tf.cast(valid, tf.int64)
       bad += tf.cast(tf.logical_not(tf.logical_or(valid, end)), tf.int64)
@@ -677,31 +769,60 @@ class ManifestDataSource(seqio.FunctionDataSource):
   def supports_arbitrary_sharding(self) -> bool:
     return True
 
-  def get_dataset(self, split: str = 'train', shuffle: bool = True, seed: Optional[int] = None,
-                  shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None,
-                  use_cached: bool = False, num_epochs: Optional[int] = 1) -> tf.data.Dataset:
+  def get_dataset(
+      self,
+      split: str = 'train',
+      shuffle: bool = True,
+      seed: Optional[int] = None,
+      shard_info: Optional[seqio.ShardInfo] = None,
+      *,
+      sequence_length=None,
+      use_cached: bool = False,
+      num_epochs: Optional[int] = 1,
+  ) -> tf.data.Dataset:
     del sequence_length, use_cached, num_epochs
-    return self._dataset_fn(split=split, shuffle_files=shuffle, seed=seed,
-                            shard_info=shard_info)
+    return self._dataset_fn(split=split, shuffle_files=shuffle, seed=seed, shard_info=shard_info)
 
 
-def seqio_source(config: ManifestConfig,
-                 vocabulary: Optional[vocabulary_lib.MultimodalVocabulary] = None,
-                 task_name: str = '') -> ManifestDataSource:
+def seqio_source(
+    config: ManifestConfig,
+    vocabulary: Optional[vocabulary_lib.MultimodalVocabulary] = None,
+    task_name: str = '',
+) -> ManifestDataSource:
   """A seqio data source with one split per `config.split_paths()` entry."""
   paths = config.split_paths()
 
-  def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None,
-                 shard_info: Optional[seqio.ShardInfo] = None) -> tf.data.Dataset:
+  def dataset_fn(
+      split: str,
+      shuffle_files: bool,
+      seed: Optional[int] = None,
+      shard_info: Optional[seqio.ShardInfo] = None,
+  ) -> tf.data.Dataset:
     if split not in paths:
       raise ValueError(f'unknown split {split!r}; the manifest config has {sorted(paths)}')
-    return manifest_dataset(config, shard_info, manifest_path=paths[split],
-                            shuffle=shuffle_files, seed=seed, vocabulary=vocabulary,
-                            task_name=task_name)
+    return manifest_dataset(
+        config,
+        shard_info,
+        manifest_path=paths[split],
+        shuffle=shuffle_files,
+        seed=seed,
+        vocabulary=vocabulary,
+        task_name=task_name,
+    )
 
   return ManifestDataSource(dataset_fn, splits=tuple(paths))
 
 
-__all__ = ['BAD_EXAMPLES', 'BadExampleCounter', 'BadExampleError', 'ManifestConfig',
-           'ManifestDataSource', 'UndecodableRecord', 'feature_specs', 'load_example',
-           'manifest_dataset', 'read_manifest', 'seqio_source']
+__all__ = [
+    'BAD_EXAMPLES',
+    'BadExampleCounter',
+    'BadExampleError',
+    'ManifestConfig',
+    'ManifestDataSource',
+    'UndecodableRecord',
+    'feature_specs',
+    'load_example',
+    'manifest_dataset',
+    'read_manifest',
+    'seqio_source',
+]

@@ -91,7 +91,8 @@ def accuracy(targets: Sequence[Any], predictions: Sequence[Text]) -> Dict[str, f
   squash = lambda s: ' '.join(s.split())
   correct = sum(
       squash(_as_text(p)) in {squash(r) for r in _references(t)}
-      for t, p in zip(targets, predictions))
+      for t, p in zip(targets, predictions)
+  )
   return {'accuracy': 100.0 * correct / len(targets)}
 
 
@@ -105,7 +106,8 @@ def exact_match(targets: Sequence[Any], predictions: Sequence[Text]) -> Dict[str
   _check_lengths(targets, predictions)
   correct = sum(
       normalize_text(p) in {normalize_text(r) for r in _references(t)}
-      for t, p in zip(targets, predictions))
+      for t, p in zip(targets, predictions)
+  )
   return {'exact_match': 100.0 * correct / len(targets)}
 
 
@@ -154,8 +156,10 @@ def _choice_target(target: Any):
       answer = answer.item()  # numpy scalar from tf.data
     if isinstance(answer, int) and not isinstance(answer, bool):
       if options is None or not 0 <= answer < len(options):
-        raise ValueError(f'answer index {answer} needs options with more than {answer} entries, '
-                         f'got {options!r}')
+        raise ValueError(
+            f'answer index {answer} needs options with more than {answer} entries, '
+            f'got {options!r}'
+        )
       return _LETTERS[answer], normalize_text(options[answer]), options
     answer = _as_text(answer).strip()
     if len(answer) == 1 and answer in _LETTERS:
@@ -201,8 +205,9 @@ def multiple_choice_correct(target: Any, prediction: Text) -> bool:
   return answer_text is not None and text == answer_text
 
 
-def multiple_choice_accuracy(targets: Sequence[Any],
-                             predictions: Sequence[Text]) -> Dict[str, float]:
+def multiple_choice_accuracy(
+    targets: Sequence[Any], predictions: Sequence[Text]
+) -> Dict[str, float]:
   """Multiple-choice accuracy (ScienceQA, A-OKVQA MC, ClothoAQA-style answers), in percent.
 
   A target is one of:
@@ -259,8 +264,12 @@ def word_error_rate(targets: Sequence[Text], predictions: Sequence[Text]) -> Dic
   }
 
 
-def bleu(targets: Sequence[Any], predictions: Sequence[Text], tokenize: str = '13a',
-         lowercase: bool = False) -> Dict[str, float]:
+def bleu(
+    targets: Sequence[Any],
+    predictions: Sequence[Text],
+    tokenize: str = '13a',
+    lowercase: bool = False,
+) -> Dict[str, float]:
   """Corpus BLEU with `sacrebleu.corpus_bleu` (defaults: 13a tokenizer, case-sensitive, 'exp'
   smoothing, BLEU-4 with the corpus brevity penalty), on the raw (un-normalised) text.
 
@@ -275,13 +284,15 @@ def bleu(targets: Sequence[Any], predictions: Sequence[Text], tokenize: str = '1
   references = [_references(t) for t in targets]
   streams = max(len(r) for r in references)
   reference_streams = [[r[i] if i < len(r) else None for r in references] for i in range(streams)]
-  score = sacrebleu.corpus_bleu([_as_text(p) for p in predictions], reference_streams,
-                                tokenize=tokenize, lowercase=lowercase)
+  score = sacrebleu.corpus_bleu(
+      [_as_text(p) for p in predictions], reference_streams, tokenize=tokenize, lowercase=lowercase
+  )
   return {'bleu': float(score.score)}
 
 
-def cider(targets: Sequence[Any], predictions: Sequence[Text],
-          tokenizer: str = 'ptb') -> Dict[str, float]:
+def cider(
+    targets: Sequence[Any], predictions: Sequence[Text], tokenizer: str = 'ptb'
+) -> Dict[str, float]:
   """Corpus CIDEr-D with `pycocoevalcap.cider.cider.Cider` (n = 1..4, sigma 6: clipped tf-idf
   cosine per n-gram order, Gaussian length penalty, mean over orders and references, x10).
 

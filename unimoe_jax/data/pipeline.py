@@ -56,12 +56,17 @@ def import_task_modules(modules: Sequence[str]) -> None:
 
 def modalities_of(task_feature_lengths: Mapping[str, int]) -> Tuple[str, ...]:
   """Modalities named in TASK_FEATURE_LENGTHS (`image_features: 1` ...), in canonical order."""
-  unknown = [k for k in task_feature_lengths
-             if k not in ('targets',) and not (k.endswith('_features') and
-                                               k[:-len('_features')] in ITEM_RANK)]
+  unknown = [
+      k
+      for k in task_feature_lengths
+      if k not in ('targets',)
+      and not (k.endswith('_features') and k[: -len('_features')] in ITEM_RANK)
+  ]
   if unknown:
-    raise ValueError(f'TASK_FEATURE_LENGTHS: unknown features {unknown}; expected targets and '
-                     f'<m>_features for m in {tuple(ITEM_RANK)}')
+    raise ValueError(
+        f'TASK_FEATURE_LENGTHS: unknown features {unknown}; expected targets and '
+        f'<m>_features for m in {tuple(ITEM_RANK)}'
+    )
   if 'targets' not in task_feature_lengths:
     raise ValueError('TASK_FEATURE_LENGTHS needs a "targets" length')
   return tuple(m for m in ITEM_RANK if f'{m}_features' in task_feature_lengths)
@@ -71,26 +76,39 @@ def get_mixture_or_task(name: str):
   try:
     return seqio.get_mixture_or_task(name)
   except ValueError as e:
-    raise ValueError(f'MIXTURE_OR_TASK_NAME={name!r} is not a registered seqio task or '
-                     f'mixture (is MIXTURE_OR_TASK_MODULE imported?): {e}') from e
+    raise ValueError(
+        f'MIXTURE_OR_TASK_NAME={name!r} is not a registered seqio task or '
+        f'mixture (is MIXTURE_OR_TASK_MODULE imported?): {e}'
+    ) from e
 
 
-def feature_converter(task_feature_lengths: Mapping[str, int], pack: bool
-                      ) -> MultimodalDecoderFeatureConverter:
-  return MultimodalDecoderFeatureConverter(pack=pack,
-                                           modalities=modalities_of(task_feature_lengths))
+def feature_converter(
+    task_feature_lengths: Mapping[str, int], pack: bool
+) -> MultimodalDecoderFeatureConverter:
+  return MultimodalDecoderFeatureConverter(
+      pack=pack, modalities=modalities_of(task_feature_lengths)
+  )
 
 
-def check_examples_fit(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
-                       split: str = 'train', sample: int = 32) -> None:
+def check_examples_fit(
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    split: str = 'train',
+    sample: int = 32,
+) -> None:
   """Raises ValueError when none of the first `sample` examples of some task fits
   TASK_FEATURE_LENGTHS: every example would be dropped and training would wait forever."""
   task_or_mixture = get_mixture_or_task(mixture_or_task_name)
   for task in getattr(task_or_mixture, 'tasks', [task_or_mixture]):
     if split not in task.splits:
       continue
-    ds = task.get_dataset(sequence_length=None, split=split, shuffle=False,
-                          trim_output_features=False, use_cached=False)
+    ds = task.get_dataset(
+        sequence_length=None,
+        split=split,
+        shuffle=False,
+        trim_output_features=False,
+        use_cached=False,
+    )
     lengths, fits = [], 0
     for ex in iteration.numpy_iterator(ds.take(sample)):
       ok = len(ex['targets']) <= task_feature_lengths['targets']
@@ -104,13 +122,22 @@ def check_examples_fit(mixture_or_task_name: str, task_feature_lengths: Mapping[
           f'TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} fits none of the first '
           f'{len(lengths)} examples of task {task.name} (split {split}): their targets have '
           f'{min(lengths)}-{max(lengths)} tokens (media placeholders expanded); raise '
-          f'TASK_FEATURE_LENGTHS["targets"] or the item counts')
+          f'TASK_FEATURE_LENGTHS["targets"] or the item counts'
+      )
 
 
-def train_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
-                  global_batch_size: int, *, split: str = 'train', seed: int = 0,
-                  shuffle: bool = True, pack: bool = True, use_cached: bool = False,
-                  skip_batches: int = 0) -> iteration.CheckpointableIterator:
+def train_batches(
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    global_batch_size: int,
+    *,
+    split: str = 'train',
+    seed: int = 0,
+    shuffle: bool = True,
+    pack: bool = True,
+    use_cached: bool = False,
+    skip_batches: int = 0,
+) -> iteration.CheckpointableIterator:
   """This process's share of each global batch, forever, as numpy dicts.
 
   Rows `[global_batch_size // process_count, ...]`; `skip_batches` resumes mid-stream by
@@ -122,11 +149,18 @@ def train_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, 
     raise ValueError(f'BATCH_SIZE={global_batch_size} is not divisible by the {count} processes')
   check_examples_fit(mixture_or_task_name, task_feature_lengths, split)
   ds = seqio.get_dataset(
-      mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
-      feature_converter=feature_converter(task_feature_lengths, pack), dataset_split=split,
-      use_cached=use_cached, shuffle=shuffle, num_epochs=None,
-      shard_info=seqio.ShardInfo(index=index, num_shards=count), seed=seed,
-      trim_output_features=False, verbose=False)
+      mixture_or_task_name,
+      task_feature_lengths=dict(task_feature_lengths),
+      feature_converter=feature_converter(task_feature_lengths, pack),
+      dataset_split=split,
+      use_cached=use_cached,
+      shuffle=shuffle,
+      num_epochs=None,
+      shard_info=seqio.ShardInfo(index=index, num_shards=count),
+      seed=seed,
+      trim_output_features=False,
+      verbose=False,
+  )
   ds = ds.batch(global_batch_size // count, drop_remainder=True)
   if skip_batches:
     logging.info('Skipping %d batches to resume the data stream', skip_batches)
@@ -134,21 +168,29 @@ def train_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, 
   options = tf.data.Options()
   options.deterministic = True
   # Why IGNORE is safe for this pipeline: the module docstring.
-  options.experimental_external_state_policy = (
-      tf.data.experimental.ExternalStatePolicy.IGNORE)
+  options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
   ds = ds.with_options(options).prefetch(2)
   # What a saved iterator state must agree on to be restored into this pipeline (tf.data
   # itself would restore, e.g., the buffered batches of another batch size without a word).
   description = {
-      'mixture_or_task_name': mixture_or_task_name, 'split': split,
-      'task_feature_lengths': dict(task_feature_lengths), 'global_batch_size': global_batch_size,
-      'process_index': index, 'process_count': count, 'seed': seed, 'shuffle': shuffle,
-      'pack': pack, 'use_cached': use_cached, 'element_spec': repr(ds.element_spec)}
+      'mixture_or_task_name': mixture_or_task_name,
+      'split': split,
+      'task_feature_lengths': dict(task_feature_lengths),
+      'global_batch_size': global_batch_size,
+      'process_index': index,
+      'process_count': count,
+      'seed': seed,
+      'shuffle': shuffle,
+      'pack': pack,
+      'use_cached': use_cached,
+      'element_spec': repr(ds.element_spec),
+  }
   return iteration.CheckpointableIterator(ds, description, position=skip_batches)
 
 
-def batched_with_padding(ds: tf.data.Dataset, batch_size: int
-                         ) -> Iterator[Tuple[Dict[str, np.ndarray], int]]:
+def batched_with_padding(
+    ds: tf.data.Dataset, batch_size: int
+) -> Iterator[Tuple[Dict[str, np.ndarray], int]]:
   """Fixed-size batches of a finite dataset; the last is padded with copies of its first row.
 
   Yields `(batch, num_real_rows)` so that every batch has one shape (one compilation).
@@ -156,19 +198,30 @@ def batched_with_padding(ds: tf.data.Dataset, batch_size: int
   for batch in iteration.numpy_iterator(ds.batch(batch_size)):
     n = len(next(iter(batch.values())))
     if n < batch_size:
-      batch = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, axis=0)])
-               for k, v in batch.items()}
+      batch = {
+          k: np.concatenate([v, np.repeat(v[:1], batch_size - n, axis=0)]) for k, v in batch.items()
+      }
     yield batch, n
 
 
-def first_batch_shapes(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
-                       global_batch_size: int, pack: bool = True, split: str = 'train'
-                       ) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, np.dtype]]:
+def first_batch_shapes(
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    global_batch_size: int,
+    pack: bool = True,
+    split: str = 'train',
+) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, np.dtype]]:
   """Global shapes and dtypes of the model features, from the converter's element spec."""
   ds = seqio.get_dataset(
-      mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
-      feature_converter=feature_converter(task_feature_lengths, pack), dataset_split=split,
-      shuffle=False, num_epochs=1, trim_output_features=False, verbose=False)
+      mixture_or_task_name,
+      task_feature_lengths=dict(task_feature_lengths),
+      feature_converter=feature_converter(task_feature_lengths, pack),
+      dataset_split=split,
+      shuffle=False,
+      num_epochs=1,
+      trim_output_features=False,
+      verbose=False,
+  )
   shapes, types = {}, {}
   for key, spec in ds.element_spec.items():
     shapes[key] = (global_batch_size,) + tuple(spec.shape)

@@ -43,10 +43,21 @@ SERIALIZATION = 'tf.io.serialize_tensor'
 SHARD_ASSIGNMENT = 'round_robin'  # written example k -> shard k % num_shards
 # ManifestConfig fields that change the features; the others (where the files were, the bad
 # example policy) do not, so `expect_config` ignores them.
-FEATURE_FIELDS = ('modalities', 'voice_modality', 'image_size', 'image_mode', 'video_frames',
-                  'n_mels', 'speech_seconds', 'audio_frames', 'audio_max_chunks',
-                  'image_soft_tokens', 'video_soft_tokens', 'speech_soft_tokens',
-                  'audio_soft_tokens')
+FEATURE_FIELDS = (
+    'modalities',
+    'voice_modality',
+    'image_size',
+    'image_mode',
+    'video_frames',
+    'n_mels',
+    'speech_seconds',
+    'audio_frames',
+    'audio_max_chunks',
+    'image_soft_tokens',
+    'video_soft_tokens',
+    'speech_soft_tokens',
+    'audio_soft_tokens',
+)
 DEFAULT_PARALLEL_READS = 16
 DEFAULT_SHUFFLE_BUFFER = 128  # examples of up to a few MB each (video, speech)
 
@@ -60,12 +71,12 @@ def shard_name(index: int, num_shards: int) -> str:
 
 
 def specs_to_json(specs: Mapping[str, tf.TensorSpec]) -> Dict[str, Dict[str, Any]]:
-  return {key: {'shape': spec.shape.as_list(), 'dtype': spec.dtype.name}
-          for key, spec in specs.items()}
+  return {
+      key: {'shape': spec.shape.as_list(), 'dtype': spec.dtype.name} for key, spec in specs.items()
+  }
 
 
-def encode_example(example: Mapping[str, np.ndarray],
-                   specs: Mapping[str, tf.TensorSpec]) -> bytes:
+def encode_example(example: Mapping[str, np.ndarray], specs: Mapping[str, tf.TensorSpec]) -> bytes:
   """One `load_example` result -> a serialized `tf.train.Example` (features as TensorProtos).
 
   Raises:
@@ -76,10 +87,11 @@ def encode_example(example: Mapping[str, np.ndarray],
   features = {}
   for key, spec in specs.items():
     value = np.asarray(example[key])
-    if value.dtype != spec.dtype.as_numpy_dtype or not spec.shape.is_compatible_with(
-        value.shape):
-      raise ValueError(f'feature {key!r} is {value.dtype}{list(value.shape)}, the spec says '
-                       f'{spec.dtype.name}{spec.shape.as_list()}')
+    if value.dtype != spec.dtype.as_numpy_dtype or not spec.shape.is_compatible_with(value.shape):
+      raise ValueError(
+          f'feature {key!r} is {value.dtype}{list(value.shape)}, the spec says '
+          f'{spec.dtype.name}{spec.shape.as_list()}'
+      )
     data = tf.io.serialize_tensor(value).numpy()
     features[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
   return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
@@ -103,6 +115,7 @@ class PrecomputedInfo:
     bad_examples: reason -> manifest records skipped.
     metadata: the whole parsed features.json.
   """
+
   directory: str
   config: manifest_lib.ManifestConfig
   specs: Dict[str, tf.TensorSpec]
@@ -113,8 +126,9 @@ class PrecomputedInfo:
   metadata: Dict[str, Any]
 
 
-def read_info(directory: str,
-              expect_config: Optional[manifest_lib.ManifestConfig] = None) -> PrecomputedInfo:
+def read_info(
+    directory: str, expect_config: Optional[manifest_lib.ManifestConfig] = None
+) -> PrecomputedInfo:
   """Reads and checks `directory`/features.json and that every shard it names is there whole.
 
   Args:
@@ -127,16 +141,21 @@ def read_info(directory: str,
     ValueError: features.json is malformed or disagrees with itself, the shards or
       `expect_config`; the message names the directory and the field.
   """
+
   def fail(detail):
     return ValueError(f'precomputed features in {directory}: {detail}')
 
   if not tf.io.gfile.isdir(directory):
-    raise FileNotFoundError(f'precomputed features directory {directory} does not exist '
-                            '(write it with tools/precompute_features.py)')
+    raise FileNotFoundError(
+        f'precomputed features directory {directory} does not exist '
+        '(write it with tools/precompute_features.py)'
+    )
   path = os.path.join(directory, METADATA_FILE)
   if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: {directory} is not a finished '
-                            'tools/precompute_features.py output')
+    raise FileNotFoundError(
+        f'{path} does not exist: {directory} is not a finished '
+        'tools/precompute_features.py output'
+    )
   try:
     with tf.io.gfile.GFile(path, 'r') as f:
       metadata = json.load(f)
@@ -144,16 +163,27 @@ def read_info(directory: str,
     raise fail(f'{METADATA_FILE} is not valid JSON: {e}') from None
   if not isinstance(metadata, dict):
     raise fail(f'{METADATA_FILE} must hold an object')
-  for field in ('format_version', 'serialization', 'shard_assignment', 'config',
-                'feature_specs', 'num_examples', 'shards'):
+  for field in (
+      'format_version',
+      'serialization',
+      'shard_assignment',
+      'config',
+      'feature_specs',
+      'num_examples',
+      'shards',
+  ):
     if field not in metadata:
       raise fail(f'{METADATA_FILE} has no field {field!r}')
-  expected = {'format_version': FORMAT_VERSION, 'serialization': SERIALIZATION,
-              'shard_assignment': SHARD_ASSIGNMENT}
+  expected = {
+      'format_version': FORMAT_VERSION,
+      'serialization': SERIALIZATION,
+      'shard_assignment': SHARD_ASSIGNMENT,
+  }
   for field, value in expected.items():
     if metadata[field] != value:
-      raise fail(f'{METADATA_FILE} field {field!r} is {metadata[field]!r}, this reader '
-                 f'knows {value!r}')
+      raise fail(
+          f'{METADATA_FILE} field {field!r} is {metadata[field]!r}, this reader ' f'knows {value!r}'
+      )
 
   stored = metadata['config']
   known = {f.name for f in dataclasses.fields(manifest_lib.ManifestConfig)}
@@ -168,19 +198,24 @@ def read_info(directory: str,
   stored_specs = metadata['feature_specs']
   want_specs = specs_to_json(specs)
   if not isinstance(stored_specs, dict) or set(stored_specs) != set(want_specs):
-    raise fail(f'{METADATA_FILE} field "feature_specs" has features '
-               f'{sorted(stored_specs) if isinstance(stored_specs, dict) else stored_specs}, '
-               f'its config gives {sorted(want_specs)}')
+    raise fail(
+        f'{METADATA_FILE} field "feature_specs" has features '
+        f'{sorted(stored_specs) if isinstance(stored_specs, dict) else stored_specs}, '
+        f'its config gives {sorted(want_specs)}'
+    )
   for key, want in want_specs.items():
     if stored_specs[key] != want:
-      raise fail(f'{METADATA_FILE} field "feature_specs.{key}" is {stored_specs[key]}, its '
-                 f'config gives {want}')
+      raise fail(
+          f'{METADATA_FILE} field "feature_specs.{key}" is {stored_specs[key]}, its '
+          f'config gives {want}'
+      )
   if expect_config is not None:
     for field in FEATURE_FIELDS:
       have, want = getattr(config, field), getattr(expect_config, field)
       if have != want:
-        raise fail(f'ManifestConfig.{field} is {have!r} in {METADATA_FILE} but {want!r} is '
-                   'expected')
+        raise fail(
+            f'ManifestConfig.{field} is {have!r} in {METADATA_FILE} but {want!r} is ' 'expected'
+        )
 
   files, counts = [], []
   shards = metadata['shards']
@@ -190,28 +225,44 @@ def read_info(directory: str,
     try:
       name, count, size = shard['file'], int(shard['num_examples']), int(shard['bytes'])
     except (TypeError, KeyError, ValueError):
-      raise fail(f'{METADATA_FILE} field "shards[{index}]" must hold file, num_examples and '
-                 f'bytes, got {shard!r:.200}') from None
+      raise fail(
+          f'{METADATA_FILE} field "shards[{index}]" must hold file, num_examples and '
+          f'bytes, got {shard!r:.200}'
+      ) from None
     if name != shard_name(index, len(shards)):
-      raise fail(f'{METADATA_FILE} field "shards[{index}].file" is {name!r}, expected '
-                 f'{shard_name(index, len(shards))!r}')
+      raise fail(
+          f'{METADATA_FILE} field "shards[{index}].file" is {name!r}, expected '
+          f'{shard_name(index, len(shards))!r}'
+      )
     file_path = os.path.join(directory, name)
     if not tf.io.gfile.exists(file_path):
-      raise FileNotFoundError(f'precomputed features in {directory}: shard {file_path} '
-                              f'named in {METADATA_FILE} does not exist')
+      raise FileNotFoundError(
+          f'precomputed features in {directory}: shard {file_path} '
+          f'named in {METADATA_FILE} does not exist'
+      )
     actual = tf.io.gfile.stat(file_path).length
     if actual != size:
-      raise fail(f'shard {name} has {actual} bytes, {METADATA_FILE} field '
-                 f'"shards[{index}].bytes" says {size} (truncated or rewritten?)')
+      raise fail(
+          f'shard {name} has {actual} bytes, {METADATA_FILE} field '
+          f'"shards[{index}].bytes" says {size} (truncated or rewritten?)'
+      )
     files.append(file_path)
     counts.append(count)
   if sum(counts) != metadata['num_examples']:
-    raise fail(f'{METADATA_FILE} field "num_examples" is {metadata["num_examples"]}, the shards '
-               f'hold {sum(counts)}')
-  return PrecomputedInfo(directory=directory, config=config, specs=specs, files=tuple(files),
-                         shard_examples=tuple(counts), num_examples=sum(counts),
-                         bad_examples=dict(metadata.get('bad_examples', {})),
-                         metadata=metadata)
+    raise fail(
+        f'{METADATA_FILE} field "num_examples" is {metadata["num_examples"]}, the shards '
+        f'hold {sum(counts)}'
+    )
+  return PrecomputedInfo(
+      directory=directory,
+      config=config,
+      specs=specs,
+      files=tuple(files),
+      shard_examples=tuple(counts),
+      num_examples=sum(counts),
+      bad_examples=dict(metadata.get('bad_examples', {})),
+      metadata=metadata,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +274,10 @@ def _parse_fn(specs: Mapping[str, tf.TensorSpec]):
 
   def parse(record):
     serialized = tf.io.parse_single_example(record, description)
-    return {key: tf.ensure_shape(tf.io.parse_tensor(serialized[key], spec.dtype), spec.shape)
-            for key, spec in specs.items()}
+    return {
+        key: tf.ensure_shape(tf.io.parse_tensor(serialized[key], spec.dtype), spec.shape)
+        for key, spec in specs.items()
+    }
 
   return parse
 
@@ -239,18 +292,20 @@ def _host_files(files: List[str], split_shard: Optional[seqio.ShardInfo]):
   if split_shard is None or split_shard.num_shards <= 1:
     return files, None
   if len(files) % split_shard.num_shards == 0:
-    return files[split_shard.index::split_shard.num_shards], None
+    return files[split_shard.index :: split_shard.num_shards], None
   return files, split_shard
 
 
-def precomputed_dataset(directory: str,
-                        split_shard: Optional[seqio.ShardInfo] = None,
-                        shuffle: bool = False,
-                        seed: Optional[int] = None,
-                        *,
-                        expect_config: Optional[manifest_lib.ManifestConfig] = None,
-                        num_parallel_reads: int = DEFAULT_PARALLEL_READS,
-                        shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER) -> tf.data.Dataset:
+def precomputed_dataset(
+    directory: str,
+    split_shard: Optional[seqio.ShardInfo] = None,
+    shuffle: bool = False,
+    seed: Optional[int] = None,
+    *,
+    expect_config: Optional[manifest_lib.ManifestConfig] = None,
+    num_parallel_reads: int = DEFAULT_PARALLEL_READS,
+    shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER,
+) -> tf.data.Dataset:
   """The examples of a precompute_features.py directory, with `manifest_dataset`'s element spec.
 
   Without shuffling the order is the manifest's (of the examples written); with split_shard it
@@ -281,9 +336,13 @@ def precomputed_dataset(directory: str,
     ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
   # cycle_length = all files and block_length 1 undo the round-robin writing; deterministic
   # keeps that order with parallel reads.
-  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=len(files), block_length=1,
-                     num_parallel_calls=max(1, min(num_parallel_reads, len(files))),
-                     deterministic=True)
+  ds = ds.interleave(
+      tf.data.TFRecordDataset,
+      cycle_length=len(files),
+      block_length=1,
+      num_parallel_calls=max(1, min(num_parallel_reads, len(files))),
+      deterministic=True,
+  )
   if record_shard is not None:
     ds = ds.shard(record_shard.num_shards, record_shard.index)
   if shuffle:
@@ -294,8 +353,12 @@ def precomputed_dataset(directory: str,
 class PrecomputedDataSource(manifest_lib.ManifestDataSource):
   """`ManifestDataSource` whose split sizes come from features.json."""
 
-  def __init__(self, dataset_fn, splits: Mapping[str, str],
-               expect_config: Optional[manifest_lib.ManifestConfig] = None):
+  def __init__(
+      self,
+      dataset_fn,
+      splits: Mapping[str, str],
+      expect_config: Optional[manifest_lib.ManifestConfig] = None,
+  ):
     super().__init__(dataset_fn, splits=tuple(splits))
     self._directories = dict(splits)
     self._expect_config = expect_config
@@ -304,9 +367,11 @@ class PrecomputedDataSource(manifest_lib.ManifestDataSource):
     return read_info(self._directories[split], self._expect_config).num_examples
 
 
-def precomputed_source(splits: Mapping[str, str],
-                       expect_config: Optional[manifest_lib.ManifestConfig] = None,
-                       **dataset_kwargs) -> PrecomputedDataSource:
+def precomputed_source(
+    splits: Mapping[str, str],
+    expect_config: Optional[manifest_lib.ManifestConfig] = None,
+    **dataset_kwargs,
+) -> PrecomputedDataSource:
   """A seqio data source: split name -> precompute_features.py directory, like `seqio_source`.
 
   Directories are checked when a split's dataset is built, so tasks can be registered on
@@ -314,17 +379,37 @@ def precomputed_source(splits: Mapping[str, str],
   """
   directories = dict(splits)
 
-  def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None,
-                 shard_info: Optional[seqio.ShardInfo] = None) -> tf.data.Dataset:
+  def dataset_fn(
+      split: str,
+      shuffle_files: bool,
+      seed: Optional[int] = None,
+      shard_info: Optional[seqio.ShardInfo] = None,
+  ) -> tf.data.Dataset:
     if split not in directories:
-      raise ValueError(f'unknown split {split!r}; the precomputed source has '
-                       f'{sorted(directories)}')
-    return precomputed_dataset(directories[split], shard_info, shuffle=shuffle_files,
-                               seed=seed, expect_config=expect_config, **dataset_kwargs)
+      raise ValueError(
+          f'unknown split {split!r}; the precomputed source has ' f'{sorted(directories)}'
+      )
+    return precomputed_dataset(
+        directories[split],
+        shard_info,
+        shuffle=shuffle_files,
+        seed=seed,
+        expect_config=expect_config,
+        **dataset_kwargs,
+    )
 
   return PrecomputedDataSource(dataset_fn, directories, expect_config)
 
 
-__all__ = ['FEATURE_FIELDS', 'METADATA_FILE', 'PrecomputedDataSource', 'PrecomputedInfo',
-           'encode_example', 'precomputed_dataset', 'precomputed_source', 'read_info',
-           'shard_name', 'specs_to_json']
+__all__ = [
+    'FEATURE_FIELDS',
+    'METADATA_FILE',
+    'PrecomputedDataSource',
+    'PrecomputedInfo',
+    'encode_example',
+    'precomputed_dataset',
+    'precomputed_source',
+    'read_info',
+    'shard_name',
+    'specs_to_json',
+]

@@ -45,23 +45,26 @@ Limits = Sequence[Tuple[str, int]]
 
 
 def describe_sizes(limits: Limits, mins, maxs, over) -> str:
-  """"'targets' (limit 16) was 40..212 in them, over the limit in 128" for each feature that
+  """ "'targets' (limit 16) was 40..212 in them, over the limit in 128" for each feature that
   was over its limit in some dropped example (the others fit)."""
   parts = []
   for k, (name, limit) in enumerate(limits):
     if over[k]:
       sizes = f'{int(mins[k])}' if mins[k] == maxs[k] else f'{int(mins[k])}..{int(maxs[k])}'
-      parts.append(f'{name!r} (limit {limit}) was {sizes} in them, over the limit in '
-                   f'{int(over[k])}')
+      parts.append(
+          f'{name!r} (limit {limit}) was {sizes} in them, over the limit in ' f'{int(over[k])}'
+      )
   return '; '.join(parts)
 
 
-def filter_failing_fast(dataset: tf.data.Dataset,
-                        sizes_fn: Callable[[Dict[str, tf.Tensor]], tf.Tensor],
-                        limits: Limits,
-                        record_drop: Callable[[np.ndarray], None],
-                        failure: Callable[[int, str], str],
-                        max_leading_drops: int = MAX_LEADING_DROPS) -> tf.data.Dataset:
+def filter_failing_fast(
+    dataset: tf.data.Dataset,
+    sizes_fn: Callable[[Dict[str, tf.Tensor]], tf.Tensor],
+    limits: Limits,
+    record_drop: Callable[[np.ndarray], None],
+    failure: Callable[[int, str], str],
+    max_leading_drops: int = MAX_LEADING_DROPS,
+) -> tf.data.Dataset:
   """Keeps the examples whose sizes are within `limits`; fails fast when none ever fits.
 
   The counts live in a `Dataset.scan` state, so they belong to one iterator of this dataset
@@ -83,8 +86,13 @@ def filter_failing_fast(dataset: tf.data.Dataset,
   limit_vector = tf.constant([int(v) for _, v in limits], tf.int32)
   k = len(limits)
   big = np.iinfo(np.int32).max
-  initial = (tf.constant(0, tf.int64), tf.constant(0, tf.int64), tf.fill([k], big),
-             tf.fill([k], tf.constant(-1, tf.int32)), tf.zeros([k], tf.int64))
+  initial = (
+      tf.constant(0, tf.int64),
+      tf.constant(0, tf.int64),
+      tf.fill([k], big),
+      tf.fill([k], tf.constant(-1, tf.int32)),
+      tf.zeros([k], tf.int64),
+  )
 
   def drop(sizes, kept, dropped, mins, maxs, over):
     record_drop(sizes)
@@ -101,10 +109,16 @@ def filter_failing_fast(dataset: tf.data.Dataset,
     mins = tf.where(fits, mins, tf.minimum(mins, sizes))
     maxs = tf.where(fits, maxs, tf.maximum(maxs, sizes))
     over += tf.cast(too_big, tf.int64)
-    keep = tf.cond(fits, lambda: tf.constant(True),
-                   lambda: tf.reshape(tf.numpy_function(
-                       drop, [sizes, kept, dropped, mins, maxs, over], tf.bool,
-                       stateful=True), []))
+    keep = tf.cond(
+        fits,
+        lambda: tf.constant(True),
+        lambda: tf.reshape(
+            tf.numpy_function(
+                drop, [sizes, kept, dropped, mins, maxs, over], tf.bool, stateful=True
+            ),
+            [],
+        ),
+    )
     kept += tf.cast(fits, tf.int64)
     return (kept, dropped, mins, maxs, over), (example, keep)
 
@@ -119,10 +133,12 @@ def filter_failing_fast(dataset: tf.data.Dataset,
   return dataset.scan(initial, step).filter(is_kept).map(example_only)
 
 
-def assert_fits(dataset: tf.data.Dataset,
-                sizes_fn: Callable[[Dict[str, tf.Tensor]], tf.Tensor],
-                limits: Limits,
-                failure: Callable[[str], str]) -> tf.data.Dataset:
+def assert_fits(
+    dataset: tf.data.Dataset,
+    sizes_fn: Callable[[Dict[str, tf.Tensor]], tf.Tensor],
+    limits: Limits,
+    failure: Callable[[str], str],
+) -> tf.data.Dataset:
   """Raises on the first example whose sizes exceed `limits`; a map, so the cardinality stays.
 
   Args: as `filter_failing_fast`; `failure(sizes)` gets "'targets' 300 > 128, ..." (the
@@ -131,16 +147,17 @@ def assert_fits(dataset: tf.data.Dataset,
   limit_vector = tf.constant([int(v) for _, v in limits], tf.int32)
 
   def fail(sizes):
-    over = [f'{name!r} {int(n)} > {limit}' for (name, limit), n in zip(limits, sizes)
-            if n > limit]
+    over = [f'{name!r} {int(n)} > {limit}' for (name, limit), n in zip(limits, sizes) if n > limit]
     raise ValueError(failure(', '.join(over)))
 
   def check(example):
     sizes = tf.cast(sizes_fn(example), tf.int32)
     fits = tf.reduce_all(sizes <= limit_vector)
-    ok = tf.cond(fits, lambda: tf.constant(True),
-                 lambda: tf.reshape(tf.numpy_function(fail, [sizes], tf.bool, stateful=True),
-                                    []))
+    ok = tf.cond(
+        fits,
+        lambda: tf.constant(True),
+        lambda: tf.reshape(tf.numpy_function(fail, [sizes], tf.bool, stateful=True), []),
+    )
     with tf.control_dependencies([ok]):
       return {key: tf.identity(value) for key, value in example.items()}
 
@@ -151,17 +168,22 @@ def assert_fits(dataset: tf.data.Dataset,
 # Media that TASK_FEATURE_LENGTHS would not feed.
 
 
-def check_media_fed(dataset: tf.data.Dataset, sequence_length: Mapping[str, Optional[int]],
-                    task_name: str = '') -> tf.data.Dataset:
+def check_media_fed(
+    dataset: tf.data.Dataset, sequence_length: Mapping[str, Optional[int]], task_name: str = ''
+) -> tf.data.Dataset:
   """Raises on the first example that carries items of a modality whose '<m>_features' has no
   length in `sequence_length` (TASK_FEATURE_LENGTHS). The feature converter takes only the
   modalities named there: such an example's media would be dropped and its placeholders
   reach the model as plain tokens, silently (a stage-1 run trained at grad_norm 0). A map, so
   the cardinality stays; examples without such items pass at the cost of one shape check."""
   spec = dataset.element_spec
-  unfed = tuple(m for m in MODALITIES if f'{m}_features' in spec and
-                spec[f'{m}_features'].shape.rank and
-                sequence_length.get(f'{m}_features') is None)
+  unfed = tuple(
+      m
+      for m in MODALITIES
+      if f'{m}_features' in spec
+      and spec[f'{m}_features'].shape.rank
+      and sequence_length.get(f'{m}_features') is None
+  )
   if not unfed:
     return dataset
   where = f'task {task_name}' if task_name else 'a task'
@@ -176,14 +198,16 @@ def check_media_fed(dataset: tf.data.Dataset, sequence_length: Mapping[str, Opti
         'placeholders would reach the model as plain tokens (the media silently unused). Add '
         f"{', '.join(repr(k) + ': <items per row>' for k in missing)} to "
         "TASK_FEATURE_LENGTHS, or bind drop_too_long.unfed_media = 'ignore' to read the task "
-        'as text only on purpose.')
+        'as text only on purpose.'
+    )
 
   def check(example):
-    counts = tf.stack([tf.shape(example[f'{m}_features'], out_type=tf.int32)[0]
-                       for m in unfed])
-    ok = tf.cond(tf.reduce_all(tf.equal(counts, 0)), lambda: tf.constant(True),
-                 lambda: tf.reshape(tf.numpy_function(fail, [counts], tf.bool, stateful=True),
-                                    []))
+    counts = tf.stack([tf.shape(example[f'{m}_features'], out_type=tf.int32)[0] for m in unfed])
+    ok = tf.cond(
+        tf.reduce_all(tf.equal(counts, 0)),
+        lambda: tf.constant(True),
+        lambda: tf.reshape(tf.numpy_function(fail, [counts], tf.bool, stateful=True), []),
+    )
     with tf.control_dependencies([ok]):
       return {key: tf.identity(value) for key, value in example.items()}
 
@@ -197,17 +221,20 @@ def check_media_fed(dataset: tf.data.Dataset, sequence_length: Mapping[str, Opti
 def _count_drop(reason: str) -> None:
   total = DROPPED_TOO_LONG.add(reason)
   if total & (total - 1) == 0:  # 1, 2, 4, 8, ...: a running total without a line per drop
-    logging.warning('drop_too_long: %d examples dropped so far (%s)', total,
-                    DROPPED_TOO_LONG.counts())
+    logging.warning(
+        'drop_too_long: %d examples dropped so far (%s)', total, DROPPED_TOO_LONG.counts()
+    )
 
 
 @gin.configurable(allowlist=['on_too_long', 'max_leading_drops', 'unfed_media'])
-def drop_too_long(dataset: tf.data.Dataset,
-                  sequence_length: Optional[Mapping[str, int]] = None,
-                  task_name: str = '',
-                  on_too_long: str = 'drop',
-                  max_leading_drops: int = MAX_LEADING_DROPS,
-                  unfed_media: str = 'raise') -> tf.data.Dataset:
+def drop_too_long(
+    dataset: tf.data.Dataset,
+    sequence_length: Optional[Mapping[str, int]] = None,
+    task_name: str = '',
+    on_too_long: str = 'drop',
+    max_leading_drops: int = MAX_LEADING_DROPS,
+    unfed_media: str = 'raise',
+) -> tf.data.Dataset:
   """Drops (never cuts) examples whose targets or items exceed `sequence_length`.
 
   An example that does not fit cannot be packed without splitting it or losing items, which
@@ -232,11 +259,13 @@ def drop_too_long(dataset: tf.data.Dataset,
       feature converter (reading multimodal data as text only, on purpose).
   """
   if unfed_media not in UNFED_MEDIA:
-    raise ValueError(f'drop_too_long.unfed_media must be one of {UNFED_MEDIA}, got '
-                     f'{unfed_media!r}')
+    raise ValueError(
+        f'drop_too_long.unfed_media must be one of {UNFED_MEDIA}, got ' f'{unfed_media!r}'
+    )
   if on_too_long not in ON_TOO_LONG:
-    raise ValueError(f'drop_too_long.on_too_long must be one of {ON_TOO_LONG}, got '
-                     f'{on_too_long!r}')
+    raise ValueError(
+        f'drop_too_long.on_too_long must be one of {ON_TOO_LONG}, got ' f'{on_too_long!r}'
+    )
   if max_leading_drops < 0:
     raise ValueError(f'drop_too_long.max_leading_drops must be >= 0, got {max_leading_drops}')
   if not sequence_length:
@@ -245,8 +274,11 @@ def drop_too_long(dataset: tf.data.Dataset,
     dataset = check_media_fed(dataset, sequence_length, task_name)
   spec = dataset.element_spec
   # Checked in a fixed order so the counted reason is reproducible.
-  limits = tuple((k, int(v)) for k, v in sorted(sequence_length.items())
-                 if v is not None and k in spec and spec[k].shape.rank)
+  limits = tuple(
+      (k, int(v))
+      for k, v in sorted(sequence_length.items())
+      if v is not None and k in spec and spec[k].shape.rank
+  )
   if not limits:
     return dataset
   where = f' of task {task_name}' if task_name else ''
@@ -256,22 +288,35 @@ def drop_too_long(dataset: tf.data.Dataset,
     return tf.stack([tf.shape(example[k], out_type=tf.int32)[0] for k, _ in limits])
 
   if on_too_long == 'raise':
-    return assert_fits(dataset, sizes_fn, limits, lambda over: (
-        f"drop_too_long(on_too_long='raise'): an example{where} does not fit "
-        f'TASK_FEATURE_LENGTHS={lengths}: {over} (targets in tokens with media placeholders '
-        'expanded, <m>_features in items). Raise TASK_FEATURE_LENGTHS, or bind '
-        "drop_too_long.on_too_long = 'drop' to skip such examples."))
+    return assert_fits(
+        dataset,
+        sizes_fn,
+        limits,
+        lambda over: (
+            f"drop_too_long(on_too_long='raise'): an example{where} does not fit "
+            f'TASK_FEATURE_LENGTHS={lengths}: {over} (targets in tokens with media placeholders '
+            'expanded, <m>_features in items). Raise TASK_FEATURE_LENGTHS, or bind '
+            "drop_too_long.on_too_long = 'drop' to skip such examples."
+        ),
+    )
 
   def record_drop(sizes):
     reason = next(name for (name, limit), n in zip(limits, sizes) if n > limit)
     _count_drop(reason)
 
-  return filter_failing_fast(dataset, sizes_fn, limits, record_drop, lambda dropped, sizes: (
-      f'drop_too_long: the first {dropped} examples{where} were all dropped as too long for '
-      f'TASK_FEATURE_LENGTHS={lengths}: {sizes} (targets in tokens with media placeholders '
-      'expanded, <m>_features in items). Raise TASK_FEATURE_LENGTHS '
-      '(drop_too_long.max_leading_drops sets how many leading drops fail; 0 never fails).'),
-                             max_leading_drops)
+  return filter_failing_fast(
+      dataset,
+      sizes_fn,
+      limits,
+      record_drop,
+      lambda dropped, sizes: (
+          f'drop_too_long: the first {dropped} examples{where} were all dropped as too long for '
+          f'TASK_FEATURE_LENGTHS={lengths}: {sizes} (targets in tokens with media placeholders '
+          'expanded, <m>_features in items). Raise TASK_FEATURE_LENGTHS '
+          '(drop_too_long.max_leading_drops sets how many leading drops fail; 0 never fails).'
+      ),
+      max_leading_drops,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,8 +361,9 @@ def prompt_and_answer(targets, loss_weights, vocabulary) -> Tuple[str, str]:
   return conversation_lib.decode_prompt(prompt_ids[~repeated], vocabulary), answer
 
 
-def add_pretokenized(dataset: tf.data.Dataset,
-                     output_features: Mapping[str, object]) -> tf.data.Dataset:
+def add_pretokenized(
+    dataset: tf.data.Dataset, output_features: Mapping[str, object]
+) -> tf.data.Dataset:
   """Adds 'inputs_pretokenized' (prompt) and 'targets_pretokenized' (answer): tf.string scalars
   from `prompt_and_answer` with the vocabulary of output feature 'targets'.
 
@@ -333,8 +379,9 @@ def add_pretokenized(dataset: tf.data.Dataset,
     return np.bytes_(prompt.encode('utf-8')), np.bytes_(answer.encode('utf-8'))
 
   def add(example):
-    prompt, answer = tf.numpy_function(texts, [example['targets'], example['loss_weights']],
-                                       [tf.string, tf.string], stateful=False)
+    prompt, answer = tf.numpy_function(
+        texts, [example['targets'], example['loss_weights']], [tf.string, tf.string], stateful=False
+    )
     prompt.set_shape([])
     answer.set_shape([])
     return dict(example, inputs_pretokenized=prompt, targets_pretokenized=answer)

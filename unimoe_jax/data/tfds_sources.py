@@ -68,8 +68,15 @@ CAPTION_PROMPT = 'Describe the image briefly.'
 LIBRISPEECH_TFDS_NAME = 'librispeech/default:2.1.1'
 COCO_CAPTIONS_TFDS_NAME = 'coco_captions/2014:1.1.0'
 
-_LIBRISPEECH_RAW_SPLITS = ('dev_clean', 'dev_other', 'test_clean', 'test_other',
-                           'train_clean100', 'train_clean360', 'train_other500')
+_LIBRISPEECH_RAW_SPLITS = (
+    'dev_clean',
+    'dev_other',
+    'test_clean',
+    'test_other',
+    'train_clean100',
+    'train_clean360',
+    'train_other500',
+)
 # Canonical split -> TFDS split (instruction); every TFDS split is also reachable by its name.
 LIBRISPEECH_SPLITS = {
     'train': 'train_clean100+train_clean360+train_other500',  # the 960 h
@@ -98,6 +105,7 @@ class TfdsSettings:
   The fields mean what `manifest.ManifestConfig`'s fields of the same names mean; only those
   the TFDS tasks use are here (no manifest paths).
   """
+
   modalities: Tuple[str, ...] = manifest_lib.MODALITIES
   image_size: int = 336
   image_mode: str = 'crop'
@@ -123,9 +131,11 @@ class TfdsSettings:
 
 
 @gin.configurable
-def librispeech_source(tfds_name: str = LIBRISPEECH_TFDS_NAME,
-                       data_dir: Optional[str] = None,
-                       splits: Optional[Mapping[str, str]] = None) -> seqio.TfdsDataSource:
+def librispeech_source(
+    tfds_name: str = LIBRISPEECH_TFDS_NAME,
+    data_dir: Optional[str] = None,
+    splits: Optional[Mapping[str, str]] = None,
+) -> seqio.TfdsDataSource:
   """LibriSpeech from TFDS: features 'speech' int16 [samples] at 16 kHz, 'text' (upper-case
   transcript), 'id', 'speaker_id', 'chapter_id'.
 
@@ -137,14 +147,19 @@ def librispeech_source(tfds_name: str = LIBRISPEECH_TFDS_NAME,
     splits: canonical split -> TFDS split instruction; default `LIBRISPEECH_SPLITS` ('train' =
       all 960 h, 'validation' = dev_clean, 'test' = test_clean, and each TFDS split by name).
   """
-  return seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=data_dir,
-                              splits=dict(LIBRISPEECH_SPLITS if splits is None else splits))
+  return seqio.TfdsDataSource(
+      tfds_name=tfds_name,
+      tfds_data_dir=data_dir,
+      splits=dict(LIBRISPEECH_SPLITS if splits is None else splits),
+  )
 
 
 @gin.configurable
-def coco_captions_source(tfds_name: str = COCO_CAPTIONS_TFDS_NAME,
-                         data_dir: Optional[str] = None,
-                         splits: Optional[Mapping[str, str]] = None) -> seqio.TfdsDataSource:
+def coco_captions_source(
+    tfds_name: str = COCO_CAPTIONS_TFDS_NAME,
+    data_dir: Optional[str] = None,
+    splits: Optional[Mapping[str, str]] = None,
+) -> seqio.TfdsDataSource:
   """COCO 2014 captions, Karpathy splits, from TFDS: features 'image' uint8 [h, w, 3],
   'image/filename', 'image/id', 'captions' {'text': string [n], 'id': int64 [n]}, 'objects'.
 
@@ -154,8 +169,11 @@ def coco_captions_source(tfds_name: str = COCO_CAPTIONS_TFDS_NAME,
     splits: canonical split -> TFDS split instruction; default `COCO_CAPTIONS_SPLITS` ('train' =
       train+restval, 'validation' = val, 'test' = test).
   """
-  return seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=data_dir,
-                              splits=dict(COCO_CAPTIONS_SPLITS if splits is None else splits))
+  return seqio.TfdsDataSource(
+      tfds_name=tfds_name,
+      tfds_data_dir=data_dir,
+      splits=dict(COCO_CAPTIONS_SPLITS if splits is None else splits),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,8 +197,9 @@ def _speech_item(wave: np.ndarray, settings) -> np.ndarray:
       raise ValueError(f'integer speech must be int16 PCM, got {wave.dtype}')
     wave = wave.astype(np.float32) * np.float32(INT16_SCALE)
   seconds = settings.speech_seconds
-  return audio_lib.whisper_log_mel(wave[:seconds * manifest_lib.SAMPLE_RATE], settings.n_mels,
-                                   chunk_seconds=seconds)[None]
+  return audio_lib.whisper_log_mel(
+      wave[: seconds * manifest_lib.SAMPLE_RATE], settings.n_mels, chunk_seconds=seconds
+  )[None]
 
 
 def _image_item(image: np.ndarray, settings) -> np.ndarray:
@@ -196,17 +215,21 @@ _MEDIA_ITEM = {'speech': _speech_item, 'image': _image_item}
 
 def conversation_for(modality: str, prompt: str, answer: str) -> List[Dict[str, str]]:
   """The one-turn conversation of a TFDS example (what its manifest record would hold)."""
-  return [{'from': 'human', 'value': manifest_lib.PLACEHOLDERS[modality] + '\n' + prompt},
-          {'from': 'gpt', 'value': answer}]
+  return [
+      {'from': 'human', 'value': manifest_lib.PLACEHOLDERS[modality] + '\n' + prompt},
+      {'from': 'gpt', 'value': answer},
+  ]
 
 
-def example_arrays(modality: str, media: np.ndarray, answer: str, prompt: str, settings,
-                   vocabulary, location: str) -> Dict[str, np.ndarray]:
+def example_arrays(
+    modality: str, media: np.ndarray, answer: str, prompt: str, settings, vocabulary, location: str
+) -> Dict[str, np.ndarray]:
   """targets, loss_weights and the one `<modality>_features` item of one TFDS example.
 
   Raises:
     manifest.BadExampleError: empty answer, an answer holding a placeholder, bad media.
   """
+
   def bad(reason, detail):
     return manifest_lib.BadExampleError(location, reason, detail)
 
@@ -221,8 +244,10 @@ def example_arrays(modality: str, media: np.ndarray, answer: str, prompt: str, s
     raise bad('bad_media', str(e)) from None
   try:
     targets, loss_weights = conversation_lib.tokenize_conversation(
-        conversation_for(modality, prompt, answer), vocabulary,
-        {manifest_lib.PLACEHOLDERS[modality]: settings.num_soft_tokens(modality)})
+        conversation_for(modality, prompt, answer),
+        vocabulary,
+        {manifest_lib.PLACEHOLDERS[modality]: settings.num_soft_tokens(modality)},
+    )
   except ValueError as e:
     raise bad('malformed_conversation', str(e)) from None
   return {'targets': targets, 'loss_weights': loss_weights, f'{modality}_features': features}
@@ -237,14 +262,17 @@ def _check_prompt(prompt: str, vocabulary, name: str) -> None:
     raise ValueError(f'{name}.prompt must be a non-empty string, got {prompt!r}')
   held = [p for p in vocabulary.placeholder_ids if p in prompt]
   if held:
-    raise ValueError(f'{name}.prompt must not hold placeholders (the preprocessor puts the one '
-                     f'media placeholder itself), got {held} in {prompt!r}')
+    raise ValueError(
+        f'{name}.prompt must not hold placeholders (the preprocessor puts the one '
+        f'media placeholder itself), got {held} in {prompt!r}'
+    )
 
 
 def _check_modality(settings, modality: str, name: str) -> None:
   if modality not in settings.modalities:
-    raise ValueError(f'{name} needs {modality!r} in settings.modalities, got '
-                     f'{tuple(settings.modalities)}')
+    raise ValueError(
+        f'{name} needs {modality!r} in settings.modalities, got ' f'{tuple(settings.modalities)}'
+    )
 
 
 def _relaxed(tensor: tf.Tensor, shape) -> tf.Tensor:
@@ -253,22 +281,27 @@ def _relaxed(tensor: tf.Tensor, shape) -> tf.Tensor:
   return tf.compat.v1.placeholder_with_default(tensor, shape)
 
 
-def _to_features(dataset: tf.data.Dataset, modality: str, settings, vocabulary, prompt: str,
-                 dataset_name: str) -> tf.data.Dataset:
+def _to_features(
+    dataset: tf.data.Dataset, modality: str, settings, vocabulary, prompt: str, dataset_name: str
+) -> tf.data.Dataset:
   """Datasets of {'media', 'answer' (string, Python-side transform applied), 'example_id',
   'references'} -> the output features of the module docstring."""
   specs = manifest_lib.feature_specs(settings)
   feature_key = f'{modality}_features'
   skip = getattr(settings, 'on_bad_example', 'raise') == 'skip'
-  empty = {key: np.zeros([0 if d is None else d for d in specs[key].shape],
-                         specs[key].dtype.as_numpy_dtype)
-           for key in ('targets', 'loss_weights', feature_key)}
+  empty = {
+      key: np.zeros(
+          [0 if d is None else d for d in specs[key].shape], specs[key].dtype.as_numpy_dtype
+      )
+      for key in ('targets', 'loss_weights', feature_key)
+  }
 
   def load(media, answer, example_id):
     location = f'{dataset_name} example {_text(example_id)}'
     try:
-      arrays = example_arrays(modality, media, _text(answer), prompt, settings, vocabulary,
-                              location)
+      arrays = example_arrays(
+          modality, media, _text(answer), prompt, settings, vocabulary, location
+      )
       valid = True
     except manifest_lib.BadExampleError as e:
       if not skip:
@@ -285,8 +318,11 @@ def _to_features(dataset: tf.data.Dataset, modality: str, settings, vocabulary, 
 
   def convert(ex):
     targets, loss_weights, features, valid = tf.numpy_function(
-        load, [ex['media'], ex['answer'], ex['example_id']],
-        [tf.int32, tf.float32, tf.float32, tf.bool], stateful=False)
+        load,
+        [ex['media'], ex['answer'], ex['example_id']],
+        [tf.int32, tf.float32, tf.float32, tf.bool],
+        stateful=False,
+    )
     targets.set_shape(specs['targets'].shape)
     loss_weights.set_shape(specs['loss_weights'].shape)
     features.set_shape(specs[feature_key].shape)
@@ -294,8 +330,11 @@ def _to_features(dataset: tf.data.Dataset, modality: str, settings, vocabulary, 
     out = {'targets': targets, 'loss_weights': loss_weights}
     for key, spec in specs.items():
       if key not in out:
-        out[key] = features if key == feature_key else _relaxed(
-            tf.zeros([0] + spec.shape.as_list()[1:], spec.dtype), spec.shape)
+        out[key] = (
+            features
+            if key == feature_key
+            else _relaxed(tf.zeros([0] + spec.shape.as_list()[1:], spec.dtype), spec.shape)
+        )
     out['references'] = _relaxed(ex['references'], [None])
     return out, valid
 
@@ -319,9 +358,13 @@ def _lower_strip(text: tf.Tensor) -> tf.Tensor:
 
 
 @gin.configurable
-def librispeech_preprocessor(dataset: tf.data.Dataset, settings, vocabulary,
-                             prompt: str = ASR_PROMPT,
-                             dataset_name: str = 'librispeech') -> tf.data.Dataset:
+def librispeech_preprocessor(
+    dataset: tf.data.Dataset,
+    settings,
+    vocabulary,
+    prompt: str = ASR_PROMPT,
+    dataset_name: str = 'librispeech',
+) -> tf.data.Dataset:
   """LibriSpeech TFDS examples -> features (module docstring): {human: "<speech>\\n" + prompt,
   gpt: the lower-cased transcript}, one speech item, references [1] = that transcript.
 
@@ -337,18 +380,26 @@ def librispeech_preprocessor(dataset: tf.data.Dataset, settings, vocabulary,
 
   def inputs(ex):
     answer = _lower_strip(ex['text'])
-    return {'media': ex['speech'], 'answer': answer, 'example_id': _example_id(ex, 'id'),
-            'references': answer[None]}
+    return {
+        'media': ex['speech'],
+        'answer': answer,
+        'example_id': _example_id(ex, 'id'),
+        'references': answer[None],
+    }
 
   dataset = dataset.map(inputs, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return _to_features(dataset, 'speech', settings, vocabulary, prompt, dataset_name)
 
 
 @gin.configurable
-def coco_captions_preprocessor(dataset: tf.data.Dataset, settings, vocabulary,
-                               prompt: str = CAPTION_PROMPT,
-                               caption: str = 'first',
-                               dataset_name: str = 'coco_captions') -> tf.data.Dataset:
+def coco_captions_preprocessor(
+    dataset: tf.data.Dataset,
+    settings,
+    vocabulary,
+    prompt: str = CAPTION_PROMPT,
+    caption: str = 'first',
+    dataset_name: str = 'coco_captions',
+) -> tf.data.Dataset:
   """COCO captions TFDS examples -> features (module docstring): {human: "<image>\\n" + prompt,
   gpt: a caption, whitespace-stripped}, one image item, references [n] = all captions (raw).
 
@@ -365,22 +416,32 @@ def coco_captions_preprocessor(dataset: tf.data.Dataset, settings, vocabulary,
   _check_modality(settings, 'image', 'coco_captions_preprocessor')
   _check_prompt(prompt, vocabulary, 'coco_captions_preprocessor')
   if caption not in CAPTION_CHOICES:
-    raise ValueError(f'coco_captions_preprocessor.caption must be one of {CAPTION_CHOICES}, '
-                     f'got {caption!r}')
+    raise ValueError(
+        f'coco_captions_preprocessor.caption must be one of {CAPTION_CHOICES}, ' f'got {caption!r}'
+    )
 
   def first(ex):
     captions = ex['captions']['text']
     # No caption -> '' -> reported as an empty answer.
     answer = tf.strings.strip(tf.concat([captions, tf.constant([''])], 0)[0])
-    return {'media': ex['image'], 'answer': answer,
-            'example_id': _example_id(ex, 'image/filename'), 'references': captions}
+    return {
+        'media': ex['image'],
+        'answer': answer,
+        'example_id': _example_id(ex, 'image/filename'),
+        'references': captions,
+    }
 
   def every(ex):
     captions = ex['captions']['text']
     example_id = _example_id(ex, 'image/filename')
     return tf.data.Dataset.from_tensor_slices(tf.strings.strip(captions)).map(
-        lambda answer: {'media': ex['image'], 'answer': answer, 'example_id': example_id,
-                        'references': captions})
+        lambda answer: {
+            'media': ex['image'],
+            'answer': answer,
+            'example_id': example_id,
+            'references': captions,
+        }
+    )
 
   if caption == 'first':
     dataset = dataset.map(first, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -399,15 +460,23 @@ def _references(example: Optional[Mapping[str, Any]]) -> Optional[List[str]]:
   return [_text(r) for r in np.asarray(example['references']).reshape(-1)]
 
 
-def asr_postprocessor(output: Any, example: Optional[Mapping[str, Any]] = None,
-                      is_target: bool = False, **unused_kwargs) -> str:
+def asr_postprocessor(
+    output: Any,
+    example: Optional[Mapping[str, Any]] = None,
+    is_target: bool = False,
+    **unused_kwargs,
+) -> str:
   """Targets: the example's reference transcript; predictions: the decoded text, stripped."""
   references = _references(example) if is_target else None
   return references[0] if references else _text(output).strip()
 
 
-def caption_postprocessor(output: Any, example: Optional[Mapping[str, Any]] = None,
-                          is_target: bool = False, **unused_kwargs):
+def caption_postprocessor(
+    output: Any,
+    example: Optional[Mapping[str, Any]] = None,
+    is_target: bool = False,
+    **unused_kwargs,
+):
   """Targets: the example's list of reference captions; predictions: the text, stripped."""
   references = _references(example) if is_target else None
   return references if references else _text(output).strip()
@@ -418,9 +487,13 @@ def output_features(vocabulary, settings) -> Dict[str, seqio.Feature]:
   return feature_converter_lib.output_features(vocabulary, settings.modalities)
 
 
-def register_tfds_tasks(vocabulary, settings, data_dir: Optional[str] = None,
-                        prefix: str = 'unimoe',
-                        shuffle_buffer_size: Optional[int] = 256) -> List[str]:
+def register_tfds_tasks(
+    vocabulary,
+    settings,
+    data_dir: Optional[str] = None,
+    prefix: str = 'unimoe',
+    shuffle_buffer_size: Optional[int] = 256,
+) -> List[str]:
   """Registers `<prefix>_librispeech_asr` (metric: word_error_rate) and `<prefix>_coco_captions`
   (metrics: bleu, cider); returns their names. Idempotent: a name already registered is kept
   (a warning is logged when its output features, settings or vocabulary differ from the ones
@@ -443,43 +516,69 @@ def register_tfds_tasks(vocabulary, settings, data_dir: Optional[str] = None,
   tasks = {
       f'{prefix}_librispeech_asr': dict(
           source=librispeech_source(data_dir=data_dir),
-          preprocess=functools.partial(librispeech_preprocessor, settings=settings,
-                                       vocabulary=vocabulary),
+          preprocess=functools.partial(
+              librispeech_preprocessor, settings=settings, vocabulary=vocabulary
+          ),
           postprocess_fn=asr_postprocessor,
-          metric_fns=[metrics_lib.word_error_rate]),
+          metric_fns=[metrics_lib.word_error_rate],
+      ),
       f'{prefix}_coco_captions': dict(
           source=coco_captions_source(data_dir=data_dir),
-          preprocess=functools.partial(coco_captions_preprocessor, settings=settings,
-                                       vocabulary=vocabulary),
+          preprocess=functools.partial(
+              coco_captions_preprocessor, settings=settings, vocabulary=vocabulary
+          ),
           postprocess_fn=caption_postprocessor,
-          metric_fns=[metrics_lib.bleu, metrics_lib.cider]),
+          metric_fns=[metrics_lib.bleu, metrics_lib.cider],
+      ),
   }
   for name, spec in tasks.items():
     if name in seqio.TaskRegistry.names():
       existing = seqio.TaskRegistry.get(name)
       first = existing.preprocessors[0] if existing.preprocessors else None
       registered_with = getattr(first, 'keywords', {})  # the functools.partial below
-      if (dict(existing.output_features) != features or
-          registered_with.get('settings') != settings or
-          registered_with.get('vocabulary') != vocabulary):
-        logging.warning('register_tfds_tasks: %s is already registered with other output '
-                        'features, settings or vocabulary; keeping the registered one', name)
+      if (
+          dict(existing.output_features) != features
+          or registered_with.get('settings') != settings
+          or registered_with.get('vocabulary') != vocabulary
+      ):
+        logging.warning(
+            'register_tfds_tasks: %s is already registered with other output '
+            'features, settings or vocabulary; keeping the registered one',
+            name,
+        )
       continue
     seqio.TaskRegistry.add(
         name,
         source=spec['source'],
         output_features=features,
-        preprocessors=[spec['preprocess'],
-                       functools.partial(preprocessors_lib.drop_too_long, task_name=name),
-                       preprocessors_lib.add_pretokenized],
+        preprocessors=[
+            spec['preprocess'],
+            functools.partial(preprocessors_lib.drop_too_long, task_name=name),
+            preprocessors_lib.add_pretokenized,
+        ],
         postprocess_fn=spec['postprocess_fn'],
         metric_fns=spec['metric_fns'],
-        shuffle_buffer_size=shuffle_buffer_size)
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
   return list(tasks)
 
 
-__all__ = ['ASR_PROMPT', 'CAPTION_PROMPT', 'COCO_CAPTIONS_SPLITS', 'COCO_CAPTIONS_TFDS_NAME',
-           'LIBRISPEECH_SPLITS', 'LIBRISPEECH_TFDS_NAME', 'TfdsSettings', 'asr_postprocessor',
-           'caption_postprocessor', 'coco_captions_preprocessor', 'coco_captions_source',
-           'conversation_for', 'example_arrays', 'librispeech_preprocessor',
-           'librispeech_source', 'output_features', 'register_tfds_tasks']
+__all__ = [
+    'ASR_PROMPT',
+    'CAPTION_PROMPT',
+    'COCO_CAPTIONS_SPLITS',
+    'COCO_CAPTIONS_TFDS_NAME',
+    'LIBRISPEECH_SPLITS',
+    'LIBRISPEECH_TFDS_NAME',
+    'TfdsSettings',
+    'asr_postprocessor',
+    'caption_postprocessor',
+    'coco_captions_preprocessor',
+    'coco_captions_source',
+    'conversation_for',
+    'example_arrays',
+    'librispeech_preprocessor',
+    'librispeech_source',
+    'output_features',
+    'register_tfds_tasks',
+]

@@ -69,6 +69,7 @@ def sentencepiece_without_dummy_prefix(tokenizer):
   LlamaTokenizer loads when legacy=False)."""
   import sentencepiece  # pylint: disable=g-import-not-at-top
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+
   proto = sentencepiece_model_pb2.ModelProto.FromString(tokenizer.serialized_model_proto())
   proto.normalizer_spec.add_dummy_prefix = False
   processor = sentencepiece.SentencePieceProcessor()
@@ -105,37 +106,57 @@ def sentencepiece_from_tokenizer_json(tokenizer_json: Mapping) -> bytes:
     pre-tokenizer that splits, ids that are not 0..n-1.
   """
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+
   model = tokenizer_json.get('model') or {}
   if model.get('type') != 'BPE':
-    raise ValueError(f'model type {model.get("type")!r}: only a BPE tokenizer.json converted '
-                     'from a SentencePiece BPE model (LLaMA) can be turned back into one')
+    raise ValueError(
+        f'model type {model.get("type")!r}: only a BPE tokenizer.json converted '
+        'from a SentencePiece BPE model (LLaMA) can be turned back into one'
+    )
   add_dummy_prefix = False
   escapes = False
   normalizer = tokenizer_json.get('normalizer')
-  steps = ([] if normalizer is None else normalizer.get('normalizers', [normalizer])
-           if normalizer.get('type') == 'Sequence' else [normalizer])
+  steps = (
+      []
+      if normalizer is None
+      else normalizer.get('normalizers', [normalizer])
+      if normalizer.get('type') == 'Sequence'
+      else [normalizer]
+  )
   for step in steps:
     if step.get('type') == 'Prepend' and step.get('prepend') == _SPACE:
       add_dummy_prefix = True
-    elif (step.get('type') == 'Replace' and step.get('pattern', {}).get('String') == ' '
-          and step.get('content') == _SPACE):
+    elif (
+        step.get('type') == 'Replace'
+        and step.get('pattern', {}).get('String') == ' '
+        and step.get('content') == _SPACE
+    ):
       escapes = True
     else:
-      raise ValueError(f'normalizer {step}: SentencePiece (identity normalization, as LLaMA) '
-                       'has no equivalent')
+      raise ValueError(
+          f'normalizer {step}: SentencePiece (identity normalization, as LLaMA) '
+          'has no equivalent'
+      )
   pre = tokenizer_json.get('pre_tokenizer')
   if pre is not None:
-    if (pre.get('type') != 'Metaspace' or pre.get('replacement', _SPACE) != _SPACE
-        or pre.get('split', True)):
-      raise ValueError(f'pre_tokenizer {pre.get("type")} ({pre}): not the "▁"-escaping '
-                       'Metaspace(split=False) of a SentencePiece conversion (a ByteLevel '
-                       'pre-tokenizer is GPT-2 style byte-level BPE, which SentencePiece cannot '
-                       'represent)')
+    if (
+        pre.get('type') != 'Metaspace'
+        or pre.get('replacement', _SPACE) != _SPACE
+        or pre.get('split', True)
+    ):
+      raise ValueError(
+          f'pre_tokenizer {pre.get("type")} ({pre}): not the "▁"-escaping '
+          'Metaspace(split=False) of a SentencePiece conversion (a ByteLevel '
+          'pre-tokenizer is GPT-2 style byte-level BPE, which SentencePiece cannot '
+          'represent)'
+      )
     escapes = True
     add_dummy_prefix = add_dummy_prefix or pre.get('prepend_scheme', 'always') != 'never'
   if not escapes:
-    raise ValueError('spaces are not escaped as "▁" (no Replace normalizer or Metaspace '
-                     'pre-tokenizer): not a SentencePiece conversion')
+    raise ValueError(
+        'spaces are not escaped as "▁" (no Replace normalizer or Metaspace '
+        'pre-tokenizer): not a SentencePiece conversion'
+    )
   vocab = dict(model.get('vocab') or {})
   added = {t['content']: t for t in tokenizer_json.get('added_tokens') or []}
   for content, token in added.items():
@@ -168,8 +189,9 @@ def sentencepiece_from_tokenizer_json(tokenizer_json: Mapping) -> bytes:
       entry.type, entry.score = t.BYTE, 0.0
     else:
       entry.type = t.NORMAL
-      entry.score = (-float(first_rank[piece]) if piece in first_rank
-                     else -float(len(first_rank) + i))
+      entry.score = (
+          -float(first_rank[piece]) if piece in first_rank else -float(len(first_rank) + i)
+      )
   if 'unk' not in ids:
     raise ValueError('no unk_token: SentencePiece needs an unknown piece')
   spec = proto.trainer_spec
@@ -209,18 +231,23 @@ class MultimodalVocabulary(seqio.Vocabulary):
       `encode_after_special` depends on it.
   """
 
-  def __init__(self, sentencepiece: seqio.SentencePieceVocabulary,
-               placeholder_ids: Optional[Mapping[str, int]] = None, legacy: bool = True):
-    placeholder_ids = dict(DEFAULT_PLACEHOLDER_IDS if placeholder_ids is None
-                           else placeholder_ids)
+  def __init__(
+      self,
+      sentencepiece: seqio.SentencePieceVocabulary,
+      placeholder_ids: Optional[Mapping[str, int]] = None,
+      legacy: bool = True,
+  ):
+    placeholder_ids = dict(DEFAULT_PLACEHOLDER_IDS if placeholder_ids is None else placeholder_ids)
     if len(set(placeholder_ids.values())) != len(placeholder_ids):
       raise ValueError(f'placeholder_ids must be distinct, got {placeholder_ids}')
     for text, token in placeholder_ids.items():
       if not text:
         raise ValueError('placeholder strings must be non-empty')
       if 0 <= token < sentencepiece.vocab_size:
-        raise ValueError(f'placeholder {text!r} has id {token}, which is a SentencePiece id '
-                         f'(vocab_size {sentencepiece.vocab_size}); use a negative id')
+        raise ValueError(
+            f'placeholder {text!r} has id {token}, which is a SentencePiece id '
+            f'(vocab_size {sentencepiece.vocab_size}); use a negative id'
+        )
     if not isinstance(legacy, bool):
       raise ValueError(f'legacy must be a bool, got {legacy!r}')
     self.sentencepiece = sentencepiece
@@ -262,8 +289,9 @@ class MultimodalVocabulary(seqio.Vocabulary):
     try:
       return self.placeholder_ids[placeholder]
     except KeyError:
-      raise ValueError(f'unknown placeholder {placeholder!r}; known: '
-                       f'{sorted(self.placeholder_ids)}') from None
+      raise ValueError(
+          f'unknown placeholder {placeholder!r}; known: ' f'{sorted(self.placeholder_ids)}'
+      ) from None
 
   def split_placeholders(self, text: str) -> Sequence[str]:
     """`text` cut into pieces, each either a placeholder string or text without one."""
@@ -292,8 +320,7 @@ class MultimodalVocabulary(seqio.Vocabulary):
     pieces = self.split_placeholders(s)
     if not pieces or pieces[0] in self.placeholder_ids:
       return self.encode(s)
-    return list(self._encode_without_prefix(pieces[0])) + list(
-        self.encode(s[len(pieces[0]):]))
+    return list(self._encode_without_prefix(pieces[0])) + list(self.encode(s[len(pieces[0]) :]))
 
   def _encode_without_prefix(self, text: str) -> Sequence[int]:
     if self._no_prefix is None:  # two threads may both build it: the same processor
@@ -302,7 +329,7 @@ class MultimodalVocabulary(seqio.Vocabulary):
     if not text.startswith(('\u2581', ' ')):
       return sp.encode(text)
     unk = sp.id_to_piece(sp.unk_id())
-    return sp.encode(unk + text)[len(sp.encode(unk)):]
+    return sp.encode(unk + text)[len(sp.encode(unk)) :]
 
   def _decode(self, ids) -> str:
     out, run = [], []
@@ -337,11 +364,12 @@ class MultimodalVocabulary(seqio.Vocabulary):
     # Placeholder pieces tokenize as "" (no ids) and get their one id from a second ragged
     # tensor; concatenating the two per piece keeps the order.
     text_ids = self.sentencepiece.tf_tokenizer.tokenize(
-        tf.where(is_placeholder, tf.constant(''), pieces))
+        tf.where(is_placeholder, tf.constant(''), pieces)
+    )
     text_ids = tf.cast(text_ids, tf.int32)
     placeholder_rows = tf.RaggedTensor.from_row_lengths(
-        tf.boolean_mask(placeholder_of_piece, is_placeholder),
-        tf.cast(is_placeholder, tf.int64))
+        tf.boolean_mask(placeholder_of_piece, is_placeholder), tf.cast(is_placeholder, tf.int64)
+    )
     return tf.concat([text_ids, placeholder_rows], axis=1).flat_values
 
   def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
@@ -365,19 +393,21 @@ class MultimodalVocabulary(seqio.Vocabulary):
     num_placeholders = tf.reduce_sum(tf.cast(is_placeholder, tf.int64))
     is_text = tf.logical_not(is_placeholder)
     text_runs = tf.RaggedTensor.from_value_rowids(
-        tf.boolean_mask(ids, is_text), tf.boolean_mask(run, is_text),
-        nrows=num_placeholders + 1)
+        tf.boolean_mask(ids, is_text), tf.boolean_mask(run, is_text), nrows=num_placeholders + 1
+    )
     # tf_text's detokenize drops every leading space of a row, Python SentencePiece only the
     # dummy prefix. A sentinel piece before each row keeps the spaces; cutting the sentinel
     # and then one leading space gives what Python gives.
     sentinel_id, sentinel_text = self._decode_sentinel()
     sentinel = tf.fill(tf.stack([num_placeholders + 1, 1]), tf.constant(sentinel_id, tf.int32))
     texts = self.sentencepiece.tf_tokenizer.detokenize(
-        tf.concat([tf.RaggedTensor.from_tensor(sentinel), text_runs], axis=1))
+        tf.concat([tf.RaggedTensor.from_tensor(sentinel), text_runs], axis=1)
+    )
     texts = tf.strings.substr(texts, len(sentinel_text.encode('utf-8')), -1)
     texts = tf.strings.regex_replace(texts, '^ ', '')  # [placeholders + 1]
     placeholder_text = tf.gather(
-        strings, tf.argmax(tf.cast(tf.boolean_mask(matches, is_placeholder), tf.int32), axis=1))
+        strings, tf.argmax(tf.cast(tf.boolean_mask(matches, is_placeholder), tf.int32), axis=1)
+    )
     interleaved = tf.reshape(tf.stack([texts[:-1], placeholder_text], axis=1), [-1])
     return tf.strings.reduce_join(tf.concat([interleaved, texts[-1:]], axis=0))
 
@@ -388,8 +418,12 @@ class MultimodalVocabulary(seqio.Vocabulary):
       candidates = [tokenizer.piece_to_id('<0x41>')] + list(range(tokenizer.get_piece_size()))
       for token in candidates:
         piece = tokenizer.id_to_piece(token)
-        if (token != tokenizer.unk_id() and not tokenizer.is_control(token) and
-            not tokenizer.is_unknown(token) and not piece.startswith('\u2581')):
+        if (
+            token != tokenizer.unk_id()
+            and not tokenizer.is_control(token)
+            and not tokenizer.is_unknown(token)
+            and not piece.startswith('\u2581')
+        ):
           text = tokenizer.decode([token])
           if text and not text[0].isspace():
             self._sentinel = (token, text)
@@ -406,23 +440,33 @@ class MultimodalVocabulary(seqio.Vocabulary):
     return state
 
   def __eq__(self, other):
-    return (isinstance(other, MultimodalVocabulary) and
-            self.sentencepiece == other.sentencepiece and
-            self.placeholder_ids == other.placeholder_ids and self.legacy == other.legacy)
+    return (
+        isinstance(other, MultimodalVocabulary)
+        and self.sentencepiece == other.sentencepiece
+        and self.placeholder_ids == other.placeholder_ids
+        and self.legacy == other.legacy
+    )
 
   def __hash__(self):
-    return hash((self.sentencepiece.sentencepiece_model_file,
-                 tuple(sorted(self.placeholder_ids.items())), self.legacy))
+    return hash(
+        (
+            self.sentencepiece.sentencepiece_model_file,
+            tuple(sorted(self.placeholder_ids.items())),
+            self.legacy,
+        )
+    )
 
   def __str__(self) -> str:
-    return (f'MultimodalVocabulary({self.sentencepiece}, placeholders={self.placeholder_ids}, '
-            f'legacy={self.legacy})')
+    return (
+        f'MultimodalVocabulary({self.sentencepiece}, placeholders={self.placeholder_ids}, '
+        f'legacy={self.legacy})'
+    )
 
 
 @gin.configurable
-def get_vocabulary(path: str,
-                   placeholder_ids: Optional[Mapping[str, int]] = None,
-                   legacy: Optional[bool] = None) -> MultimodalVocabulary:
+def get_vocabulary(
+    path: str, placeholder_ids: Optional[Mapping[str, int]] = None, legacy: Optional[bool] = None
+) -> MultimodalVocabulary:
   """The project's vocabulary: LLaMA's `tokenizer.model` at `path` + placeholders.
 
   Args:

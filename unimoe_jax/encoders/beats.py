@@ -79,8 +79,12 @@ _HEAD_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
 
 # Official `activation_fn` -> the shared ACTIVATIONS key. fairseq's 'gelu' is the exact erf form,
 # 'gelu_accurate' (alias 'gelu_fast') the tanh approximation.
-_OFFICIAL_ACTIVATIONS = {'gelu': 'gelu', 'gelu_accurate': 'gelu_tanh', 'gelu_fast': 'gelu_tanh',
-                         'relu': 'relu'}
+_OFFICIAL_ACTIVATIONS = {
+    'gelu': 'gelu',
+    'gelu_accurate': 'gelu_tanh',
+    'gelu_fast': 'gelu_tanh',
+    'relu': 'relu',
+}
 
 
 @gin.configurable
@@ -108,6 +112,7 @@ class BEATsConfig:
       initialisation (0.02, as the official init); tiny randomly initialised configurations
       need more (multimodal_tiny.gin). The convolutional positions keep their own init.
   """
+
   input_patch_size: int = 16
   embed_dim: int = 512
   conv_bias: bool = False
@@ -129,35 +134,57 @@ class BEATsConfig:
   init_std: float = 0.02
 
   def __post_init__(self):
-    for field in ('input_patch_size', 'embed_dim', 'encoder_layers', 'encoder_embed_dim',
-                  'encoder_ffn_embed_dim', 'encoder_attention_heads', 'conv_pos',
-                  'conv_pos_groups', 'num_mel_bins'):
+    for field in (
+        'input_patch_size',
+        'embed_dim',
+        'encoder_layers',
+        'encoder_embed_dim',
+        'encoder_ffn_embed_dim',
+        'encoder_attention_heads',
+        'conv_pos',
+        'conv_pos_groups',
+        'num_mel_bins',
+    ):
       if getattr(self, field) <= 0:
         raise ValueError(f'BEATsConfig.{field} must be positive, got {getattr(self, field)}')
     if self.encoder_embed_dim % self.encoder_attention_heads:
-      raise ValueError(f'BEATsConfig.encoder_embed_dim={self.encoder_embed_dim} is not divisible '
-                       f'by encoder_attention_heads={self.encoder_attention_heads}')
+      raise ValueError(
+          f'BEATsConfig.encoder_embed_dim={self.encoder_embed_dim} is not divisible '
+          f'by encoder_attention_heads={self.encoder_attention_heads}'
+      )
     if self.encoder_embed_dim % self.conv_pos_groups:
-      raise ValueError(f'BEATsConfig.conv_pos_groups={self.conv_pos_groups} does not divide '
-                       f'encoder_embed_dim={self.encoder_embed_dim}')
+      raise ValueError(
+          f'BEATsConfig.conv_pos_groups={self.conv_pos_groups} does not divide '
+          f'encoder_embed_dim={self.encoder_embed_dim}'
+      )
     if self.num_mel_bins < self.input_patch_size:
-      raise ValueError(f'BEATsConfig.num_mel_bins={self.num_mel_bins} is smaller than '
-                       f'input_patch_size={self.input_patch_size}')
+      raise ValueError(
+          f'BEATsConfig.num_mel_bins={self.num_mel_bins} is smaller than '
+          f'input_patch_size={self.input_patch_size}'
+      )
     if self.activation_fn not in _OFFICIAL_ACTIVATIONS:
-      raise ValueError(f'BEATsConfig.activation_fn={self.activation_fn!r} is not supported; '
-                       f'choose one of {sorted(_OFFICIAL_ACTIVATIONS)}')
+      raise ValueError(
+          f'BEATsConfig.activation_fn={self.activation_fn!r} is not supported; '
+          f'choose one of {sorted(_OFFICIAL_ACTIVATIONS)}'
+      )
     if self.deep_norm and self.layer_norm_first:
-      raise ValueError('BEATsConfig.deep_norm applies to post-LN layers only; it cannot be set '
-                       'with layer_norm_first (the official code asserts the same)')
+      raise ValueError(
+          'BEATsConfig.deep_norm applies to post-LN layers only; it cannot be set '
+          'with layer_norm_first (the official code asserts the same)'
+      )
     if self.relative_position_embedding:
       if self.num_buckets < 4 or self.num_buckets % 2:
         raise ValueError(f'BEATsConfig.num_buckets={self.num_buckets} must be even and >= 4')
       if self.max_distance <= self.num_buckets // 4:
-        raise ValueError(f'BEATsConfig.max_distance={self.max_distance} must exceed the exact '
-                         f'range num_buckets // 4 = {self.num_buckets // 4}')
+        raise ValueError(
+            f'BEATsConfig.max_distance={self.max_distance} must exceed the exact '
+            f'range num_buckets // 4 = {self.num_buckets // 4}'
+        )
     if self.gru_rel_pos and not self.relative_position_embedding:
-      raise ValueError('BEATsConfig.gru_rel_pos gates the relative position bias; it needs '
-                       'relative_position_embedding=True')
+      raise ValueError(
+          'BEATsConfig.gru_rel_pos gates the relative position bias; it needs '
+          'relative_position_embedding=True'
+      )
 
   @property
   def head_dim(self) -> int:
@@ -178,18 +205,38 @@ class BEATsConfig:
 
 # The official BEATsConfig class defaults: an official cfg dict only lists what differs.
 _OFFICIAL_DEFAULTS = dict(
-    input_patch_size=-1, embed_dim=512, conv_bias=False, encoder_layers=12,
-    encoder_embed_dim=768, encoder_ffn_embed_dim=3072, encoder_attention_heads=12,
-    activation_fn='gelu', layer_wise_gradient_decay_ratio=1.0, layer_norm_first=False,
-    deep_norm=False, conv_pos=128, conv_pos_groups=16, relative_position_embedding=False,
-    num_buckets=320, max_distance=1280, gru_rel_pos=False)
+    input_patch_size=-1,
+    embed_dim=512,
+    conv_bias=False,
+    encoder_layers=12,
+    encoder_embed_dim=768,
+    encoder_ffn_embed_dim=3072,
+    encoder_attention_heads=12,
+    activation_fn='gelu',
+    layer_wise_gradient_decay_ratio=1.0,
+    layer_norm_first=False,
+    deep_norm=False,
+    conv_pos=128,
+    conv_pos_groups=16,
+    relative_position_embedding=False,
+    num_buckets=320,
+    max_distance=1280,
+    gru_rel_pos=False,
+)
 
 # Official cfg keys that do not change the inference forward pass of the encoder. The predictor
 # keys describe the AudioSet classifier of fine-tuned checkpoints: we always return the encoder
 # tokens (what Uni-MoE uses), and the converter drops the head.
-OFFICIAL_TRAINING_KEYS = ('dropout', 'attention_dropout', 'activation_dropout',
-                          'encoder_layerdrop', 'dropout_input', 'finetuned_model',
-                          'predictor_dropout', 'predictor_class')
+OFFICIAL_TRAINING_KEYS = (
+    'dropout',
+    'attention_dropout',
+    'activation_dropout',
+    'encoder_layerdrop',
+    'dropout_input',
+    'finetuned_model',
+    'predictor_dropout',
+    'predictor_class',
+)
 
 
 def config_from_official(cfg: Mapping[str, Any], **overrides) -> BEATsConfig:
@@ -204,8 +251,13 @@ def config_from_official(cfg: Mapping[str, Any], **overrides) -> BEATsConfig:
   fields = dict(_OFFICIAL_DEFAULTS)
   fields.update({k: v for k, v in cfg.items() if k in _OFFICIAL_DEFAULTS})
   fields.update(overrides)
-  for key in ('conv_bias', 'layer_norm_first', 'deep_norm', 'relative_position_embedding',
-              'gru_rel_pos'):
+  for key in (
+      'conv_bias',
+      'layer_norm_first',
+      'deep_norm',
+      'relative_position_embedding',
+      'gru_rel_pos',
+  ):
     fields[key] = bool(fields[key])
   return BEATsConfig(**fields)
 
@@ -221,8 +273,10 @@ def config_to_official(config: BEATsConfig) -> Dict[str, Any]:
   preprocessing always gives 128 bins.
   """
   if config.num_mel_bins != 128:
-    raise ValueError(f'config_to_official: num_mel_bins={config.num_mel_bins} cannot be '
-                     'expressed in an official BEATs cfg (its fbank always has 128 bins)')
+    raise ValueError(
+        f'config_to_official: num_mel_bins={config.num_mel_bins} cannot be '
+        'expressed in an official BEATs cfg (its fbank always has 128 bins)'
+    )
   cfg = {key: getattr(config, key) for key in _OFFICIAL_DEFAULTS}
   cfg['finetuned_model'] = False
   return cfg
@@ -231,14 +285,23 @@ def config_to_official(config: BEATsConfig) -> Dict[str, Any]:
 BEATS_SIZES = {
     'iter3': BEATsConfig(),
     'tiny': BEATsConfig(
-        input_patch_size=16, embed_dim=24, encoder_layers=2, encoder_embed_dim=32,
-        encoder_ffn_embed_dim=48, encoder_attention_heads=4, conv_pos=8, conv_pos_groups=4,
-        num_buckets=32, max_distance=64),
+        input_patch_size=16,
+        embed_dim=24,
+        encoder_layers=2,
+        encoder_embed_dim=32,
+        encoder_ffn_embed_dim=48,
+        encoder_attention_heads=4,
+        conv_pos=8,
+        conv_pos_groups=4,
+        num_buckets=32,
+        max_distance=64,
+    ),
 }
 
 
-def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
-                             max_distance: int) -> np.ndarray:
+def relative_position_bucket(
+    relative_position: np.ndarray, num_buckets: int, max_distance: int
+) -> np.ndarray:
   """Bidirectional T5 buckets of `key - query` offsets (int array in, int32 array out).
 
   Half the buckets per direction (positive offsets take the upper half). Within a half,
@@ -253,8 +316,7 @@ def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
   distance = np.abs(rel)
   with np.errstate(divide='ignore'):
     log_ratio = np.log(distance.astype(np.float32) / np.float32(max_exact))
-  scaled = (log_ratio / np.float32(math.log(max_distance / max_exact))
-            * np.float32(half - max_exact))
+  scaled = log_ratio / np.float32(math.log(max_distance / max_exact)) * np.float32(half - max_exact)
   large = max_exact + np.where(distance < max_exact, 0, scaled).astype(np.int64)
   large = np.minimum(large, half - 1)
   return (buckets + np.where(distance < max_exact, distance, large)).astype(np.int32)
@@ -265,10 +327,12 @@ def _all_within_groups(mask: jax.Array, groups: int) -> jax.Array:
   group of `length // groups` consecutive entries is True only if all of them are."""
   length = mask.shape[1]
   if length < groups:
-    raise ValueError(f'BEATs: padding_mask has {length} entries per example, fewer than the '
-                     f'{groups} frames/tokens it must cover')
+    raise ValueError(
+        f'BEATs: padding_mask has {length} entries per example, fewer than the '
+        f'{groups} frames/tokens it must cover'
+    )
   per_group = length // groups
-  return mask[:, :groups * per_group].reshape(mask.shape[0], groups, per_group).all(-1)
+  return mask[:, : groups * per_group].reshape(mask.shape[0], groups, per_group).all(-1)
 
 
 def token_padding_mask(padding_mask: jax.Array, num_frames: int, num_tokens: int) -> jax.Array:
@@ -287,6 +351,7 @@ class GatedRelativeAttention(nn.Module):
   `mask`: bool `[batch, 1, 1, tokens]` (True = attend). `position_bias`: float
   `[heads, tokens, tokens]` or None.
   """
+
   num_heads: int
   head_dim: int
   gru_rel_pos: bool
@@ -295,15 +360,23 @@ class GatedRelativeAttention(nn.Module):
   kernel_init: Any = default_init
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: Optional[jax.Array],
-               position_bias: Optional[jax.Array]) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, mask: Optional[jax.Array], position_bias: Optional[jax.Array]
+  ) -> jax.Array:
     batch, length, embed = x.shape
     h, hd = self.num_heads, self.head_dim
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
-    proj = lambda name: Dense((embed,), (h, hd), ('embed', 'heads', 'head_dim'),  # pylint: disable=g-long-lambda
-                              name=name, **kw)(x)
-    q, k, v = (partitioning.with_sharding_constraint(proj(n), _HEAD_AXES)
-               for n in ('query', 'key', 'value'))
+    proj = lambda name: Dense(
+        (embed,),
+        (h, hd),
+        ('embed', 'heads', 'head_dim'),  # pylint: disable=g-long-lambda
+        name=name,
+        **kw,
+    )(x)
+    q, k, v = (
+        partitioning.with_sharding_constraint(proj(n), _HEAD_AXES)
+        for n in ('query', 'key', 'value')
+    )
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     logits = logits / np.float32(np.sqrt(hd))
     if position_bias is not None:
@@ -312,9 +385,12 @@ class GatedRelativeAttention(nn.Module):
         gate = Dense((hd,), (8,), ('head_dim', None), name='gate', **kw)(q)
         gate = jax.nn.sigmoid(gate.astype(jnp.float32).reshape(batch, length, h, 2, 4).sum(-1))
         gate_scale = self.param(
-            'gate_scale', nn.with_logical_partitioning(nn.initializers.ones, ('heads',)),
-            (h,), self.param_dtype).astype(jnp.float32)
-        row_scale = gate[..., 0] * (gate[..., 1] * gate_scale - 1.0) + 2.0   # [b, q, h]
+            'gate_scale',
+            nn.with_logical_partitioning(nn.initializers.ones, ('heads',)),
+            (h,),
+            self.param_dtype,
+        ).astype(jnp.float32)
+        row_scale = gate[..., 0] * (gate[..., 1] * gate_scale - 1.0) + 2.0  # [b, q, h]
         bias = jnp.transpose(row_scale, (0, 2, 1))[..., None] * bias
       logits = logits + bias
     if mask is not None:
@@ -328,21 +404,34 @@ class GatedRelativeAttention(nn.Module):
 class BEATsLayer(nn.Module):
   """One encoder layer (post-LN with deep-norm residuals, or pre-LN):
   `[batch, tokens, embed] -> [batch, tokens, embed]`."""
+
   config: BEATsConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: Optional[jax.Array],
-               position_bias: Optional[jax.Array]) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, mask: Optional[jax.Array], position_bias: Optional[jax.Array]
+  ) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     init = nn.initializers.normal(cfg.init_std)
-    attn = GatedRelativeAttention(cfg.encoder_attention_heads, cfg.head_dim, cfg.gru_rel_pos,
-                                  kernel_init=init, name='self_attn', **kw)
+    attn = GatedRelativeAttention(
+        cfg.encoder_attention_heads,
+        cfg.head_dim,
+        cfg.gru_rel_pos,
+        kernel_init=init,
+        name='self_attn',
+        **kw,
+    )
     attn_norm = LayerNorm(1e-5, name='self_attn_layer_norm', **kw)
-    mlp = GeluMLP(cfg.encoder_ffn_embed_dim, act=_OFFICIAL_ACTIVATIONS[cfg.activation_fn],
-                  kernel_init=init, name='mlp', **kw)
+    mlp = GeluMLP(
+        cfg.encoder_ffn_embed_dim,
+        act=_OFFICIAL_ACTIVATIONS[cfg.activation_fn],
+        kernel_init=init,
+        name='mlp',
+        **kw,
+    )
     mlp_norm = LayerNorm(1e-5, name='final_layer_norm', **kw)
     if cfg.layer_norm_first:
       x = x + attn(attn_norm(x), mask, position_bias)
@@ -361,6 +450,7 @@ class ConvPositions(nn.Module):
   (the official conv pads both sides by kernel // 2 and drops the last output for even kernels).
   Kernel `[kernel, width / groups, width]`; the official weight norm is folded into it.
   """
+
   kernel_size: int
   groups: int
   dtype: Any = jnp.float32
@@ -369,17 +459,30 @@ class ConvPositions(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    kernel = self.param('kernel', nn.with_logical_partitioning(
-        nn.initializers.normal(stddev=math.sqrt(4.0 / (self.kernel_size * width))),
-        (None, None, 'embed')), (self.kernel_size, width // self.groups, width),
-                        self.param_dtype)
-    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
-                      (width,), self.param_dtype)
+    kernel = self.param(
+        'kernel',
+        nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=math.sqrt(4.0 / (self.kernel_size * width))),
+            (None, None, 'embed'),
+        ),
+        (self.kernel_size, width // self.groups, width),
+        self.param_dtype,
+    )
+    bias = self.param(
+        'bias',
+        nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+        (width,),
+        self.param_dtype,
+    )
     left = self.kernel_size // 2
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(1,),
+        x.astype(self.dtype),
+        kernel.astype(self.dtype),
+        window_strides=(1,),
         padding=[(left, self.kernel_size - 1 - left)],
-        dimension_numbers=('NWC', 'WIO', 'NWC'), feature_group_count=self.groups)
+        dimension_numbers=('NWC', 'WIO', 'NWC'),
+        feature_group_count=self.groups,
+    )
     return activation('gelu')(y + bias.astype(self.dtype))
 
 
@@ -391,17 +494,21 @@ class BEATs(nn.Module):
   `padding_mask`: True = padding, over frames or over waveform samples (any length >= frames);
   None means no padding (the returned mask is then all False).
   """
+
   config: BEATsConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, fbank: jax.Array,
-               padding_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+  def __call__(
+      self, fbank: jax.Array, padding_mask: Optional[jax.Array] = None
+  ) -> Tuple[jax.Array, jax.Array]:
     cfg = self.config
     if fbank.ndim != 3 or fbank.shape[2] != cfg.num_mel_bins:
-      raise ValueError(f'BEATs: fbank must be [batch, frames, {cfg.num_mel_bins}] (time-major), '
-                       f'got shape {fbank.shape}')
+      raise ValueError(
+          f'BEATs: fbank must be [batch, frames, {cfg.num_mel_bins}] (time-major), '
+          f'got shape {fbank.shape}'
+      )
     batch, frames, mels = fbank.shape
     p = cfg.input_patch_size
     time_patches, mel_patches = frames // p, mels // p
@@ -410,16 +517,29 @@ class BEATs(nn.Module):
     num_tokens = time_patches * mel_patches
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-    patches = fbank[:, :time_patches * p, :mel_patches * p].astype(self.dtype)
+    patches = fbank[:, : time_patches * p, : mel_patches * p].astype(self.dtype)
     patches = patches.reshape(batch, time_patches, p, mel_patches, p).transpose(0, 1, 3, 2, 4)
     patches = patches.reshape(batch, num_tokens, p, p)
     init = nn.initializers.normal(cfg.init_std)
-    x = Dense((p, p), (cfg.embed_dim,), (None, None, 'embed'), use_bias=cfg.conv_bias,
-              kernel_init=init, name='patch_embedding', **kw)(patches)
+    x = Dense(
+        (p, p),
+        (cfg.embed_dim,),
+        (None, None, 'embed'),
+        use_bias=cfg.conv_bias,
+        kernel_init=init,
+        name='patch_embedding',
+        **kw,
+    )(patches)
     x = LayerNorm(1e-5, name='layer_norm', **kw)(x)
     if cfg.embed_dim != cfg.encoder_embed_dim:
-      x = Dense((cfg.embed_dim,), (cfg.encoder_embed_dim,), (None, 'embed'),
-                kernel_init=init, name='post_extract_proj', **kw)(x)
+      x = Dense(
+          (cfg.embed_dim,),
+          (cfg.encoder_embed_dim,),
+          (None, 'embed'),
+          kernel_init=init,
+          name='post_extract_proj',
+          **kw,
+      )(x)
     x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
 
     if padding_mask is None:
@@ -427,8 +547,9 @@ class BEATs(nn.Module):
       attend = None
     else:
       if padding_mask.ndim != 2 or padding_mask.shape[0] != batch:
-        raise ValueError(f'BEATs: padding_mask must be [batch={batch}, length], got '
-                         f'{padding_mask.shape}')
+        raise ValueError(
+            f'BEATs: padding_mask must be [batch={batch}, length], got ' f'{padding_mask.shape}'
+        )
       token_mask = token_padding_mask(padding_mask, frames, num_tokens)
       x = jnp.where(token_mask[..., None], jnp.zeros((), x.dtype), x)
       attend = ~token_mask[:, None, None, :]
@@ -440,9 +561,12 @@ class BEATs(nn.Module):
 
     position_bias = None
     if cfg.relative_position_embedding:
-      table = self.param('relative_attention_bias', nn.with_logical_partitioning(
-          init, (None, 'heads')),
-                         (cfg.num_buckets, cfg.encoder_attention_heads), self.param_dtype)
+      table = self.param(
+          'relative_attention_bias',
+          nn.with_logical_partitioning(init, (None, 'heads')),
+          (cfg.num_buckets, cfg.encoder_attention_heads),
+          self.param_dtype,
+      )
       offsets = np.arange(num_tokens)[None, :] - np.arange(num_tokens)[:, None]  # key - query
       buckets = relative_position_bucket(offsets, cfg.num_buckets, cfg.max_distance)
       position_bias = jnp.transpose(jnp.take(table, jnp.asarray(buckets), axis=0), (2, 0, 1))
@@ -452,4 +576,3 @@ class BEATs(nn.Module):
     if cfg.layer_norm_first:
       x = final_norm(x)
     return x, token_mask
-

@@ -23,8 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
-from unimoe_jax.layers.transformer import (ACTIVATIONS, Dense, GeluMLP, LayerNorm,
-                                           MultiHeadAttention)
+from unimoe_jax.layers.transformer import (
+    ACTIVATIONS,
+    Dense,
+    GeluMLP,
+    LayerNorm,
+    MultiHeadAttention,
+)
 
 SELECT_FEATURES = ('patch', 'cls_patch')
 _HIDDEN = ('activation_batch', 'activation_length', 'activation_embed')
@@ -49,6 +54,7 @@ class CLIPVisionConfig:
       initializer_range, 0.02); tiny randomly initialised configurations need more
       (multimodal_tiny.gin).
   """
+
   image_size: int = 336
   patch_size: int = 14
   width: int = 1024
@@ -66,21 +72,29 @@ class CLIPVisionConfig:
       if getattr(self, field) <= 0:
         raise ValueError(f'CLIPVisionConfig.{field} must be positive, got {getattr(self, field)}')
     if self.image_size % self.patch_size:
-      raise ValueError(f'CLIPVisionConfig.image_size={self.image_size} is not a multiple of '
-                       f'patch_size={self.patch_size}')
+      raise ValueError(
+          f'CLIPVisionConfig.image_size={self.image_size} is not a multiple of '
+          f'patch_size={self.patch_size}'
+      )
     if self.width % self.num_heads:
-      raise ValueError(f'CLIPVisionConfig.width={self.width} is not divisible by '
-                       f'num_heads={self.num_heads}')
+      raise ValueError(
+          f'CLIPVisionConfig.width={self.width} is not divisible by ' f'num_heads={self.num_heads}'
+      )
     if self.act not in ACTIVATIONS:
-      raise ValueError(f'CLIPVisionConfig.act must be one of {sorted(ACTIVATIONS)}, '
-                       f'got {self.act!r}')
+      raise ValueError(
+          f'CLIPVisionConfig.act must be one of {sorted(ACTIVATIONS)}, ' f'got {self.act!r}'
+      )
     if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
-      raise ValueError(f'CLIPVisionConfig.select_layer={self.select_layer} is outside '
-                       f'[{-(self.num_layers + 1)}, {self.num_layers}] (there are '
-                       f'num_layers + 1 = {self.num_layers + 1} hidden states)')
+      raise ValueError(
+          f'CLIPVisionConfig.select_layer={self.select_layer} is outside '
+          f'[{-(self.num_layers + 1)}, {self.num_layers}] (there are '
+          f'num_layers + 1 = {self.num_layers + 1} hidden states)'
+      )
     if self.select_feature not in SELECT_FEATURES:
-      raise ValueError(f'CLIPVisionConfig.select_feature must be one of {SELECT_FEATURES}, '
-                       f'got {self.select_feature!r}')
+      raise ValueError(
+          f'CLIPVisionConfig.select_feature must be one of {SELECT_FEATURES}, '
+          f'got {self.select_feature!r}'
+      )
 
   @property
   def grid_size(self) -> int:
@@ -88,7 +102,7 @@ class CLIPVisionConfig:
 
   @property
   def num_patches(self) -> int:
-    return self.grid_size ** 2
+    return self.grid_size**2
 
   @property
   def num_positions(self) -> int:
@@ -111,8 +125,9 @@ class CLIPVisionConfig:
 CLIP_SIZES = {
     # openai/clip-vit-large-patch14-336, the vision tower of LLaVA-1.5 and Uni-MoE.
     'vit-l-14-336': CLIPVisionConfig(),
-    'tiny': CLIPVisionConfig(image_size=32, patch_size=8, width=64, num_layers=3, num_heads=4,
-                             mlp_dim=128),
+    'tiny': CLIPVisionConfig(
+        image_size=32, patch_size=8, width=64, num_layers=3, num_heads=4, mlp_dim=128
+    ),
 }
 
 
@@ -125,6 +140,7 @@ def named(size: str, **overrides) -> CLIPVisionConfig:
 
 class CLIPEncoderLayer(nn.Module):
   """Pre-LN block: `x + attn(ln1 x)`, then `+ mlp(ln2 ·)`. `[batch, tokens, width]` in and out."""
+
   config: CLIPVisionConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -135,8 +151,9 @@ class CLIPEncoderLayer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = LayerNorm(cfg.layer_norm_eps, name='layer_norm1', **kw)(x)
     init = nn.initializers.normal(cfg.init_std)
-    x = x + MultiHeadAttention(cfg.num_heads, cfg.head_dim, kernel_init=init, name='attention',
-                               **kw)(h)
+    x = x + MultiHeadAttention(
+        cfg.num_heads, cfg.head_dim, kernel_init=init, name='attention', **kw
+    )(h)
     x = partitioning.with_sharding_constraint(x, _HIDDEN)
     h = LayerNorm(cfg.layer_norm_eps, name='layer_norm2', **kw)(x)
     x = x + GeluMLP(cfg.mlp_dim, act=cfg.act, kernel_init=init, name='mlp', **kw)(h)
@@ -156,6 +173,7 @@ class CLIPVisionTower(nn.Module):
   (`encode_images` = tower + projector, then `mean(dim=0)`). That equals averaging here only for
   a linear projector; for 'mlp2x_gelu' call with `pool_frames=False`, project, then average.
   """
+
   config: CLIPVisionConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -164,8 +182,10 @@ class CLIPVisionTower(nn.Module):
     if pixels.ndim == 4:
       return self.encode_images(pixels)
     if pixels.ndim != 5:
-      raise ValueError(f'CLIPVisionTower: pixels must be [batch, H, W, 3] or '
-                       f'[batch, frames, H, W, 3], got shape {pixels.shape}')
+      raise ValueError(
+          f'CLIPVisionTower: pixels must be [batch, H, W, 3] or '
+          f'[batch, frames, H, W, 3], got shape {pixels.shape}'
+      )
     batch, frames = pixels.shape[:2]
     feats = self.encode_images(pixels.reshape((batch * frames,) + pixels.shape[2:]))
     feats = feats.reshape((batch, frames) + feats.shape[1:])
@@ -180,31 +200,50 @@ class CLIPVisionTower(nn.Module):
     cfg = self.config
     batch, height, width, channels = pixels.shape
     if (height, width, channels) != (cfg.image_size, cfg.image_size, 3):
-      raise ValueError(f'CLIPVisionTower: expected [batch, {cfg.image_size}, {cfg.image_size}, 3] '
-                       f'pixels, got {pixels.shape}')
+      raise ValueError(
+          f'CLIPVisionTower: expected [batch, {cfg.image_size}, {cfg.image_size}, 3] '
+          f'pixels, got {pixels.shape}'
+      )
 
     p, g = cfg.patch_size, cfg.grid_size
     # Row-major patch order, as the flattened output of CLIP's strided convolution.
     patches = pixels.reshape(batch, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(batch, g * g, p, p, 3)
-    x = Dense((p, p, 3), (cfg.width,), (None, None, None, 'embed'), use_bias=False,
-              dtype=self.dtype, param_dtype=self.param_dtype,
-              kernel_init=nn.initializers.normal(cfg.init_std), name='patch_embedding')(patches)
+    x = Dense(
+        (p, p, 3),
+        (cfg.width,),
+        (None, None, None, 'embed'),
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.normal(cfg.init_std),
+        name='patch_embedding',
+    )(patches)
 
     init = nn.initializers.normal(cfg.init_std)
-    cls = self.param('class_embedding', nn.with_logical_partitioning(init, ('embed',)),
-                     (cfg.width,), self.param_dtype)
-    pos = self.param('position_embedding', nn.with_logical_partitioning(init, (None, 'embed')),
-                     (cfg.num_positions, cfg.width), self.param_dtype)
+    cls = self.param(
+        'class_embedding',
+        nn.with_logical_partitioning(init, ('embed',)),
+        (cfg.width,),
+        self.param_dtype,
+    )
+    pos = self.param(
+        'position_embedding',
+        nn.with_logical_partitioning(init, (None, 'embed')),
+        (cfg.num_positions, cfg.width),
+        self.param_dtype,
+    )
     cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, cfg.width))
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
     x = partitioning.with_sharding_constraint(x, _HIDDEN)
-    x = LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                  name='pre_layernorm')(x)
+    x = LayerNorm(
+        cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name='pre_layernorm'
+    )(x)
 
     for i in range(cfg.num_used_layers):
-      x = CLIPEncoderLayer(cfg, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name=f'layers_{i}')(x)
+      x = CLIPEncoderLayer(cfg, dtype=self.dtype, param_dtype=self.param_dtype, name=f'layers_{i}')(
+          x
+      )
 
     if cfg.select_feature == 'patch':
       x = x[:, 1:]

@@ -50,6 +50,7 @@ class WhisperEncoderConfig:
       stem's output a few percent of the positional embedding, so every output is nearly the
       same whatever the audio.
   """
+
   num_mel_bins: int = 80
   d_model: int = 768
   num_layers: int = 12
@@ -61,20 +62,32 @@ class WhisperEncoderConfig:
   init_std: float = 0.02
 
   def __post_init__(self):
-    for field in ('num_mel_bins', 'd_model', 'num_layers', 'num_heads', 'ffn_dim',
-                  'max_source_positions'):
+    for field in (
+        'num_mel_bins',
+        'd_model',
+        'num_layers',
+        'num_heads',
+        'ffn_dim',
+        'max_source_positions',
+    ):
       if getattr(self, field) <= 0:
-        raise ValueError(f'WhisperEncoderConfig.{field} must be positive, '
-                         f'got {getattr(self, field)}')
+        raise ValueError(
+            f'WhisperEncoderConfig.{field} must be positive, ' f'got {getattr(self, field)}'
+        )
     if self.d_model % self.num_heads:
-      raise ValueError(f'WhisperEncoderConfig.d_model={self.d_model} is not divisible by '
-                       f'num_heads={self.num_heads}')
+      raise ValueError(
+          f'WhisperEncoderConfig.d_model={self.d_model} is not divisible by '
+          f'num_heads={self.num_heads}'
+      )
     if self.d_model % 2:
-      raise ValueError(f'WhisperEncoderConfig.d_model={self.d_model} must be even '
-                       '(half the sinusoid channels are sines, half cosines)')
+      raise ValueError(
+          f'WhisperEncoderConfig.d_model={self.d_model} must be even '
+          '(half the sinusoid channels are sines, half cosines)'
+      )
     if self.act not in ACTIVATIONS:
-      raise ValueError(f'WhisperEncoderConfig.act={self.act!r} is not one of '
-                       f'{sorted(ACTIVATIONS)}')
+      raise ValueError(
+          f'WhisperEncoderConfig.act={self.act!r} is not one of ' f'{sorted(ACTIVATIONS)}'
+      )
 
   @property
   def head_dim(self) -> int:
@@ -90,11 +103,21 @@ class WhisperEncoderConfig:
 # with toy widths, so that pipelines can be tested end to end on CPU.
 WHISPER_SIZES = {
     'whisper-small': WhisperEncoderConfig(
-        num_mel_bins=80, d_model=768, num_layers=12, num_heads=12, ffn_dim=3072,
-        max_source_positions=1500),
+        num_mel_bins=80,
+        d_model=768,
+        num_layers=12,
+        num_heads=12,
+        ffn_dim=3072,
+        max_source_positions=1500,
+    ),
     'tiny': WhisperEncoderConfig(
-        num_mel_bins=80, d_model=32, num_layers=2, num_heads=4, ffn_dim=64,
-        max_source_positions=1500),
+        num_mel_bins=80,
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        ffn_dim=64,
+        max_source_positions=1500,
+    ),
 }
 
 
@@ -108,8 +131,9 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
     raise ValueError(f'sinusoids: channels={channels} must be even')
   increment = np.log(max_timescale) / (channels // 2 - 1)
   inv_timescales = np.exp(np.float32(-increment) * np.arange(channels // 2, dtype=np.float32))
-  scaled_time = (np.arange(length, dtype=np.float32)[:, None]
-                 * inv_timescales.astype(np.float32)[None, :])
+  scaled_time = (
+      np.arange(length, dtype=np.float32)[:, None] * inv_timescales.astype(np.float32)[None, :]
+  )
   scaled_time = scaled_time.astype(np.float64)
   return np.concatenate([np.sin(scaled_time), np.cos(scaled_time)], axis=1).astype(np.float32)
 
@@ -123,12 +147,13 @@ def conv1d_windows(x: jax.Array, kernel_size: int, stride: int, padding: int) ->
   out_time = (time + 2 * padding - kernel_size) // stride + 1
   x = jnp.pad(x, ((0, 0), (padding, padding), (0, 0)))
   span = stride * (out_time - 1) + 1
-  taps = [x[:, k:k + span:stride] for k in range(kernel_size)]
+  taps = [x[:, k : k + span : stride] for k in range(kernel_size)]
   return jnp.stack(taps, axis=2)
 
 
 class WhisperEncoderLayer(nn.Module):
   """Pre-LN self-attention + GELU MLP: `[batch, tokens, embed] -> [batch, tokens, embed]`."""
+
   config: WhisperEncoderConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -139,8 +164,14 @@ class WhisperEncoderLayer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = LayerNorm(cfg.layer_norm_eps, name='attn_norm', **kw)(x)
     init = nn.initializers.normal(cfg.init_std)
-    x = x + MultiHeadAttention(cfg.num_heads, cfg.head_dim, use_bias=(True, False, True, True),
-                               kernel_init=init, name='attn', **kw)(h)
+    x = x + MultiHeadAttention(
+        cfg.num_heads,
+        cfg.head_dim,
+        use_bias=(True, False, True, True),
+        kernel_init=init,
+        name='attn',
+        **kw,
+    )(h)
     h = LayerNorm(cfg.layer_norm_eps, name='mlp_norm', **kw)(x)
     x = x + GeluMLP(cfg.ffn_dim, act=cfg.act, kernel_init=init, name='mlp', **kw)(h)
     return partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
@@ -152,6 +183,7 @@ class WhisperEncoder(nn.Module):
   `frames` must be `2 * config.max_source_positions` (3000 for 30 s): Whisper pads every chunk
   to 30 s and its positions are fixed to that length.
   """
+
   config: WhisperEncoderConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -160,21 +192,37 @@ class WhisperEncoder(nn.Module):
   def __call__(self, log_mel: jax.Array) -> jax.Array:
     cfg = self.config
     if log_mel.ndim != 3 or log_mel.shape[2] != cfg.num_mel_bins:
-      raise ValueError(f'WhisperEncoder: log_mel must be [batch, frames, n_mels={cfg.num_mel_bins}]'
-                       f' (time-major), got shape {log_mel.shape}')
+      raise ValueError(
+          f'WhisperEncoder: log_mel must be [batch, frames, n_mels={cfg.num_mel_bins}]'
+          f' (time-major), got shape {log_mel.shape}'
+      )
     if log_mel.shape[1] != cfg.num_frames:
-      raise ValueError(f'WhisperEncoder: expected {cfg.num_frames} log-mel frames '
-                       f'(2 * max_source_positions={cfg.max_source_positions}), got '
-                       f'{log_mel.shape[1]}; pad or trim the features to {cfg.num_frames} frames')
+      raise ValueError(
+          f'WhisperEncoder: expected {cfg.num_frames} log-mel frames '
+          f'(2 * max_source_positions={cfg.max_source_positions}), got '
+          f'{log_mel.shape[1]}; pad or trim the features to {cfg.num_frames} frames'
+      )
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gelu = activation('gelu')  # The stem uses exact GELU whatever `act` the layers use.
     x = log_mel.astype(self.dtype)
     init = nn.initializers.normal(cfg.init_std)
-    x = Dense((3, cfg.num_mel_bins), (cfg.d_model,), (None, None, 'embed'), name='conv1',
-              kernel_init=init, **kw)(conv1d_windows(x, 3, stride=1, padding=1))
+    x = Dense(
+        (3, cfg.num_mel_bins),
+        (cfg.d_model,),
+        (None, None, 'embed'),
+        name='conv1',
+        kernel_init=init,
+        **kw,
+    )(conv1d_windows(x, 3, stride=1, padding=1))
     x = gelu(x)
-    x = Dense((3, cfg.d_model), (cfg.d_model,), (None, None, 'embed'), name='conv2',
-              kernel_init=init, **kw)(conv1d_windows(x, 3, stride=2, padding=1))
+    x = Dense(
+        (3, cfg.d_model),
+        (cfg.d_model,),
+        (None, None, 'embed'),
+        name='conv2',
+        kernel_init=init,
+        **kw,
+    )(conv1d_windows(x, 3, stride=2, padding=1))
     x = gelu(x)
     positions = sinusoids(cfg.max_source_positions, cfg.d_model)
     x = x + jnp.asarray(positions, self.dtype)[None]

@@ -65,6 +65,7 @@ class Attention(nn.Module):
   advances the index. Without a cache yet (inside `init`), the cache is created with
   `max_length = max_decode_length` (default: the input length).
   """
+
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -74,10 +75,17 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: Optional[jax.Array], mask: Optional[jax.Array],
-               deterministic: bool = True, decode: bool = False, prefill: bool = False,
-               prefill_lengths: Optional[jax.Array] = None,
-               max_decode_length: Optional[int] = None) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: Optional[jax.Array],
+      mask: Optional[jax.Array],
+      deterministic: bool = True,
+      decode: bool = False,
+      prefill: bool = False,
+      prefill_lengths: Optional[jax.Array] = None,
+      max_decode_length: Optional[int] = None,
+  ) -> jax.Array:
     """positions: `[batch, length]`; mask: boolean, broadcastable to `[batch, 1, q, k]`;
     prefill_lengths: `[batch]` int (prefill only)."""
     if decode and prefill:
@@ -92,51 +100,82 @@ class Attention(nn.Module):
       positions = index[:, None]
 
     def proj(name, in_shape, out_shape, axes):
-      return LoRADense(in_shape, out_shape, axes, lora=lora_targets(self.lora, name),
-                       dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+      return LoRADense(
+          in_shape,
+          out_shape,
+          axes,
+          lora=lora_targets(self.lora, name),
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=name,
+      )
 
     # The names let the 'projections' remat policy keep these outputs (config.REMAT_SAVED_NAMES).
-    q = checkpoint_name(proj('query', (embed,), (self.num_heads, self.head_dim),
-                             ('embed', 'heads', 'head_dim'))(x, deterministic), 'query_proj')
-    k = checkpoint_name(proj('key', (embed,), (self.num_kv_heads, self.head_dim),
-                             ('embed', 'kv_heads', 'head_dim'))(x, deterministic), 'key_proj')
-    v = checkpoint_name(proj('value', (embed,), (self.num_kv_heads, self.head_dim),
-                             ('embed', 'kv_heads', 'head_dim'))(x, deterministic), 'value_proj')
+    q = checkpoint_name(
+        proj('query', (embed,), (self.num_heads, self.head_dim), ('embed', 'heads', 'head_dim'))(
+            x, deterministic
+        ),
+        'query_proj',
+    )
+    k = checkpoint_name(
+        proj(
+            'key', (embed,), (self.num_kv_heads, self.head_dim), ('embed', 'kv_heads', 'head_dim')
+        )(x, deterministic),
+        'key_proj',
+    )
+    v = checkpoint_name(
+        proj(
+            'value', (embed,), (self.num_kv_heads, self.head_dim), ('embed', 'kv_heads', 'head_dim')
+        )(x, deterministic),
+        'value_proj',
+    )
     q = rotary_embedding(q, positions, self.rope_theta)
     k = rotary_embedding(k, positions, self.rope_theta)
     if prefill:
       cache = self._cache(batch, max_decode_length or length)
       if cache['cached_key'].value.shape[1] < length:
-        raise ValueError(f'Attention: prefill of {length} tokens does not fit a cache of '
-                         f'{cache["cached_key"].value.shape[1]}')
+        raise ValueError(
+            f'Attention: prefill of {length} tokens does not fit a cache of '
+            f'{cache["cached_key"].value.shape[1]}'
+        )
       for name, new in (('cached_key', k), ('cached_value', v)):
         cache[name].value = jax.lax.dynamic_update_slice(
-            cache[name].value, new.astype(self.dtype), (0, 0, 0, 0))
-      lengths = (jnp.full((batch,), length, jnp.int32) if prefill_lengths is None
-                 else prefill_lengths.astype(jnp.int32))
+            cache[name].value, new.astype(self.dtype), (0, 0, 0, 0)
+        )
+      lengths = (
+          jnp.full((batch,), length, jnp.int32)
+          if prefill_lengths is None
+          else prefill_lengths.astype(jnp.int32)
+      )
       cache['cache_index'].value = lengths
     elif decode:
       rows = jnp.arange(batch)
       # Out-of-range indices (rows kept running after their buffer ended) are dropped.
       k = cache['cached_key'].value.at[rows, index].set(k[:, 0].astype(self.dtype), mode='drop')
-      v = cache['cached_value'].value.at[rows, index].set(v[:, 0].astype(self.dtype),
-                                                          mode='drop')
+      v = cache['cached_value'].value.at[rows, index].set(v[:, 0].astype(self.dtype), mode='drop')
       cache['cached_key'].value, cache['cached_value'].value = k, v
       cache['cache_index'].value = index + 1
       mask = (jnp.arange(k.shape[1])[None, :] <= index[:, None])[:, None, None, :]
     q = partitioning.with_sharding_constraint(
-        q, ('activation_batch', 'activation_length', 'activation_heads', None))
+        q, ('activation_batch', 'activation_length', 'activation_heads', None)
+    )
     k = partitioning.with_sharding_constraint(
-        k, ('activation_batch', 'activation_length', 'activation_kv_heads', None))
+        k, ('activation_batch', 'activation_length', 'activation_kv_heads', None)
+    )
     v = partitioning.with_sharding_constraint(
-        v, ('activation_batch', 'activation_length', 'activation_kv_heads', None))
+        v, ('activation_batch', 'activation_length', 'activation_kv_heads', None)
+    )
     # Logits and softmax run in float32 inside dot_product_attention for bf16 inputs too.
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     out = partitioning.with_sharding_constraint(
-        out, ('activation_batch', 'activation_length', 'activation_heads', None))
-    return checkpoint_name(proj('out', (self.num_heads, self.head_dim), (embed,),
-                                ('heads', 'head_dim', 'embed'))(out, deterministic),
-                           'attention_out')
+        out, ('activation_batch', 'activation_length', 'activation_heads', None)
+    )
+    return checkpoint_name(
+        proj('out', (self.num_heads, self.head_dim), (embed,), ('heads', 'head_dim', 'embed'))(
+            out, deterministic
+        ),
+        'attention_out',
+    )
 
   def _cache(self, batch: int, max_length: int):
     shape = (batch, max_length, self.num_kv_heads, self.head_dim)
@@ -145,6 +184,10 @@ class Attention(nn.Module):
         'cached_key': self.variable('cache', 'cached_key', init, shape, self.dtype),
         'cached_value': self.variable('cache', 'cached_value', init, shape, self.dtype),
         'cache_index': self.variable(
-            'cache', 'cache_index', nn.with_logical_partitioning(jnp.zeros, ('cache_batch',)),
-            (batch,), jnp.int32),
+            'cache',
+            'cache_index',
+            nn.with_logical_partitioning(jnp.zeros, ('cache_batch',)),
+            (batch,),
+            jnp.int32,
+        ),
     }

@@ -35,6 +35,7 @@ class LoRADropout(NamedTuple):
   the chunk's first row) draws an independent mask for each part of the rows, so a loop can
   redraw the same mask in its backward pass.
   """
+
   rate: float
   key: jax.Array
 
@@ -62,7 +63,7 @@ def lora_a_init(fan_in_dims: int, batch_dims: int = 0) -> Initializer:
   """
 
   def init(key, shape, dtype=jnp.float32):
-    fan_in = int(np.prod(shape[batch_dims:batch_dims + fan_in_dims]))
+    fan_in = int(np.prod(shape[batch_dims : batch_dims + fan_in_dims]))
     bound = 1.0 / np.sqrt(fan_in)
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
@@ -97,6 +98,7 @@ class LoRADense(nn.Module):
     lora: adapter config, or None for a plain projection.
     dtype: compute dtype; the kernel is cast to it (params stay `param_dtype`).
   """
+
   in_shape: Tuple[int, ...]
   out_shape: Tuple[int, ...]
   kernel_axes: Tuple[str, ...]
@@ -112,18 +114,28 @@ class LoRADense(nn.Module):
     if tuple(x.shape[-n_in:]) != tuple(self.in_shape):
       raise ValueError(f'{self.name}: input trailing shape {x.shape[-n_in:]} != {self.in_shape}')
     init = self.kernel_init or default_kernel_init(n_in)
-    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes),
-                        self.in_shape + self.out_shape, self.param_dtype)
+    kernel = self.param(
+        'kernel',
+        nn.with_logical_partitioning(init, self.kernel_axes),
+        self.in_shape + self.out_shape,
+        self.param_dtype,
+    )
     x = x.astype(self.dtype)
     y = _matmul(x, kernel.astype(self.dtype), n_in)
     if self.lora is not None:
       in_axes, out_axes = self.kernel_axes[:n_in], self.kernel_axes[n_in:]
-      a = self.param('lora_a', nn.with_logical_partitioning(lora_a_init(n_in),
-                                                            in_axes + ('lora_rank',)),
-                     self.in_shape + (self.lora.rank,), self.param_dtype)
-      b = self.param('lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
-                                                            ('lora_rank',) + out_axes),
-                     (self.lora.rank,) + self.out_shape, self.param_dtype)
+      a = self.param(
+          'lora_a',
+          nn.with_logical_partitioning(lora_a_init(n_in), in_axes + ('lora_rank',)),
+          self.in_shape + (self.lora.rank,),
+          self.param_dtype,
+      )
+      b = self.param(
+          'lora_b',
+          nn.with_logical_partitioning(nn.initializers.zeros, ('lora_rank',) + out_axes),
+          (self.lora.rank,) + self.out_shape,
+          self.param_dtype,
+      )
       h = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
       h = _matmul(h, a.astype(self.dtype), n_in)
       y = y + self.lora.scale * _matmul(h, b.astype(self.dtype), 1)
@@ -161,8 +173,10 @@ def _merge_looped(params: Any, scale: float) -> Any:
     elif kernel.ndim == 3 and a.ndim == 3 and b.ndim == 3:  # [expert, in, out]
       delta = jnp.einsum('eir,ero->eio', a, b)
     else:
-      raise ValueError(f'merge_lora: cannot combine lora_a {a.shape} and lora_b {b.shape} into '
-                       f'kernel {kernel.shape}')
+      raise ValueError(
+          f'merge_lora: cannot combine lora_a {a.shape} and lora_b {b.shape} into '
+          f'kernel {kernel.shape}'
+      )
     out['kernel'] = (kernel + scale * delta.astype(jnp.float32)).astype(kernel.dtype)
   return out
 

@@ -18,6 +18,7 @@ class SwiGLU(nn.Module):
   Parameter names follow t5x/flaxformer: wi_0 is LLaMA's gate_proj, wi_1 its up_proj and wo
   its down_proj.
   """
+
   mlp_dim: int
   lora: Optional[LoRAConfig] = None
   dtype: Any = jnp.float32
@@ -27,15 +28,19 @@ class SwiGLU(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     embed = x.shape[-1]
     dense = lambda name, i, o, axes: LoRADense(  # pylint: disable=g-long-lambda
-        (i,), (o,), axes, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
-        name=name)
+        (i,), (o,), axes, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     # The names let the 'projections' remat policy keep these outputs (config.REMAT_SAVED_NAMES).
-    gate = checkpoint_name(dense('wi_0', embed, self.mlp_dim, ('embed', 'mlp'))(x, deterministic),
-                           'mlp_wi_0')
-    up = checkpoint_name(dense('wi_1', embed, self.mlp_dim, ('embed', 'mlp'))(x, deterministic),
-                         'mlp_wi_1')
+    gate = checkpoint_name(
+        dense('wi_0', embed, self.mlp_dim, ('embed', 'mlp'))(x, deterministic), 'mlp_wi_0'
+    )
+    up = checkpoint_name(
+        dense('wi_1', embed, self.mlp_dim, ('embed', 'mlp'))(x, deterministic), 'mlp_wi_1'
+    )
     h = nn.silu(gate) * up
     h = partitioning.with_sharding_constraint(
-        h, ('activation_batch', 'activation_length', 'activation_mlp'))
-    return checkpoint_name(dense('wo', self.mlp_dim, embed, ('mlp', 'embed'))(h, deterministic),
-                           'mlp_wo')
+        h, ('activation_batch', 'activation_length', 'activation_mlp')
+    )
+    return checkpoint_name(
+        dense('wo', self.mlp_dim, embed, ('mlp', 'embed'))(h, deterministic), 'mlp_wo'
+    )

@@ -29,6 +29,7 @@ default_init = nn.initializers.normal(stddev=0.02)
 
 class Dense(nn.Module):
   """`x · W (+ b)` over x's last `len(in_shape)` axes: `[..., *in_shape] -> [..., *out_shape]`."""
+
   in_shape: Tuple[int, ...]
   out_shape: Tuple[int, ...]
   kernel_axes: Tuple[str, ...]
@@ -42,25 +43,33 @@ class Dense(nn.Module):
     n_in = len(self.in_shape)
     if tuple(x.shape[-n_in:]) != tuple(self.in_shape):
       raise ValueError(f'{self.name}: input trailing shape {x.shape[-n_in:]} != {self.in_shape}')
-    kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init,
-                                                               self.kernel_axes),
-                        tuple(self.in_shape) + tuple(self.out_shape), self.param_dtype)
+    kernel = self.param(
+        'kernel',
+        nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+        tuple(self.in_shape) + tuple(self.out_shape),
+        self.param_dtype,
+    )
     in_size, out_size = int(np.prod(self.in_shape)), int(np.prod(self.out_shape))
     lead = x.shape[:-n_in]
     # A 2-D GEMM: rank-3 dots ran slower on XLA:CPU (see layers/lora.py).
     y = x.astype(self.dtype).reshape(-1, in_size) @ kernel.astype(self.dtype).reshape(
-        in_size, out_size)
+        in_size, out_size
+    )
     y = y.reshape(lead + tuple(self.out_shape))
     if self.use_bias:
-      bias = self.param('bias', nn.with_logical_partitioning(
-          nn.initializers.zeros, self.kernel_axes[n_in:]), tuple(self.out_shape),
-                        self.param_dtype)
+      bias = self.param(
+          'bias',
+          nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[n_in:]),
+          tuple(self.out_shape),
+          self.param_dtype,
+      )
       y = y + bias.astype(self.dtype)
     return y
 
 
 class LayerNorm(nn.Module):
   """LayerNorm over the last axis; statistics in float32, output in `dtype`."""
+
   epsilon: float = 1e-5
   use_bias: bool = True
   dtype: Any = jnp.float32
@@ -69,15 +78,23 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
-                       (d,), self.param_dtype)
+    scale = self.param(
+        'scale',
+        nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+        (d,),
+        self.param_dtype,
+    )
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
     if self.use_bias:
-      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
-                        (d,), self.param_dtype)
+      bias = self.param(
+          'bias',
+          nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
+          (d,),
+          self.param_dtype,
+      )
       y = y + bias.astype(jnp.float32)
     return y.astype(self.dtype)
 
@@ -98,6 +115,7 @@ def activation(name: str):
 
 class GeluMLP(nn.Module):
   """`fc2(act(fc1 x))`: `[..., embed] -> [..., embed]` (act: a key of ACTIVATIONS)."""
+
   mlp_dim: int
   act: str = 'gelu'
   dtype: Any = jnp.float32
@@ -107,13 +125,28 @@ class GeluMLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    h = Dense((d,), (self.mlp_dim,), ('embed', 'mlp'), dtype=self.dtype,
-              param_dtype=self.param_dtype, kernel_init=self.kernel_init, name='fc1')(x)
+    h = Dense(
+        (d,),
+        (self.mlp_dim,),
+        ('embed', 'mlp'),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init,
+        name='fc1',
+    )(x)
     h = activation(self.act)(h)
     h = partitioning.with_sharding_constraint(
-        h, ('activation_batch', 'activation_length', 'activation_mlp'))
-    return Dense((self.mlp_dim,), (d,), ('mlp', 'embed'), dtype=self.dtype,
-                 param_dtype=self.param_dtype, kernel_init=self.kernel_init, name='fc2')(h)
+        h, ('activation_batch', 'activation_length', 'activation_mlp')
+    )
+    return Dense(
+        (self.mlp_dim,),
+        (d,),
+        ('mlp', 'embed'),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init,
+        name='fc2',
+    )(h)
 
 
 class MultiHeadAttention(nn.Module):
@@ -126,6 +159,7 @@ class MultiHeadAttention(nn.Module):
   Logits are `q·k / sqrt(head_dim)` with the softmax in float32. `use_bias` is per projection
   (query, key, value, out): Whisper's key projection has no bias.
   """
+
   num_heads: int
   head_dim: int
   use_bias: Sequence[bool] = (True, True, True, True)
@@ -134,24 +168,39 @@ class MultiHeadAttention(nn.Module):
   kernel_init: Initializer = default_init
 
   @nn.compact
-  def __call__(self, x: jax.Array, kv: Optional[jax.Array] = None,
-               mask: Optional[jax.Array] = None, bias: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      kv: Optional[jax.Array] = None,
+      mask: Optional[jax.Array] = None,
+      bias: Optional[jax.Array] = None,
+  ) -> jax.Array:
     kv = x if kv is None else kv
     embed, kv_embed = x.shape[-1], kv.shape[-1]
     h, hd = self.num_heads, self.head_dim
     qb, kb, vb, ob = self.use_bias
-    dense = lambda name, i, o, axes, b: Dense(i, o, axes, use_bias=b, dtype=self.dtype,  # pylint: disable=g-long-lambda
-                                              param_dtype=self.param_dtype,
-                                              kernel_init=self.kernel_init, name=name)
+    dense = lambda name, i, o, axes, b: Dense(
+        i,
+        o,
+        axes,
+        use_bias=b,
+        dtype=self.dtype,  # pylint: disable=g-long-lambda
+        param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init,
+        name=name,
+    )
     q = dense('query', (embed,), (h, hd), ('embed', 'heads', 'head_dim'), qb)(x)
     k = dense('key', (kv_embed,), (h, hd), ('embed', 'heads', 'head_dim'), kb)(kv)
     v = dense('value', (kv_embed,), (h, hd), ('embed', 'heads', 'head_dim'), vb)(kv)
     q = partitioning.with_sharding_constraint(
-        q, ('activation_batch', 'activation_length', 'activation_heads', None))
+        q, ('activation_batch', 'activation_length', 'activation_heads', None)
+    )
     k = partitioning.with_sharding_constraint(
-        k, ('activation_batch', 'activation_length', 'activation_heads', None))
+        k, ('activation_batch', 'activation_length', 'activation_heads', None)
+    )
     v = partitioning.with_sharding_constraint(
-        v, ('activation_batch', 'activation_length', 'activation_heads', None))
+        v, ('activation_batch', 'activation_length', 'activation_heads', None)
+    )
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     logits = logits / np.sqrt(hd).astype(np.float32)
     if bias is not None:
@@ -161,5 +210,6 @@ class MultiHeadAttention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     out = partitioning.with_sharding_constraint(
-        out, ('activation_batch', 'activation_length', 'activation_heads', None))
+        out, ('activation_batch', 'activation_length', 'activation_heads', None)
+    )
     return dense('out', (h, hd), (embed,), ('heads', 'head_dim', 'embed'), ob)(out)

@@ -82,8 +82,8 @@ def load_audio(path: PathLike, sample_rate: int = 16000) -> np.ndarray:
       samples, rate = _decode_with_pyav(path)
     except Exception as pyav_error:
       raise MediaError(
-          'audio', path,
-          f'soundfile: {soundfile_error}; PyAV: {pyav_error}'.replace('\n', ' ')) from None
+          'audio', path, f'soundfile: {soundfile_error}; PyAV: {pyav_error}'.replace('\n', ' ')
+      ) from None
   if samples.shape[-1] == 0:
     raise MediaError('audio', path, 'zero-length audio (0 samples)')
   wave = samples.mean(axis=0, dtype=np.float32) if samples.shape[0] > 1 else samples[0]
@@ -133,14 +133,16 @@ def _slaney_mel_inverse(mel):
 
 
 @functools.lru_cache(maxsize=8)
-def whisper_mel_filters(n_mels: int, sample_rate: int = WHISPER_SAMPLE_RATE,
-                        n_fft: int = WHISPER_N_FFT) -> np.ndarray:
+def whisper_mel_filters(
+    n_mels: int, sample_rate: int = WHISPER_SAMPLE_RATE, n_fft: int = WHISPER_N_FFT
+) -> np.ndarray:
   """Slaney-scale, Slaney-normalised (unit area) triangular mel filters from 0 Hz to Nyquist,
   `[n_mels, n_fft // 2 + 1]` float64: what `librosa.filters.mel(sr, n_fft, n_mels)` gives and
   Whisper's `mel_filters.npz` holds."""
   fft_freqs = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
-  edges = _slaney_mel_inverse(np.linspace(_slaney_mel(0.0), _slaney_mel(sample_rate / 2),
-                                          n_mels + 2))
+  edges = _slaney_mel_inverse(
+      np.linspace(_slaney_mel(0.0), _slaney_mel(sample_rate / 2), n_mels + 2)
+  )
   widths = np.diff(edges)
   offsets = edges[:, None] - fft_freqs[None, :]
   lower = -offsets[:-2] / widths[:-1, None]
@@ -155,11 +157,16 @@ def _frames(signal: np.ndarray, frame_length: int, hop: int, num_frames: int) ->
   """A read-only strided view `[num_frames, frame_length]` of a 1-D contiguous signal."""
   stride = signal.strides[0]
   return np.lib.stride_tricks.as_strided(
-      signal, shape=(num_frames, frame_length), strides=(hop * stride, stride), writeable=False)
+      signal, shape=(num_frames, frame_length), strides=(hop * stride, stride), writeable=False
+  )
 
 
-def whisper_log_mel(wave: np.ndarray, n_mels: int = 80, chunk_seconds: int = 30,
-                    sample_rate: int = WHISPER_SAMPLE_RATE) -> np.ndarray:
+def whisper_log_mel(
+    wave: np.ndarray,
+    n_mels: int = 80,
+    chunk_seconds: int = 30,
+    sample_rate: int = WHISPER_SAMPLE_RATE,
+) -> np.ndarray:
   """Whisper's log-mel spectrogram of one 16 kHz waveform.
 
   Recipe (openai/whisper `log_mel_spectrogram` and transformers' WhisperFeatureExtractor): zero-pad
@@ -188,7 +195,7 @@ def whisper_log_mel(wave: np.ndarray, n_mels: int = 80, chunk_seconds: int = 30,
   n = np.arange(WHISPER_N_FFT)
   hann = 0.5 - 0.5 * np.cos(2 * np.pi * n / WHISPER_N_FFT)  # periodic, as torch.hann_window
   frames = _frames(padded, WHISPER_N_FFT, WHISPER_HOP_LENGTH, num_frames) * hann
-  power = np.abs(np.fft.rfft(frames, axis=-1))**2  # [frames, n_fft // 2 + 1]
+  power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2  # [frames, n_fft // 2 + 1]
   mel = power @ whisper_mel_filters(n_mels, sample_rate).T  # [frames, n_mels]
   log_mel = np.log10(np.maximum(mel, 1e-10))
   log_mel = np.maximum(log_mel, log_mel.max() - 8.0)
@@ -204,8 +211,12 @@ def htk_mel(freq):
   return 1127.0 * np.log1p(np.asarray(freq, np.float64) / 700.0)
 
 
-def kaldi_num_frames(num_samples: int, sample_rate: int = 16000, frame_length_ms: float = 25.0,
-                     frame_shift_ms: float = 10.0) -> int:
+def kaldi_num_frames(
+    num_samples: int,
+    sample_rate: int = 16000,
+    frame_length_ms: float = 25.0,
+    frame_shift_ms: float = 10.0,
+) -> int:
   """Frames Kaldi gives with snip_edges=True: 1 + (samples - window) // shift (0 if too short)."""
   window = int(sample_rate * frame_length_ms * 0.001)
   shift = int(sample_rate * frame_shift_ms * 0.001)
@@ -213,8 +224,13 @@ def kaldi_num_frames(num_samples: int, sample_rate: int = 16000, frame_length_ms
 
 
 @functools.lru_cache(maxsize=8)
-def kaldi_mel_banks(num_mel_bins: int, padded_window_size: int, sample_rate: float,
-                    low_freq: float, high_freq: float) -> np.ndarray:
+def kaldi_mel_banks(
+    num_mel_bins: int,
+    padded_window_size: int,
+    sample_rate: float,
+    low_freq: float,
+    high_freq: float,
+) -> np.ndarray:
   """Kaldi's triangular mel filters `[num_mel_bins, padded_window_size // 2 + 1]` float64.
 
   Triangles are linear in HTK mel between equally spaced (in mel) edges from low_freq to
@@ -243,16 +259,18 @@ def kaldi_mel_banks(num_mel_bins: int, padded_window_size: int, sample_rate: flo
   return banks
 
 
-def kaldi_fbank(wave: np.ndarray,
-                num_mel_bins: int = 128,
-                sample_rate: int = 16000,
-                frame_length_ms: float = 25.0,
-                frame_shift_ms: float = 10.0,
-                low_freq: float = 20.0,
-                high_freq: float = 0.0,
-                preemphasis: float = 0.97,
-                dither: float = 0.0,
-                rng: Optional[np.random.Generator] = None) -> np.ndarray:
+def kaldi_fbank(
+    wave: np.ndarray,
+    num_mel_bins: int = 128,
+    sample_rate: int = 16000,
+    frame_length_ms: float = 25.0,
+    frame_shift_ms: float = 10.0,
+    low_freq: float = 20.0,
+    high_freq: float = 0.0,
+    preemphasis: float = 0.97,
+    dither: float = 0.0,
+    rng: Optional[np.random.Generator] = None,
+) -> np.ndarray:
   """Log mel filterbank equal to `torchaudio.compliance.kaldi.fbank(wave[None], ...)`.
 
   Fixed to torchaudio's defaults for everything BEATs does not pass: povey window
@@ -275,14 +293,20 @@ def kaldi_fbank(wave: np.ndarray,
   if window_size < 2 or window_shift <= 0:
     raise ValueError(f'bad frame_length_ms {frame_length_ms} / frame_shift_ms {frame_shift_ms}')
   if wave.size < window_size:
-    raise ValueError(f'wave has {wave.size} samples; kaldi_fbank needs at least one window of '
-                     f'{window_size}')
+    raise ValueError(
+        f'wave has {wave.size} samples; kaldi_fbank needs at least one window of ' f'{window_size}'
+    )
   if not 0.0 <= preemphasis <= 1.0:
     raise ValueError(f'preemphasis must be in [0, 1], got {preemphasis}')
   padded_size = 1 << (window_size - 1).bit_length()
-  frames = np.array(_frames(wave, window_size, window_shift,
-                            kaldi_num_frames(wave.size, sample_rate, frame_length_ms,
-                                             frame_shift_ms)))
+  frames = np.array(
+      _frames(
+          wave,
+          window_size,
+          window_shift,
+          kaldi_num_frames(wave.size, sample_rate, frame_length_ms, frame_shift_ms),
+      )
+  )
   if dither != 0.0:
     rng = rng if rng is not None else np.random.default_rng()
     frames = frames + dither * rng.standard_normal(frames.shape)
@@ -291,17 +315,21 @@ def kaldi_fbank(wave: np.ndarray,
     previous = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
     frames = frames - preemphasis * previous
   n = np.arange(window_size)
-  povey = (0.5 - 0.5 * np.cos(2 * np.pi * n / (window_size - 1)))**0.85
-  spectrum = np.abs(np.fft.rfft(frames * povey, n=padded_size, axis=-1))**2
-  banks = kaldi_mel_banks(num_mel_bins, padded_size, float(sample_rate), float(low_freq),
-                          float(high_freq))
+  povey = (0.5 - 0.5 * np.cos(2 * np.pi * n / (window_size - 1))) ** 0.85
+  spectrum = np.abs(np.fft.rfft(frames * povey, n=padded_size, axis=-1)) ** 2
+  banks = kaldi_mel_banks(
+      num_mel_bins, padded_size, float(sample_rate), float(low_freq), float(high_freq)
+  )
   energies = spectrum @ banks.T
   return np.log(np.maximum(energies, _FLOAT32_EPS)).astype(np.float32)
 
 
-def beats_fbank(wave: np.ndarray, sample_rate: int = 16000,
-                fbank_mean: float = BEATS_FBANK_MEAN,
-                fbank_std: float = BEATS_FBANK_STD) -> np.ndarray:
+def beats_fbank(
+    wave: np.ndarray,
+    sample_rate: int = 16000,
+    fbank_mean: float = BEATS_FBANK_MEAN,
+    fbank_std: float = BEATS_FBANK_STD,
+) -> np.ndarray:
   """BEATs' input features (official `BEATs.preprocess` for one waveform).
 
   The [-1, 1] waveform is scaled by 2**15, turned into a 128-bin Kaldi fbank (25 ms / 10 ms), and
@@ -315,8 +343,13 @@ def beats_fbank(wave: np.ndarray, sample_rate: int = 16000,
   """
   if sample_rate != 16000:
     raise ValueError(f'BEATs expects 16 kHz audio, got sample_rate {sample_rate}')
-  fbank = kaldi_fbank(np.asarray(wave, np.float64) * BEATS_WAVE_SCALE, num_mel_bins=128,
-                      sample_rate=sample_rate, frame_length_ms=25.0, frame_shift_ms=10.0)
+  fbank = kaldi_fbank(
+      np.asarray(wave, np.float64) * BEATS_WAVE_SCALE,
+      num_mel_bins=128,
+      sample_rate=sample_rate,
+      frame_length_ms=25.0,
+      frame_shift_ms=10.0,
+  )
   return ((fbank.astype(np.float64) - fbank_mean) / (2.0 * fbank_std)).astype(np.float32)
 
 
@@ -331,12 +364,13 @@ SPEECH_CHUNK_SAMPLES = 480001
 BEATS_CHUNK_SAMPLES = 480000
 AUDIO_MAX_CHUNKS = 20
 BEATS_CHUNK_FRAMES = 2998  # kaldi_num_frames(480000)
-BEATS_MIN_SAMPLES = 400    # one 25 ms Kaldi window
+BEATS_MIN_SAMPLES = 400  # one 25 ms Kaldi window
 AUDIO_PADDING_MODES = ('official', 'masked')
 
 
-def split_chunks(wave: np.ndarray, chunk_samples: int,
-                 max_chunks: Optional[int] = None) -> List[np.ndarray]:
+def split_chunks(
+    wave: np.ndarray, chunk_samples: int, max_chunks: Optional[int] = None
+) -> List[np.ndarray]:
   """`wave` cut into consecutive pieces of `chunk_samples` (the last one shorter), at most
   `max_chunks` of them (None: all).
 
@@ -353,11 +387,12 @@ def split_chunks(wave: np.ndarray, chunk_samples: int,
   starts = range(0, wave.size, chunk_samples)
   if max_chunks is not None:
     starts = starts[:max_chunks]
-  return [wave[s:s + chunk_samples] for s in starts]
+  return [wave[s : s + chunk_samples] for s in starts]
 
 
-def beats_chunk_features(chunk: np.ndarray, padding: str = 'official',
-                         frames: int = BEATS_CHUNK_FRAMES) -> Tuple[np.ndarray, np.ndarray]:
+def beats_chunk_features(
+    chunk: np.ndarray, padding: str = 'official', frames: int = BEATS_CHUNK_FRAMES
+) -> Tuple[np.ndarray, np.ndarray]:
   """One audio item for BEATs: (`[frames, 128]` float32 fbank, `[frames]` bool, True = real).
 
   `chunk` is one piece of at most 480000 samples (16 kHz, [-1, 1]; see `split_chunks`).
@@ -377,17 +412,22 @@ def beats_chunk_features(chunk: np.ndarray, padding: str = 'official',
     raise ValueError(f'audio padding must be one of {AUDIO_PADDING_MODES}, got {padding!r}')
   chunk = np.asarray(chunk, np.float32)
   if chunk.ndim != 1 or chunk.size == 0:
-    raise ValueError(f'beats_chunk_features: chunk must be 1-D and non-empty, got shape '
-                     f'{chunk.shape}')
+    raise ValueError(
+        f'beats_chunk_features: chunk must be 1-D and non-empty, got shape ' f'{chunk.shape}'
+    )
   if chunk.size > BEATS_CHUNK_SAMPLES:
-    raise ValueError(f'beats_chunk_features: chunk has {chunk.size} samples, more than one '
-                     f'{BEATS_CHUNK_SAMPLES}-sample piece; cut it with split_chunks first')
+    raise ValueError(
+        f'beats_chunk_features: chunk has {chunk.size} samples, more than one '
+        f'{BEATS_CHUNK_SAMPLES}-sample piece; cut it with split_chunks first'
+    )
   if frames < 1:
     raise ValueError(f'beats_chunk_features: frames must be >= 1, got {frames}')
   if padding == 'official':
     if frames > BEATS_CHUNK_FRAMES:
-      raise ValueError(f"audio padding 'official' gives {BEATS_CHUNK_FRAMES} frames per "
-                       f'{BEATS_CHUNK_SAMPLES}-sample chunk; {frames} frames were asked for')
+      raise ValueError(
+          f"audio padding 'official' gives {BEATS_CHUNK_FRAMES} frames per "
+          f'{BEATS_CHUNK_SAMPLES}-sample chunk; {frames} frames were asked for'
+      )
     length = chunk.size
     padded = np.concatenate([chunk, np.full(BEATS_CHUNK_SAMPLES - length, chunk[-1], np.float32)])
     # Frame f reads samples [160 f, 160 f + 400): the first `frames` need only this prefix.
@@ -395,8 +435,11 @@ def beats_chunk_features(chunk: np.ndarray, padding: str = 'official',
     fbank = beats_fbank(padded[:needed])
     sample_padding = np.arange(BEATS_CHUNK_SAMPLES) >= length
     per_frame = BEATS_CHUNK_SAMPLES // BEATS_CHUNK_FRAMES
-    frame_padding = sample_padding[:BEATS_CHUNK_FRAMES * per_frame].reshape(
-        BEATS_CHUNK_FRAMES, per_frame).all(axis=1)
+    frame_padding = (
+        sample_padding[: BEATS_CHUNK_FRAMES * per_frame]
+        .reshape(BEATS_CHUNK_FRAMES, per_frame)
+        .all(axis=1)
+    )
     return fbank, ~frame_padding[:frames]
   if chunk.size < BEATS_MIN_SAMPLES:
     chunk = np.pad(chunk, (0, BEATS_MIN_SAMPLES - chunk.size), mode='edge')

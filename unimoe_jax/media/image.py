@@ -68,13 +68,17 @@ def to_rgb(image):
     raise ValueError(f'{mode!r} image has non-finite pixels')
   if mode in _SIXTEEN_BIT_MODES or mode == 'I':
     if low < 0 or high > 65535:
-      raise ValueError(f'{mode!r} (32-bit integer) pixels span {low:g}..{high:g}, beyond the '
-                       '16-bit range 0..65535: no known white level')
+      raise ValueError(
+          f'{mode!r} (32-bit integer) pixels span {low:g}..{high:g}, beyond the '
+          '16-bit range 0..65535: no known white level'
+      )
     scaled = values / 257.0
   else:  # 'F'
     if low < 0 or high > 255:
-      raise ValueError(f"'F' (float) pixels span {low:g}..{high:g}, beyond 0..1 and 0..255: "
-                       'no known white level')
+      raise ValueError(
+          f"'F' (float) pixels span {low:g}..{high:g}, beyond 0..1 and 0..255: "
+          'no known white level'
+      )
     scaled = values * 255.0 if high <= 1.0 else values
   grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
   return Image.fromarray(grey, mode='L').convert('RGB')
@@ -132,7 +136,8 @@ def _as_rgb_pil(image):
   if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
     raise ValueError(
         f'image must be a PIL image or a uint8 [height, width, 3] array, got {array.dtype} '
-        f'{array.shape}')
+        f'{array.shape}'
+    )
   return Image.fromarray(array, mode='RGB')
 
 
@@ -198,14 +203,16 @@ def center_crop(array: np.ndarray, size: int) -> np.ndarray:
     raise ValueError(f'cannot centre-crop {height}x{width} to {size}x{size}')
   top = (height - size) // 2
   left = (width - size) // 2
-  return array[top:top + size, left:left + size]
+  return array[top : top + size, left : left + size]
 
 
-def preprocess_image(image,
-                     size: int = 336,
-                     mode: str = 'crop',
-                     mean: Sequence[float] = CLIP_MEAN,
-                     std: Sequence[float] = CLIP_STD) -> np.ndarray:
+def preprocess_image(
+    image,
+    size: int = 336,
+    mode: str = 'crop',
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> np.ndarray:
   """CLIP preprocessing of one image.
 
   Args:
@@ -240,4 +247,3 @@ def preprocess_image(image,
 def load_and_preprocess_image(path: PathLike, **kwargs) -> np.ndarray:
   """`preprocess_image(load_image(path), **kwargs)`: `[size, size, 3]` float32."""
   return preprocess_image(load_image(path), **kwargs)
-

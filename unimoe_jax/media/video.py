@@ -48,8 +48,11 @@ def _decode_pass(path: str, num_frames: int, assumed_count: Optional[int]):
     stream.thread_type = 'AUTO'
     if assumed_count is None:
       assumed_count = max(stream.frames or 0, 0)
-    wanted = (set(int(i) for i in sample_frame_indices(assumed_count, num_frames))
-              if assumed_count > 0 else set())
+    wanted = (
+        set(int(i) for i in sample_frame_indices(assumed_count, num_frames))
+        if assumed_count > 0
+        else set()
+    )
     kept = {}
     count = 0
     for frame in container.decode(stream):
@@ -110,8 +113,7 @@ def load_frame_list(paths: Sequence[PathLike], num_frames: Optional[int] = 8) ->
   paths = list(paths)
   if not paths:
     raise ValueError('load_frame_list needs at least one frame path')
-  chosen = (range(len(paths)) if num_frames is None
-            else sample_frame_indices(len(paths), num_frames))
+  chosen = range(len(paths)) if num_frames is None else sample_frame_indices(len(paths), num_frames)
   frames = {}
   for index in sorted(set(int(i) for i in chosen)):
     frames[index] = np.asarray(image_lib.load_image(paths[index]))
@@ -119,19 +121,27 @@ def load_frame_list(paths: Sequence[PathLike], num_frames: Optional[int] = 8) ->
   shape = frames[int(chosen[0])].shape
   for index, frame in frames.items():
     if frame.shape != shape:
-      raise MediaError('image', paths[index],
-                       f'frame size {frame.shape[1]}x{frame.shape[0]} differs from '
-                       f'{shape[1]}x{shape[0]} of {first}')
+      raise MediaError(
+          'image',
+          paths[index],
+          f'frame size {frame.shape[1]}x{frame.shape[0]} differs from '
+          f'{shape[1]}x{shape[0]} of {first}',
+      )
   return np.stack([frames[int(i)] for i in chosen])
 
 
-def preprocess_video(frames: np.ndarray, size: int = 336, mode: str = 'crop',
-                     mean: Sequence[float] = image_lib.CLIP_MEAN,
-                     std: Sequence[float] = image_lib.CLIP_STD) -> np.ndarray:
+def preprocess_video(
+    frames: np.ndarray,
+    size: int = 336,
+    mode: str = 'crop',
+    mean: Sequence[float] = image_lib.CLIP_MEAN,
+    std: Sequence[float] = image_lib.CLIP_STD,
+) -> np.ndarray:
   """CLIP preprocessing of every frame (as the official loader), `[T, H, W, 3]` uint8 ->
   `[T, size, size, 3]` float32."""
   frames = np.asarray(frames)
   if frames.ndim != 4 or frames.shape[-1] != 3:
     raise ValueError(f'frames must be [frames, height, width, 3], got {frames.shape}')
-  return np.stack([image_lib.preprocess_image(f, size=size, mode=mode, mean=mean, std=std)
-                   for f in frames])
+  return np.stack(
+      [image_lib.preprocess_image(f, size=size, mode=mode, mean=mean, std=std) for f in frames]
+  )

@@ -36,8 +36,13 @@ from unimoe_jax.moe import routing
 Matmul = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def expert_ffn(experts: Dict[str, Dict[str, jax.Array]], x: jax.Array, matmul: Matmul,
-               lora_scale: float = 0.0, dropout: Optional[LoRADropout] = None) -> jax.Array:
+def expert_ffn(
+    experts: Dict[str, Dict[str, jax.Array]],
+    x: jax.Array,
+    matmul: Matmul,
+    lora_scale: float = 0.0,
+    dropout: Optional[LoRADropout] = None,
+) -> jax.Array:
   """SwiGLU of each expert on its rows: `wo(silu(wi_0 x) * wi_1 x)` (+ per-expert LoRA).
 
   `matmul(rows, w)` multiplies rows by a stacked `[E, in, out]` weight; it decides which
@@ -69,23 +74,29 @@ def dense(x, weights, indices, experts, *, lora_scale=0.0, dropout=None):
   b, l, d = x.shape
   num_experts = experts['wi_0']['kernel'].shape[0]
   xt = x.reshape(b * l, d)
-  ye = expert_ffn(experts, jnp.broadcast_to(xt, (num_experts,) + xt.shape), _batched_matmul,
-                  lora_scale, dropout)  # [E, T, D]
-  combine = jnp.einsum('tke,tk->te', jax.nn.one_hot(indices.reshape(b * l, -1), num_experts),
-                       weights.reshape(b * l, -1))
+  ye = expert_ffn(
+      experts, jnp.broadcast_to(xt, (num_experts,) + xt.shape), _batched_matmul, lora_scale, dropout
+  )  # [E, T, D]
+  combine = jnp.einsum(
+      'tke,tk->te',
+      jax.nn.one_hot(indices.reshape(b * l, -1), num_experts),
+      weights.reshape(b * l, -1),
+  )
   y = jnp.einsum('te,etd->td', combine.astype(ye.dtype), ye)
   return y.reshape(b, l, d), jnp.ones(indices.shape, jnp.bool_)
 
 
-def expert_capacity(group_size: int, k: int, num_experts: int, capacity_factor: float,
-                    min_capacity: int) -> int:
+def expert_capacity(
+    group_size: int, k: int, num_experts: int, capacity_factor: float, min_capacity: int
+) -> int:
   """Buffer rows per expert and group: ceil(capacity_factor * group_size * k / E), bounded."""
   cap = int(math.ceil(capacity_factor * group_size * k / num_experts))
   return max(min(max(cap, min_capacity), group_size * k), 1)
 
 
-def capacity_positions(indices: jax.Array, num_experts: int,
-                       token_mask: Optional[jax.Array] = None) -> jax.Array:
+def capacity_positions(
+    indices: jax.Array, num_experts: int, token_mask: Optional[jax.Array] = None
+) -> jax.Array:
   """Each assignment's slot in its expert's buffer, within a routing group.
 
   Priority is choice-major (GShard): every token's first choice is placed before any token's
@@ -110,8 +121,20 @@ def capacity_positions(indices: jax.Array, num_experts: int,
   return slots
 
 
-def capacity(x, weights, indices, experts, *, capacity_factor=1.25, min_capacity=4,
-             group_size=0, token_mask=None, renormalize=False, lora_scale=0.0, dropout=None):
+def capacity(
+    x,
+    weights,
+    indices,
+    experts,
+    *,
+    capacity_factor=1.25,
+    min_capacity=4,
+    group_size=0,
+    token_mask=None,
+    renormalize=False,
+    lora_scale=0.0,
+    dropout=None,
+):
   """GShard-style dispatch with a capacity per expert and routing group.
 
   Groups are `group_size` consecutive tokens of the flattened batch (0: one per sequence), so
@@ -125,8 +148,10 @@ def capacity(x, weights, indices, experts, *, capacity_factor=1.25, min_capacity
   num_experts = experts['wi_0']['kernel'].shape[0]
   s = group_size or l
   if (b * l) % s:
-    raise ValueError(f'MoEConfig.group_size={group_size} does not divide the {b * l} tokens '
-                     f'of a [{b}, {l}] batch')
+    raise ValueError(
+        f'MoEConfig.group_size={group_size} does not divide the {b * l} tokens '
+        f'of a [{b}, {l}] batch'
+    )
   g = b * l // s
   cap = expert_capacity(s, k, num_experts, capacity_factor, min_capacity)
   xg, wg, ig = x.reshape(g, s, d), weights.reshape(g, s, k), indices.reshape(g, s, k)
@@ -142,11 +167,14 @@ def capacity(x, weights, indices, experts, *, capacity_factor=1.25, min_capacity
 
   xe = jnp.einsum('gsec,gsd->egcd', dispatch_mask, xg)
   xe = partitioning.with_sharding_constraint(
-      xe, ('activation_exp', 'activation_group', 'activation_capacity', 'activation_embed'))
-  ye = expert_ffn(experts, xe.reshape(num_experts, g * cap, d), _batched_matmul, lora_scale,
-                  dropout).reshape(num_experts, g, cap, d)
+      xe, ('activation_exp', 'activation_group', 'activation_capacity', 'activation_embed')
+  )
+  ye = expert_ffn(
+      experts, xe.reshape(num_experts, g * cap, d), _batched_matmul, lora_scale, dropout
+  ).reshape(num_experts, g, cap, d)
   ye = partitioning.with_sharding_constraint(
-      ye, ('activation_exp', 'activation_group', 'activation_capacity', 'activation_embed'))
+      ye, ('activation_exp', 'activation_group', 'activation_capacity', 'activation_embed')
+  )
   y = jnp.einsum('gsec,egcd->gsd', combine, ye)
   return y.reshape(b, l, d), kept.reshape(b, l, k)
 
@@ -222,17 +250,30 @@ def sort_by_expert(indices: jax.Array, num_experts: int, align: int = 1):
   padded_starts = jnp.cumsum(padded) - padded
   starts = jnp.cumsum(counts) - counts
   expert_of_sorted = flat[order]
-  row_of_sorted = (padded_starts[expert_of_sorted] + jnp.arange(a, dtype=jnp.int32) -
-                   starts[expert_of_sorted])
+  row_of_sorted = (
+      padded_starts[expert_of_sorted] + jnp.arange(a, dtype=jnp.int32) - starts[expert_of_sorted]
+  )
   p = (a + num_experts * (align - 1) + align - 1) // align * align
   src = jnp.full((p,), a, jnp.int32).at[row_of_sorted].set(order)
   dest = jnp.zeros((a,), jnp.int32).at[order].set(row_of_sorted)
   return src, dest, padded
 
 
-def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled', tile=0,
-                    fuse_ffn=True, group_offset=0, lora_scale=0.0, dropout=None,
-                    reduce_rows=None):
+def dropless_tokens(
+    x,
+    weights,
+    indices,
+    experts,
+    *,
+    num_experts,
+    backend='tiled',
+    tile=0,
+    fuse_ffn=True,
+    group_offset=0,
+    lora_scale=0.0,
+    dropout=None,
+    reduce_rows=None,
+):
   """The dropless MoE on flat tokens: x `[T, embed]`, weights/indices `[T, k]` -> `[T, embed]`.
 
   Sorts (token, choice) rows by expert, runs the experts as grouped matmuls, un-sorts, and
@@ -253,12 +294,14 @@ def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled
   rows = gather_token_rows(x, src, dest, k)
 
   def matmul(h, w):
-    return gmm_lib.gmm(h, w, group_sizes, backend=backend, tile=tile, group_offset=group_offset,
-                       aligned=align > 1)
+    return gmm_lib.gmm(
+        h, w, group_sizes, backend=backend, tile=tile, group_offset=group_offset, aligned=align > 1
+    )
 
   if fuse_ffn and backend == 'tiled':
-    out_rows = grouped_ffn.swiglu(rows, experts, group_sizes, group_offset, tile, lora_scale,
-                                  dropout)
+    out_rows = grouped_ffn.swiglu(
+        rows, experts, group_sizes, group_offset, tile, lora_scale, dropout
+    )
   else:
     out_rows = expert_ffn(experts, rows, matmul, lora_scale, dropout)
   if reduce_rows is not None:
@@ -267,20 +310,44 @@ def dropless_tokens(x, weights, indices, experts, *, num_experts, backend='tiled
   return jnp.einsum('tkd,tk->td', per_choice, weights.astype(per_choice.dtype))
 
 
-def dropless(x, weights, indices, experts, *, backend='tiled', tile=0, fuse_ffn=True,
-             lora_scale=0.0, dropout=None):
+def dropless(
+    x,
+    weights,
+    indices,
+    experts,
+    *,
+    backend='tiled',
+    tile=0,
+    fuse_ffn=True,
+    lora_scale=0.0,
+    dropout=None,
+):
   """Dropless dispatch on one device (see `dropless_tokens`); nothing is dropped."""
   b, l, d = x.shape
   k = indices.shape[-1]
-  y = dropless_tokens(x.reshape(b * l, d), weights.reshape(b * l, k),
-                      indices.reshape(b * l, k), experts,
-                      num_experts=experts['wi_0']['kernel'].shape[0], backend=backend,
-                      tile=tile, fuse_ffn=fuse_ffn, lora_scale=lora_scale, dropout=dropout)
+  y = dropless_tokens(
+      x.reshape(b * l, d),
+      weights.reshape(b * l, k),
+      indices.reshape(b * l, k),
+      experts,
+      num_experts=experts['wi_0']['kernel'].shape[0],
+      backend=backend,
+      tile=tile,
+      fuse_ffn=fuse_ffn,
+      lora_scale=lora_scale,
+      dropout=dropout,
+  )
   return y.reshape(b, l, d), jnp.ones(indices.shape, jnp.bool_)
 
 
-def dispatch(mode: str, x: jax.Array, weights: jax.Array, indices: jax.Array,
-             experts: Dict[str, Any], **options) -> Tuple[jax.Array, jax.Array]:
+def dispatch(
+    mode: str,
+    x: jax.Array,
+    weights: jax.Array,
+    indices: jax.Array,
+    experts: Dict[str, Any],
+    **options,
+) -> Tuple[jax.Array, jax.Array]:
   """Runs `mode` ('dense' | 'capacity' | 'dropless'); see the module docstring for shapes.
 
   `options`: lora_scale, dropout; for 'capacity' capacity_factor, min_capacity, group_size,
@@ -288,8 +355,14 @@ def dispatch(mode: str, x: jax.Array, weights: jax.Array, indices: jax.Array,
   `grouped_ffn.py`).
   """
   if mode == 'dense':
-    return dense(x, weights, indices, experts, lora_scale=options.get('lora_scale', 0.0),
-                 dropout=options.get('dropout'))
+    return dense(
+        x,
+        weights,
+        indices,
+        experts,
+        lora_scale=options.get('lora_scale', 0.0),
+        dropout=options.get('dropout'),
+    )
   if mode == 'dropless':
     return dropless(x, weights, indices, experts, **options)
   if mode == 'capacity':

@@ -39,14 +39,27 @@ def _expert_specs(experts, axes: ExpertParallelAxes):
   return {name: {leaf: specs[name][leaf] for leaf in params} for name, params in experts.items()}
 
 
-def dropless(x, weights, indices, experts, *, axes: ExpertParallelAxes, backend='tiled',
-             tile=0, fuse_ffn=True, lora_scale=0.0, dropout=None):
+def dropless(
+    x,
+    weights,
+    indices,
+    experts,
+    *,
+    axes: ExpertParallelAxes,
+    backend='tiled',
+    tile=0,
+    fuse_ffn=True,
+    lora_scale=0.0,
+    dropout=None,
+):
   """Same contract as `dispatch.dropless` (shapes in `dispatch.py`), expert-parallel."""
   num_experts = experts['wi_0']['kernel'].shape[0]
   shards = dict(axes.mesh.shape)[axes.expert]
   if num_experts % shards:
-    raise ValueError(f'MoEConfig.num_experts={num_experts} is not divisible by the '
-                     f'{shards} devices of mesh axis {axes.expert!r}')
+    raise ValueError(
+        f'MoEConfig.num_experts={num_experts} is not divisible by the '
+        f'{shards} devices of mesh axis {axes.expert!r}'
+    )
   local = num_experts // shards
   tokens_split = axes.expert in axes.batch
   batch_spec = P(axes.batch or None, None, None)
@@ -54,8 +67,9 @@ def dropless(x, weights, indices, experts, *, axes: ExpertParallelAxes, backend=
 
   def body(x, weights, indices, experts):
     if tokens_split:  # Bring in the peers' tokens; weights stay put.
-      x, weights, indices = (jax.lax.all_gather(a, axes.expert, axis=0, tiled=True)
-                             for a in (x, weights, indices))
+      x, weights, indices = (
+          jax.lax.all_gather(a, axes.expert, axis=0, tiled=True) for a in (x, weights, indices)
+      )
     b, l, d = x.shape
     k = indices.shape[-1]
     shard_dropout = dropout
@@ -64,23 +78,36 @@ def dropless(x, weights, indices, experts, *, axes: ExpertParallelAxes, backend=
       # positions of its own tokens. Peers on the expert axis keep one key: they hold the
       # same gathered tokens, and each applies the masks of its own experts' rows.
       shard_dropout = dropout._replace(
-          key=jax.random.fold_in(dropout.key, jax.lax.axis_index(data_axes)))
+          key=jax.random.fold_in(dropout.key, jax.lax.axis_index(data_axes))
+      )
     reduce_rows = None
     if axes.model is not None:
       reduce_rows = lambda rows: jax.lax.psum(rows, axes.model)
     y = dispatch_lib.dropless_tokens(
-        x.reshape(b * l, d), weights.reshape(b * l, k), indices.reshape(b * l, k), experts,
-        num_experts=num_experts, backend=backend, tile=tile, fuse_ffn=fuse_ffn,
-        group_offset=jax.lax.axis_index(axes.expert) * local, lora_scale=lora_scale,
-        dropout=shard_dropout, reduce_rows=reduce_rows).reshape(b, l, d)
+        x.reshape(b * l, d),
+        weights.reshape(b * l, k),
+        indices.reshape(b * l, k),
+        experts,
+        num_experts=num_experts,
+        backend=backend,
+        tile=tile,
+        fuse_ffn=fuse_ffn,
+        group_offset=jax.lax.axis_index(axes.expert) * local,
+        lora_scale=lora_scale,
+        dropout=shard_dropout,
+        reduce_rows=reduce_rows,
+    ).reshape(b, l, d)
     if tokens_split:
       return jax.lax.psum_scatter(y, axes.expert, scatter_dimension=0, tiled=True)
     return jax.lax.psum(y, axes.expert)
 
-  y = jax.shard_map(body, mesh=axes.mesh,
-                    in_specs=(batch_spec, batch_spec, batch_spec, _expert_specs(experts, axes)),
-                    out_specs=batch_spec,
-                    # The grouped-matmul loops carry zero-initialised buffers that become
-                    # device-varying; vma typing would reject those loop carries.
-                    check_vma=False)(x, weights, indices, experts)
+  y = jax.shard_map(
+      body,
+      mesh=axes.mesh,
+      in_specs=(batch_spec, batch_spec, batch_spec, _expert_specs(experts, axes)),
+      out_specs=batch_spec,
+      # The grouped-matmul loops carry zero-initialised buffers that become
+      # device-varying; vma typing would reject those loop carries.
+      check_vma=False,
+  )(x, weights, indices, experts)
   return y, jnp.ones(indices.shape, jnp.bool_)

@@ -102,18 +102,28 @@ def _forward(x, experts, group_sizes, group_offset, key, tile, scale, rate, keep
   if keep_residuals:  # Only under differentiation: the backward pass reads gate and up.
     carry += (jnp.zeros((m, f), dtype), jnp.zeros((m, f), dtype))
   return gmm_lib.for_each_group_chunk(
-      group_sizes, group_offset, _num_local(experts), tile, m, chunk, carry,
-      group_start=lambda e: (_slice_experts(experts, e), ()))[0]
+      group_sizes,
+      group_offset,
+      _num_local(experts),
+      tile,
+      m,
+      chunk,
+      carry,
+      group_start=lambda e: (_slice_experts(experts, e), ()),
+  )[0]
 
 
 def _check(x, experts, tile):
   if x.shape[0] % tile:
-    raise ValueError(f'grouped_ffn.swiglu needs a row count that is a multiple of the tile '
-                     f'({x.shape[0]} rows, tile {tile}); lay rows out with '
-                     f'dispatch.sort_by_expert(align=tile)')
+    raise ValueError(
+        f'grouped_ffn.swiglu needs a row count that is a multiple of the tile '
+        f'({x.shape[0]} rows, tile {tile}); lay rows out with '
+        f'dispatch.sort_by_expert(align=tile)'
+    )
   if sorted(experts) != sorted(EXPERT_PROJECTIONS):
-    raise ValueError(f'grouped_ffn.swiglu needs experts {EXPERT_PROJECTIONS}, '
-                     f'got {sorted(experts)}')
+    raise ValueError(
+        f'grouped_ffn.swiglu needs experts {EXPERT_PROJECTIONS}, ' f'got {sorted(experts)}'
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -159,9 +169,17 @@ def _swiglu_bwd(tile, scale, rate, residuals, dy):
     return jax.tree_util.tree_map(put, dws, acc)
 
   dx, dws = gmm_lib.for_each_group_chunk(
-      group_sizes, group_offset, _num_local(experts), tile, m, chunk, jnp.zeros((m, d), dtype),
-      group_start=group_start, group_done=group_done,
-      results=jax.tree_util.tree_map(jnp.zeros_like, experts))
+      group_sizes,
+      group_offset,
+      _num_local(experts),
+      tile,
+      m,
+      chunk,
+      jnp.zeros((m, d), dtype),
+      group_start=group_start,
+      group_done=group_done,
+      results=jax.tree_util.tree_map(jnp.zeros_like, experts),
+  )
   return dx, dws, None, None, None
 
 
@@ -175,5 +193,13 @@ def swiglu(x, experts, group_sizes, group_offset, tile, lora_scale=0.0, dropout=
   """
   _check(x, experts, tile)
   key, rate = (None, 0.0) if dropout is None else (dropout.key, float(dropout.rate))
-  return _swiglu(x, experts, group_sizes, jnp.asarray(group_offset, jnp.int32), key, tile,
-                 float(lora_scale), rate)
+  return _swiglu(
+      x,
+      experts,
+      group_sizes,
+      jnp.asarray(group_offset, jnp.int32),
+      key,
+      tile,
+      float(lora_scale),
+      rate,
+  )

@@ -60,9 +60,18 @@ def choose_tile(rows: int, groups: int, smallest: int = 16, largest: int = 128) 
   return tile
 
 
-def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, backend: str = 'tiled',
-        group_offset=0, transpose_rhs: bool = False, tile: int = 128,
-        aligned: bool = False, interpret: bool = False) -> jax.Array:
+def gmm(
+    x: jax.Array,
+    w: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    backend: str = 'tiled',
+    group_offset=0,
+    transpose_rhs: bool = False,
+    tile: int = 128,
+    aligned: bool = False,
+    interpret: bool = False,
+) -> jax.Array:
   """Grouped matmul; see the module docstring. `transpose_rhs`: w is `[groups, n, k]`.
 
   `aligned` promises that every group starts at a multiple of `tile` and holds a multiple of
@@ -153,8 +162,18 @@ def _for_each_chunk(start, end, tile, rows, fn, carry):
   return carry
 
 
-def for_each_group_chunk(group_sizes, group_offset, num_local: int, tile: int, rows: int,
-                         chunk_fn, carry, group_start=None, group_done=None, results=None):
+def for_each_group_chunk(
+    group_sizes,
+    group_offset,
+    num_local: int,
+    tile: int,
+    rows: int,
+    chunk_fn,
+    carry,
+    group_start=None,
+    group_done=None,
+    results=None,
+):
   """The tiled loops: each local group's rows in a few static-size chunks.
 
   For local group e (rows [start, end) of group `group_offset + e`):
@@ -202,15 +221,24 @@ def _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs, tile, aligned
   dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
   def chunk(we, start, end, pos, size, acc, out):
-    y = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(xp, pos, size), we, dims,
-                            preferred_element_type=jnp.float32).astype(out.dtype)
+    y = jax.lax.dot_general(
+        jax.lax.dynamic_slice_in_dim(xp, pos, size), we, dims, preferred_element_type=jnp.float32
+    ).astype(out.dtype)
     if not aligned:  # A chunk may share its first or last tile with a neighbour group.
       cur = jax.lax.dynamic_slice_in_dim(out, pos, size)
       y = cur + jnp.where(_row_mask(pos, size, start, end), y, 0)
     return acc, jax.lax.dynamic_update_slice_in_dim(out, y, pos, 0)
 
-  out, _ = for_each_group_chunk(group_sizes, group_offset, w.shape[0], tile, rows, chunk,
-                                jnp.zeros((rows, n), x.dtype), group_start=lambda e: (w[e], ()))
+  out, _ = for_each_group_chunk(
+      group_sizes,
+      group_offset,
+      w.shape[0],
+      tile,
+      rows,
+      chunk,
+      jnp.zeros((rows, n), x.dtype),
+      group_start=lambda e: (w[e], ()),
+  )
   return out[:m]
 
 
@@ -227,15 +255,29 @@ def _tiled_tgmm(x, dy, group_sizes, group_offset, num_local, tile, aligned=False
     xs = jax.lax.dynamic_slice_in_dim(xp, pos, size)
     if not aligned:
       xs = jnp.where(_row_mask(pos, size, start, end), xs, 0)
-    return acc + jax.lax.dot_general(xs, jax.lax.dynamic_slice_in_dim(dyp, pos, size),
-                                     (((0,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32), carry
+    return (
+        acc
+        + jax.lax.dot_general(
+            xs,
+            jax.lax.dynamic_slice_in_dim(dyp, pos, size),
+            (((0,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        ),
+        carry,
+    )
 
   _, dw = for_each_group_chunk(
-      group_sizes, group_offset, num_local, tile, rows, chunk, (),
+      group_sizes,
+      group_offset,
+      num_local,
+      tile,
+      rows,
+      chunk,
+      (),
       group_start=lambda e: ((), jnp.zeros((k, n), jnp.float32)),
       group_done=lambda e, acc, dw: jax.lax.dynamic_update_index_in_dim(dw, acc, e, 0),
-      results=jnp.zeros((num_local, k, n), jnp.float32))
+      results=jnp.zeros((num_local, k, n), jnp.float32),
+  )
   return dw
 
 
@@ -293,6 +335,7 @@ def _megablox_lane_tile(size: int) -> int:
 
 def _megablox_gmm(x, w, group_sizes, group_offset, transpose_rhs, interpret):
   from jax.experimental.pallas.ops.tpu.megablox import ops as megablox  # pylint: disable=g-import-not-at-top
+
   m, k = x.shape
   n = w.shape[1] if transpose_rhs else w.shape[2]
   # megablox needs the row count to be a multiple of its row tile: pad with zero rows, which
@@ -309,8 +352,17 @@ def _megablox_gmm(x, w, group_sizes, group_offset, transpose_rhs, interpret):
   # calls only). Mask both; tests/grouped_matmul_test.py fails without either mask.
   lo, hi = _shard_rows(group_sizes, group_offset, w.shape[0])
   x = jnp.pad(_keep_rows_grad(x, lo, hi), ((0, padded - m), (0, 0)))
-  out = megablox.gmm(x, w, group_sizes, x.dtype, tiling,
-                     group_offset if sharded else None, None, transpose_rhs, interpret)
+  out = megablox.gmm(
+      x,
+      w,
+      group_sizes,
+      x.dtype,
+      tiling,
+      group_offset if sharded else None,
+      None,
+      transpose_rhs,
+      interpret,
+  )
   return _rows_in(out[:m], lo, hi)
 
 
@@ -318,16 +370,23 @@ def _megablox_gmm(x, w, group_sizes, group_offset, transpose_rhs, interpret):
 
 
 def _mgpu_blocks(m, k, n):
-  return dict(block_m=64, block_n=min(128, n), block_k=min(64, k), max_concurrent_steps=4,
-              grid_block_n=1)
+  return dict(
+      block_m=64, block_n=min(128, n), block_k=min(64, k), max_concurrent_steps=4, grid_block_n=1
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _mgpu_core(x, w, group_sizes, transpose_rhs):
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu  # pylint: disable=g-import-not-at-top
+
   n = w.shape[1] if transpose_rhs else w.shape[2]
-  return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, transpose_rhs=transpose_rhs,
-                                    **_mgpu_blocks(x.shape[0], x.shape[1], n))
+  return ragged_dot_mgpu.ragged_dot(
+      x,
+      w,
+      group_sizes=group_sizes,
+      transpose_rhs=transpose_rhs,
+      **_mgpu_blocks(x.shape[0], x.shape[1], n),
+  )
 
 
 def _mgpu_core_fwd(x, w, group_sizes, transpose_rhs):
@@ -336,11 +395,13 @@ def _mgpu_core_fwd(x, w, group_sizes, transpose_rhs):
 
 def _mgpu_core_bwd(transpose_rhs, residuals, dy):
   from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu  # pylint: disable=g-import-not-at-top
+
   x, w, group_sizes = residuals
   dx = _mgpu_core(dy, w, group_sizes, not transpose_rhs)
   a, b = (dy, x) if transpose_rhs else (x, dy)
   dw = transposed_ragged_dot_mgpu.transposed_ragged_dot(
-      a, b, group_sizes=group_sizes, **_mgpu_blocks(a.shape[0], a.shape[1], b.shape[1]))
+      a, b, group_sizes=group_sizes, **_mgpu_blocks(a.shape[0], a.shape[1], b.shape[1])
+  )
   return dx, dw.astype(w.dtype), None
 
 

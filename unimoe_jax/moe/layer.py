@@ -21,6 +21,7 @@ class ExpertWeights(nn.Module):
   Returns the arrays (cast to `dtype`) instead of applying them: the dispatch path decides
   which rows meet which expert.
   """
+
   num_experts: int
   in_dim: int
   out_dim: int
@@ -33,17 +34,29 @@ class ExpertWeights(nn.Module):
   def __call__(self) -> Dict[str, jax.Array]:
     e, i, o = self.num_experts, self.in_dim, self.out_dim
     in_axis, out_axis = self.axes
-    kernel = self.param('kernel', nn.with_logical_partitioning(
-        default_kernel_init(1), ('expert', in_axis, out_axis)), (e, i, o), self.param_dtype)
+    kernel = self.param(
+        'kernel',
+        nn.with_logical_partitioning(default_kernel_init(1), ('expert', in_axis, out_axis)),
+        (e, i, o),
+        self.param_dtype,
+    )
     out = {'kernel': kernel.astype(self.dtype)}
     if self.lora is not None:
       # One adapter per expert: fan-in `in` (not expert x in), U(+-1/sqrt(in)) as PEFT/loralib.
-      a = self.param('lora_a', nn.with_logical_partitioning(
-          lora_a_init(1, batch_dims=1), ('expert', in_axis, 'lora_rank')),
-                     (e, i, self.lora.rank), self.param_dtype)
-      b = self.param('lora_b', nn.with_logical_partitioning(
-          nn.initializers.zeros, ('expert', 'lora_rank', out_axis)), (e, self.lora.rank, o),
-                     self.param_dtype)
+      a = self.param(
+          'lora_a',
+          nn.with_logical_partitioning(
+              lora_a_init(1, batch_dims=1), ('expert', in_axis, 'lora_rank')
+          ),
+          (e, i, self.lora.rank),
+          self.param_dtype,
+      )
+      b = self.param(
+          'lora_b',
+          nn.with_logical_partitioning(nn.initializers.zeros, ('expert', 'lora_rank', out_axis)),
+          (e, self.lora.rank, o),
+          self.param_dtype,
+      )
       out['lora_a'], out['lora_b'] = a.astype(self.dtype), b.astype(self.dtype)
     return out
 
@@ -60,6 +73,7 @@ class MoEFeedForward(nn.Module):
   'router' rng stream when the caller gives one, else keyed by each token's logits
   (`routing.content_gumbel_noise`).
   """
+
   config: MoEConfig
   mlp_dim: int
   lora: Optional[LoRAConfig] = None
@@ -67,29 +81,42 @@ class MoEFeedForward(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, padding_mask: Optional[jax.Array] = None,
-               deterministic: bool = True) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  def __call__(
+      self, x: jax.Array, padding_mask: Optional[jax.Array] = None, deterministic: bool = True
+  ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """padding_mask: optional `[batch, length]`, 1 for real tokens. Padding takes no part in
     the router statistics and losses, and no expert capacity ('capacity' dispatch)."""
     cfg = self.config
     b, l, d = x.shape
-    router_kernel = self.param('router', nn.with_logical_partitioning(
-        default_kernel_init(1), ('embed', 'expert_router')), (d, cfg.num_experts),
-                               self.param_dtype)
+    router_kernel = self.param(
+        'router',
+        nn.with_logical_partitioning(default_kernel_init(1), ('embed', 'expert_router')),
+        (d, cfg.num_experts),
+        self.param_dtype,
+    )
     router_dtype = cfg.router_compute_dtype
     router_in = x.astype(jnp.float32)
     if cfg.router_jitter > 0 and not deterministic:
       # Switch-style jitter: noise on the router input only; the experts see the clean x.
-      noise = jax.random.uniform(self.make_rng('dropout'), router_in.shape, jnp.float32,
-                                 1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
+      noise = jax.random.uniform(
+          self.make_rng('dropout'),
+          router_in.shape,
+          jnp.float32,
+          1.0 - cfg.router_jitter,
+          1.0 + cfg.router_jitter,
+      )
       router_in = router_in * noise
     # The official 4-expert gate is a Linear in the model dtype: input, weight and logits in
     # router_dtype (float32 accumulation, as a bf16 GEMM on GPU).
-    logits = jnp.einsum('bld,de->ble', router_in.astype(router_dtype),
-                        router_kernel.astype(router_dtype),
-                        preferred_element_type=jnp.float32).astype(router_dtype)
+    logits = jnp.einsum(
+        'bld,de->ble',
+        router_in.astype(router_dtype),
+        router_kernel.astype(router_dtype),
+        preferred_element_type=jnp.float32,
+    ).astype(router_dtype)
     logits = partitioning.with_sharding_constraint(
-        logits, ('activation_batch', 'activation_length', None))
+        logits, ('activation_batch', 'activation_length', None)
+    )
     flat_logits = logits.reshape(b * l, -1)
     if cfg.second_expert_sampling:
       if self.has_rng('router'):
@@ -108,11 +135,21 @@ class MoEFeedForward(nn.Module):
 
     lora = self.lora
     experts = {
-        name: ExpertWeights(cfg.num_experts, i, o, axes, lora=lora, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=name)()
-        for name, i, o, axes in (('wi_0', d, self.mlp_dim, ('embed', 'mlp')),
-                                 ('wi_1', d, self.mlp_dim, ('embed', 'mlp')),
-                                 ('wo', self.mlp_dim, d, ('mlp', 'embed')))
+        name: ExpertWeights(
+            cfg.num_experts,
+            i,
+            o,
+            axes,
+            lora=lora,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )()
+        for name, i, o, axes in (
+            ('wi_0', d, self.mlp_dim, ('embed', 'mlp')),
+            ('wi_1', d, self.mlp_dim, ('embed', 'mlp')),
+            ('wo', self.mlp_dim, d, ('mlp', 'embed')),
+        )
     }
     options = {}
     if lora is not None:
@@ -121,12 +158,19 @@ class MoEFeedForward(nn.Module):
         options['dropout'] = LoRADropout(lora.dropout, self.make_rng('dropout'))
     if cfg.dispatch == 'dropless':
       backend = cfg.gmm_backend
-      options.update(backend=gmm_lib.default_backend() if backend == 'auto' else backend,
-                     tile=cfg.gmm_tile, fuse_ffn=cfg.fuse_ffn)
+      options.update(
+          backend=gmm_lib.default_backend() if backend == 'auto' else backend,
+          tile=cfg.gmm_tile,
+          fuse_ffn=cfg.fuse_ffn,
+      )
     if cfg.dispatch == 'capacity':
-      options.update(capacity_factor=cfg.capacity_factor, min_capacity=cfg.min_capacity,
-                     group_size=cfg.group_size, token_mask=padding_mask,
-                     renormalize=cfg.renormalize_after_drops)
+      options.update(
+          capacity_factor=cfg.capacity_factor,
+          min_capacity=cfg.min_capacity,
+          group_size=cfg.group_size,
+          token_mask=padding_mask,
+          renormalize=cfg.renormalize_after_drops,
+      )
     k = cfg.num_experts_per_tok
     args = (x.astype(self.dtype), weights.reshape(b, l, k), indices.reshape(b, l, k), experts)
     ep_axes = partitioning.expert_parallel_axes() if cfg.dispatch == 'dropless' else None
@@ -135,11 +179,15 @@ class MoEFeedForward(nn.Module):
     else:
       y, kept = dispatch_lib.dispatch(cfg.dispatch, *args, **options)
     y = partitioning.with_sharding_constraint(
-        y, ('activation_batch', 'activation_length', 'activation_embed'))
+        y, ('activation_batch', 'activation_length', 'activation_embed')
+    )
 
     mask = None if padding_mask is None else padding_mask.reshape(b * l)
-    aux = routing.router_aux(flat_logits, indices, kept.reshape(b * l, k), mask,
-                             cfg.load_balance_loss_form)
-    aux['aux_loss'] = (cfg.load_balance_loss_coef * aux['load_balance_loss'] +
-                       cfg.router_z_loss_coef * aux['router_z_loss'])
+    aux = routing.router_aux(
+        flat_logits, indices, kept.reshape(b * l, k), mask, cfg.load_balance_loss_form
+    )
+    aux['aux_loss'] = (
+        cfg.load_balance_loss_coef * aux['load_balance_loss']
+        + cfg.router_z_loss_coef * aux['router_z_loss']
+    )
     return y.astype(self.dtype), aux

@@ -35,8 +35,9 @@ def top_k_routing(logits: jax.Array, k: int) -> Tuple[jax.Array, jax.Array]:
   return jax.nn.softmax(top_logits.astype(jnp.float32), axis=-1), indices.astype(jnp.int32)
 
 
-def top2_sampled_routing(logits: jax.Array, gumbel: Optional[jax.Array]
-                         ) -> Tuple[jax.Array, jax.Array]:
+def top2_sampled_routing(
+    logits: jax.Array, gumbel: Optional[jax.Array]
+) -> Tuple[jax.Array, jax.Array]:
   """DeepSpeed `top2gating` (`top2_2nd_expert_sampling=True`), without capacity.
 
   p = softmax(logits) over all experts; the 1st expert is argmax p; the 2nd is the argmax of
@@ -80,8 +81,7 @@ def content_gumbel_noise(logits: jax.Array) -> jax.Array:
   across tokens, layers and decoding steps (unlike one fixed key, which would add the same
   draw at every step), and unchanged by the batch the token sits in.
   """
-  bits = jax.lax.bitcast_convert_type(
-      jax.lax.stop_gradient(logits).astype(jnp.float32), jnp.uint32)
+  bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(logits).astype(jnp.float32), jnp.uint32)
 
   def one(row):
     key = jax.random.PRNGKey(_CONTENT_NOISE_SEED)
@@ -108,15 +108,17 @@ def _masked_mean(x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
   return jnp.sum(x * m, axis=0) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def expert_fraction(indices: jax.Array, num_experts: int,
-                    mask: Optional[jax.Array] = None) -> jax.Array:
+def expert_fraction(
+    indices: jax.Array, num_experts: int, mask: Optional[jax.Array] = None
+) -> jax.Array:
   """`[E]`: the fraction of (token, choice) assignments that go to each expert; sums to 1."""
   assignments = jax.nn.one_hot(indices, num_experts, dtype=jnp.float32).mean(axis=1)  # [T, E]
   return _masked_mean(assignments, mask)
 
 
-def load_balance_loss(probs: jax.Array, indices: jax.Array,
-                      mask: Optional[jax.Array] = None) -> jax.Array:
+def load_balance_loss(
+    probs: jax.Array, indices: jax.Array, mask: Optional[jax.Array] = None
+) -> jax.Array:
   """Switch Transformer load-balancing loss, `E * sum_e f_e * P_e`.
 
   f_e is `expert_fraction` (assignments, normalised over the k choices) and P_e the mean router
@@ -151,17 +153,22 @@ def drop_fraction(kept: jax.Array, mask: Optional[jax.Array] = None) -> jax.Arra
   return _masked_mean(jnp.logical_not(kept).astype(jnp.float32).mean(axis=-1), mask)
 
 
-def router_aux(logits: jax.Array, indices: jax.Array, kept: jax.Array,
-               mask: Optional[jax.Array] = None,
-               load_balance_loss_form: str = 'topk') -> Dict[str, jax.Array]:
+def router_aux(
+    logits: jax.Array,
+    indices: jax.Array,
+    kept: jax.Array,
+    mask: Optional[jax.Array] = None,
+    load_balance_loss_form: str = 'topk',
+) -> Dict[str, jax.Array]:
   """All losses and statistics of one MoE layer, as a flat dict of float32 arrays.
 
   `load_balance_loss_form`: 'topk' counts all k choices, 'top1' only the first
   (`MoEConfig.load_balance_loss_form`).
   """
   if load_balance_loss_form not in ('topk', 'top1'):
-    raise ValueError(f"load_balance_loss_form must be 'topk' or 'top1', "
-                     f'got {load_balance_loss_form!r}')
+    raise ValueError(
+        f"load_balance_loss_form must be 'topk' or 'top1', " f'got {load_balance_loss_form!r}'
+    )
   logits = logits.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
   balance_indices = indices[:, :1] if load_balance_loss_form == 'top1' else indices

@@ -64,15 +64,19 @@ class InputIteratorHandler(ocp.CheckpointHandler):
   the step being saved. Restoring goes through `CheckpointManager.restore_input`."""
 
   def save(self, directory, args: 'InputIteratorSave'):
-    prefix = os.path.join(os.fspath(directory),
-                          input_state_name(jax.process_index(), jax.process_count()))
+    prefix = os.path.join(
+        os.fspath(directory), input_state_name(jax.process_index(), jax.process_count())
+    )
     args.iterator.save(prefix)
 
   def restore(self, directory, args: 'InputIteratorRestore'):
     """Restores `args.iterator` in place (the loop uses `CheckpointManager.input_state` and
     `restore_input`, which also fall back to skipping and check the step)."""
-    args.iterator.restore(os.path.join(
-        os.fspath(directory), input_state_name(jax.process_index(), jax.process_count())))
+    args.iterator.restore(
+        os.path.join(
+            os.fspath(directory), input_state_name(jax.process_index(), jax.process_count())
+        )
+    )
     return args.iterator
 
   def metadata(self, directory):
@@ -122,6 +126,7 @@ def _saved_arrays(state_dir: str) -> Dict[str, Tuple[int, ...]]:
   """`{'params.decoder.layers_0....': shape}` of an orbax PyTree item, read from its
   metadata only (no array)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
+
   if not os.path.isdir(state_dir):
     raise FileNotFoundError(f'{state_dir} does not exist')
   metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
@@ -142,32 +147,37 @@ def _key_name(key) -> str:
   return str(key)
 
 
-def check_same_arrays(saved: Dict[str, Tuple[int, ...]], abstract_state,
-                      step_dir: str) -> None:
+def check_same_arrays(saved: Dict[str, Tuple[int, ...]], abstract_state, step_dir: str) -> None:
   """CheckpointMismatchError naming the parameters whose presence or shape differs between
   a checkpoint (`_saved_arrays`) and the state a model would restore into it."""
-  wanted = {'.'.join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in
-            jax.tree_util.tree_flatten_with_path(abstract_state)[0] if hasattr(leaf, 'shape')}
+  wanted = {
+      '.'.join(_key_name(k) for k in path): tuple(leaf.shape)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+      if hasattr(leaf, 'shape')
+  }
   only_saved = sorted(set(saved) - set(wanted))
   only_model = sorted(set(wanted) - set(saved))
   reshaped = sorted(n for n in set(saved) & set(wanted) if saved[n] != wanted[n])
   if not (only_saved or only_model or reshaped):
     return
-  lines = [f'{n}: {saved[n]} in the checkpoint, {wanted[n]} in the model'
-           for n in reshaped[:10]]
+  lines = [f'{n}: {saved[n]} in the checkpoint, {wanted[n]} in the model' for n in reshaped[:10]]
   if only_model:
     lines.append(f'in the model only ({len(only_model)}): ' + ', '.join(only_model[:10]))
   if only_saved:
     lines.append(f'in the checkpoint only ({len(only_saved)}): ' + ', '.join(only_saved[:10]))
   raise CheckpointMismatchError(
       f'{step_dir} was written for another model or optimizer: '
-      + '; '.join(lines) + '. MODEL_DIR resumes the run it holds; to train a changed model, '
-      'use a new MODEL_DIR (and INITIAL_CHECKPOINT_PATH to start from these params)')
+      + '; '.join(lines)
+      + '. MODEL_DIR resumes the run it holds; to train a changed model, '
+      'use a new MODEL_DIR (and INITIAL_CHECKPOINT_PATH to start from these params)'
+  )
 
 
 def _skip_hint(problem: str, step: int, input_dir: str) -> str:
-  return (f'{problem}. To resume from step {step} by skipping {step} batches instead (the same '
-          f'batches if the pipeline is unchanged, decoded again), delete {input_dir}')
+  return (
+      f'{problem}. To resume from step {step} by skipping {step} batches instead (the same '
+      f'batches if the pipeline is unchanged, decoded again), delete {input_dir}'
+  )
 
 
 class CheckpointManager:
@@ -177,11 +187,15 @@ class CheckpointManager:
     self.directory = os.path.join(os.path.abspath(model_dir), CHECKPOINTS_DIR)
     # cleanup_tmp_directories: a save cut short (SIGKILL, a lost host) leaves a temporary
     # `<step>.orbax-checkpoint-tmp-*` directory that no restore reads; it is deleted.
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(STATE_ITEM, INPUT_ITEM))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=(STATE_ITEM, INPUT_ITEM)
+    )
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -201,8 +215,9 @@ class CheckpointManager:
   def restore(self, step: int, abstract_state):
     """The state saved at `step`, placed like `abstract_state` (ShapeDtypeStructs with
     shardings, from `create_train_state(..., abstract_only=True)`)."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
+    )
     return restored[STATE_ITEM]
 
   def restore_latest(self, abstract_state) -> Tuple[Optional[int], Any]:
@@ -232,20 +247,25 @@ class CheckpointManager:
         except Exception as e:  # pylint: disable=broad-except
           problem = f'its arrays cannot be read ({type(e).__name__}: {_first_line(e)})'
       if problem is not None:
-        logging.warning('Checkpoint %s is unreadable: %s; trying the previous step', step_dir,
-                        problem)
+        logging.warning(
+            'Checkpoint %s is unreadable: %s; trying the previous step', step_dir, problem
+        )
         skipped.append((step, step_dir, problem))
         continue
       if skipped:
         self._set_aside(skipped)
-        logging.warning('Resuming from step %d, the newest readable checkpoint; skipped %s',
-                        step, '; '.join(f'step {s} ({p})' for s, _, p in skipped))
+        logging.warning(
+            'Resuming from step %d, the newest readable checkpoint; skipped %s',
+            step,
+            '; '.join(f'step {s} ({p})' for s, _, p in skipped),
+        )
       return step, state
     if skipped:
       raise CheckpointUnreadableError(
           f'no checkpoint in {self.directory} can be read: '
           + '; '.join(f'{d}: {p}' for _, d, p in skipped)
-          + '. Move the directory aside to start from INITIAL_CHECKPOINT_PATH or from scratch')
+          + '. Move the directory aside to start from INITIAL_CHECKPOINT_PATH or from scratch'
+      )
     return None, None
 
   def _set_aside(self, skipped) -> None:
@@ -263,6 +283,7 @@ class CheckpointManager:
         logging.warning('Moved the unreadable checkpoint %s to %s', step_dir, target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       multihost_utils.sync_global_devices('unimoe_jax: unreadable checkpoints set aside')
     self._manager.reload()
 
@@ -271,6 +292,7 @@ class CheckpointManager:
     is none to restore (logged: the caller then skips `step` batches). Raises, naming the
     file, when the state's description is unreadable."""
     from unimoe_jax.data import iteration  # pylint: disable=g-import-not-at-top
+
     input_dir = os.path.join(self.directory, str(step), INPUT_ITEM)
     index, count = jax.process_index(), jax.process_count()
     prefix = os.path.join(input_dir, input_state_name(index, count))
@@ -284,29 +306,58 @@ class CheckpointManager:
         raise iteration.IteratorStateError(_skip_hint(problem, step, input_dir))
       if info.get('tf_state'):
         return prefix
-      logging.warning('Checkpoint step %d holds no input iterator state (%s: the input '
-                      'pipeline could not be checkpointed: %s); resuming the data stream by '
-                      'skipping %d batches', step, prefix + iteration.INFO_SUFFIX,
-                      info.get('not_checkpointable'), step)
+      logging.warning(
+          'Checkpoint step %d holds no input iterator state (%s: the input '
+          'pipeline could not be checkpointed: %s); resuming the data stream by '
+          'skipping %d batches',
+          step,
+          prefix + iteration.INFO_SUFFIX,
+          info.get('not_checkpointable'),
+          step,
+      )
       return None
     if not os.path.isdir(input_dir):
-      logging.info('Checkpoint step %d has no input iterator state (%s does not exist: a '
-                   'checkpoint written without one); resuming the data stream by skipping %d '
-                   'batches', step, input_dir, step)
+      logging.info(
+          'Checkpoint step %d has no input iterator state (%s does not exist: a '
+          'checkpoint written without one); resuming the data stream by skipping %d '
+          'batches',
+          step,
+          input_dir,
+          step,
+      )
       return None
-    counts = sorted({int(m.group(1)) for m in (
-        re.search(r'-of-(\d+)\.json$', p)
-        for p in glob.glob(os.path.join(input_dir, 'process_*-of-*.json'))) if m})
+    counts = sorted(
+        {
+            int(m.group(1))
+            for m in (
+                re.search(r'-of-(\d+)\.json$', p)
+                for p in glob.glob(os.path.join(input_dir, 'process_*-of-*.json'))
+            )
+            if m
+        }
+    )
     if counts and count not in counts:
-      logging.warning('The input iterator states of checkpoint step %d were written by %s '
-                      'processes (%s), this run has %d: the data shards differ, so they '
-                      'cannot be restored; resuming by skipping %d batches per process (the '
-                      'same number of examples in all, not the same ones)', step,
-                      ' or '.join(map(str, counts)), input_dir, count, step)
+      logging.warning(
+          'The input iterator states of checkpoint step %d were written by %s '
+          'processes (%s), this run has %d: the data shards differ, so they '
+          'cannot be restored; resuming by skipping %d batches per process (the '
+          'same number of examples in all, not the same ones)',
+          step,
+          ' or '.join(map(str, counts)),
+          input_dir,
+          count,
+          step,
+      )
     else:
-      logging.warning('Checkpoint step %d has no input iterator state for process %d of %d '
-                      '(%s); resuming the data stream by skipping %d batches', step, index,
-                      count, prefix + iteration.INFO_SUFFIX, step)
+      logging.warning(
+          'Checkpoint step %d has no input iterator state for process %d of %d '
+          '(%s); resuming the data stream by skipping %d batches',
+          step,
+          index,
+          count,
+          prefix + iteration.INFO_SUFFIX,
+          step,
+      )
     return None
 
   def restore_input(self, step: int, prefix: str, iterator) -> None:
@@ -314,19 +365,27 @@ class CheckpointManager:
     (`input_state(step)`); raises `IteratorStateError` naming the file when the state is
     corrupt, was written by another pipeline, or is not at `step` batches."""
     from unimoe_jax.data import iteration  # pylint: disable=g-import-not-at-top
+
     problem = None
     try:
       iterator.restore(prefix)
     except iteration.IteratorStateError as e:
       problem = str(e)
     if problem is None and iterator.position != step:
-      problem = (f'{prefix}{iteration.INFO_SUFFIX}: the input iterator had read '
-                 f'{iterator.position} batches, but the train state is at step {step}')
+      problem = (
+          f'{prefix}{iteration.INFO_SUFFIX}: the input iterator had read '
+          f'{iterator.position} batches, but the train state is at step {step}'
+      )
     if problem is not None:
       iterator.close()
       raise iteration.IteratorStateError(_skip_hint(problem, step, os.path.dirname(prefix)))
-    logging.info('Restored the input iterator of step %d from %s: the data stream continues '
-                 'after %d batches without recomputing them', step, prefix, step)
+    logging.info(
+        'Restored the input iterator of step %d from %s: the data stream continues '
+        'after %d batches without recomputing them',
+        step,
+        prefix,
+        step,
+    )
 
   def wait(self):
     self._manager.wait_until_finished()
@@ -335,8 +394,9 @@ class CheckpointManager:
     self._manager.close()
 
 
-def locate(path: Optional[str], macro: str = 'INITIAL_CHECKPOINT_PATH'
-           ) -> Tuple[str, Optional[int]]:
+def locate(
+    path: Optional[str], macro: str = 'INITIAL_CHECKPOINT_PATH'
+) -> Tuple[str, Optional[int]]:
   """The directory `read_params` reads for `path`, and its training step.
 
   Returns `(converted_dir, None)` for a converted / exported checkpoint (`params/`), or
@@ -345,8 +405,10 @@ def locate(path: Optional[str], macro: str = 'INITIAL_CHECKPOINT_PATH'
   once; errors name `macro`.
   """
   if not path:
-    raise FileNotFoundError(f'{macro} is not set: name a converted checkpoint, a MODEL_DIR or '
-                            'one of its step directories')
+    raise FileNotFoundError(
+        f'{macro} is not set: name a converted checkpoint, a MODEL_DIR or '
+        'one of its step directories'
+    )
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{macro}={path} does not exist')
@@ -358,18 +420,23 @@ def locate(path: Optional[str], macro: str = 'INITIAL_CHECKPOINT_PATH'
   root = path
   if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
     root = os.path.join(path, CHECKPOINTS_DIR)
-  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()
-                 and os.path.isdir(os.path.join(root, d, STATE_ITEM)))
+  steps = sorted(
+      int(d)
+      for d in os.listdir(root)
+      if d.isdigit() and os.path.isdir(os.path.join(root, d, STATE_ITEM))
+  )
   if not steps:
     raise FileNotFoundError(
         f'{macro}={path} holds no checkpoint: expected params/ + config.gin (a converted or '
         f'exported checkpoint), a MODEL_DIR with {CHECKPOINTS_DIR}/<step>/{STATE_ITEM}, or a '
-        f'step directory')
+        f'step directory'
+    )
   return os.path.join(root, str(steps[-1])), steps[-1]
 
 
-def read_params(path: str, macro: str = 'INITIAL_CHECKPOINT_PATH'
-                ) -> Tuple[Dict[str, Any], Optional[str]]:
+def read_params(
+    path: str, macro: str = 'INITIAL_CHECKPOINT_PATH'
+) -> Tuple[Dict[str, Any], Optional[str]]:
   """Params (numpy) and gin text from any checkpoint a user may name as a starting point.
 
   Accepts a converted / exported checkpoint (`params/` + `config.gin`, unimoe_jax.checkpoint),

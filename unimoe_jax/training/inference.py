@@ -61,9 +61,11 @@ def tasks_with_split(mixture_or_task_name: str, split: str) -> List[seqio.Task]:
   tasks = seqio.get_subtasks(pipeline.get_mixture_or_task(mixture_or_task_name))
   found = [t for t in tasks if split in t.splits]
   if not found:
-    raise ValueError(f'MIXTURE_OR_TASK_SPLIT={split!r}: no task of MIXTURE_OR_TASK_NAME='
-                     f'{mixture_or_task_name!r} has that split (they have '
-                     f'{sorted({s for t in tasks for s in t.splits})})')
+    raise ValueError(
+        f'MIXTURE_OR_TASK_SPLIT={split!r}: no task of MIXTURE_OR_TASK_NAME='
+        f'{mixture_or_task_name!r} has that split (they have '
+        f'{sorted({s for t in tasks for s in t.splits})})'
+    )
   skipped = [t.name for t in tasks if split not in t.splits]
   if skipped:
     logging.warning('tasks without split %r are skipped: %s', split, ', '.join(skipped))
@@ -72,15 +74,21 @@ def tasks_with_split(mixture_or_task_name: str, split: str) -> List[seqio.Task]:
 
 class Restored(NamedTuple):
   mesh: Any
-  params: Any             # the params tree, jax.Arrays on `mesh`
-  shardings: Any          # NamedShardings of `params`
+  params: Any  # the params tree, jax.Arrays on `mesh`
+  shardings: Any  # NamedShardings of `params`
   step: Optional[int]
 
 
-def restore(model, checkpoint_path: str, tasks: Sequence[seqio.Task],
-            task_feature_lengths: Mapping[str, int], batch_size: int, split: str,
-            mesh_config: Optional[partitioning.MeshConfig] = None,
-            devices: Optional[Sequence[Any]] = None) -> Restored:
+def restore(
+    model,
+    checkpoint_path: str,
+    tasks: Sequence[seqio.Task],
+    task_feature_lengths: Mapping[str, int],
+    batch_size: int,
+    split: str,
+    mesh_config: Optional[partitioning.MeshConfig] = None,
+    devices: Optional[Sequence[Any]] = None,
+) -> Restored:
   """Checks the inputs (cheap checks first), then reads the params onto the mesh.
 
   The params' shapes come from `model.get_initial_variables` for batches of `batch_size` rows
@@ -93,15 +101,18 @@ def restore(model, checkpoint_path: str, tasks: Sequence[seqio.Task],
   mesh = partitioning.make_mesh(mesh_config, devices)
   data_parallel = mesh.shape['data'] * mesh.shape['expert']
   if batch_size % data_parallel:
-    raise ValueError(f'BATCH_SIZE={batch_size} is not divisible by the data x expert mesh '
-                     f'axes ({data_parallel} devices hold batch rows)')
+    raise ValueError(
+        f'BATCH_SIZE={batch_size} is not divisible by the data x expert mesh '
+        f'axes ({data_parallel} devices hold batch rows)'
+    )
   for task in tasks:
     pipeline.check_examples_fit(task.name, task_feature_lengths, split)
   if getattr(model, '_vocabulary', 'unset') is None:
     model._vocabulary = tasks[0].output_features['targets'].vocabulary  # pylint: disable=protected-access
 
   input_shapes, input_types = pipeline.first_batch_shapes(
-      tasks[0].name, task_feature_lengths, batch_size, pack=False, split=split)
+      tasks[0].name, task_feature_lengths, batch_size, pack=False, split=split
+  )
   abstract = train_state_lib.abstract_params(model, input_shapes, input_types)
   shardings = partitioning.params_shardings(mesh, abstract)
   loaded, _ = checkpoints_lib.read_params(checkpoint_path, 'CHECKPOINT_PATH')
@@ -110,10 +121,15 @@ def restore(model, checkpoint_path: str, tasks: Sequence[seqio.Task],
   # current params, so the abstract tree stands in for a TrainState (no optimizer state).
   state, missing = train_state_lib.load_params_into(
       train_state_lib.TrainState(step=None, params=nn.meta.unbox(abstract), opt_state=None),
-      train_state_lib.TrainState(step=None, params=shardings, opt_state=None), loaded, source)
+      train_state_lib.TrainState(step=None, params=shardings, opt_state=None),
+      loaded,
+      source,
+  )
   if missing:
-    raise ValueError(f'{source} lacks {len(missing)} parameters of the model (is MODEL the '
-                     f'model it was trained as?): {", ".join(missing[:20])}')
+    raise ValueError(
+        f'{source} lacks {len(missing)} parameters of the model (is MODEL the '
+        f'model it was trained as?): {", ".join(missing[:20])}'
+    )
   logging.info('Restored %s (step %s)', checkpoint_path, _step_tag(step))
   return Restored(mesh, state.params, shardings, step)
 
@@ -130,18 +146,20 @@ def _write_json(path: str, value: Any) -> None:
 
 
 @gin.configurable(denylist=['devices'])
-def evaluate(*,
-             model: Any = gin.REQUIRED,
-             checkpoint_path: str = gin.REQUIRED,
-             mixture_or_task_name: str = gin.REQUIRED,
-             task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-             batch_size: int = gin.REQUIRED,
-             output_dir: str = gin.REQUIRED,
-             split: str = 'validation',
-             num_examples: Optional[int] = None,
-             mixture_or_task_module: Sequence[str] = ('unimoe_jax.tasks',),
-             mesh_config: Optional[partitioning.MeshConfig] = None,
-             devices: Optional[Sequence[Any]] = None) -> Dict[str, Dict[str, Any]]:
+def evaluate(
+    *,
+    model: Any = gin.REQUIRED,
+    checkpoint_path: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    output_dir: str = gin.REQUIRED,
+    split: str = 'validation',
+    num_examples: Optional[int] = None,
+    mixture_or_task_module: Sequence[str] = ('unimoe_jax.tasks',),
+    mesh_config: Optional[partitioning.MeshConfig] = None,
+    devices: Optional[Sequence[Any]] = None,
+) -> Dict[str, Dict[str, Any]]:
   """The seqio metrics of each task of the mixture: `{task: {metric: value}}`.
 
   Args (t5x's gin macros in brackets): model (MODEL); checkpoint_path (CHECKPOINT_PATH);
@@ -154,24 +172,38 @@ def evaluate(*,
   _import(mixture_or_task_module)
   checkpoint_step(checkpoint_path)
   tasks = seqio.evaluation.get_valid_eval_tasks(
-      tasks_with_split(mixture_or_task_name, split), split)
+      tasks_with_split(mixture_or_task_name, split), split
+  )
   if not tasks:
-    raise ValueError(f'MIXTURE_OR_TASK_NAME={mixture_or_task_name!r} has no task with metric_fns '
-                     f'(nothing to evaluate); `python -m unimoe_jax.infer` writes predictions '
-                     f'of any task')
-  restored = restore(model, checkpoint_path, tasks, task_feature_lengths, batch_size, split,
-                     mesh_config, devices)
-  evaluator = evaluation.make_evaluator(mixture_or_task_name, task_feature_lengths, split=split,
-                                        num_examples=num_examples, log_dir=output_dir)
-  model_evaluator = evaluation.ModelEvaluator(model, restored.mesh, restored.shardings,
-                                              batch_size)
-  results = evaluation.evaluate(evaluator, model_evaluator, restored.params,
-                                restored.step or 0)
+    raise ValueError(
+        f'MIXTURE_OR_TASK_NAME={mixture_or_task_name!r} has no task with metric_fns '
+        f'(nothing to evaluate); `python -m unimoe_jax.infer` writes predictions '
+        f'of any task'
+    )
+  restored = restore(
+      model, checkpoint_path, tasks, task_feature_lengths, batch_size, split, mesh_config, devices
+  )
+  evaluator = evaluation.make_evaluator(
+      mixture_or_task_name,
+      task_feature_lengths,
+      split=split,
+      num_examples=num_examples,
+      log_dir=output_dir,
+  )
+  model_evaluator = evaluation.ModelEvaluator(model, restored.mesh, restored.shardings, batch_size)
+  results = evaluation.evaluate(evaluator, model_evaluator, restored.params, restored.step or 0)
   for task, metrics in results.items():
     logging.info('%s: %s', task, metrics)
   path = os.path.join(output_dir, f'metrics-{_step_tag(restored.step)}.json')
-  _write_json(path, {'checkpoint_path': os.path.abspath(checkpoint_path), 'step': restored.step,
-                     'split': split, 'metrics': results})
+  _write_json(
+      path,
+      {
+          'checkpoint_path': os.path.abspath(checkpoint_path),
+          'step': restored.step,
+          'split': split,
+          'metrics': results,
+      },
+  )
   return results
 
 
@@ -180,7 +212,7 @@ def _decode(vocabulary, ids) -> Any:
   ids = [int(i) for i in ids]
   for stop in (vocabulary.eos_id, 0):
     if stop is not None and stop in ids:
-      ids = ids[:ids.index(stop)]
+      ids = ids[: ids.index(stop)]
   text = vocabulary.decode(ids)
   return text.decode('utf-8') if isinstance(text, bytes) else text
 
@@ -194,19 +226,21 @@ def _answer_ids(targets: np.ndarray, weights: np.ndarray, start: int) -> np.ndar
 
 
 @gin.configurable(denylist=['devices'])
-def infer(*,
-          model: Any = gin.REQUIRED,
-          checkpoint_path: str = gin.REQUIRED,
-          mixture_or_task_name: str = gin.REQUIRED,
-          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-          batch_size: int = gin.REQUIRED,
-          output_dir: str = gin.REQUIRED,
-          split: str = 'validation',
-          mode: str = 'predict',
-          num_examples: Optional[int] = None,
-          mixture_or_task_module: Sequence[str] = ('unimoe_jax.tasks',),
-          mesh_config: Optional[partitioning.MeshConfig] = None,
-          devices: Optional[Sequence[Any]] = None) -> Dict[str, str]:
+def infer(
+    *,
+    model: Any = gin.REQUIRED,
+    checkpoint_path: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    output_dir: str = gin.REQUIRED,
+    split: str = 'validation',
+    mode: str = 'predict',
+    num_examples: Optional[int] = None,
+    mixture_or_task_module: Sequence[str] = ('unimoe_jax.tasks',),
+    mesh_config: Optional[partitioning.MeshConfig] = None,
+    devices: Optional[Sequence[Any]] = None,
+) -> Dict[str, str]:
   """Writes the JSONL file of each task of the mixture (module docstring); returns
   `{task: path}`.
 
@@ -219,10 +253,10 @@ def infer(*,
   _import(mixture_or_task_module)
   checkpoint_step(checkpoint_path)
   tasks = tasks_with_split(mixture_or_task_name, split)
-  restored = restore(model, checkpoint_path, tasks, task_feature_lengths, batch_size, split,
-                     mesh_config, devices)
-  model_evaluator = evaluation.ModelEvaluator(model, restored.mesh, restored.shardings,
-                                              batch_size)
+  restored = restore(
+      model, checkpoint_path, tasks, task_feature_lengths, batch_size, split, mesh_config, devices
+  )
+  model_evaluator = evaluation.ModelEvaluator(model, restored.mesh, restored.shardings, batch_size)
   model_evaluator.params = restored.params
   run = model_evaluator.predict_fn if mode == 'predict' else model_evaluator.score_fn
   suffix = '' if mode == 'predict' else '-score'
@@ -233,8 +267,14 @@ def infer(*,
     # nothing, so model rows stay aligned with the task examples written next to them.
     gate = pipeline.feature_converter(lengths, pack=False)
     max_items = {m: lengths[f'{m}_features'] for m in gate.modalities}
-    ds = task.get_dataset(sequence_length=lengths, split=split, shuffle=False, num_epochs=1,
-                          use_cached=False, trim_output_features=False)
+    ds = task.get_dataset(
+        sequence_length=lengths,
+        split=split,
+        shuffle=False,
+        num_epochs=1,
+        use_cached=False,
+        trim_output_features=False,
+    )
     if num_examples is not None:
       ds = ds.take(num_examples)
     # Cached: the examples are read (and their media decoded) once, for both passes.
@@ -249,16 +289,26 @@ def infer(*,
       with open(path, 'w') as f:
         for index, ex in enumerate(iteration.numpy_iterator(ds)):
           targets, weights = ex['targets'], ex['loss_weights']
-          start = int(models.prompt_lengths({'decoder_target_tokens': targets[None],
-                                             'decoder_loss_weights': weights[None]})[0])
-          line = {'inputs': _decode(vocabulary, targets[:start]),
-                  'targets': _decode(vocabulary, _answer_ids(targets, weights, start))}
+          start = int(
+              models.prompt_lengths(
+                  {'decoder_target_tokens': targets[None], 'decoder_loss_weights': weights[None]}
+              )[0]
+          )
+          line = {
+              'inputs': _decode(vocabulary, targets[:start]),
+              'targets': _decode(vocabulary, _answer_ids(targets, weights, start)),
+          }
           if mode == 'predict':
             line['prediction'] = _decode(vocabulary, outputs[index])
           else:
             line['score'] = outputs[index]
           f.write(json.dumps(line, cls=seqio.TensorAndNumpyEncoder) + '\n')
-    logging.info('%s: %d examples -> %s (%d skipped: longer than TASK_FEATURE_LENGTHS)',
-                 task.name, len(outputs), path, gate.dropped_examples.count)
+    logging.info(
+        '%s: %d examples -> %s (%d skipped: longer than TASK_FEATURE_LENGTHS)',
+        task.name,
+        len(outputs),
+        path,
+        gate.dropped_examples.count,
+    )
     paths[task.name] = path
   return paths

@@ -31,8 +31,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
   def __init__(self, signum: int, step: int):
     self.signum, self.step = signum, step
-    super().__init__(f'{signal.Signals(signum).name} received: saved a checkpoint at step '
-                     f'{step} and stopped')
+    super().__init__(
+        f'{signal.Signals(signum).name} received: saved a checkpoint at step ' f'{step} and stopped'
+    )
 
   @property
   def exit_code(self) -> int:
@@ -53,8 +54,11 @@ class StopSignals:
     if self.signum is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt('second Ctrl-C: stopping without waiting for the checkpoint')
     self.signum = signum
-    logging.warning('%s received: finishing this step, saving a checkpoint and stopping '
-                    '(Ctrl-C again to stop at once without it)', signal.Signals(signum).name)
+    logging.warning(
+        '%s received: finishing this step, saving a checkpoint and stopping '
+        '(Ctrl-C again to stop at once without it)',
+        signal.Signals(signum).name,
+    )
 
   def __enter__(self) -> 'StopSignals':
     # Python runs signal handlers in the main thread only, and only it may install them.
@@ -76,6 +80,7 @@ class StopSignals:
       return True
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       try:
         if multihost_utils.reached_preemption_sync_point(step):
           self.signum = signal.SIGTERM

@@ -48,36 +48,38 @@ def _write_operative_config(model_dir: str) -> None:
 
 
 @gin.configurable(denylist=['crash_after_step', 'devices'])
-def train(*,
-          model: Any = gin.REQUIRED,
-          model_dir: str = gin.REQUIRED,
-          mixture_or_task_name: str = gin.REQUIRED,
-          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-          batch_size: int = gin.REQUIRED,
-          train_steps: int = gin.REQUIRED,
-          mixture_or_task_module: Sequence[str] = ('unimoe_jax.tasks',),
-          initial_checkpoint_path: Optional[str] = None,
-          optimizer: optimizer_lib.OptimizerConfig = optimizer_lib.OptimizerConfig(),
-          trainable_patterns: Sequence[str] = ('.*',),
-          frozen_patterns: Sequence[str] = (),
-          mesh_config: Optional[partitioning.MeshConfig] = None,
-          seed: int = 0,
-          shuffle_train_examples: bool = True,
-          pack: bool = True,
-          use_cached_tasks: bool = False,
-          checkpoint_period: Optional[int] = None,
-          keep_checkpoints: Optional[int] = 3,
-          async_checkpointing: bool = True,
-          log_period: int = 10,
-          eval_period: int = 0,
-          eval_mixture_or_task_name: Optional[str] = None,
-          eval_task_feature_lengths: Optional[Mapping[str, int]] = None,
-          eval_batch_size: Optional[int] = None,
-          eval_num_examples: Optional[int] = None,
-          eval_split: str = 'validation',
-          routing_report: bool = False,
-          crash_after_step: Optional[int] = None,
-          devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
+def train(
+    *,
+    model: Any = gin.REQUIRED,
+    model_dir: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    train_steps: int = gin.REQUIRED,
+    mixture_or_task_module: Sequence[str] = ('unimoe_jax.tasks',),
+    initial_checkpoint_path: Optional[str] = None,
+    optimizer: optimizer_lib.OptimizerConfig = optimizer_lib.OptimizerConfig(),
+    trainable_patterns: Sequence[str] = ('.*',),
+    frozen_patterns: Sequence[str] = (),
+    mesh_config: Optional[partitioning.MeshConfig] = None,
+    seed: int = 0,
+    shuffle_train_examples: bool = True,
+    pack: bool = True,
+    use_cached_tasks: bool = False,
+    checkpoint_period: Optional[int] = None,
+    keep_checkpoints: Optional[int] = 3,
+    async_checkpointing: bool = True,
+    log_period: int = 10,
+    eval_period: int = 0,
+    eval_mixture_or_task_name: Optional[str] = None,
+    eval_task_feature_lengths: Optional[Mapping[str, int]] = None,
+    eval_batch_size: Optional[int] = None,
+    eval_num_examples: Optional[int] = None,
+    eval_split: str = 'validation',
+    routing_report: bool = False,
+    crash_after_step: Optional[int] = None,
+    devices: Optional[Sequence[Any]] = None,
+) -> Dict[str, Any]:
   """Trains; returns `{'step', 'train': last logged metrics, 'eval': last eval metrics,
   'state', 'routing' (with routing_report), 'loss_history': [(step, loss)] of each logging
   window of this run}`.
@@ -107,31 +109,38 @@ def train(*,
   """
   started = time.time()
   pipeline.import_task_modules(
-      [mixture_or_task_module] if isinstance(mixture_or_task_module, str)
-      else mixture_or_task_module)
+      [mixture_or_task_module]
+      if isinstance(mixture_or_task_module, str)
+      else mixture_or_task_module
+  )
   if train_steps < 0:
     raise ValueError(f'TRAIN_STEPS must be >= 0, got {train_steps}')
   mesh = partitioning.make_mesh(mesh_config, devices)
   data_parallel = mesh.shape['data'] * mesh.shape['expert']
   if batch_size % data_parallel:
-    raise ValueError(f'BATCH_SIZE={batch_size} is not divisible by the data x expert mesh '
-                     f'axes ({data_parallel} devices hold batch rows)')
+    raise ValueError(
+        f'BATCH_SIZE={batch_size} is not divisible by the data x expert mesh '
+        f'axes ({data_parallel} devices hold batch rows)'
+    )
   if routing_report and (not eval_mixture_or_task_name or model.config.decoder.moe is None):
     # Checked here, not after training: the report runs once the steps are done.
-    raise ValueError('train.routing_report needs an MoE model (DecoderConfig.moe) and an '
-                     'evaluation mixture (EVAL_MIXTURE_OR_TASK_NAME)')
+    raise ValueError(
+        'train.routing_report needs an MoE model (DecoderConfig.moe) and an '
+        'evaluation mixture (EVAL_MIXTURE_OR_TASK_NAME)'
+    )
   task = pipeline.get_mixture_or_task(mixture_or_task_name)
   # Media the model has no encoder for would be dropped silently: refuse before any compute.
   feature_converter.check_model_takes_media(model, task_feature_lengths)
   if getattr(model, '_vocabulary', 'unset') is None:
     model._vocabulary = task.output_features['targets'].vocabulary  # pylint: disable=protected-access
   input_shapes, input_types = pipeline.first_batch_shapes(
-      mixture_or_task_name, task_feature_lengths, batch_size, pack)
+      mixture_or_task_name, task_feature_lengths, batch_size, pack
+  )
 
   abstract = train_state_lib.abstract_params(model, input_shapes, input_types)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  mask = optimizer_lib.trainable_mask(nn.meta.unbox(abstract), trainable_patterns,
-                                      frozen_patterns)
+
+  mask = optimizer_lib.trainable_mask(nn.meta.unbox(abstract), trainable_patterns, frozen_patterns)
   tx, schedule = optimizer_lib.make_optimizer(optimizer, max(train_steps, 1))
   rng = jax.random.PRNGKey(seed)
   init_rng, step_rng = jax.random.split(rng)
@@ -140,56 +149,81 @@ def train(*,
   latest = None
   if manager.latest_step() is not None:
     abstract_state, shardings = train_state_lib.create_train_state(
-        model, tx, mask, mesh, init_rng, input_shapes, input_types, abstract_only=True)
+        model, tx, mask, mesh, init_rng, input_shapes, input_types, abstract_only=True
+    )
     # The newest readable step; unreadable newer ones are named and set aside.
     latest, state = manager.restore_latest(abstract_state)
     logging.info('Resuming from %s step %d', manager.directory, latest)
   else:
     state, shardings = train_state_lib.create_train_state(
-        model, tx, mask, mesh, init_rng, input_shapes, input_types)
+        model, tx, mask, mesh, init_rng, input_shapes, input_types
+    )
     if initial_checkpoint_path:
       loaded, _ = checkpoints_lib.read_params(initial_checkpoint_path)
-      state, missing = train_state_lib.load_params_into(state, shardings, loaded,
-                                                        initial_checkpoint_path)
-      logging.info('Restored %s; %d parameters keep their initialisation: %s',
-                   initial_checkpoint_path, len(missing), ', '.join(missing[:20]))
+      state, missing = train_state_lib.load_params_into(
+          state, shardings, loaded, initial_checkpoint_path
+      )
+      logging.info(
+          'Restored %s; %d parameters keep their initialisation: %s',
+          initial_checkpoint_path,
+          len(missing),
+          ', '.join(missing[:20]),
+      )
   _write_operative_config(model_dir)
   start_step = int(jax.device_get(state.step))
-  num_trainable = sum(int(np.prod(x.shape)) for x in
-                      jax.tree_util.tree_leaves(optimizer_lib.split_params(state.params, mask)[0]))
-  logging.info('%d trainable parameters of %d', num_trainable,
-               sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params)))
+  num_trainable = sum(
+      int(np.prod(x.shape))
+      for x in jax.tree_util.tree_leaves(optimizer_lib.split_params(state.params, mask)[0])
+  )
+  logging.info(
+      '%d trainable parameters of %d',
+      num_trainable,
+      sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params)),
+  )
 
-  batch_shardings = {k: partitioning.batch_sharding(mesh, len(s))
-                     for k, s in input_shapes.items()}
+  batch_shardings = {k: partitioning.batch_sharding(mesh, len(s)) for k, s in input_shapes.items()}
   replicated = NamedSharding(mesh, PartitionSpec())
-  step_fn = train_state_lib.make_train_step(model, tx, mask, schedule,
-                                            optimizer.grad_accum_steps)
+  step_fn = train_state_lib.make_train_step(model, tx, mask, schedule, optimizer.grad_accum_steps)
   with partitioning.mesh_context(mesh):
-    jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_shardings, replicated),
-                       out_shardings=(shardings, replicated), donate_argnums=(0,))
+    jit_step = jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_shardings, replicated),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
+    )
 
   writer = _writer(model_dir)
   evaluator = model_evaluator = None
   if eval_mixture_or_task_name:
     evaluator = evaluation.make_evaluator(
-        eval_mixture_or_task_name, eval_task_feature_lengths or task_feature_lengths,
-        split=eval_split, num_examples=eval_num_examples)
-    model_evaluator = evaluation.ModelEvaluator(model, mesh, shardings.params,
-                                                eval_batch_size or batch_size)
+        eval_mixture_or_task_name,
+        eval_task_feature_lengths or task_feature_lengths,
+        split=eval_split,
+        num_examples=eval_num_examples,
+    )
+    model_evaluator = evaluation.ModelEvaluator(
+        model, mesh, shardings.params, eval_batch_size or batch_size
+    )
   checkpoint_period = checkpoint_period or eval_period or train_steps
 
   # Resume the data stream from the checkpoint's input iterator state; without one (logged
   # by input_state), by skipping the batches already read (checkpoints.py).
   input_state = manager.input_state(start_step) if latest is not None else None
   batches = pipeline.train_batches(
-      mixture_or_task_name, task_feature_lengths, batch_size, seed=seed,
-      shuffle=shuffle_train_examples, pack=pack, use_cached=use_cached_tasks,
-      skip_batches=0 if input_state else start_step)
+      mixture_or_task_name,
+      task_feature_lengths,
+      batch_size,
+      seed=seed,
+      shuffle=shuffle_train_examples,
+      pack=pack,
+      use_cached=use_cached_tasks,
+      skip_batches=0 if input_state else start_step,
+  )
   if input_state:
     manager.restore_input(start_step, input_state, batches)
-  logging.info('Setup took %.1f s; training steps %d -> %d', time.time() - started, start_step,
-               train_steps)
+  logging.info(
+      'Setup took %.1f s; training steps %d -> %d', time.time() - started, start_step, train_steps
+  )
   tokens_per_batch = batch_size * input_shapes['decoder_target_tokens'][1]
   last_train, last_eval, window = {}, {}, None
   loss_history = []  # (step, mean loss of the logging window) of this run.
@@ -206,9 +240,11 @@ def train(*,
             f'step {step} (BATCH_SIZE={batch_size}): an epoch of its train split yielded no '
             'example. Every example was dropped as longer than '
             f'TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} (preprocessors.drop_too_long, '
-            'the feature converter) or skipped as bad, or the split is empty.') from None
-      batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], v)
-               for k, v in local.items()}
+            'the feature converter) or skipped as bad, or the split is empty.'
+        ) from None
+      batch = {
+          k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in local.items()
+      }
       with partitioning.mesh_context(mesh):
         state, metrics = jit_step(state, batch, step_rng)
       window = _merge(window, metrics)
@@ -223,9 +259,15 @@ def train(*,
         remaining = (train_steps - done) * elapsed / window_steps
         writer.write_scalars(done, last_train)
         loss_history.append((done, last_train['loss']))
-        logging.info('step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  ETA %.0f s', done,
-                     train_steps, last_train['loss'], last_train['learning_rate'],
-                     last_train['timing/steps_per_second'], remaining)
+        logging.info(
+            'step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  ETA %.0f s',
+            done,
+            train_steps,
+            last_train['loss'],
+            last_train['learning_rate'],
+            last_train['timing/steps_per_second'],
+            remaining,
+        )
         window, window_start, window_steps, window_tokens = None, time.time(), 0, 0
       saved = done % checkpoint_period == 0 or done == train_steps
       if saved:
@@ -236,19 +278,25 @@ def train(*,
         manager.wait()  # The save of this step, and any still in flight before it.
         manager.close()
         writer.flush()
-        logging.warning('Stopped at step %d of %d: checkpoint %s/%d written; rerun the same '
-                        'command to resume', done, train_steps, manager.directory, done)
+        logging.warning(
+            'Stopped at step %d of %d: checkpoint %s/%d written; rerun the same '
+            'command to resume',
+            done,
+            train_steps,
+            manager.directory,
+            done,
+        )
         raise interrupts.TrainingInterrupted(stop.signum, done)
-      if (evaluator is not None and eval_period and done % eval_period == 0
-          and done != train_steps):
+      if evaluator is not None and eval_period and done % eval_period == 0 and done != train_steps:
         last_eval = _run_eval(evaluator, model_evaluator, state, done, writer)
       if crash_after_step is not None and done == crash_after_step:
         manager.wait()
         logging.warning('crash_after_step=%d: exiting abruptly (testing resumption)', done)
         os._exit(3)  # pylint: disable=protected-access
     if evaluator is not None:
-      last_eval = _run_eval(evaluator, model_evaluator, state, int(jax.device_get(state.step)),
-                            writer)
+      last_eval = _run_eval(
+          evaluator, model_evaluator, state, int(jax.device_get(state.step)), writer
+      )
     routing = None
     if routing_report:
       routing = _routing_report(evaluator, model_evaluator, model, state, model_dir)
@@ -257,14 +305,24 @@ def train(*,
     manager.wait()
     manager.close()
     writer.flush()
-  return {'step': int(jax.device_get(state.step)), 'train': last_train, 'eval': last_eval,
-          'state': state, 'routing': routing, 'loss_history': loss_history}
+  return {
+      'step': int(jax.device_get(state.step)),
+      'train': last_train,
+      'eval': last_eval,
+      'state': state,
+      'routing': routing,
+      'loss_history': loss_history,
+  }
 
 
 def _run_eval(evaluator, model_evaluator, state, step, writer):
   results = evaluation.evaluate(evaluator, model_evaluator, state.params, step)
-  flat = {f'eval/{task}/{name}': value for task, metrics in results.items()
-          for name, value in metrics.items() if isinstance(value, (int, float))}
+  flat = {
+      f'eval/{task}/{name}': value
+      for task, metrics in results.items()
+      for name, value in metrics.items()
+      if isinstance(value, (int, float))
+  }
   if flat:
     writer.write_scalars(step, flat)
   for task, metrics in results.items():
@@ -277,14 +335,16 @@ def _routing_report(evaluator, model_evaluator, model, state, model_dir):
   experts]}}}` over the evaluation tasks."""
   started = time.time()
   model_evaluator.params = state.params
-  counts = {task: model_evaluator.routing_counts(ds)
-            for task, ds in sorted(evaluator.cached_model_datasets.items())}
+  counts = {
+      task: model_evaluator.routing_counts(ds)
+      for task, ds in sorted(evaluator.cached_model_datasets.items())
+  }
   layers = model.config.decoder.moe_layer_indices()
   if jax.process_index() == 0:
     import json  # pylint: disable=g-import-not-at-top
+
     with open(os.path.join(model_dir, routing_report_lib.REPORT_FILE), 'w') as f:
-      json.dump({'layers': list(layers), 'tasks': routing_report_lib.to_json(counts)}, f,
-                indent=1)
+      json.dump({'layers': list(layers), 'tasks': routing_report_lib.to_json(counts)}, f, indent=1)
   logging.info('routing report of %d tasks took %.1f s', len(counts), time.time() - started)
   return {'layers': list(layers), 'tasks': counts}
 
@@ -292,9 +352,12 @@ def _routing_report(evaluator, model_evaluator, model, state, model_dir):
 def _writer(model_dir: str):
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
     return metric_writers.create_default_writer(
-        os.path.join(model_dir, 'train'), just_logging=jax.process_index() > 0)
+        os.path.join(model_dir, 'train'), just_logging=jax.process_index() > 0
+    )
   except ImportError as e:  # tensorboard missing: console only, and say so.
     logging.warning('TensorBoard writer unavailable (%s); logging metrics to the console only', e)
     from clu.metric_writers import logging_writer  # pylint: disable=g-import-not-at-top
+
     return logging_writer.LoggingWriter()

@@ -42,6 +42,7 @@ class OptimizerConfig:
     grad_accum_steps: micro-batches per optimizer update; the batch is split along its first
       axis and the gradients summed inside one training step (train_state.make_train_step).
   """
+
   learning_rate: float = 4e-5
   warmup_steps: Optional[int] = None
   warmup_ratio: float = 0.03
@@ -57,13 +58,15 @@ class OptimizerConfig:
 
   def __post_init__(self):
     if self.schedule not in ('cosine', 'constant'):
-      raise ValueError(f"OptimizerConfig.schedule must be 'cosine' or 'constant', got "
-                       f'{self.schedule!r}')
+      raise ValueError(
+          f"OptimizerConfig.schedule must be 'cosine' or 'constant', got " f'{self.schedule!r}'
+      )
     if self.learning_rate < 0:
       raise ValueError(f'OptimizerConfig.learning_rate must be >= 0, got {self.learning_rate}')
     if self.grad_accum_steps < 1:
-      raise ValueError(f'OptimizerConfig.grad_accum_steps must be >= 1, got '
-                       f'{self.grad_accum_steps}')
+      raise ValueError(
+          f'OptimizerConfig.grad_accum_steps must be >= 1, got ' f'{self.grad_accum_steps}'
+      )
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -76,8 +79,9 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
   if config.schedule == 'constant':
     after = optax.constant_schedule(peak)
   else:
-    after = optax.cosine_decay_schedule(peak, max(1, total_steps - warmup),
-                                        alpha=config.end_learning_rate_ratio)
+    after = optax.cosine_decay_schedule(
+        peak, max(1, total_steps - warmup), alpha=config.end_learning_rate_ratio
+    )
   if warmup == 0:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
@@ -97,13 +101,13 @@ def _layer_names(params: Params) -> Dict[Tuple[str, ...], List[str]]:
   names = {}
   for key, value in flat.items():
     layout = layer_stacking.stacked_leaf_layout(params, key)
-    names[key] = ([path_of(key)] if layout is None else
-                  layer_stacking.looped_paths(key, *layout))
+    names[key] = [path_of(key)] if layout is None else layer_stacking.looped_paths(key, *layout)
   return names
 
 
-def trainable_mask(params: Params, trainable: Sequence[str] = ('.*',),
-                   frozen: Sequence[str] = ()) -> Params:
+def trainable_mask(
+    params: Params, trainable: Sequence[str] = ('.*',), frozen: Sequence[str] = ()
+) -> Params:
   """A tree of bools like `params`: True where a path matches `trainable` and not `frozen`.
 
   Patterns read looped paths (`decoder/layers_3/moe/router`) whatever the layout: a stacked
@@ -126,22 +130,26 @@ def trainable_mask(params: Params, trainable: Sequence[str] = ('.*',),
         raise ValueError(f'{kind} pattern {pattern!r} is not a regular expression: {e}') from e
       if not any(compiled.fullmatch(p) for key in flat for p in names[key] + [path_of(key)]):
         shown = sorted(p for ps in names.values() for p in ps)[:4]
-        raise ValueError(f'{kind} pattern {pattern!r} matches no parameter; paths look like '
-                         f'{shown}')
+        raise ValueError(
+            f'{kind} pattern {pattern!r} matches no parameter; paths look like ' f'{shown}'
+        )
 
   def selected(key, patterns):
     hits = [_matches(patterns, p) for p in names[key]]
     if len(hits) > 1 and any(hits) and not all(hits) and not _matches(patterns, path_of(key)):
       chosen = [p for p, hit in zip(names[key], hits) if hit]
-      raise ValueError(f'patterns {list(patterns)} select {chosen} but not the other layers '
-                       f'stacked with them in {path_of(key)} (scanned layers share one array); '
-                       'select all of them, or set DecoderConfig.scan_layers = False')
+      raise ValueError(
+          f'patterns {list(patterns)} select {chosen} but not the other layers '
+          f'stacked with them in {path_of(key)} (scanned layers share one array); '
+          'select all of them, or set DecoderConfig.scan_layers = False'
+      )
     return all(hits) or _matches(patterns, path_of(key))
 
   mask = {key: selected(key, trainable) and not selected(key, frozen) for key in flat}
   if not any(mask.values()):
-    raise ValueError(f'no parameter is trainable (trainable={list(trainable)}, '
-                     f'frozen={list(frozen)})')
+    raise ValueError(
+        f'no parameter is trainable (trainable={list(trainable)}, ' f'frozen={list(frozen)})'
+    )
   return traverse_util.unflatten_dict(mask)
 
 
@@ -174,12 +182,14 @@ def weight_decay_mask(params: Params, patterns: Sequence[str]) -> Params:
       out[k] = jnp.ndim(v) > 1 and _matches(patterns, path_of(k))
     else:
       out[k] = jnp.ndim(v) > 2 and all(
-          _matches(patterns, p) for p in layer_stacking.looped_paths(k, *layout))
+          _matches(patterns, p) for p in layer_stacking.looped_paths(k, *layout)
+      )
   return traverse_util.unflatten_dict(out)
 
 
-def make_optimizer(config: OptimizerConfig, total_steps: int
-                   ) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    config: OptimizerConfig, total_steps: int
+) -> Tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax transformation for the trainable params, and its learning-rate schedule.
 
   With `grad_accum_steps > 1` the training step itself accumulates micro-batch gradients
@@ -193,7 +203,10 @@ def make_optimizer(config: OptimizerConfig, total_steps: int
   parts.append(optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps))
   if config.weight_decay > 0:
     patterns = config.weight_decay_patterns
-    parts.append(optax.add_decayed_weights(
-        config.weight_decay, mask=lambda p: weight_decay_mask(p, patterns)))
+    parts.append(
+        optax.add_decayed_weights(
+            config.weight_decay, mask=lambda p: weight_decay_mask(p, patterns)
+        )
+    )
   parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*parts), schedule

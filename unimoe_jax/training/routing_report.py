@@ -46,8 +46,10 @@ def router_choices(intermediates: Mapping[str, Any], scan_period: int = 1) -> np
 
   walk(intermediates, ())
   if not found:
-    raise ValueError(f'no {SOWN_NAME} in the intermediates: the model has no MoE layer, or '
-                     "the forward pass was not run with mutable=['intermediates']")
+    raise ValueError(
+        f'no {SOWN_NAME} in the intermediates: the model has no MoE layer, or '
+        "the forward pass was not run with mutable=['intermediates']"
+    )
   return np.stack([found[i] for i in sorted(found)]).astype(np.int32)
 
 
@@ -63,8 +65,9 @@ def token_groups(batch: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
   return {'text': real & ~media, 'media': media}
 
 
-def count_choices(indices: np.ndarray, groups: Mapping[str, np.ndarray],
-                  num_experts: int) -> Dict[str, np.ndarray]:
+def count_choices(
+    indices: np.ndarray, groups: Mapping[str, np.ndarray], num_experts: int
+) -> Dict[str, np.ndarray]:
   """`indices [layers, batch, length, k]` -> `{group: counts [layers, experts]}`: how many of
   the group's tokens' choices went to each expert (a token counts once per choice)."""
   indices = np.asarray(indices)
@@ -75,8 +78,10 @@ def count_choices(indices: np.ndarray, groups: Mapping[str, np.ndarray],
   for name, mask in groups.items():
     mask = np.asarray(mask, bool)
     if mask.shape != indices.shape[1:3]:
-      raise ValueError(f'group {name!r}: mask shape {mask.shape} != indices\' [batch, length] '
-                       f'{indices.shape[1:3]}')
+      raise ValueError(
+          f"group {name!r}: mask shape {mask.shape} != indices' [batch, length] "
+          f'{indices.shape[1:3]}'
+      )
     chosen = indices[:, mask]  # [layers, tokens, k]
     counts = np.zeros((layers, num_experts), np.int64)
     for layer in range(layers):
@@ -107,8 +112,13 @@ def to_json(counts_by_task: Mapping[str, Mapping[str, np.ndarray]]) -> Dict[str,
   out = {}
   for task, counts in counts_by_task.items():
     fr = fractions(counts)
-    out[task] = {name: {'counts': np.asarray(value).tolist(),
-                        'fractions': [[None if np.isnan(x) else round(float(x), 6) for x in row]
-                                      for row in fr[name]]}
-                 for name, value in counts.items()}
+    out[task] = {
+        name: {
+            'counts': np.asarray(value).tolist(),
+            'fractions': [
+                [None if np.isnan(x) else round(float(x), 6) for x in row] for row in fr[name]
+            ],
+        }
+        for name, value in counts.items()
+    }
   return out

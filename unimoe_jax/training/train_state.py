@@ -26,22 +26,30 @@ Params = Dict[str, Any]
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array                  # int32 scalar: optimizer updates done (= batches consumed)
-  params: Params                   # every parameter, trainable or frozen
-  opt_state: optax.OptState        # for the trainable params only
+  step: jax.Array  # int32 scalar: optimizer updates done (= batches consumed)
+  params: Params  # every parameter, trainable or frozen
+  opt_state: optax.OptState  # for the trainable params only
 
 
 def abstract_params(model, input_shapes, input_types=None) -> Params:
   """ShapeDtypeStructs of the (boxed) params tree, without allocating anything."""
   variables = jax.eval_shape(
-      lambda: model.get_initial_variables(jax.random.PRNGKey(0), input_shapes, input_types))
+      lambda: model.get_initial_variables(jax.random.PRNGKey(0), input_shapes, input_types)
+  )
   return variables['params']
 
 
-def create_train_state(model, optimizer: optax.GradientTransformation, mask: Params,
-                       mesh, rng: jax.Array, input_shapes: Mapping[str, Tuple[int, ...]],
-                       input_types: Optional[Mapping[str, Any]] = None, *, abstract_only=False
-                       ) -> Tuple[Any, Any]:
+def create_train_state(
+    model,
+    optimizer: optax.GradientTransformation,
+    mask: Params,
+    mesh,
+    rng: jax.Array,
+    input_shapes: Mapping[str, Tuple[int, ...]],
+    input_types: Optional[Mapping[str, Any]] = None,
+    *,
+    abstract_only=False,
+) -> Tuple[Any, Any]:
   """(state, shardings): a sharded `TrainState`, or with `abstract_only` its ShapeDtypeStructs.
 
   Args:
@@ -50,6 +58,7 @@ def create_train_state(model, optimizer: optax.GradientTransformation, mask: Par
     mask: `optimizer.trainable_mask` over the params tree.
     mesh: from `partitioning.make_mesh`.
   """
+
   def init_params(rng):
     return model.get_initial_variables(rng, input_shapes, input_types)['params']
 
@@ -58,21 +67,26 @@ def create_train_state(model, optimizer: optax.GradientTransformation, mask: Par
 
   def init(rng):
     params = init_params(rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=init_opt_state(params))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=init_opt_state(params)
+    )
 
   abstract = jax.eval_shape(init, rng)
   shardings = partitioning.params_shardings(mesh, abstract)
   if abstract_only:
-    return jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        nn.meta.unbox(abstract), shardings), shardings
+    return (
+        jax.tree_util.tree_map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            nn.meta.unbox(abstract),
+            shardings,
+        ),
+        shardings,
+    )
   # Two programs, not one: the params' init depends only on the model, so runs that train
   # different parts of one model (the stages) share its compiled program through jax's
   # persistent cache; the optimizer's init (which depends on the mask) is a small program.
   with partitioning.mesh_context(mesh):
-    params = jax.jit(lambda r: nn.meta.unbox(init_params(r)),
-                     out_shardings=shardings.params)(rng)
+    params = jax.jit(lambda r: nn.meta.unbox(init_params(r)), out_shardings=shardings.params)(rng)
     opt_state = jax.jit(init_opt_state, out_shardings=shardings.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
   return TrainState(step=step, params=params, opt_state=opt_state), shardings
@@ -83,11 +97,17 @@ def _split_batch(batch: Mapping[str, jax.Array], parts: int) -> Dict[str, jax.Ar
     if x.shape[0] % parts:
       raise ValueError(f'batch size {x.shape[0]} is not divisible by grad_accum_steps={parts}')
     return x.reshape((parts, x.shape[0] // parts) + x.shape[1:])
+
   return {k: split(v) for k, v in batch.items()}
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation, mask: Params,
-                    schedule: Callable[[jax.Array], jax.Array], grad_accum_steps: int = 1):
+def make_train_step(
+    model,
+    optimizer: optax.GradientTransformation,
+    mask: Params,
+    schedule: Callable[[jax.Array], jax.Array],
+    grad_accum_steps: int = 1,
+):
   """`train_step(state, batch, rng) -> (state, metrics)`, to be jitted by the caller.
 
   Gradients are taken with respect to the trainable params only. With `grad_accum_steps > 1`
@@ -121,29 +141,37 @@ def make_train_step(model, optimizer: optax.GradientTransformation, mask: Params
         index, mb = inputs
         (_, m), g = grad_fn(trainable, mb, jax.random.fold_in(step_rng, index))
         acc_metrics = jax.tree_util.tree_map(
-            lambda a, b: a.merge(b), acc_metrics, m,
-            is_leaf=lambda x: isinstance(x, clu_metrics.Metric))
+            lambda a, b: a.merge(b),
+            acc_metrics,
+            m,
+            is_leaf=lambda x: isinstance(x, clu_metrics.Metric),
+        )
         return (jax.tree_util.tree_map(jnp.add, acc_grads, g), acc_metrics), None
 
       rest = jax.tree_util.tree_map(lambda x: x[1:], micro)
       (grads, metrics), _ = jax.lax.scan(
-          body, (grads, metrics), (jnp.arange(1, grad_accum_steps), rest))
+          body, (grads, metrics), (jnp.arange(1, grad_accum_steps), rest)
+      )
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics = dict(metrics)
     metrics['learning_rate'] = clu_metrics.Average.from_model_output(
-        jnp.asarray(schedule(state.step), jnp.float32))
+        jnp.asarray(schedule(state.step), jnp.float32)
+    )
     metrics['grad_norm'] = clu_metrics.Average.from_model_output(optax.global_norm(grads))
-    new_state = state.replace(step=state.step + 1,
-                              params=optimizer_lib.merge_params(trainable, frozen),
-                              opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optimizer_lib.merge_params(trainable, frozen),
+        opt_state=opt_state,
+    )
     return new_state, metrics
 
   return train_step
 
 
-def load_params_into(state: TrainState, shardings: TrainState, loaded: Params,
-                     source: str) -> Tuple[TrainState, Tuple[str, ...]]:
+def load_params_into(
+    state: TrainState, shardings: TrainState, loaded: Params, source: str
+) -> Tuple[TrainState, Tuple[str, ...]]:
   """Replaces params of `state` with those in `loaded` (numpy, nested dict), placed on shards.
 
   Parameters the checkpoint lacks keep their fresh initialisation (e.g. LoRA matrices and the
@@ -153,14 +181,18 @@ def load_params_into(state: TrainState, shardings: TrainState, loaded: Params,
   (`layer_stacking.py`); they are converted to the model's layout first.
   """
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
+
   loaded = layer_stacking.match_layout(loaded, state.params)
   current = traverse_util.flatten_dict(state.params)
   target_shardings = traverse_util.flatten_dict(shardings.params)
   new = traverse_util.flatten_dict(loaded)
   path = optimizer_lib.path_of
   unexpected = sorted(path(k) for k in new if k not in current)
-  wrong = sorted(f'{path(k)}: checkpoint {tuple(np.shape(v))} vs model {current[k].shape}'
-                 for k, v in new.items() if k in current and tuple(np.shape(v)) != current[k].shape)
+  wrong = sorted(
+      f'{path(k)}: checkpoint {tuple(np.shape(v))} vs model {current[k].shape}'
+      for k, v in new.items()
+      if k in current and tuple(np.shape(v)) != current[k].shape
+  )
   if unexpected or wrong:
     lines = [f'checkpoint {source} does not fit the model:']
     lines += [f'  unexpected parameter {p}' for p in unexpected]
@@ -169,6 +201,7 @@ def load_params_into(state: TrainState, shardings: TrainState, loaded: Params,
   missing = tuple(sorted(path(k) for k in current if k not in new))
   for key, value in new.items():
     value = np.asarray(value).astype(current[key].dtype)
-    current[key] = jax.make_array_from_callback(value.shape, target_shardings[key],
-                                                lambda index, v=value: v[index])
+    current[key] = jax.make_array_from_callback(
+        value.shape, target_shardings[key], lambda index, v=value: v[index]
+    )
   return state.replace(params=traverse_util.unflatten_dict(current)), missing
