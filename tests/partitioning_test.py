@@ -122,3 +122,44 @@ def test_expert_parallel_axes_see_a_legacy_with_mesh_block():
     assert axes is not None and axes.expert == 'expert'
     assert dict(axes.mesh.shape) == {'data': 2, 'expert': 4, 'model': 1}
     assert axes.batch == ('data', 'expert')
+
+
+def test_rule_overrides_from_gin_replace_in_place_and_reach_the_shardings():
+  import gin  # pylint: disable=g-import-not-at-top
+
+  rules = partitioning.LOGICAL_AXIS_RULES
+  names = [n for n, _ in rules]
+  # Replaced where the rule stood (flax reads the rules in order); a new name is appended.
+  out = partitioning.override_rules(rules, [('mlp', None), ('new_axis', ['data', 'expert'])])
+  assert [n for n, _ in out] == names + ['new_axis']
+  assert dict(out)['mlp'] is None and out[-1] == ('new_axis', ('data', 'expert'))
+  # Every rule of the name goes: the FSDP table has two 'embed' rules, one is left.
+  fsdp = partitioning.override_rules(partitioning.FSDP_LOGICAL_AXIS_RULES, [('embed', 'data')])
+  assert [t for n, t in fsdp if n == 'embed'] == ['data']
+  with pytest.raises(ValueError, match=r"'mlp' -> 'tensor' names mesh axes \['tensor'\]"):
+    partitioning.override_rules(rules, [('mlp', 'tensor')])
+  with pytest.raises(ValueError, match='overrides:.*is not a pair'):
+    partitioning.override_rules(rules, [('mlp',)])
+
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=4, model=2))
+  abstract = jax.eval_shape(
+      Decoder(config_lib.named('tiny')).init,
+      jax.random.PRNGKey(0),
+      jnp.zeros((1, 4), jnp.int32),
+  )
+  kernel = abstract['params']['layers_0']['mlp']['wi_0']['kernel']
+  assert kernel.names == ('embed', 'mlp')
+
+  def spec():
+    return partitioning.params_shardings(mesh, abstract)['params']['layers_0']['mlp']['wi_0'][
+        'kernel'
+    ].spec
+
+  assert tuple(spec()) == (None, 'model')
+  gin.clear_config()
+  try:
+    gin.parse_config("partitioning.logical_axis_rules.overrides = [('mlp', None)]")
+    assert tuple(spec()) in ((), (None, None))  # The MLP no longer split over 'model'.
+  finally:
+    gin.clear_config()
+  assert tuple(spec()) == (None, 'model')

@@ -9,7 +9,8 @@ Every parameter and key activation in the model carries *logical* axis names ('e
 
 and builds the mesh. Nothing else in the code base names a mesh axis.
 
-Two rule sets, chosen by the gin switch `partitioning.logical_axis_rules.fsdp`:
+Two rule sets, chosen by the gin switch `partitioning.logical_axis_rules.fsdp`, and any rule
+replaced from gin with `partitioning.logical_axis_rules.overrides`:
 
 - `LOGICAL_AXIS_RULES` (fsdp=False, the default): parameters are split on `expert` (expert
   weights) and `model` (heads, mlp, vocab) only, and replicated over `data`.
@@ -111,12 +112,49 @@ def _fsdp_rules(rules: Rules) -> Rules:
 FSDP_LOGICAL_AXIS_RULES: Rules = _fsdp_rules(LOGICAL_AXIS_RULES)
 
 
+def override_rules(rules: Rules, overrides: Sequence[Tuple[str, Any]]) -> Rules:
+  """`rules` with each (logical axis, mesh axes) of `overrides` replacing every rule of that
+  logical axis, at the place of its first one (flax reads the rules in order), or appended
+  when `rules` has none. Mesh axes: None, one of MESH_AXES, or a sequence of them."""
+  out = list(rules)
+  for entry in overrides:
+    if len(entry) != 2 or not isinstance(entry[0], str):
+      raise ValueError(
+          f'partitioning.logical_axis_rules.overrides: {entry!r} is not a pair '
+          "(logical axis name, mesh axes), e.g. ('activation_length', 'model')"
+      )
+    name, target = entry
+    if isinstance(target, (list, tuple)):
+      target = tuple(target)
+    unknown = [
+        a
+        for a in (target if isinstance(target, tuple) else (target,))
+        if a is not None and a not in MESH_AXES
+    ]
+    if unknown:
+      raise ValueError(
+          f'partitioning.logical_axis_rules.overrides: {name!r} -> {target!r} names mesh '
+          f'axes {unknown} that are not among {MESH_AXES}'
+      )
+    places = [i for i, (rule_name, _) in enumerate(out) if rule_name == name]
+    if places:
+      out[places[0]] = (name, target)
+      out = [rule for i, rule in enumerate(out) if i not in places[1:]]
+    else:
+      out.append((name, target))
+  return tuple(out)
+
+
 @gin.configurable
-def logical_axis_rules(fsdp: bool = False) -> Rules:
+def logical_axis_rules(fsdp: bool = False, overrides: Sequence[Tuple[str, Any]] = ()) -> Rules:
   """The logical-to-mesh axis rules in force: `FSDP_LOGICAL_AXIS_RULES` with `fsdp`, else
-  `LOGICAL_AXIS_RULES`. Bind `partitioning.logical_axis_rules.fsdp = True` in gin (the 7B
-  model files do) to shard parameters and optimizer state over the batch axes."""
-  return FSDP_LOGICAL_AXIS_RULES if fsdp else LOGICAL_AXIS_RULES
+  `LOGICAL_AXIS_RULES`, then `overrides` (`override_rules`). Bind
+  `partitioning.logical_axis_rules.fsdp = True` in gin (the 7B model files do) to shard
+  parameters and optimizer state over the batch axes, and for example
+  `partitioning.logical_axis_rules.overrides = [('activation_length', 'model')]` to change one
+  rule without copying the table."""
+  rules = FSDP_LOGICAL_AXIS_RULES if fsdp else LOGICAL_AXIS_RULES
+  return override_rules(rules, overrides) if overrides else rules
 
 
 def _rules(rules: Optional[Rules]) -> Rules:

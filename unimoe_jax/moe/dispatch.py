@@ -33,6 +33,22 @@ from unimoe_jax.moe import grouped_ffn
 from unimoe_jax.moe import grouped_matmul as gmm_lib
 from unimoe_jax.moe import routing
 
+# The logical axes of the expert weights (the `experts` dict above), by matrix and leaf: the
+# one table that the parameters (moe/layer.py ExpertWeights) and the expert-parallel
+# shard_map's PartitionSpecs (moe/expert_parallel.py) both read.
+EXPERT_MATRIX_AXES = {'wi_0': ('embed', 'mlp'), 'wi_1': ('embed', 'mlp'), 'wo': ('mlp', 'embed')}
+
+
+def expert_leaf_axes(in_axis: str, out_axis: str) -> Dict[str, Tuple[str, str, str]]:
+  """{'kernel' | 'lora_a' | 'lora_b': logical axes} of one stacked matrix `[expert, in, out]`
+  with its per-expert adapters `[expert, in, rank]` and `[expert, rank, out]`."""
+  return {
+      'kernel': ('expert', in_axis, out_axis),
+      'lora_a': ('expert', in_axis, 'lora_rank'),
+      'lora_b': ('expert', 'lora_rank', out_axis),
+  }
+
+
 Matmul = Callable[[jax.Array, jax.Array], jax.Array]
 
 

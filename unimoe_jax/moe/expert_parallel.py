@@ -29,14 +29,16 @@ from unimoe_jax.partitioning import ExpertParallelAxes
 
 
 def _expert_specs(experts, axes: ExpertParallelAxes):
-  """PartitionSpecs matching the logical axes that `moe/layer.py` gives expert weights."""
-  e, m = axes.expert, axes.model
-  specs = {
-      'wi_0': {'kernel': P(e, None, m), 'lora_a': P(e, None, None), 'lora_b': P(e, None, m)},
-      'wi_1': {'kernel': P(e, None, m), 'lora_a': P(e, None, None), 'lora_b': P(e, None, m)},
-      'wo': {'kernel': P(e, m, None), 'lora_a': P(e, m, None), 'lora_b': P(e, None, None)},
-  }
-  return {name: {leaf: specs[name][leaf] for leaf in params} for name, params in experts.items()}
+  """PartitionSpecs of the expert weights inside the shard_map, from their logical axes
+  (`dispatch.EXPERT_MATRIX_AXES`): 'expert' on the expert mesh axis, 'mlp' on the model axis
+  when it is split, every other axis whole (under FSDP the weights' 'embed' data shards are
+  gathered on entry: each device runs its experts on all of its gathered tokens)."""
+  mesh_axis = {'expert': axes.expert, 'mlp': axes.model}
+  specs = {}
+  for name, params in experts.items():
+    leaf_axes = dispatch_lib.expert_leaf_axes(*dispatch_lib.EXPERT_MATRIX_AXES[name])
+    specs[name] = {leaf: P(*(mesh_axis.get(axis) for axis in leaf_axes[leaf])) for leaf in params}
+  return specs
 
 
 def dropless(

@@ -33,10 +33,10 @@ class ExpertWeights(nn.Module):
   @nn.compact
   def __call__(self) -> Dict[str, jax.Array]:
     e, i, o = self.num_experts, self.in_dim, self.out_dim
-    in_axis, out_axis = self.axes
+    leaf_axes = dispatch_lib.expert_leaf_axes(*self.axes)
     kernel = self.param(
         'kernel',
-        nn.with_logical_partitioning(default_kernel_init(1), ('expert', in_axis, out_axis)),
+        nn.with_logical_partitioning(default_kernel_init(1), leaf_axes['kernel']),
         (e, i, o),
         self.param_dtype,
     )
@@ -45,15 +45,13 @@ class ExpertWeights(nn.Module):
       # One adapter per expert: fan-in `in` (not expert x in), U(+-1/sqrt(in)) as PEFT/loralib.
       a = self.param(
           'lora_a',
-          nn.with_logical_partitioning(
-              lora_a_init(1, batch_dims=1), ('expert', in_axis, 'lora_rank')
-          ),
+          nn.with_logical_partitioning(lora_a_init(1, batch_dims=1), leaf_axes['lora_a']),
           (e, i, self.lora.rank),
           self.param_dtype,
       )
       b = self.param(
           'lora_b',
-          nn.with_logical_partitioning(nn.initializers.zeros, ('expert', 'lora_rank', out_axis)),
+          nn.with_logical_partitioning(nn.initializers.zeros, leaf_axes['lora_b']),
           (e, self.lora.rank, o),
           self.param_dtype,
       )
@@ -134,22 +132,19 @@ class MoEFeedForward(nn.Module):
     self.sow('intermediates', 'router_indices', indices.reshape(b, l, -1))
 
     lora = self.lora
+    sizes = {'embed': d, 'mlp': self.mlp_dim}
     experts = {
         name: ExpertWeights(
             cfg.num_experts,
-            i,
-            o,
+            sizes[axes[0]],
+            sizes[axes[1]],
             axes,
             lora=lora,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,
         )()
-        for name, i, o, axes in (
-            ('wi_0', d, self.mlp_dim, ('embed', 'mlp')),
-            ('wi_1', d, self.mlp_dim, ('embed', 'mlp')),
-            ('wo', self.mlp_dim, d, ('mlp', 'embed')),
-        )
+        for name, axes in dispatch_lib.EXPERT_MATRIX_AXES.items()
     }
     options = {}
     if lora is not None:
