@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from unimoe_jax import checkpoint
+from unimoe_jax import checkpoints
 from unimoe_jax import config
 from unimoe_jax.convert import experts as experts_lib
 from unimoe_jax.decoder import Decoder
@@ -65,8 +65,8 @@ def test_missing_or_misshapen_ffn_is_named():
 
 def test_tool_writes_a_checkpoint(tmp_path):
   base, e0 = _params(0), _params(1)
-  checkpoint.save(str(tmp_path / 'base'), base, '# base\n')
-  checkpoint.save(str(tmp_path / 'e0'), e0, '# e0\n')
+  checkpoints.save(str(tmp_path / 'base'), base, '# base\n')
+  checkpoints.save(str(tmp_path / 'e0'), e0, '# e0\n')
   subprocess.run(
       [
           sys.executable,
@@ -84,7 +84,7 @@ def test_tool_writes_a_checkpoint(tmp_path):
       capture_output=True,
       env=dict(os.environ, JAX_PLATFORMS='cpu'),
   )
-  params, gin_text = checkpoint.restore(str(tmp_path / 'out'))
+  params, gin_text = checkpoints.restore(str(tmp_path / 'out'))
   got = params['decoder']['layers_1']['moe']['wo']['kernel']
   assert got.shape[0] == 2
   np.testing.assert_array_equal(got[0], e0['decoder']['layers_1']['mlp']['wo']['kernel'])
@@ -123,7 +123,7 @@ def test_official_8e_expert_set_on_even_layers(tmp_path):
           ),
       )
   }
-  checkpoint.save(str(tmp_path / 'base'), base, '# base\n')
+  checkpoints.save(str(tmp_path / 'base'), base, '# base\n')
   rng = np.random.default_rng(0)
   files = {}
   (tmp_path / 'experts').mkdir()
@@ -156,7 +156,7 @@ def test_official_8e_expert_set_on_even_layers(tmp_path):
       )
       == 0
   )
-  params, gin_text = checkpoint.restore(out)
+  params, gin_text = checkpoints.restore(out)
   assert 'MoE model of 8 experts' in gin_text and "'even'" in gin_text
   moe_cfg = config.named('tiny', num_layers=4, moe=config.MoEConfig(num_experts=8, layers=(0, 2)))
   want = nn.meta.unbox(

@@ -23,7 +23,7 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
 )
 import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax import checkpoint, model, score  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax import checkpoints, model, score  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.convert import clip as convert_clip  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.convert import whisper as convert_whisper  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.model import UniMoE  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -126,7 +126,7 @@ def test_hf_directory_scores_like_transformers(
   )
   summary = json.loads(capsys.readouterr().out.splitlines()[-1])
   assert summary['peak_rss_mib'] > 0 and summary['tokenizer_copied']
-  stored, gin_text = checkpoint.restore(out)
+  stored, gin_text = checkpoints.restore(out)
   assert ('stacked_layers' in stored['decoder']) == scan
   assert ('layers_0' in stored['decoder']) == (not scan)
   assert ('scan_layers = True' in gin_text) == scan
@@ -270,7 +270,7 @@ def test_official_layout_merged_and_kept_lora(tmp_path, capsys, tokenizer_path):
       )
       == 0
   )
-  params, gin_text = checkpoint.restore(kept_out)
+  params, gin_text = checkpoints.restore(kept_out)
   assert 'config.LoRAConfig' in gin_text and 'config.MoEConfig' in gin_text
   assert params['decoder']['layers_0']['moe']['wi_0']['lora_a'].shape == (4, 64, RANK)
   assert params['vision_projector']['linear_0']['kernel'].shape == (24, 64)
@@ -562,9 +562,9 @@ def test_official_speech_towers_map_match_transformers_and_run(
   )
   summary = json.loads(capsys.readouterr().out.splitlines()[-1])
   assert summary['modalities'] == ['image', 'video', 'speech']
-  raw, gin_text = checkpoint.restore(out)
+  raw, gin_text = checkpoints.restore(out)
   assert 'MODEL_CONFIG' in gin_text and 'whisper.WhisperEncoderConfig' in gin_text
-  cfg, params = score.restore_model(out)
+  cfg, params = checkpoints.restore_model(out)
   assert cfg.vision.num_used_layers == 1 and cfg.num_soft_tokens('image') == 4
   assert cfg.num_soft_tokens('speech') == NUM_QUERY and cfg.speech_projector == 'linear'
   assert cfg.audio_encoder is None and cfg.vision_projector == 'mlp2x_gelu'
@@ -654,9 +654,9 @@ def test_official_audio_towers_beats_qformer(tmp_path, capsys, tokenizer_path, t
       )
       == 0
   )
-  raw, gin_text = checkpoint.restore(out)
+  raw, gin_text = checkpoints.restore(out)
   assert 'beats.BEATsConfig' in gin_text and 'qformer.QFormerConfig' in gin_text
-  cfg, params = score.restore_model(out)
+  cfg, params = checkpoints.restore_model(out)
   assert cfg.modalities == ('image', 'video', 'audio') and cfg.audio_projector == 'mlp2x_gelu'
   assert cfg.audio_qformer.num_layers == 2 and cfg.audio_qformer.num_heads == 12
   np.testing.assert_array_equal(
@@ -710,8 +710,8 @@ def test_official_towers_read_from_tower_directories(tmp_path, tokenizer_path, t
       )
       == 0
   )
-  raw, _ = checkpoint.restore(out)
-  cfg, _ = score.restore_model(out)
+  raw, _ = checkpoints.restore(out)
+  cfg, _ = checkpoints.restore_model(out)
   want_vision = convert_clip.params_from_hf(state_dict_numpy(towers.clip), cfg.vision, prefix='')
   want_speech = convert_whisper.encoder_params_from_hf(
       state_dict_numpy(towers.whisper), cfg.speech_encoder

@@ -16,7 +16,7 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
 )
 import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax import score  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax import checkpoints
 from unimoe_jax.convert import llava  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.model import UniMoE  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -115,7 +115,7 @@ def test_converted_llava_logits_match_transformers(tmp_path, capsys, converted):
   )
   summary = json.loads(capsys.readouterr().out.splitlines()[-1])
   assert summary['modalities'] == ['image', 'video']
-  cfg, params = score.restore_model(out)
+  cfg, params = checkpoints.restore_model(out)
   assert cfg.vision.select_feature == 'patch' and cfg.vision.num_used_layers == 2
   assert cfg.num_soft_tokens('image') == 16 and cfg.image_token_id == -200
   hf_config = model.config.to_dict()

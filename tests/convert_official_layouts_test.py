@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimoe_jax import checkpoint, score
+from unimoe_jax import checkpoints
 from unimoe_jax.decoder import Decoder
 from unimoe_jax.moe import routing
 
@@ -389,7 +389,7 @@ def convert(m, root, merge, capsys, extra=()):
 
 
 def _ours(out, sampling=None, rngs=None):
-  cfg, params = score.restore_model(out)
+  cfg, params = checkpoints.restore_model(out)
   dec = cfg.decoder
   if sampling is not None:
     import dataclasses  # pylint: disable=g-import-not-at-top
@@ -422,7 +422,7 @@ def test_4e_layouts_match_official(tmp_path, capsys, variant, merge):
 def test_8e_deepspeed_layout_matches_official(tmp_path, capsys, merge):
   m = Model('8e')
   out, summary = convert(m, tmp_path, merge, capsys)
-  raw, gin_text = checkpoint.restore(out)
+  raw, gin_text = checkpoints.restore(out)
   assert summary['moe_layers'] == [0, 2]
   for text in (
       'second_expert_sampling = True',
@@ -475,7 +475,7 @@ def test_8e_scanned_layout(tmp_path, capsys):
   """--scan_layers: MoE on every other layer scans in blocks of 2; same logits."""
   m = Model('8e', seed=1)
   out, _ = convert(m, tmp_path, True, capsys, extra=['--scan_layers'])
-  raw, gin_text = checkpoint.restore(out)
+  raw, gin_text = checkpoints.restore(out)
   assert 'stacked_layers' in raw['decoder'] and 'scan_layers = True' in gin_text
   ours, dec = _ours(out, sampling=False)
   assert dec.scan_period() == 2

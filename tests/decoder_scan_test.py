@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimoe_jax import checkpoint
+from unimoe_jax import checkpoints
 from unimoe_jax import decoding
 from unimoe_jax import layer_stacking
 from unimoe_jax.config import LoRAConfig, MoEConfig, named
@@ -240,8 +240,8 @@ def test_checkpoint_in_either_layout_restores_into_either_model(tmp_path):
   for name, tree in written.items():
     # Without the LoRA matrices (a stage-2 checkpoint): they keep their initialisation.
     path = str(tmp_path / name)
-    checkpoint.save(path, {'decoder': _drop_lora(tree)}, '')
-    loaded, _ = checkpoint.restore(path)
+    checkpoints.save(path, {'decoder': _drop_lora(tree)}, '')
+    loaded, _ = checkpoints.restore(path)
     for cfg in (looped_cfg, scanned_cfg):
       model_params = models[id(cfg)]
       shardings = jax.tree_util.tree_map(

@@ -20,7 +20,7 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
 )
 import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax import checkpoint, layer_stacking  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax import checkpoints, layer_stacking  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.config import LoRAConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.convert import export_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.convert import hf as convert_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -138,7 +138,7 @@ def _lora_checkpoint(tmp_path, kind, targets, scan=False):
     cfg = dataclasses.replace(cfg, scan_layers=True)
     params = layer_stacking.to_config_layout(params, cfg)
   directory = str(tmp_path / f'ours_{kind}')
-  checkpoint.save(directory, {'decoder': params}, convert_checkpoint.gin_config_text(cfg, 'test'))
+  checkpoints.save(directory, {'decoder': params}, convert_checkpoint.gin_config_text(cfg, 'test'))
   return directory, cfg, np.asarray(ours)
 
 
@@ -243,7 +243,7 @@ def test_training_run_directory_is_accepted(tmp_path, capsys):
       )
       == 0
   )
-  params, gin_text = checkpoint.restore(ours)
+  params, gin_text = checkpoints.restore(ours)
   run = tmp_path / 'run'
   for step in (2, 4):
     ocp.PyTreeCheckpointer().save(

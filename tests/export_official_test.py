@@ -25,7 +25,7 @@ from convert_checkpoint_test import (
     convert_checkpoint,
 )
 from convert_checkpoint_test import tokenizer_path, towers  # noqa: F401  (pytest fixtures)
-from unimoe_jax import score
+from unimoe_jax import checkpoints
 from unimoe_jax.convert import beats as convert_beats
 from unimoe_jax.convert import clip as convert_clip
 from unimoe_jax.convert import export_official
@@ -111,7 +111,7 @@ def test_towers_and_connectors_export_in_the_official_layout(
   import torch  # pylint: disable=g-import-not-at-top
 
   official, ours, exported, summary, log = _export(tmp_path, capsys, tokenizer_path, towers, kind)
-  config, params = score.restore_model(ours)
+  config, params = checkpoints.restore_model(ours)
   audio_file = export_official.SPEECH_TOWER_DIR if kind == 'speech' else export_official.BEATS_FILE
   assert sorted(summary['files']) == sorted(
       [

@@ -17,7 +17,7 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
 )
 import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax import checkpoint, generate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax import checkpoints, generate  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.data import conversation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.media.errors import MediaError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -107,11 +107,11 @@ def save_multimodal_checkpoint(directory, tokenizer):
   params = jax.tree_util.tree_unflatten(
       tree, [(0.15 * rng.randn(*x.shape)).astype(np.float32) for x in leaves]
   )
-  path = checkpoint.save(
+  path = checkpoints.save(
       str(directory),
       params,
       llava.model_gin_text(cfg, 'test'),
-      {checkpoint.TOKENIZER_FILE: tokenizer},
+      {checkpoints.TOKENIZER_FILE: tokenizer},
   )
   return path, cfg, params
 

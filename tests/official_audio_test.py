@@ -372,7 +372,7 @@ def test_converted_official_checkpoint_config_says_official(tmp_path):
   """official_towers gives a BEATs model audio_padding='official', and the config.gin a
   conversion writes gives it back: no flag is needed."""
   torch = pytest.importorskip('torch')
-  from unimoe_jax import score  # pylint: disable=g-import-not-at-top
+  from unimoe_jax import checkpoints
   from unimoe_jax.convert import llava  # pylint: disable=g-import-not-at-top
 
   w = official_weights()
@@ -389,6 +389,6 @@ def test_converted_official_checkpoint_config_says_official(tmp_path):
   cfg = UniMoEConfig(decoder=named('tiny'), **fields)
   text = llava.model_gin_text(cfg, 'unimoe')
   assert "audio_padding = 'official'" in text
-  assert score.model_config_from_gin(text).audio_padding == 'official'
+  assert checkpoints.model_config_from_gin(text).audio_padding == 'official'
   masked = llava.model_gin_text(dataclasses.replace(cfg, audio_padding='masked'), 'unimoe')
-  assert score.model_config_from_gin(masked).audio_padding == 'masked'
+  assert checkpoints.model_config_from_gin(masked).audio_padding == 'masked'

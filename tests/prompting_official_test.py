@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimoe_jax import checkpoint
+from unimoe_jax import checkpoints
 from unimoe_jax import prompting
 from unimoe_jax import score
 from unimoe_jax.config import DecoderConfig
@@ -225,11 +225,11 @@ def test_score_reads_every_audio_chunk(tmp_path, tokenizer_path):
   params = jax.tree_util.tree_unflatten(
       tree, [(0.3 * rng.randn(*x.shape)).astype(np.float32) for x in leaves]
   )
-  path = checkpoint.save(
+  path = checkpoints.save(
       str(tmp_path / 'ckpt'),
       params,
       llava.model_gin_text(cfg, 'test'),
-      {checkpoint.TOKENIZER_FILE: tokenizer_path},
+      {checkpoints.TOKENIZER_FILE: tokenizer_path},
   )
   wave = 0.3 * np.random.default_rng(6).standard_normal(40 * 16000).astype(np.float32)
   sf.write(str(tmp_path / 'a.wav'), wave, 16000, subtype='FLOAT')

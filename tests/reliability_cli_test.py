@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from generate_test import make_tokenizer
-from unimoe_jax import checkpoint, decoding, generate, score
+from unimoe_jax import checkpoints, decoding, generate, score
 
 _MODEL_GIN = """from unimoe_jax import config
 DECODER_CONFIG = @config.DecoderConfig()
@@ -60,7 +60,7 @@ def setup(tmp_path_factory):
 
   root = tmp_path_factory.mktemp('reliability_cli')
   tokenizer = make_tokenizer(root)
-  cfg = score.decoder_config_from_gin(_MODEL_GIN)
+  cfg = checkpoints.decoder_config_from_gin(_MODEL_GIN)
   shapes = nn.meta.unbox(
       jax.eval_shape(
           lambda: Decoder(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))['params']
@@ -71,8 +71,8 @@ def setup(tmp_path_factory):
   params = jax.tree_util.tree_unflatten(
       tree, [(0.2 * rng.randn(*x.shape)).astype(np.float32) for x in leaves]
   )
-  converted = checkpoint.save(
-      str(root / 'converted'), params, _MODEL_GIN, {checkpoint.TOKENIZER_FILE: tokenizer}
+  converted = checkpoints.save(
+      str(root / 'converted'), params, _MODEL_GIN, {checkpoints.TOKENIZER_FILE: tokenizer}
   )
   run = root / 'run'
   os.makedirs(run / 'checkpoints')
@@ -176,8 +176,8 @@ def test_a_prompt_longer_than_max_length_fails_before_params_are_read(setup, mon
   def no_restore(*args, **kwargs):
     raise AssertionError('params read before the length check')
 
-  monkeypatch.setattr(score, 'restore_model', no_restore)
-  monkeypatch.setattr(score, 'read_checkpoint', no_restore)
+  monkeypatch.setattr(checkpoints, 'restore_model', no_restore)
+  monkeypatch.setattr(checkpoints, 'read_checkpoint', no_restore)
   question = ' '.join(['the cat sat on the mat'] * 10)
   with pytest.raises(ValueError, match=r'the prompt is \d+ tokens .* more than --max_length=40'):
     generate.answer(converted, question, max_decode_steps=8, max_length=40)
@@ -193,10 +193,10 @@ def test_a_training_run_directory_answers_and_scores_as_its_export(setup):
   got = generate.answer(run, 'what did the cat see', max_decode_steps=5)
   assert got.tokens == want.tokens and got.prompt_ids == want.prompt_ids
   np.testing.assert_allclose(got.score, want.score, rtol=1e-5)
-  want_params, want_gin = score.read_checkpoint(run)
+  want_params, want_gin = checkpoints.read_checkpoint(run)
   for path in (os.path.join(run, 'checkpoints'), os.path.join(run, 'checkpoints', '3')):
-    assert score.locate_checkpoint(path)[1] == 3
-    params, gin_text = score.read_checkpoint(path)
+    assert checkpoints.locate_checkpoint(path)[1] == 3
+    params, gin_text = checkpoints.read_checkpoint(path)
     assert gin_text == want_gin
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, want_params)
   want_scores = score.score_text(converted, 'the dog sat on the mat')
@@ -243,8 +243,8 @@ def test_a_saved_checkpoint_is_readable_by_others_as_the_umask_allows(tmp_path):
   """Issue 21: converted checkpoints were created 0700 (the private staging directory)."""
   umask = os.umask(0o022)
   try:
-    path = checkpoint.save(str(tmp_path / 'converted'), {'w': np.ones(2, np.float32)}, '')
+    path = checkpoints.save(str(tmp_path / 'converted'), {'w': np.ones(2, np.float32)}, '')
   finally:
     os.umask(umask)
   assert os.stat(path).st_mode & 0o777 == 0o755
-  assert os.stat(os.path.join(path, checkpoint.PARAMS_DIR)).st_mode & 0o777 == 0o755
+  assert os.stat(os.path.join(path, checkpoints.PARAMS_DIR)).st_mode & 0o777 == 0o755

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from generate_test import make_tokenizer, save_multimodal_checkpoint, write_png
+from unimoe_jax import checkpoints
 from unimoe_jax import score
 from unimoe_jax.media import image as image_lib
 from unimoe_jax.media.errors import MediaError
@@ -81,15 +82,15 @@ def test_scoring_dtype_carries_a_model_dtype_router_along():
   """The official 4-expert gate runs in the model dtype (converted: router_dtype = dtype);
   scoring in float32 must route in float32 too. A router pinned to float32 stays float32."""
   from unimoe_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from unimoe_jax import score as score_lib  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
 
   follows = config_lib.named(
       'tiny', dtype='bfloat16', moe=config_lib.MoEConfig(router_dtype='bfloat16')
   )
-  assert score_lib.decoder_with_dtype(follows, 'float32').moe.router_dtype == 'float32'
+  assert checkpoints.decoder_with_dtype(follows, 'float32').moe.router_dtype == 'float32'
   pinned = config_lib.named(
       'tiny', dtype='bfloat16', moe=config_lib.MoEConfig(router_dtype='float32')
   )
-  assert score_lib.decoder_with_dtype(pinned, 'bfloat16').moe.router_dtype == 'float32'
-  model_cfg = score_lib.with_dtype(score_lib.UniMoEConfig(decoder=follows), 'float32')
+  assert checkpoints.decoder_with_dtype(pinned, 'bfloat16').moe.router_dtype == 'float32'
+  model_cfg = checkpoints.with_dtype(UniMoEConfig(decoder=follows), 'float32')
   assert (model_cfg.decoder.dtype, model_cfg.decoder.moe.router_dtype) == ('float32', 'float32')

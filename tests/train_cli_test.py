@@ -28,17 +28,17 @@ STEPS = 5
 _FAULTY_TRAIN = """
 import os, signal, sys
 from unimoe_jax import train
-from unimoe_jax.training import checkpoints, loop
+from unimoe_jax.training import loop, state_checkpoints
 mode, at = sys.argv[1], int(sys.argv[2])
 if mode == 'kill_during_save':
-  save_input = checkpoints.InputIteratorHandler.save
+  save_input = state_checkpoints.InputIteratorHandler.save
   def save(self, directory, args):
     save_input(self, directory, args)
     step_dir = os.path.basename(os.path.dirname(os.fspath(directory)))
     if step_dir.startswith(f'{at}.orbax-checkpoint-tmp'):
       print('killing during the save of', step_dir, file=sys.stderr, flush=True)
       os.kill(os.getpid(), signal.SIGKILL)
-  checkpoints.InputIteratorHandler.save = save
+  state_checkpoints.InputIteratorHandler.save = save
 elif mode == 'sigterm_after_step':
   make_writer = loop._writer
   def writer(model_dir):
@@ -98,7 +98,7 @@ def _steps(model_dir):
 
 
 def _params(model_dir):
-  from unimoe_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+  from unimoe_jax import checkpoints  # pylint: disable=g-import-not-at-top
 
   params, gin_text = checkpoints.read_params(model_dir)
   assert gin_text and 'unimoe_test_lm' in gin_text

@@ -1,7 +1,7 @@
 """Checkpoints that do not survive: unreadable steps are skipped, another model is named.
 
 In-process, on a small TrainState (two parameters and their Adam moments) saved by
-`checkpoints.CheckpointManager`; the end-to-end fault test (SIGKILL during a save, SIGTERM,
+`state_checkpoints.CheckpointManager`; the end-to-end fault test (SIGKILL during a save, SIGTERM,
 a truncated step, then resume with equal losses) is in train_cli_test.py.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from unimoe_jax.training import checkpoints
+from unimoe_jax.training import state_checkpoints
 from unimoe_jax.training.train_state import TrainState
 
 
@@ -41,7 +41,7 @@ def _abstract(state):
 @pytest.fixture
 def model_dir(tmp_path):
   """Steps 1 and 2 (params scaled by the step), saved asynchronously as in training."""
-  manager = checkpoints.CheckpointManager(str(tmp_path))
+  manager = state_checkpoints.CheckpointManager(str(tmp_path))
   for step in (1, 2):
     manager.save(step, _state(_params(step)), force=True)
   manager.wait()
@@ -71,7 +71,7 @@ CORRUPTIONS = {
 def test_unreadable_latest_step_falls_back_and_is_set_aside(model_dir, corruption, caplog):
   step_dir = os.path.join(model_dir, 'checkpoints', '2')
   CORRUPTIONS[corruption](step_dir)
-  manager = checkpoints.CheckpointManager(model_dir)
+  manager = state_checkpoints.CheckpointManager(model_dir)
   assert manager.latest_step() == 2  # orbax alone would pick the broken step.
   with caplog.at_level(logging.WARNING):
     step, state = manager.restore_latest(_abstract(_state(_params())))
@@ -81,7 +81,7 @@ def test_unreadable_latest_step_falls_back_and_is_set_aside(model_dir, corruptio
   assert f'Checkpoint {step_dir} is unreadable' in log, log
   assert 'Resuming from step 1, the newest readable checkpoint; skipped step 2' in log, log
   # Kept, out of orbax's sight, so step 2 can be written again.
-  aside = os.path.join(model_dir, checkpoints.UNREADABLE_DIR, '2')
+  aside = os.path.join(model_dir, state_checkpoints.UNREADABLE_DIR, '2')
   assert os.path.isdir(aside) and not os.path.exists(step_dir)
   assert manager.all_steps() == [1]
   manager.save(2, _state(_params(7.0)), force=True)
@@ -94,23 +94,23 @@ def test_unreadable_latest_step_falls_back_and_is_set_aside(model_dir, corruptio
 def test_no_readable_step_is_an_error_listing_each(model_dir):
   for step in ('1', '2'):
     os.remove(os.path.join(model_dir, 'checkpoints', step, 'state', '_METADATA'))
-  manager = checkpoints.CheckpointManager(model_dir)
-  with pytest.raises(checkpoints.CheckpointUnreadableError) as error:
+  manager = state_checkpoints.CheckpointManager(model_dir)
+  with pytest.raises(state_checkpoints.CheckpointUnreadableError) as error:
     manager.restore_latest(_abstract(_state(_params())))
   message = str(error.value)
   for step in ('1', '2'):
     assert os.path.join(model_dir, 'checkpoints', step) + ':' in message, message
   assert 'Move the directory aside' in message
-  assert not os.path.exists(os.path.join(model_dir, checkpoints.UNREADABLE_DIR))
+  assert not os.path.exists(os.path.join(model_dir, state_checkpoints.UNREADABLE_DIR))
   manager.close()
 
 
 def test_a_changed_model_names_the_parameters_that_differ(model_dir):
   """Before: orbax's shape error surfaced as "Event loop is closed", naming no parameter."""
-  manager = checkpoints.CheckpointManager(model_dir)
+  manager = state_checkpoints.CheckpointManager(model_dir)
   changed = _params(kernel_shape=(3, 5))
   changed['c'] = jnp.zeros(2)
-  with pytest.raises(checkpoints.CheckpointMismatchError) as error:
+  with pytest.raises(state_checkpoints.CheckpointMismatchError) as error:
     manager.restore_latest(_abstract(_state(changed)))
   message = str(error.value)
   step_dir = os.path.join(model_dir, 'checkpoints', '2')
@@ -127,7 +127,7 @@ def test_half_written_save_is_ignored_and_cleaned_up(model_dir):
   root = os.path.join(model_dir, 'checkpoints')
   partial = os.path.join(root, '3.orbax-checkpoint-tmp-1234')
   shutil.copytree(os.path.join(root, '2'), partial)
-  manager = checkpoints.CheckpointManager(model_dir)
+  manager = state_checkpoints.CheckpointManager(model_dir)
   assert manager.all_steps() == [1, 2]
   step, _ = manager.restore_latest(_abstract(_state(_params())))
   assert step == 2
@@ -142,7 +142,7 @@ def test_stop_signals_turn_sigint_and_sigterm_into_a_request(tmp_path):
   from unimoe_jax.training import interrupts  # pylint: disable=g-import-not-at-top
 
   before = {s: signal.getsignal(s) for s in interrupts.StopSignals.SIGNALS}
-  manager = checkpoints.CheckpointManager(str(tmp_path))
+  manager = state_checkpoints.CheckpointManager(str(tmp_path))
   with interrupts.StopSignals() as stop:
     assert not stop.requested(1)
     manager.save(1, _state(_params(3.0)), force=True)  # In flight ...

@@ -1,7 +1,7 @@
 """Resuming the input stream from the iterator state saved with the train state (issue 17).
 
 A resumed run restores its process's tf.data iterator state from the checkpoint
-(`data/iteration.CheckpointableIterator`, `training/checkpoints.py`) instead of skipping, and
+(`data/iteration.CheckpointableIterator`, `training/state_checkpoints.py`) instead of skipping, and
 recomputing, every batch it had read. Measured here with `unimoe_test_lm_indexed`
 (tests/tiny_tasks.py), built like a manifest source: one `tf.numpy_function` call per example
 (`tiny_tasks.DECODED` counts them: the stand-in for media decoding), sharded by process,
@@ -37,7 +37,8 @@ from flax import traverse_util
 import tiny_tasks
 from unimoe_jax.data import iteration
 from unimoe_jax.data import pipeline
-from unimoe_jax.training import checkpoints
+from unimoe_jax import checkpoints
+from unimoe_jax.training import state_checkpoints
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
@@ -176,9 +177,9 @@ def test_state_of_another_pipeline_or_corrupt_files_is_an_error_naming_the_file(
 
 def test_checkpoint_manager_restores_or_falls_back_to_skipping(saved, tmp_path, caplog):
   prefix, reference = saved
-  manager = checkpoints.CheckpointManager(str(tmp_path / 'run'), async_save=False)
+  manager = state_checkpoints.CheckpointManager(str(tmp_path / 'run'), async_save=False)
   step_dir = os.path.join(manager.directory, str(READ))
-  input_dir = os.path.join(step_dir, checkpoints.INPUT_ITEM)
+  input_dir = os.path.join(step_dir, state_checkpoints.INPUT_ITEM)
   try:
     # A checkpoint written without input state.
     os.makedirs(step_dir)
@@ -263,8 +264,8 @@ def _register_generator_task():
 
 def test_pipeline_that_cannot_be_saved_writes_why_and_falls_back(tmp_path, caplog):
   _register_generator_task()
-  manager = checkpoints.CheckpointManager(str(tmp_path / 'run'), async_save=False)
-  input_dir = os.path.join(manager.directory, '2', checkpoints.INPUT_ITEM)
+  manager = state_checkpoints.CheckpointManager(str(tmp_path / 'run'), async_save=False)
+  input_dir = os.path.join(manager.directory, '2', state_checkpoints.INPUT_ITEM)
   os.makedirs(input_dir)
   prefix = os.path.join(input_dir, 'process_0-of-1')
   stream = _stream(task=GENERATOR_TASK)
@@ -312,14 +313,14 @@ def test_input_state_is_committed_with_its_step_or_not_at_all(tmp_path):
   """Asynchronous saves, as the loop makes them: the input state is written before `save`
   returns (the stream moves on right after), into the step's temporary directory, and the
   step appears only once both items are written; a failing input save commits no step."""
-  manager = checkpoints.CheckpointManager(str(tmp_path / 'run'), async_save=True)
+  manager = state_checkpoints.CheckpointManager(str(tmp_path / 'run'), async_save=True)
   state = {'w': np.arange(6, dtype=np.float32)}
   try:
     probe = _ProbeIterator(manager)
     assert manager.save(1, state, probe, force=True)
     assert len(probe.prefixes) == 1  # Written synchronously, inside save().
     manager.wait()
-    final = os.path.join(manager.directory, '1', checkpoints.INPUT_ITEM, 'process_0-of-1')
+    final = os.path.join(manager.directory, '1', state_checkpoints.INPUT_ITEM, 'process_0-of-1')
     # Written into a temporary step directory, renamed into place on commit.
     step_dir_then = os.path.dirname(os.path.dirname(probe.prefixes[0]))
     assert os.path.dirname(step_dir_then) == manager.directory

@@ -152,7 +152,7 @@ def test_weight_decay_skips_one_dimensional_leaves():
 
 def test_frozen_params_stay_bit_identical(tmp_path):
   """Starts from INITIAL_CHECKPOINT_PATH (known values), trains 3 steps of the MLPs only."""
-  from unimoe_jax import checkpoint as model_checkpoint  # pylint: disable=g-import-not-at-top
+  from unimoe_jax import checkpoints as model_checkpoints  # pylint: disable=g-import-not-at-top
 
   rng = np.random.RandomState(0)
   before = {
@@ -163,7 +163,7 @@ def test_frozen_params_stay_bit_identical(tmp_path):
       )
       for path, s in _paths(_abstract()).items()
   }
-  start = model_checkpoint.save(
+  start = model_checkpoints.save(
       str(tmp_path / 'start'),
       traverse_util.unflatten_dict({tuple(p.split('/')): v for p, v in before.items()}),
       '',

@@ -27,9 +27,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax import checkpoint
+from unimoe_jax import checkpoints
 from unimoe_jax.convert import experts as experts_lib
-from unimoe_jax.training import checkpoints
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
       f'# Use with a MoE model of {len(sources)} experts '
       f'(MoEConfig.layers = {args.moe_layers!r}).\n'
   )
-  checkpoint.save(args.output, params, gin_text)
+  checkpoints.save(args.output, params, gin_text)
   print(f'wrote {args.output}: {len(sources)} experts on layers {args.moe_layers}')
   return 0
 

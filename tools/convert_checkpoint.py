@@ -51,7 +51,7 @@ official names, and config.json's mm_* fields naming them.
 
     python tools/convert_checkpoint.py --to hf --input /runs/unimoe --output /out/unimoe-hf
 
-The output (see unimoe_jax/checkpoint.py) is written only after the whole conversion succeeded;
+The output (see unimoe_jax/checkpoints.py) is written only after the whole conversion succeeded;
 a mismatch raises a ValueError naming the tensor and leaves no output directory. A JSON summary
 (tensor and parameter counts, peak RSS) is printed at the end.
 """
@@ -70,7 +70,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import flax.linen as nn
-from unimoe_jax import checkpoint
+from unimoe_jax import checkpoints
 from unimoe_jax import layer_stacking
 from unimoe_jax.config import DecoderConfig
 from unimoe_jax.convert import hf
@@ -293,7 +293,7 @@ def _tokenizer_from_json(directory: str, files: Dict[str, str], notes: List[str]
     return False
   with tempfile.NamedTemporaryFile(suffix='.model', delete=False) as f:
     f.write(model)
-  files[checkpoint.TOKENIZER_FILE] = f.name
+  files[checkpoints.TOKENIZER_FILE] = f.name
   config = os.path.join(directory, vocabulary.TOKENIZER_CONFIG_FILE)
   if os.path.exists(config):
     files[vocabulary.TOKENIZER_CONFIG_FILE] = config
@@ -305,10 +305,9 @@ def export_hf(args) -> int:
   """--to hf: one of our checkpoints (or a training run) -> a Hugging Face directory."""
   from unimoe_jax.convert import export_hf as export_lib  # pylint: disable=g-import-not-at-top
   from unimoe_jax.data.vocabulary import TOKENIZER_CONFIG_FILE  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.training import checkpoints as train_checkpoints  # pylint: disable=g-import-not-at-top
 
-  directory, step = train_checkpoints.locate(args.input, '--input')
-  params, gin_text = train_checkpoints.read_params(args.input, '--input')
+  directory, step = checkpoints.locate(args.input, '--input')
+  params, gin_text = checkpoints.read_params(args.input, '--input')
   if gin_text is None:
     raise ValueError(
         f'--input {args.input}: no config.gin found beside the parameters (a '
@@ -319,9 +318,9 @@ def export_hf(args) -> int:
   files = {}
   # The tokenizer beside a converted checkpoint, or in the run's MODEL_DIR.
   for where in (directory, os.path.join(directory, '..', '..')):
-    if os.path.exists(os.path.join(where, checkpoint.TOKENIZER_FILE)) and not files:
+    if os.path.exists(os.path.join(where, checkpoints.TOKENIZER_FILE)) and not files:
       for name in (
-          checkpoint.TOKENIZER_FILE,
+          checkpoints.TOKENIZER_FILE,
           TOKENIZER_CONFIG_FILE,
           'tokenizer.json',
           'special_tokens_map.json',
@@ -340,7 +339,7 @@ def export_hf(args) -> int:
   )
   if not files:
     summary['notes'].append(
-        f'no {checkpoint.TOKENIZER_FILE} beside --input: copy the '
+        f'no {checkpoints.TOKENIZER_FILE} beside --input: copy the '
         'tokenizer into the output yourself'
     )
   summary.update(
@@ -475,9 +474,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from unimoe_jax.data.vocabulary import TOKENIZER_CONFIG_FILE  # pylint: disable=g-import-not-at-top
 
   for directory in (args.input, args.base):
-    tokenizer = directory and os.path.join(directory, checkpoint.TOKENIZER_FILE)
+    tokenizer = directory and os.path.join(directory, checkpoints.TOKENIZER_FILE)
     if tokenizer and os.path.exists(tokenizer) and not files:
-      files[checkpoint.TOKENIZER_FILE] = tokenizer
+      files[checkpoints.TOKENIZER_FILE] = tokenizer
       tokenizer_config = os.path.join(directory, TOKENIZER_CONFIG_FILE)
       if os.path.exists(tokenizer_config):
         files[TOKENIZER_CONFIG_FILE] = tokenizer_config
@@ -490,10 +489,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       else gin_config_text(cfg, args.source, extra_lines)
   )
   try:
-    checkpoint.save(args.output, params, gin_text, files)
+    checkpoints.save(args.output, params, gin_text, files)
   finally:
     if tokenizer_from_json:
-      os.remove(files[checkpoint.TOKENIZER_FILE])
+      os.remove(files[checkpoints.TOKENIZER_FILE])
   summary = {
       'output': os.path.abspath(args.output),
       'source': args.source,

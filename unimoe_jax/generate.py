@@ -36,6 +36,7 @@ import numpy as np
 
 from unimoe_jax import decoding
 from unimoe_jax import prompting
+from unimoe_jax import checkpoints
 from unimoe_jax import score
 from unimoe_jax.model import UniMoE
 
@@ -153,9 +154,9 @@ def answer(
   if dtype not in score.DTYPES:
     raise ValueError(f'--dtype must be one of {score.DTYPES}, got {dtype!r}')
   # The config alone first, so that bad flags and media fail before the (large) params are read.
-  gin_text = score.checkpoint_gin_text(checkpoint_dir)
-  vocab_path = score.find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
-  cfg = score.with_dtype(score.model_config_from_gin(gin_text), dtype)
+  gin_text = checkpoints.checkpoint_gin_text(checkpoint_dir)
+  vocab_path = checkpoints.find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
+  cfg = checkpoints.with_dtype(checkpoints.model_config_from_gin(gin_text), dtype)
   check_decoding(
       max_decode_steps=max_decode_steps,
       temperature=temperature,
@@ -176,7 +177,7 @@ def answer(
         f'{prompt.length + max_decode_steps}, more than --max_length={max_length}; '
         'shorten the prompt, lower --max_decode_steps or raise --max_length'
     )
-  cfg, params = score.restore_model(checkpoint_dir, dtype)
+  cfg, params = checkpoints.restore_model(checkpoint_dir, dtype)
   if num_beams > 1:
     kwargs: Dict[str, Any] = dict(method='beam', num_beams=num_beams)
   elif temperature > 0:

@@ -342,15 +342,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   _, stage1_dir = bind(STAGE1, steps[1], stage0_dir)
   expert_dirs = [bind(STAGE2, steps[2], stage1_dir, modality=m)[1] for m in MODALITIES]
 
-  from unimoe_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from unimoe_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from unimoe_jax.convert import experts as experts_lib  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
 
   assembled = os.path.join(work, 'stage3_init')
   if not os.path.exists(assembled):
     base, _ = checkpoints.read_params(stage1_dir)
     trees = [checkpoints.read_params(d)[0] for d in expert_dirs]
-    checkpoint.save(
+    checkpoints.save(
         assembled,
         experts_lib.assemble_experts(base, trees, expert_dirs),
         '# experts: ' + ', '.join(expert_dirs) + '\n',

@@ -18,19 +18,15 @@ predicted and are not scored, but every text token after them is conditioned on 
 """
 
 import argparse
-import dataclasses
 import json
-import os
-import re
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unimoe_jax import checkpoint
+from unimoe_jax import checkpoints
 from unimoe_jax import layer_stacking
 from unimoe_jax.config import DecoderConfig
 from unimoe_jax.decoder import Decoder
@@ -45,158 +41,6 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 # checkpoints start from (their model_max_length). The decode buffer and its key/value cache
 # are allocated at this length, so it bounds memory.
 DEFAULT_MAX_LENGTH = 2048
-
-
-@gin.configurable('unimoe_score_decoder_config')
-def _decoder_config(decoder: DecoderConfig = gin.REQUIRED) -> DecoderConfig:
-  return decoder
-
-
-@gin.configurable('unimoe_score_model_config')
-def _model_config(model: UniMoEConfig = gin.REQUIRED) -> UniMoEConfig:
-  return model
-
-
-def decoder_config_from_gin(gin_text: str) -> DecoderConfig:
-  """The `DECODER_CONFIG` a checkpoint's config.gin binds.
-
-  Gin's global config is used and cleared afterwards: bindings such as `LoRAConfig` must not
-  leak into configs built later in the same process.
-  """
-  gin.clear_config()
-  try:
-    gin.parse_config(gin_text + '\nunimoe_score_decoder_config.decoder = %DECODER_CONFIG\n')
-    return _decoder_config()  # pylint: disable=no-value-for-parameter
-  finally:
-    gin.clear_config()
-
-
-def model_config_from_gin(gin_text: str) -> UniMoEConfig:
-  """The `UniMoEConfig` of a checkpoint's config.gin: its `MODEL_CONFIG` when it binds one
-  (multimodal checkpoints), else a text-only model around its `DECODER_CONFIG`.
-
-  Like `decoder_config_from_gin`, gin's global config is cleared afterwards.
-  """
-  gin.clear_config()
-  try:
-    gin.parse_config(gin_text)
-    try:
-      gin.query_parameter('%MODEL_CONFIG')
-    except ValueError:
-      bound = False
-    else:
-      bound = True
-    if bound:
-      gin.parse_config('unimoe_score_model_config.model = %MODEL_CONFIG')
-      return _model_config()  # pylint: disable=no-value-for-parameter
-    gin.parse_config('unimoe_score_decoder_config.decoder = %DECODER_CONFIG')
-    return UniMoEConfig(decoder=_decoder_config())  # pylint: disable=no-value-for-parameter
-  finally:
-    gin.clear_config()
-
-
-def with_dtype(config: UniMoEConfig, dtype: str) -> UniMoEConfig:
-  """`config` computing (and holding weights) in `dtype` everywhere (see `decoder_with_dtype`)."""
-  return dataclasses.replace(config, decoder=decoder_with_dtype(config.decoder, dtype))
-
-
-def decoder_with_dtype(decoder: DecoderConfig, dtype: str) -> DecoderConfig:
-  """`decoder` computing and holding weights in `dtype`.
-
-  A router that ran in the model's compute dtype (`MoEConfig.router_dtype` equal to the
-  decoder's `dtype`: the official 4-expert gate is a model-dtype Linear) follows it; a router
-  pinned to another dtype (float32: ours, and the official 8e gate) keeps it.
-  """
-  moe = decoder.moe
-  if moe is not None and jnp.dtype(moe.router_dtype) == jnp.dtype(decoder.dtype):
-    moe = dataclasses.replace(moe, router_dtype=dtype)
-  return dataclasses.replace(decoder, dtype=dtype, param_dtype=dtype, moe=moe)
-
-
-# ---- checkpoint directories -----------------------------------------------------------------
-def _checkpoints_lib():
-  from unimoe_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
-
-  return checkpoints
-
-
-def locate_checkpoint(path: str, flag: str = '--checkpoint') -> Tuple[str, Optional[int]]:
-  """(directory holding the params, training step or None) of what `flag` names: a converted /
-  exported checkpoint (`params/` + `config.gin`), a training MODEL_DIR (its latest step), its
-  `checkpoints/` directory or one step directory (training/checkpoints.py `locate`). Errors
-  name `flag`: a path that does not exist, is not a directory, or holds no checkpoint."""
-  if not path:
-    raise FileNotFoundError(
-        f'{flag} is empty: name a converted checkpoint or a training ' 'MODEL_DIR'
-    )
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{flag}={path} does not exist')
-  if not os.path.isdir(path):
-    raise NotADirectoryError(f'{flag}={path} is not a directory (a checkpoint is a directory)')
-  return _checkpoints_lib().locate(path, flag)
-
-
-def _run_dir(directory: str) -> str:
-  """MODEL_DIR of a training step directory MODEL_DIR/checkpoints/<step>."""
-  return os.path.dirname(os.path.dirname(os.path.abspath(directory)))
-
-
-def checkpoint_gin_text(path: str, flag: str = '--checkpoint') -> str:
-  """The config.gin of the checkpoint `flag` names (MODEL_DIR/config.gin for a training run),
-  read without any array."""
-  directory, step = locate_checkpoint(path, flag)
-  converted = os.path.isdir(os.path.join(directory, checkpoint.PARAMS_DIR))
-  gin_path = os.path.join(directory if converted else _run_dir(directory), checkpoint.GIN_FILE)
-  if not os.path.exists(gin_path):
-    what = 'checkpoint' if converted else f'training run (step {step})'
-    raise FileNotFoundError(
-        f'{flag}={path}: the {what} has no {gin_path} (the model ' 'configuration it needs)'
-    )
-  with open(gin_path) as f:
-    return f.read()
-
-
-def read_checkpoint(path: str, flag: str = '--checkpoint') -> Tuple[Dict[str, Any], str]:
-  """(params as numpy, gin text) of a converted checkpoint or a training run (`locate_checkpoint`).
-  A training step's params are the TrainState's: no export step is needed."""
-  gin_text = checkpoint_gin_text(path, flag)
-  params, _ = _checkpoints_lib().read_params(path, flag)
-  return params, gin_text
-
-
-def find_vocab(
-    path: str,
-    vocab_path: Optional[str] = None,
-    flag: str = '--checkpoint',
-    gin_text: Optional[str] = None,
-) -> str:
-  """`--vocab` when given (it must exist), else the checkpoint's tokenizer.model: beside the
-  params of a converted checkpoint; for a training run in MODEL_DIR or in the converted
-  checkpoint its config.gin names as INITIAL_CHECKPOINT_PATH (where training started)."""
-  if vocab_path:
-    if not os.path.isfile(vocab_path):
-      raise FileNotFoundError(f'--vocab={vocab_path} does not exist or is not a file')
-    return vocab_path
-  directory, _ = locate_checkpoint(path, flag)
-  candidates = [directory]
-  if not os.path.isdir(os.path.join(directory, checkpoint.PARAMS_DIR)):
-    candidates.append(_run_dir(directory))
-    # gin.config_str() may break a long value onto the next line after '= \'.
-    match = re.search(
-        r"^INITIAL_CHECKPOINT_PATH\s*=\s*(?:\\\s*)?['\"]([^'\"]+)['\"]",
-        gin_text or '',
-        re.MULTILINE,
-    )
-    if match:
-      candidates.append(match.group(1))
-  for candidate in candidates:
-    found = checkpoint.tokenizer_path(candidate)
-    if found:
-      return found
-  raise FileNotFoundError(
-      f'{flag}={path} has no {checkpoint.TOKENIZER_FILE} (looked in '
-      f'{", ".join(candidates)}); pass --vocab'
-  )
 
 
 def check_max_length(length: int, max_length: int, what: str) -> None:
@@ -248,22 +92,6 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
   )
 
 
-def restore_model(
-    checkpoint_dir: str, dtype: str = 'float32'
-) -> Tuple[UniMoEConfig, Dict[str, Any]]:
-  """(model config, params as jax arrays in `dtype`) of a checkpoint directory; a text-only
-  checkpoint's params (decoder only, with or without the 'decoder' level) come back as
-  `{'decoder': ...}`, the tree `UniMoE(config)` expects. `checkpoint_dir` may be a training run
-  (`read_checkpoint`)."""
-  params, gin_text = read_checkpoint(checkpoint_dir)
-  cfg = with_dtype(model_config_from_gin(gin_text), dtype)
-  if 'decoder' not in params:
-    params = {'decoder': params}
-  params = layer_stacking.to_config_layout(params, cfg.decoder)
-  params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, cfg.decoder.weight_dtype), params)
-  return cfg, params
-
-
 def token_logprobs(params: Dict[str, Any], cfg: DecoderConfig, tokens: Sequence[int]) -> np.ndarray:
   """tokens `[length]` -> float32 `[length - 1]`: log p(tokens[i + 1] | tokens[:i + 1])."""
   ids = jnp.asarray(np.asarray(tokens, np.int32)[None])
@@ -296,13 +124,13 @@ def score_multimodal(
   """Records of BOS and every text token of `text` after `media` (module docstring)."""
   from unimoe_jax import prompting  # pylint: disable=g-import-not-at-top
 
-  gin_text = checkpoint_gin_text(checkpoint_dir)
-  vocab_path = find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
-  cfg = with_dtype(model_config_from_gin(gin_text), dtype)
+  gin_text = checkpoints.checkpoint_gin_text(checkpoint_dir)
+  vocab_path = checkpoints.find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
+  cfg = checkpoints.with_dtype(checkpoints.model_config_from_gin(gin_text), dtype)
   tokenizer = prompting.PromptTokenizer(vocab_path, cfg)
   prompt = prompting.build_prompt(text, media, cfg, tokenizer, template=False)
   check_max_length(prompt.length, max_length, 'the text with its media soft tokens')
-  cfg, params = restore_model(checkpoint_dir, dtype)
+  cfg, params = checkpoints.restore_model(checkpoint_dir, dtype)
   logprobs = multimodal_token_logprobs(params, cfg, prompt.batch)
   ids = [int(t) for t in prompt.batch['decoder_input_tokens'][0]]
   records = [{'token': ids[0], 'piece': tokenizer.piece(ids[0])}]
@@ -330,9 +158,9 @@ def score_text(
     raise ValueError(f'--max_length must be >= 1, got {max_length}')
   if media and any(media.values()):
     return score_multimodal(checkpoint_dir, text, media, vocab_path, dtype, max_length)
-  gin_text = checkpoint_gin_text(checkpoint_dir)
-  cfg = decoder_with_dtype(decoder_config_from_gin(gin_text), dtype)
-  vocab_path = find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
+  gin_text = checkpoints.checkpoint_gin_text(checkpoint_dir)
+  cfg = checkpoints.decoder_with_dtype(checkpoints.decoder_config_from_gin(gin_text), dtype)
+  vocab_path = checkpoints.find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
   from unimoe_jax.data.vocabulary import get_vocabulary  # pylint: disable=g-import-not-at-top
 
   vocab = get_vocabulary(vocab_path)
@@ -345,7 +173,7 @@ def score_text(
         'media placeholders need the media flags'
     )
   check_max_length(len(tokens), max_length, '--text (with BOS)')
-  params, _ = read_checkpoint(checkpoint_dir)
+  params, _ = checkpoints.read_checkpoint(checkpoint_dir)
   params = layer_stacking.to_config_layout(params, cfg)
   decoder_params = params['decoder'] if 'decoder' in params else params
   decoder_params = jax.tree_util.tree_map(

@@ -368,10 +368,10 @@ def config_from_gin(gin_text: str):
   """The UniMoEConfig of a checkpoint's or a training run's config.gin (`MODEL_CONFIG`, else
   `DECODER_CONFIG`); configurables of modules not imported here (the trainer's) are skipped."""
   import gin  # pylint: disable=g-import-not-at-top
-  from unimoe_jax import score  # pylint: disable=g-import-not-at-top
+  from unimoe_jax import checkpoints  # pylint: disable=g-import-not-at-top
 
   try:
-    return score.model_config_from_gin(gin_text)
+    return checkpoints.model_config_from_gin(gin_text)
   except Exception:  # pylint: disable=broad-except
     pass  # A run's operative config names the trainer's configurables: skip those below.
   gin.clear_config()
@@ -384,10 +384,10 @@ def config_from_gin(gin_text: str):
       bound = False
     if bound:
       gin.parse_config('unimoe_score_model_config.model = %MODEL_CONFIG')
-      return score._model_config()  # pylint: disable=protected-access,no-value-for-parameter
+      return checkpoints._model_config()  # pylint: disable=protected-access,no-value-for-parameter
     gin.parse_config('unimoe_score_decoder_config.decoder = %DECODER_CONFIG')
     from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
 
-    return UniMoEConfig(decoder=score._decoder_config())  # pylint: disable=protected-access,no-value-for-parameter
+    return UniMoEConfig(decoder=checkpoints._decoder_config())  # pylint: disable=protected-access,no-value-for-parameter
   finally:
     gin.clear_config()

@@ -3,7 +3,7 @@
 The training stream is deterministic for a given seed (seqio's seeded shuffle, ordered maps),
 repeats forever, and is sharded by process (`seqio.ShardInfo(process_index, process_count)`),
 so each host reads only its own examples. It is an `iteration.CheckpointableIterator`: the
-training checkpoints hold its tf.data iterator state (training/checkpoints.py), and a resumed
+training checkpoints hold its tf.data iterator state (training/state_checkpoints.py), and a resumed
 run restores it and decodes no example it had already read. Without that state (a checkpoint
 from before it existed, a pipeline that cannot be checkpointed, a different process count) a
 resumed run reaches the same position by skipping the batches it had consumed, which runs

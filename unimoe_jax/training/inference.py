@@ -33,12 +33,12 @@ import jax
 import numpy as np
 import seqio
 
+from unimoe_jax import checkpoints
 from unimoe_jax import models
 from unimoe_jax import partitioning
 from unimoe_jax.data import feature_converter
 from unimoe_jax.data import iteration
 from unimoe_jax.data import pipeline
-from unimoe_jax.training import checkpoints as checkpoints_lib
 from unimoe_jax.training import evaluation
 from unimoe_jax.training import train_state as train_state_lib
 
@@ -48,7 +48,7 @@ MODES = ('predict', 'score')
 def checkpoint_step(path: Optional[str]) -> Optional[int]:
   """The training step of the checkpoint at CHECKPOINT_PATH (None for a converted or exported
   one); a FileNotFoundError naming CHECKPOINT_PATH when there is none. Reads no array."""
-  return checkpoints_lib.locate(path, 'CHECKPOINT_PATH')[1]
+  return checkpoints.locate(path, 'CHECKPOINT_PATH')[1]
 
 
 def _step_tag(step: Optional[int]) -> str:
@@ -115,7 +115,7 @@ def restore(
   )
   abstract = train_state_lib.abstract_params(model, input_shapes, input_types)
   shardings = partitioning.params_shardings(mesh, abstract)
-  loaded, _ = checkpoints_lib.read_params(checkpoint_path, 'CHECKPOINT_PATH')
+  loaded, _ = checkpoints.read_params(checkpoint_path, 'CHECKPOINT_PATH')
   source = f'CHECKPOINT_PATH={checkpoint_path}'
   # load_params_into places each leaf on its shard; it needs only shapes and dtypes of the
   # current params, so the abstract tree stands in for a TrainState (no optimizer state).

@@ -19,14 +19,15 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from unimoe_jax import checkpoints
 from unimoe_jax import partitioning
 from unimoe_jax.data import feature_converter
 from unimoe_jax.data import pipeline
-from unimoe_jax.training import checkpoints as checkpoints_lib
 from unimoe_jax.training import evaluation
 from unimoe_jax.training import interrupts
 from unimoe_jax.training import optimizer as optimizer_lib
 from unimoe_jax.training import routing_report as routing_report_lib
+from unimoe_jax.training import state_checkpoints
 from unimoe_jax.training import train_state as train_state_lib
 
 
@@ -145,7 +146,7 @@ def train(
   rng = jax.random.PRNGKey(seed)
   init_rng, step_rng = jax.random.split(rng)
 
-  manager = checkpoints_lib.CheckpointManager(model_dir, keep_checkpoints, async_checkpointing)
+  manager = state_checkpoints.CheckpointManager(model_dir, keep_checkpoints, async_checkpointing)
   latest = None
   if manager.latest_step() is not None:
     abstract_state, shardings = train_state_lib.create_train_state(
@@ -159,7 +160,7 @@ def train(
         model, tx, mask, mesh, init_rng, input_shapes, input_types
     )
     if initial_checkpoint_path:
-      loaded, _ = checkpoints_lib.read_params(initial_checkpoint_path)
+      loaded, _ = checkpoints.read_params(initial_checkpoint_path)
       state, missing = train_state_lib.load_params_into(
           state, shardings, loaded, initial_checkpoint_path
       )
@@ -207,7 +208,7 @@ def train(
   checkpoint_period = checkpoint_period or eval_period or train_steps
 
   # Resume the data stream from the checkpoint's input iterator state; without one (logged
-  # by input_state), by skipping the batches already read (checkpoints.py).
+  # by input_state), by skipping the batches already read (state_checkpoints.py).
   input_state = manager.input_state(start_step) if latest is not None else None
   batches = pipeline.train_batches(
       mixture_or_task_name,

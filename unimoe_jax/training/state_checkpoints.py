@@ -46,10 +46,8 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
-from unimoe_jax import checkpoint as model_checkpoint
+from unimoe_jax.checkpoints import CHECKPOINTS_DIR, STATE_ITEM
 
-CHECKPOINTS_DIR = 'checkpoints'
-STATE_ITEM = 'state'
 INPUT_ITEM = 'input'
 
 
@@ -392,64 +390,3 @@ class CheckpointManager:
 
   def close(self):
     self._manager.close()
-
-
-def locate(
-    path: Optional[str], macro: str = 'INITIAL_CHECKPOINT_PATH'
-) -> Tuple[str, Optional[int]]:
-  """The directory `read_params` reads for `path`, and its training step.
-
-  Returns `(converted_dir, None)` for a converted / exported checkpoint (`params/`), or
-  `(step_dir, step)` for a training checkpoint: `path` itself when it is one step directory,
-  else the latest step of `path/checkpoints` or `path`. Reads no array, so a wrong path fails at
-  once; errors name `macro`.
-  """
-  if not path:
-    raise FileNotFoundError(
-        f'{macro} is not set: name a converted checkpoint, a MODEL_DIR or '
-        'one of its step directories'
-    )
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{macro}={path} does not exist')
-  if os.path.isdir(os.path.join(path, model_checkpoint.PARAMS_DIR)):
-    return path, None
-  if os.path.isdir(os.path.join(path, STATE_ITEM)):
-    name = os.path.basename(path)
-    return path, int(name) if name.isdigit() else None
-  root = path
-  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
-    root = os.path.join(path, CHECKPOINTS_DIR)
-  steps = sorted(
-      int(d)
-      for d in os.listdir(root)
-      if d.isdigit() and os.path.isdir(os.path.join(root, d, STATE_ITEM))
-  )
-  if not steps:
-    raise FileNotFoundError(
-        f'{macro}={path} holds no checkpoint: expected params/ + config.gin (a converted or '
-        f'exported checkpoint), a MODEL_DIR with {CHECKPOINTS_DIR}/<step>/{STATE_ITEM}, or a '
-        f'step directory'
-    )
-  return os.path.join(root, str(steps[-1])), steps[-1]
-
-
-def read_params(
-    path: str, macro: str = 'INITIAL_CHECKPOINT_PATH'
-) -> Tuple[Dict[str, Any], Optional[str]]:
-  """Params (numpy) and gin text from any checkpoint a user may name as a starting point.
-
-  Accepts a converted / exported checkpoint (`params/` + `config.gin`, unimoe_jax.checkpoint),
-  a training `MODEL_DIR` (its latest step), a `MODEL_DIR/checkpoints` directory, or one step
-  directory of it (`locate`). The gin text is None when the directory has none.
-  """
-  directory, _ = locate(path, macro)
-  if os.path.isdir(os.path.join(directory, model_checkpoint.PARAMS_DIR)):
-    return model_checkpoint.restore(directory)
-  gin_text = None
-  run_config = os.path.join(directory, '..', '..', 'config.gin')  # MODEL_DIR/config.gin
-  if os.path.exists(run_config):
-    with open(run_config) as f:
-      gin_text = f.read()
-  state = model_checkpoint.restore_numpy_tree(os.path.join(directory, STATE_ITEM))
-  return state['params'], gin_text
