@@ -205,7 +205,7 @@ def _gin_blocks(
 
 def model_gin_text(config: UniMoEConfig, source: str) -> str:
   """A config.gin binding `DECODER_CONFIG` (the decoder) and `MODEL_CONFIG` (the whole model,
-  its `decoder` = %DECODER_CONFIG) to `config`, readable by `score.model_config_from_gin`."""
+  its `decoder` = %DECODER_CONFIG) to `config`, readable by `checkpoints.model_config_from_gin`."""
   blocks: Dict[str, List[str]] = {}
   imports: Dict[str, None] = {}
   _gin_blocks(config.decoder, blocks, imports)
