@@ -174,3 +174,25 @@ def test_multimodal_gin_typo_names_the_binding():
         'models/multimodal_tiny.gin',
         bindings=['whisper_aligner.WhisperAlignerConfig.num_query_tokenz = 3'],
     )
+
+
+def test_config_gin_of_an_earlier_release_still_loads():
+  """A config.gin written when the module was unimoe_jax/model.py (gin `model.UniMoEConfig`)
+  builds the same model config as today's text (checkpoints.upgrade_gin_text)."""
+  from unimoe_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.convert import llava  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoEConfig  # pylint: disable=g-import-not-at-top
+
+  cfg = UniMoEConfig(decoder=config_lib.named('tiny'), image_token_id=-7)
+  text = llava.model_gin_text(cfg, 'unimoe')
+  assert 'network.UniMoEConfig' in text
+  old = text.replace('import network', 'import model').replace('network.UniMoE', 'model.UniMoE')
+  assert 'network' not in old
+  with pytest.raises(ValueError):  # gin alone does not know the old name
+    gin.clear_config()
+    try:
+      gin.parse_config(old)
+    finally:
+      gin.clear_config()
+  assert checkpoints.model_config_from_gin(checkpoints.upgrade_gin_text(old)) == cfg
+  assert checkpoints.upgrade_gin_text(text) == text

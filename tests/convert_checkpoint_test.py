@@ -23,10 +23,10 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
 )
 import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax import checkpoints, model, score  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax import checkpoints, network, score  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.convert import clip as convert_clip  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.convert import whisper as convert_whisper  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax.model import UniMoE  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax.network import UniMoE  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CORPUS = [
     'the cat sat on the mat',
@@ -527,7 +527,7 @@ def _check_tree_and_forward(cfg, params, media):
   batch = _batch(cfg, media)
   abstract = jax.eval_shape(lambda: UniMoE(cfg).init(jax.random.PRNGKey(0), batch))
   assert _flat_shapes(params) == _flat_shapes(nn.meta.unbox(abstract['params']))
-  model.check_placeholders(cfg, batch)
+  network.check_placeholders(cfg, batch)
   forward = jax.jit(lambda p, b: UniMoE(cfg).apply({'params': p}, b)[0])
   logits = np.asarray(forward(params, batch))
   assert logits.shape == batch['decoder_input_tokens'].shape + (cfg.decoder.vocab_size,)

@@ -18,7 +18,7 @@ sys.path.insert(
 import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax import checkpoints
 from unimoe_jax.convert import llava  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax.model import UniMoE  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax.network import UniMoE  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TOL = 1e-4
 IMAGE_TOKEN = 96  # HF's image token: the last id of the tiny vocabulary.

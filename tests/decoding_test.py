@@ -319,7 +319,7 @@ MM_STEPS = 8
 def _tiny_unimoe():
   from unimoe_jax.config import DecoderConfig  # pylint: disable=g-import-not-at-top
   from unimoe_jax.encoders.clip import CLIPVisionConfig  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.model import UniMoE, UniMoEConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoE, UniMoEConfig  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
   cfg = UniMoEConfig(

@@ -32,7 +32,7 @@ from unimoe_jax.convert import export_official
 from unimoe_jax.convert import io as ckpt_io
 from unimoe_jax.convert import official_towers
 from unimoe_jax.encoders.beats import config_from_official as beats_config_from_official
-from unimoe_jax.model import UniMoEConfig
+from unimoe_jax.network import UniMoEConfig
 
 # Not written: CLIP's post_layernorm and the layer after mm_vision_select_layer=-2 (of 2), the
 # position_ids buffer; the Whisper tower's own encoder / decoder copies (never run) and the

@@ -183,7 +183,7 @@ def test_t5x_moe_partitioner_with_fsdp_splits_weights_and_adam_moments():
   from t5x import train_state as t5x_train_state  # pylint: disable=g-import-not-at-top
   from unimoe_jax import t5x_adapter as ta  # pylint: disable=g-import-not-at-top
   from unimoe_jax import t5x_moe  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoEConfig  # pylint: disable=g-import-not-at-top
 
   model = ta.T5XUniMoEModel(
       UniMoEConfig(decoder=decoder_config(num_layers=2, lora=False)),
@@ -227,7 +227,7 @@ def test_t5x_moe_partitioner_with_fsdp_splits_weights_and_adam_moments():
 def _state_bytes(fsdp, mesh_config):
   """Per-device bytes of (params, optimizer state) of the abstract train state."""
   from unimoe_jax import models  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoEConfig  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
 
@@ -303,7 +303,7 @@ def test_7b_files_turn_on_fsdp_and_scan_and_divide_their_mesh(experts):
   per-chip bytes are the figures the files quote (tools/plan_memory.py)."""
   import unimoe_jax  # pylint: disable=g-import-not-at-top
   from unimoe_jax import models  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoEConfig  # pylint: disable=g-import-not-at-top
 
   gin.clear_config()
   try:

@@ -62,7 +62,7 @@ def tokenizer_path(tmp_path_factory):
 def tiny_unimoe_config():
   from unimoe_jax.config import DecoderConfig  # pylint: disable=g-import-not-at-top
   from unimoe_jax.encoders.clip import CLIPVisionConfig  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoEConfig  # pylint: disable=g-import-not-at-top
 
   return UniMoEConfig(
       decoder=DecoderConfig(
@@ -90,7 +90,7 @@ def save_multimodal_checkpoint(directory, tokenizer):
   """A checkpoint of a tiny random UniMoE with an image tower; returns (path, config, params)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from unimoe_jax.convert import llava  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.model import UniMoE  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoE  # pylint: disable=g-import-not-at-top
 
   cfg = tiny_unimoe_config()
   size = cfg.vision.image_size

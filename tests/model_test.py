@@ -15,7 +15,7 @@ from unimoe_jax.connectors.whisper_aligner import ALIGNER_SIZES
 from unimoe_jax.encoders.beats import BEATS_SIZES
 from unimoe_jax.encoders.clip import CLIP_SIZES
 from unimoe_jax.encoders.whisper import WHISPER_SIZES
-from unimoe_jax.model import UniMoE, UniMoEConfig, check_placeholders, splice
+from unimoe_jax.network import UniMoE, UniMoEConfig, check_placeholders, splice
 
 IMAGE, VIDEO, SPEECH, AUDIO = 500, 501, 502, 503
 LENGTH, FRAMES, MEL_FRAMES, FBANK_FRAMES = 160, 2, 32, 32

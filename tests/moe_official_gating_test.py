@@ -425,7 +425,7 @@ def test_scanned_layers_draw_their_own_router_noise(monkeypatch):
 def test_model_training_eval_and_decoding_with_sampling():
   """models.py: loss_fn folds a 'router' key from the dropout key (seeded sampling);
   evaluation and greedy decoding pass no rngs and run deterministically."""
-  from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoEConfig  # pylint: disable=g-import-not-at-top
   from unimoe_jax.models import UniMoEModel  # pylint: disable=g-import-not-at-top
 
   moe = _moe(

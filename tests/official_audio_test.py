@@ -24,7 +24,7 @@ from unimoe_jax.connectors.qformer import QFormerConfig
 from unimoe_jax.convert import official_towers
 from unimoe_jax.encoders import beats as beats_lib
 from unimoe_jax.media import audio as audio_lib
-from unimoe_jax.model import AUDIO_PADDING_MODES, UniMoE, UniMoEConfig
+from unimoe_jax.network import AUDIO_PADDING_MODES, UniMoE, UniMoEConfig
 
 sf = pytest.importorskip('soundfile')
 

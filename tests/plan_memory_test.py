@@ -13,7 +13,7 @@ import pytest
 from unimoe_jax import config as config_lib
 from unimoe_jax import models
 from unimoe_jax import partitioning
-from unimoe_jax.model import UniMoEConfig
+from unimoe_jax.network import UniMoEConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

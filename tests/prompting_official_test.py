@@ -21,7 +21,7 @@ from unimoe_jax.data import conversation
 from unimoe_jax.encoders.beats import BEATS_SIZES
 from unimoe_jax.encoders.whisper import WHISPER_SIZES
 from unimoe_jax.media import audio as audio_lib
-from unimoe_jax.model import UniMoE, UniMoEConfig
+from unimoe_jax.network import UniMoE, UniMoEConfig
 
 sf = pytest.importorskip('soundfile')
 spm = pytest.importorskip('sentencepiece')
@@ -195,7 +195,7 @@ def test_long_speech_keeps_every_chunk_and_long_audio_twenty(tmp_path, tokenizer
 
 
 def test_model_check_accepts_the_chunked_prompt(tmp_path, tokenizer_path):
-  from unimoe_jax.model import check_placeholders  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import check_placeholders  # pylint: disable=g-import-not-at-top
 
   cfg = tiny_config()
   tokenizer = prompting.PromptTokenizer(tokenizer_path, cfg)

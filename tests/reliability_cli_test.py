@@ -150,7 +150,7 @@ def test_generate_python_api_checks_the_same(setup):
 
 def test_decoding_generate_checks_its_arguments():
   from unimoe_jax.config import DecoderConfig  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.model import UniMoE, UniMoEConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoE, UniMoEConfig  # pylint: disable=g-import-not-at-top
 
   model = UniMoE(
       UniMoEConfig(

@@ -68,7 +68,7 @@ def test_unpacked_padding_takes_no_part_in_moe_routing(dispatch):
   layers, so padding counted in the router statistics and losses and took expert capacity.
   Its padding (target 0) is now masked: the statistics equal those of the same rows unpadded,
   and (dropless) the real tokens' logits too."""
-  from unimoe_jax.model import UniMoE, UniMoEConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoE, UniMoEConfig  # pylint: disable=g-import-not-at-top
 
   moe = config.MoEConfig(
       num_experts=4, num_experts_per_tok=2, dispatch=dispatch, load_balance_loss_coef=0.01

@@ -13,7 +13,7 @@ from unimoe_jax import checkpoints
 from unimoe_jax import score
 from unimoe_jax.media import image as image_lib
 from unimoe_jax.media.errors import MediaError
-from unimoe_jax.model import UniMoE
+from unimoe_jax.network import UniMoE
 
 TEXT = 'the cat sat on the mat'
 
@@ -82,7 +82,7 @@ def test_scoring_dtype_carries_a_model_dtype_router_along():
   """The official 4-expert gate runs in the model dtype (converted: router_dtype = dtype);
   scoring in float32 must route in float32 too. A router pinned to float32 stays float32."""
   from unimoe_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoEConfig  # pylint: disable=g-import-not-at-top
 
   follows = config_lib.named(
       'tiny', dtype='bfloat16', moe=config_lib.MoEConfig(router_dtype='bfloat16')

@@ -26,7 +26,7 @@ from unimoe_jax import config as config_lib
 from unimoe_jax import models
 from unimoe_jax import partitioning
 from unimoe_jax import t5x_adapter as ta
-from unimoe_jax.model import UniMoEConfig
+from unimoe_jax.network import UniMoEConfig
 from unimoe_jax.training import optimizer as optimizer_lib
 from t5x_support import require_t5x
 

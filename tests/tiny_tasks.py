@@ -145,7 +145,7 @@ def read_scalars(model_dir: str, subdir: str = 'train') -> Dict[int, Dict[str, f
 def tiny_model(moe: bool = False, **model_kwargs):
   """The tiny decoder (gin/models/tiny.gin), optionally with a 4-expert top-2 dropless MoE."""
   from unimoe_jax import config, models  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoEConfig  # pylint: disable=g-import-not-at-top
 
   moe_config = (
       config.MoEConfig(num_experts=4, num_experts_per_tok=2, dispatch='dropless') if moe else None

@@ -79,7 +79,7 @@ from unimoe_jax.convert import llava
 from unimoe_jax.convert import official
 from unimoe_jax.convert import official_towers
 from unimoe_jax.decoder import Decoder
-from unimoe_jax.model import UniMoE, UniMoEConfig
+from unimoe_jax.network import UniMoE, UniMoEConfig
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -466,7 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     extra_lines = [
         '',
         '# The checkpoint also holds the vision projector of this kind:',
-        '# model.UniMoEConfig.vision_projector = ' + repr(kind),
+        '# network.UniMoEConfig.vision_projector = ' + repr(kind),
     ]
   files = {}
   # The tokenizer, with the tokenizer_config.json beside it when there is one: its `legacy`

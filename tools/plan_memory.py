@@ -190,7 +190,7 @@ def plan(args) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   from unimoe_jax import models, partitioning  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoEConfig  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
 

@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 
 from unimoe_jax import layer_stacking
 from unimoe_jax.config import DecoderConfig
-from unimoe_jax.model import UniMoEConfig
+from unimoe_jax.network import UniMoEConfig
 
 PARAMS_DIR = 'params'
 GIN_FILE = 'config.gin'
@@ -90,8 +90,26 @@ def restore(directory: str) -> Tuple[Dict[str, Any], str]:
     raise FileNotFoundError(f'{directory} is not a unimoe_jax checkpoint (no {PARAMS_DIR}/)')
   params = restore_numpy_tree(params_path)
   with open(os.path.join(directory, GIN_FILE)) as f:
-    gin_text = f.read()
+    gin_text = upgrade_gin_text(f.read())
   return params, gin_text
+
+
+# Gin names renamed since a checkpoint may have been written: (old, new) regular expressions.
+# unimoe_jax/model.py became network.py (one-release alias, README): a config.gin of that time
+# imports `unimoe_jax.model` and builds `@model.UniMoEConfig()`.
+_RENAMED_GIN_NAMES = (
+    (r'\bfrom unimoe_jax import model\b', 'from unimoe_jax import network'),
+    (r'\bimport unimoe_jax\.model\b', 'import unimoe_jax.network'),
+    (r'(?<![\w.])(unimoe_jax\.)?model\.UniMoEConfig\b', 'network.UniMoEConfig'),
+)
+
+
+def upgrade_gin_text(gin_text: str) -> str:
+  """A checkpoint's config.gin with the gin names renamed since it was written brought up to
+  date, so run directories of an earlier release still load."""
+  for old, new in _RENAMED_GIN_NAMES:
+    gin_text = re.sub(old, new, gin_text)
+  return gin_text
 
 
 def restore_numpy_tree(path: str) -> Dict[str, Any]:
@@ -205,7 +223,7 @@ def checkpoint_gin_text(path: str, flag: str = '--checkpoint') -> str:
         f'{flag}={path}: the {what} has no {gin_path} (the model ' 'configuration it needs)'
     )
   with open(gin_path) as f:
-    return f.read()
+    return upgrade_gin_text(f.read())
 
 
 def read_checkpoint(path: str, flag: str = '--checkpoint') -> Tuple[Dict[str, Any], str]:

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax.decoder import Decoder
-from unimoe_jax.model import UniMoE
+from unimoe_jax.network import UniMoE
 
 NEG_INF = -1.0e10
 TokensToLogits = Callable[[jax.Array, Any, jax.Array], Tuple[jax.Array, Any]]
@@ -318,7 +318,7 @@ def prefill_multimodal(
   """Embeds a multimodal prompt (media spliced in) and prefills the decoder's cache with it.
 
   Args:
-    model: a `UniMoE` (unimoe_jax.model).
+    model: a `UniMoE` (unimoe_jax.network).
     params: its unboxed params (`{'decoder': ..., 'vision_tower': ..., ...}`).
     batch: the project's batch format: `decoder_input_tokens` `[batch, length]` holds each
       row's prompt (placeholders expanded to `num_soft_tokens(m)` ids) right-padded, plus

@@ -38,7 +38,7 @@ from unimoe_jax import decoding
 from unimoe_jax import prompting
 from unimoe_jax import checkpoints
 from unimoe_jax import score
-from unimoe_jax.model import UniMoE
+from unimoe_jax.network import UniMoE
 
 
 @dataclasses.dataclass

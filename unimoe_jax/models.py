@@ -1,4 +1,4 @@
-"""`UniMoEModel`: the t5x model interface over `model.UniMoE`.
+"""`UniMoEModel`: the t5x model interface over `network.UniMoE`.
 
 t5x's train / eval / infer binaries (and `unimoe_jax.train`, which drives the same methods)
 call, with t5x's signatures and batch keys:
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import decoding
-from unimoe_jax.model import MODALITIES, UniMoE, UniMoEConfig
+from unimoe_jax.network import MODALITIES, UniMoE, UniMoEConfig
 
 Array = jax.Array
 Batch = Mapping[str, Array]

@@ -30,7 +30,7 @@ from unimoe_jax import checkpoints
 from unimoe_jax import layer_stacking
 from unimoe_jax.config import DecoderConfig
 from unimoe_jax.decoder import Decoder
-from unimoe_jax.model import UniMoE, UniMoEConfig
+from unimoe_jax.network import UniMoE, UniMoEConfig
 
 _MEDIA_FLAGS = ('image', 'audio', 'speech', 'video')
 

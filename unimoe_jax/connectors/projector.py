@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
-from unimoe_jax.layers.transformer import Dense, activation
+from unimoe_jax.layers.encoder_blocks import Dense, activation
 
 _MLP_KIND = re.compile(r'^mlp(\d+)x_gelu$')
 

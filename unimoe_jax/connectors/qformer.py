@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
-from unimoe_jax.layers.transformer import ACTIVATIONS, GeluMLP, LayerNorm, MultiHeadAttention
+from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, GeluMLP, LayerNorm, MultiHeadAttention
 
 _ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 
@@ -49,7 +49,7 @@ class QFormerConfig:
     encoder_hidden_size: width of the encoder features attended to (BEATs: 768).
     num_query_tokens: learned queries, i.e. output tokens per example.
     layer_norm_eps: epsilon of every LayerNorm.
-    act: FFN activation, a key of `layers.transformer.ACTIVATIONS`.
+    act: FFN activation, a key of `layers.encoder_blocks.ACTIVATIONS`.
     init_std: normal std of every kernel, and query at initialisation
       (HF's 0.02); tiny randomly initialised configurations need more (multimodal_tiny.gin).
   """

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
-from unimoe_jax.layers.transformer import ACTIVATIONS, GeluMLP, LayerNorm, MultiHeadAttention
+from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, GeluMLP, LayerNorm, MultiHeadAttention
 
 _ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 # Whisper's attention has no key bias (query, key, value, out).
@@ -56,7 +56,7 @@ class WhisperAlignerConfig:
     causal: causal self-attention among the queries. True is what the official code does (it
       runs Hugging Face's WhisperDecoder, which is always causal); False lets every query see
       every other.
-    act: MLP activation (a key of layers.transformer.ACTIVATIONS).
+    act: MLP activation (a key of layers.encoder_blocks.ACTIVATIONS).
     layer_norm_eps: LayerNorm epsilon.
     init_std: normal std of every kernel, query and position embedding at initialisation
       (HF's 0.02); tiny randomly initialised configurations need more (multimodal_tiny.gin).

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 
 import numpy as np
 
-# HF `hidden_act` / `activation_function` -> our activation name (layers.transformer.ACTIVATIONS).
+# HF `hidden_act` / `activation_function` -> our activation name (encoder_blocks.ACTIVATIONS).
 HF_ACTIVATIONS = {
     'gelu': 'gelu',
     'gelu_new': 'gelu_tanh',

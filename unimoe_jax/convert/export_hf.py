@@ -386,7 +386,7 @@ def config_from_gin(gin_text: str):
       gin.parse_config('unimoe_score_model_config.model = %MODEL_CONFIG')
       return checkpoints._model_config()  # pylint: disable=protected-access,no-value-for-parameter
     gin.parse_config('unimoe_score_decoder_config.decoder = %DECODER_CONFIG')
-    from unimoe_jax.model import UniMoEConfig  # pylint: disable=g-import-not-at-top
+    from unimoe_jax.network import UniMoEConfig  # pylint: disable=g-import-not-at-top
 
     return UniMoEConfig(decoder=checkpoints._decoder_config())  # pylint: disable=protected-access,no-value-for-parameter
   finally:

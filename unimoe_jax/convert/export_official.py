@@ -48,7 +48,7 @@ from unimoe_jax.convert import whisper as convert_whisper
 from unimoe_jax.encoders.beats import config_to_official as beats_config_to_official
 from unimoe_jax.media import audio as audio_media
 from unimoe_jax.media import image as image_media
-from unimoe_jax.model import UniMoEConfig
+from unimoe_jax.network import UniMoEConfig
 
 VISION_TOWER_DIR = 'vision_tower'
 SPEECH_TOWER_DIR = 'speech_tower'

@@ -26,7 +26,7 @@ import numpy as np
 from unimoe_jax.convert import clip as convert_clip
 from unimoe_jax.convert import hf as convert_hf
 from unimoe_jax.convert.common import TensorReader, convert_parts
-from unimoe_jax.model import UniMoEConfig
+from unimoe_jax.network import UniMoEConfig
 
 VISION_PREFIX = 'model.vision_tower.'
 PROJECTOR_PREFIX = 'model.multi_modal_projector.'

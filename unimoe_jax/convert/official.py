@@ -70,7 +70,7 @@ from unimoe_jax.convert import io as ckpt_io
 from unimoe_jax.convert import official_towers
 from unimoe_jax.convert.common import TensorReader
 from unimoe_jax.convert.io import LazyStateDict, LazyTensor
-from unimoe_jax.model import UniMoEConfig
+from unimoe_jax.network import UniMoEConfig
 
 PROJECTOR_PREFIX = official_towers.VISION_PROJECTOR_PREFIX
 # Files the official training scripts write beside (or instead of) the model weights, in the

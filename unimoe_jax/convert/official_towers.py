@@ -56,7 +56,7 @@ from unimoe_jax.convert import qformer as convert_qformer
 from unimoe_jax.convert import whisper as convert_whisper
 from unimoe_jax.convert.common import TensorReader, convert_parts
 from unimoe_jax.encoders.beats import config_from_official as beats_config_from_official
-from unimoe_jax.model import UniMoEConfig
+from unimoe_jax.network import UniMoEConfig
 
 # The trained modules (connectors, query tokens) beside a released model's weights.
 TRAINABLES_FILE = 'non_lora_trainables.bin'
@@ -317,7 +317,7 @@ def tower_configs(
       )
     cfg, weights = _load_beats(path)
     # audio_padding 'official': edge-padded waves, BEATs padding mask, unmasked Q-Former, as
-    # Uni_MoE_audio's loaders and aligner do (model.UniMoEConfig.audio_padding).
+    # Uni_MoE_audio's loaders and aligner do (network.UniMoEConfig.audio_padding).
     fields.update(
         audio_encoder=beats_config_from_official(cfg),
         audio_qformer=_qformer_config(state_dict, num_query),

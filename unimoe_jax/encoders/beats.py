@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
-from unimoe_jax.layers.transformer import Dense, GeluMLP, LayerNorm, activation, default_init
+from unimoe_jax.layers.encoder_blocks import Dense, GeluMLP, LayerNorm, activation, default_init
 
 _ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 _HEAD_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)

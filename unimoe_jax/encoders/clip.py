@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
-from unimoe_jax.layers.transformer import (
+from unimoe_jax.layers.encoder_blocks import (
     ACTIVATIONS,
     Dense,
     GeluMLP,
@@ -46,7 +46,7 @@ class CLIPVisionConfig:
     width, num_layers, num_heads, mlp_dim: the ViT's sizes (`num_layers` is the checkpoint's
       full depth; only `num_used_layers` of them are built).
     layer_norm_eps: epsilon of every LayerNorm.
-    act: MLP activation (a key of layers.transformer.ACTIVATIONS; CLIP uses 'quick_gelu').
+    act: MLP activation (a key of layers.encoder_blocks.ACTIVATIONS; CLIP uses 'quick_gelu').
     select_layer: LLaVA's `mm_vision_select_layer`, an index into the `num_layers + 1` hidden
       states (0: embeddings after pre-LN, i: output of layer i; negative counts from the end).
     select_feature: 'patch' drops the class token, 'cls_patch' keeps it in front.

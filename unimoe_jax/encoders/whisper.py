@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
-from unimoe_jax.layers.transformer import ACTIVATIONS, Dense, GeluMLP, LayerNorm
-from unimoe_jax.layers.transformer import MultiHeadAttention, activation
+from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, Dense, GeluMLP, LayerNorm
+from unimoe_jax.layers.encoder_blocks import MultiHeadAttention, activation
 
 _ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 
@@ -43,7 +43,7 @@ class WhisperEncoderConfig:
     d_model: width of the tokens.
     num_layers, num_heads, ffn_dim: the transformer's sizes.
     max_source_positions: output tokens; the input must have exactly twice as many frames.
-    act: MLP activation (a key of layers.transformer.ACTIVATIONS; Whisper uses exact 'gelu').
+    act: MLP activation (a key of layers.encoder_blocks.ACTIVATIONS; Whisper uses exact 'gelu').
     layer_norm_eps: LayerNorm epsilon (torch's default 1e-5 in Whisper).
     init_std: normal std of every kernel at initialisation (HF's `init_std`, 0.02). Only a
       randomly initialised tower (the CPU demo's) depends on it: at width 32, 0.02 leaves the
