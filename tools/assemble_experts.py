@@ -24,13 +24,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax import checkpoints
 from unimoe_jax.convert import experts as experts_lib
-
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _FILE_SUFFIXES = ('.bin', '.pt', '.pth', '.safetensors')
 

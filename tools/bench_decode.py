@@ -19,12 +19,8 @@ whether the greedy tokens agree. --json PATH also writes the rows.
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _hf_model(kind, args):

@@ -66,9 +66,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import flax.linen as nn
 from unimoe_jax import checkpoints
 from unimoe_jax import layer_stacking
@@ -80,8 +77,6 @@ from unimoe_jax.convert import official
 from unimoe_jax.convert import official_towers
 from unimoe_jax.decoder import Decoder
 from unimoe_jax.network import UniMoE, UniMoEConfig
-
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Files the official training scripts write beside (or instead of) the model weights.
 OFFICIAL_EXTRA_FILES = official.OFFICIAL_EXTRA_FILES

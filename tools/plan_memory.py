@@ -34,7 +34,6 @@ import sys
 import time
 
 _CHILD_ENV = 'UNIMOE_PLAN_MEMORY_DEVICES'
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _parse_args(argv):
@@ -316,8 +315,6 @@ def print_table(r: dict) -> None:
 
 def main(argv=None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
-  if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
   args = _parse_args(argv)
   _parse_gin(args)
   wanted = _wanted_devices(args)

@@ -29,15 +29,11 @@ import time
 import traceback
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-try:
-  from unimoe_jax.data import manifest as manifest_lib
-except ImportError:  # Run from a checkout that is not installed.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from unimoe_jax.data import manifest as manifest_lib
 from absl import logging
 import gin
 import tensorflow as tf
 
+from unimoe_jax.data import manifest as manifest_lib
 from unimoe_jax.data import precomputed as precomputed_lib
 from unimoe_jax.data import vocabulary as vocabulary_lib
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import decoding
-from unimoe_jax.network import MODALITIES, UniMoE, UniMoEConfig
+from unimoe_jax.network import MODALITIES, UniMoE, UniMoEConfig, check_placeholders
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -182,6 +182,12 @@ class UniMoEModel:
     self.decode_kwargs = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, alpha=beam_alpha
     )
+
+  def check_batch(self, batch: Mapping[str, Any], where: str) -> None:
+    """Raises, naming `where`, when a host batch's placeholders do not match the soft tokens
+    this model makes per item (`network.check_placeholders`); the loops call it before any
+    compute on the batch. numpy only: about a millisecond for a batch of 256 x 2048 ids."""
+    check_placeholders(self.config, batch, where)
 
   # ---- vocabularies and features ---------------------------------------------------------
   @property

@@ -182,9 +182,18 @@ def splice(
   return jnp.where(is_placeholder[..., None], gathered.astype(embeddings.dtype), embeddings)
 
 
-def check_placeholders(config: UniMoEConfig, batch: Mapping[str, Any]) -> None:
+def check_placeholders(
+    config: UniMoEConfig, batch: Mapping[str, Any], where: str = 'batch'
+) -> None:
   """Host-side check that each row holds exactly `num_soft_tokens(m)` placeholders per real
-  item of every modality (numpy; for data pipelines and tests). Raises naming row and key."""
+  item of every modality (numpy; the training and evaluation loops run it on every batch before
+  computing on it). Raises naming `where`, the row, the key and both counts.
+
+  A mismatch means the data pipeline expanded each placeholder to another number of ids than
+  the model makes soft tokens (its `ManifestConfig` / `TfdsSettings` `<m>_soft_tokens` against
+  `UniMoEConfig.num_soft_tokens(m)`): `splice` would then pair soft tokens with the wrong
+  placeholders without any error.
+  """
   tokens = np.asarray(batch['decoder_input_tokens'])
   for m in MODALITIES:
     token_id = getattr(config, f'{m}_token_id')
@@ -195,16 +204,23 @@ def check_placeholders(config: UniMoEConfig, batch: Mapping[str, Any]) -> None:
     )
     if m not in config.modalities:
       if items.any():
-        raise ValueError(f'batch has {m} items but the model has no {m} encoder')
+        raise ValueError(f'{where}: has {m} items but the model has no {m} encoder')
       continue
     want = items * config.num_soft_tokens(m)
     bad = np.nonzero(count != want)[0]
     if bad.size:
       r = int(bad[0])
+      per_item = (
+          f'{int(count[r]) // int(items[r])} per item'
+          if items[r] and count[r] % items[r] == 0
+          else 'not a multiple of the items'
+      )
       raise ValueError(
-          f'row {r}: {int(count[r])} {m} placeholder tokens (id {token_id}) in '
-          f'decoder_input_tokens, but {mask_key} has {int(items[r])} items x '
-          f'{config.num_soft_tokens(m)} soft tokens = {int(want[r])}'
+          f'{where}: row {r}: {int(count[r])} {m} placeholder tokens (id {token_id}, '
+          f'{per_item}) in decoder_input_tokens, but {mask_key} has {int(items[r])} items x '
+          f"{config.num_soft_tokens(m)} soft tokens = {int(want[r])}. The data's "
+          f"{m}_soft_tokens (ManifestConfig / TfdsSettings) must equal the model's "
+          f'UniMoEConfig.num_soft_tokens({m!r}) = {config.num_soft_tokens(m)}'
       )
 
 

@@ -14,10 +14,9 @@ per-task shuffle buffers (`tasks/common.py` SHUFFLE_BUFFER_SIZE decoded examples
 seqio's default of 1,000 for other tasks), the manifest's index shuffle buffer (8 bytes per
 record), prefetched batches (2 here, plus seqio's per-task prefetch), finished but unread
 outputs of the parallel maps, the packer's open row, and the random states. So its size is
-that of the decoded examples in flight, per process and per checkpoint: measured 13 MB for
-the demo's stage-3 mixture (10 tasks, its gin files, batch 8; 4 MB for stage 1) and 17-19 MB
-at 'targets' 512; with 336 px images (1.35 MB each as float32) or Whisper windows (1.5 MB each)
-expect hundreds of MB. Saving it blocks the training loop for about a second here. A
+that of the decoded examples in flight, per process and per checkpoint: megabytes for the
+demo, hundreds of MB with 336 px images or Whisper windows (docs/benchmarks.md, "Numbers the
+code's comments rely on"); saving it blocks the training loop for about a second. A
 small source that seqio caches in memory (a task that declares `num_input_examples` below
 seqio's in-memory caching limit) puts the whole cache into the state.
 
@@ -35,7 +34,7 @@ raises, and the checkpoints then hold no input state (a warning says so once).
 """
 
 import importlib
-from typing import Dict, Iterator, Mapping, Sequence, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -204,15 +203,14 @@ def batched_with_padding(
     yield batch, n
 
 
-def first_batch_shapes(
+def _first_pass(
     mixture_or_task_name: str,
     task_feature_lengths: Mapping[str, int],
-    global_batch_size: int,
-    pack: bool = True,
-    split: str = 'train',
-) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, np.dtype]]:
-  """Global shapes and dtypes of the model features, from the converter's element spec."""
-  ds = seqio.get_dataset(
+    pack: bool,
+    split: str,
+) -> tf.data.Dataset:
+  """One unshuffled epoch of model features, unbatched (shapes and the first rows)."""
+  return seqio.get_dataset(
       mixture_or_task_name,
       task_feature_lengths=dict(task_feature_lengths),
       feature_converter=feature_converter(task_feature_lengths, pack),
@@ -222,8 +220,34 @@ def first_batch_shapes(
       trim_output_features=False,
       verbose=False,
   )
+
+
+def first_batch_shapes(
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    global_batch_size: int,
+    pack: bool = True,
+    split: str = 'train',
+) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, np.dtype]]:
+  """Global shapes and dtypes of the model features, from the converter's element spec."""
+  ds = _first_pass(mixture_or_task_name, task_feature_lengths, pack, split)
   shapes, types = {}, {}
   for key, spec in ds.element_spec.items():
     shapes[key] = (global_batch_size,) + tuple(spec.shape)
     types[key] = spec.dtype.as_numpy_dtype
   return shapes, types
+
+
+def first_row(
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    pack: bool = True,
+    split: str = 'train',
+) -> Optional[Dict[str, np.ndarray]]:
+  """The first row of model features as a batch of one (`[1, ...]` each), None when the split
+  yields nothing: what the loops check against the model before any compute. Reads only the
+  examples that row holds."""
+  ds = _first_pass(mixture_or_task_name, task_feature_lengths, pack, split)
+  for row in iteration.numpy_iterator(ds.take(1).batch(1)):
+    return row
+  return None

@@ -79,8 +79,8 @@ def default_kernel_init(fan_in_dims: int) -> Initializer:
 def _matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
   """Contracts x's last `n_in` axes with kernel's first `n_in` axes as one 2-D GEMM.
 
-  Flattening to `[rows, in] @ [in, out]` matters on XLA:CPU, where a rank-3 dot measured
-  ~20% slower than the same work as a rank-2 dot (tools/bench_moe.py, dense FFN row).
+  Flattening to `[rows, in] @ [in, out]` matters on XLA:CPU, where a rank-3 dot is slower
+  than the same work as a rank-2 dot (docs/benchmarks.md, "Numbers the code's comments rely on").
   """
   lead, in_shape, out_shape = x.shape[:-n_in], kernel.shape[:n_in], kernel.shape[n_in:]
   in_size, out_size = int(np.prod(in_shape)), int(np.prod(out_shape))

@@ -52,7 +52,9 @@ class ModelEvaluator:
   def _batches(self, ds):
     # Enumerated datasets hold (index, features) pairs; make them one dict for batching.
     ds = ds.map(lambda index, features: dict(features, _index=index))
-    return pipeline.batched_with_padding(ds, self.batch_size)
+    for batch, n in pipeline.batched_with_padding(ds, self.batch_size):
+      self.model.check_batch(batch, 'evaluation batch')
+      yield batch, n
 
   def predict_fn(self, ds, model_feature_shapes=None):
     del model_feature_shapes

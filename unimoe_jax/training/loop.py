@@ -137,6 +137,11 @@ def train(
   input_shapes, input_types = pipeline.first_batch_shapes(
       mixture_or_task_name, task_feature_lengths, batch_size, pack
   )
+  # The data's soft tokens per item against the model's, before any compute (every batch is
+  # checked again below: this row holds only the first examples of the mixture).
+  first = pipeline.first_row(mixture_or_task_name, task_feature_lengths, pack)
+  if first is not None:
+    model.check_batch(first, f'MIXTURE_OR_TASK_NAME={mixture_or_task_name!r}, first row')
 
   abstract = train_state_lib.abstract_params(model, input_shapes, input_types)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
@@ -243,6 +248,7 @@ def train(
             f'TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} (preprocessors.drop_too_long, '
             'the feature converter) or skipped as bad, or the split is empty.'
         ) from None
+      model.check_batch(local, f'MIXTURE_OR_TASK_NAME={mixture_or_task_name!r}, step {step}')
       batch = {
           k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in local.items()
       }
