@@ -2,7 +2,6 @@
 seqio source; error policies; drop_too_long."""
 
 import dataclasses
-import io
 import json
 import os
 
@@ -28,30 +27,12 @@ IDS = {'image': -200, 'video': -201, 'speech': -202, 'audio': -203}
 
 
 def _tokenizer(directory):
-  model = io.BytesIO()
   corpus = [
       conv_lib.SYSTEM,
       'USER: What is this? ASSISTANT: A red square.',
       'Describe the sound and the video in detail.',
   ] * 20
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus),
-      model_writer=model,
-      vocab_size=350,
-      model_type='bpe',
-      byte_fallback=True,
-      unk_id=0,
-      bos_id=1,
-      eos_id=2,
-      pad_id=-1,
-      normalization_rule_name='identity',
-      remove_extra_whitespaces=False,
-      minloglevel=2,
-  )
-  path = str(directory / 'tokenizer.model')
-  with open(path, 'wb') as f:
-    f.write(model.getvalue())
-  return path
+  return vocab_lib.train_sentencepiece(corpus, str(directory / 'tokenizer.model'), 350)
 
 
 def _turns(question, answer='A red square.'):

@@ -2,7 +2,6 @@
 and precomputed_dataset reads back exactly what manifest_dataset gives; error policies; sharding;
 checks of a damaged directory."""
 
-import io
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from PIL import Image  # noqa: E402
 from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import manifest as manifest_lib  # noqa: E402
 from unimoe_jax.data import precomputed as precomputed_lib  # noqa: E402
+from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 
 sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
@@ -59,30 +59,12 @@ BROKEN_LINE = 3  # 1-based line of BROKEN in the manifest with it
 
 
 def _tokenizer(directory):
-  model = io.BytesIO()
   corpus = [
       conv_lib.SYSTEM,
       'USER: What is this? ASSISTANT: A red square.',
       'Describe the sound and the video. Transcribe. Text only. Noise.',
   ] * 20
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus),
-      model_writer=model,
-      vocab_size=300,
-      model_type='bpe',
-      byte_fallback=True,
-      unk_id=0,
-      bos_id=1,
-      eos_id=2,
-      pad_id=-1,
-      normalization_rule_name='identity',
-      remove_extra_whitespaces=False,
-      minloglevel=2,
-  )
-  path = str(directory / 'tokenizer.model')
-  with open(path, 'wb') as f:
-    f.write(model.getvalue())
-  return path
+  return vocab_lib.train_sentencepiece(corpus, str(directory / 'tokenizer.model'), 300)
 
 
 def _write_manifest(root, name, records):

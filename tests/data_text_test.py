@@ -1,7 +1,6 @@
 """Text side of the data path: the placeholder-aware vocabulary (Python and tf.data paths) and
 the Vicuna v1 conversation template with official-style loss masking."""
 
-import io
 import re
 
 import numpy as np
@@ -28,28 +27,14 @@ _CORPUS = [
 def train_llama_like_tokenizer(directory) -> str:
   """A tiny SentencePiece model with LLaMA's settings (BPE, byte fallback, unk 0, <s> 1,
   </s> 2, no pad, identity normalisation, dummy prefix, digits split)."""
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_CORPUS * 20),
-      model_writer=model,
+  return vocab_lib.train_sentencepiece(
+      _CORPUS * 20,
+      str(directory / 'tokenizer.model'),
       vocab_size=400,
-      model_type='bpe',
-      byte_fallback=True,
-      unk_id=0,
-      bos_id=1,
-      eos_id=2,
-      pad_id=-1,
-      normalization_rule_name='identity',
-      remove_extra_whitespaces=False,
       add_dummy_prefix=True,
       split_digits=True,
       allow_whitespace_only_pieces=True,
-      minloglevel=2,
   )
-  path = str(directory / 'tokenizer.model')
-  with open(path, 'wb') as f:
-    f.write(model.getvalue())
-  return path
 
 
 @pytest.fixture(scope='module')

@@ -48,8 +48,6 @@ PLACEHOLDER_IDS = vocab_lib.DEFAULT_PLACEHOLDER_IDS
 
 @pytest.fixture(scope='module')
 def vocab(tmp_path_factory):
-  import io
-  import sentencepiece as spm
 
   corpus = [
       conv_lib.SYSTEM,
@@ -58,26 +56,14 @@ def vocab(tmp_path_factory):
       'USER: ASSISTANT: hello world',
       "it's a dog on a mat. a cat sits. the quick brown fox jumps 0123456789",
   ]
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus * 20),
-      model_writer=model,
+  path = vocab_lib.train_sentencepiece(
+      corpus * 20,
+      str(tmp_path_factory.mktemp('spm') / 'tokenizer.model'),
       vocab_size=400,
-      model_type='bpe',
-      byte_fallback=True,
-      unk_id=0,
-      bos_id=1,
-      eos_id=2,
-      pad_id=-1,
-      normalization_rule_name='identity',
-      remove_extra_whitespaces=False,
       add_dummy_prefix=True,
       split_digits=True,
-      minloglevel=2,
   )
-  path = tmp_path_factory.mktemp('spm') / 'tokenizer.model'
-  path.write_bytes(model.getvalue())
-  return vocab_lib.get_vocabulary(str(path))
+  return vocab_lib.get_vocabulary(path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -134,30 +134,14 @@ def official_labels(prompt, tokenizer):
 
 
 def _train(directory, corpus):
-  import io  # pylint: disable=g-import-not-at-top
-
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus * 20),
-      model_writer=model,
+  return vocab_lib.train_sentencepiece(
+      corpus * 20,
+      str(directory / 'tokenizer.model'),
       vocab_size=400,
-      model_type='bpe',
-      byte_fallback=True,
-      unk_id=0,
-      bos_id=1,
-      eos_id=2,
-      pad_id=-1,
-      normalization_rule_name='identity',
-      remove_extra_whitespaces=False,
       add_dummy_prefix=True,
       split_digits=True,
       allow_whitespace_only_pieces=True,
-      minloglevel=2,
   )
-  path = str(directory / 'tokenizer.model')
-  with open(path, 'wb') as f:
-    f.write(model.getvalue())
-  return path
 
 
 @pytest.fixture(scope='module')

@@ -2,7 +2,6 @@
 Vicuna prompt (text-only HF checkpoint); a multimodal checkpoint answers about an image; bad
 media fail naming the file."""
 
-import io as std_io
 import os
 import sys
 
@@ -35,23 +34,18 @@ _CORPUS = [
 
 
 def make_tokenizer(directory) -> str:
-  spm = pytest.importorskip('sentencepiece')
-  model = std_io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_CORPUS * 10),
-      model_writer=model,
+  pytest.importorskip('sentencepiece')
+  from unimoe_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
+
+  # SentencePiece's own normalisation and no byte fallback: a plain tokenizer, unlike LLaMA's.
+  return vocabulary.train_sentencepiece(
+      _CORPUS * 10,
+      os.path.join(str(directory), 'tokenizer.model'),
       vocab_size=90,
-      model_type='bpe',
-      unk_id=0,
-      bos_id=1,
-      eos_id=2,
-      pad_id=-1,
-      minloglevel=2,
+      byte_fallback=False,
+      normalization_rule_name='nmt_nfkc',
+      remove_extra_whitespaces=True,
   )
-  path = os.path.join(str(directory), 'tokenizer.model')
-  with open(path, 'wb') as f:
-    f.write(model.getvalue())
-  return path
 
 
 @pytest.fixture(scope='module')

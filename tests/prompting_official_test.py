@@ -1,7 +1,6 @@
 """Prompts as official Uni-MoE inference builds them: placeholder order, long speech / audio."""
 
 import dataclasses
-import io as std_io
 import os
 
 import flax.linen as nn
@@ -67,27 +66,15 @@ def tokenizer_path(tmp_path_factory):
       conversation.SYSTEM,
       'USER: what is it? ASSISTANT: a cat',
   ]
-  model = std_io.BytesIO()
+  from unimoe_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
+
   # LLaMA's settings (byte fallback, identity normalisation): "\n" between placeholders stays.
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus * 10),
-      model_writer=model,
+  return vocabulary.train_sentencepiece(
+      corpus * 10,
+      os.path.join(str(tmp_path_factory.mktemp('spm')), 'tokenizer.model'),
       vocab_size=300,
-      model_type='bpe',
-      byte_fallback=True,
-      unk_id=0,
-      bos_id=1,
-      eos_id=2,
-      pad_id=-1,
-      normalization_rule_name='identity',
-      remove_extra_whitespaces=False,
       add_dummy_prefix=True,
-      minloglevel=2,
   )
-  path = os.path.join(str(tmp_path_factory.mktemp('spm')), 'tokenizer.model')
-  with open(path, 'wb') as f:
-    f.write(model.getvalue())
-  return path
 
 
 def _wav(path, samples, seed=0):

@@ -2,7 +2,6 @@
 line, field or flag, and no data is silently lost. docs/reliability.md lists what the user
 sees for each."""
 
-import io
 import json
 
 import numpy as np
@@ -15,6 +14,7 @@ from PIL import Image  # noqa: E402
 
 from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import manifest as manifest_lib  # noqa: E402
+from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 
 SIZE = 16
 
@@ -30,25 +30,8 @@ IMAGE = {'id': 'img', 'image': 'red.png', 'conversations': _turns('<image>\nWhat
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp('reliability')
-  model = io.BytesIO()
   corpus = [conv_lib.SYSTEM, 'USER: What is this? ASSISTANT: A red square. Text only.'] * 20
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus),
-      model_writer=model,
-      vocab_size=300,
-      model_type='bpe',
-      byte_fallback=True,
-      unk_id=0,
-      bos_id=1,
-      eos_id=2,
-      pad_id=-1,
-      normalization_rule_name='identity',
-      remove_extra_whitespaces=False,
-      minloglevel=2,
-  )
-  vocab_path = str(root / 'tokenizer.model')
-  with open(vocab_path, 'wb') as f:
-    f.write(model.getvalue())
+  vocab_path = vocab_lib.train_sentencepiece(corpus, str(root / 'tokenizer.model'), 300)
   Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(root / 'red.png')
   return root, vocab_path
 
@@ -226,7 +209,6 @@ def test_skip_counts_each_bad_example_once_however_often_read(data):
 
 
 def _register_image_task(root, vocab_path, name='reliability_images'):
-  from unimoe_jax.data import vocabulary as vocab_lib  # pylint: disable=g-import-not-at-top
   from unimoe_jax.tasks import common  # pylint: disable=g-import-not-at-top
 
   path = _write_bytes(root, 'images.jsonl', _jsonl(TEXT, IMAGE, IMAGE))
@@ -402,7 +384,6 @@ def test_gin_flags_accept_valid_lengths_and_required_macros():
 
 
 def _register_text_task(root, vocab_path, name, payload: bytes):
-  from unimoe_jax.data import vocabulary as vocab_lib  # pylint: disable=g-import-not-at-top
   from unimoe_jax.tasks import common  # pylint: disable=g-import-not-at-top
 
   path = _write_bytes(root, f'{name}.jsonl', payload)

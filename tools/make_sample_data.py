@@ -817,11 +817,8 @@ def train_tokenizer(output: str, vocab_size: int = 512) -> str:
   words (and anything else through byte fallback). `hard_vocab_limit=False` lets the tiny
   corpus stop below `vocab_size`; the model's vocab_size must be at least the result.
   """
-  import io  # pylint: disable=g-import-not-at-top
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from unimoe_jax.data import conversation  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
 
   lines = [conversation.SYSTEM]
   train = os.path.join(output, 'train')
@@ -837,29 +834,15 @@ def train_tokenizer(output: str, vocab_size: int = 512) -> str:
               .strip()
           )
   lines += ['USER: ASSISTANT:'] * 100
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines),
-      model_writer=model,
-      vocab_size=vocab_size,
+  return vocabulary.train_sentencepiece(
+      lines,
+      os.path.join(output, 'tokenizer.model'),
+      vocab_size,
       hard_vocab_limit=False,
-      model_type='bpe',
-      byte_fallback=True,
-      unk_id=0,
-      bos_id=1,
-      eos_id=2,
-      pad_id=-1,
-      normalization_rule_name='identity',
-      remove_extra_whitespaces=False,
       add_dummy_prefix=True,
       split_digits=True,
       allow_whitespace_only_pieces=True,
-      minloglevel=2,
   )
-  path = os.path.join(output, 'tokenizer.model')
-  with open(path, 'wb') as f:
-    f.write(model.getvalue())
-  return path
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -21,6 +21,7 @@ legacy SentencePiece-encodes it with the dummy-prefix space ("▁US"...), legacy
 `encode_after_special` is text right after a special token.
 """
 
+import io
 import json
 import os
 import re
@@ -75,6 +76,42 @@ def sentencepiece_without_dummy_prefix(tokenizer):
   processor = sentencepiece.SentencePieceProcessor()
   processor.LoadFromSerializedProto(proto.SerializeToString())
   return processor
+
+
+# What a SentencePiece model needs to serve as a LLaMA-style vocabulary here: BPE, LLaMA's id
+# layout (unk 0, <s> 1, </s> 2, no pad: the converter pads with 0), byte fallback (any text
+# encodes) and identity normalisation without whitespace cleanup (the "\n" between a
+# placeholder and the question is kept, as the official prompts have it).
+LLAMA_TRAINER_SETTINGS = dict(
+    model_type='bpe',
+    byte_fallback=True,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    normalization_rule_name='identity',
+    remove_extra_whitespaces=False,
+)
+
+
+def train_sentencepiece(lines: Sequence[str], path: str, vocab_size: int, **trainer_options) -> str:
+  """Trains a small SentencePiece model on `lines` with `LLAMA_TRAINER_SETTINGS` (any of them,
+  and any other trainer option, replaced or added by `trainer_options`) and writes it to
+  `path`; returns `path`. For the sample data and tests: real runs use the released
+  tokenizer.model."""
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+
+  model = io.BytesIO()
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines),
+      model_writer=model,
+      vocab_size=vocab_size,
+      minloglevel=2,
+      **{**LLAMA_TRAINER_SETTINGS, **trainer_options},
+  )
+  with open(path, 'wb') as f:
+    f.write(model.getvalue())
+  return path
 
 
 TOKENIZER_JSON_FILE = 'tokenizer.json'
