@@ -216,39 +216,24 @@ def answer(
   )
 
 
+# The decoding flags: (flag, type, default, help). Each value is checked by `check_decoding`.
+DECODING_FLAGS = (
+    ('--max_decode_steps', int, 128, 'most new tokens (prompt + these <= --max_length)'),
+    ('--temperature', float, 0.0, '0: greedy; > 0: sampling'),
+    ('--top_k', int, 0, 'sampling: keep the k most likely (0: off)'),
+    ('--top_p', float, 1.0, 'sampling: nucleus mass in (0, 1] (1: off)'),
+    ('--num_beams', int, 1, '> 1: beam search'),
+    ('--seed', int, 0, 'sampling seed'),
+)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   score.add_common_flags(parser)
   parser.add_argument('--prompt', required=True, help='the question (placeholders optional)')
   score.add_media_flags(parser)
-  parser.add_argument(
-      '--max_decode_steps',
-      type=_flag_type('--max_decode_steps', int),
-      default=128,
-      help='most new tokens (prompt + these <= --max_length)',
-  )
-  parser.add_argument(
-      '--temperature',
-      type=_flag_type('--temperature', float),
-      default=0.0,
-      help='0: greedy; > 0: sampling',
-  )
-  parser.add_argument(
-      '--top_k',
-      type=_flag_type('--top_k', int),
-      default=0,
-      help='sampling: keep the k most likely (0: off)',
-  )
-  parser.add_argument(
-      '--top_p',
-      type=_flag_type('--top_p', float),
-      default=1.0,
-      help='sampling: nucleus mass in (0, 1] (1: off)',
-  )
-  parser.add_argument(
-      '--num_beams', type=_flag_type('--num_beams', int), default=1, help='> 1: beam search'
-  )
-  parser.add_argument('--seed', type=_flag_type('--seed', int), default=0, help='sampling seed')
+  for flag, kind, default, help_text in DECODING_FLAGS:
+    parser.add_argument(flag, type=_flag_type(flag, kind), default=default, help=help_text)
   parser.add_argument(
       '--image_mode',
       default='crop',

@@ -96,9 +96,41 @@ def validate_feature_settings(settings, name: str, extra_positive=()) -> None:
       raise ValueError(f'{name}.{field} must be positive, got {getattr(settings, field)}')
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureSettings:
+  """How examples become features: the fields a manifest (`ManifestConfig`) and a TFDS source
+  (`tfds_sources.TfdsSettings`) share; what each means is in `ManifestConfig`'s docstring.
+  Subclasses call `validate_feature_settings` in their `__post_init__`."""
+
+  modalities: Tuple[str, ...] = MODALITIES
+  image_size: int = 336
+  image_mode: str = 'crop'
+  video_frames: int = 8
+  n_mels: int = 80
+  speech_seconds: int = WHISPER_SECONDS
+  audio_frames: int = audio_lib.BEATS_CHUNK_FRAMES
+  image_soft_tokens: int = 576
+  video_soft_tokens: int = 576
+  speech_soft_tokens: int = 50
+  audio_soft_tokens: int = 50
+  on_bad_example: str = 'raise'
+
+  def num_soft_tokens(self, modality: str) -> int:
+    return getattr(self, f'{modality}_soft_tokens')
+
+  def item_shape(self, modality: str) -> Tuple[int, ...]:
+    size = self.image_size
+    return {
+        'image': (size, size, 3),
+        'video': (self.video_frames, size, size, 3),
+        'speech': (100 * self.speech_seconds, self.n_mels),
+        'audio': (self.audio_frames, BEATS_BINS),
+    }[modality]
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class ManifestConfig:
+class ManifestConfig(FeatureSettings):
   """Where a manifest is and how its examples become features.
 
   Attributes:
@@ -129,25 +161,14 @@ class ManifestConfig:
     on_bad_example: 'raise' or 'skip'.
   """
 
+  # The fields of FeatureSettings, then:
   path: str = ''
   splits: Optional[Any] = None
   media_root: str = ''
   vocab_path: str = ''
-  modalities: Tuple[str, ...] = MODALITIES
   voice_modality: str = 'speech'
-  image_size: int = 336
-  image_mode: str = 'crop'
-  video_frames: int = 8
-  n_mels: int = 80
-  speech_seconds: int = WHISPER_SECONDS
-  audio_frames: int = audio_lib.BEATS_CHUNK_FRAMES
   audio_padding: str = 'official'
   audio_max_chunks: int = 0
-  image_soft_tokens: int = 576
-  video_soft_tokens: int = 576
-  speech_soft_tokens: int = 50
-  audio_soft_tokens: int = 50
-  on_bad_example: str = 'raise'
 
   def __post_init__(self):
     if isinstance(self.splits, Mapping):
@@ -179,18 +200,6 @@ class ManifestConfig:
 
   def split_paths(self) -> Dict[str, str]:
     return dict(self.splits) if self.splits else {'train': self.path}
-
-  def num_soft_tokens(self, modality: str) -> int:
-    return getattr(self, f'{modality}_soft_tokens')
-
-  def item_shape(self, modality: str) -> Tuple[int, ...]:
-    size = self.image_size
-    return {
-        'image': (size, size, 3),
-        'video': (self.video_frames, size, size, 3),
-        'speech': (100 * self.speech_seconds, self.n_mels),
-        'audio': (self.audio_frames, BEATS_BINS),
-    }[modality]
 
 
 # ----------------------------------------------------------------------------------------------

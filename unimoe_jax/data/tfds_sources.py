@@ -42,7 +42,7 @@ on_bad_example='skip' are logged, counted in `manifest.BAD_EXAMPLES` and dropped
 
 import dataclasses
 import functools
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 from absl import logging
 import gin
@@ -99,31 +99,13 @@ CAPTION_CHOICES = ('first', 'all')
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class TfdsSettings:
-  """How TFDS examples become features, for tasks that are not given a ManifestConfig.
-
-  The fields mean what `manifest.ManifestConfig`'s fields of the same names mean; only those
-  the TFDS tasks use are here (no manifest paths).
-  """
-
-  modalities: Tuple[str, ...] = manifest_lib.MODALITIES
-  image_size: int = 336
-  image_mode: str = 'crop'
-  video_frames: int = 8
-  n_mels: int = 80
-  speech_seconds: int = manifest_lib.WHISPER_SECONDS
-  audio_frames: int = 2998
-  image_soft_tokens: int = 576
-  video_soft_tokens: int = 576
-  speech_soft_tokens: int = 50
-  audio_soft_tokens: int = 50
-  on_bad_example: str = 'raise'
+class TfdsSettings(manifest_lib.FeatureSettings):
+  """How TFDS examples become features, for tasks that are not given a ManifestConfig: the
+  fields of `manifest.FeatureSettings` (what they mean: `manifest.ManifestConfig`), with no
+  manifest paths."""
 
   def __post_init__(self):
     manifest_lib.validate_feature_settings(self, 'TfdsSettings')
-
-  num_soft_tokens = manifest_lib.ManifestConfig.num_soft_tokens
-  item_shape = manifest_lib.ManifestConfig.item_shape
 
 
 # ----------------------------------------------------------------------------------------------
