@@ -2,7 +2,6 @@
 seqio source; error policies; drop_too_long."""
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -21,7 +20,10 @@ from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 from unimoe_jax.media import audio as audio_lib  # noqa: E402
 from unimoe_jax.media import image as image_lib  # noqa: E402
 
-SIZE, FRAMES, AUDIO_FRAMES = 16, 2, 64
+from manifest_fixtures import AUDIO_FRAMES, FRAMES, SIZE, small_config  # noqa: E402
+from manifest_fixtures import turns as _turns  # noqa: E402
+from manifest_fixtures import write_manifest as _write  # noqa: E402
+
 SOFT = {'image': 4, 'video': 3, 'speech': 2, 'audio': 5}
 IDS = {'image': -200, 'video': -201, 'speech': -202, 'audio': -203}
 
@@ -33,10 +35,6 @@ def _tokenizer(directory):
       'Describe the sound and the video in detail.',
   ] * 20
   return vocab_lib.train_sentencepiece(corpus, str(directory / 'tokenizer.model'), 350)
-
-
-def _turns(question, answer='A red square.'):
-  return [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': answer}]
 
 
 GOOD = [
@@ -72,28 +70,8 @@ def data(tmp_path_factory):
   return root, _tokenizer(root)
 
 
-def _write(root, name, records, jsonl=True):
-  path = str(root / name)
-  with open(path, 'w') as f:
-    if jsonl:
-      f.write('\n'.join(json.dumps(r) for r in records) + '\n')
-    else:
-      json.dump(records, f)
-  return path
-
-
 def _config(path, vocab_path, **overrides):
-  kwargs = dict(
-      path=path,
-      vocab_path=vocab_path,
-      image_size=SIZE,
-      video_frames=FRAMES,
-      audio_frames=AUDIO_FRAMES,
-      voice_modality='speech',
-      **{f'{m}_soft_tokens': n for m, n in SOFT.items()},
-  )
-  kwargs.update(overrides)
-  return manifest_lib.ManifestConfig(**kwargs)
+  return small_config(path, vocab_path, SOFT, **overrides)
 
 
 def test_manifest_dataset_shapes_dtypes_and_content(data):

@@ -27,13 +27,12 @@ sys.path.insert(
 )
 import precompute_features  # noqa: E402
 
-SIZE, FRAMES, AUDIO_FRAMES = 16, 2, 64
+from manifest_fixtures import AUDIO_FRAMES, FRAMES, SIZE, small_config  # noqa: E402
+from manifest_fixtures import turns as _turns  # noqa: E402
+from manifest_fixtures import write_manifest as _write_manifest  # noqa: E402
+
 SOFT = {'image': 3, 'video': 2, 'speech': 2, 'audio': 4}
 NUM_SHARDS = 3
-
-
-def _turns(question, answer='A red square.'):
-  return [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': answer}]
 
 
 GOOD = [
@@ -67,25 +66,8 @@ def _tokenizer(directory):
   return vocab_lib.train_sentencepiece(corpus, str(directory / 'tokenizer.model'), 300)
 
 
-def _write_manifest(root, name, records):
-  path = str(root / name)
-  with open(path, 'w') as f:
-    f.write('\n'.join(json.dumps(r) for r in records) + '\n')
-  return path
-
-
 def _config(path, vocab_path, **overrides):
-  kwargs = dict(
-      path=path,
-      vocab_path=vocab_path,
-      image_size=SIZE,
-      video_frames=FRAMES,
-      audio_frames=AUDIO_FRAMES,
-      voice_modality='speech',
-      **{f'{m}_soft_tokens': n for m, n in SOFT.items()},
-  )
-  kwargs.update(overrides)
-  return manifest_lib.ManifestConfig(**kwargs)
+  return small_config(path, vocab_path, SOFT, **overrides)
 
 
 def _flags(manifest, vocab_path, output, workers, on_bad_example='raise'):

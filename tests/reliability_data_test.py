@@ -16,11 +16,9 @@ from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import manifest as manifest_lib  # noqa: E402
 from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 
+from manifest_fixtures import turns as _turns  # noqa: E402
+
 SIZE = 16
-
-
-def _turns(question, answer='A red square.'):
-  return [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': answer}]
 
 
 TEXT = {'id': 'txt', 'conversations': _turns('What is this?', 'Text only.')}
