@@ -13,6 +13,8 @@ tf = pytest.importorskip('tensorflow')
 from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 
+from official_prompt_reference import official_labels  # noqa: E402
+
 PLACEHOLDERS = vocab_lib.DEFAULT_PLACEHOLDER_IDS
 
 _CORPUS = [
@@ -144,23 +146,8 @@ def _official_tokenize(text, vocab):
 
 def _official_labels(prompt, vocab):
   """Official `preprocess_va` masking (LLaVA `preprocess_v1`): -100 where no loss."""
-  input_ids = _official_tokenize(prompt, vocab)
-  labels = list(input_ids)
-  sep = ' ASSISTANT: '
-  cur_len = 1
-  labels[:1] = [-100]
-  for rou in prompt.split('</s>'):
-    if rou == '':
-      break
-    parts = rou.split(sep)
-    if len(parts) != 2:
-      break
-    round_len = len(_official_tokenize(rou, vocab))
-    instruction_len = len(_official_tokenize(parts[0] + sep, vocab)) - 2
-    labels[cur_len : cur_len + instruction_len] = [-100] * instruction_len
-    cur_len += round_len
-  labels[cur_len:] = [-100] * (len(labels) - cur_len)
-  assert cur_len == len(input_ids), 'official tokenization mismatch'
+  input_ids, labels, whole = official_labels(prompt, lambda text: _official_tokenize(text, vocab))
+  assert whole, 'official tokenization mismatch'
   return input_ids, labels
 
 
@@ -211,9 +198,9 @@ def test_two_turn_image_conversation_tokenisation_and_masking(vocab):
   np.testing.assert_array_equal(collapsed, plain)
 
   # Same ids and the same loss positions as the official tokenisation + masking.
-  official_ids, official_labels = _official_labels(TWO_TURNS_PROMPT, vocab)
+  official_ids, reference_labels = _official_labels(TWO_TURNS_PROMPT, vocab)
   assert plain.tolist() == official_ids
-  np.testing.assert_array_equal(plain_weights > 0, np.asarray(official_labels) != -100)
+  np.testing.assert_array_equal(plain_weights > 0, np.asarray(reference_labels) != -100)
 
 
 @pytest.mark.parametrize('system', ['', 'Be brief.'])
@@ -231,9 +218,9 @@ def test_system_prompt_binding_reaches_rendering_and_masking(vocab, system):
     targets, weights = conv_lib.tokenize_conversation(TWO_TURNS, vocab, {'<image>': 1})
     assert conv_lib.decode_prompt(targets, vocab) == prompt
     assert conv_lib.decode_prompt(targets[weights > 0], vocab) == conv_lib.answer_text(TWO_TURNS)
-    official_ids, official_labels = _official_labels(prompt, vocab)
+    official_ids, reference_labels = _official_labels(prompt, vocab)
     assert targets.tolist() == official_ids
-    np.testing.assert_array_equal(weights > 0, np.asarray(official_labels) != -100)
+    np.testing.assert_array_equal(weights > 0, np.asarray(reference_labels) != -100)
   finally:
     gin.clear_config()
   assert conv_lib.prompt_text(TWO_TURNS) == TWO_TURNS_PROMPT

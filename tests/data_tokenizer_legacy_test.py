@@ -23,6 +23,8 @@ from data_text_test import _CORPUS, train_llama_like_tokenizer  # noqa: E402
 from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 
+from official_prompt_reference import official_labels  # noqa: E402
+
 PLACEHOLDERS = {'<image>': -200, '<audio>': -203, '<video>': -201}
 SPECIAL = ('<unk>', '<s>', '</s>')
 UNDERLINE = '\u2581'
@@ -111,26 +113,10 @@ def official_tokenize(prompt, tokenizer):
   return ids
 
 
-def official_labels(prompt, tokenizer):
+def official_labels_of(prompt, tokenizer):
   """`preprocess_va` masking; None where it reports a tokenization mismatch."""
-  ids = official_tokenize(prompt, tokenizer)
-  labels = list(ids)
-  sep = ' ASSISTANT: '
-  cur = 1
-  labels[:1] = [-100]
-  for rou in prompt.split('</s>'):
-    if rou == '':
-      break
-    parts = rou.split(sep)
-    if len(parts) != 2:
-      break
-    parts[0] += sep
-    round_len = len(official_tokenize(rou, tokenizer))
-    instruction_len = len(official_tokenize(parts[0], tokenizer)) - 2
-    labels[cur : cur + instruction_len] = [-100] * instruction_len
-    cur += round_len
-  labels[cur:] = [-100] * (len(labels) - cur)
-  return ids, (labels if cur == len(ids) else None)
+  ids, labels, whole = official_labels(prompt, lambda text: official_tokenize(text, tokenizer))
+  return ids, (labels if whole else None)
 
 
 def _train(directory, corpus):
@@ -219,7 +205,7 @@ def test_conversations_tokenise_as_the_slow_llama_tokenizer(
   vocab = vocab_lib.get_vocabulary(path)
   ids, weights = conv_lib.tokenize_conversation(conversation, vocab, {p: 1 for p in PLACEHOLDERS})
   prompt = conv_lib.prompt_text(conversation)
-  official_ids, labels = official_labels(prompt, SlowLlamaTokenizer(path, legacy))
+  official_ids, labels = official_labels_of(prompt, SlowLlamaTokenizer(path, legacy))
   assert ids.tolist() == official_ids
   assert conv_lib.decode_prompt(ids, vocab) == prompt
   answers = conv_lib.answer_text(conversation)
