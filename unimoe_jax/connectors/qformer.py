@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
+from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, GeluMLP, LayerNorm, MultiHeadAttention
-
-_ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 
 
 @gin.configurable
@@ -140,14 +139,14 @@ class QFormerLayer(nn.Module):
     )
 
     x = norm('self_attention_norm')(x + attention('self_attention')(x))
-    x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
+    x = partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)
     if self.has_cross_attention:
       h = attention('cross_attention')(x, kv=encoder_states, mask=cross_mask)
       x = norm('cross_attention_norm')(x + h)
-      x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
+      x = partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)
     h = GeluMLP(cfg.intermediate_size, cfg.act, kernel_init=init, name='mlp', **kw)(x)
     x = norm('mlp_norm')(x + h)
-    return partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
+    return partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)
 
 
 class QFormer(nn.Module):
@@ -202,7 +201,7 @@ class QFormer(nn.Module):
           encoder_mask[:, :, None], encoder_states, jnp.zeros((), self.dtype)
       )
       cross_mask = encoder_mask[:, None, None, :]
-    encoder_states = partitioning.with_sharding_constraint(encoder_states, _ACTIVATION_AXES)
+    encoder_states = partitioning.with_sharding_constraint(encoder_states, ENCODER_HIDDEN_AXES)
 
     x = jnp.broadcast_to(
         query_tokens.astype(self.dtype)[None], (batch, cfg.num_query_tokens, cfg.hidden_size)
@@ -210,7 +209,7 @@ class QFormer(nn.Module):
     x = LayerNorm(
         cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name='embed_norm'
     )(x)
-    x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
+    x = partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)
     for i in range(cfg.num_layers):
       x = QFormerLayer(
           cfg,

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
+from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, GeluMLP, LayerNorm, MultiHeadAttention
 
-_ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 # Whisper's attention has no key bias (query, key, value, out).
 _WHISPER_ATTN_BIAS = (True, False, True, True)
 
@@ -154,7 +154,7 @@ class WhisperAlignerLayer(nn.Module):
     x = x + attention('cross_attn')(h, kv=encoder_out, mask=cross_mask)
     h = LayerNorm(cfg.layer_norm_eps, name='mlp_norm', **kw)(x)
     x = x + GeluMLP(cfg.ffn_dim, act=cfg.act, kernel_init=init, name='mlp', **kw)(h)
-    return partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
+    return partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)
 
 
 class WhisperAligner(nn.Module):
@@ -205,9 +205,9 @@ class WhisperAligner(nn.Module):
     )
     x = (queries + positions[:n]).astype(self.dtype)
     x = jnp.broadcast_to(x[None], (batch, n, cfg.d_model))
-    x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
+    x = partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)
     encoder_out = partitioning.with_sharding_constraint(
-        encoder_out.astype(self.dtype), _ACTIVATION_AXES
+        encoder_out.astype(self.dtype), ENCODER_HIDDEN_AXES
     )
     for i in range(cfg.num_layers):
       x = WhisperAlignerLayer(cfg, name=f'layers_{i}', **kw)(x, encoder_out, self_mask, cross_mask)

@@ -72,9 +72,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
+from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES
 from unimoe_jax.layers.encoder_blocks import Dense, GeluMLP, LayerNorm, activation, default_init
 
-_ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 _HEAD_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
 
 # Official `activation_fn` -> the shared ACTIVATIONS key. fairseq's 'gelu' is the exact erf form,
@@ -440,7 +440,7 @@ class BEATsLayer(nn.Module):
       alpha = cfg.deep_norm_alpha
       x = attn_norm(x * alpha + attn(x, mask, position_bias))
       x = mlp_norm(x * alpha + mlp(x))
-    return partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
+    return partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)
 
 
 class ConvPositions(nn.Module):
@@ -540,7 +540,7 @@ class BEATs(nn.Module):
           name='post_extract_proj',
           **kw,
       )(x)
-    x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
+    x = partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)
 
     if padding_mask is None:
       token_mask = jnp.zeros((batch, num_tokens), bool)

@@ -23,16 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
-from unimoe_jax.layers.encoder_blocks import (
-    ACTIVATIONS,
-    Dense,
-    GeluMLP,
-    LayerNorm,
-    MultiHeadAttention,
-)
+from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, ENCODER_HIDDEN_AXES, Dense, LayerNorm
+from unimoe_jax.layers.encoder_blocks import PreLNEncoderLayer
 
 SELECT_FEATURES = ('patch', 'cls_patch')
-_HIDDEN = ('activation_batch', 'activation_length', 'activation_embed')
 
 
 @gin.configurable
@@ -138,26 +132,18 @@ def named(size: str, **overrides) -> CLIPVisionConfig:
   return dataclasses.replace(CLIP_SIZES[size], **overrides)
 
 
-class CLIPEncoderLayer(nn.Module):
-  """Pre-LN block: `x + attn(ln1 x)`, then `+ mlp(ln2 ·)`. `[batch, tokens, width]` in and out."""
-
-  config: CLIPVisionConfig
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = LayerNorm(cfg.layer_norm_eps, name='layer_norm1', **kw)(x)
-    init = nn.initializers.normal(cfg.init_std)
-    x = x + MultiHeadAttention(
-        cfg.num_heads, cfg.head_dim, kernel_init=init, name='attention', **kw
-    )(h)
-    x = partitioning.with_sharding_constraint(x, _HIDDEN)
-    h = LayerNorm(cfg.layer_norm_eps, name='layer_norm2', **kw)(x)
-    x = x + GeluMLP(cfg.mlp_dim, act=cfg.act, kernel_init=init, name='mlp', **kw)(h)
-    return partitioning.with_sharding_constraint(x, _HIDDEN)
+def clip_encoder_layer(cfg: CLIPVisionConfig, **kwargs) -> PreLNEncoderLayer:
+  """CLIP's pre-LN block, its parameters named as transformers' CLIPEncoderLayer's."""
+  return PreLNEncoderLayer(
+      cfg.num_heads,
+      cfg.head_dim,
+      cfg.mlp_dim,
+      cfg.act,
+      cfg.layer_norm_eps,
+      cfg.init_std,
+      names=('layer_norm1', 'attention', 'layer_norm2', 'mlp'),
+      **kwargs,
+  )
 
 
 class CLIPVisionTower(nn.Module):
@@ -192,7 +178,7 @@ class CLIPVisionTower(nn.Module):
     if not pool_frames:
       return feats
     pooled = jnp.mean(feats.astype(jnp.float32), axis=1).astype(self.dtype)
-    return partitioning.with_sharding_constraint(pooled, _HIDDEN)
+    return partitioning.with_sharding_constraint(pooled, ENCODER_HIDDEN_AXES)
 
   @nn.compact
   def encode_images(self, pixels: jax.Array) -> jax.Array:
@@ -235,16 +221,16 @@ class CLIPVisionTower(nn.Module):
     )
     cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, cfg.width))
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
-    x = partitioning.with_sharding_constraint(x, _HIDDEN)
+    x = partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)
     x = LayerNorm(
         cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name='pre_layernorm'
     )(x)
 
     for i in range(cfg.num_used_layers):
-      x = CLIPEncoderLayer(cfg, dtype=self.dtype, param_dtype=self.param_dtype, name=f'layers_{i}')(
-          x
-      )
+      x = clip_encoder_layer(
+          cfg, dtype=self.dtype, param_dtype=self.param_dtype, name=f'layers_{i}'
+      )(x)
 
     if cfg.select_feature == 'patch':
       x = x[:, 1:]
-    return partitioning.with_sharding_constraint(x, _HIDDEN)
+    return partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)

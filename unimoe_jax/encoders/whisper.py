@@ -27,10 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
-from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, Dense, GeluMLP, LayerNorm
-from unimoe_jax.layers.encoder_blocks import MultiHeadAttention, activation
-
-_ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
+from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, ENCODER_HIDDEN_AXES, Dense, LayerNorm
+from unimoe_jax.layers.encoder_blocks import PreLNEncoderLayer, activation
 
 
 @gin.configurable
@@ -151,30 +149,19 @@ def conv1d_windows(x: jax.Array, kernel_size: int, stride: int, padding: int) ->
   return jnp.stack(taps, axis=2)
 
 
-class WhisperEncoderLayer(nn.Module):
-  """Pre-LN self-attention + GELU MLP: `[batch, tokens, embed] -> [batch, tokens, embed]`."""
-
-  config: WhisperEncoderConfig
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = LayerNorm(cfg.layer_norm_eps, name='attn_norm', **kw)(x)
-    init = nn.initializers.normal(cfg.init_std)
-    x = x + MultiHeadAttention(
-        cfg.num_heads,
-        cfg.head_dim,
-        use_bias=(True, False, True, True),
-        kernel_init=init,
-        name='attn',
-        **kw,
-    )(h)
-    h = LayerNorm(cfg.layer_norm_eps, name='mlp_norm', **kw)(x)
-    x = x + GeluMLP(cfg.ffn_dim, act=cfg.act, kernel_init=init, name='mlp', **kw)(h)
-    return partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
+def whisper_encoder_layer(cfg: WhisperEncoderConfig, **kwargs) -> PreLNEncoderLayer:
+  """Whisper's pre-LN encoder block (its key projection has no bias)."""
+  return PreLNEncoderLayer(
+      cfg.num_heads,
+      cfg.head_dim,
+      cfg.ffn_dim,
+      cfg.act,
+      cfg.layer_norm_eps,
+      cfg.init_std,
+      names=('attn_norm', 'attn', 'mlp_norm', 'mlp'),
+      attention_bias=(True, False, True, True),
+      **kwargs,
+  )
 
 
 class WhisperEncoder(nn.Module):
@@ -226,7 +213,7 @@ class WhisperEncoder(nn.Module):
     x = gelu(x)
     positions = sinusoids(cfg.max_source_positions, cfg.d_model)
     x = x + jnp.asarray(positions, self.dtype)[None]
-    x = partitioning.with_sharding_constraint(x, _ACTIVATION_AXES)
+    x = partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)
     for i in range(cfg.num_layers):
-      x = WhisperEncoderLayer(cfg, name=f'layers_{i}', **kw)(x)
+      x = whisper_encoder_layer(cfg, name=f'layers_{i}', **kw)(x)
     return LayerNorm(cfg.layer_norm_eps, name='final_norm', **kw)(x)

@@ -213,3 +213,47 @@ class MultiHeadAttention(nn.Module):
         out, ('activation_batch', 'activation_length', 'activation_heads', None)
     )
     return dense('out', (h, hd), (embed,), ('heads', 'head_dim', 'embed'), ob)(out)
+
+
+# The logical axes of an encoder tower's hidden states `[batch, tokens, embed]`.
+ENCODER_HIDDEN_AXES = ('activation_batch', 'activation_length', 'activation_embed')
+
+
+class PreLNEncoderLayer(nn.Module):
+  """The pre-LN block of the CLIP and Whisper encoders: `x + attn(norm1 x)`, then
+  `+ mlp(norm2 ·)`; `[batch, tokens, embed]` in and out.
+
+  `names` (first norm, attention, second norm, MLP) are the sub-modules' parameter names, which
+  each tower keeps as its checkpoints have them; `attention_bias` is per projection (query, key,
+  value, out), as `MultiHeadAttention.use_bias`.
+  """
+
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  act: str
+  layer_norm_eps: float
+  init_std: float
+  names: Tuple[str, str, str, str]
+  attention_bias: Sequence[bool] = (True, True, True, True)
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm1, attention, norm2, mlp = self.names
+    init = nn.initializers.normal(self.init_std)
+    h = LayerNorm(self.layer_norm_eps, name=norm1, **kw)(x)
+    x = x + MultiHeadAttention(
+        self.num_heads,
+        self.head_dim,
+        use_bias=self.attention_bias,
+        kernel_init=init,
+        name=attention,
+        **kw,
+    )(h)
+    x = partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)
+    h = LayerNorm(self.layer_norm_eps, name=norm2, **kw)(x)
+    x = x + GeluMLP(self.mlp_dim, act=self.act, kernel_init=init, name=mlp, **kw)(h)
+    return partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)
