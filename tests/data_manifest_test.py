@@ -2,7 +2,6 @@
 seqio source; error policies; drop_too_long."""
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ seqio = pytest.importorskip('seqio')
 spm = pytest.importorskip('sentencepiece')
 tf = pytest.importorskip('tensorflow')
 soundfile = pytest.importorskip('soundfile')
-from PIL import Image  # noqa: E402
 
 from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import manifest as manifest_lib  # noqa: E402
@@ -20,9 +18,9 @@ from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 from unimoe_jax.media import audio as audio_lib  # noqa: E402
 from unimoe_jax.media import image as image_lib  # noqa: E402
 
-from manifest_fixtures import AUDIO_FRAMES, FRAMES, SIZE, small_config  # noqa: E402
-from manifest_fixtures import turns as _turns  # noqa: E402
-from manifest_fixtures import write_manifest as _write  # noqa: E402
+from data_fixtures import AUDIO_FRAMES, FRAMES, SIZE, small_config, write_media  # noqa: E402
+from data_fixtures import turns as _turns  # noqa: E402
+from data_fixtures import write_manifest as _write  # noqa: E402
 
 SOFT = {'image': 4, 'video': 3, 'speech': 2, 'audio': 5}
 IDS = {'image': -200, 'video': -201, 'speech': -202, 'audio': -203}
@@ -53,20 +51,7 @@ GOOD = [
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp('manifest')
-  rng = np.random.default_rng(0)
-  os.makedirs(root / 'pics')
-  os.makedirs(root / 'frames')
-  os.makedirs(root / 'sounds')
-  Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / 'pics/red.png')
-  for i in range(3):
-    Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(
-        root / f'frames/{i}.png'
-    )
-  t = np.arange(16000) / 16000
-  soundfile.write(root / 'sounds/tone.wav', 0.3 * np.sin(2 * np.pi * 440 * t), 16000)
-  soundfile.write(root / 'sounds/short.wav', 0.3 * np.sin(2 * np.pi * 880 * t[:4800]), 16000)
-  with open(root / 'pics/broken.png', 'wb') as f:
-    f.write(b'this is not a png file at all')
+  write_media(root, {'red.png': (30, 40)})
   return root, _tokenizer(root)
 
 

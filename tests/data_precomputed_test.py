@@ -15,7 +15,6 @@ spm = pytest.importorskip('sentencepiece')
 tf = pytest.importorskip('tensorflow')
 soundfile = pytest.importorskip('soundfile')
 gin = pytest.importorskip('gin')
-from PIL import Image  # noqa: E402
 
 from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import manifest as manifest_lib  # noqa: E402
@@ -27,9 +26,9 @@ sys.path.insert(
 )
 import precompute_features  # noqa: E402
 
-from manifest_fixtures import AUDIO_FRAMES, FRAMES, SIZE, small_config  # noqa: E402
-from manifest_fixtures import turns as _turns  # noqa: E402
-from manifest_fixtures import write_manifest as _write_manifest  # noqa: E402
+from data_fixtures import AUDIO_FRAMES, FRAMES, SIZE, small_config, write_media  # noqa: E402
+from data_fixtures import turns as _turns  # noqa: E402
+from data_fixtures import write_manifest as _write_manifest  # noqa: E402
 
 SOFT = {'image': 3, 'video': 2, 'speech': 2, 'audio': 4}
 NUM_SHARDS = 3
@@ -117,20 +116,7 @@ def _assert_same(got, want):
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp('precomputed')
-  rng = np.random.default_rng(0)
-  for folder in ('pics', 'frames', 'sounds'):
-    os.makedirs(root / folder)
-  Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / 'pics/a.png')
-  Image.fromarray(rng.integers(0, 256, (20, 18, 3), dtype=np.uint8)).save(root / 'pics/b.png')
-  for i in range(3):
-    Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(
-        root / f'frames/{i}.png'
-    )
-  t = np.arange(16000) / 16000
-  soundfile.write(root / 'sounds/tone.wav', 0.3 * np.sin(2 * np.pi * 440 * t), 16000)
-  soundfile.write(root / 'sounds/short.wav', 0.3 * np.sin(2 * np.pi * 880 * t[:4800]), 16000)
-  with open(root / 'pics/broken.png', 'wb') as f:
-    f.write(b'this is not a png file at all')
+  write_media(root, {'a.png': (30, 40), 'b.png': (20, 18)})
   vocab_path = _tokenizer(root)
   manifest = _write_manifest(root, 'good.jsonl', GOOD)
   config = _config(manifest, vocab_path)

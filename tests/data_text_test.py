@@ -13,6 +13,7 @@ tf = pytest.importorskip('tensorflow')
 from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 
+from data_fixtures import llama_like_tokenizer  # noqa: E402
 from official_prompt_reference import official_labels  # noqa: E402
 
 PLACEHOLDERS = vocab_lib.DEFAULT_PLACEHOLDER_IDS
@@ -26,22 +27,9 @@ _CORPUS = [
 ]
 
 
-def train_llama_like_tokenizer(directory) -> str:
-  """A tiny SentencePiece model with LLaMA's settings (BPE, byte fallback, unk 0, <s> 1,
-  </s> 2, no pad, identity normalisation, dummy prefix, digits split)."""
-  return vocab_lib.train_sentencepiece(
-      _CORPUS * 20,
-      str(directory / 'tokenizer.model'),
-      vocab_size=400,
-      add_dummy_prefix=True,
-      split_digits=True,
-      allow_whitespace_only_pieces=True,
-  )
-
-
 @pytest.fixture(scope='module')
 def vocab(tmp_path_factory):
-  return vocab_lib.get_vocabulary(train_llama_like_tokenizer(tmp_path_factory.mktemp('spm')))
+  return vocab_lib.get_vocabulary(llama_like_tokenizer(tmp_path_factory.mktemp('spm'), _CORPUS))
 
 
 # ------------------------------------------------------------------------------------------------

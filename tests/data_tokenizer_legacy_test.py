@@ -19,10 +19,11 @@ import pytest
 spm = pytest.importorskip('sentencepiece')
 pytest.importorskip('tensorflow')
 
-from data_text_test import _CORPUS, train_llama_like_tokenizer  # noqa: E402
+from data_text_test import _CORPUS  # noqa: E402
 from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 
+from data_fixtures import llama_like_tokenizer as _train  # noqa: E402
 from official_prompt_reference import official_labels  # noqa: E402
 
 PLACEHOLDERS = {'<image>': -200, '<audio>': -203, '<video>': -201}
@@ -119,23 +120,12 @@ def official_labels_of(prompt, tokenizer):
   return ids, (labels if whole else None)
 
 
-def _train(directory, corpus):
-  return vocab_lib.train_sentencepiece(
-      corpus * 20,
-      str(directory / 'tokenizer.model'),
-      vocab_size=400,
-      add_dummy_prefix=True,
-      split_digits=True,
-      allow_whitespace_only_pieces=True,
-  )
-
-
 @pytest.fixture(scope='module')
 def model_paths(tmp_path_factory):
   """'plain': data_text_test's model, where "▁USER" is one piece but "USER" two ("US", "ER").
   'llama_like': trained with "</s>USER:" in context too, so that, as in LLaMA's vocabulary
   ("▁US" "ER" / "US" "ER"), "USER" is as many pieces with the prefix as without."""
-  plain = train_llama_like_tokenizer(tmp_path_factory.mktemp('plain'))
+  plain = _train(tmp_path_factory.mktemp('plain'), _CORPUS)
   llama_like = _train(
       tmp_path_factory.mktemp('llama_like'),
       _CORPUS

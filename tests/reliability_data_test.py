@@ -16,7 +16,7 @@ from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import manifest as manifest_lib  # noqa: E402
 from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 
-from manifest_fixtures import turns as _turns  # noqa: E402
+from data_fixtures import turns as _turns  # noqa: E402
 
 SIZE = 16
 
