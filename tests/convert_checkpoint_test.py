@@ -1,7 +1,6 @@
 """tools/convert_checkpoint.py + unimoe_jax.score: HF and official Uni-MoE directories end to
 end."""
 
-import io as std_io
 import json
 import os
 import re
@@ -40,23 +39,18 @@ TEXT = 'the cat ran over the park'
 
 @pytest.fixture(scope='module')
 def tokenizer_path(tmp_path_factory):
-  spm = pytest.importorskip('sentencepiece')
-  model = std_io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_CORPUS * 10),
-      model_writer=model,
+  pytest.importorskip('sentencepiece')
+  from unimoe_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
+
+  # SentencePiece's own normalisation and no byte fallback: a plain tokenizer, unlike LLaMA's.
+  return vocabulary.train_sentencepiece(
+      _CORPUS * 10,
+      str(tmp_path_factory.mktemp('spm') / 'tokenizer.model'),
       vocab_size=60,
-      model_type='bpe',
-      unk_id=0,
-      bos_id=1,
-      eos_id=2,
-      pad_id=-1,
-      minloglevel=2,
+      byte_fallback=False,
+      normalization_rule_name='nmt_nfkc',
+      remove_extra_whitespaces=True,
   )
-  path = str(tmp_path_factory.mktemp('spm') / 'tokenizer.model')
-  with open(path, 'wb') as f:
-    f.write(model.getvalue())
-  return path
 
 
 def _randomize(model):

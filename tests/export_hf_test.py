@@ -335,29 +335,20 @@ _TEXTS = _CORPUS + [
 
 
 @pytest.fixture(scope='module')
-def spm_model():
-  """A LLaMA-like SentencePiece BPE model (byte fallback, identity normalization)."""
-  spm = pytest.importorskip('sentencepiece')
-  import io  # pylint: disable=g-import-not-at-top
+def spm_model(tmp_path_factory):
+  """A LLaMA-like SentencePiece BPE model (byte fallback, identity normalization), as bytes."""
+  pytest.importorskip('sentencepiece')
+  from unimoe_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
 
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_CORPUS * 10),
-      model_writer=model,
+  path = vocabulary.train_sentencepiece(
+      _CORPUS * 10,
+      str(tmp_path_factory.mktemp('spm') / 'tokenizer.model'),
       vocab_size=330,
-      model_type='bpe',
-      unk_id=0,
-      bos_id=1,
-      eos_id=2,
-      pad_id=-1,
-      minloglevel=2,
-      byte_fallback=True,
       add_dummy_prefix=True,
-      remove_extra_whitespaces=False,
-      normalization_rule_name='identity',
       split_digits=True,
   )
-  return model.getvalue()
+  with open(path, 'rb') as f:
+    return f.read()
 
 
 def _tokenizer_json(spm_model, style):
