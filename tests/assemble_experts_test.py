@@ -13,6 +13,7 @@ from unimoe_jax import checkpoints
 from unimoe_jax import config
 from unimoe_jax.convert import experts as experts_lib
 from unimoe_jax.decoder import Decoder
+from official_reference import EXPERT_SET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,20 +91,6 @@ def test_tool_writes_a_checkpoint(tmp_path):
   np.testing.assert_array_equal(got[0], e0['decoder']['layers_1']['mlp']['wo']['kernel'])
   np.testing.assert_array_equal(got[1], base['decoder']['layers_1']['mlp']['wo']['kernel'])
   assert 'experts' in gin_text
-
-
-# The official 8-expert start (Uni_MoE_8e train.py): the expert set's files in `ori_expert_list`
-# order (experts 2/6 and 5/7 share a file) on the layers moe_stride 2 selects.
-EXPERT_SET = (
-    'mlp_audiocap',
-    'mlp_basev',
-    'mlp_base',
-    'mlp_base1',
-    'mlp_base4',
-    'mlp_base7',
-    'mlp_base',
-    'mlp_base7',
-)
 
 
 def test_official_8e_expert_set_on_even_layers(tmp_path):

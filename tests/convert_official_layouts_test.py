@@ -36,21 +36,12 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
 )
 import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from official_reference import EXPERT_SET  # noqa: E402
 
 VOCAB, D, HEADS, LAYERS, F = 80, 32, 4, 4, 48
 RANK, ALPHA = 4, 8.0  # PEFT adapter_config.json
 EPS = 1e-5  # config.json rms_norm_eps (ours defaults to 1e-6)
 TOL = 1e-4  # float32
-EXPERT_SET = (
-    'mlp_audiocap',
-    'mlp_basev',
-    'mlp_base',
-    'mlp_base1',
-    'mlp_base4',
-    'mlp_base7',
-    'mlp_base',
-    'mlp_base7',
-)
 PROJ = ('gate_proj', 'up_proj', 'down_proj')
 TOKENS = np.array(
     [[1, 17, 5, 33, 60, 2, 41, 9, 77, 12, 28, 3], [1, 44, 8, 19, 70, 55, 6, 31, 2, 64, 23, 11]],

@@ -14,7 +14,7 @@ from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 
 from data_fixtures import llama_like_tokenizer  # noqa: E402
-from official_prompt_reference import official_labels  # noqa: E402
+from official_reference import official_labels  # noqa: E402
 
 PLACEHOLDERS = vocab_lib.DEFAULT_PLACEHOLDER_IDS
 
