@@ -97,30 +97,12 @@ class DecoderBlock(nn.Module):
   kinds: Tuple[bool, ...]
 
   @nn.compact
-  def __call__(
-      self,
-      x,
-      positions,
-      mask,
-      padding_mask,
-      deterministic,
-      decode=False,
-      prefill=False,
-      prefill_lengths=None,
-      max_decode_length=None,
-  ):
+  def __call__(self, x, *layer_args):
+    """`layer_args`: DecoderLayer's arguments after `x`, all of them (nn.scan broadcasts each)."""
     aux_by_offset = {}
     for r, use_moe in enumerate(self.kinds):
       x, aux = DecoderLayer(self.config, use_moe, name=layer_stacking.offset_name(r))(
-          x,
-          positions,
-          mask,
-          padding_mask,
-          deterministic,
-          decode,
-          prefill,
-          prefill_lengths,
-          max_decode_length,
+          x, *layer_args
       )
       if aux:
         aux_by_offset[str(r)] = aux
@@ -280,33 +262,24 @@ class Decoder(nn.Module):
       if prefill and prefill_lengths is not None and segment_ids is None:
         # Right padding of short prompts takes no part in router statistics or capacity.
         padding_mask = jnp.arange(l)[None, :] < prefill_lengths[:, None]
+    # DecoderLayer's arguments after x, positional: nn.scan broadcasts them by position.
+    layer_args = (
+        positions,
+        mask,
+        padding_mask,
+        deterministic,
+        decode,
+        prefill,
+        prefill_lengths,
+        max_decode_length,
+    )
     per_layer = {}
     for i, layer in enumerate(self.layers):
-      x, aux = layer(
-          x,
-          positions,
-          mask,
-          padding_mask,
-          deterministic,
-          decode,
-          prefill,
-          prefill_lengths,
-          max_decode_length,
-      )
+      x, aux = layer(x, *layer_args)
       if aux:
         per_layer[i] = aux
     if self.stacked_layers is not None:
-      x, stacked_aux = self.stacked_layers(
-          x,
-          positions,
-          mask,
-          padding_mask,
-          deterministic,
-          decode,
-          prefill,
-          prefill_lengths,
-          max_decode_length,
-      )
+      x, stacked_aux = self.stacked_layers(x, *layer_args)
       period = self.config.scan_period()
       for r, aux in stacked_aux.items():  # Each leaf `[num_layers / period, ...]`.
         for j in range(self.config.num_layers // period):

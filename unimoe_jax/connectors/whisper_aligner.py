@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
+from unimoe_jax.encoders.whisper import WHISPER_SIZES
 from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, GeluMLP, LayerNorm, MultiHeadAttention
 
@@ -107,23 +108,23 @@ class WhisperAlignerConfig:
     return self.d_model // self.num_heads
 
 
+def _decoder_of(size: str, num_query_tokens: int, max_target_positions: int):
+  """The aligner on the decoder of Whisper `size`: a Whisper decoder has its encoder's width,
+  depth, heads and FFN (WHISPER_SIZES), so only the query count and positions are its own."""
+  encoder = WHISPER_SIZES[size]
+  return WhisperAlignerConfig(
+      num_query_tokens=num_query_tokens,
+      d_model=encoder.d_model,
+      num_layers=encoder.num_layers,
+      num_heads=encoder.num_heads,
+      ffn_dim=encoder.ffn_dim,
+      max_target_positions=max_target_positions,
+  )
+
+
 ALIGNER_SIZES = {
-    'whisper-small': WhisperAlignerConfig(
-        num_query_tokens=50,
-        d_model=768,
-        num_layers=12,
-        num_heads=12,
-        ffn_dim=3072,
-        max_target_positions=448,
-    ),
-    'tiny': WhisperAlignerConfig(
-        num_query_tokens=8,
-        d_model=32,
-        num_layers=2,
-        num_heads=4,
-        ffn_dim=64,
-        max_target_positions=16,
-    ),
+    'whisper-small': _decoder_of('whisper-small', num_query_tokens=50, max_target_positions=448),
+    'tiny': _decoder_of('tiny', num_query_tokens=8, max_target_positions=16),
 }
 
 
