@@ -36,17 +36,7 @@ def tiny_llava():
       hidden_act='quick_gelu',
       layer_norm_eps=1e-5,
   )
-  text = transformers.LlamaConfig(
-      vocab_size=97,
-      hidden_size=64,
-      intermediate_size=96,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      rms_norm_eps=1e-5,
-      rope_theta=5000.0,
-      tie_word_embeddings=False,
-  )
+  text = transformers.LlamaConfig(**hf_reference.TINY_DECODER, intermediate_size=96)
   config = transformers.LlavaConfig(
       vision_config=vision,
       text_config=text,

@@ -15,19 +15,25 @@ def state_dict_numpy(model):
   return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
 
 
+# The sizes every tiny decoder of the tests shares (LLaMA, Mixtral, LLaVA's language model).
+TINY_DECODER = dict(
+    vocab_size=97,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    rope_theta=5000.0,
+    tie_word_embeddings=False,
+)
+
+
 def tiny_llama(**overrides):
   torch, transformers = torch_and_transformers()
   cfg = dict(
-      vocab_size=97,
-      hidden_size=64,
+      TINY_DECODER,
       intermediate_size=96,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
       max_position_embeddings=128,
-      rms_norm_eps=1e-5,
-      rope_theta=5000.0,
-      tie_word_embeddings=False,
       attn_implementation='eager',
   )
   cfg.update(overrides)
@@ -39,19 +45,12 @@ def tiny_llama(**overrides):
 def tiny_mixtral(**overrides):
   torch, transformers = torch_and_transformers()
   cfg = dict(
-      vocab_size=97,
-      hidden_size=64,
+      TINY_DECODER,
       intermediate_size=48,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
       max_position_embeddings=128,
-      rms_norm_eps=1e-5,
-      rope_theta=5000.0,
       num_local_experts=4,
       num_experts_per_tok=2,
       router_jitter_noise=0.0,
-      tie_word_embeddings=False,
       attn_implementation='eager',
   )
   cfg.update(overrides)
