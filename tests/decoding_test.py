@@ -317,31 +317,11 @@ MM_STEPS = 8
 
 @functools.lru_cache(maxsize=None)
 def _tiny_unimoe():
-  from unimoe_jax.config import DecoderConfig  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.encoders.clip import CLIPVisionConfig  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.network import UniMoE, UniMoEConfig  # pylint: disable=g-import-not-at-top
+  from generate_test import tiny_unimoe_config  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.network import UniMoE  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
-  cfg = UniMoEConfig(
-      decoder=DecoderConfig(
-          vocab_size=97,
-          embed_dim=64,
-          num_layers=2,
-          num_heads=4,
-          num_kv_heads=2,
-          mlp_dim=96,
-          dtype='float32',
-      ),
-      vision=CLIPVisionConfig(
-          image_size=32,
-          patch_size=8,
-          width=32,
-          num_layers=2,
-          num_heads=4,
-          mlp_dim=64,
-          select_layer=-2,
-      ),
-  )
+  cfg = tiny_unimoe_config()  # A 2-layer decoder and a 2-layer CLIP tower on 32 px images.
   model = UniMoE(cfg)
   batch = _mm_batch(cfg, [[5, 6], [7]], np.random.RandomState(0))
   # Only the shapes: every weight is drawn below (an init run op by op compiled ~190 small
