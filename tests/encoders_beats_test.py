@@ -8,6 +8,8 @@ pre-LN), on official-layout state dicts with random values.
 
 import math
 
+import official_audio_reference as ref
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -62,51 +64,8 @@ PRE_LN_CFG = dict(
 def official_state_dict(cfg, seed=0):
   """Random tensors under the official names and shapes (as `BEATs(cfg).state_dict()` has)."""
   rng = np.random.default_rng(seed)
-  e, d, f = cfg['embed_dim'], cfg['encoder_embed_dim'], cfg['encoder_ffn_embed_dim']
-  h, k, g, p = (
-      cfg['encoder_attention_heads'],
-      cfg['conv_pos'],
-      cfg['conv_pos_groups'],
-      cfg['input_patch_size'],
-  )
-  shapes = {
-      'patch_embedding.weight': (e, 1, p, p),
-      'layer_norm.weight': (e,),
-      'layer_norm.bias': (e,),
-      'encoder.pos_conv.0.bias': (d,),
-      'encoder.pos_conv.0.weight_g': (1, 1, k),
-      'encoder.pos_conv.0.weight_v': (d, d // g, k),
-      'encoder.layer_norm.weight': (d,),
-      'encoder.layer_norm.bias': (d,),
-  }
-  if cfg['conv_bias']:
-    shapes['patch_embedding.bias'] = (e,)
-  if e != d:
-    shapes.update({'post_extract_proj.weight': (d, e), 'post_extract_proj.bias': (d,)})
-  for i in range(cfg['encoder_layers']):
-    pre = f'encoder.layers.{i}'
-    for proj in ('q_proj', 'k_proj', 'v_proj', 'out_proj'):
-      shapes.update(
-          {f'{pre}.self_attn.{proj}.weight': (d, d), f'{pre}.self_attn.{proj}.bias': (d,)}
-      )
-    if cfg['gru_rel_pos']:
-      shapes.update(
-          {
-              f'{pre}.self_attn.grep_linear.weight': (8, d // h),
-              f'{pre}.self_attn.grep_linear.bias': (8,),
-              f'{pre}.self_attn.grep_a': (1, h, 1, 1),
-          }
-      )
-    for norm in ('self_attn_layer_norm', 'final_layer_norm'):
-      shapes.update({f'{pre}.{norm}.weight': (d,), f'{pre}.{norm}.bias': (d,)})
-    shapes.update(
-        {
-            f'{pre}.fc1.weight': (f, d),
-            f'{pre}.fc1.bias': (f,),
-            f'{pre}.fc2.weight': (d, f),
-            f'{pre}.fc2.bias': (d,),
-        }
-    )
+  h = cfg['encoder_attention_heads']
+  shapes = ref.beats_state_dict_shapes(cfg)
   sd = {}
   for name, shape in shapes.items():
     scale = 1.0 / math.sqrt(shape[-1]) if name.endswith('weight') and len(shape) == 2 else 0.2

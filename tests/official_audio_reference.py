@@ -263,3 +263,54 @@ def soft_tokens(
     q = qformer(qformer_sd, states, query_tokens, qformer_layers, qformer_heads)
     outs.append(q[0] @ np.asarray(projector['weight'], np.float64).T + projector['bias'])
   return np.concatenate(outs, 0)
+
+
+def beats_state_dict_shapes(cfg: Mapping) -> Dict[str, Tuple[int, ...]]:
+  """Name -> shape of every tensor of official `BEATs(cfg).state_dict()` but the relative
+  position table (`encoder.layers.<i>.self_attn.relative_attention_bias.weight`)."""
+  e, d, f = cfg['embed_dim'], cfg['encoder_embed_dim'], cfg['encoder_ffn_embed_dim']
+  h, k, g, p = (
+      cfg['encoder_attention_heads'],
+      cfg['conv_pos'],
+      cfg['conv_pos_groups'],
+      cfg['input_patch_size'],
+  )
+  shapes = {
+      'patch_embedding.weight': (e, 1, p, p),
+      'layer_norm.weight': (e,),
+      'layer_norm.bias': (e,),
+      'encoder.pos_conv.0.bias': (d,),
+      'encoder.pos_conv.0.weight_g': (1, 1, k),
+      'encoder.pos_conv.0.weight_v': (d, d // g, k),
+      'encoder.layer_norm.weight': (d,),
+      'encoder.layer_norm.bias': (d,),
+  }
+  if cfg['conv_bias']:
+    shapes['patch_embedding.bias'] = (e,)
+  if e != d:
+    shapes.update({'post_extract_proj.weight': (d, e), 'post_extract_proj.bias': (d,)})
+  for i in range(cfg['encoder_layers']):
+    pre = f'encoder.layers.{i}'
+    for proj in ('q_proj', 'k_proj', 'v_proj', 'out_proj'):
+      shapes.update(
+          {f'{pre}.self_attn.{proj}.weight': (d, d), f'{pre}.self_attn.{proj}.bias': (d,)}
+      )
+    if cfg['gru_rel_pos']:
+      shapes.update(
+          {
+              f'{pre}.self_attn.grep_linear.weight': (8, d // h),
+              f'{pre}.self_attn.grep_linear.bias': (8,),
+              f'{pre}.self_attn.grep_a': (1, h, 1, 1),
+          }
+      )
+    for norm in ('self_attn_layer_norm', 'final_layer_norm'):
+      shapes.update({f'{pre}.{norm}.weight': (d,), f'{pre}.{norm}.bias': (d,)})
+    shapes.update(
+        {
+            f'{pre}.fc1.weight': (f, d),
+            f'{pre}.fc1.bias': (f,),
+            f'{pre}.fc2.weight': (d, f),
+            f'{pre}.fc2.bias': (d,),
+        }
+    )
+  return shapes

@@ -67,45 +67,8 @@ def _random(rng, shape, name):
 def beats_state_dict(cfg, seed=0):
   """Random tensors under the names and shapes of official `BEATs(cfg).state_dict()`."""
   rng = np.random.default_rng(seed)
-  e, d, f = cfg['embed_dim'], cfg['encoder_embed_dim'], cfg['encoder_ffn_embed_dim']
-  h, k, g, p = (
-      cfg['encoder_attention_heads'],
-      cfg['conv_pos'],
-      cfg['conv_pos_groups'],
-      cfg['input_patch_size'],
-  )
-  shapes = {
-      'patch_embedding.weight': (e, 1, p, p),
-      'layer_norm.weight': (e,),
-      'layer_norm.bias': (e,),
-      'post_extract_proj.weight': (d, e),
-      'post_extract_proj.bias': (d,),
-      'encoder.pos_conv.0.bias': (d,),
-      'encoder.pos_conv.0.weight_g': (1, 1, k),
-      'encoder.pos_conv.0.weight_v': (d, d // g, k),
-      'encoder.layer_norm.weight': (d,),
-      'encoder.layer_norm.bias': (d,),
-  }
-  for i in range(cfg['encoder_layers']):
-    pre = f'encoder.layers.{i}'
-    for proj in ('q_proj', 'k_proj', 'v_proj', 'out_proj'):
-      shapes[f'{pre}.self_attn.{proj}.weight'] = (d, d)
-      shapes[f'{pre}.self_attn.{proj}.bias'] = (d,)
-    shapes.update(
-        {
-            f'{pre}.self_attn.grep_linear.weight': (8, d // h),
-            f'{pre}.self_attn.grep_linear.bias': (8,),
-            f'{pre}.self_attn.grep_a': (1, h, 1, 1),
-            f'{pre}.self_attn_layer_norm.weight': (d,),
-            f'{pre}.self_attn_layer_norm.bias': (d,),
-            f'{pre}.final_layer_norm.weight': (d,),
-            f'{pre}.final_layer_norm.bias': (d,),
-            f'{pre}.fc1.weight': (f, d),
-            f'{pre}.fc1.bias': (f,),
-            f'{pre}.fc2.weight': (d, f),
-            f'{pre}.fc2.bias': (d,),
-        }
-    )
+  h = cfg['encoder_attention_heads']
+  shapes = ref.beats_state_dict_shapes(cfg)
   sd = {name: _random(rng, shape, name) for name, shape in shapes.items()}
   sd['patch_embedding.weight'] *= 0.3 / 16  # 256 inputs per patch
   sd['encoder.pos_conv.0.weight_g'] = np.abs(sd['encoder.pos_conv.0.weight_g']) + 0.5
