@@ -143,7 +143,7 @@ def answer(
       model's params are read.
   """
   media = {m: list(p) for m, p in (media or {}).items() if p}
-  check_decoding(
+  settings = dict(
       max_decode_steps=max_decode_steps,
       temperature=temperature,
       top_k=top_k,
@@ -151,21 +151,14 @@ def answer(
       num_beams=num_beams,
       max_length=max_length,
   )
+  check_decoding(**settings)
   if dtype not in score.DTYPES:
     raise ValueError(f'--dtype must be one of {score.DTYPES}, got {dtype!r}')
   # The config alone first, so that bad flags and media fail before the (large) params are read.
   gin_text = checkpoints.checkpoint_gin_text(checkpoint_dir)
   vocab_path = checkpoints.find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
   cfg = checkpoints.with_dtype(checkpoints.model_config_from_gin(gin_text), dtype)
-  check_decoding(
-      max_decode_steps=max_decode_steps,
-      temperature=temperature,
-      top_k=top_k,
-      top_p=top_p,
-      num_beams=num_beams,
-      max_length=max_length,
-      vocab_size=cfg.decoder.vocab_size,
-  )
+  check_decoding(**settings, vocab_size=cfg.decoder.vocab_size)  # Now that the size is known.
   tokenizer = prompting.PromptTokenizer(vocab_path, cfg)
   prompt = prompting.build_prompt(
       question, media, cfg, tokenizer, room=max_decode_steps, image_mode=image_mode
@@ -241,14 +234,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       help="image preprocessing: CLIP's centre crop or LLaVA's expand-to-square",
   )
   args = parser.parse_args(argv)
+  decoding_args = {flag[2:]: getattr(args, flag[2:]) for flag, *_ in DECODING_FLAGS}
   try:
     check_decoding(
-        max_decode_steps=args.max_decode_steps,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        num_beams=args.num_beams,
-        max_length=args.max_length,
+        **{k: v for k, v in decoding_args.items() if k != 'seed'}, max_length=args.max_length
     )
   except ValueError as e:
     parser.error(str(e))
@@ -257,12 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       args.checkpoint,
       args.prompt,
       media,
-      max_decode_steps=args.max_decode_steps,
-      temperature=args.temperature,
-      top_k=args.top_k,
-      top_p=args.top_p,
-      num_beams=args.num_beams,
-      seed=args.seed,
+      **decoding_args,
       vocab_path=args.vocab,
       dtype=args.dtype,
       image_mode=args.image_mode,
