@@ -316,6 +316,26 @@ def _perturb(model, seed):
   return model.eval()
 
 
+def tiny_hf_qformer():
+  """A tiny random Blip2QFormerModel over the tiny BEATs: 2 layers, and 12 heads because
+  Uni_MoE_audio hard-codes Blip2Config()'s Q-Former head count."""
+  _, transformers = torch_and_transformers()
+  return _perturb(
+      transformers.Blip2QFormerModel(
+          transformers.Blip2QFormerConfig(
+              hidden_size=24,
+              num_hidden_layers=2,
+              num_attention_heads=12,
+              intermediate_size=32,
+              cross_attention_frequency=2,
+              encoder_hidden_size=BEATS_CFG['encoder_embed_dim'],
+              attn_implementation='eager',
+          )
+      ),
+      3,
+  )
+
+
 @pytest.fixture(scope='module')
 def towers(tmp_path_factory):
   """Tiny random CLIP and Whisper towers saved as the official code's tower directories, a tiny
@@ -362,21 +382,7 @@ def towers(tmp_path_factory):
       ),
       2,
   )
-  # 12 heads: Uni_MoE_audio hard-codes Blip2Config()'s Q-Former head count.
-  qformer = _perturb(
-      transformers.Blip2QFormerModel(
-          transformers.Blip2QFormerConfig(
-              hidden_size=24,
-              num_hidden_layers=2,
-              num_attention_heads=12,
-              intermediate_size=32,
-              cross_attention_frequency=2,
-              encoder_hidden_size=BEATS_CFG['encoder_embed_dim'],
-              attn_implementation='eager',
-          )
-      ),
-      3,
-  )
+  qformer = tiny_hf_qformer()
   clip.save_pretrained(root / 'clip-vit-tiny')
   whisper.save_pretrained(root / 'whisper-tiny')
   beats_sd = beats_official_state_dict(BEATS_CFG)

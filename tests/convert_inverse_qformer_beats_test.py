@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert_checkpoint_test import _perturb
+from convert_checkpoint_test import tiny_hf_qformer
 from encoders_beats_test import PRE_LN_CFG, TINY_CFG as BEATS_CFG
 from encoders_beats_test import official_state_dict as beats_official_state_dict
 from hf_reference import state_dict_numpy, torch_and_transformers
@@ -52,21 +52,7 @@ def _assert_exported(sd):
 @functools.lru_cache(maxsize=None)
 def _hf_qformer():
   """The `towers` fixture's Q-Former of convert_checkpoint_test: 2 layers, 12 heads."""
-  _, transformers = torch_and_transformers()
-  model = _perturb(
-      transformers.Blip2QFormerModel(
-          transformers.Blip2QFormerConfig(
-              hidden_size=24,
-              num_hidden_layers=2,
-              num_attention_heads=12,
-              intermediate_size=32,
-              cross_attention_frequency=2,
-              encoder_hidden_size=BEATS_CFG['encoder_embed_dim'],
-              attn_implementation='eager',
-          )
-      ),
-      3,
-  )
+  model = tiny_hf_qformer()
   cfg = convert_qformer.config_from_hf(model.config.to_dict(), num_query_tokens=NUM_QUERY)
   query = np.random.default_rng(4).normal(size=(1, NUM_QUERY, 24)).astype(np.float32)
   return model, cfg, query
