@@ -27,13 +27,9 @@ from unimoe_jax.convert import clip as convert_clip  # pylint: disable=g-import-
 from unimoe_jax.convert import whisper as convert_whisper  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimoe_jax.network import UniMoE  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_CORPUS = [
-    'the cat sat on the mat',
-    'a dog ran in the park',
-    'the sun is hot today',
-    'we like to read books',
-    'birds fly over the sea',
-]
+import generate_test  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CORPUS = generate_test.CORPUS[:5]  # Its plain sentences, without the chat template's.
 TEXT = 'the cat ran over the park'
 
 

@@ -22,7 +22,7 @@ from unimoe_jax.media.errors import MediaError  # pylint: disable=g-import-not-a
 
 QUESTION = 'what did the cat see in the park'
 NEW_TOKENS = 12
-_CORPUS = [
+CORPUS = [
     'the cat sat on the mat',
     'a dog ran in the park',
     'the sun is hot today',
@@ -39,7 +39,7 @@ def make_tokenizer(directory) -> str:
 
   # SentencePiece's own normalisation and no byte fallback: a plain tokenizer, unlike LLaMA's.
   return vocabulary.train_sentencepiece(
-      _CORPUS * 10,
+      CORPUS * 10,
       os.path.join(str(directory), 'tokenizer.model'),
       vocab_size=90,
       byte_fallback=False,

@@ -113,6 +113,18 @@ def _pop_query_tokens(
   return value.reshape(n, d)
 
 
+def _sizes(config: QFormerConfig) -> Tuple[int, int, int, int, int]:
+  """(hidden, heads, head_dim, intermediate, encoder_hidden) of `config`: the tensor shapes'
+  sizes both directions check against."""
+  return (
+      config.hidden_size,
+      config.num_heads,
+      config.head_dim,
+      config.intermediate_size,
+      config.encoder_hidden_size,
+  )
+
+
 def params_from_hf(
     state_dict: Mapping[str, np.ndarray],
     config: QFormerConfig,
@@ -138,13 +150,7 @@ def params_from_hf(
     prefix += '.'
   r = TensorReader({k: v for k, v in state_dict.items() if k.startswith(prefix)})
   cfg = config
-  d, h, hd, f, e = (
-      cfg.hidden_size,
-      cfg.num_heads,
-      cfg.head_dim,
-      cfg.intermediate_size,
-      cfg.encoder_hidden_size,
-  )
+  d, h, hd, f, e = _sizes(cfg)
 
   def linear(name, in_dim, out_dim):
     return (
@@ -218,13 +224,7 @@ def params_to_hf(
   if prefix and not prefix.endswith('.'):
     prefix += '.'
   cfg = config
-  d, h, hd, f, e = (
-      cfg.hidden_size,
-      cfg.num_heads,
-      cfg.head_dim,
-      cfg.intermediate_size,
-      cfg.encoder_hidden_size,
-  )
+  d, h, hd, f, e = _sizes(cfg)
   w = TensorWriter()
 
   def attention(name, p, norm, kv_dim):
