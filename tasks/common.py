@@ -169,18 +169,13 @@ def lazy_manifest_source(
   `task_name` is named in the errors of an empty or all-bad manifest.
   """
 
-  def dataset_fn(
-      split: str,
-      shuffle_files: bool,
-      seed: Optional[int] = None,
-      shard_info: Optional[seqio.ShardInfo] = None,
-  ) -> tf.data.Dataset:
+  def read_split(split, shard_info, shuffle, seed) -> tf.data.Dataset:
     precomputed = make_precomputed() if make_precomputed is not None else None
     if precomputed and split in precomputed:
       from unimoe_jax.data import precomputed as precomputed_lib  # pylint: disable=g-import-not-at-top
 
       return precomputed_lib.precomputed_dataset(
-          precomputed[split], shard_info, shuffle=shuffle_files, seed=seed
+          precomputed[split], shard_info, shuffle=shuffle, seed=seed
       )
     config = make_config()
     paths = config.split_paths()
@@ -190,10 +185,10 @@ def lazy_manifest_source(
         config,
         shard_info,
         manifest_path=paths[split],
-        shuffle=shuffle_files,
+        shuffle=shuffle,
         seed=seed,
         vocabulary=vocabulary.vocabulary,
         task_name=task_name,
     )
 
-  return manifest_lib.ManifestDataSource(dataset_fn, splits=tuple(splits))
+  return manifest_lib.ManifestDataSource(read_split, splits=tuple(splits))

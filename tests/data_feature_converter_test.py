@@ -91,66 +91,12 @@ EX2 = make_example(
     speech_items=[(2, 0)],
 )
 P, S = IMAGE, SPEECH
-ROW_TARGETS = [
-    1,
-    11,
-    12,
-    13,
-    2,
-    1,
-    21,
-    P,
-    P,
-    P,
-    22,
-    23,
-    2,
-    1,
-    31,
-    P,
-    P,
-    P,
-    32,
-    S,
-    S,
-    S,
-    33,
-    34,
-    2,
-    0,
-    0,
-    0,
-]
-ROW_INPUTS = [
-    0,
-    1,
-    11,
-    12,
-    13,
-    0,
-    1,
-    21,
-    P,
-    P,
-    P,
-    22,
-    23,
-    0,
-    1,
-    31,
-    P,
-    P,
-    P,
-    32,
-    S,
-    S,
-    S,
-    33,
-    34,
-    0,
-    0,
-    0,
-]
+# Hand-written per packed segment (EX0, EX1, EX2, padding); the inputs are the targets shifted
+# right within each segment, starting from 0.
+ROW_TARGETS = [1, 11, 12, 13, 2] + [1, 21, P, P, P, 22, 23, 2]
+ROW_TARGETS += [1, 31, P, P, P, 32, S, S, S, 33, 34, 2] + [0] * 3
+ROW_INPUTS = [0, 1, 11, 12, 13] + [0, 1, 21, P, P, P, 22, 23]
+ROW_INPUTS += [0, 1, 31, P, P, P, 32, S, S, S, 33, 34] + [0] * 3
 ROW_WEIGHTS = [0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1] + [0] * 10 + [1, 1] + [0] * 3
 ROW_SEGMENTS = [1] * 5 + [2] * 8 + [3] * 12 + [0] * 3
 ROW_POSITIONS = list(range(5)) + list(range(8)) + list(range(12)) + [0] * 3

@@ -1,6 +1,6 @@
-"""What the data tests share: a LLaMA-like tiny tokenizer, official-style records, media files,
-writing a manifest, and a small `ManifestConfig` (16 px images, 2 video frames, 64 BEATs
-frames)."""
+"""What the data tests share: a LLaMA-like tiny tokenizer, official-style records, media files
+and records of them, writing a manifest, and a small `ManifestConfig` (16 px images, 2 video
+frames, 64 BEATs frames)."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 import soundfile
 
+from unimoe_jax.data import conversation as conv_lib
 from unimoe_jax.data import manifest as manifest_lib
 from unimoe_jax.data import vocabulary as vocab_lib
 
@@ -18,6 +19,21 @@ SIZE, FRAMES, AUDIO_FRAMES = 16, 2, 64
 def turns(question, answer='A red square.'):
   """One human question and one gpt answer, as the official manifests hold them."""
   return [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': answer}]
+
+
+# Official-style records of the files `write_media` writes, shared by the manifest tests.
+VIDEO_WITH_VOICE = {
+    'id': 'vid',
+    'video': ['frames/0.png', 'frames/1.png', 'frames/2.png'],
+    'voice': ['sounds/tone.wav'],
+    'conversations': turns('<audio>\n<video>\nDescribe the sound and the video.'),
+}
+SHORT_AUDIO = {
+    'id': 'aud',
+    'audio': 'sounds/short.wav',
+    'conversations': turns('<audio> What is it?'),
+}
+TEXT_ONLY = {'id': 'txt', 'conversations': turns('What is this?', 'Text only.')}
 
 
 def write_manifest(root, name, records, jsonl=True) -> str:
@@ -44,6 +60,14 @@ def small_config(path, vocab_path, soft_tokens, **overrides) -> manifest_lib.Man
   )
   kwargs.update(overrides)
   return manifest_lib.ManifestConfig(**kwargs)
+
+
+def manifest_tokenizer(directory, more_text, vocab_size) -> str:
+  """directory/tokenizer.model: a tiny SentencePiece model with the library's settings
+  (`vocabulary.train_sentencepiece`) trained on the system prompt, a first turn ('USER: What is
+  this? ASSISTANT: A red square.') and `more_text` (the rest of a test's text), x 20."""
+  corpus = [conv_lib.SYSTEM, 'USER: What is this? ASSISTANT: A red square.', more_text]
+  return vocab_lib.train_sentencepiece(corpus * 20, str(directory / 'tokenizer.model'), vocab_size)
 
 
 def llama_like_tokenizer(directory, corpus) -> str:

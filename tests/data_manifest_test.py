@@ -19,6 +19,7 @@ from unimoe_jax.media import audio as audio_lib  # noqa: E402
 from unimoe_jax.media import image as image_lib  # noqa: E402
 
 from data_fixtures import AUDIO_FRAMES, FRAMES, SIZE, small_config, write_media  # noqa: E402
+from data_fixtures import SHORT_AUDIO, TEXT_ONLY, VIDEO_WITH_VOICE, manifest_tokenizer  # noqa: E402
 from data_fixtures import turns as _turns  # noqa: E402
 from data_fixtures import write_manifest as _write  # noqa: E402
 
@@ -26,25 +27,11 @@ SOFT = {'image': 4, 'video': 3, 'speech': 2, 'audio': 5}
 IDS = {'image': -200, 'video': -201, 'speech': -202, 'audio': -203}
 
 
-def _tokenizer(directory):
-  corpus = [
-      conv_lib.SYSTEM,
-      'USER: What is this? ASSISTANT: A red square.',
-      'Describe the sound and the video in detail.',
-  ] * 20
-  return vocab_lib.train_sentencepiece(corpus, str(directory / 'tokenizer.model'), 350)
-
-
 GOOD = [
     {'id': 'img', 'image': 'pics/red.png', 'conversations': _turns('<image>\nWhat is this?')},
-    {
-        'id': 'vid',
-        'video': ['frames/0.png', 'frames/1.png', 'frames/2.png'],
-        'voice': ['sounds/tone.wav'],
-        'conversations': _turns('<audio>\n<video>\nDescribe the sound and the video.'),
-    },
-    {'id': 'aud', 'audio': 'sounds/short.wav', 'conversations': _turns('<audio> What is it?')},
-    {'id': 'txt', 'conversations': _turns('What is this?', 'Text only.')},
+    VIDEO_WITH_VOICE,
+    SHORT_AUDIO,
+    TEXT_ONLY,
 ]
 
 
@@ -52,7 +39,7 @@ GOOD = [
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp('manifest')
   write_media(root, {'red.png': (30, 40)})
-  return root, _tokenizer(root)
+  return root, manifest_tokenizer(root, 'Describe the sound and the video in detail.', 350)
 
 
 def _config(path, vocab_path, **overrides):

@@ -16,10 +16,8 @@ tf = pytest.importorskip('tensorflow')
 soundfile = pytest.importorskip('soundfile')
 gin = pytest.importorskip('gin')
 
-from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import manifest as manifest_lib  # noqa: E402
 from unimoe_jax.data import precomputed as precomputed_lib  # noqa: E402
-from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 
 sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
@@ -27,6 +25,7 @@ sys.path.insert(
 import precompute_features  # noqa: E402
 
 from data_fixtures import AUDIO_FRAMES, FRAMES, SIZE, small_config, write_media  # noqa: E402
+from data_fixtures import SHORT_AUDIO, TEXT_ONLY, VIDEO_WITH_VOICE, manifest_tokenizer  # noqa: E402
 from data_fixtures import turns as _turns  # noqa: E402
 from data_fixtures import write_manifest as _write_manifest  # noqa: E402
 
@@ -41,28 +40,14 @@ GOOD = [
         'image': ['pics/a.png', 'pics/b.png'],
         'conversations': _turns('<image> and <image>: same?', 'No.'),
     },
-    {
-        'id': 'vid',
-        'video': ['frames/0.png', 'frames/1.png', 'frames/2.png'],
-        'voice': ['sounds/tone.wav'],
-        'conversations': _turns('<audio>\n<video>\nDescribe the sound and the video.'),
-    },
-    {'id': 'aud', 'audio': 'sounds/short.wav', 'conversations': _turns('<audio> What is it?')},
-    {'id': 'txt', 'conversations': _turns('What is this?', 'Text only.')},
+    VIDEO_WITH_VOICE,
+    SHORT_AUDIO,
+    TEXT_ONLY,
     {'id': 'b', 'image': 'pics/b.png', 'conversations': _turns('<image> Describe.', 'Noise.')},
     {'id': 'sp', 'speech': 'sounds/short.wav', 'conversations': _turns('<speech> Transcribe.')},
 ]
 BROKEN = {'id': 'broken', 'image': 'pics/broken.png', 'conversations': _turns('<image> What?')}
 BROKEN_LINE = 3  # 1-based line of BROKEN in the manifest with it
-
-
-def _tokenizer(directory):
-  corpus = [
-      conv_lib.SYSTEM,
-      'USER: What is this? ASSISTANT: A red square.',
-      'Describe the sound and the video. Transcribe. Text only. Noise.',
-  ] * 20
-  return vocab_lib.train_sentencepiece(corpus, str(directory / 'tokenizer.model'), 300)
 
 
 def _config(path, vocab_path, **overrides):
@@ -117,7 +102,9 @@ def _assert_same(got, want):
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp('precomputed')
   write_media(root, {'a.png': (30, 40), 'b.png': (20, 18)})
-  vocab_path = _tokenizer(root)
+  vocab_path = manifest_tokenizer(
+      root, 'Describe the sound and the video. Transcribe. Text only. Noise.', 300
+  )
   manifest = _write_manifest(root, 'good.jsonl', GOOD)
   config = _config(manifest, vocab_path)
   reference = _examples(manifest_lib.manifest_dataset(config))

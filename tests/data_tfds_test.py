@@ -9,6 +9,7 @@ metadata, which seqio's Task.get_dataset reads (`num_input_examples`).
 
 import dataclasses
 import json
+import sys
 from unittest import mock
 
 import numpy as np
@@ -33,6 +34,8 @@ from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 from unimoe_jax.media import audio as audio_lib  # noqa: E402
 from unimoe_jax.media import image as image_lib  # noqa: E402
 
+from data_fixtures import llama_like_tokenizer  # noqa: E402
+
 SETTINGS = ts.TfdsSettings(
     image_size=32,
     n_mels=80,
@@ -48,7 +51,6 @@ PLACEHOLDER_IDS = vocab_lib.DEFAULT_PLACEHOLDER_IDS
 
 @pytest.fixture(scope='module')
 def vocab(tmp_path_factory):
-
   corpus = [
       conv_lib.SYSTEM,
       ts.ASR_PROMPT,
@@ -56,14 +58,7 @@ def vocab(tmp_path_factory):
       'USER: ASSISTANT: hello world',
       "it's a dog on a mat. a cat sits. the quick brown fox jumps 0123456789",
   ]
-  path = vocab_lib.train_sentencepiece(
-      corpus * 20,
-      str(tmp_path_factory.mktemp('spm') / 'tokenizer.model'),
-      vocab_size=400,
-      add_dummy_prefix=True,
-      split_digits=True,
-  )
-  return vocab_lib.get_vocabulary(path)
+  return vocab_lib.get_vocabulary(llama_like_tokenizer(tmp_path_factory.mktemp('spm'), corpus))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,20 +81,17 @@ def _prepare(name, examples_by_split, data_dir):
     builder.download_and_prepare()
 
 
-LIBRISPEECH_SPLITS = (
-    'dev_clean',
-    'dev_other',
-    'test_clean',
-    'test_other',
-    'train_clean100',
-    'train_clean360',
-    'train_other500',
-)
+def _librispeech_builder_splits():
+  """The splits the real LibriSpeech builder writes (its download table's keys, dev_clean ...
+  train_other500): TFDS's own list, not `tfds_sources`' copy, so a wrong split name there fails
+  the tests that read it instead of being written into the data dir."""
+  module = sys.modules[tfds.builder_cls('librispeech').__module__]
+  return tuple(module._DL_URLS)  # pylint: disable=protected-access
 
 
 def _librispeech_examples(rng):
   out = {}
-  for i, split in enumerate(LIBRISPEECH_SPLITS):
+  for i, split in enumerate(_librispeech_builder_splits()):
     examples = []
     for j in range(2):
       key = f'{10 + i}-{20 + i}-{j:04d}'

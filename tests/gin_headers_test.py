@@ -14,9 +14,9 @@ import shlex
 import gin
 import pytest
 
+import tiny_tasks
 import unimoe_jax
 from unimoe_jax import gin_utils
-from unimoe_jax import train
 from unimoe_jax.data import feature_converter
 
 HEADERS = {'train': 'runs/train.gin', 'eval': 'runs/eval.gin', 'infer': 'runs/infer.gin'}
@@ -44,15 +44,8 @@ def header_command(gin_file):
 def parsed_command(gin_file):
   """The header's macros and model, parsed as the CLI parses its flags."""
   module, argv = header_command(gin_file)
-  args = train.parse_flags(argv, module)
-  gin.clear_config()
   try:
-    gin_utils.parse(
-        args.gin_file,
-        args.gin_bindings,
-        args.gin_search_paths,
-        import_modules=gin_utils.task_modules(args.gin_bindings),
-    )
+    tiny_tasks.parse_cli_gin(argv, module)
     macros = {
         name: gin_utils._macro_value(name)
         for name in (  # pylint: disable=protected-access

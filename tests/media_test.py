@@ -3,6 +3,7 @@ PyAV video sampling, and every error path of the loaders."""
 
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +15,11 @@ from unimoe_jax.media.errors import MediaError
 
 PIL = pytest.importorskip('PIL')
 from PIL import Image  # noqa: E402
+
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
+)
+import bench_data  # noqa: E402  (official_expand2square, the reference of the pad mode)
 
 
 def _rng(seed=0):
@@ -46,17 +52,6 @@ def _clip_processor(size):
   )
 
 
-def _official_expand2square(image, color):
-  # Written from LLaVA's expand2square as the official Uni-MoE data.py inlines it.
-  width, height = image.size
-  if width == height:
-    return image
-  side = max(width, height)
-  out = Image.new(image.mode, (side, side), color)
-  out.paste(image, (0, (side - height) // 2) if width > height else ((side - width) // 2, 0))
-  return out
-
-
 @pytest.mark.parametrize(
     'width,height,size', [(50, 37, 24), (37, 51, 24), (101, 200, 64), (64, 64, 64), (640, 427, 336)]
 )
@@ -76,9 +71,9 @@ def test_pad_matches_official_pipeline(width, height):
   size = 32
   image = Image.fromarray(_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8))
   color = tuple(int(m * 255) for m in image_lib.CLIP_MEAN)
-  expected = _clip_processor(size)(_official_expand2square(image, color), return_tensors='np')[
-      'pixel_values'
-  ][0]
+  expected = _clip_processor(size)(
+      bench_data.official_expand2square(image, color), return_tensors='np'
+  )['pixel_values'][0]
   ours = image_lib.preprocess_image(image, size=size, mode='pad')
   np.testing.assert_allclose(ours, expected.transpose(1, 2, 0), atol=1e-5, rtol=0)
 

@@ -16,12 +16,12 @@ from unimoe_jax.data import conversation as conv_lib  # noqa: E402
 from unimoe_jax.data import manifest as manifest_lib  # noqa: E402
 from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 
+from data_fixtures import TEXT_ONLY as TEXT  # noqa: E402
 from data_fixtures import turns as _turns  # noqa: E402
 
 SIZE = 16
 
 
-TEXT = {'id': 'txt', 'conversations': _turns('What is this?', 'Text only.')}
 IMAGE = {'id': 'img', 'image': 'red.png', 'conversations': _turns('<image>\nWhat is this?')}
 
 

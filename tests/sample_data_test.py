@@ -225,11 +225,35 @@ def test_multiple_choice_answers_point_at_the_label(data_dir, info):
 # Media decode with the project's loaders, and carry their labels.
 
 
+POOL_FIELD = {'image': 'image', 'video': 'video', 'speech': 'voice', 'audio': 'voice'}
+
+
 def _pool(data_dir, split, modality):
   """(paths, labels) of every item, from the instruct manifest (one entry per item, in order)."""
   entries = _manifest(data_dir, split, f'instruct_{modality}')
-  field = {'image': 'image', 'video': 'video', 'speech': 'voice', 'audio': 'voice'}[modality]
-  return [(e[field], e['labels']) for e in entries]
+  return [(e[POOL_FIELD[modality]], e['labels']) for e in entries]
+
+
+def _captioned_pool(data_dir, modality):
+  """(file, labels, caption) of every one-file item of every split: the file's path relative to
+  `data_dir` (a voice list's one file), its labels, and the answer of its align_<modality>
+  record."""
+
+  def one_file(value):
+    return value if isinstance(value, str) else value[0]
+
+  for split in SPLIT_SIZES:
+    captions = {
+        one_file(e[POOL_FIELD[modality]]): e['conversations'][1]['value']
+        for e in _manifest(data_dir, split, f'align_{modality}')
+    }
+    for paths, labels in _pool(data_dir, split, modality):
+      yield one_file(paths), labels, captions[one_file(paths)]
+
+
+def _wave(data_dir, path):
+  """The 16 kHz samples of data_dir/path as float64 [samples]."""
+  return audio_lib.load_audio(os.path.join(data_dir, path)).astype(np.float64)
 
 
 def test_every_referenced_media_file_exists_and_decodes(data_dir, info):
@@ -295,20 +319,15 @@ def _shape_of(box):
 
 
 def test_images_show_the_stated_colour_shape_and_count(data_dir):
-  for split in SPLIT_SIZES:
-    captions = {
-        e['image']: e['conversations'][1]['value']
-        for e in _manifest(data_dir, split, 'align_image')
-    }
-    for path, labels in _pool(data_dir, split, 'image'):
-      pixels = np.asarray(image_lib.load_image(os.path.join(data_dir, path)))
-      mask, objects = _objects(pixels)
-      assert _colour_name(pixels[mask].mean(0)) == labels['colour'], path
-      assert NUMBER_WORDS[len(objects)] == labels['count'], path
-      assert {_shape_of(o) for o in objects} == {labels['shape']}, path
-      shape = labels['shape'] if len(objects) == 1 else PLURALS[labels['shape']]
-      article = 'a' if len(objects) == 1 else labels['count']
-      assert captions[path] == f"{article} {labels['colour']} {shape}"
+  for path, labels, caption in _captioned_pool(data_dir, 'image'):
+    pixels = np.asarray(image_lib.load_image(os.path.join(data_dir, path)))
+    mask, objects = _objects(pixels)
+    assert _colour_name(pixels[mask].mean(0)) == labels['colour'], path
+    assert NUMBER_WORDS[len(objects)] == labels['count'], path
+    assert {_shape_of(o) for o in objects} == {labels['shape']}, path
+    shape = labels['shape'] if len(objects) == 1 else PLURALS[labels['shape']]
+    article = 'a' if len(objects) == 1 else labels['count']
+    assert caption == f"{article} {labels['colour']} {shape}"
 
 
 def test_videos_move_in_the_stated_direction(data_dir):
@@ -369,18 +388,12 @@ def _decode_dtmf(wave):
 
 
 def test_dtmf_tones_decode_to_the_stated_digits(data_dir):
-  for split in SPLIT_SIZES:
-    transcripts = {
-        e['voice'][0]: e['conversations'][1]['value']
-        for e in _manifest(data_dir, split, 'align_speech')
-    }
-    for paths, labels in _pool(data_dir, split, 'speech'):
-      wave = audio_lib.load_audio(os.path.join(data_dir, paths[0])).astype(np.float64)
-      decoded = _decode_dtmf(wave)
-      assert decoded == labels['digits'], paths[0]
-      assert transcripts[paths[0]] == ' '.join(decoded)
-      assert labels['length'] == NUMBER_WORDS[len(decoded)]
-      assert labels['first'] == decoded[0]
+  for path, labels, transcript in _captioned_pool(data_dir, 'speech'):
+    decoded = _decode_dtmf(_wave(data_dir, path))
+    assert decoded == labels['digits'], path
+    assert transcript == ' '.join(decoded)
+    assert labels['length'] == NUMBER_WORDS[len(decoded)]
+    assert labels['first'] == decoded[0]
 
 
 def _peak_frequency(segment, rate=16000):
@@ -394,29 +407,24 @@ def _peak_frequency(segment, rate=16000):
 def test_chirps_sweep_the_stated_way_through_the_stated_note(data_dir):
   names, notes = zip(*NOTES_OCTAVE_4.items())
   notes = np.array(notes)
-  for split in SPLIT_SIZES:
-    captions = {
-        e['voice'][0]: e['conversations'][1]['value']
-        for e in _manifest(data_dir, split, 'align_audio')
-    }
-    for paths, labels in _pool(data_dir, split, 'audio'):
-      wave = audio_lib.load_audio(os.path.join(data_dir, paths[0])).astype(np.float64)
-      runs = _active_runs(wave, threshold=0.1)
-      assert len(runs) == 1, paths[0]
-      start, stop = runs[0]
-      assert 0.4 < (stop - start) / 16000 <= 1.0
-      quarter = (stop - start) // 4
-      early = _peak_frequency(wave[start : start + quarter])
-      late = _peak_frequency(wave[stop - quarter : stop])
-      middle = (start + stop) // 2
-      centre = _peak_frequency(wave[middle - 512 : middle + 512])
-      assert ('rising' if late > early else 'falling') == labels['sweep'], paths[0]
-      assert abs(np.log2(late / early)) > 0.1  # audible: the whole chirp spans ~0.29 octave
-      # Within a quarter tone of the note (the chirp passes through it at its midpoint).
-      nearest = int(np.argmin(np.abs(np.log2(notes / centre))))
-      assert names[nearest] == labels['pitch'], (paths[0], centre)
-      assert abs(12 * np.log2(notes[nearest] / centre)) < 0.25
-      assert captions[paths[0]] == f"a {labels['sweep']} tone, pitch {labels['pitch']}"
+  for path, labels, caption in _captioned_pool(data_dir, 'audio'):
+    wave = _wave(data_dir, path)
+    runs = _active_runs(wave, threshold=0.1)
+    assert len(runs) == 1, path
+    start, stop = runs[0]
+    assert 0.4 < (stop - start) / 16000 <= 1.0
+    quarter = (stop - start) // 4
+    early = _peak_frequency(wave[start : start + quarter])
+    late = _peak_frequency(wave[stop - quarter : stop])
+    middle = (start + stop) // 2
+    centre = _peak_frequency(wave[middle - 512 : middle + 512])
+    assert ('rising' if late > early else 'falling') == labels['sweep'], path
+    assert abs(np.log2(late / early)) > 0.1  # audible: the whole chirp spans ~0.29 octave
+    # Within a quarter tone of the note (the chirp passes through it at its midpoint).
+    nearest = int(np.argmin(np.abs(np.log2(notes / centre))))
+    assert names[nearest] == labels['pitch'], (path, centre)
+    assert abs(12 * np.log2(notes[nearest] / centre)) < 0.25
+    assert caption == f"a {labels['sweep']} tone, pitch {labels['pitch']}"
 
 
 # ------------------------------------------------------------------------------------------

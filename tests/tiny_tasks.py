@@ -14,7 +14,9 @@ the stand-in for media decoding: `DECODED['stream']` those of datasets built wit
 `seqio.ShardInfo` (the training stream, `pipeline.train_batches`), `DECODED['other']` the rest
 (`pipeline.check_examples_fit`'s sample).
 
-Also: `read_scalars(model_dir)`, the TensorBoard scalars `loop.train` wrote, by step.
+Also: `generator_dataset(data)`, text examples as a dataset that cannot be checkpointed;
+`read_scalars(model_dir)`, the TensorBoard scalars `loop.train` wrote, by step;
+`parse_cli_gin(argv, description)`, a CLI's flags and gin configuration parsed in this process.
 Importing this module registers the task (idempotent); the CLI imports it through
 `--gin.MIXTURE_OR_TASK_MODULE="'tiny_tasks'"` with tests/ on PYTHONPATH.
 """
@@ -56,16 +58,21 @@ def examples(split: str):
   return out
 
 
+TEXT_SIGNATURE = {
+    'targets': tf.TensorSpec([None], tf.int32),
+    'loss_weights': tf.TensorSpec([None], tf.float32),
+}
+
+
+def generator_dataset(data) -> tf.data.Dataset:
+  """`data`, numpy dicts of `targets` int32 [length] and `loss_weights` float32 [length], as a
+  `from_generator` dataset (whose iterator state cannot be checkpointed)."""
+  return tf.data.Dataset.from_generator(lambda: iter(data), output_signature=TEXT_SIGNATURE)
+
+
 def _dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
   del shuffle_files, seed  # One "file"; seqio shuffles examples itself.
-  data = examples(split)
-  return tf.data.Dataset.from_generator(
-      lambda: iter(data),
-      output_signature={
-          'targets': tf.TensorSpec([None], tf.int32),
-          'loss_weights': tf.TensorSpec([None], tf.float32),
-      },
-  )
+  return generator_dataset(examples(split))
 
 
 INDEXED_TASK_NAME = 'unimoe_test_lm_indexed'
@@ -73,12 +80,10 @@ DECODED = collections.Counter()
 _DECODED_LOCK = threading.Lock()
 
 
-def _indexed_dataset_fn(
-    split: str,
-    shuffle_files: bool,
-    seed: Optional[int] = None,
-    shard_info: Optional[seqio.ShardInfo] = None,
+def _read_indexed(
+    split: str, shard_info: Optional[seqio.ShardInfo], shuffle: bool, seed: Optional[int]
 ) -> tf.data.Dataset:
+  """`manifest.ReadSplit` of the indexed task."""
   data = examples(split)
   kind = 'stream' if shard_info is not None else 'other'
 
@@ -97,7 +102,7 @@ def _indexed_dataset_fn(
   ds = tf.data.Dataset.range(len(data))
   if shard_info is not None and shard_info.num_shards > 1:
     ds = ds.shard(shard_info.num_shards, shard_info.index)
-  if shuffle_files:
+  if shuffle:
     ds = ds.shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
   return ds.map(decode_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -118,7 +123,7 @@ def register() -> None:
     # whole cache into every iterator state); manifest sources declare none either.
     seqio.TaskRegistry.add(
         INDEXED_TASK_NAME,
-        source=manifest.ManifestDataSource(_indexed_dataset_fn, splits=tuple(NUM_EXAMPLES)),
+        source=manifest.ManifestDataSource(_read_indexed, splits=tuple(NUM_EXAMPLES)),
         preprocessors=[],
         output_features=output_features(VOCABULARY, modalities=()),
         shuffle_buffer_size=16,
@@ -140,6 +145,26 @@ def read_scalars(model_dir: str, subdir: str = 'train') -> Dict[int, Dict[str, f
           number = float(tf.make_ndarray(value.tensor))
         out.setdefault(int(event.step), {})[value.tag] = number
   return out
+
+
+def parse_cli_gin(argv, description: str):
+  """Parses `argv` as the CLIs parse their flags (`train.parse_flags`), then their gin files and
+  bindings into a cleared gin config, importing the task modules the bindings name, as
+  `train.setup` does (without its logging and `jax.distributed` set-up). Returns the flags; the
+  caller clears gin's config when done."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  from unimoe_jax import train  # pylint: disable=g-import-not-at-top
+
+  args = train.parse_flags(argv, description)
+  gin.clear_config()
+  gin_utils.parse(
+      args.gin_file,
+      args.gin_bindings,
+      args.gin_search_paths,
+      import_modules=gin_utils.task_modules(args.gin_bindings),
+  )
+  return args
 
 
 def tiny_model(moe: bool = False, **model_kwargs):

@@ -31,7 +31,6 @@ import sys
 import numpy as np
 import pytest
 import seqio
-import tensorflow as tf
 from flax import traverse_util
 
 import tiny_tasks
@@ -243,13 +242,7 @@ def _register_generator_task():
 
   def dataset_fn(split, shuffle_files, seed=None):
     del split, shuffle_files, seed
-    return tf.data.Dataset.from_generator(
-        lambda: iter(data),
-        output_signature={
-            'targets': tf.TensorSpec([None], tf.int32),
-            'loss_weights': tf.TensorSpec([None], tf.float32),
-        },
-    )
+    return tiny_tasks.generator_dataset(data)
 
   # No num_input_examples: seqio would cache it in memory, and a cache that has been read
   # whole is saved without its generator.
@@ -434,20 +427,11 @@ def _train_in_process(model_dir, extra=()):
   """The one-process run of `_train`, in this process (8 CPU devices and the same XLA flags,
   conftest.py): what a subprocess adds is ~9 s of imports. Returns DECODED."""
   import gin  # pylint: disable=g-import-not-at-top
-  from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  from unimoe_jax import train  # pylint: disable=g-import-not-at-top
   from unimoe_jax.training import loop  # pylint: disable=g-import-not-at-top
 
-  args = train.parse_flags(_flags(model_dir) + list(extra), 'train (in process)')
-  gin.clear_config()
   tiny_tasks.DECODED.clear()
   try:
-    gin_utils.parse(
-        args.gin_file,
-        args.gin_bindings,
-        args.gin_search_paths,
-        import_modules=gin_utils.task_modules(args.gin_bindings),
-    )
+    tiny_tasks.parse_cli_gin(_flags(model_dir) + list(extra), 'train (in process)')
     loop.train()  # pylint: disable=no-value-for-parameter
   finally:
     gin.clear_config()

@@ -171,8 +171,9 @@ def make_inputs(directory: str, num_clips: int = 2) -> dict:
 # The functions timed: each takes one path and returns the model-ready array.
 
 
-def _official_expand2square(image, color):
-  # LLaVA's expand2square, as the official Uni-MoE data.py inlines it before the CLIP processor.
+def official_expand2square(image, color):
+  """LLaVA's expand2square, as the official Uni-MoE data.py inlines it before the CLIP processor
+  (also the reference of tests/media_test.py): `image` (PIL) centred on a square of `color`."""
   from PIL import Image
 
   width, height = image.size
@@ -189,7 +190,7 @@ def hf_image(path, processor, pad=False):
 
   image = Image.open(path).convert('RGB')
   if pad:
-    image = _official_expand2square(image, tuple(int(m * 255) for m in processor.image_mean))
+    image = official_expand2square(image, tuple(int(m * 255) for m in processor.image_mean))
   return processor(images=image, return_tensors='np')['pixel_values'][0]
 
 

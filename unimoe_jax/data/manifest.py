@@ -35,7 +35,7 @@ import dataclasses
 import json
 import os
 import threading
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import gin
@@ -771,8 +771,29 @@ def _fail_when_all_bad(
   return ds.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), step)
 
 
+# How a sharded source reads one split: `read_split(split, shard_info, shuffle, seed)` -> the
+# examples of that split's shard (`shard_info` None: all of them), in a `seed`-ed random order
+# when `shuffle`.
+ReadSplit = Callable[[str, Optional[seqio.ShardInfo], bool, Optional[int]], tf.data.Dataset]
+
+
 class ManifestDataSource(seqio.FunctionDataSource):
-  """A FunctionDataSource whose dataset_fn also takes the shard (seqio's own refuses shards)."""
+  """A seqio source whose reader also takes the shard (seqio's FunctionDataSource refuses
+  shards), so each host reads only its records. `read_split` (`ReadSplit`) is asked only for
+  the `splits` given; any other split raises naming them."""
+
+  def __init__(
+      self,
+      read_split: ReadSplit,
+      splits: Sequence[str],
+      num_input_examples: Optional[Mapping[str, int]] = None,
+  ):
+    def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None):
+      # seqio's own calling convention, for anything that calls FunctionDataSource's reader.
+      return self.get_dataset(split, shuffle=shuffle_files, seed=seed)
+
+    super().__init__(dataset_fn, splits=splits, num_input_examples=num_input_examples)
+    self._read_split = read_split
 
   @property
   def supports_arbitrary_sharding(self) -> bool:
@@ -790,7 +811,9 @@ class ManifestDataSource(seqio.FunctionDataSource):
       num_epochs: Optional[int] = 1,
   ) -> tf.data.Dataset:
     del sequence_length, use_cached, num_epochs
-    return self._dataset_fn(split=split, shuffle_files=shuffle, seed=seed, shard_info=shard_info)
+    if split not in self.splits:
+      raise ValueError(f'unknown split {split!r}; this source has {sorted(self.splits)}')
+    return self._read_split(split, shard_info, shuffle, seed)
 
 
 def seqio_source(
@@ -801,25 +824,18 @@ def seqio_source(
   """A seqio data source with one split per `config.split_paths()` entry."""
   paths = config.split_paths()
 
-  def dataset_fn(
-      split: str,
-      shuffle_files: bool,
-      seed: Optional[int] = None,
-      shard_info: Optional[seqio.ShardInfo] = None,
-  ) -> tf.data.Dataset:
-    if split not in paths:
-      raise ValueError(f'unknown split {split!r}; the manifest config has {sorted(paths)}')
+  def read_split(split, shard_info, shuffle, seed) -> tf.data.Dataset:
     return manifest_dataset(
         config,
         shard_info,
         manifest_path=paths[split],
-        shuffle=shuffle_files,
+        shuffle=shuffle,
         seed=seed,
         vocabulary=vocabulary,
         task_name=task_name,
     )
 
-  return ManifestDataSource(dataset_fn, splits=tuple(paths))
+  return ManifestDataSource(read_split, splits=tuple(paths))
 
 
 __all__ = [
@@ -828,6 +844,7 @@ __all__ = [
     'BadExampleError',
     'ManifestConfig',
     'ManifestDataSource',
+    'ReadSplit',
     'UndecodableRecord',
     'feature_specs',
     'load_example',

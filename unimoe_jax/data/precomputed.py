@@ -355,11 +355,11 @@ class PrecomputedDataSource(manifest_lib.ManifestDataSource):
 
   def __init__(
       self,
-      dataset_fn,
+      read_split: manifest_lib.ReadSplit,
       splits: Mapping[str, str],
       expect_config: Optional[manifest_lib.ManifestConfig] = None,
   ):
-    super().__init__(dataset_fn, splits=tuple(splits))
+    super().__init__(read_split, splits=tuple(splits))
     self._directories = dict(splits)
     self._expect_config = expect_config
 
@@ -379,26 +379,17 @@ def precomputed_source(
   """
   directories = dict(splits)
 
-  def dataset_fn(
-      split: str,
-      shuffle_files: bool,
-      seed: Optional[int] = None,
-      shard_info: Optional[seqio.ShardInfo] = None,
-  ) -> tf.data.Dataset:
-    if split not in directories:
-      raise ValueError(
-          f'unknown split {split!r}; the precomputed source has ' f'{sorted(directories)}'
-      )
+  def read_split(split, shard_info, shuffle, seed) -> tf.data.Dataset:
     return precomputed_dataset(
         directories[split],
         shard_info,
-        shuffle=shuffle_files,
+        shuffle=shuffle,
         seed=seed,
         expect_config=expect_config,
         **dataset_kwargs,
     )
 
-  return PrecomputedDataSource(dataset_fn, directories, expect_config)
+  return PrecomputedDataSource(read_split, directories, expect_config)
 
 
 __all__ = [
