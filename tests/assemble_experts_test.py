@@ -1,8 +1,6 @@
 """Stage 2 -> 3: tools/assemble_experts.py and convert/experts.py."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,12 +12,12 @@ from unimoe_jax import config
 from unimoe_jax.convert import experts as experts_lib
 from unimoe_jax.decoder import Decoder
 from official_reference import EXPERT_SET
+from tool_runs import cli_args, run_tool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _params(seed, moe=None):
-  cfg = config.named('tiny', moe=moe)
+def _params(seed, **overrides):
+  """Random params of the tiny decoder (`config.named('tiny', **overrides)`), as numpy."""
+  cfg = config.named('tiny', **overrides)
   variables = Decoder(cfg).init(jax.random.PRNGKey(seed), np.zeros((1, 4), np.int32))
   import flax.linen as nn
 
@@ -68,19 +66,19 @@ def test_tool_writes_a_checkpoint(tmp_path):
   base, e0 = _params(0), _params(1)
   checkpoints.save(str(tmp_path / 'base'), base, '# base\n')
   checkpoints.save(str(tmp_path / 'e0'), e0, '# e0\n')
-  subprocess.run(
-      [
-          sys.executable,
-          os.path.join(ROOT, 'tools', 'assemble_experts.py'),
-          '--base',
-          str(tmp_path / 'base'),
-          '--expert',
-          str(tmp_path / 'e0'),
-          '--expert',
-          'base',
-          '--output',
-          str(tmp_path / 'out'),
-      ],
+  # `--expert` repeats, so it stands among the flags.
+  argv = cli_args(
+      '--expert',
+      str(tmp_path / 'e0'),
+      '--expert',
+      'base',
+      base=tmp_path / 'base',
+      output=tmp_path / 'out',
+  )
+  run_tool(
+      None,
+      'assemble_experts.py',
+      *argv,
       check=True,
       capture_output=True,
       env=dict(os.environ, JAX_PLATFORMS='cpu'),
@@ -96,20 +94,11 @@ def test_tool_writes_a_checkpoint(tmp_path):
 def test_official_8e_expert_set_on_even_layers(tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
 
-  sys.path.insert(0, os.path.join(ROOT, 'tools'))
-  import assemble_experts  # pylint: disable=g-import-not-at-top
+  import assemble_experts  # pylint: disable=g-import-not-at-top  (tools/ is on sys.path)
 
-  cfg = config.named('tiny', num_layers=4)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
-  base = {
-      'decoder': jax.tree_util.tree_map(
-          np.asarray,
-          nn.meta.unbox(
-              Decoder(cfg).init(jax.random.PRNGKey(0), np.zeros((1, 4), np.int32))['params']
-          ),
-      )
-  }
+  base = _params(0, num_layers=4)
   checkpoints.save(str(tmp_path / 'base'), base, '# base\n')
   rng = np.random.default_rng(0)
   files = {}
@@ -128,21 +117,10 @@ def test_official_8e_expert_set_on_even_layers(tmp_path):
         {k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / 'experts' / f'{stem}.bin'
     )
   out = str(tmp_path / 'out')
-  assert (
-      assemble_experts.main(
-          [
-              '--base',
-              str(tmp_path / 'base'),
-              '--expert_set',
-              str(tmp_path / 'experts'),
-              '--moe_layers',
-              'even',
-              '--output',
-              out,
-          ]
-      )
-      == 0
+  argv = cli_args(
+      base=tmp_path / 'base', expert_set=tmp_path / 'experts', moe_layers='even', output=out
   )
+  assert assemble_experts.main(argv) == 0
   params, gin_text = checkpoints.restore(out)
   assert 'MoE model of 8 experts' in gin_text and "'even'" in gin_text
   moe_cfg = config.named('tiny', num_layers=4, moe=config.MoEConfig(num_experts=8, layers=(0, 2)))
@@ -176,13 +154,8 @@ def test_official_8e_expert_set_on_even_layers(tmp_path):
   )
   with pytest.raises(ValueError, match=r"bad.bin: 'model.layers.0.mlp.gate.weight' is not"):
     assemble_experts.main(
-        [
-            '--base',
-            str(tmp_path / 'base'),
-            '--expert',
-            str(tmp_path / 'experts' / 'bad.bin'),
-            '--output',
-            str(tmp_path / 'o2'),
-        ]
+        cli_args(
+            base=tmp_path / 'base', expert=tmp_path / 'experts' / 'bad.bin', output=tmp_path / 'o2'
+        )
     )
   assert not (tmp_path / 'o2').exists()

@@ -1,13 +1,9 @@
 """tools/bench_compile.py runs end to end on a tiny MoE (a smoke test: nothing here is timed)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tool_runs import tool_rows
+
 TINY = [
     '--gin_file=models/tiny.gin',
     '--gin_file=models/moe_4e_top2.gin',
@@ -18,25 +14,7 @@ TINY = [
 
 
 def _run(tmp_path, *flags):
-  out = tmp_path / 'rows.json'
-  # One host device (the tool makes its own for the EP mesh); XLA:CPU at optimisation level 0
-  # as in every test (conftest.py): the test checks the rows, not their speed.
-  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0')
-  proc = subprocess.run(
-      [
-          sys.executable,
-          os.path.join(REPO, 'tools', 'bench_compile.py'),
-          *TINY,
-          f'--json_out={out}',
-          *flags,
-      ],
-      check=True,
-      cwd=tmp_path,
-      env=env,
-      capture_output=True,
-      text=True,
-  )
-  return json.loads(out.read_text()), proc.stdout
+  return tool_rows(tmp_path, 'bench_compile.py', *TINY, *flags, json_flag='--json_out')
 
 
 @pytest.mark.slow  # two plan_memory subprocesses, each compiling a training step: ~30 s

@@ -3,19 +3,15 @@
 Most of its time is importing transformers/torch, writing the inputs and starting the Pool workers.
 """
 
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
+
+from tool_runs import tool_env, tool_rows
 
 pytest.importorskip('transformers')
 pytest.importorskip('av')
 pytest.importorskip('soundfile')
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXPECTED_ROWS = [  # (case, implementation prefix, has a transformers reference)
     ('image jpeg crop', 'transformers CLIPImageProcessor', True),
@@ -36,29 +32,13 @@ EXPECTED_ROWS = [  # (case, implementation prefix, has a transformers reference)
 
 @pytest.mark.slow  # 13-22 s on the 2-core machine, depending on other load
 def test_bench_data_quick_prints_every_row(tmp_path):
-  out = tmp_path / 'rows.json'
-  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
-  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'  # One device, fast compiles.
-  result = subprocess.run(
-      [
-          sys.executable,
-          os.path.join(REPO, 'tools', 'bench_data.py'),
-          '--quick',
-          '--iters',
-          '2',
-          '--workers',
-          '2',
-          '--json',
-          str(out),
-      ],
-      check=True,
-      cwd=tmp_path,
-      env=env,
-      capture_output=True,
-      text=True,
+  env = tool_env()
+  env.pop('JAX_PLATFORMS', None)
+  written, stdout = tool_rows(
+      tmp_path, 'bench_data.py', *'--quick --iters 2 --workers 2'.split(), env=env
   )
-  table = result.stdout[result.stdout.index('modality') :].splitlines()
-  assert len(table) == 2 + len(EXPECTED_ROWS), result.stdout
+  table = stdout[stdout.index('modality') :].splitlines()
+  assert len(table) == 2 + len(EXPECTED_ROWS), stdout
   for line, (case, implementation, has_reference) in zip(table[2:], EXPECTED_ROWS):
     assert line.startswith(case) and implementation in line, (line, case, implementation)
     # The last column: 'N.NNx' with a positive ratio, or '-' where there is no reference.
@@ -71,7 +51,7 @@ def test_bench_data_quick_prints_every_row(tmp_path):
     numbers = [float(v) for v in line[len(case) :].split()[-4:-1] if v != '-']
     assert numbers and all(v > 0 for v in numbers), line
 
-  rows = json.loads(out.read_text())['rows']
+  rows = written['rows']
   assert [(r['case'], r['implementation']) for r in rows] == [
       (line[:18].strip(), line[19:73].strip()) for line in table[2:]
   ]

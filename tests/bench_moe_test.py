@@ -1,40 +1,14 @@
 """tools/bench_moe.py still runs end to end (a smoke test: nothing here is timed or compared)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tool_runs import tool_rows
 
 
 @pytest.mark.slow
 def test_bench_moe_runs_every_row_on_a_tiny_shape(tmp_path):
-  out = tmp_path / 'rows.json'
-  # One host device (the tool makes its own for the EP mesh); XLA:CPU at optimisation level 0
-  # as in every test (conftest.py): the test checks the rows, not their speed.
-  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0')
-  subprocess.run(
-      [
-          sys.executable,
-          os.path.join(REPO, 'tools', 'bench_moe.py'),
-          '--shapes',
-          '64x32x48x4x2',
-          '--iters',
-          '1',
-          '--warmup',
-          '0',
-          '--json',
-          str(out),
-      ],
-      check=True,
-      cwd=tmp_path,
-      env=env,
-      stdout=subprocess.DEVNULL,
-  )
-  rows = {r['implementation']: r for r in json.loads(out.read_text())}
+  flags = '--shapes 64x32x48x4x2 --iters 1 --warmup 0'.split()
+  rows = {r['implementation']: r for r in tool_rows(tmp_path, 'bench_moe.py', *flags)[0]}
   for name in (
       'jax:ffn(k*F)',
       'jax:moe dense',

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import types
 
 import flax.linen as nn
@@ -16,18 +15,15 @@ import pytest
 from encoders_beats_test import TINY_CFG as BEATS_CFG
 from encoders_beats_test import official_state_dict as beats_official_state_dict
 from hf_reference import logits as hf_logits
-from hf_reference import state_dict_numpy, tiny_llama, tiny_mixtral, torch_and_transformers
+from hf_reference import randomize, state_dict_numpy, tiny_llama, tiny_mixtral
+from hf_reference import torch_and_transformers
+from tool_runs import run_convert
+from unimoe_jax import checkpoints, network, score
+from unimoe_jax.convert import clip as convert_clip
+from unimoe_jax.convert import whisper as convert_whisper
+from unimoe_jax.network import UniMoE
 
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
-)
-import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax import checkpoints, network, score  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax.convert import clip as convert_clip  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax.convert import whisper as convert_whisper  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax.network import UniMoE  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import generate_test  # pylint: disable=g-import-not-at-top,wrong-import-position
+import generate_test
 
 _CORPUS = generate_test.CORPUS[:5]  # Its plain sentences, without the chat template's.
 TEXT = 'the cat ran over the park'
@@ -47,16 +43,6 @@ def tokenizer_path(tmp_path_factory):
       normalization_rule_name='nmt_nfkc',
       remove_extra_whitespaces=True,
   )
-
-
-def _randomize(model):
-  import torch  # pylint: disable=g-import-not-at-top
-
-  torch.manual_seed(1)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.normal_(0.0, 0.1)
-  return model
 
 
 def _score(capsys, ckpt, vocab=None):
@@ -93,7 +79,7 @@ def test_hf_directory_scores_like_transformers(
   import torch  # pylint: disable=g-import-not-at-top
 
   model, _ = (tiny_llama if kind == 'llama' else tiny_mixtral)(num_hidden_layers=2)
-  _randomize(model)
+  randomize(model)
   src = tmp_path / 'src'
   if layout == 'bin':
     model.config.save_pretrained(src)
@@ -102,18 +88,11 @@ def test_hf_directory_scores_like_transformers(
     model.save_pretrained(src, max_shard_size='40KB' if layout == 'sharded' else '50GB')
   if layout == 'sharded':
     assert any(n.endswith('.index.json') for n in os.listdir(src)), os.listdir(src)
-  with open(tokenizer_path, 'rb') as f, open(src / 'tokenizer.model', 'wb') as g:
-    g.write(f.read())
+  shutil.copy(tokenizer_path, src / 'tokenizer.model')
   if scan:  # One case also carries a tokenizer_config.json (its `legacy` flag) along.
     (src / 'tokenizer_config.json').write_text(json.dumps({'legacy': False}))
   out = str(tmp_path / 'out')
-  assert (
-      convert_checkpoint.main(
-          ['--source', 'hf', '--input', str(src), '--output', out]
-          + (['--scan_layers'] if scan else [])
-      )
-      == 0
-  )
+  assert run_convert(*(['--scan_layers'] if scan else []), source='hf', input=src, output=out) == 0
   summary = json.loads(capsys.readouterr().out.splitlines()[-1])
   assert summary['peak_rss_mib'] > 0 and summary['tokenizer_copied']
   stored, gin_text = checkpoints.restore(out)
@@ -228,8 +207,7 @@ def _official_dir(tmp_path, tokenizer_path, rename=None):
   (src / 'adapter_config.json').write_text(
       json.dumps({'r': RANK, 'lora_alpha': ALPHA, 'lora_dropout': 0.05, 'peft_type': 'LORA'})
   )
-  with open(tokenizer_path, 'rb') as fi, open(src / 'tokenizer.model', 'wb') as fo:
-    fo.write(fi.read())
+  shutil.copy(tokenizer_path, src / 'tokenizer.model')
   return str(src), model
 
 
@@ -239,27 +217,10 @@ def test_official_layout_merged_and_kept_lora(tmp_path, capsys, tokenizer_path):
   # --dtype float32: the 4-expert router runs in the model dtype (MoEConfig.router_dtype), and
   # score.py's float32 does not change it.
   assert (
-      convert_checkpoint.main(
-          [
-              '--source',
-              'unimoe',
-              '--input',
-              src,
-              '--output',
-              merged_out,
-              '--merge_lora',
-              '--dtype',
-              'float32',
-          ]
-      )
+      run_convert('--merge_lora', source='unimoe', input=src, output=merged_out, dtype='float32')
       == 0
   )
-  assert (
-      convert_checkpoint.main(
-          ['--source', 'unimoe', '--input', src, '--output', kept_out, '--dtype', 'float32']
-      )
-      == 0
-  )
+  assert run_convert(source='unimoe', input=src, output=kept_out, dtype='float32') == 0
   params, gin_text = checkpoints.restore(kept_out)
   assert 'config.LoRAConfig' in gin_text and 'config.MoEConfig' in gin_text
   assert params['decoder']['layers_0']['moe']['wi_0']['lora_a'].shape == (4, 64, RANK)
@@ -276,9 +237,7 @@ def test_official_renamed_tensor_fails_and_writes_nothing(tmp_path, tokenizer_pa
   src, _ = _official_dir(tmp_path, tokenizer_path, rename=(bad, bad.replace('k_proj', 'key_proj')))
   out = tmp_path / 'out'
   with pytest.raises(ValueError, match=r'model\.layers\.1\.self_attn\.k_proj\.weight'):
-    convert_checkpoint.main(
-        ['--source', 'unimoe', '--input', src, '--output', str(out), '--merge_lora']
-    )
+    run_convert('--merge_lora', source='unimoe', input=src, output=out)
   assert not out.exists()
   assert not [p for p in os.listdir(tmp_path) if p.startswith('.out')]
 
@@ -312,23 +271,25 @@ def _perturb(model, seed):
   return model.eval()
 
 
+def _tiny_hf_model(name, seed, **config):
+  """`transformers.{name}Model` of `config` with eager attention, `_perturb`ed with `seed`."""
+  _, transformers = torch_and_transformers()
+  model_config = getattr(transformers, f'{name}Config')(attn_implementation='eager', **config)
+  return _perturb(getattr(transformers, f'{name}Model')(model_config), seed)
+
+
 def tiny_hf_qformer():
   """A tiny random Blip2QFormerModel over the tiny BEATs: 2 layers, and 12 heads because
   Uni_MoE_audio hard-codes Blip2Config()'s Q-Former head count."""
-  _, transformers = torch_and_transformers()
-  return _perturb(
-      transformers.Blip2QFormerModel(
-          transformers.Blip2QFormerConfig(
-              hidden_size=24,
-              num_hidden_layers=2,
-              num_attention_heads=12,
-              intermediate_size=32,
-              cross_attention_frequency=2,
-              encoder_hidden_size=BEATS_CFG['encoder_embed_dim'],
-              attn_implementation='eager',
-          )
-      ),
+  return _tiny_hf_model(
+      'Blip2QFormer',
       3,
+      hidden_size=24,
+      num_hidden_layers=2,
+      num_attention_heads=12,
+      intermediate_size=32,
+      cross_attention_frequency=2,
+      encoder_hidden_size=BEATS_CFG['encoder_embed_dim'],
   )
 
 
@@ -338,45 +299,36 @@ def towers(tmp_path_factory):
   official BEATs .pt and a tiny Q-Former."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  _, transformers = torch_and_transformers()
   root = tmp_path_factory.mktemp('towers')
-  clip = _perturb(
-      transformers.CLIPVisionModel(
-          transformers.CLIPVisionConfig(
-              image_size=16,
-              patch_size=8,
-              hidden_size=24,
-              num_hidden_layers=2,
-              num_attention_heads=4,
-              intermediate_size=32,
-              hidden_act='quick_gelu',
-              attn_implementation='eager',
-          )
-      ),
+  clip = _tiny_hf_model(
+      'CLIPVision',
       1,
+      image_size=16,
+      patch_size=8,
+      hidden_size=24,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=32,
+      hidden_act='quick_gelu',
   )
-  whisper = _perturb(
-      transformers.WhisperModel(
-          transformers.WhisperConfig(
-              vocab_size=64,
-              d_model=16,
-              encoder_layers=1,
-              decoder_layers=2,
-              encoder_attention_heads=2,
-              decoder_attention_heads=2,
-              encoder_ffn_dim=32,
-              decoder_ffn_dim=32,
-              num_mel_bins=8,
-              max_source_positions=10,
-              max_target_positions=8,
-              pad_token_id=0,
-              bos_token_id=1,
-              eos_token_id=2,
-              decoder_start_token_id=1,
-              attn_implementation='eager',
-          )
-      ),
+  whisper = _tiny_hf_model(
+      'Whisper',
       2,
+      vocab_size=64,
+      d_model=16,
+      encoder_layers=1,
+      decoder_layers=2,
+      encoder_attention_heads=2,
+      decoder_attention_heads=2,
+      encoder_ffn_dim=32,
+      decoder_ffn_dim=32,
+      num_mel_bins=8,
+      max_source_positions=10,
+      max_target_positions=8,
+      pad_token_id=0,
+      bos_token_id=1,
+      eos_token_id=2,
+      decoder_start_token_id=1,
   )
   qformer = tiny_hf_qformer()
   clip.save_pretrained(root / 'clip-vit-tiny')
@@ -540,22 +492,7 @@ def test_official_speech_towers_map_match_transformers_and_run(
   sd = _add_towers(src, towers, 'speech')
   out = str(tmp_path / 'out')
   capsys.readouterr()
-  assert (
-      convert_checkpoint.main(
-          [
-              '--source',
-              'unimoe',
-              '--input',
-              src,
-              '--output',
-              out,
-              '--merge_lora',
-              '--dtype',
-              'float32',
-          ]
-      )
-      == 0
-  )
+  assert run_convert('--merge_lora', source='unimoe', input=src, output=out, dtype='float32') == 0
   summary = json.loads(capsys.readouterr().out.splitlines()[-1])
   assert summary['modalities'] == ['image', 'video', 'speech']
   raw, gin_text = checkpoints.restore(out)
@@ -644,12 +581,7 @@ def test_official_audio_towers_beats_qformer(tmp_path, capsys, tokenizer_path, t
   src, _ = _official_dir(tmp_path, tokenizer_path)
   sd = _add_towers(src, towers, 'audio')
   out = str(tmp_path / 'out')
-  assert (
-      convert_checkpoint.main(
-          ['--source', 'unimoe', '--input', src, '--output', out, '--dtype', 'float32']
-      )
-      == 0
-  )
+  assert run_convert(source='unimoe', input=src, output=out, dtype='float32') == 0
   raw, gin_text = checkpoints.restore(out)
   assert 'beats.BEATsConfig' in gin_text and 'qformer.QFormerConfig' in gin_text
   cfg, params = checkpoints.restore_model(out)
@@ -700,12 +632,7 @@ def test_official_towers_read_from_tower_directories(tmp_path, tokenizer_path, t
       mm_audio_tower='openai/whisper-tiny',
   )
   out = str(tmp_path / 'out')
-  assert (
-      convert_checkpoint.main(
-          ['--source', 'unimoe', '--input', src, '--output', out, '--merge_lora']
-      )
-      == 0
-  )
+  assert run_convert('--merge_lora', source='unimoe', input=src, output=out) == 0
   raw, _ = checkpoints.restore(out)
   cfg, _ = checkpoints.restore_model(out)
   want_vision = convert_clip.params_from_hf(state_dict_numpy(towers.clip), cfg.vision, prefix='')
@@ -717,9 +644,7 @@ def test_official_towers_read_from_tower_directories(tmp_path, tokenizer_path, t
   # Without the tower directories the speech modules cannot be sized: a clear error, no output.
   shutil.rmtree(tmp_path / 'whisper-tiny')
   with pytest.raises(ValueError, match=r"mm_audio_tower='openai/whisper-tiny'.*--audio_tower"):
-    convert_checkpoint.main(
-        ['--source', 'unimoe', '--input', src, '--output', str(tmp_path / 'out2'), '--merge_lora']
-    )
+    run_convert('--merge_lora', source='unimoe', input=src, output=tmp_path / 'out2')
   assert not (tmp_path / 'out2').exists()
 
 
@@ -737,8 +662,6 @@ def test_official_renamed_tower_tensor_fails_and_writes_nothing(
   _add_towers(src, towers, 'speech', rename=(bad, bad.replace('.weight', '_renamed.weight')))
   out = tmp_path / 'out'
   with pytest.raises(ValueError, match=re.escape(repr(bad))):
-    convert_checkpoint.main(
-        ['--source', 'unimoe', '--input', src, '--output', str(out), '--merge_lora']
-    )
+    run_convert('--merge_lora', source='unimoe', input=src, output=out)
   assert not out.exists()
   assert not [p for p in os.listdir(tmp_path) if p.startswith('.out')]

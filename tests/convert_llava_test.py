@@ -3,7 +3,6 @@
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,21 +10,17 @@ import numpy as np
 import pytest
 
 import hf_reference
-
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
-)
-import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tool_runs import run_convert
 from unimoe_jax import checkpoints
-from unimoe_jax.convert import llava  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax.network import UniMoE  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimoe_jax.convert import llava
+from unimoe_jax.network import UniMoE
 
 TOL = 1e-4
 IMAGE_TOKEN = 96  # HF's image token: the last id of the tiny vocabulary.
 
 
 def tiny_llava():
-  torch, transformers = hf_reference.torch_and_transformers()
+  _, transformers = hf_reference.torch_and_transformers()
   vision = transformers.CLIPVisionConfig(
       image_size=32,
       patch_size=8,
@@ -50,11 +45,7 @@ def tiny_llava():
   config._attn_implementation = 'eager'  # pylint: disable=protected-access
   model = transformers.LlavaForConditionalGeneration(config).eval()
   model.set_attn_implementation('eager')
-  torch.manual_seed(1)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.normal_(0.0, 0.1)
-  return model
+  return hf_reference.randomize(model)
 
 
 def _inputs(n_image_tokens, seed=0):
@@ -97,12 +88,7 @@ def test_converted_llava_logits_match_transformers(tmp_path, capsys, converted):
   model, src = converted
   out = str(tmp_path / 'out')
   capsys.readouterr()
-  assert (
-      convert_checkpoint.main(
-          ['--source', 'hf', '--input', str(src), '--output', out, '--dtype', 'float32']
-      )
-      == 0
-  )
+  assert run_convert(source='hf', input=src, output=out, dtype='float32') == 0
   summary = json.loads(capsys.readouterr().out.splitlines()[-1])
   assert summary['modalities'] == ['image', 'video']
   cfg, params = checkpoints.restore_model(out)
@@ -137,7 +123,7 @@ def test_llava_mismatch_writes_nothing(tmp_path, converted):
   safetensors.numpy.save_file(sd, str(src / 'model.safetensors'))
   out = tmp_path / 'out'
   with pytest.raises(ValueError, match=r'linear_9\.weight'):
-    convert_checkpoint.main(['--source', 'hf', '--input', str(src), '--output', str(out)])
+    run_convert(source='hf', input=src, output=out)
   assert not out.exists() and os.listdir(tmp_path) == ['bad']
 
 

@@ -21,7 +21,6 @@ assembles, not from the files.
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +30,8 @@ import pytest
 from unimoe_jax import checkpoints
 from unimoe_jax.decoder import Decoder
 from unimoe_jax.moe import routing
-
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
-)
-import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
-from official_reference import EXPERT_SET  # noqa: E402
+from official_reference import EXPERT_SET
+from tool_runs import run_convert
 
 VOCAB, D, HEADS, LAYERS, F = 80, 32, 4, 4, 48
 RANK, ALPHA = 4, 8.0  # PEFT adapter_config.json
@@ -359,22 +354,15 @@ def write_release(m, root):
 def convert(m, root, merge, capsys, extra=()):
   inp, base, expert_dir = write_release(m, root)
   out = str(root / ('merged' if merge else 'kept'))
-  args = [
-      '--source',
-      'unimoe',
-      '--input',
-      inp,
-      '--base',
-      base,
-      '--output',
-      out,
-      '--dtype',
-      'float32',
-  ] + (['--merge_lora'] if merge else [])
-  if expert_dir:
-    args += ['--expert_dir', expert_dir]
+  flags = (['--merge_lora'] if merge else []) + list(extra)
+  experts = {'expert_dir': expert_dir} if expert_dir else {}
   capsys.readouterr()
-  assert convert_checkpoint.main(args + list(extra)) == 0
+  assert (
+      run_convert(
+          *flags, source='unimoe', input=inp, base=base, output=out, dtype='float32', **experts
+      )
+      == 0
+  )
   summary = json.loads(capsys.readouterr().out.splitlines()[-1])
   return out, summary
 
@@ -508,19 +496,12 @@ def test_8e_loralib_scale_from_config(tmp_path, capsys):
       ValueError,
       match=r'lora_alpha=4.0\).*adapter_config.json r=4, ' r'lora_alpha=8\).*--merge_lora',
   ):
-    convert_checkpoint.main(
-        [
-            '--source',
-            'unimoe',
-            '--input',
-            str(tmp_path / 'run'),
-            '--base',
-            str(tmp_path / 'base'),
-            '--expert_dir',
-            str(tmp_path / 'experts'),
-            '--output',
-            str(tmp_path / 'kept2'),
-        ]
+    run_convert(
+        source='unimoe',
+        input=tmp_path / 'run',
+        base=tmp_path / 'base',
+        expert_dir=tmp_path / 'experts',
+        output=tmp_path / 'kept2',
     )
   assert not (tmp_path / 'kept2').exists()
 
@@ -540,20 +521,13 @@ def test_8e_fields_we_cannot_honour_are_named(tmp_path, field, value, match):
   cfg[field] = value
   open(os.path.join(inp, 'config.json'), 'w').write(json.dumps(cfg))
   with pytest.raises(ValueError, match=match):
-    convert_checkpoint.main(
-        [
-            '--source',
-            'unimoe',
-            '--input',
-            inp,
-            '--base',
-            base,
-            '--expert_dir',
-            expert_dir,
-            '--output',
-            str(tmp_path / 'out'),
-            '--merge_lora',
-        ]
+    run_convert(
+        '--merge_lora',
+        source='unimoe',
+        input=inp,
+        base=base,
+        expert_dir=expert_dir,
+        output=tmp_path / 'out',
     )
   assert not (tmp_path / 'out').exists()
 
@@ -570,17 +544,6 @@ def test_8e_rank_file_with_several_experts_is_refused(tmp_path):
   sd.update({k.replace('deepspeed_experts.0.', 'deepspeed_experts.1.'): v for k, v in sd.items()})
   torch.save(sd, path)
   with pytest.raises(ValueError, match=r'3_mlp_experts.bin holds the experts \[0, 1\]'):
-    convert_checkpoint.main(
-        [
-            '--source',
-            'unimoe',
-            '--input',
-            inp,
-            '--base',
-            base,
-            '--expert_dir',
-            expert_dir,
-            '--output',
-            str(tmp_path / 'out'),
-        ]
+    run_convert(
+        source='unimoe', input=inp, base=base, expert_dir=expert_dir, output=tmp_path / 'out'
     )

@@ -14,6 +14,7 @@ from unimoe_jax.convert import hf as convert_hf
 from unimoe_jax.decoder import Decoder
 
 import hf_reference
+from tiny_models import random_params
 
 NEW_TOKENS = 20
 NO_EOS = 10_000  # An id outside the vocabulary: nothing ends early.
@@ -162,28 +163,19 @@ def test_sampling_top_k_1_equals_greedy():
   _, model, params = _llama()
   prompts = _prompts()
   greedy, _ = _cached_decode(model, params, prompts, eos_id=NO_EOS, new_tokens=8)
-  sampled, _ = _cached_decode(
+  sample = functools.partial(
+      _cached_decode,
       model,
       params,
       prompts,
       fn=decoding.temperature_sample,
       eos_id=NO_EOS,
       new_tokens=8,
-      topk=1,
-      temperature=1.5,
       decode_rng=jax.random.PRNGKey(7),
   )
+  sampled, _ = sample(topk=1, temperature=1.5)
   np.testing.assert_array_equal(greedy, sampled)
-  free, _ = _cached_decode(
-      model,
-      params,
-      prompts,
-      fn=decoding.temperature_sample,
-      eos_id=NO_EOS,
-      new_tokens=8,
-      temperature=3.0,
-      decode_rng=jax.random.PRNGKey(7),
-  )
+  free, _ = sample(temperature=3.0)
   assert not np.array_equal(free, greedy)  # Without top-k the sampler does sample.
 
 
@@ -319,19 +311,14 @@ MM_STEPS = 8
 def _tiny_unimoe():
   from generate_test import tiny_unimoe_config  # pylint: disable=g-import-not-at-top
   from unimoe_jax.network import UniMoE  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
   cfg = tiny_unimoe_config()  # A 2-layer decoder and a 2-layer CLIP tower on 32 px images.
   model = UniMoE(cfg)
   batch = _mm_batch(cfg, [[5, 6], [7]], np.random.RandomState(0))
-  # Only the shapes: every weight is drawn below (an init run op by op compiled ~190 small
-  # programs).
-  params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(1), batch)['params'])
-  # Larger random weights than the init's, so that logits (and greedy choices) are far apart.
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  rng = np.random.RandomState(2)
-  leaves = [jnp.asarray(0.15 * rng.randn(*x.shape), x.dtype) for x in leaves]
-  return model, jax.tree_util.tree_unflatten(tree, leaves)
+  # Drawn, not initialised (an init run op by op compiled ~190 small programs); larger than the
+  # init's, so that logits (and greedy choices) are far apart.
+  params = random_params(model, batch, scale=0.15, seed=2)
+  return model, jax.tree_util.tree_map(jnp.asarray, params)
 
 
 def _mm_batch(cfg, texts_after, rng, steps=MM_STEPS):

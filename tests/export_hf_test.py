@@ -4,7 +4,6 @@ Hugging Face LLaMA / Mixtral directories; HF -> ours -> HF bit-exact, transforme
 import dataclasses
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,30 +13,16 @@ from flax import traverse_util
 import flax.linen as nn
 
 from hf_reference import logits as hf_logits
-from hf_reference import state_dict_numpy, tiny_llama, tiny_mixtral
-
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
-)
-import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax import checkpoints, layer_stacking  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax.config import LoRAConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax.convert import export_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax.convert import hf as convert_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax.decoder import Decoder  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hf_reference import randomize, state_dict_numpy, tiny_llama, tiny_mixtral
+from tool_runs import convert_checkpoint, run_convert
+from unimoe_jax import checkpoints, layer_stacking
+from unimoe_jax.config import LoRAConfig
+from unimoe_jax.convert import export_hf
+from unimoe_jax.convert import hf as convert_hf
+from unimoe_jax.decoder import Decoder
 
 TOL = 1e-5
 TOKENS = np.random.RandomState(0).randint(0, 97, size=(2, 12)).astype(np.int32)
-
-
-def _randomize(model, seed=1):
-  import torch  # pylint: disable=g-import-not-at-top
-
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.normal_(0.0, 0.1)
-  return model
 
 
 def _tensors(directory):
@@ -65,20 +50,15 @@ def _last_json(capsys):
 @pytest.mark.parametrize('kind,scan', [('llama', False), ('mixtral', False), ('mixtral', True)])
 def test_round_trip_is_bit_exact_and_transformers_loads_it(tmp_path, capsys, kind, scan):
   model, _ = (tiny_llama if kind == 'llama' else tiny_mixtral)(num_hidden_layers=2)
-  _randomize(model)
+  randomize(model)
   src, ours, out = (str(tmp_path / n) for n in ('src', 'ours', 'out'))
   model.save_pretrained(src)
   with open(os.path.join(src, 'tokenizer.model'), 'wb') as f:
     f.write(b'not a real sentencepiece model: only copied')
-  assert (
-      convert_checkpoint.main(
-          ['--source', 'hf', '--input', src, '--output', ours, '--dtype', 'float32']
-          + (['--scan_layers'] if scan else [])
-      )
-      == 0
-  )
+  flags = ['--scan_layers'] if scan else []
+  assert run_convert(*flags, source='hf', input=src, output=ours, dtype='float32') == 0
   capsys.readouterr()
-  assert convert_checkpoint.main(['--to', 'hf', '--input', ours, '--output', out]) == 0
+  assert run_convert(to='hf', input=ours, output=out) == 0
   summary = _last_json(capsys)
   assert summary['architecture'] == (
       'LlamaForCausalLM' if kind == 'llama' else 'MixtralForCausalLM'
@@ -116,7 +96,7 @@ def _lora_checkpoint(tmp_path, kind, targets, scan=False):
   """(our checkpoint dir, DecoderConfig with LoRA, our logits on TOKENS): a tiny HF model's
   weights plus random adapters."""
   model, config = (tiny_llama if kind == 'llama' else tiny_mixtral)(num_hidden_layers=2)
-  _randomize(model)
+  randomize(model)
   lora = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=targets)
   cfg = convert_hf.config_from_hf(config.to_dict(), dtype='float32', lora=lora)
   base = convert_hf.decoder_params_from_hf(state_dict_numpy(model), cfg)
@@ -173,12 +153,7 @@ def test_lora_export_matches_our_logits(tmp_path, capsys, kind, keep):
   ckpt, cfg, ours = _lora_checkpoint(tmp_path, kind, targets, scan=kind == 'mixtral' and keep)
   out = str(tmp_path / 'out')
   capsys.readouterr()
-  assert (
-      convert_checkpoint.main(
-          ['--to', 'hf', '--input', ckpt, '--output', out] + (['--keep_lora'] if keep else [])
-      )
-      == 0
-  )
+  assert run_convert(*(['--keep_lora'] if keep else []), to='hf', input=ckpt, output=out) == 0
   summary = _last_json(capsys)
   exported = _load_hf(out)
   if keep:
@@ -209,9 +184,7 @@ def test_peft_loads_the_kept_adapter(tmp_path, kind):
   )
   ckpt, _, ours = _lora_checkpoint(tmp_path, kind, targets)
   out = str(tmp_path / 'out')
-  assert (
-      convert_checkpoint.main(['--to', 'hf', '--input', ckpt, '--output', out, '--keep_lora']) == 0
-  )
+  assert run_convert('--keep_lora', to='hf', input=ckpt, output=out) == 0
   model = peft.PeftModel.from_pretrained(
       _load_hf(out), os.path.join(out, export_hf.ADAPTER_DIR)
   ).eval()
@@ -225,7 +198,7 @@ def test_expert_adapters_cannot_be_kept_and_nothing_is_written(tmp_path):
   ckpt, _, _ = _lora_checkpoint(tmp_path, 'mixtral', ('query', 'experts'))
   out = str(tmp_path / 'out')
   with pytest.raises(ValueError, match=r"LoRAConfig.targets 'experts'"):
-    convert_checkpoint.main(['--to', 'hf', '--input', ckpt, '--output', out, '--keep_lora'])
+    run_convert('--keep_lora', to='hf', input=ckpt, output=out)
   assert not os.path.exists(out)
 
 
@@ -237,12 +210,7 @@ def test_training_run_directory_is_accepted(tmp_path, capsys):
   model, _ = tiny_llama(num_hidden_layers=2)
   src, ours = str(tmp_path / 'src'), str(tmp_path / 'ours')
   model.save_pretrained(src)
-  assert (
-      convert_checkpoint.main(
-          ['--source', 'hf', '--input', src, '--output', ours, '--dtype', 'float32']
-      )
-      == 0
-  )
+  assert run_convert(source='hf', input=src, output=ours, dtype='float32') == 0
   params, gin_text = checkpoints.restore(ours)
   run = tmp_path / 'run'
   for step in (2, 4):
@@ -253,12 +221,7 @@ def test_training_run_directory_is_accepted(tmp_path, capsys):
       gin_text + '\nunknown_trainer_fn.batch_size = 8\nMODEL_DIR = "/somewhere"\n'
   )
   capsys.readouterr()
-  assert (
-      convert_checkpoint.main(
-          ['--to', 'hf', '--input', str(run), '--output', str(tmp_path / 'out')]
-      )
-      == 0
-  )
+  assert run_convert(to='hf', input=run, output=tmp_path / 'out') == 0
   summary = _last_json(capsys)
   assert summary['step'] == 4 and any('tokenizer' in n for n in summary['notes'])
   before, after = _tensors(src), _tensors(str(tmp_path / 'out'))
@@ -430,7 +393,7 @@ def test_hf_directory_with_tokenizer_json_only(tmp_path, capsys, spm_model):
   (src / 'tokenizer.json').write_text(_tokenizer_json(spm_model, 'legacy'))
   (src / 'tokenizer_config.json').write_text(json.dumps({'legacy': True}))
   capsys.readouterr()
-  assert convert_checkpoint.main(['--source', 'hf', '--input', str(src), '--output', ours]) == 0
+  assert run_convert(source='hf', input=src, output=ours) == 0
   summary = _last_json(capsys)
   assert summary['tokenizer_from_json'] and any('rebuilt' in n for n in summary['notes'])
   rebuilt = spm.SentencePieceProcessor(model_file=os.path.join(ours, 'tokenizer.model'))

@@ -22,9 +22,9 @@ from convert_checkpoint_test import (
     WHISPER_ALIGNER,
     _add_towers,
     _official_dir,
-    convert_checkpoint,
 )
 from convert_checkpoint_test import tokenizer_path, towers  # noqa: F401  (pytest fixtures)
+from tool_runs import run_convert
 from unimoe_jax import checkpoints
 from unimoe_jax.convert import beats as convert_beats
 from unimoe_jax.convert import clip as convert_clip
@@ -55,25 +55,10 @@ def _export(tmp_path, capsys, tokenizer_path, towers, kind):  # pylint: disable=
       }
   )
   ours = str(tmp_path / 'ours')
-  assert (
-      convert_checkpoint.main(
-          [
-              '--source',
-              'unimoe',
-              '--input',
-              src,
-              '--output',
-              ours,
-              '--merge_lora',
-              '--dtype',
-              'float32',
-          ]
-      )
-      == 0
-  )
+  assert run_convert('--merge_lora', source='unimoe', input=src, output=ours, dtype='float32') == 0
   exported = str(tmp_path / 'hf')
   capsys.readouterr()
-  assert convert_checkpoint.main(['--to', 'hf', '--input', ours, '--output', exported]) == 0
+  assert run_convert(to='hf', input=ours, output=exported) == 0
   captured = capsys.readouterr()
   summary = json.loads(captured.out.splitlines()[-1])
   return official, ours, exported, summary, captured.err

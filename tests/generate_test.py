@@ -3,22 +3,17 @@ Vicuna prompt (text-only HF checkpoint); a multimodal checkpoint answers about a
 media fail naming the file."""
 
 import os
-import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import hf_reference
-
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
-)
-import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax import checkpoints, generate  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax.data import conversation  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimoe_jax.media.errors import MediaError  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tiny_models import random_params
+from tool_runs import run_convert
+from unimoe_jax import checkpoints, generate
+from unimoe_jax.data import conversation
+from unimoe_jax.media.errors import MediaError
 
 QUESTION = 'what did the cat see in the park'
 NEW_TOKENS = 12
@@ -82,7 +77,6 @@ def tiny_unimoe_config():
 
 def save_multimodal_checkpoint(directory, tokenizer):
   """A checkpoint of a tiny random UniMoE with an image tower; returns (path, config, params)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from unimoe_jax.convert import llava  # pylint: disable=g-import-not-at-top
   from unimoe_jax.network import UniMoE  # pylint: disable=g-import-not-at-top
 
@@ -93,14 +87,7 @@ def save_multimodal_checkpoint(directory, tokenizer):
       'image_features': jnp.zeros((1, 1, size, size, 3)),
       'image_mask': jnp.ones((1, 1), bool),
   }
-  shapes = nn.meta.unbox(
-      jax.eval_shape(lambda: UniMoE(cfg).init(jax.random.PRNGKey(0), batch)['params'])
-  )
-  leaves, tree = jax.tree_util.tree_flatten(shapes)
-  rng = np.random.RandomState(1)
-  params = jax.tree_util.tree_unflatten(
-      tree, [(0.15 * rng.randn(*x.shape)).astype(np.float32) for x in leaves]
-  )
+  params = random_params(UniMoE(cfg), batch, scale=0.15, seed=1)
   path = checkpoints.save(
       str(directory),
       params,
@@ -121,19 +108,15 @@ def write_png(path, seed):
 @pytest.fixture(scope='module')
 def text_checkpoint(tmp_path_factory, tokenizer_path):
   """(checkpoint converted from a tiny random LlamaForCausalLM, the HF model)."""
-  torch, _ = hf_reference.torch_and_transformers()
   model, _ = hf_reference.tiny_llama()
-  torch.manual_seed(1)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.normal_(0.0, 0.1)
+  hf_reference.randomize(model)
   tmp_path = tmp_path_factory.mktemp('text')
   src = tmp_path / 'src'
   model.save_pretrained(src)
   with open(tokenizer_path, 'rb') as f, open(src / 'tokenizer.model', 'wb') as g:
     g.write(f.read())
   out = str(tmp_path / 'out')
-  assert convert_checkpoint.main(['--source', 'hf', '--input', str(src), '--output', out]) == 0
+  assert run_convert(source='hf', input=src, output=out) == 0
   return out, model
 
 

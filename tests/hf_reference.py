@@ -28,40 +28,47 @@ TINY_DECODER = dict(
 )
 
 
-def tiny_llama(**overrides):
-  torch, transformers = torch_and_transformers()
-  cfg = dict(
-      TINY_DECODER,
-      intermediate_size=96,
-      max_position_embeddings=128,
-      attn_implementation='eager',
-  )
+def _tiny_causal_lm(architecture, overrides, **sizes):
+  """(transformers `{architecture}ForCausalLM` of TINY_DECODER's and `sizes`' sizes, in eval
+  mode with eager attention, its config); `overrides` win over both."""
+  _, transformers = torch_and_transformers()
+  cfg = dict(TINY_DECODER, max_position_embeddings=128, attn_implementation='eager', **sizes)
   cfg.update(overrides)
-  config = transformers.LlamaConfig(**cfg)
-  model = transformers.LlamaForCausalLM(config).eval()
-  return model, config
+  config = getattr(transformers, f'{architecture}Config')(**cfg)
+  return getattr(transformers, f'{architecture}ForCausalLM')(config).eval(), config
+
+
+def tiny_llama(**overrides):
+  return _tiny_causal_lm('Llama', overrides, intermediate_size=96)
 
 
 def tiny_mixtral(**overrides):
-  torch, transformers = torch_and_transformers()
-  cfg = dict(
-      TINY_DECODER,
+  torch, _ = torch_and_transformers()
+  model, config = _tiny_causal_lm(
+      'Mixtral',
+      overrides,
       intermediate_size=48,
-      max_position_embeddings=128,
       num_local_experts=4,
       num_experts_per_tok=2,
       router_jitter_noise=0.0,
-      attn_implementation='eager',
   )
-  cfg.update(overrides)
-  config = transformers.MixtralConfig(**cfg)
-  model = transformers.MixtralForCausalLM(config).eval()
   # transformers 5 creates expert tensors with torch.empty; give every tensor real values.
   with torch.no_grad():
     for p in model.parameters():
       if p.dim() > 1:
         p.normal_(0.0, 0.1)
   return model, config
+
+
+def randomize(model, seed=1):
+  """Every parameter of `model` drawn from normal(0, 0.1) under torch seed `seed`, in place (a
+  freshly initialised model's zero biases and unit norms would hide layout mistakes)."""
+  torch, _ = torch_and_transformers()
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0.0, 0.1)
+  return model
 
 
 def logits(model, tokens):

@@ -16,6 +16,7 @@ from unimoe_jax.encoders.beats import BEATS_SIZES
 from unimoe_jax.encoders.clip import CLIP_SIZES
 from unimoe_jax.encoders.whisper import WHISPER_SIZES
 from unimoe_jax.network import UniMoE, UniMoEConfig, check_placeholders, splice
+from tree_asserts import assert_trees_close
 
 IMAGE, VIDEO, SPEECH, AUDIO = 500, 501, 502, 503
 LENGTH, FRAMES, MEL_FRAMES, FBANK_FRAMES = 160, 2, 32, 32
@@ -240,15 +241,7 @@ def test_mixed_batch_forward_backward_on_mesh_matches_one_device(model_and_param
     leaves = jax.tree_util.tree_leaves(grads[name])
     assert all(np.isfinite(np.asarray(g)).all() for g in leaves), name
     assert max(float(jnp.abs(g).max()) for g in leaves) > 0, name
-  for (path, g), r in zip(
-      jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)
-  ):
-    np.testing.assert_allclose(
-        np.asarray(g),
-        r,
-        atol=2e-5 * (float(np.abs(r).max()) + 1e-6),
-        err_msg=jax.tree_util.keystr(path),
-    )
+  assert_trees_close(grads, ref_grads, atol_scale=2e-5)
 
 
 def test_negative_placeholder_ids_outside_the_vocabulary(model_and_params):

@@ -9,6 +9,7 @@ import pytest
 from unimoe_jax.config import MoEConfig
 from unimoe_jax.moe import dispatch as dispatch_lib
 from unimoe_jax.moe.layer import MoEFeedForward
+from tree_asserts import assert_trees_close
 
 E, K, D, F = 4, 2, 32, 48
 
@@ -65,16 +66,7 @@ def test_paths_agree_on_outputs_and_gradients():
   for mode in ('capacity', 'dropless'):
     value, grads = results[mode]
     np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5 * scale)
-    for (path, g), r in zip(
-        jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)
-    ):
-      np.testing.assert_allclose(
-          g,
-          r,
-          rtol=1e-4,
-          atol=1e-5 * (float(jnp.abs(r).max()) + 1e-6),
-          err_msg=f'{mode} gradient {jax.tree_util.keystr(path)}',
-      )
+    assert_trees_close(grads, ref_grads, atol_scale=1e-5, rtol=1e-4, what=f'{mode} gradient ')
   # The router gets gradient through the routing weights on every path.
   assert float(jnp.abs(ref_grads[0]['router']).max()) > 0
 

@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 
 import official_audio_reference as ref
+
+# An official BEATs cfg dict (iter3's layout: post-LN, deep norm, gated relative bias), tiny.
+from encoders_beats_test import TINY_CFG as BEATS_CFG
 from unimoe_jax import prompting
 from unimoe_jax.config import named
 from unimoe_jax.connectors.qformer import QFormerConfig
@@ -31,30 +34,6 @@ sf = pytest.importorskip('soundfile')
 TOL = 1e-4  # float32 soft tokens vs the float64 reference (max abs)
 SECONDS = (0.02, 0.4, 6.25, 17.3, 30.0, 47.0)
 NUM_QUERY, Q_HIDDEN, Q_LAYERS, Q_HEADS = 6, 24, 2, 4
-
-# An official BEATs cfg dict (iter3's layout: post-LN, deep norm, gated relative bias), tiny.
-BEATS_CFG = {
-    'input_patch_size': 16,
-    'embed_dim': 24,
-    'conv_bias': False,
-    'encoder_layers': 2,
-    'encoder_embed_dim': 32,
-    'encoder_ffn_embed_dim': 48,
-    'encoder_attention_heads': 4,
-    'activation_fn': 'gelu',
-    'layer_norm_first': False,
-    'deep_norm': True,
-    'conv_pos': 8,
-    'conv_pos_groups': 4,
-    'relative_position_embedding': True,
-    'num_buckets': 32,
-    'max_distance': 64,
-    'gru_rel_pos': True,
-    'layer_wise_gradient_decay_ratio': 0.6,
-    'finetuned_model': False,
-    'dropout': 0.0,
-    'encoder_layerdrop': 0.05,
-}
 
 
 def _random(rng, shape, name):

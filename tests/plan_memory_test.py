@@ -1,9 +1,6 @@
 """tools/plan_memory.py on a tiny MoE: the printed table and exact per-device parameter bytes."""
 
-import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -14,13 +11,11 @@ from unimoe_jax import config as config_lib
 from unimoe_jax import models
 from unimoe_jax import partitioning
 from unimoe_jax.network import UniMoEConfig
+from tool_runs import REPO, tool_env, tool_rows
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _expected_param_bytes(rules, mesh_sizes):
-  """Per-device float32 bytes of the params of models/tiny.gin + models/moe_4e_top2.gin under
-  `rules`: each leaf divided by the sizes of the mesh axes its logical names map to."""
+def _tiny_moe_param_leaves():
+  """The boxed (nn.Partitioned) parameter leaves of models/tiny.gin + models/moe_4e_top2.gin."""
   cfg = UniMoEConfig(
       decoder=config_lib.named(
           'tiny', moe=config_lib.MoEConfig(num_experts=4, num_experts_per_tok=2)
@@ -32,8 +27,14 @@ def _expected_param_bytes(rules, mesh_sizes):
   boxed = jax.eval_shape(
       lambda: models.UniMoEModel(cfg).get_initial_variables(jax.random.PRNGKey(0), shapes)
   )['params']
+  return jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _expected_param_bytes(rules, mesh_sizes):
+  """Per-device float32 bytes of the tiny MoE's params under `rules`: each leaf divided by the
+  sizes of the mesh axes its logical names map to."""
   total = 0
-  for leaf in jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+  for leaf in _tiny_moe_param_leaves():
     parts = 1
     for entry in partitioning.logical_to_mesh_spec(leaf.names, rules):
       for axis in (entry if isinstance(entry, tuple) else (entry,) if entry else ()):
@@ -43,19 +44,8 @@ def _expected_param_bytes(rules, mesh_sizes):
 
 
 def _expected_param_counts():
-  """(total, on the 'expert' axis) for models/tiny.gin + models/moe_4e_top2.gin."""
-  cfg = UniMoEConfig(
-      decoder=config_lib.named(
-          'tiny', moe=config_lib.MoEConfig(num_experts=4, num_experts_per_tok=2)
-      )
-  )
-  shapes = {
-      k: (2, 8) for k in ('decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights')
-  }
-  boxed = jax.eval_shape(
-      lambda: models.UniMoEModel(cfg).get_initial_variables(jax.random.PRNGKey(0), shapes)
-  )['params']
-  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  """(total, on the 'expert' axis) for the tiny MoE."""
+  leaves = _tiny_moe_param_leaves()
   total = sum(int(np.prod(x.value.shape)) for x in leaves)
   expert = sum(int(np.prod(x.value.shape)) for x in leaves if 'expert' in x.names)
   return total, expert
@@ -66,41 +56,31 @@ def _expected_param_counts():
 # '--fsdp' only (the no-FSDP case cost 13 s; fsdp_test.py tests the rules the switch flips).
 @pytest.mark.parametrize('fsdp_flags', [['--fsdp']], ids=['fsdp'])
 def test_tiny_moe_plan(tmp_path, fsdp_flags):
-  out = tmp_path / 'plan.json'
-  env = dict(os.environ)
   # A wrong device count on purpose: the tool must re-execute itself with the mesh's 8.
-  env.update(
+  env = tool_env(
       XLA_FLAGS='--xla_force_host_platform_device_count=2 ' '--xla_backend_optimization_level=0',
       JAX_PLATFORMS='cpu',
       PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]),
   )
   env.pop('UNIMOE_PLAN_MEMORY_DEVICES', None)
-  proc = subprocess.run(
-      [
-          sys.executable,
-          os.path.join(REPO, 'tools', 'plan_memory.py'),
-          '--gin_file=models/tiny.gin',
-          '--gin_file=models/moe_4e_top2.gin',
-          '--mesh=2,4,1',
-          '--batch_size=8',
-          '--seq_len=32',
-          f'--json_out={out}',
-      ]
-      + fsdp_flags,
+  r, table = tool_rows(
+      tmp_path,
+      'plan_memory.py',
+      '--gin_file=models/tiny.gin',
+      '--gin_file=models/moe_4e_top2.gin',
+      '--mesh=2,4,1',
+      '--batch_size=8',
+      '--seq_len=32',
+      *fsdp_flags,
+      json_flag='--json_out',
       env=env,
-      capture_output=True,
-      text=True,
       timeout=300,
-      cwd=str(tmp_path),
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  table = proc.stdout
   for label in ('parameters', 'optimizer state', 'XLA arguments', 'XLA temporaries', 'peak'):
     assert label in table, table
   assert 'mesh data=2 expert=4 model=1 (8 devices)' in table
   fsdp = fsdp_flags == ['--fsdp']
   assert ('FSDP on' if fsdp else 'FSDP off') in table
-  r = json.loads(out.read_text())
   assert r['num_devices'] == 8 and r['mesh'] == {'data': 2, 'expert': 4, 'model': 1}
   assert r['fsdp'] == fsdp
 

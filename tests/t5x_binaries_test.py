@@ -199,6 +199,24 @@ def _assert_same_losses(got, want, rtol):
   return float(np.max(np.abs(a - b) / np.abs(b)))
 
 
+def _expert_parallel_run(model_dir, env, steps, *extra):
+  """Trains stage 3 for `steps` on 8 CPU devices with t5x's MoE partitioner (data=2,
+  expert=4, checked in the log); returns t5x's model-info.txt (each variable's partition)."""
+  _, output = run(
+      _stage3_args(
+          model_dir,
+          steps,
+          '--gin.MESH=@unimoe_jax.partitioning.MeshConfig()',
+          '--gin.unimoe_jax.partitioning.MeshConfig.expert=4',
+          *extra,
+      ),
+      env,
+      devices=8,
+  )
+  assert "{'data': 2, 'expert': 4, 'model': 1}" in output, output[-3000:]
+  return open(os.path.join(model_dir, 'model-info.txt')).read()
+
+
 @pytest.fixture(scope='module')
 def one_device_run(env, tmp_path_factory):
   model_dir = str(tmp_path_factory.mktemp('one_device'))
@@ -211,18 +229,7 @@ def test_expert_parallel_run_equals_one_device(env, tmp_path, one_device_run):
   expert kernels on `expert` (t5x's model-info.txt), and the first 10 losses equal the
   1-device run's within 1e-5 relative."""
   model_dir = str(tmp_path)
-  _, output = run(
-      _stage3_args(
-          model_dir,
-          10,
-          '--gin.MESH=@unimoe_jax.partitioning.MeshConfig()',
-          '--gin.unimoe_jax.partitioning.MeshConfig.expert=4',
-      ),
-      env,
-      devices=8,
-  )
-  assert "{'data': 2, 'expert': 4, 'model': 1}" in output, output[-3000:]
-  info = open(os.path.join(model_dir, 'model-info.txt')).read()
+  info = _expert_parallel_run(model_dir, env, 10)
   kernels = re.findall(r'Variable (decoder/layers_\d+/moe/w\w+/kernel) .*partition spec (.*)', info)
   print('\n'.join(f'{name}: {spec}' for name, spec in kernels))
   assert len(kernels) == 6
@@ -242,20 +249,9 @@ def test_scanned_fsdp_expert_parallel_run_equals_one_device(env, tmp_path):
   one_device_dir = str(tmp_path / 'one_device')
   run(_stage3_args(one_device_dir, 10, scan), env, devices=1)
   model_dir = str(tmp_path / 'fsdp')
-  _, output = run(
-      _stage3_args(
-          model_dir,
-          10,
-          '--gin.MESH=@unimoe_jax.partitioning.MeshConfig()',
-          '--gin.unimoe_jax.partitioning.MeshConfig.expert=4',
-          scan,
-          '--gin.unimoe_jax.partitioning.logical_axis_rules.fsdp=True',
-      ),
-      env,
-      devices=8,
+  info = _expert_parallel_run(
+      model_dir, env, 10, scan, '--gin.unimoe_jax.partitioning.logical_axis_rules.fsdp=True'
   )
-  assert "{'data': 2, 'expert': 4, 'model': 1}" in output, output[-3000:]
-  info = open(os.path.join(model_dir, 'model-info.txt')).read()
   kernels = re.findall(
       r'Variable (decoder/stacked_layers/offset_0/moe/w\w+/kernel) .*partition spec (.*)', info
   )

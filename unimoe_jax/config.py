@@ -34,6 +34,18 @@ REMAT_SAVED_NAMES = (
 )
 
 
+def check_positive(config, *fields: str) -> None:
+  """Raises ValueError for the first of `fields` of `config` that is not > 0.
+
+  The message names the field as `<ConfigClass>.<field>`, so that every config reports a bad
+  size the same way (its `__post_init__` calls this with its size fields).
+  """
+  for field in fields:
+    value = getattr(config, field)
+    if value <= 0:
+      raise ValueError(f'{type(config).__name__}.{field} must be positive, got {value}')
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
@@ -53,8 +65,7 @@ class LoRAConfig:
     return self.alpha / self.rank
 
   def __post_init__(self):
-    if self.rank <= 0:
-      raise ValueError(f'LoRAConfig.rank must be positive, got {self.rank}')
+    check_positive(self, 'rank')
     unknown = set(self.targets) - {'query', 'key', 'value', 'out', 'mlp', 'experts'}
     if unknown:
       raise ValueError(f'LoRAConfig.targets has unknown entries {sorted(unknown)}')

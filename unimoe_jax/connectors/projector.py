@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
+from unimoe_jax.config import check_positive
 from unimoe_jax.layers.encoder_blocks import Dense, activation
 
 _MLP_KIND = re.compile(r'^mlp(\d+)x_gelu$')
@@ -54,8 +55,7 @@ class Projector(nn.Module):
 
   def __post_init__(self):
     projector_depth(self.kind)  # Fail at construction, not at first call.
-    if self.out_dim <= 0:
-      raise ValueError(f'Projector.out_dim must be positive, got {self.out_dim}')
+    check_positive(self, 'out_dim')
     super().__post_init__()
 
   @nn.compact

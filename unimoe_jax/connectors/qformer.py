@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
+from unimoe_jax.config import check_positive
 from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, GeluMLP, LayerNorm, MultiHeadAttention
 
@@ -65,7 +66,8 @@ class QFormerConfig:
   init_std: float = 0.02
 
   def __post_init__(self):
-    for field in (
+    check_positive(
+        self,
         'hidden_size',
         'num_layers',
         'num_heads',
@@ -73,9 +75,8 @@ class QFormerConfig:
         'cross_attention_frequency',
         'encoder_hidden_size',
         'num_query_tokens',
-    ):
-      if getattr(self, field) <= 0:
-        raise ValueError(f'QFormerConfig.{field} must be positive, got {getattr(self, field)}')
+        'layer_norm_eps',
+    )
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f'QFormerConfig.hidden_size={self.hidden_size} is not divisible by '
@@ -83,8 +84,6 @@ class QFormerConfig:
       )
     if self.act not in ACTIVATIONS:
       raise ValueError(f'QFormerConfig.act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}')
-    if self.layer_norm_eps <= 0:
-      raise ValueError(f'QFormerConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}')
 
   @property
   def head_dim(self) -> int:

@@ -35,12 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
-from unimoe_jax.encoders.whisper import WHISPER_SIZES
+from unimoe_jax.config import check_positive
+from unimoe_jax.encoders.whisper import WHISPER_ATTENTION_BIAS, WHISPER_SIZES
 from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, GeluMLP, LayerNorm, MultiHeadAttention
-
-# Whisper's attention has no key bias (query, key, value, out).
-_WHISPER_ATTN_BIAS = (True, False, True, True)
 
 
 @gin.configurable
@@ -75,18 +73,15 @@ class WhisperAlignerConfig:
   init_std: float = 0.02
 
   def __post_init__(self):
-    for field in (
+    check_positive(
+        self,
         'num_query_tokens',
         'd_model',
         'num_layers',
         'num_heads',
         'ffn_dim',
         'max_target_positions',
-    ):
-      if getattr(self, field) <= 0:
-        raise ValueError(
-            f'WhisperAlignerConfig.{field} must be positive, ' f'got {getattr(self, field)}'
-        )
+    )
     if self.num_query_tokens > self.max_target_positions:
       raise ValueError(
           f'WhisperAlignerConfig.num_query_tokens={self.num_query_tokens} exceeds '
@@ -147,7 +142,12 @@ class WhisperAlignerLayer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     init = nn.initializers.normal(cfg.init_std)
     attention = lambda name: MultiHeadAttention(  # pylint: disable=g-long-lambda
-        cfg.num_heads, cfg.head_dim, use_bias=_WHISPER_ATTN_BIAS, kernel_init=init, name=name, **kw
+        cfg.num_heads,
+        cfg.head_dim,
+        use_bias=WHISPER_ATTENTION_BIAS,
+        kernel_init=init,
+        name=name,
+        **kw,
     )
     h = LayerNorm(cfg.layer_norm_eps, name='self_attn_norm', **kw)(x)
     x = x + attention('self_attn')(h, mask=self_mask)

@@ -23,7 +23,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
-from unimoe_jax.convert.common import TensorReader, TensorWriter, linear_kernel
+from unimoe_jax.convert.common import TensorReader, TensorWriter
 from unimoe_jax.encoders.beats import BEATsConfig, config_from_official
 
 # Tensors of the official model that the encoder does not use: the AudioSet classifier of
@@ -47,32 +47,15 @@ def split_weight_norm(weight: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
   return g.astype(np.float32), v
 
 
-def _layer_norm(r: TensorReader, prefix: str, width: int) -> Dict[str, np.ndarray]:
-  return {'scale': r.pop(f'{prefix}.weight', (width,)), 'bias': r.pop(f'{prefix}.bias', (width,))}
-
-
-def _linear(r: TensorReader, prefix: str, d_in: int, d_out: int) -> Dict[str, np.ndarray]:
-  return {
-      'kernel': linear_kernel(r.pop(f'{prefix}.weight', (d_out, d_in))),
-      'bias': r.pop(f'{prefix}.bias', (d_out,)),
-  }
-
-
 def _attention(r: TensorReader, prefix: str, cfg: BEATsConfig) -> Dict[str, Any]:
   d, h, hd = cfg.encoder_embed_dim, cfg.encoder_attention_heads, cfg.head_dim
-  out = {}
-  for ours, theirs in (('query', 'q_proj'), ('key', 'k_proj'), ('value', 'v_proj')):
-    w = r.pop(f'{prefix}.{theirs}.weight', (d, d))
-    out[ours] = {
-        'kernel': linear_kernel(w).reshape(d, h, hd),
-        'bias': r.pop(f'{prefix}.{theirs}.bias', (d,)).reshape(h, hd),
-    }
-  out['out'] = {
-      'kernel': linear_kernel(r.pop(f'{prefix}.out_proj.weight', (d, d))).reshape(h, hd, d),
-      'bias': r.pop(f'{prefix}.out_proj.bias', (d,)),
+  out = {
+      ours: r.linear(f'{prefix}.{theirs}', (d,), (h, hd))
+      for ours, theirs in (('query', 'q_proj'), ('key', 'k_proj'), ('value', 'v_proj'))
   }
+  out['out'] = r.linear(f'{prefix}.out_proj', (h, hd), (d,))
   if cfg.gru_rel_pos:
-    out['gate'] = _linear(r, f'{prefix}.grep_linear', hd, 8)
+    out['gate'] = r.linear(f'{prefix}.grep_linear', (hd,), (8,))
     out['gate_scale'] = r.pop(f'{prefix}.grep_a', (1, h, 1, 1)).reshape(h)
   return out
 
@@ -110,9 +93,9 @@ def params_from_official(
   if cfg.conv_bias:
     patch['bias'] = r.pop('patch_embedding.bias', (e,))
   params['patch_embedding'] = patch
-  params['layer_norm'] = _layer_norm(r, 'layer_norm', e)
+  params['layer_norm'] = r.layer_norm('layer_norm', e)
   if e != d:
-    params['post_extract_proj'] = _linear(r, 'post_extract_proj', e, d)
+    params['post_extract_proj'] = r.linear('post_extract_proj', (e,), (d,))
 
   k, g = cfg.conv_pos, cfg.conv_pos_groups
   weight = fold_weight_norm(
@@ -123,7 +106,7 @@ def params_from_official(
       'kernel': np.ascontiguousarray(weight.transpose(2, 1, 0)),
       'bias': r.pop('encoder.pos_conv.0.bias', (d,)),
   }
-  params['encoder_layer_norm'] = _layer_norm(r, 'encoder.layer_norm', d)
+  params['encoder_layer_norm'] = r.layer_norm('encoder.layer_norm', d)
 
   if cfg.relative_position_embedding:
     name = 'encoder.layers.{}.self_attn.relative_attention_bias.weight'
@@ -143,9 +126,12 @@ def params_from_official(
     prefix = f'encoder.layers.{i}'
     params[f'layers_{i}'] = {
         'self_attn': _attention(r, f'{prefix}.self_attn', cfg),
-        'self_attn_layer_norm': _layer_norm(r, f'{prefix}.self_attn_layer_norm', d),
-        'mlp': {'fc1': _linear(r, f'{prefix}.fc1', d, f), 'fc2': _linear(r, f'{prefix}.fc2', f, d)},
-        'final_layer_norm': _layer_norm(r, f'{prefix}.final_layer_norm', d),
+        'self_attn_layer_norm': r.layer_norm(f'{prefix}.self_attn_layer_norm', d),
+        'mlp': {
+            'fc1': r.linear(f'{prefix}.fc1', (d,), (f,)),
+            'fc2': r.linear(f'{prefix}.fc2', (f,), (d,)),
+        },
+        'final_layer_norm': r.layer_norm(f'{prefix}.final_layer_norm', d),
     }
   r.finish()
   return params

@@ -25,6 +25,8 @@ from unimoe_jax.connectors.projector import linear_names, projector_depth
 from unimoe_jax.convert.common import (
     TensorReader,
     TensorWriter,
+    fields_from_hf,
+    fields_to_hf,
     hf_activation,
     linear_kernel,
     ours_activation,
@@ -32,6 +34,17 @@ from unimoe_jax.convert.common import (
 from unimoe_jax.encoders.clip import CLIPVisionConfig
 
 _LAYER = re.compile(r'^encoder\.layers\.(\d+)\.')
+# CLIPVisionConfig field -> HF CLIPVisionConfig key, both directions.
+_HF_FIELDS = {
+    'image_size': 'image_size',
+    'patch_size': 'patch_size',
+    'width': 'hidden_size',
+    'num_layers': 'num_hidden_layers',
+    'num_heads': 'num_attention_heads',
+    'mlp_dim': 'intermediate_size',
+    'layer_norm_eps': 'layer_norm_eps',
+}
+_HF_DEFAULTS = {'layer_norm_eps': 1e-5}  # transformers' CLIPVisionConfig default.
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides) -> CLIPVisionConfig:
@@ -42,17 +55,10 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> CLIPVisionConfig:
   if hf.get('num_channels', 3) != 3:
     raise ValueError(f"config_from_hf: num_channels={hf['num_channels']}; only RGB is supported")
   fields = dict(
-      image_size=hf['image_size'],
-      patch_size=hf['patch_size'],
-      width=hf['hidden_size'],
-      num_layers=hf['num_hidden_layers'],
-      num_heads=hf['num_attention_heads'],
-      mlp_dim=hf['intermediate_size'],
-      layer_norm_eps=hf.get('layer_norm_eps', 1e-5),
+      fields_from_hf(hf, _HF_FIELDS, _HF_DEFAULTS),
       act=ours_activation(hf.get('hidden_act', 'quick_gelu'), 'hidden_act'),
   )
-  fields.update(overrides)
-  return CLIPVisionConfig(**fields)
+  return CLIPVisionConfig(**{**fields, **overrides})
 
 
 def config_to_hf(config: CLIPVisionConfig) -> Dict[str, Any]:
@@ -61,13 +67,7 @@ def config_to_hf(config: CLIPVisionConfig) -> Dict[str, Any]:
   `mm_vision_select_*`)."""
   return {
       'model_type': 'clip_vision_model',
-      'image_size': config.image_size,
-      'patch_size': config.patch_size,
-      'hidden_size': config.width,
-      'num_hidden_layers': config.num_layers,
-      'num_attention_heads': config.num_heads,
-      'intermediate_size': config.mlp_dim,
-      'layer_norm_eps': config.layer_norm_eps,
+      **fields_to_hf(config, _HF_FIELDS),
       'hidden_act': hf_activation(config.act, 'CLIPVisionConfig.act'),
       'num_channels': 3,
   }
@@ -102,21 +102,6 @@ def params_from_hf(
       }
   )
   d, h, hd, f, p = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.patch_size
-
-  def norm(name):
-    return {
-        'scale': r.pop(f'{prefix}{name}.weight', (d,)),
-        'bias': r.pop(f'{prefix}{name}.bias', (d,)),
-    }
-
-  def dense(name, n_in, n_out, in_shape, out_shape):
-    return {
-        'kernel': linear_kernel(r.pop(f'{prefix}{name}.weight', (n_out, n_in))).reshape(
-            in_shape + out_shape
-        ),
-        'bias': r.pop(f'{prefix}{name}.bias', (n_out,)).reshape(out_shape),
-    }
-
   conv = r.pop(f'{prefix}embeddings.patch_embedding.weight', (d, 3, p, p))
   params: Dict[str, Any] = {
       'patch_embedding': {'kernel': np.ascontiguousarray(conv.transpose(2, 3, 1, 0))},
@@ -124,22 +109,22 @@ def params_from_hf(
       'position_embedding': r.pop(
           f'{prefix}embeddings.position_embedding.weight', (cfg.num_positions, d)
       ),
-      'pre_layernorm': norm('pre_layrnorm'),
+      'pre_layernorm': r.layer_norm(f'{prefix}pre_layrnorm', d),
   }
   for i in range(cfg.num_used_layers):
-    q = f'encoder.layers.{i}'
+    q = f'{prefix}encoder.layers.{i}'
     params[f'layers_{i}'] = {
-        'layer_norm1': norm(f'{q}.layer_norm1'),
-        'layer_norm2': norm(f'{q}.layer_norm2'),
+        'layer_norm1': r.layer_norm(f'{q}.layer_norm1', d),
+        'layer_norm2': r.layer_norm(f'{q}.layer_norm2', d),
         'attention': {
-            'query': dense(f'{q}.self_attn.q_proj', d, d, (d,), (h, hd)),
-            'key': dense(f'{q}.self_attn.k_proj', d, d, (d,), (h, hd)),
-            'value': dense(f'{q}.self_attn.v_proj', d, d, (d,), (h, hd)),
-            'out': dense(f'{q}.self_attn.out_proj', d, d, (h, hd), (d,)),
+            'query': r.linear(f'{q}.self_attn.q_proj', (d,), (h, hd)),
+            'key': r.linear(f'{q}.self_attn.k_proj', (d,), (h, hd)),
+            'value': r.linear(f'{q}.self_attn.v_proj', (d,), (h, hd)),
+            'out': r.linear(f'{q}.self_attn.out_proj', (h, hd), (d,)),
         },
         'mlp': {
-            'fc1': dense(f'{q}.mlp.fc1', d, f, (d,), (f,)),
-            'fc2': dense(f'{q}.mlp.fc2', f, d, (f,), (d,)),
+            'fc1': r.linear(f'{q}.mlp.fc1', (d,), (f,)),
+            'fc2': r.linear(f'{q}.mlp.fc2', (f,), (d,)),
         },
     }
   r.finish()

@@ -21,6 +21,23 @@ HF_ACTIVATIONS = {
 TO_HF_ACTIVATIONS = {ours: hf for hf, ours in reversed(list(HF_ACTIVATIONS.items()))}
 
 
+def fields_from_hf(
+    hf: Mapping[str, Any], names: Mapping[str, str], defaults: Optional[Mapping[str, Any]] = None
+) -> Dict[str, Any]:
+  """`{our field: hf[its HF key]}` for each `(our field, HF key)` of `names`; the HF keys in
+  `defaults` may be absent from `hf` and then take their default."""
+  defaults = defaults or {}
+  return {
+      ours: hf.get(theirs, defaults[theirs]) if theirs in defaults else hf[theirs]
+      for ours, theirs in names.items()
+  }
+
+
+def fields_to_hf(config: Any, names: Mapping[str, str]) -> Dict[str, Any]:
+  """`fields_from_hf`'s inverse: `{HF key: config.<our field>}` for each pair of `names`."""
+  return {theirs: getattr(config, ours) for ours, theirs in names.items()}
+
+
 def hf_activation(act: str, where: str) -> str:
   """Our activation name -> the HF name, or ValueError naming `where` (the config field)."""
   if act not in TO_HF_ACTIVATIONS:
@@ -61,6 +78,25 @@ class TensorReader:
 
   def has(self, name: str) -> bool:
     return name in self._sd
+
+  def linear(
+      self, name: str, in_shape: Sequence[int], out_shape: Sequence[int], bias: bool = True
+  ) -> Dict[str, np.ndarray]:
+    """`TensorWriter.linear`'s inverse: torch's `{name}.weight [out, in]` (and `.bias [out]`)
+    -> `{'kernel': [in..., out...], 'bias': [out...]}`, either side possibly split into heads."""
+    n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
+    kernel = linear_kernel(self.pop(f'{name}.weight', (n_out, n_in)))
+    p = {'kernel': kernel.reshape(tuple(in_shape) + tuple(out_shape))}
+    if bias:
+      p['bias'] = self.pop(f'{name}.bias', (n_out,)).reshape(out_shape)
+    return p
+
+  def layer_norm(self, name: str, width: int) -> Dict[str, np.ndarray]:
+    """`TensorWriter.layer_norm`'s inverse: `{name}.weight` / `.bias` -> `scale` / `bias`."""
+    return {
+        'scale': self.pop(f'{name}.weight', (width,)),
+        'bias': self.pop(f'{name}.bias', (width,)),
+    }
 
   def finish(self):
     unexpected = sorted(k for k in self._sd if not k.endswith(self._ignore))

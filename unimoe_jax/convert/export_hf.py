@@ -33,6 +33,7 @@ import numpy as np
 from unimoe_jax import layer_stacking
 from unimoe_jax.config import DecoderConfig
 from unimoe_jax.convert import hf
+from unimoe_jax.convert.common import fields_to_hf
 
 ADAPTER_DIR = 'lora_adapter'
 PEFT_PREFIX = 'base_model.model.'
@@ -109,16 +110,11 @@ def hf_config(
   out = {
       'architectures': ['MixtralForCausalLM' if cfg.moe else 'LlamaForCausalLM'],
       'model_type': 'mixtral' if cfg.moe else 'llama',
-      'vocab_size': cfg.vocab_size,
-      'hidden_size': cfg.embed_dim,
-      'intermediate_size': cfg.mlp_dim,
-      'num_hidden_layers': cfg.num_layers,
-      'num_attention_heads': cfg.num_heads,
+      **fields_to_hf(cfg, hf.DECODER_FIELDS),
       'num_key_value_heads': cfg.num_kv_heads,
       'head_dim': cfg.resolved_head_dim,
       'hidden_act': 'silu',
       'max_position_embeddings': max_position_embeddings,
-      'rms_norm_eps': cfg.rms_norm_eps,
       'rope_theta': cfg.rope_theta,
       'rope_parameters': {'rope_theta': cfg.rope_theta, 'rope_type': 'default'},
       'attention_dropout': 0.0,

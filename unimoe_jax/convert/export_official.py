@@ -164,6 +164,20 @@ def _whisper_preprocessor(num_mel_bins: int) -> Dict[str, Any]:
   }
 
 
+def _audio_slot_fields(
+    tower: str, num_query_tokens: int, projector: str, hidden_size: int
+) -> Dict[str, Any]:
+  """The config.json fields of the official code's one audio slot (the Whisper tower with its
+  aligner, or BEATs with its Q-Former; `check_exportable` refuses a model with both)."""
+  return dict(
+      mm_audio_tower=tower,
+      query_tokens_size=num_query_tokens,
+      audio_projector_type=projector,
+      mm_audio_hidden_size=hidden_size,
+      mm_audio_select_layer=0,  # The last hidden state, the only one we read.
+  )
+
+
 def config_fields(config: UniMoEConfig) -> Dict[str, Any]:
   """The official config.json fields that name the towers and their connectors."""
   out: Dict[str, Any] = {}
@@ -178,21 +192,19 @@ def config_fields(config: UniMoEConfig) -> Dict[str, Any]:
         mm_use_im_patch_token=False,
     )
   if config.speech_encoder is not None:
+    aligner = config.speech_aligner
     out.update(
-        mm_audio_tower=SPEECH_TOWER_DIR,
-        query_tokens_size=config.speech_aligner.num_query_tokens,
-        audio_projector_type=config.speech_projector,
-        mm_audio_hidden_size=config.speech_aligner.d_model,
+        _audio_slot_fields(
+            SPEECH_TOWER_DIR, aligner.num_query_tokens, config.speech_projector, aligner.d_model
+        )
     )
   if config.audio_encoder is not None:
+    qformer = config.audio_qformer
     out.update(
-        mm_audio_tower=BEATS_FILE,
-        query_tokens_size=config.audio_qformer.num_query_tokens,
-        audio_projector_type=config.audio_projector,
-        mm_audio_hidden_size=config.audio_qformer.hidden_size,
+        _audio_slot_fields(
+            BEATS_FILE, qformer.num_query_tokens, config.audio_projector, qformer.hidden_size
+        )
     )
-  if 'mm_audio_tower' in out:
-    out['mm_audio_select_layer'] = 0  # The last hidden state, the only one we read.
   return out
 
 

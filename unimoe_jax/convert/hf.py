@@ -16,10 +16,21 @@ names (`mlp.gate`, fused `mlp.experts.gate_up_proj` / `down_proj`) and `mlp.expe
 import re
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
+from flax import traverse_util
 import numpy as np
 
 from unimoe_jax.config import DecoderConfig, MoEConfig
-from unimoe_jax.convert.common import TensorReader
+from unimoe_jax.convert.common import TensorReader, fields_from_hf
+
+# DecoderConfig field -> LLaMA / Mixtral config.json key, both directions (export_hf.hf_config).
+DECODER_FIELDS = {
+    'vocab_size': 'vocab_size',
+    'embed_dim': 'hidden_size',
+    'num_layers': 'num_hidden_layers',
+    'num_heads': 'num_attention_heads',
+    'mlp_dim': 'intermediate_size',
+    'rms_norm_eps': 'rms_norm_eps',
+}
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides) -> DecoderConfig:
@@ -41,19 +52,13 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> DecoderConfig:
         '(LLaMA and Mixtral checkpoints have an untied lm_head)'
     )
   fields = dict(
-      vocab_size=hf['vocab_size'],
-      embed_dim=hf['hidden_size'],
-      num_layers=hf['num_hidden_layers'],
-      num_heads=heads,
+      fields_from_hf(hf, DECODER_FIELDS, {'rms_norm_eps': 1e-6}),
       num_kv_heads=hf.get('num_key_value_heads') or heads,
       head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
-      mlp_dim=hf['intermediate_size'],
       rope_theta=float(theta),
-      rms_norm_eps=hf.get('rms_norm_eps', 1e-6),
       moe=moe,
   )
-  fields.update(overrides)
-  return DecoderConfig(**fields)
+  return DecoderConfig(**{**fields, **overrides})
 
 
 class Entry(NamedTuple):
@@ -121,45 +126,40 @@ def tensor_table(cfg: DecoderConfig) -> List[Entry]:
             False,
         ),
     ]
-    for name, (hf_shape, our_shape) in attention.items():
-      table.append(
-          Entry(
-              f'{p}.self_attn.{ATTENTION_MODULES[name]}.weight',
-              (ours, 'attention', name, 'kernel'),
-              hf_shape,
-              our_shape,
-              True,
-          )
-      )
+    table += _linear_entries(f'{p}.self_attn', (ours, 'attention'), ATTENTION_MODULES, attention)
     if i in moe_layers:
       e = cfg.moe.num_experts
       table.append(
           Entry(f'{p}.block_sparse_moe.gate.weight', (ours, 'moe', 'router'), (e, d), (d, e), True)
       )
       for x in range(e):
-        for name, (hf_shape, our_shape) in mlp.items():
-          table.append(
-              Entry(
-                  f'{p}.block_sparse_moe.experts.{x}.{EXPERT_MODULES[name]}.weight',
-                  (ours, 'moe', name, 'kernel'),
-                  hf_shape,
-                  our_shape,
-                  True,
-                  x,
-              )
-          )
+        experts = f'{p}.block_sparse_moe.experts.{x}'
+        table += _linear_entries(experts, (ours, 'moe'), EXPERT_MODULES, mlp, expert=x)
     else:
-      for name, (hf_shape, our_shape) in mlp.items():
-        table.append(
-            Entry(
-                f'{p}.mlp.{MLP_MODULES[name]}.weight',
-                (ours, 'mlp', name, 'kernel'),
-                hf_shape,
-                our_shape,
-                True,
-            )
-        )
+      table += _linear_entries(f'{p}.mlp', (ours, 'mlp'), MLP_MODULES, mlp)
   return table
+
+
+def _linear_entries(
+    hf_module: str,
+    our_module: Tuple[str, ...],
+    hf_names: Mapping[str, str],
+    shapes: Mapping[str, Tuple[Tuple[int, ...], Tuple[int, ...]]],
+    expert: Optional[int] = None,
+) -> List[Entry]:
+  """The Linear weights `{hf_module}.{hf_names[ours]}.weight` <-> `our_module + (ours,
+  'kernel')`, for each `ours: (hf_shape, our_shape)` of `shapes`, in that order."""
+  return [
+      Entry(
+          f'{hf_module}.{hf_names[name]}.weight',
+          our_module + (name, 'kernel'),
+          hf_shape,
+          our_shape,
+          True,
+          expert,
+      )
+      for name, (hf_shape, our_shape) in shapes.items()
+  ]
 
 
 class _Slice:
@@ -246,10 +246,4 @@ def decoder_params_from_hf(
     raise ValueError(message) from None
   for path, slices in experts.items():
     flat[path] = np.stack([slices[x] for x in range(len(slices))])
-  params: Dict[str, Any] = {}
-  for path, value in flat.items():
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return params
+  return traverse_util.unflatten_dict(flat)

@@ -24,10 +24,23 @@ from unimoe_jax.connectors.qformer import QFormerConfig
 from unimoe_jax.convert.common import (
     TensorReader,
     TensorWriter,
+    fields_from_hf,
+    fields_to_hf,
     hf_activation,
-    linear_kernel,
     ours_activation,
 )
+
+# QFormerConfig field -> Blip2QFormerConfig key, both directions.
+_HF_FIELDS = {
+    'hidden_size': 'hidden_size',
+    'num_layers': 'num_hidden_layers',
+    'num_heads': 'num_attention_heads',
+    'intermediate_size': 'intermediate_size',
+    'cross_attention_frequency': 'cross_attention_frequency',
+    'encoder_hidden_size': 'encoder_hidden_size',
+    'layer_norm_eps': 'layer_norm_eps',
+}
+_HF_DEFAULTS = {'cross_attention_frequency': 2, 'layer_norm_eps': 1e-12}  # transformers'.
 
 
 def config_from_hf(
@@ -46,18 +59,11 @@ def config_from_hf(
         '(it is a field of the enclosing BLIP-2 / Uni-MoE config)'
     )
   fields = dict(
-      hidden_size=hf['hidden_size'],
-      num_layers=hf['num_hidden_layers'],
-      num_heads=hf['num_attention_heads'],
-      intermediate_size=hf['intermediate_size'],
-      cross_attention_frequency=hf.get('cross_attention_frequency', 2),
-      encoder_hidden_size=hf['encoder_hidden_size'],
+      fields_from_hf(hf, _HF_FIELDS, _HF_DEFAULTS),
       num_query_tokens=int(num_query_tokens),
-      layer_norm_eps=hf.get('layer_norm_eps', 1e-12),
       act=ours_activation(hf.get('hidden_act', 'gelu'), 'config_from_hf: hidden_act'),
   )
-  fields.update(overrides)
-  return QFormerConfig(**fields)
+  return QFormerConfig(**{**fields, **overrides})
 
 
 def config_to_hf(config: QFormerConfig) -> Dict[str, Any]:
@@ -68,13 +74,7 @@ def config_to_hf(config: QFormerConfig) -> Dict[str, Any]:
   `transformers.Blip2QFormerConfig(**config_to_hf(c))` builds the matching model."""
   return {
       'model_type': 'blip_2_qformer',
-      'hidden_size': config.hidden_size,
-      'num_hidden_layers': config.num_layers,
-      'num_attention_heads': config.num_heads,
-      'intermediate_size': config.intermediate_size,
-      'cross_attention_frequency': config.cross_attention_frequency,
-      'encoder_hidden_size': config.encoder_hidden_size,
-      'layer_norm_eps': config.layer_norm_eps,
+      **fields_to_hf(config, _HF_FIELDS),
       'hidden_act': hf_activation(config.act, 'QFormerConfig.act'),
       'initializer_range': config.init_std,
       'use_qformer_text_input': False,  # The text FFN is not exported.
@@ -152,31 +152,19 @@ def params_from_hf(
   cfg = config
   d, h, hd, f, e = _sizes(cfg)
 
-  def linear(name, in_dim, out_dim):
-    return (
-        linear_kernel(r.pop(f'{name}.weight', (out_dim, in_dim))),
-        r.pop(f'{name}.bias', (out_dim,)),
-    )
-
-  def layer_norm(name):
-    return {'scale': r.pop(f'{name}.weight', (d,)), 'bias': r.pop(f'{name}.bias', (d,))}
-
   def attention(name, kv_dim):
-    out = {}
-    for ours, theirs, in_dim in (
-        ('query', 'query', d),
-        ('key', 'key', kv_dim),
-        ('value', 'value', kv_dim),
-    ):
-      kernel, bias = linear(f'{name}.attention.{theirs}', in_dim, h * hd)
-      out[ours] = {'kernel': kernel.reshape(in_dim, h, hd), 'bias': bias.reshape(h, hd)}
-    kernel, bias = linear(f'{name}.output.dense', h * hd, d)
-    out['out'] = {'kernel': kernel.reshape(h, hd, d), 'bias': bias}
-    return out, layer_norm(f'{name}.output.LayerNorm')
+    """Flat torch Linears -> `query/key/value` kernels `[in, h, hd]`, `out` `[h, hd, d]`; and
+    the block's output LayerNorm."""
+    out = {
+        ours: r.linear(f'{name}.attention.{ours}', (in_dim,), (h, hd))
+        for ours, in_dim in (('query', d), ('key', kv_dim), ('value', kv_dim))
+    }
+    out['out'] = r.linear(f'{name}.output.dense', (h, hd), (d,))
+    return out, r.layer_norm(f'{name}.output.LayerNorm', d)
 
   params: Dict[str, Any] = {
       'query_tokens': _pop_query_tokens(r, state_dict, prefix, query_tokens, cfg),
-      'embed_norm': layer_norm(f'{prefix}layernorm'),
+      'embed_norm': r.layer_norm(f'{prefix}layernorm', d),
   }
   for i in range(cfg.num_layers):
     p = f'{prefix}encoder.layer.{i}'
@@ -184,18 +172,16 @@ def params_from_hf(
     layer['self_attention'], layer['self_attention_norm'] = attention(f'{p}.attention', d)
     if cfg.has_cross_attention(i):
       layer['cross_attention'], layer['cross_attention_norm'] = attention(f'{p}.crossattention', e)
-    fc1_kernel, fc1_bias = linear(f'{p}.intermediate_query.dense', d, f)
-    fc2_kernel, fc2_bias = linear(f'{p}.output_query.dense', f, d)
     layer['mlp'] = {
-        'fc1': {'kernel': fc1_kernel, 'bias': fc1_bias},
-        'fc2': {'kernel': fc2_kernel, 'bias': fc2_bias},
+        'fc1': r.linear(f'{p}.intermediate_query.dense', (d,), (f,)),
+        'fc2': r.linear(f'{p}.output_query.dense', (f,), (d,)),
     }
-    layer['mlp_norm'] = layer_norm(f'{p}.output_query.LayerNorm')
+    layer['mlp_norm'] = r.layer_norm(f'{p}.output_query.LayerNorm', d)
     # The text FFN: shape-checked so a mis-sized checkpoint still fails, then dropped.
     if r.has(f'{p}.intermediate.dense.weight'):
-      linear(f'{p}.intermediate.dense', d, f)
-      linear(f'{p}.output.dense', f, d)
-      layer_norm(f'{p}.output.LayerNorm')
+      r.linear(f'{p}.intermediate.dense', (d,), (f,))
+      r.linear(f'{p}.output.dense', (f,), (d,))
+      r.layer_norm(f'{p}.output.LayerNorm', d)
     params[f'layers_{i}'] = layer
   r.finish()
   return params

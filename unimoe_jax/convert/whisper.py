@@ -23,8 +23,9 @@ from unimoe_jax.connectors.whisper_aligner import WhisperAlignerConfig
 from unimoe_jax.convert.common import (
     TensorReader,
     TensorWriter,
+    fields_from_hf,
+    fields_to_hf,
     hf_activation,
-    linear_kernel,
     ours_activation,
 )
 from unimoe_jax.encoders.whisper import WhisperEncoderConfig, sinusoids
@@ -33,20 +34,33 @@ from unimoe_jax.encoders.whisper import WhisperEncoderConfig, sinusoids
 # argument (~1e-4 at position 1500); a trained or different table is far off.
 _SINUSOID_ATOL = 1e-3
 
+# WhisperEncoderConfig field -> WhisperConfig key, both directions.
+_ENCODER_FIELDS = {
+    'num_mel_bins': 'num_mel_bins',
+    'd_model': 'd_model',
+    'num_layers': 'encoder_layers',
+    'num_heads': 'encoder_attention_heads',
+    'ffn_dim': 'encoder_ffn_dim',
+    'max_source_positions': 'max_source_positions',
+}
+# The decoder's layer sizes: WhisperAlignerConfig's fields (WhisperEncoderConfig's have the same
+# names) -> WhisperConfig keys. The aligner's d_model is the encoder's (one WhisperConfig key).
+_DECODER_LAYER_FIELDS = {
+    'num_layers': 'decoder_layers',
+    'num_heads': 'decoder_attention_heads',
+    'ffn_dim': 'decoder_ffn_dim',
+}
+_WHISPER_MAX_TARGET_POSITIONS = 448  # Whisper's; config_to_hf writes it when given no aligner.
+
+
+def _activation_from_hf(hf: Mapping[str, Any]) -> str:
+  return ours_activation(hf.get('activation_function', 'gelu'), 'activation_function')
+
 
 def encoder_config_from_hf(hf: Mapping[str, Any], **overrides) -> WhisperEncoderConfig:
   """A WhisperEncoderConfig from a Hugging Face `WhisperConfig.to_dict()`."""
-  fields = dict(
-      num_mel_bins=hf['num_mel_bins'],
-      d_model=hf['d_model'],
-      num_layers=hf['encoder_layers'],
-      num_heads=hf['encoder_attention_heads'],
-      ffn_dim=hf['encoder_ffn_dim'],
-      max_source_positions=hf['max_source_positions'],
-      act=ours_activation(hf.get('activation_function', 'gelu'), 'activation_function'),
-  )
-  fields.update(overrides)
-  return WhisperEncoderConfig(**fields)
+  fields = dict(fields_from_hf(hf, _ENCODER_FIELDS), act=_activation_from_hf(hf))
+  return WhisperEncoderConfig(**{**fields, **overrides})
 
 
 def aligner_config_from_hf(
@@ -54,16 +68,13 @@ def aligner_config_from_hf(
 ) -> WhisperAlignerConfig:
   """A WhisperAlignerConfig from a Hugging Face `WhisperConfig.to_dict()` (decoder sizes)."""
   fields = dict(
+      fields_from_hf(hf, _DECODER_LAYER_FIELDS),
       num_query_tokens=num_query_tokens,
       d_model=hf['d_model'],
-      num_layers=hf['decoder_layers'],
-      num_heads=hf['decoder_attention_heads'],
-      ffn_dim=hf['decoder_ffn_dim'],
       max_target_positions=hf['max_target_positions'],
-      act=ours_activation(hf.get('activation_function', 'gelu'), 'activation_function'),
+      act=_activation_from_hf(hf),
   )
-  fields.update(overrides)
-  return WhisperAlignerConfig(**fields)
+  return WhisperAlignerConfig(**{**fields, **overrides})
 
 
 # Whisper's multilingual vocabulary and special ids (openai/whisper-*; HF WhisperConfig). The
@@ -102,29 +113,14 @@ def config_to_hf(
           f'and WhisperEncoderConfig (act={encoder.act!r}, d_model='
           f'{encoder.d_model}) must agree: one WhisperConfig holds both'
       )
-  decoder = dict(
-      decoder_layers=encoder.num_layers,
-      decoder_attention_heads=encoder.num_heads,
-      decoder_ffn_dim=encoder.ffn_dim,
-      max_target_positions=448,
-  )
-  if aligner is not None:
-    decoder = dict(
-        decoder_layers=aligner.num_layers,
-        decoder_attention_heads=aligner.num_heads,
-        decoder_ffn_dim=aligner.ffn_dim,
-        max_target_positions=aligner.max_target_positions,
-    )
   return dict(
       model_type='whisper',
-      num_mel_bins=encoder.num_mel_bins,
-      d_model=encoder.d_model,
-      encoder_layers=encoder.num_layers,
-      encoder_attention_heads=encoder.num_heads,
-      encoder_ffn_dim=encoder.ffn_dim,
-      max_source_positions=encoder.max_source_positions,
+      **fields_to_hf(encoder, _ENCODER_FIELDS),
       activation_function=hf_activation(encoder.act, 'WhisperEncoderConfig.act'),
-      **decoder,
+      **fields_to_hf(encoder if aligner is None else aligner, _DECODER_LAYER_FIELDS),
+      max_target_positions=(
+          _WHISPER_MAX_TARGET_POSITIONS if aligner is None else aligner.max_target_positions
+      ),
       **_WHISPER_TOKEN_IDS,
   )
 
@@ -148,38 +144,52 @@ def _reader(state_dict: Mapping[str, np.ndarray], prefix: str) -> TensorReader:
   return TensorReader({k: v for k, v in state_dict.items() if k.startswith(prefix)})
 
 
-def _layer_norm(r: TensorReader, name: str, d: int) -> Dict[str, np.ndarray]:
-  return {'scale': r.pop(f'{name}.weight', (d,)), 'bias': r.pop(f'{name}.bias', (d,))}
-
-
-def _dense(r: TensorReader, name: str, d_in: int, d_out: int) -> Dict[str, np.ndarray]:
-  return {
-      'kernel': linear_kernel(r.pop(f'{name}.weight', (d_out, d_in))),
-      'bias': r.pop(f'{name}.bias', (d_out,)),
-  }
-
-
 def _attention(r: TensorReader, name: str, d: int, heads: int) -> Dict[str, Any]:
   """WhisperAttention (no key bias) -> MultiHeadAttention `[embed, heads, head_dim]` kernels."""
   hd = d // heads
-  proj = lambda p: linear_kernel(r.pop(f'{name}.{p}.weight', (d, d)))  # pylint: disable=g-long-lambda
-  bias = lambda p: r.pop(f'{name}.{p}.bias', (d,))  # pylint: disable=g-long-lambda
   return {
-      'query': {
-          'kernel': proj('q_proj').reshape(d, heads, hd),
-          'bias': bias('q_proj').reshape(heads, hd),
-      },
-      'key': {'kernel': proj('k_proj').reshape(d, heads, hd)},
-      'value': {
-          'kernel': proj('v_proj').reshape(d, heads, hd),
-          'bias': bias('v_proj').reshape(heads, hd),
-      },
-      'out': {'kernel': proj('out_proj').reshape(heads, hd, d), 'bias': bias('out_proj')},
+      'query': r.linear(f'{name}.q_proj', (d,), (heads, hd)),
+      'key': r.linear(f'{name}.k_proj', (d,), (heads, hd), bias=False),
+      'value': r.linear(f'{name}.v_proj', (d,), (heads, hd)),
+      'out': r.linear(f'{name}.out_proj', (heads, hd), (d,)),
   }
 
 
 def _mlp(r: TensorReader, p: str, d: int, f: int) -> Dict[str, Any]:
-  return {'fc1': _dense(r, f'{p}.fc1', d, f), 'fc2': _dense(r, f'{p}.fc2', f, d)}
+  return {'fc1': r.linear(f'{p}.fc1', (d,), (f,)), 'fc2': r.linear(f'{p}.fc2', (f,), (d,))}
+
+
+# Each layer's parts: our name -> (the HF submodule, which converter); read by both directions.
+# The MLP's fc1 / fc2 sit on the layer itself ('' submodule).
+_ENCODER_LAYER = {
+    'attn_norm': ('self_attn_layer_norm', 'layer_norm'),
+    'attn': ('self_attn', 'attention'),
+    'mlp_norm': ('final_layer_norm', 'layer_norm'),
+    'mlp': ('', 'mlp'),
+}
+_ALIGNER_LAYER = {
+    'self_attn_norm': ('self_attn_layer_norm', 'layer_norm'),
+    'self_attn': ('self_attn', 'attention'),
+    'cross_attn_norm': ('encoder_attn_layer_norm', 'layer_norm'),
+    'cross_attn': ('encoder_attn', 'attention'),
+    'mlp_norm': ('final_layer_norm', 'layer_norm'),
+    'mlp': ('', 'mlp'),
+}
+
+
+def _submodule(layer: str, name: str) -> str:
+  return f'{layer}.{name}' if name else layer
+
+
+def _layer_from_hf(
+    r: TensorReader, layer: str, parts: Mapping[str, Tuple[str, str]], d: int, f: int, h: int
+) -> Dict[str, Any]:
+  read = {
+      'layer_norm': lambda name: r.layer_norm(name, d),
+      'attention': lambda name: _attention(r, name, d, h),
+      'mlp': lambda name: _mlp(r, name, d, f),
+  }
+  return {ours: read[kind](_submodule(layer, theirs)) for ours, (theirs, kind) in parts.items()}
 
 
 def _conv(r: TensorReader, name: str, c_in: int, c_out: int) -> Dict[str, np.ndarray]:
@@ -205,7 +215,7 @@ def encoder_params_from_hf(
   params: Dict[str, Any] = {
       'conv1': _conv(r, f'{prefix}conv1', config.num_mel_bins, d),
       'conv2': _conv(r, f'{prefix}conv2', d, d),
-      'final_norm': _layer_norm(r, f'{prefix}layer_norm', d),
+      'final_norm': r.layer_norm(f'{prefix}layer_norm', d),
   }
   name = f'{prefix}embed_positions.weight'
   table = r.pop(name, (config.max_source_positions, d))
@@ -217,13 +227,7 @@ def encoder_params_from_hf(
           f'{err:.3g}); WhisperEncoder computes its positions and cannot load it'
       )
   for i in range(config.num_layers):
-    p = f'{prefix}layers.{i}'
-    params[f'layers_{i}'] = {
-        'attn_norm': _layer_norm(r, f'{p}.self_attn_layer_norm', d),
-        'attn': _attention(r, f'{p}.self_attn', d, h),
-        'mlp_norm': _layer_norm(r, f'{p}.final_layer_norm', d),
-        'mlp': _mlp(r, p, d, f),
-    }
+    params[f'layers_{i}'] = _layer_from_hf(r, f'{prefix}layers.{i}', _ENCODER_LAYER, d, f, h)
   r.finish()
   return params
 
@@ -264,18 +268,10 @@ def aligner_params_from_hf(
       'position_embedding': r.pop(
           f'{prefix}embed_positions.weight', (config.max_target_positions, d)
       ),
-      'final_norm': _layer_norm(r, f'{prefix}layer_norm', d),
+      'final_norm': r.layer_norm(f'{prefix}layer_norm', d),
   }
   for i in range(config.num_layers):
-    p = f'{prefix}layers.{i}'
-    params[f'layers_{i}'] = {
-        'self_attn_norm': _layer_norm(r, f'{p}.self_attn_layer_norm', d),
-        'self_attn': _attention(r, f'{p}.self_attn', d, h),
-        'cross_attn_norm': _layer_norm(r, f'{p}.encoder_attn_layer_norm', d),
-        'cross_attn': _attention(r, f'{p}.encoder_attn', d, h),
-        'mlp_norm': _layer_norm(r, f'{p}.final_layer_norm', d),
-        'mlp': _mlp(r, p, d, f),
-    }
+    params[f'layers_{i}'] = _layer_from_hf(r, f'{prefix}layers.{i}', _ALIGNER_LAYER, d, f, h)
   r.finish()
   return params
 
@@ -292,6 +288,25 @@ def _attention_to_hf(w: TensorWriter, name: str, p: Mapping[str, Any], d: int, h
 def _mlp_to_hf(w: TensorWriter, name: str, p: Mapping[str, Any], d: int, f: int):
   w.linear(f'{name}.fc1', p['fc1'], (d,), (f,))
   w.linear(f'{name}.fc2', p['fc2'], (f,), (d,))
+
+
+def _layer_to_hf(
+    w: TensorWriter,
+    layer: str,
+    params: Mapping[str, Any],
+    parts: Mapping[str, Tuple[str, str]],
+    d: int,
+    f: int,
+    h: int,
+):
+  """`_layer_from_hf`'s inverse."""
+  write = {
+      'layer_norm': lambda name, p: w.layer_norm(name, p, d),
+      'attention': lambda name, p: _attention_to_hf(w, name, p, d, h),
+      'mlp': lambda name, p: _mlp_to_hf(w, name, p, d, f),
+  }
+  for ours, (theirs, kind) in parts.items():
+    write[kind](_submodule(layer, theirs), params[ours])
 
 
 def _conv_to_hf(w: TensorWriter, name: str, p: Mapping[str, Any], c_in: int, c_out: int):
@@ -317,12 +332,7 @@ def encoder_params_to_hf(
       (config.max_source_positions, d),
   )
   for i in range(config.num_layers):
-    p = f'{prefix}layers.{i}'
-    layer = params[f'layers_{i}']
-    w.layer_norm(f'{p}.self_attn_layer_norm', layer['attn_norm'], d)
-    _attention_to_hf(w, f'{p}.self_attn', layer['attn'], d, h)
-    w.layer_norm(f'{p}.final_layer_norm', layer['mlp_norm'], d)
-    _mlp_to_hf(w, p, layer['mlp'], d, f)
+    _layer_to_hf(w, f'{prefix}layers.{i}', params[f'layers_{i}'], _ENCODER_LAYER, d, f, h)
   w.layer_norm(f'{prefix}layer_norm', params['final_norm'], d)
   return w.state_dict
 
@@ -343,13 +353,6 @@ def aligner_params_to_hf(
       (config.max_target_positions, d),
   )
   for i in range(config.num_layers):
-    p = f'{prefix}layers.{i}'
-    layer = params[f'layers_{i}']
-    w.layer_norm(f'{p}.self_attn_layer_norm', layer['self_attn_norm'], d)
-    _attention_to_hf(w, f'{p}.self_attn', layer['self_attn'], d, h)
-    w.layer_norm(f'{p}.encoder_attn_layer_norm', layer['cross_attn_norm'], d)
-    _attention_to_hf(w, f'{p}.encoder_attn', layer['cross_attn'], d, h)
-    w.layer_norm(f'{p}.final_layer_norm', layer['mlp_norm'], d)
-    _mlp_to_hf(w, p, layer['mlp'], d, f)
+    _layer_to_hf(w, f'{prefix}layers.{i}', params[f'layers_{i}'], _ALIGNER_LAYER, d, f, h)
   w.layer_norm(f'{prefix}layer_norm', params['final_norm'], d)
   return w.state_dict, np.ascontiguousarray(queries)

@@ -72,10 +72,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
-from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES
+from unimoe_jax.config import check_positive
+from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES, HEAD_AXES
 from unimoe_jax.layers.encoder_blocks import Dense, GeluMLP, LayerNorm, activation, default_init
-
-_HEAD_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
 
 # Official `activation_fn` -> the shared ACTIVATIONS key. fairseq's 'gelu' is the exact erf form,
 # 'gelu_accurate' (alias 'gelu_fast') the tanh approximation.
@@ -134,7 +133,8 @@ class BEATsConfig:
   init_std: float = 0.02
 
   def __post_init__(self):
-    for field in (
+    check_positive(
+        self,
         'input_patch_size',
         'embed_dim',
         'encoder_layers',
@@ -144,9 +144,7 @@ class BEATsConfig:
         'conv_pos',
         'conv_pos_groups',
         'num_mel_bins',
-    ):
-      if getattr(self, field) <= 0:
-        raise ValueError(f'BEATsConfig.{field} must be positive, got {getattr(self, field)}')
+    )
     if self.encoder_embed_dim % self.encoder_attention_heads:
       raise ValueError(
           f'BEATsConfig.encoder_embed_dim={self.encoder_embed_dim} is not divisible '
@@ -374,8 +372,7 @@ class GatedRelativeAttention(nn.Module):
         **kw,
     )(x)
     q, k, v = (
-        partitioning.with_sharding_constraint(proj(n), _HEAD_AXES)
-        for n in ('query', 'key', 'value')
+        partitioning.with_sharding_constraint(proj(n), HEAD_AXES) for n in ('query', 'key', 'value')
     )
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     logits = logits / np.float32(np.sqrt(hd))
@@ -397,7 +394,7 @@ class GatedRelativeAttention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    out = partitioning.with_sharding_constraint(out, _HEAD_AXES)
+    out = partitioning.with_sharding_constraint(out, HEAD_AXES)
     return Dense((h, hd), (embed,), ('heads', 'head_dim', 'embed'), name='out', **kw)(out)
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
+from unimoe_jax.config import check_positive
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, ENCODER_HIDDEN_AXES, Dense, LayerNorm
 from unimoe_jax.layers.encoder_blocks import PreLNEncoderLayer
 
@@ -62,9 +63,7 @@ class CLIPVisionConfig:
   init_std: float = 0.02
 
   def __post_init__(self):
-    for field in ('image_size', 'patch_size', 'width', 'num_layers', 'num_heads', 'mlp_dim'):
-      if getattr(self, field) <= 0:
-        raise ValueError(f'CLIPVisionConfig.{field} must be positive, got {getattr(self, field)}')
+    check_positive(self, 'image_size', 'patch_size', 'width', 'num_layers', 'num_heads', 'mlp_dim')
     if self.image_size % self.patch_size:
       raise ValueError(
           f'CLIPVisionConfig.image_size={self.image_size} is not a multiple of '

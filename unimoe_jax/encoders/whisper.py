@@ -27,8 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
+from unimoe_jax.config import check_positive
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, ENCODER_HIDDEN_AXES, Dense, LayerNorm
 from unimoe_jax.layers.encoder_blocks import PreLNEncoderLayer, activation
+
+# Whisper's attention projections (query, key, value, out): the key has no bias, in the encoder
+# and in the decoder (connectors/whisper_aligner.py).
+WHISPER_ATTENTION_BIAS = (True, False, True, True)
 
 
 @gin.configurable
@@ -60,18 +65,15 @@ class WhisperEncoderConfig:
   init_std: float = 0.02
 
   def __post_init__(self):
-    for field in (
+    check_positive(
+        self,
         'num_mel_bins',
         'd_model',
         'num_layers',
         'num_heads',
         'ffn_dim',
         'max_source_positions',
-    ):
-      if getattr(self, field) <= 0:
-        raise ValueError(
-            f'WhisperEncoderConfig.{field} must be positive, ' f'got {getattr(self, field)}'
-        )
+    )
     if self.d_model % self.num_heads:
       raise ValueError(
           f'WhisperEncoderConfig.d_model={self.d_model} is not divisible by '
@@ -100,14 +102,7 @@ class WhisperEncoderConfig:
 # 'tiny' keeps the real input shape (80 mels, 3000 frames, as the feature extractor produces)
 # with toy widths, so that pipelines can be tested end to end on CPU.
 WHISPER_SIZES = {
-    'whisper-small': WhisperEncoderConfig(
-        num_mel_bins=80,
-        d_model=768,
-        num_layers=12,
-        num_heads=12,
-        ffn_dim=3072,
-        max_source_positions=1500,
-    ),
+    'whisper-small': WhisperEncoderConfig(),  # The defaults are whisper-small's sizes.
     'tiny': WhisperEncoderConfig(
         num_mel_bins=80,
         d_model=32,
@@ -159,7 +154,7 @@ def whisper_encoder_layer(cfg: WhisperEncoderConfig, **kwargs) -> PreLNEncoderLa
       cfg.layer_norm_eps,
       cfg.init_std,
       names=('attn_norm', 'attn', 'mlp_norm', 'mlp'),
-      attention_bias=(True, False, True, True),
+      attention_bias=WHISPER_ATTENTION_BIAS,
       **kwargs,
   )
 
@@ -193,24 +188,12 @@ class WhisperEncoder(nn.Module):
     gelu = activation('gelu')  # The stem uses exact GELU whatever `act` the layers use.
     x = log_mel.astype(self.dtype)
     init = nn.initializers.normal(cfg.init_std)
-    x = Dense(
-        (3, cfg.num_mel_bins),
-        (cfg.d_model,),
-        (None, None, 'embed'),
-        name='conv1',
-        kernel_init=init,
-        **kw,
-    )(conv1d_windows(x, 3, stride=1, padding=1))
-    x = gelu(x)
-    x = Dense(
-        (3, cfg.d_model),
-        (cfg.d_model,),
-        (None, None, 'embed'),
-        name='conv2',
-        kernel_init=init,
-        **kw,
-    )(conv1d_windows(x, 3, stride=2, padding=1))
-    x = gelu(x)
+    # The stem: two kernel-3 convolutions (conv2 halves the time axis), each followed by GELU.
+    for name, in_channels, stride in (('conv1', cfg.num_mel_bins, 1), ('conv2', cfg.d_model, 2)):
+      conv = Dense(
+          (3, in_channels), (cfg.d_model,), (None, None, 'embed'), name=name, kernel_init=init, **kw
+      )
+      x = gelu(conv(conv1d_windows(x, 3, stride=stride, padding=1)))
     positions = sinusoids(cfg.max_source_positions, cfg.d_model)
     x = x + jnp.asarray(positions, self.dtype)[None]
     x = partitioning.with_sharding_constraint(x, ENCODER_HIDDEN_AXES)

@@ -25,6 +25,9 @@ Initializer = Any
 # HF's initializer_range / init_std for these towers; each tower's config overrides it
 # (`init_std`) where a narrow width needs more (see gin/models/multimodal_tiny.gin).
 default_init = nn.initializers.normal(stddev=0.02)
+# The logical axes of per-head activations `[batch, length, heads, head_dim]` (queries, keys,
+# values and the attention output; head_dim is never split). layers/attention.py shares them.
+HEAD_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
 
 
 class Dense(nn.Module):
@@ -125,28 +128,13 @@ class GeluMLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    h = Dense(
-        (d,),
-        (self.mlp_dim,),
-        ('embed', 'mlp'),
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=self.kernel_init,
-        name='fc1',
-    )(x)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+    h = Dense((d,), (self.mlp_dim,), ('embed', 'mlp'), name='fc1', **kw)(x)
     h = activation(self.act)(h)
     h = partitioning.with_sharding_constraint(
         h, ('activation_batch', 'activation_length', 'activation_mlp')
     )
-    return Dense(
-        (self.mlp_dim,),
-        (d,),
-        ('mlp', 'embed'),
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=self.kernel_init,
-        name='fc2',
-    )(h)
+    return Dense((self.mlp_dim,), (d,), ('mlp', 'embed'), name='fc2', **kw)(h)
 
 
 class MultiHeadAttention(nn.Module):
@@ -192,15 +180,7 @@ class MultiHeadAttention(nn.Module):
     q = dense('query', (embed,), (h, hd), ('embed', 'heads', 'head_dim'), qb)(x)
     k = dense('key', (kv_embed,), (h, hd), ('embed', 'heads', 'head_dim'), kb)(kv)
     v = dense('value', (kv_embed,), (h, hd), ('embed', 'heads', 'head_dim'), vb)(kv)
-    q = partitioning.with_sharding_constraint(
-        q, ('activation_batch', 'activation_length', 'activation_heads', None)
-    )
-    k = partitioning.with_sharding_constraint(
-        k, ('activation_batch', 'activation_length', 'activation_heads', None)
-    )
-    v = partitioning.with_sharding_constraint(
-        v, ('activation_batch', 'activation_length', 'activation_heads', None)
-    )
+    q, k, v = (partitioning.with_sharding_constraint(t, HEAD_AXES) for t in (q, k, v))
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     logits = logits / np.sqrt(hd).astype(np.float32)
     if bias is not None:
@@ -209,9 +189,7 @@ class MultiHeadAttention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    out = partitioning.with_sharding_constraint(
-        out, ('activation_batch', 'activation_length', 'activation_heads', None)
-    )
+    out = partitioning.with_sharding_constraint(out, HEAD_AXES)
     return dense('out', (h, hd), (embed,), ('heads', 'head_dim', 'embed'), ob)(out)
 
 
