@@ -26,8 +26,25 @@ def _parse(*files, bindings=()):
 @pytest.mark.parametrize(
     'gin_file,size', [('models/tiny.gin', 'tiny'), ('models/llama_7b.gin', 'llama-7b')]
 )
-def test_gin_sizes_equal_python_sizes(gin_file, size):
+def test_gin_files_name_the_python_sizes(gin_file, size):
   assert _parse(gin_file) == config_lib.SIZES[size]
+
+
+def test_gin_class_bindings_apply_on_top_of_a_named_size():
+  """A gin file names a size (`config.named.size`); bindings of DecoderConfig's fields from
+  other files and flags still apply (config.from_table), and `named`'s own arguments win."""
+  cfg = _parse(
+      'models/llama_7b.gin',
+      bindings=['config.DecoderConfig.scan_layers = True', 'config.DecoderConfig.num_layers = 4'],
+  )
+  assert cfg == dataclasses.replace(config_lib.SIZES['llama-7b'], scan_layers=True, num_layers=4)
+  assert config_lib.named('tiny', num_layers=3).num_layers == 3
+  assert config_lib.named('tiny').scan_layers  # Under the same gin bindings, as DecoderConfig().
+  with gin.unlock_config():
+    gin.parse_config('small/config.DecoderConfig.embed_dim = 32')
+  with gin.config_scope('small'):
+    scoped = config_lib.named('tiny')
+  assert (scoped.embed_dim, scoped.num_layers, scoped.resolved_head_dim) == (32, 4, 8)
 
 
 def test_gin_files_compose():
@@ -140,6 +157,14 @@ def test_multimodal_gin_equals_the_named_official_sizes():
   assert cfg.audio_qformer == QFORMER_SIZES['uni-moe-audio']
   assert cfg.num_soft_tokens('image') == 576  # (336 / 14)^2 patches, class token dropped.
   assert cfg.modalities == ('image', 'video', 'speech', 'audio')
+  gin.clear_config()
+  cfg = _parse_model(
+      'models/llama_7b.gin',
+      'models/multimodal.gin',
+      bindings=['clip.CLIPVisionConfig.select_layer = -1', 'beats.BEATsConfig.deep_norm = False'],
+  )
+  assert cfg.vision == dataclasses.replace(CLIP_SIZES['vit-l-14-336'], select_layer=-1)
+  assert cfg.audio_encoder == dataclasses.replace(BEATS_SIZES['iter3'], deep_norm=False)
 
 
 def test_multimodal_tiny_gin_builds_the_tiny_towers():

@@ -5,12 +5,18 @@ A config is plain data. Modules read it; nothing mutates it. Gin binds the field
     DecoderConfig.num_layers = 2
     MoEConfig.num_experts = 4
 
-and `gin/models/*.gin` name the sizes used by the project. The same sizes are available from
-Python as `SIZES['tiny']`, `SIZES['llama-7b']`, ...
+Each size is written once, in a Python table (`SIZES` here, `CLIP_SIZES`, `WHISPER_SIZES`, ...
+beside each tower). Gin files name a size and bind fields on top of it:
+
+    DECODER_CONFIG = @config.named()
+    config.named.size = 'llama-7b'
+    config.DecoderConfig.scan_layers = True
+
+`from_table` is how every `named` factory reads its table.
 """
 
 import dataclasses
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import gin
 import jax.numpy as jnp
@@ -32,6 +38,28 @@ REMAT_SAVED_NAMES = (
     'mlp_wo',
     'moe_out',
 )
+
+
+SizedConfig = TypeVar('SizedConfig')
+
+
+def from_table(
+    table: Mapping[str, SizedConfig], size: str, overrides: Mapping[str, Any], what: str
+) -> SizedConfig:
+  """`table[size]` with gin's bindings of its class, then `overrides`, replacing fields.
+
+  This is what calling the config class under gin gives, started from a named size instead of
+  the class defaults: a gin file that names a size (`config.named.size = 'llama-7b'`) still
+  honours class bindings from other files and flags (`config.DecoderConfig.scan_layers = True`,
+  `--gin.config.DecoderConfig.num_layers=4`), in the scope the factory is called in.
+  (`dataclasses.replace` alone would not: it passes every field, so gin injects none.)
+  Unknown sizes raise KeyError naming `what` and the known sizes.
+  """
+  if size not in table:
+    raise KeyError(f'Unknown {what} size {size!r}; known sizes: {sorted(table)}')
+  base = table[size]
+  fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
+  return type(base)(**{**fields, **gin.get_bindings(type(base)), **overrides})
 
 
 def check_positive(config, *fields: str) -> None:
@@ -337,8 +365,7 @@ SIZES = {
 }
 
 
+@gin.configurable
 def named(size: str, **overrides) -> DecoderConfig:
-  """`SIZES[size]` with fields replaced, e.g. `named('tiny', moe=MoEConfig())`."""
-  if size not in SIZES:
-    raise KeyError(f'Unknown model size {size!r}; known sizes: {sorted(SIZES)}')
-  return dataclasses.replace(SIZES[size], **overrides)
+  """`SIZES[size]` with fields replaced (`from_table`), e.g. `named('tiny', moe=MoEConfig())`."""
+  return from_table(SIZES, size, overrides, 'model')

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
-from unimoe_jax.config import check_positive
+from unimoe_jax.config import check_positive, from_table
 from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, GeluMLP, LayerNorm, MultiHeadAttention
 
@@ -107,6 +107,12 @@ QFORMER_SIZES = {
         num_query_tokens=8,
     ),
 }
+
+
+@gin.configurable
+def named(size: str, **overrides) -> QFormerConfig:
+  """`QFORMER_SIZES[size]` with fields replaced (`config.from_table`)."""
+  return from_table(QFORMER_SIZES, size, overrides, 'Q-Former')
 
 
 class QFormerLayer(nn.Module):

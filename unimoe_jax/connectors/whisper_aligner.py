@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
-from unimoe_jax.config import check_positive
+from unimoe_jax.config import check_positive, from_table
 from unimoe_jax.encoders.whisper import WHISPER_ATTENTION_BIAS, WHISPER_SIZES
 from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, GeluMLP, LayerNorm, MultiHeadAttention
@@ -121,6 +121,12 @@ ALIGNER_SIZES = {
     'whisper-small': _decoder_of('whisper-small', num_query_tokens=50, max_target_positions=448),
     'tiny': _decoder_of('tiny', num_query_tokens=8, max_target_positions=16),
 }
+
+
+@gin.configurable
+def named(size: str, **overrides) -> WhisperAlignerConfig:
+  """`ALIGNER_SIZES[size]` with fields replaced (`config.from_table`)."""
+  return from_table(ALIGNER_SIZES, size, overrides, 'Whisper aligner')
 
 
 class WhisperAlignerLayer(nn.Module):

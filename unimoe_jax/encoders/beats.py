@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
-from unimoe_jax.config import check_positive
+from unimoe_jax.config import check_positive, from_table
 from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES, HEAD_AXES
 from unimoe_jax.layers.encoder_blocks import Dense, GeluMLP, LayerNorm, activation, default_init
 
@@ -295,6 +295,12 @@ BEATS_SIZES = {
         max_distance=64,
     ),
 }
+
+
+@gin.configurable
+def named(size: str, **overrides) -> BEATsConfig:
+  """`BEATS_SIZES[size]` with fields replaced (`config.from_table`)."""
+  return from_table(BEATS_SIZES, size, overrides, 'BEATs')
 
 
 def relative_position_bucket(

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
-from unimoe_jax.config import check_positive
+from unimoe_jax.config import check_positive, from_table
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, ENCODER_HIDDEN_AXES, Dense, LayerNorm
 from unimoe_jax.layers.encoder_blocks import PreLNEncoderLayer
 
@@ -124,11 +124,10 @@ CLIP_SIZES = {
 }
 
 
+@gin.configurable
 def named(size: str, **overrides) -> CLIPVisionConfig:
-  """`CLIP_SIZES[size]` with fields replaced."""
-  if size not in CLIP_SIZES:
-    raise KeyError(f'Unknown CLIP size {size!r}; known sizes: {sorted(CLIP_SIZES)}')
-  return dataclasses.replace(CLIP_SIZES[size], **overrides)
+  """`CLIP_SIZES[size]` with fields replaced (`config.from_table`)."""
+  return from_table(CLIP_SIZES, size, overrides, 'CLIP')
 
 
 def clip_encoder_layer(cfg: CLIPVisionConfig, **kwargs) -> PreLNEncoderLayer:

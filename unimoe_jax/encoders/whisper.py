@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
-from unimoe_jax.config import check_positive
+from unimoe_jax.config import check_positive, from_table
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, ENCODER_HIDDEN_AXES, Dense, LayerNorm
 from unimoe_jax.layers.encoder_blocks import PreLNEncoderLayer, activation
 
@@ -112,6 +112,12 @@ WHISPER_SIZES = {
         max_source_positions=1500,
     ),
 }
+
+
+@gin.configurable
+def named(size: str, **overrides) -> WhisperEncoderConfig:
+  """`WHISPER_SIZES[size]` with fields replaced (`config.from_table`)."""
+  return from_table(WHISPER_SIZES, size, overrides, 'Whisper encoder')
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
