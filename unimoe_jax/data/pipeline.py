@@ -222,6 +222,20 @@ def _first_pass(
   )
 
 
+def _batch_specs(
+    ds: tf.data.Dataset, global_batch_size: int
+) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, np.dtype]]:
+  shapes = {k: (global_batch_size,) + tuple(spec.shape) for k, spec in ds.element_spec.items()}
+  types = {k: spec.dtype.as_numpy_dtype for k, spec in ds.element_spec.items()}
+  return shapes, types
+
+
+def _first_row(ds: tf.data.Dataset) -> Optional[Dict[str, np.ndarray]]:
+  for row in iteration.numpy_iterator(ds.take(1).batch(1)):
+    return row
+  return None
+
+
 def first_batch_shapes(
     mixture_or_task_name: str,
     task_feature_lengths: Mapping[str, int],
@@ -231,11 +245,7 @@ def first_batch_shapes(
 ) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, np.dtype]]:
   """Global shapes and dtypes of the model features, from the converter's element spec."""
   ds = _first_pass(mixture_or_task_name, task_feature_lengths, pack, split)
-  shapes, types = {}, {}
-  for key, spec in ds.element_spec.items():
-    shapes[key] = (global_batch_size,) + tuple(spec.shape)
-    types[key] = spec.dtype.as_numpy_dtype
-  return shapes, types
+  return _batch_specs(ds, global_batch_size)
 
 
 def first_row(
@@ -247,7 +257,16 @@ def first_row(
   """The first row of model features as a batch of one (`[1, ...]` each), None when the split
   yields nothing: what the loops check against the model before any compute. Reads only the
   examples that row holds."""
+  return _first_row(_first_pass(mixture_or_task_name, task_feature_lengths, pack, split))
+
+
+def first_batch_shapes_and_row(
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    global_batch_size: int,
+    pack: bool = True,
+    split: str = 'train',
+) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, np.dtype], Optional[Dict[str, np.ndarray]]]:
+  """`first_batch_shapes` and `first_row` from one dataset (one `seqio.get_dataset` call)."""
   ds = _first_pass(mixture_or_task_name, task_feature_lengths, pack, split)
-  for row in iteration.numpy_iterator(ds.take(1).batch(1)):
-    return row
-  return None
+  return (*_batch_specs(ds, global_batch_size), _first_row(ds))
