@@ -818,7 +818,7 @@ def train_tokenizer(output: str, vocab_size: int = 512) -> str:
   corpus stop below `vocab_size`; the model's vocab_size must be at least the result.
   """
   from unimoe_jax.data import conversation  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.data import sentencepiece_files  # pylint: disable=g-import-not-at-top
 
   lines = [conversation.SYSTEM]
   train = os.path.join(output, 'train')
@@ -834,7 +834,7 @@ def train_tokenizer(output: str, vocab_size: int = 512) -> str:
               .strip()
           )
   lines += ['USER: ASSISTANT:'] * 100
-  return vocabulary.train_sentencepiece(
+  return sentencepiece_files.train_sentencepiece(
       lines,
       os.path.join(output, 'tokenizer.model'),
       vocab_size,
