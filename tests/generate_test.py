@@ -12,6 +12,7 @@ import hf_reference
 from tiny_models import random_params
 from tool_runs import run_convert
 from unimoe_jax import checkpoints, generate
+from unimoe_jax.serving import answering
 from unimoe_jax.data import conversation
 from unimoe_jax.media.errors import MediaError
 
@@ -128,7 +129,7 @@ def multimodal_checkpoint(tmp_path_factory, tokenizer_path):
 def test_text_checkpoint_greedy_equals_transformers(capsys, text_checkpoint):
   torch, _ = hf_reference.torch_and_transformers()
   out, model = text_checkpoint
-  result = generate.answer(out, QUESTION, max_decode_steps=NEW_TOKENS)
+  result = answering.answer(out, QUESTION, max_decode_steps=NEW_TOKENS)
   assert result.prompt == (conversation.SYSTEM + ' USER: ' + QUESTION + ' ASSISTANT:')
   assert result.prompt_ids[0] == 1 and len(result.prompt_ids) > 20
   with torch.no_grad():
@@ -156,11 +157,11 @@ def test_text_checkpoint_greedy_equals_transformers(capsys, text_checkpoint):
 @pytest.mark.slow
 def test_text_checkpoint_beam_and_sampling(text_checkpoint):
   out, _ = text_checkpoint
-  greedy = generate.answer(out, QUESTION, max_decode_steps=4)
-  beam1 = generate.answer(out, QUESTION, max_decode_steps=4, num_beams=1)
+  greedy = answering.answer(out, QUESTION, max_decode_steps=4)
+  beam1 = answering.answer(out, QUESTION, max_decode_steps=4, num_beams=1)
   assert beam1.tokens == greedy.tokens
-  beam = generate.answer(out, QUESTION, max_decode_steps=4, num_beams=3)
-  sample = generate.answer(
+  beam = answering.answer(out, QUESTION, max_decode_steps=4, num_beams=3)
+  sample = answering.answer(
       out, QUESTION, max_decode_steps=4, temperature=1.0, top_k=5, top_p=0.9, seed=3
   )
   assert 0 < len(beam.tokens) <= 4 and 0 < len(sample.tokens) <= 4
@@ -173,11 +174,11 @@ def test_text_checkpoint_beam_and_sampling(text_checkpoint):
 def test_multimodal_checkpoint_answers_about_an_image(tmp_path, capsys, multimodal_checkpoint):
   path, cfg, _ = multimodal_checkpoint
   image_a, image_b = write_png(tmp_path / 'a.png', 0), write_png(tmp_path / 'b.png', 1)
-  a = generate.answer(path, 'what is this?', {'image': [image_a]}, max_decode_steps=6)
+  a = answering.answer(path, 'what is this?', {'image': [image_a]}, max_decode_steps=6)
   assert a.prompt.startswith(conversation.SYSTEM + ' USER: <image>\nwhat is this?')
   n = cfg.num_soft_tokens('image')
   assert a.prompt_ids.count(cfg.image_token_id) == n == 16
-  b = generate.answer(path, 'what is this?', {'image': [image_b]}, max_decode_steps=6)
+  b = answering.answer(path, 'what is this?', {'image': [image_b]}, max_decode_steps=6)
   # The image reaches the answer: the generated tokens' log-probabilities differ.
   assert abs(a.score - b.score) > 1e-3, (a.score, b.score)
   capsys.readouterr()
@@ -207,8 +208,8 @@ def test_missing_or_corrupt_media_fails_naming_the_file(tmp_path, multimodal_che
   corrupt = tmp_path / 'corrupt.png'
   corrupt.write_bytes(b'not a png at all')
   with pytest.raises(MediaError, match='corrupt.png'):
-    generate.answer(path, 'hi', {'image': [str(corrupt)]})
+    answering.answer(path, 'hi', {'image': [str(corrupt)]})
   with pytest.raises(ValueError, match='no audio encoder'):
-    generate.answer(path, 'hi', {'audio': [str(corrupt)]})
+    answering.answer(path, 'hi', {'audio': [str(corrupt)]})
   with pytest.raises(ValueError, match='one placeholder per media file'):
-    generate.answer(path, '<image> <image> hi', {'image': [missing]})
+    answering.answer(path, '<image> <image> hi', {'image': [missing]})

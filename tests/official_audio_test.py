@@ -21,7 +21,7 @@ import official_audio_reference as ref
 
 # An official BEATs cfg dict (iter3's layout: post-LN, deep norm, gated relative bias), tiny.
 from encoders_beats_test import TINY_CFG as BEATS_CFG
-from unimoe_jax import prompting
+from unimoe_jax.serving import prompting
 from unimoe_jax.config import named
 from unimoe_jax.connectors.qformer import QFormerConfig
 from unimoe_jax.convert import official_towers

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from unimoe_jax import checkpoints
-from unimoe_jax import prompting
-from unimoe_jax import score
+from unimoe_jax.serving import prompting
+from unimoe_jax.serving import scoring
 from unimoe_jax.config import DecoderConfig
 from unimoe_jax.connectors.qformer import QFORMER_SIZES
 from unimoe_jax.connectors.whisper_aligner import ALIGNER_SIZES
@@ -223,8 +223,8 @@ def test_score_reads_every_audio_chunk(tmp_path, tokenizer_path):
   other = wave.copy()
   other[480000:] = 0.3 * np.random.default_rng(7).standard_normal(other.size - 480000)
   sf.write(str(tmp_path / 'b.wav'), other, 16000, subtype='FLOAT')
-  a = score.score_text(path, 'the sound of a cat', media={'audio': [str(tmp_path / 'a.wav')]})
-  b = score.score_text(path, 'the sound of a cat', media={'audio': [str(tmp_path / 'b.wav')]})
+  a = scoring.score_text(path, 'the sound of a cat', media={'audio': [str(tmp_path / 'a.wav')]})
+  b = scoring.score_text(path, 'the sound of a cat', media={'audio': [str(tmp_path / 'b.wav')]})
   assert [r['token'] for r in a] == [r['token'] for r in b]
   diff = max(abs(x['logprob'] - y['logprob']) for x, y in zip(a[1:], b[1:]))
   print('largest log-prob change from the second chunk:', diff)

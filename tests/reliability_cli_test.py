@@ -10,6 +10,7 @@ import pytest
 
 from generate_test import make_tokenizer
 from unimoe_jax import checkpoints, decoding, generate, score
+from unimoe_jax.serving import answering, scoring
 
 _MODEL_GIN = """from unimoe_jax import config
 DECODER_CONFIG = @config.DecoderConfig()
@@ -127,25 +128,25 @@ def test_a_missing_checkpoint_is_named_not_the_tokenizer(tmp_path, main, extra):
 def test_a_directory_without_a_checkpoint_names_what_is_expected(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(FileNotFoundError, match=r'--checkpoint=.*empty holds no checkpoint'):
-    generate.answer(str(tmp_path / 'empty'), 'hi')
+    answering.answer(str(tmp_path / 'empty'), 'hi')
   file_path = tmp_path / 'file.txt'
   file_path.write_text('x')
   with pytest.raises(NotADirectoryError, match='is not a directory'):
-    score.score_text(str(file_path), 'hi')
+    scoring.score_text(str(file_path), 'hi')
 
 
 def test_a_missing_vocab_is_named(setup, tmp_path):
   converted, _, _, _ = setup
   with pytest.raises(FileNotFoundError, match='--vocab=.*does not exist'):
-    generate.answer(converted, 'hi', vocab_path=str(tmp_path / 'sp.model'))
+    answering.answer(converted, 'hi', vocab_path=str(tmp_path / 'sp.model'))
 
 
 def test_generate_python_api_checks_the_same(setup):
   converted, _, _, _ = setup
   with pytest.raises(ValueError, match='--temperature must be >= 0'):
-    generate.answer(converted, 'hi', temperature=-0.5)
+    answering.answer(converted, 'hi', temperature=-0.5)
   with pytest.raises(ValueError, match=r'--top_k=1000 exceeds the vocabulary \(97 tokens\)'):
-    generate.answer(converted, 'hi', temperature=1.0, top_k=1000)
+    answering.answer(converted, 'hi', temperature=1.0, top_k=1000)
 
 
 def test_decoding_generate_checks_its_arguments():
@@ -180,17 +181,17 @@ def test_a_prompt_longer_than_max_length_fails_before_params_are_read(setup, mon
   monkeypatch.setattr(checkpoints, 'read_checkpoint', no_restore)
   question = ' '.join(['the cat sat on the mat'] * 10)
   with pytest.raises(ValueError, match=r'the prompt is \d+ tokens .* more than --max_length=40'):
-    generate.answer(converted, question, max_decode_steps=8, max_length=40)
+    answering.answer(converted, question, max_decode_steps=8, max_length=40)
   with pytest.raises(
       ValueError, match=r'--text \(with BOS\) is \d+ tokens, more than ' r'--max_length=20'
   ):
-    score.score_text(converted, question, max_length=20)
+    scoring.score_text(converted, question, max_length=20)
 
 
 def test_a_training_run_directory_answers_and_scores_as_its_export(setup):
   converted, run, _, _ = setup
-  want = generate.answer(converted, 'what did the cat see', max_decode_steps=5)
-  got = generate.answer(run, 'what did the cat see', max_decode_steps=5)
+  want = answering.answer(converted, 'what did the cat see', max_decode_steps=5)
+  got = answering.answer(run, 'what did the cat see', max_decode_steps=5)
   assert got.tokens == want.tokens and got.prompt_ids == want.prompt_ids
   np.testing.assert_allclose(got.score, want.score, rtol=1e-5)
   want_params, want_gin = checkpoints.read_checkpoint(run)
@@ -199,8 +200,8 @@ def test_a_training_run_directory_answers_and_scores_as_its_export(setup):
     params, gin_text = checkpoints.read_checkpoint(path)
     assert gin_text == want_gin
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, want_params)
-  want_scores = score.score_text(converted, 'the dog sat on the mat')
-  got_scores = score.score_text(run, 'the dog sat on the mat')
+  want_scores = scoring.score_text(converted, 'the dog sat on the mat')
+  got_scores = scoring.score_text(run, 'the dog sat on the mat')
   assert [r['token'] for r in got_scores] == [r['token'] for r in want_scores]
   np.testing.assert_allclose(
       [r['logprob'] for r in got_scores[1:]], [r['logprob'] for r in want_scores[1:]], rtol=1e-5
@@ -214,14 +215,14 @@ def test_a_training_run_without_config_or_tokenizer_is_named(setup, tmp_path):
   bare = tmp_path / 'bare_run'
   shutil.copytree(os.path.join(run, 'checkpoints'), bare / 'checkpoints')
   with pytest.raises(FileNotFoundError, match=r'training run \(step 3\) has no .*config.gin'):
-    generate.answer(str(bare), 'hi')
+    answering.answer(str(bare), 'hi')
   with open(os.path.join(run, 'config.gin')) as f:
     text = f.read()
   (bare / 'config.gin').write_text(
       text.replace('INITIAL_CHECKPOINT_PATH = ', 'INITIAL_CHECKPOINT_PATH = None # ')
   )
   with pytest.raises(FileNotFoundError, match='has no tokenizer.model .*; pass --vocab'):
-    generate.answer(str(bare), 'hi')
+    answering.answer(str(bare), 'hi')
 
 
 def test_train_without_gin_file_suggests_files_that_exist():

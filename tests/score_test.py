@@ -11,6 +11,7 @@ import pytest
 from generate_test import make_tokenizer, save_multimodal_checkpoint, write_png
 from unimoe_jax import checkpoints
 from unimoe_jax import score
+from unimoe_jax.serving import scoring
 from unimoe_jax.media import image as image_lib
 from unimoe_jax.media.errors import MediaError
 from unimoe_jax.network import UniMoE
@@ -71,8 +72,8 @@ def test_text_after_an_image_scores_like_a_direct_forward(capsys, setup):
 def test_explicit_placeholder_and_bad_media(capsys, setup):
   path, _, _, _, root = setup
   png = write_png(root / 'c.png', 2)
-  placed = score.score_text(path, '<image>\n' + TEXT, media={'image': [png]})
-  implicit = score.score_text(path, TEXT, media={'image': [png]})
+  placed = scoring.score_text(path, '<image>\n' + TEXT, media={'image': [png]})
+  implicit = scoring.score_text(path, TEXT, media={'image': [png]})
   assert placed == implicit
   with pytest.raises(MediaError, match='missing.png'):
     score.main(['--checkpoint', path, '--text', TEXT, '--image', str(root / 'missing.png')])

@@ -1,14 +1,14 @@
-r"""Answers a question about optional media with a converted checkpoint.
+"""Answers a question about optional media with a converted checkpoint.
 
     python -m unimoe_jax.generate --checkpoint /out/unimoe --image cat.jpg \
         --prompt "What is in the image?" --max_decode_steps 64
 
 renders the Vicuna v1 prompt ("SYSTEM USER: <image>\nWhat is in the image? ASSISTANT:", see
-unimoe_jax/prompting.py), decodes greedily (default), by sampling (`--temperature` > 0, with
-`--top_k` / `--top_p`) or by beam search (`--num_beams` > 1), and prints the answer text up to
-EOS. `--speech` feeds the Whisper encoder, `--audio` BEATs; media flags repeat; a file longer
+unimoe_jax/serving/prompting.py), decodes greedily (default), by sampling (`--temperature` > 0,
+with `--top_k` / `--top_p`) or by beam search (`--num_beams` > 1), and prints the answer text up
+to EOS. `--speech` feeds the Whisper encoder, `--audio` BEATs; media flags repeat; a file longer
 than 30 s is cut into chunks as official inference cuts it (speech: all, audio: up to 20, all at
-its one placeholder; unimoe_jax/prompting.py). Text-only
+its one placeholder; unimoe_jax/serving/prompting.py). Text-only
 checkpoints (decoder params only, config.gin without MODEL_CONFIG) work the same way without
 media. The vocabulary is `--vocab` or the checkpoint's `tokenizer.model`.
 
@@ -22,211 +22,26 @@ Every decoding flag is checked when parsed, naming the flag: `--temperature` >= 
 sampling; `--num_beams` >= 1 (> 1 only with greedy temperature 0); `--max_decode_steps` >= 1.
 The prompt (media soft tokens included) plus `--max_decode_steps` must fit in `--max_length`
 (default 2048, the LLaMA / Vicuna context): the decode buffer and cache are that long.
+
+The command line over `unimoe_jax.serving.answering.answer`.
 """
 
 import argparse
-import dataclasses
-import math
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from unimoe_jax import decoding
-from unimoe_jax import prompting
-from unimoe_jax import checkpoints
-from unimoe_jax import score
-from unimoe_jax.network import UniMoE
-
-
-@dataclasses.dataclass
-class Answer:
-  """What `answer` returns.
-
-  Attributes:
-    text: the answer, decoded up to (without) EOS.
-    tokens: the generated ids (EOS included when produced).
-    prompt: the rendered prompt text; prompt_ids its ids (placeholders expanded).
-    score: the decoder's score (summed log-probs, or the beam's normalised score).
-  """
-
-  text: str
-  tokens: List[int]
-  prompt: str
-  prompt_ids: List[int]
-  score: float
-
-
-def check_decoding(
-    *,
-    max_decode_steps: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    num_beams: int,
-    max_length: int = score.DEFAULT_MAX_LENGTH,
-    vocab_size: Optional[int] = None,
-) -> None:
-  """Refuses a decoding setting that would be ignored, silently change meaning or fail inside
-  JAX; the ValueError names the flag (`answer` takes the same names without '--')."""
-  if not isinstance(max_decode_steps, int) or max_decode_steps < 1:
-    raise ValueError(f'--max_decode_steps must be an integer >= 1, got {max_decode_steps!r}')
-  if not isinstance(max_length, int) or max_length < 2:
-    raise ValueError(f'--max_length must be an integer >= 2, got {max_length!r}')
-  if max_decode_steps >= max_length:
-    raise ValueError(
-        f'--max_decode_steps={max_decode_steps} leaves no room for the prompt in '
-        f'--max_length={max_length} (the decode buffer: prompt + new tokens); '
-        'lower it or raise --max_length'
-    )
-  if not math.isfinite(temperature) or temperature < 0:
-    raise ValueError(f'--temperature must be >= 0 (0: greedy), got {temperature}')
-  if not isinstance(top_k, int) or top_k < 0:
-    raise ValueError(f'--top_k must be an integer >= 0 (0: off), got {top_k!r}')
-  if vocab_size is not None and top_k > vocab_size:
-    raise ValueError(f'--top_k={top_k} exceeds the vocabulary ({vocab_size} tokens)')
-  if not math.isfinite(top_p) or not 0 < top_p <= 1:
-    raise ValueError(f'--top_p must be in (0, 1] (1: off), got {top_p}')
-  if not isinstance(num_beams, int) or num_beams < 1:
-    raise ValueError(f'--num_beams must be an integer >= 1, got {num_beams!r}')
-  if num_beams > 1 and temperature > 0:
-    raise ValueError(
-        f'--num_beams={num_beams} (beam search) and --temperature={temperature} '
-        '(sampling) exclude each other; beam search does not sample'
-    )
-  if temperature == 0 and (top_k or top_p < 1):
-    raise ValueError(
-        f'--top_k={top_k} / --top_p={top_p} only act when sampling; set '
-        '--temperature > 0 (0 is greedy)'
-    )
-
-
-def _flag_type(flag: str, kind):
-  """argparse type: `kind(text)`, the error naming `flag` (range checks: `check_decoding`)."""
-
-  def parse(text):
-    try:
-      return kind(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(
-          f'{flag} must be {"an integer" if kind is int else "a number"}, got {text!r}'
-      ) from None
-
-  return parse
-
-
-def answer(
-    checkpoint_dir: str,
-    question: str,
-    media: Optional[Mapping[str, Sequence[str]]] = None,
-    *,
-    max_decode_steps: int = 128,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    num_beams: int = 1,
-    seed: int = 0,
-    vocab_path: Optional[str] = None,
-    dtype: str = 'float32',
-    image_mode: str = 'crop',
-    max_length: int = score.DEFAULT_MAX_LENGTH,
-) -> Answer:
-  """Restores `checkpoint_dir` (a converted checkpoint or a training run), builds the prompt
-  and decodes (see the module docstring).
-
-  Raises:
-    ValueError naming the flag of a bad decoding setting (`check_decoding`) or a prompt that
-      does not fit `max_length` with `max_decode_steps`; FileNotFoundError naming --checkpoint
-      or --vocab; MediaError naming a missing or undecodable media file. All before the
-      model's params are read.
-  """
-  media = {m: list(p) for m, p in (media or {}).items() if p}
-  settings = dict(
-      max_decode_steps=max_decode_steps,
-      temperature=temperature,
-      top_k=top_k,
-      top_p=top_p,
-      num_beams=num_beams,
-      max_length=max_length,
-  )
-  check_decoding(**settings)
-  if dtype not in score.DTYPES:
-    raise ValueError(f'--dtype must be one of {score.DTYPES}, got {dtype!r}')
-  # The config alone first, so that bad flags and media fail before the (large) params are read.
-  gin_text = checkpoints.checkpoint_gin_text(checkpoint_dir)
-  vocab_path = checkpoints.find_vocab(checkpoint_dir, vocab_path, gin_text=gin_text)
-  cfg = checkpoints.with_dtype(checkpoints.model_config_from_gin(gin_text), dtype)
-  check_decoding(**settings, vocab_size=cfg.decoder.vocab_size)  # Now that the size is known.
-  tokenizer = prompting.PromptTokenizer(vocab_path, cfg)
-  prompt = prompting.build_prompt(
-      question, media, cfg, tokenizer, room=max_decode_steps, image_mode=image_mode
-  )
-  if prompt.length + max_decode_steps > max_length:
-    raise ValueError(
-        f'the prompt is {prompt.length} tokens (media soft tokens included); with '
-        f'--max_decode_steps={max_decode_steps} that is '
-        f'{prompt.length + max_decode_steps}, more than --max_length={max_length}; '
-        'shorten the prompt, lower --max_decode_steps or raise --max_length'
-    )
-  cfg, params = checkpoints.restore_model(checkpoint_dir, dtype)
-  if num_beams > 1:
-    kwargs: Dict[str, Any] = dict(method='beam', num_beams=num_beams)
-  elif temperature > 0:
-    kwargs = dict(method='sample', temperature=temperature, top_k=top_k, top_p=top_p)
-  else:
-    kwargs = dict(method='greedy')
-  model = UniMoE(cfg)
-
-  @jax.jit
-  def run(params, batch, lengths, rng):
-    return decoding.generate(
-        model,
-        params,
-        batch,
-        lengths,
-        max_decode_steps=max_decode_steps,
-        eos_id=tokenizer.eos_id,
-        pad_id=0,
-        rng=rng,
-        **kwargs,
-    )
-
-  batch = {k: jnp.asarray(v) for k, v in prompt.batch.items()}
-  seqs, scores = run(
-      params, batch, jnp.asarray([prompt.length], jnp.int32), jax.random.PRNGKey(seed)
-  )
-  generated = [int(t) for t in np.asarray(seqs[0, prompt.length :])]
-  if tokenizer.eos_id in generated:
-    generated = generated[: generated.index(tokenizer.eos_id) + 1]
-  return Answer(
-      text=tokenizer.decode(generated),
-      tokens=generated,
-      prompt=prompt.text,
-      prompt_ids=[int(t) for t in prompt.batch['decoder_input_tokens'][0, : prompt.length]],
-      score=float(scores[0]),
-  )
-
-
-# The decoding flags: (flag, type, default, help). Each value is checked by `check_decoding`.
-DECODING_FLAGS = (
-    ('--max_decode_steps', int, 128, 'most new tokens (prompt + these <= --max_length)'),
-    ('--temperature', float, 0.0, '0: greedy; > 0: sampling'),
-    ('--top_k', int, 0, 'sampling: keep the k most likely (0: off)'),
-    ('--top_p', float, 1.0, 'sampling: nucleus mass in (0, 1] (1: off)'),
-    ('--num_beams', int, 1, '> 1: beam search'),
-    ('--seed', int, 0, 'sampling seed'),
-)
+from unimoe_jax.serving import answering
+from unimoe_jax.serving import flags
+from unimoe_jax.serving import prompting
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  score.add_common_flags(parser)
+  flags.add_common_flags(parser)
   parser.add_argument('--prompt', required=True, help='the question (placeholders optional)')
-  score.add_media_flags(parser)
-  for flag, kind, default, help_text in DECODING_FLAGS:
-    parser.add_argument(flag, type=_flag_type(flag, kind), default=default, help=help_text)
+  flags.add_media_flags(parser)
+  for flag, kind, default, help_text in flags.DECODING_FLAGS:
+    parser.add_argument(flag, type=flags.typed(flag, kind), default=default, help=help_text)
   parser.add_argument(
       '--image_mode',
       default='crop',
@@ -234,15 +49,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       help="image preprocessing: CLIP's centre crop or LLaVA's expand-to-square",
   )
   args = parser.parse_args(argv)
-  decoding_args = {flag[2:]: getattr(args, flag[2:]) for flag, *_ in DECODING_FLAGS}
+  decoding_args = {flag[2:]: getattr(args, flag[2:]) for flag, *_ in flags.DECODING_FLAGS}
   try:
-    check_decoding(
+    answering.check_decoding(
         **{k: v for k, v in decoding_args.items() if k != 'seed'}, max_length=args.max_length
     )
   except ValueError as e:
     parser.error(str(e))
   media = {m: getattr(args, m) for m in prompting.MODALITIES if getattr(args, m)}
-  result = answer(
+  result = answering.answer(
       args.checkpoint,
       args.prompt,
       media,
