@@ -217,6 +217,34 @@ def test_feature_converter_binds_modalities():
   )
 
 
+@pytest.mark.parametrize('pack', [True, False])
+def test_feature_converter_refuses_rows_whose_soft_tokens_differ_from_the_model(pack):
+  """t5x's binaries run our feature converter, not our loops: it checks every row against the
+  model (network.check_placeholders), the first one while the dataset is built."""
+  tf = pytest.importorskip('tensorflow')
+  from data_feature_converter_test import IMAGE, dataset, make_example  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.encoders import clip  # pylint: disable=g-import-not-at-top
+
+  config = UniMoEConfig(decoder=config_lib.SIZES['tiny'], vision=clip.named('tiny', patch_size=16))
+  assert config.num_soft_tokens('image') == 4  # (32 px / 16 px)^2 patches
+  converter = ta.T5XUniMoEModel(config, feature_modalities=('image',)).FEATURE_CONVERTER_CLS(
+      pack=pack
+  )
+  lengths = {'targets': 16, 'image_features': 2}
+
+  def example(placeholders):
+    targets = [1, 5] + [IMAGE] * placeholders + [6, 2]
+    return make_example(0, targets, [0.0] * (len(targets) - 1) + [1.0], image_items=[(0, 0)])
+
+  rows = list(converter(dataset([example(4)] * 2, ('image',)), lengths).as_numpy_iterator())
+  assert sum(int((r['decoder_input_tokens'] == IMAGE).sum()) for r in rows) == 8
+  with pytest.raises(tf.errors.OpError, match=r"num_soft_tokens\('image'\) = 4"):
+    converter(dataset([example(3)], ('image',)), lengths)  # The probe reads the first row.
+  later = converter(dataset([example(4), example(4), example(3)], ('image',)), lengths)
+  with pytest.raises(tf.errors.OpError, match='3 image placeholder tokens'):
+    list(later.as_numpy_iterator())
+
+
 # ---- a mini t5x trainer ----------------------------------------------------------------
 
 

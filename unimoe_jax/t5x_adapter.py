@@ -44,6 +44,7 @@ from flax.core import frozen_dict
 from flax.linen import partitioning as flax_partitioning
 
 from unimoe_jax import models
+from unimoe_jax import network
 from unimoe_jax import partitioning
 from unimoe_jax.training import optimizer as optimizer_lib
 
@@ -239,9 +240,16 @@ class T5XUniMoEModel(models.UniMoEModel):
   def FEATURE_CONVERTER_CLS(self):  # pylint: disable=invalid-name
     from unimoe_jax.data.feature_converter import MultimodalDecoderFeatureConverter  # pylint: disable=g-import-not-at-top
     # probe_first_row: t5x.train reads the first batch only after compiling the train step;
-    # a pipeline that yields nothing then fails while the dataset is built instead.
+    # a pipeline that yields nothing, or a first row whose soft-token counts differ from the
+    # model's (row_check: every row, as our loops check every batch), then fails while the
+    # dataset is built instead.
     return functools.partial(
-        MultimodalDecoderFeatureConverter, modalities=self.feature_modalities, probe_first_row=True
+        MultimodalDecoderFeatureConverter,
+        modalities=self.feature_modalities,
+        probe_first_row=True,
+        row_check=functools.partial(
+            network.check_placeholders, self.config, where='t5x feature converter row'
+        ),
     )
 
   def get_initial_variables(

@@ -39,10 +39,11 @@ to decoding that media.
 """
 
 import threading
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from absl import logging
 import gin
+import numpy as np
 import seqio
 from seqio import utils as seqio_utils
 from seqio.feature_converters import _check_exact_match
@@ -135,6 +136,7 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
       modalities: Sequence[str] = (),
       max_leading_drops: int = preprocessors.MAX_LEADING_DROPS,
       probe_first_row: bool = False,
+      row_check: Optional[Callable[[Dict[str, np.ndarray]], None]] = None,
   ):
     """See the class docstring. Packing only:
 
@@ -147,6 +149,12 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
       on. Costs the examples of one row, read twice. The error is raised as
       `iteration.numpy_iterator` raises it (after its iterator is gone, so the process can
       exit).
+    row_check: called on every output row, as a batch of one (`decoder_input_tokens` and the
+      `<m>_mask`s, `[1, ...]` numpy), inside the pipeline; it raises to stop a row the model
+      must not see. `T5XUniMoEModel` passes `network.check_placeholders` of its config, so
+      that t5x's binaries refuse data whose soft-token counts differ from the model's, as our
+      loops do (`UniMoEModel.check_batch`); with `probe_first_row` the first row is checked
+      while the dataset is built.
     """
     modalities = tuple(modalities)
     unknown = [m for m in modalities if m not in ITEM_RANK]
@@ -162,6 +170,7 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     self._modalities = modalities
     self._max_leading_drops = int(max_leading_drops)
     self._probe_first_row = probe_first_row
+    self._row_check = row_check
     task_features = dict(type(self).TASK_FEATURES)
     model_features = dict(type(self).MODEL_FEATURES)
     for m in modalities:
@@ -194,6 +203,8 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
         ds, self.TASK_FEATURES, expected_lengths={}, strict=False, error_label='input_validation'
     )
     ds = self._convert_features(ds, task_feature_lengths)
+    if self._row_check is not None:
+      ds = ds.map(self._checked_row, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     expected = dict(self.MODEL_FEATURES)
     if self.pack:
       expected.update({k: FeatureSpec(dtype=v) for k, v in self.PACKING_FEATURE_DTYPES.items()})
@@ -207,9 +218,22 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     _check_exact_match(
         list(expected), list(ds.element_spec), 'model_feature_names', 'output_dataset'
     )
-    if self.pack and self._probe_first_row and tf.executing_eagerly():
+    if (self.pack or self._row_check) and self._probe_first_row and tf.executing_eagerly():
       next(iteration.numpy_iterator(ds.take(1)), None)  # A pipeline error raises here.
     return ds
+
+  def _checked_row(self, row: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    """`row` after `row_check` passed on it (a numpy call inside the graph; the tokens it
+    returns carry the dependency)."""
+    keys = ['decoder_input_tokens'] + [f'{m}_mask' for m in self._modalities]
+
+    def check(*arrays):
+      self._row_check({k: a[None] for k, a in zip(keys, arrays)})
+      return arrays[0]
+
+    tokens = tf.numpy_function(check, [row[k] for k in keys], tf.int32, stateful=False)
+    tokens.set_shape(row['decoder_input_tokens'].shape)
+    return {**row, 'decoder_input_tokens': tokens}
 
   def task_lengths(self, task_feature_lengths: Mapping[str, int]) -> Dict[str, int]:
     """The lengths this converter consumes, {'targets': L, '<m>_features': items}, checked.
