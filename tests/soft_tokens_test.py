@@ -55,7 +55,7 @@ def _bind(sample_dir, monkeypatch):
 
 
 def test_first_row_matches_the_model_it_was_made_for(tiny_config):
-  row = pipeline.first_row(TASK, LENGTHS, pack=False)
+  row = pipeline.FirstPass(TASK, LENGTHS, pack=False).first_row()
   assert row['decoder_input_tokens'].shape == (1, LENGTHS['targets'])
   assert row['image_mask'].sum() == 1
   per_image = sample.SOFT_TOKENS['image_soft_tokens']
@@ -90,7 +90,7 @@ def test_training_refuses_other_soft_token_counts_before_any_compute(tiny_config
 def test_every_batch_is_checked_naming_where(tiny_config):
   """A later batch of a mixture (another task's counts) fails naming its step."""
   model = models.UniMoEModel(tiny_config)
-  row = pipeline.first_row(TASK, LENGTHS, pack=False)
+  row = pipeline.FirstPass(TASK, LENGTHS, pack=False).first_row()
   row['image_mask'] = np.zeros_like(row['image_mask'])  # Placeholders for no item.
   with pytest.raises(ValueError, match=r'step 7: row 0: 16 image placeholder tokens .* 0 items'):
     model.check_batch(row, "MIXTURE_OR_TASK_NAME='m', step 7")

@@ -79,25 +79,31 @@ def initialize_runtime(args) -> None:
     )
 
 
-def setup(argv: Sequence[str], description: str):
-  args = parse_flags(argv, description)
-  logging.set_verbosity(args.log_level)
-  logging.use_absl_handler()
-  initialize_runtime(args)
+def parse_gin(args: argparse.Namespace) -> None:
+  """Parses the flags' gin files and bindings (`parse_flags`), importing the task modules the
+  bindings name (MIXTURE_OR_TASK_MODULE)."""
   from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
 
-  if not args.gin_file:
-    raise SystemExit(
-        f'--gin_file is required: {EXAMPLE_GIN_FILES}, for example (a model, then '
-        "a run or a stage of gin/stages/; gin/runs/train.gin's header has a whole "
-        'command)'
-    )
   gin_utils.parse(
       args.gin_file,
       args.gin_bindings,
       args.gin_search_paths,
       import_modules=gin_utils.task_modules(args.gin_bindings),
   )
+
+
+def setup(argv: Sequence[str], description: str):
+  args = parse_flags(argv, description)
+  logging.set_verbosity(args.log_level)
+  logging.use_absl_handler()
+  initialize_runtime(args)
+  if not args.gin_file:
+    raise SystemExit(
+        f'--gin_file is required: {EXAMPLE_GIN_FILES}, for example (a model, then '
+        "a run or a stage of gin/stages/; gin/runs/train.gin's header has a whole "
+        'command)'
+    )
+  parse_gin(args)
   return args
 
 

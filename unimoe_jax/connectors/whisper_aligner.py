@@ -36,71 +36,39 @@ import numpy as np
 
 from unimoe_jax import partitioning
 from unimoe_jax.config import check_positive, from_table
-from unimoe_jax.encoders.whisper import WHISPER_ATTENTION_BIAS, WHISPER_SIZES
+from unimoe_jax.encoders.whisper import WHISPER_ATTENTION_BIAS, WHISPER_SIZES, WhisperStackConfig
 from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES
-from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, GeluMLP, LayerNorm, MultiHeadAttention
+from unimoe_jax.layers.encoder_blocks import GeluMLP, LayerNorm, MultiHeadAttention
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class WhisperAlignerConfig:
-  """Sizes of the query-token Whisper decoder.
+class WhisperAlignerConfig(WhisperStackConfig):
+  """Sizes of the query-token Whisper decoder: `WhisperStackConfig`'s (the Whisper checkpoint's
+  `d_model`, `decoder_layers`, `decoder_attention_heads`, `decoder_ffn_dim`), and
 
   Attributes:
     num_query_tokens: learned queries, i.e. output tokens per audio chunk (the official
       `query_tokens_size` default is 50).
-    d_model, num_layers, num_heads, ffn_dim: the decoder's sizes (the Whisper checkpoint's
-      `d_model`, `decoder_layers`, `decoder_attention_heads`, `decoder_ffn_dim`).
     max_target_positions: rows of the learned position table (448 in Whisper).
     causal: causal self-attention among the queries. True is what the official code does (it
       runs Hugging Face's WhisperDecoder, which is always causal); False lets every query see
       every other.
-    act: MLP activation (a key of layers.encoder_blocks.ACTIVATIONS).
-    layer_norm_eps: LayerNorm epsilon.
-    init_std: normal std of every kernel, query and position embedding at initialisation
-      (HF's 0.02); tiny randomly initialised configurations need more (multimodal_tiny.gin).
   """
 
   num_query_tokens: int = 50
-  d_model: int = 768
-  num_layers: int = 12
-  num_heads: int = 12
-  ffn_dim: int = 3072
   max_target_positions: int = 448
   causal: bool = True
-  act: str = 'gelu'
-  layer_norm_eps: float = 1e-5
-  init_std: float = 0.02
 
   def __post_init__(self):
-    check_positive(
-        self,
-        'num_query_tokens',
-        'd_model',
-        'num_layers',
-        'num_heads',
-        'ffn_dim',
-        'max_target_positions',
-    )
+    super().__post_init__()
+    check_positive(self, 'num_query_tokens', 'max_target_positions')
     if self.num_query_tokens > self.max_target_positions:
       raise ValueError(
           f'WhisperAlignerConfig.num_query_tokens={self.num_query_tokens} exceeds '
           f'max_target_positions={self.max_target_positions} (one learned position '
           'per query)'
       )
-    if self.d_model % self.num_heads:
-      raise ValueError(
-          f'WhisperAlignerConfig.d_model={self.d_model} is not divisible by '
-          f'num_heads={self.num_heads}'
-      )
-    if self.act not in ACTIVATIONS:
-      raise ValueError(
-          f'WhisperAlignerConfig.act={self.act!r} is not one of ' f'{sorted(ACTIVATIONS)}'
-      )
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
 
 
 def _decoder_of(size: str, num_query_tokens: int, max_target_positions: int):

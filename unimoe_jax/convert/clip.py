@@ -22,15 +22,9 @@ from typing import Any, Dict, Mapping
 import numpy as np
 
 from unimoe_jax.connectors.projector import linear_names, projector_depth
-from unimoe_jax.convert.common import (
-    TensorReader,
-    TensorWriter,
-    fields_from_hf,
-    fields_to_hf,
-    hf_activation,
-    linear_kernel,
-    ours_activation,
-)
+from unimoe_jax.convert.common import TensorReader, TensorWriter
+from unimoe_jax.convert.common import fields_from_hf, fields_to_hf, hf_activation, linear_kernel
+from unimoe_jax.convert.common import ours_activation
 from unimoe_jax.encoders.clip import CLIPVisionConfig
 
 _LAYER = re.compile(r'^encoder\.layers\.(\d+)\.')

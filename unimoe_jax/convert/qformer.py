@@ -21,14 +21,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from unimoe_jax.connectors.qformer import QFormerConfig
-from unimoe_jax.convert.common import (
-    TensorReader,
-    TensorWriter,
-    fields_from_hf,
-    fields_to_hf,
-    hf_activation,
-    ours_activation,
-)
+from unimoe_jax.convert.common import TensorReader, TensorWriter
+from unimoe_jax.convert.common import fields_from_hf, fields_to_hf, hf_activation, ours_activation
 
 # QFormerConfig field -> Blip2QFormerConfig key, both directions.
 _HF_FIELDS = {

@@ -20,14 +20,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from unimoe_jax.connectors.whisper_aligner import WhisperAlignerConfig
-from unimoe_jax.convert.common import (
-    TensorReader,
-    TensorWriter,
-    fields_from_hf,
-    fields_to_hf,
-    hf_activation,
-    ours_activation,
-)
+from unimoe_jax.convert.common import TensorReader, TensorWriter
+from unimoe_jax.convert.common import fields_from_hf, fields_to_hf, hf_activation, ours_activation
 from unimoe_jax.encoders.whisper import WhisperEncoderConfig, sinusoids
 
 # A checkpoint's fixed encoder positions are Whisper's sinusoids up to float32 rounding of the

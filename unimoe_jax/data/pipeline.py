@@ -203,70 +203,40 @@ def batched_with_padding(
     yield batch, n
 
 
-def _first_pass(
-    mixture_or_task_name: str,
-    task_feature_lengths: Mapping[str, int],
-    pack: bool,
-    split: str,
-) -> tf.data.Dataset:
-  """One unshuffled epoch of model features, unbatched (shapes and the first rows)."""
-  return seqio.get_dataset(
-      mixture_or_task_name,
-      task_feature_lengths=dict(task_feature_lengths),
-      feature_converter=feature_converter(task_feature_lengths, pack),
-      dataset_split=split,
-      shuffle=False,
-      num_epochs=1,
-      trim_output_features=False,
-      verbose=False,
-  )
+class FirstPass:
+  """One unshuffled epoch of a mixture's model features, unbatched: their shapes and dtypes
+  (from the converter's element spec, nothing read) and the first row (reads only the examples
+  that row holds). One `seqio.get_dataset` call serves both."""
 
+  def __init__(
+      self,
+      mixture_or_task_name: str,
+      task_feature_lengths: Mapping[str, int],
+      pack: bool = True,
+      split: str = 'train',
+  ):
+    self.dataset = seqio.get_dataset(
+        mixture_or_task_name,
+        task_feature_lengths=dict(task_feature_lengths),
+        feature_converter=feature_converter(task_feature_lengths, pack),
+        dataset_split=split,
+        shuffle=False,
+        num_epochs=1,
+        trim_output_features=False,
+        verbose=False,
+    )
 
-def _batch_specs(
-    ds: tf.data.Dataset, global_batch_size: int
-) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, np.dtype]]:
-  shapes = {k: (global_batch_size,) + tuple(spec.shape) for k, spec in ds.element_spec.items()}
-  types = {k: spec.dtype.as_numpy_dtype for k, spec in ds.element_spec.items()}
-  return shapes, types
+  def batch_specs(
+      self, global_batch_size: int
+  ) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, np.dtype]]:
+    """Global shapes `(global_batch_size, ...)` and numpy dtypes of the model features."""
+    spec = self.dataset.element_spec
+    shapes = {k: (global_batch_size,) + tuple(v.shape) for k, v in spec.items()}
+    return shapes, {k: v.dtype.as_numpy_dtype for k, v in spec.items()}
 
-
-def _first_row(ds: tf.data.Dataset) -> Optional[Dict[str, np.ndarray]]:
-  for row in iteration.numpy_iterator(ds.take(1).batch(1)):
-    return row
-  return None
-
-
-def first_batch_shapes(
-    mixture_or_task_name: str,
-    task_feature_lengths: Mapping[str, int],
-    global_batch_size: int,
-    pack: bool = True,
-    split: str = 'train',
-) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, np.dtype]]:
-  """Global shapes and dtypes of the model features, from the converter's element spec."""
-  ds = _first_pass(mixture_or_task_name, task_feature_lengths, pack, split)
-  return _batch_specs(ds, global_batch_size)
-
-
-def first_row(
-    mixture_or_task_name: str,
-    task_feature_lengths: Mapping[str, int],
-    pack: bool = True,
-    split: str = 'train',
-) -> Optional[Dict[str, np.ndarray]]:
-  """The first row of model features as a batch of one (`[1, ...]` each), None when the split
-  yields nothing: what the loops check against the model before any compute. Reads only the
-  examples that row holds."""
-  return _first_row(_first_pass(mixture_or_task_name, task_feature_lengths, pack, split))
-
-
-def first_batch_shapes_and_row(
-    mixture_or_task_name: str,
-    task_feature_lengths: Mapping[str, int],
-    global_batch_size: int,
-    pack: bool = True,
-    split: str = 'train',
-) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, np.dtype], Optional[Dict[str, np.ndarray]]]:
-  """`first_batch_shapes` and `first_row` from one dataset (one `seqio.get_dataset` call)."""
-  ds = _first_pass(mixture_or_task_name, task_feature_lengths, pack, split)
-  return (*_batch_specs(ds, global_batch_size), _first_row(ds))
+  def first_row(self) -> Optional[Dict[str, np.ndarray]]:
+    """The first row as a batch of one (`[1, ...]` each), None when the split yields nothing:
+    what the loops check against the model before any compute."""
+    for row in iteration.numpy_iterator(self.dataset.take(1).batch(1)):
+      return row
+    return None

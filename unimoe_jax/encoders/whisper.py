@@ -36,62 +36,69 @@ from unimoe_jax.layers.encoder_blocks import PreLNEncoderLayer, activation
 WHISPER_ATTENTION_BIAS = (True, False, True, True)
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
-class WhisperEncoderConfig:
-  """Sizes of a Whisper encoder.
+class WhisperStackConfig:
+  """The sizes a Whisper encoder and the decoder stack of the same checkpoint share: a Whisper
+  decoder has its encoder's width, depth, heads and FFN, and the speech aligner
+  (`connectors/whisper_aligner.py`) is that decoder. Not configured by gin itself: bind the
+  fields of `WhisperEncoderConfig` or `WhisperAlignerConfig`.
 
   Attributes:
-    num_mel_bins: log-mel channels of the input (80 for whisper-small).
     d_model: width of the tokens.
     num_layers, num_heads, ffn_dim: the transformer's sizes.
-    max_source_positions: output tokens; the input must have exactly twice as many frames.
     act: MLP activation (a key of layers.encoder_blocks.ACTIVATIONS; Whisper uses exact 'gelu').
     layer_norm_eps: LayerNorm epsilon (torch's default 1e-5 in Whisper).
-    init_std: normal std of every kernel at initialisation (HF's `init_std`, 0.02). Only a
-      randomly initialised tower (the CPU demo's) depends on it: at width 32, 0.02 leaves the
-      stem's output a few percent of the positional embedding, so every output is nearly the
-      same whatever the audio.
+    init_std: normal std of every kernel (and the aligner's queries and positions) at
+      initialisation (HF's `init_std`, 0.02). Only a randomly initialised stack (the CPU
+      demo's) depends on it: at width 32, 0.02 leaves the encoder stem's output a few percent
+      of the positional embedding, so every output is nearly the same whatever the audio
+      (gin/models/multimodal_tiny.gin widens it).
   """
 
-  num_mel_bins: int = 80
   d_model: int = 768
   num_layers: int = 12
   num_heads: int = 12
   ffn_dim: int = 3072
-  max_source_positions: int = 1500
   act: str = 'gelu'
   layer_norm_eps: float = 1e-5
   init_std: float = 0.02
 
   def __post_init__(self):
-    check_positive(
-        self,
-        'num_mel_bins',
-        'd_model',
-        'num_layers',
-        'num_heads',
-        'ffn_dim',
-        'max_source_positions',
-    )
+    check_positive(self, 'd_model', 'num_layers', 'num_heads', 'ffn_dim')
+    name = type(self).__name__
     if self.d_model % self.num_heads:
       raise ValueError(
-          f'WhisperEncoderConfig.d_model={self.d_model} is not divisible by '
-          f'num_heads={self.num_heads}'
+          f'{name}.d_model={self.d_model} is not divisible by num_heads={self.num_heads}'
       )
+    if self.act not in ACTIVATIONS:
+      raise ValueError(f'{name}.act={self.act!r} is not one of {sorted(ACTIVATIONS)}')
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class WhisperEncoderConfig(WhisperStackConfig):
+  """Sizes of a Whisper encoder: `WhisperStackConfig`'s, and
+
+  Attributes:
+    num_mel_bins: log-mel channels of the input (80 for whisper-small).
+    max_source_positions: output tokens; the input must have exactly twice as many frames.
+  """
+
+  num_mel_bins: int = 80
+  max_source_positions: int = 1500
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_positive(self, 'num_mel_bins', 'max_source_positions')
     if self.d_model % 2:
       raise ValueError(
           f'WhisperEncoderConfig.d_model={self.d_model} must be even '
           '(half the sinusoid channels are sines, half cosines)'
       )
-    if self.act not in ACTIVATIONS:
-      raise ValueError(
-          f'WhisperEncoderConfig.act={self.act!r} is not one of ' f'{sorted(ACTIVATIONS)}'
-      )
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
 
   @property
   def num_frames(self) -> int:

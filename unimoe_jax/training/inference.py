@@ -110,9 +110,8 @@ def restore(
   if getattr(model, '_vocabulary', 'unset') is None:
     model._vocabulary = tasks[0].output_features['targets'].vocabulary  # pylint: disable=protected-access
 
-  input_shapes, input_types = pipeline.first_batch_shapes(
-      tasks[0].name, task_feature_lengths, batch_size, pack=False, split=split
-  )
+  first_pass = pipeline.FirstPass(tasks[0].name, task_feature_lengths, pack=False, split=split)
+  input_shapes, input_types = first_pass.batch_specs(batch_size)
   abstract = train_state_lib.abstract_params(model, input_shapes, input_types)
   shardings = partitioning.params_shardings(mesh, abstract)
   loaded, _ = checkpoints.read_params(checkpoint_path, 'CHECKPOINT_PATH')

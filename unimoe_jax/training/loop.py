@@ -134,11 +134,11 @@ def train(
   feature_converter.check_model_takes_media(model, task_feature_lengths)
   if getattr(model, '_vocabulary', 'unset') is None:
     model._vocabulary = task.output_features['targets'].vocabulary  # pylint: disable=protected-access
-  input_shapes, input_types, first = pipeline.first_batch_shapes_and_row(
-      mixture_or_task_name, task_feature_lengths, batch_size, pack
-  )
+  first_pass = pipeline.FirstPass(mixture_or_task_name, task_feature_lengths, pack)
+  input_shapes, input_types = first_pass.batch_specs(batch_size)
   # The data's soft tokens per item against the model's, before any compute (every batch is
   # checked again below: this row holds only the first examples of the mixture).
+  first = first_pass.first_row()
   if first is not None:
     model.check_batch(first, f'MIXTURE_OR_TASK_NAME={mixture_or_task_name!r}, first row')
 
