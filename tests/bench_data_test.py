@@ -13,13 +13,18 @@ pytest.importorskip('transformers')
 pytest.importorskip('av')
 pytest.importorskip('soundfile')
 
-EXPECTED_ROWS = [  # (case, implementation prefix, has a transformers reference)
-    ('image jpeg crop', 'transformers CLIPImageProcessor', True),
-    ('image jpeg crop', 'unimoe_jax preprocess_image(crop)', True),
-    ('image jpeg pad', 'transformers CLIPImageProcessor', True),
-    ('image jpeg pad', 'unimoe_jax preprocess_image(pad)', True),
-    ('image png crop', 'transformers CLIPImageProcessor', True),
-    ('image png crop', 'unimoe_jax preprocess_image(crop)', True),
+# (case, implementation prefix, has a transformers reference), in the printed order: each image
+# case times transformers' processor and ours (as bench_data's loop over the cases does), then
+# the jpeg crop case times the two Pool variants.
+EXPECTED_ROWS = [
+    *[
+        (f'image {kind} {mode}', implementation, True)
+        for kind, mode in (('jpeg', 'crop'), ('jpeg', 'pad'), ('png', 'crop'))
+        for implementation in (
+            'transformers CLIPImageProcessor',
+            f'unimoe_jax preprocess_image({mode})',
+        )
+    ],
     ('image jpeg crop', 'unimoe_jax Pool x2 (arrays returned)', True),
     ('image jpeg crop', 'unimoe_jax Pool x2 (arrays kept in workers)', True),
     ('speech (whisper)', 'transformers WhisperFeatureExtractor', True),

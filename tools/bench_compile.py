@@ -25,6 +25,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
+import bench_common
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PLAN = os.path.join(_REPO, 'tools', 'plan_memory.py')
 
@@ -136,9 +138,7 @@ def main(argv=None) -> List[Dict]:
           flush=True,
       )
   print_table(rows, args.timeout)
-  if args.json_out:
-    with open(args.json_out, 'w') as f:
-      json.dump(rows, f, indent=1)
+  bench_common.write_json(args.json_out, rows)
   return rows
 
 

@@ -36,7 +36,6 @@ rows (the header prints the thread counts), so on a loaded machine other work in
 
 import argparse
 import functools
-import json
 import multiprocessing
 import os
 import platform
@@ -46,6 +45,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import bench_common
 
 try:
   from unimoe_jax.media import audio as audio_lib
@@ -438,9 +439,7 @@ def main(argv=None):
   info = setup_info(args)
   print(' '.join(f'{k}={v}' for k, v in info.items()))
   print(format_table(rows))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump({'setup': info, 'rows': rows}, f, indent=1)
+  bench_common.write_json(args.json, {'setup': info, 'rows': rows})
   return rows
 
 

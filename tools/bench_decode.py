@@ -18,9 +18,10 @@ whether the greedy tokens agree. --json PATH also writes the rows.
 """
 
 import argparse
-import json
 import statistics
 import time
+
+import bench_common
 
 
 def _hf_model(kind, args):
@@ -200,9 +201,7 @@ def main(argv=None):
       )
   if rows:
     print(f'devices: jax {rows[0]["jax_device"]}, torch {rows[0]["torch_device"]}')
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(rows, f, indent=1)
+  bench_common.write_json(args.json, rows)
   return rows
 
 

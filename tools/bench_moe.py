@@ -52,6 +52,8 @@ import sys
 import tempfile
 import time
 
+import bench_common
+
 PRESETS = {
     'default': [(2048, 512, 1408, 4, 2), (512, 256, 704, 8, 2)],
     'mixtral': [(16384, 4096, 14336, 8, 2), (64, 4096, 14336, 8, 2)],
@@ -624,9 +626,8 @@ def main(args):
       print_row(row)
       row.update(device=f'{dev.platform} ({dev.device_kind})', dtype=args.dtype)
     all_rows += rows
-    if args.json:  # Rewritten after each shape, so a crash keeps the finished ones.
-      with open(args.json, 'w') as fp:
-        json.dump(all_rows, fp, indent=1)
+    # Rewritten after each shape, so a crash keeps the finished ones.
+    bench_common.write_json(args.json, all_rows)
 
 
 if __name__ == '__main__':

@@ -70,17 +70,13 @@ SWEEPS = ('rising', 'falling')
 # DTMF (ITU-T Q.23): each digit is the sum of one low (row) and one high (column) tone.
 DTMF_ROWS = (697.0, 770.0, 852.0, 941.0)
 DTMF_COLUMNS = (1209.0, 1336.0, 1477.0)
+# The telephone keypad: a digit's (row, column) there picks its two tones.
+DTMF_KEYPAD = ('123', '456', '789', '*0#')
 DTMF_DIGITS = {
-    '1': (0, 0),
-    '2': (0, 1),
-    '3': (0, 2),
-    '4': (1, 0),
-    '5': (1, 1),
-    '6': (1, 2),
-    '7': (2, 0),
-    '8': (2, 1),
-    '9': (2, 2),
-    '0': (3, 1),
+    key: (row, column)
+    for row, keys in enumerate(DTMF_KEYPAD)
+    for column, key in enumerate(keys)
+    if key.isdigit()
 }
 DTMF_TONE_SECONDS = 0.1
 DTMF_GAP_SECONDS = 0.05
@@ -341,27 +337,40 @@ def make_media(
   label_rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), 99]))
   pools = {}
 
-  def media_dir(modality):
-    path = os.path.join(root, 'media', split, modality)
-    os.makedirs(path, exist_ok=True)
-    return path
+  def write_pool(modality, ext, classes, write):
+    """pools[modality]: `n` items labelled by balanced draws from each of `classes` in turn.
+    Item i is the file media/<split>/<modality>/<i:05d><ext>: `write(rng, path, *labels)` (the
+    item's own rng, its path under root, its label from each draw) writes it and returns the
+    labels of its record."""
+    os.makedirs(os.path.join(root, 'media', split, modality), exist_ok=True)
+    labels = [balanced_labels(label_rng, c, n) for c in classes]
+    pools[modality] = []
+    for i, item_labels in enumerate(zip(*labels)):
+      rel = os.path.join('media', split, modality, f'{i:05d}{ext}')
+      rng = _item_rng(seed, split, modality, i)
+      record = {'path': rel, 'labels': write(rng, os.path.join(root, rel), *item_labels)}
+      pools[modality].append(record)
 
-  colours = balanced_labels(label_rng, COLOUR_NAMES, n)
-  shapes = balanced_labels(label_rng, SHAPES, n)
-  counts = balanced_labels(label_rng, COUNTS, n)
-  media_dir('image')
-  pools['image'] = []
-  for i in range(n):
-    rel = os.path.join('media', split, 'image', f'{i:05d}.png')
-    render_shapes(
-        _item_rng(seed, split, 'image', i), colours[i], shapes[i], counts[i], image_size
-    ).save(os.path.join(root, rel))
-    pools['image'].append(
-        {
-            'path': rel,
-            'labels': {'colour': colours[i], 'shape': shapes[i], 'count': NUMBER_WORDS[counts[i]]},
-        }
-    )
+  def write_image(rng, path, colour, shape, count):
+    render_shapes(rng, colour, shape, count, image_size).save(path)
+    return {'colour': colour, 'shape': shape, 'count': NUMBER_WORDS[count]}
+
+  def write_speech(rng, path, length):
+    digits = ''.join(str(d) for d in rng.integers(0, 10, size=length))
+    soundfile.write(path, dtmf_wave(rng, digits, sample_rate), sample_rate, subtype='PCM_16')
+    return {
+        'digits': digits,
+        'transcript': ' '.join(digits),
+        'length': NUMBER_WORDS[len(digits)],
+        'first': digits[0],
+    }
+
+  def write_audio(rng, path, sweep, pitch):
+    wave = chirp_wave(rng, pitch, sweep, sample_rate)
+    soundfile.write(path, wave, sample_rate, subtype='PCM_16')
+    return {'sweep': sweep, 'pitch': pitch}
+
+  write_pool('image', '.png', (COLOUR_NAMES, SHAPES, COUNTS), write_image)
 
   colours = balanced_labels(label_rng, COLOUR_NAMES, n)
   shapes = balanced_labels(label_rng, SHAPES, n)
@@ -390,37 +399,8 @@ def make_media(
         }
     )
 
-  lengths = balanced_labels(label_rng, SPEECH_LENGTHS, n)
-  media_dir('speech')
-  pools['speech'] = []
-  for i in range(n):
-    rng = _item_rng(seed, split, 'speech', i)
-    digits = ''.join(str(d) for d in rng.integers(0, 10, size=lengths[i]))
-    rel = os.path.join('media', split, 'speech', f'{i:05d}.wav')
-    soundfile.write(
-        os.path.join(root, rel), dtmf_wave(rng, digits, sample_rate), sample_rate, subtype='PCM_16'
-    )
-    pools['speech'].append(
-        {
-            'path': rel,
-            'labels': {
-                'digits': digits,
-                'transcript': ' '.join(digits),
-                'length': NUMBER_WORDS[len(digits)],
-                'first': digits[0],
-            },
-        }
-    )
-
-  sweeps = balanced_labels(label_rng, SWEEPS, n)
-  pitches = balanced_labels(label_rng, PITCH_CLASSES, n)
-  media_dir('audio')
-  pools['audio'] = []
-  for i in range(n):
-    rel = os.path.join('media', split, 'audio', f'{i:05d}.wav')
-    wave = chirp_wave(_item_rng(seed, split, 'audio', i), pitches[i], sweeps[i], sample_rate)
-    soundfile.write(os.path.join(root, rel), wave, sample_rate, subtype='PCM_16')
-    pools['audio'].append({'path': rel, 'labels': {'sweep': sweeps[i], 'pitch': pitches[i]}})
+  write_pool('speech', '.wav', (SPEECH_LENGTHS,), write_speech)
+  write_pool('audio', '.wav', (SWEEPS, PITCH_CLASSES), write_audio)
   return pools
 
 

@@ -28,10 +28,11 @@ magnitude; the parameter and optimizer figures are exact.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
+
+import bench_common
 
 _CHILD_ENV = 'UNIMOE_PLAN_MEMORY_DEVICES'
 
@@ -332,9 +333,7 @@ def main(argv=None) -> dict:
   args.num_devices = wanted
   result = plan(args)
   print_table(result)
-  if args.json_out:
-    with open(args.json_out, 'w') as f:
-      json.dump(result, f, indent=1)
+  bench_common.write_json(args.json_out, result)
   return result
 
 
