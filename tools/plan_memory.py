@@ -226,23 +226,16 @@ def plan(args) -> dict:
   state, shardings = train_state_lib.create_train_state(
       model, tx, mask, mesh, rng, input_shapes, input_types, abstract_only=True
   )
-  batch_spec = partitioning.logical_to_mesh_spec(('activation_batch',))
-  batch_shardings = {k: NamedSharding(mesh, PartitionSpec(*batch_spec, None)) for k in input_shapes}
-  replicated = NamedSharding(mesh, PartitionSpec())
-  abstract_batch = {
-      k: jax.ShapeDtypeStruct(s, input_types[k], sharding=batch_shardings[k])
-      for k, s in input_shapes.items()
-  }
-  abstract_rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)
   step = train_state_lib.make_train_step(model, tx, mask, schedule)
 
   with partitioning.mesh_context(mesh):
-    jitted = jax.jit(
-        step,
-        in_shardings=(shardings, batch_shardings, replicated),
-        out_shardings=(shardings, replicated),
-        donate_argnums=(0,),
-    )
+    jitted, batch_shardings = train_state_lib.jit_train_step(step, mesh, shardings, input_shapes)
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(s, input_types[k], sharding=batch_shardings[k])
+        for k, s in input_shapes.items()
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)
     started = time.time()
     lowered = jitted.lower(state, abstract_batch, abstract_rng)
     lower_s = time.time() - started

@@ -17,7 +17,6 @@ from absl import logging
 import gin
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from unimoe_jax import checkpoints
 from unimoe_jax import partitioning
@@ -186,15 +185,10 @@ def train(
       sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params)),
   )
 
-  batch_shardings = {k: partitioning.batch_sharding(mesh, len(s)) for k, s in input_shapes.items()}
-  replicated = NamedSharding(mesh, PartitionSpec())
   step_fn = train_state_lib.make_train_step(model, tx, mask, schedule, optimizer.grad_accum_steps)
   with partitioning.mesh_context(mesh):
-    jit_step = jax.jit(
-        step_fn,
-        in_shardings=(shardings, batch_shardings, replicated),
-        out_shardings=(shardings, replicated),
-        donate_argnums=(0,),
+    jit_step, batch_shardings = train_state_lib.jit_train_step(
+        step_fn, mesh, shardings, input_shapes
     )
 
   writer = _writer(model_dir)

@@ -13,6 +13,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import optax
 
@@ -167,6 +168,26 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
+
+
+def jit_train_step(
+    step_fn: Callable, mesh, state_shardings, input_shapes: Mapping[str, Tuple[int, ...]]
+) -> Tuple[Callable, Dict[str, Any]]:
+  """`step_fn` (`make_train_step`) jitted as `loop.train` runs it: the state sharded as
+  `state_shardings` and donated, every batch input's rows split like 'activation_batch'
+  (`partitioning.batch_sharding`), the rng and the metrics replicated. Returns the jitted step
+  and the batch shardings. `tools/plan_memory.py` lowers this same function, so what it
+  plans is what training compiles. Lower or call it inside `partitioning.mesh_context(mesh)`.
+  """
+  batch_shardings = {k: partitioning.batch_sharding(mesh, len(s)) for k, s in input_shapes.items()}
+  replicated = NamedSharding(mesh, PartitionSpec())
+  jitted = jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, batch_shardings, replicated),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,),
+  )
+  return jitted, batch_shardings
 
 
 def load_params_into(
