@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from unimoe_jax import progressive
 from unimoe_jax import progressive_report as report
+from unimoe_jax.training import progressive_stages
 
 INFO = {
     'splits': {
@@ -33,7 +33,7 @@ INFO = {
 def test_chance_is_the_best_constant_answer_per_question_type():
   rows = {
       r['task']: r
-      for r in progressive.chance_table(
+      for r in report.chance_table(
           {
               'unimoe_sample_eval_image_open': {'exact_match': 26.6},
               'unimoe_sample_eval_video_mc': {'accuracy': 40.0, 'num_examples': 384.0},
@@ -176,10 +176,10 @@ def test_a_user_gin_file_points_the_stages_at_other_data(tmp_path):
   user.write_text(
       "STAGE3_MIXTURE = 'unimoe_sample_stage1'\nLEARNING_RATE = 0.5\n" "MODEL_DIR = '/not/used'\n"
   )
-  name, files, bindings = progressive.STAGE3_DENSE
+  name, files, bindings = progressive_stages.STAGE3_DENSE
   gin.clear_config()
   try:
-    progressive.parse_stage(
+    progressive_stages.parse_stage(
         files,
         bindings,
         [str(user)],

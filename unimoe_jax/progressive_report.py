@@ -19,10 +19,12 @@ tokens and text tokens side by side), and the dense-vs-MoE bars per task with ch
 """
 
 import importlib.util
+import json
 import math
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from absl import logging
 import numpy as np
 
 MODALITIES = ('image', 'video', 'speech', 'audio')
@@ -272,3 +274,127 @@ def write_pictures(
   writer.write_images(0, {k: v[None] for k, v in images.items()})
   writer.flush()
   return files
+
+
+# ----------------------------------------------------------------------------------------------
+# The results files and the chance levels they are read against.
+
+
+def per_question_constant(level: dict) -> float:
+  """Accuracy of the best constant answer for each question type: the model sees the question,
+  so answering 'one' to every count question and 'red' to every colour question is chance too."""
+  categories = level.get('per_category', {})
+  total = sum(c.get('num_examples', 0) for c in categories.values())
+  if not total:
+    return 0.0
+  return (
+      sum(c['num_examples'] * c.get('best_constant_accuracy', 0.0) for c in categories.values())
+      / total
+  )
+
+
+def chance_table(
+    results: Dict[str, Dict[str, float]], info: Optional[dict], split: str = 'validation'
+) -> List[dict]:
+  """One row per evaluation task with an accuracy, exact-match or WER metric: the metric, its
+  value, the chance level (from the sample data's info; without one, 0 for accuracy and 1 for
+  WER) and the number of examples it rests on."""
+  chance = (info or {}).get('splits', {}).get(split, {}).get('chance', {})
+  rows = []
+  for task, metrics in sorted(results.items()):
+    level = chance.get(task.replace('unimoe_sample_', ''), {})
+    examples = int(metrics['num_examples']) if 'num_examples' in metrics else '?'
+    if 'wer' in metrics:
+      rows.append(
+          dict(
+              task=task,
+              metric='WER',
+              value=metrics['wer'],
+              examples=examples,
+              chance=level.get('best_constant_wer', 1.0),
+              lower_is_better=True,
+          )
+      )
+    elif 'accuracy' in metrics or 'exact_match' in metrics:
+      name = 'accuracy' if 'accuracy' in metrics else 'exact_match'
+      levels = [
+          level.get('best_constant_accuracy', 0.0),
+          level.get('uniform_guess_accuracy', 0.0),
+          per_question_constant(level),
+      ]
+      rows.append(
+          dict(
+              task=task,
+              metric=name,
+              value=metrics[name] / 100.0,
+              examples=examples,
+              chance=max(levels),
+              lower_is_better=False,
+          )
+      )
+    else:
+      logging.warning(
+          'results table: %s has no accuracy, exact_match or wer metric (%s); left ' 'out',
+          task,
+          sorted(metrics),
+      )
+  return rows
+
+
+def routing_by_modality(routing: Dict[str, Dict[str, 'object']]) -> Dict[str, Dict]:
+  """{modality: {group: fractions [layers, experts]}}: the counts of the modality's tasks
+  summed, then normalised."""
+  from unimoe_jax.training import routing_report  # pylint: disable=g-import-not-at-top
+
+  summed: Dict[str, Dict] = {}
+  for task, counts in routing.items():
+    modality = modality_of(task)
+    if modality is not None:
+      routing_report.add_counts(summed.setdefault(modality, {}), counts)
+  return {m: routing_report.fractions(summed[m]) for m in MODALITIES if m in summed}
+
+
+def write_results(
+    work: str, rows, dense_rows, histories, routing, layer_names, pictures: bool, elapsed: float
+) -> str:
+  """results.md (the tables, the routing fractions and the pictures) and results.json."""
+  table = format_table(rows, dense_rows)
+  by_modality = routing_by_modality(routing) if routing else {}
+  lines = [f'# Uni-MoE progressive training: {elapsed:.0f} s', '', table, '']
+  experts = ', '.join(f'{e} = {m}' for e, m in enumerate(MODALITIES))
+  if by_modality:
+    lines += [
+        "## Routing (MoE model): fraction of each modality's routing choices per expert",
+        '',
+        f'Experts by the modality stage 2 trained them on: {experts}.',
+        '',
+    ]
+    for modality, fractions in by_modality.items():
+      for group, value in fractions.items():
+        lines.append(
+            f'- {modality}, {group} tokens: '
+            + '; '.join(
+                f'{name} ' + ' '.join('-' if x != x else f'{x:.2f}' for x in row)
+                for name, row in zip(layer_names, value)
+            )
+        )
+    lines.append('')
+  if pictures:
+    # The experts in the order stage 2 trained them (experts_lib.assemble_experts).
+    files = write_pictures(
+        work, histories, by_modality, layer_names, rows, dense_rows, expert_names=list(MODALITIES)
+    )
+    lines += ['## Pictures', ''] + [f'![{title}]({name})' for title, name in files.items()]
+  with open(os.path.join(work, 'results.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  with open(os.path.join(work, 'results.json'), 'w') as f:
+    json.dump(
+        {
+            'moe': rows,
+            'dense': dense_rows,
+            'routing': {m: {g: v.tolist() for g, v in fr.items()} for m, fr in by_modality.items()},
+        },
+        f,
+        indent=1,
+    )
+  return table
