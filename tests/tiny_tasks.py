@@ -153,17 +153,11 @@ def parse_cli_gin(argv, description: str):
   `train.setup` does (without its logging and `jax.distributed` set-up). Returns the flags; the
   caller clears gin's config when done."""
   import gin  # pylint: disable=g-import-not-at-top
-  from unimoe_jax import gin_utils  # pylint: disable=g-import-not-at-top
   from unimoe_jax import train  # pylint: disable=g-import-not-at-top
 
   args = train.parse_flags(argv, description)
   gin.clear_config()
-  gin_utils.parse(
-      args.gin_file,
-      args.gin_bindings,
-      args.gin_search_paths,
-      import_modules=gin_utils.task_modules(args.gin_bindings),
-  )
+  train.parse_gin(args)
   return args
 
 
