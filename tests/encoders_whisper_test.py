@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from hf_reference import state_dict_numpy, torch_and_transformers
+from unimoe_jax.connectors import whisper_aligner
 from unimoe_jax.connectors.whisper_aligner import WhisperAligner, WhisperAlignerConfig
 from unimoe_jax.convert import whisper as convert
 from unimoe_jax.encoders.whisper import WhisperEncoder, WhisperEncoderConfig, sinusoids
@@ -334,14 +335,8 @@ def test_init_std_sets_every_kernel_and_makes_a_narrow_random_tower_see_its_inpu
       assert abs(float(nn.unbox(leaf).std()) / std - 1.0) < 0.2, (std, path)
     y = encoder.apply({'params': params}, x)
     spread[std] = float(jnp.linalg.norm(y[0] - y[1]) / jnp.linalg.norm(y[0]))
-    aligner_cfg = WhisperAlignerConfig(
-        num_query_tokens=4,
-        d_model=32,
-        num_layers=1,
-        num_heads=4,
-        ffn_dim=64,
-        max_target_positions=8,
-        init_std=std,
+    aligner_cfg = whisper_aligner.named(
+        'tiny', num_query_tokens=4, num_layers=1, max_target_positions=8, init_std=std
     )
     aligner_params = WhisperAligner(aligner_cfg).init(jax.random.PRNGKey(0), y)['params']
     queries = nn.unbox(aligner_params['query_tokens'])

@@ -50,29 +50,14 @@ def tokenizer_path(tmp_path_factory):
 
 
 def tiny_unimoe_config():
-  from unimoe_jax.config import DecoderConfig  # pylint: disable=g-import-not-at-top
-  from unimoe_jax.encoders.clip import CLIPVisionConfig  # pylint: disable=g-import-not-at-top
+  """The tiny decoder at hf_reference.TINY_DECODER's vocabulary, with a 2-layer CLIP tower."""
+  from unimoe_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.encoders import clip  # pylint: disable=g-import-not-at-top
   from unimoe_jax.network import UniMoEConfig  # pylint: disable=g-import-not-at-top
 
   return UniMoEConfig(
-      decoder=DecoderConfig(
-          vocab_size=97,
-          embed_dim=64,
-          num_layers=2,
-          num_heads=4,
-          num_kv_heads=2,
-          mlp_dim=96,
-          dtype='float32',
-      ),
-      vision=CLIPVisionConfig(
-          image_size=32,
-          patch_size=8,
-          width=32,
-          num_layers=2,
-          num_heads=4,
-          mlp_dim=64,
-          select_layer=-2,
-      ),
+      decoder=config_lib.named('tiny', vocab_size=97, mlp_dim=96),
+      vision=clip.named('tiny', width=32, num_layers=2, mlp_dim=64),
   )
 
 

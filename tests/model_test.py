@@ -11,11 +11,9 @@ import pytest
 from unimoe_jax import partitioning
 from unimoe_jax.config import MoEConfig, named
 from unimoe_jax.connectors.qformer import QFORMER_SIZES
-from unimoe_jax.connectors.whisper_aligner import ALIGNER_SIZES
-from unimoe_jax.encoders.beats import BEATS_SIZES
-from unimoe_jax.encoders.clip import CLIP_SIZES
-from unimoe_jax.encoders.whisper import WHISPER_SIZES
+from unimoe_jax.encoders import clip
 from unimoe_jax.network import UniMoE, UniMoEConfig, check_placeholders, splice
+from tiny_models import tiny_audio_towers
 from tree_asserts import assert_trees_close
 
 IMAGE, VIDEO, SPEECH, AUDIO = 500, 501, 502, 503
@@ -24,28 +22,12 @@ LENGTH, FRAMES, MEL_FRAMES, FBANK_FRAMES = 160, 2, 32, 32
 
 def tiny_config(**overrides):
   # One layer per tower (CLIP's layer -2 of 2): compile time dominates these tests.
-  vision = dataclasses.replace(CLIP_SIZES['tiny'], image_size=16, patch_size=8, num_layers=2)
-  speech = dataclasses.replace(
-      WHISPER_SIZES['tiny'], num_mel_bins=16, num_layers=1, max_source_positions=MEL_FRAMES // 2
-  )
-  aligner = dataclasses.replace(
-      ALIGNER_SIZES['tiny'], num_query_tokens=6, num_layers=1, d_model=speech.d_model
-  )
-  audio = dataclasses.replace(BEATS_SIZES['tiny'], encoder_layers=1)
-  qformer = dataclasses.replace(
-      QFORMER_SIZES['tiny'],
-      num_query_tokens=5,
-      num_layers=1,
-      encoder_hidden_size=audio.encoder_embed_dim,
-  )
+  vision = clip.named('tiny', image_size=16, patch_size=8, num_layers=2)
   fields = dict(
       decoder=named('tiny', moe=MoEConfig(num_experts=4, num_experts_per_tok=2)),
       vision=vision,
       vision_projector='mlp2x_gelu',
-      speech_encoder=speech,
-      speech_aligner=aligner,
-      audio_encoder=audio,
-      audio_qformer=qformer,
+      **tiny_audio_towers(6, 5, num_mel_bins=16, max_source_positions=MEL_FRAMES // 2),
       image_token_id=IMAGE,
       video_token_id=VIDEO,
       speech_token_id=SPEECH,

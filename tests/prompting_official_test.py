@@ -12,15 +12,13 @@ import pytest
 from unimoe_jax import checkpoints
 from unimoe_jax.serving import prompting
 from unimoe_jax.serving import scoring
-from unimoe_jax.config import DecoderConfig
-from unimoe_jax.connectors.qformer import QFORMER_SIZES
-from unimoe_jax.connectors.whisper_aligner import ALIGNER_SIZES
+from unimoe_jax import config as config_lib
 from unimoe_jax.convert import llava
 from unimoe_jax.data import conversation
-from unimoe_jax.encoders.beats import BEATS_SIZES
-from unimoe_jax.encoders.whisper import WHISPER_SIZES
 from unimoe_jax.media import audio as audio_lib
 from unimoe_jax.network import UniMoE, UniMoEConfig
+
+from tiny_models import tiny_audio_towers  # noqa: E402
 
 sf = pytest.importorskip('soundfile')
 spm = pytest.importorskip('sentencepiece')
@@ -29,29 +27,11 @@ WINDOW = 16000  # the tiny Whisper encoder's window: 1 s (100 log-mel frames)
 
 
 def tiny_config(**overrides):
-  speech = dataclasses.replace(WHISPER_SIZES['tiny'], num_layers=1, max_source_positions=50)
-  aligner = dataclasses.replace(ALIGNER_SIZES['tiny'], num_query_tokens=3, num_layers=1)
-  audio = dataclasses.replace(BEATS_SIZES['tiny'], encoder_layers=1)
-  qformer = dataclasses.replace(
-      QFORMER_SIZES['tiny'],
-      num_query_tokens=4,
-      num_layers=1,
-      encoder_hidden_size=audio.encoder_embed_dim,
-  )
   fields = dict(
-      decoder=DecoderConfig(
-          vocab_size=300,
-          embed_dim=32,
-          num_layers=1,
-          num_heads=2,
-          num_kv_heads=2,
-          mlp_dim=48,
-          dtype='float32',
+      decoder=config_lib.named(
+          'tiny', vocab_size=300, embed_dim=32, num_layers=1, num_heads=2, mlp_dim=48
       ),
-      speech_encoder=speech,
-      speech_aligner=aligner,
-      audio_encoder=audio,
-      audio_qformer=qformer,
+      **tiny_audio_towers(3, 4, max_source_positions=50),
   )
   fields.update(overrides)
   return UniMoEConfig(**fields)

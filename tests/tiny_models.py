@@ -17,3 +17,30 @@ def random_params(module: nn.Module, *inputs, scale: float, seed: int):
   return jax.tree_util.tree_unflatten(
       tree, [(scale * rng.randn(*x.shape)).astype(np.float32) for x in leaves]
   )
+
+
+def tiny_audio_towers(speech_queries: int, audio_queries: int, **whisper_overrides):
+  """The tiny speech and audio towers at one layer each (compile time dominates the tests that
+  use them), as `UniMoEConfig` fields: the Whisper encoder (`whisper_overrides` on its 'tiny'
+  size) and its aligner over `speech_queries` queries at the encoder's width, BEATs and its
+  Q-Former over `audio_queries` queries reading BEATs' output width."""
+  from unimoe_jax.connectors import qformer  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.connectors import whisper_aligner  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.encoders import beats  # pylint: disable=g-import-not-at-top
+  from unimoe_jax.encoders import whisper  # pylint: disable=g-import-not-at-top
+
+  speech = whisper.named('tiny', num_layers=1, **whisper_overrides)
+  audio = beats.named('tiny', encoder_layers=1)
+  return dict(
+      speech_encoder=speech,
+      speech_aligner=whisper_aligner.named(
+          'tiny', num_query_tokens=speech_queries, num_layers=1, d_model=speech.d_model
+      ),
+      audio_encoder=audio,
+      audio_qformer=qformer.named(
+          'tiny',
+          num_query_tokens=audio_queries,
+          num_layers=1,
+          encoder_hidden_size=audio.encoder_embed_dim,
+      ),
+  )
