@@ -74,6 +74,23 @@ def check_positive(config, *fields: str) -> None:
       raise ValueError(f'{type(config).__name__}.{field} must be positive, got {value}')
 
 
+def check_divisible(config, field: str, by: str) -> None:
+  """Raises ValueError when `config.<field>` is not a multiple of `config.<by>`, naming both as
+  `<ConfigClass>.<field>=... is not divisible by <by>=...`."""
+  value, divisor = getattr(config, field), getattr(config, by)
+  if value % divisor:
+    raise ValueError(f'{type(config).__name__}.{field}={value} is not divisible by {by}={divisor}')
+
+
+def check_one_of(config, field: str, choices) -> None:
+  """Raises ValueError when `config.<field>` is not in `choices`, naming the field."""
+  value = getattr(config, field)
+  if value not in choices:
+    raise ValueError(
+        f'{type(config).__name__}.{field} must be one of {sorted(choices)}, got {value!r}'
+    )
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
@@ -276,11 +293,7 @@ class DecoderConfig:
   lora: Optional[LoRAConfig] = None
 
   def __post_init__(self):
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-          f'DecoderConfig.num_heads={self.num_heads} is not a multiple of '
-          f'num_kv_heads={self.num_kv_heads}'
-      )
+    check_divisible(self, 'num_heads', 'num_kv_heads')
     if self.head_dim < 0:
       raise ValueError(
           f'DecoderConfig.head_dim must be >= 0 (0: embed_dim // num_heads), '
@@ -291,10 +304,7 @@ class DecoderConfig:
           f'DecoderConfig.embed_dim={self.embed_dim} is not divisible by '
           f'num_heads={self.num_heads}; set head_dim explicitly'
       )
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(
-          f'DecoderConfig.remat must be one of {REMAT_POLICIES}, ' f'got {self.remat!r}'
-      )
+    check_one_of(self, 'remat', REMAT_POLICIES)
     for field in ('dtype', 'param_dtype'):
       jnp.dtype(getattr(self, field))  # Fails early, naming the bad dtype string.
     if self.moe is not None:

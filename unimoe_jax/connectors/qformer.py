@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
-from unimoe_jax.config import check_positive, from_table
+from unimoe_jax.config import check_divisible, check_one_of, check_positive, from_table
 from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, GeluMLP, LayerNorm, MultiHeadAttention
 
@@ -77,13 +77,8 @@ class QFormerConfig:
         'num_query_tokens',
         'layer_norm_eps',
     )
-    if self.hidden_size % self.num_heads:
-      raise ValueError(
-          f'QFormerConfig.hidden_size={self.hidden_size} is not divisible by '
-          f'num_heads={self.num_heads}'
-      )
-    if self.act not in ACTIVATIONS:
-      raise ValueError(f'QFormerConfig.act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}')
+    check_divisible(self, 'hidden_size', 'num_heads')
+    check_one_of(self, 'act', ACTIVATIONS)
 
   @property
   def head_dim(self) -> int:

@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
-from unimoe_jax.config import check_positive, from_table
+from unimoe_jax.config import check_divisible, check_positive, from_table
 from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES, HEAD_AXES
 from unimoe_jax.layers.encoder_blocks import Dense, GeluMLP, LayerNorm, activation, default_init
 
@@ -145,16 +145,8 @@ class BEATsConfig:
         'conv_pos_groups',
         'num_mel_bins',
     )
-    if self.encoder_embed_dim % self.encoder_attention_heads:
-      raise ValueError(
-          f'BEATsConfig.encoder_embed_dim={self.encoder_embed_dim} is not divisible '
-          f'by encoder_attention_heads={self.encoder_attention_heads}'
-      )
-    if self.encoder_embed_dim % self.conv_pos_groups:
-      raise ValueError(
-          f'BEATsConfig.conv_pos_groups={self.conv_pos_groups} does not divide '
-          f'encoder_embed_dim={self.encoder_embed_dim}'
-      )
+    check_divisible(self, 'encoder_embed_dim', 'encoder_attention_heads')
+    check_divisible(self, 'encoder_embed_dim', 'conv_pos_groups')
     if self.num_mel_bins < self.input_patch_size:
       raise ValueError(
           f'BEATsConfig.num_mel_bins={self.num_mel_bins} is smaller than '

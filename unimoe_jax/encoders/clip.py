@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from unimoe_jax import partitioning
-from unimoe_jax.config import check_positive, from_table
+from unimoe_jax.config import check_divisible, check_one_of, check_positive, from_table
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, ENCODER_HIDDEN_AXES, Dense, LayerNorm
 from unimoe_jax.layers.encoder_blocks import PreLNEncoderLayer
 
@@ -64,19 +64,9 @@ class CLIPVisionConfig:
 
   def __post_init__(self):
     check_positive(self, 'image_size', 'patch_size', 'width', 'num_layers', 'num_heads', 'mlp_dim')
-    if self.image_size % self.patch_size:
-      raise ValueError(
-          f'CLIPVisionConfig.image_size={self.image_size} is not a multiple of '
-          f'patch_size={self.patch_size}'
-      )
-    if self.width % self.num_heads:
-      raise ValueError(
-          f'CLIPVisionConfig.width={self.width} is not divisible by ' f'num_heads={self.num_heads}'
-      )
-    if self.act not in ACTIVATIONS:
-      raise ValueError(
-          f'CLIPVisionConfig.act must be one of {sorted(ACTIVATIONS)}, ' f'got {self.act!r}'
-      )
+    check_divisible(self, 'image_size', 'patch_size')
+    check_divisible(self, 'width', 'num_heads')
+    check_one_of(self, 'act', ACTIVATIONS)
     if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
       raise ValueError(
           f'CLIPVisionConfig.select_layer={self.select_layer} is outside '

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import partitioning
-from unimoe_jax.config import check_positive, from_table
+from unimoe_jax.config import check_divisible, check_one_of, check_positive, from_table
 from unimoe_jax.layers.encoder_blocks import ACTIVATIONS, ENCODER_HIDDEN_AXES, Dense, LayerNorm
 from unimoe_jax.layers.encoder_blocks import PreLNEncoderLayer, activation
 
@@ -65,13 +65,8 @@ class WhisperStackConfig:
 
   def __post_init__(self):
     check_positive(self, 'd_model', 'num_layers', 'num_heads', 'ffn_dim')
-    name = type(self).__name__
-    if self.d_model % self.num_heads:
-      raise ValueError(
-          f'{name}.d_model={self.d_model} is not divisible by num_heads={self.num_heads}'
-      )
-    if self.act not in ACTIVATIONS:
-      raise ValueError(f'{name}.act={self.act!r} is not one of {sorted(ACTIVATIONS)}')
+    check_divisible(self, 'd_model', 'num_heads')
+    check_one_of(self, 'act', ACTIVATIONS)
 
   @property
   def head_dim(self) -> int:
