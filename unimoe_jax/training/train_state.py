@@ -159,7 +159,7 @@ def make_train_step(
     metrics['learning_rate'] = clu_metrics.Average.from_model_output(
         jnp.asarray(schedule(state.step), jnp.float32)
     )
-    metrics['grad_norm'] = clu_metrics.Average.from_model_output(optax.global_norm(grads))
+    metrics['grad_norm'] = clu_metrics.Average.from_model_output(optax.tree.norm(grads))
     new_state = state.replace(
         step=state.step + 1,
         params=optimizer_lib.merge_params(trainable, frozen),
