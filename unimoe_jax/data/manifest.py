@@ -30,7 +30,6 @@ is read). A manifest without records, or a pass with 'skip' in which every recor
 raises naming the manifest.
 """
 
-import collections
 import dataclasses
 import json
 import os
@@ -44,6 +43,9 @@ import seqio
 import tensorflow as tf
 
 from unimoe_jax.data import conversation as conversation_lib
+from unimoe_jax.data.bad_examples import BAD_EXAMPLES, BadExampleCounter, BadExampleError
+from unimoe_jax.data.manifest_files import UndecodableRecord
+from unimoe_jax.data.manifest_files import first_bad_byte, read_manifest
 from unimoe_jax.data import vocabulary as vocabulary_lib
 from unimoe_jax.media import audio as audio_lib
 from unimoe_jax.media import image as image_lib
@@ -202,206 +204,6 @@ class ManifestConfig(FeatureSettings):
     return dict(self.splits) if self.splits else {'train': self.path}
 
 
-# ----------------------------------------------------------------------------------------------
-# Bad examples.
-
-
-class BadExampleError(ValueError):
-  """A manifest record that cannot become an example. `reason` is the counter key."""
-
-  def __init__(self, location: str, reason: str, detail: str):
-    self.location = location
-    self.reason = reason
-    self.detail = detail
-    super().__init__(f'bad example at {location}: {reason}: {detail}')
-
-
-class BadExampleCounter:
-  """Thread-safe counts of dropped examples by reason (tf.data maps run in several threads).
-
-  With a `key` (the manifest BAD_EXAMPLES uses (manifest path, line or record)), an example
-  counts once however often it is read: every epoch of a repeated dataset, the pipeline's
-  look-ahead checks and the training stream all read the same bad line. `reads` counts every
-  call. Without a key (DROPPED_TOO_LONG) every call counts.
-  """
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self._counts = collections.Counter()
-    self._seen: Dict[Any, str] = {}
-    self._reads = 0
-
-  def add(self, reason: str, count: int = 1, key: Any = None) -> int:
-    """Adds `count` to `reason` (once per `key` when one is given); returns the new total
-    over all reasons."""
-    with self._lock:
-      self._reads += count
-      if key is None or key not in self._seen:
-        if key is not None:
-          self._seen[key] = reason
-        self._counts[reason] += count
-      return sum(self._counts.values())
-
-  def seen(self, key: Any) -> bool:
-    with self._lock:
-      return key in self._seen
-
-  def counts(self, source: Optional[str] = None) -> Dict[str, int]:
-    """Counts by reason; with `source`, of the keyed examples whose key starts with it
-    (BAD_EXAMPLES: one manifest's bad examples)."""
-    with self._lock:
-      if source is None:
-        return dict(self._counts)
-      return dict(
-          collections.Counter(
-              reason
-              for key, reason in self._seen.items()
-              if isinstance(key, tuple) and key[0] == source
-          )
-      )
-
-  @property
-  def total(self) -> int:
-    with self._lock:
-      return sum(self._counts.values())
-
-  @property
-  def reads(self) -> int:
-    """Every `add`, repeated reads of one example included."""
-    with self._lock:
-      return self._reads
-
-  def reset(self) -> None:
-    with self._lock:
-      self._counts.clear()
-      self._seen.clear()
-      self._reads = 0
-
-
-BAD_EXAMPLES = BadExampleCounter()
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading.
-
-
-@dataclasses.dataclass(frozen=True)
-class ManifestEntry:
-  """One record as read: `raw` is a JSON line (parsed lazily, so one bad line is one bad
-  example) or an already parsed record of a JSON list."""
-
-  path: str
-  number: int  # 1-based line (JSONL) or record (JSON list)
-  is_jsonl: bool
-  raw: Any
-
-  @property
-  def location(self) -> str:
-    return f'{self.path} {"line" if self.is_jsonl else "record"} {self.number}'
-
-
-@dataclasses.dataclass(frozen=True)
-class UndecodableRecord:
-  """A JSONL line or JSON-list record holding bytes that are not UTF-8: a bad example."""
-
-  detail: str
-
-
-_BOMS = ((b'\xef\xbb\xbf', 'utf-8'), (b'\xff\xfe', 'utf-16-le'), (b'\xfe\xff', 'utf-16-be'))
-
-
-def _first_bad_byte(text: str) -> Optional[str]:
-  """The first byte `surrogateescape` kept from a failed UTF-8 decode, as '0xff'; else None."""
-  for ch in text:
-    if '\udc80' <= ch <= '\udcff':
-      return f'0x{ord(ch) - 0xdc00:02x}'
-  return None
-
-
-def _record_bytes_error(record) -> Optional[str]:
-  """Why a parsed record (strings decoded with surrogateescape) is not valid UTF-8, or None."""
-  bad = _first_bad_byte(json.dumps(record, ensure_ascii=False))
-  return None if bad is None else f'the record holds a byte that is not UTF-8 ({bad})'
-
-
-def _looks_like_jsonl(text: str) -> bool:
-  """Whether a text that is not one JSON document is JSON lines: its first non-blank line
-  starts an object and holds more ('{"id": ...'); a pretty-printed object's first line is '{'
-  alone (then the document's syntax error is reported)."""
-  for line in text.split('\n'):
-    line = line.strip()
-    if line:
-      return line.startswith('{') and line != '{'
-  return False
-
-
-def read_manifest(path: str) -> List[ManifestEntry]:
-  """All entries of a manifest.
-
-  Accepted: a JSON list of records (one line or pretty-printed), one JSON object (a single
-  record, pretty-printed or not), or JSON lines (blank lines skipped; line numbers count
-  them); UTF-8 with or without a byte-order mark, or UTF-16 with one. A JSONL line or a list
-  record holding bytes that are not UTF-8 is a bad example (`UndecodableRecord`: skipped with
-  on_bad_example='skip'); a JSONL line that is not JSON is one too (parsed lazily). A JSON
-  document that cannot be parsed raises ValueError naming the file, line and column.
-  """
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    data = f.read()
-  encoding = 'utf-8'
-  for bom, bom_encoding in _BOMS:
-    if data.startswith(bom):
-      data, encoding = data[len(bom) :], bom_encoding
-      break
-  if encoding == 'utf-8':
-    # Bytes that are not UTF-8 survive as lone surrogates and make their record bad.
-    text = data.decode('utf-8', errors='surrogateescape')
-  else:
-    try:
-      text = data.decode(encoding)
-    except UnicodeDecodeError as e:
-      raise ValueError(
-          f'manifest {path}: starts with a {encoding} byte-order mark but is not '
-          f'{encoding} (byte {e.start + 2}: {e.reason})'
-      ) from None
-  stripped = text.strip()
-  if not stripped:
-    return []
-  document, error = None, None
-  if stripped[0] in '[{':
-    try:
-      document = json.loads(stripped)
-    except json.JSONDecodeError as e:
-      error = e
-  if error is None and document is not None:
-    if isinstance(document, dict):  # One record: one JSONL line, a pretty-printed object.
-      bad = _record_bytes_error(document)
-      line = text[: len(text) - len(text.lstrip())].count('\n') + 1
-      return [ManifestEntry(path, line, True, UndecodableRecord(bad) if bad else document)]
-    entries = []
-    for i, record in enumerate(document):
-      bad = _record_bytes_error(record)
-      entries.append(ManifestEntry(path, i + 1, False, UndecodableRecord(bad) if bad else record))
-    return entries
-  if stripped[0] == '[' or not _looks_like_jsonl(text):
-    # text.lstrip() dropped leading whitespace: count the lines it held.
-    offset = text[: len(text) - len(text.lstrip())].count('\n')
-    where = (
-        f'line {error.lineno + offset} column {error.colno}: {error.msg}'
-        if error
-        else 'it is neither a JSON list, one JSON object nor JSON lines'
-    )
-    raise ValueError(f'manifest {path} is not valid JSON ({where})')
-  entries = []
-  for i, line in enumerate(text.split('\n')):
-    if not line.strip():
-      continue
-    line = line.rstrip('\r')
-    bad = _first_bad_byte(line)
-    raw = UndecodableRecord(f'the line holds a byte that is not UTF-8 ({bad})') if bad else line
-    entries.append(ManifestEntry(path, i + 1, True, raw))
-  return entries
-
-
 def _as_list(value) -> List:
   return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -532,9 +334,9 @@ def _load_example(
     except UnicodeDecodeError as e:
       raise bad('bad_encoding', f'not UTF-8: {e}') from None
   if isinstance(record, str):
-    if _first_bad_byte(record):
+    if first_bad_byte(record):
       raise bad(
-          'bad_encoding', f'the line holds a byte that is not UTF-8 ' f'({_first_bad_byte(record)})'
+          'bad_encoding', f'the line holds a byte that is not UTF-8 ' f'({first_bad_byte(record)})'
       )
     try:
       record = json.loads(record)
