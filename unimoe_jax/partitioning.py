@@ -54,6 +54,13 @@ MESH_AXES = ('data', 'expert', 'model')
 
 Rules = Tuple[Tuple[str, Any], ...]
 
+# The logical axes of per-head activations `[batch, length, heads, head_dim]`: the queries and
+# the attention output of every attention (the decoder's, the towers', the connectors'); the
+# encoder towers' keys and values too (head_dim is never split). The decoder's grouped-query
+# keys and values have their own heads: KV_HEAD_AXES.
+HEAD_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
+KV_HEAD_AXES = ('activation_batch', 'activation_length', 'activation_kv_heads', None)
+
 # (logical axis, mesh axis or axes or None). flax assigns rules in this order (a priority list):
 # where one array has two names whose rules want the same mesh axis, the earlier rule wins and
 # the later name takes its next rule that is still free, else stays replicated.

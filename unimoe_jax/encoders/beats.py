@@ -73,7 +73,7 @@ import numpy as np
 
 from unimoe_jax import partitioning
 from unimoe_jax.config import check_divisible, check_positive, from_table
-from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES, HEAD_AXES
+from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES
 from unimoe_jax.layers.encoder_blocks import Dense, GeluMLP, LayerNorm, activation, default_init
 
 # Official `activation_fn` -> the shared ACTIVATIONS key. fairseq's 'gelu' is the exact erf form,
@@ -370,7 +370,8 @@ class GatedRelativeAttention(nn.Module):
         **kw,
     )(x)
     q, k, v = (
-        partitioning.with_sharding_constraint(proj(n), HEAD_AXES) for n in ('query', 'key', 'value')
+        partitioning.with_sharding_constraint(proj(n), partitioning.HEAD_AXES)
+        for n in ('query', 'key', 'value')
     )
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     logits = logits / np.float32(np.sqrt(hd))
@@ -392,7 +393,7 @@ class GatedRelativeAttention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    out = partitioning.with_sharding_constraint(out, HEAD_AXES)
+    out = partitioning.with_sharding_constraint(out, partitioning.HEAD_AXES)
     return Dense((h, hd), (embed,), ('heads', 'head_dim', 'embed'), name='out', **kw)(out)
 
 

@@ -9,7 +9,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 from unimoe_jax import partitioning
 from unimoe_jax.config import LoRAConfig
-from unimoe_jax.layers.encoder_blocks import HEAD_AXES
 from unimoe_jax.layers.lora import LoRADense, lora_targets
 
 
@@ -48,9 +47,6 @@ def causal_segment_mask(length: int, segment_ids: Optional[jax.Array]) -> jax.Ar
 
 # Logical axes of the key/value cache `[batch, max_length, kv_heads, head_dim]`.
 CACHE_AXES = ('cache_batch', 'cache_length', 'cache_kv_heads', 'cache_head_dim')
-# Logical axes of the keys and values `[batch, length, kv_heads, head_dim]` (the queries and the
-# output have the query heads: HEAD_AXES).
-KV_HEAD_AXES = ('activation_batch', 'activation_length', 'activation_kv_heads', None)
 
 
 class Attention(nn.Module):
@@ -160,11 +156,11 @@ class Attention(nn.Module):
       cache['cached_key'].value, cache['cached_value'].value = k, v
       cache['cache_index'].value = index + 1
       mask = (jnp.arange(k.shape[1])[None, :] <= index[:, None])[:, None, None, :]
-    q = partitioning.with_sharding_constraint(q, HEAD_AXES)
-    k, v = (partitioning.with_sharding_constraint(t, KV_HEAD_AXES) for t in (k, v))
+    q = partitioning.with_sharding_constraint(q, partitioning.HEAD_AXES)
+    k, v = (partitioning.with_sharding_constraint(t, partitioning.KV_HEAD_AXES) for t in (k, v))
     # Logits and softmax run in float32 inside dot_product_attention for bf16 inputs too.
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    out = partitioning.with_sharding_constraint(out, HEAD_AXES)
+    out = partitioning.with_sharding_constraint(out, partitioning.HEAD_AXES)
     return checkpoint_name(
         proj('out', (self.num_heads, self.head_dim), (embed,), ('heads', 'head_dim', 'embed'))(
             out, deterministic

@@ -25,9 +25,6 @@ Initializer = Any
 # HF's initializer_range / init_std for these towers; each tower's config overrides it
 # (`init_std`) where a narrow width needs more (see gin/models/multimodal_tiny.gin).
 default_init = nn.initializers.normal(stddev=0.02)
-# The logical axes of per-head activations `[batch, length, heads, head_dim]` (queries, keys,
-# values and the attention output; head_dim is never split). layers/attention.py shares them.
-HEAD_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
 
 
 class Dense(nn.Module):
@@ -180,7 +177,7 @@ class MultiHeadAttention(nn.Module):
     q = dense('query', (embed,), (h, hd), ('embed', 'heads', 'head_dim'), qb)(x)
     k = dense('key', (kv_embed,), (h, hd), ('embed', 'heads', 'head_dim'), kb)(kv)
     v = dense('value', (kv_embed,), (h, hd), ('embed', 'heads', 'head_dim'), vb)(kv)
-    q, k, v = (partitioning.with_sharding_constraint(t, HEAD_AXES) for t in (q, k, v))
+    q, k, v = (partitioning.with_sharding_constraint(t, partitioning.HEAD_AXES) for t in (q, k, v))
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     logits = logits / np.sqrt(hd).astype(np.float32)
     if bias is not None:
@@ -189,7 +186,7 @@ class MultiHeadAttention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    out = partitioning.with_sharding_constraint(out, HEAD_AXES)
+    out = partitioning.with_sharding_constraint(out, partitioning.HEAD_AXES)
     return dense('out', (h, hd), (embed,), ('heads', 'head_dim', 'embed'), ob)(out)
 
 
