@@ -72,16 +72,13 @@ class WhisperAlignerConfig(WhisperStackConfig):
 
 
 def _decoder_of(size: str, num_query_tokens: int, max_target_positions: int):
-  """The aligner on the decoder of Whisper `size`: a Whisper decoder has its encoder's width,
-  depth, heads and FFN (WHISPER_SIZES), so only the query count and positions are its own."""
+  """The aligner on the decoder of Whisper `size`: a Whisper decoder has its encoder's sizes
+  (every `WhisperStackConfig` field of WHISPER_SIZES[size]), so only the query count and
+  positions are its own."""
   encoder = WHISPER_SIZES[size]
+  stack = {f.name: getattr(encoder, f.name) for f in dataclasses.fields(WhisperStackConfig)}
   return WhisperAlignerConfig(
-      num_query_tokens=num_query_tokens,
-      d_model=encoder.d_model,
-      num_layers=encoder.num_layers,
-      num_heads=encoder.num_heads,
-      ffn_dim=encoder.ffn_dim,
-      max_target_positions=max_target_positions,
+      **stack, num_query_tokens=num_query_tokens, max_target_positions=max_target_positions
   )
 
 
