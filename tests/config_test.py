@@ -30,6 +30,15 @@ def test_gin_files_name_the_python_sizes(gin_file, size):
   assert _parse(gin_file) == config_lib.SIZES[size]
 
 
+def test_llama_7b_is_the_published_size():
+  """LLaMA-7B's sizes (Touvron et al. 2023, Table 2; HF's llama-7b config.json), written here
+  apart from the table, which takes them from DecoderConfig's defaults."""
+  cfg = config_lib.named('llama-7b')
+  sizes = (cfg.vocab_size, cfg.embed_dim, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
+  assert sizes == (32000, 4096, 32, 32, 32)
+  assert (cfg.mlp_dim, cfg.rope_theta, cfg.rms_norm_eps) == (11008, 10000.0, 1e-6)
+
+
 def test_gin_class_bindings_apply_on_top_of_a_named_size():
   """A gin file names a size (`config.named.size`); bindings of DecoderConfig's fields from
   other files and flags still apply (config.from_table), and `named`'s own arguments win."""

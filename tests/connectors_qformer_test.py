@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_reference import state_dict_numpy, torch_and_transformers
+from hf_reference import state_dict_numpy, tiny_config, torch_and_transformers
 from unimoe_jax.connectors.qformer import QFORMER_SIZES, QFormer, QFormerConfig
 from unimoe_jax.convert import qformer as convert_qformer
 
@@ -21,16 +21,9 @@ def tiny_hf_qformer(use_qformer_text_input=False):
   """Built once per variant; the tests only read it."""
   torch, transformers = torch_and_transformers()
   config = transformers.Blip2QFormerConfig(
-      hidden_size=32,
-      num_hidden_layers=3,
-      num_attention_heads=4,
-      intermediate_size=48,
-      cross_attention_frequency=2,
-      encoder_hidden_size=24,
-      hidden_act='gelu',
-      layer_norm_eps=1e-12,
       use_qformer_text_input=use_qformer_text_input,
       attn_implementation='eager',
+      **tiny_config('blip2_qformer'),
   )
   model = transformers.Blip2QFormerModel(config).eval()
   # Real values everywhere (biases and LayerNorms start at 0/1), so that a swapped or

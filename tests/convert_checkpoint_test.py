@@ -16,7 +16,7 @@ from encoders_beats_test import TINY_CFG as BEATS_CFG
 from encoders_beats_test import official_state_dict as beats_official_state_dict
 from hf_reference import logits as hf_logits
 from hf_reference import randomize, state_dict_numpy, tiny_llama, tiny_mixtral
-from hf_reference import torch_and_transformers
+from hf_reference import tiny_config, torch_and_transformers
 from tool_runs import run_convert
 from unimoe_jax import checkpoints, network, score
 from unimoe_jax.convert import clip as convert_clip
@@ -284,12 +284,9 @@ def tiny_hf_qformer():
   return _tiny_hf_model(
       'Blip2QFormer',
       3,
-      hidden_size=24,
-      num_hidden_layers=2,
-      num_attention_heads=12,
-      intermediate_size=32,
-      cross_attention_frequency=2,
-      encoder_hidden_size=BEATS_CFG['encoder_embed_dim'],
+      **tiny_config(
+          'blip2_qformer_uni_moe_audio', encoder_hidden_size=BEATS_CFG['encoder_embed_dim']
+      ),
   )
 
 
@@ -300,36 +297,8 @@ def towers(tmp_path_factory):
   import torch  # pylint: disable=g-import-not-at-top
 
   root = tmp_path_factory.mktemp('towers')
-  clip = _tiny_hf_model(
-      'CLIPVision',
-      1,
-      image_size=16,
-      patch_size=8,
-      hidden_size=24,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      intermediate_size=32,
-      hidden_act='quick_gelu',
-  )
-  whisper = _tiny_hf_model(
-      'Whisper',
-      2,
-      vocab_size=64,
-      d_model=16,
-      encoder_layers=1,
-      decoder_layers=2,
-      encoder_attention_heads=2,
-      decoder_attention_heads=2,
-      encoder_ffn_dim=32,
-      decoder_ffn_dim=32,
-      num_mel_bins=8,
-      max_source_positions=10,
-      max_target_positions=8,
-      pad_token_id=0,
-      bos_token_id=1,
-      eos_token_id=2,
-      decoder_start_token_id=1,
-  )
+  clip = _tiny_hf_model('CLIPVision', 1, **tiny_config('clip_vision_tower'))
+  whisper = _tiny_hf_model('Whisper', 2, **tiny_config('whisper_tower'))
   qformer = tiny_hf_qformer()
   clip.save_pretrained(root / 'clip-vit-tiny')
   whisper.save_pretrained(root / 'whisper-tiny')

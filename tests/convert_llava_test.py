@@ -21,16 +21,7 @@ IMAGE_TOKEN = 96  # HF's image token: the last id of the tiny vocabulary.
 
 def tiny_llava():
   _, transformers = hf_reference.torch_and_transformers()
-  vision = transformers.CLIPVisionConfig(
-      image_size=32,
-      patch_size=8,
-      hidden_size=32,
-      num_hidden_layers=3,
-      num_attention_heads=4,
-      intermediate_size=64,
-      hidden_act='quick_gelu',
-      layer_norm_eps=1e-5,
-  )
+  vision = transformers.CLIPVisionConfig(**hf_reference.tiny_config('clip_vision_llava'))
   text = transformers.LlamaConfig(**hf_reference.TINY_DECODER, intermediate_size=96)
   config = transformers.LlavaConfig(
       vision_config=vision,

@@ -16,16 +16,7 @@ from unimoe_jax.encoders import clip
 
 import hf_reference
 
-HF_KW = dict(
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    intermediate_size=37,
-    image_size=30,
-    patch_size=6,
-    layer_norm_eps=1e-5,
-    hidden_act='quick_gelu',
-)
+HF_KW = hf_reference.tiny_config('clip_vision')
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_reference import state_dict_numpy, torch_and_transformers
+from hf_reference import state_dict_numpy, tiny_config, torch_and_transformers
 from unimoe_jax.connectors import whisper_aligner
 from unimoe_jax.connectors.whisper_aligner import WhisperAligner, WhisperAlignerConfig
 from unimoe_jax.convert import whisper as convert
@@ -23,24 +23,7 @@ TOL = 1e-4
 def hf():
   """(model, state dict, encoder config, aligner config) of a tiny random WhisperModel."""
   torch, transformers = torch_and_transformers()
-  config = transformers.WhisperConfig(
-      vocab_size=64,
-      d_model=32,
-      encoder_layers=2,
-      decoder_layers=2,
-      encoder_attention_heads=4,
-      decoder_attention_heads=4,
-      encoder_ffn_dim=48,
-      decoder_ffn_dim=48,
-      num_mel_bins=16,
-      max_source_positions=20,
-      max_target_positions=16,
-      pad_token_id=0,
-      bos_token_id=1,
-      eos_token_id=2,
-      decoder_start_token_id=1,
-      attn_implementation='eager',
-  )
+  config = transformers.WhisperConfig(attn_implementation='eager', **tiny_config('whisper'))
   model = transformers.WhisperModel(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():

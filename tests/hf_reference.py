@@ -1,5 +1,9 @@
 """Tiny random Hugging Face models built locally (no download), as numerical references."""
 
+import functools
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -15,17 +19,24 @@ def state_dict_numpy(model):
   return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
 
 
+_TINY_CONFIGS = os.path.join(os.path.dirname(__file__), 'testdata', 'hf_tiny_configs.json')
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_configs():
+  with open(_TINY_CONFIGS) as f:
+    return json.load(f)
+
+
+def tiny_config(name, **overrides):
+  """Keyword arguments of a transformers config class: entry `name` of
+  testdata/hf_tiny_configs.json (its '_' keys, notes, dropped), then `overrides`."""
+  entry = _tiny_configs()[name]
+  return dict({k: v for k, v in entry.items() if not k.startswith('_')}, **overrides)
+
+
 # The sizes every tiny decoder of the tests shares (LLaMA, Mixtral, LLaVA's language model).
-TINY_DECODER = dict(
-    vocab_size=97,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    rope_theta=5000.0,
-    tie_word_embeddings=False,
-)
+TINY_DECODER = tiny_config('llama_decoder')
 
 
 def _tiny_causal_lm(architecture, overrides, **sizes):

@@ -362,16 +362,7 @@ SIZES = {
         mlp_dim=128,
         dtype='float32',
     ),
-    'llama-7b': DecoderConfig(
-        vocab_size=32000,
-        embed_dim=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        mlp_dim=11008,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-    ),
+    'llama-7b': DecoderConfig(),  # The defaults are LLaMA-7B's sizes.
 }
 
 

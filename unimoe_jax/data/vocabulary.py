@@ -141,10 +141,7 @@ class MultimodalVocabulary(seqio.Vocabulary):
 
   @property
   def _base_vocab_size(self) -> int:
-    return self.sentencepiece.vocab_size
-
-  @property
-  def vocab_size(self) -> int:
+    """seqio's `vocab_size` is this plus `extra_ids` (0): the SentencePiece size."""
     return self.sentencepiece.vocab_size
 
   def placeholder_id(self, placeholder: str) -> int:
@@ -390,10 +387,6 @@ class LazyVocabulary(seqio.Vocabulary):
 
   @property
   def _base_vocab_size(self):
-    return self.vocabulary.vocab_size
-
-  @property
-  def vocab_size(self):
     return self.vocabulary.vocab_size
 
   def _encode(self, s):
