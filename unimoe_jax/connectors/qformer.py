@@ -89,15 +89,14 @@ class QFormerConfig:
 
 
 QFORMER_SIZES = {
-    # Uni-MoE audio: BLIP-2's default Q-Former config over BEATs (width 768), with the
-    # aligner's `query_tokens_size` default of 50 queries.
-    'uni-moe-audio': QFormerConfig(encoder_hidden_size=768, num_query_tokens=50),
+    # Uni-MoE audio: BLIP-2's default Q-Former config (the defaults) over BEATs (width 768, the
+    # default encoder_hidden_size), with the aligner's `query_tokens_size` default of 50 queries.
+    'uni-moe-audio': QFormerConfig(num_query_tokens=50),
     'tiny': QFormerConfig(
         hidden_size=32,
         num_layers=3,
         num_heads=4,
         intermediate_size=48,
-        cross_attention_frequency=2,
         encoder_hidden_size=24,
         num_query_tokens=8,
     ),

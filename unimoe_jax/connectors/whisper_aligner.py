@@ -71,19 +71,17 @@ class WhisperAlignerConfig(WhisperStackConfig):
       )
 
 
-def _decoder_of(size: str, num_query_tokens: int, max_target_positions: int):
+def _decoder_of(size: str, **own) -> WhisperAlignerConfig:
   """The aligner on the decoder of Whisper `size`: a Whisper decoder has its encoder's sizes
   (every `WhisperStackConfig` field of WHISPER_SIZES[size]), so only the query count and
-  positions are its own."""
+  positions (`own`, else the defaults) are its own."""
   encoder = WHISPER_SIZES[size]
   stack = {f.name: getattr(encoder, f.name) for f in dataclasses.fields(WhisperStackConfig)}
-  return WhisperAlignerConfig(
-      **stack, num_query_tokens=num_query_tokens, max_target_positions=max_target_positions
-  )
+  return WhisperAlignerConfig(**stack, **own)
 
 
 ALIGNER_SIZES = {
-    'whisper-small': _decoder_of('whisper-small', num_query_tokens=50, max_target_positions=448),
+    'whisper-small': _decoder_of('whisper-small'),  # The defaults: 50 queries, 448 positions.
     'tiny': _decoder_of('tiny', num_query_tokens=8, max_target_positions=16),
 }
 

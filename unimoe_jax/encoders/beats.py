@@ -275,7 +275,6 @@ def config_to_official(config: BEATsConfig) -> Dict[str, Any]:
 BEATS_SIZES = {
     'iter3': BEATsConfig(),
     'tiny': BEATsConfig(
-        input_patch_size=16,
         embed_dim=24,
         encoder_layers=2,
         encoder_embed_dim=32,

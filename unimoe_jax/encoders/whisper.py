@@ -101,18 +101,11 @@ class WhisperEncoderConfig(WhisperStackConfig):
     return 2 * self.max_source_positions
 
 
-# 'tiny' keeps the real input shape (80 mels, 3000 frames, as the feature extractor produces)
-# with toy widths, so that pipelines can be tested end to end on CPU.
+# 'tiny' keeps the real input shape (the default 80 mels and 1500 positions: 3000 frames, as the
+# feature extractor produces) with toy widths, so that pipelines can be tested end to end on CPU.
 WHISPER_SIZES = {
     'whisper-small': WhisperEncoderConfig(),  # The defaults are whisper-small's sizes.
-    'tiny': WhisperEncoderConfig(
-        num_mel_bins=80,
-        d_model=32,
-        num_layers=2,
-        num_heads=4,
-        ffn_dim=64,
-        max_source_positions=1500,
-    ),
+    'tiny': WhisperEncoderConfig(d_model=32, num_layers=2, num_heads=4, ffn_dim=64),
 }
 
 
