@@ -40,7 +40,6 @@ import multiprocessing
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
@@ -48,11 +47,7 @@ import numpy as np
 
 import bench_common
 
-try:
-  from unimoe_jax.media import audio as audio_lib
-except ImportError:  # Run from a checkout that is not installed.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from unimoe_jax.media import audio as audio_lib
+from unimoe_jax.media import audio as audio_lib
 from unimoe_jax.media import image as image_lib
 from unimoe_jax.media import video as video_lib
 
