@@ -158,7 +158,7 @@ def test_packs_three_mixed_modality_examples_into_one_row():
   assert len(rows) == 1
   check_three_example_row(rows[0])
   check_alignment(rows[0], [EX0, EX1, EX2])
-  assert converter.dropped_examples.count == 0
+  assert converter.dropped_examples.total == 0
 
 
 TOO_LONG = make_example(9, [1] + [5] * 27 + [2], [1.0] * 29)  # 29 tokens > 28
@@ -181,12 +181,12 @@ def overflow_stream():
 
   capture, root = Capture(), logging.getLogger()
   root.addHandler(capture)
-  before = fc.OVERSIZE_DROPS.count
+  before = fc.OVERSIZE_DROPS.total
   try:
     converter, rows = convert([EX0, TOO_LONG, EX1, TOO_MANY, EX2, EX3], length=28)
   finally:
     root.removeHandler(capture)
-  return converter, rows, '\n'.join(capture.messages), fc.OVERSIZE_DROPS.count - before
+  return converter, rows, '\n'.join(capture.messages), fc.OVERSIZE_DROPS.total - before
 
 
 def test_token_overflow_starts_a_new_row(overflow_stream):
@@ -204,7 +204,7 @@ def test_token_overflow_starts_a_new_row(overflow_stream):
 def test_example_that_cannot_fit_alone_is_dropped_and_counted(overflow_stream):
   converter, rows, log_text, global_delta = overflow_stream
   check_three_example_row(rows[0])  # the two misfits left no trace in the row
-  assert converter.dropped_examples.count == 2
+  assert converter.dropped_examples.total == 2
   assert fc.num_dropped(converter) == 2
   assert global_delta == 2
   assert 'tokens 29/28' in log_text and 'image items 4/3' in log_text
@@ -234,7 +234,7 @@ def test_random_stream_keeps_every_example_in_order_and_aligned():
       and all(len(ex[f'{m}_features']) <= max_items[m] for m in max_items)
       for ex in originals
   ]
-  assert converter.dropped_examples.count == fits_alone.count(False) > 0
+  assert converter.dropped_examples.total == fits_alone.count(False) > 0
   packed = [segment_examples(r, originals) for r in rows]
   assert sum(packed, []) == [i for i, ok in enumerate(fits_alone) if ok]
   for row, members in zip(rows, packed):
@@ -265,7 +265,7 @@ def test_no_packing_gives_one_padded_example_per_row():
   # t5x's inference calls len() and zips the task dataset with this one: no filter, no drop.
   assert len(ds) == 3
   rows = list(ds.as_numpy_iterator())
-  assert len(rows) == 3 and converter.dropped_examples.count == 0
+  assert len(rows) == 3 and converter.dropped_examples.total == 0
   assert 'decoder_segment_ids' not in rows[0] and 'decoder_positions' not in rows[0]
   for row, ex in zip(rows, [EX0, EX1, EX2]):
     n = len(ex['targets'])
@@ -391,7 +391,7 @@ def test_packing_fails_fast_when_a_repeated_stream_drops_everything():
   assert "'targets' (limit 28) was 20..29 in them, over the limit in 10" in message
   assert "'image_features' (limit 3) was 0..4 in them, over the limit in 10" in message
   # tf.data may pull a few more elements in the background before the error reaches us.
-  assert converter.dropped_examples.count >= 20
+  assert converter.dropped_examples.total >= 20
 
 
 def test_probe_first_row_fails_while_the_dataset_is_built():
@@ -417,7 +417,7 @@ def test_packing_keeps_going_once_an_example_was_kept():
   )
   rows = within(30, lambda: list(ds.as_numpy_iterator()))
   assert [int(r['decoder_segment_ids'].max()) for r in rows] == [2]
-  assert converter.dropped_examples.count == 12
+  assert converter.dropped_examples.total == 12
 
 
 def test_lengths_of_features_the_converter_does_not_consume_are_ignored():

@@ -1,5 +1,7 @@
 """Bad examples of a data source: the error that names one, and the thread-safe count of those
-dropped (`BAD_EXAMPLES`, the manifest sources'; `manifest.py` documents the policy)."""
+dropped (`BAD_EXAMPLES`, the manifest sources'; `manifest.py` documents the policy). The same
+counter counts the examples too long for their task (`preprocessors.DROPPED_TOO_LONG`) and for
+one packed row (`feature_converter.OVERSIZE_DROPS`)."""
 
 import collections
 import threading
@@ -22,7 +24,7 @@ class BadExampleCounter:
   With a `key` (the manifest BAD_EXAMPLES uses (manifest path, line or record)), an example
   counts once however often it is read: every epoch of a repeated dataset, the pipeline's
   look-ahead checks and the training stream all read the same bad line. `reads` counts every
-  call. Without a key (DROPPED_TOO_LONG) every call counts.
+  call. Without a key (DROPPED_TOO_LONG, OVERSIZE_DROPS) every call counts.
   """
 
   def __init__(self):

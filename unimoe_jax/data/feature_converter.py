@@ -38,7 +38,6 @@ is re-concatenated per example, which copies at most one row's media per example
 to decoding that media.
 """
 
-import threading
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from absl import logging
@@ -49,6 +48,7 @@ from seqio import utils as seqio_utils
 from seqio.feature_converters import _check_exact_match
 import tensorflow as tf
 
+from unimoe_jax.data import bad_examples
 from unimoe_jax.data import iteration
 from unimoe_jax.data import lengths as lengths_lib
 from unimoe_jax.data import preprocessors
@@ -63,31 +63,11 @@ _SENTINEL = '_end_of_input'
 _NUM_SEGMENTS = '_num_segments'
 
 
-class DropCounter:
-  """Thread-safe count of examples dropped because they cannot fit in one row."""
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self._count = 0
-
-  @property
-  def count(self) -> int:
-    with self._lock:
-      return self._count
-
-  def add(self) -> int:
-    with self._lock:
-      self._count += 1
-      return self._count
-
-  def reset(self) -> None:
-    with self._lock:
-      self._count = 0
-
-
 # All converters of the process together (for the trainer's logs); each converter also has
 # its own `dropped_examples`.
-OVERSIZE_DROPS = DropCounter()
+OVERSIZE_DROPS = bad_examples.BadExampleCounter()
+# The one reason the converter counts (a BadExampleCounter counts by reason).
+LONGER_THAN_A_ROW = 'longer_than_a_row'
 
 
 @gin.configurable
@@ -182,7 +162,7 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
       model_features['audio_feature_mask'] = FeatureSpec(dtype=tf.bool, rank=2)
     self.TASK_FEATURES = task_features
     self.MODEL_FEATURES = model_features
-    self.dropped_examples = DropCounter()
+    self.dropped_examples = bad_examples.BadExampleCounter()
     super().__init__(
         pack=pack,
         use_custom_packing_ops=use_custom_packing_ops,
@@ -392,8 +372,8 @@ class MultimodalDecoderFeatureConverter(seqio.FeatureConverter):
     return out
 
   def _record_drop(self, length: int, max_items: Mapping[str, int], tokens, *items) -> None:
-    mine = self.dropped_examples.add()
-    total = OVERSIZE_DROPS.add()
+    mine = self.dropped_examples.add(LONGER_THAN_A_ROW)
+    total = OVERSIZE_DROPS.add(LONGER_THAN_A_ROW)
     sizes = ', '.join(f'{m} items {int(n)}/{max_items[m]}' for m, n in zip(self._modalities, items))
     logging.warning(
         'MultimodalDecoderFeatureConverter: dropped an example that cannot fit '
@@ -546,7 +526,7 @@ def check_model_takes_media(
 
 def num_dropped(converter: Optional[MultimodalDecoderFeatureConverter] = None) -> int:
   """Examples dropped for not fitting in a row: by `converter`, or by all converters."""
-  return (OVERSIZE_DROPS if converter is None else converter.dropped_examples).count
+  return (OVERSIZE_DROPS if converter is None else converter.dropped_examples).total
 
 
 def output_features(vocabulary, modalities: Sequence[str]) -> Dict[str, seqio.Feature]:

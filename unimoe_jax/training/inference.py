@@ -307,7 +307,7 @@ def infer(
         task.name,
         len(outputs),
         path,
-        gate.dropped_examples.count,
+        gate.dropped_examples.total,
     )
     paths[task.name] = path
   return paths
