@@ -2,13 +2,12 @@
 references: the loss masking of a Vicuna v1 prompt (for data/conversation.py) and the 8-expert
 model's expert set (for convert/experts.py and tools/assemble_experts.py)."""
 
-# Uni_MoE_8e's `ori_expert_list`, as written there (quotes aside): the stage-2 FFN file
-# of each of the 8 experts, in order (experts 2/6 and 5/7 share a file).
+# Uni_MoE_8e's `ori_expert_list`, its items and order as written there: the stage-2 FFN file of
+# each of the 8 experts (experts 2/6 and 5/7 share a file).
 # fmt: off
-ORI_EXPERT_LIST = ['mlp_audiocap', 'mlp_basev', 'mlp_base', 'mlp_base1', 'mlp_base4',
-                   'mlp_base7', 'mlp_base', 'mlp_base7']
+EXPERT_SET = ('mlp_audiocap', 'mlp_basev', 'mlp_base', 'mlp_base1', 'mlp_base4',
+              'mlp_base7', 'mlp_base', 'mlp_base7')
 # fmt: on
-EXPERT_SET = tuple(ORI_EXPERT_LIST)
 
 SEP = ' ASSISTANT: '
 
