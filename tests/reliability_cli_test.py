@@ -1,6 +1,7 @@
 """Issue 21: python -m unimoe_jax.generate / .score refuse bad input with one error naming the
 flag, accept a training run directory as --checkpoint, and bound the sequence by --max_length."""
 
+import argparse
 import os
 
 import jax
@@ -10,7 +11,7 @@ import pytest
 
 from generate_test import make_tokenizer
 from unimoe_jax import checkpoints, decoding, generate, score
-from unimoe_jax.serving import answering, scoring
+from unimoe_jax.serving import answering, flags, scoring
 
 _MODEL_GIN = """from unimoe_jax import config
 DECODER_CONFIG = @config.DecoderConfig()
@@ -147,6 +148,39 @@ def test_generate_python_api_checks_the_same(setup):
     answering.answer(converted, 'hi', temperature=-0.5)
   with pytest.raises(ValueError, match=r'--top_k=1000 exceeds the vocabulary \(97 tokens\)'):
     answering.answer(converted, 'hi', temperature=1.0, top_k=1000)
+  with pytest.raises(ValueError, match='--num_beams=3 .* exclude each other'):
+    answering.answer(
+        converted, 'hi', settings=answering.DecodingSettings(temperature=0.5), num_beams=3
+    )
+  with pytest.raises(TypeError, match='beams is not a decoding setting.*num_beams'):
+    answering.answer(converted, 'hi', beams=3)
+
+
+def test_decoding_settings_choose_the_method_as_hugging_face_does():
+  settings = answering.DecodingSettings
+  assert settings().method_kwargs() == {'method': 'greedy'}
+  assert settings(num_beams=3).method_kwargs() == {'method': 'beam', 'num_beams': 3}
+  assert settings(temperature=0.7, top_k=5, top_p=0.9, seed=3).method_kwargs() == {
+      'method': 'sample',
+      'temperature': 0.7,
+      'top_k': 5,
+      'top_p': 0.9,
+  }
+  settings(temperature=1.0, top_k=7).check_vocabulary(7)
+  with pytest.raises(ValueError, match=r'--top_k=7 exceeds the vocabulary \(6 tokens\)'):
+    settings(temperature=1.0, top_k=7).check_vocabulary(6)
+
+
+def test_generate_flags_are_the_decoding_settings():
+  """Each field of DecodingSettings is a flag of generate (max_length a common one), with the
+  field's default: the defaults are written once."""
+  parser = argparse.ArgumentParser()
+  flags.add_common_flags(parser)
+  flags.add_decoding_flags(parser)
+  args = parser.parse_args(['--checkpoint', 'x'])
+  assert flags.decoding_settings(args) == answering.DecodingSettings()
+  args = parser.parse_args(['--checkpoint', 'x', '--temperature', '0.5', '--seed', '4'])
+  assert flags.decoding_settings(args) == answering.DecodingSettings(temperature=0.5, seed=4)
 
 
 def test_decoding_generate_checks_its_arguments():

@@ -40,8 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   flags.add_common_flags(parser)
   parser.add_argument('--prompt', required=True, help='the question (placeholders optional)')
   flags.add_media_flags(parser)
-  for flag, kind, default, help_text in flags.DECODING_FLAGS:
-    parser.add_argument(flag, type=flags.typed(flag, kind), default=default, help=help_text)
+  flags.add_decoding_flags(parser)
   parser.add_argument(
       '--image_mode',
       default='crop',
@@ -49,11 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       help="image preprocessing: CLIP's centre crop or LLaVA's expand-to-square",
   )
   args = parser.parse_args(argv)
-  decoding_args = {flag[2:]: getattr(args, flag[2:]) for flag, *_ in flags.DECODING_FLAGS}
   try:
-    answering.check_decoding(
-        **{k: v for k, v in decoding_args.items() if k != 'seed'}, max_length=args.max_length
-    )
+    settings = flags.decoding_settings(args)
   except ValueError as e:
     parser.error(str(e))
   media = {m: getattr(args, m) for m in prompting.MODALITIES if getattr(args, m)}
@@ -61,11 +57,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       args.checkpoint,
       args.prompt,
       media,
-      **decoding_args,
+      settings=settings,
       vocab_path=args.vocab,
       dtype=args.dtype,
       image_mode=args.image_mode,
-      max_length=args.max_length,
   )
   print(result.text)
   return 0

@@ -1,9 +1,11 @@
 """The command-line flags `python -m unimoe_jax.score` and `python -m unimoe_jax.generate`
 share, and the decoding flags of `generate`. Types check the form of a value and name the flag;
-the library functions check ranges (`answering.check_decoding`)."""
+the library checks ranges (`answering.DecodingSettings`)."""
 
 import argparse
+import dataclasses
 
+from unimoe_jax.serving import answering
 from unimoe_jax.serving.scoring import DEFAULT_MAX_LENGTH, DTYPES
 
 MEDIA_FLAGS = ('image', 'audio', 'speech', 'video')
@@ -64,7 +66,7 @@ def add_media_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def typed(flag: str, kind):
-  """argparse type: `kind(text)`, the error naming `flag` (ranges: `answering.check_decoding`)."""
+  """argparse type: `kind(text)`, the error naming `flag` (ranges: `answering.DecodingSettings`)."""
 
   def parse(text):
     try:
@@ -77,13 +79,36 @@ def typed(flag: str, kind):
   return parse
 
 
-# The decoding flags: (flag, type, default, help). Each value is checked by
-# `answering.check_decoding`.
-DECODING_FLAGS = (
-    ('--max_decode_steps', int, 128, 'most new tokens (prompt + these <= --max_length)'),
-    ('--temperature', float, 0.0, '0: greedy; > 0: sampling'),
-    ('--top_k', int, 0, 'sampling: keep the k most likely (0: off)'),
-    ('--top_p', float, 1.0, 'sampling: nucleus mass in (0, 1] (1: off)'),
-    ('--num_beams', int, 1, '> 1: beam search'),
-    ('--seed', int, 0, 'sampling seed'),
-)
+# Help of the decoding flags of `generate`, one per field of `answering.DecodingSettings`
+# (--max_length is a common flag); their types and defaults are the fields'.
+_DECODING_HELP = {
+    'max_decode_steps': 'most new tokens (prompt + these <= --max_length)',
+    'temperature': '0: greedy; > 0: sampling',
+    'top_k': 'sampling: keep the k most likely (0: off)',
+    'top_p': 'sampling: nucleus mass in (0, 1] (1: off)',
+    'num_beams': '> 1: beam search',
+    'seed': 'sampling seed',
+}
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+  """A flag for each field of `answering.DecodingSettings` but max_length (a common flag)."""
+  for field in dataclasses.fields(answering.DecodingSettings):
+    if field.name != 'max_length':
+      flag = f'--{field.name}'
+      parser.add_argument(
+          flag,
+          type=typed(flag, field.type),
+          default=field.default,
+          help=f'{_DECODING_HELP[field.name]}; default {field.default}',
+      )
+
+
+def decoding_settings(args: argparse.Namespace) -> answering.DecodingSettings:
+  """The `DecodingSettings` of parsed flags (a bad value raises ValueError naming its flag)."""
+  return answering.DecodingSettings(
+      **{
+          field.name: getattr(args, field.name)
+          for field in dataclasses.fields(answering.DecodingSettings)
+      }
+  )
