@@ -1,10 +1,10 @@
-"""tools/make_sample_data.py: official manifest format, media that decode, labels that the media
-really carry (checked by measuring the pixels and the signals), determinism and class balance."""
+"""unimoe_jax.sample_data and tools/make_sample_data.py: official manifest format, media that
+decode, labels that the media really carry (checked by measuring the pixels and the signals),
+determinism and class balance."""
 
 import collections
 import colorsys
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +17,8 @@ pytest.importorskip('PIL')
 pytest.importorskip('soundfile')
 ndimage = pytest.importorskip('scipy.ndimage')
 
+from unimoe_jax import sample_data  # noqa: E402
+from unimoe_jax.data import metrics  # noqa: E402
 from unimoe_jax.media import audio as audio_lib  # noqa: E402
 from unimoe_jax.media import image as image_lib  # noqa: E402
 from unimoe_jax.media import video as video_lib  # noqa: E402
@@ -67,16 +69,6 @@ MC_OPTIONS = {  # the options of each multiple-choice question, in order
     ('audio', 'pitch'): PITCHES,
 }
 NOTES_OCTAVE_4 = {name: 440.0 * 2.0 ** ((k - 9) / 12.0) for k, name in enumerate(PITCHES)}
-
-
-def _load_tool():
-  spec = importlib.util.spec_from_file_location('make_sample_data', TOOL)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-tool = _load_tool()
 
 
 @pytest.fixture(scope='module')
@@ -483,10 +475,19 @@ def test_chance_baselines_are_reported(info):
   assert speech['best_constant_transcript'].replace(' ', '').isdigit()
 
 
-def test_corpus_wer_counts_word_edits():
-  assert tool.corpus_wer(['3 1 4'], ['3 1 4']) == 0.0
-  assert tool.corpus_wer(['3 1 4'], ['3 4']) == pytest.approx(1 / 3)  # one deletion
-  assert tool.corpus_wer(['3 1 4', '1 5 9 2'], ['3 1 4 4', '']) == pytest.approx(5 / 7)
+def test_speech_chance_wer_is_the_task_metric_of_a_constant(data_dir, info):
+  """The chance WER is what the eval task's own metric (metrics.word_error_rate) gives a
+  constant transcript, the best over every digit repeated 3 or 4 times."""
+  speech = info['splits']['validation']['chance']['eval_speech_open']
+  answers = [e['answer'] for e in _manifest(data_dir, 'validation', 'eval_speech_open')]
+
+  def wer(guess):
+    return metrics.word_error_rate(answers, [guess] * len(answers))['wer']
+
+  guesses = [' '.join(d * k) for d in '0123456789' for k in (3, 4)]
+  assert speech['best_constant_wer'] == min(wer(g) for g in guesses)
+  assert speech['best_constant_wer'] == wer(speech['best_constant_transcript'])
+  assert speech['empty_answer_wer'] == wer('') == 1.0
 
 
 def _digest(root):
@@ -501,9 +502,9 @@ def _digest(root):
 
 def test_output_is_a_function_of_the_seed(tmp_path):
   kwargs = dict(num_train=6, num_validation=4, image_size=24)
-  tool.make_sample_data(str(tmp_path / 'a'), seed=5, **kwargs)
-  tool.make_sample_data(str(tmp_path / 'b'), seed=5, **kwargs)
-  tool.make_sample_data(str(tmp_path / 'c'), seed=6, **kwargs)
+  sample_data.make_sample_data(str(tmp_path / 'a'), seed=5, **kwargs)
+  sample_data.make_sample_data(str(tmp_path / 'b'), seed=5, **kwargs)
+  sample_data.make_sample_data(str(tmp_path / 'c'), seed=6, **kwargs)
   a, b, c = (_digest(tmp_path / k) for k in 'abc')
   assert a == b
   assert a.keys() == c.keys()
@@ -512,7 +513,7 @@ def test_output_is_a_function_of_the_seed(tmp_path):
 
 
 def test_absolute_paths_option(tmp_path):
-  tool.make_sample_data(str(tmp_path), num_train=2, num_validation=1, absolute_paths=True)
+  sample_data.make_sample_data(str(tmp_path), num_train=2, num_validation=1, absolute_paths=True)
   entry = _manifest(str(tmp_path), 'validation', 'instruct_video')[0]
   assert all(os.path.isabs(p) and os.path.isfile(p) for p in entry['video'])
 

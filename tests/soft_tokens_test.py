@@ -3,7 +3,6 @@ TfdsSettings `<m>_soft_tokens` vs `UniMoEConfig.num_soft_tokens(m)`) fails befor
 naming both; `splice` alone would pair soft tokens with the wrong placeholders silently."""
 
 import dataclasses
-import importlib.util
 import os
 import pathlib
 
@@ -15,6 +14,7 @@ pytest.importorskip('seqio')
 
 import unimoe_jax  # pylint: disable=g-import-not-at-top
 from unimoe_jax import models  # pylint: disable=g-import-not-at-top
+from unimoe_jax import sample_data  # pylint: disable=g-import-not-at-top
 from unimoe_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 from unimoe_jax.tasks import sample  # pylint: disable=g-import-not-at-top
 from unimoe_jax.training import loop  # pylint: disable=g-import-not-at-top
@@ -27,12 +27,8 @@ LENGTHS = {'targets': 192, 'image_features': 1}
 @pytest.fixture(scope='module')
 def sample_dir(tmp_path_factory):
   directory = tmp_path_factory.mktemp('sample')
-  spec = importlib.util.spec_from_file_location(
-      'make_sample_data', ROOT / 'tools' / 'make_sample_data.py'
-  )
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
-  assert tool.main(['--output', str(directory), '--train', '4', '--validation', '2']) == 0
+  sample_data.make_sample_data(str(directory), num_train=4, num_validation=2)
+  sample_data.train_tokenizer(str(directory))
   return directory
 
 

@@ -12,6 +12,7 @@ import pytest
 seqio = pytest.importorskip('seqio')
 
 import unimoe_jax  # pylint: disable=g-import-not-at-top
+from unimoe_jax import sample_data  # pylint: disable=g-import-not-at-top
 from unimoe_jax.data import feature_converter as fc_lib  # pylint: disable=g-import-not-at-top
 from unimoe_jax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
 from unimoe_jax.tasks import sample  # pylint: disable=g-import-not-at-top
@@ -28,12 +29,8 @@ ROWS = 2
 
 
 def _make_sample_data(directory):
-  spec = importlib.util.spec_from_file_location(
-      'make_sample_data', ROOT / 'tools' / 'make_sample_data.py'
-  )
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
-  assert tool.main(['--output', str(directory), '--train', '8', '--validation', '4']) == 0
+  sample_data.make_sample_data(str(directory), num_train=8, num_validation=4)
+  sample_data.train_tokenizer(str(directory))
 
 
 @pytest.fixture(scope='module')

@@ -1,7 +1,8 @@
 r"""`python -m unimoe_jax.progressive`: the three Uni-MoE stages and the evaluation, end to end.
 
-With no arguments it writes the embedded sample data (tools/make_sample_data.py) and trains the
-tiny multimodal model on a CPU, nothing downloaded:
+With no arguments it writes the embedded sample data (`unimoe_jax.sample_data`, what
+tools/make_sample_data.py writes) and trains the tiny multimodal model on a CPU, nothing
+downloaded:
 
   0. warm start (demo only): the decoder learns the conversations as text, each media item
      described in words where its placeholder was (unimoe_sample_text_warmup), standing in for
@@ -37,7 +38,6 @@ Flags:
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Optional, Sequence
@@ -50,22 +50,13 @@ from unimoe_jax.training import progressive_stages
 DEFAULT_STEPS = (600, 1000, 100, 400)
 
 
-def _repo_root() -> str:
-  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def make_sample_data(directory: str) -> str:
-  if os.path.isfile(os.path.join(directory, 'sample_data_info.json')):
-    return directory
-  tool = os.path.join(_repo_root(), 'tools', 'make_sample_data.py')
-  if not os.path.isfile(tool):
-    raise SystemExit(
-        f'{tool} not found (installed without a checkout?): run '
-        'tools/make_sample_data.py from a checkout and pass --sample_data DIR'
-    )
-  subprocess.run(
-      [sys.executable, tool, '--output', directory], check=True, stdout=subprocess.DEVNULL
-  )
+  """`directory`, after writing the sample data and its tokenizer there unless it holds them."""
+  if not os.path.isfile(os.path.join(directory, 'sample_data_info.json')):
+    from unimoe_jax import sample_data  # pylint: disable=g-import-not-at-top
+
+    sample_data.make_sample_data(directory)
+    sample_data.train_tokenizer(directory)
   return directory
 
 
