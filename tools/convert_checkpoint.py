@@ -74,6 +74,7 @@ from unimoe_jax.convert import hf
 from unimoe_jax.convert import io as ckpt_io
 from unimoe_jax.convert import llava
 from unimoe_jax.convert import official
+from unimoe_jax.convert import official_lora
 from unimoe_jax.convert import official_towers
 from unimoe_jax.decoder import Decoder
 from unimoe_jax.network import UniMoE, UniMoEConfig
@@ -208,7 +209,7 @@ def convert_official(
   files = official.open_official(input_dir, base_dir, expert_dir, expert_files)
   layers = official.moe_layers(hf_config, list(files.state_dict))
   state_dict, found = official.prune(files, hf_config, layers)
-  scales = official.adapter_scales(state_dict, hf_config, adapter_config)
+  scales = official_lora.adapter_scales(state_dict, hf_config, adapter_config)
   cfg, config_notes = official.config_from_official(
       hf_config,
       adapter_config,

@@ -35,7 +35,8 @@ PEFT wraps the model as `base_model.model.` and adds `<module>.lora_A.weight` `[
 `<module>.base_layer.weight`); LoRA targets every LLM Linear except the router and `lm_head`
 (train.py `find_all_llm_linear_names`; the 8e one also skips the DeepSpeed experts but not the
 loralib Linears of the dense FFNs, so PEFT may adapt an adapter: `mlp.gate_proj_lora_A.lora_A`).
-Merging gives `W + (alpha / rank) · B·A` (PEFT's `merge_and_unload`, loralib's merge).
+Merging gives `W + (alpha / rank) · B·A` (PEFT's `merge_and_unload`, loralib's merge);
+official_lora.py merges the adapters or keeps them as ours.
 
 The 8e expert weights are saved per rank (train.py: `{rank}_mlp_experts.bin`, keys
 `model.layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{local}.{module}.weight`) and the
@@ -67,6 +68,7 @@ from unimoe_jax.convert import clip as clip_convert
 from unimoe_jax.convert import experts as experts_lib
 from unimoe_jax.convert import hf
 from unimoe_jax.convert import io as ckpt_io
+from unimoe_jax.convert import official_lora
 from unimoe_jax.convert import official_towers
 from unimoe_jax.convert.common import TensorReader
 from unimoe_jax.convert.io import LazyStateDict, LazyTensor
@@ -94,16 +96,6 @@ OFFICIAL_ROPE_THETA = 10000.0
 _EXPERT_TO_MIXTRAL = {'gate_proj': 'w1', 'up_proj': 'w3', 'down_proj': 'w2'}
 _PROJ = ('gate_proj', 'up_proj', 'down_proj')
 _EXPERT_MODULES = _PROJ + tuple(f'{p}_lora_{x}' for p in _PROJ for x in 'AB')
-_PEFT = ('.lora_A.weight', '.lora_B.weight')
-_LORALIB = ('.loralib_A.weight', '.loralib_B.weight')
-# torch module suffix -> our projection name.
-_ATTENTION = {
-    'self_attn.q_proj': 'query',
-    'self_attn.k_proj': 'key',
-    'self_attn.v_proj': 'value',
-    'self_attn.o_proj': 'out',
-}
-_MLP = {'gate_proj': 'wi_0', 'up_proj': 'wi_1', 'down_proj': 'wo'}
 _DS_EXPERTS = re.compile(r'\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.')
 _LORALIB_NAME = re.compile(r'\.(gate_proj|up_proj|down_proj)_lora_([AB])\.')
 _LAYER = re.compile(r'^model\.layers\.(\d+)\.')
@@ -297,22 +289,6 @@ def layers_pattern(layers: Sequence[int], num_layers: int):
   return layers
 
 
-def _modules(names, suffixes) -> Dict[str, Tuple[str, str]]:
-  """module name -> (A name, B name) for one adapter spelling; a lone A or B is an error."""
-  found: Dict[str, Dict[str, str]] = {}
-  for name in names:
-    for suffix in suffixes:
-      if name.endswith(suffix):
-        found.setdefault(name[: -len(suffix)], {})[suffix] = name
-  out = {}
-  for module, parts in found.items():
-    missing = [module + s for s in suffixes if s not in parts]
-    if missing:
-      raise ValueError(f'LoRA adapter is incomplete: missing {missing}')
-    out[module] = (parts[suffixes[0]], parts[suffixes[1]])
-  return out
-
-
 def prune(
     files: OfficialFiles, hf_config: Mapping[str, Any], layers: Sequence[int]
 ) -> Tuple[LazyStateDict, List[str]]:
@@ -349,7 +325,9 @@ def prune(
     )
   orphans = [
       (a, b)
-      for module, (a, b) in _modules(entries, _PEFT).items()
+      for module, (a, b) in official_lora.adapter_modules(
+          entries, official_lora.PEFT_SUFFIXES
+      ).items()
       if module.endswith(('.loralib_A', '.loralib_B')) and f'{module}.weight' not in entries
   ]
   for a, b in orphans:
@@ -374,41 +352,6 @@ def prune(
           'the official loader initialises them at random; converted as zero'
       )
   return LazyStateDict(entries, files.state_dict.files), notes
-
-
-@dataclasses.dataclass(frozen=True)
-class AdapterScales:
-  """LoRA scale (alpha / rank) of each adapter spelling present, None when absent."""
-
-  peft: Optional[float]
-  loralib: Optional[float]
-
-
-def lora_scale(adapter_config: Mapping[str, Any]) -> float:
-  if adapter_config.get('use_rslora'):
-    raise ValueError('adapter_config.json: use_rslora adapters are not supported')
-  return float(adapter_config['lora_alpha']) / float(adapter_config['r'])
-
-
-def adapter_scales(
-    state_dict: Mapping[str, Any],
-    hf_config: Mapping[str, Any],
-    adapter_config: Optional[Mapping[str, Any]],
-) -> AdapterScales:
-  peft = loralib = None
-  if _modules(state_dict, _PEFT):
-    if adapter_config is None:
-      raise ValueError('the state dict has LoRA adapters but no adapter_config.json was found')
-    peft = lora_scale(adapter_config)
-  if _modules(state_dict, _LORALIB):
-    if not hf_config.get('lora_r') or hf_config.get('lora_alpha') is None:
-      raise ValueError(
-          'the state dict has loralib adapters (*_proj_lora_A/B) but config.json '
-          f'has no lora_r / lora_alpha (lora_r={hf_config.get("lora_r")!r}, '
-          f'lora_alpha={hf_config.get("lora_alpha")!r})'
-      )
-    loralib = float(hf_config['lora_alpha']) / float(hf_config['lora_r'])
-  return AdapterScales(peft, loralib)
 
 
 def _check_supported(hf_config: Mapping[str, Any], deepspeed: bool) -> List[str]:
@@ -449,7 +392,7 @@ def config_from_official(
     adapter_config: Optional[Mapping[str, Any]],
     layers: Sequence[int],
     deepspeed: bool,
-    scales: AdapterScales,
+    scales: official_lora.AdapterScales,
     keep_lora: bool,
     **overrides,
 ) -> Tuple[DecoderConfig, List[str]]:
@@ -521,82 +464,6 @@ def config_from_official(
 # Parameters.
 
 
-def merge_adapters(
-    state_dict: LazyStateDict, scale: float, suffixes: Tuple[str, str] = _PEFT, only=None
-) -> LazyStateDict:
-  """Every `<module>.weight` with an adapter becomes `W + scale · B·A` (computed when read).
-  `only(module)` restricts which modules are merged."""
-  entries = dict(state_dict.items())
-  for module, (a_name, b_name) in _modules(entries, suffixes).items():
-    if only is not None and not only(module):
-      continue
-    w_name = f'{module}.weight'
-    if w_name not in entries:
-      raise ValueError(f'LoRA adapter {a_name} has no base weight {w_name}')
-    w, a, b = entries[w_name], entries.pop(a_name), entries.pop(b_name)
-    if tuple(b.shape) + tuple(a.shape) != (w.shape[0], a.shape[0], a.shape[0], w.shape[1]):
-      raise ValueError(
-          f'{module}: LoRA shapes A {tuple(a.shape)} B {tuple(b.shape)} do not '
-          f'fit the weight {tuple(w.shape)}'
-      )
-
-    def load(w=w, a=a, b=b):
-      return np.asarray(w, np.float32) + scale * (
-          np.asarray(b, np.float32) @ np.asarray(a, np.float32)
-      )
-
-    entries[w_name] = LazyTensor(w.shape, 'float32', load)
-  return LazyStateDict(entries, state_dict.files)
-
-
-def _adapter_pair(r: TensorReader, module: str, n_in: int, n_out: int, rank: int):
-  """(A.T `[in, rank]`, B.T `[rank, out]`), zeros when the module has no adapter."""
-  if not r.has(f'{module}.lora_A.weight'):
-    return np.zeros((n_in, rank), np.float32), np.zeros((rank, n_out), np.float32)
-  a = r.pop(f'{module}.lora_A.weight', (rank, n_in))
-  b = r.pop(f'{module}.lora_B.weight', (n_out, rank))
-  return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
-
-
-def _kept_adapters(r: TensorReader, cfg: DecoderConfig) -> Dict[str, Any]:
-  """Our `lora_a` / `lora_b` leaves per layer (a tree to merge into the base params)."""
-  d, h, kv = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads
-  hd, f = cfg.resolved_head_dim, cfg.mlp_dim
-  rank = cfg.lora.rank
-  moe_layers = set(cfg.moe_layer_indices())
-  tree: Dict[str, Any] = {}
-  for i in range(cfg.num_layers):
-    p = f'model.layers.{i}'
-    layer: Dict[str, Any] = {'attention': {}}
-    shapes = {'query': (d, h * hd), 'key': (d, kv * hd), 'value': (d, kv * hd), 'out': (h * hd, d)}
-    for module, ours in _ATTENTION.items():
-      a, b = _adapter_pair(r, f'{p}.{module}', *shapes[ours], rank)
-      if ours == 'out':
-        a = a.reshape(h, hd, rank)
-      else:
-        b = b.reshape(rank, -1, hd)
-      layer['attention'][ours] = {'lora_a': a, 'lora_b': b}
-    mlp_shapes = {'wi_0': (d, f), 'wi_1': (d, f), 'wo': (f, d)}
-    if i in moe_layers:
-      layer['moe'] = {}
-      for module, ours in _MLP.items():
-        pairs = [
-            _adapter_pair(r, f'{p}.mlp.experts.{e}.{module}', *mlp_shapes[ours], rank)
-            for e in range(cfg.moe.num_experts)
-        ]
-        layer['moe'][ours] = {
-            'lora_a': np.stack([a for a, _ in pairs]),
-            'lora_b': np.stack([b for _, b in pairs]),
-        }
-    else:
-      layer['mlp'] = {}
-      for module, ours in _MLP.items():
-        a, b = _adapter_pair(r, f'{p}.mlp.{module}', *mlp_shapes[ours], rank)
-        layer['mlp'][ours] = {'lora_a': a, 'lora_b': b}
-    tree[f'layers_{i}'] = layer
-  return tree
-
-
 def _deep_update(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
   for k, v in extra.items():
     if isinstance(v, Mapping):
@@ -623,22 +490,11 @@ def _to_official_names(message: str) -> str:
   )
 
 
-def _as_peft_names(entries: Dict[str, Any]) -> Dict[str, Any]:
-  """loralib adapters renamed to the PEFT spelling (one adapter per module, checked)."""
-  out = dict(entries)
-  for module, (a, b) in _modules(entries, _LORALIB).items():
-    if f'{module}.lora_A.weight' in entries:
-      raise ValueError(f'{module} has both a PEFT and a loralib adapter')  # Folded before.
-    out[f'{module}.lora_A.weight'] = out.pop(a)
-    out[f'{module}.lora_B.weight'] = out.pop(b)
-  return out
-
-
 def params_from_official(
     state_dict: LazyStateDict,
     cfg: DecoderConfig,
     hf_config: Mapping[str, Any],
-    scales: AdapterScales = AdapterScales(None, None),
+    scales: official_lora.AdapterScales = official_lora.AdapterScales(None, None),
     merge_lora: bool = True,
     model_cfg: Optional[UniMoEConfig] = None,
 ) -> Dict[str, Any]:
@@ -668,20 +524,24 @@ def params_from_official(
     )
   entries: LazyStateDict = state_dict
   if scales.peft is not None:  # PEFT adapters of loralib Linears: always into those Linears.
-    entries = merge_adapters(
+    entries = official_lora.merge_adapters(
         entries, scales.peft, only=lambda m: m.endswith(('.loralib_A', '.loralib_B'))
     )
   if merge_lora:
     if scales.peft is not None:
-      entries = merge_adapters(entries, scales.peft)
+      entries = official_lora.merge_adapters(entries, scales.peft)
     if scales.loralib is not None:
-      entries = merge_adapters(entries, scales.loralib, _LORALIB)
+      entries = official_lora.merge_adapters(
+          entries, scales.loralib, official_lora.LORALIB_SUFFIXES
+      )
   elif scales.peft is not None and scales.loralib is not None:
     # A projection with both (an 8e dense FFN): keep the PEFT adapter, which the official run
     # trains, and fold the loralib one, which it freezes (train.py trains loralib adapters only
     # under mlp.deepspeed_moe.); the forward pass is the same.
-    peft = set(_modules(entries, _PEFT))
-    entries = merge_adapters(entries, scales.loralib, _LORALIB, only=lambda m: m in peft)
+    peft = set(official_lora.adapter_modules(entries, official_lora.PEFT_SUFFIXES))
+    entries = official_lora.merge_adapters(
+        entries, scales.loralib, official_lora.LORALIB_SUFFIXES, only=lambda m: m in peft
+    )
   projector_names = {k: v for k, v in entries.items() if k.startswith(PROJECTOR_PREFIX)}
   decoder_sd = {
       _to_mixtral_name(k): v
@@ -696,14 +556,13 @@ def params_from_official(
         raise ValueError('adapters are kept but the DecoderConfig has no lora')
       for scale in (scales.peft, scales.loralib):
         if scale is not None and not np.isclose(cfg.lora.scale, scale):
-          raise ValueError(
-              f"LoRAConfig.scale {cfg.lora.scale} differs from the adapters' " f'{scale}'
-          )
-      decoder_sd = _as_peft_names(decoder_sd)
-      lora_names = {k: decoder_sd.pop(k) for k in list(decoder_sd) if k.endswith(_PEFT)}
-      official_lora = {_to_official_names(k): v for k, v in lora_names.items()}
-      r = TensorReader(official_lora)
-      adapters = _kept_adapters(r, cfg)
+          raise ValueError(f"LoRAConfig.scale {cfg.lora.scale} differs from the adapters' {scale}")
+      decoder_sd = official_lora.as_peft_names(decoder_sd)
+      lora_names = {
+          k: decoder_sd.pop(k) for k in list(decoder_sd) if k.endswith(official_lora.PEFT_SUFFIXES)
+      }
+      r = TensorReader({_to_official_names(k): v for k, v in lora_names.items()})
+      adapters = official_lora.kept_adapters(r, cfg)
       r.finish()  # Adapters on modules we cannot adapt (lm_head, mlp.gate) are unexpected.
     params['decoder'] = hf.decoder_params_from_hf(decoder_sd, cfg)
     if adapters is not None:
