@@ -9,7 +9,7 @@ import numpy as np
 
 from unimoe_jax.data import metrics
 from unimoe_jax.sample_data.catalogue import CLIP_SECONDS, NUM_FRAMES, SAMPLE_RATE, SPEECH_LENGTHS
-from unimoe_jax.sample_data.manifests import build_manifests, text_warmup
+from unimoe_jax.sample_data.manifests import PLACEHOLDERS, build_manifests, text_warmup
 from unimoe_jax.sample_data.media import make_media
 
 # --------------------------------------------------------------------------------------------
@@ -51,7 +51,9 @@ def chance_baselines(manifests: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Di
       wers = {g: metrics.word_error_rate(answers, [g] * len(answers))['wer'] for g in guesses}
       best = min(wers, key=wers.get)
       stats.update(
-          empty_answer_wer=1.0, best_constant_transcript=best, best_constant_wer=wers[best]
+          empty_answer_wer=metrics.word_error_rate(answers, [''] * len(answers))['wer'],
+          best_constant_transcript=best,
+          best_constant_wer=wers[best],
       )
     out[name] = stats
   return out
@@ -159,13 +161,10 @@ def train_tokenizer(output: str, vocab_size: int = 512) -> str:
     with open(os.path.join(train, name)) as f:
       for entry in json.load(f):
         for turn in entry['conversations']:
-          lines.append(
-              turn['value']
-              .replace('<image>', '')
-              .replace('<video>', '')
-              .replace('<audio>', '')
-              .strip()
-          )
+          text = turn['value']
+          for placeholder in set(PLACEHOLDERS.values()):
+            text = text.replace(placeholder, '')
+          lines.append(text.strip())
   lines += ['USER: ASSISTANT:'] * 100
   return sentencepiece_files.train_sentencepiece(
       lines,
