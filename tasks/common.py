@@ -23,8 +23,7 @@ from unimoe_jax.data import feature_converter
 from unimoe_jax.data import manifest as manifest_lib
 from unimoe_jax.data import preprocessors
 from unimoe_jax.data import vocabulary as vocabulary_lib
-
-MODALITIES = manifest_lib.MODALITIES
+from unimoe_jax.modalities import MODALITIES
 
 
 @gin.configurable

@@ -35,10 +35,12 @@ import gin
 from unimoe_jax.data import manifest as manifest_lib
 from unimoe_jax.data import metrics
 from unimoe_jax.data import vocabulary as vocabulary_lib
+from unimoe_jax.media import audio as audio_lib
+from unimoe_jax.modalities import MODALITIES
+from unimoe_jax.sample_data.catalogue import SPLITS
 
 from unimoe_jax.tasks import common
 
-SPLITS = ('train', 'validation')
 STAGE1_RATES = {'image': 1.0, 'speech': 2.0, 'audio': 1.0}
 # Per-item soft tokens of the tiny towers (gin/models/multimodal_tiny.gin).
 SOFT_TOKENS = dict(
@@ -73,7 +75,7 @@ VOCABULARY = vocabulary_lib.LazyVocabulary(
 
 
 @gin.configurable
-def speech_window(seconds: int = manifest_lib.WHISPER_SECONDS) -> int:
+def speech_window(seconds: int = audio_lib.WHISPER_SECONDS) -> int:
   """Seconds of Whisper window per speech item (ManifestConfig.speech_seconds): 30 as in
   Whisper; the CPU demo (gin/demo/tiny_data.gin) binds 1 (its DTMF clips last under 0.7 s) together
   with the encoder's max_source_positions."""
@@ -118,12 +120,9 @@ def register():
       'unimoe_sample_stage1',
       [(task, STAGE1_RATES[m]) for m, task in zip(('image', 'speech', 'audio'), stage1)],
   )
-  instruct = [
-      _task(f'unimoe_sample_instruct_{m}', f'instruct_{m}', _voice(m))
-      for m in ('image', 'video', 'speech', 'audio')
-  ]
+  instruct = [_task(f'unimoe_sample_instruct_{m}', f'instruct_{m}', _voice(m)) for m in MODALITIES]
   evals = {}
-  for m in ('image', 'video', 'speech', 'audio'):
+  for m in MODALITIES:
     open_metric = metrics.word_error_rate if m == 'speech' else metrics.exact_match
     evals[m] = [
         _task(
@@ -137,7 +136,7 @@ def register():
   # Instruction data of one modality: its conversations plus the train split of its
   # benchmark-style tasks (multiple choice answered with a letter, one-word answers), as real
   # instruction mixtures carry ScienceQA/MMBench-style data next to free-form conversations.
-  for m, task in zip(('image', 'video', 'speech', 'audio'), instruct):
+  for m, task in zip(MODALITIES, instruct):
     common.register_mixture(f'unimoe_sample_stage2_{m}', [task, *evals[m]])  # One run each.
   stage3 = instruct + [t for m in evals for t in evals[m]]
   common.register_mixture('unimoe_sample_stage3', stage3)

@@ -33,6 +33,7 @@ from unimoe_jax.data import tfds_sources as ts  # noqa: E402
 from unimoe_jax.data import vocabulary as vocab_lib  # noqa: E402
 from unimoe_jax.media import audio as audio_lib  # noqa: E402
 from unimoe_jax.media import image as image_lib  # noqa: E402
+from unimoe_jax.modalities import PLACEHOLDERS  # noqa: E402
 
 from data_fixtures import llama_like_tokenizer  # noqa: E402
 
@@ -189,7 +190,7 @@ def _check_example(ex, vocab, modality, prompt, answer):
   targets, weights = ex['targets'], ex['loss_weights']
   assert targets.dtype == np.int32 and weights.dtype == np.float32
   assert targets.shape == weights.shape and targets[0] == vocab.bos_id
-  placeholder = PLACEHOLDER_IDS[manifest_lib.PLACEHOLDERS[modality]]
+  placeholder = PLACEHOLDER_IDS[PLACEHOLDERS[modality]]
   others = [i for i in PLACEHOLDER_IDS.values() if i != placeholder]
   assert not np.isin(targets, others).any()
   positions = np.nonzero(targets == placeholder)[0]

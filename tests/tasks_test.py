@@ -15,6 +15,7 @@ import unimoe_jax  # pylint: disable=g-import-not-at-top
 from unimoe_jax import sample_data  # pylint: disable=g-import-not-at-top
 from unimoe_jax.data import feature_converter as fc_lib  # pylint: disable=g-import-not-at-top
 from unimoe_jax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
+from unimoe_jax.modalities import MODALITIES, PLACEHOLDERS  # pylint: disable=g-import-not-at-top
 from unimoe_jax.tasks import sample  # pylint: disable=g-import-not-at-top
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,9 +50,7 @@ def _bind(sample_dir, monkeypatch):
 
 
 def _batches(name, split='train'):
-  converter = fc_lib.MultimodalDecoderFeatureConverter(
-      pack=True, modalities=manifest_lib.MODALITIES
-  )
+  converter = fc_lib.MultimodalDecoderFeatureConverter(pack=True, modalities=MODALITIES)
   ds = seqio.get_dataset(
       name, LENGTHS, converter, dataset_split=split, shuffle=False, trim_output_features=False
   )
@@ -276,7 +275,7 @@ def test_examples_carry_the_prompt_and_answer_texts(sample_dir, task, manifest, 
     assert ex['targets_pretokenized'].decode() == answer
     assert answer == common.last_answer(ex['targets'], ex['loss_weights'], vocab)
     # One placeholder string, however many soft tokens it stands for.
-    assert sum(prompt.count(p) for p in manifest_lib.PLACEHOLDERS.values()) == 1 and answer
+    assert sum(prompt.count(p) for p in PLACEHOLDERS.values()) == 1 and answer
 
 
 def test_mixtures_pass_the_texts_through_and_the_converter_ignores_them():
@@ -332,7 +331,7 @@ def test_eval_dataset_length_is_known_with_on_too_long_raise(sample_dir):
     [
         (('image',), {'targets': 256, 'image_features': 1}),
         (('image',), None),
-        (manifest_lib.MODALITIES, dict(LENGTHS, targets=256)),
+        (MODALITIES, dict(LENGTHS, targets=256)),
     ],
 )
 def test_seqio_evaluator_builds_its_datasets_with_the_converter(

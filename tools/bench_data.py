@@ -53,7 +53,8 @@ from unimoe_jax.media import video as video_lib
 
 NUM_DISTINCT_INPUTS = 4
 IMAGE_WIDTH, IMAGE_HEIGHT = 640, 480
-AUDIO_SECONDS, SAMPLE_RATE = 10, 16000
+AUDIO_SECONDS = 10
+SAMPLE_RATE = audio_lib.SAMPLE_RATE  # A file at the loaders' rate: no resampling in the timings.
 VIDEO_SECONDS, VIDEO_FPS = 2, 25
 WHISPER_MELS = 80
 

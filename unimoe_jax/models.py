@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimoe_jax import decoding
-from unimoe_jax.network import MODALITIES, UniMoE, UniMoEConfig, check_placeholders
+from unimoe_jax.modalities import MODALITIES
+from unimoe_jax.network import UniMoE, UniMoEConfig, check_placeholders
 
 Array = jax.Array
 Batch = Mapping[str, Array]

@@ -41,9 +41,8 @@ from unimoe_jax.decoder import Decoder
 from unimoe_jax.encoders.beats import BEATs, BEATsConfig
 from unimoe_jax.encoders.clip import CLIPVisionConfig, CLIPVisionTower
 from unimoe_jax.encoders.whisper import WhisperEncoder, WhisperEncoderConfig
-
-MODALITIES = ('image', 'video', 'speech', 'audio')
-AUDIO_PADDING_MODES = ('official', 'masked')  # = media.audio.AUDIO_PADDING_MODES
+from unimoe_jax.media.audio import AUDIO_PADDING_MODES
+from unimoe_jax.modalities import MODALITIES
 
 
 @gin.configurable

@@ -27,7 +27,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from absl import logging
 import numpy as np
 
-MODALITIES = ('image', 'video', 'speech', 'audio')
+from unimoe_jax.modalities import MODALITIES
+
 MARGIN = 0.10  # "beats chance": by at least this much (WER: this much below).
 
 

@@ -149,15 +149,16 @@ def _clip_preprocessor(size: int) -> Dict[str, Any]:
 
 def _whisper_preprocessor(num_mel_bins: int) -> Dict[str, Any]:
   """WhisperFeatureExtractor settings of our log-mel features (media/audio.py)."""
+  samples = audio_media.WHISPER_SECONDS * audio_media.SAMPLE_RATE
   return {
       'feature_extractor_type': 'WhisperFeatureExtractor',
       'feature_size': num_mel_bins,
-      'sampling_rate': audio_media.WHISPER_SAMPLE_RATE,
+      'sampling_rate': audio_media.SAMPLE_RATE,
       'n_fft': audio_media.WHISPER_N_FFT,
       'hop_length': audio_media.WHISPER_HOP_LENGTH,
-      'chunk_length': 30,
-      'n_samples': 30 * audio_media.WHISPER_SAMPLE_RATE,
-      'nb_max_frames': 30 * audio_media.WHISPER_SAMPLE_RATE // audio_media.WHISPER_HOP_LENGTH,
+      'chunk_length': audio_media.WHISPER_SECONDS,
+      'n_samples': samples,
+      'nb_max_frames': samples // audio_media.WHISPER_HOP_LENGTH,
       'padding_side': 'right',
       'padding_value': 0.0,
       'return_attention_mask': False,

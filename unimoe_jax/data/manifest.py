@@ -51,16 +51,7 @@ from unimoe_jax.media import audio as audio_lib
 from unimoe_jax.media import image as image_lib
 from unimoe_jax.media import video as video_lib
 from unimoe_jax.media.errors import MediaError
-
-MODALITIES = ('image', 'video', 'speech', 'audio')
-PLACEHOLDERS = {'image': '<image>', 'video': '<video>', 'speech': '<speech>', 'audio': '<audio>'}
-WHISPER_SECONDS = 30  # Whisper's window: 3000 log-mel frames (100 per second)
-BEATS_BINS = 128
-SAMPLE_RATE = 16000
-# Official chunking of long audio: speech cuts 480001-sample pieces (the 30 s window + 1 sample;
-# Whisper then keeps 480000) and keeps all, audio 480000 and keeps at most 20.
-AUDIO_CHUNK_SAMPLES = audio_lib.BEATS_CHUNK_SAMPLES
-OFFICIAL_AUDIO_MAX_CHUNKS = audio_lib.AUDIO_MAX_CHUNKS
+from unimoe_jax.modalities import MODALITIES, PLACEHOLDERS
 
 
 def validate_feature_settings(settings, name: str, extra_positive=()) -> None:
@@ -109,7 +100,7 @@ class FeatureSettings:
   image_mode: str = 'crop'
   video_frames: int = 8
   n_mels: int = 80
-  speech_seconds: int = WHISPER_SECONDS
+  speech_seconds: int = audio_lib.WHISPER_SECONDS
   audio_frames: int = audio_lib.BEATS_CHUNK_FRAMES
   image_soft_tokens: int = 576
   video_soft_tokens: int = 576
@@ -126,7 +117,7 @@ class FeatureSettings:
         'image': (size, size, 3),
         'video': (self.video_frames, size, size, 3),
         'speech': (100 * self.speech_seconds, self.n_mels),
-        'audio': (self.audio_frames, BEATS_BINS),
+        'audio': (self.audio_frames, audio_lib.BEATS_MEL_BINS),
     }[modality]
 
 
@@ -243,11 +234,11 @@ def _files_by_modality(record: Mapping[str, Any], config: ManifestConfig):
 
 
 def _audio_chunks(path: str, modality: str, config: ManifestConfig) -> List[np.ndarray]:
-  wave = audio_lib.load_audio(path, SAMPLE_RATE)
+  wave = audio_lib.load_audio(path, audio_lib.SAMPLE_RATE)
   if modality == 'speech':
-    step, official_max = config.speech_seconds * SAMPLE_RATE + 1, None
+    step, official_max = config.speech_seconds * audio_lib.SAMPLE_RATE + 1, None
   else:
-    step, official_max = AUDIO_CHUNK_SAMPLES, OFFICIAL_AUDIO_MAX_CHUNKS
+    step, official_max = audio_lib.BEATS_CHUNK_SAMPLES, audio_lib.AUDIO_MAX_CHUNKS
   return audio_lib.split_chunks(wave, step, config.audio_max_chunks or official_max)
 
 

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from unimoe_jax.data import conversation as conversation_lib
 from unimoe_jax.data import vocabulary as vocabulary_lib
-from unimoe_jax.data.manifest import MODALITIES
+from unimoe_jax.modalities import MODALITIES
 from unimoe_jax.data.bad_examples import BadExampleCounter
 
 # Examples `drop_too_long` dropped, by reason ('targets', '<m>_features').

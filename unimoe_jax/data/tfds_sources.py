@@ -58,6 +58,7 @@ from unimoe_jax.data import preprocessors as preprocessors_lib
 from unimoe_jax.media import audio as audio_lib
 from unimoe_jax.media import image as image_lib
 from unimoe_jax.media.errors import MediaError
+from unimoe_jax.modalities import PLACEHOLDERS
 
 ASR_PROMPT = 'Transcribe the speech.'
 CAPTION_PROMPT = 'Describe the image briefly.'
@@ -180,7 +181,7 @@ def _speech_item(wave: np.ndarray, settings) -> np.ndarray:
     wave = wave.astype(np.float32) * np.float32(INT16_SCALE)
   seconds = settings.speech_seconds
   return audio_lib.whisper_log_mel(
-      wave[: seconds * manifest_lib.SAMPLE_RATE], settings.n_mels, chunk_seconds=seconds
+      wave[: seconds * audio_lib.SAMPLE_RATE], settings.n_mels, chunk_seconds=seconds
   )[None]
 
 
@@ -198,7 +199,7 @@ _MEDIA_ITEM = {'speech': _speech_item, 'image': _image_item}
 def conversation_for(modality: str, prompt: str, answer: str) -> List[Dict[str, str]]:
   """The one-turn conversation of a TFDS example (what its manifest record would hold)."""
   return [
-      {'from': 'human', 'value': manifest_lib.PLACEHOLDERS[modality] + '\n' + prompt},
+      {'from': 'human', 'value': PLACEHOLDERS[modality] + '\n' + prompt},
       {'from': 'gpt', 'value': answer},
   ]
 
@@ -228,7 +229,7 @@ def example_arrays(
     targets, loss_weights = conversation_lib.tokenize_conversation(
         conversation_for(modality, prompt, answer),
         vocabulary,
-        {manifest_lib.PLACEHOLDERS[modality]: settings.num_soft_tokens(modality)},
+        {PLACEHOLDERS[modality]: settings.num_soft_tokens(modality)},
     )
   except ValueError as e:
     raise bad('malformed_conversation', str(e)) from None

@@ -15,7 +15,8 @@ import numpy as np
 
 from unimoe_jax.media.errors import MediaError, PathLike, check_readable_file
 
-WHISPER_SAMPLE_RATE = 16000
+SAMPLE_RATE = 16000  # Hz: what Whisper and BEATs read; every audio loader resamples to it.
+WHISPER_SECONDS = 30  # Whisper's window: 3000 log-mel frames (100 per second).
 WHISPER_N_FFT = 400
 WHISPER_HOP_LENGTH = 160
 
@@ -23,6 +24,7 @@ WHISPER_HOP_LENGTH = 160
 BEATS_FBANK_MEAN = 15.41663
 BEATS_FBANK_STD = 6.55582
 BEATS_WAVE_SCALE = 2.0**15  # BEATs feeds torchaudio 16-bit integer units, not [-1, 1].
+BEATS_MEL_BINS = 128
 
 # Kaldi floors spectra and energies at float32's machine epsilon
 # (torchaudio: torch.finfo(float).eps).
@@ -62,7 +64,7 @@ def _decode_with_pyav(path: str):
   return np.concatenate(chunks, axis=1).astype(np.float32), rate
 
 
-def load_audio(path: PathLike, sample_rate: int = 16000) -> np.ndarray:
+def load_audio(path: PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
   """Decodes an audio file to mono float32 at `sample_rate`, as the official data loader does.
 
   Channels are averaged (as librosa.to_mono) and the result is resampled as `librosa.resample`
@@ -134,7 +136,7 @@ def _slaney_mel_inverse(mel):
 
 @functools.lru_cache(maxsize=8)
 def whisper_mel_filters(
-    n_mels: int, sample_rate: int = WHISPER_SAMPLE_RATE, n_fft: int = WHISPER_N_FFT
+    n_mels: int, sample_rate: int = SAMPLE_RATE, n_fft: int = WHISPER_N_FFT
 ) -> np.ndarray:
   """Slaney-scale, Slaney-normalised (unit area) triangular mel filters from 0 Hz to Nyquist,
   `[n_mels, n_fft // 2 + 1]` float64: what `librosa.filters.mel(sr, n_fft, n_mels)` gives and
@@ -164,8 +166,8 @@ def _frames(signal: np.ndarray, frame_length: int, hop: int, num_frames: int) ->
 def whisper_log_mel(
     wave: np.ndarray,
     n_mels: int = 80,
-    chunk_seconds: int = 30,
-    sample_rate: int = WHISPER_SAMPLE_RATE,
+    chunk_seconds: int = WHISPER_SECONDS,
+    sample_rate: int = SAMPLE_RATE,
 ) -> np.ndarray:
   """Whisper's log-mel spectrogram of one 16 kHz waveform.
 
@@ -213,7 +215,7 @@ def htk_mel(freq):
 
 def kaldi_num_frames(
     num_samples: int,
-    sample_rate: int = 16000,
+    sample_rate: int = SAMPLE_RATE,
     frame_length_ms: float = 25.0,
     frame_shift_ms: float = 10.0,
 ) -> int:
@@ -261,8 +263,8 @@ def kaldi_mel_banks(
 
 def kaldi_fbank(
     wave: np.ndarray,
-    num_mel_bins: int = 128,
-    sample_rate: int = 16000,
+    num_mel_bins: int = BEATS_MEL_BINS,
+    sample_rate: int = SAMPLE_RATE,
     frame_length_ms: float = 25.0,
     frame_shift_ms: float = 10.0,
     low_freq: float = 20.0,
@@ -326,7 +328,7 @@ def kaldi_fbank(
 
 def beats_fbank(
     wave: np.ndarray,
-    sample_rate: int = 16000,
+    sample_rate: int = SAMPLE_RATE,
     fbank_mean: float = BEATS_FBANK_MEAN,
     fbank_std: float = BEATS_FBANK_STD,
 ) -> np.ndarray:
@@ -341,11 +343,11 @@ def beats_fbank(
   Returns:
     `[frames, 128]` float32.
   """
-  if sample_rate != 16000:
+  if sample_rate != SAMPLE_RATE:
     raise ValueError(f'BEATs expects 16 kHz audio, got sample_rate {sample_rate}')
   fbank = kaldi_fbank(
       np.asarray(wave, np.float64) * BEATS_WAVE_SCALE,
-      num_mel_bins=128,
+      num_mel_bins=BEATS_MEL_BINS,
       sample_rate=sample_rate,
       frame_length_ms=25.0,
       frame_shift_ms=10.0,
@@ -360,8 +362,8 @@ def beats_fbank(
 # 480001 samples while more than 480000 remain (Whisper's extractor then keeps the first
 # 480000) and keeps every piece; audio (Uni_MoE_audio) cuts 480000-sample pieces and keeps at
 # most 20 per file (`trunclen`).
-SPEECH_CHUNK_SAMPLES = 480001
-BEATS_CHUNK_SAMPLES = 480000
+SPEECH_CHUNK_SAMPLES = WHISPER_SECONDS * SAMPLE_RATE + 1
+BEATS_CHUNK_SAMPLES = WHISPER_SECONDS * SAMPLE_RATE
 AUDIO_MAX_CHUNKS = 20
 BEATS_CHUNK_FRAMES = 2998  # kaldi_num_frames(480000)
 BEATS_MIN_SAMPLES = 400  # one 25 ms Kaldi window

@@ -5,8 +5,9 @@ from typing import Any, List, Sequence
 
 import numpy as np
 
-SPLITS = ('train', 'validation')
-MODALITIES = ('image', 'video', 'speech', 'audio')
+from unimoe_jax.modalities import MODALITIES
+
+SPLITS = ('train', 'validation')  # The sample data's splits; tasks/sample.py registers them.
 
 COLOURS = {  # name -> RGB; far apart from each other and from the dark background.
     'red': (220, 40, 40),
@@ -52,7 +53,6 @@ DTMF_TONE_SECONDS = 0.1
 DTMF_GAP_SECONDS = 0.05
 SPEECH_LENGTHS = (3, 4)
 
-SAMPLE_RATE = 16000
 CLIP_SECONDS = 1.0
 CHIRP_SECONDS = (0.5, 1.0)
 # The chirp sweeps note_hz * (1 -+ span) linearly, about 1.7 semitones either side: wide enough

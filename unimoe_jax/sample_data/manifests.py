@@ -7,10 +7,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from unimoe_jax.modalities import MODALITIES, PLACEHOLDERS
 from unimoe_jax.sample_data.catalogue import (
     COLOUR_NAMES,
     COUNTS,
-    MODALITIES,
     MOTIONS,
     NUMBER_WORDS,
     PITCH_CLASSES,
@@ -50,7 +50,8 @@ ALIGN_PROMPTS = {
     'speech': 'Transcribe the speech.',
     'audio': 'Describe the sound briefly.',
 }
-PLACEHOLDERS = {'image': '<image>', 'video': '<video>', 'speech': '<audio>', 'audio': '<audio>'}
+# Official manifests write "<audio>" for speech too (its file is a `voice`, MEDIA_FIELDS).
+OFFICIAL_PLACEHOLDERS = {**PLACEHOLDERS, 'speech': PLACEHOLDERS['audio']}
 MEDIA_FIELDS = {'image': 'image', 'video': 'video', 'speech': 'voice', 'audio': 'voice'}
 
 
@@ -128,7 +129,7 @@ def _example(
   conversations = []
   for j, (question, answer) in enumerate(turns):
     if j == 0:
-      question = f'{PLACEHOLDERS[modality]}\n{question}'
+      question = f'{OFFICIAL_PLACEHOLDERS[modality]}\n{question}'
     conversations += [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': answer}]
   example['conversations'] = conversations
   example['modality'] = modality  # an extension: tells speech from audio `voice` items
@@ -284,7 +285,7 @@ def text_warmup(manifests: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, An
       text = media_description(modality, entry['labels'])
       conversations = [dict(turn) for turn in entry['conversations']]
       conversations[0]['value'] = conversations[0]['value'].replace(
-          PLACEHOLDERS[modality], f'({text})', 1
+          OFFICIAL_PLACEHOLDERS[modality], f'({text})', 1
       )
       out.append({'id': f"{entry['id']}-text", 'conversations': conversations, 'modality': 'text'})
   return out

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+from unimoe_jax.media.audio import SAMPLE_RATE
 from unimoe_jax.sample_data.catalogue import (
     CHIRP_SECONDS,
     CHIRP_SPAN,
@@ -26,7 +27,6 @@ from unimoe_jax.sample_data.catalogue import (
     NUMBER_WORDS,
     NUM_FRAMES,
     PITCH_CLASSES,
-    SAMPLE_RATE,
     SHAPES,
     SPEECH_LENGTHS,
     SPLITS,

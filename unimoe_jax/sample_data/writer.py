@@ -8,8 +8,9 @@ from typing import Any, Dict, List
 import numpy as np
 
 from unimoe_jax.data import metrics
-from unimoe_jax.sample_data.catalogue import CLIP_SECONDS, NUM_FRAMES, SAMPLE_RATE, SPEECH_LENGTHS
-from unimoe_jax.sample_data.manifests import PLACEHOLDERS, build_manifests, text_warmup
+from unimoe_jax.media.audio import SAMPLE_RATE
+from unimoe_jax.sample_data.catalogue import CLIP_SECONDS, NUM_FRAMES, SPEECH_LENGTHS
+from unimoe_jax.sample_data.manifests import OFFICIAL_PLACEHOLDERS, build_manifests, text_warmup
 from unimoe_jax.sample_data.media import make_media
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def train_tokenizer(output: str, vocab_size: int = 512) -> str:
       for entry in json.load(f):
         for turn in entry['conversations']:
           text = turn['value']
-          for placeholder in set(PLACEHOLDERS.values()):
+          for placeholder in set(OFFICIAL_PLACEHOLDERS.values()):
             text = text.replace(placeholder, '')
           lines.append(text.strip())
   lines += ['USER: ASSISTANT:'] * 100

@@ -36,15 +36,11 @@ from unimoe_jax.media import audio as audio_lib
 from unimoe_jax.media import image as image_lib
 from unimoe_jax.media import video as video_lib
 from unimoe_jax.media.errors import MediaError, PathLike
+from unimoe_jax.modalities import MODALITIES, PLACEHOLDERS
 
-MODALITIES = ('image', 'video', 'speech', 'audio')
-PLACEHOLDERS = {'image': '<image>', 'video': '<video>', 'speech': '<speech>', 'audio': '<audio>'}
 # The order of the lines `place_placeholders` puts in front of a text without placeholders:
 # official inference writes <image>, then <audio> (speech or audio), then <video>.
 PLACEHOLDER_ORDER = ('image', 'speech', 'audio', 'video')
-SAMPLE_RATE = 16000
-AUDIO_FRAMES = audio_lib.BEATS_CHUNK_FRAMES  # BEATs filterbank frames of one 30 s chunk.
-AUDIO_MAX_CHUNKS = audio_lib.AUDIO_MAX_CHUNKS  # per audio file; speech keeps every chunk
 
 __all__ = [
     'MediaError',
@@ -139,22 +135,26 @@ def _load_speech(path: PathLike, config) -> List[np.ndarray]:
   enc = config.speech_encoder
   frames = 2 * enc.max_source_positions
   seconds = -(-frames // 100)  # 100 log-mel frames per second
-  window = seconds * SAMPLE_RATE
+  window = seconds * audio_lib.SAMPLE_RATE
   items = []
-  for chunk in audio_lib.split_chunks(audio_lib.load_audio(path, SAMPLE_RATE), window + 1):
+  for chunk in audio_lib.split_chunks(
+      audio_lib.load_audio(path, audio_lib.SAMPLE_RATE), window + 1
+  ):
     mel = audio_lib.whisper_log_mel(chunk[:window], enc.num_mel_bins, chunk_seconds=seconds)
     items.append(np.pad(mel[:frames], ((0, max(0, frames - len(mel))), (0, 0))))
   return items
 
 
 def _load_audio(path: PathLike, config) -> List[Tuple[np.ndarray, np.ndarray]]:
-  """(`[AUDIO_FRAMES, 128]` BEATs filterbank, `[AUDIO_FRAMES]` bool mask) of each of the first
-  `AUDIO_MAX_CHUNKS` 480000-sample chunks of an audio file, padded as `config.audio_padding`
-  says."""
-  wave = audio_lib.load_audio(path, SAMPLE_RATE)
+  """(`[2998, 128]` BEATs filterbank, `[2998]` bool mask) of each of the first 20
+  (`audio.AUDIO_MAX_CHUNKS`) 480000-sample chunks of an audio file, padded as
+  `config.audio_padding` says."""
+  wave = audio_lib.load_audio(path, audio_lib.SAMPLE_RATE)
   return [
-      audio_lib.beats_chunk_features(chunk, config.audio_padding, AUDIO_FRAMES)
-      for chunk in audio_lib.split_chunks(wave, audio_lib.BEATS_CHUNK_SAMPLES, AUDIO_MAX_CHUNKS)
+      audio_lib.beats_chunk_features(chunk, config.audio_padding, audio_lib.BEATS_CHUNK_FRAMES)
+      for chunk in audio_lib.split_chunks(
+          wave, audio_lib.BEATS_CHUNK_SAMPLES, audio_lib.AUDIO_MAX_CHUNKS
+      )
   ]
 
 

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 
-from unimoe_jax.network import MODALITIES  # Stage 2's runs, in the order of stage 3's experts.
+from unimoe_jax.modalities import MODALITIES  # Stage 2's runs, in the order of stage 3's experts.
 
 MODEL_FILES = ('models/tiny.gin', 'models/multimodal_tiny.gin')
 DATA_FILE = 'demo/progressive_data.gin'
