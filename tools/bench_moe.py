@@ -58,7 +58,9 @@ PRESETS = {
     'default': [(2048, 512, 1408, 4, 2), (512, 256, 704, 8, 2)],
     'mixtral': [(16384, 4096, 14336, 8, 2), (64, 4096, 14336, 8, 2)],
 }
-BACKENDS = ('ragged_dot', 'tiled', 'megablox', 'mgpu')  # As in moe/grouped_matmul.py.
+# moe/grouped_matmul.BACKENDS, written here because the flags need it before jax may be imported
+# (the EP child sets XLA_FLAGS first); checked against it once jax is in (below).
+BACKENDS = ('ragged_dot', 'tiled', 'megablox', 'mgpu')
 DROPLESS = tuple(f'dropless/{b}' for b in BACKENDS) + ('dropless/tiled_unfused',)
 ALL_PATHS = ('ffn', 'dense', 'capacity') + DROPLESS + ('ep', 'torch_mixtral', 'torch_ffn')
 HOPPER = ('H100', 'H200', 'H800')
@@ -190,6 +192,11 @@ from unimoe_jax.moe.dispatch import expert_capacity
 from unimoe_jax.moe.layer import MoEFeedForward
 
 # pylint: enable=wrong-import-position
+
+if BACKENDS != gmm_lib.BACKENDS:
+  raise RuntimeError(
+      f'bench_moe.BACKENDS {BACKENDS} != moe/grouped_matmul.BACKENDS {gmm_lib.BACKENDS}'
+  )
 
 try:  # torch and transformers are optional.
   import torch

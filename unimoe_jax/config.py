@@ -21,6 +21,8 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 import gin
 import jax.numpy as jnp
 
+from unimoe_jax.moe.grouped_matmul import BACKENDS as GMM_BACKENDS
+
 DISPATCH_MODES = ('dense', 'capacity', 'dropless')
 # MoEConfig.layers patterns; 'every_other' is an alias of 'odd'.
 MOE_LAYER_PATTERNS = ('all', 'even', 'odd', 'every_other')
@@ -189,7 +191,7 @@ class MoEConfig:
   fuse_ffn: bool = True
 
   def __post_init__(self):
-    backends = ('auto', 'ragged_dot', 'tiled', 'megablox', 'mgpu')
+    backends = ('auto', *GMM_BACKENDS)
     if self.gmm_backend not in backends:
       raise ValueError(
           f'MoEConfig.gmm_backend must be one of {backends}, ' f'got {self.gmm_backend!r}'

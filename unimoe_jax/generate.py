@@ -30,6 +30,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from unimoe_jax.media import image as image_lib
 from unimoe_jax.serving import answering
 from unimoe_jax.serving import flags
 from unimoe_jax.serving import prompting
@@ -44,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument(
       '--image_mode',
       default='crop',
-      choices=('crop', 'pad'),
+      choices=image_lib.PREPROCESS_MODES,
       help="image preprocessing: CLIP's centre crop or LLaVA's expand-to-square",
   )
   args = parser.parse_args(argv)

@@ -166,9 +166,9 @@ class UniMoEModel:
           f'UniMoEModel.loss_normalizing_factor must be one of {LOSS_NORMALIZERS} or '
           f'a number, got {loss_normalizing_factor!r}'
       )
-    if decode_method not in ('greedy', 'sample', 'beam'):
+    if decode_method not in decoding.GENERATE_METHODS:
       raise ValueError(
-          f"UniMoEModel.decode_method must be 'greedy', 'sample' or 'beam', got "
+          f'UniMoEModel.decode_method must be one of {decoding.GENERATE_METHODS}, got '
           f'{decode_method!r}'
       )
     self.config = config

@@ -16,6 +16,8 @@ from typing import Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from unimoe_jax.config import LOAD_BALANCE_LOSS_FORMS
+
 
 def top_k_routing(logits: jax.Array, k: int) -> Tuple[jax.Array, jax.Array]:
   """The official Uni-MoE rule: top-k of the logits, then a softmax over those k only.
@@ -165,9 +167,10 @@ def router_aux(
   `load_balance_loss_form`: 'topk' counts all k choices, 'top1' only the first
   (`MoEConfig.load_balance_loss_form`).
   """
-  if load_balance_loss_form not in ('topk', 'top1'):
+  if load_balance_loss_form not in LOAD_BALANCE_LOSS_FORMS:
     raise ValueError(
-        f"load_balance_loss_form must be 'topk' or 'top1', " f'got {load_balance_loss_form!r}'
+        f'load_balance_loss_form must be one of {LOAD_BALANCE_LOSS_FORMS}, '
+        f'got {load_balance_loss_form!r}'
     )
   logits = logits.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
