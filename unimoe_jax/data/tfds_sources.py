@@ -52,6 +52,7 @@ import tensorflow as tf
 
 from unimoe_jax.data import conversation as conversation_lib
 from unimoe_jax.data import feature_converter as feature_converter_lib
+from unimoe_jax.data import feature_settings as feature_settings_lib
 from unimoe_jax.data import manifest as manifest_lib
 from unimoe_jax.data import metrics as metrics_lib
 from unimoe_jax.data import preprocessors as preprocessors_lib
@@ -100,13 +101,13 @@ CAPTION_CHOICES = ('first', 'all')
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class TfdsSettings(manifest_lib.FeatureSettings):
+class TfdsSettings(feature_settings_lib.FeatureSettings):
   """How TFDS examples become features, for tasks that are not given a ManifestConfig: the
-  fields of `manifest.FeatureSettings` (what they mean: `manifest.ManifestConfig`), with no
+  fields of `feature_settings.FeatureSettings` (what they mean: `manifest.ManifestConfig`), with no
   manifest paths."""
 
   def __post_init__(self):
-    manifest_lib.validate_feature_settings(self, 'TfdsSettings')
+    feature_settings_lib.validate_feature_settings(self, 'TfdsSettings')
 
 
 # ----------------------------------------------------------------------------------------------
