@@ -36,6 +36,7 @@ rows (the header prints the thread counts), so on a loaded machine other work in
 
 import argparse
 import functools
+import itertools
 import multiprocessing
 import os
 import platform
@@ -230,13 +231,8 @@ def time_single(fn, paths, iters, warmup):
     (total seconds of the timed calls, median seconds of one call). The total gives the
     examples/s column; the median, less sensitive to other load on a shared machine, is kept too.
   """
-  for i in range(warmup):
-    fn(paths[i % len(paths)])
-  durations = []
-  for i in range(iters):
-    start = time.perf_counter()
-    fn(paths[i % len(paths)])
-    durations.append(time.perf_counter() - start)
+  cycled = itertools.cycle(paths)
+  durations = bench_common.call_seconds(lambda: fn(next(cycled)), iters, warmup)
   return sum(durations), statistics.median(durations)
 
 

@@ -79,14 +79,7 @@ def _jax_decoder(hf_model, kind, args):
 
 
 def _time(fn, iters, warmup):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(bench_common.call_seconds(fn, iters, warmup))
 
 
 def bench(kind, batch, args):

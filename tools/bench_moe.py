@@ -46,11 +46,9 @@ import contextlib
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import bench_common
 
@@ -191,22 +189,14 @@ from unimoe_jax.moe import grouped_matmul as gmm_lib
 from unimoe_jax.moe.dispatch import expert_capacity
 from unimoe_jax.moe.layer import MoEFeedForward
 
+import bench_moe_torch  # torch, like jax, only once XLA_FLAGS are set.
+
 # pylint: enable=wrong-import-position
 
 if BACKENDS != gmm_lib.BACKENDS:
   raise RuntimeError(
       f'bench_moe.BACKENDS {BACKENDS} != moe/grouped_matmul.BACKENDS {gmm_lib.BACKENDS}'
   )
-
-try:  # torch and transformers are optional.
-  import torch
-except ImportError:
-  torch = None
-try:
-  from transformers import MixtralConfig
-  from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-except ImportError:
-  MixtralSparseMoeBlock = None
 
 
 def parse_shapes(spec):
@@ -221,16 +211,6 @@ def parse_shapes(spec):
         raise ValueError(f'shape {part!r} is not TOKENSxEMBEDxMLPxEXPERTSxTOPK')
       shapes.append(dims)
   return shapes
-
-
-def median_ms(step, iters, warmup):
-  times = []
-  for i in range(warmup + iters):
-    t0 = time.perf_counter()
-    step()
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
 def bench_jax(module, x, ct, iters, warmup, mesh=None, lora=False, forward_only=False):
@@ -274,63 +254,10 @@ def bench_jax(module, x, ct, iters, warmup, mesh=None, lora=False, forward_only=
     mem = compiled.memory_analysis()
     temp = getattr(mem, 'temp_size_in_bytes', None) if mem is not None else None
     (_, drop), _ = jax.block_until_ready(compiled(train, frozen, x, ct))
-    ms = median_ms(lambda: jax.block_until_ready(compiled(train, frozen, x, ct)), iters, warmup)
+    ms = bench_common.median_min_ms(
+        lambda: jax.block_until_ready(compiled(train, frozen, x, ct)), iters, warmup
+    )
   return ms, None if temp is None else temp / 2**20, float(drop)
-
-
-def bench_torch(block, x_np, ct_np, dtype, device, iters, warmup, forward_only=False):
-  """Returns (median ms, min ms) of `loss = sum(block(x) * ct); loss.backward()` on `device`
-  (of `block(x)` under no_grad with `forward_only`)."""
-  block = block.to(device=device, dtype=dtype).train()
-  x = torch.from_numpy(x_np).to(device=device, dtype=dtype).requires_grad_(True)
-  ct = torch.from_numpy(ct_np).to(device=device, dtype=dtype)
-  sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-
-  def step():
-    if forward_only:
-      with torch.no_grad():
-        block(x)
-      sync()
-      return
-    for p in (x, *block.parameters()):
-      p.grad = None
-    out = block(x)
-    y = out[0] if isinstance(out, tuple) else out
-    (y.float() * ct.float()).sum().backward()
-    sync()
-
-  return median_ms(step, iters, warmup)
-
-
-class TorchSwiGLU(torch.nn.Module if torch is not None else object):
-  """wo(silu(wi_0 x) * wi_1 x), no biases."""
-
-  def __init__(self, d, f):
-    super().__init__()
-    self.wi_0, self.wi_1 = (torch.nn.Linear(d, f, bias=False) for _ in range(2))
-    self.wo = torch.nn.Linear(f, d, bias=False)
-
-  def forward(self, x):
-    return self.wo(torch.nn.functional.silu(self.wi_0(x)) * self.wi_1(x))
-
-
-def normal_init(block):
-  with torch.no_grad():
-    for p in block.parameters():  # transformers 5 creates Mixtral's with torch.empty.
-      p.normal_(0.0, 0.02)
-  return block
-
-
-def torch_mixtral(d, f, e, k, experts_impl):
-  cfg = MixtralConfig(
-      hidden_size=d,
-      intermediate_size=f,
-      num_local_experts=e,
-      num_experts_per_tok=k,
-      router_jitter_noise=0.0,
-  )
-  cfg._experts_implementation = experts_impl  # pylint: disable=protected-access
-  return normal_init(MixtralSparseMoeBlock(cfg))
 
 
 def run_shape(shape, args, dtype):
@@ -346,31 +273,8 @@ def run_shape(shape, args, dtype):
   ct_np = rng.standard_normal(x_np.shape, dtype=np.float32)
   jobs = {}  # name -> callable returning ((ms, min ms), temp MiB, note), or an 'n/a' string.
 
-  if torch is not None:
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    tdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[args.dtype]
-    timer = lambda block: bench_torch(
-        block, x_np, ct_np, tdtype, device, args.iters, args.warmup, args.forward_only
-    )
   lora = LoRAConfig(rank=args.lora, dropout=args.lora_dropout) if args.lora else None
-  jobs['torch_mixtral'] = (
-      'n/a (--lora: no torch LoRA block here)'
-      if lora
-      else 'n/a (torch/transformers not installed)'
-      if torch is None or MixtralSparseMoeBlock is None
-      else lambda: (
-          timer(torch_mixtral(d, f, e, k, args.torch_experts)),
-          None,
-          f'experts_implementation={args.torch_experts}',
-      )
-  )
-  jobs['torch_ffn'] = (
-      'n/a (--lora: no torch LoRA block here)'
-      if lora
-      else 'n/a (torch not installed)'
-      if torch is None
-      else lambda: (timer(normal_init(TorchSwiGLU(d, k * f))), None, '')
-  )
+  jobs.update(bench_moe_torch.jobs(shape, x_np, ct_np, args))
 
   x, ct = jnp.asarray(x_np, dtype), jnp.asarray(ct_np, jnp.float32)
   moe = lambda mode, backend='auto', fuse=True: MoEFeedForward(
@@ -453,8 +357,7 @@ def run_shape(shape, args, dtype):
       results[name] = (None, None, job) if isinstance(job, str) else job()
     except Exception as err:  # pylint: disable=broad-except  (e.g. out of memory)
       results[name] = (None, None, f'error: {type(err).__name__}: {str(err)[:80]}')
-    if torch is not None and torch.cuda.is_available():
-      torch.cuda.empty_cache()
+    bench_moe_torch.empty_cache()
     print(f'  [{shape} {name} done]', file=sys.stderr, flush=True)
   return results
 
@@ -598,16 +501,11 @@ def main(args):
   if args.gmm_tile is None:
     args.gmm_tile = MoEConfig.gmm_tile
   dev = jax.devices()[0]
-  if torch is None:
-    tdev = 'n/a (torch not installed)'
-  elif torch.cuda.is_available():
-    tdev = f'cuda ({torch.cuda.get_device_name(0)}), torch {torch.__version__}'
-  else:
-    tdev = f'cpu ({torch.get_num_threads()} threads), torch {torch.__version__}'
   step = 'fwd' if args.forward_only else 'fwd+bwd'
+  torch_device = bench_moe_torch.device_note()
   print(
       f'MoE FFN {step} benchmark | host {host_cpu()} | jax {jax.__version__} on {dev.platform} '
-      f'({dev.device_kind}, {len(jax.devices())} devices) | torch on {tdev} | dtype '
+      f'({dev.device_kind}, {len(jax.devices())} devices) | torch on {torch_device} | dtype '
       f'{args.dtype} (jax params float32) | batch {args.batch} | gmm tile {args.gmm_tile} | '
       + (
           f'LoRA rank {args.lora}, dropout {args.lora_dropout:g}, base frozen | '
