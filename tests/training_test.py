@@ -319,6 +319,35 @@ def test_load_params_into():
     train_state_lib.load_params_into(state, shardings, traverse_util.unflatten_dict(extra), 'c')
 
 
+def test_place_params_needs_only_shapes_and_dtypes():
+  # What eval / infer do: the model's params as ShapeDtypeStructs, no TrainState, no optimizer.
+  model = tiny_tasks.tiny_model()
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=4, model=2))
+  boxed = train_state_lib.abstract_params(model, SHAPES)  # With the logical axis names.
+  abstract, shardings = flax.linen.meta.unbox(boxed), partitioning.params_shardings(mesh, boxed)
+  rng = np.random.default_rng(0)
+  loaded = {
+      k: rng.standard_normal(v.shape).astype(np.float64)  # Cast to the model's float32.
+      for k, v in traverse_util.flatten_dict(abstract).items()
+  }
+  params, missing = train_state_lib.place_params(
+      abstract, shardings, traverse_util.unflatten_dict(loaded), 'ckpt'
+  )
+  assert missing == ()
+  # The vocabulary axis of the embedding sits on 'model' (a real sharding, not replicated).
+  assert params['decoder']['token_embedder']['embedding'].sharding.spec[0] == 'model'
+  placed = traverse_util.flatten_dict(params)
+  flat_shardings = traverse_util.flatten_dict(shardings)
+  for key, value in loaded.items():
+    assert placed[key].dtype == jnp.float32 and placed[key].sharding == flat_shardings[key], key
+    np.testing.assert_array_equal(np.asarray(placed[key]), value.astype(np.float32))
+  del loaded[('decoder', 'logits_dense', 'kernel')]
+  _, missing = train_state_lib.place_params(
+      abstract, shardings, traverse_util.unflatten_dict(loaded), 'ckpt'
+  )
+  assert missing == ('decoder/logits_dense/kernel',)
+
+
 @pytest.mark.parametrize('moe, eval_task', [(False, tiny_tasks.TASK_NAME), (True, None)])
 def test_routing_report_without_moe_or_eval_mixture_fails_before_training(tmp_path, moe, eval_task):
   model_dir = tmp_path / 'run'

@@ -116,21 +116,15 @@ def restore(
   shardings = partitioning.params_shardings(mesh, abstract)
   loaded, _ = checkpoints.read_params(checkpoint_path, 'CHECKPOINT_PATH')
   source = f'CHECKPOINT_PATH={checkpoint_path}'
-  # load_params_into places each leaf on its shard; it needs only shapes and dtypes of the
-  # current params, so the abstract tree stands in for a TrainState (no optimizer state).
-  state, missing = train_state_lib.load_params_into(
-      train_state_lib.TrainState(step=None, params=nn.meta.unbox(abstract), opt_state=None),
-      train_state_lib.TrainState(step=None, params=shardings, opt_state=None),
-      loaded,
-      source,
-  )
+  # Only the shapes and dtypes of the model's params are needed: the abstract tree.
+  params, missing = train_state_lib.place_params(nn.meta.unbox(abstract), shardings, loaded, source)
   if missing:
     raise ValueError(
         f'{source} lacks {len(missing)} parameters of the model (is MODEL the '
         f'model it was trained as?): {", ".join(missing[:20])}'
     )
   logging.info('Restored %s (step %s)', checkpoint_path, _step_tag(step))
-  return Restored(mesh, state.params, shardings, step)
+  return Restored(mesh, params, shardings, step)
 
 
 def _import(modules) -> None:

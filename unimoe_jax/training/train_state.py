@@ -190,22 +190,24 @@ def jit_train_step(
   return jitted, batch_shardings
 
 
-def load_params_into(
-    state: TrainState, shardings: TrainState, loaded: Params, source: str
-) -> Tuple[TrainState, Tuple[str, ...]]:
-  """Replaces params of `state` with those in `loaded` (numpy, nested dict), placed on shards.
+def place_params(
+    params: Params, shardings: Params, loaded: Params, source: str
+) -> Tuple[Params, Tuple[str, ...]]:
+  """`params` with each leaf that `loaded` (numpy, nested dict) holds replaced by the loaded
+  value, cast to the leaf's dtype and placed on its entry of `shardings`.
 
-  Parameters the checkpoint lacks keep their fresh initialisation (e.g. LoRA matrices and the
-  router when stage 3 starts from assembled experts); their paths are returned. A parameter
-  the model does not have, or one whose shape differs, is an error naming it, raised before
-  anything is replaced. The checkpoint may hold the decoder layers looped or scanned
-  (`layer_stacking.py`); they are converted to the model's layout first.
+  `params` may be arrays or `jax.ShapeDtypeStruct`s: only their shapes and dtypes are read.
+  Parameters the checkpoint lacks stay as they are in `params` (e.g. the fresh LoRA matrices
+  and router when stage 3 starts from assembled experts); their paths are returned. A parameter
+  the model does not have, or one whose shape differs, is an error naming it and `source`,
+  raised before anything is placed. The checkpoint may hold the decoder layers looped or
+  scanned (`layer_stacking.py`); they are converted to the layout of `params` first.
   """
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
 
-  loaded = layer_stacking.match_layout(loaded, state.params)
-  current = traverse_util.flatten_dict(state.params)
-  target_shardings = traverse_util.flatten_dict(shardings.params)
+  loaded = layer_stacking.match_layout(loaded, params)
+  current = traverse_util.flatten_dict(params)
+  target_shardings = traverse_util.flatten_dict(shardings)
   new = traverse_util.flatten_dict(loaded)
   path = optimizer_lib.path_of
   unexpected = sorted(path(k) for k in new if k not in current)
@@ -225,4 +227,13 @@ def load_params_into(
     current[key] = jax.make_array_from_callback(
         value.shape, target_shardings[key], lambda index, v=value: v[index]
     )
-  return state.replace(params=traverse_util.unflatten_dict(current)), missing
+  return traverse_util.unflatten_dict(current), missing
+
+
+def load_params_into(
+    state: TrainState, shardings: TrainState, loaded: Params, source: str
+) -> Tuple[TrainState, Tuple[str, ...]]:
+  """`state` with its params replaced as `place_params` says (`shardings`: the state's); the
+  step and the optimizer state are kept."""
+  params, missing = place_params(state.params, shardings.params, loaded, source)
+  return state.replace(params=params), missing
