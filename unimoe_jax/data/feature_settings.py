@@ -81,6 +81,6 @@ class FeatureSettings:
     return {
         'image': (size, size, 3),
         'video': (self.video_frames, size, size, 3),
-        'speech': (100 * self.speech_seconds, self.n_mels),
+        'speech': (audio_lib.WHISPER_FRAMES_PER_SECOND * self.speech_seconds, self.n_mels),
         'audio': (self.audio_frames, audio_lib.BEATS_MEL_BINS),
     }[modality]

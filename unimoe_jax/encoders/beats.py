@@ -75,6 +75,7 @@ from unimoe_jax import partitioning
 from unimoe_jax.config import check_divisible, check_positive, from_table
 from unimoe_jax.layers.encoder_blocks import ENCODER_HIDDEN_AXES
 from unimoe_jax.layers.encoder_blocks import Dense, GeluMLP, LayerNorm, activation, default_init
+from unimoe_jax.media.audio import BEATS_MEL_BINS
 
 # Official `activation_fn` -> the shared ACTIVATIONS key. fairseq's 'gelu' is the exact erf form,
 # 'gelu_accurate' (alias 'gelu_fast') the tanh approximation.
@@ -129,7 +130,7 @@ class BEATsConfig:
   max_distance: int = 800
   gru_rel_pos: bool = True
   layer_wise_gradient_decay_ratio: float = 0.6
-  num_mel_bins: int = 128
+  num_mel_bins: int = BEATS_MEL_BINS
   init_std: float = 0.02
 
   def __post_init__(self):
@@ -262,7 +263,7 @@ def config_to_official(config: BEATsConfig) -> Dict[str, Any]:
   Raises ValueError when `num_mel_bins != 128`: the official cfg cannot say it, and official
   preprocessing always gives 128 bins.
   """
-  if config.num_mel_bins != 128:
+  if config.num_mel_bins != BEATS_MEL_BINS:
     raise ValueError(
         f'config_to_official: num_mel_bins={config.num_mel_bins} cannot be '
         'expressed in an official BEATs cfg (its fbank always has 128 bins)'

@@ -19,6 +19,7 @@ SAMPLE_RATE = 16000  # Hz: what Whisper and BEATs read; every audio loader resam
 WHISPER_SECONDS = 30  # Whisper's window: 3000 log-mel frames (100 per second).
 WHISPER_N_FFT = 400
 WHISPER_HOP_LENGTH = 160
+WHISPER_FRAMES_PER_SECOND = SAMPLE_RATE // WHISPER_HOP_LENGTH  # 100 log-mel frames
 
 # BEATs' `preprocess` (official Uni_MoE_audio/model/audio_encoder/BEATs.py) defaults.
 BEATS_FBANK_MEAN = 15.41663

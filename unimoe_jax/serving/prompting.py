@@ -134,7 +134,7 @@ def _load_speech(path: PathLike, config) -> List[np.ndarray]:
   `train/data.py` / `inference_all.py` cut them (480001 for 30 s; the extra sample is dropped)."""
   enc = config.speech_encoder
   frames = 2 * enc.max_source_positions
-  seconds = -(-frames // 100)  # 100 log-mel frames per second
+  seconds = -(-frames // audio_lib.WHISPER_FRAMES_PER_SECOND)
   window = seconds * audio_lib.SAMPLE_RATE
   items = []
   for chunk in audio_lib.split_chunks(
