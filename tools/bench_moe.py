@@ -189,7 +189,7 @@ from unimoe_jax.moe import grouped_matmul as gmm_lib
 from unimoe_jax.moe.dispatch import expert_capacity
 from unimoe_jax.moe.layer import MoEFeedForward
 
-import bench_moe_torch  # torch, like jax, only once XLA_FLAGS are set.
+import bench_moe_torch  # Imports torch: after jax, the order the tool has always had.
 
 # pylint: enable=wrong-import-position
 
